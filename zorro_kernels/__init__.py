@@ -1,0 +1,13 @@
+"""zorro_kernels: modality-masked attention that never computes masked tiles.
+
+    from zorro_kernels import zorro_attention, ZorroMask
+    mask = ZorroMask.zorro(audio=320, video=1568, fusion=8)
+    out = zorro_attention(q, k, v, mask)   # q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D)
+"""
+from .attention import zorro_attention
+from .mask import ZorroMask
+from .reference import reference_attention
+from .tilemap import TileMap, TokenMeta
+
+__all__ = ["zorro_attention", "ZorroMask", "reference_attention", "TileMap", "TokenMeta"]
+__version__ = "0.1.0"

@@ -1,0 +1,335 @@
+"""The segment backend: exact decomposition of masked attention into unmasked dense attention calls.
+
+Rows of the same query segment see the same keys, so a Zorro mask is a handful of dense attention problems: for the
+paper's layout, audio x audio, video x video and fusion x everything. This backend
+
+1. builds a *plan* once per mask (cached on it): samples with identical ``lengths`` rows share a *pattern*; inside a
+   pattern, query segments that see the same set of valid key ranges form a *group* (query and key ranges merged where
+   adjacent, so contiguous runs are views, not copies); consecutive equal-size diagonal groups (windows, packed
+   sequences) are fused into one *run* evaluated as a batch of small problems;
+2. runs each group with PyTorch's fused attention on just its rows and keys, with no mask (a mask only for groups that
+   straddle a causal diagonal), writing into one preallocated output;
+3. on CPU, does forward and backward itself in an autograd Function calling ATen's flash-attention-for-CPU kernels
+   (``out``/``lse`` saved once for the whole output, grads accumulated in place), so it pays neither autograd's per-slice
+   zero-filled gradient buffers nor a second copy of the output. Elsewhere it composes
+   ``F.scaled_dot_product_attention`` under autograd.
+
+Rows that see nothing are never computed: they stay 0, and their gradients are 0.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import expand_kv_heads
+
+__all__ = ["segment_attention", "build_plan", "Plan", "Pattern", "Step"]
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+class Step(NamedTuple):
+    """One dense attention problem: gathered query rows x gathered key rows, as ``blocks`` independent diagonal
+    blocks of equal size (``blocks > 1`` only for fused runs of windows / packed sequences, each a single range)."""
+    q_ranges: Ranges
+    k_ranges: Ranges
+    blocks: int = 1
+    # causal steps only: bool (rows, cols) mask of the gathered block, and the rows that see nothing
+    mask: Optional[torch.Tensor] = None
+    dead_rows: Optional[torch.Tensor] = None
+    # filled by the plan: how this step's dK/dV land: (start, stop, offset in the gathered keys, accumulate?)
+    k_writes: tuple = ()
+
+
+class Pattern(NamedTuple):
+    batch: Optional[torch.Tensor]  # sample indices sharing these lengths; None = the whole batch
+    steps: tuple[Step, ...]
+    q_uncovered: Ranges            # query rows no step writes: they stay 0
+    k_uncovered: Ranges            # key rows no step reads: their gradients are 0
+
+
+class Plan(NamedTuple):
+    patterns: tuple[Pattern, ...]
+    num_q: int
+    num_kv: int
+
+
+def _merge(ranges) -> Ranges:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return tuple((s, e) for s, e in out)
+
+
+def _valid_ranges(sizes, lens) -> list[Optional[tuple[int, int]]]:
+    out, start = [], 0
+    for size, n in zip(sizes, lens):
+        out.append((start, start + n) if n > 0 else None)
+        start += size
+    return out
+
+
+def _causal_block(q_ranges: Ranges, k_ranges: Ranges, offset: int) -> torch.Tensor:
+    rows = torch.cat([torch.arange(s, e) for s, e in q_ranges])
+    cols = torch.cat([torch.arange(s, e) for s, e in k_ranges])
+    return cols[None, :] <= rows[:, None] + offset
+
+
+def _fuse_runs(steps: list[Step]) -> list[Step]:
+    """Replace maximal runs (>= 2) of equal-size, adjacent, single-range, unmasked diagonal steps by one step of
+    ``blocks`` blocks (windows and packed sequences become one batched call instead of hundreds of small ones)."""
+    def simple(x):
+        return x.mask is None and len(x.q_ranges) == 1 and len(x.k_ranges) == 1
+
+    out, i = [], 0
+    while i < len(steps):
+        j = i + 1
+        if simple(steps[i]):
+            (q0, q1), (k0, k1) = steps[i].q_ranges[0], steps[i].k_ranges[0]
+            while j < len(steps) and simple(steps[j]):
+                (a0, a1), (c0, c1) = steps[j].q_ranges[0], steps[j].k_ranges[0]
+                n = j - i
+                if (a0, a1, c0, c1) != (q0 + n * (q1 - q0), q0 + (n + 1) * (q1 - q0),
+                                        k0 + n * (k1 - k0), k0 + (n + 1) * (k1 - k0)):
+                    break
+                j += 1
+        if j - i >= 2:
+            (q0, q1), (k0, k1) = steps[i].q_ranges[0], steps[i].k_ranges[0]
+            out.append(Step(((q0, q0 + (j - i) * (q1 - q0)),), ((k0, k0 + (j - i) * (k1 - k0)),), j - i))
+        else:
+            out.append(steps[i])
+            j = i + 1
+        i = j
+    return out
+
+
+def _complement(ranges: Ranges, n: int) -> Ranges:
+    out, pos = [], 0
+    for s, e in _merge(ranges):
+        if s > pos:
+            out.append((pos, s))
+        pos = e
+    if pos < n:
+        out.append((pos, n))
+    return tuple(out)
+
+
+def _schedule_key_writes(steps: list[Step]) -> list[Step]:
+    """Give each step its dK/dV writes: the first step to touch a key row copies, later ones add. Buffers can then
+    start uninitialised (no zero-fill pass over a fresh allocation, which on CPU costs page faults as well)."""
+    written: list[tuple[int, int]] = []
+    out = []
+    for st in steps:
+        writes, off = [], 0
+        for s, e in st.k_ranges:
+            # split [s, e) into pieces already written (accumulate) and fresh (copy)
+            cuts = sorted({s, e, *(x for w in written for x in w if s < x < e)})
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                seen = any(ws <= a and b <= we for ws, we in written)
+                writes.append((a, b, off + a - s, seen))
+            off += e - s
+        written = list(_merge(written + list(st.k_ranges)))
+        out.append(st._replace(k_writes=tuple(writes)))
+    return out
+
+
+def build_plan(mask) -> Plan:
+    """The execution plan of ``mask`` (see the module docstring). Pure Python over segment counts: microseconds."""
+    ql = mask._q_lengths_or_sizes()
+    kl = mask._kv_lengths_or_sizes()
+    bm = max(ql.shape[0], kl.shape[0])
+    rows = torch.cat([ql.expand(bm, -1), kl.expand(bm, -1)], 1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    allow = mask.allow.tolist()
+    off = mask.num_kv - mask.num_q
+    patterns = []
+    for u in range(uniq.shape[0]):
+        lens = uniq[u].tolist()
+        qv = _valid_ranges(mask.q_sizes, lens[:len(mask.q_sizes)])
+        kv = _valid_ranges(mask.kv_sizes, lens[len(mask.q_sizes):])
+        by_keys: dict[Ranges, list] = {}
+        for a, qr in enumerate(qv):
+            if qr is None:
+                continue
+            keys = _merge(kv[c] for c in range(len(kv)) if allow[a][c] and kv[c] is not None)
+            if keys:
+                by_keys.setdefault(keys, []).append(qr)
+        steps = []
+        for keys, q_ranges in by_keys.items():
+            q_ranges = _merge(q_ranges)
+            if not mask.causal:
+                steps.append(Step(q_ranges, keys))
+                continue
+            # causal: one step per query range, its keys trimmed to what its last row may see
+            for qr in q_ranges:
+                k_trim = _merge((s, min(e, qr[1] + off)) for s, e in keys)
+                if not k_trim:
+                    continue
+                m = _causal_block((qr,), k_trim, off)
+                if m.all():
+                    steps.append(Step((qr,), k_trim))
+                else:
+                    dead = ~m.any(1)
+                    steps.append(Step((qr,), k_trim, 1, m, dead if dead.any() else None))
+        steps.sort(key=lambda st: st.q_ranges[0][0])
+        steps = _schedule_key_writes(_fuse_runs(steps))
+        batch = None if uniq.shape[0] == 1 else (inverse == u).nonzero().flatten()
+        q_cov = [r for st in steps for r in st.q_ranges]
+        k_cov = [r for st in steps for r in st.k_ranges]
+        patterns.append(Pattern(batch, tuple(steps), _complement(q_cov, mask.num_q), _complement(k_cov, mask.num_kv)))
+    return Plan(tuple(patterns), mask.num_q, mask.num_kv)
+
+
+# ---------------------------------------------------------------------------------------------------------- gathers
+def _gather(x: torch.Tensor, ranges: Ranges, blocks: int = 1) -> torch.Tensor:
+    """Rows ``ranges`` of ``x (B, H, N, D)`` along dim 2 (a view for one range); with ``blocks > 1`` the rows are
+    split into equal diagonal blocks folded into the head dim: ``(B, H * blocks, rows / blocks, D)``."""
+    if len(ranges) == 1:
+        s, e = ranges[0]
+        x = x[:, :, s:e]
+    else:
+        x = torch.cat([x[:, :, s:e] for s, e in ranges], 2)
+    if blocks > 1:
+        x = x.reshape(x.shape[0], x.shape[1] * blocks, x.shape[2] // blocks, *x.shape[3:])
+    return x
+
+
+def _unfold(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of the block folding of :func:`_gather`: ``(B, H * blocks, L, ...) -> (B, H, blocks * L, ...)``."""
+    return x.reshape(x.shape[0], heads, -1, *x.shape[3:])
+
+
+def _scatter(dst: torch.Tensor, ranges: Ranges, src: torch.Tensor) -> None:
+    off = 0
+    for s, e in ranges:
+        dst[:, :, s:e] = src[:, :, off:off + e - s]
+        off += e - s
+
+
+def _zero(dst: torch.Tensor, ranges: Ranges) -> None:
+    for s, e in ranges:
+        dst[:, :, s:e] = 0
+
+
+def _float_mask(m: torch.Tensor, dtype, device) -> torch.Tensor:
+    # the CPU flash kernel takes an additive mask of the query's dtype
+    return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m.to(device), float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------------------- CPU path
+_fwd_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_bwd_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if batch is None else x.index_select(0, batch)
+
+
+class _SegmentAttentionCPU(torch.autograd.Function):
+    """Forward and backward with ATen's CPU flash-attention kernels, one call per plan step.
+
+    Buffers start uninitialised: every row is either written by exactly one step (queries), first copied then
+    accumulated (keys, see :func:`_schedule_key_writes`), or explicitly zeroed (rows no step touches).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan, scale: float):
+        b, h, nq, d = q.shape
+        out = q.new_empty(b, h, nq, d)
+        lse = q.new_empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for pat in plan.patterns:
+            qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+            kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
+            ob = out if pat.batch is None else qb.new_empty(qb.shape)
+            lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
+            for st in pat.steps:
+                am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
+                o, l = _fwd_cpu(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                                _gather(vb, st.k_ranges, st.blocks), 0.0, False, attn_mask=am, scale=scale)
+                if st.dead_rows is not None:
+                    o = o.masked_fill(st.dead_rows[:, None], 0.0)
+                _scatter(ob, st.q_ranges, _unfold(o, h))
+                _scatter(lb, st.q_ranges, _unfold(l, h))
+            _zero(ob, pat.q_uncovered)
+            _zero(lb, pat.q_uncovered)
+            if pat.batch is not None:
+                out[pat.batch] = ob
+                lse[pat.batch] = lb
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        h, hkv = q.shape[1], k.shape[1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for pat in plan.patterns:
+            qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
+            kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
+            dqb = dq if pat.batch is None else torch.empty_like(qb)
+            dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
+            dvb = dv if pat.batch is None else torch.empty_like(dkb)
+            for st in pat.steps:
+                am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
+                go = _gather(gb, st.q_ranges, st.blocks)
+                if st.dead_rows is not None:
+                    go = go.masked_fill(st.dead_rows[:, None], 0.0)
+                g_q, g_k, g_v = _bwd_cpu(
+                    go.contiguous(), _gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                    _gather(vb, st.k_ranges, st.blocks), _gather(ob, st.q_ranges, st.blocks),
+                    _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False, attn_mask=am, scale=scale)
+                _scatter(dqb, st.q_ranges, _unfold(g_q, h))
+                for g, dst in ((g_k, dkb), (g_v, dvb)):
+                    g = _unfold(g, h)
+                    if hkv != h:  # GQA: the query heads of a group all read one kv head
+                        g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+                    for s, e, o, acc in st.k_writes:
+                        if acc:
+                            dst[:, :, s:e] += g[:, :, o:o + e - s]
+                        else:
+                            dst[:, :, s:e] = g[:, :, o:o + e - s]
+            for t, ranges in ((dqb, pat.q_uncovered), (dkb, pat.k_uncovered), (dvb, pat.k_uncovered)):
+                _zero(t, ranges)
+            if pat.batch is not None:
+                dq[pat.batch] = dqb
+                dk[pat.batch] = dkb
+                dv[pat.batch] = dvb
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------- any device
+def _segment_attention_autograd(q, k, v, plan: Plan, scale: float) -> torch.Tensor:
+    """The same plan through ``F.scaled_dot_product_attention`` under autograd (GPU and other devices)."""
+    h = q.shape[1]
+    out = q.new_zeros(q.shape)
+    for pat in plan.patterns:
+        qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+        kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
+        ob = out if pat.batch is None else qb.new_zeros(qb.shape)
+        for st in pat.steps:
+            am = None if st.mask is None else st.mask.to(q.device)
+            o = F.scaled_dot_product_attention(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                                               _gather(vb, st.k_ranges, st.blocks), attn_mask=am, scale=scale)
+            if st.dead_rows is not None:
+                o = o.masked_fill(st.dead_rows.to(q.device)[:, None], 0.0)
+            _scatter(ob, st.q_ranges, _unfold(o, h))
+        if pat.batch is not None:
+            out = out.index_copy(0, pat.batch.to(q.device), ob)
+    return out
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """Masked attention by exact segment decomposition. Shapes as :func:`zorro_kernels.zorro_attention`."""
+    plan = mask.cached("segment_plan", lambda: build_plan(mask))
+    if q.device.type == "cpu":
+        return _SegmentAttentionCPU.apply(q, k, v, plan, scale)
+    return _segment_attention_autograd(q, k, v, plan, scale)

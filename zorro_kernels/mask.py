@@ -1,0 +1,440 @@
+"""Modality layouts: which query token may attend which key token.
+
+A :class:`ZorroMask` describes attention over a token sequence made of *contiguous named segments* (``audio``, ``video``,
+``fusion``, ... in token order) with a *rule* per query segment naming the key segments it may see. Optional per-sample
+``lengths`` mark the tail of each segment as padding. Everything the kernels need (tile maps, per-token metadata, the
+execution plan of the CPU path) is derived from this small description — never from an ``Nq x Nk`` matrix, which only
+:meth:`ZorroMask.to_dense` builds, on purpose slowly, as the oracle for tests.
+
+The paper's rule (Recasens et al., 2023)::
+
+    keys ->      audio   video   fusion
+    audio        ####    ....    ..
+    video        ....    ####    ..
+    fusion       ####    ####    ##
+
+Semantics, for sample ``b``: the token at position ``p`` (0-based inside its segment ``s``) is valid iff
+``p < lengths[b, s]``. A valid query may attend a valid key iff the rules allow (query segment, key segment) and, when
+``causal=True``, the key's index ``j`` and the query's index ``i`` satisfy ``j <= i + (Nk - Nq)`` (bottom-right aligned,
+as flash-attention does). A query row with no key it may attend returns exactly 0 with zero gradients.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["ZorroMask"]
+
+Rule = Union[str, Sequence[str]]
+SegmentSpec = Sequence[tuple[str, int]]
+ALL = "*"
+
+
+def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
+        raise TypeError(f"{arg} must be a sequence of (name, size) pairs, got {type(segments).__name__}")
+    if len(segments) == 0:
+        raise ValueError(f"{arg} must name at least one segment, got an empty sequence")
+    names, sizes = [], []
+    for i, item in enumerate(segments):
+        if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
+            raise TypeError(f"{arg}[{i}] must be a (name, size) pair, got {item!r}")
+        name, size = item
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{arg}[{i}]: segment name must be a non-empty str, got {name!r}")
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            if isinstance(size, torch.Tensor) and size.numel() == 1 and not size.is_floating_point():
+                size = int(size)
+            else:
+                raise TypeError(f"{arg}[{i}] ({name!r}): size must be an int, got {type(size).__name__} {size!r}")
+        if size < 0:
+            raise ValueError(f"{arg}[{i}] ({name!r}): size must be >= 0, got {size}")
+        if name in names:
+            raise ValueError(f"{arg}: duplicate segment name {name!r} (at positions {names.index(name)} and {i})")
+        names.append(name)
+        sizes.append(int(size))
+    if sum(sizes) == 0:
+        raise ValueError(f"{arg}: the segments hold no tokens (all sizes are 0)")
+    return tuple(names), tuple(sizes)
+
+
+def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg: str) -> Optional[torch.Tensor]:
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{arg} must be an int tensor of shape (B, {len(sizes)}), got {type(lengths).__name__}") from e
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"{arg} must have an integer dtype, got {lengths.dtype}")
+    if lengths.ndim != 2 or lengths.shape[1] != len(sizes):
+        raise ValueError(
+            f"{arg} must have shape (B, n_segments) = (B, {len(sizes)}) for segments {list(names)}, "
+            f"got {tuple(lengths.shape)}")
+    if lengths.shape[0] == 0:
+        raise ValueError(f"{arg} must hold at least one sample, got shape {tuple(lengths.shape)}")
+    lengths = lengths.detach().to(device="cpu", dtype=torch.int64)
+    if (lengths < 0).any():
+        b, s = (lengths < 0).nonzero()[0].tolist()
+        raise ValueError(f"{arg}[{b}, {s}] ({names[s]!r}) = {int(lengths[b, s])} is negative")
+    over = lengths > torch.tensor(sizes, dtype=torch.int64)
+    if over.any():
+        b, s = over.nonzero()[0].tolist()
+        raise ValueError(
+            f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds the size {sizes[s]} of segment {names[s]!r}")
+    return lengths.contiguous()
+
+
+def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
+    if not isinstance(rules, Mapping):
+        raise TypeError(f"rules must be a mapping query segment -> key segments (or '*'), got {type(rules).__name__}")
+    allow = torch.zeros(len(q_names), len(kv_names), dtype=torch.bool)
+    for q_name, seen in rules.items():
+        if q_name not in q_names:
+            raise ValueError(f"rules names unknown query segment {q_name!r}; query segments are {list(q_names)}")
+        i = q_names.index(q_name)
+        if isinstance(seen, str):
+            seen = list(kv_names) if seen == ALL else [seen]
+        if not isinstance(seen, Sequence) and not isinstance(seen, (set, frozenset)):
+            raise TypeError(f"rules[{q_name!r}] must be '*' or a list of key segment names, got {seen!r}")
+        for k_name in seen:
+            if k_name not in kv_names:
+                raise ValueError(
+                    f"rules[{q_name!r}] names unknown key segment {k_name!r}; key segments are {list(kv_names)}")
+            allow[i, kv_names.index(k_name)] = True
+    return allow
+
+
+class ZorroMask:
+    """A modality layout: contiguous named segments plus which query segment may see which key segment.
+
+    Build one with a constructor rather than ``__init__``:
+
+    - :meth:`zorro` — the paper's rule: each modality sees itself, ``fusion`` sees everything.
+    - :meth:`from_segments` — any segments and rules (self- or cross-attention).
+    - :meth:`bottleneck` — MBT-style: each modality sees itself and the bottleneck tokens.
+    - :meth:`packed` — several independent sequences packed into one row (block-diagonal, optionally causal).
+    - :meth:`from_allow` — segments plus an explicit boolean segment-to-segment matrix (for many segments: windows, groups).
+
+    Attributes:
+        q_names, q_sizes: the query segments, in token order. ``num_q = sum(q_sizes)``.
+        kv_names, kv_sizes: the key/value segments (the query ones for self-attention). ``num_kv = sum(kv_sizes)``.
+        allow: bool tensor ``(len(q_sizes), len(kv_sizes))``, on CPU: ``allow[a, c]`` iff segment a may see segment c.
+        lengths: int64 tensor ``(B, len(q_sizes))`` or None (every token valid).
+        kv_lengths: int64 tensor ``(B, len(kv_sizes))`` or None. For self-attention it is ``lengths``.
+        causal: also require ``key index <= query index + (num_kv - num_q)``.
+
+    A mask is immutable; derived data (tile maps per ``(block_m, block_n, device)``, token metadata, the CPU plan) is
+    cached on it, so build a mask once and reuse it across layers.
+    """
+
+    def __init__(self, q_segments: SegmentSpec, allow: torch.Tensor, *, kv_segments: Optional[SegmentSpec] = None,
+                 lengths=None, kv_lengths=None, causal: bool = False):
+        self.q_names, self.q_sizes = _check_segments(q_segments, "segments")
+        self.is_self = kv_segments is None
+        if self.is_self:
+            self.kv_names, self.kv_sizes = self.q_names, self.q_sizes
+        else:
+            self.kv_names, self.kv_sizes = _check_segments(kv_segments, "kv_segments")
+        if not isinstance(allow, torch.Tensor):
+            allow = torch.as_tensor(allow)
+        if allow.dtype != torch.bool:
+            raise TypeError(f"allow must be a bool tensor, got dtype {allow.dtype}")
+        if tuple(allow.shape) != (len(self.q_sizes), len(self.kv_sizes)):
+            raise ValueError(f"allow must have shape (n_q_segments, n_kv_segments) = "
+                             f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {tuple(allow.shape)}")
+        self.allow = allow.detach().to("cpu").clone()
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.causal = causal
+        self.lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths")
+        if self.is_self:
+            if kv_lengths is not None:
+                raise ValueError("kv_lengths is only for cross-attention (with kv_segments); for self-attention the "
+                                 "keys share the queries' lengths")
+            self.kv_lengths = self.lengths
+        else:
+            self.kv_lengths = _check_lengths(kv_lengths, self.kv_sizes, self.kv_names, "kv_lengths")
+        if self.lengths is not None and self.kv_lengths is not None and \
+                self.lengths.shape[0] != self.kv_lengths.shape[0]:
+            raise ValueError(f"lengths and kv_lengths disagree on the batch size: "
+                             f"{self.lengths.shape[0]} vs {self.kv_lengths.shape[0]}")
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_segments(cls, segments: SegmentSpec, rules: Mapping[str, Rule], *, kv_segments: Optional[SegmentSpec] = None,
+                      lengths=None, kv_lengths=None, causal: bool = False) -> "ZorroMask":
+        """Segments and rules by name.
+
+        Args:
+            segments: ``[(name, size), ...]``, contiguous, in token order; a size may be 0.
+            rules: query segment name -> list of key segment names it may see, or ``"*"`` for all. A query segment
+                absent from ``rules`` sees nothing (its rows return 0).
+            kv_segments: the key/value layout for cross-attention; None for self-attention.
+            lengths: int tensor ``(B, len(segments))`` of valid tokens per segment per sample, or None.
+            kv_lengths: the same for ``kv_segments`` (cross-attention only).
+            causal: also apply a bottom-right aligned causal mask over token indices.
+
+        Example::
+
+            ZorroMask.from_segments([("audio", 320), ("video", 1568), ("fusion", 8)],
+                                    {"audio": ["audio"], "video": ["video"], "fusion": "*"})
+        """
+        q_names, _ = _check_segments(segments, "segments")
+        kv_names = q_names if kv_segments is None else _check_segments(kv_segments, "kv_segments")[0]
+        allow = _rules_to_allow(rules, q_names, kv_names)
+        return cls(segments, allow, kv_segments=kv_segments, lengths=lengths, kv_lengths=kv_lengths, causal=causal)
+
+    @classmethod
+    def from_allow(cls, segments: SegmentSpec, allow: torch.Tensor, **kwargs) -> "ZorroMask":
+        """Segments plus a bool matrix ``allow (n_q_segments, n_kv_segments)``; keywords as :meth:`from_segments`.
+
+        Use this for layouts with many segments (windows, groups), where a rules dict would be unwieldy.
+        """
+        return cls(segments, allow, **kwargs)
+
+    @classmethod
+    def zorro(cls, audio: Optional[int] = None, video: Optional[int] = None, fusion: int = 0, *, lengths=None,
+              **modalities: int) -> "ZorroMask":
+        """The paper's mask: each modality attends to itself only; ``fusion`` attends to everything.
+
+        Token order is ``audio, video, <other modalities in keyword order>, fusion``. Extra modalities may be given
+        by keyword (``ZorroMask.zorro(audio=320, video=1568, text=77, fusion=8)``). A missing modality is a size-0
+        segment; ``lengths (B, n_segments)`` marks per-sample padding in the same order.
+        """
+        mods = {}
+        if audio is not None:
+            mods["audio"] = audio
+        if video is not None:
+            mods["video"] = video
+        mods.update(modalities)
+        if "fusion" in mods:
+            raise ValueError("'fusion' is the fusion stream; pass it as fusion=")
+        if not mods:
+            raise ValueError("ZorroMask.zorro needs at least one modality (audio=, video=, ...)")
+        segments = list(mods.items()) + [("fusion", fusion)]
+        rules = {name: [name] for name in mods}
+        rules["fusion"] = ALL
+        return cls.from_segments(segments, rules, lengths=lengths)
+
+    @classmethod
+    def full(cls, audio: Optional[int] = None, video: Optional[int] = None, fusion: int = 0, *, lengths=None,
+             **modalities: int) -> "ZorroMask":
+        """Vanilla attention over the same layout as :meth:`zorro` (every token sees every token): the paper's
+        full-attention ablation. Padding from ``lengths`` is still masked."""
+        z = cls.zorro(audio, video, fusion, lengths=lengths, **modalities)
+        return cls(list(zip(z.q_names, z.q_sizes)), torch.ones_like(z.allow), lengths=lengths)
+
+    @classmethod
+    def bottleneck(cls, audio: Optional[int] = None, video: Optional[int] = None, bottleneck: int = 4, *,
+                   lengths=None, **modalities: int) -> "ZorroMask":
+        """MBT-style (Nagrani et al., 2021) attention bottleneck: each modality attends to itself and to the
+        bottleneck tokens; the bottleneck attends to everything. Token order ``audio, video, ..., bottleneck``."""
+        z = cls.zorro(audio, video, bottleneck, lengths=lengths, **modalities)
+        allow = z.allow.clone()
+        allow[:, -1] = True
+        segments = list(zip(z.q_names[:-1], z.q_sizes[:-1])) + [("bottleneck", z.q_sizes[-1])]
+        return cls(segments, allow, lengths=lengths)
+
+    @classmethod
+    def packed(cls, seq_lens: Sequence[int], *, causal: bool = False, names: Optional[Sequence[str]] = None,
+               kv_seq_lens: Optional[Sequence[int]] = None) -> "ZorroMask":
+        """Independent sequences packed into one row: sequence i attends only to sequence i (block-diagonal).
+
+        Args:
+            seq_lens: the length of each packed sequence, in token order.
+            causal: causal attention inside each sequence (for packed language-model training).
+            names: segment names (default ``seq0, seq1, ...``).
+            kv_seq_lens: key lengths per sequence for cross-attention (same count as ``seq_lens``).
+
+        Example: ``ZorroMask.packed([5, 3])`` is the 8 x 8 mask with two diagonal blocks.
+        """
+        if isinstance(seq_lens, torch.Tensor):
+            seq_lens = seq_lens.tolist()
+        names = list(names) if names is not None else [f"seq{i}" for i in range(len(seq_lens))]
+        if len(names) != len(seq_lens):
+            raise ValueError(f"names has {len(names)} entries but seq_lens has {len(seq_lens)}")
+        segments = list(zip(names, seq_lens))
+        kv = None
+        if kv_seq_lens is not None:
+            if isinstance(kv_seq_lens, torch.Tensor):
+                kv_seq_lens = kv_seq_lens.tolist()
+            if len(kv_seq_lens) != len(seq_lens):
+                raise ValueError(f"kv_seq_lens has {len(kv_seq_lens)} entries but seq_lens has {len(seq_lens)}")
+            kv = list(zip(names, kv_seq_lens))
+        allow = torch.eye(len(seq_lens), dtype=torch.bool)
+        return cls(segments, allow, kv_segments=kv, causal=causal)
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def num_q(self) -> int:
+        """Total query tokens ``Nq`` (padding included)."""
+        return sum(self.q_sizes)
+
+    @property
+    def num_kv(self) -> int:
+        """Total key/value tokens ``Nk`` (padding included)."""
+        return sum(self.kv_sizes)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """B when lengths are given, else None (the mask broadcasts over any batch)."""
+        for t in (self.lengths, self.kv_lengths):
+            if t is not None:
+                return t.shape[0]
+        return None
+
+    @property
+    def rules(self) -> dict[str, list[str]]:
+        """The rules as a dict (query segment -> key segments); segments that see nothing are omitted."""
+        return {self.q_names[a]: [self.kv_names[c] for c in self.allow[a].nonzero().flatten().tolist()]
+                for a in range(len(self.q_names)) if self.allow[a].any()}
+
+    def with_lengths(self, lengths=None, kv_lengths=None) -> "ZorroMask":
+        """The same layout and rules with other per-sample lengths (a new mask with its own caches)."""
+        return ZorroMask(list(zip(self.q_names, self.q_sizes)), self.allow,
+                         kv_segments=None if self.is_self else list(zip(self.kv_names, self.kv_sizes)),
+                         lengths=lengths, kv_lengths=kv_lengths, causal=self.causal)
+
+    def _q_lengths_or_sizes(self) -> torch.Tensor:
+        """``(Bm, Sq)`` valid tokens per query segment, Bm = 1 without lengths."""
+        if self.lengths is not None:
+            return self.lengths
+        base = torch.tensor(self.q_sizes, dtype=torch.int64)[None]
+        b = self.batch_size
+        return base.expand(b, -1) if b is not None else base
+
+    def _kv_lengths_or_sizes(self) -> torch.Tensor:
+        if self.kv_lengths is not None:
+            return self.kv_lengths
+        base = torch.tensor(self.kv_sizes, dtype=torch.int64)[None]
+        b = self.batch_size
+        return base.expand(b, -1) if b is not None else base
+
+    def to_dense(self) -> torch.Tensor:
+        """The mask as a bool tensor: ``(Nq, Nk)``, or ``(B, Nq, Nk)`` when lengths are given. ``True`` = may attend.
+
+        Slow by design — it is the oracle every kernel path is checked against, so it is computed directly from the
+        definition (per-token segment ids and positions), sharing no code with the tile-map builder.
+        """
+        q_seg = torch.repeat_interleave(torch.arange(len(self.q_sizes)), torch.tensor(self.q_sizes))
+        k_seg = torch.repeat_interleave(torch.arange(len(self.kv_sizes)), torch.tensor(self.kv_sizes))
+        q_pos = torch.cat([torch.arange(s) for s in self.q_sizes])
+        k_pos = torch.cat([torch.arange(s) for s in self.kv_sizes])
+        dense = self.allow[q_seg][:, k_seg]  # (Nq, Nk)
+        if self.causal:
+            i = torch.arange(self.num_q)[:, None]
+            j = torch.arange(self.num_kv)[None, :]
+            dense = dense & (j <= i + (self.num_kv - self.num_q))
+        if self.batch_size is None:
+            return dense
+        q_valid = q_pos[None] < self._q_lengths_or_sizes()[:, q_seg]  # (B, Nq)
+        k_valid = k_pos[None] < self._kv_lengths_or_sizes()[:, k_seg]  # (B, Nk)
+        return dense[None] & q_valid[:, :, None] & k_valid[:, None, :]
+
+    def attended(self) -> torch.Tensor:
+        """Exact number of attended (query, key) pairs, per sample: int64 ``(B,)`` (``(1,)`` without lengths).
+
+        Computed from segment arithmetic in O(segments^2), without any ``Nq x Nk`` tensor.
+        """
+        ql = self._q_lengths_or_sizes()  # (Bm, Sq)
+        kl = self._kv_lengths_or_sizes()  # (Bm, Sk)
+        if not self.causal:
+            return torch.einsum("bq,qk,bk->b", ql, self.allow.to(torch.int64), kl)
+        # Causal: count lattice points j <= i + off in each (valid q range) x (valid k range) rectangle.
+        qs = torch.tensor((0,) + self.q_sizes, dtype=torch.int64).cumsum(0)[:-1]
+        ks = torch.tensor((0,) + self.kv_sizes, dtype=torch.int64).cumsum(0)[:-1]
+        off = self.num_kv - self.num_q
+        i0 = qs[None, :, None]                      # rows i in [i0, i0 + ql)
+        i1 = i0 + ql[:, :, None]
+        j0 = ks[None, None, :]
+        w = kl[:, None, :]
+        # for row i: visible count = clamp(i + off - j0 + 1, 0, w); sum over rows = F(t1) - F(t0 - 1)
+        t0 = i0 + off - j0 + 1
+        t1 = i1 - 1 + off - j0 + 1
+
+        def cum(t):  # sum_{s <= t} clamp(s, 0, w)
+            tc = t.clamp(min=-1)
+            lo = torch.minimum(tc, w).clamp(min=0)
+            return lo * (lo + 1) // 2 + (tc - w).clamp(min=0) * w
+
+        counts = torch.where(i1 > i0, cum(t1) - cum(t0 - 1), torch.zeros_like(t1))
+        return (counts * self.allow[None].to(torch.int64)).sum((1, 2))
+
+    def attended_fraction(self) -> float:
+        """Attended pairs over all ``B * Nq * Nk`` pairs (padding counts as not attended)."""
+        return float(self.attended().sum()) / (self.attended().numel() * self.num_q * self.num_kv)
+
+    def sparsity(self) -> float:
+        """Fraction of the ``Nq x Nk`` attention matrix that is masked, averaged over the batch."""
+        return 1.0 - self.attended_fraction()
+
+    # ------------------------------------------------------------------ derived kernel data (cached)
+    def tile_map(self, block_m: int, block_n: int, device: Union[str, torch.device] = "cpu"):
+        """The :class:`~zorro_kernels.tilemap.TileMap` for tiles of ``block_m`` queries x ``block_n`` keys.
+
+        Cached on the mask per ``(block_m, block_n, device)``.
+        """
+        from .tilemap import build_tile_map
+
+        device = torch.device(device)
+        key = ("tiles", block_m, block_n, device)
+        if key not in self._cache:
+            tm = build_tile_map(self, block_m, block_n)
+            self._cache[key] = tm if device.type == "cpu" else tm.to(device)
+        return self._cache[key]
+
+    def token_meta(self, device: Union[str, torch.device] = "cpu"):
+        """Per-token segment ids / positions and the rule table, as kernels read them (cached per device)."""
+        from .tilemap import build_token_meta
+
+        device = torch.device(device)
+        key = ("meta", device)
+        if key not in self._cache:
+            self._cache[key] = build_token_meta(self).to(device)
+        return self._cache[key]
+
+    def cached(self, key, build):
+        """Memoize ``build()`` on this mask under ``key`` (used by backends for their own derived data)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ printing
+    def __repr__(self) -> str:
+        def segs(names, sizes):
+            return ", ".join(f"{n}:{s}" for n, s in zip(names, sizes))
+
+        kv = "same" if self.is_self else f"[{segs(self.kv_names, self.kv_sizes)}]"
+        rules = self.rules
+        if len(rules) > 6:
+            rules_s = f"<{len(rules)} rules>"
+        else:
+            rules_s = "{" + ", ".join(
+                f"{q}: " + ("*" if len(v) == len(self.kv_names) else "[" + ", ".join(v) + "]")
+                for q, v in rules.items()) + "}"
+        head = (f"ZorroMask(q=[{segs(self.q_names, self.q_sizes)}], kv={kv}, rules={rules_s}"
+                + (", causal" if self.causal else "")
+                + (f", B={self.batch_size} (lengths)" if self.batch_size is not None else "")
+                + f", sparsity={self.sparsity():.1%})")
+        return head + "\n" + self.draw()
+
+    def draw(self, width: int = 48, sample: int = 0) -> str:
+        """ASCII picture of the tile map at a resolution of about ``width`` tiles per row.
+
+        ``#`` full tile (no masking needed), ``+`` partial tile (element mask), ``.`` empty tile (never computed).
+        """
+        n = max(self.num_q, self.num_kv)
+        block = 16
+        while -(-n // block) > width:
+            block *= 2
+        tm = self.tile_map(block, block)
+        kinds = tm.kinds[min(sample, tm.kinds.shape[0] - 1)]
+        chars = {0: ".", 1: "+", 2: "#"}
+        rows = ["".join(chars[int(x)] for x in row) for row in kinds]
+        return f"tiles of {block}x{block} (# full, + partial, . empty):\n" + "\n".join(rows)
