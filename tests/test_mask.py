@@ -135,3 +135,18 @@ def test_tile_map_rejects_bad_blocks():
     m = ZorroMask.zorro(audio=2, video=3, fusion=1)
     with pytest.raises(ValueError, match="block_m must be a positive int, got 0"):
         m.tile_map(0, 16)
+
+
+def test_glob_and_self_rules_make_group_local_windows():
+    segs = [("audio/0", 4), ("audio/1", 4), ("video/0", 6), ("video/1", 6), ("fusion", 2)]
+    m = ZorroMask.from_segments(segs, {"audio/*": "self", "video/*": "self", "fusion": "*"})
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[range(4), range(4)] = True
+    want[4] = True
+    assert torch.equal(m.allow, want)
+    cross = ZorroMask.from_segments([("g0", 2), ("g1", 2)], {"g*": "self"}, kv_segments=[("g0", 5), ("g1", 3)])
+    assert torch.equal(cross.allow, torch.eye(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'self' but there is no key segment named 'g1'"):
+        ZorroMask.from_segments([("g0", 2), ("g1", 2)], {"*": "self"}, kv_segments=[("g0", 5)])
+    with pytest.raises(ValueError, match="reserved or holds a glob character"):
+        ZorroMask.from_segments([("a*", 2)], {})
