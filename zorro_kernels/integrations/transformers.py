@@ -41,6 +41,7 @@ padded *keys* are masked, padded *queries* attend like SDPA's do.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -57,6 +58,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("zorro_kernels.integrations.transformers needs Hugging Face transformers >= 5 "
                       "(pip install 'zorro[integrations]')") from e
+
+# Older mask interfaces describe the cache by `cache_position` instead of `q_offset`/`kv_offset`; reading those as
+# zero offsets would build wrong causal masks while decoding, so refuse them outright.
+if "q_offset" not in inspect.signature(sdpa_mask).parameters:  # pragma: no cover - depends on the installed version
+    raise ImportError("zorro_kernels.integrations.transformers needs a transformers whose mask interface takes "
+                      "q_offset/kv_offset (5.x, tested on 5.24); please upgrade transformers")
 
 __all__ = ["NAME", "register", "zorro_attention_forward", "zorro_mask_interface"]
 
