@@ -159,6 +159,28 @@ def test_minilm_zorro_mask_is_checked(minilm, zt):
         _hidden(minilm.zorro, input_ids=ids, zorro_mask=ZorroMask.packed([ids.shape[1] + 1]))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_minilm_on_cuda_matches_sdpa(minilm, zt, zorro_calls, dtype):
+    """The same comparisons on the GPU path (the Triton backend when it is there), in half precision."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    calls = zorro_calls(zt)
+    zorro, sdpa = (copy.deepcopy(m).to("cuda", dtype) for m in (minilm.zorro, minilm.sdpa))
+    ref64 = copy.deepcopy(minilm.ref64).to("cuda")
+    batch = {k: v.cuda() for k, v in minilm.tok(minilm.sentences, padding=True, return_tensors="pt").items()}
+    assert_within_policy("padded batch", _hidden(zorro, **batch), _hidden(sdpa, **batch), _hidden(ref64, **batch),
+                         dtype)
+    enc = [minilm.tok(s, return_tensors="pt")["input_ids"].cuda() for s in minilm.sentences]
+    lens = [e.shape[1] for e in enc]
+    got = _hidden(zorro, input_ids=torch.cat(enc, 1), zorro_mask=ZorroMask.packed(lens),
+                  position_ids=torch.cat([torch.arange(n) for n in lens])[None].cuda())[0].split(lens)
+    for i, e in enumerate(enc):
+        assert_within_policy(f"sentence {i}", got[i], _hidden(sdpa, input_ids=e)[0], _hidden(ref64, input_ids=e)[0],
+                             dtype)
+    assert len(calls) == 2 * minilm.layers and fallback_counts() == {}
+
+
 # -------------------------------------------------------------------------- a tiny random causal LM with GQA
 @pytest.fixture(scope="module")
 def llama(zt):
@@ -216,6 +238,21 @@ def test_llama_greedy_decoding_runs_on_zorro_and_equals_sdpa(llama, zt, zorro_ca
     assert fallback_counts() == {}
 
 
+@pytest.mark.gpu
+def test_llama_on_cuda_bf16_matches_sdpa(llama, zt, zorro_calls):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    calls = zorro_calls(zt)
+    zorro, sdpa = (copy.deepcopy(m).to("cuda", torch.bfloat16) for m in (llama.zorro, llama.sdpa))
+    ref64 = copy.deepcopy(llama.ref64).to("cuda")
+    ids = torch.randint(0, llama.cfg.vocab_size, (2, 37), device="cuda")
+    attention_mask = (torch.arange(37, device="cuda")[None] < torch.tensor([[37], [20]], device="cuda")).long()
+    assert_within_policy("logits", _logits(zorro, ids, attention_mask=attention_mask),
+                         _logits(sdpa, ids, attention_mask=attention_mask),
+                         _logits(ref64, ids, attention_mask=attention_mask), torch.bfloat16)
+    assert len(calls) == llama.layers and fallback_counts() == {}
+
+
 def test_attention_dropout_runs_sdpa_on_the_layout(zt):
     """Training with attention dropout: zorro has none, so the layout runs through SDPA's dense path (recorded) —
     with the same random draws as transformers' own handling of the same packed sequences."""
@@ -269,7 +306,8 @@ def test_mask_interface_hands_back_sdpa_masks_it_cannot_express(zt):
         "not plain causal/bidirectional": dict(q_length=6, kv_length=6,
                                                mask_function=sliding_window_causal_mask_function(3)),
         "not aligned at the last key": dict(q_length=4, kv_length=16, q_offset=0,  # an empty static cache
-                                            mask_function=causal_mask_function, attention_mask=torch.ones(2, 16).bool()),
+                                            mask_function=causal_mask_function,
+                                            attention_mask=torch.ones(2, 16, dtype=torch.bool)),
     }
     for why, args in cases.items():
         args = dict(batch_size=2, allow_is_causal_skip=False, **args)
@@ -437,8 +475,13 @@ def test_xformers_lower_triangular_needs_its_shape(xab, zx):
 def test_xformers_inexpressible_bias_raises_naming_it(xab, zx, make, match):
     with pytest.raises(ValueError, match=match):
         zx.from_xformers(make(xab))
+
+
+def test_xformers_rejects_what_is_not_a_bias(zx):
     with pytest.raises(TypeError, match="AttentionBias"):
         zx.from_xformers("BlockDiagonalMask")
+    with pytest.raises(ValueError, match="dense tensor bias"):
+        zx.from_xformers(torch.zeros(4, 4))
 
 
 def test_xformers_converted_mask_attends_like_the_materialized_bias(xab, zx):

@@ -4,7 +4,8 @@
 
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
     from zorro_kernels.integrations.xformers import from_xformers
-    mask = from_xformers(BlockDiagonalCausalMask.from_seqlens([5, 3, 4]))   # == ZorroMask.packed([5, 3, 4], causal=True)
+    mask = from_xformers(BlockDiagonalCausalMask.from_seqlens([5, 3, 4]))
+    # the same layout as ZorroMask.packed([5, 3, 4], causal=True)
 
 Only the mask classes are used (they import without xformers' compiled kernels). Like xformers' block-diagonal
 biases, the result is for a batch of 1 row holding every sequence: ``q``, ``k``, ``v`` of shape ``(1, H, N, D)``.
