@@ -29,11 +29,13 @@ What falls back to transformers' own "sdpa" function, counted in
     - masks that are not plain causal/bidirectional: sliding-window and chunked layers, transformers' own detection of
       packed sequences from restarting ``position_ids`` (pass ``zorro_mask=ZorroMask.packed(...)`` instead), or custom
       mask overlays (``or_mask_function``/``and_mask_function``, e.g. bidirectional image tokens);
-    - ready-made 4-D masks passed to the model, static caches (their key window is not bottom-right aligned) and
-      tracing under ``torch.compile``/``torch.export`` (the layout needs the mask's values);
+    - ready-made 4-D masks passed to the model and static caches (their key window is not bottom-right aligned);
     - attention dropout in training mode (``dropout > 0``), T5-style ``position_bias``, logit ``softcap``,
       attention sinks, a value head dim different from the query's. With ``zorro_mask=`` these run SDPA on the
       dense form of that mask, so the layout is still honoured.
+
+Under ``torch.compile``/``torch.export`` tracing every call runs "sdpa" (not counted: a counter bumped while tracing
+would not count calls), and ``zorro_mask=`` raises ValueError; call the model eagerly to run on zorro.
 
 In a fallback the model computes exactly what "sdpa" computes. Outputs at padded query positions equal "sdpa" too:
 padded *keys* are masked, padded *queries* attend like SDPA's do.
@@ -240,6 +242,13 @@ def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     """
     reason = None
     zorro_mask = kwargs.pop("zorro_mask", None)
+    if torch.compiler.is_compiling():
+        # zorro_attention is not traceable yet, and a counter bumped at trace time would not count calls: under
+        # torch.compile/export the model runs "sdpa" (documented, not recorded)
+        if zorro_mask is not None:
+            raise ValueError("zorro_mask= cannot be traced by torch.compile/export yet; call the model eagerly")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     if zorro_mask is not None:
         mask = _check_zorro_mask(zorro_mask, module, query, key)
     elif isinstance(attention_mask, ZorroMask):
