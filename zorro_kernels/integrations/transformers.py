@@ -1,0 +1,278 @@
+"""Hugging Face transformers: ``attn_implementation="zorro"``.
+
+After :func:`register`, a model whose attention goes through transformers' ``AttentionInterface`` (the models that
+accept ``attn_implementation="sdpa"`` and build their masks with ``masking_utils``; tested: BERT encoders and Llama
+decoders on transformers 5.24) runs on :func:`~zorro_kernels.zorro_attention`::
+
+    from zorro_kernels.integrations import transformers as zt
+    zt.register()
+    model = AutoModel.from_pretrained(path, attn_implementation="zorro")
+    out = model(input_ids, attention_mask=attention_mask)                 # same result as "sdpa"
+    out = model(packed_ids, position_ids=pos, zorro_mask=ZorroMask.packed([7, 5, 9]))   # every layer on this layout
+
+Two registrations make this work. The *mask interface* turns the mask a model asks for (causal or bidirectional, a
+2-D padding ``attention_mask``, cache offsets) into a :class:`~zorro_kernels.ZorroMask` when one can express it; the
+*attention function* runs zorro_attention on that mask, or on the ``zorro_mask=`` keyword of the model call, which
+replaces the model's own mask in every attention call (padding included: give it ``lengths`` if you pad).
+
+What runs on zorro_attention (and equals "sdpa" up to floating-point rounding):
+    - bidirectional attention (encoders, cross-attention) with no padding or right padding;
+    - causal attention with no padding or right padding, including decoding with a DynamicCache (the key window ends
+      at the last query: bottom-right alignment, which is what zorro's ``causal=True`` means);
+    - grouped-query attention (``num_key_value_heads < num_attention_heads``) without copying K/V;
+    - any model call with ``zorro_mask=``.
+
+What falls back to transformers' own "sdpa" function, counted in
+:func:`zorro_kernels.integrations.fallback_counts` under ``"transformers: <reason>"`` (or raises
+:class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
+    - left padding or holes in the 2-D ``attention_mask`` (per-sample padding is only expressible at the end);
+    - masks that are not plain causal/bidirectional: sliding-window and chunked layers, transformers' own detection of
+      packed sequences from restarting ``position_ids`` (pass ``zorro_mask=ZorroMask.packed(...)`` instead), or custom
+      mask overlays (``or_mask_function``/``and_mask_function``, e.g. bidirectional image tokens);
+    - ready-made 4-D masks passed to the model and static caches (their key window is not bottom-right aligned);
+    - attention dropout in training mode (``dropout > 0``), T5-style ``position_bias``, logit ``softcap``,
+      attention sinks, a value head dim different from the query's. With ``zorro_mask=`` these run SDPA on the
+      dense form of that mask, so the layout is still honoured.
+
+Under ``torch.compile``/``torch.export`` tracing every call runs "sdpa" (not counted: a counter bumped while tracing
+would not count calls), and ``zorro_mask=`` raises ValueError; call the model eagerly to run on zorro.
+
+In a fallback the model computes exactly what "sdpa" computes. Outputs at padded query positions equal "sdpa" too:
+padded *keys* are masked, padded *queries* attend like SDPA's do.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+
+from ..attention import zorro_attention
+from ..mask import ZorroMask
+from ._fallback import dense_for_fallback, record_fallback
+
+try:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, prepare_padding_mask,
+                                            sdpa_mask)
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError("zorro_kernels.integrations.transformers needs Hugging Face transformers >= 5 "
+                      "(pip install 'zorro[integrations]')") from e
+
+# Older mask interfaces describe the cache by `cache_position` instead of `q_offset`/`kv_offset`; reading those as
+# zero offsets would build wrong causal masks while decoding, so refuse them outright.
+if "q_offset" not in inspect.signature(sdpa_mask).parameters:  # pragma: no cover - depends on the installed version
+    raise ImportError("zorro_kernels.integrations.transformers needs a transformers whose mask interface takes "
+                      "q_offset/kv_offset (5.x, tested on 5.24); please upgrade transformers")
+
+__all__ = ["NAME", "register", "zorro_attention_forward", "zorro_mask_interface"]
+
+NAME = "zorro"
+_INTEGRATION = "transformers"
+# why the mask interface handed a model a dense mask; read back by the attention function for the fallback record
+_REASON_ATTR = "_zorro_fallback_reason"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_strict = False
+
+
+def register(*, strict: bool = False) -> None:
+    """Register ``attn_implementation="zorro"`` with transformers (the attention function and its mask interface).
+
+    Args:
+        strict: raise :class:`~zorro_kernels.integrations.FallbackError` instead of falling back to "sdpa" where
+            zorro cannot run an attention call (see the module docstring for when).
+
+    Idempotent; call it before ``from_pretrained(..., attn_implementation="zorro")`` or
+    ``model.set_attn_implementation("zorro")``.
+    """
+    global _strict
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    _strict = strict
+    AttentionInterface.register(NAME, zorro_attention_forward)
+    AttentionMaskInterface.register(NAME, zorro_mask_interface)
+
+
+# ------------------------------------------------------------------------------------------------------ layouts
+@functools.lru_cache(maxsize=64)
+def _plain_layout(nq: int, nk: int, causal: bool) -> ZorroMask:
+    """One segment, every query sees every key (causal: bottom-right aligned). Cached: its tile maps and CPU plan
+    are then built once per shape for the whole model, not once per layer and call."""
+    allow = torch.ones(1, 1, dtype=torch.bool)
+    if nq == nk:
+        return ZorroMask([("tokens", nq)], allow, causal=causal)
+    return ZorroMask([("tokens", nq)], allow, kv_segments=[("tokens", nk)], causal=causal)
+
+
+def _padded_layout(nq: int, nk: int, causal: bool, kv_lengths: torch.Tensor) -> ZorroMask:
+    # Cross-attention form even for self-attention: only the keys carry lengths, so padded query rows attend the valid
+    # keys exactly as they do under SDPA (a self-attention mask with lengths would zero them).
+    allow = torch.ones(1, 1, dtype=torch.bool)
+    return ZorroMask([("tokens", nq)], allow, kv_segments=[("tokens", nk)], kv_lengths=kv_lengths, causal=causal)
+
+
+def _describe(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return name.replace(".<locals>", "")
+
+
+def _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                       attention_mask) -> tuple[Optional[ZorroMask], Optional[str]]:
+    """The ZorroMask equal to what ``sdpa_mask`` would build from these arguments, or ``(None, why not)``."""
+    if mask_function is causal_mask_function:
+        causal = True
+    elif mask_function is bidirectional_mask_function:
+        causal = False
+    else:
+        return None, (f"the model's mask is not plain causal/bidirectional ({_describe(mask_function)}: sliding "
+                      f"window, chunked, packed sequences detected from position_ids, or a custom overlay)")
+    if torch.compiler.is_compiling():
+        return None, "traced by torch.compile/export (the layout needs the mask's values)"
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return None, "tensor cache offsets (static cache)"
+    # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
+    # zorro's causal is j <= i + (Nk - Nq), so the two agree exactly when these offsets match
+    if causal and q_offset - kv_offset != kv_length - q_length:
+        return None, (f"causal mask not aligned at the last key (q_offset={q_offset}, kv_offset={kv_offset}, "
+                      f"Nq={q_length}, Nk={kv_length}): a static or sliding cache")
+    if q_length == 0 or kv_length == 0:
+        return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
+    if attention_mask is None:
+        return _plain_layout(q_length, kv_length, causal), None
+    if attention_mask.ndim != 2:
+        return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
+    keys = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length].bool()
+    if keys.shape[0] != batch_size:
+        keys = keys.expand(batch_size, -1)
+    lengths = keys.sum(-1)
+    if not torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None]):
+        return None, "attention_mask is not right padding (left padding, or holes inside a sample)"
+    if bool((lengths == kv_length).all()):
+        return _plain_layout(q_length, kv_length, causal), None
+    return _padded_layout(q_length, kv_length, causal, lengths[:, None].cpu()), None
+
+
+def zorro_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                         mask_function=causal_mask_function, attention_mask: Optional[torch.Tensor] = None,
+                         **kwargs):
+    """transformers' mask interface for "zorro" (called by ``create_causal_mask`` / ``create_bidirectional_mask``).
+
+    Args: as ``transformers.masking_utils.sdpa_mask``: ``attention_mask`` is the 2-D padding mask
+    ``(batch_size, >= kv_length)`` (True = real token) or None; ``q_offset``/``kv_offset`` come from the cache.
+
+    Returns:
+        A :class:`~zorro_kernels.ZorroMask` over ``q_length`` queries and ``kv_length`` keys when the requested mask
+        is expressible as one (plain causal/bidirectional, right padding, keys ending at the last query); otherwise
+        exactly what ``sdpa_mask`` returns (a bool ``(batch_size, 1, q_length, kv_length)`` tensor or None), which
+        the attention function then runs through "sdpa" and records as a fallback.
+    """
+    layout, reason = _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                        attention_mask)
+    if layout is not None:
+        return layout
+    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    if dense is not None:
+        setattr(dense, _REASON_ATTR, reason)
+    return dense
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+def _layout_without_mask(module, nq: int, nk: int, is_causal) -> tuple[Optional[ZorroMask], Optional[str]]:
+    """SDPA's meaning of ``attention_mask=None``: causal iff ``is_causal`` (else the module's flag) and Nq > 1,
+    aligned top-left — which is zorro's bottom-right alignment only when Nq == Nk."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and nq > 1
+    if not causal or nq == nk:
+        return _plain_layout(nq, nk, causal), None
+    return None, (f"causal attention without a mask and Nq={nq} != Nk={nk}: SDPA aligns it top-left "
+                  f"(e.g. the prefill of an empty static cache)")
+
+
+def _unsupported(query, key, value, dropout, kwargs) -> Optional[str]:
+    if dropout and dropout > 0:
+        return f"attention dropout p={dropout} in training mode (zorro_attention has no dropout)"
+    if kwargs.get("position_bias") is not None:
+        return "additive position_bias (T5-style relative attention bias)"
+    if kwargs.get("softcap") is not None:
+        return "attention logit softcapping"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux)"
+    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+        return f"head dims differ (q {query.shape[-1]}, k {key.shape[-1]}, v {value.shape[-1]})"
+    if query.dtype not in _DTYPES:
+        return f"dtype {query.dtype}"
+    return None
+
+
+def _check_zorro_mask(mask, module, query, key) -> ZorroMask:
+    if not isinstance(mask, ZorroMask):
+        raise TypeError(f"zorro_mask must be a ZorroMask, got {type(mask).__name__}")
+    nq, nk = query.shape[2], key.shape[2]
+    if mask.num_q != nq or mask.num_kv != nk:
+        where = type(module).__name__ + (f" (layer {module.layer_idx})" if hasattr(module, "layer_idx") else "")
+        raise ValueError(
+            f"zorro_mask covers {mask.num_q} queries x {mask.num_kv} keys, but {where} attends Nq={nq} queries x "
+            f"Nk={nk} keys. zorro_mask= replaces the mask of every attention call of the model, so it must match "
+            f"each of them (cross-attention layers and decoding with a cache change Nq/Nk).")
+    return mask
+
+
+def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
+                            is_causal: Optional[bool] = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention function for "zorro"; a drop-in for ``sdpa_attention_forward``.
+
+    Args:
+        module: the calling attention module (``is_causal``, ``num_key_value_groups``, ``layer_idx`` are read).
+        query: ``(B, H, Nq, D)``; key, value: ``(B, Hkv, Nk, D)`` with ``H % Hkv == 0``.
+        attention_mask: what the model's mask interface built — a ZorroMask (zorro path), None (no mask: SDPA's
+            ``is_causal`` rule), or a dense tensor (a fallback).
+        dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
+        **kwargs: the model call's keywords; ``zorro_mask`` (a ZorroMask over ``Nq`` x ``Nk`` tokens) replaces
+            ``attention_mask``.
+
+    Returns:
+        ``(out, None)``: ``out (B, Nq, H, D)`` in query's dtype, as "sdpa" returns it.
+
+    Raises:
+        TypeError/ValueError for a ``zorro_mask`` of the wrong type or size; FallbackError in strict mode.
+    """
+    reason = None
+    zorro_mask = kwargs.pop("zorro_mask", None)
+    if torch.compiler.is_compiling():
+        # zorro_attention is not traceable yet, and a counter bumped at trace time would not count calls: under
+        # torch.compile/export the model runs "sdpa" (documented, not recorded)
+        if zorro_mask is not None:
+            raise ValueError("zorro_mask= cannot be traced by torch.compile/export yet; call the model eagerly")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if zorro_mask is not None:
+        mask = _check_zorro_mask(zorro_mask, module, query, key)
+    elif isinstance(attention_mask, ZorroMask):
+        mask = attention_mask
+    elif attention_mask is None:
+        mask, reason = _layout_without_mask(module, query.shape[2], key.shape[2], is_causal)
+    else:
+        mask = None
+        reason = getattr(attention_mask, _REASON_ATTR, None) or \
+            f"the model passed a ready-made {type(attention_mask).__name__} mask"
+    if mask is not None:
+        reason = _unsupported(query, key, value, dropout, kwargs)
+    if reason is None:
+        out = zorro_attention(query, key, value, mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    record_fallback(_INTEGRATION, reason, strict=_strict)
+    if mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # an expressible layout meeting a feature zorro lacks: SDPA on its dense form, rows that see nothing zeroed
+    safe, live = dense_for_fallback(mask, query.device)
+    out, weights = sdpa_attention_forward(module, query, key, value, safe, dropout=dropout, scaling=scaling,
+                                          is_causal=False, **kwargs)
+    if not bool(live.all()):
+        out = out.masked_fill(~live[:, :, None, None], 0.0)
+    return out, weights

@@ -1,0 +1,176 @@
+"""xformers: convert an ``xformers.ops.fmha.attn_bias`` mask into a :class:`~zorro_kernels.ZorroMask`.
+
+::
+
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+    from zorro_kernels.integrations.xformers import from_xformers
+    mask = from_xformers(BlockDiagonalCausalMask.from_seqlens([5, 3, 4]))
+    # the same layout as ZorroMask.packed([5, 3, 4], causal=True)
+
+Only the mask classes are used (they import without xformers' compiled kernels). Like xformers' block-diagonal
+biases, the result is for a batch of 1 row holding every sequence: ``q``, ``k``, ``v`` of shape ``(1, H, N, D)``.
+
+Expressible, hence converted:
+    ====================================================  =================================================
+    xformers bias                                         ZorroMask
+    ====================================================  =================================================
+    ``BlockDiagonalMask``                                 ``packed(q_seqlens, kv_seq_lens=k_seqlens)``
+    ``BlockDiagonalCausalMask``                           the same, ``causal=True`` (*)
+    ``BlockDiagonalCausalFromBottomRightMask``            the same, ``causal=True`` (*)
+    ``BlockDiagonalPaddedKeysMask``                       key segments of ``kv_padding`` slots, ``kv_lengths``
+    ``BlockDiagonalCausalWithOffsetPaddedKeysMask``       the same, ``causal=True`` (*)
+    ``BlockDiagonalGappyKeysMask``                        key segments from ``seqstart``, ``kv_lengths``
+    ``BlockDiagonalCausalWithOffsetGappyKeysMask``        the same, ``causal=True`` (*)
+    ``LowerTriangularMask`` / ``...FromBottomRightMask``  one segment, ``causal=True`` (needs ``shape=``) (*)
+    ====================================================  =================================================
+
+(*) xformers aligns the causal diagonal per block (top-left, or bottom-right on the valid keys); a ZorroMask has one
+diagonal for the whole row, ``key <= query + (Nk - Nq)``. They agree whenever every block's query and key counts are
+equal (self-attention packing), for single-query decoding, and in general when each block's diagonal lands on the
+same place or masks nothing/everything; otherwise :func:`from_xformers` raises ValueError naming the block.
+
+Not expressible (ValueError naming the type): local/sliding-window masks, tensor biases
+(``LowerTriangularMaskWithTensorBias``, plain tensors) and paged masks (their keys live in a page table).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+from ..mask import ZorroMask
+
+try:
+    from xformers.ops.fmha import attn_bias as xab
+except ImportError as e:  # pragma: no cover - exercised only without xformers
+    raise ImportError("zorro_kernels.integrations.xformers needs xformers (its mask classes; the kernels are not "
+                      "used): pip install xformers") from e
+
+__all__ = ["from_xformers"]
+
+_TOP_LEFT, _BOTTOM_RIGHT = "top-left", "bottom-right"
+
+
+def _block_causal_agrees(d: int, e: int, q: int, valid: int) -> bool:
+    """Do diagonals ``jl <= il + d`` and ``jl <= il + e`` select the same keys of a ``q x valid`` block?
+
+    Row ``il`` sees ``clamp(il + d + 1, 0, valid)`` keys; two offsets agree on every row iff they are equal, or both
+    open every row fully (``>= valid - 1``), or both close every row (``<= -q``), or the block is empty.
+    """
+    return d == e or q == 0 or valid == 0 or min(d, e) >= valid - 1 or max(d, e) <= -q
+
+
+def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequence[int], k_total: int,
+           causal: Optional[str]) -> ZorroMask:
+    """Block i: queries ``q_lens[i]`` (contiguous), keys ``[k_starts[i], k_starts[i] + k_lens[i])``."""
+    name = type(bias).__name__
+    n = len(q_lens)
+    if n == 0 or len(k_lens) != n or len(k_starts) != n:
+        raise ValueError(f"{name}: {len(q_lens)} query blocks but {len(k_lens)} key blocks")
+    kv_segments, kv_lengths, names = [], [], [f"seq{i}" for i in range(n)]
+    if k_starts[0] > 0:  # keys before the first block: a segment nobody sees
+        kv_segments.append(("_gap", k_starts[0]))
+        kv_lengths.append(0)
+    ends = list(k_starts[1:]) + [k_total]
+    for i in range(n):
+        if ends[i] < k_starts[i]:
+            raise ValueError(f"{name}: key block {i} starts at {k_starts[i]}, after the next one at {ends[i]}: "
+                             f"out-of-order key blocks are not expressible")
+        if k_lens[i] < 0 or k_starts[i] + k_lens[i] > ends[i]:
+            raise ValueError(f"{name}: key block {i} spans [{k_starts[i]}, {k_starts[i] + k_lens[i]}), overlapping "
+                             f"the next block at {ends[i]}: overlapping key blocks are not expressible")
+        kv_segments.append((names[i], ends[i] - k_starts[i]))
+        kv_lengths.append(k_lens[i])
+    if causal is not None:
+        nq, nk = sum(q_lens), k_total
+        q_start = 0
+        for i in range(n):
+            d = (q_start - k_starts[i]) + (nk - nq)  # zorro's diagonal, in block-local coordinates
+            e = 0 if causal == _TOP_LEFT else k_lens[i] - q_lens[i]
+            if not _block_causal_agrees(d, e, q_lens[i], k_lens[i]):
+                raise ValueError(
+                    f"{name}: block {i} ({q_lens[i]} queries, {k_lens[i]} keys) is causal {causal} inside the "
+                    f"block, but a ZorroMask has one causal diagonal for the whole row (key <= query + Nk - Nq = "
+                    f"query + {nk - nq}), which puts this block's diagonal at offset {d} instead of {e}: not "
+                    f"expressible")
+            q_start += q_lens[i]
+    allow = torch.zeros(len(q_lens), len(kv_segments), dtype=torch.bool)
+    first = len(kv_segments) - n
+    allow[torch.arange(n), first + torch.arange(n)] = True
+    q_segments = list(zip(names, q_lens))
+    is_causal = causal is not None
+    if kv_segments == q_segments:
+        return ZorroMask(q_segments, allow, causal=is_causal)
+    padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
+    return ZorroMask(q_segments, allow, kv_segments=kv_segments,
+                     kv_lengths=torch.tensor([kv_lengths]) if padded else None, causal=is_causal)
+
+
+def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask:
+    """The :class:`~zorro_kernels.ZorroMask` equal to an xformers attention bias (see the module docstring).
+
+    Args:
+        bias: an ``xformers.ops.fmha.attn_bias.AttentionBias`` (block-diagonal family or lower-triangular).
+        shape: ``(Nq, Nk)``, only for ``LowerTriangularMask``/``LowerTriangularFromBottomRightMask``, which do not
+            know their size.
+
+    Returns:
+        A mask over ``Nq`` queries and ``Nk`` keys with ``mask.to_dense() == (bias.materialize((Nq, Nk)) == 0)``
+        (rows that see nothing aside: xformers leaves them undefined, zorro returns 0). Lengths, when the bias has
+        padded or gappy keys, are for a batch of 1.
+
+    Raises:
+        TypeError for an object that is not an xformers bias; ValueError naming the type (and block) for a bias a
+        ZorroMask cannot express.
+    """
+    name = type(bias).__name__
+    if isinstance(bias, torch.Tensor):
+        raise ValueError("a dense tensor bias is not a layout; build a ZorroMask from the structure it encodes")
+    if not isinstance(bias, xab.AttentionBias):
+        raise TypeError(f"bias must be an xformers AttentionBias, got {name}")
+    local = tuple(getattr(xab, c) for c in (
+        "LocalAttentionFromBottomRightMask", "LowerTriangularFromBottomRightLocalAttentionMask",
+        "BlockDiagonalCausalLocalAttentionMask", "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
+        "BlockDiagonalLocalAttentionPaddedKeysMask", "BlockDiagonalCausalLocalAttentionPaddedKeysMask")
+        if hasattr(xab, c))
+    if isinstance(bias, local):
+        raise ValueError(f"{name}: local (sliding-window) attention is not expressible as a ZorroMask")
+    if isinstance(bias, xab.LowerTriangularMaskWithTensorBias):
+        raise ValueError(f"{name}: an additive tensor bias is not expressible as a ZorroMask")
+    if "Paged" in name:
+        raise ValueError(f"{name}: paged keys (a block table) are not expressible as a ZorroMask")
+    if shape is not None and not isinstance(bias, (xab.LowerTriangularMask, xab.LowerTriangularFromBottomRightMask)):
+        raise ValueError(f"shape= is only for LowerTriangularMask/LowerTriangularFromBottomRightMask, not {name}")
+
+    if type(bias) in (xab.LowerTriangularMask, xab.LowerTriangularFromBottomRightMask):
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{name} does not know its size: pass shape=(Nq, Nk), got {shape!r}")
+        nq, nk = (int(s) for s in shape)
+        align = _TOP_LEFT if type(bias) is xab.LowerTriangularMask else _BOTTOM_RIGHT
+        return _build(bias, [nq], [0], [nk], nk, align)
+
+    exact = {
+        xab.BlockDiagonalMask: None,
+        xab.BlockDiagonalCausalMask: _TOP_LEFT,
+        xab.BlockDiagonalCausalFromBottomRightMask: _BOTTOM_RIGHT,
+        xab.BlockDiagonalPaddedKeysMask: None,
+        xab.BlockDiagonalCausalWithOffsetPaddedKeysMask: _BOTTOM_RIGHT,
+        xab.BlockDiagonalGappyKeysMask: None,
+        xab.BlockDiagonalCausalWithOffsetGappyKeysMask: _BOTTOM_RIGHT,
+    }
+    # exact type, not isinstance: a subclass may change the semantics (as the local-attention ones do)
+    if type(bias) not in exact:
+        raise ValueError(f"{name} is not an xformers bias zorro knows how to express; supported: "
+                         f"{sorted(c.__name__ for c in exact)} and LowerTriangularMask(FromBottomRight) with shape=")
+    causal = exact[type(bias)]
+    q_starts = list(bias.q_seqinfo.seqstart_py)
+    q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]
+    kinfo = bias.k_seqinfo
+    k_starts = list(kinfo.seqstart_py[:-1])
+    k_total = kinfo.seqstart_py[-1]
+    if hasattr(kinfo, "seqlen_py"):  # padded / gappy keys: each block's valid keys start its slot
+        k_lens = list(kinfo.seqlen_py)
+    else:
+        k_lens = [b - a for a, b in zip(k_starts, list(k_starts[1:]) + [k_total])]
+    return _build(bias, q_lens, k_starts, k_lens, k_total, causal)
