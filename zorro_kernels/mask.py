@@ -403,7 +403,8 @@ class ZorroMask:
 
     def attended_fraction(self) -> float:
         """Attended pairs over all ``B * Nq * Nk`` pairs (padding counts as not attended)."""
-        return float(self.attended().sum()) / (self.attended().numel() * self.num_q * self.num_kv)
+        counts = self.attended()
+        return float(counts.sum()) / (counts.numel() * self.num_q * self.num_kv)
 
     def sparsity(self) -> float:
         """Fraction of the ``Nq x Nk`` attention matrix that is masked, averaged over the batch."""
