@@ -15,14 +15,14 @@ import triton
 import triton.language as tl
 
 from ._config import KernelConfig
-from ._fwd import LOG2E, common_constexprs, meta_args
+from ._fwd import _RUNTIME_ARGS, LOG2E, common_constexprs, meta_args
 from ._launch import launch
 from ._mask import element_mask, element_mask_t, token_valid
 
-_PRE_BLOCK = 64
+_PRE = KernelConfig(64, 16, 4, 1)  # the delta preprocess: 64 rows a program, never autotuned
 
 
-@triton.jit(do_not_specialize=["H", "Nq"])
+@triton.jit(do_not_specialize=["stride_dob", "stride_doh", "H", "Nq"])
 def _bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_don, stride_dod, H, Nq,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """``delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d]`` in fp32."""
@@ -83,7 +83,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride_q
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "HKV", "GROUP", "Nq", "Nk", "Tk", "Tq", "Sq", "Sk", "MAP_B", "causal_offset"])
+@triton.jit(do_not_specialize=_RUNTIME_ARGS + ["stride_dob", "stride_doh", "HKV"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -173,7 +173,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_v
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "Sq", "Sk", "MAP_B", "causal_offset"])
+@triton.jit(do_not_specialize=_RUNTIME_ARGS + ["stride_dob", "stride_doh"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
@@ -238,10 +238,9 @@ def attention_backward(dout, q, k, v, out, lse, tm_dkdv, tm_dq, meta, scale: flo
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=v.device)
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    consts = common_constexprs(q, meta.causal, 16, 16)
-    _bwd_preprocess[(triton.cdiv(nq, _PRE_BLOCK), b * h)](
-        out, dout, delta, *dout.stride(), h, nq, HEAD_DIM=consts["HEAD_DIM"], D_PAD=consts["D_PAD"],
-        BLOCK=_PRE_BLOCK, num_warps=4)
+    consts = common_constexprs(q, meta.causal, _PRE.block_m, _PRE.block_n)
+    launch(_bwd_preprocess, (triton.cdiv(nq, _PRE.block_m), b * h), (out, dout, delta, *dout.stride(), h, nq),
+           dict(HEAD_DIM=consts["HEAD_DIM"], D_PAD=consts["D_PAD"], BLOCK=_PRE.block_m), _PRE)
     sq, sk = meta.allow.shape
     meta_t = meta_args(meta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())

@@ -16,6 +16,11 @@ from ._launch import launch
 from ._mask import element_mask, token_valid
 
 LOG2E = 1.4426950408889634
+# Integer arguments Triton must not specialise on (it would otherwise compile a variant per "divisible by 16" / "== 1"):
+# lengths, tile counts and segment counts are runtime data, and batch/head strides scale with N while only feeding
+# 64-bit base offsets. Row strides and the head-dim stride stay specialised: they enable vectorised loads.
+_RUNTIME_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh",
+                 "H", "GROUP", "Nq", "Nk", "Tq", "Tk", "Sq", "Sk", "MAP_B", "causal_offset"]
 
 
 @triton.jit
@@ -62,7 +67,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_kd, stride_vn, st
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "Sq", "Sk", "MAP_B", "causal_offset"])
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attn_fwd(Q, K, V, O, LSE,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
