@@ -32,6 +32,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_MASKS = 64
 _masks: "OrderedDict[tuple, ZorroMask]" = OrderedDict()
 _import_problem: Optional[str] = None
+_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 # ------------------------------------------------------------------------------------------------ mask registry
@@ -242,7 +243,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask, scale: float, im
 def _triton_problem() -> str:
     """Why Triton cannot be used here ('' if it can). The import is tried once, outside compilation."""
     global _import_problem
-    if importlib.util.find_spec("triton") is None:
+    if not _INSTALLED:
         return "triton is not installed (pip install 'zorro[triton]')"
     if torch.compiler.is_compiling():
         return ""  # import problems surface when the op runs
