@@ -10,6 +10,7 @@ has.
     python benchmarks/triton_compile_check.py            # sm_90 (H100/H200), 228 KiB shared memory
     python benchmarks/triton_compile_check.py --arch 80  # sm_80 (A100), 164 KiB
     python benchmarks/triton_compile_check.py --quick    # fp16 + bf16 at D = 64, 128 only
+    python benchmarks/triton_compile_check.py --sweep 50 # count real compilations over 50 random layouts
 """
 from __future__ import annotations
 
@@ -59,8 +60,11 @@ def main() -> int:
     ap.add_argument("--dims", default=None, help="comma-separated head dims (default 16,64,80,128,256)")
     ap.add_argument("--dtypes", default=None, help="comma-separated: float16,bfloat16,float32")
     ap.add_argument("--no-fallback", action="store_true", help="skip the fallback table")
+    ap.add_argument("--sweep", type=int, default=0, help="count compilations over this many random layouts instead")
     args = ap.parse_args()
     driver.set_active(_StandInDriver(GPUTarget("cuda", args.arch, 32)))
+    if args.sweep:
+        return sweep(args.sweep)
     limit = SHARED_LIMIT.get(args.arch, 101376)
     results = []
 
@@ -116,6 +120,42 @@ def main() -> int:
     for line in bad:
         print("FAILED:", line)
     return 1 if bad else 0
+
+
+def sweep(n_layouts: int) -> int:
+    """fwd + bwd launches (compiled, not run) over random layouts: 2-6 segments, sizes, rules, lengths, N all vary."""
+    kernels = {"fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess, "dkdv": _bwd._attn_bwd_dkdv,
+               "dq": _bwd._attn_bwd_dq}
+
+    def warm(kernel, grid, kargs, constexprs, cfg):
+        kernel.warmup(*kargs, grid=grid, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _fwd.launch = warm
+    _bwd.launch = warm
+
+    def compiled():
+        return {name: sum(len(c[0]) for c in k.device_caches.values()) for name, k in kernels.items()}
+
+    gen = torch.Generator().manual_seed(0)
+    first = None
+    t0 = time.time()
+    for i in range(n_layouts):
+        n_seg = int(torch.randint(2, 7, (1,), generator=gen))
+        sizes = torch.randint(0, 400, (n_seg,), generator=gen).tolist()
+        sizes[0] += 1
+        allow = torch.rand(n_seg, n_seg, generator=gen) < 0.5
+        lengths = (torch.rand(2, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if i % 2 else None
+        mask = ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow, lengths=lengths)
+        q, k, v = (torch.randn(2, 4, mask.num_q, 64).half() for _ in range(3))
+        out, lse = op._triton_forward(q, k, v, mask, 0.125)
+        op._triton_backward(out, q, k, v, out, lse, mask, 0.125)
+        if i == 0:
+            first = compiled()
+    last = compiled()
+    print(f"compilations over {n_layouts} layouts (fp16, D=64, sm target, autotune off): after the first layout "
+          f"{first}, after all {last}; new after the first: {sum(last.values()) - sum(first.values())} "
+          f"({time.time() - t0:.0f}s)")
+    return 0
 
 
 if __name__ == "__main__":

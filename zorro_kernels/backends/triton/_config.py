@@ -51,9 +51,9 @@ def _k(bm, bn, warps, stages, *alts) -> KernelConfig:
 # Hopper/Ampere table for 16-bit inputs, keyed by the padded head dim's upper bound. Shared memory per stage is
 # (block_m + 2 * block_n) * D * 2 bytes; registers hold a (block_m, D) fp32 accumulator, so D = 256 halves the tiles.
 _TABLE_16BIT = (
-    (64, Blocks(_k(128, 64, 4, 3, (8, 3), (4, 2)), _k(32, 128, 4, 3, (8, 3), (4, 2)), _k(128, 32, 4, 3, (8, 3), (4, 2)))),
-    (128, Blocks(_k(128, 64, 8, 3, (4, 3), (8, 2)), _k(32, 128, 8, 3, (4, 3), (8, 2)), _k(128, 32, 8, 3, (4, 3), (8, 2)))),
-    (256, Blocks(_k(64, 32, 4, 2, (8, 2), (4, 1)), _k(32, 64, 4, 2, (8, 2), (4, 1)), _k(64, 32, 4, 2, (8, 2), (4, 1)))),
+    (64, Blocks(_k(128, 64, 4, 3, (4, 4)), _k(32, 128, 4, 3, (8, 3)), _k(128, 32, 4, 3, (8, 3)))),
+    (128, Blocks(_k(128, 64, 8, 3, (4, 3)), _k(32, 128, 8, 3, (4, 2)), _k(128, 32, 8, 3, (4, 2)))),
+    (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
 )
 # fp32 (correctness, not speed): half the tiles of the 16-bit table, so the same shared memory.
 _TABLE_FP32 = (

@@ -13,6 +13,7 @@ picks a non-Triton backend (the segment path on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections import OrderedDict
 from typing import Optional
@@ -91,15 +92,8 @@ def _with_fallback(run, q: Tensor):
 
 
 def _on_device(q: Tensor):
-    return torch.cuda.device(q.device) if q.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    # Triton launches on the current device; make it q's
+    return torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _triton_forward(q, k, v, mask: ZorroMask, scale: float):
