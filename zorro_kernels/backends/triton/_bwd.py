@@ -17,7 +17,7 @@ import triton.language as tl
 from ._config import KernelConfig
 from ._fwd import _RUNTIME_ARGS, LOG2E, common_constexprs, meta_args
 from ._launch import launch
-from ._mask import element_mask, element_mask_t, token_valid
+from ._mask import element_mask, element_mask_t, load_token_pair
 
 _PRE = KernelConfig(64, 16, 4, 1)  # the delta preprocess: 64 rows a program, never autotuned
 
@@ -47,27 +47,12 @@ def _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride_q
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PARTIAL: tl.constexpr, CAUSAL: tl.constexpr,
                 EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     num = tl.load(NUM + list_row)
-    d_ok = offs_d[None, :] < HEAD_DIM
     for t in range(0, num):
-        m0 = tl.load(IDX + list_row * Tq + t) * BLOCK_M
-        rows = m0 + offs_m
-        q_ptrs = Q_bh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        do_ptrs = DO_bh + rows[:, None] * stride_don + offs_d[None, :] * stride_dod
-        if PARTIAL:
-            q_seg, q_ok = token_valid(QSEG, QPOS, QLEN, len_row, rows, Nq, Sq)
-            q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=q_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA_bh + rows, mask=q_ok, other=0.0)
-        else:
-            if EVEN_D:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=d_ok, other=0.0)
-                do = tl.load(do_ptrs, mask=d_ok, other=0.0)
-            lse = tl.load(LSE_bh + rows)
-            delta = tl.load(DELTA_bh + rows)
+        rows = tl.load(IDX + list_row * Tq + t) * BLOCK_M + offs_m
+        q, do, q_seg, q_ok = load_token_pair(Q_bh, DO_bh, stride_qn, stride_qd, stride_don, stride_dod, rows, offs_d,
+                                             QSEG, QPOS, QLEN, len_row, Nq, Sq, HEAD_DIM, PARTIAL, EVEN_D)
+        lse = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA_bh + rows, mask=q_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
         if PARTIAL:
@@ -106,12 +91,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
 
-    k_seg, k_ok = token_valid(KSEG, KPOS, KLEN, len_row, cols, Nk, Sk)
-    ld = k_ok[:, None] & d_ok
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=ld, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=ld, other=0.0)
+    K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k, v, k_seg, k_ok = load_token_pair(K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd, cols, offs_d,
+                                        KSEG, KPOS, KLEN, len_row, Nk, Sk, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for g in range(0, GROUP):  # GQA: the query heads reading this kv head, in order (no atomics)
@@ -144,22 +127,10 @@ def _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_v
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, CAUSAL: tl.constexpr,
               EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     num = tl.load(NUM + list_row)
-    d_ok = offs_d[None, :] < HEAD_DIM
     for t in range(0, num):
-        n0 = tl.load(IDX + list_row * Tk + t) * BLOCK_N
-        cols = n0 + offs_n
-        k_ptrs = K_bh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V_bh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if PARTIAL:
-            k_seg, k_ok = token_valid(KSEG, KPOS, KLEN, len_row, cols, Nk, Sk)
-            k = tl.load(k_ptrs, mask=k_ok[:, None] & d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
+        k, v, k_seg, k_ok = load_token_pair(K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd, cols, offs_d,
+                                            KSEG, KPOS, KLEN, len_row, Nk, Sk, HEAD_DIM, PARTIAL, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if PARTIAL:
@@ -197,12 +168,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
 
-    q_seg, q_ok = token_valid(QSEG, QPOS, QLEN, len_row, rows, Nq, Sq)
-    ld = q_ok[:, None] & d_ok
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
-                + offs_d[None, :] * stride_qd, mask=ld, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=ld, other=0.0)
+    q, do, q_seg, q_ok = load_token_pair(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                         DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                                         stride_qn, stride_qd, stride_don, stride_dod, rows, offs_d,
+                                         QSEG, QPOS, QLEN, len_row, Nq, Sq, HEAD_DIM, True, EVEN_D)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=q_ok, other=0.0)
     K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh

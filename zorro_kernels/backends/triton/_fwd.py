@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ._config import KernelConfig, padded_head_dim
 from ._launch import launch
-from ._mask import element_mask, token_valid
+from ._mask import element_mask, load_token_pair, token_valid
 
 LOG2E = 1.4426950408889634
 # Integer arguments Triton must not specialise on (it would otherwise compile a variant per "divisible by 16" / "== 1"):
@@ -31,23 +31,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_kd, stride_vn, st
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, CAUSAL: tl.constexpr,
                EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     num = tl.load(NUM + list_row)
-    d_ok = offs_d[None, :] < HEAD_DIM
     for t in range(0, num):
-        n0 = tl.load(IDX + list_row * Tk + t) * BLOCK_N
-        cols = n0 + offs_n
-        k_ptrs = K_bh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V_bh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if PARTIAL:
-            # padding keys are never loaded: NaN/garbage there cannot reach p @ v
-            k_seg, k_ok = token_valid(KSEG, KPOS, KLEN, len_row, cols, Nk, Sk)
-            k = tl.load(k_ptrs, mask=k_ok[:, None] & d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
+        k, v, k_seg, k_ok = load_token_pair(K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd, cols, offs_d,
+                                            KSEG, KPOS, KLEN, len_row, Nk, Sk, HEAD_DIM, PARTIAL, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         if PARTIAL:
             keep = element_mask(ALLOW, q_seg, q_ok, rows, k_seg, k_ok, cols, Sk, causal_offset, CAUSAL)

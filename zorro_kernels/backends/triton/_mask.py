@@ -1,4 +1,6 @@
-"""The element mask of a partial tile, evaluated in-kernel from per-token metadata (see :class:`TokenMeta`).
+"""Per-token pieces shared by the kernels: validity, the element mask of a partial tile, loading token rows.
+
+The mask is evaluated in-kernel from per-token metadata (see :class:`TokenMeta`).
 
 Query ``i`` of sample ``b`` may see key ``j`` iff ``allow[q_seg[i], k_seg[j]]``, both tokens are valid
 (``pos < len[b, seg]`` and inside the matrix) and, for causal masks, ``j <= i + causal_offset``. Only partial tiles
@@ -37,3 +39,33 @@ def element_mask_t(ALLOW, q_seg, q_ok, rows, k_seg, k_ok, cols, num_k_segments, 
     if CAUSAL:
         keep = keep & (cols[:, None] <= rows[None, :] + causal_offset)
     return keep
+
+
+@triton.jit
+def load_token_pair(A, B, stride_an, stride_ad, stride_bn, stride_bd, idx, offs_d,
+                    SEG, POS, LEN, len_row, N, num_segments,
+                    HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows ``idx`` of two operands over the same tokens (K and V, or Q and dO): ``(len(idx), D_PAD)`` each, with the
+    tokens' segment ids and validity.
+
+    ``PARTIAL`` loads only valid tokens (zeros elsewhere), so NaN or garbage in padding never enters a dot. Otherwise
+    every token is known to be valid and inside the matrix (full tiles): no row mask at all, only a head-dim mask when
+    D is not a power of two; the returned segment ids and validity are then placeholders the caller does not read.
+    """
+    a_ptrs = A + idx[:, None] * stride_an + offs_d[None, :] * stride_ad
+    b_ptrs = B + idx[:, None] * stride_bn + offs_d[None, :] * stride_bd
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if PARTIAL:
+        seg, ok = token_valid(SEG, POS, LEN, len_row, idx, N, num_segments)
+        a = tl.load(a_ptrs, mask=ok[:, None] & d_ok, other=0.0)
+        b = tl.load(b_ptrs, mask=ok[:, None] & d_ok, other=0.0)
+    else:
+        seg = tl.zeros_like(idx)
+        ok = idx >= 0
+        if EVEN_D:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=d_ok, other=0.0)
+            b = tl.load(b_ptrs, mask=d_ok, other=0.0)
+    return a, b, seg, ok
