@@ -23,7 +23,7 @@ torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available
   | tee -a "$OUT/card.txt"
 
 echo "== 1/3 Triton CUDA tests (autotune off: one compile per kernel variant)"
-ZORRO_TRITON_AUTOTUNE=0 timeout 210 $PY -m pytest -m gpu tests/test_triton.py -q -rfEs -p no:cacheprovider \
+ZORRO_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest -m gpu tests/test_triton.py -q -rfEs -p no:cacheprovider \
   > "$OUT/pytest_triton.txt" 2>&1
 echo "pytest exit $? at $(elapsed)s"
 tail -n 30 "$OUT/pytest_triton.txt"
@@ -35,7 +35,7 @@ echo "pytest exit $? at $(elapsed)s"
 tail -n 8 "$OUT/pytest_rest.txt"
 
 echo "== 3/3 benchmarks (compile-count sweep over 50 layouts, then the table)"
-left=$(( 450 - $(elapsed) ))
+left=$(( 455 - $(elapsed) ))
 [ "$left" -lt 60 ] && left=60
 timeout $(( left + 30 )) $PY benchmarks/gpu_bench.py --budget "$left" --out "$OUT" > "$OUT/bench_log.txt" 2>&1
 echo "bench exit $? at $(elapsed)s"

@@ -28,6 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
+from tests.layouts import random_layout  # noqa: E402
 from zorro_kernels import ZorroMask  # noqa: E402
 from zorro_kernels.backends.triton import _bwd, _config, _fwd, _launch, op  # noqa: E402
 
@@ -140,12 +141,7 @@ def sweep(n_layouts: int) -> int:
     first = None
     t0 = time.time()
     for i in range(n_layouts):
-        n_seg = int(torch.randint(2, 7, (1,), generator=gen))
-        sizes = torch.randint(0, 400, (n_seg,), generator=gen).tolist()
-        sizes[0] += 1
-        allow = torch.rand(n_seg, n_seg, generator=gen) < 0.5
-        lengths = (torch.rand(2, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if i % 2 else None
-        mask = ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow, lengths=lengths)
+        mask = random_layout(gen, 400, lengths=i % 2 == 1)
         q, k, v = (torch.randn(2, 4, mask.num_q, 64).half() for _ in range(3))
         out, lse = op._triton_forward(q, k, v, mask, 0.125)
         op._triton_backward(out, q, k, v, out, lse, mask, 0.125)

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from tests.layouts import random_layout
 from tests.tolerances import check_against_oracle
 from zorro_kernels import ZorroMask, zorro_attention
 from zorro_kernels.backends import BACKENDS
@@ -186,12 +187,7 @@ def test_layout_sweep_never_changes_constexprs(monkeypatch):
     monkeypatch.setattr(_bwd, "launch", record)
     gen = torch.Generator().manual_seed(1)
     for i in range(50):
-        n_seg = int(torch.randint(2, 6, (1,), generator=gen))
-        sizes = torch.randint(0, 40, (n_seg,), generator=gen).tolist()
-        sizes[0] += 1
-        allow = torch.rand(n_seg, n_seg, generator=gen) < 0.5
-        lengths = (torch.rand(2, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if i % 2 else None
-        mask = ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow, lengths=lengths)
+        mask = random_layout(gen, 40, lengths=i % 2 == 1)
         q, k, v = qkv(2, 2, mask.num_q, 16, torch.float16, device="cpu")
         out, lse = op._triton_forward(q, k, v, mask, 0.25)
         op._triton_backward(out, q, k, v, out, lse, mask, 0.25)
