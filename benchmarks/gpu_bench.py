@@ -9,8 +9,9 @@ Peers, on the same inputs and the same mask:
                 sdpa_full x (attended fraction)
 
 Layouts: the paper's Figure-2 Zorro layout (audio 320, video 1568, fusion 8) and the same proportions at N = 4096 and
-16384; fp16 and bf16; forward and forward+backward. Medians of CUDA-event timings. Also measured: how many Triton
-compilations a sweep over 50 different layouts triggers.
+16384; fp16 and bf16; forward and forward+backward. Medians over batches of back-to-back calls timed with CUDA
+events (see :func:`cuda_time`). Also measured: how many Triton compilations a sweep over 50 different layouts
+triggers.
 
     python3 benchmarks/gpu_bench.py --budget 300 --out gpu_out
 
@@ -54,27 +55,33 @@ def log(msg: str) -> None:
 
 
 def cuda_time(fn, budget_s: float = 0.4) -> float:
-    """Median milliseconds of ``fn()`` over CUDA events, after warm-up; repetitions sized to ``budget_s``."""
+    """Milliseconds per call of ``fn()``: the median over a few batches of back-to-back calls timed with CUDA events.
+
+    Calls are queued without synchronising in between, as inside a model, so host-side launch overhead is hidden
+    whenever the GPU is the bottleneck (and shows when it is not).
+    """
     if DEVICE != "cuda":
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
     for _ in range(2):
         fn()
-    sync()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
-    sync()
+    torch.cuda.synchronize()
     est = max(time.perf_counter() - t0, 1e-5)
-    reps = int(min(50, max(5, budget_s / est)))
+    per_batch = int(min(50, max(1, 0.05 / est)))
+    batches = int(min(10, max(3, budget_s / (per_batch * est))))
     times = []
-    for _ in range(reps):
+    for _ in range(batches):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(per_batch):
+            fn()
         b.record()
-        sync()
-        times.append(a.elapsed_time(b))
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / per_batch)
     times.sort()
     return times[len(times) // 2]
 

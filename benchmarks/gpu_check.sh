@@ -35,7 +35,7 @@ echo "pytest exit $? at $(elapsed)s"
 tail -n 8 "$OUT/pytest_rest.txt"
 
 echo "== 3/3 benchmarks (compile-count sweep over 50 layouts, then the table)"
-left=$(( 455 - $(elapsed) ))
+left=$(( 440 - $(elapsed) ))
 [ "$left" -lt 60 ] && left=60
 timeout $(( left + 30 )) $PY benchmarks/gpu_bench.py --budget "$left" --out "$OUT" > "$OUT/bench_log.txt" 2>&1
 echo "bench exit $? at $(elapsed)s"

@@ -110,11 +110,13 @@ def main() -> int:
                     key = (_config.padded_head_dim(d), dtype)
                     if fallback:
                         _config._fallen_back.add(key)
+                        _config._chosen.clear()
                     try:
                         out, lse = op._triton_forward(q, k, k, mask, d ** -0.5)
                         op._triton_backward(out, q, k, k, out, lse, mask, d ** -0.5)
                     finally:
                         _config._fallen_back.discard(key)
+                        _config._chosen.clear()
     bad = [line for ok, line in results if not ok]
     print(f"\n{len(results) - len(bad)} / {len(results)} kernel variants compiled for sm_{args.arch} within "
           f"{limit} bytes of shared memory")

@@ -69,16 +69,29 @@ _INTERPRETER = Blocks(_k(32, 32, 4, 1), _k(32, 32, 4, 1), _k(32, 32, 4, 1))
 
 _override: Optional[Blocks] = None
 _fallen_back: set = set()
+_chosen: dict = {}
+_env: Optional[tuple] = None
+
+
+def _settings() -> tuple:
+    """(interpreting, autotune, blocks from ZORRO_TRITON_BLOCKS): environment read once, on first use — reading it
+    on every call costs more than the rest of a launch's Python side."""
+    global _env
+    if _env is None:
+        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        tune = not interp and os.environ.get("ZORRO_TRITON_AUTOTUNE", "1") not in ("", "0")
+        _env = (interp, tune, _env_override())
+    return _env
 
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when kernels are defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _settings()[0]
 
 
 def autotune_enabled() -> bool:
     """Autotune num_warps/num_stages (on a GPU only). ``ZORRO_TRITON_AUTOTUNE=0`` uses the table's first config."""
-    return not interpreting() and os.environ.get("ZORRO_TRITON_AUTOTUNE", "1") not in ("", "0")
+    return _settings()[1]
 
 
 def _env_override() -> Optional[Blocks]:
@@ -100,10 +113,17 @@ def choose_blocks(head_dim: int, dtype: torch.dtype) -> Blocks:
     """
     if _override is not None:
         return _override
-    env = _env_override()
+    key = (head_dim, dtype)
+    if key not in _chosen:
+        _chosen[key] = _choose(head_dim, dtype)
+    return _chosen[key]
+
+
+def _choose(head_dim: int, dtype: torch.dtype) -> Blocks:
+    interp, _, env = _settings()
     if env is not None:
         return env
-    if interpreting():
+    if interp:
         return _INTERPRETER
     d = padded_head_dim(head_dim)
     if (d, dtype) in _fallen_back:
@@ -121,6 +141,7 @@ def use_fallback(head_dim: int, dtype: torch.dtype) -> bool:
     if key in _fallen_back or _override is not None:
         return False
     _fallen_back.add(key)
+    _chosen.clear()
     return True
 
 

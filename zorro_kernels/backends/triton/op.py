@@ -5,7 +5,8 @@ take the mask's *description* instead — segment sizes (ints), the rule table a
 ``causal`` — and find the mask again at run time in a small registry keyed by that content. Eager calls register the
 caller's own mask object first, so its cached tile maps are the ones used; under compilation a mask seen for the first
 time is rebuilt from the description (and cached). With fake implementations for both ops,
-``torch.compile(fullgraph=True)`` sees one opaque node for the forward and one for the backward.
+``torch.compile(fullgraph=True)`` sees one opaque node for the forward and one for the backward. (Plain eager
+calls skip the dispatcher and run the ops' implementation directly.)
 
 ``impl`` says what the ops run: ``"triton"`` — the kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
 or another backend's name, which is how :func:`attention` keeps ``torch.compile`` graphs whole when the dispatcher
@@ -32,6 +33,7 @@ BACKEND_DESCRIPTION = ("block-sparse Triton kernels over the tile map: full tile
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_MASKS = 64
 _masks: "OrderedDict[tuple, ZorroMask]" = OrderedDict()
+_by_allow: dict = {}  # id(mask.allow) -> mask, for the masks in _masks
 _import_problem: Optional[str] = None
 _INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -52,22 +54,30 @@ def _content_key(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
 
 def _remember(mask: ZorroMask) -> None:
     key = mask.cached("triton_op_key", lambda: _content_key(*_describe(mask)))
-    if key not in _masks:
-        _masks[key] = mask
-        while len(_masks) > _MAX_MASKS:
-            _masks.popitem(last=False)
+    _masks[key] = mask
+    _masks.move_to_end(key)
+    _by_allow[id(mask.allow)] = mask
+    while len(_masks) > _MAX_MASKS:
+        _, old = _masks.popitem(last=False)
+        if _by_allow.get(id(old.allow)) is old:
+            del _by_allow[id(old.allow)]
 
 
 def _resolve(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal) -> ZorroMask:
+    # eager calls pass the registered mask's own tensors: found by identity, without hashing any content
+    mask = _by_allow.get(id(allow))
+    if (mask is not None and mask.allow is allow and mask.lengths is lengths
+            and (None if mask.is_self else mask.kv_lengths) is kv_lengths and mask.causal == causal
+            and list(mask.q_sizes) == list(q_sizes) and list(mask.kv_sizes) == list(kv_sizes)):
+        return mask
     key = _content_key(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
     mask = _masks.get(key)
     if mask is None:
         mask = ZorroMask([(f"q{i}", n) for i, n in enumerate(q_sizes)], allow.detach().cpu().bool(),
                          kv_segments=None if is_self else [(f"k{i}", n) for i, n in enumerate(kv_sizes)],
                          lengths=lengths, kv_lengths=None if is_self else kv_lengths, causal=causal)
-        _masks[key] = mask
-        while len(_masks) > _MAX_MASKS:
-            _masks.popitem(last=False)
+        mask.cached("triton_op_key", lambda: key)
+        _remember(mask)
     else:
         _masks.move_to_end(key)
     return mask
@@ -93,7 +103,9 @@ def _with_fallback(run, q: Tensor):
 
 def _on_device(q: Tensor):
     # Triton launches on the current device; make it q's
-    return torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
+        return torch.cuda.device(q.device)
+    return contextlib.nullcontext()
 
 
 def _triton_forward(q, k, v, mask: ZorroMask, scale: float):
@@ -166,15 +178,27 @@ def _other_backward(impl: str, dout, q, k, v, out, lse, mask: ZorroMask, scale: 
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
+def _forward_impl(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, impl):
+    mask = _resolve(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
+    if impl == "triton":
+        return _triton_forward(q, k, v, mask, scale)
+    return _other_forward(impl, q, k, v, mask, scale)
+
+
+def _backward_impl(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale,
+                   impl):
+    mask = _resolve(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
+    if impl == "triton":
+        return _triton_backward(dout, q, k, v, out, lse, mask, scale)
+    return _other_backward(impl, dout, q, k, v, out, lse, mask, scale)
+
+
 @torch.library.custom_op("zorro::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Optional[Tensor],
                    kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int], is_self: bool, causal: bool,
                    scale: float, impl: str) -> tuple[Tensor, Tensor]:
     """``(out (B, H, Nq, D) contiguous, lse (B, H, Nq) fp32)``; see the module docstring for the arguments."""
-    mask = _resolve(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
-    if impl == "triton":
-        return _triton_forward(q, k, v, mask, scale)
-    return _other_forward(impl, q, k, v, mask, scale)
+    return _forward_impl(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, impl)
 
 
 @_attention_fwd.register_fake
@@ -187,10 +211,8 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    lengths: Optional[Tensor], kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int],
                    is_self: bool, causal: bool, scale: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``, contiguous, shaped as q, k, v."""
-    mask = _resolve(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
-    if impl == "triton":
-        return _triton_backward(dout, q, k, v, out, lse, mask, scale)
-    return _other_backward(impl, dout, q, k, v, out, lse, mask, scale)
+    return _backward_impl(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal,
+                          scale, impl)
 
 
 @_attention_bwd.register_fake
@@ -199,11 +221,18 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_s
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _traced(t: Tensor) -> bool:
+    """Under torch.compile / export, or on fake or functional tensors: go through the custom ops. Plain eager calls
+    run the same implementation directly and skip the custom-op dispatcher's Python overhead (tens of microseconds,
+    as much as a small kernel takes)."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, impl):
-        out, lse = torch.ops.zorro.attention_fwd(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self,
-                                                 causal, scale, impl)
+        fwd = torch.ops.zorro.attention_fwd if _traced(q) else _forward_impl
+        out, lse = fwd(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, impl)
         ctx.save_for_backward(q, k, v, out, lse, allow, lengths, kv_lengths)
         ctx.desc = (q_sizes, kv_sizes, is_self, causal, scale, impl)
         return out
@@ -211,7 +240,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, allow, lengths, kv_lengths = ctx.saved_tensors
-        dq, dk, dv = torch.ops.zorro.attention_bwd(dout, q, k, v, out, lse, allow, lengths, kv_lengths, *ctx.desc)
+        bwd = torch.ops.zorro.attention_bwd if _traced(q) else _backward_impl
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, allow, lengths, kv_lengths, *ctx.desc)
         return (dq, dk, dv) + (None,) * 9
 
 
