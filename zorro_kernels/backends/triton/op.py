@@ -301,7 +301,7 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask) -> l
     if d > MAX_HEAD_DIM:
         reasons.append(f"head dim D={d} exceeds the maximum {MAX_HEAD_DIM}")
     b, h = q.shape[0], q.shape[1]
-    if b * max(h, k.shape[1]) > 65535:
+    if b * h > 65535:  # grid y; H >= Hkv, so the dK/dV grid fits too
         reasons.append(f"B x H = {b} x {h} = {b * h} exceeds the grid limit 65535")
     for name, t in (("q", q), ("k", k), ("v", v)):
         span = (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
