@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +54,8 @@ CASES = [
      (1, 1, 1, 16), (32, 32)),
     ("cross_97x113", lambda: ZorroMask.from_segments([("a", 40), ("b", 57)], {"a": ["x"], "b": "*"},
                                                      kv_segments=[("x", 13), ("y", 100)]), (1, 1, 1, 16), (32, 32)),
+    ("one_query_x_113", lambda: ZorroMask.from_segments([("q", 1)], {"q": ["y"]}, kv_segments=[("x", 13), ("y", 100)]),
+     (2, 2, 1, 16), (16, 32)),
     ("ragged_empty", zorro_ragged, (2, 2, 1, 24), (16, 32)),
     ("gqa_causal", lambda: ZorroMask.packed([19, 26], causal=True), (1, 4, 2, 32), (16, 16)),
     ("dead_rows", lambda: ZorroMask.from_segments([("a", 10), ("ghost", 12), ("b", 20), ("empty", 0)],
@@ -255,7 +260,7 @@ def test_compile_fullgraph_auto_cpu():
 
 # ------------------------------------------------------------------------------------------ full tier
 @pytest.mark.full
-@pytest.mark.parametrize("d", [16, 40, 80, 96, 256])
+@pytest.mark.parametrize("d", [8, 16, 40, 80, 96, 256])
 def test_head_dims_full(d):
     mask = ZorroMask.zorro(audio=11, video=17, fusion=4, lengths=torch.tensor([[11, 17, 4], [3, 9, 1]]))
     q, k, v = qkv(2, 2, mask.num_q, d, torch.float16, hkv=1)
@@ -283,6 +288,16 @@ def test_random_layouts_full(seed):
     q, k, v = qkv(2, 2, mask.num_q, 16, dtype, hkv=(1, 2)[seed % 2], nk=mask.num_kv)
     with override_blocks(((16, 16), (32, 16), (16, 32))[seed % 3]):
         check_against_oracle(triton_attn, q, k, v, mask)
+
+
+@pytest.mark.full
+def test_kernels_compile_for_sm90():
+    """Real Triton compilation (not the interpreter) of every fp16 D=64 kernel variant for sm_90, without a GPU."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "--dims", "64", "--dtypes", "float16", "--no-fallback"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @pytest.mark.full
