@@ -177,6 +177,20 @@ def test_refusals_name_the_numbers():
         zorro_attention(*qkv(1, 1, 8, 16, torch.float64, device="cpu"), mask, backend="triton")
 
 
+def test_import_and_refusal_without_triton():
+    """Without Triton, zorro_kernels still imports, "auto" still runs, and a forced "triton" says why it cannot."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\nfrom zorro_kernels import ZorroMask, zorro_attention\n"
+            "m = ZorroMask.zorro(audio=4, video=4); q = torch.randn(1, 1, 8, 16)\n"
+            "assert zorro_attention(q, q, q, m).shape == q.shape\n"
+            "try:\n    zorro_attention(q, q, q, m, backend='triton')\n"
+            "except ValueError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "triton is not installed" in run.stdout, run.stdout
+
+
 def test_layout_sweep_never_changes_constexprs(monkeypatch):
     """Segment sizes, lengths and N are runtime data: over 50 layouts the kernels see one set of compile-time
     constants per kernel (the real compile count on a GPU is measured by benchmarks/gpu_bench.py and

@@ -35,7 +35,16 @@ _MAX_MASKS = 64
 _masks: "OrderedDict[tuple, ZorroMask]" = OrderedDict()
 _by_allow: dict = {}  # id(mask.allow) -> mask, for the masks in _masks
 _import_problem: Optional[str] = None
-_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: a stub module without __spec__ (e.g. sys.modules["triton"] = None)
+        return False
+
+
+_INSTALLED = _installed()
 
 
 # ------------------------------------------------------------------------------------------------ mask registry
