@@ -23,10 +23,12 @@ torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available
   | tee -a "$OUT/card.txt"
 
 echo "== 1/3 Triton CUDA tests (autotune off: one compile per kernel variant)"
-ZORRO_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest -m gpu tests/test_triton.py -q -rfEs -p no:cacheprovider \
-  > "$OUT/pytest_triton.txt" 2>&1
+COLUMNS=200 ZORRO_TRITON_AUTOTUNE=0 timeout 200 $PY -m pytest -m gpu tests/test_triton.py -v -rfEs \
+  -p no:cacheprovider > "$OUT/pytest_triton.txt" 2>&1
 echo "pytest exit $? at $(elapsed)s"
-tail -n 30 "$OUT/pytest_triton.txt"
+grep -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)" "$OUT/pytest_triton.txt" | grep "::" | sed "s/ *$//" | cut -c1-160 | head -n 40
+grep -E "^E " "$OUT/pytest_triton.txt" | head -n 20 | cut -c1-250
+tail -n 3 "$OUT/pytest_triton.txt"
 
 echo "== 2/3 the other CUDA tests in tests/"
 timeout 60 $PY -m pytest -m gpu tests/ -x -q -p no:cacheprovider --ignore=tests/test_triton.py \
