@@ -69,3 +69,15 @@ def named_masks() -> dict[str, ZorroMask]:
                                                              causal=True),
         "nothing_visible_rows": ZorroMask.from_segments([("a", 7), ("b", 9)], {"a": ["a"]}),
     }
+
+
+def random_layout(gen: torch.Generator, max_size: int, *, lengths: bool, batch: int = 2) -> ZorroMask:
+    """Self-attention over 2-6 segments of 0..max_size tokens (the first non-empty), each pair allowed with
+    probability 1/2; with ``lengths``, random per-sample valid lengths ``(batch, segments)``. Seeded by a torch
+    Generator so the benchmark scripts (which run without the test package's fixtures) reproduce the same sweep."""
+    n_seg = int(torch.randint(2, 7, (1,), generator=gen))
+    sizes = torch.randint(0, max_size, (n_seg,), generator=gen).tolist()
+    sizes[0] += 1
+    allow = torch.rand(n_seg, n_seg, generator=gen) < 0.5
+    lens = (torch.rand(batch, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if lengths else None
+    return ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow, lengths=lens)

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..reference import reference_attention
+from . import triton as _triton  # imports no Triton: kernels load on first use
 from .segments import segment_attention
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "auto_priority"]
@@ -45,6 +46,9 @@ def _no_reasons(q, k, v, mask) -> list:
 register_backend(Backend(
     "reference", "dense boolean mask through PyTorch SDPA in fp32 (slow; the oracle)", _no_reasons,
     lambda q, k, v, mask, scale: reference_attention(q, k, v, mask, scale=scale)))
+register_backend(Backend(
+    "triton", _triton.BACKEND_DESCRIPTION, _triton.not_supported_reasons,
+    lambda q, k, v, mask, scale: _triton.attention(q, k, v, mask, scale, "triton")))
 register_backend(Backend(
     "segments", "exact segment decomposition into unmasked fused SDPA calls (the CPU fast path; any device)",
     _no_reasons, segment_attention))

@@ -1,0 +1,413 @@
+"""The Triton backend against the oracle.
+
+Default tier: Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by conftest when there is no GPU) on small shapes
+with tiles forced to 16x16 / 32x32 so that a handful of tiles exercise full, partial and empty tiles. bfloat16 is
+skipped in the interpreter (its bf16 arithmetic is wrong); the ``gpu`` tier checks it. ``full`` adds larger sweeps.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.layouts import random_layout
+from tests.tolerances import check_against_oracle
+from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.backends import BACKENDS
+from zorro_kernels.backends.triton import op
+from zorro_kernels.backends.triton._config import override_blocks
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# the default tier runs wherever the backend does: CPU tensors in the interpreter, CUDA tensors on a GPU
+DEV = "cuda" if CUDA else "cpu"
+_PROBE = torch.zeros(1, 1, 1, 16, device=DEV)
+_UNAVAILABLE = BACKENDS["triton"].not_supported_reasons(_PROBE, _PROBE, _PROBE, ZorroMask.packed([1]))
+pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE), reason="; ".join(_UNAVAILABLE))
+
+
+def triton_attn(q, k, v, mask, scale=None):
+    return zorro_attention(q, k, v, mask, scale=scale, backend="triton")
+
+
+def qkv(b, h, nq, d, dtype, *, hkv=None, nk=None, device=DEV):
+    hkv, nk = hkv or h, nk or nq
+    return (torch.randn(b, h, nq, d, dtype=dtype, device=device), torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
+            torch.randn(b, hkv, nk, d, dtype=dtype, device=device))
+
+
+def zorro_ragged(b=2):
+    lengths = torch.tensor([[20, 30, 4], [7, 0, 3]])[:b]
+    return ZorroMask.zorro(audio=20, video=30, fusion=4, lengths=lengths)
+
+
+# (id, mask builder, (B, H, Hkv, D), blocks)
+CASES = [
+    ("zorro", lambda: ZorroMask.zorro(audio=20, video=30, fusion=5), (2, 2, 2, 16), (16, 16)),
+    ("odd_1_3_97", lambda: ZorroMask.from_segments([("a", 1), ("b", 3), ("c", 93)], {"a": "*", "b": ["a", "b"],
+                                                                                      "c": ["c", "a"]}),
+     (1, 1, 1, 16), (32, 32)),
+    ("cross_97x113", lambda: ZorroMask.from_segments([("a", 40), ("b", 57)], {"a": ["x"], "b": "*"},
+                                                     kv_segments=[("x", 13), ("y", 100)]), (1, 1, 1, 16), (32, 32)),
+    ("one_query_x_113", lambda: ZorroMask.from_segments([("q", 1)], {"q": ["y"]}, kv_segments=[("x", 13), ("y", 100)]),
+     (2, 2, 1, 16), (16, 32)),
+    ("ragged_empty", zorro_ragged, (2, 2, 1, 24), (16, 32)),
+    ("gqa_causal", lambda: ZorroMask.packed([19, 26], causal=True), (1, 4, 2, 32), (16, 16)),
+    ("dead_rows", lambda: ZorroMask.from_segments([("a", 10), ("ghost", 12), ("b", 20), ("empty", 0)],
+                                                  {"a": ["a", "b"], "b": ["b"]}), (1, 2, 2, 16), (16, 16)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRET, reason="bfloat16 arithmetic is wrong in Triton's CPU interpreter; the gpu tier checks bf16"))],
+    ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_against_oracle(case, dtype):
+    _, build, (b, h, hkv, d), blocks = case
+    mask = build()
+    q, k, v = qkv(b, h, mask.num_q, d, dtype, hkv=hkv, nk=mask.num_kv)
+    with override_blocks(blocks):
+        check_against_oracle(triton_attn, q, k, v, mask)
+
+
+def test_cases_cover_every_tile_kind():
+    """The oracle cases must keep exercising both kernel paths and the skipping of empty tiles."""
+    totals = {"empty": 0, "partial": 0, "full": 0}
+    for _, build, _, (bm, bn) in CASES:
+        for kind, n in build().tile_map(bm, bn).counts().items():
+            totals[kind] += n
+    assert min(totals.values()) > 0, totals
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_head_dims(d):
+    mask = ZorroMask.zorro(audio=9, video=14, fusion=3)
+    q, k, v = qkv(1, 1, mask.num_q, d, torch.float16)
+    with override_blocks((16, 16)):
+        check_against_oracle(triton_attn, q, k, v, mask, scale=0.3)
+
+
+def test_dead_rows_exact():
+    """Rows that see nothing: output exactly 0, LSE -inf, zero gradient; keys nobody sees get zero dK/dV."""
+    mask = ZorroMask.from_segments([("a", 10), ("ghost", 12), ("b", 20)], {"a": ["a"], "b": ["a", "b"]},
+                                   lengths=torch.tensor([[10, 12, 20], [4, 12, 9]]))
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32))
+    with override_blocks((16, 16)):
+        out, lse = torch.ops.zorro.attention_fwd(q.detach(), k.detach(), v.detach(), *op._describe(mask), 0.25,
+                                                 "triton")
+        o2 = zorro_attention(q, k, v, mask, backend="triton")
+        o2.backward(torch.randn_like(o2))
+    dense = mask.to_dense().to(DEV)               # (B, Nq, Nk)
+    dead = ~dense.any(-1)                         # (B, Nq)
+    unseen = ~dense.any(-2)                       # (B, Nk)
+    assert dead.any() and unseen.any()
+    d4 = dead[:, None, :, None].expand_as(out)
+    assert (out[d4] == 0).all() and (o2.detach()[d4] == 0).all() and (q.grad[d4] == 0).all()
+    assert torch.isneginf(lse[dead[:, None].expand_as(lse)]).all()
+    assert torch.isfinite(lse[~dead[:, None].expand_as(lse)]).all()
+    u4 = unseen[:, None, :, None].expand_as(k.grad)
+    assert (k.grad[u4] == 0).all() and (v.grad[u4] == 0).all()
+
+
+def _run(q, k, v, mask, d_out):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = zorro_attention(q, k, v, mask, backend="triton")
+    out.backward(d_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def test_bitwise_rerun():
+    mask = zorro_ragged()
+    q, k, v = qkv(2, 4, mask.num_q, 16, torch.float16, hkv=2)
+    d_out = torch.randn_like(q)
+    with override_blocks((16, 16)):
+        first, second = _run(q, k, v, mask, d_out), _run(q, k, v, mask, d_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_nan_poison_does_not_leak():
+    """NaN past the valid ranges (rows beyond N, head-dim padding, ragged padding tokens) must not reach any output:
+    the poisoned run is bitwise equal to a clean run, whose accuracy the oracle tests cover."""
+    mask = zorro_ragged()
+    b, h, n, d = 2, 2, mask.num_q, 24
+    clean = qkv(b, h, n, d, torch.float32)
+    q_pos = torch.cat([torch.arange(s) for s in mask.q_sizes])
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(mask.q_sizes))
+    padding = (q_pos[None] >= mask.lengths[:, seg]).to(DEV)           # (B, N) ragged padding tokens
+    assert padding.any()
+    poisoned = []
+    for t in clean:
+        big = torch.full((b, h, n + 7, d + 8), float("nan"), device=DEV)
+        view = big[:, :, 3:3 + n, :d]                                   # NaN before, after and beside the view
+        view.copy_(t.masked_fill(padding[:, None, :, None], float("nan")))
+        poisoned.append(view)
+    d_out = torch.randn(b, h, n, d, device=DEV)
+    with override_blocks((16, 16)):
+        ref = _run(*(t.masked_fill(padding[:, None, :, None], 0.0) for t in clean), mask, d_out)
+        got = _run(*poisoned, mask, d_out)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert torch.isfinite(a).all(), f"{name}: NaN leaked into {int((~torch.isfinite(a)).sum())} values"
+        assert torch.equal(a, r), f"{name}: poisoned run differs from the clean run"
+
+
+def test_non_contiguous_inputs():
+    mask = ZorroMask.zorro(audio=12, video=21, fusion=3)
+    n = mask.num_q
+    # (B, N, H, D) storage viewed as (B, H, N, D), and a q whose head dim is strided
+    q = torch.randn(2, n, 2, 32, device=DEV)[..., ::2].transpose(1, 2)
+    k, v = (torch.randn(2, n, 2, 16, device=DEV).transpose(1, 2) for _ in range(2))
+    assert q.stride(-1) == 2 and not k.is_contiguous()
+    with override_blocks((16, 16)):
+        check_against_oracle(triton_attn, q, k, v, mask)
+
+
+def test_refusals_name_the_numbers():
+    mask = ZorroMask.zorro(audio=4, video=4)
+    reasons = BACKENDS["triton"].not_supported_reasons(*qkv(1, 1, 8, 320, torch.float32, device="cpu"), mask)
+    assert any("D=320" in r and "256" in r for r in reasons), reasons
+    reasons = BACKENDS["triton"].not_supported_reasons(*qkv(1, 1, 8, 16, torch.float64, device="cpu"), mask)
+    assert any("float64" in r for r in reasons), reasons
+    with pytest.raises(ValueError, match="backend 'triton' cannot run"):
+        zorro_attention(*qkv(1, 1, 8, 16, torch.float64, device="cpu"), mask, backend="triton")
+
+
+def test_import_and_refusal_without_triton():
+    """Without Triton, zorro_kernels still imports, "auto" still runs, and a forced "triton" says why it cannot."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\nfrom zorro_kernels import ZorroMask, zorro_attention\n"
+            "m = ZorroMask.zorro(audio=4, video=4); q = torch.randn(1, 1, 8, 16)\n"
+            "assert zorro_attention(q, q, q, m).shape == q.shape\n"
+            "try:\n    zorro_attention(q, q, q, m, backend='triton')\n"
+            "except ValueError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "triton is not installed" in run.stdout, run.stdout
+
+
+def test_layout_sweep_never_changes_constexprs(monkeypatch):
+    """Segment sizes, lengths and N are runtime data: over 50 layouts the kernels see one set of compile-time
+    constants per kernel (the real compile count on a GPU is measured by benchmarks/gpu_bench.py and
+    benchmarks/triton_compile_check.py --layouts)."""
+    from zorro_kernels.backends.triton import _bwd, _fwd
+
+    seen = set()
+
+    def record(kernel, grid, args, constexprs, cfg):
+        seen.add((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(sorted(constexprs.items())), cfg))
+
+    monkeypatch.setattr(_fwd, "launch", record)
+    monkeypatch.setattr(_bwd, "launch", record)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(50):
+        mask = random_layout(gen, 40, lengths=i % 2 == 1)
+        q, k, v = qkv(2, 2, mask.num_q, 16, torch.float16, device="cpu")
+        out, lse = op._triton_forward(q, k, v, mask, 0.25)
+        op._triton_backward(out, q, k, v, out, lse, mask, 0.25)
+    assert len(seen) == 4, sorted(seen)  # fwd, preprocess, dk/dv, dq
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+class _Block(torch.nn.Module):
+    def __init__(self, mask, d, backend):
+        super().__init__()
+        self.mask, self.backend = mask, backend
+        self.proj = torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x):  # x: (B, H, N, D)
+        q, k, v = self.proj(x).chunk(3, dim=-1)
+        return zorro_attention(q, k, v, self.mask, backend=self.backend) * 2.0
+
+
+def _compile_matches_eager(backend, mask, blocks=(16, 16)):
+    torch._dynamo.reset()
+    model = _Block(mask, 16, backend).to(DEV)
+    x = torch.randn(2, 2, mask.num_q, 16, device=DEV)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with override_blocks(blocks):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager, comp = model(x1), compiled(x2)
+        g = torch.randn_like(eager)
+        eager.backward(g)
+        comp.backward(g)
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.proj.weight.grad, model.proj.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph_triton():
+    """torch.compile(fullgraph=True) of a module calling zorro_attention: one opaque custom op each way."""
+    _compile_matches_eager("triton", zorro_ragged())
+
+
+def test_compile_fullgraph_segments_through_op():
+    """The CPU path under compile goes through the same custom ops (impl='segments'): no graph break."""
+    mask = ZorroMask.zorro(audio=10, video=14, fusion=3, lengths=torch.tensor([[10, 14, 3], [5, 9, 2]]))
+    torch._dynamo.reset()
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32, device="cpu"))
+    fn = torch.compile(lambda a, b, c: op.attention(a, b, c, mask, 0.25, "segments"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v)
+    out.backward(torch.ones_like(out))
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = zorro_attention(q, k, v, mask, scale=0.25, backend="segments")
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif("is_compiling" not in inspect.getsource(zorro_attention),
+                    reason="needs the attention.py hook that routes compiled calls through the custom ops "
+                           "(see docs/triton.md)")
+def test_compile_fullgraph_auto_cpu():
+    _compile_matches_eager("auto", ZorroMask.zorro(audio=10, video=14, fusion=3))
+
+
+# ------------------------------------------------------------------------------------------ full tier
+@pytest.mark.full
+@pytest.mark.parametrize("d", [8, 16, 40, 80, 96, 256])
+def test_head_dims_full(d):
+    mask = ZorroMask.zorro(audio=11, video=17, fusion=4, lengths=torch.tensor([[11, 17, 4], [3, 9, 1]]))
+    q, k, v = qkv(2, 2, mask.num_q, d, torch.float16, hkv=1)
+    with override_blocks((16, 16)):
+        check_against_oracle(triton_attn, q, k, v, mask)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("seed", range(12))
+def test_random_layouts_full(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_seg = int(torch.randint(1, 6, (1,), generator=gen))
+    sizes = torch.randint(0, 30, (n_seg,), generator=gen).tolist()
+    sizes[-1] += 1
+    cross = seed % 3 == 0
+    kv_sizes = torch.randint(1, 30, (n_seg,), generator=gen).tolist() if cross else sizes
+    allow = torch.rand(n_seg, n_seg, generator=gen) < 0.6
+    lengths = (torch.rand(2, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if seed % 2 else None
+    kv_lengths = ((torch.rand(2, n_seg, generator=gen) * (torch.tensor(kv_sizes) + 1)).long()
+                  if cross and seed % 2 else None)
+    mask = ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow,
+                                kv_segments=[(f"k{j}", s) for j, s in enumerate(kv_sizes)] if cross else None,
+                                lengths=lengths, kv_lengths=kv_lengths, causal=seed % 4 == 1)
+    dtype = (torch.float32, torch.float16)[seed % 2]
+    q, k, v = qkv(2, 2, mask.num_q, 16, dtype, hkv=(1, 2)[seed % 2], nk=mask.num_kv)
+    with override_blocks(((16, 16), (32, 16), (16, 32))[seed % 3]):
+        check_against_oracle(triton_attn, q, k, v, mask)
+
+
+@pytest.mark.full
+def test_kernels_compile_for_sm90():
+    """Real Triton compilation (not the interpreter) of every fp16 D=64 kernel variant for sm_90, without a GPU."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "--dims", "64", "--dtypes", "float16", "--no-fallback"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.full
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    mask = zorro_ragged()
+    model = _Block(mask, 16, "triton")
+    x = torch.randn(2, 2, mask.num_q, 16, requires_grad=True)
+    with override_blocks((16, 16)):
+        out = torch.compile(model, fullgraph=True)(x)
+        out.sum().backward()
+        ref = model(x.detach())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ GPU tier
+GPU_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def gpu(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(fn))
+
+
+def _fig2(b, lengths=False):
+    lens = torch.tensor([[320, 1568, 8], [200, 1000, 8], [320, 0, 8], [17, 1568, 3]])[:b] if lengths else None
+    return ZorroMask.zorro(audio=320, video=1568, fusion=8, lengths=lens)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_figure2(dtype, d):
+    mask = _fig2(2, lengths=True)
+    q, k, v = qkv(2, 4, mask.num_q, d, dtype, device="cuda")
+    check_against_oracle(triton_attn, q, k, v, mask)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp16", "bf16"])
+def test_gpu_cross_gqa_causal_odd(dtype):
+    cross = ZorroMask.from_segments([("a", 97), ("b", 1000)], {"a": ["x"], "b": "*"},
+                                    kv_segments=[("x", 113), ("y", 1025)])
+    q, k, v = qkv(1, 4, cross.num_q, 64, dtype, hkv=2, nk=cross.num_kv, device="cuda")
+    check_against_oracle(triton_attn, q, k, v, cross)
+    causal = ZorroMask.packed([1023, 1, 600], causal=True)
+    q, k, v = qkv(2, 4, causal.num_q, 64, dtype, hkv=1, device="cuda")
+    check_against_oracle(triton_attn, q, k, v, causal)
+
+
+@gpu
+@pytest.mark.parametrize("d", [16, 80, 256])
+def test_gpu_head_dims(d):
+    mask = _fig2(1)
+    q, k, v = qkv(1, 2, mask.num_q, d, torch.bfloat16, device="cuda")
+    check_against_oracle(triton_attn, q, k, v, mask)
+
+
+@gpu
+def test_gpu_fp32():
+    mask = _fig2(2, lengths=True)
+    q, k, v = qkv(2, 2, mask.num_q, 64, torch.float32, device="cuda")
+    check_against_oracle(triton_attn, q, k, v, mask)
+
+
+@gpu
+def test_gpu_bitwise_rerun_and_nan_poison():
+    mask = _fig2(4, lengths=True)
+    n = mask.num_q
+    q, k, v = qkv(4, 4, n, 64, torch.bfloat16, hkv=2, device="cuda")
+    d_out = torch.randn_like(q)
+    first, second = _run(q, k, v, mask, d_out), _run(q, k, v, mask, d_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(mask.q_sizes))
+    pos = torch.cat([torch.arange(s) for s in mask.q_sizes])
+    pad = (pos[None] >= mask.lengths[:, seg]).cuda()[:, None, :, None]
+    poisoned = []
+    for t in (q, k, v):
+        big = torch.full((t.shape[0], t.shape[1], n + 64, 64 + 16), float("nan"), dtype=t.dtype, device="cuda")
+        view = big[:, :, 32:32 + n, :64]
+        view.copy_(t.masked_fill(pad, float("nan")))
+        poisoned.append(view)
+    clean = _run(*(t.masked_fill(pad, 0.0) for t in (q, k, v)), mask, d_out)
+    got = _run(*poisoned, mask, d_out)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, clean):
+        assert torch.isfinite(a).all(), f"{name}: NaN leaked"
+        assert torch.equal(a, r), f"{name}: poisoned run differs from the clean run"
+
+
+@gpu
+def test_gpu_compile_fullgraph():
+    torch._dynamo.reset()
+    mask = _fig2(2, lengths=True)
+    model = _Block(mask, 64, "auto").cuda().half()
+    x = torch.randn(2, 4, mask.num_q, 64, device="cuda", dtype=torch.half, requires_grad=True)
+    out = torch.compile(model, fullgraph=True)(x)
+    out.float().sum().backward()
+    ref = model(x.detach())
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)  # compiled projections may round differently

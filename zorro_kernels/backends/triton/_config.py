@@ -1,0 +1,159 @@
+"""Block sizes and launch settings of the Triton kernels, chosen per (head dim, dtype) from a small table.
+
+The tile map is built for a given ``(block_m, block_n)``, so block sizes are never autotuned: a table picks them, and
+autotuning (when on) only chooses ``num_warps`` / ``num_stages`` among a few configs keyed on compile-time constants —
+never on sequence lengths, which are runtime data. This module imports nothing from Triton.
+
+Three kernels read three tile maps (all cached on the mask):
+
+- ``fwd`` and ``dq`` step over kv tiles of ``block_n`` keys for a query tile of ``block_m`` rows;
+- ``dkdv`` steps over query tiles of ``block_m`` rows for a kv tile of ``block_n`` keys (the transposed lists), so
+  small ``block_m`` / large ``block_n`` suit it, as in flash-attention 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["KernelConfig", "Blocks", "padded_head_dim", "choose_blocks", "override_blocks", "use_fallback",
+           "autotune_enabled", "interpreting", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+
+
+class KernelConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    # extra (num_warps, num_stages) candidates tried when autotuning is on
+    alternatives: tuple = ()
+
+
+class Blocks(NamedTuple):
+    fwd: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+
+
+def padded_head_dim(d: int) -> int:
+    """The head dim the kernels compute with: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _k(bm, bn, warps, stages, *alts) -> KernelConfig:
+    return KernelConfig(bm, bn, warps, stages, tuple(alts))
+
+
+# Hopper/Ampere table for 16-bit inputs, keyed by the padded head dim's upper bound. Shared memory per stage is
+# (block_m + 2 * block_n) * D * 2 bytes; registers hold a (block_m, D) fp32 accumulator, so D = 256 halves the tiles.
+_TABLE_16BIT = (
+    (64, Blocks(_k(128, 64, 4, 3, (4, 4)), _k(32, 128, 4, 3, (8, 3)), _k(128, 32, 4, 3, (8, 3)))),
+    (128, Blocks(_k(128, 64, 8, 3, (4, 3)), _k(32, 128, 8, 3, (4, 2)), _k(128, 32, 8, 3, (4, 2)))),
+    (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
+)
+# fp32 (correctness, not speed): half the tiles of the 16-bit table, so the same shared memory.
+_TABLE_FP32 = (
+    (64, Blocks(_k(64, 32, 4, 2, (4, 1)), _k(32, 64, 4, 2, (4, 1)), _k(64, 32, 4, 2, (4, 1)))),
+    (128, Blocks(_k(64, 32, 4, 2, (4, 1)), _k(32, 64, 4, 2, (4, 1)), _k(64, 32, 4, 2, (4, 1)))),
+    (256, Blocks(_k(32, 32, 4, 1), _k(32, 32, 4, 1), _k(32, 32, 4, 1))),
+)
+# What a launch falls back to after Triton reports it out of resources (shared memory / registers) on a card.
+_FALLBACK = Blocks(_k(64, 32, 4, 1), _k(32, 64, 4, 1), _k(64, 32, 4, 1))
+_FALLBACK_256 = Blocks(_k(32, 32, 4, 1), _k(32, 32, 4, 1), _k(32, 32, 4, 1))
+# Under TRITON_INTERPRET=1 the cost is per program step, so a few large tiles are cheapest; tests override this.
+_INTERPRETER = Blocks(_k(32, 32, 4, 1), _k(32, 32, 4, 1), _k(32, 32, 4, 1))
+
+_override: Optional[Blocks] = None
+_fallen_back: set = set()
+_chosen: dict = {}
+_env: Optional[tuple] = None
+
+
+def _settings() -> tuple:
+    """(interpreting, autotune, blocks from ZORRO_TRITON_BLOCKS): environment read once, on first use — reading it
+    on every call costs more than the rest of a launch's Python side."""
+    global _env
+    if _env is None:
+        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        tune = not interp and os.environ.get("ZORRO_TRITON_AUTOTUNE", "1") not in ("", "0")
+        _env = (interp, tune, _env_override())
+    return _env
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when kernels are defined)."""
+    return _settings()[0]
+
+
+def autotune_enabled() -> bool:
+    """Autotune num_warps/num_stages (on a GPU only). ``ZORRO_TRITON_AUTOTUNE=0`` uses the table's first config."""
+    return _settings()[1]
+
+
+def _env_override() -> Optional[Blocks]:
+    spec = os.environ.get("ZORRO_TRITON_BLOCKS")
+    if not spec:
+        return None
+    try:
+        bm, bn = (int(x) for x in spec.split(","))
+    except ValueError as e:
+        raise ValueError(f"ZORRO_TRITON_BLOCKS must be 'BM,BN' (e.g. '32,32'), got {spec!r}") from e
+    return Blocks(_k(bm, bn, 4, 1), _k(bm, bn, 4, 1), _k(bm, bn, 4, 1))
+
+
+def choose_blocks(head_dim: int, dtype: torch.dtype) -> Blocks:
+    """Block sizes and launch settings for a head dim (any, <= 256) and dtype.
+
+    Order of precedence: :func:`override_blocks` (tests), ``ZORRO_TRITON_BLOCKS=BM,BN``, the interpreter default, the
+    fallback table after an out-of-resources launch, the table.
+    """
+    if _override is not None:
+        return _override
+    key = (head_dim, dtype)
+    if key not in _chosen:
+        _chosen[key] = _choose(head_dim, dtype)
+    return _chosen[key]
+
+
+def _choose(head_dim: int, dtype: torch.dtype) -> Blocks:
+    interp, _, env = _settings()
+    if env is not None:
+        return env
+    if interp:
+        return _INTERPRETER
+    d = padded_head_dim(head_dim)
+    if (d, dtype) in _fallen_back:
+        return _FALLBACK_256 if d > 128 else _FALLBACK
+    table = _TABLE_FP32 if dtype == torch.float32 else _TABLE_16BIT
+    for bound, blocks in table:
+        if d <= bound:
+            return blocks
+    raise ValueError(f"head dim {head_dim} exceeds the Triton backend's maximum {MAX_HEAD_DIM}")
+
+
+def use_fallback(head_dim: int, dtype: torch.dtype) -> bool:
+    """Switch ``(head dim, dtype)`` to the fallback table; False if it already was (nothing smaller to try)."""
+    key = (padded_head_dim(head_dim), dtype)
+    if key in _fallen_back or _override is not None:
+        return False
+    _fallen_back.add(key)
+    _chosen.clear()
+    return True
+
+
+@contextlib.contextmanager
+def override_blocks(fwd=(32, 32), dkdv=None, dq=None, num_warps: int = 4, num_stages: int = 1):
+    """Force block sizes (private; for tests): ``with override_blocks((16, 16)): ...``. ``dkdv``/``dq`` default to
+    ``fwd``'s sizes."""
+    global _override
+    prev = _override
+    cfg = [_k(bm, bn, num_warps, num_stages) for bm, bn in (fwd, dkdv or fwd, dq or fwd)]
+    _override = Blocks(*cfg)
+    try:
+        yield _override
+    finally:
+        _override = prev
