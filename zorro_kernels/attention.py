@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, auto_priority
+from .backends.triton import attention as _custom_op_attention
 from .mask import ZorroMask
 
 __all__ = ["zorro_attention", "check_inputs", "select_backend"]
@@ -107,4 +108,8 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
     name = select_backend(q, k, v, mask, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
+        # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
+        return _custom_op_attention(q, k, v, mask, float(scale), name)
     return BACKENDS[name].forward(q, k, v, mask, float(scale))
