@@ -6,14 +6,15 @@
     out = model(audio=x["audio"], video=x["video"])     # {"audio", "video", "fusion", "global"} -> (B, D)
     out = model(audio=x["audio"])                       # audio only: out["video"] is all zeros
 """
-from . import vit  # noqa: F401  (registers the presets)
+from . import swin, vit  # noqa: F401  (register the presets)
 from .base import Encoded, ZorroFeatures, ZorroModel
 from .heads import ContrastiveHeads, SupervisedHeads
 from .layers import OUTPUTS, STREAMS, MaskedReadout
 from .losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
 from .registry import create_model, list_models, model_config, register_model
+from .swin import ZorroSwin
 from .vit import ZorroViT
 
 __all__ = ["create_model", "list_models", "model_config", "register_model", "ZorroModel", "ZorroFeatures",
-           "Encoded", "ZorroViT", "SupervisedHeads", "ContrastiveHeads", "SupervisedLoss",
+           "Encoded", "ZorroViT", "ZorroSwin", "SupervisedHeads", "ContrastiveHeads", "SupervisedLoss",
            "ZorroContrastiveLoss", "info_nce", "DEFAULT_PAIRS", "OUTPUTS", "STREAMS", "MaskedReadout"]
