@@ -14,6 +14,7 @@ from zorro_models import OUTPUTS, create_model, list_models
 BACKBONES = {
     "vit": ("zorro_vit_tiny", {"depth": 3}),
     "swin": ("zorro_swin_tiny", {"depths": (2, 2, 2, 2), "base_dim": 48, "num_heads": (2, 4, 8, 16)}),
+    "hip": ("zorro_hip_tiny", {"depths": (1, 1, 1)}),
 }
 TINY_PRESETS = [n for n in list_models() if n.endswith(("_tiny", "_demo"))]
 LARGE_PRESETS = [n for n in list_models() if n not in TINY_PRESETS]

@@ -6,15 +6,16 @@
     out = model(audio=x["audio"], video=x["video"])     # {"audio", "video", "fusion", "global"} -> (B, D)
     out = model(audio=x["audio"])                       # audio only: out["video"] is all zeros
 """
-from . import swin, vit  # noqa: F401  (register the presets)
+from . import hip, swin, vit  # noqa: F401  (register the presets)
 from .base import Encoded, ZorroFeatures, ZorroModel
 from .heads import ContrastiveHeads, SupervisedHeads
 from .layers import OUTPUTS, STREAMS, MaskedReadout
 from .losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
 from .registry import create_model, list_models, model_config, register_model
+from .hip import ZorroHiP
 from .swin import ZorroSwin
 from .vit import ZorroViT
 
 __all__ = ["create_model", "list_models", "model_config", "register_model", "ZorroModel", "ZorroFeatures",
-           "Encoded", "ZorroViT", "ZorroSwin", "SupervisedHeads", "ContrastiveHeads", "SupervisedLoss",
+           "Encoded", "ZorroViT", "ZorroSwin", "ZorroHiP", "SupervisedHeads", "ContrastiveHeads", "SupervisedLoss",
            "ZorroContrastiveLoss", "info_nce", "DEFAULT_PAIRS", "OUTPUTS", "STREAMS", "MaskedReadout"]
