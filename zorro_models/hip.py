@@ -1,4 +1,5 @@
-"""Zorro-HiP: a Hierarchical Perceiver (Carreira et al., 2022) whose groups, latents and masks keep audio and video pure.
+"""Zorro-HiP: a Hierarchical Perceiver (Carreira et al., 2022) whose groups, latents and masks keep audio and video
+pure.
 
 Design (ours; the paper's HiP adaptation is not at hand — docs/hip.md has the pictures):
 

@@ -251,7 +251,7 @@ class MaskCache:
     training) skips every plan build after the first.
     """
 
-    def __init__(self, max_entries: int = 32):
+    def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
         self._store: OrderedDict = OrderedDict()
 

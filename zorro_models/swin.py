@@ -43,7 +43,8 @@ __all__ = ["ZorroSwin", "window_partition", "window_order", "WindowLayout", "swi
 Window = tuple[tuple[int, int], ...]
 
 
-def effective_window(grid: Sequence[int], window: Sequence[int], shifted: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def effective_window(grid: Sequence[int], window: Sequence[int], shifted: bool
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Swin's rule: a window dimension is clipped to the grid, and only dimensions larger than the window shift
     (by half a window)."""
     win = tuple(min(w, n) for w, n in zip(window, grid))
@@ -247,11 +248,18 @@ class ZorroSwin(ZorroModel):
         self.apply(init_weights)
         nn.init.trunc_normal_(self.fusion_tokens, std=0.02)
 
-    def block_layout(self, grids: dict, shifted: bool, valid_t: dict, batch: int) -> WindowLayout:
-        """The (cached) layout of a block for these grids, shift and valid time rows."""
-        key = ("swin", tuple(grids.items()), shifted, tuple((k, MaskCache.key(v)) for k, v in valid_t.items()))
-        return self._masks.get(key, lambda: swin_block_layout(grids, self.windows, shifted, self.num_fusion,
-                                                              valid_t, batch))
+    def block_layout(self, grids: dict, shifted: bool, valid_t: dict, batch: int,
+                     device: torch.device = torch.device("cpu")) -> WindowLayout:
+        """The layout of a block for these grids, shift and valid time rows, its permutations on ``device``
+        (cached on the model)."""
+        key = ("swin", tuple(grids.items()), shifted, tuple((k, MaskCache.key(v)) for k, v in valid_t.items()),
+               str(device))
+
+        def build():
+            layout = swin_block_layout(grids, self.windows, shifted, self.num_fusion, valid_t, batch)
+            return layout._replace(perm=layout.perm.to(device), inverse=layout.inverse.to(device))
+
+        return self._masks.get(key, build)
 
     def encode(self, audio, video, audio_lengths, video_lengths, batch: int) -> Encoded:
         ref = audio if audio is not None else video
@@ -281,8 +289,8 @@ class ZorroSwin(ZorroModel):
                 xf = stage.merge_fusion(xf)
             x = torch.cat([xs[n] for n in ("audio", "video") if n in xs] + [xf], dim=1)
             for i, block in enumerate(stage.blocks):
-                layout = self.block_layout(grids, i % 2 == 1, valid_t, batch)
-                x = block(x[:, layout.perm.to(x.device)], layout.mask)[:, layout.inverse.to(x.device)]
+                layout = self.block_layout(grids, i % 2 == 1, valid_t, batch, x.device)
+                x = block(x[:, layout.perm], layout.mask)[:, layout.inverse]
             offset = 0
             for n in ("audio", "video"):
                 if n in xs:

@@ -124,7 +124,8 @@ _FIG2 = dict(img_size=224, num_frames=8, video_patch=16, n_mels=128, audio_frame
 _SMALL_INPUTS = dict(img_size=64, num_frames=4, video_patch=16, n_mels=64, audio_frames=128, audio_patch=16)
 
 register_model("zorro_vit_demo", ZorroViT,
-               "CPU demo size: width 64, 4 blocks; 32x32 frames x4 (64 video tokens), 32x64 spectrogram (32 audio tokens)",
+               "CPU demo size: width 64, 4 blocks; 4 frames of 32x32 (64 video tokens), 32x64 spectrogram "
+               "(32 audio tokens)",
                img_size=32, num_frames=4, video_patch=8, n_mels=32, audio_frames=64, audio_patch=8,
                embed_dim=64, depth=4, num_heads=4, num_fusion=4)
 register_model("zorro_vit_tiny", ZorroViT,
