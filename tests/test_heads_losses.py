@@ -25,6 +25,16 @@ def test_supervised_heads_average_per_output_logits():
     torch.testing.assert_close(logits["mean"], sum(logits[o] for o in OUTPUTS) / 4)
 
 
+def test_supervised_heads_average_only_present_outputs():
+    heads = SupervisedHeads(16, 5)
+    emb = embeddings(batch=2)
+    present = {o: torch.tensor([True, True]) for o in OUTPUTS}
+    present["video"] = torch.tensor([True, False])
+    logits = heads(emb, present=present)
+    torch.testing.assert_close(logits["mean"][0], sum(logits[o][0] for o in OUTPUTS) / 4)
+    torch.testing.assert_close(logits["mean"][1], sum(logits[o][1] for o in ("audio", "fusion", "global")) / 3)
+
+
 def test_supervised_heads_single_output_needs_only_that_embedding():
     heads = SupervisedHeads(16, 3, outputs=("audio",))
     logits = heads({"audio": torch.randn(2, 16)})

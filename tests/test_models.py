@@ -164,6 +164,18 @@ def test_full_and_bottleneck_masks_are_not_pure(mask):
     assert_moved(a["audio"], b["audio"], f"{mask}-mask audio output")
 
 
+def test_purity_check_catches_the_reference_readout_bug(monkeypatch):
+    """The public reimplementation's readout let the unimodal queries attend every token. Reproduce that slip in our
+    readout rules: the audio output then moves with the video, which the purity tests above would flag."""
+    monkeypatch.setattr(zorro_models.MaskedReadout, "rules",
+                        {"audio": "*", "video": "*", "fusion": ["fusion"], "global": "*"})
+    model = create_model("zorro_vit_demo", depth=1).eval()
+    x = inputs(model)
+    with torch.no_grad():
+        a, b = model(**x), model(**dict(x, video=x["video"] + 1.0))
+    assert_moved(a["audio"], b["audio"], "audio output under the buggy readout")
+
+
 def test_readout_mask_routes_each_output():
     mask = zorro_models.MaskedReadout.mask_for((3, 4, 2))
     dense = mask.to_dense()

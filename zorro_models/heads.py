@@ -43,8 +43,10 @@ class SupervisedHeads(nn.Module):
         outputs: which outputs get a classifier (default all four).
         dropout: dropout on the embeddings before each classifier.
 
-    Forward: ``embeddings`` (dict output -> ``(B, D)``, as the model returns) -> dict output -> logits ``(B, C)``
-    for each of ``outputs``, plus ``"mean"``: their average ``(B, C)``.
+    Forward: ``embeddings`` (dict output -> ``(B, D)``, as the model returns) and optionally ``present`` (dict output
+    -> bool ``(B,)``, from ``model.forward_features``) -> dict output -> logits ``(B, C)`` for each of ``outputs``,
+    plus ``"mean"``: their average ``(B, C)`` — with ``present``, per sample over the outputs present for it (an
+    audio-only sample then averages the audio, fusion and global heads, not the video head's bias).
     """
 
     def __init__(self, dim: int, num_classes: int, outputs: Sequence[str] = OUTPUTS, dropout: float = 0.0):
@@ -58,9 +60,14 @@ class SupervisedHeads(nn.Module):
         self.classifiers = nn.ModuleDict({o: nn.Linear(dim, num_classes) for o in self.outputs})
         self.apply(init_weights)
 
-    def forward(self, embeddings: dict) -> dict:
+    def forward(self, embeddings: dict, present: Optional[dict] = None) -> dict:
         logits = {o: self.classifiers[o](self.dropout(_get(embeddings, o))) for o in self.outputs}
-        logits["mean"] = torch.stack([logits[o] for o in self.outputs]).mean(0)
+        stacked = torch.stack([logits[o] for o in self.outputs])  # (n_outputs, B, C)
+        if present is None:
+            logits["mean"] = stacked.mean(0)
+        else:
+            w = torch.stack([present[o] for o in self.outputs]).to(stacked.device, stacked.dtype)  # (n_outputs, B)
+            logits["mean"] = (stacked * w[..., None]).sum(0) / w.sum(0).clamp(min=1)[:, None]
         return logits
 
 
