@@ -282,7 +282,7 @@ class ZorroSwin(ZorroModel):
                     if name in valid_t:  # padding must not leak into a valid merged token
                         rows = math.prod(grids[name][1:])
                         keep = torch.arange(x.shape[1])[None] < (valid_t[name] * rows)[:, None]
-                        x = x * keep[:, :, None].to(x.device, x.dtype)
+                        x = torch.where(keep[:, :, None].to(x.device), x, 0.0)
                     xs[name], grids[name] = merge(x, grids[name])
                     if name in valid_t:
                         valid_t[name] = -(-valid_t[name] // merge.factors[0])

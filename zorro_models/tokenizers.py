@@ -105,7 +105,7 @@ class AudioPatchEmbed(nn.Module):
         """Returns ``(tokens (B, Tp * Fp, dim), (Tp, Fp))``."""
         if frame_lengths is not None:
             keep = torch.arange(audio.shape[2], device=audio.device)[None] < frame_lengths.to(audio.device)[:, None]
-            audio = audio * keep[:, None, :].to(audio.dtype)
+            audio = torch.where(keep[:, None, :], audio, 0.0)  # where, not *: NaN/inf padding must vanish too
         pf, pt = self.patch
         tp, fp = self.grid(audio.shape[2])
         audio = F.pad(audio, (0, tp * pt - audio.shape[2]))
@@ -176,7 +176,7 @@ class VideoPatchEmbed(nn.Module):
         """Returns ``(tokens (B, Tp * Hp * Wp, dim), (Tp, Hp, Wp))``."""
         if frame_lengths is not None:
             keep = torch.arange(video.shape[1], device=video.device)[None] < frame_lengths.to(video.device)[:, None]
-            video = video * keep[:, :, None, None, None].to(video.dtype)
+            video = torch.where(keep[:, :, None, None, None], video, 0.0)
         pt, ph, pw = self.patch
         tp, hp, wp = self.grid(video.shape[1])
         if tp * pt != video.shape[1]:
