@@ -69,3 +69,18 @@ def test_more_groups_than_tokens_is_pure_and_finite():
         b = model(audio=audio, video=video + 1)
     assert torch.equal(a["audio"], b["audio"])
     assert all(torch.isfinite(v).all() for v in a.values())
+
+
+def test_docs_show_the_current_masks():
+    """docs/hip.md's mask pictures are what hip_level_masks builds."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "hip.md").read_text()
+    inputs = {"audio": initial_groups(8, 2, None), "video": initial_groups(12, 3, None)}
+    latents = {m: inputs[m].latents(2) for m in inputs}
+    masks = list(hip_level_masks(inputs, latents, 0, 2, None))
+    inputs = {m: latents[m].regroup(1) for m in latents}
+    masks += hip_level_masks(inputs, {m: inputs[m].latents(3) for m in inputs}, 2, 2, None)
+    for mask in masks:
+        picture = "\n".join("    " + "".join("#" if a else "." for a in row) for row in mask.to_dense().tolist())
+        assert picture in doc

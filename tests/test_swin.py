@@ -47,8 +47,8 @@ def test_partition_is_an_exact_cover_with_equal_windows_consecutive():
     windows = window_partition(grid, win, shift)
     perm, sizes = window_order(grid, windows)
     assert sorted(perm.tolist()) == list(range(70))
-    shapes = [tuple(e - s for s, e in w) for w in windows]
-    assert shapes == sorted(shapes), "windows are grouped by shape so equal ones are consecutive"
+    sizes_in_order = [math.prod(e - s for s, e in w) for w in windows]
+    assert sizes_in_order == sorted(sizes_in_order) == sizes, "equal-size windows are consecutive"
     # a dimension not larger than the window is clipped and never shifted (Swin's rule)
     assert effective_window((3, 10), (4, 4), True) == ((3, 4), (0, 2))
 
@@ -89,3 +89,15 @@ def test_patch_merging_pads_odd_grids():
     merge_v = PatchMerging(4, (1, 2, 2))
     y, grid = merge_v(torch.randn(2, 2 * 3 * 4, 4), (2, 3, 4))
     assert grid == (2, 2, 2) and y.shape == (2, 8, 8)
+
+
+def test_docs_show_the_current_masks():
+    """docs/swin.md's mask pictures are what swin_block_layout builds (so the documentation cannot go stale)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "swin.md").read_text()
+    for shifted in (False, True):
+        layout = swin_block_layout({"audio": (4, 4), "video": (2, 4, 4)}, {"audio": (2, 2), "video": (2, 2, 2)},
+                                   shifted, num_fusion=4)
+        picture = "\n".join("    " + "".join("#" if a else "." for a in row) for row in layout.mask.to_dense().tolist())
+        assert picture in doc, f"docs/swin.md lacks the current {'shifted' if shifted else 'regular'} mask"

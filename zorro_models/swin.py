@@ -9,7 +9,7 @@ Design (ours; the paper's Swin adaptation is not at hand — docs/swin.md has th
   never see the fusion tokens — that would route video into audio through fusion and break purity.
 - **Shifted windows** are the partition of the grid with boundaries at ``s, s + w, s + 2w, ...`` (clipped at the
   borders), which groups exactly the tokens that Swin's cyclic shift + attention mask lets attend each other; here
-  they are simply windows of different sizes, with no roll and no mask arithmetic. Windows are ordered by shape, so
+  they are simply windows of different sizes, with no roll and no mask arithmetic. Windows are ordered by size, so
   equal-size windows are consecutive and the CPU backend runs each run of them as one batched call.
 - **Patch merging per modality** (2 x 2 over audio ``(T, F)``, 1 x 2 x 2 over video ``(T, H, W)``: video keeps its
   time resolution, as in Video Swin), each with its own weights; fusion tokens are widened by a per-token linear map.
@@ -53,7 +53,7 @@ def effective_window(grid: Sequence[int], window: Sequence[int], shifted: bool
 
 
 def window_partition(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> list[Window]:
-    """Windows of a grid as per-dimension ``(start, stop)`` ranges, ordered by shape (stable).
+    """Windows of a grid as per-dimension ``(start, stop)`` ranges, ordered by size, then shape (stable).
 
     With ``shift`` 0 the cuts are at ``0, w, 2w, ...``; with shift ``s`` at ``s, s + w, ...`` (the first and last
     windows of each dimension are then clipped). Every grid cell is in exactly one window.
@@ -63,7 +63,8 @@ def window_partition(grid: Sequence[int], window: Sequence[int], shift: Sequence
         cuts = sorted({0, n, *range(s, n, w)})
         per_dim.append(list(zip(cuts[:-1], cuts[1:])))
     windows = list(itertools.product(*per_dim))
-    windows.sort(key=lambda win: tuple(e - s for s, e in win))
+    # equal sizes consecutive: the CPU backend batches a run of equal-size diagonal segments into one call
+    windows.sort(key=lambda win: (math.prod(e - s for s, e in win), tuple(e - s for s, e in win)))
     return windows
 
 
