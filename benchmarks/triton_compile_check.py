@@ -77,7 +77,7 @@ _SASS_COUNTS = (("hgmma", r"\bHGMMA"), ("hmma", r"\bHMMA"), ("cp.async16", r"LDG
 def asm_summary(kernel) -> str:
     """What a compiled kernel became: registers, stack, MMA kind, load kinds, pipeline depth (see the docstring)."""
     ttgir = kernel.asm.get("ttgir", "")
-    bufs = max([int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+xf", ttgir)] or [1])
+    bufs = max([int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x(?:bf|f)", ttgir)] or [1])
     parts = [f"bufs={bufs}"]
     tool = _cuobjdump()
     if tool and "cubin" in kernel.asm:
