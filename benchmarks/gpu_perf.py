@@ -101,16 +101,16 @@ def run_row(name: str, dtype, deadline: float) -> dict:
             out = fn(q, k, v)
             gpu_bench.sync()
             res["first_call_s"] = round(time.time() - t0, 2)
+            # a failed check is flagged, not fatal: with one GPU run the timings are still worth having (the test
+            # stage holds the strict tolerance policy)
             if peer != "sdpa_full":
                 res["max_err"] = (out[:1].float() - ref).abs().max().item()
                 if not res["max_err"] <= TOL[dtype]:
-                    res["error"] = f"wrong output: max error {res['max_err']:.3e} > {TOL[dtype]:.0e}"
-                    continue
+                    res["check"] = f"WRONG OUTPUT: max error {res['max_err']:.3e} > {TOL[dtype]:.0e}"
             if peer == "triton" and name == "fig2":
                 res["max_grad_err"] = check_grads(fn, q, k, v, g, dense)
                 if not res["max_grad_err"] <= GRAD_TOL:
-                    res["error"] = f"wrong gradients: max error {res['max_grad_err']:.3e} > {GRAD_TOL:.0e}"
-                    continue
+                    res["check"] = f"WRONG GRADIENTS: max error {res['max_grad_err']:.3e} > {GRAD_TOL:.0e}"
             res["fwd_ms"] = gpu_bench.cuda_time(lambda: fn(q, k, v))
             res["fwd_tflops"] = flops_fwd * work / res["fwd_ms"] / 1e9
             if time.time() > deadline:
@@ -206,10 +206,14 @@ def table(rows: list) -> str:
             lines.append(f"{r['layout']:6s} {r['N']:6d} {r['B']:2d} " + " ".join(cells)
                          + f" {fmt(r.get(p + '_ms_x_flex')):>7s} {fmt(r.get(p + '_ms_of_ideal')):>6s}")
         lines.append("")
-    errs = [f"  {r['layout']}/{x}: {res['error']}" for r in rows for x, res in r["peers"].items() if "error" in res]
+    errs = [f"  {r['layout']}/{x}: {res[key]}" for r in rows for x, res in r["peers"].items()
+            for key in ("check", "error") if key in res]
     if errs:
-        lines.append("errors / skips:")
+        lines.append("failed checks / errors / skips:")
         lines.extend(errs)
+    checks = [f"{r['layout']}/{x} {k}={res[k]:.1e}" for r in rows for x, res in r["peers"].items()
+              for k in ("max_err", "max_grad_err") if k in res]
+    lines.append("checked against fp32 (first sample): " + ", ".join(checks))
     return "\n".join(lines)
 
 
