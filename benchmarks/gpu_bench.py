@@ -95,6 +95,34 @@ def segment_ids(sizes) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
 
 
+def allow_recompiles(limit: int = 256) -> None:
+    """Let dynamo keep one compiled flex_attention per (shape, dtype, requires_grad, block mask): its default
+    recompile limit (8 per code object) is reached within a few benchmark rows, after which flex_attention silently
+    runs unfused (the first GPU run measured that fallback in its bf16 rows). The setting's name varies by version."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+
+
+def flex_peer(mask: ZorroMask):
+    """Compiled FlexAttention with a BlockMask (BLOCK_SIZE 128) built from the mask's segment rule: fn(q, k, v)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    allow_recompiles()
+    q_seg = segment_ids(mask.q_sizes).to(DEVICE)
+    k_seg = segment_ids(mask.kv_sizes).to(DEVICE)
+    allow = mask.allow.to(DEVICE)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allow[q_seg[q_idx], k_seg[kv_idx]]
+
+    block_mask = create_block_mask(mask_mod, None, None, mask.num_q, mask.num_kv, device=DEVICE)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
 def make_peers(mask: ZorroMask, dtype):
     """name -> fn(q, k, v) for every peer that can be built; name -> error string for those that cannot."""
     peers, errors = {}, {}
@@ -104,18 +132,7 @@ def make_peers(mask: ZorroMask, dtype):
     peers["sdpa_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     peers["sdpa_full"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        q_seg = segment_ids(mask.q_sizes).to(DEVICE)
-        k_seg = segment_ids(mask.kv_sizes).to(DEVICE)
-        allow = mask.allow.to(DEVICE)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allow[q_seg[q_idx], k_seg[kv_idx]]
-
-        block_mask = create_block_mask(mask_mod, None, None, mask.num_q, mask.num_kv, device=DEVICE)
-        flex = torch.compile(flex_attention, dynamic=False)
-        peers["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+        peers["flex"] = flex_peer(mask)
     except Exception as err:  # noqa: BLE001 - a missing peer is reported, not fatal
         errors["flex"] = f"{type(err).__name__}: {err}"[:300]
     return peers, errors
@@ -196,15 +213,32 @@ def bench_row(name: str, dtype, deadline: float) -> dict:
 
 
 def n_compiled(kernel) -> int:
-    """Compiled variants held by a Triton JIT function (or the function an autotuner wraps), across versions."""
-    fn = getattr(kernel, "fn", kernel)
-    caches = getattr(fn, "device_caches", None)
-    if caches:
-        return sum(len(c[0]) for c in caches.values())
-    cache = getattr(fn, "cache", None)
-    if isinstance(cache, dict):
-        return sum(len(c) for c in cache.values())
+    """Compiled variants held by a Triton JIT function, or by the one an autotuner wraps, across Triton versions.
+
+    A ``JITFunction`` keeps its binaries in ``device_caches[device][0]`` (Triton >= 3.2; a dict per device in
+    ``cache`` before). Its own ``.fn`` is the undecorated Python function, so ``.fn`` is followed only from objects
+    that hold no cache themselves (an ``Autotuner``); -1 if no cache is found."""
+    obj = kernel
+    for _ in range(4):
+        caches = getattr(obj, "device_caches", None)
+        if caches is not None:
+            return sum(len(c[0] if isinstance(c, tuple) else c) for c in caches.values())
+        cache = getattr(obj, "cache", None)
+        if isinstance(cache, dict):
+            return sum(len(c) for c in cache.values())
+        obj = getattr(obj, "fn", None)
+        if obj is None:
+            break
     return -1
+
+
+def compiled_kernels(kernel) -> list:
+    """The ``CompiledKernel`` objects a JIT function holds (empty if its cache layout is unknown)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return [k for c in caches.values() for k in (c[0] if isinstance(c, tuple) else c).values()]
+    cache = getattr(kernel, "cache", None)
+    return [k for c in cache.values() for k in c.values()] if isinstance(cache, dict) else []
 
 
 def compile_sweep(n_layouts: int = 50, max_size: int = 400, d: int = 64) -> dict:

@@ -4,19 +4,28 @@ Real Triton compilation rejects things its CPU interpreter accepts (dot shapes, 
 runs the backend's launch path with a stand-in driver that reports a CUDA target: each kernel is compiled to a cubin
 with the same specialisation a real launch would get (``warmup``, no launch) for every (dtype, head dim, causal) the
 block-size table serves, with every autotune candidate and the fallback table. It prints one line per compiled
-variant with its shared memory and fails if any variant does not compile or needs more shared memory than the card
-has.
+variant with its shared memory and, from the cubin (Triton's bundled ``cuobjdump``), what the kernel became: registers
+per thread, stack (spills), warpgroup MMAs (``HGMMA``) vs ``mma.sync`` (``HMMA``), 16-byte ``cp.async`` tile loads
+(``LDGSTS...128``) and scalar 16-bit loads (``LDG.E.U16``, the sign of loads Triton could not vectorise), and from the
+TTGIR the deepest multi-buffered shared-memory ring (``bufs``: the software pipeliner's stages in flight). It fails if
+any variant does not compile or needs more shared memory than the card has.
 
     python benchmarks/triton_compile_check.py            # sm_90 (H100/H200), 228 KiB shared memory
     python benchmarks/triton_compile_check.py --arch 80  # sm_80 (A100), 164 KiB
     python benchmarks/triton_compile_check.py --quick    # fp16 + bf16 at D = 64, 128 only
     python benchmarks/triton_compile_check.py --sweep 50 # count real compilations over 50 random layouts
+    python benchmarks/triton_compile_check.py --reference --dims 64 --dtypes float16 --no-fallback
+                                                         # also a dense tutorial-style forward with the same tiles
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
@@ -54,6 +64,36 @@ class _StandInDriver:
         raise AttributeError(f"the stand-in driver has no {name!r} (this script only compiles)")
 
 
+def _cuobjdump() -> str:
+    """Triton's bundled cuobjdump (it matches the ptxas that built the cubin), else one on PATH ('' if none)."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else (shutil.which("cuobjdump") or "")
+
+
+_SASS_COUNTS = (("hgmma", r"\bHGMMA"), ("hmma", r"\bHMMA"), ("cp.async16", r"LDGSTS[.A-Z]*\.128"),
+                ("ld.u16", r"LDG\.E\.U16"))
+
+
+def asm_summary(kernel) -> str:
+    """What a compiled kernel became: registers, stack, MMA kind, load kinds, pipeline depth (see the docstring)."""
+    ttgir = kernel.asm.get("ttgir", "")
+    bufs = max([int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x(?:bf|f)", ttgir)] or [1])
+    parts = [f"bufs={bufs}"]
+    tool = _cuobjdump()
+    if tool and "cubin" in kernel.asm:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
+        if usage:
+            parts[:0] = [f"regs={usage.group(1)}", f"stack={usage.group(2)}"]
+        counts = {name: len(re.findall(pattern, sass)) for name, pattern in _SASS_COUNTS}
+        parts += [f"{name}={n}" for name, n in counts.items()]
+    return " ".join(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -62,6 +102,8 @@ def main() -> int:
     ap.add_argument("--dtypes", default=None, help="comma-separated: float16,bfloat16,float32")
     ap.add_argument("--no-fallback", action="store_true", help="skip the fallback table")
     ap.add_argument("--sweep", type=int, default=0, help="count compilations over this many random layouts instead")
+    ap.add_argument("--reference", action="store_true",
+                    help="also compile a dense tutorial-style forward with the table's forward tiles, for comparison")
     args = ap.parse_args()
     driver.set_active(_StandInDriver(GPUTarget("cuda", args.arch, 32)))
     if args.sweep:
@@ -80,7 +122,8 @@ def main() -> int:
                 k = kernel.warmup(*kargs, grid=grid, **constexprs, num_warps=warps, num_stages=stages)
                 shared = k.metadata.shared
                 ok = shared <= limit
-                results.append((ok, f"{'ok ' if ok else 'BIG'} {tag} shared={shared} ({time.time() - t0:.1f}s)"))
+                results.append((ok, f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {asm_summary(k)} "
+                                    f"({time.time() - t0:.1f}s)"))
             except Exception as err:  # noqa: BLE001 - report every failure, keep going
                 results.append((False, f"ERR {tag}: {type(err).__name__}: {str(err)[:400]}"))
             print(results[-1][1], flush=True)
@@ -114,6 +157,8 @@ def main() -> int:
                     try:
                         out, lse = op._triton_forward(q, k, k, mask, d ** -0.5)
                         op._triton_backward(out, q, k, k, out, lse, mask, d ** -0.5)
+                        if args.reference and table == "table" and not causal:
+                            warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
                     finally:
                         _config._fallen_back.discard(key)
                         _config._chosen.clear()
@@ -123,6 +168,44 @@ def main() -> int:
     for line in bad:
         print("FAILED:", line)
     return 1 if bad else 0
+
+
+@triton.jit
+def _dense_reference_fwd(Q, K, V, O, stride_h, stride_n, N, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What "good" looks like on this compiler: the fused-attention tutorial's forward loop (dense, no mask, every kv
+    tile in order, pointer increments), for comparison with the block-sparse kernels' compiled form."""
+    m = tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * stride_h
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :])
+    k_ptrs = K + base + offs_n[:, None] * stride_n + offs_d[None, :]
+    v_ptrs = V + base + offs_n[:, None] * stride_n + offs_d[None, :]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for _ in range(0, N, BLOCK_N):
+        s = tl.dot(q, tl.trans(tl.load(k_ptrs))) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_n
+        v_ptrs += BLOCK_N * stride_n
+    tl.store(O + base + offs_m[:, None] * stride_n + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
+
+
+def _reference_launch(q, cfg):
+    """Arguments of ``warm`` for the dense reference at q's shape (head dim padded as the kernels pad it)."""
+    d = _config.padded_head_dim(q.shape[-1])
+    x = torch.empty(2, 4, 1024, d, dtype=q.dtype)
+    return (_dense_reference_fwd, (1024 // cfg.block_m, 8), (x, x, x, x, x.stride(1), x.stride(2), 1024, 0.1),
+            dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
 
 
 def sweep(n_layouts: int) -> int:

@@ -114,6 +114,53 @@ def test_dead_rows_exact():
     assert (k.grad[u4] == 0).all() and (v.grad[u4] == 0).all()
 
 
+def _many_segment_mask() -> ZorroMask:
+    """36 segments (more than one 32-bit rule word on either side) whose 16-token tiles give query and kv tiles two
+    separate runs of full tiles: big segments 0-3 fill tiles 0-3 and see every other big segment; 32 one-token
+    segments fill tiles 4-5 with a checkerboard rule."""
+    sizes = [16, 16, 16, 16] + [1] * 32
+    idx = torch.arange(len(sizes))
+    allow = (idx[:, None] + idx[None, :]) % 2 == 0
+    allow[4:, :4] = True       # the small segments see all big ones: partial tiles with a real element mask
+    return ZorroMask.from_allow([(f"s{i}", n) for i, n in enumerate(sizes)], allow)
+
+
+def test_plan_runs_expand_to_the_full_tile_lists():
+    """Runs of full tiles (what the kernels walk) cover exactly the tile map's full lists, in order, both ways."""
+    from zorro_kernels.backends.triton._plan import tile_plan
+
+    gen = torch.Generator().manual_seed(3)
+    masks = [random_layout(gen, 60, lengths=i % 2 == 1) for i in range(12)] + [_many_segment_mask()]
+    max_runs = 0
+    for mask in masks:
+        tm = mask.tile_map(16, 16)
+        for direction, num, idx in (("kv", tm.full_kv_num, tm.full_kv_idx), ("q", tm.full_q_num, tm.full_q_idx)):
+            plan = tile_plan(mask, 16, 16, direction, "cpu")
+            max_runs = max(max_runs, plan.max_runs)
+            for b in range(num.shape[0]):
+                for r in range(num.shape[1]):
+                    runs = plan.runs[b, r, :plan.run_num[b, r]].tolist()
+                    got = [t for lo, hi in runs for t in range(lo, hi)]
+                    assert got == idx[b, r, :num[b, r]].tolist(), (mask, direction, b, r, runs)
+                    assert all(lo < hi for lo, hi in runs)
+                    assert all(a[1] < b_[0] for a, b_ in zip(runs, runs[1:]))  # maximal: gaps between runs
+    assert max_runs >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_many_segments_and_runs(dtype):
+    """More than 32 segments (the rule table spans several bit words: the gather path of the element mask) and two
+    runs of full tiles per row, forward and backward."""
+    from zorro_kernels.backends.triton._plan import kernel_mask, tile_plan
+
+    mask = _many_segment_mask()
+    assert kernel_mask(mask, "cpu").q_words == 2 and kernel_mask(mask, "cpu").k_words == 2
+    assert tile_plan(mask, 16, 16, "kv", "cpu").max_runs == 2 and tile_plan(mask, 16, 16, "q", "cpu").max_runs == 3
+    q, k, v = qkv(1, 2, mask.num_q, 16, dtype, hkv=1)
+    with override_blocks((16, 16)):
+        check_against_oracle(triton_attn, q, k, v, mask)
+
+
 def _run(q, k, v, mask, d_out):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = zorro_attention(q, k, v, mask, backend="triton")

@@ -1,71 +1,65 @@
-"""Per-token pieces shared by the kernels: validity, the element mask of a partial tile, loading token rows.
+"""Per-token pieces of the partial-tile path: validity, the element mask, loading token rows.
 
-The mask is evaluated in-kernel from per-token metadata (see :class:`TokenMeta`).
+The mask is evaluated in-kernel from per-token codes (segment id or -1 for padding) and the rule table packed into bit
+words (see :mod:`._plan`).
 
-Query ``i`` of sample ``b`` may see key ``j`` iff ``allow[q_seg[i], k_seg[j]]``, both tokens are valid
-(``pos < len[b, seg]`` and inside the matrix) and, for causal masks, ``j <= i + causal_offset``. Only partial tiles
+Query ``i`` of sample ``b`` may see key ``j`` iff the rule allows ``(q_seg[i], k_seg[j])``, both tokens are valid
+(inside the matrix and not padding of sample ``b``) and, for causal masks, ``j <= i + causal_offset``. Only partial tiles
 pay for this; full tiles never call these functions.
+
+Each kernel has a *fixed* side (the token tile its program owns: the query tile of the forward and dQ kernels, the kv
+tile of the dK/dV kernel) and a *moving* side (the tiles its loop visits). Everything about the fixed side — segment
+ids, validity, its rule words — is computed once per program, outside the tile loop.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def token_valid(SEG, POS, LEN, len_row, idx, N, num_segments):
-    """Segment id and validity of token indices ``idx`` (any shape): valid iff ``idx < N`` and its position is below
-    its segment's length in row ``len_row`` of ``LEN (Bm, num_segments)``. Out-of-range tokens get segment 0."""
-    inside = idx < N
-    seg = tl.load(SEG + idx, mask=inside, other=0)
-    pos = tl.load(POS + idx, mask=inside, other=0)
-    length = tl.load(LEN + len_row * num_segments + seg)
-    return seg, inside & (pos < length)
+def token_segments(CODE, code_row, idx, N):
+    """Segment ids and validity of token indices ``idx`` (any shape) from row ``code_row`` of the token codes
+    ``CODE (Bm, N)`` (segment id, or -1 for padding); out-of-range tokens are invalid. Invalid tokens get segment 0."""
+    code = tl.load(CODE + code_row + idx, mask=idx < N, other=-1)
+    return tl.maximum(code, 0), code >= 0
 
 
 @triton.jit
-def element_mask(ALLOW, q_seg, q_ok, rows, k_seg, k_ok, cols, num_k_segments, causal_offset, CAUSAL: tl.constexpr):
-    """Bool ``(BLOCK_M, BLOCK_N)``: query rows x key columns."""
-    allowed = tl.load(ALLOW + q_seg[:, None] * num_k_segments + k_seg[None, :]) != 0
-    keep = allowed & q_ok[:, None] & k_ok[None, :]
-    if CAUSAL:
-        keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
-    return keep
-
-
-@triton.jit
-def element_mask_t(ALLOW, q_seg, q_ok, rows, k_seg, k_ok, cols, num_k_segments, causal_offset, CAUSAL: tl.constexpr):
-    """The transpose of :func:`element_mask`, built directly: bool ``(BLOCK_N, BLOCK_M)``, key rows x query columns."""
-    allowed = tl.load(ALLOW + k_seg[:, None] + q_seg[None, :] * num_k_segments) != 0
-    keep = allowed & k_ok[:, None] & q_ok[None, :]
-    if CAUSAL:
-        keep = keep & (cols[:, None] <= rows[None, :] + causal_offset)
-    return keep
-
-
-@triton.jit
-def load_token_pair(A, B, stride_an, stride_ad, stride_bn, stride_bd, idx, offs_d,
-                    SEG, POS, LEN, len_row, N, num_segments,
-                    HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr, EVEN_D: tl.constexpr):
-    """Rows ``idx`` of two operands over the same tokens (K and V, or Q and dO): ``(len(idx), D_PAD)`` each, with the
-    tokens' segment ids and validity.
-
-    ``PARTIAL`` loads only valid tokens (zeros elsewhere), so NaN or garbage in padding never enters a dot. Otherwise
-    every token is known to be valid and inside the matrix (full tiles): no row mask at all, only a head-dim mask when
-    D is not a power of two; the returned segment ids and validity are then placeholders the caller does not read.
-    """
-    a_ptrs = A + idx[:, None] * stride_an + offs_d[None, :] * stride_ad
-    b_ptrs = B + idx[:, None] * stride_bn + offs_d[None, :] * stride_bd
-    d_ok = offs_d[None, :] < HEAD_DIM
-    if PARTIAL:
-        seg, ok = token_valid(SEG, POS, LEN, len_row, idx, N, num_segments)
-        a = tl.load(a_ptrs, mask=ok[:, None] & d_ok, other=0.0)
-        b = tl.load(b_ptrs, mask=ok[:, None] & d_ok, other=0.0)
+def fixed_words(BITS, seg, WORDS, ONE_WORD: tl.constexpr):
+    """The fixed side's rule words, loaded once per program: ``BITS[seg, 0]`` when the moving side has at most 32
+    segments (``ONE_WORD``), else a placeholder :func:`allowed_pairs` does not read."""
+    if ONE_WORD:
+        return tl.load(BITS + seg * WORDS)
     else:
-        seg = tl.zeros_like(idx)
-        ok = idx >= 0
-        if EVEN_D:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=d_ok, other=0.0)
-            b = tl.load(b_ptrs, mask=d_ok, other=0.0)
-    return a, b, seg, ok
+        return seg
+
+
+@triton.jit
+def allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD: tl.constexpr):
+    """Bool ``(len(fixed), len(moving))``: the segment pairs the rule allows. ``BITS (S_fixed, WORDS)`` holds, per
+    fixed-side segment, one bit per moving-side segment."""
+    if ONE_WORD:
+        word = fixed_word[:, None]
+    else:
+        word = tl.load(BITS + fixed_seg[:, None] * WORDS + (moving_seg[None, :] >> 5))
+    return ((word >> (moving_seg[None, :] & 31)) & 1) != 0
+
+
+@triton.jit
+def load_rows(A, B, stride_a, stride_b, idx, offs_d, ok, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+              MASK_ROWS: tl.constexpr):
+    """Rows ``idx`` of two operands over the same tokens (K and V, or Q and dO), ``(len(idx), D_PAD)`` each, last dim
+    contiguous. ``MASK_ROWS`` loads only rows where ``ok`` (zeros elsewhere), so NaN or garbage in padding never
+    enters a dot; otherwise only a head-dim mask when D is not a power of two."""
+    a_ptrs = A + idx[:, None] * stride_a + offs_d[None, :]
+    b_ptrs = B + idx[:, None] * stride_b + offs_d[None, :]
+    if MASK_ROWS:
+        m = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        a = tl.load(a_ptrs, mask=m, other=0.0)
+        b = tl.load(b_ptrs, mask=m, other=0.0)
+    elif EVEN_D:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return a, b

@@ -119,13 +119,14 @@ def _on_device(q: Tensor):
 
 def _triton_forward(q, k, v, mask: ZorroMask, scale: float):
     from ._fwd import attention_forward
+    from ._plan import kernel_mask, tile_plan
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    meta = mask.token_meta(q.device)
+    km = kernel_mask(mask, q.device)
 
     def run(blocks):
-        tm = mask.tile_map(blocks.fwd.block_m, blocks.fwd.block_n, q.device)
-        return attention_forward(q, k, v, tm, meta, scale, blocks.fwd)
+        plan = tile_plan(mask, blocks.fwd.block_m, blocks.fwd.block_n, "kv", q.device)
+        return attention_forward(q, k, v, plan, km, scale, blocks.fwd)
 
     with _on_device(q):
         return _with_fallback(run, q)
@@ -133,14 +134,16 @@ def _triton_forward(q, k, v, mask: ZorroMask, scale: float):
 
 def _triton_backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float):
     from ._bwd import attention_backward
+    from ._plan import kernel_mask, tile_plan
 
     q, k, v, dout = (_last_dim_contiguous(t) for t in (q, k, v, dout))
-    meta = mask.token_meta(q.device)
+    km = kernel_mask(mask, q.device)
 
     def run(blocks):
-        tm_kv = mask.tile_map(blocks.dkdv.block_m, blocks.dkdv.block_n, q.device)
-        tm_q = mask.tile_map(blocks.dq.block_m, blocks.dq.block_n, q.device)
-        return attention_backward(dout, q, k, v, out, lse, tm_kv, tm_q, meta, scale, blocks.dkdv, blocks.dq)
+        plan_dkdv = tile_plan(mask, blocks.dkdv.block_m, blocks.dkdv.block_n, "q", q.device)
+        plan_dq = tile_plan(mask, blocks.dq.block_m, blocks.dq.block_n, "kv", q.device)
+        return attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, scale, blocks.dkdv,
+                                  blocks.dq)
 
     with _on_device(q):
         return _with_fallback(run, q)
