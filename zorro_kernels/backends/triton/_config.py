@@ -51,10 +51,12 @@ def _k(bm, bn, warps, stages, *alts) -> KernelConfig:
 # Hopper/Ampere table for 16-bit inputs, keyed by the padded head dim's upper bound. Shared memory per stage is
 # (block_m + 2 * block_n) * D * 2 bytes. Warps are chosen so that no variant spills registers on sm_90 (ptxas -v on
 # the compiled kernels, `python benchmarks/triton_compile_check.py --regs`): the dK/dV kernel holds K, V and two
-# (block_n, D) fp32 accumulators in registers, which four warps cannot hold at block_n = 128. The forward and dQ
-# kernels use the same tiles, so they share one tile plan.
+# (block_n, D) fp32 accumulators in registers, which four warps cannot hold at block_n = 128.
 _TABLE_16BIT = (
-    (64, Blocks(_k(128, 64, 8, 3, (4, 3)), _k(32, 128, 8, 3, (8, 4)), _k(128, 64, 8, 3, (8, 4)))),
+    # D <= 64 from the H200 sweep (benchmarks/gpu_sweep.py, BENCHMARKS.md, GPU run 3): forward 128x64 with 4 warps
+    # (8 warps 29% slower at Figure-2 size); backward 32x64 dK/dV + 64x64 dQ with 4 warps, 21% faster fwd+bwd than
+    # 32x128 + 128x64 with 8 warps (Figure-2 size) and 17% at N = 16k.
+    (64, Blocks(_k(128, 64, 4, 3, (8, 3)), _k(32, 64, 4, 3, (4, 4)), _k(64, 64, 4, 3, (4, 4)))),
     (128, Blocks(_k(128, 64, 8, 3, (8, 2)), _k(32, 64, 8, 3, (8, 2)), _k(128, 64, 8, 3, (8, 2)))),
     (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
 )
