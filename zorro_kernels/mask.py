@@ -20,6 +20,7 @@ as flash-attention does). A query row with no key it may attend returns exactly 
 """
 from __future__ import annotations
 
+import fnmatch
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
@@ -30,7 +31,9 @@ __all__ = ["ZorroMask"]
 
 Rule = Union[str, Sequence[str]]
 SegmentSpec = Sequence[tuple[str, int]]
-ALL = "*"
+ALL = "*"      # rule value: every key segment
+SELF = "self"  # rule value: the key segment with the query segment's own name (group-local rules)
+_GLOB = set("*?[")
 
 
 def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -52,6 +55,8 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
                 raise TypeError(f"{arg}[{i}] ({name!r}): size must be an int, got {type(size).__name__} {size!r}")
         if size < 0:
             raise ValueError(f"{arg}[{i}] ({name!r}): size must be >= 0, got {size}")
+        if name == SELF or _GLOB & set(name):
+            raise ValueError(f"{arg}[{i}]: segment name {name!r} is reserved or holds a glob character (*?[)")
         if name in names:
             raise ValueError(f"{arg}: duplicate segment name {name!r} (at positions {names.index(name)} and {i})")
         names.append(name)
@@ -89,24 +94,51 @@ def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg:
     return lengths.contiguous()
 
 
+def _match(pattern: str, names: tuple[str, ...], index: dict[str, int]) -> list[int]:
+    """Indices of the segments a rule names: an exact name, or a glob (``video/*``) over the names."""
+    if pattern in index:
+        return [index[pattern]]
+    if _GLOB & set(pattern):
+        return [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
+    return []
+
+
 def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
     if not isinstance(rules, Mapping):
         raise TypeError(f"rules must be a mapping query segment -> key segments (or '*'), got {type(rules).__name__}")
+    q_index = {n: i for i, n in enumerate(q_names)}
+    kv_index = {n: i for i, n in enumerate(kv_names)}
     allow = torch.zeros(len(q_names), len(kv_names), dtype=torch.bool)
-    for q_name, seen in rules.items():
-        if q_name not in q_names:
-            raise ValueError(f"rules names unknown query segment {q_name!r}; query segments are {list(q_names)}")
-        i = q_names.index(q_name)
+    for q_pat, seen in rules.items():
+        if not isinstance(q_pat, str):
+            raise TypeError(f"rules keys must be segment names (str), got {q_pat!r}")
+        rows = _match(q_pat, q_names, q_index)
+        if not rows:
+            raise ValueError(f"rules names unknown query segment {q_pat!r}; query segments are {_short(q_names)}")
         if isinstance(seen, str):
-            seen = list(kv_names) if seen == ALL else [seen]
-        if not isinstance(seen, Sequence) and not isinstance(seen, (set, frozenset)):
-            raise TypeError(f"rules[{q_name!r}] must be '*' or a list of key segment names, got {seen!r}")
-        for k_name in seen:
-            if k_name not in kv_names:
+            seen = [seen]
+        if not isinstance(seen, (Sequence, set, frozenset)):
+            raise TypeError(f"rules[{q_pat!r}] must be '*', 'self' or a list of key segment names, got {seen!r}")
+        for k_pat in seen:
+            if not isinstance(k_pat, str):
+                raise TypeError(f"rules[{q_pat!r}] must list key segment names (str), got {k_pat!r}")
+            if k_pat == SELF:  # group-local: each query segment sees the key segment of the same name
+                for i in rows:
+                    if q_names[i] not in kv_index:
+                        raise ValueError(f"rules[{q_pat!r}] = 'self' but there is no key segment named "
+                                         f"{q_names[i]!r}; key segments are {_short(kv_names)}")
+                    allow[i, kv_index[q_names[i]]] = True
+                continue
+            cols = _match(k_pat, kv_names, kv_index)
+            if not cols:
                 raise ValueError(
-                    f"rules[{q_name!r}] names unknown key segment {k_name!r}; key segments are {list(kv_names)}")
-            allow[i, kv_names.index(k_name)] = True
+                    f"rules[{q_pat!r}] names unknown key segment {k_pat!r}; key segments are {_short(kv_names)}")
+            allow[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
     return allow
+
+
+def _short(names: tuple[str, ...], n: int = 12) -> str:
+    return str(list(names)) if len(names) <= n else str(list(names[:n]))[:-1] + f", ... ({len(names)} in all)]"
 
 
 class ZorroMask:
@@ -174,7 +206,10 @@ class ZorroMask:
         Args:
             segments: ``[(name, size), ...]``, contiguous, in token order; a size may be 0.
             rules: query segment name -> list of key segment names it may see, or ``"*"`` for all. A query segment
-                absent from ``rules`` sees nothing (its rows return 0).
+                absent from ``rules`` sees nothing (its rows return 0). Names on either side may be globs
+                (``"video/*"``), and ``"self"`` means "the key segment with this query segment's own name" — so
+                ``{"audio/*": "self", "video/*": "self", "fusion": "*"}`` is window-local attention for windows
+                named ``audio/0, audio/1, ..., video/0, ...`` with global fusion tokens.
             kv_segments: the key/value layout for cross-attention; None for self-attention.
             lengths: int tensor ``(B, len(segments))`` of valid tokens per segment per sample, or None.
             kv_lengths: the same for ``kv_segments`` (cross-attention only).

@@ -1,0 +1,21 @@
+"""zorro_models: Zorro-ViT, Zorro-Swin and Zorro-HiP audio-visual backbones on zorro_kernels' masked attention.
+
+    import zorro_models
+    model = zorro_models.create_model("zorro_vit_tiny")
+    x = model.example_inputs(batch_size=2)              # {"audio": (B, n_mels, frames), "video": (B, T, 3, H, W)}
+    out = model(audio=x["audio"], video=x["video"])     # {"audio", "video", "fusion", "global"} -> (B, D)
+    out = model(audio=x["audio"])                       # audio only: out["video"] is all zeros
+"""
+from . import hip, swin, vit  # noqa: F401  (register the presets)
+from .base import Encoded, ZorroFeatures, ZorroModel
+from .heads import ContrastiveHeads, SupervisedHeads
+from .layers import OUTPUTS, STREAMS, MaskedReadout
+from .losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
+from .registry import create_model, list_models, model_config, register_model
+from .hip import ZorroHiP
+from .swin import ZorroSwin
+from .vit import ZorroViT
+
+__all__ = ["create_model", "list_models", "model_config", "register_model", "ZorroModel", "ZorroFeatures",
+           "Encoded", "ZorroViT", "ZorroSwin", "ZorroHiP", "SupervisedHeads", "ContrastiveHeads", "SupervisedLoss",
+           "ZorroContrastiveLoss", "info_nce", "DEFAULT_PAIRS", "OUTPUTS", "STREAMS", "MaskedReadout"]

@@ -1,0 +1,186 @@
+"""zorro_attention on CPU: the segment path and the reference against the fp64 oracle; the surface; bad input."""
+import math
+import random
+
+import pytest
+import torch
+
+from zorro_kernels import ZorroMask, reference_attention, zorro_attention
+from zorro_kernels.attention import select_backend
+
+from .layouts import named_masks, random_mask
+from .tolerances import check_against_oracle
+
+CPU_BACKENDS = ["segments"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_qkv(mask, *, b=None, h=4, hkv=2, d=32, dtype=torch.float32, noncontiguous=False):
+    b = b or mask.batch_size or 2
+    if noncontiguous:  # (B, N, H, D) storage seen through a transpose, as after a qkv projection
+        q = torch.randn(b, mask.num_q, h, d).transpose(1, 2)
+        k = torch.randn(b, mask.num_kv, hkv, d).transpose(1, 2)
+        v = torch.randn(b, mask.num_kv, hkv, d).transpose(1, 2)
+    else:
+        q, k, v = torch.randn(b, h, mask.num_q, d), torch.randn(b, hkv, mask.num_kv, d), torch.randn(b, hkv,
+                                                                                                     mask.num_kv, d)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def attn_fn(backend):
+    return lambda q, k, v, mask, scale=None: zorro_attention(q, k, v, mask, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(named_masks()))
+def test_named_layouts(backend, dtype, name):
+    mask = named_masks()[name]
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_random_layouts(backend):
+    rng = random.Random(7)
+    for i in range(60):
+        mask = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
+        h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
+        check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([8, 16, 24])), mask,
+                             seed=i)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_random_layouts_many(backend, dtype):
+    rng = random.Random(hash(str(dtype)) % 1000)
+    for i in range(300):
+        mask = random_mask(rng, max_segments=7)
+        h, hkv = rng.choice([(1, 1), (2, 2), (4, 1), (8, 2), (6, 3)])
+        check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32, 64]),
+                                                         dtype=dtype), mask, seed=i)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [16, 64, 128, 256])
+def test_head_dims(backend, d):
+    mask = ZorroMask.zorro(audio=13, video=40, fusion=3)
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, d=d), mask)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [16, 24, 32, 40, 64, 80, 96, 128, 160, 192, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dims_many(backend, d, dtype):
+    mask = ZorroMask.zorro(audio=31, video=113, fusion=5, lengths=torch.tensor([[31, 113, 5], [0, 97, 5]]))
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, d=d, dtype=dtype), mask)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_noncontiguous_inputs_and_custom_scale(backend):
+    mask = named_masks()["ragged"]
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, noncontiguous=True), mask, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_padding_contents_never_leak(backend):
+    """NaN in every padding token (queries and keys) must not reach any valid output or gradient."""
+    mask = ZorroMask.zorro(audio=8, video=12, fusion=2, lengths=torch.tensor([[3, 12, 2], [8, 5, 1]]))
+    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    dense = mask.to_dense()
+    q_pad = ~dense.any(-1)
+    k_pad = torch.stack([torch.tensor([False] * 3 + [True] * 5 + [False] * 12 + [False] * 2),
+                         torch.tensor([False] * 8 + [False] * 5 + [True] * 7 + [False, True])])
+    with torch.no_grad():
+        q[q_pad[:, None, :, None].expand_as(q)] = float("nan")
+        k[k_pad[:, None, :, None].expand_as(k)] = float("nan")
+        v[k_pad[:, None, :, None].expand_as(v)] = float("nan")
+    out = zorro_attention(q, k, v, mask, backend=backend)
+    assert torch.isfinite(out).all()
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(q.grad[~q_pad[:, None, :, None].expand_as(q)]).all()
+    assert torch.isfinite(k.grad[~k_pad[:, None, :, None].expand_as(k)]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rerun_is_bitwise_equal(backend):
+    mask = named_masks()["bottleneck"]
+    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    runs = []
+    for _ in range(2):
+        out = zorro_attention(q, k, v, mask, backend=backend)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_reference_matches_fp64_math():
+    """The reference itself against an independent einsum/softmax implementation in fp64."""
+    rng = random.Random(3)
+    for _ in range(25):
+        mask = random_mask(rng)
+        q, k, v = (t.double() for t in make_qkv(mask, h=4, hkv=2))
+        d = mask.to_dense()
+        d = (d[None] if d.ndim == 2 else d)[:, None]
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, kk) / math.sqrt(q.shape[-1])
+        p = torch.softmax(s.masked_fill(~d, float("-inf")), -1).nan_to_num(0.0)
+        want = torch.einsum("bhqk,bhkd->bhqd", p, vv)
+        got = reference_attention(q, k, v, mask)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_picks_segments_on_cpu_and_forced_backends_work():
+    mask = named_masks()["figure2_small"]
+    q, k, v = make_qkv(mask)
+    assert select_backend(q, k, v, mask) == "segments"
+    a = zorro_attention(q, k, v, mask)
+    b = zorro_attention(q, k, v, mask, backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_modality_rows_are_zero_and_fusion_still_works():
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2, lengths=torch.tensor([[0, 10, 2], [6, 10, 2]]))
+    q, k, v = make_qkv(mask)
+    out = zorro_attention(q, k, v, mask)
+    assert (out[0, :, :6] == 0).all() and (out[1, :, :6] != 0).any()
+    only_video = zorro_attention(q[:1, :, 6:], k[:1, :, 6:], v[:1, :, 6:], ZorroMask.zorro(video=10, fusion=2))
+    torch.testing.assert_close(out[:1, :, 6:], only_video, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def _bad(**over):
+    mask = ZorroMask.zorro(audio=3, video=5, fusion=1)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    args = dict(q=q, k=k, v=v, mask=mask)
+    args.update(over)
+    kw = {x: args.pop(x) for x in ("scale", "backend") if x in args}
+    return lambda: zorro_attention(args["q"], args["k"], args["v"], args["mask"], **kw)
+
+
+@pytest.mark.parametrize("call, exc, msg", [
+    (_bad(q=torch.randn(4, 9, 8)), ValueError, "q must be 4-D \\(B, H, Nq, D\\), got 3-D with shape \\(4, 9, 8\\)"),
+    (_bad(k=torch.randn(1, 2, 9, 8), v=torch.randn(1, 2, 9, 8)), ValueError, "q has B=2, k/v have B=1"),
+    (_bad(k=torch.randn(2, 2, 9, 4), v=torch.randn(2, 2, 9, 4)), ValueError, "q has D=8, k/v have D=4"),
+    (_bad(k=torch.randn(2, 3, 9, 8), v=torch.randn(2, 3, 9, 8)), ValueError, "H=4 must be a multiple of .* Hkv=3"),
+    (_bad(v=torch.randn(2, 2, 8, 8)), ValueError, "k and v must have the same shape"),
+    (_bad(q=torch.randn(2, 4, 10, 8)), ValueError, "q has Nq=10 tokens but the mask's query segments hold 9"),
+    (_bad(k=torch.randn(2, 2, 7, 8), v=torch.randn(2, 2, 7, 8)), ValueError, "k/v have Nk=7 tokens .* hold 9"),
+    (_bad(k=torch.randn(2, 2, 9, 8).half(), v=torch.randn(2, 2, 9, 8).half()), TypeError,
+     "share a dtype, got q torch.float32, k torch.float16"),
+    (_bad(q=torch.randint(0, 3, (2, 4, 9, 8))), TypeError, "q must be float16, bfloat16, float32 or float64"),
+    (_bad(q=torch.randn(2, 4, 9, 8, device="meta")), ValueError, "one device, got q meta, k cpu"),
+    (_bad(q=[1, 2]), TypeError, "q must be a torch.Tensor, got list"),
+    (_bad(mask=torch.ones(9, 9, dtype=torch.bool)), TypeError, "mask must be a ZorroMask, got Tensor"),
+    (_bad(mask=ZorroMask.zorro(audio=3, video=5, fusion=1, lengths=torch.tensor([[3, 5, 1]] * 3))), ValueError,
+     "lengths are for B=3 samples but q has B=2"),
+    (_bad(backend="cuda-magic"), ValueError, "unknown backend 'cuda-magic'; choose 'auto' or one of"),
+    (_bad(backend=3), TypeError, "backend must be a str"),
+    (_bad(scale=-1.0), ValueError, "scale must be a finite positive number, got -1.0"),
+    (_bad(scale=float("nan")), ValueError, "finite positive"),
+    (_bad(scale="big"), TypeError, "scale must be a float or None, got str"),
+])
+def test_bad_inputs_raise_clear_errors(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()

@@ -1,0 +1,152 @@
+"""ZorroMask: semantics of the constructors, the dense oracle, counts, printing and every bad input."""
+import pytest
+import torch
+
+from zorro_kernels import ZorroMask
+
+
+def test_zorro_rule_matches_the_paper_table():
+    m = ZorroMask.zorro(audio=2, video=3, fusion=1)
+    d = m.to_dense()
+    a, v, f = slice(0, 2), slice(2, 5), slice(5, 6)
+    assert d[a, a].all() and not d[a, v].any() and not d[a, f].any()
+    assert d[v, v].all() and not d[v, a].any() and not d[v, f].any()
+    assert d[f].all()
+    assert m.rules == {"audio": ["audio"], "video": ["video"], "fusion": ["audio", "video", "fusion"]}
+
+
+def test_from_segments_semantics_absent_rule_sees_nothing_and_star_sees_all():
+    m = ZorroMask.from_segments([("a", 2), ("b", 0), ("c", 3)], {"a": "*", "c": ["a"]})
+    d = m.to_dense()
+    assert d.shape == (5, 5)
+    assert d[:2].all()                       # a sees everything
+    assert d[2:, :2].all() and not d[2:, 2:].any()  # c sees a only
+    assert m.num_q == 5 and m.num_kv == 5 and m.batch_size is None
+
+
+def test_lengths_mark_segment_tails_as_padding():
+    m = ZorroMask.zorro(audio=3, video=4, fusion=1, lengths=torch.tensor([[3, 4, 1], [1, 2, 1]]))
+    d = m.to_dense()
+    assert d.shape == (2, 8, 8)
+    assert torch.equal(d[0], ZorroMask.zorro(audio=3, video=4, fusion=1).to_dense())
+    # sample 1: audio token 0 valid (1, 2 padding); video tokens 3, 4 valid (5, 6 padding); fusion 7 valid
+    valid = torch.tensor([1, 0, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    assert not d[1][~valid].any() and not d[1][:, ~valid].any()
+    assert d[1][7, valid].all()
+    assert d[1][0, 0] and not d[1][0, 3]
+
+
+def test_cross_attention_layout_and_kv_lengths():
+    m = ZorroMask.from_segments([("qa", 1), ("qg", 1)], {"qa": ["a"], "qg": "*"},
+                                kv_segments=[("a", 3), ("v", 2)], kv_lengths=torch.tensor([[2, 2]]))
+    d = m.to_dense()
+    assert d.shape == (1, 2, 5)
+    assert d[0, 0].tolist() == [True, True, False, False, False]
+    assert d[0, 1].tolist() == [True, True, False, True, True]
+
+
+def test_causal_is_bottom_right_aligned():
+    m = ZorroMask.from_segments([("q", 2)], {"q": "*"}, kv_segments=[("k", 4)], causal=True)
+    assert m.to_dense().tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_bottleneck_and_full_and_packed():
+    b = ZorroMask.bottleneck(audio=2, video=2, bottleneck=1).to_dense()
+    assert b[0].tolist() == [True, True, False, False, True]
+    assert b[2].tolist() == [False, False, True, True, True]
+    assert b[4].all()
+    assert ZorroMask.full(audio=2, video=3, fusion=1).to_dense().all()
+    p = ZorroMask.packed([2, 3], causal=True).to_dense()
+    assert p[:2, :2].tolist() == [[True, False], [True, True]] and not p[:2, 2:].any()
+    assert p[4, 2:].all() and not p[2, 3:].any()
+
+
+def test_zorro_extra_modalities_keep_keyword_order():
+    m = ZorroMask.zorro(audio=1, video=2, text=3, fusion=1)
+    assert m.q_names == ("audio", "video", "text", "fusion")
+    assert m.rules["text"] == ["text"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attended_counts_match_dense(causal):
+    m = ZorroMask.from_segments([("a", 5), ("b", 7), ("c", 2)], {"a": ["a", "c"], "b": "*", "c": ["b"]},
+                                lengths=torch.tensor([[5, 7, 2], [3, 0, 1]]), causal=causal)
+    assert m.attended().tolist() == m.to_dense().sum((1, 2)).tolist()
+    assert m.sparsity() == pytest.approx(1 - m.to_dense().float().mean().item())
+
+
+def test_figure2_sparsity():
+    # 320^2 + 1568^2 + 8 * 1896 attended out of 1896^2
+    assert ZorroMask.zorro(audio=320, video=1568, fusion=8).attended_fraction() == pytest.approx(
+        (320 ** 2 + 1568 ** 2 + 8 * 1896) / 1896 ** 2)
+
+
+def test_repr_draws_the_tile_map():
+    r = repr(ZorroMask.zorro(audio=320, video=1568, fusion=8))
+    assert "ZorroMask(q=[audio:320, video:1568, fusion:8]" in r and "sparsity=28.3%" in r
+    rows = r.splitlines()[2:]
+    assert rows[0].startswith("#") and "." in rows[0]  # audio rows: full audio tiles, empty video tiles
+    assert set("".join(rows)) <= {"#", "+", "."}
+
+
+def test_with_lengths_keeps_layout():
+    m = ZorroMask.zorro(audio=3, video=4, fusion=1)
+    m2 = m.with_lengths(torch.tensor([[0, 4, 1]]))
+    assert m2.q_sizes == m.q_sizes and m2.batch_size == 1 and not m2.to_dense()[0, :, :3].any()
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call, exc, msg", [
+    (lambda: ZorroMask.from_segments([("a", 2), ("a", 3)], {}), ValueError, "duplicate segment name 'a'"),
+    (lambda: ZorroMask.from_segments([("a", 2)], {"b": ["a"]}), ValueError, "unknown query segment 'b'"),
+    (lambda: ZorroMask.from_segments([("a", 2)], {"a": ["z"]}), ValueError, "unknown key segment 'z'"),
+    (lambda: ZorroMask.from_segments([("a", 2.5)], {}), TypeError, "size must be an int"),
+    (lambda: ZorroMask.from_segments([("a", "3")], {}), TypeError, "size must be an int"),
+    (lambda: ZorroMask.from_segments([("a", -1)], {}), ValueError, "size must be >= 0, got -1"),
+    (lambda: ZorroMask.from_segments([("a", 0)], {}), ValueError, "hold no tokens"),
+    (lambda: ZorroMask.from_segments([], {}), ValueError, "at least one segment"),
+    (lambda: ZorroMask.from_segments("audio", {}), TypeError, "sequence of \\(name, size\\) pairs"),
+    (lambda: ZorroMask.from_segments([("a", 2)], ["a"]), TypeError, "rules must be a mapping"),
+    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, 3]])), ValueError,
+     "shape \\(B, n_segments\\) = \\(B, 3\\)"),
+    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, -1, 0]])), ValueError,
+     "lengths\\[0, 1\\] \\('video'\\) = -1 is negative"),
+    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, 4, 0]])), ValueError,
+     "lengths\\[0, 1\\] = 4 exceeds the size 3 of segment 'video'"),
+    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2.0, 3.0, 0.0]])), TypeError,
+     "integer dtype"),
+    (lambda: ZorroMask.zorro(audio=2, video=3, kv_lengths=torch.tensor([[2, 3, 0]])), TypeError, "kv_lengths"),
+    (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, kv_lengths=torch.tensor([[1]])), ValueError,
+     "only for cross-attention"),
+    (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, kv_segments=[("k", 3)], lengths=torch.tensor([[1]]),
+                                     kv_lengths=torch.tensor([[1], [2]])), ValueError, "disagree on the batch size"),
+    (lambda: ZorroMask.from_allow([("a", 2)], torch.ones(1, 2, dtype=torch.bool)), ValueError, "allow must have shape"),
+    (lambda: ZorroMask.from_allow([("a", 2)], torch.ones(1, 1)), TypeError, "bool tensor"),
+    (lambda: ZorroMask.packed([2, 3], names=["x"]), ValueError, "names has 1 entries"),
+    (lambda: ZorroMask.zorro(audio=2, fusion=1, causal=True), TypeError, "size must be an int"),
+    (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, causal=1), TypeError, "causal must be a bool"),
+])
+def test_bad_layouts_raise_clear_errors(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_tile_map_rejects_bad_blocks():
+    m = ZorroMask.zorro(audio=2, video=3, fusion=1)
+    with pytest.raises(ValueError, match="block_m must be a positive int, got 0"):
+        m.tile_map(0, 16)
+
+
+def test_glob_and_self_rules_make_group_local_windows():
+    segs = [("audio/0", 4), ("audio/1", 4), ("video/0", 6), ("video/1", 6), ("fusion", 2)]
+    m = ZorroMask.from_segments(segs, {"audio/*": "self", "video/*": "self", "fusion": "*"})
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[range(4), range(4)] = True
+    want[4] = True
+    assert torch.equal(m.allow, want)
+    cross = ZorroMask.from_segments([("g0", 2), ("g1", 2)], {"g*": "self"}, kv_segments=[("g0", 5), ("g1", 3)])
+    assert torch.equal(cross.allow, torch.eye(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'self' but there is no key segment named 'g1'"):
+        ZorroMask.from_segments([("g0", 2), ("g1", 2)], {"*": "self"}, kv_segments=[("g0", 5)])
+    with pytest.raises(ValueError, match="reserved or holds a glob character"):
+        ZorroMask.from_segments([("a*", 2)], {})

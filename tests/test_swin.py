@@ -1,0 +1,103 @@
+"""Zorro-Swin layouts: shifted windows == Swin's cyclic shift + region mask; the block mask keeps windows local and
+modality-pure; lengths mark the valid prefix of each window; per-modality patch merging."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from zorro_models.swin import (PatchMerging, effective_window, swin_block_layout, window_order,
+                               window_partition)
+
+
+def swin_group_ids(grid, window, shift):
+    """Independent oracle, the way Swin does it: roll the grid by -shift, cut regular windows, and inside the last
+    window of each dimension separate the tokens that wrapped around (region slices [0, n-w), [n-w, n-s), [n-s, n)).
+    Returns, per raster index, a hashable id; two tokens may attend each other iff their ids are equal."""
+    ids = []
+    for cell in itertools.product(*(range(n) for n in grid)):
+        key = []
+        for i, n, w, s in zip(cell, grid, window, shift):
+            r = (i - s) % n                      # position in the rolled grid
+            region = 0 if r < n - w else (1 if r < n - s else 2)
+            key.append((r // w, region if s else 0))
+        ids.append(tuple(key))
+    return ids
+
+
+@pytest.mark.parametrize("grid,window", [((8, 8), (4, 4)), ((4, 12), (2, 4)), ((4, 8, 8), (2, 4, 4)),
+                                         ((6, 6, 6), (2, 3, 3))])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_shifted_windows_equal_swin_cyclic_shift_regions(grid, window, shifted):
+    win, shift = effective_window(grid, window, shifted)
+    windows = window_partition(grid, win, shift)
+    perm, sizes = window_order(grid, windows)
+    mine = torch.empty(math.prod(grid), dtype=torch.int64)
+    mine[perm] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    ref = swin_group_ids(grid, win, shift)
+    for i in range(len(ref)):
+        for j in range(len(ref)):
+            assert (mine[i] == mine[j]) == (ref[i] == ref[j]), (i, j)
+
+
+def test_partition_is_an_exact_cover_with_equal_windows_consecutive():
+    grid = (7, 10)
+    win, shift = effective_window(grid, (4, 4), shifted=True)
+    assert (win, shift) == ((4, 4), (2, 2))
+    windows = window_partition(grid, win, shift)
+    perm, sizes = window_order(grid, windows)
+    assert sorted(perm.tolist()) == list(range(70))
+    sizes_in_order = [math.prod(e - s for s, e in w) for w in windows]
+    assert sizes_in_order == sorted(sizes_in_order) == sizes, "equal-size windows are consecutive"
+    # a dimension not larger than the window is clipped and never shifted (Swin's rule)
+    assert effective_window((3, 10), (4, 4), True) == ((3, 4), (0, 2))
+
+
+def test_block_mask_is_window_local_and_pure():
+    grids = {"audio": (4, 4), "video": (2, 4, 4)}
+    layout = swin_block_layout(grids, {"audio": (2, 2), "video": (2, 2, 2)}, True, num_fusion=3)
+    dense = layout.mask.to_dense()
+    canon = dense[layout.inverse][:, layout.inverse]   # back to raster order: audio, video, fusion
+    na, nv = 16, 32
+    a_ids = swin_group_ids((4, 4), (2, 2), (1, 1))
+    v_ids = swin_group_ids((2, 4, 4), (2, 2, 2), (0, 1, 1))
+    ids = [("a",) + x for x in a_ids] + [("v",) + x for x in v_ids]
+    for i in range(na + nv):
+        for j in range(na + nv + 3):
+            want = j < na + nv and ids[i] == ids[j]
+            assert bool(canon[i, j]) == want, (i, j)
+    assert canon[na + nv:].all(), "fusion rows see every token"
+
+
+def test_block_mask_lengths_mark_valid_time_prefix():
+    grids = {"audio": (6, 2), "video": None}
+    valid_t = {"audio": torch.tensor([6, 3, 0])}
+    layout = swin_block_layout(grids, {"audio": (4, 2)}, True, num_fusion=2, valid_t=valid_t, batch=3)
+    dense = layout.mask.to_dense()                      # (B, N, N), window order
+    canon = dense[:, layout.inverse][:, :, layout.inverse]
+    time_of = torch.arange(12) // 2
+    for b, vt in enumerate([6, 3, 0]):
+        valid = torch.cat([time_of < vt, torch.ones(2, dtype=torch.bool)])
+        assert torch.equal(canon[b].any(0), valid), b   # a key is seen by someone iff valid
+
+
+def test_patch_merging_pads_odd_grids():
+    merge = PatchMerging(4, (2, 2))
+    x = torch.randn(1, 5 * 3, 4)
+    y, grid = merge(x, (5, 3))
+    assert grid == (3, 2) and y.shape == (1, 6, 8)
+    merge_v = PatchMerging(4, (1, 2, 2))
+    y, grid = merge_v(torch.randn(2, 2 * 3 * 4, 4), (2, 3, 4))
+    assert grid == (2, 2, 2) and y.shape == (2, 8, 8)
+
+
+def test_docs_show_the_current_masks():
+    """docs/swin.md's mask pictures are what swin_block_layout builds (so the documentation cannot go stale)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "swin.md").read_text()
+    for shifted in (False, True):
+        layout = swin_block_layout({"audio": (4, 4), "video": (2, 4, 4)}, {"audio": (2, 2), "video": (2, 2, 2)},
+                                   shifted, num_fusion=4)
+        picture = "\n".join("    " + "".join("#" if a else "." for a in row) for row in layout.mask.to_dense().tolist())
+        assert picture in doc, f"docs/swin.md lacks the current {'shifted' if shifted else 'regular'} mask"

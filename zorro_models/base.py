@@ -1,0 +1,164 @@
+"""What every Zorro backbone shares: input checking, ragged lengths, the masked readout, ``example_inputs``.
+
+A backbone implements :meth:`ZorroModel.encode`, mapping checked inputs to final tokens in stream order
+``audio, video, fusion`` plus their sizes and per-sample valid lengths; :class:`ZorroModel` does the rest.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from .layers import OUTPUTS, STREAMS, MaskCache, MaskedReadout
+from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
+
+__all__ = ["ZorroModel", "ZorroFeatures", "Encoded"]
+
+
+class Encoded(NamedTuple):
+    """A backbone's final tokens, before the readout.
+
+    tokens: ``(B, N, C)`` in stream order audio, video, fusion.
+    sizes: ``(n_audio, n_video, n_fusion)``, summing to N (0 for an absent modality).
+    lengths: int64 ``(B, 3)`` valid tokens per stream per sample, or None when every token is valid.
+    """
+    tokens: torch.Tensor
+    sizes: tuple[int, int, int]
+    lengths: Optional[torch.Tensor]
+
+
+class ZorroFeatures(NamedTuple):
+    """Everything :meth:`ZorroModel.forward_features` computes.
+
+    embeddings: output name -> ``(B, D)`` (the dict ``forward`` returns).
+    present: output name -> bool ``(B,)``: False where that output saw no valid token (its embedding is then 0).
+    tokens, sizes, lengths: the backbone's final tokens, as in :class:`Encoded`.
+    """
+    embeddings: dict
+    present: dict
+    tokens: torch.Tensor
+    sizes: tuple[int, int, int]
+    lengths: Optional[torch.Tensor]
+
+
+def _check_lengths(lengths, batch: int, max_len: int, name: str) -> torch.Tensor:
+    if not isinstance(lengths, torch.Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be an int tensor of shape (B,), got {type(lengths).__name__}") from e
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
+    lengths = lengths.detach().to("cpu", torch.int64)
+    bad = (lengths < 0) | (lengths > max_len)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name}[{i}] = {int(lengths[i])} is outside 0..{max_len} (the input's frame count)")
+    return lengths
+
+
+class ZorroModel(nn.Module):
+    """Base class of the Zorro backbones (see :mod:`zorro_models.vit`, ``swin``, ``hip``).
+
+    Subclasses set ``self.audio_embed`` (:class:`AudioPatchEmbed`), ``self.video_embed`` (:class:`VideoPatchEmbed`),
+    ``self.readout`` (:class:`MaskedReadout`), ``self.embed_dim`` and ``self.config``, and implement :meth:`encode`.
+
+    Inputs (keywords; either modality may be omitted or None, not both):
+        audio: log-mel spectrogram ``(B, n_mels, frames)``, ``frames <= audio_frames``.
+        video: frames ``(B, T, 3, H, W)``, ``T <= num_frames``, ``(H, W) == img_size``.
+        audio_lengths: int ``(B,)`` valid spectrogram frames per sample (0 = this sample has no audio), or None.
+        video_lengths: int ``(B,)`` valid video frames per sample (0 = no video), or None.
+
+    A missing modality is a zero-length segment of the same masks (no separate code path). Frames past a sample's
+    length are ignored: they are zeroed before patching and their tokens are masked out of every attention.
+    """
+
+    embed_dim: int
+    config: dict
+    audio_embed: AudioPatchEmbed
+    video_embed: VideoPatchEmbed
+    readout: MaskedReadout
+
+    def __init__(self):
+        super().__init__()
+        self._masks = MaskCache()
+
+    # ------------------------------------------------------------------ to implement
+    def encode(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor],
+               audio_lengths: Optional[torch.Tensor], video_lengths: Optional[torch.Tensor], batch: int) -> Encoded:
+        """Checked inputs (frame lengths as int64 CPU ``(B,)`` or None) -> final tokens; see :class:`Encoded`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    def forward(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None, *,
+                audio_lengths=None, video_lengths=None) -> dict:
+        """Returns a dict ``"audio"``, ``"video"``, ``"fusion"``, ``"global"`` -> ``(B, embed_dim)`` embeddings.
+
+        "audio" depends on the audio input only and "video" on the video only (bitwise, under the ``zorro`` mask);
+        "fusion" and "global" see both. An output with nothing to attend for a sample (e.g. "video" in an
+        audio-only call) is exactly 0 for that sample.
+        """
+        return self.forward_features(audio, video, audio_lengths=audio_lengths,
+                                     video_lengths=video_lengths).embeddings
+
+    def forward_features(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None, *,
+                         audio_lengths=None, video_lengths=None) -> ZorroFeatures:
+        """Like :meth:`forward`, also returning presence flags and the final tokens (:class:`ZorroFeatures`)."""
+        batch, audio_lengths, video_lengths = self._check_inputs(audio, video, audio_lengths, video_lengths)
+        enc = self.encode(audio, video, audio_lengths, video_lengths, batch)
+        mask = self._masks.get(("readout", enc.sizes, MaskCache.key(enc.lengths)),
+                               lambda: MaskedReadout.mask_for(enc.sizes, enc.lengths))
+        emb, present = self.readout(enc.tokens, enc.sizes, enc.lengths, mask=mask)
+        return ZorroFeatures({o: emb[:, i] for i, o in enumerate(OUTPUTS)},
+                             {o: present[:, i] for i, o in enumerate(OUTPUTS)}, enc.tokens, enc.sizes, enc.lengths)
+
+    def example_inputs(self, batch_size: int = 2, *, device=None, dtype: torch.dtype = torch.float32,
+                       generator: Optional[torch.Generator] = None) -> dict:
+        """Random inputs of the configured maximal sizes: ``{"audio": (B, n_mels, audio_frames),
+        "video": (B, num_frames, 3, H, W)}`` (standard-normal values, as after input normalisation)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        a, v = self.audio_embed, self.video_embed
+        audio = torch.randn(batch_size, a.n_mels, a.max_frames, generator=generator, dtype=dtype)
+        video = torch.randn(batch_size, v.num_frames, v.in_chans, *v.img_size, generator=generator, dtype=dtype)
+        return {"audio": audio.to(device), "video": video.to(device)}
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Number of parameters (elements)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _check_inputs(self, audio, video, audio_lengths, video_lengths):
+        if audio is None and video is None:
+            raise ValueError("pass audio=, video= or both; got neither")
+        if audio is not None:
+            self.audio_embed.check(audio)
+        if video is not None:
+            self.video_embed.check(video)
+        if audio is not None and video is not None and audio.shape[0] != video.shape[0]:
+            raise ValueError(f"audio and video disagree on the batch size: {audio.shape[0]} vs {video.shape[0]}")
+        batch = (audio if audio is not None else video).shape[0]
+        for name, x, lengths in (("audio", audio, audio_lengths), ("video", video, video_lengths)):
+            if lengths is not None and x is None:
+                raise ValueError(f"{name}_lengths was given but {name} is None")
+        if audio_lengths is not None:
+            audio_lengths = _check_lengths(audio_lengths, batch, audio.shape[2], "audio_lengths")
+        if video_lengths is not None:
+            video_lengths = _check_lengths(video_lengths, batch, video.shape[1], "video_lengths")
+        return batch, audio_lengths, video_lengths
+
+    @staticmethod
+    def _stream_lengths(batch: int, sizes, per_stream) -> Optional[torch.Tensor]:
+        """``(B, len(sizes))`` valid tokens per stream from per-stream ``(B,)`` tensors (None = full), or None if all
+        are full."""
+        if all(p is None for p in per_stream):
+            return None
+        cols = [torch.full((batch,), s, dtype=torch.int64) if p is None else p.to(torch.int64)
+                for s, p in zip(sizes, per_stream)]
+        return torch.stack(cols, 1)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, streams={STREAMS}"

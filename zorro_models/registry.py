@@ -1,0 +1,66 @@
+"""Model registry: presets by name, built with keyword overrides (``create_model("zorro_vit_tiny", depth=2)``)."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, NamedTuple
+
+import torch.nn as nn
+
+__all__ = ["register_model", "create_model", "list_models", "model_config", "Preset"]
+
+
+class Preset(NamedTuple):
+    name: str
+    cls: Callable[..., nn.Module]
+    kwargs: dict
+    description: str
+
+
+_REGISTRY: dict[str, Preset] = {}
+
+
+def register_model(name: str, cls: Callable[..., nn.Module], description: str = "", **kwargs) -> None:
+    """Register preset ``name``: ``cls(**kwargs)``. Re-registering a name replaces it."""
+    _REGISTRY[name] = Preset(name, cls, dict(kwargs), description)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Registered preset names containing ``pattern``, sorted."""
+    return sorted(n for n in _REGISTRY if pattern in n)
+
+
+def _preset(name: str) -> Preset:
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {list_models()}")
+    return _REGISTRY[name]
+
+
+def model_config(name: str, **overrides) -> dict:
+    """The keyword arguments ``create_model(name, **overrides)`` passes to the model class (checked)."""
+    preset = _preset(name)
+    params = inspect.signature(preset.cls).parameters
+    unknown = sorted(k for k in overrides if k not in params)
+    if unknown:
+        valid = sorted(k for k, p in params.items() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD)
+        raise TypeError(f"{name} got unknown override(s) {unknown}; valid keywords: {valid}")
+    return {**preset.kwargs, **overrides}
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model; keyword ``overrides`` replace the preset's arguments.
+
+    Example::
+
+        model = create_model("zorro_vit_tiny", depth=4, mask="full")
+        x = model.example_inputs(batch_size=2)
+        out = model(audio=x["audio"], video=x["video"])   # {"audio", "video", "fusion", "global"} -> (B, D)
+
+    Raises ValueError for an unknown name (listing the registered ones) and TypeError for an unknown keyword
+    (listing the valid ones).
+    """
+    preset = _preset(name)
+    model = preset.cls(**model_config(name, **overrides))
+    model.preset = name
+    return model
