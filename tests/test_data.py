@@ -2,9 +2,7 @@
 trip, missing audio, corrupt and missing files, multi-label CSVs), batching and the model-input preprocessor."""
 import math
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +10,9 @@ from zorro_models.audio import LogMelSpectrogram
 from zorro_models.data import (AVPreprocessor, ClipDataset, ClipError, SyntheticAVConfig, SyntheticAVDataset,
                                collate, read_clip)
 
-av = pytest.importorskip("av")
+from .helpers import write_clip
+
+pytest.importorskip("av")
 
 
 # ------------------------------------------------------------------------------------------------- synthetic
@@ -86,35 +86,6 @@ def test_synthetic_config_errors(kwargs, match):
 
 
 # ------------------------------------------------------------------------------------------------- real clips
-def write_clip(path, *, frames=10, fps=10, size=(48, 40), tone_hz=440.0, sample_rate=16000, seconds=1.0,
-               audio=True):
-    """A real mp4: H.264 video whose frame i is a flat grey of level 20 * i, and (optionally) an AAC sine tone."""
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
-        streams = [vs]
-        if audio:
-            a = c.add_stream("aac", rate=sample_rate)
-            a.layout = "mono"
-            streams.append(a)
-        for i in range(frames):
-            img = np.full((size[1], size[0], 3), 20 * i, np.uint8)
-            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(pkt)
-        if audio:
-            t = np.arange(int(sample_rate * seconds)) / sample_rate
-            x = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
-            for s in range(0, len(x), 1024):
-                frame = av.AudioFrame.from_ndarray(x[None, s:s + 1024], format="fltp", layout="mono")
-                frame.sample_rate, frame.pts = sample_rate, s
-                for pkt in a.encode(frame):
-                    c.mux(pkt)
-        for s in streams:
-            for pkt in s.encode(None):
-                c.mux(pkt)
-    return Path(path)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")

@@ -12,12 +12,7 @@ from zorro_models.checkpoint import latest_checkpoint, load_weights, save_checkp
 from zorro_models.config import load_config
 from zorro_models.train import ResumableSampler, Trainer, warmup_cosine
 
-# A model small enough for CPU tests: 2 frames of 16x16 (8 video tokens), 16x16 spectrogram (4 audio tokens).
-TINY = ["model.kwargs={img_size: 16, num_frames: 2, video_patch: 8, n_mels: 16, audio_frames: 16, audio_patch: 8, "
-        "embed_dim: 32, depth: 1, num_heads: 2, num_fusion: 2}",
-        "data.audio.hop_length=500", "data.train_size=48", "train.batch_size=8", "train.progress=false", "train.plot=false",
-        "train.log_every=1", "optim.warmup_steps=2", "train.proj_dim=16", "probe.train_size=32", "probe.test_size=32"]
-
+from .helpers import TINY
 
 def tiny_config(tmp_path, name, *extra):
     return load_config(None, TINY + [f"train.out={tmp_path / name}", *extra])
@@ -80,12 +75,17 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 def test_finetune_from_contrastive_checkpoint(tmp_path):
     pre = Trainer(tiny_config(tmp_path, "pre", "train.steps=2"))
     summary = pre.fit()
-    ft = Trainer(tiny_config(tmp_path, "ft", "train.task=supervised", "train.steps=1",
-                             f"train.init_from={summary['checkpoint']}"))
+    ft = Trainer(tiny_config(tmp_path, "ft", "train.task=supervised", "train.steps=1", "train.eval_every=1",
+                             "data.val_size=16", f"train.init_from={summary['checkpoint']}"))
     for k, v in pre.model.state_dict().items():
         assert torch.equal(ft.model.state_dict()[k], v)
     ft.fit()
     assert latest_checkpoint(tmp_path / "ft") is not None
+    val = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl") if '"val"' in line]
+    assert len(val) == 1 and 0 <= val[0]["audio-only/audio"] <= 1 and "video-only/video" in val[0]
+    assert "audio-only/video" not in val[0]  # the video head sees nothing without video
+    with pytest.raises(ValueError, match="eval_every is for supervised"):
+        Trainer(tiny_config(tmp_path, "bad", "train.eval_every=5"))
 
 
 def test_checkpoint_is_atomic_and_pruned(tmp_path):
@@ -144,3 +144,48 @@ def test_two_gloo_ranks_match_one_process(tmp_path, task):
         torch.testing.assert_close(v, ref[k], rtol=2e-4, atol=2e-5)
     assert any(not torch.equal(init[k], v) for k, v in twin.state_dict().items())  # training did move the weights
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4, abs=1e-5)
+
+
+def _gather_main(rank: int, world: int, port: int, result_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from zorro_models.distributed import all_gather_nograd, gather_with_grad
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        n = 2 + rank  # uneven: rank 0 holds 2 rows, rank 1 holds 3
+        x = torch.full((n, 2), float(rank + 1), requires_grad=True)
+        g = gather_with_grad(x)
+        weights = torch.arange(1.0, 11.0).view(5, 2)
+        (g * weights).sum().backward()  # every rank's loss; rank r's rows get the sum over ranks of their weights
+        flags = all_gather_nograd(torch.ones(n, dtype=torch.bool))
+        torch.save({"gathered": g.detach(), "grad": x.grad, "flags": flags}, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_grad_uneven_ranks(tmp_path):
+    mp.spawn(_gather_main, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
+    expected = torch.tensor([[1.0, 1.0]] * 2 + [[2.0, 2.0]] * 3)
+    assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
+    weights = torch.arange(1.0, 11.0).view(5, 2)
+    assert torch.equal(r0["grad"], 2 * weights[:2]) and torch.equal(r1["grad"], 2 * weights[2:])
+    assert r0["flags"].shape == (5,) and r1["flags"].all()
+
+
+@pytest.mark.full
+def test_torchrun_entry_point(tmp_path):
+    """The documented command: torchrun (here `python -m torch.distributed.run`) with the training module."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "zorro_models.train", *TINY, "train.steps=2", "train.threads=1", f"train.out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert latest_checkpoint(out).name == "step_00000002"
+    assert len(losses(out)) == 2  # only rank 0 logged

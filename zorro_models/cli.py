@@ -3,7 +3,7 @@
     zorro demo  [--out DIR] [--config YAML] [section.key=value ...]   # Zorro vs full attention, probes, table
     zorro train [--config YAML] [section.key=value ...]                # contrastive or supervised training
     zorro eval  RUN_OR_CHECKPOINT [--probes] [--out DIR]               # heads and/or linear probes, 3 regimes
-    zorro bench [--config YAML] [--masks zorro full] [--steps N]       # training-step throughput per mask
+    zorro bench [--config YAML] [--masks zorro,full] [--steps N]       # training-step throughput per mask
     zorro show-mask [--model NAME] [--mask zorro|full|bottleneck]     # a model's attention layout, drawn
 
 Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the training module:
@@ -30,6 +30,14 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full")
 
 
+def _masks(text: str) -> list:
+    masks = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in masks if m not in ("zorro", "full", "bottleneck")]
+    if not masks or bad:
+        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of zorro, full, bottleneck; got {text!r}")
+    return masks
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zorro", description="Train, evaluate and inspect Zorro models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -38,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="contrastive pre-training of Zorro and of full attention on the embedded data, "
                                     "linear probes, a comparison table (CPU, minutes)")
     p.add_argument("--out", default="zorro_demo", help="output folder (default: %(default)s)")
-    p.add_argument("--masks", nargs="+", default=["zorro", "full"], choices=["zorro", "full", "bottleneck"])
+    p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks to compare "
+                   "(zorro, full, bottleneck; default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores, at least 1)")
     _add_config(p)
 
@@ -54,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="changes to the stored config, e.g. probe.train_size=512 data.val_csv=...")
 
     p = sub.add_parser("bench", help="training-step and inference throughput of a config, per mask")
-    p.add_argument("--masks", nargs="+", default=["zorro", "full"], choices=["zorro", "full", "bottleneck"])
+    p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mask (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     _add_config(p)

@@ -60,6 +60,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _gather_parts(x: torch.Tensor) -> tuple[list, list]:
+    """All-gather ``x (n_r, ...)`` from every rank, where ``n_r`` may differ by rank (a batch that lost clips to
+    decode errors): sizes are exchanged first and tensors padded to the largest. Returns (parts, sizes)."""
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return [p[:s] for p, s in zip(parts, sizes)], sizes
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands each rank the gradient of its own slice, summed over ranks.
 
@@ -67,36 +83,37 @@ class _GatherWithGrad(torch.autograd.Function):
     the sum of what all ranks send back — an all-reduce, then the slice. Combined with DDP's gradient averaging, a
     loss computed identically on every rank (the global-batch loss) yields the gradient of one process seeing the
     whole batch. Written out here because some backends (gloo) lack the reduce-scatter that
-    ``torch.distributed.nn.all_gather`` relies on.
+    ``torch.distributed.nn.all_gather`` relies on, and because ranks may hold different numbers of samples.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
+        parts, sizes = _gather_parts(x)
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
         return torch.cat(parts, 0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+        sizes, longest = ctx.sizes, max(ctx.sizes)
+        # lay the gradient out as (world, longest, ...) so every rank reduces tensors of the same shape
+        padded = grad.new_zeros(len(sizes), longest, *grad.shape[1:])
+        for r, chunk in enumerate(grad.split(sizes)):
+            padded[r, :sizes[r]] = chunk
+        dist.all_reduce(padded, op=dist.ReduceOp.SUM)
+        return padded[ctx.rank, :sizes[ctx.rank]]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """``(b, ...)`` on each of W ranks -> ``(W * b, ...)`` in rank order, differentiable (see :class:`_GatherWithGrad`).
-    Every rank must pass the same shape. Identity without a process group."""
+    """``(n_r, ...)`` on each rank -> ``(sum_r n_r, ...)`` in rank order, differentiable (see
+    :class:`_GatherWithGrad`). Identity without a process group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
 
 
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient (labels, flags, evaluation outputs). Identity without a process group."""
+    """All-gather along dim 0 without gradient (labels, flags, evaluation outputs); ranks may hold different
+    numbers of rows. Identity without a process group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, 0)
+    return torch.cat(_gather_parts(x.detach())[0], 0)

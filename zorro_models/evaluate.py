@@ -144,7 +144,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     k = train_y.shape[1] if multi_label else (num_classes or int(max(train_y.max(), test_y.max())) + 1)
     w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
     target = train_y.to(torch.float64) if multi_label else train_y.long()
 
     def closure():

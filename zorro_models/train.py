@@ -35,11 +35,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .build import build_dataset, build_model, build_preprocessor, num_classes_of
+from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
 from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import Config, config_to_yaml, load_config, save_config
 from .data import collate
 from .distributed import DistEnv, all_gather_nograd, gather_with_grad, init_distributed
+from .evaluate import evaluate_heads
 from .heads import ContrastiveHeads, SupervisedHeads
 from .layers import OUTPUTS
 from .losses import SupervisedLoss, ZorroContrastiveLoss
@@ -187,15 +188,22 @@ class Trainer:
             self.optimizer, lambda s: warmup_cosine(s, t.steps, o.warmup_steps, o.min_lr_ratio))
         self.sampler = ResumableSampler(self.train_set, world, self.env.rank, shuffle=True, seed=t.seed)
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
+        self._val_set = None
 
-        if t.resume and (ckpt := latest_checkpoint(self.out)) is not None:
+        if t.eval_every > 0 and t.task != "supervised":
+            raise ValueError("train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
+                             "evaluate contrastive checkpoints with linear probes: zorro eval RUN")
+        ckpt = latest_checkpoint(self.out) if t.resume else None
+        if ckpt is not None:
             state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler)
             self.step = state["step"]
             self.epoch = state["extra"]["epoch"]
             self.batch_in_epoch = state["extra"]["batch_in_epoch"]
             self.skipped = state["extra"].get("skipped", 0)
             self._say(f"resumed from {ckpt} at step {self.step}")
-        elif t.init_from:
+        elif t.resume:
+            self._say(f"train.resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+        if ckpt is None and t.init_from:
             load_weights(self.task.model, t.init_from, prefix="model.")
             self._say(f"backbone initialised from {t.init_from}")
         self.ddp = self.task
@@ -273,6 +281,24 @@ class Trainer:
             vec /= self.env.world_size
         return dict(zip(keys, vec.tolist()))
 
+    def validate(self) -> Optional[dict]:
+        """Supervised runs: score the heads on the validation split under each input regime (rank 0 evaluates, the
+        others wait); logged as ``{"split": "val", "step": ..., "<regime>/<head>": metric}``. Returns the scores on
+        rank 0, None elsewhere."""
+        scores = None
+        if self.env.is_main:
+            if self._val_set is None:
+                self._val_set = build_dataset(self.cfg, self.model, "val")
+            scores = evaluate_heads(self.task.model, self.task.heads, self.preprocess,
+                                    eval_loader(self.cfg, self._val_set), multi_label=self.task.multi_label,
+                                    amp_dtype=self.amp_dtype)
+            self.task.train()
+            self.logger.log({"split": "val", "step": self.step,
+                             **{f"{r}/{h}": v for r, d in scores.items() for h, v in d.items()}})
+        if self.env.distributed:
+            dist.barrier()
+        return scores
+
     def save(self) -> Optional[Path]:
         """Checkpoint the current state (rank 0 writes; every rank returns after the write)."""
         path = None
@@ -322,6 +348,8 @@ class Trainer:
                     warnings.warn(f"{self.skipped} clip(s) could not be read and were skipped so far "
                                   f"(see the warnings above; training continues)", RuntimeWarning)
                     warned = self.skipped
+            if t.eval_every > 0 and self.step % t.eval_every == 0:
+                self.validate()
             if t.ckpt_every > 0 and self.step % t.ckpt_every == 0 and self.step < end:
                 self.save()
         if bar is not None:
