@@ -159,6 +159,11 @@ class Trainer:
             raise ValueError(f"train.task must be 'contrastive' or 'supervised', got {t.task!r}")
         if t.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {t.amp!r}")
+        if t.grad_accum < 1 or t.steps < 0:
+            raise ValueError(f"need train.grad_accum >= 1 and train.steps >= 0, got {t.grad_accum} and {t.steps}")
+        if t.eval_every > 0 and t.task != "supervised":
+            raise ValueError("train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
+                             "evaluate contrastive checkpoints with linear probes: zorro eval RUN")
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.env = env or init_distributed(t.device)
@@ -190,9 +195,6 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
         self._val_set = None
 
-        if t.eval_every > 0 and t.task != "supervised":
-            raise ValueError("train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
-                             "evaluate contrastive checkpoints with linear probes: zorro eval RUN")
         ckpt = latest_checkpoint(self.out) if t.resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler)
@@ -325,8 +327,9 @@ class Trainer:
         if t.progress and self.env.is_main:
             from tqdm.auto import tqdm
 
+            # disable=None: a bar on terminals, nothing in logs and CI output (where it would be a wall of \r lines)
             bar = tqdm(total=t.steps, initial=self.step, desc=f"{t.task} {self.cfg.model.mask}", dynamic_ncols=True,
-                       leave=False)
+                       leave=False, disable=None)
         start, window, last = time.perf_counter(), [], {}
         warned = self.skipped
         while self.step < end:
