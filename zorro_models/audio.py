@@ -111,7 +111,8 @@ class LogMelSpectrogram(nn.Module):
             raise ValueError(f"mel bands {empty} contain no FFT bin: n_mels={self.n_mels} is too many for "
                              f"n_fft={self.n_fft} over [{self.f_min}, {self.f_max}] Hz; lower n_mels or raise n_fft")
         self.register_buffer("filterbank", fb, persistent=False)
-        self.register_buffer("window", torch.hann_window(self.win_length, periodic=True, dtype=torch.float64), persistent=False)
+        window = torch.hann_window(self.win_length, periodic=True, dtype=torch.float64)
+        self.register_buffer("window", window, persistent=False)
 
     def num_frames(self, num_samples: int) -> int:
         """Frames produced for a waveform of ``num_samples`` samples."""

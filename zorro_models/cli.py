@@ -34,7 +34,8 @@ def _masks(text: str) -> list:
     masks = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in masks if m not in ("zorro", "full", "bottleneck")]
     if not masks or bad:
-        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of zorro, full, bottleneck; got {text!r}")
+        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of zorro, full, bottleneck; "
+                                         f"got {text!r}")
     return masks
 
 

@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-__all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "OptimConfig", "TrainConfig", "ProbeConfig", "Config",
-           "load_config", "apply_overrides", "from_dict", "config_to_yaml", "save_config"]
+__all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "OptimConfig", "TrainConfig", "ProbeConfig",
+           "Config", "load_config", "apply_overrides", "from_dict", "config_to_yaml", "save_config"]
 
 
 @dataclass
@@ -138,8 +138,9 @@ class TrainConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear probes on frozen embeddings: ``train_size`` labelled clips to fit, ``test_size`` to score (synthetic:
-    fresh seeds; clips: the val CSV is split in two). Full-batch L-BFGS on standardised features, L2 ``weight_decay``."""
+    """Linear probes on frozen embeddings. Synthetic data: ``train_size`` clips fit the probes, ``test_size`` other
+    clips score them (their own seeds). Clips: fitted on ``data.train_csv``, scored on ``data.val_csv`` (the sizes do
+    not apply). Full-batch L-BFGS on standardised features with L2 ``weight_decay``; ``batch_size`` for embedding."""
     train_size: int = 2048
     test_size: int = 1024
     weight_decay: float = 1e-3

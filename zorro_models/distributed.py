@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd", "is_main", "barrier"]
+__all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd"]
 
 
 class DistEnv(NamedTuple):
@@ -49,15 +49,6 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistEnv(rank, world, local, dev)
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _gather_parts(x: torch.Tensor) -> tuple[list, list]:

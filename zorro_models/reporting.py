@@ -112,7 +112,10 @@ def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", 
     body = [[str(label)] + [cell(vals.get(c)) for c in columns] for label, vals in rows.items()]
     head = [row_header] + list(columns)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    line = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r):
+        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
 
 
