@@ -13,11 +13,17 @@ from zorro_models import OUTPUTS, create_model, list_models
 # backbone -> (preset, overrides) small enough for the default tier (batch 2, CPU).
 BACKBONES = {
     "vit": ("zorro_vit_tiny", {"depth": 3}),
-    "swin": ("zorro_swin_tiny", {"depths": (2, 2, 2, 2), "base_dim": 48, "num_heads": (2, 4, 8, 16)}),
+    # smaller inputs, still with several regular and shifted windows per modality in the first stages
+    "swin": ("zorro_swin_tiny", {"depths": (2, 2, 2, 2), "base_dim": 48, "num_heads": (2, 4, 8, 16), "img_size": 32,
+                                 "n_mels": 32, "audio_frames": 64}),
     "hip": ("zorro_hip_tiny", {"depths": (1, 1, 1)}),
 }
 TINY_PRESETS = [n for n in list_models() if n.endswith(("_tiny", "_demo"))]
 LARGE_PRESETS = [n for n in list_models() if n not in TINY_PRESETS]
+
+# Outputs of the same math computed with another batch composition or sequence length: GEMM blocking (and so the
+# rounding) may differ, the values may not. Embeddings are LayerNorm'd (entries of order 1).
+SAME_MATH = dict(rtol=1e-4, atol=1e-5)
 
 _models: dict = {}
 
@@ -109,7 +115,8 @@ def test_parameter_counts_are_reported(name):
         model = create_model(name)
     n = model.num_params()
     assert n > 0
-    table = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    table = doc.split("\n## Presets\n")[1].split("\n### ")[0]  # the presets table, not the timings after it
     row = [line for line in table.splitlines() if line.startswith(f"| `{name}`")]
     assert len(row) == 1, f"docs/models.md has no (or several) table rows for {name}"
     documented = int(row[0].split("|")[2].strip().replace(",", ""))
@@ -209,7 +216,7 @@ def test_unimodal_call_equals_multimodal_stream(backbone, modality):
     with torch.no_grad():
         both = model(**x)
         alone = model(**{modality: x[modality]})
-    torch.testing.assert_close(alone[modality], both[modality], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone[modality], both[modality], **SAME_MATH)
     assert torch.count_nonzero(alone[other]) == 0, f"absent {other} must give an all-zero embedding"
     for name in ("fusion", "global"):
         assert torch.isfinite(alone[name]).all() and alone[name].abs().sum() > 0
@@ -245,9 +252,9 @@ def test_zero_length_sample_has_zero_unimodal_output(backbone):
     out, present = feats.embeddings, feats.present
     assert present["audio"].tolist() == [True, False] and present["video"].tolist() == [True, True]
     assert torch.count_nonzero(out["audio"][1]) == 0
-    torch.testing.assert_close(out["audio"][:1], first["audio"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["audio"][:1], first["audio"], **SAME_MATH)
     for k in ("video", "fusion", "global"):
-        torch.testing.assert_close(out[k][1:], second_video_only[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[k][1:], second_video_only[k], **SAME_MATH)
 
 
 def test_vit_ragged_sample_equals_truncated_call():
@@ -259,7 +266,7 @@ def test_vit_ragged_sample_equals_truncated_call():
         ragged = model(**x, audio_lengths=torch.tensor([x["audio"].shape[2], la]), video_lengths=torch.tensor([4, lv]))
         short = model(audio=x["audio"][1:, :, :la], video=x["video"][1:, :lv])
     for k in OUTPUTS:
-        torch.testing.assert_close(ragged[k][1:], short[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ragged[k][1:], short[k], **SAME_MATH)
 
 
 def test_masks_are_built_once_per_layout():

@@ -204,7 +204,8 @@ class MaskedReadout(nn.Module):
     Forward:
         tokens: ``(B, N, C)`` final tokens in stream order ``audio, video, fusion``;
         sizes: ``(n_audio, n_video, n_fusion)`` summing to N (a size may be 0);
-        lengths: int ``(B, 3)`` valid tokens per stream per sample, or None (all valid).
+        lengths: int ``(B, 3)`` valid tokens per stream per sample, or None (all valid);
+        mask: ``mask_for(sizes, lengths)`` built earlier (models cache it), or None to build it here.
         Returns ``(embeddings (B, 4, C), present (B, 4) bool)``, outputs in :data:`OUTPUTS` order.
     """
 
