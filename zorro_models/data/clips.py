@@ -65,11 +65,12 @@ def read_clip(path: str, *, num_frames: int, image_size: int, sample_rate: int, 
                 raise ClipError(f"{path}: no audio or video stream")
             total = (container.duration or 0) / 1e6  # microseconds -> s; 0 when the container does not say
             t0, t1 = _window(total, duration, window)
-            streams = [s for s in (container.streams.video[:1] + container.streams.audio[:1])]
+            streams = list(container.streams.video[:1]) + list(container.streams.audio[:1])
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if has_audio else None
             frames, audio, audio_start = [], [], None
             for frame in container.decode(*streams):
                 if isinstance(frame, av.VideoFrame):
+                    # a frame without a timestamp (rare, raw streams) is placed as if the video ran at 25 fps
                     t = frame.time if frame.time is not None else len(frames) / 25.0
                     if t0 - 1e-6 <= t < t1:
                         frames.append(frame.to_ndarray(format="rgb24", width=image_size, height=image_size))
