@@ -14,7 +14,7 @@ Metrics: top-1 accuracy for single-label data, mean average precision (mAP, the 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,39 +88,48 @@ def metric_name(multi_label: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
-@torch.no_grad()
-def collect_embeddings(model, preprocess, batches: Iterable[dict], regimes: Sequence[str] = tuple(REGIMES),
-                       amp_dtype: Optional[torch.dtype] = None) -> tuple[dict, torch.Tensor]:
-    """Run ``model`` over ``batches`` under each regime.
-
-    Returns ``(embeddings, labels)``: ``embeddings[regime][output]`` is float32 ``(N, D)`` on CPU for the outputs of
-    :data:`REGIME_OUTPUTS`; ``labels`` is ``(N,)`` int or ``(N, K)`` multi-hot. Skipped clips (``size == 0`` batches)
-    are ignored.
-    """
+def _run_regimes(forward: Callable[[dict], dict], preprocess, batches: Iterable[dict], regimes: Sequence[str],
+                 amp_dtype: Optional[torch.dtype], keep: Callable[[str, str], bool]) -> tuple[dict, torch.Tensor]:
+    """``forward(inputs) -> {name: (B, X)}`` on every non-empty batch under each regime; the entries ``keep(regime,
+    name)`` accepts are concatenated (float32, CPU). Returns ``({regime: {name: (N, X)}}, labels)``."""
     for r in regimes:
         if r not in REGIMES:
             raise ValueError(f"unknown regime {r!r}; choose from {tuple(REGIMES)}")
-    was_training = model.training
-    model.eval()
     device = preprocess.device
-    out = {r: {o: [] for o in REGIME_OUTPUTS[r]} for r in regimes}
+    out = {r: {} for r in regimes}
     labels = []
-    try:
+    with torch.no_grad():
         for batch in batches:
-            if batch.get("size", 1) == 0:
+            if batch.get("size", 1) == 0:  # every clip of the batch failed to decode
                 continue
             labels.append(batch["label"])
             for r in regimes:
                 inputs = preprocess(batch, REGIMES[r])
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    emb = model(**inputs)
-                for o in REGIME_OUTPUTS[r]:
-                    out[r][o].append(emb[o].float().cpu())
+                    result = forward(inputs)
+                for name, value in result.items():
+                    if keep(r, name):
+                        out[r].setdefault(name, []).append(value.float().cpu())
+    if not labels:
+        raise ValueError("nothing to evaluate: every batch was empty")
+    return {r: {n: torch.cat(v) for n, v in d.items()} for r, d in out.items()}, torch.cat(labels)
+
+
+def collect_embeddings(model, preprocess, batches: Iterable[dict], regimes: Sequence[str] = tuple(REGIMES),
+                       amp_dtype: Optional[torch.dtype] = None) -> tuple[dict, torch.Tensor]:
+    """Run ``model`` (in eval mode) over ``batches`` under each regime.
+
+    Returns ``(embeddings, labels)``: ``embeddings[regime][output]`` is float32 ``(N, D)`` on CPU for the outputs of
+    :data:`REGIME_OUTPUTS`; ``labels`` is ``(N,)`` int or ``(N, K)`` multi-hot. Batches whose every clip was skipped
+    (``size == 0``) are passed over.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return _run_regimes(lambda x: model(**x), preprocess, batches, regimes, amp_dtype,
+                            keep=lambda r, o: o in REGIME_OUTPUTS[r])
     finally:
         model.train(was_training)
-    if not labels:
-        raise ValueError("no sample to embed: every batch was empty")
-    return {r: {o: torch.cat(v) for o, v in d.items()} for r, d in out.items()}, torch.cat(labels)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
@@ -199,7 +208,6 @@ def run_probes(cfg, model, *, device="cpu", regimes: Sequence[str] = tuple(REGIM
     return {"metric": metric_name(multi_label), "num_classes": k, "results": results}
 
 
-@torch.no_grad()
 def evaluate_heads(model, heads, preprocess, batches: Iterable[dict], *, multi_label: bool,
                    regimes: Sequence[str] = tuple(REGIMES), amp_dtype: Optional[torch.dtype] = None) -> dict:
     """Score supervised heads (:class:`~zorro_models.SupervisedHeads`) under each regime.
@@ -207,29 +215,17 @@ def evaluate_heads(model, heads, preprocess, batches: Iterable[dict], *, multi_l
     Returns ``{regime: {head: metric}}`` for each head whose output sees something under the regime, plus
     ``"mean"``: the heads' logits averaged over the outputs present for each sample (the paper's prediction).
     """
+    def forward(inputs):
+        feats = model.forward_features(**inputs)
+        return heads(feats.embeddings, feats.present)
+
     was = (model.training, heads.training)
     model.eval()
     heads.eval()
-    device = preprocess.device
-    logits = {r: {} for r in regimes}
-    labels = []
     try:
-        for batch in batches:
-            if batch.get("size", 1) == 0:
-                continue
-            labels.append(batch["label"])
-            for r in regimes:
-                inputs = preprocess(batch, REGIMES[r])
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    feats = model.forward_features(**inputs)
-                    out = heads(feats.embeddings, feats.present)
-                for name, lg in out.items():
-                    if name == "mean" or name in REGIME_OUTPUTS[r]:
-                        logits[r].setdefault(name, []).append(lg.float().cpu())
+        logits, y = _run_regimes(forward, preprocess, batches, regimes, amp_dtype,
+                                 keep=lambda r, name: name == "mean" or name in REGIME_OUTPUTS[r])
     finally:
         model.train(was[0])
         heads.train(was[1])
-    if not labels:
-        raise ValueError("no sample to evaluate: every batch was empty")
-    y = torch.cat(labels)
-    return {r: {name: score(torch.cat(v), y, multi_label) for name, v in d.items()} for r, d in logits.items()}
+    return {r: {name: score(v, y, multi_label) for name, v in d.items()} for r, d in logits.items()}
