@@ -48,7 +48,7 @@ def test_demo_writes_table_results_and_plots(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "audio-only" in text and "Zorro" in text and "full attention" in text
     results = json.loads((out / "results.json").read_text())
-    assert set(results["table"]) == {"Zorro", "full attention"}
+    assert set(results["table"]) == {"untrained", "Zorro", "full attention"}
     assert set(results["table"]["Zorro"]) == {"audio-only", "video-only", "audio-visual"}
     assert results["runs"]["zorro"]["train"]["step"] == 2
     assert code in (0, 1)  # 2 steps prove nothing about the gap; the verdict line says which

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks to compare "
                    "(zorro, full, bottleneck; default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores, at least 1)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the probes of the untrained model")
     _add_config(p)
 
     p = sub.add_parser("train", help="train a model (one process; use torchrun -m zorro_models.train for DDP)")
@@ -83,7 +84,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     results = run_demo(args.out, masks=args.masks, config=args.config, overrides=args.overrides,
-                       threads=args.threads)
+                       threads=args.threads, baseline=not args.no_baseline)
     return 0 if results.get("verdict") is None or not results["verdict"].startswith("WARNING") else 1
 
 

@@ -13,6 +13,7 @@ through what both modalities share — the class. Under full attention both outp
 per-clip nuisances instead (instance discrimination through a cross-modal shortcut); alone, each modality then tells
 the probes much less. Expected: Zorro's unimodal probes clearly above the full model's.
 
+An "untrained" row gives the same probes on the freshly initialised model: what pre-training added or took away.
 The table is printed; ``<out>/results.json`` holds every number (all outputs x all regimes, timings, the config),
 ``<out>/probe_accuracy.png`` and ``<out>/training_curves.png`` the pictures, and ``<out>/<mask>/`` each run.
 """
@@ -55,22 +56,30 @@ def demo_overrides(out: Path, mask: str, threads: int) -> list[str]:
 
 
 def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"), config: Optional[str] = None,
-             overrides: Sequence[str] = (), threads: Optional[int] = None, verbose: bool = True) -> dict:
+             overrides: Sequence[str] = (), threads: Optional[int] = None, baseline: bool = True,
+             verbose: bool = True) -> dict:
     """Train, probe and compare; returns the results dict also written to ``<out>/results.json``.
 
     ``config`` / ``overrides`` change any setting (e.g. ``train.steps=100``) for every run. Each run starts from the
-    same seed, so the models differ only in their mask.
+    same seed, so the models differ only in their mask. ``baseline`` adds an "untrained" row: the probes on the first
+    model before any training, which shows what pre-training added (or took away).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or _default_threads()
     t_start = time.perf_counter()
     runs, curves = {}, {}
+    untrained = None
     cfg = None
     for mask in masks:
         cfg = load_config(config, demo_overrides(out, mask, threads) + list(overrides))
-        t0 = time.perf_counter()
         trainer = Trainer(cfg)
+        if baseline and untrained is None:
+            if verbose:
+                print(f"[untrained] linear probes on the freshly initialised {cfg.model.name}", flush=True)
+            with torch.random.fork_rng():  # leave the RNG exactly as training would find it without the baseline
+                untrained = run_probes(cfg, trainer.model, device=trainer.device)["results"]
+        t0 = time.perf_counter()
         if verbose:
             print(f"[{LABELS.get(mask, mask)}] contrastive pre-training: {cfg.train.steps} steps of "
                   f"{cfg.train.batch_size} clips, {cfg.model.name} ({trainer.model.num_params():,} parameters)",
@@ -89,11 +98,14 @@ def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"
     metric = runs[masks[0]]["metric"]
     table = {LABELS.get(m, m): {col: runs[m]["probes"][r][o] for col, (r, o) in TABLE_COLUMNS.items()}
              for m in masks}
+    if untrained is not None:
+        table = {"untrained": {col: untrained[r][o] for col, (r, o) in TABLE_COLUMNS.items()}, **table}
     elapsed = time.perf_counter() - t_start
     results = {
         "table": table, "metric": metric, "columns": {c: {"regime": r, "output": o}
                                                       for c, (r, o) in TABLE_COLUMNS.items()},
-        "chance": 1.0 / runs[masks[0]]["num_classes"], "runs": runs, "seconds": round(elapsed, 1),
+        "chance": 1.0 / runs[masks[0]]["num_classes"], "runs": runs, "untrained_probes": untrained,
+        "seconds": round(elapsed, 1),
         "threads": threads, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                         "torch": torch.__version__, "python": sys.version.split()[0]},
         "config": cfg.to_dict() if cfg is not None else None,
