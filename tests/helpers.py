@@ -1,0 +1,42 @@
+"""Shared test helpers: a tiny model configuration and a writer of real mp4 clips."""
+from pathlib import Path
+
+import numpy as np
+
+# A model small enough for CPU tests: 2 frames of 16x16 (8 video tokens), 16x16 spectrogram (4 audio tokens).
+TINY = ["model.kwargs={img_size: 16, num_frames: 2, video_patch: 8, n_mels: 16, audio_frames: 16, audio_patch: 8, "
+        "embed_dim: 32, depth: 1, num_heads: 2, num_fusion: 2}",
+        "data.audio.hop_length=500", "data.train_size=48", "train.batch_size=8", "train.progress=false",
+        "train.plot=false", "train.log_every=1", "optim.warmup_steps=2", "train.proj_dim=16", "probe.train_size=32",
+        "probe.test_size=32"]
+
+
+def write_clip(path, *, frames=10, fps=10, size=(48, 40), tone_hz=440.0, sample_rate=16000, seconds=1.0,
+               audio=True):
+    """A real mp4: H.264 video whose frame i is a flat grey of level 20 * i, and (optionally) an AAC sine tone."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
+        streams = [vs]
+        if audio:
+            a = c.add_stream("aac", rate=sample_rate)
+            a.layout = "mono"
+            streams.append(a)
+        for i in range(frames):
+            img = np.full((size[1], size[0], 3), 20 * i, np.uint8)
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        if audio:
+            t = np.arange(int(sample_rate * seconds)) / sample_rate
+            x = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
+            for s in range(0, len(x), 1024):
+                frame = av.AudioFrame.from_ndarray(x[None, s:s + 1024], format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = sample_rate, s
+                for pkt in a.encode(frame):
+                    c.mux(pkt)
+        for s in streams:
+            for pkt in s.encode(None):
+                c.mux(pkt)
+    return Path(path)

@@ -1,0 +1,85 @@
+"""Builders shared by training, evaluation and the demo: the model, the input pipeline and the datasets of a
+:class:`~zorro_models.config.Config`, with every size the data needs read from the model."""
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .audio import LogMelSpectrogram
+from .config import Config
+from .data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
+from .registry import create_model
+
+__all__ = ["build_model", "build_preprocessor", "build_dataset", "eval_loader", "num_classes_of", "SPLITS"]
+
+# split seeds of the synthetic dataset, offset from data.seed so that no two splits share a clip
+SPLITS = {"train": 1, "val": 2, "probe_train": 3, "probe_test": 4}
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+def build_model(cfg: Config) -> nn.Module:
+    """``create_model(cfg.model.name, mask=cfg.model.mask, **cfg.model.kwargs)``."""
+    return create_model(cfg.model.name, mask=cfg.model.mask, **cfg.model.kwargs)
+
+
+def build_preprocessor(cfg: Config, model) -> AVPreprocessor:
+    """The log-mel front-end and input normalisation of ``cfg.data``, with the mel bins and frame count the model
+    expects."""
+    a = cfg.data.audio
+    mel = LogMelSpectrogram(a.sample_rate, a.n_fft, a.hop_length, a.win_length, model.audio_embed.n_mels, a.f_min,
+                            a.f_max, a.log_offset)
+    need = mel.num_frames(int(round(a.sample_rate * cfg.data.duration)))
+    if need < model.audio_embed.patch[1]:
+        raise ValueError(f"data.duration={cfg.data.duration} s at hop {a.hop_length} gives {need} spectrogram frames, "
+                         f"fewer than one audio patch ({model.audio_embed.patch[1]} frames)")
+    return AVPreprocessor(mel, model.audio_embed.max_frames, a.mean, a.std, cfg.data.video_mean, cfg.data.video_std)
+
+
+def _video_size(model) -> tuple[int, int]:
+    v = model.video_embed
+    return v.num_frames, v.img_size
+
+
+def build_dataset(cfg: Config, model, split: str) -> Dataset:
+    """The dataset of ``split`` (``"train"``, ``"val"``, ``"probe_train"``, ``"probe_test"``) shaped for ``model``.
+
+    Synthetic data: ``train`` has ``data.train_size`` clips, ``val`` ``data.val_size``, the probe splits
+    ``probe.train_size`` / ``probe.test_size``, each from its own seed. Clips: ``train`` and ``probe_train`` read
+    ``data.train_csv``, ``val`` and ``probe_test`` read ``data.val_csv``.
+    """
+    d = cfg.data
+    frames, (h, w) = _video_size(model)
+    if d.kind == "synthetic":
+        if h != w:
+            raise ValueError(f"the synthetic data renders square frames; the model wants {h}x{w}")
+        size = {"train": d.train_size, "val": d.val_size, "probe_train": cfg.probe.train_size,
+                "probe_test": cfg.probe.test_size}[split]
+        sc = SyntheticAVConfig(num_classes=d.synthetic.num_classes, num_frames=frames, image_size=h,
+                               sample_rate=d.audio.sample_rate, duration=d.duration,
+                               audio_dropout=d.synthetic.audio_dropout, video_dropout=d.synthetic.video_dropout,
+                               distractor_prob=d.synthetic.distractor_prob)
+        return SyntheticAVDataset(size, sc, seed=d.seed * 16 + SPLITS[split])
+    if d.kind == "clips":
+        csv = d.train_csv if split in ("train", "probe_train") else d.val_csv
+        if csv is None:
+            raise ValueError(f"data.kind=clips needs data.{'train' if split in ('train', 'probe_train') else 'val'}"
+                             f"_csv for the {split!r} split")
+        if h != w:
+            raise ValueError(f"clips are resized to square frames; the model wants {h}x{w}")
+        classes = None
+        if split != "train" and d.train_csv is not None:  # class indices must agree with training
+            classes = ClipDataset(d.train_csv, root=d.root, multi_label=d.multi_label).classes
+        return ClipDataset(csv, num_frames=frames, image_size=h, sample_rate=d.audio.sample_rate,
+                           duration=d.duration, root=d.root, classes=classes, multi_label=d.multi_label,
+                           on_error=d.on_error)
+    raise ValueError(f"data.kind must be 'synthetic' or 'clips', got {d.kind!r}")
+
+
+def num_classes_of(dataset) -> int:
+    return int(dataset.num_classes)
+
+
+def eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
+    """Sequential batches of ``probe.batch_size`` (no shuffle, last batch kept) for evaluation and probes."""
+    return DataLoader(dataset, batch_size=cfg.probe.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                      collate_fn=collate)

@@ -1,0 +1,272 @@
+"""The ``zorro`` command.
+
+    zorro demo  [--out DIR] [--config YAML] [section.key=value ...]   # Zorro vs full attention, probes, table
+    zorro train [--config YAML] [section.key=value ...]                # contrastive or supervised training
+    zorro eval  RUN_OR_CHECKPOINT [--probes] [--out DIR]               # heads and/or linear probes, 3 regimes
+    zorro bench [--config YAML] [--masks zorro,full] [--steps N]       # training-step throughput per mask
+    zorro show-mask [--model NAME] [--mask zorro|full|bottleneck]     # a model's attention layout, drawn
+
+Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the training module:
+``torchrun --nproc_per_node=N -m zorro_models.train ...`` (see docs/training.md).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full")
+
+
+def _masks(text: str) -> list:
+    masks = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in masks if m not in ("zorro", "full", "bottleneck")]
+    if not masks or bad:
+        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of zorro, full, bottleneck; "
+                                         f"got {text!r}")
+    return masks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zorro", description="Train, evaluate and inspect Zorro models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="contrastive pre-training of Zorro and of full attention on the embedded data, "
+                                    "linear probes, a comparison table (CPU, minutes)")
+    p.add_argument("--out", default="zorro_demo", help="output folder (default: %(default)s)")
+    p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks to compare "
+                   "(zorro, full, bottleneck; default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores, at least 1)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the probes of the untrained model")
+    _add_config(p)
+
+    p = sub.add_parser("train", help="train a model (one process; use torchrun -m zorro_models.train for DDP)")
+    _add_config(p)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: supervised heads and/or linear probes under "
+                                    "audio-visual, audio-only and video-only inputs")
+    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--probes", action="store_true", help="also fit linear probes (always done for contrastive runs)")
+    p.add_argument("--out", help="where to write eval.json and eval.png (default: the run folder)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="changes to the stored config, e.g. probe.train_size=512 data.val_csv=...")
+
+    p = sub.add_parser("bench", help="training-step and inference throughput of a config, per mask")
+    p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mask (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    _add_config(p)
+
+    p = sub.add_parser("show-mask", help="draw a model's self-attention and readout layouts")
+    p.add_argument("--model", default="zorro_vit_demo", help="a preset (see zorro_models.list_models())")
+    p.add_argument("--mask", default="zorro", choices=["zorro", "full", "bottleneck"])
+    p.add_argument("--audio-only", action="store_true", help="the layout of an audio-only call")
+    p.add_argument("--video-only", action="store_true", help="the layout of a video-only call")
+    p.add_argument("--png", help="also save the dense mask as an image")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    results = run_demo(args.out, masks=args.masks, config=args.config, overrides=args.overrides,
+                       threads=args.threads, baseline=not args.no_baseline)
+    return 0 if results.get("verdict") is None or not results["verdict"].startswith("WARNING") else 1
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import run_training
+
+    summary = run_training(load_config(args.config, args.overrides))
+    print(f"[zorro] done: step {summary['step']}, loss {summary['loss']}, checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _resolve_checkpoint(path: str) -> Path:
+    from .checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "state.pt").is_file():
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise SystemExit(f"zorro eval: {path} is neither a checkpoint folder nor a run folder with checkpoints")
+    return ckpt
+
+
+def cmd_eval(args) -> int:
+    from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
+    from .checkpoint import load_weights
+    from .config import apply_overrides, from_dict, Config
+    from .evaluate import evaluate_heads, metric_name, run_probes
+    from .reporting import format_table, plot_modality_scores, write_json
+    from .train import SupervisedTask
+
+    import yaml
+
+    ckpt = _resolve_checkpoint(args.checkpoint)
+    cfg = apply_overrides(from_dict(Config, yaml.safe_load((ckpt / "config.yaml").read_text()) or {}),
+                          args.overrides)
+    out = Path(args.out) if args.out else ckpt.parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    model = build_model(cfg)
+    report = {"checkpoint": str(ckpt), "task": cfg.train.task}
+    tables = {}
+    if cfg.train.task == "supervised":
+        val = build_dataset(cfg, model, "val")
+        multi = bool(getattr(val, "multi_label", False))
+        task = SupervisedTask(model, num_classes_of(val), cfg.train.supervised_outputs, multi)
+        load_weights(task, ckpt)
+        task.to(device)
+        heads = evaluate_heads(task.model, task.heads, build_preprocessor(cfg, model).to(device),
+                               eval_loader(cfg, val), multi_label=multi)
+        report["heads"] = {"metric": metric_name(multi), "results": heads}
+        tables["supervised heads"] = (heads, metric_name(multi))
+    else:
+        load_weights(model, ckpt, prefix="model.")
+        model.to(device)
+    if cfg.train.task == "contrastive" or args.probes:
+        probes = run_probes(cfg, model, device=device)
+        report["probes"] = probes
+        tables["linear probes"] = (probes["results"], probes["metric"])
+    write_json(report, out / "eval.json")
+    for title, (res, metric) in tables.items():
+        columns = sorted({c for row in res.values() for c in row}, key=_output_order)
+        print(f"\n{title} ({metric}), rows: input regime, columns: output")
+        print(format_table(res, columns, row_header="input"))
+    # per-modality picture: each regime's own output (and the mean / all-outputs entry for audio-visual)
+    title, (res, metric) = next(iter(tables.items()))
+    av_key = "mean" if "mean" in res.get("audio-visual", {}) else "all"
+    bars = {Path(str(ckpt)).parent.parent.name or "model": {
+        "audio-only": res["audio-only"]["audio"], "video-only": res["video-only"]["video"],
+        "audio-visual": res["audio-visual"][av_key]}}
+    plot_modality_scores(bars, out / "eval.png", metric=metric, title=title)
+    print(f"\nwrote {out / 'eval.json'} and {out / 'eval.png'}")
+    return 0
+
+
+def _output_order(name: str) -> int:
+    order = ["audio", "video", "fusion", "global", "mean", "all"]
+    return order.index(name) if name in order else len(order)
+
+
+def cmd_bench(args) -> int:
+    from .config import load_config
+    from .reporting import format_table
+    from .train import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = {}
+    for mask in args.masks:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(args.config, list(args.overrides) + [
+                f"model.mask={mask}", f"train.out={tmp}", "train.progress=false", "train.plot=false",
+                "train.log_every=0"])
+            trainer = Trainer(cfg)
+            data = trainer.batches()
+            for _ in range(2):
+                trainer.train_step(data)
+            times = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                trainer.train_step(data)
+                times.append(time.perf_counter() - t0)
+            batch = next(data)
+            inputs = trainer.preprocess(batch)
+            trainer.model.eval()
+            with torch.no_grad():
+                trainer.model(**inputs)
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    trainer.model(**inputs)
+                infer = (time.perf_counter() - t0) / 3
+            step = statistics.median(times)
+            rows[mask] = {"train step (s)": step, "clips/s (train)": cfg.train.batch_size / step,
+                          "inference (s/batch)": infer, "clips/s (inference)": batch["size"] / infer}
+    print(f"{cfg.model.name}, batch {cfg.train.batch_size}, {torch.get_num_threads()} thread(s), device "
+          f"{trainer.device}; median of {args.steps} training steps (data, front-end, forward, backward, AdamW)")
+    print(format_table(rows, list(next(iter(rows.values()))), row_header="mask", fmt="{:.3f}"))
+    return 0
+
+
+def cmd_show_mask(args) -> int:
+    from .registry import create_model
+    from .layers import MaskedReadout
+
+    if args.audio_only and args.video_only:
+        raise SystemExit("zorro show-mask: choose at most one of --audio-only and --video-only")
+    with torch.device("meta"):
+        model = create_model(args.model, mask=args.mask)
+    n_audio = 0 if args.video_only else model.audio_embed.max_tokens
+    n_video = 0 if args.audio_only else model.video_embed.max_tokens
+    sizes = (n_audio, n_video, model.num_fusion)
+    if not hasattr(model, "layout_mask"):
+        raise SystemExit(f"zorro show-mask: {args.model} has no single layout mask (Swin and HiP change layouts per "
+                         f"stage; see docs/swin.md and docs/hip.md)")
+    mask = model.layout_mask(sizes)
+    print(f"{args.model}, mask={args.mask}: self-attention of every block over audio {n_audio}, video {n_video}, "
+          f"fusion {model.num_fusion} tokens")
+    print(mask)
+    print("\nreadout (4 learned queries -> final tokens):")
+    print(MaskedReadout.mask_for(sizes))
+    if args.png:
+        _save_mask_png(mask, args.png, f"{args.model} ({args.mask})")
+        print(f"\nwrote {args.png}")
+    return 0
+
+
+def _save_mask_png(mask, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = mask.to_dense().float().numpy()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(dense, cmap="Greys", interpolation="nearest")
+    edges = [0]
+    for s in mask.q_sizes:
+        edges.append(edges[-1] + s)
+    for e in edges[1:-1]:
+        ax.axhline(e - 0.5, color="tab:red", linewidth=0.8)
+        ax.axvline(e - 0.5, color="tab:red", linewidth=0.8)
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    ax.set_xticks(centers)
+    ax.set_xticklabels(mask.kv_names)
+    ax.set_yticks(centers)
+    ax.set_yticklabels(mask.q_names)
+    ax.set_xlabel("keys")
+    ax.set_ylabel("queries")
+    ax.set_title(f"{title}: black = attended")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "show-mask": cmd_show_mask}
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

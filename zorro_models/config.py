@@ -1,0 +1,270 @@
+"""Run configuration: dataclasses, loadable from YAML, with ``section.key=value`` overrides from the command line.
+
+    cfg = load_config("run.yaml", ["optim.lr=3e-4", "model.mask=full", "model.kwargs.depth=2"])
+    cfg.to_dict()      # plain dict, stored in every checkpoint and in results.json
+
+Every key is checked: an unknown section or field raises ValueError listing the valid ones, and values are converted to
+the field's type (YAML syntax: ``true``, ``1e-3``, ``[audio, video]``, ``{depth: 2}``).
+
+Sizes that belong to the model (frames, image size, mel bins, spectrogram frames) are not repeated here: the data
+pipeline reads them from the model built by ``model.name`` + ``model.kwargs``, so the two can never disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+__all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "OptimConfig", "TrainConfig", "ProbeConfig",
+           "Config", "load_config", "apply_overrides", "from_dict", "config_to_yaml", "save_config"]
+
+
+@dataclass
+class ModelConfig:
+    """``create_model(name, mask=mask, **kwargs)``."""
+    name: str = "zorro_vit_demo"
+    mask: str = "zorro"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class AudioConfig:
+    """The log-mel front-end (:class:`~zorro_models.audio.LogMelSpectrogram`) and the spectrogram normalisation.
+    ``n_mels`` comes from the model. Defaults suit the synthetic data (8 kHz, 1 s -> 65 frames of 16 ms hops)."""
+    sample_rate: int = 8000
+    n_fft: int = 256
+    hop_length: int = 125
+    win_length: Optional[int] = None
+    f_min: float = 0.0
+    f_max: Optional[float] = None
+    log_offset: float = 1e-6
+    mean: float = 2.0
+    std: float = 2.0
+
+
+@dataclass
+class SyntheticConfig:
+    """Classes and difficulty of the embedded dataset (:class:`~zorro_models.data.SyntheticAVConfig`; its frame count,
+    image size, sample rate and duration come from the model and ``data.audio`` / ``data.duration``)."""
+    num_classes: int = 8
+    audio_dropout: float = 0.2
+    video_dropout: float = 0.2
+    distractor_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from.
+
+    ``kind="synthetic"``: the embedded dataset; ``train_size`` / ``val_size`` clips from split seeds derived from
+    ``seed``. ``kind="clips"``: CSV lists of video files (:mod:`zorro_models.data.clips`): ``train_csv``, ``val_csv``,
+    paths relative to ``root`` (default: each CSV's folder). Both: ``duration`` seconds of audio per clip at
+    ``audio.sample_rate``; frames per clip and image size come from the model. ``num_workers`` DataLoader processes.
+    """
+    kind: str = "synthetic"
+    seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_size: int = 1_000_000
+    val_size: int = 1024
+    train_csv: Optional[str] = None
+    val_csv: Optional[str] = None
+    root: Optional[str] = None
+    multi_label: Optional[bool] = None
+    duration: float = 1.0
+    on_error: str = "skip"
+    num_workers: int = 0
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    video_mean: float = 0.45
+    video_std: float = 0.225
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, linear warm-up to ``lr`` over ``warmup_steps`` then cosine decay to ``lr * min_lr_ratio`` at the last
+    step; gradient-norm clipping (``clip_grad_norm <= 0`` disables it)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The training run.
+
+    Attributes:
+        task: ``"contrastive"`` (pre-training: InfoNCE between output pairs) or ``"supervised"`` (classifiers on the
+            outputs; with ``init_from`` this is fine-tuning).
+        steps: optimizer steps. batch_size: the global batch per step (split over ranks and ``grad_accum``
+            micro-batches; must divide evenly).
+        amp: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
+        out: run folder (checkpoints, metrics.jsonl, plots). resume: continue from the latest checkpoint in ``out``.
+        init_from: a checkpoint (folder or ``model.safetensors``) whose backbone weights start the run.
+        log_every / eval_every / ckpt_every: in steps; 0 = never (a checkpoint is always written at the end).
+        keep_checkpoints: how many step checkpoints to keep (oldest deleted first).
+        threads: ``torch.set_num_threads`` (0 = leave PyTorch's default).
+        progress, plot: a tqdm progress bar; a ``training_curves.png`` at the end (rank 0).
+        pairs, temperature, proj_dim: contrastive loss settings (see :class:`~zorro_models.ZorroContrastiveLoss`).
+        supervised_outputs: outputs that get a classifier (supervised task).
+    """
+    task: str = "contrastive"
+    steps: int = 200
+    batch_size: int = 64
+    grad_accum: int = 1
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/zorro"
+    resume: bool = False
+    init_from: Optional[str] = None
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    threads: int = 0
+    progress: bool = True
+    plot: bool = True
+    pairs: list = field(default_factory=lambda: [["audio", "video"]])
+    temperature: float = 0.1
+    proj_dim: int = 64
+    supervised_outputs: list = field(default_factory=lambda: ["audio", "video", "fusion", "global"])
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probes on frozen embeddings. Synthetic data: ``train_size`` clips fit the probes, ``test_size`` other
+    clips score them (their own seeds). Clips: fitted on ``data.train_csv``, scored on ``data.val_csv`` (the sizes do
+    not apply). Full-batch L-BFGS on standardised features with L2 ``weight_decay``; ``batch_size`` for embedding."""
+    train_size: int = 2048
+    test_size: int = 1024
+    weight_decay: float = 1e-3
+    max_iter: int = 200
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ dict <-> dataclass
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{where} must be an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    if tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return tp(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build dataclass ``cls`` from a (possibly partial) dict; missing keys keep their defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings (values in YAML syntax) and return a new, checked :class:`Config`."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node:
+                have = sorted(node) if isinstance(node, dict) else []
+                raise ValueError(f"override {item!r}: no section {'.'.join(parts[:i + 1])!r}; valid: {have}")
+            node = node[p]
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {'.'.join(parts[:-1])!r} is not a section")
+        # dict-valued fields (model.kwargs) take new keys; dataclass sections are checked by from_dict below
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return from_dict(Config, data)
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    cfg = Config()
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        cfg = from_dict(Config, data, where=str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML text (what :func:`load_config` reads back)."""
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def save_config(cfg: Config, path) -> None:
+    """Write ``cfg`` as a YAML file."""
+    Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,110 @@
+"""Multi-process training helpers: process-group set-up from torchrun's environment, and a differentiable all-gather.
+
+``torchrun --nproc_per_node=N -m zorro_models.train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+``MASTER_ADDR``/``MASTER_PORT``; :func:`init_distributed` reads them and starts a process group (gloo on CPU, nccl on
+CUDA). Without them everything runs as one process and every helper here is the identity.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd"]
+
+
+class DistEnv(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Start the process group when launched by torchrun (``WORLD_SIZE > 1``), else describe a single process.
+
+    ``device``: ``"auto"`` (CUDA ``LOCAL_RANK`` when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:i"``.
+    Backend: nccl for CUDA devices, gloo for CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistEnv(rank, world, local, dev)
+
+
+def _gather_parts(x: torch.Tensor) -> tuple[list, list]:
+    """All-gather ``x (n_r, ...)`` from every rank, where ``n_r`` may differ by rank (a batch that lost clips to
+    decode errors): sizes are exchanged first and tensors padded to the largest. Returns (parts, sizes)."""
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return [p[:s] for p, s in zip(parts, sizes)], sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the gradient of its own slice, summed over ranks.
+
+    Every rank computes a loss on the gathered tensor; rank r's slice influences every rank's loss, so its gradient is
+    the sum of what all ranks send back — an all-reduce, then the slice. Combined with DDP's gradient averaging, a
+    loss computed identically on every rank (the global-batch loss) yields the gradient of one process seeing the
+    whole batch. Written out here because some backends (gloo) lack the reduce-scatter that
+    ``torch.distributed.nn.all_gather`` relies on, and because ranks may hold different numbers of samples.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts, sizes = _gather_parts(x)
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        sizes, longest = ctx.sizes, max(ctx.sizes)
+        # lay the gradient out as (world, longest, ...) so every rank reduces tensors of the same shape
+        padded = grad.new_zeros(len(sizes), longest, *grad.shape[1:])
+        for r, chunk in enumerate(grad.split(sizes)):
+            padded[r, :sizes[r]] = chunk
+        dist.all_reduce(padded, op=dist.ReduceOp.SUM)
+        return padded[ctx.rank, :sizes[ctx.rank]]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``(n_r, ...)`` on each rank -> ``(sum_r n_r, ...)`` in rank order, differentiable (see
+    :class:`_GatherWithGrad`). Identity without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient (labels, flags, evaluation outputs); ranks may hold different
+    numbers of rows. Identity without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(_gather_parts(x.detach())[0], 0)

@@ -1,0 +1,139 @@
+"""Run outputs: metrics as JSON lines, PNG plots (training curves, per-modality scores), result tables.
+
+Every training run appends one JSON object per logged step to ``<run>/metrics.jsonl`` (``{"step": ..., "loss":
+..., "lr": ..., ...}``); the plots are drawn from that file, so a run's curves can be redrawn at any time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_training_curves", "plot_modality_scores", "format_table",
+           "write_json"]
+
+
+class MetricsLogger:
+    """Append-only JSON-lines writer (one object per call to :meth:`log`, flushed at once)."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: Union[str, Path]) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file, in order (a torn last line from a crash is ignored)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(runs: dict, path: Union[str, Path], keys: Sequence[str] = ("loss",),
+                         title: str = "training") -> Path:
+    """One panel per key of ``keys``; one line per run. ``runs``: label -> list of metric records (with "step")."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, records in runs.items():
+            pts = [(r["step"], r[key]) for r in records if key in r and r.get("split", "train") == "train"]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_modality_scores(results: dict, path: Union[str, Path], metric: str = "accuracy",
+                         chance: Optional[float] = None, title: str = "linear probes") -> Path:
+    """Grouped bars: ``results`` is ``{model label: {column: value}}`` (e.g. columns audio-only, video-only,
+    audio-visual)."""
+    plt = _pyplot()
+    labels = list(results)
+    columns = list(next(iter(results.values())))
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(columns), 3.8))
+    for i, label in enumerate(labels):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(columns))]
+        vals = [results[label][c] for c in columns]
+        bars = ax.bar(xs, vals, width, label=label)
+        for bar, v in zip(bars, vals):
+            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", fmt: str = "{:.3f}") -> str:
+    """A fixed-width text table: ``rows`` is ``{row label: {column: value}}``; missing values print as '-'."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return fmt.format(v) if isinstance(v, (int, float)) else str(v)
+
+    body = [[str(label)] + [cell(vals.get(c)) for c in columns] for label, vals in rows.items()]
+    head = [row_header] + list(columns)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+
+    def line(r):
+        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
+
+
+def write_json(obj, path: Union[str, Path]) -> Path:
+    """Write ``obj`` as indented JSON (atomically: temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_default), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"cannot serialise {type(x).__name__}")
+
