@@ -337,19 +337,18 @@ class ZorroMask:
                          lengths=lengths, kv_lengths=kv_lengths, causal=self.causal)
 
     def _q_lengths_or_sizes(self) -> torch.Tensor:
-        """``(Bm, Sq)`` valid tokens per query segment, Bm = 1 without lengths."""
-        if self.lengths is not None:
-            return self.lengths
-        base = torch.tensor(self.q_sizes, dtype=torch.int64)[None]
-        b = self.batch_size
-        return base.expand(b, -1) if b is not None else base
+        """``(Bm, Sq)`` valid tokens per query segment: Bm = B when either side has lengths, else 1."""
+        return self._lengths_or_sizes(self.lengths, self.q_sizes)
 
     def _kv_lengths_or_sizes(self) -> torch.Tensor:
-        if self.kv_lengths is not None:
-            return self.kv_lengths
-        base = torch.tensor(self.kv_sizes, dtype=torch.int64)[None]
-        b = self.batch_size
-        return base.expand(b, -1) if b is not None else base
+        """``(Bm, Sk)`` valid tokens per key segment, as :meth:`_q_lengths_or_sizes`."""
+        return self._lengths_or_sizes(self.kv_lengths, self.kv_sizes)
+
+    def _lengths_or_sizes(self, lengths: Optional[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+        if lengths is not None:
+            return lengths
+        base = torch.tensor(sizes, dtype=torch.int64)[None]
+        return base if self.batch_size is None else base.expand(self.batch_size, -1)
 
     def to_dense(self) -> torch.Tensor:
         """The mask as a bool tensor: ``(Nq, Nk)``, or ``(B, Nq, Nk)`` when lengths are given. ``True`` = may attend.
