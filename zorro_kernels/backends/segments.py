@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..reference import expand_kv_heads
 
-__all__ = ["segment_attention", "build_plan", "Plan", "Pattern", "Step"]
+__all__ = ["segment_attention", "build_plan", "cpu_forward", "cpu_backward", "Plan", "Pattern", "Step"]
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -232,78 +232,89 @@ def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
     return x if batch is None else x.index_select(0, batch)
 
 
-class _SegmentAttentionCPU(torch.autograd.Function):
-    """Forward and backward with ATen's CPU flash-attention kernels, one call per plan step.
+def cpu_forward(q, k, v, plan: Plan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of a plan with ATen's CPU flash-attention kernels, one call per plan step (no autograd).
 
-    Buffers start uninitialised: every row is either written by exactly one step (queries), first copied then
-    accumulated (keys, see :func:`_schedule_key_writes`), or explicitly zeroed (rows no step touches).
+    Returns ``out (B, H, Nq, D)`` and ``lse (B, H, Nq)`` (fp32; fp64 for fp64 inputs). Buffers start uninitialised:
+    every query row is written by exactly one step or explicitly zeroed (rows no step touches).
     """
+    b, h, nq, d = q.shape
+    out = q.new_empty(b, h, nq, d)
+    lse = q.new_empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for pat in plan.patterns:
+        qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+        kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
+        ob = out if pat.batch is None else qb.new_empty(qb.shape)
+        lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
+        for st in pat.steps:
+            am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
+            o, l = _fwd_cpu(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                            _gather(vb, st.k_ranges, st.blocks), 0.0, False, attn_mask=am, scale=scale)
+            if st.dead_rows is not None:
+                o = o.masked_fill(st.dead_rows[:, None], 0.0)
+            _scatter(ob, st.q_ranges, _unfold(o, h))
+            _scatter(lb, st.q_ranges, _unfold(l, h))
+        _zero(ob, pat.q_uncovered)
+        _zero(lb, pat.q_uncovered)
+        if pat.batch is not None:
+            out[pat.batch] = ob
+            lse[pat.batch] = lb
+    return out, lse
+
+
+def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float):
+    """Backward of :func:`cpu_forward`: ``(dq, dk, dv)``. dK/dV rows are first copied then accumulated (see
+    :func:`_schedule_key_writes`); rows no step reads are zeroed."""
+    grad_out = grad_out.contiguous()
+    h, hkv = q.shape[1], k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for pat in plan.patterns:
+        qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
+        kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
+        dqb = dq if pat.batch is None else torch.empty_like(qb)
+        dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
+        dvb = dv if pat.batch is None else torch.empty_like(dkb)
+        for st in pat.steps:
+            am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
+            go = _gather(gb, st.q_ranges, st.blocks)
+            if st.dead_rows is not None:
+                go = go.masked_fill(st.dead_rows[:, None], 0.0)
+            g_q, g_k, g_v = _bwd_cpu(
+                go.contiguous(), _gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                _gather(vb, st.k_ranges, st.blocks), _gather(ob, st.q_ranges, st.blocks),
+                _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False, attn_mask=am, scale=scale)
+            _scatter(dqb, st.q_ranges, _unfold(g_q, h))
+            for g, dst in ((g_k, dkb), (g_v, dvb)):
+                g = _unfold(g, h)
+                if hkv != h:  # GQA: the query heads of a group all read one kv head
+                    g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+                for s, e, o, acc in st.k_writes:
+                    if acc:
+                        dst[:, :, s:e] += g[:, :, o:o + e - s]
+                    else:
+                        dst[:, :, s:e] = g[:, :, o:o + e - s]
+        for t, ranges in ((dqb, pat.q_uncovered), (dkb, pat.k_uncovered), (dvb, pat.k_uncovered)):
+            _zero(t, ranges)
+        if pat.batch is not None:
+            dq[pat.batch] = dqb
+            dk[pat.batch] = dkb
+            dv[pat.batch] = dvb
+    return dq, dk, dv
+
+
+class _SegmentAttentionCPU(torch.autograd.Function):
+    """Autograd around :func:`cpu_forward` / :func:`cpu_backward`."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float):
-        b, h, nq, d = q.shape
-        out = q.new_empty(b, h, nq, d)
-        lse = q.new_empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        for pat in plan.patterns:
-            qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
-            kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
-            ob = out if pat.batch is None else qb.new_empty(qb.shape)
-            lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
-            for st in pat.steps:
-                am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
-                o, l = _fwd_cpu(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                                _gather(vb, st.k_ranges, st.blocks), 0.0, False, attn_mask=am, scale=scale)
-                if st.dead_rows is not None:
-                    o = o.masked_fill(st.dead_rows[:, None], 0.0)
-                _scatter(ob, st.q_ranges, _unfold(o, h))
-                _scatter(lb, st.q_ranges, _unfold(l, h))
-            _zero(ob, pat.q_uncovered)
-            _zero(lb, pat.q_uncovered)
-            if pat.batch is not None:
-                out[pat.batch] = ob
-                lse[pat.batch] = lb
+        out, lse = cpu_forward(q, k, v, plan, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        h, hkv = q.shape[1], k.shape[1]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for pat in plan.patterns:
-            qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
-            kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
-            dqb = dq if pat.batch is None else torch.empty_like(qb)
-            dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
-            dvb = dv if pat.batch is None else torch.empty_like(dkb)
-            for st in pat.steps:
-                am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
-                go = _gather(gb, st.q_ranges, st.blocks)
-                if st.dead_rows is not None:
-                    go = go.masked_fill(st.dead_rows[:, None], 0.0)
-                g_q, g_k, g_v = _bwd_cpu(
-                    go.contiguous(), _gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                    _gather(vb, st.k_ranges, st.blocks), _gather(ob, st.q_ranges, st.blocks),
-                    _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False, attn_mask=am, scale=scale)
-                _scatter(dqb, st.q_ranges, _unfold(g_q, h))
-                for g, dst in ((g_k, dkb), (g_v, dvb)):
-                    g = _unfold(g, h)
-                    if hkv != h:  # GQA: the query heads of a group all read one kv head
-                        g = g.unflatten(1, (hkv, h // hkv)).sum(2)
-                    for s, e, o, acc in st.k_writes:
-                        if acc:
-                            dst[:, :, s:e] += g[:, :, o:o + e - s]
-                        else:
-                            dst[:, :, s:e] = g[:, :, o:o + e - s]
-            for t, ranges in ((dqb, pat.q_uncovered), (dkb, pat.k_uncovered), (dvb, pat.k_uncovered)):
-                _zero(t, ranges)
-            if pat.batch is not None:
-                dq[pat.batch] = dqb
-                dk[pat.batch] = dkb
-                dv[pat.batch] = dvb
-        return dq, dk, dv, None, None
+        return (*cpu_backward(grad_out, *ctx.saved_tensors, ctx.plan, ctx.scale), None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------- any device

@@ -150,22 +150,14 @@ def _triton_backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float):
 
 
 # ------------------------------------------------------------------------------------------------ other backends
-class _SavedContext:
-    """Stands in for autograd's ctx so the segment path's CPU Function can run its forward and backward as plain
-    computations inside a custom op (where autograd is switched off) — same kernels, same numbers as in eager."""
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
 def _other_forward(impl: str, q, k, v, mask: ZorroMask, scale: float):
     from .. import BACKENDS
-    from ..segments import _SegmentAttentionCPU, build_plan
+    from ..segments import build_plan, cpu_forward
 
     if impl == "segments" and q.device.type == "cpu":
-        ctx = _SavedContext()
-        out = _SegmentAttentionCPU.forward(ctx, q, k, v, mask.cached("segment_plan", lambda: build_plan(mask)), scale)
-        return out, ctx.saved_tensors[-1].float()
+        # the same kernels as in eager, run as plain computations (autograd is off inside a custom op)
+        out, lse = cpu_forward(q, k, v, mask.cached("segment_plan", lambda: build_plan(mask)), scale)
+        return out, lse.float()
     # the other paths recompute in the backward; their LSE is not needed
     out = BACKENDS[impl].forward(q, k, v, mask, scale).contiguous()
     return out, q.new_zeros(q.shape[:3], dtype=torch.float32)
@@ -173,13 +165,11 @@ def _other_forward(impl: str, q, k, v, mask: ZorroMask, scale: float):
 
 def _other_backward(impl: str, dout, q, k, v, out, lse, mask: ZorroMask, scale: float):
     from .. import BACKENDS
-    from ..segments import _SegmentAttentionCPU, build_plan
+    from ..segments import build_plan, cpu_backward
 
     if impl == "segments" and q.device.type == "cpu":
-        ctx = _SavedContext()
-        ctx.saved_tensors = (q, k, v, out, lse.to(torch.float64) if q.dtype == torch.float64 else lse)
-        ctx.plan, ctx.scale = mask.cached("segment_plan", lambda: build_plan(mask)), scale
-        grads = _SegmentAttentionCPU.backward(ctx, dout.contiguous())[:3]
+        grads = cpu_backward(dout, q, k, v, out, lse.to(torch.float64) if q.dtype == torch.float64 else lse,
+                             mask.cached("segment_plan", lambda: build_plan(mask)), scale)
     elif impl == "reference":
         _, vjp = torch.func.vjp(lambda a, b, c: BACKENDS[impl].forward(a, b, c, mask, scale), q, k, v)
         grads = vjp(dout)
