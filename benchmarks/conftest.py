@@ -59,7 +59,16 @@ def describe_machine(tier: str) -> dict:
         "zorro_dtype": str(bench_dtype(device)).replace("torch.", ""),
         "zorro_tier": tier,
         "zorro_date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "zorro_load_start": _loadavg(),
     }
+
+
+def _loadavg() -> str:
+    """The 1/5/15-minute load averages: on a shared machine, how much else was running."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +112,4 @@ def pytest_runtest_logreport(report):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["zorro_skipped"] = SKIPPED
+    output_json.setdefault("machine_info", {})["zorro_load_end"] = _loadavg()

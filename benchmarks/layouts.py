@@ -156,8 +156,8 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
     """Every layout of a tier, in report order.
 
     ``full`` on CPU is sized so the whole suite stays within about 15 minutes on a 2-core machine: the fixed layouts
-    at B=2, H=12 (the Figure-2 token counts), the sweep at B=1, H=8, with fwd+bwd up to N=8192 (one dense fwd+bwd
-    at 16k takes ~15 s there). On CUDA the batch grows so kernels, not launches, dominate. ``smoke`` runs every
+    at B=2, H=12 (the Figure-2 token counts), packing and the sweep at B=1, H=4, with fwd+bwd up to N=8192 (one
+    dense fwd+bwd at 16k takes ~7 s there). On CUDA the batch grows so kernels, not launches, dominate. ``smoke`` runs every
     layout family at toy sizes in about a minute, so CI keeps the suite from rotting.
     """
     if tier not in TIERS:
@@ -174,7 +174,8 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
             scaling(512, heads=2, head_dim=32),
         ]
     kw = dict(batch=16 if cuda else 2, heads=12, head_dim=64)
-    out = [figure2(**kw), ragged(**kw), swin(**kw), hip(**kw), packed(batch=8 if cuda else 1)]
+    out = [figure2(**kw), ragged(**kw), swin(**kw), hip(**kw),
+           packed(batch=8 if cuda else 1, heads=16 if cuda else 4)]
     for n in (1024, 2048, 4096, 8192, 16384):
-        out.append(scaling(n, batch=4 if cuda else 1, heads=16 if cuda else 8, backward=cuda or n <= 8192))
+        out.append(scaling(n, batch=4 if cuda else 1, heads=16 if cuda else 4, backward=cuda or n <= 8192))
     return out

@@ -90,13 +90,15 @@ def _machine(info: dict) -> list[str]:
         + (f"; GPU: {gpu}" if gpu else "; no GPU"),
         f"- **Device / dtype:** {info.get('zorro_device', '?')} / {info.get('zorro_dtype', '?')}; "
         f"torch {info.get('zorro_torch', '?')}; Python {info.get('python_version', '?')}",
-        f"- **Tier:** {info.get('zorro_tier', '?')}; run {info.get('zorro_date', info.get('datetime', '?'))}",
+        f"- **Tier:** {info.get('zorro_tier', '?')}; run {info.get('zorro_date', info.get('datetime', '?'))}; "
+        f"load average (1/5/15 min) {info.get('zorro_load_start', '?')} at the start, "
+        f"{info.get('zorro_load_end', '?')} at the end",
     ]
 
 
 def _headline(cases) -> list[str]:
-    out = ["| case | zorro backend | zorro (ms) | ideal (ms) | fraction of ideal | vs masked SDPA | vs einsum "
-           "| vs FlexAttention |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| case | zorro backend | zorro (ms) | ideal (ms) | fraction of ideal (best round) | masked SDPA "
+           "| einsum | FlexAttention |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for (layout, direction), group in cases.items():
         z = _best_zorro(group)
         if z is None:
@@ -106,9 +108,10 @@ def _headline(cases) -> list[str]:
         def rel(peer):
             return _x(by[peer]["median_s"] / z["median_s"]) if peer in by else "—"
         ideal = z.get("ideal_median_s")
+        best = z.get("fraction_of_ideal_best")
         out.append(f"| {layout} {direction} | {z['peer'][6:]} | {_ms(z['median_s'])} | {_ms(ideal)} | "
-                   f"{z.get('fraction_of_ideal', float('nan')):.2f} | {rel(MASKED)} | {rel('einsum')} | "
-                   f"{rel('flex')} |")
+                   f"{z.get('fraction_of_ideal', float('nan')):.2f}" + ("" if best is None else f" ({best:.2f})")
+                   + f" | {rel(MASKED)} | {rel('einsum')} | {rel('flex')} |")
     return out
 
 
@@ -154,7 +157,9 @@ def render_markdown(data: dict, command: str = "") -> str:
            "(1.0 = as fast as the ideal); for zorro it comes from rounds interleaved with the ideal baseline. "
            "TFLOP/s count attended entries only (fwd 4·B·H·attended·D, bwd 2.5x fwd). Every peer's output "
            "(and gradients) passed the tolerance policy of `tests/tolerances.py` before it was timed.", ""]
-    md += ["## Headline", ""] + _headline(cases) + [""]
+    md += ["## Headline", "", "zorro's time, its fraction of the ideal (median over paired rounds; in brackets best "
+           "round against best round), and each peer's time as a multiple of zorro's (higher = zorro faster).", ""]
+    md += _headline(cases) + [""]
     md += ["## Layouts", ""]
     for (layout, direction), group in cases.items():
         if group[0]["family"] == "scaling":

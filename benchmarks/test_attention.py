@@ -21,10 +21,12 @@ from benchmarks.measure import Reference, make_inputs, peak_memory, run_once, sy
 from benchmarks.peers import IDEAL, MASKED, PEERS, Unavailable
 
 DIRECTIONS = ("fwd", "fwd+bwd")
+# the cases the CPU speed goal is stated on (>= 0.95 of ideal): their zorro rows get more paired rounds
+KEY_LAYOUTS = ("figure2", "scaling-4096")
 
 # Per (tier, device type): seconds of timed calls a row aims at, and the bounds on its rounds.
 TIMING = {
-    ("full", "cpu"): dict(budget_s=4.0, min_rounds=5, max_rounds=15, paired_budget_s=8.0, paired_min_rounds=9),
+    ("full", "cpu"): dict(budget_s=3.0, min_rounds=5, max_rounds=15, paired_budget_s=8.0, paired_min_rounds=7),
     ("smoke", "cpu"): dict(budget_s=0.2, min_rounds=2, max_rounds=3, paired_budget_s=0.4, paired_min_rounds=3),
     ("full", "cuda"): dict(budget_s=1.0, min_rounds=10, max_rounds=200, paired_budget_s=2.0, paired_min_rounds=30),
     ("smoke", "cuda"): dict(budget_s=0.2, min_rounds=3, max_rounds=20, paired_budget_s=0.4, paired_min_rounds=5),
@@ -108,7 +110,8 @@ def test_attention(benchmark, case, tier, device, dtype):
         t0 = time.perf_counter()
         ideal_call()
         per_round = warm_s + time.perf_counter() - t0
-        rounds = int(min(timing["max_rounds"], max(timing["paired_min_rounds"], timing["paired_budget_s"] / per_round)))
+        min_rounds = timing["paired_min_rounds"] + (4 if layout.name in KEY_LAYOUTS and tier == "full" else 0)
+        rounds = int(min(timing["max_rounds"], max(min_rounds, timing["paired_budget_s"] / per_round)))
 
         def setup():
             t = time.perf_counter()
@@ -134,6 +137,8 @@ def test_attention(benchmark, case, tier, device, dtype):
         info["ideal_median_s"] = statistics.median(ideal_times) * frac
         info["fraction_of_ideal"] = statistics.median(i * frac / t for i, t in zip(ideal_times, times))
         info["fraction_of_ideal_paired"] = True
+        # best round against best round: what the rows cost when the machine was least disturbed
+        info["fraction_of_ideal_best"] = min(ideal_times) * frac / min(times)
     elif ideal_row is not None:
         info["fraction_of_ideal"] = ideal_row["median_s"] * frac / median
         info["fraction_of_ideal_paired"] = False
