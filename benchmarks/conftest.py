@@ -58,9 +58,21 @@ def describe_machine(tier: str) -> dict:
         "zorro_device": device.type,
         "zorro_dtype": str(bench_dtype(device)).replace("torch.", ""),
         "zorro_tier": tier,
-        "zorro_date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "zorro_load_start": _loadavg(),
+        "zorro_date": _START.get("date") or _now(),
+        "zorro_load_start": _START.get("load") or _loadavg(),
     }
+
+
+_START: dict = {}
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def pytest_sessionstart(session):
+    # pytest-benchmark builds machine_info when it writes its results, at the end: note the start now
+    _START.update(date=_now(), load=_loadavg())
 
 
 def _loadavg() -> str:
@@ -112,4 +124,4 @@ def pytest_runtest_logreport(report):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["zorro_skipped"] = SKIPPED
-    output_json.setdefault("machine_info", {})["zorro_load_end"] = _loadavg()
+    output_json.setdefault("machine_info", {}).update(zorro_load_end=_loadavg(), zorro_end=_now())

@@ -90,7 +90,8 @@ def _machine(info: dict) -> list[str]:
         + (f"; GPU: {gpu}" if gpu else "; no GPU"),
         f"- **Device / dtype:** {info.get('zorro_device', '?')} / {info.get('zorro_dtype', '?')}; "
         f"torch {info.get('zorro_torch', '?')}; Python {info.get('python_version', '?')}",
-        f"- **Tier:** {info.get('zorro_tier', '?')}; run {info.get('zorro_date', info.get('datetime', '?'))}; "
+        f"- **Tier:** {info.get('zorro_tier', '?')}; run {info.get('zorro_date', info.get('datetime', '?'))} to "
+        f"{info.get('zorro_end', '?')}; "
         f"load average (1/5/15 min) {info.get('zorro_load_start', '?')} at the start, "
         f"{info.get('zorro_load_end', '?')} at the end",
     ]
@@ -118,13 +119,13 @@ def _headline(cases) -> list[str]:
 def _case_table(group: list[dict]) -> list[str]:
     z = _best_zorro(group)
     out = ["| peer | median (ms) | TFLOP/s (attended) | time / zorro's | fraction of ideal | peak memory (MiB) | "
-           "checked |", "|---|---:|---:|---:|---:|---:|---|"]
+           "mask metadata build (ms) | checked |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in group:
         rel = _x(r["median_s"] / z["median_s"]) if z is not None else "—"
         frac = r.get("fraction_of_ideal")
         out.append(f"| {r['peer']} | {_ms(r['median_s'])} | {r['tflops']:.3f} | {rel} | "
                    f"{'—' if frac is None else f'{frac:.2f}'} | {_mib(r.get('peak_memory_bytes'))} | "
-                   f"{r.get('checked', '')} |")
+                   f"{_ms(r.get('metadata_build_s'))} | {r.get('checked', '')} |")
     return out
 
 

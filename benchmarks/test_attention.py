@@ -9,6 +9,7 @@ ratio honest where two separate medians would not.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -18,7 +19,9 @@ import torch
 from benchmarks.conftest import RESULTS, bench_device
 from benchmarks.layouts import Layout, suite
 from benchmarks.measure import Reference, make_inputs, peak_memory, run_once, sync
-from benchmarks.peers import IDEAL, MASKED, PEERS, Unavailable
+from benchmarks.peers import IDEAL, MASKED, PEERS, Unavailable, flex_block_mask
+from zorro_kernels.backends.segments import build_plan
+from zorro_kernels.tilemap import build_tile_map
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 # the cases the CPU speed goal is stated on (>= 0.95 of ideal): their zorro rows get more paired rounds
@@ -70,6 +73,24 @@ def _timed(fn, inputs, backward, device):
         sync(device)
         return result
     return call
+
+
+def _metadata_build_s(layout: Layout, peer_name: str, device) -> float | None:
+    """Seconds for one build, from a fresh mask, of what the peer derives from the layout (None: nothing).
+
+    zorro's segment path needs its plan, the Triton path a tile map (64 x 64 here), FlexAttention a block mask.
+    """
+    mask = layout.mask
+    fresh = mask.with_lengths(mask.lengths, None if mask.is_self else mask.kv_lengths)
+    builders = {"zorro-segments": lambda: build_plan(fresh),
+                "zorro-triton": lambda: build_tile_map(fresh, 64, 64).to(device),
+                "flex": lambda: flex_block_mask(dataclasses.replace(layout, mask=fresh), device)}
+    if peer_name not in builders:
+        return None
+    t0 = time.perf_counter()
+    builders[peer_name]()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def test_attention(benchmark, case, tier, device, dtype):
@@ -145,5 +166,6 @@ def test_attention(benchmark, case, tier, device, dtype):
     if masked_row is not None:
         info["speedup_vs_masked_sdpa"] = masked_row["median_s"] / median
     info["peak_memory_bytes"] = peak_memory(call, device)
+    info["metadata_build_s"] = _metadata_build_s(layout, peer_name, device)
     benchmark.extra_info.update(info)
     RESULTS[(layout.name, direction, peer_name)] = info
