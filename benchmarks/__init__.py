@@ -1,0 +1,1 @@
+"""The zorro benchmark suite: ``pytest benchmarks/ --benchmark-only`` (see docs/benchmarks.md)."""
