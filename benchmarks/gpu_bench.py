@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -138,8 +139,28 @@ def make_peers(mask: ZorroMask, dtype):
     return peers, errors
 
 
-def bench_row(name: str, dtype, deadline: float) -> dict:
-    a, v_, f, b, h, d = LAYOUTS[name]
+def check_grads(fn, q, k, v, g, dense) -> float:
+    """Max abs error of dq/dk/dv on the first sample against fp32 SDPA with the dense mask."""
+    q1, k1, v1 = (t[:1].detach().clone().requires_grad_() for t in (q, k, v))
+    fn(q1, k1, v1).backward(g[:1])
+    r = [t[:1].detach().float().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*r, attn_mask=dense).backward(g[:1].float())
+    return max((a.grad.float() - b.grad).abs().max().item() for a, b in zip((q1, k1, v1), r))
+
+
+GRAD_TOL = 3e-2  # fp16 dq/dk/dv vs fp32, max abs over unit-variance inputs (the tests hold the strict policy)
+
+
+def bench_row(name: str, dtype, deadline: float, *, layouts: Optional[dict] = None, peers_order=None,
+              grad_check: tuple = (), flag_failures: bool = False) -> dict:
+    """Check, then time fwd and fwd+bwd of every peer on one layout.
+
+    ``grad_check`` names peers whose dq/dk/dv are checked too; with ``flag_failures`` a failed check is recorded under
+    ``"check"`` and the peer is still timed (a short GPU run wants the timings anyway), else the peer is skipped.
+    """
+    layouts = LAYOUTS if layouts is None else layouts
+    peers_order = PEERS if peers_order is None else peers_order
+    a, v_, f, b, h, d = layouts[name]
     mask = ZorroMask.zorro(audio=a, video=v_, fusion=f)
     n = mask.num_q
     density = mask.attended_fraction()
@@ -162,7 +183,7 @@ def bench_row(name: str, dtype, deadline: float) -> dict:
     pairs = float(mask.attended().sum()) * (b if mask.batch_size is None else 1)  # attended (q, k) pairs, batch
     flops_fwd = 4.0 * h * d * pairs
     peers, errors = make_peers(mask, dtype)
-    for peer in PEERS:
+    for peer in peers_order:
         res = row["peers"].setdefault(peer, {})
         if peer in errors:
             res["error"] = errors[peer]
@@ -177,11 +198,19 @@ def bench_row(name: str, dtype, deadline: float) -> dict:
             out = fn(q, k, v)
             sync()
             res["first_call_s"] = round(time.time() - t0, 2)
+            failure = None
             if peer != "sdpa_full":
                 err = (out[:1].float() - ref).abs().max().item()
                 res["max_err"] = err
                 if not err <= TOL[dtype]:
-                    res["error"] = f"wrong output: max error {err:.3e} > {TOL[dtype]:.0e}"
+                    failure = f"wrong output: max error {err:.3e} > {TOL[dtype]:.0e}"
+            if peer in grad_check:
+                res["max_grad_err"] = check_grads(fn, q, k, v, g, dense)
+                if not res["max_grad_err"] <= GRAD_TOL:
+                    failure = f"wrong gradients: max error {res['max_grad_err']:.3e} > {GRAD_TOL:.0e}"
+            if failure:
+                res["check" if flag_failures else "error"] = failure
+                if not flag_failures:
                     continue
             res["fwd_ms"] = cuda_time(lambda: fn(q, k, v))
             res["fwd_tflops"] = flops_fwd * work / res["fwd_ms"] / 1e9

@@ -34,10 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import gpu_bench  # noqa: E402
-from zorro_kernels import ZorroMask, zorro_attention  # noqa: E402
 
 ROWS = {  # name: (audio, video, fusion, B, H, D)
     "fig2": (320, 1568, 8, 8, 12, 64),
@@ -45,99 +43,16 @@ ROWS = {  # name: (audio, video, fusion, B, H, D)
 }
 SMOKE_ROWS = {"fig2": (20, 30, 4, 1, 2, 16)}
 PEERS = ["triton", "sdpa_full", "flex", "segments"]  # most important first: a cut-short run keeps these
-TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
-GRAD_TOL = 3e-2  # fp16 dq/dk/dv vs fp32, max abs over unit-variance inputs (the tests hold the strict policy)
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def make_peers(mask: ZorroMask) -> tuple[dict, dict]:
-    peers, errors = {}, {}
-    peers["triton"] = lambda q, k, v: zorro_attention(q, k, v, mask, backend="triton")
-    peers["segments"] = lambda q, k, v: zorro_attention(q, k, v, mask, backend="segments")
-    peers["sdpa_full"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    try:
-        peers["flex"] = gpu_bench.flex_peer(mask)
-    except Exception as err:  # noqa: BLE001 - a missing peer is reported, not fatal
-        errors["flex"] = f"{type(err).__name__}: {err}"[:300]
-    return peers, errors
-
-
-def check_grads(fn, q, k, v, g, dense) -> float:
-    """Max abs error of dq/dk/dv on the first sample against fp32 SDPA with the dense mask."""
-    q1, k1, v1 = (t[:1].detach().clone().requires_grad_() for t in (q, k, v))
-    fn(q1, k1, v1).backward(g[:1])
-    r = [t[:1].detach().float().requires_grad_() for t in (q, k, v)]
-    F.scaled_dot_product_attention(*r, attn_mask=dense).backward(g[:1].float())
-    return max((a.grad.float() - b.grad).abs().max().item() for a, b in zip((q1, k1, v1), r))
-
-
 def run_row(name: str, dtype, deadline: float) -> dict:
-    a, v_, f, b, h, d = ROWS[name]
-    mask = ZorroMask.zorro(audio=a, video=v_, fusion=f)
-    n, density = mask.num_q, mask.attended_fraction()
-    row = {"layout": name, "N": n, "B": b, "H": h, "D": d, "dtype": str(dtype).replace("torch.", ""),
-           "density": density, "peers": {}}
-    gen = torch.Generator(device=gpu_bench.DEVICE).manual_seed(0)
-    q, k, v, g = (torch.randn(b, h, n, d, device=gpu_bench.DEVICE, dtype=dtype, generator=gen) for _ in range(4))
-    dense = mask.to_dense().to(gpu_bench.DEVICE)
-    ref = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=dense)
-    flops_fwd = 4.0 * h * d * float(mask.attended().sum()) * b
-    peers, errors = make_peers(mask)
-    for peer in PEERS:
-        res = row["peers"].setdefault(peer, {})
-        if peer in errors:
-            res["error"] = errors[peer]
-            continue
-        if time.time() > deadline:
-            res["error"] = "skipped: time budget"
-            continue
-        fn = peers[peer]
-        work = 1.0 / density if peer == "sdpa_full" else 1.0  # the unmasked peer computes every pair
-        try:
-            t0 = time.time()
-            out = fn(q, k, v)
-            gpu_bench.sync()
-            res["first_call_s"] = round(time.time() - t0, 2)
-            # a failed check is flagged, not fatal: with one GPU run the timings are still worth having (the test
-            # stage holds the strict tolerance policy)
-            if peer != "sdpa_full":
-                res["max_err"] = (out[:1].float() - ref).abs().max().item()
-                if not res["max_err"] <= TOL[dtype]:
-                    res["check"] = f"WRONG OUTPUT: max error {res['max_err']:.3e} > {TOL[dtype]:.0e}"
-            if peer == "triton" and name == "fig2":
-                res["max_grad_err"] = check_grads(fn, q, k, v, g, dense)
-                if not res["max_grad_err"] <= GRAD_TOL:
-                    res["check"] = f"WRONG GRADIENTS: max error {res['max_grad_err']:.3e} > {GRAD_TOL:.0e}"
-            res["fwd_ms"] = gpu_bench.cuda_time(lambda: fn(q, k, v))
-            res["fwd_tflops"] = flops_fwd * work / res["fwd_ms"] / 1e9
-            if time.time() > deadline:
-                res["error"] = "fwd+bwd skipped: time budget"
-                continue
-            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-
-            def fwd_bwd():
-                for t in (qg, kg, vg):
-                    t.grad = None
-                fn(qg, kg, vg).backward(g)
-
-            t0 = time.time()
-            fwd_bwd()
-            gpu_bench.sync()
-            res["first_bwd_call_s"] = round(time.time() - t0, 2)
-            res["fwd_bwd_ms"] = gpu_bench.cuda_time(fwd_bwd)
-            res["fwd_bwd_tflops"] = 3.5 * flops_fwd * work / res["fwd_bwd_ms"] / 1e9
-        except Exception as err:  # noqa: BLE001 - one failing peer must not stop the others
-            res["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            log(traceback.format_exc(limit=3))
-    for p in ("fwd_ms", "fwd_bwd_ms"):
-        t, fl, full = (row["peers"].get(x, {}).get(p) for x in ("triton", "flex", "sdpa_full"))
-        if t:
-            row[f"{p}_x_flex"] = fl / t if fl else None
-            row[f"{p}_of_ideal"] = full * density / t if full else None
-    return row
+    # gpu_check's row, on this script's rows and peers: triton's gradients checked too, failed checks flagged
+    return gpu_bench.bench_row(name, dtype, deadline, layouts=ROWS, peers_order=PEERS, grad_check=("triton",),
+                               flag_failures=True)
 
 
 def _constants(kernel, ck) -> dict:
@@ -204,7 +119,7 @@ def table(rows: list) -> str:
                 ms, tf = res.get(f"{p}_ms"), res.get(f"{p}_tflops")
                 cells.append(f"{ms:7.3f} ({tf:4.0f})" if ms is not None else f"{'ERR' if 'error' in res else '-':>15s}")
             lines.append(f"{r['layout']:6s} {r['N']:6d} {r['B']:2d} " + " ".join(cells)
-                         + f" {fmt(r.get(p + '_ms_x_flex')):>7s} {fmt(r.get(p + '_ms_of_ideal')):>6s}")
+                         + f" {fmt(r.get(p + '_ms_speedup_vs_flex')):>7s} {fmt(r.get(p + '_ms_fraction_of_ideal')):>6s}")
         lines.append("")
     errs = [f"  {r['layout']}/{x}: {res[key]}" for r in rows for x, res in r["peers"].items()
             for key in ("check", "error") if key in res]
@@ -232,7 +147,7 @@ def main() -> int:
         gpu_bench.DEVICE = "cpu"
         ROWS.clear()
         ROWS.update(SMOKE_ROWS)
-        TOL[dtype] = 2e-2
+        gpu_bench.TOL[dtype] = 2e-2
     elif not torch.cuda.is_available():
         log("no CUDA device: nothing to measure")
         return 1
