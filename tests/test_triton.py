@@ -203,6 +203,53 @@ def test_nan_poison_does_not_leak():
         assert torch.equal(a, r), f"{name}: poisoned run differs from the clean run"
 
 
+# Layouts whose segment boundaries are not tile multiples (partial tiles mix rows that may and may not see a key):
+# the issue's repro at 32 x 32 tiles; N = 47 at 16 x 16 (the last tile one token short of full: 47 % 16 == 15);
+# causal packing (the poison sits in the future of rows on the diagonal tiles). (id, mask, blocks, poisoned tokens)
+_ISOLATION = [
+    ("zorro_70_60_2", lambda: ZorroMask.zorro(audio=70, video=60, fusion=2), (32, 32), slice(70, 130)),
+    ("last_tile_short", lambda: ZorroMask.zorro(audio=21, video=24, fusion=2), (16, 16), slice(21, 45)),
+    ("packed_causal", lambda: ZorroMask.packed([19, 26], causal=True), (16, 16), slice(30, 45)),
+]
+_POISONS = [pytest.param(case, side, value, id=f"{case[0]}-{side}-{name}")
+            for case in _ISOLATION for side in ("kv", "q_dout")
+            for name, value in (("nan", float("nan")), ("inf", float("inf"))) if name == "nan" or case is _ISOLATION[0]]
+
+
+@pytest.mark.parametrize("case, side, value", _POISONS)
+def test_poison_is_isolated(case, side, value):
+    """Masked means never read: NaN/Inf in tokens a row may not attend never reaches that row's output or dq, nor
+    the dk/dv of keys attended only by rows that do not touch the poison. ``side="kv"`` poisons the keys and values
+    of one segment; ``"q_dout"`` the queries and output gradients of its rows (they enter dK/dV's sums over rows).
+    Everything the poison may not reach must be bitwise equal to a clean run."""
+    _, build, blocks, poisoned = case
+    mask = build()
+    b, h, n, d = 1, 2, mask.num_q, 16
+    q, k, v = qkv(b, h, n, d, torch.float32)
+    d_out = torch.randn_like(q)
+    dense = mask.to_dense().reshape(-1, n, mask.num_kv)[0].to(DEV)            # (Nq, Nk)
+    hit = torch.zeros(n, dtype=torch.bool, device=DEV)
+    hit[poisoned] = True
+    if side == "kv":
+        bad_rows = (dense & hit[None, :]).any(1)      # rows attending a poisoned key
+        bad_keys = hit | (dense & bad_rows[:, None]).any(0)
+        args = (q, k.masked_fill(hit[:, None], value), v.masked_fill(hit[:, None], value), d_out)
+    else:
+        bad_rows = hit
+        bad_keys = (dense & hit[:, None]).any(0)      # keys a poisoned row attends
+        args = (q.masked_fill(hit[:, None], value), k, v, d_out.masked_fill(hit[:, None], value))
+    assert (~bad_rows).any() and (side == "kv" or (~bad_keys).any())   # (with kv poison fusion rows reach every key)
+    with override_blocks(blocks):
+        ref = _run(q, k, v, mask, d_out)
+        got = _run(*args[:3], mask, args[3])
+    for name, a, r, bad in zip(("out", "dq", "dk", "dv"), got, ref, (bad_rows, bad_rows, bad_keys, bad_keys)):
+        a, r = a[:, :, ~bad], r[:, :, ~bad]
+        assert torch.isfinite(a).all(), f"{name}: poison leaked into {int((~torch.isfinite(a)).sum())} values"
+        assert torch.equal(a, r), f"{name}: differs from the clean run where the poison may not reach"
+    if side == "kv":  # rows that do attend the poison are not silently finite
+        assert not torch.isfinite(got[0][:, :, bad_rows]).all(1).any()
+
+
 def test_non_contiguous_inputs():
     mask = ZorroMask.zorro(audio=12, video=21, fusion=3)
     n = mask.num_q

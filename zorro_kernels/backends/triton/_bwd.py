@@ -17,7 +17,7 @@ import triton.language as tl
 from ._config import KernelConfig
 from ._fwd import _RUNTIME_ARGS, LOG2E, common_constexprs
 from ._launch import launch
-from ._mask import allowed_pairs, fixed_words, load_rows, token_segments
+from ._mask import allowed_pairs, finite_rows, fixed_words, load_rows, poison, token_segments
 
 _PRE = KernelConfig(64, 16, 4, 1)  # the delta preprocess: 64 rows a program, never autotuned
 
@@ -40,13 +40,15 @@ def _bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_don, H, Nq,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, keep, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dV += P^T dO, dK += dS^T Q for one query tile, computed transposed (key rows x query columns)."""
+def _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, keep, q_bad, MASKED: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
+    """dV += P^T dO, dK += dS^T Q for one query tile, computed transposed (key rows x query columns). ``MASKED``:
+    ``q``/``do`` have their non-finite rows zeroed, flagged in ``q_bad`` (both sums run over query rows)."""
     s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
     if MASKED:
         # rows that see nothing have lse = -inf, so exp2 gives inf there; the mask selects 0 before any use
-        p_t = tl.where(keep, p_t, 0.0)
+        p_t = poison(p_t, keep, q_bad)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -82,7 +84,7 @@ def _dkdv_full_runs(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stri
                 do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(lse_ptrs)
             delta = tl.load(delta_ptrs)
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, 0, False, INPUT_PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, 0, 0, False, INPUT_PRECISION)
             q_ptrs += BLOCK_M * stride_qn
             do_ptrs += BLOCK_M * stride_don
             lse_ptrs += BLOCK_M
@@ -102,12 +104,14 @@ def _dkdv_partial(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride
         rows = tl.load(IDX + list_row * Tq + t) * BLOCK_M + offs_m
         q_seg, q_ok = token_segments(QCODE, q_code_row, rows, Nq)
         q, do = load_rows(Q_bh, DO_bh, stride_qn, stride_don, rows, offs_d, q_ok, HEAD_DIM, EVEN_D, True)
+        q, q_bad = finite_rows(q)
+        do, do_bad = finite_rows(do)
         lse = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
         delta = tl.load(DELTA_bh + rows, mask=q_ok, other=0.0)
         keep = allowed_pairs(BITS, WORDS, k_seg, k_word, q_seg, ONE_WORD) & k_ok[:, None] & q_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[:, None] <= rows[None, :] + causal_offset)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, keep, True, INPUT_PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, keep, q_bad | do_bad, True, INPUT_PRECISION)
     return dk, dv
 
 
@@ -164,12 +168,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dQ += dS K for one kv tile."""
+def _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, k_bad, MASKED: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):
+    """dQ += dS K for one kv tile. ``MASKED``: ``k`` has its non-finite rows zeroed, flagged in ``k_bad``."""
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(keep, p, 0.0)
+        p = poison(p, keep, k_bad)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     if MASKED:
@@ -197,7 +202,7 @@ def _dq_full_runs(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_vn, offs
             else:
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, 0, False, INPUT_PRECISION)
+            dq = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, 0, 0, False, INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -214,10 +219,11 @@ def _dq_partial(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_vn, offs_n
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
+        k, k_bad = finite_rows(k)   # dS·K sums over keys
         keep = allowed_pairs(BITS, WORDS, q_seg, q_word, k_seg, ONE_WORD) & q_ok[:, None] & k_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
-        dq = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, True, INPUT_PRECISION)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, k_bad, True, INPUT_PRECISION)
     return dq
 
 

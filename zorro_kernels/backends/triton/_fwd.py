@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ._config import KernelConfig, padded_head_dim
 from ._launch import launch
-from ._mask import allowed_pairs, fixed_words, load_rows, token_segments
+from ._mask import allowed_pairs, finite_rows, fixed_words, load_rows, poison, token_segments
 
 LOG2E = 1.4426950408889634
 # Integer arguments Triton must not specialise on (it would otherwise compile a variant per "divisible by 16" / "== 1"):
@@ -24,15 +24,19 @@ _RUNTIME_ARGS = ["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "R", "WORDS", "MAP_B", "c
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, s, v, GUARD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One online-softmax update with the (already scaled, base-2) scores ``s`` of a tile and its values ``v``."""
+def _softmax_step(acc, l_i, m_i, s, v, keep, v_bad, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax update with the (already scaled, base-2) scores ``s`` of a tile and its values ``v``.
+    ``MASKED`` (partial tiles): ``s`` is already -inf outside ``keep``; ``v`` has its non-finite rows zeroed and
+    ``v_bad`` flags them (:func:`finite_rows`)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if GUARD:
+    if MASKED:
         # a row with nothing visible yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
     p = tl.math.exp2(s - m_use[:, None])
+    if MASKED:
+        p = poison(p, keep, v_bad)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -62,7 +66,7 @@ def _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, o
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, False, INPUT_PRECISION)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, 0, 0, False, INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -80,12 +84,13 @@ def _fwd_partial(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, off
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
+        v, v_bad = finite_rows(v)   # P·V sums over keys: a key some rows may not see must add 0, not 0 * NaN
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         keep = allowed_pairs(BITS, WORDS, q_seg, q_word, k_seg, ONE_WORD) & q_ok[:, None] & k_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
         s = tl.where(keep, s, float("-inf"))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, INPUT_PRECISION)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, keep, v_bad, True, INPUT_PRECISION)
     return acc, l_i, m_i
 
 

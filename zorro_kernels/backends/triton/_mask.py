@@ -45,6 +45,23 @@ def allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD: tl.c
 
 
 @triton.jit
+def finite_rows(x):
+    """``(x with its non-finite entries replaced by 0, bool per row: the row held one)`` for an operand that a partial
+    tile contracts over its rows (V in P·V, K in dS·K, Q and dO in dK/dV's sums over queries). A row a pair may not
+    see then adds an exact 0, never ``0 * NaN``; the pairs that do see a bad row get NaN through ``p`` instead
+    (:func:`poison`), so a row attending a non-finite value is never silently finite."""
+    fin = tl.abs(x) < float("inf")          # False for NaN too
+    return tl.where(fin, x, 0.0), tl.max(tl.where(fin, 0, 1), 1) > 0
+
+
+@triton.jit
+def poison(p, keep, bad_moving):
+    """``p (fixed, moving)`` with 0 where the pair is masked and NaN where a kept pair meets a bad row of the moving
+    side (``bad_moving`` from :func:`finite_rows`)."""
+    return tl.where(keep, tl.where(bad_moving[None, :], float("nan"), p), 0.0)
+
+
+@triton.jit
 def load_rows(A, B, stride_a, stride_b, idx, offs_d, ok, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
               MASK_ROWS: tl.constexpr):
     """Rows ``idx`` of two operands over the same tokens (K and V, or Q and dO), ``(len(idx), D_PAD)`` each, last dim
