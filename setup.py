@@ -1,10 +1,14 @@
-"""zorro: modality-masked attention kernels and the Zorro multimodal models built on them."""
+"""zorro-attention: modality-masked attention kernels and the Zorro multimodal models built on them.
+
+The distribution is named ``zorro-attention`` because ``zorro`` on PyPI is an unrelated package (a 2014 networking
+library); the import packages are ``zorro_kernels`` and ``zorro_models`` and the command is ``zorro``.
+"""
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 setup(
-    name="zorro",
+    name="zorro-attention",
     version="0.1.0",
     description="Block-sparse modality-masked attention (Triton + CPU) and Zorro ViT/Swin/HiP multimodal models",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),

@@ -434,6 +434,15 @@ def zx(xab):
     return zx
 
 
+def test_xformers_integration_imports_quietly(xab):
+    """Only xformers' mask classes are used: its warning that the compiled extensions cannot load (printed on import
+    on every CPU machine) must not reach the user; other xformers warnings still do."""
+    code = "import zorro_kernels.integrations.xformers"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "can't load C++/CUDA extensions" not in out.stderr + out.stdout
+
+
 EXPRESSIBLE = {
     "block-diagonal": lambda a: a.BlockDiagonalMask.from_seqlens([3, 5, 2]),
     "block-diagonal-cross": lambda a: a.BlockDiagonalMask.from_seqlens([3, 5, 2], [4, 6, 1]),

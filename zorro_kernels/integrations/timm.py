@@ -35,7 +35,7 @@ from ._fallback import dense_for_fallback, record_fallback
 try:
     from timm.layers import Attention
 except ImportError as e:  # pragma: no cover - exercised only without timm
-    raise ImportError("zorro_kernels.integrations.timm needs timm >= 1.0 (pip install 'zorro[integrations]')") from e
+    raise ImportError("zorro_kernels.integrations.timm needs timm >= 1.0 (pip install 'timm>=1.0')") from e
 
 __all__ = ["enable", "disable", "num_tokens", "ZorroTimmAttention"]
 

@@ -59,7 +59,7 @@ try:
                                             sdpa_mask)
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("zorro_kernels.integrations.transformers needs Hugging Face transformers >= 5 "
-                      "(pip install 'zorro[integrations]')") from e
+                      "(pip install 'transformers>=5.0')") from e
 
 # Older mask interfaces describe the cache by `cache_position` instead of `q_offset`/`kv_offset`; reading those as
 # zero offsets would build wrong causal masks while decoding, so refuse them outright.

@@ -34,6 +34,7 @@ Not expressible (ValueError naming the type): local/sliding-window masks, tensor
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Optional
 
@@ -41,11 +42,21 @@ import torch
 
 from ..mask import ZorroMask
 
+
+def _drop_extension_warning(record: logging.LogRecord) -> bool:
+    # Only the mask classes are used here, and they need none of xformers' compiled extensions: its warning that they
+    # cannot load (always the case on CPU, or with a torch other than the one xformers was built for) does not apply.
+    return "can't load C++/CUDA extensions" not in record.getMessage()
+
+
+logging.getLogger("xformers").addFilter(_drop_extension_warning)
 try:
     from xformers.ops.fmha import attn_bias as xab
 except ImportError as e:  # pragma: no cover - exercised only without xformers
     raise ImportError("zorro_kernels.integrations.xformers needs xformers (its mask classes; the kernels are not "
                       "used): pip install xformers") from e
+finally:  # scoped to our import: code that uses xformers' kernels itself still hears about them
+    logging.getLogger("xformers").removeFilter(_drop_extension_warning)
 
 __all__ = ["from_xformers"]
 
