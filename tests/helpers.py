@@ -8,7 +8,8 @@ TINY = ["model.kwargs={img_size: 16, num_frames: 2, video_patch: 8, n_mels: 16, 
         "embed_dim: 32, depth: 1, num_heads: 2, num_fusion: 2}",
         "data.audio.hop_length=500", "data.train_size=48", "train.batch_size=8", "train.progress=false",
         "train.plot=false", "train.log_every=1", "optim.warmup_steps=2", "train.proj_dim=16", "probe.train_size=32",
-        "probe.test_size=32"]
+        "probe.test_size=32",
+        "data.num_workers=0"]
 
 
 def write_clip(path, *, frames=10, fps=10, size=(48, 40), tone_hz=440.0, sample_rate=16000, seconds=1.0,

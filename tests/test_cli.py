@@ -1,13 +1,19 @@
 """The ``zorro`` command end to end on tiny settings: train + eval on real mp4 clips (with a corrupt and a missing
 file), the demo's outputs, bench and show-mask."""
 import json
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 from zorro_models.cli import main
 
 from .helpers import TINY, write_clip
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_and_eval_on_clips_survive_bad_files(tmp_path, capsys):
@@ -68,6 +74,66 @@ def test_bench_and_show_mask(tmp_path, capsys):
     assert "video 0" in capsys.readouterr().out
 
 
-def test_bad_override_is_a_clear_error():
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("zorro: error: "), err
+    return err
+
+
+def test_errors_are_one_line_with_the_choices(tmp_path, capsys):
+    assert main(["train", "optim.learning_rate=1"]) == 1
+    assert "unknown key(s) ['learning_rate']; valid keys: ['lr'," in _one_error_line(capsys)
+    assert main(["show-mask", "--model", "nope"]) == 1
+    assert "unknown model 'nope'; registered models: [" in _one_error_line(capsys)
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml" in _one_error_line(capsys)
+    (tmp_path / "bad.yaml").write_text("train: {steps: many}\n")
+    assert main(["eval", str(tmp_path)]) == 1
+    assert "neither a checkpoint folder" in _one_error_line(capsys)
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 1
+    assert "train.steps must be an int, got 'many'" in _one_error_line(capsys)
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    with pytest.raises(ValueError, match="unknown key"):
+        main(["--debug", "train", "optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="unknown model"):
+        main(["show-mask", "--model", "nope", "--debug"])
+    monkeypatch.setenv("ZORRO_DEBUG", "1")
     with pytest.raises(ValueError, match="unknown key"):
         main(["train", "optim.learning_rate=1"])
+
+
+def test_unexpected_errors_name_their_type(monkeypatch, capsys):
+    import zorro_models.cli as cli
+
+    def boom(args):
+        raise RuntimeError("the kernel exploded")
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", boom)
+    assert main(["bench"]) == 1
+    assert _one_error_line(capsys).strip() == ("zorro: error: RuntimeError: the kernel exploded (run with --debug for "
+                                               "the traceback)")
+
+
+def test_the_command_exits_nonzero_with_one_line():
+    """The real process: exit status and stderr as a user sees them."""
+    out = subprocess.run([sys.executable, "-m", "zorro_models.cli", "show-mask", "--model", "nope"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1
+    assert out.stderr.startswith("zorro: error: unknown model 'nope'") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_train_logs_lines_when_not_on_a_terminal(tmp_path, capsys):
+    """Without a terminal (pytest captures stdout) there is no progress bar: a line per logged step instead, with
+    the step, the rounded loss, the speed and the time left; the thread count from --threads reaches the run."""
+    run = tmp_path / "run"
+    assert main(["train", "--threads", "1", *TINY, "train.steps=2", "train.progress=true", f"train.out={run}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    steps = [x for x in lines if x.startswith("[zorro] step ")]
+    assert len(steps) == 2 and re.fullmatch(r"\[zorro\] step 2/2  loss \d+(\.\d{1,3})?  [\d.]+ it/s  ETA 0 s",
+                                            steps[-1]), steps
+    done = lines[-1]
+    assert re.fullmatch(r"\[zorro\] done: step 2, loss \d+(\.\d{1,3})?, checkpoint .*", done), done
+    assert "threads: 1" in (run / "config.yaml").read_text()

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .audio import LogMelSpectrogram
-from .config import Config
+from .config import Config, data_workers
 from .data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
 from .registry import create_model
 
@@ -81,5 +81,5 @@ def num_classes_of(dataset) -> int:
 
 def eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
     """Sequential batches of ``probe.batch_size`` (no shuffle, last batch kept) for evaluation and probes."""
-    return DataLoader(dataset, batch_size=cfg.probe.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+    return DataLoader(dataset, batch_size=cfg.probe.batch_size, shuffle=False, num_workers=data_workers(cfg),
                       collate_fn=collate)

@@ -6,12 +6,14 @@
     zorro bench [--config YAML] [--masks zorro,full] [--steps N]       # training-step throughput per mask
     zorro show-mask [--model NAME] [--mask zorro|full|bottleneck]     # a model's attention layout, drawn
 
-Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the training module:
+Errors are one line on stderr (``zorro: error: ...``) and exit status 1; ``--debug`` (or ``ZORRO_DEBUG=1``) shows the
+traceback instead. Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the training module:
 ``torchrun --nproc_per_node=N -m zorro_models.train ...`` (see docs/training.md).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,13 +23,24 @@ from typing import Optional
 
 import torch
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "error_line"]
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full")
+
+
+def _add_debug(p: argparse.ArgumentParser, default) -> None:
+    # on the top-level parser (zorro --debug CMD) and on each command (zorro CMD ... --debug); SUPPRESS keeps a
+    # command's parser from resetting what the top level set
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the full traceback of an error (also: ZORRO_DEBUG=1)")
+
+
+def _add_threads(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--threads", type=int, default=None, help=f"torch compute threads (default: {default_help})")
 
 
 def _masks(text: str) -> list:
@@ -42,6 +55,7 @@ def _masks(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zorro", description="Train, evaluate and inspect Zorro models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="contrastive pre-training of Zorro and of full attention on the embedded data, "
@@ -49,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zorro_demo", help="output folder (default: %(default)s)")
     p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks to compare "
                    "(zorro, full, bottleneck; default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores, at least 1)")
+    _add_threads(p, "half the cores, at least 1")
     p.add_argument("--no-baseline", action="store_true", help="skip the probes of the untrained model")
     _add_config(p)
 
     p = sub.add_parser("train", help="train a model (one process; use torchrun -m zorro_models.train for DDP)")
+    _add_threads(p, "train.threads, else half the cores, at least 1")
     _add_config(p)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: supervised heads and/or linear probes under "
@@ -61,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--probes", action="store_true", help="also fit linear probes (always done for contrastive runs)")
     p.add_argument("--out", help="where to write eval.json and eval.png (default: the run folder)")
+    _add_threads(p, "half the cores, at least 1")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="changes to the stored config, e.g. probe.train_size=512 data.val_csv=...")
 
     p = sub.add_parser("bench", help="training-step and inference throughput of a config, per mask")
     p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mask (after 2 warm-up steps)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    _add_threads(p, "PyTorch's")
     _add_config(p)
 
     p = sub.add_parser("show-mask", help="draw a model's self-attention and readout layouts")
@@ -76,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-only", action="store_true", help="the layout of an audio-only call")
     p.add_argument("--video-only", action="store_true", help="the layout of a video-only call")
     p.add_argument("--png", help="also save the dense mask as an image")
+    for p in sub.choices.values():
+        _add_debug(p, argparse.SUPPRESS)
     return parser
 
 
@@ -90,10 +108,11 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import run_training
+    from .train import run_training, summary_line
 
-    summary = run_training(load_config(args.config, args.overrides))
-    print(f"[zorro] done: step {summary['step']}, loss {summary['loss']}, checkpoint {summary['checkpoint']}")
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+    summary = run_training(load_config(args.config, list(args.overrides) + threads))
+    print(summary_line(summary))
     return 0
 
 
@@ -105,21 +124,23 @@ def _resolve_checkpoint(path: str) -> Path:
         return p
     ckpt = latest_checkpoint(p)
     if ckpt is None:
-        raise SystemExit(f"zorro eval: {path} is neither a checkpoint folder nor a run folder with checkpoints")
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
     return ckpt
 
 
 def cmd_eval(args) -> int:
     from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
     from .checkpoint import load_weights
-    from .config import apply_overrides, from_dict, Config
+    from .config import apply_overrides, from_dict, machine_threads, Config
     from .evaluate import evaluate_heads, metric_name, run_probes
     from .reporting import format_table, plot_modality_scores, write_json
     from .train import SupervisedTask
 
     import yaml
 
+    torch.set_num_threads(args.threads or machine_threads())
     ckpt = _resolve_checkpoint(args.checkpoint)
+    print(f"[zorro eval] {ckpt}", flush=True)
     cfg = apply_overrides(from_dict(Config, yaml.safe_load((ckpt / "config.yaml").read_text()) or {}),
                           args.overrides)
     out = Path(args.out) if args.out else ckpt.parent.parent
@@ -134,6 +155,7 @@ def cmd_eval(args) -> int:
         task = SupervisedTask(model, num_classes_of(val), cfg.train.supervised_outputs, multi)
         load_weights(task, ckpt)
         task.to(device)
+        _say_eval(f"scoring the supervised heads on {len(val)} validation clips under 3 input regimes")
         heads = evaluate_heads(task.model, task.heads, build_preprocessor(cfg, model).to(device),
                                eval_loader(cfg, val), multi_label=multi)
         report["heads"] = {"metric": metric_name(multi), "results": heads}
@@ -142,7 +164,7 @@ def cmd_eval(args) -> int:
         load_weights(model, ckpt, prefix="model.")
         model.to(device)
     if cfg.train.task == "contrastive" or args.probes:
-        probes = run_probes(cfg, model, device=device)
+        probes = run_probes(cfg, model, device=device, progress=_say_eval)
         report["probes"] = probes
         tables["linear probes"] = (probes["results"], probes["metric"])
     write_json(report, out / "eval.json")
@@ -159,6 +181,10 @@ def cmd_eval(args) -> int:
     plot_modality_scores(bars, out / "eval.png", metric=metric, title=title)
     print(f"\nwrote {out / 'eval.json'} and {out / 'eval.png'}")
     return 0
+
+
+def _say_eval(line: str) -> None:
+    print(f"[zorro eval] {line}", flush=True)
 
 
 def _output_order(name: str) -> int:
@@ -211,7 +237,7 @@ def cmd_show_mask(args) -> int:
     from .layers import MaskedReadout
 
     if args.audio_only and args.video_only:
-        raise SystemExit("zorro show-mask: choose at most one of --audio-only and --video-only")
+        raise ValueError("show-mask: choose at most one of --audio-only and --video-only")
     with torch.device("meta"):
         model = create_model(args.model, mask=args.mask)
     n_audio = 0 if args.video_only else model.audio_embed.max_tokens
@@ -264,8 +290,31 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "bench": cmd
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Run a command; returns the exit status. An error prints one line, ``zorro: error: ...``, and returns 1 (argparse
+    errors exit with 2); with ``--debug`` or ``ZORRO_DEBUG=1`` it propagates with its traceback instead."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    debug = args.debug or os.environ.get("ZORRO_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("zorro: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error reaches the user as one line; --debug keeps the traceback
+        if debug:
+            raise
+        print(f"zorro: error: {error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def error_line(e: BaseException) -> str:
+    """``e`` as one line: our errors (ValueError, TypeError, a missing file) speak for themselves; anything else is
+    unexpected, so its type is named and the way to the traceback given."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, TypeError, KeyError, OSError)):
+        return text
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

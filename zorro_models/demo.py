@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import load_config
+from .config import load_config, machine_threads
 from .evaluate import run_probes
 from .reporting import format_table, plot_modality_scores, plot_training_curves, read_metrics, write_json
 from .train import Trainer
@@ -39,12 +39,6 @@ LABELS = {"zorro": "Zorro", "full": "full attention", "bottleneck": "bottleneck"
 #: table column -> (regime, output) of the probe it shows
 TABLE_COLUMNS = {"audio-only": ("audio-only", "audio"), "video-only": ("video-only", "video"),
                  "audio-visual": ("audio-visual", "all")}
-
-
-def _default_threads() -> int:
-    # One compute thread per two cores: the DataLoader worker renders clips on the other core. On a 2-core machine
-    # shared with anything else, two compute threads contend and run several times slower than one.
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def demo_overrides(out: Path, mask: str, threads: int) -> list[str]:
@@ -66,7 +60,7 @@ def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = threads or _default_threads()
+    threads = threads or machine_threads()
     t_start = time.perf_counter()
     runs, curves = {}, {}
     untrained = None
@@ -78,7 +72,8 @@ def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"
             if verbose:
                 print(f"[untrained] linear probes on the freshly initialised {cfg.model.name}", flush=True)
             with torch.random.fork_rng():  # leave the RNG exactly as training would find it without the baseline
-                untrained = run_probes(cfg, trainer.model, device=trainer.device)["results"]
+                untrained = run_probes(cfg, trainer.model, device=trainer.device,
+                                       progress=_progress("untrained", verbose))["results"]
         t0 = time.perf_counter()
         if verbose:
             print(f"[{LABELS.get(mask, mask)}] contrastive pre-training: {cfg.train.steps} steps of "
@@ -89,7 +84,8 @@ def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"
         if verbose:
             print(f"[{LABELS.get(mask, mask)}] linear probes on {cfg.probe.train_size} + {cfg.probe.test_size} clips",
                   flush=True)
-        probes = run_probes(cfg, trainer.model, device=trainer.device)
+        probes = run_probes(cfg, trainer.model, device=trainer.device,
+                            progress=_progress(LABELS.get(mask, mask), verbose))
         t2 = time.perf_counter()
         runs[mask] = {"train": summary, "probes": probes["results"], "metric": probes["metric"],
                       "num_classes": probes["num_classes"],
@@ -125,6 +121,11 @@ def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"
             print(verdict)
         print(f"\nwrote {out / 'results.json'}, {out / 'probe_accuracy.png'}, {out / 'training_curves.png'}")
     return results
+
+
+def _progress(label: str, verbose: bool):
+    """The probes' phase lines, under the run's label (None: silent)."""
+    return (lambda line: print(f"[{label}]   {line}", flush=True)) if verbose else None
 
 
 def _verdict(table: dict) -> str:

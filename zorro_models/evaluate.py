@@ -14,6 +14,7 @@ Metrics: top-1 accuracy for single-label data, mean average precision (mAP, the 
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -189,19 +190,27 @@ def probe_all(train: tuple[dict, torch.Tensor], test: tuple[dict, torch.Tensor],
     return results
 
 
-def run_probes(cfg, model, *, device="cpu", regimes: Sequence[str] = tuple(REGIMES)) -> dict:
+def run_probes(cfg, model, *, device="cpu", regimes: Sequence[str] = tuple(REGIMES),
+               progress: Optional[Callable[[str], None]] = None) -> dict:
     """Linear probes of a (trained) backbone on the probe splits of ``cfg`` (see :func:`~zorro_models.build.
     build_dataset`): embeddings of ``probe.train_size`` clips fit the probes, ``probe.test_size`` other clips score
-    them. Returns ``{"metric": "accuracy" | "mAP", "num_classes": K, "results": {regime: {output: metric}}}``."""
+    them. ``progress``, if given, receives a line as each phase starts. Returns ``{"metric": "accuracy" | "mAP",
+    "num_classes": K, "results": {regime: {output: metric}}}``."""
     from .build import build_dataset, build_preprocessor, eval_loader, num_classes_of
 
+    say = progress or (lambda line: None)
+    start = time.perf_counter()
     preprocess = build_preprocessor(cfg, model).to(device)
     fit_set = build_dataset(cfg, model, "probe_train")
     test_set = build_dataset(cfg, model, "probe_test")
     multi_label = bool(getattr(fit_set, "multi_label", False))
     amp = torch.bfloat16 if torch.device(device).type == "cuda" and cfg.train.amp != "off" else None
+    say(f"embedding {len(fit_set)} clips (probe fitting set) under {len(regimes)} input regimes")
     train = collect_embeddings(model, preprocess, eval_loader(cfg, fit_set), regimes, amp)
+    say(f"embedding {len(test_set)} clips (probe test set) [{time.perf_counter() - start:.0f} s]")
     test = collect_embeddings(model, preprocess, eval_loader(cfg, test_set), regimes, amp)
+    n_probes = sum(len(d) + 1 for d in train[0].values())
+    say(f"fitting {n_probes} linear probes (L-BFGS) [{time.perf_counter() - start:.0f} s]")
     k = num_classes_of(fit_set)
     results = probe_all(train, test, multi_label=multi_label, num_classes=k, weight_decay=cfg.probe.weight_decay,
                         max_iter=cfg.probe.max_iter)

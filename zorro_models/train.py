@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
 from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import Config, config_to_yaml, load_config, save_config
+from .config import Config, config_to_yaml, data_workers, load_config, machine_threads, save_config
 from .data import collate
 from .distributed import DistEnv, all_gather_nograd, gather_with_grad, init_distributed
 from .evaluate import evaluate_heads
@@ -47,7 +47,7 @@ from .losses import SupervisedLoss, ZorroContrastiveLoss
 from .reporting import MetricsLogger, plot_training_curves, read_metrics
 
 __all__ = ["Trainer", "ContrastiveTask", "SupervisedTask", "ResumableSampler", "warmup_cosine", "param_groups",
-           "run_training", "main"]
+           "run_training", "progress_line", "summary_line", "main"]
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """LR multiplier at ``step`` (0-based): linear warm-up ``(step + 1) / warmup`` for the first ``warmup`` steps,
@@ -164,8 +164,9 @@ class Trainer:
         if t.eval_every > 0 and t.task != "supervised":
             raise ValueError("train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
                              "evaluate contrastive checkpoints with linear probes: zorro eval RUN")
-        if t.threads > 0:
-            torch.set_num_threads(t.threads)
+        threads = machine_threads() if t.threads is None else t.threads
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.env = env or init_distributed(t.device)
         world = self.env.world_size
         if t.batch_size % (world * t.grad_accum) != 0:
@@ -221,7 +222,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- data
     def _loader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
-                          num_workers=self.cfg.data.num_workers, collate_fn=collate,
+                          num_workers=data_workers(self.cfg), collate_fn=collate,
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
     def batches(self) -> Iterator[dict]:
@@ -330,7 +331,7 @@ class Trainer:
             # disable=None: a bar on terminals, nothing in logs and CI output (where it would be a wall of \r lines)
             bar = tqdm(total=t.steps, initial=self.step, desc=f"{t.task} {self.cfg.model.mask}", dynamic_ncols=True,
                        leave=False, disable=None)
-        start, window, last = time.perf_counter(), [], {}
+        start, window, last, first = time.perf_counter(), [], {}, self.step
         warned = self.skipped
         while self.step < end:
             logs = self.train_step(data)
@@ -344,8 +345,11 @@ class Trainer:
                             seconds=round(time.perf_counter() - start, 3))
                 if self.logger is not None:
                     self.logger.log(last)
-                if bar is not None:
+                if bar is not None and not bar.disable:
                     bar.set_postfix(loss=f"{last['loss']:.3f}")
+                elif bar is not None:  # not a terminal (a log file, CI): a line per logged step instead of a bar
+                    print(progress_line(self.step - first, end - first, self.step, end, last["loss"],
+                                        time.perf_counter() - start), flush=True)
                 window = []
                 if self.skipped > warned:
                     warnings.warn(f"{self.skipped} clip(s) could not be read and were skipped so far "
@@ -364,6 +368,22 @@ class Trainer:
                                  title=f"{t.task} training ({self.cfg.model.name})")
         return {"step": self.step, "loss": last.get("loss"), "seconds": round(time.perf_counter() - start, 3),
                 "checkpoint": str(path) if path else None, "skipped": self.skipped}
+
+
+def progress_line(done: int, todo: int, step: int, end: int, loss: float, seconds: float) -> str:
+    """``[zorro] step 20/200  loss 4.084  2.91 it/s  ETA 62 s``: ``done`` of this run's ``todo`` steps took
+    ``seconds``."""
+    rate = done / seconds if seconds > 0 else float("nan")
+    eta = (todo - done) / rate if done else float("nan")
+    eta_text = "?" if math.isnan(eta) else f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"
+    return f"[zorro] step {step}/{end}  loss {loss:.4g}  {rate:.2f} it/s  ETA {eta_text}"
+
+
+def summary_line(summary: dict) -> str:
+    """The last line of a run: ``[zorro] done: step 200, loss 4.084, checkpoint ...`` (the :meth:`Trainer.fit`
+    summary)."""
+    loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.4g}"
+    return f"[zorro] done: step {summary['step']}, loss {loss}, checkpoint {summary['checkpoint']}"
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -391,7 +411,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[zorro] done: step {summary['step']}, loss {summary['loss']}, checkpoint {summary['checkpoint']}")
+        print(summary_line(summary))
     return 0
 
 
