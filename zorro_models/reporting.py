@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_training_curves", "plot_modality_scores", "format_table",
-           "write_json"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_training_curves", "plot_modality_scores", "draw_grouped_bars",
+           "format_table", "write_json", "pyplot"]
 
 
 class MetricsLogger:
@@ -42,7 +42,8 @@ def read_metrics(path: Union[str, Path]) -> list[dict]:
     return out
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -54,7 +55,7 @@ def _pyplot():
 def plot_training_curves(runs: dict, path: Union[str, Path], keys: Sequence[str] = ("loss",),
                          title: str = "training") -> Path:
     """One panel per key of ``keys``; one line per run. ``runs``: label -> list of metric records (with "step")."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, records in runs.items():
@@ -77,17 +78,33 @@ def plot_modality_scores(results: dict, path: Union[str, Path], metric: str = "a
                          chance: Optional[float] = None, title: str = "linear probes") -> Path:
     """Grouped bars: ``results`` is ``{model label: {column: value}}`` (e.g. columns audio-only, video-only,
     audio-visual)."""
-    plt = _pyplot()
+    plt = pyplot()
+    columns = list(next(iter(results.values())))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(columns), 3.8))
+    draw_grouped_bars(ax, results, metric=metric, chance=chance, title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_grouped_bars(ax, results: dict, *, errors: Optional[dict] = None, metric: str = "accuracy",
+                      chance: Optional[float] = None, title: str = "", values: bool = True,
+                      legend_size: int = 8) -> None:
+    """Draw ``results`` (``{label: {column: value}}``) on matplotlib axes ``ax``: a group of bars per column, a bar
+    per label, with error bars from ``errors`` (the same shape) if given and the values written over the bars if
+    ``values``; a dashed line at ``chance``."""
     labels = list(results)
     columns = list(next(iter(results.values())))
     width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(columns), 3.8))
     for i, label in enumerate(labels):
         xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(columns))]
         vals = [results[label][c] for c in columns]
-        bars = ax.bar(xs, vals, width, label=label)
-        for bar, v in zip(bars, vals):
-            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+        err = [errors[label][c] for c in columns] if errors is not None else None
+        bars = ax.bar(xs, vals, width, yerr=err, capsize=2 if err else 0, label=label)
+        if values:
+            for bar, v in zip(bars, vals):
+                ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(columns)))
@@ -95,15 +112,13 @@ def plot_modality_scores(results: dict, path: Union[str, Path], metric: str = "a
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    ax.legend(fontsize=legend_size, ncol=1 if len(labels) < 5 else 2)
 
 
-def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", fmt: str = "{:.3f}") -> str:
-    """A fixed-width text table: ``rows`` is ``{row label: {column: value}}``; missing values print as '-'."""
+def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", fmt: str = "{:.3f}",
+                 markdown: bool = False) -> str:
+    """A fixed-width text table: ``rows`` is ``{row label: {column: value}}``; missing values print as '-', strings as
+    they are. ``markdown``: the same table with ``|`` separators (a GitHub-flavoured Markdown table)."""
     def cell(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
@@ -113,10 +128,14 @@ def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", 
     head = [row_header] + list(columns)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
 
-    def line(r):
-        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+    sep, rule = ("  ", ["-" * w for w in widths]) if not markdown else \
+        (" | ", ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)])
 
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
+    def line(r):
+        text = sep.join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+        return f"| {text} |" if markdown else text
+
+    return "\n".join([line(head), line(rule)] + [line(r) for r in body])
 
 
 def write_json(obj, path: Union[str, Path]) -> Path:
