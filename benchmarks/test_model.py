@@ -19,7 +19,7 @@ from benchmarks.conftest import RESULTS
 from benchmarks.measure import sync
 from benchmarks.peers import MASKED
 from tests.tolerances import assert_within_policy
-from zorro_kernels.backends import BACKENDS, Backend
+from zorro_kernels.backends import BACKENDS, Backend, backward_by_recompute
 from zorro_kernels.reference import expand_kv_heads
 
 # (preset, overrides, batch) per (tier, device type). zorro_vit_small has the Figure-2 token counts; 4 blocks keep the
@@ -74,7 +74,9 @@ def _loss(outputs) -> torch.Tensor:
 def attention_impl(monkeypatch):
     """``use(name)``: make ``backend="auto"`` pick ``name`` ("auto" restores the default) for the rest of the test."""
     monkeypatch.setitem(BACKENDS, BENCH_BACKEND, Backend(
-        BENCH_BACKEND, "benchmark only: SDPA with the dense bool mask", lambda q, k, v, mask: [], _masked_sdpa))
+        BENCH_BACKEND, "benchmark only: SDPA with the dense bool mask",
+        lambda q, k, v, mask, scale: (_masked_sdpa(q, k, v, mask, scale), q.new_zeros(q.shape[:3])),
+        backward_by_recompute(_masked_sdpa), eager=_masked_sdpa))
     default = zattention.auto_priority
 
     def use(name):

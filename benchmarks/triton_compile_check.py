@@ -40,7 +40,7 @@ from triton.runtime.driver import driver  # noqa: E402
 
 from tests.layouts import random_layout  # noqa: E402
 from zorro_kernels import ZorroMask  # noqa: E402
-from zorro_kernels.backends.triton import _bwd, _config, _fwd, _launch, op  # noqa: E402
+from zorro_kernels.backends.triton import _bwd, _config, _fwd, _launch, backend  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 
@@ -155,8 +155,8 @@ def main() -> int:
                         _config._fallen_back.add(key)
                         _config._chosen.clear()
                     try:
-                        out, lse = op._triton_forward(q, k, k, mask, d ** -0.5)
-                        op._triton_backward(out, q, k, k, out, lse, mask, d ** -0.5)
+                        out, lse = backend.forward(q, k, k, mask, d ** -0.5)
+                        backend.backward(out, q, k, k, out, lse, mask, d ** -0.5)
                         if args.reference and table == "table" and not causal:
                             warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
                     finally:
@@ -228,8 +228,8 @@ def sweep(n_layouts: int) -> int:
     for i in range(n_layouts):
         mask = random_layout(gen, 400, lengths=i % 2 == 1)
         q, k, v = (torch.randn(2, 4, mask.num_q, 64).half() for _ in range(3))
-        out, lse = op._triton_forward(q, k, v, mask, 0.125)
-        op._triton_backward(out, q, k, v, out, lse, mask, 0.125)
+        out, lse = backend.forward(q, k, v, mask, 0.125)
+        backend.backward(out, q, k, v, out, lse, mask, 0.125)
         if i == 0:
             first = compiled()
     last = compiled()

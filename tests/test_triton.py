@@ -19,7 +19,8 @@ from tests.layouts import random_layout
 from tests.tolerances import check_against_oracle
 from zorro_kernels import ZorroMask, zorro_attention
 from zorro_kernels.backends import BACKENDS
-from zorro_kernels.backends.triton import op
+from zorro_kernels import _ops
+from zorro_kernels.backends import triton as triton_backend
 from zorro_kernels.backends.triton._config import override_blocks
 
 CUDA = torch.cuda.is_available()
@@ -98,7 +99,7 @@ def test_dead_rows_exact():
                                    lengths=torch.tensor([[10, 12, 20], [4, 12, 9]]))
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32))
     with override_blocks((16, 16)):
-        out, lse = torch.ops.zorro.attention_fwd(q.detach(), k.detach(), v.detach(), *op._describe(mask), 0.25,
+        out, lse = torch.ops.zorro.attention_fwd(q.detach(), k.detach(), v.detach(), *_ops.describe(mask), 0.25,
                                                  "triton")
         o2 = zorro_attention(q, k, v, mask, backend="triton")
         o2.backward(torch.randn_like(o2))
@@ -302,8 +303,8 @@ def test_layout_sweep_never_changes_constexprs(monkeypatch):
     for i in range(50):
         mask = random_layout(gen, 40, lengths=i % 2 == 1)
         q, k, v = qkv(2, 2, mask.num_q, 16, torch.float16, device="cpu")
-        out, lse = op._triton_forward(q, k, v, mask, 0.25)
-        op._triton_backward(out, q, k, v, out, lse, mask, 0.25)
+        out, lse = triton_backend.forward(q, k, v, mask, 0.25)
+        triton_backend.backward(out, q, k, v, out, lse, mask, 0.25)
     assert len(seen) == 4, sorted(seen)  # fwd, preprocess, dk/dv, dq
 
 
@@ -345,7 +346,7 @@ def test_compile_fullgraph_segments_through_op():
     mask = ZorroMask.zorro(audio=10, video=14, fusion=3, lengths=torch.tensor([[10, 14, 3], [5, 9, 2]]))
     torch._dynamo.reset()
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32, device="cpu"))
-    fn = torch.compile(lambda a, b, c: op.attention(a, b, c, mask, 0.25, "segments"), fullgraph=True,
+    fn = torch.compile(lambda a, b, c: _ops.attention(a, b, c, mask, 0.25, "segments"), fullgraph=True,
                        backend="aot_eager")
     out = fn(q, k, v)
     out.backward(torch.ones_like(out))

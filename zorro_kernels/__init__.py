@@ -7,7 +7,7 @@
 from .attention import zorro_attention
 from .mask import ZorroMask
 from .reference import reference_attention
-from .tilemap import TileMap, TokenMeta
+from .tilemap import TileMap
 
-__all__ = ["zorro_attention", "ZorroMask", "reference_attention", "TileMap", "TokenMeta"]
+__all__ = ["zorro_attention", "ZorroMask", "reference_attention", "TileMap"]
 __version__ = "0.1.0"

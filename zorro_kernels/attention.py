@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .backends import BACKENDS, auto_priority
-from .backends.triton import attention as _custom_op_attention
+from . import _ops
+from .backends import BACKENDS
 from .mask import ZorroMask
 
 __all__ = ["zorro_attention", "check_inputs", "select_backend"]
@@ -56,6 +56,13 @@ def check_inputs(q, k, v, mask, scale=None) -> None:
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite positive number, got {scale}")
+
+
+def auto_priority(device: torch.device) -> list[str]:
+    """Backends ``"auto"`` tries, best first, for tensors on ``device``."""
+    if device.type == "cuda":
+        return ["triton", "segments"]
+    return ["segments"]
 
 
 def select_backend(q, k, v, mask, backend: str = "auto") -> str:
@@ -108,8 +115,9 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
     name = select_backend(q, k, v, mask, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
-        # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
-        return _custom_op_attention(q, k, v, mask, float(scale), name)
-    return BACKENDS[name].forward(q, k, v, mask, float(scale))
+    chosen = BACKENDS[name]
+    if chosen.eager is not None and not _ops._traced(q):
+        return chosen.eager(q, k, v, mask, float(scale))
+    # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
+    # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
+    return _ops.attention(q, k, v, mask, float(scale), name)

@@ -21,6 +21,7 @@ as flash-attention does). A query row with no key it may attend returns exactly 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
@@ -139,6 +140,22 @@ def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
 
 def _short(names: tuple[str, ...], n: int = 12) -> str:
     return str(list(names)) if len(names) <= n else str(list(names[:n]))[:-1] + f", ... ({len(names)} in all)]"
+
+
+def content_key(q_sizes, kv_sizes, is_self: bool, causal: bool, allow: torch.Tensor,
+                lengths: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor]) -> str:
+    """Digest of a mask's description (see :attr:`ZorroMask.key`); ``kv_lengths`` is None for self-attention."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(q_sizes), tuple(kv_sizes), bool(is_self), bool(causal))).encode())
+    for t in (allow, lengths, kv_lengths):
+        raw = b"-" if t is None else repr(tuple(t.shape)).encode() + t.detach().to("cpu", torch.int64).numpy().tobytes()
+        h.update(raw)
+    return h.hexdigest()
+
+
+def _content_key(mask: "ZorroMask") -> str:
+    return content_key(mask.q_sizes, mask.kv_sizes, mask.is_self, mask.causal, mask.allow, mask.lengths,
+                       None if mask.is_self else mask.kv_lengths)
 
 
 class ZorroMask:
@@ -435,10 +452,26 @@ class ZorroMask:
         return self._cache[key]
 
     def cached(self, key, build):
-        """Memoize ``build()`` on this mask under ``key`` (used by backends for their own derived data)."""
+        """Memoize ``build()`` on this mask under ``key`` (prefer :meth:`derived`, keyed by the builder itself)."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def derived(self, build, *args):
+        """``build(self, *args)``, computed once per mask and kept under ``(build, *args)``: derived data is keyed by
+        the function that builds it, so two modules cannot pick the same key for different things."""
+        key = (build, *args)
+        try:
+            return self._cache[key]
+        except KeyError:
+            value = self._cache[key] = build(self, *args)
+            return value
+
+    @property
+    def key(self) -> str:
+        """Content key (hex digest): equal for masks with equal segments, rules, lengths and causality, whatever the
+        names. The compiled-op path finds masks by it; computed once."""
+        return self.derived(_content_key)
 
     # ------------------------------------------------------------------ printing
     def __repr__(self) -> str:

@@ -73,7 +73,8 @@ class TileMap(NamedTuple):
 
 
 class TokenMeta(NamedTuple):
-    """What a kernel needs to evaluate the element mask of a partial tile.
+    """The element mask token by token: what the tile-map and kernel-mask builders evaluate partial tiles with
+    (internal; no kernel reads it).
 
     Shapes:
         q_seg, q_pos: int32 ``(Nq,)`` — segment id of each query token and its position inside the segment.

@@ -1,28 +1,92 @@
-"""Backends of :func:`zorro_kernels.zorro_attention`, each with what it supports and why it refuses an input.
+"""Backends of :func:`zorro_kernels.zorro_attention`: what each supports, written as data, and its forward/backward pair.
 
-A backend is a name, a ``not_supported_reasons(q, k, v, mask) -> list[str]`` (empty = it takes the input), and a
-``forward(q, k, v, mask, scale) -> out`` that autograd can differentiate. ``backend="auto"`` takes the first backend of
-the device's priority list that supports the input; a forced backend that refuses raises with its reasons. Nothing
-falls back silently.
+A :class:`Backend` declares its devices, dtypes, head dims, determinism and bias support as fields; its refusal reasons
+(:meth:`Backend.not_supported_reasons`) are generated from those fields, plus ``extra_reasons`` for what fields cannot
+say (an import that failed, a grid limit). Each backend is a pair of plain functions, ``forward(q, k, v, mask, scale)
+-> (out, lse)`` and ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)``, which
+:mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the ``zorro::attention_fwd``
+/ ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A backend may also give an
+``eager`` differentiable function, used outside compilation when it is cheaper than forward + backward.
+
+``backend="auto"`` chooses among the backends that take the input (:mod:`zorro_kernels.auto`); a forced backend that
+refuses raises with its reasons. Nothing falls back silently.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..reference import reference_attention
 from . import triton as _triton  # imports no Triton: kernels load on first use
-from .segments import segment_attention
+from .segments import build_plan, cpu_backward, cpu_forward, segment_attention
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "auto_priority"]
+__all__ = ["Backend", "BACKENDS", "register_backend", "backward_by_recompute"]
+
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class Backend(NamedTuple):
+def _no_reasons(q, k, v, mask) -> list:
+    return []
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run masked attention, and what it supports.
+
+    Fields:
+        name, description: how it is chosen (``backend=name``) and what it is.
+        forward: ``(q, k, v, mask, scale) -> (out (B, H, Nq, D), lse (B, H, Nq) fp32)``, without autograd.
+        backward: ``(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)``, given forward's ``out`` and ``lse``.
+        devices: device types it runs on (a tuple, or a function returning one when it depends on the environment);
+            None for any device.
+        dtypes: the dtypes of q, k, v it takes.
+        max_head_dim: the largest D, or None.
+        compile: whether it runs under ``torch.compile`` (behind the custom ops).
+        deterministic: reruns are bitwise equal, so it may run under ``torch.use_deterministic_algorithms(True)``.
+        bias: whether it takes an additive attention bias.
+        eager: optional differentiable ``(q, k, v, mask, scale) -> out`` used outside compilation.
+        extra_reasons: ``(q, k, v, mask) -> list[str]`` for what the fields cannot say.
+    """
     name: str
     description: str
-    not_supported_reasons: Callable[..., list]
-    forward: Callable[..., torch.Tensor]
+    forward: Callable
+    backward: Callable
+    devices: Union[None, tuple, Callable[[], tuple]] = None
+    dtypes: tuple = _ALL_DTYPES
+    max_head_dim: Optional[int] = None
+    compile: bool = True
+    deterministic: bool = True
+    bias: bool = False
+    eager: Optional[Callable] = None
+    extra_reasons: Callable = _no_reasons
+
+    def supported_devices(self) -> Optional[tuple]:
+        return self.devices() if callable(self.devices) else self.devices
+
+    def not_supported_reasons(self, q, k, v, mask, *, bias=None) -> list:
+        """Why this backend refuses these (validated) inputs; empty if it takes them."""
+        reasons = []
+        devices = self.supported_devices()
+        if devices is not None and q.device.type not in devices:
+            reasons.append(f"runs on {'/'.join(devices)} tensors, got device {q.device.type}")
+        if q.dtype not in self.dtypes:
+            reasons.append(f"dtype {_dtype_name(q.dtype)} is not supported "
+                           f"({', '.join(_dtype_name(d) for d in self.dtypes)} are)")
+        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            reasons.append(f"head dim D={q.shape[-1]} exceeds the maximum {self.max_head_dim}")
+        if not self.compile and torch.compiler.is_compiling():
+            reasons.append("has no torch.compile path")
+        if not self.deterministic and torch.are_deterministic_algorithms_enabled():
+            reasons.append("is not deterministic and torch.use_deterministic_algorithms(True) is set")
+        if bias is not None and not self.bias:
+            reasons.append("takes no attention bias")
+        return reasons + list(self.extra_reasons(q, k, v, mask))
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -32,23 +96,68 @@ def register_backend(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
 
-def auto_priority(device: torch.device) -> list[str]:
-    """Backends ``"auto"`` tries, best first, for tensors on ``device``."""
-    if device.type == "cuda":
-        return ["triton", "segments"]
-    return ["segments"]
+def backward_by_recompute(differentiable: Callable) -> Callable:
+    """A ``backward`` for a backend whose only gradient is autograd through ``differentiable(q, k, v, mask, scale)``:
+    the forward is recomputed under autograd (so it also runs inside the backward custom op)."""
+    def backward(dout, q, k, v, out, lse, mask, scale):
+        with torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+            o = differentiable(*leaves, mask, scale)
+            return torch.autograd.grad(o, leaves, dout, materialize_grads=True)
+    return backward
 
 
-def _no_reasons(q, k, v, mask) -> list:
-    return []
+def _no_lse(q):
+    # backends that recompute in the backward have no LSE; the custom op's output still needs one
+    return q.new_zeros(q.shape[:3], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def _reference(q, k, v, mask, scale):
+    return reference_attention(q, k, v, mask, scale=scale)
+
+
+def _reference_forward(q, k, v, mask, scale):
+    with torch.no_grad():
+        return _reference(q, k, v, mask, scale), _no_lse(q)
 
 
 register_backend(Backend(
-    "reference", "dense boolean mask through PyTorch SDPA in fp32 (slow; the oracle)", _no_reasons,
-    lambda q, k, v, mask, scale: reference_attention(q, k, v, mask, scale=scale)))
-register_backend(Backend(
-    "triton", _triton.BACKEND_DESCRIPTION, _triton.not_supported_reasons,
-    lambda q, k, v, mask, scale: _triton.attention(q, k, v, mask, scale, "triton")))
+    "reference", "dense boolean mask through PyTorch SDPA in fp32 (slow; the oracle)",
+    _reference_forward, backward_by_recompute(_reference), eager=_reference))
+
+
+# ---------------------------------------------------------------------------------------------------- segments
+_segments_recompute = backward_by_recompute(segment_attention)
+
+
+def _cpu_kernels(device: torch.device) -> bool:
+    """Whether the segment path has its own forward/backward kernels here (ATen's CPU flash attention)."""
+    return device.type == "cpu"
+
+
+def _segments_forward(q, k, v, mask, scale):
+    if _cpu_kernels(q.device):  # ATen's CPU flash kernels, out and LSE without autograd
+        out, lse = cpu_forward(q, k, v, mask.derived(build_plan), scale)
+        return out, lse.float()
+    with torch.no_grad():
+        return segment_attention(q, k, v, mask, scale), _no_lse(q)
+
+
+def _segments_backward(dout, q, k, v, out, lse, mask, scale):
+    if _cpu_kernels(q.device):
+        return cpu_backward(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse,
+                            mask.derived(build_plan), scale)
+    # elsewhere the path is SDPA under autograd, with no standalone backward: recompute it
+    return _segments_recompute(dout, q, k, v, out, lse, mask, scale)
+
+
 register_backend(Backend(
     "segments", "exact segment decomposition into unmasked fused SDPA calls (the CPU fast path; any device)",
-    _no_reasons, segment_attention))
+    _segments_forward, _segments_backward, eager=segment_attention))
+
+
+# ---------------------------------------------------------------------------------------------------- triton
+register_backend(Backend(
+    "triton", _triton.DESCRIPTION, _triton.forward, _triton.backward, devices=_triton.devices,
+    dtypes=_triton.DTYPES, max_head_dim=_triton.MAX_HEAD_DIM, extra_reasons=_triton.extra_reasons))

@@ -340,7 +340,7 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float) -> torch.Tens
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
     """Masked attention by exact segment decomposition. Shapes as :func:`zorro_kernels.zorro_attention`."""
-    plan = mask.cached("segment_plan", lambda: build_plan(mask))
+    plan = mask.derived(build_plan)
     if q.device.type == "cpu":
         return _SegmentAttentionCPU.apply(q, k, v, plan, scale)
     return _segment_attention_autograd(q, k, v, plan, scale)

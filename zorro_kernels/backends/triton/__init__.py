@@ -3,6 +3,6 @@
 Importing this package does not import Triton: the kernels (``_fwd``, ``_bwd``) are loaded when first run, so
 ``import zorro_kernels`` works where Triton is absent or broken, and the backend then says why it refuses.
 """
-from .op import BACKEND_DESCRIPTION, attention, not_supported_reasons
+from .backend import DESCRIPTION, DTYPES, MAX_HEAD_DIM, backward, devices, extra_reasons, forward
 
-__all__ = ["attention", "not_supported_reasons", "BACKEND_DESCRIPTION"]
+__all__ = ["forward", "backward", "extra_reasons", "devices", "DESCRIPTION", "DTYPES", "MAX_HEAD_DIM"]
