@@ -61,6 +61,13 @@ def test_demo_writes_table_results_and_plots(tmp_path, capsys):
     for name in ("probe_accuracy.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000
     assert (out / "zorro" / "checkpoints" / "latest").is_file() and (out / "full" / "metrics.jsonl").is_file()
+    # a second demo into the same folder used to append to each run's metrics.jsonl: refused, unless --overwrite
+    assert main(["demo", "--out", str(out), *TINY, "train.steps=3"]) == 1
+    assert re.search(r"already holds demo runs .*zorro: checkpoints.*--overwrite", _one_error_line(capsys))
+    assert [json.loads(line)["step"] for line in open(out / "zorro" / "metrics.jsonl")] == [1, 2]
+    assert main(["demo", "--out", str(out), "--overwrite", "--masks", "zorro", "--no-baseline", "--threads", "1",
+                 *TINY, "train.steps=1", "data.num_workers=0"]) in (0, 1)
+    assert [json.loads(line)["step"] for line in open(out / "zorro" / "metrics.jsonl")] == [1]
 
 
 def test_bench_and_show_mask(tmp_path, capsys):
@@ -137,3 +144,42 @@ def test_train_logs_lines_when_not_on_a_terminal(tmp_path, capsys):
     done = lines[-1]
     assert re.fullmatch(r"\[zorro\] done: step 2, loss \d+(\.\d{1,3})?, checkpoint .*", done), done
     assert "threads: 1" in (run / "config.yaml").read_text()
+
+
+def test_bench_needs_a_step(capsys):
+    """`zorro bench --steps 0` crashed with statistics.StatisticsError (the median of no timings)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--steps", "0", *TINY])
+    assert exit_info.value.code == 2
+    assert "argument --steps: must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_settings_may_follow_flags(monkeypatch, capsys):
+    """`zorro eval RUN --probes data.val_csv=...` was an argparse error: settings worked only before the flags."""
+    import zorro_models.cli as cli
+
+    seen = {}
+    monkeypatch.setitem(cli.COMMANDS, "eval", lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: seen.update(vars(args)) or 0)
+    assert main(["eval", "runs/x", "probe.max_iter=3", "--probes", "data.val_csv=v.csv", "--out", "o"]) == 0
+    assert seen["overrides"] == ["probe.max_iter=3", "data.val_csv=v.csv"] and seen["probes"] and seen["out"] == "o"
+    assert main(["train", "--resume", "train.steps=3"]) == 0
+    assert seen["overrides"] == ["train.steps=3"] and seen["resume"] and not seen["overwrite"]
+    for bad in (["eval", "runs/x", "--probes", "--nope"], ["eval", "runs/x", "--probes", "stray"],
+                ["show-mask", "train.steps=3"], ["train", "--resume", "--overwrite"]):
+        with pytest.raises(SystemExit):
+            main(bad)
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_train_flags_resume_and_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.steps=1", f"train.out={run}"]) == 0
+    assert main(["train", *TINY, "train.steps=2", f"train.out={run}"]) == 1
+    err = _one_error_line(capsys)
+    assert "already holds a run" in err and "(zorro train --resume)" in err and "--overwrite" in err
+    assert main(["train", "--resume", *TINY, "train.steps=2", f"train.out={run}"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    assert main(["train", *TINY, "train.steps=1", f"train.out={run}", "--overwrite"]) == 0
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]

@@ -1,8 +1,11 @@
 """Training machinery: schedule, checkpoints, exact resume, gradient accumulation, fine-tuning, and a two-rank gloo
 run against one process on the same global batch."""
+import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 
 import pytest
@@ -212,3 +215,132 @@ def test_cuda_bf16_training_and_resume(tmp_path, task):
     sa, sb = straight.task.state_dict(), resumed.task.state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=5e-2, atol=5e-3)
+
+
+# ------------------------------------------------------------------------------------------------- run folders
+def test_a_run_folder_that_holds_a_run_is_refused_unless_told(tmp_path):
+    """A second `zorro train` into the same train.out used to prune the old run's checkpoints, overwrite its step,
+    replace config.yaml and mix both runs in metrics.jsonl."""
+    Trainer(tiny_config(tmp_path, "run", "train.steps=2")).fit()
+    run = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoints \(newest step_00000002\), "
+                                              r"metrics.jsonl, config.yaml\).*train.resume=true \(zorro train "
+                                              r"--resume\).*train.overwrite=true"):
+        Trainer(tiny_config(tmp_path, "run", "train.steps=3", "train.seed=1"))
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing of the old run touched
+    with pytest.raises(ValueError, match="exclude each other"):
+        Trainer(tiny_config(tmp_path, "run", "train.resume=true", "train.overwrite=true"))
+    fresh = Trainer(tiny_config(tmp_path, "run", "train.steps=1", "train.seed=1", "train.overwrite=true"))
+    assert latest_checkpoint(run).name == "step_00000002"  # deleted only when the new run starts
+    fresh.fit()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")  # a folder without a run is fine to start in
+    Trainer(tiny_config(tmp_path, "other", "train.steps=0")).fit()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_changes_that_alter_the_run_and_records_allowed_ones(tmp_path):
+    """model.mask=full used to resume a Zorro run and rewrite its config; optim.lr=0.5 was recorded while the
+    schedule kept 1e-3 (the scheduler state restores the old base lr)."""
+    Trainer(tiny_config(tmp_path, "run", "train.steps=2")).fit()
+    for change in ("model.mask=full", "optim.lr=0.5", "train.batch_size=4", "data.seed=3"):
+        key = change.split("=")[0]
+        with pytest.raises(ValueError, match=rf"cannot change {key}=.* -> .*alters the run"):
+            Trainer(tiny_config(tmp_path, "run", "train.steps=2", "train.resume=true", change))
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    resumed = Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.resume=true", "train.ckpt_every=1",
+                                  "train.log_every=2"))
+    assert resumed.step == 2 and resumed.resume_changes["train.steps"] == [2, 4]
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before  # written when training starts
+    resumed.fit()
+    record = json.loads((tmp_path / "run" / "resumes.jsonl").read_text())
+    assert record["step"] == 2 and record["changed"] == {"train.steps": [2, 4], "train.ckpt_every": [0, 1],
+                                                         "train.log_every": [1, 2]}
+    assert "steps: 4" in (tmp_path / "run" / "config.yaml").read_text()
+    assert resumed.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the new step 4
+
+
+def test_resume_drops_metrics_of_steps_it_trains_again(tmp_path):
+    """A run killed after its step-2 checkpoint but with steps 3-4 logged: the resumed run logs 3 and 4 once."""
+    Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=0")).fit()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")  # as if killed during the last save
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # and a torn line
+    Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.resume=true")).fit()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
+    Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.ckpt_every=2")).fit()
+    state = tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:64])
+    resumed = Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.resume=true"))
+    assert resumed.step == 2
+    err = capsys.readouterr().err
+    assert "skipped step_00000004" in err and "state.pt is 64 bytes" in err and "resumed from" in err
+
+
+def test_an_all_unreadable_clip_list_stops_with_a_count(tmp_path):
+    """Every clip missing: every batch was skipped, forever, at 100% CPU. Now: an error counting them, at once."""
+    (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"gone{i}.mp4,{i % 2}\n" for i in range(6)))
+    cfg = tiny_config(tmp_path, "run", "data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}",
+                      "train.task=supervised", "train.batch_size=2", "train.steps=3")
+    with pytest.warns(RuntimeWarning, match="skipping clip"), _deadline(30):
+        with pytest.raises(ValueError, match=r"6 of the last 6 training clips of this epoch could not be read "
+                                               r"\(none could; 6 unreadable in all\)"):
+            Trainer(cfg).fit()
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Fail instead of hanging the suite (the bug this guards against is an endless loop)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_mostly_unreadable_clip_list_stops(tmp_path, monkeypatch):
+    """Two thirds of the clips unreadable over the last UNREADABLE_WINDOW clips (made small here): stop."""
+    import zorro_models.train as train_mod
+    from tests.helpers import write_clip
+
+    pytest.importorskip("av")
+    write_clip(tmp_path / "ok.mp4")
+    rows = "".join(f"{'ok' if i % 3 == 0 else f'gone{i}'}.mp4,{i % 2}\n" for i in range(60))
+    (tmp_path / "train.csv").write_text("path,label\n" + rows)
+    monkeypatch.setattr(train_mod, "UNREADABLE_WINDOW", 12)
+    cfg = tiny_config(tmp_path, "run", "data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}",
+                      "data.duration=0.5", "train.task=supervised", "train.batch_size=4", "train.steps=100")
+    with pytest.warns(RuntimeWarning, match="skipping clip"):
+        with pytest.raises(ValueError, match=r"(\d+) of the last 1[2-5] training clips could not be read \(only"):
+            with _deadline(60):
+                Trainer(cfg).fit()
+
+
+def test_zero_batch_size_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"need train.batch_size >= 1.*got 0"):
+        Trainer(tiny_config(tmp_path, "bad", "train.batch_size=0"))
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    """The gradient the optimizer sees has norm <= optim.clip_grad_norm, and the norm before clipping was above it."""
+    trainer = Trainer(tiny_config(tmp_path, "run", "optim.clip_grad_norm=0.01"))
+    seen = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for p in trainer.task.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    trainer.optimizer.register_step_pre_hook(before_step)
+    logs = trainer.train_step(trainer.batches())
+    assert float(logs["grad_norm"]) > 0.05 and seen[0] == pytest.approx(0.01, rel=1e-3)

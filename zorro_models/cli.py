@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .config import add_run_folder_args, run_folder_overrides
+
 __all__ = ["main", "build_parser", "error_line"]
 
 
@@ -53,6 +55,16 @@ def _masks(text: str) -> list:
     return masks
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zorro", description="Train, evaluate and inspect Zorro models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -66,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(zorro, full, bottleneck; default: %(default)s)")
     _add_threads(p, "half the cores, at least 1")
     p.add_argument("--no-baseline", action="store_true", help="skip the probes of the untrained model")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo runs already in --out")
     _add_config(p)
 
     p = sub.add_parser("train", help="train a model (one process; use torchrun -m zorro_models.train for DDP)")
     _add_threads(p, "train.threads, else half the cores, at least 1")
     _add_config(p)
+    add_run_folder_args(p)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: supervised heads and/or linear probes under "
                                     "audio-visual, audio-only and video-only inputs")
@@ -96,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="training-step and inference throughput of a config, per mask")
     p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per mask (after 2 warm-up steps)")
+    p.add_argument("--steps", type=_positive_int, default=10, help="timed steps per mask (after 2 warm-up steps)")
     _add_threads(p, "PyTorch's")
     _add_config(p)
 
@@ -116,7 +130,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     results = run_demo(args.out, masks=args.masks, config=args.config, overrides=args.overrides,
-                       threads=args.threads, baseline=not args.no_baseline)
+                       threads=args.threads, baseline=not args.no_baseline, overwrite=args.overwrite)
     return 0 if results.get("verdict") is None or not results["verdict"].startswith("WARNING") else 1
 
 
@@ -136,7 +150,7 @@ def cmd_train(args) -> int:
     from .train import run_training, summary_line
 
     threads = [f"train.threads={args.threads}"] if args.threads else []
-    summary = run_training(load_config(args.config, list(args.overrides) + threads))
+    summary = run_training(load_config(args.config, list(args.overrides) + threads + run_folder_overrides(args)))
     print(summary_line(summary))
     return 0
 
@@ -317,7 +331,15 @@ COMMANDS = {"demo": cmd_demo, "ablate": cmd_ablate, "train": cmd_train, "eval": 
 def main(argv: Optional[list] = None) -> int:
     """Run a command; returns the exit status. An error prints one line, ``zorro: error: ...``, and returns 1 (argparse
     errors exit with 2); with ``--debug`` or ``ZORRO_DEBUG=1`` it propagates with its traceback instead."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # settings may follow flags too (`zorro eval RUN --probes data.val_csv=v.csv`): argparse hands the ones after a
+    # flag back as unrecognised, and they join the command's overrides in the order given
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     debug = args.debug or os.environ.get("ZORRO_DEBUG", "") not in ("", "0")
     try:
         return COMMANDS[args.command](args)

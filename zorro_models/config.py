@@ -11,6 +11,7 @@ pipeline reads them from the model built by ``model.name`` + ``model.kwargs``, s
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import typing
@@ -22,7 +23,7 @@ import yaml
 
 __all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "OptimConfig", "TrainConfig", "ProbeConfig",
            "Config", "load_config", "apply_overrides", "from_dict", "config_to_yaml", "save_config", "machine_threads",
-           "machine_workers", "data_workers"]
+           "machine_workers", "data_workers", "add_run_folder_args", "run_folder_overrides"]
 
 
 @dataclass
@@ -107,7 +108,9 @@ class TrainConfig:
         steps: optimizer steps. batch_size: the global batch per step (split over ranks and ``grad_accum``
             micro-batches; must divide evenly).
         amp: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
-        out: run folder (checkpoints, metrics.jsonl, plots). resume: continue from the latest checkpoint in ``out``.
+        out: run folder (checkpoints, metrics.jsonl, plots). resume: continue from the newest intact checkpoint in
+            ``out``. overwrite: start afresh in an ``out`` that holds a run, deleting that run (without ``resume`` or
+            ``overwrite``, a run folder that holds a run is refused).
         init_from: a checkpoint (folder or ``model.safetensors``) whose backbone weights start the run.
         log_every / eval_every / ckpt_every: in steps; 0 = never (a checkpoint is always written at the end).
         keep_checkpoints: how many step checkpoints to keep (oldest deleted first).
@@ -127,6 +130,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/zorro"
     resume: bool = False
+    overwrite: bool = False
     init_from: Optional[str] = None
     log_every: int = 10
     eval_every: int = 0
@@ -264,6 +268,21 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         # dict-valued fields (model.kwargs) take new keys; dataclass sections are checked by from_dict below
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return from_dict(Config, data)
+
+
+def add_run_folder_args(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` / ``--overwrite``: what to do with a ``train.out`` that already holds a run."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in train.out from its newest intact "
+                       "checkpoint (train.resume=true)")
+    group.add_argument("--overwrite", action="store_true", help="start over in a train.out that holds a run, "
+                       "deleting that run (train.overwrite=true)")
+
+
+def run_folder_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides that ``--resume`` / ``--overwrite`` stand for."""
+    return ["train.resume=true"] * bool(getattr(args, "resume", False)) + \
+        ["train.overwrite=true"] * bool(getattr(args, "overwrite", False))
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

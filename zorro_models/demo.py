@@ -31,7 +31,7 @@ import torch
 from .config import load_config, machine_threads
 from .evaluate import run_probes
 from .reporting import format_table, plot_modality_scores, plot_training_curves, read_metrics, write_json
-from .train import Trainer
+from .train import Trainer, run_contents
 
 __all__ = ["run_demo", "demo_overrides", "TABLE_COLUMNS", "LABELS"]
 
@@ -51,14 +51,19 @@ def demo_overrides(out: Path, mask: str, threads: int) -> list[str]:
 
 def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"), config: Optional[str] = None,
              overrides: Sequence[str] = (), threads: Optional[int] = None, baseline: bool = True,
-             verbose: bool = True) -> dict:
+             overwrite: bool = False, verbose: bool = True) -> dict:
     """Train, probe and compare; returns the results dict also written to ``<out>/results.json``.
 
     ``config`` / ``overrides`` change any setting (e.g. ``train.steps=100``) for every run. Each run starts from the
     same seed, so the models differ only in their mask. ``baseline`` adds an "untrained" row: the probes on the first
-    model before any training, which shows what pre-training added (or took away).
+    model before any training, which shows what pre-training added (or took away). An ``out`` that already holds
+    demo runs is refused (FileExistsError) unless ``overwrite``, which replaces them.
     """
     out = Path(out)
+    held = ["{}: {}".format(out / m, ", ".join(run_contents(out / m))) for m in masks if run_contents(out / m)]
+    if held and not overwrite:
+        raise FileExistsError(f"{out} already holds demo runs ({'; '.join(held)}); pass --overwrite (overwrite=True) "
+                              f"to replace them, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or machine_threads()
     t_start = time.perf_counter()
@@ -66,7 +71,8 @@ def run_demo(out: str = "zorro_demo", *, masks: Sequence[str] = ("zorro", "full"
     untrained = None
     cfg = None
     for mask in masks:
-        cfg = load_config(config, demo_overrides(out, mask, threads) + list(overrides))
+        cfg = load_config(config, demo_overrides(out, mask, threads) + list(overrides)
+                          + ["train.overwrite=true"] * overwrite)
         trainer = Trainer(cfg)
         if baseline and untrained is None:
             if verbose:

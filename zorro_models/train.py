@@ -21,9 +21,12 @@ as the uninterrupted run would have (same data order, optimizer and scheduler st
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -37,7 +40,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
 from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import Config, config_to_yaml, data_workers, load_config, machine_threads, save_config
+from .config import (Config, add_run_folder_args, config_to_yaml, data_workers, load_config, machine_threads,
+                     run_folder_overrides, save_config)
+
+import yaml
 from .data import collate
 from .distributed import DistEnv, all_gather_nograd, gather_with_grad, init_distributed
 from .evaluate import evaluate_heads
@@ -47,7 +53,66 @@ from .losses import SupervisedLoss, ZorroContrastiveLoss
 from .reporting import MetricsLogger, plot_training_curves, read_metrics
 
 __all__ = ["Trainer", "ContrastiveTask", "SupervisedTask", "ResumableSampler", "warmup_cosine", "param_groups",
-           "run_training", "progress_line", "summary_line", "main"]
+           "run_training", "progress_line", "summary_line", "main", "RESUMABLE_CHANGES", "RUN_FILES", "run_contents", "config_changes",
+           "UNREADABLE_SHARE", "UNREADABLE_WINDOW"]
+
+#: What a run writes into ``train.out`` (``train.overwrite=true`` deletes these and nothing else).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "resumes.jsonl", "training_curves.png", "eval.json",
+             "eval.png")
+#: Settings a resumed run may change (a key, or a whole section): how long it runs, how often and where it writes,
+#: where the files are, what it evaluates with — not what it learns. Any other change is refused. A longer
+#: ``train.steps`` stretches the cosine schedule from the resumed step on.
+RESUMABLE_CHANGES = ("train.steps", "train.resume", "train.overwrite", "train.out", "train.init_from",
+                     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
+                     "train.threads", "train.progress", "train.plot", "train.device", "data.num_workers", "data.root",
+                     "data.val_csv", "data.val_size", "probe")
+#: Training stops when at least this share of the last ``UNREADABLE_WINDOW`` clips, or of an epoch's clips, could not
+#: be read: a clip list that is mostly unreadable is a broken setup, not bad luck (and one that is all unreadable
+#: would otherwise loop forever, skipping every batch).
+UNREADABLE_SHARE = 0.5
+UNREADABLE_WINDOW = 256
+
+
+def run_contents(out: Path) -> list[str]:
+    """What of a run ``out`` holds (empty: no run there), e.g. ``["checkpoints (newest step_00000004)",
+    "metrics.jsonl"]``."""
+    found = []
+    for name in RUN_FILES:
+        path = out / name
+        if name == "checkpoints" and path.is_dir():
+            steps = sorted(p.name for p in path.glob("step_*"))
+            if steps or any(path.iterdir()):
+                found.append(f"checkpoints (newest {steps[-1]})" if steps else "checkpoints")
+        elif path.exists():
+            found.append(name)
+    return found
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "model.kwargs":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(stored: dict, cfg: Config) -> dict:
+    """``{key: [stored value, new value]}`` for the settings ``cfg`` changes relative to a run's ``stored`` config (a
+    plain dict, as read from its ``config.yaml``). Raises ValueError naming every change outside
+    :data:`RESUMABLE_CHANGES`. Keys only one side knows (settings added or removed since) are not compared."""
+    old, new = _flat(stored), _flat(yaml.safe_load(config_to_yaml(cfg)))
+    changes = {k: [old[k], new[k]] for k in new if k in old and old[k] != new[k]}
+    refused = {k: v for k, v in changes.items()
+               if not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)}
+    if refused:
+        what = ", ".join(f"{k}={a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"train.resume: cannot change {what}: that alters the run (a resumed run may change only "
+                         f"{', '.join(RESUMABLE_CHANGES)}); start a new run in another train.out, or start over "
+                         f"with train.overwrite=true")
+    return changes
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """LR multiplier at ``step`` (0-based): linear warm-up ``(step + 1) / warmup`` for the first ``warmup`` steps,
@@ -159,8 +224,11 @@ class Trainer:
             raise ValueError(f"train.task must be 'contrastive' or 'supervised', got {t.task!r}")
         if t.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {t.amp!r}")
-        if t.grad_accum < 1 or t.steps < 0:
-            raise ValueError(f"need train.grad_accum >= 1 and train.steps >= 0, got {t.grad_accum} and {t.steps}")
+        if t.grad_accum < 1 or t.steps < 0 or t.batch_size < 1:
+            raise ValueError(f"need train.batch_size >= 1, train.grad_accum >= 1 and train.steps >= 0, got "
+                             f"{t.batch_size}, {t.grad_accum} and {t.steps}")
+        if t.resume and t.overwrite:
+            raise ValueError("train.resume and train.overwrite exclude each other: continue the run or start over")
         if t.eval_every > 0 and t.task != "supervised":
             raise ValueError("train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
                              "evaluate contrastive checkpoints with linear probes: zorro eval RUN")
@@ -196,14 +264,32 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
         self._val_set = None
 
-        ckpt = latest_checkpoint(self.out) if t.resume else None
+        self.resume_changes, self._overwrite = {}, []
+        existing = run_contents(self.out)
+        if existing and not t.resume:
+            if not t.overwrite:
+                raise FileExistsError(
+                    f"train.out={self.out} already holds a run ({', '.join(existing)}); continue it with "
+                    f"train.resume=true (zorro train --resume), start over with train.overwrite=true (zorro train "
+                    f"--overwrite; deletes that run), or choose another train.out")
+            self._overwrite = existing
+        ckpt = None
+        if t.resume:
+            skipped = []
+            ckpt = latest_checkpoint(self.out, skipped)
+            for line in skipped:
+                self._say(f"train.resume: {line}")
         if ckpt is not None:
+            stored = ckpt / "config.yaml"
+            if stored.is_file():
+                self.resume_changes = config_changes(yaml.safe_load(stored.read_text(encoding="utf-8")) or {}, cfg)
             state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler)
             self.step = state["step"]
             self.epoch = state["extra"]["epoch"]
             self.batch_in_epoch = state["extra"]["batch_in_epoch"]
             self.skipped = state["extra"].get("skipped", 0)
-            self._say(f"resumed from {ckpt} at step {self.step}")
+            self._say(f"resumed from {ckpt} at step {self.step}" + "".join(
+                f"; {k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items() if k != "train.resume"))
         elif t.resume:
             self._say(f"train.resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
         if ckpt is None and t.init_from:
@@ -214,6 +300,30 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         self.logger = MetricsLogger(self.out / "metrics.jsonl") if self.env.is_main else None
+
+    def _open_run(self) -> None:
+        """Rank 0, before the first step: delete the run ``train.overwrite`` replaces, drop the metric records of
+        steps a resumed run redoes (logged after its checkpoint, before the crash), note the resume in
+        ``resumes.jsonl`` (step, changed settings), write ``config.yaml``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self._overwrite:
+            for name in RUN_FILES:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            self._say(f"train.overwrite: deleted the run in {self.out} ({', '.join(self._overwrite)})")
+            self._overwrite = []
+        if self.cfg.train.resume:
+            dropped = _drop_metrics_after(self.out / "metrics.jsonl", self.step)
+            if dropped:
+                self._say(f"train.resume: dropped {dropped} metric record(s) of steps after {self.step} from "
+                          f"metrics.jsonl (those steps are trained again)")
+            MetricsLogger(self.out / "resumes.jsonl").log(
+                {"step": self.step, "changed": {k: v for k, v in self.resume_changes.items() if k != "train.resume"},
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        save_config(self.cfg, self.out / "config.yaml")
 
     def _say(self, msg: str) -> None:
         if self.env.is_main:
@@ -231,14 +341,24 @@ class Trainer:
         if len(self.sampler) // self.micro_batch == 0 and self.batch_in_epoch == 0:
             raise ValueError(f"the training set ({len(self.train_set)} clips) is smaller than one global micro-batch "
                              f"({self.micro_batch} x {self.env.world_size} ranks)")
+        recent = collections.deque()  # (clips, unreadable) of the last batches, UNREADABLE_WINDOW clips or more
         while True:
             self.sampler.set_position(self.epoch, self.batch_in_epoch * self.micro_batch)
+            epoch = [0, 0]  # clips, unreadable in this (part of an) epoch
             for batch in self._loader():
                 self.batch_in_epoch += 1
                 self.skipped += batch["num_skipped"]
+                clips = batch["size"] + batch["num_skipped"]
+                epoch = [epoch[0] + clips, epoch[1] + batch["num_skipped"]]
+                recent.append((clips, batch["num_skipped"]))
+                while sum(n for n, _ in recent) - recent[0][0] >= UNREADABLE_WINDOW:
+                    recent.popleft()
+                _check_unreadable(sum(n for n, _ in recent), sum(b for _, b in recent), UNREADABLE_WINDOW,
+                                  self.skipped, "clips")
                 if batch["size"] == 0:
                     continue
                 yield batch
+            _check_unreadable(*epoch, 1, self.skipped, "clips of this epoch")  # clip lists shorter than the window
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -320,8 +440,7 @@ class Trainer:
         t = self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         if self.env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.yaml")
+            self._open_run()
         self.task.train()
         data = self.batches()
         bar = None
@@ -386,6 +505,36 @@ def summary_line(summary: dict) -> str:
     return f"[zorro] done: step {summary['step']}, loss {loss}, checkpoint {summary['checkpoint']}"
 
 
+def _check_unreadable(clips: int, bad: int, at_least: int, total: int, what: str) -> None:
+    """Raise if at least ``at_least`` clips were read and :data:`UNREADABLE_SHARE` of them or more were unreadable."""
+    if clips >= at_least and bad >= UNREADABLE_SHARE * clips:
+        readable = "none" if bad == clips else f"only {clips - bad}"
+        raise ValueError(f"{bad} of the last {clips} training {what} could not be read ({readable} could; {total} "
+                         f"unreadable in all): stopping, as at least {UNREADABLE_SHARE:.0%} unreadable means a "
+                         f"broken clip list or data.root, not bad luck (the skipping-clip warnings give causes)")
+
+
+def _drop_metrics_after(path: Path, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` without the records of steps after ``step`` (atomically); returns how many went."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):  # a torn last line from the crash
+            continue
+        if record_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
@@ -407,8 +556,9 @@ def run_training(cfg: Config) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zorro_models.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
+    add_run_folder_args(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, list(args.overrides) + run_folder_overrides(args))
     summary = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary_line(summary))
