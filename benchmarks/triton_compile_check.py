@@ -111,7 +111,7 @@ def main() -> int:
     limit = SHARED_LIMIT.get(args.arch, 101376)
     results = []
 
-    def warm(kernel, grid, kargs, constexprs, cfg):
+    def warm(kernel, grid, kargs, constexprs, cfg, bucket=()):
         cands = dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))
         for warps, stages in cands:
             name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
@@ -119,7 +119,7 @@ def main() -> int:
                    f"{ctx['table']:8s} blocks={cfg.block_m}x{cfg.block_n} warps={warps} stages={stages}")
             t0 = time.time()
             try:
-                k = kernel.warmup(*kargs, grid=grid, **constexprs, num_warps=warps, num_stages=stages)
+                k = kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=warps, num_stages=stages)
                 shared = k.metadata.shared
                 ok = shared <= limit
                 results.append((ok, f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {asm_summary(k)} "
@@ -204,7 +204,8 @@ def _reference_launch(q, cfg):
     """Arguments of ``warm`` for the dense reference at q's shape (head dim padded as the kernels pad it)."""
     d = _config.padded_head_dim(q.shape[-1])
     x = torch.empty(2, 4, 1024, d, dtype=q.dtype)
-    return (_dense_reference_fwd, (1024 // cfg.block_m, 8), (x, x, x, x, x.stride(1), x.stride(2), 1024, 0.1),
+    return (_dense_reference_fwd, (1024 // cfg.block_m, 8),
+            dict(Q=x, K=x, V=x, O=x, stride_h=x.stride(1), stride_n=x.stride(2), N=1024, qk_scale=0.1),
             dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
 
 
@@ -213,8 +214,8 @@ def sweep(n_layouts: int) -> int:
     kernels = {"fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess, "dkdv": _bwd._attn_bwd_dkdv,
                "dq": _bwd._attn_bwd_dq}
 
-    def warm(kernel, grid, kargs, constexprs, cfg):
-        kernel.warmup(*kargs, grid=grid, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def warm(kernel, grid, kargs, constexprs, cfg, bucket=()):
+        kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _fwd.launch = warm
     _bwd.launch = warm

@@ -162,6 +162,57 @@ def test_many_segments_and_runs(dtype):
         check_against_oracle(triton_attn, q, k, v, mask)
 
 
+def test_program_order_is_heaviest_first():
+    """Each plan's program order is a permutation of its entries, estimated cost non-increasing, per-sample plans
+    ordered over (sample, tile) together; the kernels read their tile through it (the oracle cases cover results)."""
+    from zorro_kernels.backends.triton._plan import PARTIAL_COST, tile_plan
+
+    for mask in (ZorroMask.zorro(audio=70, video=60, fusion=2), zorro_ragged()):
+        for direction in ("kv", "q"):
+            plan = tile_plan(mask, 16, 16, direction, "cpu")
+            full = (plan.runs[..., 1] - plan.runs[..., 0]).sum(-1).reshape(-1).double()
+            cost = (full + PARTIAL_COST * plan.part_num.reshape(-1)).tolist()
+            order = plan.order.tolist()
+            assert sorted(order) == list(range(plan.run_num.numel()))
+            got = [cost[e] for e in order]
+            assert got == sorted(got, reverse=True) and got[0] > got[-1]
+
+
+def test_autotune_keys_shape_buckets_and_never_tunes_while_capturing(monkeypatch):
+    """Autotuning is per shape bucket; while a graph is captured (or dynamo traces) a launch never tunes: it reuses
+    the bucket's earlier choice, else the table's config."""
+    from types import SimpleNamespace
+
+    from zorro_kernels.backends.triton import _launch
+    from zorro_kernels.backends.triton._config import KernelConfig
+
+    calls, tuners, forbidden = [], {}, [True]
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((kw["num_warps"], kw["num_stages"]))
+
+    class Tuner:
+        best_config = SimpleNamespace(num_warps=8, num_stages=2)
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append("tuned")
+
+    monkeypatch.setattr(_launch, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_launch, "tuning_forbidden", lambda: forbidden[0])
+    monkeypatch.setattr(_launch, "_tuner", lambda kernel, cfg, bucket, key: tuners.setdefault(bucket, Tuner()))
+    cfg, kernel = KernelConfig(64, 64, 4, 3, ((8, 2),)), Kernel()
+    small, big = _launch.shape_bucket(1000, 1000, 40), _launch.shape_bucket(16000, 16000, 40)
+    assert small == _launch.shape_bucket(1024, 513, 64) != big
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)     # capturing, nothing tuned yet: the table's config
+    forbidden[0] = False
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)     # tunes this bucket
+    forbidden[0] = True
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)     # capturing again: the bucket's choice
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, big)       # another bucket, never tuned: the table's
+    assert calls == [(4, 3), "tuned", (8, 2), (4, 3)] and list(tuners) == [small]
+
+
 def _run(q, k, v, mask, d_out):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = zorro_attention(q, k, v, mask, backend="triton")
@@ -294,7 +345,7 @@ def test_layout_sweep_never_changes_constexprs(monkeypatch):
 
     seen = set()
 
-    def record(kernel, grid, args, constexprs, cfg):
+    def record(kernel, grid, args, constexprs, cfg, bucket=()):
         seen.add((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(sorted(constexprs.items())), cfg))
 
     monkeypatch.setattr(_fwd, "launch", record)

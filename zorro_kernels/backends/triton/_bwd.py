@@ -2,11 +2,12 @@
 
 Every output element is written by exactly one program and accumulated in a fixed order, with no atomics, so the
 backward is deterministic: a rerun is bitwise equal. For GQA a dK/dV program owns one kv head and loops over the query
-heads of its group, which is what keeps atomics out.
+heads of its group, which is what keeps atomics out. Both grids run heaviest first (the plans' program order).
 
-As in the forward, the ``PARTIAL`` constexpr compiles the loop twice: full tiles without mask arithmetic, partial tiles
-loading only valid tokens (so NaN in padding cannot leak) and zeroing ``p`` and ``ds`` outside the element mask.
-Probabilities are recomputed from the saved log-sum-exp: ``p = exp2(s * scale * log2(e) - lse * log2(e))``.
+As in the forward, each kernel's tile body is one function compiled twice by its ``MASKED`` constexpr: full tiles
+without mask arithmetic, partial tiles loading only valid tokens (so NaN in padding cannot leak), zeroing ``p`` and
+``ds`` outside the element mask and zeroing the non-finite rows of what they sum over (``finite_rows``). Probabilities
+are recomputed from the forward's base-2 log-sum-exp with one multiply-add: ``p = exp2(qk * qk_scale - lse2)``.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import triton
 import triton.language as tl
 
 from ._config import KernelConfig
-from ._fwd import _RUNTIME_ARGS, LOG2E, common_constexprs
-from ._launch import launch
-from ._mask import allowed_pairs, finite_rows, fixed_words, load_rows, poison, token_segments
+from ._fwd import _RUNTIME_ARGS, LOG2E, common_constexprs, plan_args
+from ._launch import launch, shape_bucket
+from ._mask import fixed_words, finite_rows, load_rows, load_tile, pair_keep, poison, program_tile, token_segments
 
 _PRE = KernelConfig(64, 16, 4, 1)  # the delta preprocess: 64 rows a program, never autotuned
 
@@ -40,15 +41,19 @@ def _bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_don, H, Nq,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, keep, q_bad, MASKED: tl.constexpr,
+def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep, MASKED: tl.constexpr,
                INPUT_PRECISION: tl.constexpr):
-    """dV += P^T dO, dK += dS^T Q for one query tile, computed transposed (key rows x query columns). ``MASKED``:
-    ``q``/``do`` have their non-finite rows zeroed, flagged in ``q_bad`` (both sums run over query rows)."""
-    s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    """dV += P^T dO, dK += dS^T Q for one query tile, computed transposed (key rows x query columns):
+    ``k, v, dk, dv (BN, D)``, ``q, do (BM, D)``, ``lse2, delta (BM,)``, ``keep (BN, BM)``."""
+    if MASKED:
+        # both sums run over query rows: a row some keys may not see must add 0, not 0 * NaN
+        q, q_bad = finite_rows(q)
+        do, do_bad = finite_rows(do)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
     if MASKED:
         # rows that see nothing have lse = -inf, so exp2 gives inf there; the mask selects 0 before any use
-        p_t = poison(p_t, keep, q_bad)
+        p_t = poison(p_t, keep, q_bad | do_bad)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -76,15 +81,10 @@ def _dkdv_full_runs(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stri
         lse_ptrs = LSE_bh + rows
         delta_ptrs = DELTA_bh + rows
         for _ in range(lo, hi):
-            if EVEN_D:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            lse = tl.load(lse_ptrs)
-            delta = tl.load(delta_ptrs)
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, 0, 0, False, INPUT_PRECISION)
+            q = load_tile(q_ptrs, offs_d, HEAD_DIM, EVEN_D)
+            do = load_tile(do_ptrs, offs_d, HEAD_DIM, EVEN_D)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q, do, tl.load(lse_ptrs), tl.load(delta_ptrs), qk_scale, 0, False,
+                                INPUT_PRECISION)
             q_ptrs += BLOCK_M * stride_qn
             do_ptrs += BLOCK_M * stride_don
             lse_ptrs += BLOCK_M
@@ -104,14 +104,11 @@ def _dkdv_partial(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride
         rows = tl.load(IDX + list_row * Tq + t) * BLOCK_M + offs_m
         q_seg, q_ok = token_segments(QCODE, q_code_row, rows, Nq)
         q, do = load_rows(Q_bh, DO_bh, stride_qn, stride_don, rows, offs_d, q_ok, HEAD_DIM, EVEN_D, True)
-        q, q_bad = finite_rows(q)
-        do, do_bad = finite_rows(do)
-        lse = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
+        lse2 = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
         delta = tl.load(DELTA_bh + rows, mask=q_ok, other=0.0)
-        keep = allowed_pairs(BITS, WORDS, k_seg, k_word, q_seg, ONE_WORD) & k_ok[:, None] & q_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[:, None] <= rows[None, :] + causal_offset)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, keep, q_bad | do_bad, True, INPUT_PRECISION)
+        keep = pair_keep(BITS, WORDS, k_seg, k_word, k_ok, cols, q_seg, q_ok, rows, causal_offset, CAUSAL,
+                         ONE_WORD, False)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep, True, INPUT_PRECISION)
     return dk, dv
 
 
@@ -121,19 +118,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don,
-                   RUN_NUM, RUNS, PART_NUM, PART_IDX,
+                   ORDER, RUN_NUM, RUNS, PART_NUM, PART_IDX,
                    QCODE, KCODE, BITS,
-                   H, HKV, GROUP, Nq, Nk, Tk, Tq, R, WORDS, MAP_B, causal_offset, qk_scale, sm_scale,
+                   H, HKV, GROUP, Nq, Nk, Tk, Tq, R, WORDS, REP, causal_offset, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
-    n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
-    len_row = b * MAP_B
-    list_row = len_row * Tk + n
+    n, b, hk, list_row = program_tile(ORDER, REP, HKV, Tk)
+    bhk = b * HKV + hk
+    len_row = list_row // Tk
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -168,11 +162,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, k_bad, MASKED: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr):
-    """dQ += dS K for one kv tile. ``MASKED``: ``k`` has its non-finite rows zeroed, flagged in ``k_bad``."""
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
+def _dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, keep, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dQ += dS K for one kv tile: ``q, do, dq (BM, D)``, ``k, v (BN, D)``, ``lse2, delta (BM,)``, ``keep (BM, BN)``."""
+    if MASKED:
+        k, k_bad = finite_rows(k)   # dS·K sums over keys
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         p = poison(p, keep, k_bad)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -196,13 +191,9 @@ def _dq_full_runs(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_vn, offs
         k_ptrs = K_bh + (lo * BLOCK_N + offs_n)[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_bh + (lo * BLOCK_N + offs_n)[:, None] * stride_vn + offs_d[None, :]
         for _ in range(lo, hi):
-            if EVEN_D:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            dq = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, 0, 0, False, INPUT_PRECISION)
+            k = load_tile(k_ptrs, offs_d, HEAD_DIM, EVEN_D)
+            v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
+            dq = _dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, 0, False, INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -214,16 +205,15 @@ def _dq_partial(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_vn, offs_n
                 KCODE, k_code_row, BITS, WORDS, Nk, causal_offset, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                 ONE_WORD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Partial kv tiles from the index list: valid keys only, element mask on p and ds."""
     num = tl.load(NUM + list_row)
     for t in range(0, num):
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
-        k, k_bad = finite_rows(k)   # dS·K sums over keys
-        keep = allowed_pairs(BITS, WORDS, q_seg, q_word, k_seg, ONE_WORD) & q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
-        dq = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, k_bad, True, INPUT_PRECISION)
+        keep = pair_keep(BITS, WORDS, q_seg, q_word, q_ok, rows, k_seg, k_ok, cols, causal_offset, CAUSAL,
+                         ONE_WORD, True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, keep, True, INPUT_PRECISION)
     return dq
 
 
@@ -233,20 +223,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_don,
-                 RUN_NUM, RUNS, PART_NUM, PART_IDX,
+                 ORDER, RUN_NUM, RUNS, PART_NUM, PART_IDX,
                  QCODE, KCODE, BITS,
-                 H, GROUP, Nq, Nk, Tq, Tk, R, WORDS, MAP_B, causal_offset, qk_scale, sm_scale,
+                 H, GROUP, Nq, Nk, Tq, Tk, R, WORDS, REP, causal_offset, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    m, b, h, list_row = program_tile(ORDER, REP, H, Tq)
+    bh = b * H + h
     hk = h // GROUP
-    len_row = b * MAP_B
-    list_row = len_row * Tq + m
+    len_row = list_row // Tq
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -257,7 +244,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     q, do = load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
                       DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
                       stride_qn, stride_don, rows, offs_d, q_ok, HEAD_DIM, EVEN_D, True)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=q_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=q_ok, other=0.0)
     K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -280,7 +267,7 @@ def attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, scale: f
     """Gradients of :func:`attention_forward`.
 
     Args:
-        dout: ``(B, H, Nq, D)`` (last dim contiguous); q, k, v, out, lse as saved by the forward.
+        dout: ``(B, H, Nq, D)`` (last dim contiguous); q, k, v, out, lse (base 2) as saved by the forward.
         plan_dkdv: the ``"q"`` :class:`TilePlan` for ``(cfg_dkdv.block_m, cfg_dkdv.block_n)``; plan_dq: the ``"kv"``
             plan for ``cfg_dq``'s blocks; km: the :class:`KernelMask`.
     Returns:
@@ -293,24 +280,29 @@ def attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, scale: f
     dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=v.device)
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     consts = common_constexprs(q, km.causal, _PRE.block_m, _PRE.block_n, True)
-    launch(_bwd_preprocess, (triton.cdiv(nq, _PRE.block_m), b * h), (out, dout, delta, *dout.stride()[:3], h, nq),
+    launch(_bwd_preprocess, (triton.cdiv(nq, _PRE.block_m), b * h),
+           dict(O=out, DO=dout, DELTA=delta, stride_dob=dout.stride(0), stride_doh=dout.stride(1),
+                stride_don=dout.stride(2), H=h, Nq=nq),
            dict(HEAD_DIM=consts["HEAD_DIM"], D_PAD=consts["D_PAD"], BLOCK=_PRE.block_m), _PRE)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    qk_scale = scale * LOG2E
+    common = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta,
+                  stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+                  stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+                  stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+                  stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_don=dout.stride(2),
+                  QCODE=km.q_code, KCODE=km.k_code, H=h, GROUP=h // hkv, Nq=nq, Nk=nk,
+                  causal_offset=km.causal_offset, qk_scale=scale * LOG2E, sm_scale=scale)
 
     p = plan_dkdv  # rows: kv tiles, columns: query tiles
-    args = (q, k, v, dout, lse, delta, dk, dv, *strides,
-            p.run_num, p.runs, p.part_num, p.part_idx, km.q_code, km.k_code, km.k_bits,
-            h, hkv, h // hkv, nq, nk, p.num_rows, p.num_cols, p.max_runs, km.k_words, int(p.per_sample),
-            km.causal_offset, qk_scale, scale)
-    launch(_attn_bwd_dkdv, (p.num_rows, b * hkv), args,
-           common_constexprs(q, km.causal, cfg_dkdv.block_m, cfg_dkdv.block_n, km.k_words == 1), cfg_dkdv)
+    launch(_attn_bwd_dkdv, (p.num_rows * b * hkv,),
+           dict(common, DK=dk, DV=dv, **plan_args(p, b * hkv), BITS=km.k_bits, WORDS=km.k_words, HKV=hkv,
+                Tk=p.num_rows, Tq=p.num_cols),
+           common_constexprs(q, km.causal, cfg_dkdv.block_m, cfg_dkdv.block_n, km.k_words == 1), cfg_dkdv,
+           shape_bucket(nq, nk, p.num_rows * b * hkv))
 
     p = plan_dq
-    args = (q, k, v, dout, lse, delta, dq, *strides,
-            p.run_num, p.runs, p.part_num, p.part_idx, km.q_code, km.k_code, km.q_bits,
-            h, h // hkv, nq, nk, p.num_rows, p.num_cols, p.max_runs, km.q_words, int(p.per_sample),
-            km.causal_offset, qk_scale, scale)
-    launch(_attn_bwd_dq, (p.num_rows, b * h), args,
-           common_constexprs(q, km.causal, cfg_dq.block_m, cfg_dq.block_n, km.q_words == 1), cfg_dq)
+    launch(_attn_bwd_dq, (p.num_rows * b * h,),
+           dict(common, DQ=dq, **plan_args(p, b * h), BITS=km.q_bits, WORDS=km.q_words, Tq=p.num_rows,
+                Tk=p.num_cols),
+           common_constexprs(q, km.causal, cfg_dq.block_m, cfg_dq.block_n, km.q_words == 1), cfg_dq,
+           shape_bucket(nq, nk, p.num_rows * b * h))
     return dq, dk, dv

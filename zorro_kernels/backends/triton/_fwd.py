@@ -1,9 +1,13 @@
-"""Forward kernel: one program per (query tile, batch x head), visiting only the kv tiles the tile map lists for it.
+"""Forward kernel: one program per (query tile, batch x head), launched heaviest first, visiting only the kv tiles the
+plan lists for it.
 
 Full tiles run with no mask arithmetic and no bounds checks on keys (a full tile lies wholly inside the matrix and has
-no padding); partial tiles load keys under their validity mask and evaluate the element mask. The two loops are the
-same code compiled twice (``PARTIAL`` is a constexpr). Softmax is online in base 2: scores are multiplied by
-``scale * log2(e)`` once so that ``exp2`` (one instruction) replaces ``exp``; the saved log-sum-exp is natural-log.
+no padding); partial tiles load keys under their validity mask and evaluate the element mask. Both loops call one tile
+body, :func:`_fwd_tile`, compiled twice by its ``MASKED`` constexpr. Softmax is online in base 2 with the scale folded
+into one multiply-add, as in Triton's fused-attention tutorial: ``p = exp2(qk * qk_scale - m)`` with
+``qk_scale = scale * log2(e)`` (``scale > 0``, which ``check_inputs`` guarantees, so ``max(qk) * qk_scale`` is the
+scaled max) and the running max ``m`` in base-2 units. The saved log-sum-exp is base 2 as well (``m + log2(l)``): the
+backward subtracts it as is.
 """
 from __future__ import annotations
 
@@ -12,35 +16,42 @@ import triton
 import triton.language as tl
 
 from ._config import KernelConfig, padded_head_dim
-from ._launch import launch
-from ._mask import allowed_pairs, finite_rows, fixed_words, load_rows, poison, token_segments
+from ._launch import launch, shape_bucket
+from ._mask import fixed_words, finite_rows, load_rows, load_tile, pair_keep, poison, program_tile, token_segments
 
 LOG2E = 1.4426950408889634
 # Integer arguments Triton must not specialise on (it would otherwise compile a variant per "divisible by 16" / "== 1"):
-# lengths, tile and run counts and segment counts are runtime data. Strides stay specialised: Triton proves 16-byte
-# alignment of every K/V/Q row from them, which is what makes the tile loads vector (and cp.async) loads at all —
-# without it each element is a 2-byte load the pipeliner cannot make asynchronous (docs/triton.md, "Performance").
-_RUNTIME_ARGS = ["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "R", "WORDS", "MAP_B", "causal_offset"]
+# lengths, tile and run counts, segment counts and the program-order stride are runtime data. Strides stay
+# specialised: Triton proves 16-byte alignment of every K/V/Q row from them, which is what makes the tile loads vector
+# (and cp.async) loads at all — without it each element is a 2-byte load the pipeliner cannot make asynchronous
+# (docs/triton.md, "Performance").
+_RUNTIME_ARGS = ["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "R", "WORDS", "REP", "causal_offset"]
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, s, v, keep, v_bad, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One online-softmax update with the (already scaled, base-2) scores ``s`` of a tile and its values ``v``.
-    ``MASKED`` (partial tiles): ``s`` is already -inf outside ``keep``; ``v`` has its non-finite rows zeroed and
-    ``v_bad`` flags them (:func:`finite_rows`)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One kv tile of the online softmax: ``q (BM, D)``, ``k, v (BN, D)``; returns the updated ``acc, l, m``.
+
+    ``MASKED`` (partial tiles): ``keep (BM, BN)`` is the element mask; scores outside it are selected to -inf, ``v``'s
+    non-finite rows are zeroed and only kept pairs that meet one are poisoned (``finite_rows``/``poison``); the
+    running max is guarded so a row with nothing visible yet stays exactly 0. A per-pair score term (a bias tile)
+    belongs on ``qk`` here, before the max.
+    """
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     if MASKED:
+        v, v_bad = finite_rows(v)   # P·V sums over keys: a key some rows may not see must add 0, not 0 * NaN
+        s = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = poison(tl.math.exp2(s - m_use[:, None]), keep, v_bad)
     else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
-    if MASKED:
-        p = poison(p, keep, v_bad)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])   # one multiply-add per score
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -59,14 +70,9 @@ def _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, o
         k_ptrs = K_bh + (lo * BLOCK_N + offs_n)[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_bh + (lo * BLOCK_N + offs_n)[:, None] * stride_vn + offs_d[None, :]
         for _ in range(lo, hi):
-            if EVEN_D:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, 0, 0, False, INPUT_PRECISION)
+            k = load_tile(k_ptrs, offs_d, HEAD_DIM, EVEN_D)
+            v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, False, INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -78,19 +84,15 @@ def _fwd_partial(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, off
                  KCODE, k_code_row, BITS, WORDS, Nk, causal_offset, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                  ONE_WORD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Partial tiles from the index list: valid keys only, element mask, guarded softmax."""
+    """Partial tiles from the index list: valid keys only, element mask."""
     num = tl.load(NUM + list_row)
     for t in range(0, num):
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
-        v, v_bad = finite_rows(v)   # P·V sums over keys: a key some rows may not see must add 0, not 0 * NaN
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        keep = allowed_pairs(BITS, WORDS, q_seg, q_word, k_seg, ONE_WORD) & q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
-        s = tl.where(keep, s, float("-inf"))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, keep, v_bad, True, INPUT_PRECISION)
+        keep = pair_keep(BITS, WORDS, q_seg, q_word, q_ok, rows, k_seg, k_ok, cols, causal_offset, CAUSAL,
+                         ONE_WORD, True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, True, INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -99,19 +101,16 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_qb, stride_qh, stride_qn,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
-              RUN_NUM, RUNS, PART_NUM, PART_IDX,
+              ORDER, RUN_NUM, RUNS, PART_NUM, PART_IDX,
               QCODE, KCODE, BITS,
-              H, GROUP, Nq, Nk, Tq, Tk, R, WORDS, MAP_B, causal_offset, qk_scale,
+              H, GROUP, Nq, Nk, Tq, Tk, R, WORDS, REP, causal_offset, qk_scale,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    m, b, h, list_row = program_tile(ORDER, REP, H, Tq)
+    bh = b * H + h
     hk = h // GROUP
-    len_row = b * MAP_B          # the tile plan and lengths broadcast over the batch when Bm == 1
-    list_row = len_row * Tq + m
+    len_row = list_row // Tq     # the plan and token codes broadcast over the batch when they have one row
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -139,12 +138,12 @@ def _attn_fwd(Q, K, V, O, LSE,
     live = l_i > 0.0
     l_safe = tl.where(live, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse2 = tl.where(live, m_i + tl.math.log2(l_safe), float("-inf"))
     row_ok = rows < Nq
     O_bh = O + bh.to(tl.int64) * Nq * HEAD_DIM
     tl.store(O_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok)
-    tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse2, mask=row_ok)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -159,6 +158,14 @@ def common_constexprs(q: torch.Tensor, causal: bool, block_m: int, block_n: int,
                 EVEN_D=d == d_pad, ONE_WORD=bool(one_word), INPUT_PRECISION=input_precision(q.dtype))
 
 
+def plan_args(plan, batch_heads: int) -> dict:
+    """The plan's kernel arguments and the 1-D grid over ``(plan rows x batch x heads)`` in the plan's longest-first
+    order: program ``pid`` runs plan entry ``order[pid // REP]`` for head-and-sample ``pid % REP``."""
+    rep = batch_heads // plan.run_num.shape[0]
+    return dict(ORDER=plan.order, RUN_NUM=plan.run_num, RUNS=plan.runs, PART_NUM=plan.part_num,
+                PART_IDX=plan.part_idx, R=plan.max_runs, REP=rep)
+
+
 def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
     """Run the forward kernel.
 
@@ -167,17 +174,21 @@ def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
         plan: the ``"kv"`` :class:`TilePlan` for ``(cfg.block_m, cfg.block_n)`` on q's device; km: the
             :class:`KernelMask`.
     Returns:
-        ``out (B, H, Nq, D)`` contiguous in q's dtype and ``lse (B, H, Nq)`` fp32 (natural log; -inf for rows that see
-        nothing).
+        ``out (B, H, Nq, D)`` contiguous in q's dtype and ``lse (B, H, Nq)`` fp32, **base 2** (``log2`` of the row's
+        sum of ``exp2`` of its scaled scores; -inf for rows that see nothing) — what the backward reads.
     """
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    grid = (plan.num_rows, b * h)
-    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            plan.run_num, plan.runs, plan.part_num, plan.part_idx, km.q_code, km.k_code, km.q_bits,
-            h, h // hkv, nq, nk, plan.num_rows, plan.num_cols, plan.max_runs, km.q_words, int(plan.per_sample),
-            km.causal_offset, scale * LOG2E)
-    launch(_attn_fwd, grid, args, common_constexprs(q, km.causal, cfg.block_m, cfg.block_n, km.q_words == 1), cfg)
+    args = dict(Q=q, K=k, V=v, O=out, LSE=lse,
+                stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+                stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+                stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+                **plan_args(plan, b * h), QCODE=km.q_code, KCODE=km.k_code, BITS=km.q_bits,
+                H=h, GROUP=h // hkv, Nq=nq, Nk=nk, Tq=plan.num_rows, Tk=plan.num_cols, WORDS=km.q_words,
+                causal_offset=km.causal_offset, qk_scale=scale * LOG2E)
+    launch(_attn_fwd, (plan.num_rows * b * h,), args,
+           common_constexprs(q, km.causal, cfg.block_m, cfg.block_n, km.q_words == 1), cfg,
+           shape_bucket(nq, nk, plan.num_rows * b * h))
     return out, lse

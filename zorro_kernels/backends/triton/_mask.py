@@ -1,4 +1,5 @@
-"""Per-token pieces of the partial-tile path: validity, the element mask, loading token rows.
+"""In-kernel pieces shared by the forward and backward kernels: which tile a program owns (:func:`program_tile`), and
+the partial-tile path's per-token validity, element mask, token-row loads and NaN isolation.
 
 The mask is evaluated in-kernel from per-token codes (segment id or -1 for padding) and the rule table packed into bit
 words (see :mod:`._plan`).
@@ -13,6 +14,18 @@ ids, validity, its rule words — is computed once per program, outside the tile
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def program_tile(ORDER, REP, HEADS, T):
+    """``(tile, b, head, list_row)`` of this program in the plan's longest-first order. The 1-D grid covers
+    ``Bm * T * REP`` programs, ``REP = B * HEADS / Bm``: program ``pid`` takes plan entry ``e = ORDER[pid // REP]``
+    (``e = row * T + tile``, row 0 when the plan broadcasts over the batch) and the ``pid % REP``-th (sample, head)
+    that entry serves."""
+    pid = tl.program_id(0)
+    e = tl.load(ORDER + pid // REP)
+    r = pid % REP
+    return e % T, e // T + r // HEADS, r % HEADS, e
 
 
 @triton.jit
@@ -45,6 +58,22 @@ def allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD: tl.c
 
 
 @triton.jit
+def pair_keep(BITS, WORDS, fixed_seg, fixed_word, fixed_ok, fixed_idx, moving_seg, moving_ok, moving_idx,
+              causal_offset, CAUSAL: tl.constexpr, ONE_WORD: tl.constexpr, FIXED_IS_QUERY: tl.constexpr):
+    """The element mask of a partial tile, bool ``(fixed, moving)``: the rule allows the segment pair, both tokens are
+    valid and, for causal masks, key index <= query index + ``causal_offset``. ``FIXED_IS_QUERY``: the fixed side
+    holds the queries (forward, dQ) rather than the keys (dK/dV)."""
+    keep = allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD)
+    keep = keep & fixed_ok[:, None] & moving_ok[None, :]
+    if CAUSAL:
+        if FIXED_IS_QUERY:
+            keep = keep & (moving_idx[None, :] <= fixed_idx[:, None] + causal_offset)
+        else:
+            keep = keep & (fixed_idx[:, None] <= moving_idx[None, :] + causal_offset)
+    return keep
+
+
+@triton.jit
 def finite_rows(x):
     """``(x with its non-finite entries replaced by 0, bool per row: the row held one)`` for an operand that a partial
     tile contracts over its rows (V in P·V, K in dS·K, Q and dO in dK/dV's sums over queries). A row a pair may not
@@ -59,6 +88,16 @@ def poison(p, keep, bad_moving):
     """``p (fixed, moving)`` with 0 where the pair is masked and NaN where a kept pair meets a bad row of the moving
     side (``bad_moving`` from :func:`finite_rows`)."""
     return tl.where(keep, tl.where(bad_moving[None, :], float("nan"), p), 0.0)
+
+
+@triton.jit
+def load_tile(ptrs, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """A full tile's rows at ``ptrs`` (``(rows, D_PAD)`` pointers): no row mask, a head-dim mask only when D is not a
+    power of two."""
+    if EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
 
 
 @triton.jit
