@@ -1,19 +1,20 @@
-"""Short GPU performance check of the Triton kernels: the headline numbers in about two minutes.
+"""The card session's benchmark: fractions of ideal, ratios to the peers, and what the compiler made of the kernels.
 
-For the Figure-2 Zorro layout (B=8, H=12, D=64, N=1896) and the same proportions at N=16384 (B=1), fp16, it times
-forward and forward+backward of
+For the Figure-2 Zorro layout (B=8, H=12, N=1896) and the same proportions at N=16384 (B=1, H=12), in fp16 and bf16,
+at D=64 and D=128, it times forward and forward+backward of
 
     triton      zorro's block-sparse kernels (autotuning num_warps/num_stages unless ZORRO_TRITON_AUTOTUNE=0)
-    segments    zorro's segment path: one unmasked SDPA (flash) call per segment group
-    flex        FlexAttention compiled, BlockMask from the same segment rule
     sdpa_full   unmasked SDPA: the ideal baseline (a perfect masked kernel takes sdpa_full x attended fraction)
+    flex        FlexAttention compiled, BlockMask from the same segment rule
+    segments    zorro's segment path: one unmasked SDPA (flash) call per segment group
 
-after checking each peer's output (and, for triton on the Figure-2 row, dq/dk/dv) against an fp32 reference. It
-then prints, for every compiled variant of the Triton kernels, the registers and spills the driver reports, the
-autotuner's choices, and the table last. Writes ``perf.json`` and ``perf_table.txt`` to ``--out``.
+after checking each peer's output (and triton's dq/dk/dv) against an fp32 reference; rows run most informative first
+under a time budget (a cut-short run keeps the headline rows). Then one line per compiled variant of the Triton
+kernels: registers and spills from the driver, resident blocks per SM, the cubin summary, the autotuner's choices.
+Writes ``perf.json``, ``perf.md`` (markdown tables for BENCHMARKS.md) and ``perf_table.txt`` to ``--out``.
 
-    python3 benchmarks/gpu_perf.py --out gpu_out          # about 1-2 minutes on an H100, compilation included
-    python3 benchmarks/gpu_perf.py --cpu-smoke            # the script's code paths on CPU, tiny shapes, no timing value
+    python3 benchmarks/gpu_perf.py --out gpu_out --budget 280   # about 5 minutes on an H100/H200, compiles included
+    python3 benchmarks/gpu_perf.py --cpu-smoke                  # the script's code paths on CPU, no timing value
 """
 from __future__ import annotations
 
@@ -37,12 +38,22 @@ import torch  # noqa: E402
 
 import gpu_bench  # noqa: E402
 
-ROWS = {  # name: (audio, video, fusion, B, H, D)
-    "fig2": (320, 1568, 8, 8, 12, 64),
-    "16k": (2752, 13568, 64, 1, 12, 64),
+SHAPES = {  # layout: (audio, video, fusion, B, H)
+    "fig2": (320, 1568, 8, 8, 12),
+    "16k": (2752, 13568, 64, 1, 12),
 }
-SMOKE_ROWS = {"fig2": (20, 30, 4, 1, 2, 16)}
-PEERS = ["triton", "sdpa_full", "flex", "segments"]  # most important first: a cut-short run keeps these
+# (layout, dtype, head dim), most informative first: a run cut short by the budget still has the headline rows
+PLAN = [(lay, dt, d) for d in (64, 128) for dt in (torch.float16, torch.bfloat16) for lay in ("fig2", "16k")]
+SMOKE_PLAN = [("smoke", torch.float16, 16)]
+SMOKE_SHAPES = {"smoke": (20, 30, 4, 1, 2)}
+PEERS = ["triton", "sdpa_full", "flex", "segments"]  # most important first: a cut-short row keeps these
+
+
+def row_key(layout: str, dtype, d: int) -> str:
+    return f"{layout}/{str(dtype).replace('torch.', '')}/D{d}"
+
+
+ROWS: dict = {}  # row_key -> (audio, video, fusion, B, H, D), gpu_bench.bench_row's layouts
 
 
 def log(msg: str) -> None:
@@ -69,16 +80,23 @@ def _constants(kernel, ck) -> dict:
 
 def kernel_report() -> list:
     """One line per compiled variant of the Triton kernels: tiles, warps, stages, shared memory, registers and spills
-    as the driver reports them, and what the binary holds (``asm_summary`` of benchmarks/triton_compile_check.py:
-    HGMMA = warpgroup MMA, cp.async16 = 16-byte async tile loads, ld.u16 = scalar 16-bit loads, bufs = pipeline
-    buffers); then the autotuner's choices."""
+    as the driver reports them, resident blocks per SM, and what the binary holds (``asm_summary`` of
+    benchmarks/triton_compile_check.py: HGMMA = warpgroup MMA, cp.async16 = 16-byte async tile loads, ld.u16 = scalar
+    16-bit loads, bufs = pipeline buffers); then the autotuner's choices per shape bucket."""
     from zorro_kernels.backends.triton import _bwd, _fwd, _launch
 
     try:
-        from triton_compile_check import asm_summary
+        from triton_compile_check import asm_summary, blocks_per_sm
     except Exception as err:  # noqa: BLE001 - the SASS summary is optional
         def asm_summary(ck, _err=err):
             return f"(no asm summary: {type(_err).__name__})"
+
+        def blocks_per_sm(*_):
+            return "?"
+    arch = 90
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
     lines = []
     for name, kernel in (("fwd", _fwd._attn_fwd), ("dkdv", _bwd._attn_bwd_dkdv), ("dq", _bwd._attn_bwd_dq),
                          ("preprocess", _bwd._bwd_preprocess)):
@@ -89,15 +107,16 @@ def kernel_report() -> list:
                 summary = asm_summary(ck)
             except Exception as err:  # noqa: BLE001
                 summary = f"(asm summary failed: {type(err).__name__})"
+            regs, warps, shared = getattr(ck, "n_regs", None), getattr(md, "num_warps", None), getattr(md, "shared", 0)
+            occ = blocks_per_sm(regs, warps, shared, arch) if isinstance(regs, int) and warps else "?"
             lines.append(f"  {name:10s} blocks={consts.get('BLOCK_M', '?')}x{consts.get('BLOCK_N', '?')} "
-                         f"D={consts.get('HEAD_DIM', '?')} warps={getattr(md, 'num_warps', '?')} "
-                         f"stages={getattr(md, 'num_stages', '?')} shared={getattr(md, 'shared', '?')} "
-                         f"n_regs={getattr(ck, 'n_regs', '?')} n_spills={getattr(ck, 'n_spills', '?')} | {summary}")
-    for tuner in _launch._TUNERS.values():
-        best = getattr(tuner, "best_config", None)
-        fn = getattr(getattr(tuner, "fn", None), "__name__", "?")
-        if best is not None:
-            lines.append(f"autotune {fn}: num_warps={best.num_warps} num_stages={best.num_stages}")
+                         f"D={consts.get('HEAD_DIM', '?')} warps={warps} stages={getattr(md, 'num_stages', '?')} "
+                         f"shared={shared} n_regs={regs} n_spills={getattr(ck, 'n_spills', '?')} "
+                         f"blocks/SM={occ} | {summary}")
+    for (kid, cfg, bucket, consts), (warps, stages) in _launch._CHOSEN.items():
+        d = dict(consts)
+        lines.append(f"autotune blocks={d.get('BLOCK_M')}x{d.get('BLOCK_N')} D={d.get('HEAD_DIM')} bucket={bucket}: "
+                     f"num_warps={warps} num_stages={stages}")
     return lines
 
 
@@ -105,21 +124,34 @@ def fmt(x, spec=".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _cells(r: dict, p: str) -> list:
+    out = []
+    for x in PEERS:
+        res = r["peers"].get(x, {})
+        ms, tf = res.get(f"{p}_ms"), res.get(f"{p}_tflops")
+        out.append(f"{ms:.3f} ({tf:.0f})" if ms is not None else ("ERR" if "error" in res else "-"))
+    return out
+
+
+def _ratios(r: dict, p: str) -> list:
+    seg, t = r["peers"].get("segments", {}).get(f"{p}_ms"), r["peers"].get("triton", {}).get(f"{p}_ms")
+    return [fmt(r.get(f"{p}_ms_fraction_of_ideal")), fmt(r.get(f"{p}_ms_speedup_vs_flex")),
+            fmt(seg / t if seg and t else None)]
+
+
+_GOALS = {"fwd": "ideal >= 0.9", "fwd_bwd": "ideal >= 0.8, x flex >= 1.5"}
+
+
 def table(rows: list) -> str:
     lines = []
     for p, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
-        lines.append(f"{label}: ms (TFLOP/s over attended pairs); x flex = flex/triton (goal >= "
-                     f"{'1.2' if p == 'fwd' else '1.1'}); ideal = sdpa_full*density/triton (goal >= 0.9)")
-        lines.append(f"{'layout':6s} {'N':>6s} {'B':>2s} " + " ".join(f"{x:>15s}" for x in PEERS)
-                     + f" {'x flex':>7s} {'ideal':>6s}")
+        lines.append(f"{label}: ms (TFLOP/s over attended pairs); ideal = sdpa_full*density/triton, x flex = "
+                     f"flex/triton, x seg = segments/triton (goals: {_GOALS[p]}, x seg >= 1)")
+        lines.append(f"{'row':20s} {'N':>6s} {'B':>2s} " + " ".join(f"{x:>15s}" for x in PEERS)
+                     + f" {'ideal':>6s} {'x flex':>7s} {'x seg':>6s}")
         for r in rows:
-            cells = []
-            for x in PEERS:
-                res = r["peers"].get(x, {})
-                ms, tf = res.get(f"{p}_ms"), res.get(f"{p}_tflops")
-                cells.append(f"{ms:7.3f} ({tf:4.0f})" if ms is not None else f"{'ERR' if 'error' in res else '-':>15s}")
-            lines.append(f"{r['layout']:6s} {r['N']:6d} {r['B']:2d} " + " ".join(cells)
-                         + f" {fmt(r.get(p + '_ms_speedup_vs_flex')):>7s} {fmt(r.get(p + '_ms_fraction_of_ideal')):>6s}")
+            lines.append(f"{r['layout']:20s} {r['N']:6d} {r['B']:2d} " + " ".join(f"{c:>15s}" for c in _cells(r, p))
+                         + " " + " ".join(f"{c:>6s}" for c in _ratios(r, p)))
         lines.append("")
     errs = [f"  {r['layout']}/{x}: {res[key]}" for r in rows for x, res in r["peers"].items()
             for key in ("check", "error") if key in res]
@@ -132,44 +164,75 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The same rows as markdown tables (for BENCHMARKS.md), then the kernel report in a code block."""
+    info = results["info"]
+    lines = [f"### {info['card']}, {info['date']} (torch {info['torch']}, triton {info['triton']}, autotune "
+             f"{info['autotune']}, {results.get('seconds', '?')} s)", ""]
+    for p, label in (("fwd", "Forward"), ("fwd_bwd", "Forward + backward")):
+        lines += [f"{label}: ms (TFLOP/s over attended pairs). ideal = sdpa_full x density / triton; x flex = "
+                  f"flex / triton; x seg = segments / triton. Goals: {_GOALS[p]}, x seg >= 1.", "",
+                  "| row | N | B | density | " + " | ".join(PEERS) + " | ideal | x flex | x seg |",
+                  "|---|---:|---:|---:|" + "---:|" * (len(PEERS) + 3)]
+        for r in results["rows"]:
+            lines.append(f"| {r['layout']} | {r['N']} | {r['B']} | {r.get('density', 0):.3f} | "
+                         + " | ".join(_cells(r, p)) + " | " + " | ".join(_ratios(r, p)) + " |")
+        lines.append("")
+    lines += ["```", *results.get("kernels", []), "```", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budget", type=float, default=140.0, help="seconds; peers past it are skipped")
+    ap.add_argument("--budget", type=float, default=280.0, help="seconds; rows and peers past it are skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
     ap.add_argument("--cpu-smoke", action="store_true", help="run every code path on CPU on a tiny layout "
                     "(Triton in its interpreter); checks the script, measures nothing")
     args = ap.parse_args()
     start = time.time()
+    deadline = start + args.budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16
+    plan, shapes = PLAN, SHAPES
     if args.cpu_smoke:
         gpu_bench.DEVICE = "cpu"
-        ROWS.clear()
-        ROWS.update(SMOKE_ROWS)
-        gpu_bench.TOL[dtype] = 2e-2
+        plan, shapes = SMOKE_PLAN, SMOKE_SHAPES
+        gpu_bench.TOL[torch.float16] = 2e-2
     elif not torch.cuda.is_available():
         log("no CUDA device: nothing to measure")
         return 1
     import triton
 
+    for layout, dtype, d in plan:
+        ROWS[row_key(layout, dtype, d)] = (*shapes[layout], d)
     info = {"card": torch.cuda.get_device_name() if gpu_bench.DEVICE == "cuda" else "cpu smoke run",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "triton": triton.__version__, "autotune": os.environ.get("ZORRO_TRITON_AUTOTUNE", "1")}
+            "triton": triton.__version__, "autotune": os.environ.get("ZORRO_TRITON_AUTOTUNE", "1"),
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
     log(f"gpu_perf: {json.dumps(info)}")
     results = {"info": info, "rows": []}
-    for name in ROWS:
+
+    def save():
+        (out / "perf.json").write_text(json.dumps(results, indent=1, default=str))
+
+    for layout, dtype, d in plan:
+        name = row_key(layout, dtype, d)
+        a, v, f, b, _, _ = ROWS[name]
+        if time.time() > deadline - 15:
+            results["rows"].append({"layout": name, "N": a + v + f, "B": b, "density": 0.0,
+                                    "peers": {p: {"error": "skipped: time budget"} for p in PEERS}})
+            continue
         t0 = time.time()
         try:
-            row = run_row(name, dtype, start + args.budget)
+            row = run_row(name, dtype, deadline)
         except Exception as err:  # noqa: BLE001
             log(traceback.format_exc(limit=4))
-            row = {"layout": name, "N": sum(ROWS[name][:3]), "B": ROWS[name][3], "density": 0.0,
+            row = {"layout": name, "N": a + v + f, "B": b, "density": 0.0,
                    "peers": {p: {"error": f"row failed: {type(err).__name__}: {err}"[:300]} for p in PEERS}}
         results["rows"].append(row)
         log(f"row {name} done in {time.time() - t0:.0f}s: " + ", ".join(
             f"{p}={r.get('fwd_ms', r.get('error', '?'))}" for p, r in row["peers"].items()))
-        (out / "perf.json").write_text(json.dumps(results, indent=1, default=str))
+        save()
         if gpu_bench.DEVICE == "cuda":
             torch.cuda.empty_cache()
     try:
@@ -177,9 +240,11 @@ def main() -> int:
     except Exception as err:  # noqa: BLE001 - the report is informative only
         results["kernels"] = [f"kernel report failed: {type(err).__name__}: {err}"]
     results["seconds"] = round(time.time() - start, 1)
-    (out / "perf.json").write_text(json.dumps(results, indent=1, default=str))
+    save()
+    (out / "perf.md").write_text(markdown(results))
     text = (f"=== {info['card']} | {info['date']} | torch {info['torch']} | triton {info['triton']} | autotune "
-            f"{info['autotune']} | {results['seconds']}s\n" + "\n".join(results["kernels"]) + "\n\n" + table(results["rows"]))
+            f"{info['autotune']} | {results['seconds']}s\n" + "\n".join(results["kernels"]) + "\n\n"
+            + table(results["rows"]))
     (out / "perf_table.txt").write_text(text + "\n")
     log(text)
     return 0

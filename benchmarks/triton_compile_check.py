@@ -74,6 +74,21 @@ _SASS_COUNTS = (("hgmma", r"\bHGMMA"), ("hmma", r"\bHMMA"), ("cp.async16", r"LDG
                 ("ld.u16", r"LDG\.E\.U16"))
 
 
+# per SM: registers, shared memory, resident warps and blocks (sm_80 / sm_90; the driver reserves 1 KiB per block)
+SM_LIMITS = {90: (65536, 233472, 64, 32), 80: (65536, 167936, 64, 32), 89: (65536, 102400, 48, 24),
+             86: (65536, 102400, 48, 16)}
+
+
+def blocks_per_sm(regs: int, warps: int, shared: int, arch: int = 90) -> int:
+    """Resident blocks per SM for a kernel's registers per thread, warps and shared memory per block (the occupancy
+    calculator's arithmetic: registers are allocated per warp in units of 256)."""
+    reg_file, smem, max_warps, max_blocks = SM_LIMITS.get(arch, SM_LIMITS[90])
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = reg_file // (per_warp * warps)
+    by_smem = smem // (shared + 1024) if shared else max_blocks
+    return int(min(by_regs, by_smem, max_warps // warps, max_blocks))
+
+
 def asm_summary(kernel) -> str:
     """What a compiled kernel became: registers, stack, MMA kind, load kinds, pipeline depth (see the docstring)."""
     ttgir = kernel.asm.get("ttgir", "")
@@ -122,7 +137,10 @@ def main() -> int:
                 k = kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=warps, num_stages=stages)
                 shared = k.metadata.shared
                 ok = shared <= limit
-                results.append((ok, f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {asm_summary(k)} "
+                summary = asm_summary(k)
+                regs = re.search(r"regs=(\d+)", summary)
+                occupancy = f"blocks/SM={blocks_per_sm(int(regs.group(1)), warps, shared, args.arch)} " if regs else ""
+                results.append((ok, f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {summary} {occupancy}"
                                     f"({time.time() - t0:.1f}s)"))
             except Exception as err:  # noqa: BLE001 - report every failure, keep going
                 results.append((False, f"ERR {tag}: {type(err).__name__}: {str(err)[:400]}"))
