@@ -1,21 +1,63 @@
-"""The dense reference: ``mask.to_dense()`` through PyTorch attention. Slow, simple, and what every path is checked against."""
+"""The dense reference: attention through ``mask.to_dense()``. Slow, simple, and what every path is checked against.
+
+It is NaN-safe by construction: query rows that may attend the same set of keys form a group, and each group is plain
+softmax attention over exactly its keys, gathered by index. A (query, key) pair the mask forbids is never part of any
+arithmetic, forward or backward, so NaN/Inf in a key a row may not attend, in a padded or dead query row, or in the
+upstream gradient of a row that sees nothing cannot reach another row's output or any gradient (no ``0 * NaN``).
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from einops import repeat
 
 from .mask import ZorroMask
 
-__all__ = ["reference_attention", "expand_kv_heads"]
+__all__ = ["reference_attention", "dense_masked_attention", "expand_kv_heads"]
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """GQA: ``(B, Hkv, N, D) -> (B, H, N, D)``, query head ``h`` reading kv head ``h // (H // Hkv)`` (as SDPA does)."""
     g = num_heads // x.shape[1]
     return x if g == 1 else repeat(x, "b hkv n d -> b (hkv g) n d", g=g)
+
+
+def _by_key_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """One mask for the whole batch: ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``allowed (Nq, Nk)``."""
+    key_sets, group = torch.unique(allowed, dim=0, return_inverse=True)
+    rows, outs = [], []
+    for u in range(key_sets.shape[0]):
+        # a row that sees nothing attends an empty key set: an empty sum, exactly 0, with zero gradients
+        keys = key_sets[u].nonzero().flatten()
+        r = (group == u).nonzero().flatten()
+        s = q.index_select(2, r) @ k.index_select(2, keys).transpose(-1, -2) * scale
+        outs.append(s.softmax(-1) @ v.index_select(2, keys))
+        rows.append(r)
+    return q.new_empty(q.shape).index_copy(2, torch.cat(rows), torch.cat(outs, 2))
+
+
+def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """NaN-safe masked attention on a dense boolean mask; differentiable, twice too.
+
+    Args:
+        q: ``(B, H, Nq, D)``; k, v: ``(B, H, Nk, D)`` (heads already expanded for GQA); one dtype, which is the dtype
+            of the arithmetic.
+        allowed: bool ``(Bm, Nq, Nk)``, ``Bm`` 1 or B: ``True`` where query i may attend key j.
+        scale: softmax scale.
+
+    Returns:
+        ``(B, H, Nq, D)``. A row with no allowed key is exactly 0 with zero gradients. Output row i, ``dq[i]`` and
+        row i's contributions to ``dk``/``dv`` depend only on ``q[i]``, row i's upstream gradient and the keys and
+        values row i may attend (see the module docstring).
+    """
+    allowed = allowed.to(q.device)
+    if allowed.shape[0] == 1:
+        return _by_key_sets(q, k, v, allowed[0], scale)
+    return torch.cat([_by_key_sets(q[i:i + 1], k[i:i + 1], v[i:i + 1], allowed[i], scale)
+                      for i in range(q.shape[0])])
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ZorroMask, *,
@@ -29,19 +71,17 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         compute_dtype: dtype of the arithmetic; default fp32 for half types (upcast), else q's dtype.
 
     Returns:
-        ``(B, H, Nq, D)`` in q's dtype. Rows with no visible key are exactly 0 and pass no gradient.
+        ``(B, H, Nq, D)`` in q's dtype. Rows with no visible key are exactly 0 and pass no gradient. NaN-safe: see
+        :func:`dense_masked_attention`. Supports double backward.
     """
     if compute_dtype is None:
         compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    dense = mask.to_dense().to(q.device)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    dense = mask.to_dense()
     if dense.ndim == 2:
         dense = dense[None]
-    live = dense.any(-1)  # (B|1, Nq)
-    # a row with no visible key would be 0/0 in softmax: give it every key, then zero its output (and so its grads)
-    safe = dense | ~live[..., None]
     h = q.shape[1]
-    out = F.scaled_dot_product_attention(
-        q.to(compute_dtype), expand_kv_heads(k, h).to(compute_dtype), expand_kv_heads(v, h).to(compute_dtype),
-        attn_mask=safe[:, None], scale=scale)
-    out = out.masked_fill(~live[:, None, :, None], 0.0)
+    out = dense_masked_attention(q.to(compute_dtype), expand_kv_heads(k, h).to(compute_dtype),
+                                 expand_kv_heads(v, h).to(compute_dtype), dense, float(scale))
     return out.to(q.dtype)
