@@ -123,7 +123,7 @@ def _reference_forward(q, k, v, mask, scale):
 
 
 register_backend(Backend(
-    "reference", "dense boolean mask through PyTorch SDPA in fp32 (slow; the oracle)",
+    "reference", "dense boolean mask, each row attending exactly its keys (slow; NaN-safe; the oracle)",
     _reference_forward, backward_by_recompute(_reference), eager=_reference))
 
 
