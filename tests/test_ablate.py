@@ -68,8 +68,10 @@ def test_finished_runs_are_reused(finished, tmp_path, monkeypatch):
 def test_changed_config_is_never_silently_reused(finished, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
+    plan = (out / "ablate.json").read_text()
     with pytest.raises(ValueError, match=r"another configuration \(train.steps: 2 -> 3\).*--overwrite"):
         _ablate(out, "train.steps=3", seeds=1)
+    assert (out / "ablate.json").read_text() == plan  # refused before anything was touched
     results = _ablate(out, "train.steps=3", seeds=1, overwrite=True)
     assert results["runs_computed"] == 2
     assert all(r["train"]["step"] == 3 for c in results["cells"].values() for r in c["runs"])

@@ -22,9 +22,10 @@ minus audio-only, audio-visual minus video-only). Metric: top-1 accuracy, or mAP
 
 Resuming: a run that finished wrote ``result.json`` with its configuration and is reused when that configuration is
 unchanged; a run interrupted after a checkpoint resumes from it (``train.resume``); one interrupted before any
-checkpoint starts again in an emptied folder. A run folder holding a *different* configuration (a changed
-``--config`` or override) is never reused nor silently replaced: the command stops and names it, and
-``--overwrite`` retrains it.
+checkpoint starts over (``train.overwrite``: the trainer deletes the dead run's files first). A run folder holding a
+*different* configuration (a changed ``--config`` or override) is never reused nor silently replaced: the command
+stops and names it, and ``--overwrite`` retrains it. Settings that change how a run executes but not its numbers
+(threads, workers, logging, checkpoint cadence, device) are not compared.
 
 Outputs in ``<out>``: ``results.json`` (every number, per seed and summarised, with timings, machine and config),
 ``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan).
@@ -36,7 +37,6 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -64,8 +64,8 @@ AXES = {"mask": ("zorro", "bottleneck", "full"), "sharing": ("shared", "separate
 DEFAULTS = ("train.steps=80", "probe.train_size=1024", "probe.test_size=512", "data.val_size=512")
 
 #: settings that change how a run is executed or logged, not its numbers: not compared when reusing a run
-_EXECUTION_ONLY = {"train": ("out", "resume", "progress", "plot", "threads", "device", "log_every", "ckpt_every",
-                             "keep_checkpoints"),
+_EXECUTION_ONLY = {"train": ("out", "resume", "overwrite", "progress", "plot", "threads", "device", "log_every",
+                             "ckpt_every", "keep_checkpoints"),
                    "data": ("num_workers",), "probe": ("batch_size",)}
 #: bump when what a finished run's result.json holds or means changes: older results are then stale
 PROTOCOL = 1
@@ -150,8 +150,12 @@ def _stored_fingerprint(run: Path) -> Optional[dict]:
 
 
 def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
-    """Decide what to do with run folder ``run``: ``"reuse"`` its result, ``"resume"`` its checkpoint, or ``"fresh"``
-    (the folder is then empty). A folder of another configuration raises ValueError unless ``overwrite``."""
+    """What to do with run folder ``run``: ``"reuse"`` its result, ``"resume"`` its checkpoint (``train.resume``),
+    ``"overwrite"`` a run that died before its first checkpoint (``train.overwrite``: the trainer deletes it, so no
+    log line of the dead run mixes in), or start ``"fresh"``. A folder holding another configuration raises
+    ValueError, unless ``overwrite``: its result is deleted here and its run by the trainer."""
+    from .train import run_contents
+
     stored = _stored_fingerprint(run)
     if stored is not None and stored != fingerprint:
         if not overwrite:
@@ -159,15 +163,12 @@ def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
             raise ValueError(f"{run} holds a run of another configuration ({'; '.join(diff[:3])}"
                              f"{'; ...' if len(diff) > 3 else ''}); rerun with --overwrite to retrain it, or choose "
                              f"another --out")
-        shutil.rmtree(run)
-        return "fresh"
-    if stored is not None and (run / RESULT).is_file():
+        (run / RESULT).unlink(missing_ok=True)
+    elif (run / RESULT).is_file():
         return "reuse"
-    if stored is not None and latest_checkpoint(run) is not None:
+    elif latest_checkpoint(run) is not None:
         return "resume"
-    if run.exists():  # interrupted before its first checkpoint: nothing to resume, and old log lines must not mix in
-        shutil.rmtree(run)
-    return "fresh"
+    return "overwrite" if run_contents(run) else "fresh"
 
 
 def _scores(cfg: Config, trainer, say) -> dict:
@@ -192,8 +193,8 @@ def _scores(cfg: Config, trainer, say) -> dict:
 def _train_and_score(cfg: Config, how: str, say) -> dict:
     from .train import Trainer
 
-    if how == "resume":
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+    if how in ("resume", "overwrite"):  # the run-folder rule: a folder that holds a run is resumed or replaced
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{how: True}))
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     summary = trainer.fit()
@@ -320,6 +321,10 @@ def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: in
     threads = threads or machine_threads()
     _check_out(out)
     cfgs = _cell_configs(cells, seeds, config, overrides, out, threads)
+    plan = [(k, cell) for k in range(seeds) for cell in cells]  # seed-major: after one pass every cell has a number
+    fps = {key: _fingerprint(cfg) for key, cfg in cfgs.items()}
+    # every run folder is judged before anything trains: a stale one stops the command at once, not an hour in
+    hows = {key: _prepare(Path(cfgs[key].train.out), fps[key], overwrite) for key in cfgs}
     out.mkdir(parents=True, exist_ok=True)
     write_json({"grid": axes, "seeds": seeds, "config": config, "overrides": list(overrides)}, out / PLAN)
 
@@ -329,30 +334,28 @@ def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: in
 
     first = cfgs[cells[0].name, 0]
     total = len(cfgs)
-    say(f"[ablate] {len(cells)} cells x {seeds} seed(s) = {total} runs into {out}: {first.model.name}, "
-        f"{first.train.steps} steps of {first.train.batch_size} clips each, data {first.data.kind}, "
-        f"{threads} thread(s)")
+    reused = sum(h == "reuse" for h in hows.values())
+    say(f"[ablate] {len(cells)} cells x {seeds} seed(s) = {total} runs into {out} ({reused} finished earlier): "
+        f"{first.model.name}, {first.train.steps} steps of {first.train.batch_size} clips each, data "
+        f"{first.data.kind}, {threads} thread(s)")
     t_start = time.perf_counter()
     records = {c.name: [None] * seeds for c in cells}
     spent = {o: [] for o in AXES["objective"]}  # seconds per run computed now, for the ETA
-    plan = [(k, cell) for k in range(seeds) for cell in cells]  # seed-major: after one pass every cell has a number
     for i, (k, cell) in enumerate(plan):
-        cfg = cfgs[cell.name, k]
+        cfg, how = cfgs[cell.name, k], hows[cell.name, k]
         run = Path(cfg.train.out)
-        fp = _fingerprint(cfg)
-        how = _prepare(run, fp, overwrite)
         tag = f"[ablate {i + 1}/{total}] {cell.name} seed {k}"
         if how == "reuse":
             record = json.loads((run / RESULT).read_text(encoding="utf-8"))["result"]
             say(f"{tag}: finished earlier, reused")
         else:
-            say(f"{tag}: {'resuming' if how == 'resume' else 'training'} ...")
+            say(f"{tag}: " + {"resume": "resuming", "overwrite": "training again (the last attempt stopped before "
+                              "its first checkpoint)"}.get(how, "training") + " ...")
             t0 = time.perf_counter()
             record = _train_and_score(cfg, how, lambda line: say(f"{tag}:   {line}"))
-            write_json({"fingerprint": fp, "result": record}, run / RESULT)
+            write_json({"fingerprint": fps[cell.name, k], "result": record}, run / RESULT)
             spent[cell.objective].append(time.perf_counter() - t0)
-            pending = [c.objective for j, c in plan[i + 1:]
-                       if not (Path(cfgs[c.name, j].train.out) / RESULT).is_file()]
+            pending = [c.objective for j, c in plan[i + 1:] if hows[c.name, j] != "reuse"]
             cols = "  ".join(f"{c} {record['columns'][c]:.3f}" for c in COLUMNS)
             say(f"{tag}: {cols}  ({spent[cell.objective][-1]:.0f} s){_eta(spent, pending)}")
         records[cell.name][k] = record
