@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from zorro_models.cli import main
 
@@ -79,6 +80,32 @@ def test_bench_and_show_mask(tmp_path, capsys):
     assert "audio 32, video 64, fusion 4" in text and "readout" in text and png.stat().st_size > 1000
     assert main(["show-mask", "--audio-only"]) == 0
     assert "video 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("zorro_swin_tiny", ["stage 0, block(s) 0 (windows): audio 8 x 64, video 16 x 32, fusion 8",
+                         "stage 0, block(s) 1 (shifted windows): audio 15 x 16-64", "stage 3", "readout"]),
+    ("zorro_hip_tiny", ["level 0 (cross-attention, latents -> inputs, per group): audio 4 x 16, video 8 x 16",
+                        "level 2 (self-attention of the latents, 2 block(s), per group)", "readout"]),
+])
+def test_show_mask_draws_every_family(tmp_path, capsys, model, expected):
+    """Swin and HiP change layouts per stage / level: one picture per layout (they used to crash)."""
+    png = tmp_path / "masks.png"
+    assert main(["show-mask", "--model", model, "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert all(e in text for e in expected), text
+    assert png.stat().st_size > 10_000
+
+
+def test_show_mask_layouts_are_the_models_own():
+    """The dry run records the masks the blocks really receive: for a ViT, its layout mask in every block."""
+    from zorro_models import create_model
+    from zorro_models.cli import attention_layouts
+
+    model = create_model("zorro_vit_demo")
+    (label, mask), (readout_label, _) = attention_layouts(model, model.example_inputs(batch_size=1))
+    assert label == "self-attention of every block (4)" and readout_label.startswith("readout")
+    assert torch.equal(mask.to_dense(), model.layout_mask((32, 64, 4)).to_dense())
 
 
 def _one_error_line(capsys) -> str:
