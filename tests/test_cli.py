@@ -166,10 +166,10 @@ def test_train_logs_lines_when_not_on_a_terminal(tmp_path, capsys):
     assert main(["train", "--threads", "1", *TINY, "train.steps=2", "train.progress=true", f"train.out={run}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     steps = [x for x in lines if x.startswith("[zorro] step ")]
-    assert len(steps) == 2 and re.fullmatch(r"\[zorro\] step 2/2  loss \d+(\.\d{1,3})?  [\d.]+ it/s  ETA 0 s",
+    assert len(steps) == 2 and re.fullmatch(r"\[zorro\] step 2/2  loss \d+\.\d{3}  [\d.]+ it/s  ETA 0 s",
                                             steps[-1]), steps
     done = lines[-1]
-    assert re.fullmatch(r"\[zorro\] done: step 2, loss \d+(\.\d{1,3})?, checkpoint .*", done), done
+    assert re.fullmatch(r"\[zorro\] done: step 2, loss \d+\.\d{3}, checkpoint .*", done), done
     assert "threads: 1" in (run / "config.yaml").read_text()
 
 

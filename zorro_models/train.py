@@ -495,13 +495,13 @@ def progress_line(done: int, todo: int, step: int, end: int, loss: float, second
     rate = done / seconds if seconds > 0 else float("nan")
     eta = (todo - done) / rate if done else float("nan")
     eta_text = "?" if math.isnan(eta) else f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"
-    return f"[zorro] step {step}/{end}  loss {loss:.4g}  {rate:.2f} it/s  ETA {eta_text}"
+    return f"[zorro] step {step}/{end}  loss {loss:.3f}  {rate:.2f} it/s  ETA {eta_text}"
 
 
 def summary_line(summary: dict) -> str:
     """The last line of a run: ``[zorro] done: step 200, loss 4.084, checkpoint ...`` (the :meth:`Trainer.fit`
     summary)."""
-    loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.4g}"
+    loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.3f}"
     return f"[zorro] done: step {summary['step']}, loss {loss}, checkpoint {summary['checkpoint']}"
 
 
