@@ -102,16 +102,27 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(describe_machine(config.getoption("--bench-tier")))
 
 
+#: printed with the smoke tier's timings: at toy sizes per-call overhead dominates (zorro's several fused calls per
+#: layout against one SDPA call), so they say nothing about which library is faster
+SMOKE_CAVEAT = ("smoke tier: toy sizes that run every code path; its timings are per-call overhead, NOT comparable "
+                "between libraries (measure with the full tier)")
+
+
 def pytest_report_header(config):
     m = describe_machine(config.getoption("--bench-tier"))
-    return [f"zorro benchmarks: tier={m['zorro_tier']} device={m['zorro_device']} ({m['zorro_gpu'] or m['zorro_cpu']}) "
-            f"dtype={m['zorro_dtype']} torch {m['zorro_torch']}"]
+    lines = [f"zorro benchmarks: tier={m['zorro_tier']} device={m['zorro_device']} ({m['zorro_gpu'] or m['zorro_cpu']}) "
+             f"dtype={m['zorro_dtype']} torch {m['zorro_torch']}"]
+    return lines + ([SMOKE_CAVEAT] if m["zorro_tier"] == "smoke" else [])
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
     if not RESULTS:
         return
-    terminalreporter.write_sep("=", "zorro: comparison (median; ideal = SDPA without mask x attended fraction)")
+    smoke = config.getoption("--bench-tier") == "smoke"
+    terminalreporter.write_sep("=", "zorro: comparison (median; ideal = SDPA without mask x attended fraction)"
+                               + (" -- SMOKE TIER, NOT COMPARABLE" if smoke else ""))
+    if smoke:
+        terminalreporter.write_line(SMOKE_CAVEAT)
     for line in summary_lines(list(RESULTS.values())):
         terminalreporter.write_line(line)
 

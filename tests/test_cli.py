@@ -210,3 +210,19 @@ def test_train_flags_resume_and_overwrite(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
     assert main(["train", *TINY, "train.steps=1", f"train.out={run}", "--overwrite"]) == 0
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+
+
+def test_probe_plot_legend_covers_no_bar_or_label():
+    """The demo's table drawn as bars: the legend used to sit on the 0.92 label of the audio-visual group."""
+    from zorro_models.reporting import modality_scores_figure
+
+    table = {"untrained": {"audio-only": 0.732, "video-only": 0.398, "audio-visual": 0.772},
+             "Zorro": {"audio-only": 0.783, "video-only": 0.794, "audio-visual": 0.920},
+             "full attention": {"audio-only": 0.577, "video-only": 0.331, "audio-visual": 0.545}}
+    fig = modality_scores_figure(table, chance=0.125)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    covered = [t.get_text() for t in ax.texts if t.get_window_extent().overlaps(legend)]
+    covered += [f"bar {p.get_height():.2f}" for p in ax.patches if p.get_window_extent().overlaps(legend)]
+    assert covered == []

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_training_curves", "plot_modality_scores", "draw_grouped_bars",
-           "format_table", "write_json", "pyplot"]
+           "modality_scores_figure", "format_table", "write_json", "pyplot"]
 
 
 class MetricsLogger:
@@ -79,13 +79,20 @@ def plot_modality_scores(results: dict, path: Union[str, Path], metric: str = "a
     """Grouped bars: ``results`` is ``{model label: {column: value}}`` (e.g. columns audio-only, video-only,
     audio-visual)."""
     plt = pyplot()
-    columns = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(columns), 3.8))
-    draw_grouped_bars(ax, results, metric=metric, chance=chance, title=title)
-    fig.tight_layout()
+    fig = modality_scores_figure(results, metric=metric, chance=chance, title=title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def modality_scores_figure(results: dict, metric: str = "accuracy", chance: Optional[float] = None,
+                           title: str = "linear probes"):
+    """The figure :func:`plot_modality_scores` saves (the caller closes it)."""
+    columns = list(next(iter(results.values())))
+    fig, ax = pyplot().subplots(figsize=(3.2 + 1.6 * len(columns), 3.8))  # room for the legend right of the bars
+    draw_grouped_bars(ax, results, metric=metric, chance=chance, title=title)
+    fig.tight_layout()
+    return fig
 
 
 def draw_grouped_bars(ax, results: dict, *, errors: Optional[dict] = None, metric: str = "accuracy",
@@ -112,7 +119,9 @@ def draw_grouped_bars(ax, results: dict, *, errors: Optional[dict] = None, metri
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)
     ax.set_title(title)
-    ax.legend(fontsize=legend_size, ncol=1 if len(labels) < 5 else 2)
+    # right of the axes: inside, wherever matplotlib puts it, it can cover a bar or its value (the demo's 0.92)
+    ax.legend(fontsize=legend_size, ncol=1 if len(labels) < 5 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
 
 
 def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", fmt: str = "{:.3f}",
