@@ -5,7 +5,7 @@ A backbone implements :meth:`ZorroModel.encode`, mapping checked inputs to final
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,42 @@ import torch.nn as nn
 from .layers import OUTPUTS, STREAMS, MaskCache, MaskedReadout
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
-__all__ = ["ZorroModel", "ZorroFeatures", "Encoded"]
+__all__ = ["ZorroModel", "ZorroFeatures", "Encoded", "MASK_KINDS", "mask_rules", "check_mask_kind"]
+
+#: The attention masks a backbone can be built with (``mask=`` / ``model.mask``), the one list every family, the
+#: config and the CLI read. Each family applies the kind to every attention call it makes (ViT's one mask, each Swin
+#: block's windows, each HiP level's cross- and self-attention): see :func:`mask_rules`.
+MASK_KINDS = {
+    "zorro": "each modality (its windows, groups) sees itself only; fusion sees every token (the paper's model)",
+    "full": "every token sees every token of the same attention call (the paper's full-attention ablation; "
+            "no output is pure)",
+    "bottleneck": "MBT-style: each modality (its windows, groups) sees itself and the fusion tokens, which see "
+                  "everything (the fusion tokens are the bottleneck; no output is pure)",
+}
+
+
+def check_mask_kind(mask, supported=tuple(MASK_KINDS)) -> str:
+    """``mask`` if it is one of ``supported`` (a subset of :data:`MASK_KINDS`), else a ValueError naming both."""
+    if mask not in supported:
+        raise ValueError(f"mask must be one of {list(supported)}, got {mask!r}")
+    return mask
+
+
+def mask_rules(kind: str, local: Sequence[str]) -> dict:
+    """:meth:`ZorroMask.from_segments` rules of mask ``kind`` over modality segments ``local`` (names or globs that
+    match present segments: ``("audio", "video")`` in ViT, ``("audio/*", "video/*")`` for windows or groups) and a
+    ``fusion`` segment.
+
+    Modality segments see the key segment of their own name (``"self"``: in self-attention themselves, in a HiP
+    cross-attention their own input group); under ``bottleneck`` also the ``fusion`` key segment.
+    """
+    check_mask_kind(kind)
+    if kind == "full":
+        return {"*": "*"}
+    seen = "self" if kind == "zorro" else ["self", "fusion"]
+    rules = {pattern: seen for pattern in local}
+    rules["fusion"] = "*"
+    return rules
 
 
 class Encoded(NamedTuple):

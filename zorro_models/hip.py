@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from zorro_kernels import ZorroMask
 
-from .base import Encoded, ZorroModel
+from .base import Encoded, ZorroModel, check_mask_kind, mask_rules
 from .layers import CrossBlock, MaskCache, MaskedReadout, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
@@ -37,7 +37,6 @@ from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 __all__ = ["ZorroHiP", "GroupLayout", "split_sizes", "hip_level_masks"]
 
 MODALITIES = ("audio", "video")
-RULES = {"audio/*": "self", "video/*": "self", "fusion": "*"}
 
 
 def split_sizes(n: int, groups: int) -> list[int]:
@@ -92,8 +91,8 @@ def _lengths(layouts: dict, n_fusion: int, batch: int) -> Optional[torch.Tensor]
     return torch.cat(cols + [torch.full((batch, 1), n_fusion)], dim=1)
 
 
-def hip_level_masks(inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int, batch: Optional[int]
-                    ) -> tuple[ZorroMask, ZorroMask]:
+def hip_level_masks(inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int, batch: Optional[int],
+                    mask_kind: str = "zorro") -> tuple[ZorroMask, ZorroMask]:
     """The cross-attention mask (latents x inputs) and the latent self-attention mask of one level.
 
     Args:
@@ -101,15 +100,19 @@ def hip_level_masks(inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int
         n_fusion_in: fusion tokens among the inputs (the previous level's fusion latents; 0 at level 0).
         n_fusion: fusion latents of this level.
         batch: B (needed when any layout has per-sample ``valid``).
+        mask_kind: one of :data:`~zorro_models.base.MASK_KINDS`, with groups as the modality segments: ``zorro``
+            group-local; ``bottleneck`` group-local plus the fusion latents (in the cross-attention the previous
+            level's fusion latents); ``full`` every latent reads every input and sees every latent.
     """
+    rules = mask_rules(mask_kind, [f"{m}/*" for m in MODALITIES])
     q_segments, kv_segments = _segments(latents, n_fusion), _segments(inputs, n_fusion_in)
     q_lengths, kv_lengths = _lengths(latents, n_fusion, batch), _lengths(inputs, n_fusion_in, batch)
     if (q_lengths is None) != (kv_lengths is None):  # a cross mask needs both sides or neither
         q_lengths = q_lengths if q_lengths is not None else _full(q_segments, batch)
         kv_lengths = kv_lengths if kv_lengths is not None else _full(kv_segments, batch)
-    cross = ZorroMask.from_segments(q_segments, RULES, kv_segments=kv_segments, lengths=q_lengths,
+    cross = ZorroMask.from_segments(q_segments, rules, kv_segments=kv_segments, lengths=q_lengths,
                                     kv_lengths=kv_lengths)
-    self_attn = ZorroMask.from_segments(q_segments, RULES, lengths=q_lengths)
+    self_attn = ZorroMask.from_segments(q_segments, rules, lengths=q_lengths)
     return cross, self_attn
 
 
@@ -158,6 +161,7 @@ class ZorroHiP(ZorroModel):
         num_heads: heads per level.
         num_fusion: fusion latents per level (int: the same at every level).
         mlp_ratio, qkv_bias: block sizes.
+        mask: one of :data:`~zorro_models.base.MASK_KINDS`, applied at every level (see :func:`hip_level_masks`).
     """
 
     def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,
@@ -166,8 +170,9 @@ class ZorroHiP(ZorroModel):
                  video_groups: Sequence[int] = (16, 4, 1), latents: Sequence[int] = (32, 64, 128),
                  dims: Sequence[int] = (256, 512, 768), depths: Sequence[int] = (2, 4, 6),
                  num_heads: Sequence[int] = (4, 8, 12), num_fusion: Union[int, Sequence[int]] = 8,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True):
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, mask: str = "zorro"):
         super().__init__()
+        self.mask_kind = check_mask_kind(mask)
         levels = len(dims)
         if isinstance(num_fusion, int) and not isinstance(num_fusion, bool):
             num_fusion = (num_fusion,) * levels
@@ -191,7 +196,7 @@ class ZorroHiP(ZorroModel):
                 raise ValueError(f"level {lv}: width {d} must be divisible by num_heads {h}")
         self.config = dict(img_size=img_size, num_frames=num_frames, video_patch=video_patch, n_mels=n_mels,
                            audio_frames=audio_frames, audio_patch=audio_patch, **per_level, mlp_ratio=mlp_ratio,
-                           qkv_bias=qkv_bias)
+                           qkv_bias=qkv_bias, mask=mask)
         self.groups = {"audio": per_level["audio_groups"], "video": per_level["video_groups"]}
         self.num_fusion = per_level["num_fusion"]
         self.embed_dim = dims[-1]
@@ -216,7 +221,8 @@ class ZorroHiP(ZorroModel):
                 if lv > 0:
                     inputs = {m: out[-1][1][m].regroup(self.groups[m][lv]) for m in MODALITIES}
                 latents = {m: inputs[m].latents(level.latents_per_group) for m in MODALITIES}
-                cross, self_attn = hip_level_masks(inputs, latents, n_fusion_in, self.num_fusion[lv], batch)
+                cross, self_attn = hip_level_masks(inputs, latents, n_fusion_in, self.num_fusion[lv], batch,
+                                                   self.mask_kind)
                 out.append((inputs, latents, cross, self_attn))
                 n_fusion_in = self.num_fusion[lv]
             return out

@@ -7,6 +7,8 @@ Design (ours; the paper's Swin adaptation is not at hand — docs/swin.md has th
   segment ``audio/0, audio/1, ..., video/0, ..., fusion``; the mask's rules are ``{"audio/*": "self",
   "video/*": "self", "fusion": "*"}``: a window row sees its own window only, fusion rows see every token. Windows
   never see the fusion tokens — that would route video into audio through fusion and break purity.
+  ``mask="bottleneck"`` lets windows see the fusion tokens too (MBT-style), ``mask="full"`` lets every token see every
+  token of the block (the windows then only order the tokens): the ablations, neither pure.
 - **Shifted windows** are the partition of the grid with boundaries at ``s, s + w, s + 2w, ...`` (clipped at the
   borders), which groups exactly the tokens that Swin's cyclic shift + attention mask lets attend each other; here
   they are simply windows of different sizes, with no roll and no mask arithmetic. Windows are ordered by size, so
@@ -33,7 +35,7 @@ from einops import rearrange
 
 from zorro_kernels import ZorroMask
 
-from .base import Encoded, ZorroModel
+from .base import Encoded, ZorroModel, check_mask_kind, mask_rules
 from .layers import MaskCache, MaskedReadout, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed, to_pair, to_triple
@@ -104,7 +106,8 @@ class WindowLayout(NamedTuple):
 
 
 def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int,
-                      valid_t: Optional[dict] = None, batch: Optional[int] = None) -> WindowLayout:
+                      valid_t: Optional[dict] = None, batch: Optional[int] = None,
+                      mask_kind: str = "zorro") -> WindowLayout:
     """Build one block's layout.
 
     Args:
@@ -114,9 +117,12 @@ def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int
         num_fusion: fusion tokens (after the modalities).
         valid_t: modality -> int64 ``(B,)`` valid time rows per sample (or None entries / None: all valid).
         batch: B, needed when ``valid_t`` is given.
+        mask_kind: one of :data:`~zorro_models.base.MASK_KINDS`, applied with windows as the modality segments:
+            ``zorro`` window-local, ``bottleneck`` window-local plus the fusion tokens, ``full`` every token of the
+            block (windows then only order the tokens).
     """
     valid_t = valid_t or {}
-    perms, segments, rules, order, window_sizes, lengths = [], [], {}, {}, [], []
+    perms, segments, local, order, window_sizes, lengths = [], [], [], {}, [], []
     offset = 0
     for name, grid in grids.items():
         if grid is None:
@@ -127,19 +133,18 @@ def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int
         perms.append(perm + offset)
         offset += perm.numel()
         segments += [(f"{name}/{i}", n) for i, n in enumerate(sizes)]
-        rules[f"{name}/*"] = "self"
+        local.append(f"{name}/*")
         order[name] = wins
         window_sizes.append(sizes)
         lengths.append(_window_lengths(wins, valid_t.get(name)))
     perms.append(torch.arange(offset, offset + num_fusion))
     segments.append(("fusion", num_fusion))
-    rules["fusion"] = "*"
     mask_lengths = None
     if any(ln is not None for ln in lengths):
         cols = [ln if ln is not None else torch.tensor(sz).expand(batch, -1) for ln, sz in zip(lengths, window_sizes)]
         mask_lengths = torch.cat(cols + [torch.full((batch, 1), num_fusion)], dim=1)
     perm = torch.cat(perms)
-    mask = ZorroMask.from_segments(segments, rules, lengths=mask_lengths)
+    mask = ZorroMask.from_segments(segments, mask_rules(mask_kind, local), lengths=mask_lengths)
     return WindowLayout(perm, torch.argsort(perm), mask, order)
 
 
@@ -196,6 +201,7 @@ class ZorroSwin(ZorroModel):
         video_window: window ``(t, h, w)`` over the video grid.
         mlp_ratio, qkv_bias: block sizes.
         num_fusion: fusion tokens (kept at every stage, widened with the stage).
+        mask: one of :data:`~zorro_models.base.MASK_KINDS`, applied in every block (see :func:`swin_block_layout`).
     """
 
     def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,
@@ -203,8 +209,9 @@ class ZorroSwin(ZorroModel):
                  audio_patch: Union[int, Sequence[int]] = 4, base_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  audio_window: Union[int, Sequence[int]] = 8, video_window: Union[int, Sequence[int]] = (2, 7, 7),
-                 mlp_ratio: float = 4.0, num_fusion: int = 8, qkv_bias: bool = True):
+                 mlp_ratio: float = 4.0, num_fusion: int = 8, qkv_bias: bool = True, mask: str = "zorro"):
         super().__init__()
+        self.mask_kind = check_mask_kind(mask)
         depths, num_heads = tuple(depths), tuple(num_heads)
         if not depths or len(depths) != len(num_heads):
             raise ValueError(f"depths and num_heads need one entry per stage, got {depths} and {num_heads}")
@@ -219,7 +226,7 @@ class ZorroSwin(ZorroModel):
         self.config = dict(img_size=img_size, num_frames=num_frames, video_patch=video_patch, n_mels=n_mels,
                            audio_frames=audio_frames, audio_patch=audio_patch, base_dim=base_dim, depths=depths,
                            num_heads=num_heads, audio_window=audio_window, video_window=video_window,
-                           mlp_ratio=mlp_ratio, num_fusion=num_fusion, qkv_bias=qkv_bias)
+                           mlp_ratio=mlp_ratio, num_fusion=num_fusion, qkv_bias=qkv_bias, mask=mask)
         self.windows = {"audio": to_pair(audio_window, "audio_window"),
                         "video": to_triple(video_window, "video_window", int_means="cube")}
         self.depths, self.dims = depths, dims
@@ -257,7 +264,7 @@ class ZorroSwin(ZorroModel):
                str(device))
 
         def build():
-            layout = swin_block_layout(grids, self.windows, shifted, self.num_fusion, valid_t, batch)
+            layout = swin_block_layout(grids, self.windows, shifted, self.num_fusion, valid_t, batch, self.mask_kind)
             return layout._replace(perm=layout.perm.to(device), inverse=layout.inverse.to(device))
 
         return self._masks.get(key, build)

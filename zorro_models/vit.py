@@ -8,7 +8,8 @@
         ─> MaskedReadout (4 queries) ─> {"audio", "video", "fusion", "global"}: (B, D)
 
 Every block's self-attention uses one :class:`~zorro_kernels.ZorroMask` built once per forward (per layout and
-lengths) and shared by all blocks. ``mask`` selects the paper's ablations:
+lengths) and shared by all blocks. ``mask`` (one of :data:`~zorro_models.base.MASK_KINDS`, as in every family)
+selects the paper's ablations:
 
 - ``"zorro"``: audio sees audio, video sees video, fusion sees everything (the paper's model);
 - ``"full"``: every token sees every token (vanilla ViT over the concatenation; no stream is pure);
@@ -26,14 +27,12 @@ import torch.nn as nn
 
 from zorro_kernels import ZorroMask
 
-from .base import Encoded, ZorroModel
+from .base import Encoded, ZorroModel, check_mask_kind, mask_rules
 from .layers import STREAMS, MaskCache, MaskedReadout, StreamWise, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
-__all__ = ["ZorroViT", "MASK_KINDS"]
-
-MASK_KINDS = ("zorro", "full", "bottleneck")
+__all__ = ["ZorroViT"]
 
 
 class ZorroViT(ZorroModel):
@@ -62,8 +61,7 @@ class ZorroViT(ZorroModel):
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_fusion: int = 8, mask: str = "zorro",
                  shared_weights: bool = True, qkv_bias: bool = True):
         super().__init__()
-        if mask not in MASK_KINDS:
-            raise ValueError(f"mask must be one of {MASK_KINDS}, got {mask!r}")
+        check_mask_kind(mask)
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -92,12 +90,8 @@ class ZorroViT(ZorroModel):
     def layout_mask(self, sizes: tuple[int, int, int], lengths: Optional[torch.Tensor] = None) -> ZorroMask:
         """The self-attention mask of every block for stream sizes ``(n_audio, n_video, n_fusion)`` and optional
         ``lengths (B, 3)``."""
-        a, v, f = sizes
-        if self.mask_kind == "zorro":
-            return ZorroMask.zorro(audio=a, video=v, fusion=f, lengths=lengths)
-        if self.mask_kind == "full":
-            return ZorroMask.full(audio=a, video=v, fusion=f, lengths=lengths)
-        return ZorroMask.bottleneck(audio=a, video=v, bottleneck=f, lengths=lengths)
+        segments = list(zip(STREAMS, sizes))
+        return ZorroMask.from_segments(segments, mask_rules(self.mask_kind, STREAMS[:2]), lengths=lengths)
 
     def encode(self, audio, video, audio_lengths, video_lengths, batch: int) -> Encoded:
         ref = audio if audio is not None else video
