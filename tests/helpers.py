@@ -11,6 +11,20 @@ TINY = ["model.kwargs={img_size: 16, num_frames: 2, video_patch: 8, n_mels: 16, 
         "probe.test_size=32",
         "data.num_workers=0"]
 
+# The same inputs for every family, with each family's own settings in model.kwargs (TINY's last entries, which
+# follow its model.kwargs, still apply). Swin: a 4x4 audio grid and a 2x4x4 video grid in 2x2 (1x2x2) windows, two
+# stages; HiP: two levels of 2 -> 1 groups per modality.
+_INPUTS = "img_size: 16, num_frames: 2, n_mels: 16, audio_frames: 16"
+TINY_FAMILY = {
+    "vit": TINY,
+    "swin": ["model.name=zorro_swin_tiny",
+             f"model.kwargs={{{_INPUTS}, video_patch: [1, 4, 4], audio_patch: 4, base_dim: 16, depths: [2, 2], "
+             "num_heads: [2, 4], audio_window: 2, video_window: [1, 2, 2], num_fusion: 2}", *TINY[1:]],
+    "hip": ["model.name=zorro_hip_tiny",
+            f"model.kwargs={{{_INPUTS}, video_patch: 8, audio_patch: 8, audio_groups: [2, 1], video_groups: [2, 1], "
+            "latents: [4, 4], dims: [32, 64], depths: [1, 1], num_heads: [2, 4], num_fusion: 2}", *TINY[1:]],
+}
+
 
 def write_clip(path, *, frames=10, fps=10, size=(48, 40), tone_hz=440.0, sample_rate=16000, seconds=1.0,
                audio=True):

@@ -1,16 +1,27 @@
-"""Builders shared by training, evaluation and the demo: the model, the input pipeline and the datasets of a
-:class:`~zorro_models.config.Config`, with every size the data needs read from the model."""
+"""Builders shared by training, evaluation, the demo and the benchmarks: the model, the task (model + heads + loss),
+the input pipeline and the datasets of a :class:`~zorro_models.config.Config`, with every size the data needs read
+from the model; and a stored run loaded back (:func:`load_run`).
+
+    task = build_task(cfg)                 # ContrastiveTask or SupervisedTask; task.model is the backbone
+    cfg, task, ckpt = load_run("runs/x")   # the run's config (plus overrides) and its latest checkpoint's weights
+"""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .audio import LogMelSpectrogram
-from .config import Config, data_workers
+from .config import Config, apply_overrides, data_workers, from_dict
 from .data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
 from .registry import create_model
+from .tasks import TASKS, ContrastiveTask, SupervisedTask
 
-__all__ = ["build_model", "build_preprocessor", "build_dataset", "eval_loader", "num_classes_of", "SPLITS"]
+__all__ = ["build_model", "build_task", "build_preprocessor", "build_dataset", "eval_loader", "num_classes_of",
+           "resolve_checkpoint", "load_run", "SPLITS"]
 
 # split seeds of the synthetic dataset, offset from data.seed so that no two splits share a clip
 SPLITS = {"train": 1, "val": 2, "probe_train": 3, "probe_test": 4}
@@ -19,7 +30,26 @@ SPLITS = {"train": 1, "val": 2, "probe_train": 3, "probe_test": 4}
 # ------------------------------------------------------------------------------------------------ building blocks
 def build_model(cfg: Config) -> nn.Module:
     """``create_model(cfg.model.name, mask=cfg.model.mask, **cfg.model.kwargs)``."""
+    if "mask" in cfg.model.kwargs:
+        raise ValueError(f"set the mask with model.mask={cfg.model.kwargs['mask']}, not in model.kwargs")
     return create_model(cfg.model.name, mask=cfg.model.mask, **cfg.model.kwargs)
+
+
+def build_task(cfg: Config, model: Optional[nn.Module] = None, dataset: Optional[Dataset] = None) -> nn.Module:
+    """The module ``cfg.train.task`` trains: :class:`~zorro_models.tasks.ContrastiveTask` or
+    :class:`~zorro_models.tasks.SupervisedTask` around ``model`` (default: :func:`build_model`).
+
+    A supervised task takes its class count and multi-label flag from ``dataset`` (default: the training split).
+    """
+    t = cfg.train
+    if t.task not in TASKS:
+        raise ValueError(f"train.task must be one of {list(TASKS)}, got {t.task!r}")
+    model = build_model(cfg) if model is None else model
+    if t.task == "contrastive":
+        return ContrastiveTask(model, t.pairs, t.proj_dim, t.temperature)
+    dataset = build_dataset(cfg, model, "train") if dataset is None else dataset
+    return SupervisedTask(model, num_classes_of(dataset), t.supervised_outputs,
+                          bool(getattr(dataset, "multi_label", False)))
 
 
 def build_preprocessor(cfg: Config, model) -> AVPreprocessor:
@@ -83,3 +113,35 @@ def eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
     """Sequential batches of ``probe.batch_size`` (no shuffle, last batch kept) for evaluation and probes."""
     return DataLoader(dataset, batch_size=cfg.probe.batch_size, shuffle=False, num_workers=data_workers(cfg),
                       collate_fn=collate)
+
+
+# ------------------------------------------------------------------------------------------------ stored runs
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """``path`` if it is a checkpoint folder, else the latest checkpoint of the run folder ``path``."""
+    from .checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "state.pt").is_file():
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
+    return ckpt
+
+
+def load_run(path: Union[str, Path], overrides: Sequence[str] = ()) -> tuple[Config, nn.Module, Path]:
+    """A stored run back in memory: ``(cfg, task, checkpoint)``.
+
+    ``path`` is a run folder (its latest checkpoint) or a checkpoint folder; ``cfg`` is the config stored with the
+    checkpoint plus ``overrides`` (``section.key=value``); ``task`` is :func:`build_task` with the checkpoint's
+    weights (on CPU, in train mode).
+    """
+    from .checkpoint import load_weights
+
+    ckpt = resolve_checkpoint(path)
+    stored = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}
+    cfg = apply_overrides(from_dict(Config, stored, where=str(ckpt / "config.yaml")), overrides)
+    model = build_model(cfg)
+    task = build_task(cfg, model, build_dataset(cfg, model, "val") if cfg.train.task == "supervised" else None)
+    load_weights(task, ckpt)
+    return cfg, task, ckpt

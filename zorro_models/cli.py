@@ -1,6 +1,6 @@
 """The ``zorro`` command.
 
-    zorro demo  [--out DIR] [--config YAML] [section.key=value ...]   # Zorro vs full attention, probes, table
+    zorro demo  [--out DIR] [--model NAME] [--config YAML] [section.key=value ...]  # Zorro vs full attention
     zorro train [--config YAML] [section.key=value ...]                # contrastive or supervised training
     zorro eval  RUN_OR_CHECKPOINT [--probes] [--out DIR]               # heads and/or linear probes, 3 regimes
     zorro ablate [--out DIR] [--seeds N] [--grid axis=v1,v2 ...]       # mask x sharing x objective, table + chart
@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import add_run_folder_args, run_folder_overrides
+from .base import MASK_KINDS
+from .config import add_config_args, add_run_folder_args, run_folder_overrides
 
 __all__ = ["main", "build_parser", "error_line"]
-
-
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full")
 
 
 def _add_debug(p: argparse.ArgumentParser, default) -> None:
@@ -48,9 +39,9 @@ def _add_threads(p: argparse.ArgumentParser, default_help: str) -> None:
 
 def _masks(text: str) -> list:
     masks = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in masks if m not in ("zorro", "full", "bottleneck")]
+    bad = [m for m in masks if m not in MASK_KINDS]
     if not masks or bad:
-        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of zorro, full, bottleneck; "
+        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of {', '.join(MASK_KINDS)}; "
                                          f"got {text!r}")
     return masks
 
@@ -75,15 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "linear probes, a comparison table (CPU, minutes)")
     p.add_argument("--out", default="zorro_demo", help="output folder (default: %(default)s)")
     p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks to compare "
-                   "(zorro, full, bottleneck; default: %(default)s)")
+                   f"({', '.join(MASK_KINDS)}; default: %(default)s)")
+    p.add_argument("--model", help="the preset whose masks are compared (default: the config's model.name, "
+                                   "zorro_vit_demo); same as model.name=NAME")
     _add_threads(p, "half the cores, at least 1")
     p.add_argument("--no-baseline", action="store_true", help="skip the probes of the untrained model")
     p.add_argument("--overwrite", action="store_true", help="replace the demo runs already in --out")
-    _add_config(p)
+    add_config_args(p)
 
     p = sub.add_parser("train", help="train a model (one process; use torchrun -m zorro_models.train for DDP)")
     _add_threads(p, "train.threads, else half the cores, at least 1")
-    _add_config(p)
+    add_config_args(p)
     add_run_folder_args(p)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: supervised heads and/or linear probes under "
@@ -106,18 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p, "half the cores, at least 1")
     p.add_argument("--overwrite", action="store_true",
                    help="retrain runs in --out whose configuration differs from this one (default: stop and say so)")
-    _add_config(p)
+    add_config_args(p)
 
     p = sub.add_parser("bench", help="training-step and inference throughput of a config, per mask")
     p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=10, help="timed steps per mask (after 2 warm-up steps)")
     _add_threads(p, "PyTorch's")
-    _add_config(p)
+    add_config_args(p)
 
     p = sub.add_parser("show-mask", help="draw every attention layout of a model: ViT's, Swin's windows and shifted "
                                          "windows per stage, HiP's groups per level, the readout")
     p.add_argument("--model", default="zorro_vit_demo", help="a preset (see zorro_models.list_models())")
-    p.add_argument("--mask", default="zorro", choices=["zorro", "full", "bottleneck"])
+    p.add_argument("--mask", default="zorro", choices=list(MASK_KINDS))
     p.add_argument("--audio-only", action="store_true", help="the layout of an audio-only call")
     p.add_argument("--video-only", action="store_true", help="the layout of a video-only call")
     p.add_argument("--png", help="also save the dense mask as an image")
@@ -130,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    results = run_demo(args.out, masks=args.masks, config=args.config, overrides=args.overrides,
+    overrides = [f"model.name={args.model}"] * bool(args.model) + list(args.overrides)
+    results = run_demo(args.out, masks=args.masks, config=args.config, overrides=overrides,
                        threads=args.threads, baseline=not args.no_baseline, overwrite=args.overwrite)
     return 0 if results.get("verdict") is None or not results["verdict"].startswith("WARNING") else 1
 
@@ -156,118 +150,41 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _resolve_checkpoint(path: str) -> Path:
-    from .checkpoint import latest_checkpoint
-
-    p = Path(path)
-    if (p / "state.pt").is_file():
-        return p
-    ckpt = latest_checkpoint(p)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
-    return ckpt
-
-
 def cmd_eval(args) -> int:
-    from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
-    from .checkpoint import load_weights
-    from .config import apply_overrides, from_dict, machine_threads, Config
-    from .evaluate import evaluate_heads, metric_name, run_probes
-    from .reporting import format_table, plot_modality_scores, write_json
-    from .train import SupervisedTask
+    from pathlib import Path
 
-    import yaml
+    from .build import load_run
+    from .config import machine_threads
+    from .evaluate import OUTPUT_ORDER, evaluate_run
+    from .reporting import format_table
 
     torch.set_num_threads(args.threads or machine_threads())
-    ckpt = _resolve_checkpoint(args.checkpoint)
+    cfg, task, ckpt = load_run(args.checkpoint, args.overrides)
     print(f"[zorro eval] {ckpt}", flush=True)
-    cfg = apply_overrides(from_dict(Config, yaml.safe_load((ckpt / "config.yaml").read_text()) or {}),
-                          args.overrides)
     out = Path(args.out) if args.out else ckpt.parent.parent
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    model = build_model(cfg)
-    report = {"checkpoint": str(ckpt), "task": cfg.train.task}
-    tables = {}
-    if cfg.train.task == "supervised":
-        val = build_dataset(cfg, model, "val")
-        multi = bool(getattr(val, "multi_label", False))
-        task = SupervisedTask(model, num_classes_of(val), cfg.train.supervised_outputs, multi)
-        load_weights(task, ckpt)
-        task.to(device)
-        _say_eval(f"scoring the supervised heads on {len(val)} validation clips under 3 input regimes")
-        heads = evaluate_heads(task.model, task.heads, build_preprocessor(cfg, model).to(device),
-                               eval_loader(cfg, val), multi_label=multi)
-        report["heads"] = {"metric": metric_name(multi), "results": heads}
-        tables["supervised heads"] = (heads, metric_name(multi))
-    else:
-        load_weights(model, ckpt, prefix="model.")
-        model.to(device)
-    if cfg.train.task == "contrastive" or args.probes:
-        probes = run_probes(cfg, model, device=device, progress=_say_eval)
-        report["probes"] = probes
-        tables["linear probes"] = (probes["results"], probes["metric"])
-    write_json(report, out / "eval.json")
-    for title, (res, metric) in tables.items():
-        columns = sorted({c for row in res.values() for c in row}, key=_output_order)
-        print(f"\n{title} ({metric}), rows: input regime, columns: output")
-        print(format_table(res, columns, row_header="input"))
-    # per-modality picture: each regime's own output (and the mean / all-outputs entry for audio-visual)
-    title, (res, metric) = next(iter(tables.items()))
-    av_key = "mean" if "mean" in res.get("audio-visual", {}) else "all"
-    bars = {Path(str(ckpt)).parent.parent.name or "model": {
-        "audio-only": res["audio-only"]["audio"], "video-only": res["video-only"]["video"],
-        "audio-visual": res["audio-visual"][av_key]}}
-    plot_modality_scores(bars, out / "eval.png", metric=metric, title=title)
+    report = evaluate_run(cfg, task, probes=args.probes, out=out, label=ckpt.parent.parent.name or "model",
+                          info={"checkpoint": str(ckpt)}, progress=lambda line: print(f"[zorro eval] {line}",
+                                                                                     flush=True))
+    for key, title in (("heads", "supervised heads"), ("probes", "linear probes")):
+        if key in report:
+            res, metric = report[key]["results"], report[key]["metric"]
+            columns = sorted({c for row in res.values() for c in row}, key=OUTPUT_ORDER.index)
+            print(f"\n{title} ({metric}), rows: input regime, columns: output")
+            print(format_table(res, columns, row_header="input"))
     print(f"\nwrote {out / 'eval.json'} and {out / 'eval.png'}")
     return 0
 
 
-def _say_eval(line: str) -> None:
-    print(f"[zorro eval] {line}", flush=True)
-
-
-def _output_order(name: str) -> int:
-    order = ["audio", "video", "fusion", "global", "mean", "all"]
-    return order.index(name) if name in order else len(order)
-
-
 def cmd_bench(args) -> int:
-    from .config import load_config
+    from .bench import bench_training
     from .reporting import format_table
-    from .train import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = {}
-    for mask in args.masks:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(args.config, list(args.overrides) + [
-                f"model.mask={mask}", f"train.out={tmp}", "train.progress=false", "train.plot=false",
-                "train.log_every=0"])
-            trainer = Trainer(cfg)
-            data = trainer.batches()
-            for _ in range(2):
-                trainer.train_step(data)
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                trainer.train_step(data)
-                times.append(time.perf_counter() - t0)
-            batch = next(data)
-            inputs = trainer.preprocess(batch)
-            trainer.model.eval()
-            with torch.no_grad():
-                trainer.model(**inputs)
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    trainer.model(**inputs)
-                infer = (time.perf_counter() - t0) / 3
-            step = statistics.median(times)
-            rows[mask] = {"train step (s)": step, "clips/s (train)": cfg.train.batch_size / step,
-                          "inference (s/batch)": infer, "clips/s (inference)": batch["size"] / infer}
-    print(f"{cfg.model.name}, batch {cfg.train.batch_size}, {torch.get_num_threads()} thread(s), device "
-          f"{trainer.device}; median of {args.steps} training steps (data, front-end, forward, backward, AdamW)")
+    res = bench_training(args.config, args.overrides, args.masks, args.steps)
+    print(f"{res['model']}, batch {res['batch_size']}, {res['threads']} thread(s), device {res['device']}; median "
+          f"of {res['steps']} training steps (data, front-end, forward, backward, AdamW)")
+    rows = res["rows"]
     print(format_table(rows, list(next(iter(rows.values()))), row_header="mask", fmt="{:.3f}"))
     return 0
 

@@ -23,12 +23,16 @@ import yaml
 
 __all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "OptimConfig", "TrainConfig", "ProbeConfig",
            "Config", "load_config", "apply_overrides", "from_dict", "config_to_yaml", "save_config", "machine_threads",
-           "machine_workers", "data_workers", "add_run_folder_args", "run_folder_overrides"]
+           "machine_workers", "data_workers", "add_config_args", "add_run_folder_args", "run_folder_overrides"]
 
 
 @dataclass
 class ModelConfig:
-    """``create_model(name, mask=mask, **kwargs)``."""
+    """``create_model(name, mask=mask, **kwargs)``.
+
+    ``mask`` is one of :data:`~zorro_models.base.MASK_KINDS` (every family accepts each). ``kwargs`` holds the
+    family's own settings (ViT ``depth``, Swin ``depths`` / ``video_window``, HiP ``latents`` / ``groups``, ...);
+    the family checks them and an unknown one is an error listing the valid keywords."""
     name: str = "zorro_vit_demo"
     mask: str = "zorro"
     kwargs: dict = field(default_factory=dict)
@@ -268,6 +272,14 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         # dict-valued fields (model.kwargs) take new keys; dataclass sections are checked by from_dict below
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return from_dict(Config, data)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The ``--config YAML`` option and the ``section.key=value`` overrides (what :func:`load_config` takes), for
+    every command that builds a run."""
+    parser.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full")
 
 
 def add_run_folder_args(parser: argparse.ArgumentParser) -> None:

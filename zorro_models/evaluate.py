@@ -15,7 +15,8 @@ Metrics: top-1 accuracy for single-label data, mean average precision (mAP, the 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from .layers import OUTPUTS
 
 __all__ = ["REGIMES", "REGIME_OUTPUTS", "accuracy", "average_precision", "mean_average_precision", "score",
-           "metric_name", "collect_embeddings", "linear_probe", "probe_all", "run_probes", "evaluate_heads"]
+           "metric_name", "collect_embeddings", "linear_probe", "probe_all", "run_probes", "evaluate_heads",
+           "evaluate_run", "OUTPUT_ORDER"]
 
 REGIMES = {"audio-visual": ("audio", "video"), "audio-only": ("audio",), "video-only": ("video",)}
 #: the outputs that carry information under each regime
@@ -238,3 +240,55 @@ def evaluate_heads(model, heads, preprocess, batches: Iterable[dict], *, multi_l
         model.train(was[0])
         heads.train(was[1])
     return {r: {name: score(v, y, multi_label) for name, v in d.items()} for r, d in logits.items()}
+
+
+# ------------------------------------------------------------------------------------------------- a whole run
+#: column order of result tables: the outputs, then the aggregates ("mean" of the heads, "all" outputs probed)
+OUTPUT_ORDER = (*OUTPUTS, "mean", "all")
+
+
+def evaluate_run(cfg, task, *, probes: bool = False, device=None, out: Optional[Union[str, Path]] = None,
+                 label: str = "model", info: Optional[dict] = None,
+                 progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Evaluate a trained task (:func:`~zorro_models.build.build_task`, e.g. from
+    :func:`~zorro_models.build.load_run`) under the three input regimes.
+
+    Supervised runs: the heads on the validation split. Contrastive runs (or ``probes=True``): linear probes on the
+    frozen backbone (:func:`run_probes`). ``device``: default CUDA when available (and ``train.device`` is not
+    ``cpu``). With ``out``, writes ``eval.json`` (the returned dict) and ``eval.png`` (each regime's own output, and
+    the aggregate for audio-visual; bars labelled ``label``) there. ``progress``, if given, receives a line as each
+    phase starts.
+
+    Returns ``{**info, "task": ..., "heads": {"metric", "results"}, "probes": {"metric", "num_classes",
+    "results"}}`` with the parts that apply; ``results`` are ``{regime: {output: metric}}``.
+    """
+    from .build import build_dataset, build_preprocessor, eval_loader
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    task.to(device)
+    model = task.model
+    report = {**(info or {}), "task": cfg.train.task}
+    if cfg.train.task == "supervised":
+        val = build_dataset(cfg, model, "val")
+        if progress is not None:
+            progress(f"scoring the supervised heads on {len(val)} validation clips under {len(REGIMES)} input regimes")
+        heads = evaluate_heads(model, task.heads, build_preprocessor(cfg, model).to(device), eval_loader(cfg, val),
+                               multi_label=task.multi_label)
+        report["heads"] = {"metric": metric_name(task.multi_label), "results": heads}
+    if cfg.train.task != "supervised" or probes:
+        report["probes"] = run_probes(cfg, model, device=device, progress=progress)
+    if out is not None:
+        from .reporting import plot_modality_scores, write_json
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(report, out / "eval.json")
+        title, part = next((t, report[k]) for k, t in (("heads", "supervised heads"), ("probes", "linear probes"))
+                           if k in report)
+        res = part["results"]
+        av = "mean" if "mean" in res["audio-visual"] else "all"
+        bars = {label: {"audio-only": res["audio-only"]["audio"], "video-only": res["video-only"]["video"],
+                        "audio-visual": res["audio-visual"][av]}}
+        plot_modality_scores(bars, out / "eval.png", metric=part["metric"], title=title)
+    return report

@@ -38,21 +38,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .build import build_dataset, build_model, build_preprocessor, eval_loader, num_classes_of
+from .build import build_dataset, build_model, build_preprocessor, build_task, eval_loader
 from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import (Config, add_run_folder_args, config_to_yaml, data_workers, load_config, machine_threads,
+from .config import (Config, add_config_args, add_run_folder_args, config_to_yaml, data_workers, load_config, machine_threads,
                      run_folder_overrides, save_config)
 
 import yaml
 from .data import collate
-from .distributed import DistEnv, all_gather_nograd, gather_with_grad, init_distributed
+from .distributed import DistEnv, init_distributed
 from .evaluate import evaluate_heads
-from .heads import ContrastiveHeads, SupervisedHeads
-from .layers import OUTPUTS
-from .losses import SupervisedLoss, ZorroContrastiveLoss
 from .reporting import MetricsLogger, plot_training_curves, read_metrics
 
-__all__ = ["Trainer", "ContrastiveTask", "SupervisedTask", "ResumableSampler", "warmup_cosine", "param_groups",
+__all__ = ["Trainer", "ResumableSampler", "warmup_cosine", "param_groups",
            "run_training", "progress_line", "summary_line", "main", "RESUMABLE_CHANGES", "RUN_FILES", "run_contents", "config_changes",
            "UNREADABLE_SHARE", "UNREADABLE_WINDOW"]
 
@@ -159,56 +156,6 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-# ------------------------------------------------------------------------------------------------ tasks
-class ContrastiveTask(nn.Module):
-    """Backbone + projection heads + InfoNCE over ``pairs`` with a learnable temperature.
-
-    Forward: model inputs (from :class:`AVPreprocessor`) -> ``(loss, logs)``. Projections are gathered from every
-    rank with gradients, so the loss is the global batch's on each rank.
-    """
-
-    def __init__(self, model: nn.Module, pairs, proj_dim: int = 64, temperature: float = 0.1):
-        super().__init__()
-        pairs = [tuple(p) for p in pairs]
-        outputs = [o for o in OUTPUTS if any(o in p for p in pairs)]
-        self.model = model
-        self.heads = ContrastiveHeads(model.embed_dim, proj_dim, outputs=outputs)
-        self.loss = ZorroContrastiveLoss(pairs, temperature=temperature)
-
-    def forward(self, inputs: dict, target: Optional[torch.Tensor] = None):
-        feats = self.model.forward_features(**inputs)
-        proj = {k: gather_with_grad(v.float()) for k, v in self.heads(feats.embeddings).items()}
-        present = {k: all_gather_nograd(feats.present[k].to(v.device)) for k, v in proj.items()}
-        per_pair = self.loss.per_pair(proj, present)
-        loss = torch.stack(list(per_pair.values())).mean()
-        logs = {f"loss_{k}": v.detach() for k, v in per_pair.items()}
-        logs["temperature"] = torch.tensor(self.loss.temperature)
-        return loss, logs
-
-
-class SupervisedTask(nn.Module):
-    """Backbone + a classifier per output (the prediction averages them), cross-entropy or multi-label BCE.
-
-    Forward: model inputs and targets -> ``(loss, logs)``.
-    """
-
-    def __init__(self, model: nn.Module, num_classes: int, outputs=OUTPUTS, multi_label: bool = False):
-        super().__init__()
-        self.model = model
-        self.heads = SupervisedHeads(model.embed_dim, num_classes, outputs=outputs)
-        self.loss = SupervisedLoss(multi_label=multi_label)
-        self.multi_label = multi_label
-
-    def forward(self, inputs: dict, target: torch.Tensor):
-        feats = self.model.forward_features(**inputs)
-        logits = self.heads(feats.embeddings, feats.present)
-        loss = self.loss({k: v.float() for k, v in logits.items() if k != "mean"}, target)
-        logs = {}
-        if not self.multi_label:
-            logs["train_acc"] = (logits["mean"].argmax(1) == target).float().mean().detach()
-        return loss, logs
-
-
 # ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Builds everything from a :class:`~zorro_models.config.Config` and runs :meth:`fit`.
@@ -249,12 +196,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(cfg)
         self.train_set = build_dataset(cfg, self.model, "train")
-        multi_label = bool(getattr(self.train_set, "multi_label", False))
-        if t.task == "contrastive":
-            self.task = ContrastiveTask(self.model, t.pairs, t.proj_dim, t.temperature)
-        else:
-            self.task = SupervisedTask(self.model, num_classes_of(self.train_set), t.supervised_outputs, multi_label)
-        self.task.to(self.device)
+        self.task = build_task(cfg, self.model, self.train_set).to(self.device)
         self.preprocess = build_preprocessor(cfg, self.model).to(self.device)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.task, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
@@ -536,12 +478,6 @@ def _drop_metrics_after(path: Path, step: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="overrides in YAML syntax, e.g. optim.lr=3e-4 model.mask=full train.steps=100")
-
-
 def run_training(cfg: Config) -> dict:
     """Train with ``cfg`` in this process (joining the torchrun process group if there is one)."""
     trainer = Trainer(cfg)
