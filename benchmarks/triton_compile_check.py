@@ -126,7 +126,7 @@ def main() -> int:
     limit = SHARED_LIMIT.get(args.arch, 101376)
     results = []
 
-    def warm(kernel, grid, kargs, constexprs, cfg, bucket=()):
+    def warm(kernel, grid, kargs, constexprs, cfg, bucket=(), restore=()):
         cands = dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))
         for warps, stages in cands:
             name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
@@ -232,7 +232,7 @@ def sweep(n_layouts: int) -> int:
     kernels = {"fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess, "dkdv": _bwd._attn_bwd_dkdv,
                "dq": _bwd._attn_bwd_dq}
 
-    def warm(kernel, grid, kargs, constexprs, cfg, bucket=()):
+    def warm(kernel, grid, kargs, constexprs, cfg, bucket=(), restore=()):
         kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _fwd.launch = warm

@@ -1,8 +1,17 @@
 """Backward kernels: delta preprocess, dK/dV per kv tile (transposed tile lists), dQ per query tile (forward lists).
 
-Every output element is written by exactly one program and accumulated in a fixed order, with no atomics, so the
-backward is deterministic: a rerun is bitwise equal. For GQA a dK/dV program owns one kv head and loops over the query
-heads of its group, which is what keeps atomics out. Both grids run heaviest first (the plans' program order).
+Two modes (:func:`one_pass`):
+
+- **one pass** (the default, when ``torch.are_deterministic_algorithms_enabled()`` is False): the dK/dV kernel also
+  computes each pair's ``dS^T K`` and adds it into an fp32 dQ buffer with atomics — 5 matrix products and one exp
+  pass per pair, as FlashAttention-2/3, and no dQ kernel. The buffer is zeroed by the delta preprocess and scaled and
+  cast once at the end. The summation order of dQ depends on scheduling, so reruns may differ in the last bits.
+- **deterministic**: a separate dQ kernel over the forward plan recomputes S and dP (7 products, 2 exp passes per
+  pair) and every output element is written by exactly one program in a fixed order, with no atomics: a rerun is
+  bitwise equal.
+
+For GQA a dK/dV program owns one kv head and loops over the query heads of its group, which keeps atomics out of dK/dV
+in both modes. Every grid runs heaviest first (the plans' program order).
 
 As in the forward, each kernel's tile body is one function compiled twice by its ``MASKED`` constexpr: full tiles
 without mask arithmetic, partial tiles loading only valid tokens (so NaN in padding cannot leak), zeroing ``p`` and
@@ -24,9 +33,10 @@ _PRE = KernelConfig(64, 16, 4, 1)  # the delta preprocess: 64 rows a program, ne
 
 
 @triton.jit(do_not_specialize=["H", "Nq"])
-def _bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_don, H, Nq,
-                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """``delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d]`` in fp32."""
+def _bwd_preprocess(O, DO, DELTA, DQ_ACC, stride_dob, stride_doh, stride_don, H, Nq,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """``delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d]`` in fp32; with ``ZERO_DQ`` also zeroes the
+    one-pass backward's fp32 dQ buffer ``(B, H, Nq, HEAD_DIM)``."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -38,13 +48,17 @@ def _bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_don, H, Nq,
                  + offs_d[None, :], mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * Nq + rows, delta, mask=rows < Nq)
+    if ZERO_DQ:
+        tl.store(DQ_ACC + bh.to(tl.int64) * Nq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                 tl.zeros([BLOCK, D_PAD], dtype=tl.float32), mask=ok)
 
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep, MASKED: tl.constexpr,
                INPUT_PRECISION: tl.constexpr):
     """dV += P^T dO, dK += dS^T Q for one query tile, computed transposed (key rows x query columns):
-    ``k, v, dk, dv (BN, D)``, ``q, do (BM, D)``, ``lse2, delta (BM,)``, ``keep (BN, BM)``."""
+    ``k, v, dk, dv (BN, D)``, ``q, do (BM, D)``, ``lse2, delta (BM,)``, ``keep (BN, BM)``. Returns ``dk, dv`` and
+    ``ds_t (BN, BM)`` (0 outside ``keep``) for the one-pass dQ."""
     if MASKED:
         # both sums run over query rows: a row some keys may not see must add 0, not 0 * NaN
         q, q_bad = finite_rows(q)
@@ -60,13 +74,22 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep, MASKED: tl.cons
     if MASKED:
         ds_t = tl.where(keep, ds_t, 0.0)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-    return dk, dv
+    return dk, dv, ds_t
 
 
 @triton.jit
-def _dkdv_full_runs(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride_don, offs_m, offs_d,
+def _add_dq(DQ_ptrs, ds_t, k_c, ok, INPUT_PRECISION: tl.constexpr):
+    """One-pass dQ: ``DQ[rows] += dS K`` for one (query tile, kv tile) pair, fp32 atomics. ``k_c`` is K with its
+    non-finite rows zeroed: a key a row may not see has ``ds = 0`` and must add 0, not ``0 * NaN``, while a kept pair
+    with a non-finite key already has a NaN ``ds`` (its score is NaN)."""
+    dq = tl.dot(tl.trans(ds_t).to(k_c.dtype), k_c, input_precision=INPUT_PRECISION)
+    tl.atomic_add(DQ_ptrs, dq, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_full_runs(dk, dv, k, v, k_c, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qn, stride_don, offs_m, offs_d,
                     RUN_NUM, RUNS, list_row, R, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, ONE_PASS: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     """Full query tiles of this kv tile, run by run, with pointer increments and no masks (see ``_fwd_full_runs``).
     Every row of a full tile sees every key of it, so its LSE is finite and needs no guard."""
@@ -80,11 +103,15 @@ def _dkdv_full_runs(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stri
         do_ptrs = DO_bh + rows[:, None] * stride_don + offs_d[None, :]
         lse_ptrs = LSE_bh + rows
         delta_ptrs = DELTA_bh + rows
+        dq_ptrs = DQ_bh + rows[:, None] * HEAD_DIM + offs_d[None, :]
         for _ in range(lo, hi):
             q = load_tile(q_ptrs, offs_d, HEAD_DIM, EVEN_D)
             do = load_tile(do_ptrs, offs_d, HEAD_DIM, EVEN_D)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q, do, tl.load(lse_ptrs), tl.load(delta_ptrs), qk_scale, 0, False,
-                                INPUT_PRECISION)
+            dk, dv, ds_t = _dkdv_tile(dk, dv, k, v, q, do, tl.load(lse_ptrs), tl.load(delta_ptrs), qk_scale, 0,
+                                      False, INPUT_PRECISION)
+            if ONE_PASS:
+                _add_dq(dq_ptrs, ds_t, k_c, offs_d[None, :] < HEAD_DIM, INPUT_PRECISION)
+                dq_ptrs += BLOCK_M * HEAD_DIM
             q_ptrs += BLOCK_M * stride_qn
             do_ptrs += BLOCK_M * stride_don
             lse_ptrs += BLOCK_M
@@ -93,11 +120,11 @@ def _dkdv_full_runs(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stri
 
 
 @triton.jit
-def _dkdv_partial(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride_don, offs_m, offs_d,
+def _dkdv_partial(dk, dv, k, v, k_c, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qn, stride_don, offs_m, offs_d,
                   NUM, IDX, list_row, Tq, cols, k_seg, k_ok, k_word,
                   QCODE, q_code_row, BITS, WORDS, Nq, causal_offset, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                  ONE_WORD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                  ONE_WORD: tl.constexpr, ONE_PASS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Partial query tiles from the index list: valid rows only, element mask (transposed) on p and ds."""
     num = tl.load(NUM + list_row)
     for t in range(0, num):
@@ -108,12 +135,15 @@ def _dkdv_partial(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride
         delta = tl.load(DELTA_bh + rows, mask=q_ok, other=0.0)
         keep = pair_keep(BITS, WORDS, k_seg, k_word, k_ok, cols, q_seg, q_ok, rows, causal_offset, CAUSAL,
                          ONE_WORD, False)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep, True, INPUT_PRECISION)
+        dk, dv, ds_t = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep, True, INPUT_PRECISION)
+        if ONE_PASS:
+            _add_dq(DQ_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], ds_t, k_c,
+                    q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS + ["HKV"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                    stride_qb, stride_qh, stride_qn,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -122,7 +152,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    QCODE, KCODE, BITS,
                    H, HKV, GROUP, Nq, Nk, Tk, Tq, R, WORDS, REP, causal_offset, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr,
+                   CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr, ONE_PASS: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
     n, b, hk, list_row = program_tile(ORDER, REP, HKV, Tk)
@@ -139,6 +169,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     q_code_row = len_row.to(tl.int64) * Nq
     k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
     k_word = fixed_words(BITS, k_seg, WORDS, ONE_WORD)
+    if ONE_PASS:
+        k_c, _ = finite_rows(k)
+    else:
+        k_c = k
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for g in range(0, GROUP):  # GQA: the query heads reading this kv head, in order (no atomics)
@@ -148,12 +182,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         DO_bh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         LSE_bh = LSE + bh.to(tl.int64) * Nq
         DELTA_bh = DELTA + bh.to(tl.int64) * Nq
-        dk, dv = _dkdv_full_runs(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride_don, offs_m, offs_d,
-                                 RUN_NUM, RUNS, list_row, R, qk_scale, HEAD_DIM, BLOCK_M, EVEN_D, INPUT_PRECISION)
-        dk, dv = _dkdv_partial(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qn, stride_don, offs_m, offs_d,
-                               PART_NUM, PART_IDX, list_row, Tq, cols, k_seg, k_ok, k_word,
+        DQ_bh = DQ_ACC + bh.to(tl.int64) * Nq * HEAD_DIM
+        dk, dv = _dkdv_full_runs(dk, dv, k, v, k_c, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qn, stride_don,
+                                 offs_m, offs_d, RUN_NUM, RUNS, list_row, R, qk_scale, HEAD_DIM, BLOCK_M, EVEN_D,
+                                 ONE_PASS, INPUT_PRECISION)
+        dk, dv = _dkdv_partial(dk, dv, k, v, k_c, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qn, stride_don,
+                               offs_m, offs_d, PART_NUM, PART_IDX, list_row, Tq, cols, k_seg, k_ok, k_word,
                                QCODE, q_code_row, BITS, WORDS, Nq, causal_offset, qk_scale,
-                               HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, ONE_WORD, INPUT_PRECISION)
+                               HEAD_DIM, BLOCK_M, CAUSAL, EVEN_D, ONE_WORD, ONE_PASS, INPUT_PRECISION)
     # every kv tile has a program, so keys no query sees get exact zeros
     out_ok = (cols[:, None] < Nk) & d_ok
     off = bhk.to(tl.int64) * Nk * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
@@ -262,28 +298,34 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok)
 
 
+def one_pass() -> bool:
+    """The one-pass backward (atomic fp32 dQ) unless PyTorch's deterministic algorithms are on."""
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, scale: float,
                        cfg_dkdv: KernelConfig, cfg_dq: KernelConfig):
-    """Gradients of :func:`attention_forward`.
+    """Gradients of :func:`attention_forward`, in the mode :func:`one_pass` picks.
 
     Args:
         dout: ``(B, H, Nq, D)`` (last dim contiguous); q, k, v, out, lse (base 2) as saved by the forward.
         plan_dkdv: the ``"q"`` :class:`TilePlan` for ``(cfg_dkdv.block_m, cfg_dkdv.block_n)``; plan_dq: the ``"kv"``
-            plan for ``cfg_dq``'s blocks; km: the :class:`KernelMask`.
+            plan for ``cfg_dq``'s blocks (read in the deterministic mode only); km: the :class:`KernelMask`.
     Returns:
         ``dq (B, H, Nq, D)``, ``dk, dv (B, Hkv, Nk, D)``, contiguous, in the inputs' dtype.
     """
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    atomic = one_pass()
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=v.device)
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    dq_acc = torch.empty((b, h, nq, d), dtype=torch.float32, device=q.device) if atomic else delta
     consts = common_constexprs(q, km.causal, _PRE.block_m, _PRE.block_n, True)
     launch(_bwd_preprocess, (triton.cdiv(nq, _PRE.block_m), b * h),
-           dict(O=out, DO=dout, DELTA=delta, stride_dob=dout.stride(0), stride_doh=dout.stride(1),
+           dict(O=out, DO=dout, DELTA=delta, DQ_ACC=dq_acc, stride_dob=dout.stride(0), stride_doh=dout.stride(1),
                 stride_don=dout.stride(2), H=h, Nq=nq),
-           dict(HEAD_DIM=consts["HEAD_DIM"], D_PAD=consts["D_PAD"], BLOCK=_PRE.block_m), _PRE)
+           dict(HEAD_DIM=consts["HEAD_DIM"], D_PAD=consts["D_PAD"], BLOCK=_PRE.block_m, ZERO_DQ=atomic), _PRE)
     common = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta,
                   stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
                   stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
@@ -294,11 +336,15 @@ def attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, scale: f
 
     p = plan_dkdv  # rows: kv tiles, columns: query tiles
     launch(_attn_bwd_dkdv, (p.num_rows * b * hkv,),
-           dict(common, DK=dk, DV=dv, **plan_args(p, b * hkv), BITS=km.k_bits, WORDS=km.k_words, HKV=hkv,
-                Tk=p.num_rows, Tq=p.num_cols),
-           common_constexprs(q, km.causal, cfg_dkdv.block_m, cfg_dkdv.block_n, km.k_words == 1), cfg_dkdv,
-           shape_bucket(nq, nk, p.num_rows * b * hkv))
+           dict(common, DK=dk, DV=dv, DQ_ACC=dq_acc, **plan_args(p, b * hkv), BITS=km.k_bits, WORDS=km.k_words,
+                HKV=hkv, Tk=p.num_rows, Tq=p.num_cols),
+           dict(common_constexprs(q, km.causal, cfg_dkdv.block_m, cfg_dkdv.block_n, km.k_words == 1),
+                ONE_PASS=atomic), cfg_dkdv, shape_bucket(nq, nk, p.num_rows * b * hkv),
+           restore=("DQ_ACC",) if atomic else ())
+    if atomic:
+        return (dq_acc * scale).to(q.dtype), dk, dv
 
+    dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     p = plan_dq
     launch(_attn_bwd_dq, (p.num_rows * b * h,),
            dict(common, DQ=dq, **plan_args(p, b * h), BITS=km.q_bits, WORDS=km.q_words, Tq=p.num_rows,

@@ -56,7 +56,9 @@ _TABLE_16BIT = (
     # D <= 64 from the H200 sweep (benchmarks/gpu_sweep.py, BENCHMARKS.md, GPU run 3): forward 128x64 with 4 warps
     # (8 warps 29% slower at Figure-2 size); backward 32x64 dK/dV + 64x64 dQ with 4 warps, 21% faster fwd+bwd than
     # 32x128 + 128x64 with 8 warps (Figure-2 size) and 17% at N = 16k.
-    (64, Blocks(_k(128, 64, 4, 3, (8, 3)), _k(32, 64, 4, 3, (4, 4)), _k(64, 64, 4, 3, (4, 4)))),
+    # The one-pass dK/dV (atomic dQ, a fifth product) spills 40 B at 4 warps / 3 stages on sm_90 (offline compile):
+    # 8 warps / 2 stages holds it in 236 registers, one block per SM — a candidate for the tuner to measure.
+    (64, Blocks(_k(128, 64, 4, 3, (8, 3)), _k(32, 64, 4, 3, (4, 4), (8, 2)), _k(64, 64, 4, 3, (4, 4)))),
     (128, Blocks(_k(128, 64, 8, 3, (8, 2)), _k(32, 64, 8, 3, (8, 2)), _k(128, 64, 8, 3, (8, 2)))),
     (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
 )

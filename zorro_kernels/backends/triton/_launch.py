@@ -22,12 +22,12 @@ def shape_bucket(nq: int, nk: int, programs: int) -> tuple:
     return tuple(max(64, 1 << max(0, int(x) - 1).bit_length()) for x in (nq, nk, programs))
 
 
-def _tuner(kernel, cfg: KernelConfig, bucket: tuple, key: list):
-    tid = (id(kernel), cfg, bucket)
+def _tuner(kernel, cfg: KernelConfig, bucket: tuple, key: list, restore: tuple = ()):
+    tid = (id(kernel), cfg, bucket, restore)
     if tid not in _TUNERS:
         configs = [triton.Config({}, num_warps=w, num_stages=s)
                    for w, s in dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))]
-        _TUNERS[tid] = triton.autotune(configs=configs, key=key)(kernel)
+        _TUNERS[tid] = triton.autotune(configs=configs, key=key, restore_value=list(restore) or None)(kernel)
     return _TUNERS[tid]
 
 
@@ -38,13 +38,15 @@ def tuning_forbidden() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def launch(kernel, grid, args: dict, constexprs: dict, cfg: KernelConfig, bucket: tuple = ()) -> None:
+def launch(kernel, grid, args: dict, constexprs: dict, cfg: KernelConfig, bucket: tuple = (),
+           restore: tuple = ()) -> None:
     """``kernel[grid](**args, **constexprs)`` with ``cfg``'s warps/stages, or autotuned over its alternatives for
-    this shape ``bucket`` (see the module docstring)."""
+    this shape ``bucket`` (see the module docstring). ``restore`` names arguments the kernel accumulates into (atomic
+    adds): the tuner's trial launches restore them, so only the final launch counts."""
     if autotune_enabled() and cfg.alternatives:
         chosen = (id(kernel), cfg, bucket, tuple(sorted(constexprs.items())))
         if not tuning_forbidden():
-            tuner = _tuner(kernel, cfg, bucket, sorted(constexprs))
+            tuner = _tuner(kernel, cfg, bucket, sorted(constexprs), tuple(restore))
             tuner[grid](**args, **constexprs)
             best = tuner.best_config
             _CHOSEN[chosen] = (best.num_warps, best.num_stages)
