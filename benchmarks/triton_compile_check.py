@@ -157,29 +157,36 @@ def main() -> int:
     if args.dims:
         dims = [int(x) for x in args.dims.split(",")]
     ctx = {}
-    for dtype in dtypes:
-        for d in dims:
-            for causal in ([False, True] if d == 64 else [False]):
-                mask = ZorroMask.from_segments([("a", 40), ("b", 70)], {"a": ["a"], "b": "*"}, causal=causal)
-                q = torch.randn(2, 4, 110, d).to(dtype)
-                k = torch.randn(2, 2, 110, d).to(dtype)
-                tables = [("table", None)]
-                if not (args.quick or args.no_fallback):
-                    tables.append(("fallback", True))
-                for table, fallback in tables:
-                    ctx.update(dtype=str(dtype).replace("torch.", ""), causal=causal, table=table)
-                    key = (_config.padded_head_dim(d), dtype)
-                    if fallback:
-                        _config._fallen_back.add(key)
-                        _config._chosen.clear()
-                    try:
-                        out, lse = backend.forward(q, k, k, mask, d ** -0.5)
-                        backend.backward(out, q, k, k, out, lse, mask, d ** -0.5)
-                        if args.reference and table == "table" and not causal:
-                            warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
-                    finally:
-                        _config._fallen_back.discard(key)
-                        _config._chosen.clear()
+    tables = [("table", None)] + ([] if args.quick or args.no_fallback else [("fallback", True)])
+    cases = [(dtype, d, causal) for dtype in dtypes for d in dims for causal in ([False, True] if d == 64 else [False])]
+    # the count up front: the full set runs for minutes, each case compiling its forward and backward kernels with
+    # every autotune candidate
+    print(f"{len(cases) * len(tables)} cases to compile for sm_{args.arch} ({len(dtypes)} dtype(s) x head dims "
+          f"{','.join(map(str, dims))}, causal at D=64, tables: {', '.join(t for t, _ in tables)}); each compiles "
+          f"several kernel variants, a few seconds each" + ("" if args.quick else "; --quick for a short subset"),
+          flush=True)
+    done = 0
+    for dtype, d, causal in cases:
+        mask = ZorroMask.from_segments([("a", 40), ("b", 70)], {"a": ["a"], "b": "*"}, causal=causal)
+        q = torch.randn(2, 4, 110, d).to(dtype)
+        k = torch.randn(2, 2, 110, d).to(dtype)
+        for table, fallback in tables:
+            done += 1
+            print(f"-- case {done}/{len(cases) * len(tables)}: {str(dtype).replace('torch.', '')} D={d} "
+                  f"causal={causal} {table}", flush=True)
+            ctx.update(dtype=str(dtype).replace("torch.", ""), causal=causal, table=table)
+            key = (_config.padded_head_dim(d), dtype)
+            if fallback:
+                _config._fallen_back.add(key)
+                _config._chosen.clear()
+            try:
+                out, lse = backend.forward(q, k, k, mask, d ** -0.5)
+                backend.backward(out, q, k, k, out, lse, mask, d ** -0.5)
+                if args.reference and table == "table" and not causal:
+                    warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
+            finally:
+                _config._fallen_back.discard(key)
+                _config._chosen.clear()
     bad = [line for ok, line in results if not ok]
     print(f"\n{len(results) - len(bad)} / {len(results)} kernel variants compiled for sm_{args.arch} within "
           f"{limit} bytes of shared memory")
