@@ -1,15 +1,23 @@
-"""Every ```python block of README.md runs as written.
+"""Every ```python block of README.md runs as written, and every ```bash command runs as written from a fresh clone
+after the set-up (the fast tier checks them; ``-m full`` runs them).
 
 Blocks run section by section (a ``##``/``###`` heading starts a section; blocks of one section share a namespace, as
 a reader pasting them in order would). The section "Drop it into your transformer" is run by
 tests/test_docs_integrations.py, which also knows which third-party libraries each subsection needs.
 """
+import importlib.util
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 OWNED_ELSEWHERE = "Drop it into your transformer"
 
 
@@ -39,3 +47,130 @@ def test_readme_section_runs(title):
     namespace = {"__name__": "__readme__"}
     for i, block in enumerate(SECTIONS[title]):
         exec(compile(block, f"README.md[{title}][{i}]", "exec"), namespace)
+
+
+# ------------------------------------------------------------------------------------------------ shell commands
+# Every command of the README's ```bash blocks, as a newcomer runs them from a fresh clone after the set-up. The fast
+# tier checks that each one parses and names things that exist (programs, scripts, modules, configs, CLI arguments);
+# the comprehensive tier (-m full) runs them, in order, in a copy of the checkout.
+SETUP = "bash scripts/bootstrap.sh"
+# commands that cannot run here, and why; checked in the fast tier all the same
+NEEDS = {
+    "download.pytorch.org": "PyTorch's wheel index (CI and this project's machines reach PyPI only)",
+    "benchmarks/gpu_": "a CUDA GPU",
+}
+THE_SUITE = "the test suite itself (CI runs it directly)"
+
+
+def shell_commands() -> list[str]:
+    """The commands of README.md's ```bash blocks in order: continuation lines joined, blank and comment lines left
+    out, a leading ``bash scripts/bootstrap.sh && `` (the set-up) taken off."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
+        for cmd in re.sub(r"\\\n", " ", block).splitlines():
+            cmd = cmd.strip()
+            if cmd and not cmd.startswith("#"):
+                out.append(cmd.removeprefix(SETUP + " && "))
+    return out
+
+
+COMMANDS = shell_commands()
+
+
+def why_not_here(cmd: str):
+    """Why ``cmd`` is not run by the walk (None: it is)."""
+    for needle, what in NEEDS.items():
+        if needle in cmd and not (what == NEEDS["benchmarks/gpu_"] and torch_cuda()):
+            return f"needs {what}"
+    words = shlex.split(cmd, comments=True)
+    if words[:3] == [".venv/bin/python", "-m", "pytest"] and "benchmarks/" not in words:
+        return THE_SUITE
+    return None
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_readme_shell_commands_are_found():
+    assert len(COMMANDS) >= 15
+    assert ".venv/bin/zorro demo --out zorro_demo     # the main job: ~3-4 min on a 2-core CPU" in COMMANDS
+    assert not [c for c in COMMANDS if re.match(r"(python3?|zorro|torchrun|pip) ", c)], "use the venv's programs"
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_readme_shell_command_is_well_formed(cmd, monkeypatch):
+    """Parses as bash; every program, script, module and config it names exists; zorro commands parse as the CLI
+    parses them, and their configs load with their settings."""
+    import zorro_models.cli as cli
+    from zorro_models.config import load_config
+
+    assert subprocess.run(["bash", "-n", "-c", cmd]).returncode == 0
+    words_all = shlex.split(cmd, comments=True)
+    parts = [[]]
+    for w in words_all:
+        if w == "&&":
+            parts.append([])
+        else:
+            parts[-1].append(w)
+    for words in parts:
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes
+            words.pop(0)
+        prog, args = words[0], words[1:]
+        if prog == "bash":
+            assert (ROOT / args[0]).is_file(), args[0]
+        elif prog == ".venv/bin/python":
+            if args[0] == "-m":
+                assert importlib.util.find_spec(args[1]) is not None, args[1]
+            else:
+                assert (ROOT / args[0]).is_file(), args[0]
+                if args[0].startswith("examples/") or args[0].startswith("benchmarks/"):
+                    compile((ROOT / args[0]).read_text(), args[0], "exec")
+        elif prog == ".venv/bin/zorro":
+            seen = {}
+            for name in cli.COMMANDS:
+                monkeypatch.setitem(cli.COMMANDS, name, lambda a: seen.update(vars(a)) or 0)
+            assert cli.main(args) == 0
+            if seen.get("config"):
+                load_config(ROOT / seen["config"], seen["overrides"])
+        elif prog == ".venv/bin/torchrun":
+            module = args[args.index("-m") + 1]
+            assert importlib.util.find_spec(module) is not None
+            rest = args[args.index("-m") + 2:]
+            load_config(ROOT / rest[rest.index("--config") + 1], [a for a in rest if "=" in a])
+        else:
+            pytest.fail(f"unknown program {prog!r} in {cmd!r}: add a check here")
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """A copy of what a fresh clone holds (tracked and new, not ignored, files) with ``.venv`` pointing at the
+    environment running the tests: the state after ``bash scripts/bootstrap.sh``."""
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "zorro").exists():
+        pytest.skip(f"{venv} has no zorro command: run the walk from the bootstrapped .venv")
+    dest = tmp_path_factory.mktemp("fresh_clone")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    (dest / ".venv").symlink_to(venv)
+    return dest
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_readme_shell_command_runs(cmd, fresh_clone):
+    """The command as written, in the README's order, in the fresh copy (the editable install's code is the copy's:
+    PYTHONPATH points there, as the bootstrap's editable install would)."""
+    reason = why_not_here(cmd)
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST")}
+    env["PYTHONPATH"] = str(fresh_clone)
+    out = subprocess.run(["bash", "-c", cmd], cwd=fresh_clone, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, f"{cmd}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-3000:]}"
