@@ -38,7 +38,9 @@ def test_refusal_reasons_are_generated_from_the_declared_fields():
 def test_every_backend_is_a_forward_backward_pair_with_declared_support():
     for b in BACKENDS.values():
         assert callable(b.forward) and callable(b.backward), b.name
-        assert isinstance(b.deterministic, bool) and b.bias is False, b.name
+        assert isinstance(b.deterministic, bool) and isinstance(b.bias, bool), b.name
+    # score biases (bias=): the reference and the segment path; the Triton kernels refuse them
+    assert {n: b.bias for n, b in BACKENDS.items()} == {"reference": True, "segments": True, "triton": False}
 
 
 def test_segments_backward_without_cpu_kernels_recomputes(monkeypatch):

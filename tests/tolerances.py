@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from zorro_kernels import reference_attention
+from zorro_kernels import RelativePositionBias, reference_attention
+from zorro_kernels.bias import materialize_bias
 
 # absolute floor, scaled by the reference's magnitude; fp16/bf16 floors cover one rounding of the output itself
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -31,10 +32,23 @@ def assert_within_policy(name: str, got: torch.Tensor, torch_same: torch.Tensor,
                                  f"(2 x torch error {torch_err:.3e} + floor {FLOOR[dtype] * scale:.3e})")
 
 
-def check_against_oracle(attn, q, k, v, mask, *, scale=None, grad: bool = True, seed: int = 0) -> torch.Tensor:
-    """Run ``attn(q, k, v, mask, scale=)`` and compare output (and dq, dk, dv) with the oracle under the policy.
+def _bias_leaf(bias, cast, grad: bool):
+    """``(bias for the call, the leaf tensor whose gradient is checked or None)``, cast like q, k, v."""
+    if bias is None:
+        return None, None
+    if isinstance(bias, RelativePositionBias):
+        table = cast(bias.table).detach().requires_grad_(grad)
+        return RelativePositionBias(table, positions=bias.positions), table
+    leaf = cast(bias).detach().requires_grad_(grad)
+    return leaf, leaf
 
-    q, k, v are leaf tensors in the dtype under test. Returns the kernel's output.
+
+def check_against_oracle(attn, q, k, v, mask, *, scale=None, grad: bool = True, seed: int = 0,
+                         bias=None) -> torch.Tensor:
+    """Run ``attn(q, k, v, mask, scale=[, bias=])`` and compare the output and dq, dk, dv (and the gradient of a dense
+    ``bias``, or of a :class:`RelativePositionBias`'s table) with the oracle under the policy.
+
+    q, k, v (and the bias) are tensors in the dtype under test. Returns the kernel's output.
     """
     dtype = q.dtype
     gen = torch.Generator().manual_seed(seed)
@@ -42,24 +56,37 @@ def check_against_oracle(attn, q, k, v, mask, *, scale=None, grad: bool = True, 
 
     def run(fn, cast):
         qq, kk, vv = (cast(t).detach().requires_grad_(grad) for t in (q, k, v))
-        out = fn(qq, kk, vv)
-        grads = torch.autograd.grad(out, (qq, kk, vv), d_out.to(out.dtype)) if grad else ()
+        bb, leaf = _bias_leaf(bias, cast, grad)
+        extra = {} if bb is None else {"bias": bb}
+        out = fn(qq, kk, vv, **extra)
+        inputs = (qq, kk, vv) + (() if leaf is None else (leaf,))
+        if not grad:
+            grads = ()
+        elif out.requires_grad:
+            grads = torch.autograd.grad(out, inputs, d_out.to(out.dtype), allow_unused=True, materialize_grads=True)
+        else:  # a layout where every row sees nothing: the output is a constant 0
+            grads = tuple(torch.zeros_like(t) for t in inputs)
         return out.detach(), [g.detach() for g in grads]
 
-    got, got_g = run(lambda a, b, c: attn(a, b, c, mask, scale=scale), lambda t: t)
-    ref, ref_g = run(lambda a, b, c: reference_attention(a, b, c, mask, scale=scale), lambda t: t.double())
-    same, same_g = run(lambda a, b, c: reference_attention(a, b, c, mask, scale=scale, compute_dtype=dtype),
-                       lambda t: t)
+    got, got_g = run(lambda a, b, c, **kw: attn(a, b, c, mask, scale=scale, **kw), lambda t: t)
+    ref, ref_g = run(lambda a, b, c, **kw: reference_attention(a, b, c, mask, scale=scale, **kw),
+                     lambda t: t.double())
+    same, same_g = run(lambda a, b, c, **kw: reference_attention(a, b, c, mask, scale=scale, compute_dtype=dtype,
+                                                                  **kw), lambda t: t)
     assert got.dtype == dtype, f"output dtype {got.dtype} != input dtype {dtype}"
     assert_within_policy("out", got, same, ref, dtype)
-    for name, g, s, r in zip(("dq", "dk", "dv"), got_g, same_g, ref_g):
+    names = ("dq", "dk", "dv", "dtable" if isinstance(bias, RelativePositionBias) else "dbias")
+    for name, g, s, r in zip(names, got_g, same_g, ref_g):
         assert_within_policy(name, g, s, r, dtype)
-    # rows that see nothing: exactly zero, with zero gradient
+    # rows that see nothing (the mask, or -inf biases on every key it allows): exactly zero, with zero gradient
     dense = mask.to_dense()
-    dense = dense[None] if dense.ndim == 2 else dense
-    dead = ~dense.any(-1)  # (B|1, Nq)
+    dense = (dense[None] if dense.ndim == 2 else dense)[:, None]  # (B|1, 1, Nq, Nk)
+    full = materialize_bias(bias)
+    if full is not None:
+        dense = dense & ~torch.isneginf(torch.where(dense, full.detach().cpu(), 0))
+    dead = ~dense.any(-1)  # (B|1, H|1, Nq)
     if dead.any():
-        dead4 = dead[:, None, :, None].expand_as(got)
+        dead4 = dead[..., None].expand_as(got)
         assert (got[dead4] == 0).all(), "a fully masked row is not exactly 0"
         if grad:
             assert (got_g[0][dead4] == 0).all(), "a fully masked row has a non-zero dq"

@@ -5,9 +5,11 @@
     out = zorro_attention(q, k, v, mask)   # q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D)
 """
 from .attention import zorro_attention
+from .bias import RelativePositionBias, RelativePositions
 from .mask import ZorroMask
 from .reference import reference_attention
 from .tilemap import TileMap
 
-__all__ = ["zorro_attention", "ZorroMask", "reference_attention", "TileMap"]
+__all__ = ["zorro_attention", "ZorroMask", "RelativePositionBias", "RelativePositions", "reference_attention",
+           "TileMap"]
 __version__ = "0.1.0"

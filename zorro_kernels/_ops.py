@@ -12,6 +12,10 @@ The chain (as in flash-attn's interface module):
   them directly with the mask object (no dispatcher, no lookup); traced, it calls the ops.
 - :func:`attention`, the thin wrapper :func:`zorro_kernels.zorro_attention` calls.
 
+A bias crosses the ops as tensors too: a dense bias as itself; a :class:`~zorro_kernels.RelativePositionBias` as its
+table plus its positions packed into int64 tensors (query and key rows ``(group, coordinates...)``, extents per group),
+found again by content like masks. The backward op returns its gradient (shaped as the dense bias or the table).
+
 Data flows one way: this module depends on the backends, no backend depends on it.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS
+from .bias import RelativePositionBias, RelativePositions
 from .mask import ZorroMask, content_key
 
 __all__ = ["attention"]
@@ -54,36 +59,97 @@ def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal) -
     return mask
 
 
+# ------------------------------------------------------------------------------------------------ bias
+_positions: "OrderedDict[tuple, RelativePositions]" = OrderedDict()
+_NO_BIAS = (None, None, None, None, None)
+
+
+def _positions_key(*packed) -> tuple:
+    return tuple((tuple(t.shape), t.detach().cpu().numpy().tobytes()) for t in packed)
+
+
+def _remember_positions(key, p: RelativePositions) -> None:
+    _positions[key] = p
+    _positions.move_to_end(key)
+    while len(_positions) > _MAX_MASKS:
+        _positions.popitem(last=False)
+
+
+def describe_bias(bias) -> tuple:
+    """``(dense, table, pos_q (Nq, 1 + A), pos_k (Nk, 1 + A), extents (G, A))``, None where absent."""
+    if bias is None:
+        return _NO_BIAS
+    if not isinstance(bias, RelativePositionBias):
+        return (bias, None, None, None, None)
+    p = bias.positions
+    if "packed" not in p._cache:
+        p._cache["packed"] = (torch.cat([p.q_group[:, None], p.q_coords], 1),
+                              torch.cat([p.k_group[:, None], p.k_coords], 1), p.extents)
+    packed = p._cache["packed"]
+    if not torch.compiler.is_compiling():  # eager callers register their own object (and its cached indices)
+        _remember_positions(_positions_key(*packed), p)
+    return (None, bias.table, *packed)
+
+
+def _bias_from(dense, table, pos_q, pos_k, extents):
+    if table is None:
+        return dense
+    key = _positions_key(pos_q, pos_k, extents)
+    p = _positions.get(key)
+    if p is None:
+        p = RelativePositions.__new__(RelativePositions)
+        p._set(pos_q[:, 1:].cpu(), pos_k[:, 1:].cpu(), pos_q[:, 0].cpu(), pos_k[:, 0].cpu(), extents.cpu())
+        _remember_positions(key, p)
+    return RelativePositionBias(table, positions=p)
+
+
+def _bias_kw(bias) -> dict:
+    # backends without bias support keep their plain signatures
+    return {} if bias is None else {"bias": bias}
+
+
 # ------------------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("zorro::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Optional[Tensor],
                    kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int], is_self: bool, causal: bool,
-                   scale: float, backend: str) -> tuple[Tensor, Tensor]:
+                   scale: float, backend: str, dense: Optional[Tensor] = None, table: Optional[Tensor] = None,
+                   pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
+                   extents: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(out (B, H, Nq, D) contiguous, lse (B, H, Nq) fp32)``; see the module docstring for the arguments."""
     mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
-    out, lse = BACKENDS[backend].forward(q, k, v, mask, scale)
+    bias = _bias_from(dense, table, pos_q, pos_k, extents)
+    out, lse = BACKENDS[backend].forward(q, k, v, mask, scale, **_bias_kw(bias))
     return out.contiguous(), lse.float()
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, backend):
+def _attention_fwd_fake(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, backend,
+                        dense=None, table=None, pos_q=None, pos_k=None, extents=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("zorro::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allow: Tensor,
                    lengths: Optional[Tensor], kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int],
-                   is_self: bool, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)``, contiguous, shaped as q, k, v."""
+                   is_self: bool, causal: bool, scale: float, backend: str, dense: Optional[Tensor] = None,
+                   table: Optional[Tensor] = None, pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
+                   extents: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dbias)``, contiguous, shaped as q, k, v and the dense bias or table (empty without a bias:
+    an op returns no None)."""
     mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
-    grads = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale)
+    bias = _bias_from(dense, table, pos_q, pos_k, extents)
+    grads = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale, **_bias_kw(bias))
+    if bias is None:
+        grads = (*grads, q.new_empty(0))
     return tuple(g.contiguous() for g in grads)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal,
-                        scale, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                        scale, backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None):
+    b = dense if dense is not None else table
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(0) if b is None else b.new_empty(b.shape))
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -95,39 +161,46 @@ def _traced(t: Tensor) -> bool:
 
 
 class _Attention(torch.autograd.Function):
-    """Eager: ``mask`` is the ZorroMask and ``desc`` empty. Traced: ``mask`` is None and ``desc`` its description."""
+    """Eager: ``mask`` is the ZorroMask and ``desc`` empty. Traced: ``mask`` is None and ``desc`` its description.
+    ``dense``, ``table``: the bias tensors (see :func:`describe_bias`), ``bias``: the eager bias object or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, backend, mask, *desc):
+    def forward(ctx, q, k, v, scale, backend, mask, bias, dense, table, pos_q, pos_k, extents, *desc):
+        bias_args = (dense, table, pos_q, pos_k, extents)
         if mask is None:
-            out, lse = torch.ops.zorro.attention_fwd(q, k, v, *desc, scale, backend)
+            out, lse = torch.ops.zorro.attention_fwd(q, k, v, *desc, scale, backend, *bias_args)
         else:
-            out, lse = BACKENDS[backend].forward(q, k, v, mask, scale)
-        ctx.save_for_backward(q, k, v, out, lse, *desc[:3])
-        ctx.args = (scale, backend, mask, desc[3:])
+            out, lse = BACKENDS[backend].forward(q, k, v, mask, scale, **_bias_kw(bias))
+        ctx.save_for_backward(q, k, v, out, lse, *bias_args, *desc[:3])
+        ctx.args = (scale, backend, mask, bias, desc[3:])
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        scale, backend, mask, rest = ctx.args
+        bias_args, tensors = tensors[:5], tensors[5:]
+        scale, backend, mask, bias, rest = ctx.args
         if mask is None:
-            dq, dk, dv = torch.ops.zorro.attention_bwd(dout, q, k, v, out, lse, *tensors, *rest, scale, backend)
+            dq, dk, dv, db = torch.ops.zorro.attention_bwd(dout, q, k, v, out, lse, *tensors, *rest, scale, backend,
+                                                           *bias_args)
         else:
-            dq, dk, dv = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale)
-        return (dq, dk, dv, None, None, None) + (None,) * (len(tensors) + len(rest))
+            dq, dk, dv, *db = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale, **_bias_kw(bias))
+            db = db[0] if db else None
+        d_dense = db if bias_args[0] is not None else None
+        d_table = db if bias_args[1] is not None else None
+        return (dq, dk, dv, None, None, None, None, d_dense, d_table) + (None,) * (3 + len(tensors) + len(rest))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask, scale: float, backend: str) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask, scale: float, backend: str, bias=None) -> Tensor:
     """Masked attention with ``BACKENDS[backend]``'s forward/backward pair (differentiable;
     ``torch.compile(fullgraph=True)``-safe).
 
     Args:
-        q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; mask, scale: as :func:`zorro_kernels.zorro_attention`
-            (inputs already validated there, and the backend already chosen).
+        q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; mask, scale, bias: as
+            :func:`zorro_kernels.zorro_attention` (inputs already validated there, and the backend already chosen).
     Returns:
         ``(B, H, Nq, D)`` in q's dtype.
     """
     if _traced(q):
-        return _Attention.apply(q, k, v, float(scale), backend, None, *describe(mask))
-    return _Attention.apply(q, k, v, float(scale), backend, mask)
+        return _Attention.apply(q, k, v, float(scale), backend, None, None, *describe_bias(bias), *describe(mask))
+    return _Attention.apply(q, k, v, float(scale), backend, mask, bias, *describe_bias(bias))

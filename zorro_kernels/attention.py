@@ -8,6 +8,7 @@ import torch
 
 from . import _ops
 from .backends import BACKENDS
+from .bias import check_bias
 from .mask import ZorroMask
 
 __all__ = ["zorro_attention", "check_inputs", "select_backend"]
@@ -15,7 +16,7 @@ __all__ = ["zorro_attention", "check_inputs", "select_backend"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_inputs(q, k, v, mask, scale=None) -> None:
+def check_inputs(q, k, v, mask, scale=None, bias=None) -> None:
     """Raise a clear TypeError/ValueError for anything :func:`zorro_attention` cannot take. Returns None."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -56,6 +57,7 @@ def check_inputs(q, k, v, mask, scale=None) -> None:
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite positive number, got {scale}")
+    check_bias(bias, q, nk)
 
 
 def auto_priority(device: torch.device) -> list[str]:
@@ -65,7 +67,7 @@ def auto_priority(device: torch.device) -> list[str]:
     return ["segments"]
 
 
-def select_backend(q, k, v, mask, backend: str = "auto") -> str:
+def select_backend(q, k, v, mask, backend: str = "auto", bias=None) -> str:
     """Name of the backend that will run; raises ValueError with every refusal's reasons if none can."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -75,20 +77,20 @@ def select_backend(q, k, v, mask, backend: str = "auto") -> str:
             if name not in BACKENDS:
                 tried.append(f"{name}: not available in this install")
                 continue
-            reasons = BACKENDS[name].not_supported_reasons(q, k, v, mask)
+            reasons = BACKENDS[name].not_supported_reasons(q, k, v, mask, bias=bias)
             if not reasons:
                 return name
             tried.append(f"{name}: " + "; ".join(reasons))
         raise ValueError("no zorro_attention backend supports this input:\n  " + "\n  ".join(tried))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
-    reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask)
+    reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask, bias=bias)
     if reasons:
         raise ValueError(f"backend {backend!r} cannot run this input: " + "; ".join(reasons))
     return backend
 
 
-def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ZorroMask, *,
+def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ZorroMask, *, bias=None,
                     scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """Attention restricted by a modality layout, computing only the parts of the matrix the mask leaves visible.
 
@@ -98,6 +100,12 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
             kv head ``h // (H // Hkv)``). K/V are not copied per head by the Triton backend.
         mask: a :class:`ZorroMask` with ``mask.num_q == Nq`` and ``mask.num_kv == Nk``; its lengths, if any, are for B
             samples.
+        bias: added to the scaled scores before the softmax, only where the mask allows (see
+            :mod:`zorro_kernels.bias`): a float tensor broadcastable to ``(B, H, Nq, Nk)`` (read only on the blocks
+            the mask leaves visible; differentiable), or a :class:`~zorro_kernels.RelativePositionBias` (a table
+            ``(H, T)`` indexed by coordinate offsets, computed per block, never ``Nq x Nk``; the table gets its
+            gradient). A ``-inf`` bias counts as masked: a row whose every allowed key is ``-inf`` returns 0 with zero
+            gradients.
         scale: softmax scale; default ``D ** -0.5``.
         backend: ``"auto"`` (Triton on CUDA when available, else the segment path), or force one of
             ``"triton"``, ``"segments"``, ``"reference"``. A forced backend that cannot take the input raises
@@ -111,13 +119,13 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
     Raises:
         TypeError / ValueError naming the argument and the numbers for malformed input (see :func:`check_inputs`).
     """
-    check_inputs(q, k, v, mask, scale)
-    name = select_backend(q, k, v, mask, backend)
+    check_inputs(q, k, v, mask, scale, bias)
+    name = select_backend(q, k, v, mask, backend, bias)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     chosen = BACKENDS[name]
     if chosen.eager is not None and not _ops._traced(q):
-        return chosen.eager(q, k, v, mask, float(scale))
+        return chosen.eager(q, k, v, mask, float(scale), bias)
     # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
     # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
-    return _ops.attention(q, k, v, mask, float(scale), name)
+    return _ops.attention(q, k, v, mask, float(scale), name, bias)

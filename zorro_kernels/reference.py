@@ -4,6 +4,7 @@ It is NaN-safe by construction: query rows that may attend the same set of keys 
 softmax attention over exactly its keys, gathered by index. A (query, key) pair the mask forbids is never part of any
 arithmetic, forward or backward, so NaN/Inf in a key a row may not attend, in a padded or dead query row, or in the
 upstream gradient of a row that sees nothing cannot reach another row's output or any gradient (no ``0 * NaN``).
+A bias is gathered the same way, on the allowed keys only; a ``-inf`` bias masks its pair, selected out (``where``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 import torch
 from einops import repeat
 
+from .bias import materialize_bias
 from .mask import ZorroMask
 
 __all__ = ["reference_attention", "dense_masked_attention", "expand_kv_heads"]
@@ -23,9 +25,10 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x if g == 1 else repeat(x, "b hkv n d -> b (hkv g) n d", g=g)
 
 
-def _by_key_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """One mask for the whole batch: ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``allowed (Nq, Nk)``."""
+def _by_key_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One mask for the whole batch: ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``allowed (Nq, Nk)``, ``bias``
+    broadcastable to ``(B, H, Nq, Nk)`` (each dim full or 1) or None."""
     key_sets, group = torch.unique(allowed, dim=0, return_inverse=True)
     rows, outs = [], []
     for u in range(key_sets.shape[0]):
@@ -33,13 +36,21 @@ def _by_key_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: tor
         keys = key_sets[u].nonzero().flatten()
         r = (group == u).nonzero().flatten()
         s = q.index_select(2, r) @ k.index_select(2, keys).transpose(-1, -2) * scale
-        outs.append(s.softmax(-1) @ v.index_select(2, keys))
+        if bias is None:
+            p = s.softmax(-1)
+        else:
+            b = bias if bias.shape[2] == 1 else bias.index_select(2, r)
+            s = s + (b if b.shape[3] == 1 else b.index_select(3, keys))
+            # -inf biases mask their pairs; a row with only those attends nothing: finite scores in, 0 out
+            live = (s != float("-inf")).any(-1, keepdim=True)
+            p = torch.where(live, torch.where(live, s, 0).softmax(-1), 0)
+        outs.append(p @ v.index_select(2, keys))
         rows.append(r)
     return q.new_empty(q.shape).index_copy(2, torch.cat(rows), torch.cat(outs, 2))
 
 
 def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """NaN-safe masked attention on a dense boolean mask; differentiable, twice too.
 
     Args:
@@ -47,6 +58,8 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
             of the arithmetic.
         allowed: bool ``(Bm, Nq, Nk)``, ``Bm`` 1 or B: ``True`` where query i may attend key j.
         scale: softmax scale.
+        bias: None or a 4-D float tensor broadcastable to ``(B, H, Nq, Nk)`` (each dim full or 1), in the arithmetic's
+            dtype, added to the scaled scores; read only where ``allowed``.
 
     Returns:
         ``(B, H, Nq, D)``. A row with no allowed key is exactly 0 with zero gradients. Output row i, ``dq[i]`` and
@@ -54,14 +67,17 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
         values row i may attend (see the module docstring).
     """
     allowed = allowed.to(q.device)
-    if allowed.shape[0] == 1:
-        return _by_key_sets(q, k, v, allowed[0], scale)
-    return torch.cat([_by_key_sets(q[i:i + 1], k[i:i + 1], v[i:i + 1], allowed[i], scale)
+    if allowed.shape[0] == 1 and (bias is None or bias.shape[0] == 1):
+        return _by_key_sets(q, k, v, allowed[0], scale, bias)
+    allowed = allowed.expand(q.shape[0], -1, -1)
+    return torch.cat([_by_key_sets(q[i:i + 1], k[i:i + 1], v[i:i + 1], allowed[i], scale,
+                                   None if bias is None else bias[i:i + 1] if bias.shape[0] > 1 else bias)
                       for i in range(q.shape[0])])
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ZorroMask, *,
-                        scale: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                        scale: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None,
+                        bias=None) -> torch.Tensor:
     """Masked attention through the dense boolean mask.
 
     Args:
@@ -69,6 +85,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         mask: the layout; ``mask.to_dense()`` is ``(Nq, Nk)`` or ``(B, Nq, Nk)``.
         scale: softmax scale, default ``D ** -0.5``.
         compute_dtype: dtype of the arithmetic; default fp32 for half types (upcast), else q's dtype.
+        bias: None, a float tensor broadcastable to ``(B, H, Nq, Nk)`` or a
+            :class:`~zorro_kernels.RelativePositionBias` (materialised here), added to the scaled scores where the mask
+            allows; ``-inf`` counts as masked. Entries at masked positions are never read.
 
     Returns:
         ``(B, H, Nq, D)`` in q's dtype. Rows with no visible key are exactly 0 and pass no gradient. NaN-safe: see
@@ -82,6 +101,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     if dense.ndim == 2:
         dense = dense[None]
     h = q.shape[1]
+    full = materialize_bias(bias)
     out = dense_masked_attention(q.to(compute_dtype), expand_kv_heads(k, h).to(compute_dtype),
-                                 expand_kv_heads(v, h).to(compute_dtype), dense, float(scale))
+                                 expand_kv_heads(v, h).to(compute_dtype), dense, float(scale),
+                                 None if full is None else full.to(compute_dtype))
     return out.to(q.dtype)

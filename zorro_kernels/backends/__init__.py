@@ -3,7 +3,9 @@
 A :class:`Backend` declares its devices, dtypes, head dims, determinism and bias support as fields; its refusal reasons
 (:meth:`Backend.not_supported_reasons`) are generated from those fields, plus ``extra_reasons`` for what fields cannot
 say (an import that failed, a grid limit). Each backend is a pair of plain functions, ``forward(q, k, v, mask, scale)
--> (out, lse)`` and ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)``, which
+-> (out, lse)`` and ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)`` (a backend with ``bias=True``
+also takes ``bias=`` in both, when there is one, and its backward then returns ``(dq, dk, dv, dbias)``, ``dbias``
+shaped as the dense bias or the relative bias's table), which
 :mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the ``zorro::attention_fwd``
 / ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A backend may also give an
 ``eager`` differentiable function, used outside compilation when it is cheaper than forward + backward.
@@ -18,9 +20,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..bias import bias_tensor, with_tensor
 from ..reference import reference_attention
 from . import triton as _triton  # imports no Triton: kernels load on first use
-from .segments import build_plan, cpu_backward, cpu_forward, segment_attention
+from .segments import build_plan, cpu_backward, cpu_forward, segment_attention, segment_attention_sdpa
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "backward_by_recompute"]
 
@@ -41,16 +44,17 @@ class Backend:
 
     Fields:
         name, description: how it is chosen (``backend=name``) and what it is.
-        forward: ``(q, k, v, mask, scale) -> (out (B, H, Nq, D), lse (B, H, Nq) fp32)``, without autograd.
-        backward: ``(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)``, given forward's ``out`` and ``lse``.
+        forward: ``(q, k, v, mask, scale[, bias=]) -> (out (B, H, Nq, D), lse (B, H, Nq) fp32)``, without autograd.
+        backward: ``(dout, q, k, v, out, lse, mask, scale[, bias=]) -> (dq, dk, dv[, dbias])``, given forward's
+            ``out`` and ``lse``.
         devices: device types it runs on (a tuple, or a function returning one when it depends on the environment);
             None for any device.
         dtypes: the dtypes of q, k, v it takes.
         max_head_dim: the largest D, or None.
         compile: whether it runs under ``torch.compile`` (behind the custom ops).
         deterministic: reruns are bitwise equal, so it may run under ``torch.use_deterministic_algorithms(True)``.
-        bias: whether it takes an additive attention bias.
-        eager: optional differentiable ``(q, k, v, mask, scale) -> out`` used outside compilation.
+        bias: whether it takes an additive attention bias (``bias=`` of :func:`zorro_kernels.zorro_attention`).
+        eager: optional differentiable ``(q, k, v, mask, scale[, bias]) -> out`` used outside compilation.
         extra_reasons: ``(q, k, v, mask) -> list[str]`` for what the fields cannot say.
     """
     name: str
@@ -96,14 +100,29 @@ def register_backend(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
 
+def _autograd_records() -> bool:
+    """False inside a custom op's implementation, where ops record no history even under ``enable_grad``; the
+    recompute then goes through ``torch.func.vjp``, which works there (on plain ops: a recomputed function must not
+    use an autograd.Function without ``setup_context``)."""
+    with torch.enable_grad():
+        return (torch.zeros((), requires_grad=True) * 1).requires_grad
+
+
 def backward_by_recompute(differentiable: Callable) -> Callable:
-    """A ``backward`` for a backend whose only gradient is autograd through ``differentiable(q, k, v, mask, scale)``:
-    the forward is recomputed under autograd (so it also runs inside the backward custom op)."""
-    def backward(dout, q, k, v, out, lse, mask, scale):
+    """A ``backward`` for a backend whose only gradient is autograd through
+    ``differentiable(q, k, v, mask, scale[, bias])``: the forward is recomputed under autograd (so it also runs inside
+    the backward custom op). With a bias it returns ``(dq, dk, dv, dbias)``."""
+    def backward(dout, q, k, v, out, lse, mask, scale, bias=None):
+        def fwd(a, b, c, *t):
+            return differentiable(a, b, c, mask, scale, *(with_tensor(bias, x) for x in t))
+
+        inputs = (q, k, v) + (() if bias is None else (bias_tensor(bias),))
+        if not _autograd_records():
+            _, vjp = torch.func.vjp(fwd, *inputs)
+            return vjp(dout)
         with torch.enable_grad():
-            leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-            o = differentiable(*leaves, mask, scale)
-            return torch.autograd.grad(o, leaves, dout, materialize_grads=True)
+            leaves = tuple(t.detach().requires_grad_() for t in inputs)
+            return torch.autograd.grad(fwd(*leaves), leaves, dout, materialize_grads=True)
     return backward
 
 
@@ -113,22 +132,22 @@ def _no_lse(q):
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def _reference(q, k, v, mask, scale):
-    return reference_attention(q, k, v, mask, scale=scale)
+def _reference(q, k, v, mask, scale, bias=None):
+    return reference_attention(q, k, v, mask, scale=scale, bias=bias)
 
 
-def _reference_forward(q, k, v, mask, scale):
+def _reference_forward(q, k, v, mask, scale, bias=None):
     with torch.no_grad():
-        return _reference(q, k, v, mask, scale), _no_lse(q)
+        return _reference(q, k, v, mask, scale, bias), _no_lse(q)
 
 
 register_backend(Backend(
     "reference", "dense boolean mask, each row attending exactly its keys (slow; NaN-safe; the oracle)",
-    _reference_forward, backward_by_recompute(_reference), eager=_reference))
+    _reference_forward, backward_by_recompute(_reference), bias=True, eager=_reference))
 
 
 # ---------------------------------------------------------------------------------------------------- segments
-_segments_recompute = backward_by_recompute(segment_attention)
+_segments_recompute = backward_by_recompute(segment_attention_sdpa)
 
 
 def _cpu_kernels(device: torch.device) -> bool:
@@ -136,15 +155,17 @@ def _cpu_kernels(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _segments_forward(q, k, v, mask, scale):
+def _segments_forward(q, k, v, mask, scale, bias=None):
     if _cpu_kernels(q.device):  # ATen's CPU flash kernels, out and LSE without autograd
-        out, lse = cpu_forward(q, k, v, mask.derived(build_plan), scale)
+        out, lse = cpu_forward(q, k, v, mask.derived(build_plan), scale, bias)
         return out, lse.float()
     with torch.no_grad():
-        return segment_attention(q, k, v, mask, scale), _no_lse(q)
+        return segment_attention(q, k, v, mask, scale, bias), _no_lse(q)
 
 
-def _segments_backward(dout, q, k, v, out, lse, mask, scale):
+def _segments_backward(dout, q, k, v, out, lse, mask, scale, bias=None):
+    if bias is not None:  # the bias's gradient comes from SDPA under autograd: recompute
+        return _segments_recompute(dout, q, k, v, out, lse, mask, scale, bias)
     if _cpu_kernels(q.device):
         return cpu_backward(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse,
                             mask.derived(build_plan), scale)
@@ -154,7 +175,7 @@ def _segments_backward(dout, q, k, v, out, lse, mask, scale):
 
 register_backend(Backend(
     "segments", "exact segment decomposition into unmasked fused SDPA calls (the CPU fast path; any device)",
-    _segments_forward, _segments_backward, eager=segment_attention))
+    _segments_forward, _segments_backward, bias=True, eager=segment_attention))
 
 
 # ---------------------------------------------------------------------------------------------------- triton

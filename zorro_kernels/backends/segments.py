@@ -23,9 +23,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..bias import step_bias
 from ..reference import expand_kv_heads
 
-__all__ = ["segment_attention", "build_plan", "cpu_forward", "cpu_backward", "Plan", "Pattern", "Step"]
+__all__ = ["segment_attention", "segment_attention_sdpa", "build_plan", "cpu_forward", "cpu_backward", "Plan", "Pattern",
+           "Step"]
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -218,9 +220,19 @@ def _zero(dst: torch.Tensor, ranges: Ranges) -> None:
         dst[:, :, s:e] = 0
 
 
-def _float_mask(m: torch.Tensor, dtype, device) -> torch.Tensor:
-    # the CPU flash kernel takes an additive mask of the query's dtype
-    return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m.to(device), float("-inf"))
+def _attn_mask(st: Step, bias, batch, heads: int, dtype, device, additive: bool) -> Optional[torch.Tensor]:
+    """What a step's attention call takes as ``attn_mask``: the step's bias (read only on its rows and columns) with
+    the step's element mask (causal / window) selected in as ``-inf``; None when there is neither. ``additive``: a
+    float mask of ``dtype`` even without a bias (the CPU flash kernel takes no bool mask)."""
+    b = step_bias(bias, batch, st.q_ranges, st.k_ranges, st.blocks, heads)
+    if b is not None:
+        b = b.to(dtype)
+    if st.mask is None:
+        return b
+    m = st.mask.to(device)
+    if b is None:
+        return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf")) if additive else m
+    return torch.where(m, b, float("-inf"))  # selected: a bias entry the element mask hides is never read
 
 
 # ---------------------------------------------------------------------------------------------------------- CPU path
@@ -232,8 +244,9 @@ def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
     return x if batch is None else x.index_select(0, batch)
 
 
-def cpu_forward(q, k, v, plan: Plan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of a plan with ATen's CPU flash-attention kernels, one call per plan step (no autograd).
+    ``bias``: as :func:`zorro_kernels.zorro_attention` (not differentiated here).
 
     Returns ``out (B, H, Nq, D)`` and ``lse (B, H, Nq)`` (fp32; fp64 for fp64 inputs). Buffers start uninitialised:
     every query row is written by exactly one step or explicitly zeroed (rows no step touches).
@@ -247,7 +260,7 @@ def cpu_forward(q, k, v, plan: Plan, scale: float) -> tuple[torch.Tensor, torch.
         ob = out if pat.batch is None else qb.new_empty(qb.shape)
         lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
         for st in pat.steps:
-            am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
+            am = _attn_mask(st, bias, pat.batch, h, q.dtype, q.device, True)
             o, l = _fwd_cpu(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
                             _gather(vb, st.k_ranges, st.blocks), 0.0, False, attn_mask=am, scale=scale)
             if st.dead_rows is not None:
@@ -262,8 +275,9 @@ def cpu_forward(q, k, v, plan: Plan, scale: float) -> tuple[torch.Tensor, torch.
     return out, lse
 
 
-def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float):
-    """Backward of :func:`cpu_forward`: ``(dq, dk, dv)``. dK/dV rows are first copied then accumulated (see
+def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=None):
+    """Backward of :func:`cpu_forward`: ``(dq, dk, dv)`` (none for ``bias``). dK/dV rows are first copied then
+    accumulated (see
     :func:`_schedule_key_writes`); rows no step reads are zeroed."""
     grad_out = grad_out.contiguous()
     h, hkv = q.shape[1], k.shape[1]
@@ -275,7 +289,7 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float):
         dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
         dvb = dv if pat.batch is None else torch.empty_like(dkb)
         for st in pat.steps:
-            am = None if st.mask is None else _float_mask(st.mask, q.dtype, q.device)
+            am = _attn_mask(st, bias, pat.batch, h, q.dtype, q.device, True)
             go = _gather(gb, st.q_ranges, st.blocks)
             if st.dead_rows is not None:
                 go = go.masked_fill(st.dead_rows[:, None], 0.0)
@@ -306,20 +320,21 @@ class _SegmentAttentionCPU(torch.autograd.Function):
     """Autograd around :func:`cpu_forward` / :func:`cpu_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float):
-        out, lse = cpu_forward(q, k, v, plan, scale)
+    def forward(ctx, q, k, v, plan: Plan, scale: float, bias):
+        out, lse = cpu_forward(q, k, v, plan, scale, bias)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.bias = plan, scale, bias
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*cpu_backward(grad_out, *ctx.saved_tensors, ctx.plan, ctx.scale), None, None)
+        return (*cpu_backward(grad_out, *ctx.saved_tensors, ctx.plan, ctx.scale, ctx.bias), None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------- any device
-def _segment_attention_autograd(q, k, v, plan: Plan, scale: float) -> torch.Tensor:
-    """The same plan through ``F.scaled_dot_product_attention`` under autograd (GPU and other devices)."""
+def _segment_attention_autograd(q, k, v, plan: Plan, scale: float, bias=None) -> torch.Tensor:
+    """The same plan through ``F.scaled_dot_product_attention`` under autograd (GPU and other devices, and a bias
+    that needs a gradient: SDPA differentiates its float ``attn_mask``)."""
     h = q.shape[1]
     out = q.new_zeros(q.shape)
     for pat in plan.patterns:
@@ -327,7 +342,7 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float) -> torch.Tens
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
         ob = out if pat.batch is None else qb.new_zeros(qb.shape)
         for st in pat.steps:
-            am = None if st.mask is None else st.mask.to(q.device)
+            am = _attn_mask(st, bias, pat.batch, h, q.dtype, q.device, False)
             o = F.scaled_dot_product_attention(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
                                                _gather(vb, st.k_ranges, st.blocks), attn_mask=am, scale=scale)
             if st.dead_rows is not None:
@@ -338,9 +353,23 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float) -> torch.Tens
     return out
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """Masked attention by exact segment decomposition. Shapes as :func:`zorro_kernels.zorro_attention`."""
+def segment_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
+                           bias=None) -> torch.Tensor:
+    """:func:`segment_attention` through ``F.scaled_dot_product_attention`` on every device: plain differentiable
+    ops (no autograd.Function), so ``torch.func`` transforms can recompute it inside a custom op."""
+    return _segment_attention_autograd(q, k, v, mask.derived(build_plan), scale, bias)
+
+
+def _bias_needs_grad(bias) -> bool:
+    t = getattr(bias, "table", bias)
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
+                      bias=None) -> torch.Tensor:
+    """Masked attention by exact segment decomposition. Shapes and ``bias`` as
+    :func:`zorro_kernels.zorro_attention`; a bias is read one step's rows x columns at a time."""
     plan = mask.derived(build_plan)
-    if q.device.type == "cpu":
-        return _SegmentAttentionCPU.apply(q, k, v, plan, scale)
-    return _segment_attention_autograd(q, k, v, plan, scale)
+    if q.device.type == "cpu" and not _bias_needs_grad(bias):
+        return _SegmentAttentionCPU.apply(q, k, v, plan, scale, bias)
+    return _segment_attention_autograd(q, k, v, plan, scale, bias)

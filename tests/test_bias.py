@@ -1,0 +1,288 @@
+"""Score biases (``bias=``): dense tensors and relative position tables against the fp64 oracle, ``-inf`` as masked,
+NaN isolation, refusals and bad input."""
+import random
+
+import pytest
+import torch
+
+from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask, reference_attention, zorro_attention
+from zorro_kernels.attention import select_backend
+
+from .layouts import named_masks, random_mask
+from .test_attention import make_qkv
+from .tolerances import check_against_oracle
+
+BACKENDS = ["segments", "reference"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def attn_fn(backend):
+    return lambda q, k, v, mask, scale=None, bias=None: zorro_attention(q, k, v, mask, bias=bias, scale=scale,
+                                                                        backend=backend)
+
+
+def dense_bias(mask, shape, *, b=2, h=4, dtype=torch.float32):
+    """A random bias of ``shape`` ("BHQK" letters kept, others 1), aligned right as SDPA broadcasts."""
+    full = {"B": mask.batch_size or b, "H": h, "Q": mask.num_q, "K": mask.num_kv}
+    return torch.randn([full[c] if c in full else 1 for c in shape], dtype=dtype)
+
+
+def windows_mask(grid=(4, 6), win=(2, 3), fusion=3, shift=(0, 0)):
+    """Swin-like: a 2-D grid in windows (window order), each window a segment seeing itself; fusion sees all.
+    Returns ``(mask, coords (N, 2) with -1 rows for fusion)``."""
+    from zorro_models.swin import window_order, window_partition
+
+    wins = window_partition(grid, win, shift)
+    perm, sizes = window_order(grid, wins)
+    yx = torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1]))[perm]
+    coords = torch.cat([yx, torch.full((fusion, 2), -1)])
+    segs = [(f"w/{i}", n) for i, n in enumerate(sizes)] + [("fusion", fusion)]
+    return ZorroMask.from_segments(segs, {"w/*": "self", "fusion": "*"}), coords
+
+
+# ------------------------------------------------------------------------------------------------------ dense bias
+NAMED = ["figure2_small", "ragged", "packed", "packed_causal", "cross_readout", "nothing_visible_rows"]
+# the fast tier: every layout in fp32 on segments; half types and the reference on a few
+FAST = ([("segments", torch.float32, n) for n in NAMED] + [("segments", dt, n) for dt in DTYPES[1:]
+                                                            for n in ("ragged", "packed_causal")]
+        + [("reference", dt, "ragged") for dt in DTYPES])
+FULL = [(b, dt, n) for b in BACKENDS for dt in DTYPES + [torch.float64] for n in NAMED if (b, dt, n) not in FAST]
+
+
+@pytest.mark.parametrize("backend, dtype, name", FAST + [pytest.param(*x, marks=pytest.mark.full) for x in FULL],
+                         ids=str)
+def test_dense_bias_named_layouts(backend, dtype, name):
+    mask = named_masks()[name]
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask,
+                         bias=dense_bias(mask, "BHQK", dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", ["BHQK", "1HQK", "B1QK", "B11K", "11QK", "QK", "K", "B1Q1"])
+def test_dense_bias_broadcast_shapes(shape):
+    mask = named_masks()["ragged"]
+    check_against_oracle(attn_fn("segments"), *make_qkv(mask), mask, bias=dense_bias(mask, shape))
+
+
+def test_dense_bias_random_layouts():
+    rng = random.Random(11)
+    for i in range(10):
+        mask = random_mask(rng, sizes=(0, 1, 2, 5, 13, 17))
+        h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
+        shape = rng.choice(["BHQK", "1HQK", "B11K", "QK"])
+        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask,
+                             bias=dense_bias(mask, shape, h=h), seed=i)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_dense_bias_random_layouts_many(dtype):
+    rng = random.Random(hash(str(dtype)) % 1000)
+    for i in range(150):
+        mask = random_mask(rng, max_segments=7)
+        h, hkv = rng.choice([(1, 1), (4, 1), (6, 3)])
+        shape = rng.choice(["BHQK", "1HQK", "B1QK", "B11K", "11QK", "K"])
+        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32]),
+                                                            dtype=dtype), mask,
+                             bias=dense_bias(mask, shape, h=h, dtype=dtype), seed=i)
+
+
+def test_bias_without_grad_runs_the_cpu_kernels():
+    """A bias that needs no gradient takes the CPU flash-kernel path (forward and backward with the bias added)."""
+    mask = named_masks()["packed_causal"]
+    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    bias = dense_bias(mask, "BHQK")
+    out = zorro_attention(q, k, v, mask, bias=bias)
+    assert type(out.grad_fn).__name__ == "_SegmentAttentionCPUBackward"
+    ref = reference_attention(q, k, v, mask, bias=bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------ -inf, NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_bias", [True, False])
+def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
+    mask = ZorroMask.zorro(audio=7, video=21, fusion=2, lengths=torch.tensor([[7, 21, 2], [0, 21, 2], [5, 13, 2]]))
+    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    bias = dense_bias(mask, "BHQK")
+    bias[0, 1, 5] = float("-inf")             # one row of one head: every key -inf
+    bias[1, :, 20:27] = float("-inf")         # rows of every head
+    bias[2, 0, :, 3] = float("-inf")          # a single key column: just masked
+    bias.requires_grad_(grad_bias)
+    if grad_bias:
+        check_against_oracle(attn_fn(backend), q, k, v, mask, bias=bias)
+    out = zorro_attention(q, k, v, mask, bias=bias, backend=backend)
+    assert (out[0, 1, 5] == 0).all() and (out[1, :, 20:27] == 0).all()
+    inputs = (q, k, v) + ((bias,) if grad_bias else ())
+    grads = torch.autograd.grad(out, inputs, torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][0, 1, 5] == 0).all() and (grads[0][1, :, 20:27] == 0).all()
+    if grad_bias:
+        assert (grads[3][0, 1, 5] == 0).all() and (grads[3][1, :, 20:27] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ragged", "packed_causal", "cross_readout"])
+def test_bias_at_masked_positions_is_never_read(backend, name):
+    """NaN in every masked bias entry: the same output and gradients as zeros there, and zero bias gradient there."""
+    mask = named_masks()[name]
+    q, k, v = make_qkv(mask)
+    dense = mask.to_dense()
+    dense = (dense[None] if dense.ndim == 2 else dense)[:, None].expand(q.shape[0], 4, -1, -1)
+    clean = dense_bias(mask, "BHQK").masked_fill(~dense, 0.0)
+    poisoned = clean.masked_fill(~dense, float("nan"))
+    runs = []
+    for bias in (clean, poisoned):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = zorro_attention(*leaves[:3], mask, bias=leaves[3], backend=backend)
+        runs.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (runs[1][4][~dense] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------ relative
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shift", [(0, 0), (1, 1)], ids=["regular", "shifted"])
+def test_relative_bias_windows(backend, dtype, shift):
+    mask, coords = windows_mask(shift=shift)
+    table = torch.randn(4, 3 * 5, dtype=dtype)
+    rpb = RelativePositionBias(table, coords, coords, (2, 3))
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask, bias=rpb)
+
+
+def test_relative_bias_shared_table_and_dense_equivalence():
+    """The relative bias equals its materialised dense form, and one table serves every head with (1, T)."""
+    mask, coords = windows_mask()
+    q, k, v = make_qkv(mask)
+    rpb = RelativePositionBias(torch.randn(1, 15), coords, coords, (2, 3))
+    dense = rpb.materialize()
+    assert dense.shape == (1, 1, mask.num_q, mask.num_kv)
+    assert (dense[..., -3:, :] == 0).all() and (dense[..., :, -3:] == 0).all()  # fusion: no position
+    torch.testing.assert_close(zorro_attention(q, k, v, mask, bias=rpb), zorro_attention(q, k, v, mask, bias=dense))
+    check_against_oracle(attn_fn("segments"), q, k, v, mask, bias=rpb)
+
+
+def test_relative_bias_concat_2d_audio_3d_video_cross_attention():
+    """Two position sets with their own extents (2-D audio, 3-D video) in one table; cross-attention queries."""
+    audio = torch.cartesian_prod(torch.arange(2), torch.arange(3))               # 6 tokens (t, f)
+    video = torch.cartesian_prod(torch.arange(2), torch.arange(2), torch.arange(2))  # 8 tokens (t, h, w)
+    kq = torch.cat([torch.cat([audio, torch.full((8 + 2, 2), -1)]), ], 0)
+    pa = RelativePositions(kq[:5], kq, (2, 3))                                  # queries: the first 5 audio tokens
+    vq = torch.cat([torch.full((6, 3), -1), video, torch.full((2, 3), -1)])
+    pv = RelativePositions(torch.full((5, 3), -1), vq, (2, 2, 2))
+    pos = RelativePositions.concat([pa, pv])
+    assert pos.table_size == 3 * 5 + 3 * 3 * 3
+    mask = ZorroMask.from_segments([("aq", 5)], {"aq": ["audio", "fusion"]},
+                                   kv_segments=[("audio", 6), ("video", 8), ("fusion", 2)])
+    rpb = RelativePositionBias(torch.randn(4, pos.table_size), positions=pos)
+    check_against_oracle(attn_fn("segments"), *make_qkv(mask), mask, bias=rpb)
+    # video queries against video keys read the video part of the table
+    pv2 = RelativePositions(video, video, (2, 2, 2))
+    pa2 = RelativePositions(torch.full((8, 2), -1), torch.full((8, 2), -1), (2, 3))
+    both = RelativePositionBias(torch.randn(2, pos.table_size), positions=RelativePositions.concat([pa2, pv2]))
+    alone = RelativePositionBias(both.table[:, 15:], positions=pv2)
+    torch.testing.assert_close(both.materialize(), alone.materialize())
+
+
+@pytest.mark.full
+def test_relative_bias_random_windows_many():
+    rng = random.Random(5)
+    for i in range(40):
+        grid = (rng.randint(1, 7), rng.randint(1, 7))
+        win = (rng.randint(1, grid[0]), rng.randint(1, grid[1]))
+        shift = (win[0] // 2 * rng.randint(0, 1), win[1] // 2 * rng.randint(0, 1))
+        mask, coords = windows_mask(grid, win, rng.randint(0, 4), shift)
+        h = rng.choice([1, 2, 4])
+        rpb = RelativePositionBias(torch.randn(h, (2 * win[0] - 1) * (2 * win[1] - 1)), coords, coords, win)
+        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=1, d=16), mask, bias=rpb, seed=i)
+
+
+# ------------------------------------------------------------------------------------------------------ dispatch
+def test_triton_refuses_bias_and_auto_picks_segments():
+    mask = named_masks()["figure2_small"]
+    q, k, v = make_qkv(mask)
+    bias = dense_bias(mask, "BHQK")
+    assert select_backend(q, k, v, mask, "auto", bias) == "segments"
+    with pytest.raises(ValueError, match="backend .triton. cannot run this input: .*takes no attention bias"):
+        zorro_attention(q, k, v, mask, bias=bias, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def _longs(*shape):
+    return torch.zeros(*shape, dtype=torch.long)
+
+
+def _call(bias, mask=None):
+    mask = mask or ZorroMask.zorro(audio=3, video=5, fusion=1)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    return lambda: zorro_attention(q, k, v, mask, bias=bias)
+
+
+@pytest.mark.parametrize("call, exc, msg", [
+    (_call(torch.randn(2, 4, 9, 8)), ValueError,
+     r"bias of shape \(2, 4, 9, 8\) does not broadcast to \(B, H, Nq, Nk\) = \(2, 4, 9, 9\)"),
+    (_call(torch.randn(3, 1, 9, 9)), ValueError, r"bias of shape \(3, 1, 9, 9\)"),
+    (_call(torch.randn(1, 2, 4, 9, 9)), ValueError, "does not broadcast"),
+    (_call(torch.ones(9, 9, dtype=torch.bool)), TypeError, "bias must be a float tensor .* got torch.bool"),
+    (_call([[0.0]]), TypeError, "bias must be a float tensor broadcastable .* got list"),
+    (_call(torch.randn(9, 9, device="meta")), ValueError, "bias is on meta but q is on cpu"),
+    (_call(RelativePositionBias(torch.randn(3, 9), _longs(9, 1), _longs(9, 1), (5,))), ValueError,
+     "bias.table has 3 heads, q has H=4"),
+    (_call(RelativePositionBias(torch.randn(4, 9), _longs(8, 1), _longs(9, 1), (5,))), ValueError,
+     "bias positions cover Nq=8 x Nk=9 tokens, attention has Nq=9 x Nk=9"),
+    (_call(RelativePositionBias(torch.randn(4, 3), torch.arange(9)[:, None], torch.arange(9)[:, None], (2,))),
+     ValueError, "query 0 and key 2 differ by -2 on axis 0, beyond extent 2"),
+])
+def test_bad_bias_raises_clear_errors(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+@pytest.mark.parametrize("make, exc, msg", [
+    (lambda: RelativePositionBias(torch.randn(4, 8), _longs(9, 2), _longs(9, 2), (2, 2)), ValueError,
+     r"table must have shape \(H, 9\) for extents \[\[2, 2\]\], got \(4, 8\)"),
+    (lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 3), (2, 2)), ValueError,
+     r"k_coords has 3 axes but extent has 2"),
+    (lambda: RelativePositionBias(torch.randn(4, 9), torch.zeros(9, 2) + 0.5, torch.zeros(9, 2), (2, 2)),
+     TypeError, "q_coords must have an integer dtype"),
+    (lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 2), (2, 0)), ValueError,
+     r"extent must hold positive ints, got \[2, 0\]"),
+    (lambda: RelativePositionBias(torch.randint(0, 2, (4, 9)), _longs(9, 2), _longs(9, 2), (2, 2)), TypeError,
+     "table must be a float tensor"),
+    (lambda: RelativePositionBias(torch.randn(4, 9)), TypeError, "needs q_coords, k_coords and extent"),
+])
+def test_bad_relative_bias_raises_clear_errors(make, exc, msg):
+    with pytest.raises(exc, match=msg):
+        make()
+
+
+# ------------------------------------------------------------------------------------------------------ compile
+@pytest.mark.parametrize("kind", ["dense", "relative"])
+def test_compile_fullgraph_with_bias(kind):
+    """Under torch.compile(fullgraph=True) a bias goes through the custom ops, gradient included."""
+    mask, coords = windows_mask(shift=(1, 1))
+    q, k, v = make_qkv(mask)
+    table = torch.randn(4, 15, requires_grad=True)
+    dense = torch.randn(1, 4, mask.num_q, mask.num_kv, requires_grad=True)
+    pos = RelativePositions(coords, coords, (2, 3))
+
+    def f(a, b, c, t):
+        bias = RelativePositionBias(t, positions=pos) if kind == "relative" else t
+        return zorro_attention(a, b, c, mask, bias=bias)
+
+    leaf = table if kind == "relative" else dense
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    outs, grads = [], []
+    for fn in (f, compiled):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv, leaf)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (qq, kk, vv, leaf), torch.ones_like(out)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
