@@ -125,3 +125,24 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="grid cell zorro-separate-contrastive"):  # before any training
         run_ablate(str(tmp_path / "swin"), grid=["mask=zorro", "sharing=separate", "objective=contrastive"],
                    overrides=["model.name=zorro_swin_tiny"], verbose=False)
+
+
+def test_clips_from_a_config_multi_label(tmp_path):
+    """Real mp4s listed in CSVs, set by --config (the DEFAULTS do not apply then): multi-label data gives mAP."""
+    pytest.importorskip("av")
+    from .helpers import write_clip
+
+    for i in range(4):
+        write_clip(tmp_path / f"c{i}.mp4", tone_hz=300.0 + 200 * i)
+    (tmp_path / "train.csv").write_text('path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nc2.mp4,"cat;meow"\nc3.mp4,dog\n')
+    (tmp_path / "val.csv").write_text('path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nc3.mp4,"dog;meow"\n')
+    (tmp_path / "run.yaml").write_text(f"data: {{kind: clips, train_csv: {tmp_path / 'train.csv'}, "
+                                       f"val_csv: {tmp_path / 'val.csv'}, duration: 0.5}}\ntrain: {{steps: 2}}\n")
+    results = run_ablate(str(tmp_path / "out"), grid=["mask=zorro", "sharing=shared"], seeds=1,
+                         config=str(tmp_path / "run.yaml"), overrides=[*TINY, "train.batch_size=2", "probe.max_iter=20"], threads=1,
+                         verbose=False)
+    assert results["metric"] == "mAP" and results["chance"] is None
+    cfg = results["config"]
+    assert cfg["data"]["kind"] == "clips" and cfg["train"]["steps"] == 2 and cfg["data"]["val_size"] == 1024
+    assert all(0 < s["mean"] <= 1 for c in results["cells"].values() for k, s in c["summary"].items() if "−" not in k)
+    assert "(mAP)" in (tmp_path / "out" / "table.md").read_text()
