@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from zorro_models import train
-from zorro_models.ablate import parse_grid, run_ablate
+from zorro_models.ablate import _cell_configs, grid_cells, parse_grid, run_ablate
 from zorro_models.cli import main
 
 from .helpers import TINY
@@ -122,9 +122,15 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         _ablate(tmp_path)
     with pytest.raises(ValueError, match="--seeds must be a positive int"):
         run_ablate(str(tmp_path / "new"), seeds=0)
-    with pytest.raises(ValueError, match="grid cell zorro-separate-contrastive"):  # before any training
-        run_ablate(str(tmp_path / "swin"), grid=["mask=zorro", "sharing=separate", "objective=contrastive"],
+    # Swin has one set of weights for every stream: its cells are "shared" ones, a "separate" cell is refused at once
+    with pytest.raises(ValueError, match="grid cell full-separate-contrastive: zorro_swin_tiny has no per-stream"):
+        run_ablate(str(tmp_path / "swin"), grid=["mask=full", "objective=contrastive"],
                    overrides=["model.name=zorro_swin_tiny"], verbose=False)
+    assert not (tmp_path / "swin").exists()
+    cells = grid_cells(parse_grid(["mask=full", "sharing=shared"]))
+    cfgs = _cell_configs(cells, 1, None, ["model.name=zorro_swin_tiny"], tmp_path / "swin", 1)
+    assert {(c.model.mask, c.train.task) for c in cfgs.values()} == {("full", "contrastive"), ("full", "supervised")}
+    assert all("shared_weights" not in c.model.kwargs for c in cfgs.values())
 
 
 def test_clips_from_a_config_multi_label(tmp_path):

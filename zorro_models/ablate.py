@@ -49,7 +49,8 @@ import yaml
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, from_dict, load_config, machine_threads
 from .demo import TABLE_COLUMNS
-from .evaluate import REGIMES, run_probes
+from .evaluate import REGIMES, evaluate_run
+from .registry import model_config
 from .reporting import draw_grouped_bars, format_table, pyplot, write_json
 
 __all__ = ["AXES", "DEFAULTS", "Cell", "parse_grid", "grid_cells", "run_ablate"]
@@ -86,9 +87,19 @@ class Cell:
     def name(self) -> str:
         return f"{self.mask}-{self.sharing}-{self.objective}"
 
-    def overrides(self) -> list[str]:
-        shared = "true" if self.sharing == "shared" else "false"
-        return [f"model.mask={self.mask}", f"model.kwargs.shared_weights={shared}", f"train.task={self.objective}"]
+    def overrides(self, model_name: str) -> list[str]:
+        """The settings of this cell for preset ``model_name``. A model without a ``shared_weights`` argument (Swin,
+        HiP) has one set of block weights for every stream: it is a "shared" cell as it is, and cannot be a
+        "separate" one."""
+        sharing = []
+        try:
+            model_config(model_name, shared_weights=True)
+            sharing = [f"model.kwargs.shared_weights={'true' if self.sharing == 'shared' else 'false'}"]
+        except TypeError:
+            if self.sharing == "separate":
+                raise ValueError(f"{model_name} has no per-stream weights (no shared_weights argument); restrict the "
+                                 f"grid with --grid sharing=shared") from None
+        return [f"model.mask={self.mask}", *sharing, f"train.task={self.objective}"]
 
 
 def parse_grid(items: Sequence[str] = ()) -> dict:
@@ -172,22 +183,20 @@ def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
 
 
 def _scores(cfg: Config, trainer, say) -> dict:
-    """Evaluate a trained run: ``{"kind": "probes" | "heads", "metric", "num_classes", "results": {regime: {output
-    or head: value}}, "columns": {column: value}, "gaps": {gap: value}}``."""
-    if cfg.train.task == "contrastive":
-        probes = run_probes(cfg, trainer.model, device=trainer.device, progress=say)
-        res = probes["results"]
-        out = {"kind": "probes", "metric": probes["metric"], "num_classes": probes["num_classes"], "results": res,
-               "columns": {c: res[r][o] for c, (r, o) in TABLE_COLUMNS.items()}, "gaps": {}}
-    else:
-        say(f"scoring the heads on {cfg.data.val_size if cfg.data.kind == 'synthetic' else 'the validation'} clips "
-            f"under {len(REGIMES)} input regimes")
-        res = trainer.validate()
-        metric = "mAP" if trainer.task.multi_label else "accuracy"
-        out = {"kind": "heads", "metric": metric, "num_classes": trainer.task.heads.num_classes, "results": res,
-               "columns": {c: res[r]["mean"] for c, (r, _) in TABLE_COLUMNS.items()}}
+    """Evaluate a trained run with :func:`~zorro_models.evaluate.evaluate_run`: ``{"kind": "probes" | "heads",
+    "metric", "num_classes", "results": {regime: {output or head: value}}, "columns": {column: value}, "gaps": {gap:
+    value}}``."""
+    report = evaluate_run(cfg, trainer.task, device=trainer.device, progress=say)
+    if "heads" in report:
+        res = report["heads"]["results"]
+        out = {"kind": "heads", "metric": report["heads"]["metric"], "num_classes": trainer.task.heads.num_classes,
+               "results": res, "columns": {c: res[r]["mean"] for c, (r, _) in TABLE_COLUMNS.items()}}
         out["gaps"] = {g: out["columns"]["audio-visual"] - out["columns"][c] for g, c in GAPS.items()}
-    return out
+        return out
+    probes = report["probes"]
+    res = probes["results"]
+    return {"kind": "probes", "metric": probes["metric"], "num_classes": probes["num_classes"], "results": res,
+            "columns": {c: res[r][o] for c, (r, o) in TABLE_COLUMNS.items()}, "gaps": {}}
 
 
 def _train_and_score(cfg: Config, how: str, say) -> dict:
@@ -286,13 +295,17 @@ def _cell_configs(cells: list, seeds: int, config: Optional[str], overrides: Seq
     from .build import build_model
 
     base = ([] if config is not None else list(DEFAULTS)) + list(overrides)
-    seed0 = load_config(config, base).train.seed
+    base_cfg = load_config(config, base)
     cfgs = {}
     for cell in cells:
+        try:
+            cell_overrides = cell.overrides(base_cfg.model.name)
+        except ValueError as e:
+            raise ValueError(f"grid cell {cell.name}: {e}") from None
         for k in range(seeds):
             run = out / "cells" / cell.name / f"seed{k}"
-            cfg = load_config(config, base + cell.overrides() + [
-                f"train.seed={seed0 + k}", f"train.out={run}", f"train.threads={threads}", "train.plot=false"])
+            cfg = load_config(config, base + cell_overrides + [
+                f"train.seed={base_cfg.train.seed + k}", f"train.out={run}", f"train.threads={threads}", "train.plot=false"])
             if k == 0:
                 try:
                     with torch.device("meta"):
