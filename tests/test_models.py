@@ -360,6 +360,24 @@ def test_input_validation():
         model(audio=x["audio"], video_lengths=torch.tensor([1, 1]))
 
 
+@pytest.mark.parametrize("backbone", ["vit", "swin", "hip"])
+def test_empty_batch_and_wrong_dtype_are_named_at_the_entry(backbone):
+    """B=0 failed inside attention ("q and k must have non-zero B"); fp64 inputs to fp32 weights failed in the first
+    matmul ("mat1 and mat2 must have the same dtype"), naming neither input."""
+    model = get_model(backbone)
+    x = inputs(model)
+    with pytest.raises(ValueError, match=r"audio has batch size 0 \(shape \(0, "):
+        model(audio=x["audio"][:0], video=x["video"][:0])
+    with pytest.raises(ValueError, match="video has batch size 0"):
+        model(video=x["video"][:0])
+    with pytest.raises(TypeError, match=r"video is torch.float64 but the model's weights are torch.float32"):
+        model(audio=x["audio"], video=x["video"].double())
+    with pytest.raises(TypeError, match=r"audio is torch.float16 but"):
+        model(audio=x["audio"].half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: any float input is fine
+        assert model(audio=x["audio"].bfloat16())["audio"].shape == (x["audio"].shape[0], model.embed_dim)
+
+
 # ---------------------------------------------------------------------------------------------------- full tier
 @pytest.mark.full
 @pytest.mark.parametrize("backbone", ["swin", "hip"])

@@ -23,6 +23,17 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
+def _check_batch_and_dtype(x: torch.Tensor, name: str, weight: torch.Tensor) -> None:
+    """At least one sample, and the weights' dtype (outside autocast, which casts for each op): a mismatch would
+    otherwise fail deep inside the first matmul, without naming the input."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has batch size 0 (shape {tuple(x.shape)}); the model needs at least one sample")
+    if (x.dtype != weight.dtype and weight.device.type != "meta"
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {weight.dtype}: pass {name}.to("
+                        f"{weight.dtype}), convert the model with model.to({x.dtype}), or run under torch.autocast")
+
+
 def to_pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
     """``int -> (v, v)``; a 2-sequence is checked and returned as a tuple of positive ints."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -99,6 +110,7 @@ class AudioPatchEmbed(nn.Module):
         if not 1 <= audio.shape[2] <= self.max_frames:
             raise ValueError(f"{name} has {audio.shape[2]} frames; the model takes 1..{self.max_frames} "
                              f"(audio_frames={self.max_frames})")
+        _check_batch_and_dtype(audio, name, self.proj.weight)
 
     def forward(self, audio: torch.Tensor, frame_lengths: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -170,6 +182,7 @@ class VideoPatchEmbed(nn.Module):
         if not 1 <= video.shape[1] <= self.num_frames:
             raise ValueError(f"{name} has {video.shape[1]} frames; the model takes 1..{self.num_frames} "
                              f"(num_frames={self.num_frames})")
+        _check_batch_and_dtype(video, name, self.proj.weight)
 
     def forward(self, video: torch.Tensor, frame_lengths: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
