@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import zorro_models
-from zorro_models.evaluate import (REGIME_OUTPUTS, accuracy, average_precision, collect_embeddings, evaluate_heads,
-                                   linear_probe, mean_average_precision, probe_all)
+from zorro_models.evaluate import (REGIME_OUTPUTS, REGIMES, accuracy, average_precision, collect_embeddings,
+                                   evaluate_heads, linear_probe, mean_average_precision, probe_all)
 
 
 def test_accuracy_hand_case():
@@ -49,6 +49,16 @@ def test_linear_probe_separable_and_noise():
     assert linear_probe(z[:200], t[:200], z[200:], t[200:], multi_label=True) > 0.95
 
 
+def test_linear_probe_scores_the_held_out_split():
+    """More features than training samples: any training labels are separable, so a probe scored on its training
+    split would report ~1 for test labels that are pure chance."""
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(64, 96, generator=g), torch.randn(2000, 96, generator=g)
+    y, yt = torch.randint(0, 4, (64,), generator=g), torch.randint(0, 4, (2000,), generator=g)
+    assert linear_probe(x, y, x, y, max_iter=100) > 0.95  # the training set is separable
+    assert abs(linear_probe(x, y, xt, yt, max_iter=100) - 0.25) < 0.05  # held-out random labels: chance
+
+
 def _tiny_model():
     torch.manual_seed(0)
     return zorro_models.create_model("zorro_vit_demo", img_size=16, num_frames=2, video_patch=8, n_mels=16,
@@ -63,8 +73,8 @@ class _Pre:
         return {m: batch[m] for m in modalities}
 
 
-def _batches(n=2, b=6, k=3, multi=False):
-    g = torch.Generator().manual_seed(1)
+def _batches(n=2, b=6, k=3, multi=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         label = (torch.rand(b, k, generator=g) > 0.5).float() if multi else torch.randint(0, k, (b,), generator=g)
@@ -86,15 +96,34 @@ def test_collect_embeddings_regimes_and_purity():
 
 
 def test_probe_all_and_evaluate_heads():
+    """Each score is the one computed by hand: probe_all's entries are linear probes fitted on the training embeddings
+    of that (regime, output) and scored on the test ones, "all" on their concatenation; evaluate_heads' entries are
+    the accuracy of each head (and of the mean) on the inputs of that regime against the batches' labels."""
     model = _tiny_model()
     train = collect_embeddings(model, _Pre(), _batches())
-    res = probe_all(train, train, multi_label=False, num_classes=3, max_iter=20)
-    assert set(res) == {"audio-visual", "audio-only", "video-only"}
-    assert set(res["audio-only"]) == {"audio", "fusion", "global", "all"}
+    test = collect_embeddings(model, _Pre(), _batches(n=3, seed=2))
+    res = probe_all(train, test, multi_label=False, num_classes=3, max_iter=20)
+    (tr, ytr), (te, yte) = train, test
+    assert set(res) == set(REGIME_OUTPUTS)
+    for regime, outputs in REGIME_OUTPUTS.items():
+        assert set(res[regime]) == set(outputs) | {"all"}
+        for o in outputs:
+            assert res[regime][o] == linear_probe(tr[regime][o], ytr, te[regime][o], yte, num_classes=3,
+                                                  max_iter=20), (regime, o)
+        both = [torch.cat([d[regime][o] for o in outputs], 1) for d in (tr, te)]
+        assert res[regime]["all"] == linear_probe(both[0], ytr, both[1], yte, num_classes=3, max_iter=20)
+
     heads = zorro_models.SupervisedHeads(32, 3)
-    scores = evaluate_heads(model, heads, _Pre(), _batches(), multi_label=False)
-    assert set(scores["audio-only"]) == {"audio", "fusion", "global", "mean"}
-    assert set(scores["audio-visual"]) == {"audio", "video", "fusion", "global", "mean"}
-    assert all(0.0 <= v <= 1.0 for r in scores.values() for v in r.values())
+    batches = _batches(n=3)
+    scores = evaluate_heads(model, heads, _Pre(), batches, multi_label=False)
+    model.eval()
+    with torch.no_grad():
+        for regime, modalities in REGIMES.items():
+            logits = [heads(*model.forward_features(**{m: b[m] for m in modalities})[:2]) for b in batches if b["size"]]
+            y = torch.cat([b["label"] for b in batches if b["size"]])
+            want = {h: accuracy(torch.cat([lg[h] for lg in logits]), y) for h in logits[0]
+                    if h == "mean" or h in REGIME_OUTPUTS[regime]}
+            assert scores[regime] == want, regime
+    assert len({v for r in scores.values() for v in r.values()}) > 1  # not one constant score everywhere
     multi = evaluate_heads(model, heads, _Pre(), _batches(multi=True), multi_label=True, regimes=("video-only",))
     assert set(multi) == {"video-only"} and all(0.0 < v <= 1.0 for v in multi["video-only"].values())

@@ -81,14 +81,58 @@ def test_block_mask_lengths_mark_valid_time_prefix():
         assert torch.equal(canon[b].any(0), valid), b   # a key is seen by someone iff valid
 
 
-def test_patch_merging_pads_odd_grids():
-    merge = PatchMerging(4, (2, 2))
-    x = torch.randn(1, 5 * 3, 4)
-    y, grid = merge(x, (5, 3))
-    assert grid == (3, 2) and y.shape == (1, 6, 8)
-    merge_v = PatchMerging(4, (1, 2, 2))
-    y, grid = merge_v(torch.randn(2, 2 * 3 * 4, 4), (2, 3, 4))
-    assert grid == (2, 2, 2) and y.shape == (2, 8, 8)
+def _merge_by_hand(merge, x, grid):
+    """The merged tokens one at a time: each merged cell concatenates its ``factors`` neighbours in raster order
+    (a neighbour past an odd edge is a zero vector), then LayerNorm and the linear reduction."""
+    c = x.shape[-1]
+    cells = x.reshape(x.shape[0], *grid, c)
+    merged = [-(-n // f) for n, f in zip(grid, merge.factors)]
+    out = []
+    for cell in itertools.product(*(range(m) for m in merged)):
+        parts = []
+        for offset in itertools.product(*(range(f) for f in merge.factors)):
+            idx = tuple(i * f + o for i, f, o in zip(cell, merge.factors, offset))
+            inside = all(i < n for i, n in zip(idx, grid))
+            parts.append(cells[(slice(None), *idx)] if inside else x.new_zeros(x.shape[0], c))
+        out.append(merge.reduction(merge.norm(torch.cat(parts, -1))))
+    return torch.stack(out, 1), tuple(merged)
+
+
+@pytest.mark.parametrize("factors,grid", [((2, 2), (5, 3)), ((1, 2, 2), (2, 3, 4)), ((2, 2, 2), (3, 3, 1))])
+def test_patch_merging_pads_odd_grids(factors, grid):
+    """Values, not only shapes: each merged token is its neighbours in order, zeros past an odd edge."""
+    torch.manual_seed(0)
+    merge = PatchMerging(4, factors)
+    with torch.no_grad():  # a non-trivial norm, so a zero neighbour and a missing one differ
+        merge.norm.weight.normal_()
+        merge.norm.bias.normal_()
+    x = torch.randn(2, math.prod(grid), 4)
+    y, merged = merge(x, grid)
+    want, want_grid = _merge_by_hand(merge, x, grid)
+    assert merged == want_grid and y.shape == (2, math.prod(want_grid), 8)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_tokens_never_reach_a_merged_token():
+    """A ragged audio sample with an odd number of valid time rows: its last valid row merges with a padding row.
+    Changing the padding TOKENS (through the position embedding of the padded rows; padding frames are zeroed before
+    patching, so NaN in the frames cannot show this) must leave every output unchanged: the padding is zeroed before
+    each patch merging."""
+    from zorro_models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("zorro_swin_tiny", depths=(1, 1, 1, 1), base_dim=16, num_heads=(1, 2, 2, 4), img_size=32,
+                         n_mels=32, audio_frames=64).eval()
+    x = model.example_inputs(1, generator=torch.Generator().manual_seed(1))
+    pt = model.audio_embed.patch[1]
+    valid_rows = 5  # odd: row 4 merges with padding row 5 at the first stage change, row 2 with row 3 at the next
+    lengths = torch.tensor([valid_rows * pt])
+    with torch.no_grad():
+        before = model(**x, audio_lengths=lengths)
+        model.audio_embed.pos_embed[valid_rows:] += 10 * torch.randn_like(model.audio_embed.pos_embed[valid_rows:])
+        after = model(**x, audio_lengths=lengths)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_docs_show_the_current_masks():
