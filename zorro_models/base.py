@@ -1,19 +1,23 @@
-"""What every Zorro backbone shares: input checking, ragged lengths, the masked readout, ``example_inputs``.
+"""What every Zorro backbone shares: input checking, the input layer (patch embedding, ragged lengths, fusion
+tokens), the masked readout, ``example_inputs``, and the mask kinds.
 
-A backbone implements :meth:`ZorroModel.encode`, mapping checked inputs to final tokens in stream order
-``audio, video, fusion`` plus their sizes and per-sample valid lengths; :class:`ZorroModel` does the rest.
+timm's way: the shared machinery lives here, only what differs in the variant. :meth:`ZorroModel.forward_features`
+checks the inputs, builds a :class:`StreamLayout` (:meth:`ZorroModel.embed`), hands it to the backbone's
+:meth:`~ZorroModel.encode` — which maps it to final tokens in stream order ``audio, video, fusion`` plus their sizes
+and per-sample valid lengths (:class:`Encoded`) — and reads the four outputs out.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .layers import OUTPUTS, STREAMS, MaskCache, MaskedReadout
+from .layers import MODALITIES, OUTPUTS, STREAMS, MaskCache, MaskedReadout
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
-__all__ = ["ZorroModel", "ZorroFeatures", "Encoded", "MASK_KINDS", "mask_rules", "check_mask_kind"]
+__all__ = ["ZorroModel", "ZorroFeatures", "StreamLayout", "Encoded", "MASK_KINDS", "mask_rules", "check_mask_kind"]
 
 #: The attention masks a backbone can be built with (``mask=`` / ``model.mask``), the one list every family, the
 #: config and the CLI read. Each family applies the kind to every attention call it makes (ViT's one mask, each Swin
@@ -49,6 +53,50 @@ def mask_rules(kind: str, local: Sequence[str]) -> dict:
     rules = {pattern: seen for pattern in local}
     rules["fusion"] = "*"
     return rules
+
+
+class StreamLayout(NamedTuple):
+    """The embedded inputs of one forward: what every backbone's :meth:`~ZorroModel.encode` starts from.
+
+    tokens: modality -> ``(B, N_m, D)`` patch tokens (position embeddings added, frames past a sample's length
+        zeroed) of each modality given, in the order audio, video; an absent modality has no entry.
+    grids: modality -> its token grid, time first: audio ``(T, F)``, video ``(T, H, W)`` (``N_m`` = the product;
+        tokens are in raster order of the grid).
+    valid: modality -> int64 CPU ``(B,)`` valid tokens per sample (a time-major prefix of the grid), for each
+        modality given with lengths; no entry = every token valid.
+    fusion: ``(B, F, D)`` the learned fusion tokens over the batch, in ``dtype`` (``F = 0`` for a backbone whose
+        fusion tokens do not enter with the input, e.g. HiP's per-level fusion latents).
+    dtype: the inputs' dtype, which learned tokens and latents take (under autocast the patch tokens may differ).
+    """
+    tokens: dict
+    grids: dict
+    valid: dict
+    fusion: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def batch(self) -> int:
+        return self.fusion.shape[0]
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """``(n_audio, n_video, n_fusion)`` tokens (0 for an absent modality)."""
+        return (*(self.tokens[m].shape[1] if m in self.tokens else 0 for m in MODALITIES), self.fusion.shape[1])
+
+    @property
+    def lengths(self) -> Optional[torch.Tensor]:
+        """int64 ``(B, 3)`` valid tokens per stream (audio, video, fusion), or None when every token is valid."""
+        return ZorroModel._stream_lengths(self.batch, self.sizes, [self.valid.get(m) for m in MODALITIES] + [None])
+
+    def valid_rows(self, modality: str) -> Optional[torch.Tensor]:
+        """int64 ``(B,)`` valid time rows of ``modality``'s grid per sample, or None (all valid)."""
+        if modality not in self.valid:
+            return None
+        return self.valid[modality] // math.prod(self.grids[modality][1:])
+
+    def concat(self) -> torch.Tensor:
+        """``(B, N, D)``: audio, video and fusion tokens in stream order (an absent modality is empty)."""
+        return torch.cat([self.tokens[m] for m in MODALITIES if m in self.tokens] + [self.fusion], dim=1)
 
 
 class Encoded(NamedTuple):
@@ -99,7 +147,9 @@ class ZorroModel(nn.Module):
     """Base class of the Zorro backbones (see :mod:`zorro_models.vit`, ``swin``, ``hip``).
 
     Subclasses set ``self.audio_embed`` (:class:`AudioPatchEmbed`), ``self.video_embed`` (:class:`VideoPatchEmbed`),
-    ``self.readout`` (:class:`MaskedReadout`), ``self.embed_dim`` and ``self.config``, and implement :meth:`encode`.
+    ``self.readout`` (:class:`MaskedReadout`), ``self.embed_dim``, ``self.config``, ``self.mask_kind`` (one of
+    :data:`MASK_KINDS`) and, if fusion tokens enter with the input, ``self.fusion_tokens`` ``(F, D)``; and implement
+    :meth:`encode`.
 
     Inputs (keywords; either modality may be omitted or None, not both):
         audio: log-mel spectrogram ``(B, n_mels, frames)``, ``frames <= audio_frames``.
@@ -113,19 +163,43 @@ class ZorroModel(nn.Module):
 
     embed_dim: int
     config: dict
+    mask_kind: str
     audio_embed: AudioPatchEmbed
     video_embed: VideoPatchEmbed
     readout: MaskedReadout
+    fusion_tokens: nn.Parameter  # optional: a backbone without input fusion tokens does not set it
 
     def __init__(self):
         super().__init__()
         self._masks = MaskCache()
 
     # ------------------------------------------------------------------ to implement
-    def encode(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor],
-               audio_lengths: Optional[torch.Tensor], video_lengths: Optional[torch.Tensor], batch: int) -> Encoded:
-        """Checked inputs (frame lengths as int64 CPU ``(B,)`` or None) -> final tokens; see :class:`Encoded`."""
+    def encode(self, inputs: StreamLayout) -> Encoded:
+        """The embedded inputs (:class:`StreamLayout`) -> final tokens; see :class:`Encoded`."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the input layer
+    def embed(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor],
+              audio_lengths: Optional[torch.Tensor], video_lengths: Optional[torch.Tensor], batch: int
+              ) -> StreamLayout:
+        """Checked inputs (frame lengths as int64 CPU ``(B,)`` or None) -> :class:`StreamLayout`: each modality
+        patch-embedded, its valid frames turned into valid tokens, the fusion tokens expanded over the batch."""
+        tokens, grids, valid = {}, {}, {}
+        for m, x, frames, embed in (("audio", audio, audio_lengths, self.audio_embed),
+                                    ("video", video, video_lengths, self.video_embed)):
+            if x is None:
+                continue
+            tokens[m], grids[m] = embed(x, frames)
+            if frames is not None:
+                valid[m] = embed.token_lengths(frames)
+        dtype = (audio if audio is not None else video).dtype
+        fusion_tokens = getattr(self, "fusion_tokens", None)
+        if fusion_tokens is None:
+            first = next(iter(tokens.values()))
+            fusion = first.new_zeros(batch, 0, first.shape[-1], dtype=dtype)
+        else:
+            fusion = fusion_tokens.to(dtype).expand(batch, -1, -1)
+        return StreamLayout(tokens, grids, valid, fusion, dtype)
 
     # ------------------------------------------------------------------ public
     def forward(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None, *,
@@ -143,7 +217,7 @@ class ZorroModel(nn.Module):
                          audio_lengths=None, video_lengths=None) -> ZorroFeatures:
         """Like :meth:`forward`, also returning presence flags and the final tokens (:class:`ZorroFeatures`)."""
         batch, audio_lengths, video_lengths = self._check_inputs(audio, video, audio_lengths, video_lengths)
-        enc = self.encode(audio, video, audio_lengths, video_lengths, batch)
+        enc = self.encode(self.embed(audio, video, audio_lengths, video_lengths, batch))
         mask = self._masks.get(("readout", enc.sizes, MaskCache.key(enc.lengths)),
                                lambda: MaskedReadout.mask_for(enc.sizes, enc.lengths))
         emb, present = self.readout(enc.tokens, enc.sizes, enc.lengths, mask=mask)

@@ -29,14 +29,13 @@ import torch.nn as nn
 
 from zorro_kernels import ZorroMask
 
-from .base import Encoded, ZorroModel, check_mask_kind, mask_rules
-from .layers import CrossBlock, MaskCache, MaskedReadout, ZorroBlock, init_weights
+from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
+from .layers import MODALITIES, CrossBlock, MaskCache, MaskedReadout, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
 __all__ = ["ZorroHiP", "GroupLayout", "split_sizes", "hip_level_masks"]
 
-MODALITIES = ("audio", "video")
 
 
 def split_sizes(n: int, groups: int) -> list[int]:
@@ -229,23 +228,13 @@ class ZorroHiP(ZorroModel):
 
         return self._masks.get(key, build)
 
-    def encode(self, audio, video, audio_lengths, video_lengths, batch: int) -> Encoded:
-        ref = audio if audio is not None else video
-        parts, n_tokens, valid_tokens = [], {}, {}
-        for m, x, lengths, embed in (("audio", audio, audio_lengths, self.audio_embed),
-                                     ("video", video, video_lengths, self.video_embed)):
-            if x is None:
-                n_tokens[m] = 0
-                continue
-            tokens, _ = embed(x, lengths)
-            parts.append(tokens)
-            n_tokens[m] = tokens.shape[1]
-            if lengths is not None:
-                valid_tokens[m] = embed.token_lengths(lengths)
-        x = torch.cat(parts, dim=1)  # level-0 inputs: audio groups, video groups, no fusion yet
+    def encode(self, inputs: StreamLayout) -> Encoded:
+        batch = inputs.batch
+        n_tokens = dict(zip(MODALITIES, inputs.sizes))
+        x = torch.cat(list(inputs.tokens.values()), dim=1)  # level-0 inputs: audio groups, video groups, no fusion
         latents = None
-        for level, (_, latents, cross, self_attn) in zip(self.levels, self.layouts(n_tokens, valid_tokens, batch)):
-            z = level.initial_latents(latents, batch, ref.dtype)
+        for level, (_, latents, cross, self_attn) in zip(self.levels, self.layouts(n_tokens, inputs.valid, batch)):
+            z = level.initial_latents(latents, batch, inputs.dtype)
             z = level.cross(z, x, cross)
             for block in level.blocks:
                 z = block(z, self_attn)

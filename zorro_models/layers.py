@@ -19,9 +19,10 @@ from einops import rearrange
 from zorro_kernels import ZorroMask, zorro_attention
 
 __all__ = ["Mlp", "StreamWise", "Attention", "ZorroBlock", "CrossBlock", "MaskedReadout", "MaskCache", "init_weights",
-           "OUTPUTS", "STREAMS"]
+           "OUTPUTS", "STREAMS", "MODALITIES"]
 
-STREAMS = ("audio", "video", "fusion")
+MODALITIES = ("audio", "video")
+STREAMS = (*MODALITIES, "fusion")
 OUTPUTS = ("audio", "video", "fusion", "global")
 
 

@@ -35,8 +35,8 @@ from einops import rearrange
 
 from zorro_kernels import ZorroMask
 
-from .base import Encoded, ZorroModel, check_mask_kind, mask_rules
-from .layers import MaskCache, MaskedReadout, ZorroBlock, init_weights
+from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
+from .layers import MODALITIES, MaskCache, MaskedReadout, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed, to_pair, to_triple
 
@@ -269,18 +269,10 @@ class ZorroSwin(ZorroModel):
 
         return self._masks.get(key, build)
 
-    def encode(self, audio, video, audio_lengths, video_lengths, batch: int) -> Encoded:
-        ref = audio if audio is not None else video
-        xs, grids, valid_t = {}, {"audio": None, "video": None}, {}
-        if audio is not None:
-            xs["audio"], grids["audio"] = self.audio_embed(audio, audio_lengths)
-            if audio_lengths is not None:
-                valid_t["audio"] = -(-audio_lengths // self.audio_embed.patch[1])
-        if video is not None:
-            xs["video"], grids["video"] = self.video_embed(video, video_lengths)
-            if video_lengths is not None:
-                valid_t["video"] = -(-video_lengths // self.video_embed.patch[0])
-        xf = self.fusion_tokens.to(ref.dtype).expand(batch, -1, -1)
+    def encode(self, inputs: StreamLayout) -> Encoded:
+        batch, xs, xf = inputs.batch, dict(inputs.tokens), inputs.fusion
+        grids = {m: inputs.grids.get(m) for m in MODALITIES}
+        valid_t = {m: inputs.valid_rows(m) for m in inputs.valid}  # the windows cut the grid's time rows
         for s, stage in enumerate(self.stages):
             if s > 0:
                 for name, merge in (("audio", stage.merge_audio), ("video", stage.merge_video)):
@@ -305,7 +297,7 @@ class ZorroSwin(ZorroModel):
                     xs[n] = x[:, offset:offset + xs[n].shape[1]]
                     offset += xs[n].shape[1]
             xf = x[:, offset:]
-        empty = ref.new_zeros(batch, 0, self.embed_dim)
+        empty = xf.new_zeros(batch, 0, self.embed_dim)
         xa, xv = xs.get("audio", empty), xs.get("video", empty)
         tokens = self.norm(torch.cat([xa, xv, xf], dim=1))
         sizes = (xa.shape[1], xv.shape[1], xf.shape[1])

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from zorro_kernels import ZorroMask
 
-from .base import Encoded, ZorroModel, check_mask_kind, mask_rules
+from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
 from .layers import STREAMS, MaskCache, MaskedReadout, StreamWise, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
@@ -93,21 +93,8 @@ class ZorroViT(ZorroModel):
         segments = list(zip(STREAMS, sizes))
         return ZorroMask.from_segments(segments, mask_rules(self.mask_kind, STREAMS[:2]), lengths=lengths)
 
-    def encode(self, audio, video, audio_lengths, video_lengths, batch: int) -> Encoded:
-        ref = audio if audio is not None else video
-        empty = ref.new_zeros(batch, 0, self.embed_dim)
-        xa, la = empty, None
-        if audio is not None:
-            xa, _ = self.audio_embed(audio, audio_lengths)
-            la = None if audio_lengths is None else self.audio_embed.token_lengths(audio_lengths)
-        xv, lv = empty, None
-        if video is not None:
-            xv, _ = self.video_embed(video, video_lengths)
-            lv = None if video_lengths is None else self.video_embed.token_lengths(video_lengths)
-        xf = self.fusion_tokens.to(ref.dtype).expand(batch, -1, -1)
-        x = torch.cat([xa, xv, xf], dim=1)
-        sizes = (xa.shape[1], xv.shape[1], xf.shape[1])
-        lengths = self._stream_lengths(batch, sizes, (la, lv, None))
+    def encode(self, inputs: StreamLayout) -> Encoded:
+        x, sizes, lengths = inputs.concat(), inputs.sizes, inputs.lengths
         mask = self._masks.get(("self", sizes, MaskCache.key(lengths)), lambda: self.layout_mask(sizes, lengths))
         for block in self.blocks:
             x = block(x, mask, sizes)
