@@ -38,19 +38,20 @@ _masks: "OrderedDict[str, ZorroMask]" = OrderedDict()  # content key -> mask reb
 
 def describe(mask: ZorroMask) -> tuple:
     """What the custom ops take instead of the mask: ``(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self,
-    causal)``; ``kv_lengths`` is None for self-attention."""
+    causal, window)``; ``kv_lengths`` is None for self-attention, ``window`` ``[left, right]`` (``[-1, -1]``: none)."""
     return (mask.allow, mask.lengths, None if mask.is_self else mask.kv_lengths, list(mask.q_sizes),
-            list(mask.kv_sizes), mask.is_self, mask.causal)
+            list(mask.kv_sizes), mask.is_self, mask.causal, list(mask.window or (-1, -1)))
 
 
-def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal) -> ZorroMask:
+def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window) -> ZorroMask:
     """The mask with this description: the cached one with the same content key, or a new one (then cached)."""
-    key = content_key(q_sizes, kv_sizes, is_self, causal, allow, lengths, kv_lengths)
+    window = None if list(window) == [-1, -1] else tuple(window)
+    key = content_key(q_sizes, kv_sizes, is_self, causal, allow, lengths, kv_lengths, window)
     mask = _masks.get(key)
     if mask is None:
         mask = ZorroMask([(f"q{i}", n) for i, n in enumerate(q_sizes)], allow.detach().cpu().bool(),
                          kv_segments=None if is_self else [(f"k{i}", n) for i, n in enumerate(kv_sizes)],
-                         lengths=lengths, kv_lengths=None if is_self else kv_lengths, causal=causal)
+                         lengths=lengths, kv_lengths=None if is_self else kv_lengths, causal=causal, window=window)
         _masks[key] = mask
         while len(_masks) > _MAX_MASKS:
             _masks.popitem(last=False)
@@ -112,31 +113,32 @@ def _bias_kw(bias) -> dict:
 @torch.library.custom_op("zorro::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Optional[Tensor],
                    kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int], is_self: bool, causal: bool,
-                   scale: float, backend: str, dense: Optional[Tensor] = None, table: Optional[Tensor] = None,
-                   pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
+                   window: list[int], scale: float, backend: str, dense: Optional[Tensor] = None,
+                   table: Optional[Tensor] = None, pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
                    extents: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(out (B, H, Nq, D) contiguous, lse (B, H, Nq) fp32)``; see the module docstring for the arguments."""
-    mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
+    mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window)
     bias = _bias_from(dense, table, pos_q, pos_k, extents)
     out, lse = BACKENDS[backend].forward(q, k, v, mask, scale, **_bias_kw(bias))
     return out.contiguous(), lse.float()
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, scale, backend,
-                        dense=None, table=None, pos_q=None, pos_k=None, extents=None):
+def _attention_fwd_fake(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window, scale,
+                        backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("zorro::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allow: Tensor,
                    lengths: Optional[Tensor], kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int],
-                   is_self: bool, causal: bool, scale: float, backend: str, dense: Optional[Tensor] = None,
+                   is_self: bool, causal: bool, window: list[int], scale: float, backend: str,
+                   dense: Optional[Tensor] = None,
                    table: Optional[Tensor] = None, pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
                    extents: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dbias)``, contiguous, shaped as q, k, v and the dense bias or table (empty without a bias:
     an op returns no None)."""
-    mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal)
+    mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window)
     bias = _bias_from(dense, table, pos_q, pos_k, extents)
     grads = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale, **_bias_kw(bias))
     if bias is None:
@@ -146,7 +148,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal,
-                        scale, backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None):
+                        window, scale, backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None):
     b = dense if dense is not None else table
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(0) if b is None else b.new_empty(b.shape))

@@ -16,7 +16,19 @@ The paper's rule (Recasens et al., 2023)::
 Semantics, for sample ``b``: the token at position ``p`` (0-based inside its segment ``s``) is valid iff
 ``p < lengths[b, s]``. A valid query may attend a valid key iff the rules allow (query segment, key segment) and, when
 ``causal=True``, the key's index ``j`` and the query's index ``i`` satisfy ``j <= i + (Nk - Nq)`` (bottom-right aligned,
-as flash-attention does). A query row with no key it may attend returns exactly 0 with zero gradients.
+as flash-attention does). With a sliding ``window=(left, right)`` (flash-attention's ``window_size``) it must also
+satisfy ``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right``, ``-1`` leaving that side unbounded. A query row with no
+key it may attend returns exactly 0 with zero gradients.
+
+A sliding window of 2 keys back on one 6-token segment (``window=(2, 0)``, the same as ``(2, -1)`` with ``causal``)::
+
+    keys ->  0 1 2 3 4 5
+    q 0      #
+    q 1      # #
+    q 2      # # #
+    q 3        # # #
+    q 4          # # #
+    q 5            # # #
 """
 from __future__ import annotations
 
@@ -142,11 +154,28 @@ def _short(names: tuple[str, ...], n: int = 12) -> str:
     return str(list(names)) if len(names) <= n else str(list(names[:n]))[:-1] + f", ... ({len(names)} in all)]"
 
 
+def _check_window(window) -> Optional[tuple[int, int]]:
+    if window is None:
+        return None
+    if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints (-1 = unbounded) or None, got {window!r}")
+    for side, w in zip(("left", "right"), window):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window {side} must be an int, got {type(w).__name__} {w!r}")
+        if w < -1:
+            raise ValueError(f"window {side} must be >= 0 (or -1 for unbounded), got {w}")
+    window = (int(window[0]), int(window[1]))
+    return None if window == (-1, -1) else window
+
+
 def content_key(q_sizes, kv_sizes, is_self: bool, causal: bool, allow: torch.Tensor,
-                lengths: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor]) -> str:
+                lengths: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+                window: Optional[Sequence[int]] = None) -> str:
     """Digest of a mask's description (see :attr:`ZorroMask.key`); ``kv_lengths`` is None for self-attention."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(q_sizes), tuple(kv_sizes), bool(is_self), bool(causal))).encode())
+    if window is not None:
+        h.update(repr(("window", tuple(window))).encode())
     for t in (allow, lengths, kv_lengths):
         raw = b"-" if t is None else repr(tuple(t.shape)).encode() + t.detach().to("cpu", torch.int64).numpy().tobytes()
         h.update(raw)
@@ -155,7 +184,7 @@ def content_key(q_sizes, kv_sizes, is_self: bool, causal: bool, allow: torch.Ten
 
 def _content_key(mask: "ZorroMask") -> str:
     return content_key(mask.q_sizes, mask.kv_sizes, mask.is_self, mask.causal, mask.allow, mask.lengths,
-                       None if mask.is_self else mask.kv_lengths)
+                       None if mask.is_self else mask.kv_lengths, mask.window)
 
 
 class ZorroMask:
@@ -176,13 +205,14 @@ class ZorroMask:
         lengths: int64 tensor ``(B, len(q_sizes))`` or None (every token valid).
         kv_lengths: int64 tensor ``(B, len(kv_sizes))`` or None. For self-attention it is ``lengths``.
         causal: also require ``key index <= query index + (num_kv - num_q)``.
+        window: ``(left, right)`` sliding window (see the module docstring) or None.
 
     A mask is immutable; derived data (tile maps per ``(block_m, block_n, device)``, token metadata, the CPU plan) is
     cached on it, so build a mask once and reuse it across layers.
     """
 
     def __init__(self, q_segments: SegmentSpec, allow: torch.Tensor, *, kv_segments: Optional[SegmentSpec] = None,
-                 lengths=None, kv_lengths=None, causal: bool = False):
+                 lengths=None, kv_lengths=None, causal: bool = False, window=None):
         self.q_names, self.q_sizes = _check_segments(q_segments, "segments")
         self.is_self = kv_segments is None
         if self.is_self:
@@ -200,6 +230,7 @@ class ZorroMask:
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
+        self.window = _check_window(window)
         self.lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths")
         if self.is_self:
             if kv_lengths is not None:
@@ -217,7 +248,7 @@ class ZorroMask:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_segments(cls, segments: SegmentSpec, rules: Mapping[str, Rule], *, kv_segments: Optional[SegmentSpec] = None,
-                      lengths=None, kv_lengths=None, causal: bool = False) -> "ZorroMask":
+                      lengths=None, kv_lengths=None, causal: bool = False, window=None) -> "ZorroMask":
         """Segments and rules by name.
 
         Args:
@@ -231,6 +262,8 @@ class ZorroMask:
             lengths: int tensor ``(B, len(segments))`` of valid tokens per segment per sample, or None.
             kv_lengths: the same for ``kv_segments`` (cross-attention only).
             causal: also apply a bottom-right aligned causal mask over token indices.
+            window: ``(left, right)``: also a bottom-right aligned sliding window over token indices (flash-attention's
+                ``window_size``; -1 = unbounded on that side), combined with the rules, lengths and ``causal``.
 
         Example::
 
@@ -240,7 +273,8 @@ class ZorroMask:
         q_names, _ = _check_segments(segments, "segments")
         kv_names = q_names if kv_segments is None else _check_segments(kv_segments, "kv_segments")[0]
         allow = _rules_to_allow(rules, q_names, kv_names)
-        return cls(segments, allow, kv_segments=kv_segments, lengths=lengths, kv_lengths=kv_lengths, causal=causal)
+        return cls(segments, allow, kv_segments=kv_segments, lengths=lengths, kv_lengths=kv_lengths, causal=causal,
+                   window=window)
 
     @classmethod
     def from_allow(cls, segments: SegmentSpec, allow: torch.Tensor, **kwargs) -> "ZorroMask":
@@ -351,7 +385,19 @@ class ZorroMask:
         """The same layout and rules with other per-sample lengths (a new mask with its own caches)."""
         return ZorroMask(list(zip(self.q_names, self.q_sizes)), self.allow,
                          kv_segments=None if self.is_self else list(zip(self.kv_names, self.kv_sizes)),
-                         lengths=lengths, kv_lengths=kv_lengths, causal=self.causal)
+                         lengths=lengths, kv_lengths=kv_lengths, causal=self.causal, window=self.window)
+
+    def band(self) -> tuple[Optional[int], Optional[int]]:
+        """Causality and the window as one band on ``d = j - i - (Nk - Nq)``: key j is visible to query i only if
+        ``lo <= d <= hi``. Returns ``(lo, hi)``, None for an unbounded side."""
+        lo = hi = None
+        if self.window is not None:
+            left, right = self.window
+            lo = -left if left >= 0 else None
+            hi = right if right >= 0 else None
+        if self.causal:
+            hi = 0 if hi is None else min(hi, 0)
+        return lo, hi
 
     def _q_lengths_or_sizes(self) -> torch.Tensor:
         """``(Bm, Sq)`` valid tokens per query segment: Bm = B when either side has lengths, else 1."""
@@ -378,10 +424,17 @@ class ZorroMask:
         q_pos = torch.cat([torch.arange(s) for s in self.q_sizes])
         k_pos = torch.cat([torch.arange(s) for s in self.kv_sizes])
         dense = self.allow[q_seg][:, k_seg]  # (Nq, Nk)
+        i = torch.arange(self.num_q)[:, None]
+        j = torch.arange(self.num_kv)[None, :]
+        off = self.num_kv - self.num_q
         if self.causal:
-            i = torch.arange(self.num_q)[:, None]
-            j = torch.arange(self.num_kv)[None, :]
-            dense = dense & (j <= i + (self.num_kv - self.num_q))
+            dense = dense & (j <= i + off)
+        if self.window is not None:
+            left, right = self.window
+            if left >= 0:
+                dense = dense & (j >= i + off - left)
+            if right >= 0:
+                dense = dense & (j <= i + off + right)
         if self.batch_size is None:
             return dense
         q_valid = q_pos[None] < self._q_lengths_or_sizes()[:, q_seg]  # (B, Nq)
@@ -395,9 +448,10 @@ class ZorroMask:
         """
         ql = self._q_lengths_or_sizes()  # (Bm, Sq)
         kl = self._kv_lengths_or_sizes()  # (Bm, Sk)
-        if not self.causal:
+        lo, hi = self.band()
+        if lo is None and hi is None:
             return torch.einsum("bq,qk,bk->b", ql, self.allow.to(torch.int64), kl)
-        # Causal: count lattice points j <= i + off in each (valid q range) x (valid k range) rectangle.
+        # Banded: count lattice points lo <= j - i - off <= hi in each (valid q range) x (valid k range) rectangle.
         qs = torch.tensor((0,) + self.q_sizes, dtype=torch.int64).cumsum(0)[:-1]
         ks = torch.tensor((0,) + self.kv_sizes, dtype=torch.int64).cumsum(0)[:-1]
         off = self.num_kv - self.num_q
@@ -405,16 +459,21 @@ class ZorroMask:
         i1 = i0 + ql[:, :, None]
         j0 = ks[None, None, :]
         w = kl[:, None, :]
-        # for row i: visible count = clamp(i + off - j0 + 1, 0, w); sum over rows = F(t1) - F(t0 - 1)
-        t0 = i0 + off - j0 + 1
-        t1 = i1 - 1 + off - j0 + 1
 
         def cum(t):  # sum_{s <= t} clamp(s, 0, w)
             tc = t.clamp(min=-1)
-            lo = torch.minimum(tc, w).clamp(min=0)
-            return lo * (lo + 1) // 2 + (tc - w).clamp(min=0) * w
+            low = torch.minimum(tc, w).clamp(min=0)
+            return low * (low + 1) // 2 + (tc - w).clamp(min=0) * w
 
-        counts = torch.where(i1 > i0, cum(t1) - cum(t0 - 1), torch.zeros_like(t1))
+        def up_to(c):
+            # pairs with j <= i + c: for row i, clamp(i + c - j0 + 1, 0, w); summed over rows = F(t1) - F(t0 - 1)
+            t0 = i0 + c - j0 + 1
+            t1 = i1 - 1 + c - j0 + 1
+            return torch.where(i1 > i0, cum(t1) - cum(t0 - 1), torch.zeros_like(t1))
+
+        counts = (i1 - i0) * w if hi is None else up_to(off + hi)
+        if lo is not None:
+            counts = counts - up_to(off + lo - 1)
         return (counts * self.allow[None].to(torch.int64)).sum((1, 2))
 
     def attended_fraction(self) -> float:
@@ -488,6 +547,7 @@ class ZorroMask:
                 for q, v in rules.items()) + "}"
         head = (f"ZorroMask(q=[{segs(self.q_names, self.q_sizes)}], kv={kv}, rules={rules_s}"
                 + (", causal" if self.causal else "")
+                + (f", window={self.window}" if self.window is not None else "")
                 + (f", B={self.batch_size} (lengths)" if self.batch_size is not None else "")
                 + f", sparsity={self.sparsity():.1%})")
         return head + "\n" + self.draw()

@@ -19,7 +19,8 @@ mask has no per-sample lengths (broadcast over the batch), else B.
 
 The classification is exact (a test expands it and compares with :meth:`ZorroMask.to_dense`), costs time proportional
 to segments + tiles (2-D prefix sums over the segment rule table and closed-form valid-token counts), and never builds
-an ``Nq x Nk`` tensor. Only tiles that straddle the causal diagonal, O(Tq + Tk) of them, are checked element-wise.
+an ``Nq x Nk`` tensor. Only tiles that straddle the causal diagonal or a sliding window's edges, O(Tq + Tk) of them, are
+checked element-wise; tiles wholly outside the band are empty (never visited).
 """
 from __future__ import annotations
 
@@ -81,10 +82,12 @@ class TokenMeta(NamedTuple):
         k_seg, k_pos: int32 ``(Nk,)`` — the same for keys.
         allow: int32 ``(Sq, Sk)`` — 1 where query segment a may see key segment c.
         q_len: int32 ``(Bm, Sq)``, k_len: int32 ``(Bm, Sk)`` — valid tokens per segment (the sizes when no lengths).
-        causal_offset: ``Nk - Nq``; meaningful when ``causal``.
+        causal_offset: ``Nk - Nq``; meaningful when ``causal`` or with a window.
+        window_left, window_right: the mask's sliding window, -1 for an unbounded side (or no window).
 
     Element rule: query i of sample b may see key j iff ``allow[q_seg[i], k_seg[j]] and q_pos[i] < q_len[b, q_seg[i]]
-    and k_pos[j] < k_len[b, k_seg[j]] and (not causal or j <= i + causal_offset)``.
+    and k_pos[j] < k_len[b, k_seg[j]] and (not causal or j <= i + causal_offset)`` and, for a bounded side of the
+    window, ``j >= i + causal_offset - window_left`` / ``j <= i + causal_offset + window_right``.
     """
     q_seg: torch.Tensor
     q_pos: torch.Tensor
@@ -95,6 +98,8 @@ class TokenMeta(NamedTuple):
     k_len: torch.Tensor
     causal: bool
     causal_offset: int
+    window_left: int = -1
+    window_right: int = -1
 
     def to(self, device) -> "TokenMeta":
         return self._replace(**{f: getattr(self, f).to(device) for f in self._fields
@@ -107,8 +112,13 @@ class TokenMeta(NamedTuple):
         q_ok = self.q_pos[rows][None] < self.q_len[:, qs]                  # (Bm, P, R)
         k_ok = self.k_pos[cols][None] < self.k_len[:, ks]                  # (Bm, P, C)
         m = m & q_ok[..., :, None] & k_ok[..., None, :]
+        d = cols[None, :, None, :] - rows[None, :, :, None] - self.causal_offset
         if self.causal:
-            m = m & (cols[None, :, None, :] <= rows[None, :, :, None] + self.causal_offset)
+            m = m & (d <= 0)
+        if self.window_left >= 0:
+            m = m & (d >= -self.window_left)
+        if self.window_right >= 0:
+            m = m & (d <= self.window_right)
         return m
 
 
@@ -126,7 +136,7 @@ def build_token_meta(mask) -> TokenMeta:
     return TokenMeta(q_seg, q_pos, k_seg, k_pos, mask.allow.to(torch.int32),
                      mask._q_lengths_or_sizes().to(torch.int32).contiguous(),
                      mask._kv_lengths_or_sizes().to(torch.int32).contiguous(),
-                     mask.causal, mask.num_kv - mask.num_q)
+                     mask.causal, mask.num_kv - mask.num_q, *(mask.window or (-1, -1)))
 
 
 class _Axis(NamedTuple):
@@ -225,8 +235,8 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
     full = ~empty & no_pad & (qa.complete[:, None] & ka.complete[None, :]) & (n_allow == area)
     kinds = np.where(empty, EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
 
-    if mask.causal:
-        kinds = _apply_causal(mask, torch.from_numpy(kinds), block_m, block_n).numpy()
+    if mask.band() != (None, None):
+        kinds = _apply_band(mask, torch.from_numpy(kinds), block_m, block_n).numpy()
 
     kt = kinds.transpose(0, 2, 1)
     return TileMap(block_m, block_n, mask.num_q, mask.num_kv, torch.from_numpy(np.ascontiguousarray(kinds)),
@@ -234,20 +244,30 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
                    *_sorted_lists(kt, FULL), *_sorted_lists(kt, PARTIAL))
 
 
-def _apply_causal(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """Causal ``j <= i + off``: tiles wholly above the diagonal become empty; the O(Tq + Tk) tiles that straddle it
-    are classified from their exact element masks (segment rules and padding interact with the diagonal there)."""
+def _apply_band(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """The band ``lo <= j - i - off <= hi`` of causality and the sliding window (:meth:`ZorroMask.band`): tiles wholly
+    outside it become empty; the O(Tq + Tk) tiles that straddle one of its edges are classified from their exact
+    element masks (segment rules and padding interact with the edges there)."""
     nq, nk, off = mask.num_q, mask.num_kv, mask.num_kv - mask.num_q
+    lo, hi = mask.band()
     tq, tk = kinds.shape[1], kinds.shape[2]
     r0 = torch.arange(tq) * block_m
     r1 = torch.clamp(r0 + block_m, max=nq) - 1  # last row in the matrix
     c0 = torch.arange(tk) * block_n
     c1 = torch.clamp(c0 + block_n, max=nk) - 1
-    above = c0[None, :] > r1[:, None] + off   # every key after every query: nothing visible
-    below = c1[None, :] <= r0[:, None] + off  # every key visible as far as causality goes
+    d_min = c0[None, :] - r1[:, None] - off     # the tile's smallest and largest j - i - off
+    d_max = c1[None, :] - r0[:, None] - off
+    outside = torch.zeros(tq, tk, dtype=torch.bool)
+    inside = torch.ones(tq, tk, dtype=torch.bool)
+    if hi is not None:
+        outside |= d_min > hi
+        inside &= d_max <= hi
+    if lo is not None:
+        outside |= d_max < lo
+        inside &= d_min >= lo
     kinds = kinds.clone()
-    kinds[:, above] = EMPTY
-    straddle = (~above & ~below).nonzero()
+    kinds[:, outside] = EMPTY
+    straddle = (~outside & ~inside).nonzero()
     if len(straddle):
         ms, ns = straddle[:, 0], straddle[:, 1]
         rows = r0[ms, None] + torch.arange(block_m)[None]          # (P, BM)

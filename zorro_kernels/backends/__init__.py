@@ -54,6 +54,7 @@ class Backend:
         compile: whether it runs under ``torch.compile`` (behind the custom ops).
         deterministic: reruns are bitwise equal, so it may run under ``torch.use_deterministic_algorithms(True)``.
         bias: whether it takes an additive attention bias (``bias=`` of :func:`zorro_kernels.zorro_attention`).
+        window: whether it takes masks with a sliding window (``ZorroMask(..., window=)``).
         eager: optional differentiable ``(q, k, v, mask, scale[, bias]) -> out`` used outside compilation.
         extra_reasons: ``(q, k, v, mask) -> list[str]`` for what the fields cannot say.
     """
@@ -67,6 +68,7 @@ class Backend:
     compile: bool = True
     deterministic: bool = True
     bias: bool = False
+    window: bool = False
     eager: Optional[Callable] = None
     extra_reasons: Callable = _no_reasons
 
@@ -90,6 +92,8 @@ class Backend:
             reasons.append("is not deterministic and torch.use_deterministic_algorithms(True) is set")
         if bias is not None and not self.bias:
             reasons.append("takes no attention bias")
+        if mask.window is not None and not self.window:
+            reasons.append(f"takes no sliding window (the mask has window={mask.window})")
         return reasons + list(self.extra_reasons(q, k, v, mask))
 
 
@@ -143,7 +147,8 @@ def _reference_forward(q, k, v, mask, scale, bias=None):
 
 register_backend(Backend(
     "reference", "dense boolean mask, each row attending exactly its keys (slow; NaN-safe; the oracle)",
-    _reference_forward, backward_by_recompute(_reference), bias=True, eager=_reference))
+    _reference_forward, backward_by_recompute(_reference), bias=True, window=True,
+    eager=_reference))
 
 
 # ---------------------------------------------------------------------------------------------------- segments
@@ -175,7 +180,7 @@ def _segments_backward(dout, q, k, v, out, lse, mask, scale, bias=None):
 
 register_backend(Backend(
     "segments", "exact segment decomposition into unmasked fused SDPA calls (the CPU fast path; any device)",
-    _segments_forward, _segments_backward, bias=True, eager=segment_attention))
+    _segments_forward, _segments_backward, bias=True, window=True, eager=segment_attention))
 
 
 # ---------------------------------------------------------------------------------------------------- triton

@@ -8,7 +8,8 @@ paper's layout, audio x audio, video x video and fusion x everything. This backe
    adjacent, so contiguous runs are views, not copies); consecutive equal-size diagonal groups (windows, packed
    sequences) are fused into one *run* evaluated as a batch of small problems;
 2. runs each group with PyTorch's fused attention on just its rows and keys, with no mask (a mask only for groups that
-   straddle a causal diagonal), writing into one preallocated output;
+   straddle a causal diagonal or a sliding window's edge), writing into one preallocated output; with a sliding window
+   each query range is cut into chunks whose keys are trimmed to the band, so work outside it is skipped;
 3. on CPU, does forward and backward itself in an autograd Function calling ATen's flash-attention-for-CPU kernels
    (``out``/``lse`` saved once for the whole output, grads accumulated in place), so it pays neither autograd's per-slice
    zero-filled gradient buffers nor a second copy of the output. Elsewhere it composes
@@ -38,7 +39,7 @@ class Step(NamedTuple):
     q_ranges: Ranges
     k_ranges: Ranges
     blocks: int = 1
-    # causal steps only: bool (rows, cols) mask of the gathered block, and the rows that see nothing
+    # banded steps only (causal / window): bool (rows, cols) mask of the gathered block, and the rows that see nothing
     mask: Optional[torch.Tensor] = None
     dead_rows: Optional[torch.Tensor] = None
     # filled by the plan: how this step's dK/dV land: (start, stop, offset in the gathered keys, accumulate?)
@@ -78,10 +79,21 @@ def _valid_ranges(sizes, lens) -> list[Optional[tuple[int, int]]]:
     return out
 
 
-def _causal_block(q_ranges: Ranges, k_ranges: Ranges, offset: int) -> torch.Tensor:
+def _band_block(q_ranges: Ranges, k_ranges: Ranges, offset: int, lo: Optional[int], hi: Optional[int]) -> torch.Tensor:
+    """bool ``(rows, cols)``: ``lo <= j - i - offset <= hi`` over the gathered rows and columns (None: unbounded)."""
     rows = torch.cat([torch.arange(s, e) for s, e in q_ranges])
     cols = torch.cat([torch.arange(s, e) for s, e in k_ranges])
-    return cols[None, :] <= rows[:, None] + offset
+    d = cols[None, :] - rows[:, None] - offset
+    m = torch.ones(d.shape, dtype=torch.bool)
+    if lo is not None:
+        m &= d >= lo
+    if hi is not None:
+        m &= d <= hi
+    return m
+
+
+def _chunks(r: tuple[int, int], size: Optional[int]) -> list[tuple[int, int]]:
+    return [r] if size is None else [(s, min(s + size, r[1])) for s in range(r[0], r[1], size)]
 
 
 def _fuse_runs(steps: list[Step]) -> list[Step]:
@@ -151,6 +163,9 @@ def build_plan(mask) -> Plan:
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     allow = mask.allow.tolist()
     off = mask.num_kv - mask.num_q
+    lo, hi = mask.band()
+    # query rows per step under a window reaching back: about its width, so at most ~half of each step is masked
+    chunk = None if lo is None else max(64, 1 - lo + max(hi or 0, 0))
     patterns = []
     for u in range(uniq.shape[0]):
         lens = uniq[u].tolist()
@@ -166,15 +181,16 @@ def build_plan(mask) -> Plan:
         steps = []
         for keys, q_ranges in by_keys.items():
             q_ranges = _merge(q_ranges)
-            if not mask.causal:
+            if lo is None and hi is None:
                 steps.append(Step(q_ranges, keys))
                 continue
-            # causal: one step per query range, its keys trimmed to what its last row may see
-            for qr in q_ranges:
-                k_trim = _merge((s, min(e, qr[1] + off)) for s, e in keys)
+            # banded: one step per query range (chunks of it under a window reaching back), keys trimmed to the band
+            for qr in (c for r in q_ranges for c in _chunks(r, chunk)):
+                k_trim = _merge((s if lo is None else max(s, qr[0] + off + lo),
+                                 e if hi is None else min(e, qr[1] + off + hi)) for s, e in keys)
                 if not k_trim:
                     continue
-                m = _causal_block((qr,), k_trim, off)
+                m = _band_block((qr,), k_trim, off, lo, hi)
                 if m.all():
                     steps.append(Step((qr,), k_trim))
                 else:

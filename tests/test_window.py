@@ -1,0 +1,152 @@
+"""Sliding windows on ZorroMask (flash-attention's ``window_size=(left, right)``): the definition, its combination
+with segments, lengths and causal, exact tile maps that skip tiles outside the band, the segment path and the reference
+against the fp64 oracle, refusals and bad input."""
+import random
+
+import pytest
+import torch
+
+from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.attention import select_backend
+from zorro_kernels.tilemap import EMPTY, build_tile_map
+
+from .layouts import random_mask
+from .test_attention import make_qkv
+from .test_bias import attn_fn, dense_bias
+from .test_tilemap import check_tile_map
+from .tolerances import check_against_oracle
+
+
+def flash_window(nq: int, nk: int, left: int, right: int, causal: bool) -> torch.Tensor:
+    """flash-attn's rule, written out: key j visible to query i iff i + Nk - Nq - left <= j <= i + Nk - Nq + right
+    (a side of -1 unbounded); causal sets right to 0."""
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None]
+    c = i + nk - nq
+    right = 0 if causal else right
+    ok = torch.ones(nq, nk, dtype=torch.bool)
+    if left >= 0:
+        ok &= j >= c - left
+    if right >= 0:
+        ok &= j <= c + right
+    return ok
+
+
+@pytest.mark.parametrize("nq, nk", [(9, 9), (4, 11), (11, 4), (1, 7)])
+@pytest.mark.parametrize("window", [(2, 0), (0, 3), (3, 1), (-1, 2), (1, -1), (0, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_matches_flash_attention_semantics(nq, nk, window, causal):
+    mask = ZorroMask.from_segments([("x", nq)], {"x": "*"}, kv_segments=[("x", nk)], causal=causal, window=window)
+    assert torch.equal(mask.to_dense(), flash_window(nq, nk, *window, causal))
+    assert int(mask.attended()) == int(mask.to_dense().sum())
+
+
+def test_window_combines_with_segments_lengths_and_causal():
+    mask = ZorroMask.zorro(audio=7, video=9, fusion=3, lengths=torch.tensor([[7, 9, 3], [4, 0, 2]]))
+    wm = ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, lengths=mask.lengths, causal=True,
+                   window=(4, -1))
+    want = mask.to_dense() & flash_window(19, 19, 4, -1, True)
+    assert torch.equal(wm.to_dense(), want)
+    assert torch.equal(wm.attended(), want.sum((1, 2)))
+    assert wm.with_lengths(None).window == (4, -1)
+    assert wm.key != ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, lengths=mask.lengths,
+                               causal=True).key
+    assert "window=(4, -1)" in repr(wm)
+
+
+def random_window_mask(rng: random.Random) -> ZorroMask:
+    base = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
+    window = (rng.choice([-1, 0, 1, 3, 8]), rng.choice([-1, 0, 2, 5]))
+    return ZorroMask(list(zip(base.q_names, base.q_sizes)), base.allow,
+                     kv_segments=None if base.is_self else list(zip(base.kv_names, base.kv_sizes)),
+                     lengths=base.lengths, kv_lengths=None if base.is_self else base.kv_lengths,
+                     causal=base.causal, window=window)
+
+
+def test_attended_counts_random_windows():
+    rng = random.Random(2)
+    for _ in range(60):
+        mask = random_window_mask(rng)
+        d = mask.to_dense()
+        want = (d[None] if d.ndim == 2 else d).sum((1, 2))
+        assert torch.equal(mask.attended(), want), repr(mask)
+
+
+def test_tile_maps_exact_with_windows():
+    rng = random.Random(4)
+    for _ in range(25):
+        mask = random_window_mask(rng)
+        for bm, bn in [(1, 1), (2, 3), (4, 4), (16, 8)]:
+            check_tile_map(mask, bm, bn)
+
+
+def test_tiles_outside_the_band_are_skipped():
+    """A 1024-token sequence with a 64-key window: only the tiles along the band are visited."""
+    mask = ZorroMask.from_segments([("x", 1024)], {"x": "*"}, causal=True, window=(63, 0))
+    tm = build_tile_map(mask, 64, 64)
+    visited = (tm.kinds != EMPTY).sum().item()
+    assert visited == 16 + 15  # the diagonal tiles and the ones just below them
+    assert tm.tile_sparsity > 0.85  # 31 of 256 tiles
+    check_tile_map(ZorroMask.from_segments([("x", 300)], {"x": "*"}, window=(20, 10)), 32, 16)
+
+
+@pytest.mark.parametrize("backend", ["segments", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_windows_against_the_oracle(backend, dtype):
+    rng = random.Random(9)
+    for i in range(8 if backend == "segments" else 3):
+        mask = random_window_mask(rng)
+        check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype, d=16), mask, seed=i)
+
+
+def test_long_window_segments_steps_skip_the_outside():
+    """The segment plan cuts a windowed sequence into chunks whose keys stay near the band."""
+    from zorro_kernels.backends.segments import build_plan
+
+    mask = ZorroMask.from_segments([("x", 1000)], {"x": "*"}, causal=True, window=(31, 0))
+    plan = build_plan(mask)
+    work = sum((st.q_ranges[0][1] - st.q_ranges[0][0]) * sum(e - s for s, e in st.k_ranges)
+               for st in plan.patterns[0].steps)
+    assert work < 3 * int(mask.attended())
+    check_against_oracle(attn_fn("segments"), *make_qkv(mask, b=1, h=2, hkv=1, d=8), mask)
+
+
+def test_window_with_bias_and_gqa():
+    mask = ZorroMask.from_segments([("a", 20), ("b", 13)], {"a": ["a"], "b": "*"}, causal=True, window=(5, -1),
+                                   lengths=torch.tensor([[20, 13], [11, 4]]))
+    check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=4, hkv=2), mask, bias=dense_bias(mask, "B11K"))
+
+
+@pytest.mark.full
+def test_windows_against_the_oracle_many():
+    rng = random.Random(19)
+    for i in range(150):
+        mask = random_window_mask(rng)
+        h, hkv = rng.choice([(1, 1), (4, 1), (6, 3)])
+        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask, seed=i)
+
+
+def test_triton_refuses_windows_and_auto_picks_segments():
+    mask = ZorroMask.from_segments([("x", 40)], {"x": "*"}, window=(4, 4))
+    q, k, v = make_qkv(mask)
+    assert select_backend(q, k, v, mask) == "segments"
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run this input: .*takes no sliding window "
+                                         r"\(the mask has window=\(4, 4\)\)"):
+        zorro_attention(q, k, v, mask, backend="triton")
+
+
+def test_compile_fullgraph_with_window():
+    mask = ZorroMask.from_segments([("x", 40)], {"x": "*"}, causal=True, window=(6, -1))
+    q, k, v = make_qkv(mask)
+    fn = torch.compile(lambda a, b, c: zorro_attention(a, b, c, mask), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), zorro_attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize("window, exc, msg", [
+    ((2,), TypeError, r"window must be a \(left, right\) pair of ints \(-1 = unbounded\) or None, got \(2,\)"),
+    ("22", TypeError, "window must be a"),
+    ((2, 1.5), TypeError, "window right must be an int, got float 1.5"),
+    ((-2, 0), ValueError, r"window left must be >= 0 \(or -1 for unbounded\), got -2"),
+])
+def test_bad_window_raises_clear_errors(window, exc, msg):
+    with pytest.raises(exc, match=msg):
+        ZorroMask.from_segments([("x", 4)], {"x": "*"}, window=window)
