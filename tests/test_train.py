@@ -344,3 +344,30 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     trainer.optimizer.register_step_pre_hook(before_step)
     logs = trainer.train_step(trainer.batches())
     assert float(logs["grad_norm"]) > 0.05 and seen[0] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_a_run_killed_while_saving_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """End to end: the step-4 save dies just before its folder is renamed into place; resuming starts at step 2 (the
+    step being saved is all that is lost) and ends bitwise where the uninterrupted run ends."""
+    straight = Trainer(tiny_config(tmp_path, "straight", "train.steps=4"))
+    straight.fit()
+    crashed = Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.ckpt_every=2"))
+    replace = os.replace
+
+    def dying_replace(src, dst):
+        if os.path.basename(dst) == "step_00000004":
+            raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch it on the way out
+        return replace(src, dst)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", dying_replace)
+        with pytest.raises(KeyboardInterrupt):
+            crashed.fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
+    resumed = Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.ckpt_every=2", "train.resume=true"))
+    assert resumed.step == 2
+    resumed.fit()
+    sa, sb = straight.task.state_dict(), resumed.task.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    assert not [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]

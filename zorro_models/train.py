@@ -190,6 +190,7 @@ class Trainer:
         self.micro_batch = t.batch_size // (world * t.grad_accum)
         self.device = self.env.device
         self.out = Path(t.out)
+        ckpt = self._claim_run_folder()
         use_amp = t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_amp else None
 
@@ -206,25 +207,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
         self._val_set = None
 
-        self.resume_changes, self._overwrite = {}, []
-        existing = run_contents(self.out)
-        if existing and not t.resume:
-            if not t.overwrite:
-                raise FileExistsError(
-                    f"train.out={self.out} already holds a run ({', '.join(existing)}); continue it with "
-                    f"train.resume=true (zorro train --resume), start over with train.overwrite=true (zorro train "
-                    f"--overwrite; deletes that run), or choose another train.out")
-            self._overwrite = existing
-        ckpt = None
-        if t.resume:
-            skipped = []
-            ckpt = latest_checkpoint(self.out, skipped)
-            for line in skipped:
-                self._say(f"train.resume: {line}")
         if ckpt is not None:
-            stored = ckpt / "config.yaml"
-            if stored.is_file():
-                self.resume_changes = config_changes(yaml.safe_load(stored.read_text(encoding="utf-8")) or {}, cfg)
             state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler)
             self.step = state["step"]
             self.epoch = state["extra"]["epoch"]
@@ -233,7 +216,7 @@ class Trainer:
             self._say(f"resumed from {ckpt} at step {self.step}" + "".join(
                 f"; {k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items() if k != "train.resume"))
         elif t.resume:
-            self._say(f"train.resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+            self._say(f"train.resume: no intact checkpoint in {self.out / 'checkpoints'}; starting from step 0")
         if ckpt is None and t.init_from:
             load_weights(self.task.model, t.init_from, prefix="model.")
             self._say(f"backbone initialised from {t.init_from}")
@@ -242,6 +225,34 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         self.logger = MetricsLogger(self.out / "metrics.jsonl") if self.env.is_main else None
+
+    def _claim_run_folder(self) -> Optional[Path]:
+        """Before anything is built: refuse a ``train.out`` that holds a run unless resuming or overwriting; when
+        resuming, find the newest intact checkpoint (saying which it skipped) and refuse config changes that alter
+        the run. Returns the checkpoint to resume from, or None."""
+        t = self.cfg.train
+        self.resume_changes, self._overwrite = {}, []
+        existing = run_contents(self.out)
+        if existing and not t.resume:
+            if not t.overwrite:
+                raise FileExistsError(
+                    f"train.out={self.out} already holds a run ({', '.join(existing)}); continue it with "
+                    f"train.resume=true (zorro train --resume), start over with train.overwrite=true (zorro train "
+                    f"--overwrite; deletes that run), or choose another train.out")
+            self._overwrite = existing  # deleted by rank 0 when training starts
+        if not t.resume:
+            return None
+        skipped = []
+        ckpt = latest_checkpoint(self.out, skipped)
+        for line in skipped:
+            self._say(f"train.resume: {line}")
+        if ckpt is not None:
+            # the config the checkpoint was saved under; else (a checkpoint without one) the run's last config.yaml
+            stored = next((f for f in (ckpt / "config.yaml", self.out / "config.yaml") if f.is_file()), None)
+            if stored is not None:
+                self.resume_changes = config_changes(yaml.safe_load(stored.read_text(encoding="utf-8")) or {},
+                                                     self.cfg)
+        return ckpt
 
     def _open_run(self) -> None:
         """Rank 0, before the first step: delete the run ``train.overwrite`` replaces, drop the metric records of
