@@ -1,6 +1,7 @@
 """Checkpoints: crash safety by fault injection (a crash at every write, fsync, rename and delete of a save), the
 newest-intact rule, damaged files named in errors, a ``latest`` pointer that cannot lead outside the run, stale
 temporary folders, and the RNG states restored by a load."""
+import importlib
 import os
 import pathlib
 import random
@@ -51,8 +52,6 @@ class Injector:
         self.counts, self.crash_at = {}, crash_at
         for owner, attr, kind, torn in CRASH_POINTS:
             if isinstance(owner, str):
-                import importlib
-
                 owner = importlib.import_module(owner)
             monkeypatch.setattr(owner, attr, self._wrap(getattr(owner, attr), kind, torn))
 
