@@ -97,6 +97,13 @@ def test_show_mask_draws_every_family(tmp_path, capsys, model, expected):
     assert png.stat().st_size > 10_000
 
 
+def test_show_mask_takes_every_mask_kind_for_every_family(capsys):
+    for model in ("zorro_vit_demo", "zorro_swin_tiny", "zorro_hip_tiny"):
+        for kind in ("full", "bottleneck"):
+            assert main(["show-mask", "--model", model, "--mask", kind]) == 0
+            assert f"{model}, mask={kind}:" in capsys.readouterr().out
+
+
 def test_show_mask_layouts_are_the_models_own():
     """The dry run records the masks the blocks really receive: for a ViT, its layout mask in every block."""
     from zorro_models import create_model

@@ -190,15 +190,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_show_mask(args) -> int:
-    from .registry import create_model, model_config
+    from .registry import create_model
 
     if args.audio_only and args.video_only:
         raise ValueError("show-mask: choose at most one of --audio-only and --video-only")
-    overrides = {"mask": args.mask} if "mask" in model_config(args.model) else {}
-    if args.mask != "zorro" and not overrides:
-        raise ValueError(f"show-mask: {args.model} has no mask= option (only the Zorro mask); leave out --mask")
     torch.manual_seed(0)
-    model = create_model(args.model, **overrides).eval()
+    model = create_model(args.model, mask=args.mask).eval()
     inputs = model.example_inputs(batch_size=1)
     if args.audio_only:
         inputs.pop("video")

@@ -102,7 +102,7 @@ def _triton_problem() -> str:
     """Why Triton cannot be used here ('' if it can). The import is tried once, outside compilation."""
     global _import_problem
     if not _INSTALLED:
-        return "triton is not installed (pip install 'zorro[triton]')"
+        return "triton is not installed (pip install 'triton>=3.1')"
     if torch.compiler.is_compiling():
         return ""  # import problems surface when the op runs
     if _import_problem is None:
