@@ -31,8 +31,8 @@ if pip show zorro 2>/dev/null | grep '^Editable project location:' >/dev/null; t
   say "removing the old editable install named 'zorro' (now 'zorro-attention')"
   pip uninstall -y -q zorro
 fi
-say "installing $TORCH_SPEC, $TORCHVISION_SPEC and zorro-attention[dev] (the first run downloads ~3.5 GB: the CUDA" \
-    "build of torch and its NVIDIA libraries; about 2 minutes on a fast link)"
+say "installing $TORCH_SPEC, $TORCHVISION_SPEC and zorro-attention[dev] (the first run downloads several GB: the" \
+    "CUDA build of torch and NVIDIA's libraries, 6.2 GB installed; minutes on a fast link)"
 pip install --progress-bar off "$TORCH_SPEC" "$TORCHVISION_SPEC" -e ".[dev]" 2>&1 | quiet_satisfied
 # xformers is only used for its mask classes on CPU (its kernels need a GPU); --no-deps keeps it from pulling a torch.
 say "installing xformers (mask classes only, --no-deps)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -151,8 +152,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from .build import load_run
     from .config import machine_threads
     from .evaluate import OUTPUT_ORDER, evaluate_run
@@ -294,6 +293,7 @@ def _save_masks_png(layouts: list, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     cols = min(3, len(layouts))
     rows = math.ceil(len(layouts) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.5 * rows), squeeze=False)
