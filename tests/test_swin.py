@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from zorro_kernels import RelativePositionBias
 from zorro_models.swin import (PatchMerging, effective_window, swin_block_layout, window_order,
                                window_partition)
 
@@ -145,3 +146,57 @@ def test_docs_show_the_current_masks():
                                    shifted, num_fusion=4)
         picture = "\n".join("    " + "".join("#" if a else "." for a in row) for row in layout.mask.to_dense().tolist())
         assert picture in doc, f"docs/swin.md lacks the current {'shifted' if shifted else 'regular'} mask"
+
+
+# ------------------------------------------------------------------------------------------ relative position bias
+def test_relative_bias_index_is_swins():
+    """One 2-D window: the bias zorro computes per window equals Swin's ``relative_position_index`` gather (so Swin
+    tables load as they are), and the audio table part comes before the video one."""
+    from zorro_models.swin import rel_table_size
+
+    wt, wf = 3, 4
+    layout = swin_block_layout({"audio": (wt, wf), "video": None}, {"audio": (wt, wf), "video": (2, 2, 2)}, False,
+                               num_fusion=2)
+    table = torch.randn(2, rel_table_size({"audio": (wt, wf), "video": (2, 2, 2)}))
+    dense = RelativePositionBias(table, positions=layout.positions).materialize()[0]
+    coords = torch.stack(torch.meshgrid(torch.arange(wt), torch.arange(wf), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor([wt - 1, wf - 1])
+    index = rel[..., 0] * (2 * wf - 1) + rel[..., 1]                      # Swin's relative_position_index
+    torch.testing.assert_close(dense[:, :wt * wf, :wt * wf], table[:, index])
+    assert (dense[:, -2:] == 0).all() and (dense[:, :, -2:] == 0).all()   # fusion: no position, no bias
+
+
+def test_relative_bias_stays_inside_windows_and_shifted_windows_share_the_table():
+    grids = {"audio": (4, 4), "video": (2, 4, 4)}
+    windows = {"audio": (2, 2), "video": (2, 2, 2)}
+    for shifted in (False, True):
+        layout = swin_block_layout(grids, windows, shifted, num_fusion=3)
+        table = torch.randn(1, 9 + 27)
+        dense = RelativePositionBias(table, positions=layout.positions).materialize()[0, 0]
+        allowed = layout.mask.to_dense()
+        assert torch.isfinite(dense[allowed]).all()                       # every allowed pair inside the extent
+        n_audio = 16
+        assert set(dense[:n_audio, :n_audio][allowed[:n_audio, :n_audio]].tolist()) <= set(table[0, :9].tolist())
+        assert set(dense[n_audio:-3, n_audio:-3][allowed[n_audio:-3, n_audio:-3]].tolist()) <= set(
+            table[0, 9:].tolist())
+        assert (dense[:n_audio, n_audio:-3] == 0).all()                   # across streams: none
+
+
+def test_swin_relative_bias_is_on_by_default_learned_and_optional():
+    from zorro_models import create_model
+
+    kw = dict(depths=(1, 1, 1, 1), base_dim=16, num_heads=(1, 2, 2, 4), img_size=32, n_mels=32, audio_frames=64)
+    torch.manual_seed(0)
+    model = create_model("zorro_swin_tiny", **kw)
+    tables = [t for s in model.stages for t in s.rel_tables]
+    assert len(tables) == 4 and tables[0].shape == (1, 225 + 147)
+    x = model.example_inputs(2, generator=torch.Generator().manual_seed(1))
+    out = model(**x)
+    sum(o.float().sum() for o in out.values()).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tables)
+    off = create_model("zorro_swin_tiny", rel_pos_bias=False, **kw)
+    assert not any(hasattr(s, "rel_tables") for s in off.stages)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in off.parameters()) == sum(
+        t.numel() for t in tables)
+    with pytest.raises(TypeError, match="rel_pos_bias must be a bool, got str"):
+        create_model("zorro_swin_tiny", rel_pos_bias="yes", **kw)

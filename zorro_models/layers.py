@@ -93,7 +93,8 @@ class Attention(nn.Module):
 
     Forward:
         x: ``(B, Nq, C)``; context: ``(B, Nk, C_ctx)`` or None (self-attention); mask: a :class:`ZorroMask` with
-        ``num_q == Nq`` and ``num_kv == Nk``; sizes: stream sizes of ``x`` (only used when ``shared=False``).
+        ``num_q == Nq`` and ``num_kv == Nk``; sizes: stream sizes of ``x`` (only used when ``shared=False``);
+        bias: ``bias=`` of :func:`~zorro_kernels.zorro_attention` (e.g. a relative position bias) or None.
         Returns ``(B, Nq, C)``. Rows the mask lets see nothing come out of the attention as 0 (then the output
         projection's bias).
     """
@@ -116,15 +117,15 @@ class Attention(nn.Module):
             self.proj = StreamWise(lambda: nn.Linear(dim, dim), streams, shared)
 
     def forward(self, x: torch.Tensor, mask: ZorroMask, context: Optional[torch.Tensor] = None,
-                sizes: Sequence[int] = ()) -> torch.Tensor:
+                sizes: Sequence[int] = (), bias=None) -> torch.Tensor:
         h = self.num_heads
         if self.is_cross:
             q = rearrange(self.q(x), "b n (h d) -> b h n d", h=h)
             k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=h)
-            out = zorro_attention(q, k, v, mask)
+            out = zorro_attention(q, k, v, mask, bias=bias)
             return self.proj(rearrange(out, "b h n d -> b n (h d)"))
         q, k, v = rearrange(self.qkv(x, sizes), "b n (three h d) -> three b h n d", three=3, h=h)
-        out = zorro_attention(q, k, v, mask)
+        out = zorro_attention(q, k, v, mask, bias=bias)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"), sizes)
 
 
@@ -136,7 +137,7 @@ class ZorroBlock(nn.Module):
         streams, shared: stream names and whether their weights are shared (norms, attention projections, MLP).
 
     Forward: ``x (B, N, C)``, ``mask`` (self-attention layout over the N tokens), ``sizes`` (stream sizes, summing to
-    N; only needed when ``shared=False``) -> ``(B, N, C)``.
+    N; only needed when ``shared=False``), ``bias`` (the attention's score bias or None) -> ``(B, N, C)``.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, qkv_bias: bool = True,
@@ -148,8 +149,8 @@ class ZorroBlock(nn.Module):
         self.norm2 = StreamWise(lambda: nn.LayerNorm(dim), streams, shared)
         self.mlp = StreamWise(lambda: Mlp(dim, hidden), streams, shared)
 
-    def forward(self, x: torch.Tensor, mask: ZorroMask, sizes: Sequence[int] = ()) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x, sizes), mask, sizes=sizes)
+    def forward(self, x: torch.Tensor, mask: ZorroMask, sizes: Sequence[int] = (), bias=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x, sizes), mask, sizes=sizes, bias=bias)
         return x + self.mlp(self.norm2(x, sizes), sizes)
 
 

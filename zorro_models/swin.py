@@ -19,8 +19,12 @@ Design (ours; the paper's Swin adaptation is not at hand — docs/swin.md has th
   that padding never enters a valid merged token.
 - Windows and shifts follow Swin: a window dimension larger than the grid is clipped to it, and that dimension is then
   not shifted.
-- No relative position bias (``zorro_attention`` takes no additive bias): learned absolute position embeddings per
-  modality are added at the input instead.
+- **Relative position bias** (Swin's, on by default): every block has a learned table per head, over the
+  ``(2Wt-1)(2Wf-1)`` offsets of an audio window followed by the ``(2Wt-1)(2Wh-1)(2Ww-1)`` offsets of a video window
+  (Video Swin's 3-D bias); ``zorro_attention`` indexes it per window on the fly (:class:`~zorro_kernels.bias.
+  RelativePositionBias`), never as ``N x N``. Shifted windows index the same table; fusion tokens have no position and
+  get no bias. A bias only between tokens of one window cannot carry one stream into another: purity holds.
+  Learned absolute position embeddings per modality are still added at the input.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from zorro_kernels import ZorroMask
+from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask
 
 from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
 from .layers import MODALITIES, MaskCache, MaskedReadout, ZorroBlock, init_weights
@@ -98,11 +102,44 @@ class WindowLayout(NamedTuple):
     inverse: int64 ``(N,)`` — ``y[:, inverse]`` puts them back.
     mask: the block's :class:`ZorroMask` over window-ordered tokens.
     windows: ``{"audio": [...], "video": [...]}`` the windows in order (per-dimension ranges).
+    positions: the window-ordered tokens' grid coordinates for the relative position bias (audio ``(t, f)`` then
+        video ``(t, h, w)``, one table part each; fusion unplaced), see :func:`window_positions`.
     """
     perm: torch.Tensor
     inverse: torch.Tensor
     mask: ZorroMask
     windows: dict
+    positions: Optional[RelativePositions] = None
+
+
+def rel_table_size(windows: dict) -> int:
+    """Columns of a block's relative position table: ``(2Wt-1)(2Wf-1)`` audio offsets + ``(2Wt-1)(2Wh-1)(2Ww-1)``
+    video offsets, for the configured windows ``{"audio": (t, f), "video": (t, h, w)}``."""
+    return sum(math.prod(2 * w - 1 for w in windows[m]) for m in MODALITIES if m in windows)
+
+
+def window_positions(grids: dict, windows: dict, perms: dict, num_fusion: int) -> RelativePositions:
+    """Coordinates of a block's tokens in window order, for :class:`~zorro_kernels.RelativePositionBias`.
+
+    Args:
+        grids: modality -> grid or None; windows: modality -> configured window (the table's extent: a clipped or
+            shifted window's offsets are smaller); perms: modality -> its tokens' raster indices in window order;
+        num_fusion: fusion tokens at the end (no position).
+    Returns positions whose table is the audio part followed by the video part, whatever modalities are present, so
+    one table serves every input.
+    """
+    n = sum(p.numel() for p in perms.values()) + num_fusion
+    parts, offset = [], 0
+    for m in (m for m in MODALITIES if m in windows):
+        ext = tuple(windows[m])
+        coords = torch.full((n, len(ext)), -1, dtype=torch.int64)
+        if grids.get(m) is not None:
+            perm = perms[m]
+            grid = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grids[m]), indexing="ij"), -1)
+            coords[offset:offset + perm.numel()] = grid.reshape(-1, len(ext))[perm]
+            offset += perm.numel()
+        parts.append(RelativePositions(coords, coords, ext))
+    return RelativePositions.concat(parts)
 
 
 def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int,
@@ -122,7 +159,7 @@ def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int
             block (windows then only order the tokens).
     """
     valid_t = valid_t or {}
-    perms, segments, local, order, window_sizes, lengths = [], [], [], {}, [], []
+    perms, segments, local, order, window_sizes, lengths, raster = [], [], [], {}, [], [], {}
     offset = 0
     for name, grid in grids.items():
         if grid is None:
@@ -130,6 +167,7 @@ def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int
         win, shift = effective_window(grid, windows[name], shifted)
         wins = window_partition(grid, win, shift)
         perm, sizes = window_order(grid, wins)
+        raster[name] = perm
         perms.append(perm + offset)
         offset += perm.numel()
         segments += [(f"{name}/{i}", n) for i, n in enumerate(sizes)]
@@ -145,7 +183,7 @@ def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int
         mask_lengths = torch.cat(cols + [torch.full((batch, 1), num_fusion)], dim=1)
     perm = torch.cat(perms)
     mask = ZorroMask.from_segments(segments, mask_rules(mask_kind, local), lengths=mask_lengths)
-    return WindowLayout(perm, torch.argsort(perm), mask, order)
+    return WindowLayout(perm, torch.argsort(perm), mask, order, window_positions(grids, windows, raster, num_fusion))
 
 
 class PatchMerging(nn.Module):
@@ -202,6 +240,8 @@ class ZorroSwin(ZorroModel):
         mlp_ratio, qkv_bias: block sizes.
         num_fusion: fusion tokens (kept at every stage, widened with the stage).
         mask: one of :data:`~zorro_models.base.MASK_KINDS`, applied in every block (see :func:`swin_block_layout`).
+        rel_pos_bias: Swin's learned relative position bias in every block (``(heads, rel_table_size(windows))``
+            per block; see the module docstring).
     """
 
     def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,
@@ -209,8 +249,11 @@ class ZorroSwin(ZorroModel):
                  audio_patch: Union[int, Sequence[int]] = 4, base_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  audio_window: Union[int, Sequence[int]] = 8, video_window: Union[int, Sequence[int]] = (2, 7, 7),
-                 mlp_ratio: float = 4.0, num_fusion: int = 8, qkv_bias: bool = True, mask: str = "zorro"):
+                 mlp_ratio: float = 4.0, num_fusion: int = 8, qkv_bias: bool = True, mask: str = "zorro",
+                 rel_pos_bias: bool = True):
         super().__init__()
+        if not isinstance(rel_pos_bias, bool):
+            raise TypeError(f"rel_pos_bias must be a bool, got {type(rel_pos_bias).__name__}")
         self.mask_kind = check_mask_kind(mask)
         depths, num_heads = tuple(depths), tuple(num_heads)
         if not depths or len(depths) != len(num_heads):
@@ -226,7 +269,8 @@ class ZorroSwin(ZorroModel):
         self.config = dict(img_size=img_size, num_frames=num_frames, video_patch=video_patch, n_mels=n_mels,
                            audio_frames=audio_frames, audio_patch=audio_patch, base_dim=base_dim, depths=depths,
                            num_heads=num_heads, audio_window=audio_window, video_window=video_window,
-                           mlp_ratio=mlp_ratio, num_fusion=num_fusion, qkv_bias=qkv_bias, mask=mask)
+                           mlp_ratio=mlp_ratio, num_fusion=num_fusion, qkv_bias=qkv_bias, mask=mask,
+                           rel_pos_bias=rel_pos_bias)
         self.windows = {"audio": to_pair(audio_window, "audio_window"),
                         "video": to_triple(video_window, "video_window", int_means="cube")}
         self.depths, self.dims = depths, dims
@@ -250,11 +294,17 @@ class ZorroSwin(ZorroModel):
                 grid_a = tuple(-(-n // f) for n, f in zip(grid_a, fa))
                 grid_v = tuple(-(-n // f) for n, f in zip(grid_v, fv))
             stage.blocks = nn.ModuleList(ZorroBlock(dim, heads, mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth))
+            if rel_pos_bias:  # one table per block (Swin's relative_position_bias_table), both modalities' offsets
+                stage.rel_tables = nn.ParameterList(nn.Parameter(torch.zeros(heads, rel_table_size(self.windows)))
+                                                    for _ in range(depth))
             self.stages.append(stage)
         self.norm = nn.LayerNorm(dims[-1])
         self.readout = MaskedReadout(dims[-1], num_heads[-1], mlp_ratio)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.fusion_tokens, std=0.02)
+        for stage in self.stages:
+            for t in getattr(stage, "rel_tables", ()):
+                nn.init.trunc_normal_(t, std=0.02)
 
     def block_layout(self, grids: dict, shifted: bool, valid_t: dict, batch: int,
                      device: torch.device = torch.device("cpu")) -> WindowLayout:
@@ -290,7 +340,9 @@ class ZorroSwin(ZorroModel):
             x = torch.cat([xs[n] for n in ("audio", "video") if n in xs] + [xf], dim=1)
             for i, block in enumerate(stage.blocks):
                 layout = self.block_layout(grids, i % 2 == 1, valid_t, batch, x.device)
-                x = block(x[:, layout.perm], layout.mask)[:, layout.inverse]
+                bias = (RelativePositionBias(stage.rel_tables[i].to(x.dtype), positions=layout.positions)
+                        if hasattr(stage, "rel_tables") else None)
+                x = block(x[:, layout.perm], layout.mask, bias=bias)[:, layout.inverse]
             offset = 0
             for n in ("audio", "video"):
                 if n in xs:
