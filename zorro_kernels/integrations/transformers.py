@@ -16,33 +16,37 @@ Two registrations make this work. The *mask interface* turns the mask a model as
 replaces the model's own mask in every attention call (padding included: give it ``lengths`` if you pad).
 
 What runs on zorro_attention (and equals "sdpa" up to floating-point rounding):
-    - bidirectional attention (encoders, cross-attention) with no padding or right padding;
-    - causal attention with no padding or right padding, including decoding with a DynamicCache (the key window ends
-      at the last query: bottom-right alignment, which is what zorro's ``causal=True`` means);
+    - bidirectional attention (encoders, cross-attention) and causal attention, including decoding with a
+      DynamicCache (the key window ends at the last query: bottom-right alignment, which is what zorro's
+      ``causal=True`` means);
+    - any padding: right padding as per-sample ``kv_lengths`` (padded keys are never visited), left padding (what
+      batched ``generate`` uses) and holes as a key bias of ``-inf`` on the padded keys (``bias=``, ``(B, 1, 1, Nk)``);
+    - sliding-window layers (Mistral, Qwen2, Gemma: transformers' ``sliding_window_causal_mask_function``) as
+      ``ZorroMask(window=(W - 1, -1), causal=True)``, with or without a sliding cache;
+    - ready-made 4-D masks passed to the model: a float mask (ALiBi, T5-style biases) goes in as ``bias=``, a bool
+      mask as ``bias=`` of ``0 / -inf``; T5-style ``position_bias`` is added to the bias;
     - grouped-query attention (``num_key_value_heads < num_attention_heads``) without copying K/V;
-    - any model call with ``zorro_mask=``.
+    - models under ``torch.compile`` (no graph break around attention: zorro_attention runs behind its custom ops;
+      the padding mask's values cannot be read while tracing, so padding always goes in as the key bias there);
+    - any model call with ``zorro_mask=`` (eager or compiled).
 
 What falls back to transformers' own "sdpa" function, counted in
 :func:`zorro_kernels.integrations.fallback_counts` under ``"transformers: <reason>"`` (or raises
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
-    - left padding or holes in the 2-D ``attention_mask`` (per-sample padding is only expressible at the end);
-    - masks that are not plain causal/bidirectional: sliding-window and chunked layers, transformers' own detection of
-      packed sequences from restarting ``position_ids`` (pass ``zorro_mask=ZorroMask.packed(...)`` instead), or custom
-      mask overlays (``or_mask_function``/``and_mask_function``, e.g. bidirectional image tokens);
-    - ready-made 4-D masks passed to the model and static caches (their key window is not bottom-right aligned);
-    - attention dropout in training mode (``dropout > 0``), T5-style ``position_bias``, logit ``softcap``,
-      attention sinks, a value head dim different from the query's. With ``zorro_mask=`` these run SDPA on the
-      dense form of that mask, so the layout is still honoured.
+    - masks that are neither plain causal/bidirectional nor a causal sliding window: chunked layers, transformers'
+      own detection of packed sequences from restarting ``position_ids`` (pass ``zorro_mask=ZorroMask.packed(...)``
+      instead), or custom mask overlays (``or_mask_function``/``and_mask_function``, e.g. bidirectional image tokens);
+    - static caches (their key window is not bottom-right aligned);
+    - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
+      different from the query's. With ``zorro_mask=`` these run SDPA on the dense form of that mask, so the layout is
+      still honoured.
 
-Under ``torch.compile``/``torch.export`` tracing every call runs "sdpa" (not counted: a counter bumped while tracing
-would not count calls), and ``zorro_mask=`` raises ValueError; call the model eagerly to run on zorro.
-
-In a fallback the model computes exactly what "sdpa" computes. Outputs at padded query positions equal "sdpa" too:
-padded *keys* are masked, padded *queries* attend like SDPA's do.
+In a fallback the model computes exactly what "sdpa" computes. Outputs at padded query positions: with right padding
+or under bidirectional attention padded queries attend the real keys like SDPA's do; a left-padded query under causal
+attention sees only padded keys and is 0 (SDPA's value there is never read).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Optional
 
@@ -56,7 +60,7 @@ try:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, prepare_padding_mask,
-                                            sdpa_mask)
+                                            sdpa_mask, sliding_window_causal_mask_function, sliding_window_overlay)
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("zorro_kernels.integrations.transformers needs Hugging Face transformers >= 5 "
                       "(pip install 'transformers>=5.0')") from e
@@ -96,21 +100,38 @@ def register(*, strict: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ layouts
-@functools.lru_cache(maxsize=64)
-def _plain_layout(nq: int, nk: int, causal: bool) -> ZorroMask:
-    """One segment, every query sees every key (causal: bottom-right aligned). Cached: its tile maps and CPU plan
-    are then built once per shape for the whole model, not once per layer and call."""
-    allow = torch.ones(1, 1, dtype=torch.bool)
-    if nq == nk:
-        return ZorroMask([("tokens", nq)], allow, causal=causal)
-    return ZorroMask([("tokens", nq)], allow, kv_segments=[("tokens", nk)], causal=causal)
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 64
 
 
-def _padded_layout(nq: int, nk: int, causal: bool, kv_lengths: torch.Tensor) -> ZorroMask:
+def _plain_layout(nq: int, nk: int, causal: bool, window: Optional[tuple[int, int]] = None) -> ZorroMask:
+    """One segment, every query sees every key (causal: bottom-right aligned; ``window``: a sliding window). Cached
+    (a plain dict, which torch.compile traces, unlike ``functools.lru_cache``): its tile maps and CPU plan are then
+    built once per shape for the whole model, not once per layer and call."""
+    key = (nq, nk, causal, window)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        allow = torch.ones(1, 1, dtype=torch.bool)
+        kv = None if nq == nk else [("tokens", nk)]
+        _LAYOUTS[key] = ZorroMask([("tokens", nq)], allow, kv_segments=kv, causal=causal, window=window)
+    return _LAYOUTS[key]
+
+
+def _padded_layout(nq: int, nk: int, causal: bool, window, kv_lengths: torch.Tensor) -> ZorroMask:
     # Cross-attention form even for self-attention: only the keys carry lengths, so padded query rows attend the valid
     # keys exactly as they do under SDPA (a self-attention mask with lengths would zero them).
     allow = torch.ones(1, 1, dtype=torch.bool)
-    return ZorroMask([("tokens", nq)], allow, kv_segments=[("tokens", nk)], kv_lengths=kv_lengths, causal=causal)
+    return ZorroMask([("tokens", nq)], allow, kv_segments=[("tokens", nk)], kv_lengths=kv_lengths, causal=causal,
+                     window=window)
+
+
+class ZorroLayout:
+    """What the mask interface hands the attention function when padding is not a suffix (left padding, holes) or
+    cannot be read (tracing): the layout plus a key bias, ``bias (B, 1, 1, Nk)`` fp32, ``-inf`` on padded keys."""
+
+    def __init__(self, mask: ZorroMask, bias: torch.Tensor):
+        self.mask, self.bias = mask, bias
 
 
 def _describe(fn) -> str:
@@ -118,40 +139,70 @@ def _describe(fn) -> str:
     return name.replace(".<locals>", "")
 
 
+_AND_MASKS_CODE = sliding_window_causal_mask_function(1).__code__
+_SLIDING_OVERLAY_CODE = sliding_window_overlay(1).__code__
+
+
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _sliding_window(mask_function) -> Optional[int]:
+    """W for transformers' ``sliding_window_causal_mask_function(W)`` (``and_masks(sliding_window_overlay(W),
+    causal_mask_function)``: key j visible to query i iff ``i - W < j <= i``), else None."""
+    if getattr(mask_function, "__code__", None) is not _AND_MASKS_CODE:
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2 or parts[1] is not causal_mask_function or \
+            getattr(parts[0], "__code__", None) is not _SLIDING_OVERLAY_CODE:
+        return None
+    w = _closure(parts[0]).get("sliding_window")
+    return w if isinstance(w, int) and w >= 1 else None
+
+
 def _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                       attention_mask) -> tuple[Optional[ZorroMask], Optional[str]]:
-    """The ZorroMask equal to what ``sdpa_mask`` would build from these arguments, or ``(None, why not)``."""
+                       attention_mask) -> tuple[Optional[object], Optional[str]]:
+    """The ZorroMask (or :class:`ZorroLayout`) equal to what ``sdpa_mask`` would build from these arguments, or
+    ``(None, why not)``."""
+    window = None
     if mask_function is causal_mask_function:
         causal = True
     elif mask_function is bidirectional_mask_function:
         causal = False
+    elif _sliding_window(mask_function) is not None:
+        # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
+        causal, window = True, (_sliding_window(mask_function) - 1, -1)
     else:
-        return None, (f"the model's mask is not plain causal/bidirectional ({_describe(mask_function)}: sliding "
-                      f"window, chunked, packed sequences detected from position_ids, or a custom overlay)")
-    if torch.compiler.is_compiling():
-        return None, "traced by torch.compile/export (the layout needs the mask's values)"
+        return None, (f"the model's mask is not plain causal/bidirectional or a causal sliding window "
+                      f"({_describe(mask_function)}: chunked, packed sequences detected from position_ids, or a "
+                      f"custom overlay)")
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return None, "tensor cache offsets (static cache)"
     # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
     # zorro's causal is j <= i + (Nk - Nq), so the two agree exactly when these offsets match
     if causal and q_offset - kv_offset != kv_length - q_length:
         return None, (f"causal mask not aligned at the last key (q_offset={q_offset}, kv_offset={kv_offset}, "
-                      f"Nq={q_length}, Nk={kv_length}): a static or sliding cache")
+                      f"Nq={q_length}, Nk={kv_length}): a static cache")
     if q_length == 0 or kv_length == 0:
         return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
+    layout = _plain_layout(q_length, kv_length, causal, window)
     if attention_mask is None:
-        return _plain_layout(q_length, kv_length, causal), None
+        return layout, None
     if attention_mask.ndim != 2:
         return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
     keys = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length].bool()
     if keys.shape[0] != batch_size:
         keys = keys.expand(batch_size, -1)
-    lengths = keys.sum(-1)
-    if not torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None]):
-        return None, "attention_mask is not right padding (left padding, or holes inside a sample)"
-    if bool((lengths == kv_length).all()):
-        return _plain_layout(q_length, kv_length, causal), None
-    return _padded_layout(q_length, kv_length, causal, lengths[:, None].cpu()), None
+    if not torch.compiler.is_compiling():
+        lengths = keys.sum(-1)
+        if bool((lengths == kv_length).all()):
+            return layout, None
+        if torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None]):
+            # right padding: padded keys are never visited
+            return _padded_layout(q_length, kv_length, causal, window, lengths[:, None].cpu()), None
+    # left padding, holes, or values that cannot be read while tracing: -inf on the padded keys
+    bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
+    return ZorroLayout(layout, bias[:, None, None, :]), None
 
 
 def zorro_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -164,7 +215,8 @@ def zorro_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offse
 
     Returns:
         A :class:`~zorro_kernels.ZorroMask` over ``q_length`` queries and ``kv_length`` keys when the requested mask
-        is expressible as one (plain causal/bidirectional, right padding, keys ending at the last query); otherwise
+        is expressible as one (plain causal/bidirectional or a causal sliding window, keys ending at the last query;
+        right padding as lengths), a :class:`ZorroLayout` (that mask plus a key bias) for other padding; otherwise
         exactly what ``sdpa_mask`` returns (a bool ``(batch_size, 1, q_length, kv_length)`` tensor or None), which
         the attention function then runs through "sdpa" and records as a fallback.
     """
@@ -195,7 +247,7 @@ def _unsupported(query, key, value, dropout, kwargs) -> Optional[str]:
     if dropout and dropout > 0:
         return f"attention dropout p={dropout} in training mode (zorro_attention has no dropout)"
     if kwargs.get("position_bias") is not None:
-        return "additive position_bias (T5-style relative attention bias)"
+        return "additive position_bias (T5-style relative attention bias; pass it as a 4-D float attention_mask)"
     if kwargs.get("softcap") is not None:
         return "attention logit softcapping"
     if kwargs.get("s_aux") is not None:
@@ -228,8 +280,9 @@ def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     Args:
         module: the calling attention module (``is_causal``, ``num_key_value_groups``, ``layer_idx`` are read).
         query: ``(B, H, Nq, D)``; key, value: ``(B, Hkv, Nk, D)`` with ``H % Hkv == 0``.
-        attention_mask: what the model's mask interface built — a ZorroMask (zorro path), None (no mask: SDPA's
-            ``is_causal`` rule), or a dense tensor (a fallback).
+        attention_mask: what the model's mask interface built — a ZorroMask or :class:`ZorroLayout` (zorro path), None
+            (no mask: SDPA's ``is_causal`` rule), a dense tensor it could not express (a fallback) — or a 4-D mask the
+            caller gave the model (run as ``bias=``: float as is, bool as ``0 / -inf``).
         dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
         **kwargs: the model call's keywords; ``zorro_mask`` (a ZorroMask over ``Nq`` x ``Nk`` tokens) replaces
             ``attention_mask``.
@@ -240,29 +293,30 @@ def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     Raises:
         TypeError/ValueError for a ``zorro_mask`` of the wrong type or size; FallbackError in strict mode.
     """
-    reason = None
+    reason, bias = None, None
     zorro_mask = kwargs.pop("zorro_mask", None)
-    if torch.compiler.is_compiling():
-        # zorro_attention is not traceable yet, and a counter bumped at trace time would not count calls: under
-        # torch.compile/export the model runs "sdpa" (documented, not recorded)
-        if zorro_mask is not None:
-            raise ValueError("zorro_mask= cannot be traced by torch.compile/export yet; call the model eagerly")
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
     if zorro_mask is not None:
         mask = _check_zorro_mask(zorro_mask, module, query, key)
     elif isinstance(attention_mask, ZorroMask):
         mask = attention_mask
+    elif isinstance(attention_mask, ZorroLayout):
+        mask, bias = attention_mask.mask, attention_mask.bias
     elif attention_mask is None:
         mask, reason = _layout_without_mask(module, query.shape[2], key.shape[2], is_causal)
+    elif getattr(attention_mask, _REASON_ATTR, None) is not None:  # our mask interface could not express it
+        mask, reason = None, getattr(attention_mask, _REASON_ATTR)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
+        # a ready-made 4-D mask from the model's caller holds everything: a plain layout plus the mask as a bias
+        mask = _plain_layout(query.shape[2], key.shape[2], False)
+        bias = attention_mask if attention_mask.is_floating_point() else \
+            torch.zeros(attention_mask.shape, dtype=query.dtype, device=attention_mask.device).masked_fill(
+                ~attention_mask.bool(), float("-inf"))
     else:
-        mask = None
-        reason = getattr(attention_mask, _REASON_ATTR, None) or \
-            f"the model passed a ready-made {type(attention_mask).__name__} mask"
+        mask, reason = None, f"the model passed a ready-made {type(attention_mask).__name__} mask"
     if mask is not None:
         reason = _unsupported(query, key, value, dropout, kwargs)
     if reason is None:
-        out = zorro_attention(query, key, value, mask, scale=scaling)
+        out = zorro_attention(query, key, value, mask, bias=bias, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
     record_fallback(_INTEGRATION, reason, strict=_strict)
@@ -271,6 +325,8 @@ def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                       is_causal=is_causal, **kwargs)
     # an expressible layout meeting a feature zorro lacks: SDPA on its dense form, rows that see nothing zeroed
     safe, live = dense_for_fallback(mask, query.device)
+    if bias is not None:  # the bias on the visible pairs; rows left with only -inf come out of SDPA as 0
+        safe = torch.where(safe, bias.to(query.dtype), float("-inf"))
     out, weights = sdpa_attention_forward(module, query, key, value, safe, dropout=dropout, scaling=scaling,
                                           is_causal=False, **kwargs)
     if not bool(live.all()):
