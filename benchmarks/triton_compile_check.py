@@ -130,7 +130,9 @@ def main() -> int:
         cands = dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))
         for warps, stages in cands:
             name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-            tag = (f"{name:16s} {ctx['dtype']:9s} D={constexprs.get('HEAD_DIM')!s:4s} causal={ctx['causal']!s:5s} "
+            mode = "one-pass" if constexprs.get("ONE_PASS") else ""
+            tag = (f"{name:16s} {ctx['dtype']:9s} {mode:8s} D={constexprs.get('HEAD_DIM')!s:4s} "
+                   f"causal={ctx['causal']!s:5s} "
                    f"{ctx['table']:8s} blocks={cfg.block_m}x{cfg.block_n} warps={warps} stages={stages}")
             t0 = time.time()
             try:
@@ -180,8 +182,13 @@ def main() -> int:
                 _config._fallen_back.add(key)
                 _config._chosen.clear()
             try:
-                out, lse = backend.forward(q, k, k, mask, d ** -0.5)
-                backend.backward(out, q, k, k, out, lse, mask, d ** -0.5)
+                for kind in ("ranges", "tiles"):      # the forward over either plan
+                    with _config.override_plan(kind):
+                        out, lse = backend.forward(q, k, k, mask, d ** -0.5)
+                for det in (False, True):             # one-pass and deterministic backward
+                    torch.use_deterministic_algorithms(det, warn_only=True)
+                    backend.backward(out, q, k, k, out, lse, mask, d ** -0.5)
+                torch.use_deterministic_algorithms(False)
                 if args.reference and table == "table" and not causal:
                     warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
             finally:

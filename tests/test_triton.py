@@ -37,7 +37,8 @@ pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE), reason="; ".join(_UNAVAILABL
 def deterministic(on: bool = True):
     """``torch.use_deterministic_algorithms(on)`` for a block: on, the Triton backward runs its atomic-free kernels;
     off, the one-pass backward (atomic fp32 dQ)."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(on, warn_only=True)
     try:
         yield
@@ -187,6 +188,88 @@ def test_many_segments_and_runs(dtype):
         check_against_oracle(triton_attn, q, k, v, mask)
 
 
+def _range_plan_dense(plan, mask) -> torch.Tensor:
+    """Expand a RangePlan to the bool ``(Bm, Nq, Nk)`` mask it makes the forward compute (query padding removed)."""
+    nq, nk = mask.num_q, mask.num_kv
+    q_len = mask.lengths if mask.lengths is not None else torch.tensor(mask.q_sizes)[None]
+    seg = torch.repeat_interleave(torch.arange(len(mask.q_sizes)), torch.tensor(mask.q_sizes))
+    pos = torch.cat([torch.arange(n) for n in mask.q_sizes]) if nq else torch.zeros(0, dtype=torch.long)
+    rows = plan.row_pattern.numel()
+    q_ok = (pos[None] < q_len[:, seg]).expand(rows, -1)
+    out = torch.zeros(rows, nq, nk, dtype=torch.bool)
+    cols = torch.arange(nk)
+    for r in range(rows):
+        p = int(plan.row_pattern[r])
+        for lo, hi, g in zip(plan.tile_lo.tolist(), plan.tile_hi.tolist(), plan.tile_group.tolist()):
+            seen = torch.zeros(nk, dtype=torch.bool)
+            for ks, ke in plan.iv[int(plan.iv_ptr[p, g]):int(plan.iv_ptr[p, g + 1])].tolist():
+                seen[ks:ke] = True
+            block = seen[None].expand(hi - lo, -1).clone()
+            if mask.causal:
+                block &= cols[None] <= torch.arange(lo, hi)[:, None] + (nk - nq)
+            out[r, lo:hi] = block & q_ok[r, lo:hi, None]
+    return out
+
+
+def _range_families() -> dict:
+    import random
+
+    from benchmarks import layouts as bl
+    from tests.layouts import named_masks, random_mask
+
+    fams = dict(named_masks())
+    small = dict(batch=2, heads=1, head_dim=16)
+    fams.update({"figure2": bl.figure2(20, 97, 4, **small).mask, "ragged": bl.ragged(20, 97, 4, **small).mask,
+                 "swin": bl.swin(2, 9, 3, 7, 4, **small).mask, "hip": bl.hip((10, 7), (13, 13, 5), 3, **small).mask,
+                 "packed": bl.packed((30, 17, 45, 8), **small).mask,
+                 "packed_causal": ZorroMask.packed([19, 26, 7], causal=True),
+                 "cross_lengths": ZorroMask.from_segments([("a", 30), ("b", 21)], {"a": ["x"], "b": "*"},
+                                                          kv_segments=[("x", 13), ("y", 40)],
+                                                          kv_lengths=torch.tensor([[13, 40], [5, 0], [0, 17]]))})
+    rng = random.Random(7)
+    fams.update({f"random{i}": random_mask(rng) for i in range(40)})
+    return fams
+
+
+def test_range_plan_is_exact_over_layout_families():
+    """The segment-aligned plan covers exactly the dense oracle's pairs, per sample, for every layout family
+    (Figure-2, ragged, Swin windows, HiP cross-attention, packing, causal packing, cross with key lengths, odd and
+    empty segments, 40 random layouts): every query row in exactly one tile, no tile mixing groups or longer than
+    BLOCK_M, no (B, Tq, Tk) tensor."""
+    from zorro_kernels.backends.triton._plan import query_groups, range_plan
+
+    for name, mask in _range_families().items():
+        for bm, bn in ((16, 16), (32, 64)):
+            plan = range_plan(mask, bm, bn, "cpu")
+            dense = mask.to_dense()
+            dense = dense[None] if dense.ndim == 2 else dense
+            got = _range_plan_dense(plan, mask)
+            assert torch.equal(got, dense.expand_as(got)), (name, bm, bn)
+            lo, hi, grp = plan.tile_lo.long(), plan.tile_hi.long(), plan.tile_group.long()
+            covered = torch.zeros(mask.num_q, dtype=torch.long)
+            for a, b in zip(lo.tolist(), hi.tolist()):
+                covered[a:b] += 1
+            groups = query_groups(mask)
+            empty = torch.zeros(mask.num_q, dtype=torch.long)
+            assert torch.equal(covered, empty + 1) or mask.num_q == 0, name
+            assert ((hi - lo) <= bm).all() and ((hi - lo) > 0).all(), name
+            for a, b, g in zip(lo.tolist(), hi.tolist(), grp.tolist()):
+                assert groups[g][0] <= a and b <= groups[g][1], (name, a, b, groups[g])
+            assert all(t.dim() <= 2 for t in plan[4:11]), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tile_plan_forward_against_oracle(case):
+    """The uniform tile plan's forward (still used for layouts of tiny query groups) stays exact."""
+    from zorro_kernels.backends.triton._config import override_plan
+
+    _, build, (b, h, hkv, d), blocks = case
+    mask = build()
+    q, k, v = qkv(b, h, mask.num_q, d, torch.float32, hkv=hkv, nk=mask.num_kv)
+    with override_blocks(blocks), override_plan("tiles"):
+        check_against_oracle(triton_attn, q, k, v, mask, grad=False)
+
+
 def test_program_order_is_heaviest_first():
     """Each plan's program order is a permutation of its entries, estimated cost non-increasing, per-sample plans
     ordered over (sample, tile) together; the kernels read their tile through it (the oracle cases cover results)."""
@@ -250,7 +333,8 @@ def test_autotune_keys_shape_buckets_and_never_tunes_while_capturing(monkeypatch
 
     monkeypatch.setattr(_launch, "autotune_enabled", lambda: True)
     monkeypatch.setattr(_launch, "tuning_forbidden", lambda: forbidden[0])
-    monkeypatch.setattr(_launch, "_tuner", lambda kernel, cfg, bucket, key, restore=(): tuners.setdefault(bucket, Tuner()))
+    monkeypatch.setattr(_launch, "_tuner",
+                        lambda kernel, cfg, bucket, key, restore=(): tuners.setdefault(bucket, Tuner()))
     cfg, kernel = KernelConfig(64, 64, 4, 3, ((8, 2),)), Kernel()
     small, big = _launch.shape_bucket(1000, 1000, 40), _launch.shape_bucket(16000, 16000, 40)
     assert small == _launch.shape_bucket(1024, 513, 64) != big
@@ -411,7 +495,10 @@ def test_layout_sweep_never_changes_constexprs(monkeypatch):
         q, k, v = qkv(2, 2, mask.num_q, 16, torch.float16, device="cpu")
         out, lse = triton_backend.forward(q, k, v, mask, 0.25)
         triton_backend.backward(out, q, k, v, out, lse, mask, 0.25)
-    assert len(seen) == 3, sorted(seen)  # fwd, preprocess, dk/dv (one-pass backward: no dq kernel)
+    names = [name for name, _, _ in seen]
+    # one variant per kernel: the forward over either plan, preprocess, dk/dv (one-pass backward: no dq kernel)
+    assert len(names) == len(set(names)) and {"_attn_fwd_ranges", "_bwd_preprocess", "_attn_bwd_dkdv"} <= set(names), \
+        sorted(seen)
 
 
 # ------------------------------------------------------------------------------------------ torch.compile

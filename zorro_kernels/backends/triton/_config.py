@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["KernelConfig", "Blocks", "padded_head_dim", "choose_blocks", "override_blocks", "use_fallback",
-           "autotune_enabled", "interpreting", "MAX_HEAD_DIM"]
+           "autotune_enabled", "interpreting", "MAX_HEAD_DIM", "forward_plan_kind", "override_plan"]
 
 MAX_HEAD_DIM = 256
 
@@ -37,6 +37,12 @@ class Blocks(NamedTuple):
     fwd: KernelConfig
     dkdv: KernelConfig
     dq: KernelConfig
+    # the forward over the segment-aligned range plan; None: as ``fwd``
+    ranges: Optional[KernelConfig] = None
+
+    def forward(self, ranges: bool) -> KernelConfig:
+        """The forward's config for the range plan (``ranges``) or the tile plan."""
+        return (self.ranges or self.fwd) if ranges else self.fwd
 
 
 def padded_head_dim(d: int) -> int:
@@ -58,8 +64,14 @@ _TABLE_16BIT = (
     # 32x128 + 128x64 with 8 warps (Figure-2 size) and 17% at N = 16k.
     # The one-pass dK/dV (atomic dQ, a fifth product) spills 40 B at 4 warps / 3 stages on sm_90 (offline compile):
     # 8 warps / 2 stages holds it in 236 registers, one block per SM — a candidate for the tuner to measure.
-    (64, Blocks(_k(128, 64, 4, 3, (8, 3)), _k(32, 64, 4, 3, (4, 4), (8, 2)), _k(64, 64, 4, 3, (4, 4)))),
-    (128, Blocks(_k(128, 64, 8, 3, (8, 2)), _k(32, 64, 8, 3, (8, 2)), _k(128, 64, 8, 3, (8, 2)))),
+    # The range-plan forward (offline sm_90 compiles, fp16): at 128 x 64 it spills with 4 warps (255 regs + 56 B) and
+    # needs 194 registers at 8 warps (1 block/SM); 64 x 64 with 4 warps holds it in 189, no spill, 2 blocks/SM — and
+    # 64-row tiles waste less at group ends (about 0.95 of ideal at Figure-2 vs 0.87 at 128 rows). D = 128: 64 x 64
+    # at 8 warps, 197 registers, no spill (4 warps spill).
+    (64, Blocks(_k(128, 64, 4, 3, (8, 3)), _k(32, 64, 4, 3, (4, 4), (8, 2)), _k(64, 64, 4, 3, (4, 4)),
+                _k(64, 64, 4, 3, (4, 2), (8, 3)))),
+    (128, Blocks(_k(128, 64, 8, 3, (8, 2)), _k(32, 64, 8, 3, (8, 2)), _k(128, 64, 8, 3, (8, 2)),
+                 _k(64, 64, 8, 3, (8, 2)))),
     (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
 )
 # fp32 (correctness, not speed): half the tiles of the 16-bit table, so the same shared memory.
@@ -164,3 +176,32 @@ def override_blocks(fwd=(32, 32), dkdv=None, dq=None, num_warps: int = 4, num_st
         yield _override
     finally:
         _override = prev
+
+
+_PLAN_KINDS = ("auto", "ranges", "tiles")
+_plan_override: Optional[str] = None
+
+
+def forward_plan_kind() -> str:
+    """Which plan the forward reads: ``"ranges"`` (segment-aligned query tiles), ``"tiles"`` (the uniform tile map),
+    or ``"auto"`` (ranges unless the layout's query groups are too small to fill tiles). :func:`override_plan` (tests),
+    else ``ZORRO_TRITON_PLAN``, else ``"auto"``."""
+    if _plan_override is not None:
+        return _plan_override
+    kind = os.environ.get("ZORRO_TRITON_PLAN", "auto")
+    if kind not in _PLAN_KINDS:
+        raise ValueError(f"ZORRO_TRITON_PLAN must be one of {', '.join(_PLAN_KINDS)}, got {kind!r}")
+    return kind
+
+
+@contextlib.contextmanager
+def override_plan(kind: str):
+    """Force the forward's plan (private; for tests): ``with override_plan("tiles"): ...``."""
+    global _plan_override
+    if kind not in _PLAN_KINDS:
+        raise ValueError(f"plan kind must be one of {', '.join(_PLAN_KINDS)}, got {kind!r}")
+    prev, _plan_override = _plan_override, kind
+    try:
+        yield
+    finally:
+        _plan_override = prev

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ._config import KernelConfig, padded_head_dim
 from ._launch import launch, shape_bucket
+from ._plan import RangePlan
 from ._mask import fixed_words, finite_rows, load_rows, load_tile, pair_keep, poison, program_tile, token_segments
 
 LOG2E = 1.4426950408889634
@@ -146,6 +147,89 @@ def _attn_fwd(Q, K, V, O, LSE,
     tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse2, mask=row_ok)
 
 
+@triton.jit
+def _fwd_interval(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d, ks, ke, rows, q_ok, r0,
+                  causal_offset, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Keys ``[ks, ke)`` of one visible interval (range plan), walked from its unaligned start: steps every row of
+    the tile sees in full run with no mask (pointer increments, as ``_fwd_full_runs``); the rest — the interval's
+    last step and, causal, the steps past the first row's diagonal — load only keys ``< ke``, element mask on."""
+    if CAUSAL:
+        ke = tl.minimum(ke, tl.max(tl.where(q_ok, rows, -1)) + causal_offset + 1)   # past the last row's diagonal
+        full_end = tl.minimum(ke, r0 + causal_offset + 1)                             # keys the first row sees
+    else:
+        full_end = ke
+    n_full = tl.maximum(full_end - ks, 0) // BLOCK_N
+    k_ptrs = K_bh + (ks + offs_n)[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V_bh + (ks + offs_n)[:, None] * stride_vn + offs_d[None, :]
+    for _ in range(0, n_full):
+        k = load_tile(k_ptrs, offs_d, HEAD_DIM, EVEN_D)
+        v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, False, INPUT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    for start in range(ks + n_full * BLOCK_N, ke, BLOCK_N):
+        cols = start + offs_n
+        k_ok = cols < ke
+        k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
+        keep = q_ok[:, None] & k_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, True, INPUT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS + ["G"])
+def _attn_fwd_ranges(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qn,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     ORDER, TILE_LO, TILE_HI, TILE_GROUP, ROW_PATTERN, IV_PTR, IV, QCODE,
+                     H, GROUP, Nq, Nk, Tq, G, REP, causal_offset, qk_scale,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The forward over a :class:`RangePlan`: one program per (segment-aligned query tile, sample, head)."""
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
+    t, b, h, e = program_tile(ORDER, REP, H, Tq)
+    row = e // Tq
+    bh = b * H + h
+    hk = h // GROUP
+    r0 = tl.load(TILE_LO + t)
+    r1 = tl.load(TILE_HI + t)
+    grp = tl.load(TILE_GROUP + t)
+    pat = tl.load(ROW_PATTERN + row)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    in_tile = rows < r1
+    _, q_ok = token_segments(QCODE, row.to(tl.int64) * Nq, rows, Nq)
+    q_ok = q_ok & in_tile
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
+                + offs_d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
+    K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    ptr = IV_PTR + pat * (G + 1) + grp
+    for i in range(tl.load(ptr), tl.load(ptr + 1)):
+        acc, l_i, m_i = _fwd_interval(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d,
+                                      tl.load(IV + 2 * i), tl.load(IV + 2 * i + 1), rows, q_ok, r0, causal_offset,
+                                      qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, INPUT_PRECISION)
+    # padding rows and rows that saw nothing: output exactly 0, LSE -inf (full steps computed padding rows too);
+    # a row whose sum is NaN (it attends a non-finite value) stays NaN
+    live = (l_i != 0.0) & q_ok
+    l_safe = tl.where(live, l_i, 1.0)
+    out = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
+    lse2 = tl.where(live, m_i + tl.math.log2(l_safe), float("-inf"))
+    O_bh = O + bh.to(tl.int64) * Nq * HEAD_DIM
+    tl.store(O_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=in_tile[:, None] & d_ok)
+    tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse2, mask=in_tile)
+
+
 def input_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32: the fp32 path is the accurate one
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -171,8 +255,8 @@ def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
 
     Args:
         q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``, last dim contiguous (stride 1), any other strides.
-        plan: the ``"kv"`` :class:`TilePlan` for ``(cfg.block_m, cfg.block_n)`` on q's device; km: the
-            :class:`KernelMask`.
+        plan: a :class:`RangePlan` (segment-aligned tiles) or the ``"kv"`` :class:`TilePlan` for
+            ``(cfg.block_m, cfg.block_n)`` on q's device; km: the :class:`KernelMask`.
     Returns:
         ``out (B, H, Nq, D)`` contiguous in q's dtype and ``lse (B, H, Nq)`` fp32, **base 2** (``log2`` of the row's
         sum of ``exp2`` of its scaled scores; -inf for rows that see nothing) — what the backward reads.
@@ -181,14 +265,24 @@ def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
     hkv, nk = k.shape[1], k.shape[2]
     out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    args = dict(Q=q, K=k, V=v, O=out, LSE=lse,
-                stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
-                stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-                stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-                **plan_args(plan, b * h), QCODE=km.q_code, KCODE=km.k_code, BITS=km.q_bits,
-                H=h, GROUP=h // hkv, Nq=nq, Nk=nk, Tq=plan.num_rows, Tk=plan.num_cols, WORDS=km.q_words,
-                causal_offset=km.causal_offset, qk_scale=scale * LOG2E)
-    launch(_attn_fwd, (plan.num_rows * b * h,), args,
-           common_constexprs(q, km.causal, cfg.block_m, cfg.block_n, km.q_words == 1), cfg,
-           shape_bucket(nq, nk, plan.num_rows * b * h))
+    common = dict(Q=q, K=k, V=v, O=out, LSE=lse,
+                  stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+                  stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+                  stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+                  QCODE=km.q_code, H=h, GROUP=h // hkv, Nq=nq, Nk=nk, causal_offset=km.causal_offset,
+                  qk_scale=scale * LOG2E)
+    consts = common_constexprs(q, km.causal, cfg.block_m, cfg.block_n, km.q_words == 1)
+    if isinstance(plan, RangePlan):
+        programs = plan.num_tiles * b * h
+        rep = b * h // plan.row_pattern.shape[0]
+        del consts["ONE_WORD"]
+        launch(_attn_fwd_ranges, (programs,),
+               dict(common, ORDER=plan.order, TILE_LO=plan.tile_lo, TILE_HI=plan.tile_hi, TILE_GROUP=plan.tile_group,
+                    ROW_PATTERN=plan.row_pattern, IV_PTR=plan.iv_ptr, IV=plan.iv, Tq=plan.num_tiles,
+                    G=plan.num_groups, REP=rep), consts, cfg, shape_bucket(nq, nk, programs))
+        return out, lse
+    programs = plan.num_rows * b * h
+    launch(_attn_fwd, (programs,),
+           dict(common, **plan_args(plan, b * h), KCODE=km.k_code, BITS=km.q_bits, Tq=plan.num_rows,
+                Tk=plan.num_cols, WORDS=km.q_words), consts, cfg, shape_bucket(nq, nk, programs))
     return out, lse

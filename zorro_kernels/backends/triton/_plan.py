@@ -28,7 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["TilePlan", "KernelMask", "tile_plan", "kernel_mask", "program_order", "PARTIAL_COST"]
+__all__ = ["TilePlan", "KernelMask", "RangePlan", "tile_plan", "kernel_mask", "range_plan", "forward_plan",
+           "program_order", "PARTIAL_COST"]
 
 # a partial tile's cost in full tiles: two extra (BM, BN) selects, the rule words and the token codes per tile
 PARTIAL_COST = 1.5
@@ -163,3 +164,131 @@ def kernel_mask(mask, device) -> KernelMask:
                           int(meta.causal_offset))
 
     return mask.cached(("triton_kernel_mask", device), build)
+
+
+# ----------------------------------------------------------------------------------------- segment-aligned ranges
+class RangePlan(NamedTuple):
+    """Segment-aligned work of the forward kernel for tiles of ``block_m`` query rows and ``block_n``-key steps.
+
+    Query segments are merged into **groups** — maximal runs of consecutive segments with the same rule row, which see
+    the same keys — and each group is cut into query tiles that start at the group's first row (the last tile of a
+    group is short; no tile mixes groups). For every **pattern** of per-sample key lengths (distinct rows of
+    ``kv_lengths``; one pattern without lengths) and group, the plan lists the visible key **intervals**: the valid
+    prefixes of the allowed key segments, adjacent ones merged. A program walks each interval from its unaligned start
+    in steps of ``block_n`` with no mask, and masks only the interval's last step (``col < end``, keys past it never
+    loaded) and, for causal masks, the steps that cross its rows' diagonal. Query padding is handled per row (its
+    output is 0). Nothing is ``(B, Tq, Tk)``: sizes are O(tiles + patterns x groups x key segments).
+
+    Shapes:
+        tile_lo, tile_hi, tile_group: int32 ``(T,)`` — rows ``[lo, hi)`` of each query tile and its group.
+        row_pattern: int32 ``(Bm,)`` — the key-length pattern of each plan row (sample, or the single row 0).
+        iv_ptr: int32 ``(P, G + 1)`` — intervals of (pattern p, group g) are ``iv[iv_ptr[p, g]:iv_ptr[p, g + 1]]``.
+        iv: int32 ``(max(I, 1), 2)`` — ``[start, end)`` key indices, ascending within a (pattern, group).
+        order: int32 ``(Bm * T,)`` — entries ``row * T + tile``, heaviest first.
+    """
+    block_m: int
+    block_n: int
+    num_tiles: int
+    num_groups: int
+    tile_lo: torch.Tensor
+    tile_hi: torch.Tensor
+    tile_group: torch.Tensor
+    row_pattern: torch.Tensor
+    iv_ptr: torch.Tensor
+    iv: torch.Tensor
+    order: torch.Tensor
+    per_sample: bool
+
+
+def _starts(sizes) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
+
+
+def query_groups(mask) -> list[tuple[int, int, int]]:
+    """``(row start, row end, rule row)`` of each group: consecutive non-empty query segments with equal rule rows."""
+    allow = mask.allow.bool().numpy()
+    sizes = np.asarray(mask.q_sizes, dtype=np.int64)
+    starts = _starts(sizes)
+    groups: list[tuple[int, int, int]] = []
+    for a, (s, n) in enumerate(zip(starts, sizes)):
+        if n == 0:
+            continue
+        if groups and groups[-1][1] == s and (allow[groups[-1][2]] == allow[a]).all():
+            groups[-1] = (groups[-1][0], int(s + n), groups[-1][2])
+        else:
+            groups.append((int(s), int(s + n), a))
+    return groups
+
+
+def _build_ranges(mask, block_m: int, block_n: int, device: torch.device) -> RangePlan:
+    allow = mask.allow.bool().numpy()
+    k_sizes = np.asarray(mask.kv_sizes, dtype=np.int64)
+    k_starts = _starts(k_sizes)
+    bm = mask.batch_size or 1
+    per_sample = mask.batch_size is not None
+    k_lens = (mask.kv_lengths.long().numpy() if mask.kv_lengths is not None
+              else np.broadcast_to(k_sizes, (bm, len(k_sizes))))
+    patterns, row_pattern = np.unique(k_lens.reshape(bm, -1), axis=0, return_inverse=True)
+    groups = query_groups(mask)
+    tiles = [(lo, min(lo + block_m, qe), g) for g, (qs, qe, _) in enumerate(groups) for lo in range(qs, qe, block_m)]
+    iv, iv_ptr = [], np.zeros((len(patterns), len(groups) + 1), dtype=np.int32)
+    for p, lens in enumerate(patterns):
+        for g, (_, _, a) in enumerate(groups):
+            iv_ptr[p, g] = len(iv)
+            first = len(iv)
+            for c in np.flatnonzero(allow[a]):
+                lo, hi = int(k_starts[c]), int(k_starts[c] + lens[c])
+                if hi <= lo:
+                    continue
+                if len(iv) > first and iv[-1][1] == lo:
+                    iv[-1] = (iv[-1][0], hi)
+                else:
+                    iv.append((lo, hi))
+        iv_ptr[p, len(groups)] = len(iv)
+    iv_arr = np.asarray(iv or [(0, 0)], dtype=np.int32).reshape(-1, 2)
+    # cost per (pattern, tile) in key steps, causal clipping included, for the program order
+    off = int(mask.num_kv - mask.num_q)
+    cost_pt = np.zeros((len(patterns), len(tiles)))
+    for t, (r0, r1, g) in enumerate(tiles):
+        for p in range(len(patterns)):
+            for lo, hi in iv[iv_ptr[p, g]:iv_ptr[p, g + 1]]:
+                if mask.causal:
+                    hi = min(hi, r1 + off)
+                cost_pt[p, t] += max(0, -(-(hi - lo) // block_n))
+    cost = cost_pt[row_pattern.reshape(-1)]                          # (Bm, T)
+    order = np.argsort(-cost.reshape(-1), kind="stable").astype(np.int32)
+    ti = np.asarray(tiles, dtype=np.int32).reshape(-1, 3)
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
+
+    return RangePlan(block_m, block_n, len(tiles), len(groups), dev(ti[:, 0]), dev(ti[:, 1]), dev(ti[:, 2]),
+                     dev(row_pattern.reshape(-1)), dev(iv_ptr), dev(iv_arr), dev(order), per_sample)
+
+
+def range_plan(mask, block_m: int, block_n: int, device) -> RangePlan:
+    """The :class:`RangePlan` of ``mask`` for ``block_m``-row query tiles and ``block_n``-key steps on ``device``
+    (cached on the mask)."""
+    return mask.derived(_build_ranges, block_m, block_n, torch.device(device))
+
+
+def range_tiles_worth_it(mask, block_m: int) -> bool:
+    """Whether segment-aligned query tiles keep the grid dense: at most 1.5x the tiles of a uniform grid (many tiny
+    query groups — e.g. packing of short sequences — would leave most rows of each tile idle; they stay on the tile
+    plan, whose partial tiles mix groups)."""
+    uniform = -(-mask.num_q // block_m)
+    aligned = sum(-(-(qe - qs) // block_m) for qs, qe, _ in query_groups(mask))
+    return aligned <= 1.5 * max(uniform, 1)
+
+
+def forward_plan(mask, blocks, device):
+    """``(plan, config)`` of the forward kernel for the :class:`~._config.Blocks` ``blocks`` (see
+    :func:`~._config.forward_plan_kind`): a :class:`RangePlan` with ``blocks.forward(True)``, or the ``"kv"``
+    :class:`TilePlan` with ``blocks.fwd``."""
+    from ._config import forward_plan_kind
+
+    kind = forward_plan_kind()
+    cfg = blocks.forward(True)
+    if kind == "ranges" or (kind == "auto" and range_tiles_worth_it(mask, cfg.block_m)):
+        return range_plan(mask, cfg.block_m, cfg.block_n, device), cfg
+    return tile_plan(mask, blocks.fwd.block_m, blocks.fwd.block_n, "kv", device), blocks.fwd

@@ -66,14 +66,14 @@ def _on_device(q: Tensor):
 def forward(q, k, v, mask: ZorroMask, scale: float):
     """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)`` for validated inputs; no autograd."""
     from ._fwd import attention_forward
-    from ._plan import kernel_mask, tile_plan
+    from ._plan import forward_plan, kernel_mask
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     km = kernel_mask(mask, q.device)
 
     def run(blocks):
-        plan = tile_plan(mask, blocks.fwd.block_m, blocks.fwd.block_n, "kv", q.device)
-        return attention_forward(q, k, v, plan, km, scale, blocks.fwd)
+        plan, cfg = forward_plan(mask, blocks, q.device)
+        return attention_forward(q, k, v, plan, km, scale, cfg)
 
     with _on_device(q):
         return _with_fallback(run, q)
