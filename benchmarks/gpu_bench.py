@@ -20,6 +20,7 @@ Writes ``results.json`` (everything) and ``table.txt`` (the compact table, also 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -124,10 +125,30 @@ def flex_peer(mask: ZorroMask):
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
 
+@contextlib.contextmanager
+def _deterministic():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _peer_context(peer: str):
+    """What a triton variant peer runs under: ``triton_tiles`` forces the forward's uniform tile plan,
+    ``triton_det`` the deterministic (atomic-free) backward; everything else runs as is."""
+    if peer == "triton_tiles":
+        from zorro_kernels.backends.triton._config import override_plan
+
+        return override_plan("tiles")
+    return _deterministic() if peer == "triton_det" else contextlib.nullcontext()
+
+
 def make_peers(mask: ZorroMask, dtype):
     """name -> fn(q, k, v) for every peer that can be built; name -> error string for those that cannot."""
     peers, errors = {}, {}
     peers["triton"] = lambda q, k, v: zorro_attention(q, k, v, mask, backend="triton")
+    peers["triton_tiles"] = peers["triton_det"] = peers["triton"]   # run under _peer_context
     peers["segments"] = lambda q, k, v: zorro_attention(q, k, v, mask, backend="segments")
     dense = mask.to_dense().to(DEVICE)
     peers["sdpa_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
@@ -194,6 +215,8 @@ def bench_row(name: str, dtype, deadline: float, *, layouts: Optional[dict] = No
         fn = peers[peer]
         work = 1.0 if peer != "sdpa_full" else 1.0 / density   # the unmasked peer computes every pair
         try:
+            ctx = _peer_context(peer)
+            ctx.__enter__()
             t0 = time.time()
             out = fn(q, k, v)
             sync()
@@ -233,6 +256,8 @@ def bench_row(name: str, dtype, deadline: float, *, layouts: Optional[dict] = No
         except Exception as err:  # noqa: BLE001 - one failing peer must not stop the others
             res["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             log(traceback.format_exc(limit=3))
+        finally:
+            ctx.__exit__(None, None, None)
     for p in ("fwd_ms", "fwd_bwd_ms"):
         t, fl, full = (row["peers"].get(x, {}).get(p) for x in ("triton", "flex", "sdpa_full"))
         if t:

@@ -3,10 +3,12 @@
 For the Figure-2 Zorro layout (B=8, H=12, N=1896) and the same proportions at N=16384 (B=1, H=12), in fp16 and bf16,
 at D=64 and D=128, it times forward and forward+backward of
 
-    triton      zorro's block-sparse kernels (autotuning num_warps/num_stages unless ZORRO_TRITON_AUTOTUNE=0)
+    triton      zorro's block-sparse kernels (autotuning num_warps/num_stages unless ZORRO_TRITON_AUTOTUNE=0): the
+                forward over the segment-aligned range plan, the one-pass backward (atomic dQ)
     sdpa_full   unmasked SDPA: the ideal baseline (a perfect masked kernel takes sdpa_full x attended fraction)
     flex        FlexAttention compiled, BlockMask from the same segment rule
     segments    zorro's segment path: one unmasked SDPA (flash) call per segment group
+    triton_tiles, triton_det (fp16, D=64 rows): the forward over the uniform tile plan; the deterministic backward
 
 after checking each peer's output (and triton's dq/dk/dv) against an fp32 reference; rows run most informative first
 under a time budget (a cut-short run keeps the headline rows). Then one line per compiled variant of the Triton
@@ -46,7 +48,10 @@ SHAPES = {  # layout: (audio, video, fusion, B, H)
 PLAN = [(lay, dt, d) for d in (64, 128) for dt in (torch.float16, torch.bfloat16) for lay in ("fig2", "16k")]
 SMOKE_PLAN = [("smoke", torch.float16, 16)]
 SMOKE_SHAPES = {"smoke": (20, 30, 4, 1, 2)}
-PEERS = ["triton", "sdpa_full", "flex", "segments"]  # most important first: a cut-short row keeps these
+PEERS = ["triton", "sdpa_full", "flex", "segments",   # most important first: a cut-short row keeps these
+         "triton_tiles", "triton_det"]                 # fp16 D=64 rows only: the forward over the uniform tile plan;
+#                                                        the deterministic (atomic-free) backward
+EXTRA_PEERS_ON = ("float16/D64", "smoke")
 
 
 def row_key(layout: str, dtype, d: int) -> str:
@@ -62,8 +67,9 @@ def log(msg: str) -> None:
 
 def run_row(name: str, dtype, deadline: float) -> dict:
     # gpu_check's row, on this script's rows and peers: triton's gradients checked too, failed checks flagged
-    return gpu_bench.bench_row(name, dtype, deadline, layouts=ROWS, peers_order=PEERS, grad_check=("triton",),
-                               flag_failures=True)
+    peers = PEERS if any(tag in name for tag in EXTRA_PEERS_ON) else PEERS[:4]
+    return gpu_bench.bench_row(name, dtype, deadline, layouts=ROWS, peers_order=peers,
+                               grad_check=("triton", "triton_tiles", "triton_det"), flag_failures=True)
 
 
 def _constants(kernel, ck) -> dict:
