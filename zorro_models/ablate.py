@@ -266,7 +266,7 @@ def _plot(cells: list, summaries: dict, path: Path, metric: str, chance: Optiona
     """One panel per objective; per input regime, a bar per (mask, sharing) with its std as error bar."""
     plt = pyplot()
     objectives = [o for o in AXES["objective"] if any(c.objective == o for c in cells)]
-    fig, axes = plt.subplots(1, len(objectives), figsize=(6.5 * len(objectives), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5.5 * len(objectives), 4.6), squeeze=False)
     for ax, objective in zip(axes[0], objectives):
         rows = {f"{c.mask}, {c.sharing}": summaries[c.name] for c in cells if c.objective == objective}
         draw_grouped_bars(ax, {r: {k: s[k]["mean"] for k in COLUMNS} for r, s in rows.items()},
@@ -274,8 +274,13 @@ def _plot(cells: list, summaries: dict, path: Path, metric: str, chance: Optiona
                           chance=chance, values=len(rows) <= 4, legend_size=7,
                           title="contrastive: linear probes" if objective == "contrastive"
                           else "supervised: mean of the heads")
+    # one legend for both panels, under them (the same bars, the same colours)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0]:
+        ax.get_legend().remove()
+    fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("zorro ablate: mean ± std over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

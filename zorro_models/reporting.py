@@ -110,8 +110,8 @@ def draw_grouped_bars(ax, results: dict, *, errors: Optional[dict] = None, metri
         err = [errors[label][c] for c in columns] if errors is not None else None
         bars = ax.bar(xs, vals, width, yerr=err, capsize=2 if err else 0, label=label)
         if values:
-            for bar, v in zip(bars, vals):
-                ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+            for bar, v, e in zip(bars, vals, err or [0.0] * len(vals)):  # above the error bar, not through it
+                ax.text(bar.get_x() + bar.get_width() / 2, v + e + 0.01, f"{v:.2f}", ha="center", fontsize=8)
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(columns)))
