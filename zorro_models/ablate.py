@@ -28,7 +28,8 @@ stops and names it, and ``--overwrite`` retrains it. Settings that change how a 
 (threads, workers, logging, checkpoint cadence, device) are not compared.
 
 Outputs in ``<out>``: ``results.json`` (every number, per seed and summarised, with timings, machine and config),
-``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan).
+``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan). The
+default grid, measured, and what it shows: docs/ablate.md.
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ AXES = {"mask": ("zorro", "bottleneck", "full"), "sharing": ("shared", "separate
         "objective": ("contrastive", "supervised")}
 
 #: settings of the default run on the embedded data (on top of :class:`~zorro_models.config.Config`'s defaults, which
-#: are the demo's): 24 runs of ``zorro_vit_demo`` that fit a 2-core CPU's 15 minutes. Not applied under ``--config``:
-#: a config file is used as ``zorro train`` would use it.
+#: are the demo's): 24 runs of ``zorro_vit_demo``, about 10 min on a quiet 2-core CPU (measured: docs/ablate.md). Not
+#: applied under ``--config``: a config file is used as ``zorro train`` would use it.
 DEFAULTS = ("train.steps=80", "probe.train_size=1024", "probe.test_size=512", "data.val_size=512")
 
 #: settings that change how a run is executed or logged, not its numbers: not compared when reusing a run

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="the paper's ablation grid (mask x parameter sharing x objective), every cell "
                                       "trained and scored under audio-only, video-only and audio-visual inputs; "
-                                      "resumable (default: 24 runs, about 10 min on a 2-core CPU)")
+                                      "resumable (default: 24 runs, about 10 min on a quiet 2-core CPU; docs/ablate.md)")
     p.add_argument("--out", default="zorro_ablate", help="output folder; rerun to resume (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=2, help="runs per cell, seeds train.seed + 0..N-1 (default: 2)")
     p.add_argument("--grid", nargs="+", default=[], metavar="AXIS=V1,V2",
