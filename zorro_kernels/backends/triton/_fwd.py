@@ -1,7 +1,9 @@
-"""Forward kernel: one program per (query tile, batch x head), launched heaviest first, visiting only the kv tiles the
-plan lists for it.
+"""Forward kernels: one program per (query tile, batch x head), launched heaviest first, visiting only the keys its plan
+lists — ``_attn_fwd_ranges`` over the segment-aligned :class:`RangePlan` (query tiles start at group boundaries, key
+intervals walked from their unaligned start, only interval ends and causal diagonals masked), ``_attn_fwd`` over the
+uniform :class:`TilePlan` (layouts of many tiny query groups).
 
-Full tiles run with no mask arithmetic and no bounds checks on keys (a full tile lies wholly inside the matrix and has
+In the tile-plan kernel, full tiles run with no mask arithmetic and no bounds checks on keys (a full tile lies wholly inside the matrix and has
 no padding); partial tiles load keys under their validity mask and evaluate the element mask. Both loops call one tile
 body, :func:`_fwd_tile`, compiled twice by its ``MASKED`` constexpr. Softmax is online in base 2 with the scale folded
 into one multiply-add, as in Triton's fused-attention tutorial: ``p = exp2(qk * qk_scale - m)`` with
