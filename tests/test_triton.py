@@ -256,6 +256,7 @@ def test_range_plan_is_exact_over_layout_families():
             for a, b, g in zip(lo.tolist(), hi.tolist(), grp.tolist()):
                 assert groups[g][0] <= a and b <= groups[g][1], (name, a, b, groups[g])
             assert all(t.dim() <= 2 for t in plan[4:11]), name
+            assert sorted(plan.order.tolist()) == list(range(plan.row_pattern.numel() * plan.num_tiles)), name
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -248,16 +248,16 @@ def _build_ranges(mask, block_m: int, block_n: int, device: torch.device) -> Ran
     iv_arr = np.asarray(iv or [(0, 0)], dtype=np.int32).reshape(-1, 2)
     # cost per (pattern, tile) in key steps, causal clipping included, for the program order
     off = int(mask.num_kv - mask.num_q)
+    ti = np.asarray(tiles, dtype=np.int64).reshape(-1, 3)
     cost_pt = np.zeros((len(patterns), len(tiles)))
-    for t, (r0, r1, g) in enumerate(tiles):
+    for g in range(len(groups)):
+        sel = np.flatnonzero(ti[:, 2] == g)
+        last = ti[sel, 1] + off if mask.causal else np.full(len(sel), np.iinfo(np.int64).max)
         for p in range(len(patterns)):
             for lo, hi in iv[iv_ptr[p, g]:iv_ptr[p, g + 1]]:
-                if mask.causal:
-                    hi = min(hi, r1 + off)
-                cost_pt[p, t] += max(0, -(-(hi - lo) // block_n))
+                cost_pt[p, sel] += np.maximum(0, -(-(np.minimum(hi, last) - lo) // block_n))
     cost = cost_pt[row_pattern.reshape(-1)]                          # (Bm, T)
     order = np.argsort(-cost.reshape(-1), kind="stable").astype(np.int32)
-    ti = np.asarray(tiles, dtype=np.int32).reshape(-1, 3)
 
     def dev(a):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
@@ -272,13 +272,17 @@ def range_plan(mask, block_m: int, block_n: int, device) -> RangePlan:
     return mask.derived(_build_ranges, block_m, block_n, torch.device(device))
 
 
-def range_tiles_worth_it(mask, block_m: int) -> bool:
-    """Whether segment-aligned query tiles keep the grid dense: at most 1.5x the tiles of a uniform grid (many tiny
-    query groups — e.g. packing of short sequences — would leave most rows of each tile idle; they stay on the tile
-    plan, whose partial tiles mix groups)."""
+def _worth_it(mask, block_m: int) -> bool:
     uniform = -(-mask.num_q // block_m)
     aligned = sum(-(-(qe - qs) // block_m) for qs, qe, _ in query_groups(mask))
     return aligned <= 1.5 * max(uniform, 1)
+
+
+def range_tiles_worth_it(mask, block_m: int) -> bool:
+    """Whether segment-aligned query tiles keep the grid dense: at most 1.5x the tiles of a uniform grid (many tiny
+    query groups — e.g. packing of short sequences — would leave most rows of each tile idle; they stay on the tile
+    plan, whose partial tiles mix groups). Cached on the mask: it is asked on every forward call."""
+    return mask.derived(_worth_it, block_m)
 
 
 def forward_plan(mask, blocks, device):
