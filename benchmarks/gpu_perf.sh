@@ -44,7 +44,7 @@ grep -E "(FAILED|ERROR)( |$)" "$OUT/pytest_gpu.txt" | grep "::" | sed "s/ *$//" 
 grep -E "^E " "$OUT/pytest_gpu.txt" | head -n 15 | cut -c1-250
 tail -n 1 "$OUT/pytest_gpu.txt" | cut -c1-200
 
-left=$(( 450 - $(elapsed) ))
+left=$(( 400 - $(elapsed) ))
 [ "$left" -lt 120 ] && left=120
 echo "== 2/2 gpu_perf.py: rows, then the kernel-resource report (budget ${left}s)"
 timeout $(( left + 30 )) $PY benchmarks/gpu_perf.py $SMOKE --budget "$left" --out "$OUT" > "$OUT/perf_log.txt" 2>&1
