@@ -160,12 +160,16 @@ class RelativePositions:
 
     def step_index(self, q_ranges: Ranges, k_ranges: Ranges, blocks: int = 1):
         """:meth:`index` for a segment-plan step (gathered ``q_ranges`` x ``k_ranges``, ``blocks`` diagonal blocks):
-        ``(idx (blocks, R, C), placed or None)``, or None when no pair of the step is placed. Cached."""
+        ``(idx (blocks or 1, R, C), placed or None)`` (1 when every block has the same offsets), or None when no
+        pair of the step is placed. Cached."""
         key = (q_ranges, k_ranges, blocks)
         if key not in self._cache:
             rows = torch.cat([torch.arange(s, e) for s, e in q_ranges]).reshape(blocks, -1)
             cols = torch.cat([torch.arange(s, e) for s, e in k_ranges]).reshape(blocks, -1)
             idx, placed = self.index(rows, cols)
+            if blocks > 1 and bool((idx == idx[:1]).all()) and (placed is None or bool((placed == placed[:1]).all())):
+                # equal windows share their offsets: one block, broadcast (its gradient is then a sum, not a scatter)
+                idx, placed = idx[:1], None if placed is None else placed[:1]
             self._cache[key] = None if placed is not None and not placed.any() else (idx, placed)
         return self._cache[key]
 
@@ -300,9 +304,10 @@ def step_bias(bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ran
             return None
         idx, placed = hit
         t = bias.table
-        out = t[:, idx.to(t.device)]                                    # (Ht, blocks, R, C)
+        out = t[:, idx.to(t.device)]                                    # (Ht, blocks or 1, R, C)
         if placed is not None:
             out = torch.where(placed.to(t.device), out, 0)
+        out = out.expand(out.shape[0], blocks, *out.shape[2:])
         hb = out.shape[0]
         out = out[None]
     else:
