@@ -299,8 +299,8 @@ def compile_sweep(n_layouts: int = 50, max_size: int = 400, d: int = 64) -> dict
     """fwd+bwd over ``n_layouts`` random layouts (segment counts, sizes, rules, per-sample lengths, N all vary)."""
     from zorro_kernels.backends.triton import _bwd, _fwd
 
-    kernels = {"fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess, "dkdv": _bwd._attn_bwd_dkdv,
-               "dq": _bwd._attn_bwd_dq}
+    kernels = {"fwd_ranges": _fwd._attn_fwd_ranges, "fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess,
+               "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq}
     gen = torch.Generator().manual_seed(0)
     counts_after_first, t0 = None, time.time()
     for i in range(n_layouts):

@@ -104,8 +104,8 @@ def kernel_report() -> list:
         major, minor = torch.cuda.get_device_capability()
         arch = 10 * major + minor
     lines = []
-    for name, kernel in (("fwd", _fwd._attn_fwd), ("dkdv", _bwd._attn_bwd_dkdv), ("dq", _bwd._attn_bwd_dq),
-                         ("preprocess", _bwd._bwd_preprocess)):
+    for name, kernel in (("fwd_ranges", _fwd._attn_fwd_ranges), ("fwd", _fwd._attn_fwd), ("dkdv", _bwd._attn_bwd_dkdv),
+                         ("dq", _bwd._attn_bwd_dq), ("preprocess", _bwd._bwd_preprocess)):
         lines.append(f"kernel {name}: {gpu_bench.n_compiled(kernel)} compiled variant(s)")
         for ck in gpu_bench.compiled_kernels(kernel):
             md, consts = ck.metadata, _constants(kernel, ck)

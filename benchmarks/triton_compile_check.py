@@ -243,8 +243,8 @@ def _reference_launch(q, cfg):
 
 def sweep(n_layouts: int) -> int:
     """fwd + bwd launches (compiled, not run) over random layouts: 2-6 segments, sizes, rules, lengths, N all vary."""
-    kernels = {"fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess, "dkdv": _bwd._attn_bwd_dkdv,
-               "dq": _bwd._attn_bwd_dq}
+    kernels = {"fwd_ranges": _fwd._attn_fwd_ranges, "fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess,
+               "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq}
 
     def warm(kernel, grid, kargs, constexprs, cfg, bucket=(), restore=()):
         kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
