@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zorro_kernels.attention as zattention
+import zorro_kernels.auto as zauto
 from benchmarks.conftest import RESULTS
 from benchmarks.measure import sync
 from benchmarks.peers import MASKED
@@ -77,10 +77,10 @@ def attention_impl(monkeypatch):
         BENCH_BACKEND, "benchmark only: SDPA with the dense bool mask",
         lambda q, k, v, mask, scale: (_masked_sdpa(q, k, v, mask, scale), q.new_zeros(q.shape[:3])),
         backward_by_recompute(_masked_sdpa), eager=_masked_sdpa))
-    default = zattention.auto_priority
+    default = dict(zauto.PRIORITY)
 
     def use(name):
-        monkeypatch.setattr(zattention, "auto_priority", default if name == "auto" else (lambda device: [name]))
+        monkeypatch.setattr(zauto, "PRIORITY", default if name == "auto" else {t: (name,) for t in ("cpu", "cuda")})
     return use
 
 

@@ -11,7 +11,7 @@ from zorro_kernels.attention import select_backend
 from .layouts import named_masks, random_mask
 from .tolerances import check_against_oracle
 
-CPU_BACKENDS = ["segments"]
+CPU_BACKENDS = ["segments", "dense"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

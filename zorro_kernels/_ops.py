@@ -120,7 +120,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Opti
     mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window)
     bias = _bias_from(dense, table, pos_q, pos_k, extents)
     out, lse = BACKENDS[backend].forward(q, k, v, mask, scale, **_bias_kw(bias))
-    return out.contiguous(), lse.float()
+    return out.contiguous(), lse.float().contiguous()
 
 
 @_attention_fwd.register_fake

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import _ops, auto
 from .backends import BACKENDS
 from .bias import check_bias
 from .mask import ZorroMask
@@ -60,28 +60,16 @@ def check_inputs(q, k, v, mask, scale=None, bias=None) -> None:
     check_bias(bias, q, nk)
 
 
-def auto_priority(device: torch.device) -> list[str]:
-    """Backends ``"auto"`` tries, best first, for tensors on ``device``."""
-    if device.type == "cuda":
-        return ["triton", "segments"]
-    return ["segments"]
-
-
-def select_backend(q, k, v, mask, backend: str = "auto", bias=None) -> str:
-    """Name of the backend that will run; raises ValueError with every refusal's reasons if none can."""
+def select_backend(q, k, v, mask, backend: str = "auto", bias=None, scale: Optional[float] = None,
+                   grad: Optional[bool] = None) -> str:
+    """Name of the backend that will run (validated inputs); raises ValueError with every refusal's reasons if none
+    can. ``"auto"`` is :mod:`zorro_kernels.auto`'s choice (see :func:`zorro_kernels.explain`); ``grad`` (default: what
+    autograd will do with these tensors) says whether the call will be differentiated."""
+    if backend == "auto":
+        return auto.choose(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale),
+                           auto.wants_grad(q, k, v, bias) if grad is None else grad, bias)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto":
-        tried = []
-        for name in auto_priority(q.device):
-            if name not in BACKENDS:
-                tried.append(f"{name}: not available in this install")
-                continue
-            reasons = BACKENDS[name].not_supported_reasons(q, k, v, mask, bias=bias)
-            if not reasons:
-                return name
-            tried.append(f"{name}: " + "; ".join(reasons))
-        raise ValueError("no zorro_attention backend supports this input:\n  " + "\n  ".join(tried))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
     reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask, bias=bias)
@@ -107,9 +95,10 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
             gradient). A ``-inf`` bias counts as masked: a row whose every allowed key is ``-inf`` returns 0 with zero
             gradients.
         scale: softmax scale; default ``D ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA when available, else the segment path), or force one of
-            ``"triton"``, ``"segments"``, ``"reference"``. A forced backend that cannot take the input raises
-            ValueError saying why.
+        backend: ``"auto"`` (on CUDA the faster of ``"triton"`` and ``"segments"``, timed once per problem; on CPU
+            ``"dense"`` for tiny problems, else ``"segments"``; :func:`zorro_kernels.explain` says which and why), or
+            force one of ``"triton"``, ``"segments"``, ``"dense"``, ``"reference"``. A forced backend that cannot take
+            the input raises ValueError saying why.
 
     Returns:
         ``(B, H, Nq, D)`` in q's dtype. A query row that may attend no valid key (padding rows included) is exactly 0
@@ -120,12 +109,16 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
         TypeError / ValueError naming the argument and the numbers for malformed input (see :func:`check_inputs`).
     """
     check_inputs(q, k, v, mask, scale, bias)
-    name = select_backend(q, k, v, mask, backend, bias)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    grad = auto.wants_grad(q, k, v, bias)
+    name = select_backend(q, k, v, mask, backend, bias, scale, grad)
     chosen = BACKENDS[name]
-    if chosen.eager is not None and not _ops._traced(q):
-        return chosen.eager(q, k, v, mask, float(scale), bias)
-    # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
-    # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
-    return _ops.attention(q, k, v, mask, float(scale), name, bias)
+    if _ops._traced(q):
+        # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
+        # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
+        return _ops.attention(q, k, v, mask, scale, name, bias)
+    if not grad:  # nothing to differentiate: the forward alone, without autograd's bookkeeping
+        return chosen.forward(q, k, v, mask, scale, **_ops._bias_kw(bias))[0]
+    if chosen.eager is not None:
+        return chosen.eager(q, k, v, mask, scale, bias)
+    return _ops.attention(q, k, v, mask, scale, name, bias)

@@ -23,6 +23,7 @@ import torch
 from ..bias import bias_tensor, with_tensor
 from ..reference import reference_attention
 from . import triton as _triton  # imports no Triton: kernels load on first use
+from .dense import dense_attention, dense_backward, dense_forward
 from .segments import build_plan, cpu_backward, cpu_forward, segment_attention, segment_attention_sdpa
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "backward_by_recompute"]
@@ -187,3 +188,10 @@ register_backend(Backend(
 register_backend(Backend(
     "triton", _triton.DESCRIPTION, _triton.forward, _triton.backward, devices=_triton.devices,
     dtypes=_triton.DTYPES, max_head_dim=_triton.MAX_HEAD_DIM, extra_reasons=_triton.extra_reasons))
+
+
+# ---------------------------------------------------------------------------------------------------- dense
+register_backend(Backend(
+    "dense", "the whole matrix in one masked computation, non-finite results redone by the "
+    "segment path (CPU; for problems too small to split)", dense_forward, dense_backward, devices=("cpu",),
+    window=True, eager=dense_attention))

@@ -1,0 +1,190 @@
+"""backend="auto": the measured choice (timings mocked; CPU only), its cache key, the static rules, explain(), and the
+dense path for tiny problems with its NaN isolation."""
+import pytest
+import torch
+
+import zorro_kernels.auto as auto
+from zorro_kernels import ZorroMask, explain, zorro_attention
+from zorro_kernels.attention import select_backend
+from zorro_kernels.backends import BACKENDS
+
+
+def _qkv(mask, b=2, h=2, hkv=1, d=16, grad=False):
+    t = (torch.randn(b, h, mask.num_q, d), torch.randn(b, hkv, mask.num_kv, d), torch.randn(b, hkv, mask.num_kv, d))
+    return tuple(x.requires_grad_(grad) for x in t)
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """CPU inputs take the measured (CUDA) path among 'segments' and 'dense'; ``times`` sets what each takes."""
+    calls = []
+    times = {"segments": 2.0, "dense": 1.0}
+
+    def fake_time(name, q, k, v, mask, scale, grad, bias=None):
+        calls.append((name, grad))
+        return times[name]
+
+    monkeypatch.setattr(auto, "_measures", lambda device: True)
+    monkeypatch.setattr(auto, "_time", fake_time)
+    monkeypatch.setattr(auto, "PRIORITY", {"cpu": ("segments", "dense")})
+    monkeypatch.setattr(auto, "_benchmark", True)
+    monkeypatch.setattr(auto, "_measured", {})
+    return calls, times
+
+
+def test_measured_choice_is_the_fastest_and_timed_once_per_key(timed):
+    calls, times = timed
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask)
+    assert select_backend(q, k, v, mask) == "dense"
+    assert calls == [("segments", False), ("dense", False)]
+    times["dense"] = 3.0  # cached: not timed again, same answer
+    assert select_backend(q, k, v, mask) == "dense" and len(calls) == 2
+    # a mask with the same content is the same problem
+    twin = ZorroMask.from_segments([("x", 6), ("y", 10), ("f", 2)], {"x": ["x"], "y": ["y"], "f": "*"})
+    assert select_backend(q, k, v, twin) == "dense" and len(calls) == 2
+    e = explain(q, k, v, mask)
+    assert e.chosen == "dense" and e.how == "measured" and e.times_ms == {"segments": 2.0, "dense": 1.0}
+
+
+@pytest.mark.parametrize("change", ["batch", "heads", "kv_heads", "head_dim", "dtype", "grad", "lengths"])
+def test_cache_key_separates_what_changes_speed(timed, change):
+    calls, _ = timed
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask)
+    select_backend(q, k, v, mask)
+    n = len(calls)
+    if change == "batch":
+        q, k, v = _qkv(mask, b=3)
+    elif change == "heads":
+        q, k, v = _qkv(mask, h=4)
+    elif change == "kv_heads":
+        q, k, v = _qkv(mask, hkv=2)
+    elif change == "head_dim":
+        q, k, v = _qkv(mask, d=32)
+    elif change == "dtype":
+        q, k, v = (t.double() for t in (q, k, v))
+    elif change == "grad":
+        q, k, v = _qkv(mask, grad=True)
+    elif change == "lengths":
+        mask = mask.with_lengths(torch.tensor([[6, 10, 2], [3, 10, 2]]))
+    select_backend(q, k, v, mask)
+    assert len(calls) == n + 2, calls
+    assert calls[-1][1] == (change == "grad")
+
+
+def test_never_times_while_compiling_or_capturing(timed, monkeypatch):
+    calls, _ = timed
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask)
+    monkeypatch.setattr(auto, "_capturing", lambda device: True)
+    e = explain(q, k, v, mask)
+    assert calls == [] and e.how == "rule" and "CUDA graph capture" in e.note
+    monkeypatch.setattr(auto, "_capturing", lambda device: False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    e = auto._choose(q, k, v, mask, 0.25, False)
+    assert calls == [] and e.how == "rule" and "torch.compile" in e.note
+
+
+def test_compiled_call_never_times(timed):
+    calls, _ = timed
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask)
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, b, c: zorro_attention(a, b, c, mask), fullgraph=True, backend="aot_eager")(q, k, v)
+    assert calls == []
+    torch.testing.assert_close(out, zorro_attention(q, k, v, mask, backend="reference"), rtol=1e-5, atol=1e-6)
+
+
+def test_opt_out_uses_the_static_rule(timed, monkeypatch):
+    calls, _ = timed
+    auto.set_benchmark(False)
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask)
+    e = explain(q, k, v, mask)
+    assert calls == [] and e.how == "rule" and "ZORRO_AUTO_BENCHMARK=0" in e.note
+    assert e.chosen == auto.static_choice(q, k, mask, False)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        auto.set_benchmark("no")
+    monkeypatch.setattr(auto, "_benchmark", None)
+    monkeypatch.setenv("ZORRO_AUTO_BENCHMARK", "0")
+    assert not auto._benchmark_enabled()
+
+
+def _cuda_like(n, grad):
+    q = torch.empty(1, 1, n, 16, device="meta")
+    return q, q
+
+
+def test_static_cuda_rule_follows_the_h200_measurements():
+    q, k = _cuda_like(1896, True)
+    assert auto._cuda_rule(q, k, grad=False) == "segments"       # forward: segments faster at both sizes
+    assert auto._cuda_rule(q, k, grad=True) == "triton"          # fwd+bwd at Figure-2 size: triton 1.04 vs 1.66 ms
+    q, k = _cuda_like(16384, True)
+    assert auto._cuda_rule(q, k, grad=True) == "segments"        # fwd+bwd at 16k: segments 5.34 vs 6.98 ms
+
+
+def test_cpu_rule_dense_for_tiny_problems_segments_beyond():
+    tiny = ZorroMask.zorro(audio=4, video=8, fusion=2)
+    q, k, v = (torch.randn(8, 2, 14, 16) for _ in range(3))
+    assert select_backend(q, k, v, tiny) == "dense"
+    big = ZorroMask.zorro(audio=64, video=196, fusion=4)
+    q, k, v = (torch.randn(2, 4, 264, 32) for _ in range(3))
+    assert select_backend(q, k, v, big) == "segments"
+    # many length patterns make many segment-path calls: one dense call stays cheaper for longer
+    ragged = ZorroMask.zorro(audio=40, video=80, fusion=4, lengths=torch.tensor([[40 - i, 80 - 2 * i, 4]
+                                                                               for i in range(8)]))
+    q, k, v = (torch.randn(8, 2, 124, 16) for _ in range(3))
+    assert select_backend(q, k, v, ragged) == "dense"
+    assert select_backend(q, k, v, ragged.with_lengths(None)) == "segments"
+
+
+def test_explain_lists_every_candidate_and_its_reasons():
+    mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
+    q, k, v = (torch.randn(1, 2, 14, 16) for _ in range(3))
+    e = explain(q, k, v, mask)
+    assert e.chosen == "dense" and e.how == "rule" and set(e.reasons) == {"dense", "segments"}
+    assert str(e).splitlines() == ["zorro_attention backend: dense (rule)", "  dense: takes it",
+                                   "  segments: takes it"]
+    e = explain(q.double(), k.double(), v.double(), mask, backend="triton")
+    assert e.how == "forced, but it refuses" and any("float64" in r for r in e.reasons["triton"])
+    with pytest.raises(ValueError, match="unknown backend"):
+        explain(q, k, v, mask, backend="magic")
+    with pytest.raises(ValueError, match="q has Nq=14 tokens"):
+        explain(q, k, v, ZorroMask.zorro(audio=4, video=9, fusion=2))
+
+
+def test_no_candidate_lists_every_refusal(monkeypatch):
+    monkeypatch.setattr(auto, "PRIORITY", {"cpu": ("triton", "nonexistent")})
+    mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
+    q, k, v = (torch.randn(1, 2, 14, 16, dtype=torch.float64) for _ in range(3))
+    with pytest.raises(ValueError, match="(?s)no zorro_attention backend.*triton: .*float64.*nonexistent: not "
+                                         "available"):
+        zorro_attention(q, k, v, mask)
+
+
+# ------------------------------------------------------------------------------------------------ dense path
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_dense_never_reads_masked_keys(poison):
+    """NaN/Inf in the video keys and values must not reach audio rows (forward) nor the audio keys' gradients
+    (no fusion rows: they may attend video, so through them the poison reaches every gradient legitimately)."""
+    mask = ZorroMask.zorro(audio=5, video=6)
+    q, k, v = _qkv(mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 5:11] = poison
+    v2[:, :, 5:11] = poison
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    dirty = [t.clone().requires_grad_() for t in (q, k2, v2)]
+    outs = [zorro_attention(*ts, mask, backend="dense") for ts in (clean, dirty)]
+    g = torch.randn_like(outs[0])
+    g[:, :, 5:] = 0  # only the audio rows' gradient flows
+    for o, ts in zip(outs, (clean, dirty)):
+        o.backward(g)
+    torch.testing.assert_close(outs[1][:, :, :5], outs[0][:, :, :5], rtol=0, atol=1e-6)
+    torch.testing.assert_close(dirty[0].grad[:, :, :5], clean[0].grad[:, :, :5], rtol=0, atol=1e-6)
+    for a, b in ((dirty[1], clean[1]), (dirty[2], clean[2])):
+        torch.testing.assert_close(a.grad[:, :, :5], b.grad[:, :, :5], rtol=0, atol=1e-6)
+
+
+def test_dense_is_registered_for_cpu_only():
+    assert BACKENDS["dense"].supported_devices() == ("cpu",)

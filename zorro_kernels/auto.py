@@ -1,0 +1,279 @@
+"""``backend="auto"``: which backend runs an input, and why (:func:`explain` says it in words).
+
+Only backends that take the input (no refusal reason) are candidates; nothing falls back silently.
+
+**CUDA — measured.** Among the candidates (``triton``, ``segments``) auto times each once, on the first call with a
+new *problem key* — ``(mask.key, B, H, Hkv, D, dtype, grad or not, device)``, where ``grad`` is whether autograd will
+differentiate the call (forward+backward is timed then, forward alone otherwise) — and keeps the fastest, as
+``torch.backends.cudnn.benchmark`` does (with a bias, its kind joins the key). The timing runs each candidate on the caller's own tensors (detached; the
+backward with a gradient of ones), a warm-up call and then a few timed calls between CUDA events; it draws no random
+numbers. It never times while ``torch.compile`` traces or while a CUDA graph is being captured: those calls use a
+choice already measured for the key, else the static rule. Opt out with ``ZORRO_AUTO_BENCHMARK=0`` (read on first
+use) or :func:`set_benchmark`\\ ``(False)``; auto then uses the static rule:
+
+- forward only: ``segments`` — on an H200 (BENCHMARKS.md, GPU run 2, fp16, D=64, H=12) the segment path's forward was
+  faster than Triton's at both sizes measured (Figure-2, B=8: 0.277 vs 0.285 ms; N=16384, B=1: 1.482 vs 1.761 ms);
+- forward+backward: ``triton`` when ``max(Nq, Nk) <= 7500``, else ``segments`` — after the block sweep (run 3) Triton's
+  forward+backward took 1.043 ms at Figure-2 size against 1.661 ms for the segment path (run 2), and 6.98 against
+  5.34 ms at N=16384; 7500 is where the log-log interpolation of those two ratios crosses 1.
+
+**CPU — a cost rule.** ``dense`` (one masked flash-attention call, :mod:`zorro_kernels.backends.dense`) when the work
+it wastes on masked pairs costs less than the segment path's extra calls, else ``segments``::
+
+    B * H * D * (Nq * Nk - mean attended pairs per sample) <= CPU_WORK_PER_CALL * (segment-path calls - 1)
+
+``CPU_WORK_PER_CALL`` (600k multiply-adds) is one CPU flash-attention call's fixed cost expressed as work, from where
+the segment path and one masked SDPA call break even on the Zorro layout (B=8, H=2, D=16, 1 thread, 2 extra calls):
+between 84 tokens (3168 masked pairs x 256 = 811k, 405k per call; the segment path still 10% slower there) and
+112 tokens (720k per call; the segment path 13% faster) — measured side by side on the 2-core CI machine, loaded,
+2026-12-01. So tiny problems take one call, and the segment path takes over once skipping masked pairs pays. Under
+``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per query
+segment (it picks ``dense`` less often).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .backends import BACKENDS
+from .backends.segments import build_plan
+from .bias import bias_tensor
+
+__all__ = ["explain", "Explanation", "set_benchmark", "clear_cache", "PRIORITY", "CPU_WORK_PER_CALL",
+           "CUDA_GRAD_MAX_TOKENS"]
+
+# candidates per device type, in the order ties are broken
+PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
+CPU_WORK_PER_CALL = 600_000
+CUDA_GRAD_MAX_TOKENS = 7500
+_REPS = 5
+
+_benchmark: Optional[bool] = None  # None: read ZORRO_AUTO_BENCHMARK on first use
+_measured: dict = {}               # problem key -> {backend: ms}
+_generation = [0]                  # bumped when settings change: final choices cached on masks are then stale
+
+
+def set_benchmark(enabled: bool) -> None:
+    """Time the candidates on CUDA (the default) or use the static rule (``False``); see the module docstring."""
+    global _benchmark
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _benchmark = enabled
+    _generation[0] += 1
+
+
+def clear_cache() -> None:
+    """Forget every measured choice (the next call with each problem key times again)."""
+    _measured.clear()
+    _generation[0] += 1
+
+
+def _benchmark_enabled() -> bool:
+    global _benchmark
+    if _benchmark is None:
+        _benchmark = os.environ.get("ZORRO_AUTO_BENCHMARK", "1") not in ("", "0")
+    return _benchmark
+
+
+def _measures(device: torch.device) -> bool:
+    """Whether auto times candidates on this device (else a rule decides)."""
+    return device.type == "cuda"
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _bias_kind(bias) -> Optional[str]:
+    return None if bias is None else type(bias).__name__
+
+
+def problem_key(q, k, mask, grad: bool, bias=None) -> tuple:
+    """What a measured choice is kept under: layout, shapes, dtype, grad or not, device (and the bias's kind)."""
+    b, h, _, d = q.shape
+    return mask.key, b, h, k.shape[1], d, q.dtype, grad, str(q.device), _bias_kind(bias)
+
+
+def wants_grad(q, k, v, bias=None) -> bool:
+    """Whether autograd will differentiate a call on these tensors."""
+    if not torch.is_grad_enabled():
+        return False
+    t = bias_tensor(bias)
+    return q.requires_grad or k.requires_grad or v.requires_grad or (t is not None and t.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------------ rules
+def _plan_calls(mask) -> int:
+    """How many attention calls the segment path makes for this mask (over every length pattern)."""
+    return sum(len(p.steps) for p in mask.derived(build_plan).patterns)
+
+
+def _mean_attended(mask) -> float:
+    a = mask.attended()
+    return float(a.sum()) / a.numel()
+
+
+def _cpu_rule(q, k, mask) -> str:
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    if torch.compiler.is_compiling():  # no plan while tracing: every pair counted as masked, a call per segment
+        wasted, calls = nq * nk, len(mask.q_sizes)
+    else:
+        wasted, calls = nq * nk - mask.derived(_mean_attended), mask.derived(_plan_calls)
+    return "dense" if b * h * d * wasted <= CPU_WORK_PER_CALL * (calls - 1) else "segments"
+
+
+def _cuda_rule(q, k, grad: bool) -> str:
+    if grad and max(q.shape[2], k.shape[2]) <= CUDA_GRAD_MAX_TOKENS:
+        return "triton"
+    return "segments"
+
+
+def static_choice(q, k, mask, grad: bool) -> str:
+    """The rule's backend (which may still refuse the input; see :func:`_choose`)."""
+    return _cuda_rule(q, k, grad) if q.device.type == "cuda" else _cpu_rule(q, k, mask)
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def _time(name: str, q, k, v, mask, scale: float, grad: bool, bias=None) -> float:
+    """Median milliseconds of one call (forward, or forward+backward when ``grad``) of backend ``name``."""
+    from . import _ops
+
+    backend = BACKENDS[name]
+    q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            if backend.eager is not None:
+                out = backend.eager(q, k, v, mask, scale, bias)
+            else:
+                out = _ops.attention(q, k, v, mask, scale, name, bias)
+            if grad:
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    call()  # warm-up: compiles kernels, builds plans
+    times = []
+    for _ in range(_REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------------------ choice
+@dataclass
+class Explanation:
+    """Why ``backend="auto"`` picks :attr:`chosen` for an input.
+
+    Attributes:
+        chosen: the backend's name.
+        how: ``"measured"`` (fastest of the timed candidates), ``"rule"`` (the static rule; see :mod:`zorro_kernels.auto`),
+            ``"only candidate"`` or ``"forced"``.
+        reasons: backend name -> its refusal reasons (empty list: it takes the input), for every candidate.
+        times_ms: backend name -> measured milliseconds (CUDA; empty when nothing was timed).
+        key: the problem key measured choices are kept under.
+        note: why the rule was used instead of timing, if it was.
+    """
+    chosen: str
+    how: str
+    reasons: dict
+    times_ms: dict = field(default_factory=dict)
+    key: tuple = ()
+    note: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"zorro_attention backend: {self.chosen} ({self.how}{'; ' + self.note if self.note else ''})"]
+        for name, reasons in self.reasons.items():
+            t = f", {self.times_ms[name]:.3f} ms" if name in self.times_ms else ""
+            state = "takes it" if not reasons else "refuses: " + "; ".join(reasons)
+            lines.append(f"  {name}: {state}{t}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _choose(q, k, v, mask, scale: float, grad: bool, bias=None, *, measure: bool = True) -> Explanation:
+    names = PRIORITY.get(q.device.type, ("segments",))
+    reasons = {n: (BACKENDS[n].not_supported_reasons(q, k, v, mask, bias=bias) if n in BACKENDS
+                   else ["not available in this install"]) for n in names}
+    ok = [n for n in names if not reasons[n]]
+    if not ok:
+        raise ValueError("no zorro_attention backend supports this input:\n  "
+                         + "\n  ".join(f"{n}: " + "; ".join(r) for n, r in reasons.items()))
+    if len(ok) == 1:
+        return Explanation(ok[0], "only candidate", reasons)
+    note, key = "", ()
+    if _measures(q.device):
+        if torch.compiler.is_compiling():
+            note = "not timed while torch.compile traces"
+        else:
+            key = problem_key(q, k, mask, grad, bias)
+            times = _measured.get(key)
+            if times is None and not _benchmark_enabled():
+                note = "timing is off (ZORRO_AUTO_BENCHMARK=0 or set_benchmark(False))"
+            elif times is None and _capturing(q.device):
+                note = "not timed during CUDA graph capture"
+            elif times is None and measure:
+                times = _measured[key] = {n: _time(n, q, k, v, mask, scale, grad, bias) for n in ok}
+            if times is not None and set(ok) <= set(times):
+                best = min(ok, key=lambda n: times[n])
+                return Explanation(best, "measured", reasons, dict(times), key)
+    rule = static_choice(q, k, mask, grad)
+    chosen = rule if rule in ok else ok[0]
+    return Explanation(chosen, "rule", reasons, dict(_measured.get(key, {})), key, note)
+
+
+def _final_choices(mask) -> dict:
+    return {}
+
+
+def choose(q, k, v, mask, scale: float, grad: bool, bias=None) -> str:
+    """The backend ``"auto"`` runs for these (validated) inputs; ``grad``: whether autograd will differentiate the
+    call. A choice that can no longer change (measured, only candidate, or a rule's on a device that is not timed) is
+    kept on the mask under everything the candidates' refusals and the timing depend on, so a repeated call costs one
+    lookup."""
+    if torch.compiler.is_compiling():
+        return _choose(q, k, v, mask, scale, grad, bias).chosen
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, grad, _bias_kind(bias),
+           torch.are_deterministic_algorithms_enabled(), _generation[0], PRIORITY.get(q.device.type))
+    final = mask.derived(_final_choices)
+    name = final.get(key)
+    if name is None:
+        e = _choose(q, k, v, mask, scale, grad, bias)
+        name = e.chosen
+        if e.how != "rule" or not _measures(q.device):
+            final[key] = name
+    return name
+
+
+def explain(q, k, v, mask, *, bias=None, scale: Optional[float] = None, backend: str = "auto",
+            grad: Optional[bool] = None) -> Explanation:
+    """Which backend :func:`zorro_kernels.zorro_attention` runs for these inputs, and why.
+
+    Args:
+        q, k, v, mask, bias, scale, backend: as :func:`~zorro_kernels.zorro_attention` (validated the same way).
+        grad: explain a forward+backward call (True) or a forward (False); default: what autograd would do with these
+            tensors now.
+
+    Returns:
+        an :class:`Explanation` (``print`` it): the chosen backend, how it was chosen (measured / rule / only
+        candidate / forced), every candidate's refusal reasons and, on CUDA, the measured times. On CUDA this times
+        the candidates if the key has not been timed yet, as the first ``auto`` call would.
+    """
+    from .attention import check_inputs
+
+    check_inputs(q, k, v, mask, scale, bias)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    grad = wants_grad(q, k, v, bias) if grad is None else bool(grad)
+    if backend != "auto":
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+        reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask, bias=bias)
+        return Explanation(backend, "forced" if not reasons else "forced, but it refuses", {backend: reasons})
+    return _choose(q, k, v, mask, scale, grad, bias)
