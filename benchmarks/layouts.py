@@ -1,7 +1,7 @@
 """The attention layouts the benchmark suite measures, at the sizes of each tier.
 
 A :class:`Layout` is a :class:`~zorro_kernels.ZorroMask` plus the shapes it is benchmarked at (batch, heads, head dim).
-Six families, each one builder below:
+Seven families, each one builder below:
 
 - ``figure2``  — the paper's Zorro-ViT (Figure 2): 320 audio + 1568 video + fusion tokens, Zorro rules.
 - ``ragged``   — the same batch with the audio missing (length 0) for every other sample: per-sample lengths.
@@ -10,6 +10,7 @@ Six families, each one builder below:
 - ``hip``      — HiP-style cross-attention: per input group a block of latents reads only its group's inputs;
   fusion latents read every input. *Ours*, like the Swin layout.
 - ``packed``   — sequence packing: independent sequences of unequal length in one row (block-diagonal).
+- ``packed-causal`` — the same, causal inside each sequence (packed language-model training).
 - ``scaling``  — N = 1k .. 16k tokens at 25 % audio, 70 % video, 5 % fusion.
 
 Build a layout directly (``figure2()``, ``scaling(4096)``) or take the whole tier with :func:`suite`.
@@ -134,11 +135,14 @@ def hip(audio_groups: Sequence[int] = (160, 160), video_groups: Sequence[int] = 
 
 
 def packed(seq_lens: Sequence[int] = (300, 700, 450, 900, 256, 600, 390, 500), *, batch: int = 1, heads: int = 12,
-           head_dim: int = 64, name: str = "packed") -> Layout:
-    """Sequence packing: ``len(seq_lens)`` independent sequences in one row, each attending only to itself."""
-    mask = ZorroMask.packed(list(seq_lens))
-    return Layout(name, "packed", f"packing: {len(seq_lens)} sequences of {min(seq_lens)}..{max(seq_lens)} tokens "
-                  f"in one row of {sum(seq_lens)}", mask, batch, heads, head_dim)
+           head_dim: int = 64, causal: bool = False, name: Optional[str] = None) -> Layout:
+    """Sequence packing: ``len(seq_lens)`` independent sequences in one row, each attending only to itself (causally
+    with ``causal=True``, family ``packed-causal``)."""
+    mask = ZorroMask.packed(list(seq_lens), causal=causal)
+    family = "packed-causal" if causal else "packed"
+    return Layout(name or family, family, f"{'causal ' if causal else ''}packing: {len(seq_lens)} sequences of "
+                  f"{min(seq_lens)}..{max(seq_lens)} tokens in one row of {sum(seq_lens)}", mask, batch, heads,
+                  head_dim)
 
 
 def scaling(n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, backward: bool = True,
@@ -171,11 +175,13 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
             swin(2, 16, 4, 49, 4, **kw),
             hip((16, 16), (49, 49), 4, 8, 8, **kw),
             packed((60, 100, 96), batch=1, heads=2, head_dim=32),
+            packed((60, 100, 96), batch=1, heads=2, head_dim=32, causal=True),
             scaling(512, heads=2, head_dim=32),
         ]
     kw = dict(batch=16 if cuda else 2, heads=12, head_dim=64)
     out = [figure2(**kw), ragged(**kw), swin(**kw), hip(**kw),
-           packed(batch=8 if cuda else 1, heads=16 if cuda else 4)]
+           packed(batch=8 if cuda else 1, heads=16 if cuda else 4),
+           packed(batch=8 if cuda else 1, heads=16 if cuda else 4, causal=True)]
     for n in (1024, 2048, 4096, 8192, 16384):
         out.append(scaling(n, batch=4 if cuda else 1, heads=16 if cuda else 4, backward=cuda or n <= 8192))
     return out

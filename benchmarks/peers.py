@@ -9,7 +9,9 @@ Peers (in report order):
 - ``sdpa-nomask``: ``F.scaled_dot_product_attention`` without a mask on the same shapes. Not a masked attention: its
   time x the attended fraction is the *ideal* — a dense kernel's cost for just the attended entries.
 - ``sdpa-masked``: SDPA with the dense boolean ``(B|1, 1, Nq, Nk)`` mask (what most codebases do).
-- ``zorro-<backend>``: :func:`zorro_kernels.zorro_attention`, every registered backend the device runs well.
+- ``zorro-<backend>``: :func:`zorro_kernels.zorro_attention`, every registered backend the device runs well
+  (``dense`` only where it is meant to run: tiny problems).
+- ``zorro-auto``: ``backend="auto"``, what a user gets (on CUDA timed on first use, in the untimed first call).
 - ``flex``: ``torch.compile``-d FlexAttention with a ``create_block_mask`` block mask built from the same layout.
 - ``xformers``: ``memory_efficient_attention`` with the mask materialized as an additive bias (CUDA only).
 - ``einsum``: einsum + ``masked_fill`` + softmax + einsum, as lucidrains/zorro-pytorch computes it.
@@ -35,6 +37,8 @@ IDEAL = "sdpa-nomask"
 MASKED = "sdpa-masked"
 # A dense peer that would hold more than this many bytes of (B, H, Nq, Nk) intermediates is skipped.
 DENSE_LIMIT_BYTES = int(float(os.environ.get("ZORRO_BENCH_DENSE_GIB", "4")) * (1 << 30))
+# the dense backend is for problems of tens of tokens; beyond, it costs what masked SDPA costs (that row)
+DENSE_MAX_N = 512
 # FlexAttention on CPU runs ~7x slower than dense SDPA and compiles per shape: beyond this N it would dominate the
 # suite's time budget, so larger CPU cases skip it (CUDA runs every size).
 FLEX_CPU_MAX_N = 4096
@@ -87,6 +91,9 @@ def _zorro(backend: str):
             raise Unavailable(f"backend {backend!r} is not registered in this install")
         if device.type == "cpu" and backend == "triton":
             raise Unavailable("Triton on CPU runs in the interpreter (a correctness tool), not a benchmark")
+        if backend == "dense" and max(layout.num_q, layout.num_kv) > DENSE_MAX_N:
+            raise Unavailable(f"the dense backend is for tiny problems (N <= {DENSE_MAX_N} here); beyond, it costs what "
+                              f"masked SDPA does")
         probe = torch.empty(layout.batch, layout.heads, layout.num_q, layout.head_dim, device=device, dtype=dtype)
         kv = probe.new_empty(layout.batch, layout.heads, layout.num_kv, layout.head_dim)
         reasons = BACKENDS[backend].not_supported_reasons(probe, kv, kv, layout.mask)
@@ -96,6 +103,18 @@ def _zorro(backend: str):
         # derived data (tile maps, the segment plan) is cached on the mask: built here, outside the timed calls
         return lambda q, k, v: zorro_attention(q, k, v, mask, backend=backend)
     return prepare
+
+
+def _zorro_auto(layout, device, dtype, backward):
+    from zorro_kernels import explain, zorro_attention
+
+    probe = torch.empty(layout.batch, layout.heads, layout.num_q, layout.head_dim, device=device, dtype=dtype)
+    kv = probe.new_empty(layout.batch, layout.heads, layout.num_kv, layout.head_dim)
+    if device.type != "cuda":  # not timed off CUDA: a rule picks one of the rows already measured
+        choice = explain(probe, kv, kv, layout.mask, grad=backward).chosen
+        raise Unavailable(f"auto runs {choice!r} here by its CPU rule: the zorro-{choice} row")
+    mask = layout.mask
+    return lambda q, k, v: zorro_attention(q, k, v, mask)
 
 
 _FLEX = None
@@ -211,6 +230,7 @@ PEERS: dict[str, Peer] = {p.name: p for p in [
     Peer(MASKED, "SDPA with the dense bool mask", _sdpa_masked),
     *[Peer(f"zorro-{name}", f"zorro_attention, backend={name!r}", _zorro(name))
       for name in [*sorted(n for n in BACKENDS if n != "reference"), *(["triton"] if "triton" not in BACKENDS else [])]],
+    Peer("zorro-auto", "zorro_attention, backend='auto'", _zorro_auto),
     Peer("flex", "torch.compile(flex_attention) + create_block_mask", _flex),
     Peer("xformers", "xformers memory_efficient_attention + materialized bias", _xformers),
     Peer("einsum", "einsum + masked_fill + softmax (lucidrains/zorro-pytorch)", _einsum),

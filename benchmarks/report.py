@@ -98,8 +98,8 @@ def _machine(info: dict) -> list[str]:
 
 
 def _headline(cases) -> list[str]:
-    out = ["| case | zorro backend | zorro (ms) | ideal (ms) | fraction of ideal (best round) | masked SDPA "
-           "| einsum | FlexAttention |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| case | zorro backend | zorro (ms) | TFLOP/s | ideal (ms) | fraction of ideal (best round) | masked SDPA "
+           "| einsum | FlexAttention | xformers | segment path |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (layout, direction), group in cases.items():
         z = _best_zorro(group)
         if z is None:
@@ -110,9 +110,11 @@ def _headline(cases) -> list[str]:
             return _x(by[peer]["median_s"] / z["median_s"]) if peer in by else "—"
         ideal = z.get("ideal_median_s")
         best = z.get("fraction_of_ideal_best")
-        out.append(f"| {layout} {direction} | {z['peer'][6:]} | {_ms(z['median_s'])} | {_ms(ideal)} | "
-                   f"{z.get('fraction_of_ideal', float('nan')):.2f}" + ("" if best is None else f" ({best:.2f})")
-                   + f" | {rel(MASKED)} | {rel('einsum')} | {rel('flex')} |")
+        out.append(f"| {layout} {direction} | {z['peer'][6:]} | {_ms(z['median_s'])} | {z['tflops']:.1f} | "
+                   f"{_ms(ideal)} | {z.get('fraction_of_ideal', float('nan')):.2f}"
+                   + ("" if best is None else f" ({best:.2f})")
+                   + f" | {rel(MASKED)} | {rel('einsum')} | {rel('flex')} | {rel('xformers')} "
+                   f"| {rel('zorro-segments')} |")
     return out
 
 

@@ -188,3 +188,32 @@ def test_dense_never_reads_masked_keys(poison):
 
 def test_dense_is_registered_for_cpu_only():
     assert BACKENDS["dense"].supported_devices() == ("cpu",)
+
+
+class _FakeEvent:
+    """torch.cuda.Event stand-in (CPU clock) so the timing code runs without a GPU."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_timing_runs_each_candidate_without_touching_inputs_or_rng(monkeypatch, grad):
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask, grad=grad)
+    state = torch.get_rng_state()
+    for name in ("segments", "dense"):
+        assert auto._time(name, q, k, v, mask, 0.25, grad) > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(t.grad is None for t in (q, k, v))
