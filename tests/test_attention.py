@@ -132,7 +132,7 @@ def test_reference_matches_fp64_math():
 
 
 def test_auto_picks_segments_on_cpu_and_forced_backends_work():
-    mask = named_masks()["figure2_small"]
+    mask = ZorroMask.zorro(audio=40, video=160, fusion=4)  # big enough for the segment path (tiny ones run dense)
     q, k, v = make_qkv(mask)
     assert select_backend(q, k, v, mask) == "segments"
     a = zorro_attention(q, k, v, mask)
