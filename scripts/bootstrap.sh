@@ -33,7 +33,12 @@ if pip show zorro 2>/dev/null | grep '^Editable project location:' >/dev/null; t
 fi
 say "installing $TORCH_SPEC, $TORCHVISION_SPEC and zorro-attention[dev] (the first run downloads several GB: the" \
     "CUDA build of torch and NVIDIA's libraries, 6.2 GB installed; minutes on a fast link)"
+# pip says nothing while it unpacks the wheels (minutes for torch and the NVIDIA libraries): a line every 20 s
+( while sleep 20 </dev/null >/dev/null 2>&1; do say "... pip is still at work"; done ) &  # sleep holds no pipe open
+heartbeat=$!
+trap 'kill "$heartbeat" 2>/dev/null || true' EXIT
 pip install --progress-bar off "$TORCH_SPEC" "$TORCHVISION_SPEC" -e ".[dev]" 2>&1 | quiet_satisfied
+kill "$heartbeat" 2>/dev/null || true
 # xformers is only used for its mask classes on CPU (its kernels need a GPU); --no-deps keeps it from pulling a torch.
 say "installing xformers (mask classes only, --no-deps)"
 pip install --progress-bar off --no-deps xformers 2>&1 | quiet_satisfied
