@@ -7,8 +7,10 @@ and broadcast (stride-0) upstream gradients, and forward without autograd.
 import pytest
 import torch
 
+from tests.isolation import check_isolation, poison_everything_unseen
 from tests.tolerances import check_against_oracle
 from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.backends.segments import _segment_attention_autograd, build_plan
 
 
 def _windows(n_windows=3, size=7, fusion=3):
@@ -36,6 +38,11 @@ LAYOUTS = {
     "packed": lambda: ZorroMask.packed([7, 12, 5]),
     "packed-causal": lambda: ZorroMask.packed([7, 12, 5], causal=True),
     "bottleneck": lambda: ZorroMask.bottleneck(audio=10, video=17, bottleneck=4),
+    # longer than CAUSAL_ROWS: the diagonal is cut into chunks; cross-causal with Nk != Nq and ragged lengths
+    "causal-long-ragged": lambda: ZorroMask.from_segments(
+        [("a", 40), ("b", 37)], {"a": ["a"], "b": "*"}, causal=True, lengths=torch.tensor([[40, 37], [33, 0], [5, 30]])),
+    "cross-causal": lambda: ZorroMask.from_segments([("q", 45)], {"q": "*"}, kv_segments=[("k", 70)], causal=True,
+                                                    kv_lengths=torch.tensor([[70], [50], [12]])),
 }
 
 
@@ -84,3 +91,36 @@ def test_forward_without_autograd_matches():
         plain = _segments(q, k, v, mask)
     tracked = _segments(q.requires_grad_(), k, v, mask)
     assert torch.equal(plain, tracked.detach())
+
+
+def _segments_autograd(q, k, v, mask, scale=None):
+    """The off-CPU path (fp64 and large head dims on GPU), run on CPU tensors: no other tier reaches it."""
+    return _segment_attention_autograd(q, k, v, build_plan(mask), q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autograd_path_matches_oracle(name, dtype):
+    mask = LAYOUTS[name]()
+    check_against_oracle(_segments_autograd, *_inputs(mask, dtype=dtype, hkv=2), mask)
+
+
+@pytest.mark.parametrize("name", ["ragged", "packed-causal", "causal-long-ragged", "cross-causal"])
+@pytest.mark.parametrize("path", ["cpu", "autograd"])
+def test_nan_isolation_both_paths(name, path):
+    mask = LAYOUTS[name]()
+    q, k, v = _inputs(mask, dtype=torch.float64, hkv=2)
+    rows = torch.rand(q.shape[0], mask.num_q, generator=torch.Generator().manual_seed(3)) < 0.3
+    check_isolation(_segments if path == "cpu" else _segments_autograd, q, k, v, mask,
+                    *poison_everything_unseen(mask, q.shape[0], rows))
+
+
+def test_double_backward_says_so():
+    mask = LAYOUTS["ragged"]()
+    q, k, v = (t.requires_grad_() for t in _inputs(mask))
+    with pytest.raises(RuntimeError, match="double backward.*backend='reference'"):
+        torch.autograd.grad(_segments(q, k, v, mask).sum(), q, create_graph=True)
+    # the reference supports it
+    out = zorro_attention(q.double(), k.double(), v.double(), mask, backend="reference")
+    (dq,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    assert torch.autograd.grad(dq.sum(), k)[0].abs().sum() > 0

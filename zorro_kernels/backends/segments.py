@@ -7,15 +7,18 @@ paper's layout, audio x audio, video x video and fusion x everything. This backe
    pattern, query segments that see the same set of valid key ranges form a *group* (query and key ranges merged where
    adjacent, so contiguous runs are views, not copies); consecutive equal-size diagonal groups (windows, packed
    sequences) are fused into one *run* evaluated as a batch of small problems;
-2. runs each group with PyTorch's fused attention on just its rows and keys, with no mask (a mask only for groups that
-   straddle a causal diagonal or a sliding window's edge), writing into one preallocated output; with a sliding window
-   each query range is cut into chunks whose keys are trimmed to the band, so work outside it is skipped;
+2. runs each group with PyTorch's fused attention on just its rows and keys, with no mask, writing into one
+   preallocated output. Groups that straddle a causal diagonal or a sliding window's edge are cut into chunks of
+   ``BAND_ROWS`` rows, keys trimmed to the band, and run by :func:`straddling_attention`: plain products on the keys
+   every row of the chunk sees, ``where``-selected ones on the few keys only some rows see — so NaN/Inf in a key a row
+   may not attend never reaches that row (no additive ``-inf`` mask, no ``0 * NaN``);
 3. on CPU, does forward and backward itself in an autograd Function calling ATen's flash-attention-for-CPU kernels
    (``out``/``lse`` saved once for the whole output, grads accumulated in place), so it pays neither autograd's per-slice
    zero-filled gradient buffers nor a second copy of the output. Elsewhere it composes
    ``F.scaled_dot_product_attention`` under autograd.
 
-Rows that see nothing are never computed: they stay 0, and their gradients are 0.
+Rows that see nothing are never computed: they stay 0, and their gradients are 0. Nothing a row may not attend is
+read for it, forward or backward.
 """
 from __future__ import annotations
 
@@ -27,10 +30,13 @@ import torch.nn.functional as F
 from ..bias import step_bias
 from ..reference import expand_kv_heads
 
-__all__ = ["segment_attention", "segment_attention_sdpa", "build_plan", "cpu_forward", "cpu_backward", "Plan", "Pattern",
-           "Step"]
+__all__ = ["segment_attention", "segment_attention_sdpa", "build_plan", "cpu_forward", "cpu_backward",
+           "straddling_attention", "Plan", "Pattern", "Step", "BAND_ROWS"]
 
 Ranges = tuple[tuple[int, int], ...]
+# query rows per chunk of a group that straddles a causal diagonal or window edge: bounds the (rows x keys x D)
+# selections of straddling_attention (a chunk's keys that only some of its rows see number < 2 * BAND_ROWS)
+BAND_ROWS = 64
 
 
 class Step(NamedTuple):
@@ -39,9 +45,8 @@ class Step(NamedTuple):
     q_ranges: Ranges
     k_ranges: Ranges
     blocks: int = 1
-    # banded steps only (causal / window): bool (rows, cols) mask of the gathered block, and the rows that see nothing
+    # steps across a causal diagonal / window edge only: bool (rows, cols) mask of the gathered block
     mask: Optional[torch.Tensor] = None
-    dead_rows: Optional[torch.Tensor] = None
     # filled by the plan: how this step's dK/dV land: (start, stop, offset in the gathered keys, accumulate?)
     k_writes: tuple = ()
 
@@ -92,8 +97,8 @@ def _band_block(q_ranges: Ranges, k_ranges: Ranges, offset: int, lo: Optional[in
     return m
 
 
-def _chunks(r: tuple[int, int], size: Optional[int]) -> list[tuple[int, int]]:
-    return [r] if size is None else [(s, min(s + size, r[1])) for s in range(r[0], r[1], size)]
+def _chunks(r: tuple[int, int], size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, r[1])) for s in range(r[0], r[1], size)]
 
 
 def _fuse_runs(steps: list[Step]) -> list[Step]:
@@ -164,8 +169,6 @@ def build_plan(mask) -> Plan:
     allow = mask.allow.tolist()
     off = mask.num_kv - mask.num_q
     lo, hi = mask.band()
-    # query rows per step under a window reaching back: about its width, so at most ~half of each step is masked
-    chunk = None if lo is None else max(64, 1 - lo + max(hi or 0, 0))
     patterns = []
     for u in range(uniq.shape[0]):
         lens = uniq[u].tolist()
@@ -184,18 +187,22 @@ def build_plan(mask) -> Plan:
             if lo is None and hi is None:
                 steps.append(Step(q_ranges, keys))
                 continue
-            # banded: one step per query range (chunks of it under a window reaching back), keys trimmed to the band
-            for qr in (c for r in q_ranges for c in _chunks(r, chunk)):
-                k_trim = _merge((s if lo is None else max(s, qr[0] + off + lo),
-                                 e if hi is None else min(e, qr[1] + off + hi)) for s, e in keys)
-                if not k_trim:
+            # banded: one step per query range, keys trimmed to the band; a range that straddles the band's edge is
+            # cut into chunks of BAND_ROWS rows, each with its own element mask
+            def trim(qr):
+                return _merge((s if lo is None else max(s, qr[0] + off + lo),
+                               e if hi is None else min(e, qr[1] + off + hi)) for s, e in keys)
+
+            for r in q_ranges:
+                if trim(r) and _band_block((r,), trim(r), off, lo, hi).all():
+                    steps.append(Step((r,), trim(r)))
                     continue
-                m = _band_block((qr,), k_trim, off, lo, hi)
-                if m.all():
-                    steps.append(Step((qr,), k_trim))
-                else:
-                    dead = ~m.any(1)
-                    steps.append(Step((qr,), k_trim, 1, m, dead if dead.any() else None))
+                for qr in _chunks(r, BAND_ROWS):
+                    k_trim = trim(qr)
+                    if not k_trim:
+                        continue
+                    m = _band_block((qr,), k_trim, off, lo, hi)
+                    steps.append(Step((qr,), k_trim) if m.all() else Step((qr,), k_trim, 1, m))
         steps.sort(key=lambda st: st.q_ranges[0][0])
         steps = _schedule_key_writes(_fuse_runs(steps))
         batch = None if uniq.shape[0] == 1 else (inverse == u).nonzero().flatten()
@@ -236,19 +243,48 @@ def _zero(dst: torch.Tensor, ranges: Ranges) -> None:
         dst[:, :, s:e] = 0
 
 
-def _attn_mask(st: Step, bias, batch, heads: int, dtype, device, additive: bool) -> Optional[torch.Tensor]:
-    """What a step's attention call takes as ``attn_mask``: the step's bias (read only on its rows and columns) with
-    the step's element mask (causal / window) selected in as ``-inf``; None when there is neither. ``additive``: a
-    float mask of ``dtype`` even without a bias (the CPU flash kernel takes no bool mask)."""
+def _step_bias(st: Step, bias, batch, heads: int, dtype) -> Optional[torch.Tensor]:
+    """The step's bias, read only on its rows and columns (see :func:`zorro_kernels.bias.step_bias`), or None."""
     b = step_bias(bias, batch, st.q_ranges, st.k_ranges, st.blocks, heads)
-    if b is not None:
-        b = b.to(dtype)
-    if st.mask is None:
-        return b
-    m = st.mask.to(device)
-    if b is None:
-        return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf")) if additive else m
-    return torch.where(m, b, float("-inf"))  # selected: a bias entry the element mask hides is never read
+    return None if b is None else b.to(dtype)
+
+
+def straddling_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one step across a causal diagonal or window edge; differentiable (twice, too) and NaN-safe.
+
+    Args:
+        q: ``(B, H, R, D)``; k, v: ``(B, H, C, D)`` gathered; mask: bool ``(R, C)``, True where row r may see column
+            c; bias: additive, broadcastable to ``(B, H, R, C)``, or None. Columns every row sees go through plain
+            matrix products; the others through ``where``-selected per-row copies ``(B, H, R, C', D)``, so a
+            forbidden (row, key) pair is never part of any arithmetic, forward or backward.
+
+    Returns:
+        ``out (B, H, R, D)`` in q's dtype (rows that see nothing: 0, zero gradients) and ``lse (B, H, R)`` (-inf for
+        those rows), computed in fp32 for half inputs as the fused kernels do.
+    """
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    every = mask.all(0)
+    perm = torch.cat([every.nonzero().flatten(), (~every).nonzero().flatten()])  # columns every row sees first
+    n_all = int(every.sum())
+    mask = mask[:, perm].to(q.device)
+    perm = perm.to(q.device)
+    k, v = k.index_select(2, perm), v.index_select(2, perm)
+    m_rest = mask[:, n_all:]
+    sel = m_rest[..., None]
+    s_rest = torch.einsum("bhrd,bhrcd->bhrc", q, torch.where(sel, k[:, :, None, n_all:], 0))
+    s = torch.cat([q @ k[:, :, :n_all].transpose(-1, -2), s_rest], -1) * scale
+    if bias is not None:
+        s = s + (bias.index_select(-1, perm) if bias.shape[-1] > 1 else bias)
+    live = mask.any(-1)[:, None]
+    s = torch.where(live, torch.where(mask, s, float("-inf")), 0)  # a row that sees nothing: finite, then p = 0
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.where(mask, torch.exp(s - lse), 0)
+    out = p[..., :n_all] @ v[:, :, :n_all] + torch.einsum(
+        "bhrc,bhrcd->bhrd", p[..., n_all:], torch.where(sel, v[:, :, None, n_all:], 0))
+    return out.to(dtype), torch.where(live, lse, float("-inf"))[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- CPU path
@@ -276,11 +312,13 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
         ob = out if pat.batch is None else qb.new_empty(qb.shape)
         lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
         for st in pat.steps:
-            am = _attn_mask(st, bias, pat.batch, h, q.dtype, q.device, True)
-            o, l = _fwd_cpu(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                            _gather(vb, st.k_ranges, st.blocks), 0.0, False, attn_mask=am, scale=scale)
-            if st.dead_rows is not None:
-                o = o.masked_fill(st.dead_rows[:, None], 0.0)
+            sb = _step_bias(st, bias, pat.batch, h, q.dtype)
+            args = (_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                    _gather(vb, st.k_ranges, st.blocks))
+            if st.mask is None:
+                o, l = _fwd_cpu(*args, 0.0, False, attn_mask=sb, scale=scale)
+            else:
+                o, l = straddling_attention(*args, st.mask, scale, sb)
             _scatter(ob, st.q_ranges, _unfold(o, h))
             _scatter(lb, st.q_ranges, _unfold(l, h))
         _zero(ob, pat.q_uncovered)
@@ -305,14 +343,19 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
         dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
         dvb = dv if pat.batch is None else torch.empty_like(dkb)
         for st in pat.steps:
-            am = _attn_mask(st, bias, pat.batch, h, q.dtype, q.device, True)
+            sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             go = _gather(gb, st.q_ranges, st.blocks)
-            if st.dead_rows is not None:
-                go = go.masked_fill(st.dead_rows[:, None], 0.0)
-            g_q, g_k, g_v = _bwd_cpu(
-                go.contiguous(), _gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                _gather(vb, st.k_ranges, st.blocks), _gather(ob, st.q_ranges, st.blocks),
-                _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False, attn_mask=am, scale=scale)
+            args = (_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                    _gather(vb, st.k_ranges, st.blocks))
+            if st.mask is None:
+                g_q, g_k, g_v = _bwd_cpu(go.contiguous(), *args, _gather(ob, st.q_ranges, st.blocks),
+                                         _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False,
+                                         attn_mask=sb, scale=scale)
+            else:  # a step across the band's edge is recomputed under autograd (it is a BAND_ROWS-row chunk)
+                with torch.enable_grad():
+                    leaves = tuple(t.detach().requires_grad_() for t in args)
+                    g_q, g_k, g_v = torch.autograd.grad(straddling_attention(*leaves, st.mask, scale, sb)[0],
+                                                        leaves, go)
             _scatter(dqb, st.q_ranges, _unfold(g_q, h))
             for g, dst in ((g_k, dkb), (g_v, dvb)):
                 g = _unfold(g, h)
@@ -344,6 +387,9 @@ class _SegmentAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: ATen's CPU flash backward has no derivative of its own
+            raise RuntimeError("zorro_attention: the segments backend's CPU backward cannot be differentiated (double "
+                               "backward, create_graph=True); use backend='reference' for higher-order gradients")
         return (*cpu_backward(grad_out, *ctx.saved_tensors, ctx.plan, ctx.scale, ctx.bias), None, None, None)
 
 
@@ -358,11 +404,13 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float, bias=None) ->
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
         ob = out if pat.batch is None else qb.new_zeros(qb.shape)
         for st in pat.steps:
-            am = _attn_mask(st, bias, pat.batch, h, q.dtype, q.device, False)
-            o = F.scaled_dot_product_attention(_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                                               _gather(vb, st.k_ranges, st.blocks), attn_mask=am, scale=scale)
-            if st.dead_rows is not None:
-                o = o.masked_fill(st.dead_rows.to(q.device)[:, None], 0.0)
+            sb = _step_bias(st, bias, pat.batch, h, q.dtype)
+            args = (_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
+                    _gather(vb, st.k_ranges, st.blocks))
+            if st.mask is None:
+                o = F.scaled_dot_product_attention(*args, attn_mask=sb, scale=scale)
+            else:
+                o = straddling_attention(*args, st.mask, scale, sb)[0]
             _scatter(ob, st.q_ranges, _unfold(o, h))
         if pat.batch is not None:
             out = out.index_copy(0, pat.batch.to(q.device), ob)
