@@ -38,11 +38,13 @@ LAYOUTS = {
     "packed": lambda: ZorroMask.packed([7, 12, 5]),
     "packed-causal": lambda: ZorroMask.packed([7, 12, 5], causal=True),
     "bottleneck": lambda: ZorroMask.bottleneck(audio=10, video=17, bottleneck=4),
-    # longer than CAUSAL_ROWS: the diagonal is cut into chunks; cross-causal with Nk != Nq and ragged lengths
+    # longer than BAND_ROWS: the diagonal is cut into chunks; cross-causal with Nk != Nq and ragged lengths
     "causal-long-ragged": lambda: ZorroMask.from_segments(
         [("a", 40), ("b", 37)], {"a": ["a"], "b": "*"}, causal=True, lengths=torch.tensor([[40, 37], [33, 0], [5, 30]])),
     "cross-causal": lambda: ZorroMask.from_segments([("q", 45)], {"q": "*"}, kv_segments=[("k", 70)], causal=True,
                                                     kv_lengths=torch.tensor([[70], [50], [12]])),
+    "window-ragged": lambda: ZorroMask.from_segments([("a", 90), ("f", 3)], {"a": ["a"], "f": "*"}, window=(9, 4),
+                                                     lengths=torch.tensor([[90, 3], [70, 2], [3, 3]])),
 }
 
 
@@ -105,7 +107,7 @@ def test_autograd_path_matches_oracle(name, dtype):
     check_against_oracle(_segments_autograd, *_inputs(mask, dtype=dtype, hkv=2), mask)
 
 
-@pytest.mark.parametrize("name", ["ragged", "packed-causal", "causal-long-ragged", "cross-causal"])
+@pytest.mark.parametrize("name", ["ragged", "packed-causal", "causal-long-ragged", "cross-causal", "window-ragged"])
 @pytest.mark.parametrize("path", ["cpu", "autograd"])
 def test_nan_isolation_both_paths(name, path):
     mask = LAYOUTS[name]()
