@@ -150,3 +150,24 @@ def test_glob_and_self_rules_make_group_local_windows():
         ZorroMask.from_segments([("g0", 2), ("g1", 2)], {"*": "self"}, kv_segments=[("g0", 5)])
     with pytest.raises(ValueError, match="reserved or holds a glob character"):
         ZorroMask.from_segments([("a*", 2)], {})
+
+
+def test_mask_is_immutable_caller_edits_do_not_reach_it():
+    # issue 11 item 2: the mask kept the caller's lengths tensor; its cached plans did not follow edits
+    from zorro_kernels import zorro_attention
+    L = torch.tensor([[4, 6, 2], [2, 3, 1]])
+    m = ZorroMask.zorro(audio=4, video=6, fusion=2, lengths=L)
+    q, k, v = (torch.randn(2, 2, 12, 8) for _ in range(3))
+    zorro_attention(q, k, v, m, backend="segments")  # builds and caches the plan
+    L[1] = torch.tensor([4, 6, 2])
+    m.lengths[1] = torch.tensor([4, 6, 2])  # a handed-out copy
+    m.allow[0, 1] = True
+    assert m.lengths.tolist() == [[4, 6, 2], [2, 3, 1]] and not m.allow[0, 1]
+    seg = zorro_attention(q, k, v, m, backend="segments")
+    ref = zorro_attention(q, k, v, m, backend="reference")
+    assert (seg - ref).abs().max() < 1e-5
+    fresh = ZorroMask.zorro(audio=4, video=6, fusion=2, lengths=torch.tensor([[4, 6, 2], [2, 3, 1]]))
+    assert m.key == fresh.key
+    for name, value in (("causal", True), ("lengths", None), ("q_sizes", (1, 1, 1)), ("window", (1, 1))):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(m, name, value)

@@ -104,7 +104,7 @@ def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg:
         b, s = over.nonzero()[0].tolist()
         raise ValueError(
             f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds the size {sizes[s]} of segment {names[s]!r}")
-    return lengths.contiguous()
+    return lengths.clone(memory_format=torch.contiguous_format)  # our own copy: the caller may edit theirs
 
 
 def _match(pattern: str, names: tuple[str, ...], index: dict[str, int]) -> list[int]:
@@ -226,24 +226,47 @@ class ZorroMask:
         if tuple(allow.shape) != (len(self.q_sizes), len(self.kv_sizes)):
             raise ValueError(f"allow must have shape (n_q_segments, n_kv_segments) = "
                              f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {tuple(allow.shape)}")
-        self.allow = allow.detach().to("cpu").clone()
+        self._allow = allow.detach().to("cpu").clone()
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
         self.window = _check_window(window)
-        self.lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths")
+        self._lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths")
         if self.is_self:
             if kv_lengths is not None:
                 raise ValueError("kv_lengths is only for cross-attention (with kv_segments); for self-attention the "
                                  "keys share the queries' lengths")
-            self.kv_lengths = self.lengths
+            self._kv_lengths = self._lengths
         else:
-            self.kv_lengths = _check_lengths(kv_lengths, self.kv_sizes, self.kv_names, "kv_lengths")
-        if self.lengths is not None and self.kv_lengths is not None and \
-                self.lengths.shape[0] != self.kv_lengths.shape[0]:
+            self._kv_lengths = _check_lengths(kv_lengths, self.kv_sizes, self.kv_names, "kv_lengths")
+        if self._lengths is not None and self._kv_lengths is not None and \
+                self._lengths.shape[0] != self._kv_lengths.shape[0]:
             raise ValueError(f"lengths and kv_lengths disagree on the batch size: "
-                             f"{self.lengths.shape[0]} vs {self.kv_lengths.shape[0]}")
+                             f"{self._lengths.shape[0]} vs {self._kv_lengths.shape[0]}")
         self._cache: dict = {}
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"ZorroMask is immutable (its cached tile maps and plans depend on it): cannot set "
+                                 f"{name!r}; build a new mask, e.g. mask.with_lengths(...)")
+        object.__setattr__(self, name, value)
+
+    # tensors are handed out as copies: editing one in place must not change the mask under its caches
+    @property
+    def allow(self) -> torch.Tensor:
+        """bool ``(n_q_segments, n_kv_segments)`` (a copy)."""
+        return self._allow.clone()
+
+    @property
+    def lengths(self) -> Optional[torch.Tensor]:
+        """int64 ``(B, n_q_segments)`` or None (a copy)."""
+        return None if self._lengths is None else self._lengths.clone()
+
+    @property
+    def kv_lengths(self) -> Optional[torch.Tensor]:
+        """int64 ``(B, n_kv_segments)`` or None (a copy; for self-attention equal to :attr:`lengths`)."""
+        return None if self._kv_lengths is None else self._kv_lengths.clone()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -370,7 +393,7 @@ class ZorroMask:
     @property
     def batch_size(self) -> Optional[int]:
         """B when lengths are given, else None (the mask broadcasts over any batch)."""
-        for t in (self.lengths, self.kv_lengths):
+        for t in (self._lengths, self._kv_lengths):
             if t is not None:
                 return t.shape[0]
         return None
@@ -378,12 +401,12 @@ class ZorroMask:
     @property
     def rules(self) -> dict[str, list[str]]:
         """The rules as a dict (query segment -> key segments); segments that see nothing are omitted."""
-        return {self.q_names[a]: [self.kv_names[c] for c in self.allow[a].nonzero().flatten().tolist()]
-                for a in range(len(self.q_names)) if self.allow[a].any()}
+        return {self.q_names[a]: [self.kv_names[c] for c in self._allow[a].nonzero().flatten().tolist()]
+                for a in range(len(self.q_names)) if self._allow[a].any()}
 
     def with_lengths(self, lengths=None, kv_lengths=None) -> "ZorroMask":
         """The same layout and rules with other per-sample lengths (a new mask with its own caches)."""
-        return ZorroMask(list(zip(self.q_names, self.q_sizes)), self.allow,
+        return ZorroMask(list(zip(self.q_names, self.q_sizes)), self._allow,
                          kv_segments=None if self.is_self else list(zip(self.kv_names, self.kv_sizes)),
                          lengths=lengths, kv_lengths=kv_lengths, causal=self.causal, window=self.window)
 
@@ -401,11 +424,11 @@ class ZorroMask:
 
     def _q_lengths_or_sizes(self) -> torch.Tensor:
         """``(Bm, Sq)`` valid tokens per query segment: Bm = B when either side has lengths, else 1."""
-        return self._lengths_or_sizes(self.lengths, self.q_sizes)
+        return self._lengths_or_sizes(self._lengths, self.q_sizes)
 
     def _kv_lengths_or_sizes(self) -> torch.Tensor:
         """``(Bm, Sk)`` valid tokens per key segment, as :meth:`_q_lengths_or_sizes`."""
-        return self._lengths_or_sizes(self.kv_lengths, self.kv_sizes)
+        return self._lengths_or_sizes(self._kv_lengths, self.kv_sizes)
 
     def _lengths_or_sizes(self, lengths: Optional[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
         if lengths is not None:
@@ -423,7 +446,7 @@ class ZorroMask:
         k_seg = torch.repeat_interleave(torch.arange(len(self.kv_sizes)), torch.tensor(self.kv_sizes))
         q_pos = torch.cat([torch.arange(s) for s in self.q_sizes])
         k_pos = torch.cat([torch.arange(s) for s in self.kv_sizes])
-        dense = self.allow[q_seg][:, k_seg]  # (Nq, Nk)
+        dense = self._allow[q_seg][:, k_seg]  # (Nq, Nk)
         i = torch.arange(self.num_q)[:, None]
         j = torch.arange(self.num_kv)[None, :]
         off = self.num_kv - self.num_q
@@ -450,7 +473,7 @@ class ZorroMask:
         kl = self._kv_lengths_or_sizes()  # (Bm, Sk)
         lo, hi = self.band()
         if lo is None and hi is None:
-            return torch.einsum("bq,qk,bk->b", ql, self.allow.to(torch.int64), kl)
+            return torch.einsum("bq,qk,bk->b", ql, self._allow.to(torch.int64), kl)
         # Banded: count lattice points lo <= j - i - off <= hi in each (valid q range) x (valid k range) rectangle.
         qs = torch.tensor((0,) + self.q_sizes, dtype=torch.int64).cumsum(0)[:-1]
         ks = torch.tensor((0,) + self.kv_sizes, dtype=torch.int64).cumsum(0)[:-1]
@@ -474,7 +497,7 @@ class ZorroMask:
         counts = (i1 - i0) * w if hi is None else up_to(off + hi)
         if lo is not None:
             counts = counts - up_to(off + lo - 1)
-        return (counts * self.allow[None].to(torch.int64)).sum((1, 2))
+        return (counts * self._allow[None].to(torch.int64)).sum((1, 2))
 
     def attended_fraction(self) -> float:
         """Attended pairs over all ``B * Nq * Nk`` pairs (padding counts as not attended)."""
