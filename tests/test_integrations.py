@@ -566,6 +566,59 @@ def test_xformers_bias_converts_exactly(xab, zx, name):
     assert torch.equal(dense, bias.materialize((mask.num_q, mask.num_kv)) == 0)
 
 
+@pytest.mark.parametrize("make", [
+    lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([4], kv_padding=4, kv_seqlen=[2]),
+    lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([4, 4], kv_padding=4, kv_seqlen=[2, 3]),
+    lambda a: a.BlockDiagonalGappyKeysMask.from_seqlens([3, 2], [0, 3, 5], [1, 2]),
+], ids=["one-block", "two-blocks", "gappy"])
+def test_xformers_key_padding_kept_when_slots_equal_query_blocks(xab, zx, make):
+    # issue 11 item 3: each key slot as long as its query block took a self-attention shortcut and lost kv lengths
+    bias = make(xab)
+    dense = zx.from_xformers(bias).to_dense()
+    dense = dense[0] if dense.ndim == 3 else dense
+    assert torch.equal(dense, bias.materialize(tuple(dense.shape)) == 0)
+
+
+def test_xformers_random_conversions_match_materialize(xab, zx):
+    """Every supported bias type, random block sizes: the mask equals xformers' own materialize(), or is refused."""
+    import random
+    rng = random.Random(11)
+    makers = [
+        lambda q, k, pad, kl: xab.BlockDiagonalMask.from_seqlens(q, k),
+        lambda q, k, pad, kl: xab.BlockDiagonalCausalMask.from_seqlens(q),
+        lambda q, k, pad, kl: xab.BlockDiagonalCausalFromBottomRightMask.from_seqlens(q, k),
+        lambda q, k, pad, kl: xab.BlockDiagonalPaddedKeysMask.from_seqlens(q, kv_padding=pad, kv_seqlen=kl),
+        lambda q, k, pad, kl: xab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q, kv_padding=pad,
+                                                                                            kv_seqlen=kl),
+        lambda q, k, pad, kl: xab.BlockDiagonalGappyKeysMask.from_seqlens(
+            q, [i * pad for i in range(len(q) + 1)], kl),
+        lambda q, k, pad, kl: xab.BlockDiagonalCausalWithOffsetGappyKeysMask.from_seqlens(
+            q, [i * pad for i in range(len(q) + 1)], kl),
+    ]
+    converted = 0
+    for _ in range(300):
+        n = rng.randint(1, 3)
+        pad = rng.randint(1, 5)
+        q = [rng.randint(1, pad) for _ in range(n)]
+        k = [rng.randint(1, 5) for _ in range(n)]
+        kl = [rng.randint(0, pad) for _ in range(n)]
+        try:
+            bias = rng.choice(makers)(q, k, pad, kl)
+        except ValueError:  # xformers' own constraints (e.g. causal offsets need num_keys >= num_queries)
+            continue
+        try:
+            mask = zx.from_xformers(bias)
+        except ValueError:
+            continue
+        dense = mask.to_dense()
+        dense = dense[0] if dense.ndim == 3 else dense
+        want = bias.materialize((mask.num_q, mask.num_kv)) == 0
+        live = want.any(-1)  # rows xformers leaves with no key are undefined there
+        assert torch.equal(dense[live], want[live]) and not dense[~live].any(), f"{type(bias).__name__} {q} {kl} {pad}"
+        converted += 1
+    assert converted > 150
+
+
 def test_xformers_lower_triangular_needs_its_shape(xab, zx):
     for cls, shape in ((xab.LowerTriangularMask, (6, 6)), (xab.LowerTriangularFromBottomRightMask, (3, 7))):
         mask = zx.from_xformers(cls(), shape=shape)

@@ -111,9 +111,9 @@ def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequenc
     allow[torch.arange(n), first + torch.arange(n)] = True
     q_segments = list(zip(names, q_lens))
     is_causal = causal is not None
-    if kv_segments == q_segments:
-        return ZorroMask(q_segments, allow, causal=is_causal)
     padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
+    if kv_segments == q_segments and not padded:  # self-attention only when no key slot is padded
+        return ZorroMask(q_segments, allow, causal=is_causal)
     return ZorroMask(q_segments, allow, kv_segments=kv_segments,
                      kv_lengths=torch.tensor([kv_lengths]) if padded else None, causal=is_causal)
 
