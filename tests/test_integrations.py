@@ -181,6 +181,14 @@ def test_minilm_zorro_mask_is_checked(minilm, zt):
         _hidden(minilm.zorro, input_ids=ids, zorro_mask=ZorroMask.packed([ids.shape[1] + 1]))
 
 
+def test_zorro_mask_on_a_model_not_running_zorro_raises(minilm, zt):
+    # issue 11 item 9: a 5-token mask given to an sdpa model ran, silently ignored
+    ids = minilm.tok("a sentence of some ten tokens or so here", return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match="zorro_mask= was given but .* attn_implementation='sdpa'"):
+        _hidden(minilm.sdpa, input_ids=ids, zorro_mask=ZorroMask.packed([5]))
+    _hidden(minilm.sdpa, input_ids=ids)  # without it the model runs as before
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_minilm_on_cuda_matches_sdpa(minilm, zt, zorro_calls, dtype):

@@ -28,7 +28,8 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding):
     - grouped-query attention (``num_key_value_heads < num_attention_heads``) without copying K/V;
     - models under ``torch.compile`` (no graph break around attention: zorro_attention runs behind its custom ops;
       the padding mask's values cannot be read while tracing, so padding always goes in as the key bias there);
-    - any model call with ``zorro_mask=`` (eager or compiled).
+    - any model call with ``zorro_mask=`` (eager or compiled). A model on another implementation ("sdpa", flash,
+      flex) raises ValueError when given ``zorro_mask=`` after :func:`register`, instead of ignoring it.
 
 What falls back to transformers' own "sdpa" function, counted in
 :func:`zorro_kernels.integrations.fallback_counts` under ``"transformers: <reason>"`` (or raises
@@ -97,6 +98,23 @@ def register(*, strict: bool = False) -> None:
     _strict = strict
     AttentionInterface.register(NAME, zorro_attention_forward)
     AttentionMaskInterface.register(NAME, zorro_mask_interface)
+    for name, fn in list(AttentionInterface._global_mapping.items()):
+        if name != NAME and not getattr(fn, "_zorro_guard", False):
+            AttentionInterface.register(name, _refusing_zorro_mask(name, fn))
+
+
+def _refusing_zorro_mask(name: str, fn):
+    """``fn`` (another attention implementation) raising when a model call carries ``zorro_mask=``, which it would
+    otherwise ignore silently. Models on "eager" call their own function, outside the interface: not covered."""
+    @functools.wraps(fn)
+    def guarded(module, *args, **kwargs):
+        if kwargs.get("zorro_mask") is not None:
+            raise ValueError(f"zorro_mask= was given but {type(module).__name__} runs attn_implementation={name!r}, "
+                             f"which would ignore it: load the model with attn_implementation=\"{NAME}\" (or call "
+                             f"model.set_attn_implementation(\"{NAME}\"))")
+        return fn(module, *args, **kwargs)
+    guarded._zorro_guard = True
+    return guarded
 
 
 # ------------------------------------------------------------------------------------------------------ layouts
