@@ -184,3 +184,15 @@ def _bad(**over):
 def test_bad_inputs_raise_clear_errors(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+def test_numpy_scale_and_empty_batch():
+    # issue 11 item 10: scale=np.float32(0.5) was rejected; B=0 must fail in our words, naming the shapes
+    import numpy as np
+    mask = ZorroMask.zorro(audio=3, video=4, fusion=1)
+    q, k, v = make_qkv(mask)
+    want = zorro_attention(q, k, v, mask, scale=0.5)
+    for s in (np.float32(0.5), np.float64(0.5), np.int64(1) / 2):
+        assert torch.equal(zorro_attention(q, k, v, mask, scale=s), want)
+    with pytest.raises(ValueError, match=r"non-zero B.*\(0, 4, 8, 32\)"):
+        zorro_attention(q[:0], k[:0], v[:0], mask)

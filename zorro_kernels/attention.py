@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -53,7 +54,7 @@ def check_inputs(q, k, v, mask, scale=None, bias=None) -> None:
     if mask.batch_size is not None and mask.batch_size != b:
         raise ValueError(f"the mask's lengths are for B={mask.batch_size} samples but q has B={b}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy scalars are Real too
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite positive number, got {scale}")
