@@ -171,3 +171,25 @@ def test_mask_is_immutable_caller_edits_do_not_reach_it():
     for name, value in (("causal", True), ("lengths", None), ("q_sizes", (1, 1, 1)), ("window", (1, 1))):
         with pytest.raises(AttributeError, match="immutable"):
             setattr(m, name, value)
+
+
+@pytest.mark.parametrize("nk", [4, 11, 19])
+def test_attended_counts_causal_cross_attention(nk):
+    # the causal offset Nk - Nq only matters when Nk != Nq: a count computed with offset 0 must fail here
+    m = ZorroMask.from_segments([("a", 5), ("b", 4)], {"a": "*", "b": ["k1"]}, kv_segments=[("k0", 3), ("k1", nk - 3)],
+                                lengths=torch.tensor([[5, 4], [2, 3]]), kv_lengths=torch.tensor([[3, nk - 3], [1, 1]]),
+                                causal=True)
+    assert m.attended().tolist() == m.to_dense().sum((1, 2)).tolist()
+
+
+def test_model_mask_cache_keys_on_length_values():
+    # a key that ignored the lengths' values was caught only through models shared between tests
+    from zorro_models.layers import MaskCache
+    a, b = torch.tensor([[4, 6, 2]]), torch.tensor([[4, 5, 2]])
+    assert MaskCache.key("self", (4, 6, 2), a) != MaskCache.key("self", (4, 6, 2), b)
+    assert MaskCache.key("self", (4, 6, 2), a) == MaskCache.key("self", (4, 6, 2), a.clone())
+    cache = MaskCache()
+    built = [cache.get(MaskCache.key("self", lens), lambda lens=lens: ZorroMask.zorro(4, 6, 2, lengths=lens))
+             for lens in (a, b, a.clone())]
+    assert built[0] is built[2] and built[1] is not built[0]
+    assert built[1].lengths.tolist() == [[4, 5, 2]]
