@@ -48,6 +48,7 @@ attention sees only padded keys and is 0 (SDPA's value there is never read).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
