@@ -281,7 +281,9 @@ def straddling_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     live = mask.any(-1)[:, None]
     s = torch.where(live, torch.where(mask, s, float("-inf")), 0)  # a row that sees nothing: finite, then p = 0
     lse = torch.logsumexp(s, -1, keepdim=True)
-    p = torch.where(mask, torch.exp(s - lse), 0)
+    # rows whose every score is -inf (a -inf bias on all their keys) give 0, as the fused kernels do
+    dead = torch.isneginf(lse)
+    p = torch.where(mask & ~dead, torch.exp(s - torch.where(dead, 0, lse)), 0)
     out = p[..., :n_all] @ v[:, :, :n_all] + torch.einsum(
         "bhrc,bhrcd->bhrd", p[..., n_all:], torch.where(sel, v[:, :, None, n_all:], 0))
     return out.to(dtype), torch.where(live, lse, float("-inf"))[..., 0]
