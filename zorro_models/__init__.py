@@ -7,7 +7,7 @@
     out = model(audio=x["audio"])                       # audio only: out["video"] is all zeros
 """
 from . import hip, swin, vit  # noqa: F401  (register the presets)
-from .base import MASK_KINDS, Encoded, ZorroFeatures, ZorroModel
+from .base import MASK_KINDS, Encoded, StreamLayout, ZorroFeatures, ZorroModel
 from .heads import ContrastiveHeads, SupervisedHeads
 from .layers import OUTPUTS, STREAMS, MaskedReadout
 from .losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
@@ -17,5 +17,5 @@ from .swin import ZorroSwin
 from .vit import ZorroViT
 
 __all__ = ["MASK_KINDS", "create_model", "list_models", "model_config", "register_model", "ZorroModel", "ZorroFeatures",
-           "Encoded", "ZorroViT", "ZorroSwin", "ZorroHiP", "SupervisedHeads", "ContrastiveHeads", "SupervisedLoss",
-           "ZorroContrastiveLoss", "info_nce", "DEFAULT_PAIRS", "OUTPUTS", "STREAMS", "MaskedReadout"]
+           "StreamLayout", "Encoded", "ZorroViT", "ZorroSwin", "ZorroHiP", "SupervisedHeads", "ContrastiveHeads",
+           "SupervisedLoss", "ZorroContrastiveLoss", "info_nce", "DEFAULT_PAIRS", "OUTPUTS", "STREAMS", "MaskedReadout"]
