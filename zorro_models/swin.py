@@ -255,6 +255,11 @@ class ZorroSwin(ZorroModel):
         if not isinstance(rel_pos_bias, bool):
             raise TypeError(f"rel_pos_bias must be a bool, got {type(rel_pos_bias).__name__}")
         self.mask_kind = check_mask_kind(mask)
+        if mask == "full" and rel_pos_bias:
+            # the table holds offsets up to the window size; full attention pairs tokens of different windows
+            raise ValueError("mask='full' attends across Swin's windows, but the relative position bias is defined "
+                             "only within a window; build it with rel_pos_bias=False (model.kwargs.rel_pos_bias="
+                             "false) to compare with full attention")
         depths, num_heads = tuple(depths), tuple(num_heads)
         if not depths or len(depths) != len(num_heads):
             raise ValueError(f"depths and num_heads need one entry per stage, got {depths} and {num_heads}")
