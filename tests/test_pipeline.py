@@ -90,6 +90,8 @@ def test_demo_and_torchrun_every_family(tmp_path, family, capsys):
     import sys
 
     name, settings = TINY_FAMILY[family][0].split("=", 1)[1], TINY_FAMILY[family][1:]
+    if family == "swin":  # the demo compares with full attention, which crosses the windows of Swin's bias
+        settings = [*settings, "model.kwargs.rel_pos_bias=false"]
     code = main(["demo", "--model", name, "--out", str(tmp_path / "demo"), "--threads", "1", "--no-baseline",
                  *settings, "train.steps=2", "data.num_workers=0"])
     assert code in (0, 1)  # 2 steps prove nothing about the gap
