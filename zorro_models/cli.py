@@ -189,12 +189,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_show_mask(args) -> int:
-    from .registry import create_model
+    from .registry import create_model, model_keywords
 
     if args.audio_only and args.video_only:
         raise ValueError("show-mask: choose at most one of --audio-only and --video-only")
+    # Swin's relative position bias lives within a window and full attention crosses them (the masks are the same)
+    no_bias = {"rel_pos_bias": False} if args.mask == "full" and model_keywords(args.model).get("rel_pos_bias") else {}
     torch.manual_seed(0)
-    model = create_model(args.model, mask=args.mask).eval()
+    model = create_model(args.model, mask=args.mask, **no_bias).eval()
     inputs = model.example_inputs(batch_size=1)
     if args.audio_only:
         inputs.pop("video")

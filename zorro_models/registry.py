@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch.nn as nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_config", "Preset"]
+__all__ = ["register_model", "create_model", "list_models", "model_config", "model_keywords", "Preset"]
 
 
 class Preset(NamedTuple):
@@ -37,15 +37,21 @@ def _preset(name: str) -> Preset:
     return _REGISTRY[name]
 
 
-def model_config(name: str, **overrides) -> dict:
-    """The keyword arguments ``create_model(name, **overrides)`` passes to the model class (checked)."""
+def model_keywords(name: str) -> dict:
+    """Every keyword preset ``name`` takes, with the value it gets by default (the preset's, else the class's)."""
     preset = _preset(name)
     params = inspect.signature(preset.cls).parameters
-    unknown = sorted(k for k in overrides if k not in params)
+    return {k: preset.kwargs.get(k, p.default) for k, p in params.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def model_config(name: str, **overrides) -> dict:
+    """The keyword arguments ``create_model(name, **overrides)`` passes to the model class (checked)."""
+    valid = model_keywords(name)
+    unknown = sorted(k for k in overrides if k not in valid)
     if unknown:
-        valid = sorted(k for k, p in params.items() if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD)
-        raise TypeError(f"{name} got unknown override(s) {unknown}; valid keywords: {valid}")
-    return {**preset.kwargs, **overrides}
+        raise TypeError(f"{name} got unknown override(s) {unknown}; valid keywords: {sorted(valid)}")
+    return {**_preset(name).kwargs, **overrides}
 
 
 def create_model(name: str, **overrides) -> nn.Module:
