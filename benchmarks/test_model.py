@@ -33,7 +33,7 @@ MODELS = {
 BENCH_BACKEND = "bench-sdpa-masked"
 
 
-def _masked_sdpa(q, k, v, mask, scale):
+def _masked_sdpa(q, k, v, mask, scale, bias=None):  # the backend declares no bias: always None
     def build():
         dense = mask.to_dense()
         dense = dense[None] if dense.ndim == 2 else dense
