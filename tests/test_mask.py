@@ -193,3 +193,28 @@ def test_model_mask_cache_keys_on_length_values():
              for lens in (a, b, a.clone())]
     assert built[0] is built[2] and built[1] is not built[0]
     assert built[1].lengths.tolist() == [[4, 5, 2]]
+
+
+def test_packed_causal_is_per_document_or_refused():
+    # issue 11 item 4: packed([3, 2], kv_seq_lens=[3, 4], causal=True) gave row 0 keys 0-2; per document it sees key 0
+    with pytest.raises(ValueError, match="sequence 0 .* offset 0 .* at 2"):
+        ZorroMask.packed([3, 2], kv_seq_lens=[3, 4], causal=True)
+    # expressible: every document's bottom-right diagonal lands on the row's (equal counts; single-query decoding)
+    for q_lens, k_lens in (([3, 2], [3, 2]), ([1, 1, 1], [4, 2, 5]), ([2, 2], [2, 2])):
+        m = ZorroMask.packed(q_lens, kv_seq_lens=k_lens, causal=True)
+        dense = torch.zeros(sum(q_lens), sum(k_lens), dtype=torch.bool)
+        qs = ks = 0
+        for ql, kl in zip(q_lens, k_lens):  # per document, bottom-right aligned (flash-attn varlen's convention)
+            i, j = torch.arange(ql)[:, None], torch.arange(kl)[None]
+            dense[qs:qs + ql, ks:ks + kl] = j <= i + (kl - ql)
+            qs, ks = qs + ql, ks + kl
+        assert torch.equal(m.to_dense(), dense), (q_lens, k_lens)
+
+
+def test_causal_with_kv_lengths_aligns_to_full_sizes():
+    # the documented convention: the diagonal sits at Nk - Nq whatever the valid lengths (flash-attn varlen would
+    # align it to each sample's valid keys: 2 keys for row 0 of sample 1 here, not 4)
+    m = ZorroMask.from_segments([("q", 2)], {"q": "*"}, kv_segments=[("k", 5)], kv_lengths=torch.tensor([[5], [3]]),
+                                causal=True)
+    d = m.to_dense()
+    assert d[0].sum(1).tolist() == [4, 5] and d[1].sum(1).tolist() == [3, 3]

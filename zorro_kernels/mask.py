@@ -16,7 +16,10 @@ The paper's rule (Recasens et al., 2023)::
 Semantics, for sample ``b``: the token at position ``p`` (0-based inside its segment ``s``) is valid iff
 ``p < lengths[b, s]``. A valid query may attend a valid key iff the rules allow (query segment, key segment) and, when
 ``causal=True``, the key's index ``j`` and the query's index ``i`` satisfy ``j <= i + (Nk - Nq)`` (bottom-right aligned,
-as flash-attention does). With a sliding ``window=(left, right)`` (flash-attention's ``window_size``) it must also
+as flash-attention does). The diagonal is aligned to the full sizes ``Nq``/``Nk``, not to each sample's valid lengths:
+flash-attn's varlen functions and xformers' ``...WithOffsetPaddedKeysMask`` align it to each sample's (or block's)
+valid keys instead, so with key padding and ``causal`` the two agree only where the padding does not move the
+diagonal (``integrations.xformers.from_xformers`` refuses the biases where it does). With a sliding ``window=(left, right)`` (flash-attention's ``window_size``) it must also
 satisfy ``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right``, ``-1`` leaving that side unbounded. A query row with no
 key it may attend returns exactly 0 with zero gradients.
 
@@ -185,6 +188,31 @@ def content_key(q_sizes, kv_sizes, is_self: bool, causal: bool, allow: torch.Ten
 def _content_key(mask: "ZorroMask") -> str:
     return content_key(mask.q_sizes, mask.kv_sizes, mask.is_self, mask.causal, mask.allow, mask.lengths,
                        None if mask.is_self else mask.kv_lengths, mask.window)
+
+
+def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
+    """Do diagonals ``jl <= il + d`` and ``jl <= il + e`` select the same keys of a ``q x valid`` block?
+
+    Row ``il`` sees ``clamp(il + d + 1, 0, valid)`` keys; two offsets agree on every row iff they are equal, or both
+    open every row fully (``>= valid - 1``), or both close every row (``<= -q``), or the block is empty.
+    """
+    return d == e or q == 0 or valid == 0 or min(d, e) >= valid - 1 or max(d, e) <= -q
+
+
+def _check_per_block_causal(q_lens, k_lens, what: str) -> None:
+    """Raise unless the row-wide diagonal ``j <= i + (Nk - Nq)`` is bottom-right causal inside every block."""
+    nq, nk = sum(q_lens), sum(k_lens)
+    q_start = k_start = 0
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        d = (q_start - k_start) + (nk - nq)
+        if not causal_offsets_agree(d, kl - ql, ql, kl):
+            raise ValueError(
+                f"{what}: sequence {i} ({ql} queries, {kl} keys) needs its causal diagonal at offset {kl - ql} "
+                f"(bottom-right inside the sequence), but a ZorroMask has one diagonal for the whole row "
+                f"(key <= query + {nk - nq}), which puts it at {d}: not expressible; pack sequences whose query "
+                f"and key counts are equal, or build one mask per sequence")
+        q_start += ql
+        k_start += kl
 
 
 class ZorroMask:
@@ -357,7 +385,10 @@ class ZorroMask:
 
         Args:
             seq_lens: the length of each packed sequence, in token order.
-            causal: causal attention inside each sequence (for packed language-model training).
+            causal: causal attention inside each sequence (for packed language-model training), bottom-right aligned
+                within each sequence (as flash-attn varlen and xformers' ``BlockDiagonalCausalFromBottomRightMask``).
+                A mask has one diagonal for the whole row, so with ``kv_seq_lens`` this is only expressible when
+                every sequence's diagonal lands on it; otherwise ValueError names the sequence.
             names: segment names (default ``seq0, seq1, ...``).
             kv_seq_lens: key lengths per sequence for cross-attention (same count as ``seq_lens``).
 
@@ -376,6 +407,8 @@ class ZorroMask:
             if len(kv_seq_lens) != len(seq_lens):
                 raise ValueError(f"kv_seq_lens has {len(kv_seq_lens)} entries but seq_lens has {len(seq_lens)}")
             kv = list(zip(names, kv_seq_lens))
+            if causal:
+                _check_per_block_causal(seq_lens, kv_seq_lens, "packed")
         allow = torch.eye(len(seq_lens), dtype=torch.bool)
         return cls(segments, allow, kv_segments=kv, causal=causal)
 

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from ..mask import ZorroMask
+from ..mask import ZorroMask, causal_offsets_agree
 
 
 def _drop_extension_warning(record: logging.LogRecord) -> bool:
@@ -61,15 +61,6 @@ finally:  # scoped to our import: code that uses xformers' kernels itself still 
 __all__ = ["from_xformers"]
 
 _TOP_LEFT, _BOTTOM_RIGHT = "top-left", "bottom-right"
-
-
-def _block_causal_agrees(d: int, e: int, q: int, valid: int) -> bool:
-    """Do diagonals ``jl <= il + d`` and ``jl <= il + e`` select the same keys of a ``q x valid`` block?
-
-    Row ``il`` sees ``clamp(il + d + 1, 0, valid)`` keys; two offsets agree on every row iff they are equal, or both
-    open every row fully (``>= valid - 1``), or both close every row (``<= -q``), or the block is empty.
-    """
-    return d == e or q == 0 or valid == 0 or min(d, e) >= valid - 1 or max(d, e) <= -q
 
 
 def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequence[int], k_total: int,
@@ -99,7 +90,7 @@ def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequenc
         for i in range(n):
             d = (q_start - k_starts[i]) + (nk - nq)  # zorro's diagonal, in block-local coordinates
             e = 0 if causal == _TOP_LEFT else k_lens[i] - q_lens[i]
-            if not _block_causal_agrees(d, e, q_lens[i], k_lens[i]):
+            if not causal_offsets_agree(d, e, q_lens[i], k_lens[i]):
                 raise ValueError(
                     f"{name}: block {i} ({q_lens[i]} queries, {k_lens[i]} keys) is causal {causal} inside the "
                     f"block, but a ZorroMask has one causal diagonal for the whole row (key <= query + Nk - Nq = "
