@@ -82,6 +82,7 @@ def _check(backend, problem):
     check_isolation(_attn(backend), q, k, v, mask, *poison_everything_unseen(mask, q.shape[0], rows))
 
 
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dense backend takes no float64
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 
@@ -92,12 +93,25 @@ def test_fuzz_fast(backend, problem):
     _check(backend, problem)
 
 
+@settings(max_examples=8, derandomize=True, **_COMMON)
+@given(problem=problems(dtypes=_DENSE_DTYPES))
+def test_fuzz_fast_dense(problem):
+    _check("dense", problem)
+
+
 @pytest.mark.full
 @pytest.mark.parametrize("backend", ["segments", "reference"])
 @settings(max_examples=int(os.environ.get("ZORRO_FUZZ_EXAMPLES", 5000)), **_COMMON)
 @given(problem=problems())
 def test_fuzz_full(backend, problem):
     _check(backend, problem)
+
+
+@pytest.mark.full
+@settings(max_examples=int(os.environ.get("ZORRO_FUZZ_EXAMPLES", 5000)) // 5, **_COMMON)
+@given(problem=problems(dtypes=_DENSE_DTYPES))
+def test_fuzz_full_dense(problem):
+    _check("dense", problem)
 
 
 def _triton_reasons():

@@ -7,10 +7,13 @@ from zorro_kernels import ZorroMask, zorro_attention
 from .isolation import check_isolation, poison_everything_unseen
 from .layouts import named_masks
 
-BACKENDS = ["reference", "segments"]
+BACKENDS = ["reference", "segments", "dense", "auto"]  # auto: dense for these tiny layouts on CPU
 
 
 def attn_fn(backend):
+    if backend == "dense":  # fp32 and below only: the same property, computed in fp32
+        return lambda q, k, v, mask, scale=None: zorro_attention(
+            q.float(), k.float(), v.float(), mask, scale=scale, backend=backend).to(q.dtype)
     return lambda q, k, v, mask, scale=None: zorro_attention(q, k, v, mask, scale=scale, backend=backend)
 
 

@@ -23,7 +23,7 @@ import torch
 from ..bias import bias_tensor, with_tensor
 from ..reference import reference_attention
 from . import triton as _triton  # imports no Triton: kernels load on first use
-from .dense import dense_attention, dense_backward, dense_forward
+from .dense import dense_backward, dense_forward
 from .segments import build_plan, cpu_backward, cpu_forward, segment_attention, segment_attention_sdpa
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "backward_by_recompute"]
@@ -194,4 +194,7 @@ register_backend(Backend(
 register_backend(Backend(
     "dense", "the whole matrix in one masked computation, non-finite results redone by the "
     "segment path (CPU; for problems too small to split)", dense_forward, dense_backward, devices=("cpu",),
-    window=True, eager=dense_attention))
+    # no float64: the fp32 LSE the dispatcher carries costs its backward ~1e-8 (the segment path takes fp64); no
+    # ``eager`` shortcut through SDPA's own autograd: its backward multiplies a NaN upstream gradient by the masked
+    # P = 0 and so reaches keys the row may not attend, which dense_backward prevents
+    dtypes=(torch.float16, torch.bfloat16, torch.float32), window=True))

@@ -5,21 +5,20 @@ call per group of segments (the segment path). The forward is a few tensor ops f
 CPU flash kernel spends more on applying a mask and on its setup than on the product; masked scores are *selected*
 away with ``masked_fill``) and that flash kernel with an additive ``-inf`` mask (cached per mask and dtype) beyond;
 the backward is the flash kernel's backward. A masked key contributes exactly 0 while it is finite (``exp(-inf) = 0``,
-``0 * finite = 0``); a masked NaN/Inf can only show up as a non-finite output or gradient, so results are checked (one
-sum per tensor) and anything non-finite is recomputed by the segment path, which never reads a masked key. Rows that
-see nothing are exactly 0 with zero gradients.
+``0 * finite = 0``), so inputs are checked (one sum per tensor); when one holds a NaN/Inf, its bad token rows are
+zeroed before the kernels run and NaN is put back only where the isolation rule lets it go (the rows that may attend
+a bad key or are bad themselves, and the keys those rows may attend). Clean rows come out bit for bit as from clean
+inputs. Rows that see nothing are exactly 0 with zero gradients.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..reference import expand_kv_heads
-from .segments import build_plan, cpu_backward, cpu_forward, segment_attention
 
-__all__ = ["dense_forward", "dense_backward", "dense_attention"]
+__all__ = ["dense_forward", "dense_backward"]
 # (``bias`` is in the signatures for the dispatcher's sake: the backend declares no bias support, so it is None)
 
 
@@ -69,9 +68,29 @@ def _math_forward(q, k, v, blocked, dead, scale):
     return torch.matmul(p, vc).div_(denom).to(q.dtype), (m + denom.log()).squeeze(-1)
 
 
+def _zero_bad_rows(x):
+    """``(x with its non-finite token rows zeroed, bad (..., N) bool)`` for ``x (..., N, D)``."""
+    bad = ~torch.isfinite(x).all(-1)
+    return x.masked_fill(bad[..., None], 0.0), bad
+
+
+def _clean_keys(k, v, blocked, h):
+    """Non-finite key tokens zeroed, so that the pairs that may not read them multiply finite numbers by 0.
+
+    Returns ``(k, v, bad_keys (B, H, Nk), hit (B, H, Nq))``: ``hit`` marks the rows that may attend a bad key, the
+    only rows whose result the bad keys may change (the caller poisons them)."""
+    k, bad_k = _zero_bad_rows(k)
+    v, bad_v = _zero_bad_rows(v)
+    bad = expand_kv_heads((bad_k | bad_v)[..., None], h)[..., 0]
+    return k, v, bad, (~blocked & bad[:, :, None, :]).any(-1)
+
+
 def dense_forward(q, k, v, mask, scale: float, bias=None):
     """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)``; validated CPU inputs."""
     blocked, dead = mask.derived(_blocked, q.device)
+    hit = None
+    if not _finite(k, v):  # masked means never read: zero the bad keys, then make NaN only the rows that may see them
+        k, v, _, hit = _clean_keys(k, v, blocked, q.shape[1])
     if q.shape[2] * k.shape[2] <= _MATH_MAX_PAIRS:
         out, lse = _math_forward(q, k, v, blocked, dead, scale)
     else:
@@ -80,47 +99,43 @@ def dense_forward(q, k, v, mask, scale: float, bias=None):
                               attn_mask=mask.derived(_additive, q.dtype, q.device), scale=scale)
         if dead is not None:
             out = out.masked_fill(dead, 0.0)
-    if not _finite(out):  # a masked NaN/Inf may have reached a row: the segment path never reads it
-        out, lse = cpu_forward(q, k, v, mask.derived(build_plan), scale)
+    if hit is not None:
+        out = out.masked_fill(hit[..., None], float("nan"))
     return out, lse.float()
 
 
 def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
-    """``(dq, dk, dv)`` shaped as q, k, v, from the forward's ``out`` and ``lse``."""
-    _, dead = mask.derived(_blocked, q.device)
+    """``(dq, dk, dv)`` shaped as q, k, v, from the forward's ``out`` and ``lse``.
+
+    The flash backward sums over query rows (dK, dV) and keys (dQ) with the masked pairs' P = 0, so one non-finite
+    q, dO or key would reach every gradient through 0 * NaN. Clean inputs (checked with one sum each) take the kernel as
+    they are; otherwise every bad token row is zeroed first and NaN is put back exactly where the rule lets it go: the
+    dq of the rows that are bad or see a bad key, the dk/dv of the keys such rows may attend and of bad keys some row
+    may attend."""
+    blocked, dead = mask.derived(_blocked, q.device)
     h, hkv = q.shape[1], k.shape[1]
     dout = dout.contiguous()
     if dead is not None:
         dout = dout.masked_fill(dead, 0.0)
+    rows = keys = None
+    if not _finite(dout, q, k, v):
+        k, v, bad_keys, hit = _clean_keys(k, v, blocked, h)
+        q, bad_q = _zero_bad_rows(q)
+        dout, bad_do = _zero_bad_rows(dout)
+        live = ~blocked.all(-1)  # (Bm, 1, Nq)
+        rows = (bad_q | bad_do | hit) & live
+        out = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0.0)
+        lse = lse.masked_fill(rows | ~live, 0.0)  # finite: a poisoned row's or dead row's exp() must not be NaN
+        keys = ((~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2)))  # (B, H, Nk)
     dq, dk, dv = _bwd_flash(dout, q, expand_kv_heads(k, h), expand_kv_heads(v, h), out,
                             lse.double() if q.dtype == torch.float64 else lse, 0.0, False,
                             attn_mask=mask.derived(_additive, q.dtype, q.device), scale=scale)
     if hkv != h:  # GQA: the query heads of a group all read one kv head
         dk, dv = (g.unflatten(1, (hkv, h // hkv)).sum(2) for g in (dk, dv))
-    if not _finite(dq, dk, dv):  # a masked NaN/Inf may have reached a gradient: redo it by the segment path
-        plan = mask.derived(build_plan)
-        out, lse = cpu_forward(q, k, v, plan, scale)
-        return cpu_backward(dout, q, k, v, out, lse, plan, scale)
+        if keys is not None:
+            keys = keys.unflatten(1, (hkv, h // hkv)).any(2)
+    if rows is not None:
+        nan = float("nan")
+        dq = dq.masked_fill(rows[..., None], nan)
+        dk, dv = dk.masked_fill(keys[..., None], nan), dv.masked_fill(keys[..., None], nan)
     return dq, dk, dv
-
-
-def dense_attention(q, k, v, mask, scale: float, bias=None):
-    """The same, differentiable by autograd through ``F.scaled_dot_product_attention`` (its C++ autograd costs less
-    than a Python autograd Function on problems this small). After a finite output the backward needs no check: every
-    live row read every key (so all K, V its sample shares were finite), padding rows' queries are zero-filled
-    before the call and their outputs selected to 0 after it, and a sample whose rows are all dead has its K, V checked
-    here. (A NaN in the *upstream gradient* of a row can reach keys it does not attend, as with masked SDPA.)"""
-    _, dead = mask.derived(_blocked, q.device)
-    h = q.shape[1]
-    qm = q
-    if dead is not None:
-        if not _finite(k.detach(), v.detach()):
-            return segment_attention(q, k, v, mask, scale)
-        qm = q.masked_fill(dead, 0.0)
-    out = F.scaled_dot_product_attention(qm, expand_kv_heads(k, h), expand_kv_heads(v, h),
-                                         attn_mask=mask.derived(_additive, q.dtype, q.device), scale=scale)
-    if dead is not None:
-        out = out.masked_fill(dead, 0.0)
-    if not _finite(out.detach()):  # a masked NaN/Inf reached a row: the segment path never reads it
-        return segment_attention(q, k, v, mask, scale)
-    return out
