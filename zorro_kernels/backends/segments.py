@@ -9,9 +9,10 @@ paper's layout, audio x audio, video x video and fusion x everything. This backe
    sequences) are fused into one *run* evaluated as a batch of small problems;
 2. runs each group with PyTorch's fused attention on just its rows and keys, with no mask, writing into one
    preallocated output. Groups that straddle a causal diagonal or a sliding window's edge are cut into chunks of
-   ``BAND_ROWS`` rows, keys trimmed to the band, and run by :func:`straddling_attention`: plain products on the keys
-   every row of the chunk sees, ``where``-selected ones on the few keys only some rows see — so NaN/Inf in a key a row
-   may not attend never reaches that row (no additive ``-inf`` mask, no ``0 * NaN``);
+   ``BAND_ROWS`` rows, keys trimmed to the band: on CPU the keys every row of the chunk sees go through the flash
+   kernel and the few keys only some rows see through masked products with their non-finite rows zeroed, merged by
+   log-sum-exp (:func:`_straddle_cpu_forward`); elsewhere, and with a bias, :func:`straddling_attention` selects
+   per row. Either way NaN/Inf in a key a row may not attend never reaches that row (no ``0 * NaN``);
 3. on CPU, does forward and backward itself in an autograd Function calling ATen's flash-attention-for-CPU kernels
    (``out``/``lse`` saved once for the whole output, grads accumulated in place), so it pays neither autograd's per-slice
    zero-filled gradient buffers nor a second copy of the output. Elsewhere it composes
@@ -294,6 +295,85 @@ _fwd_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def _zero_bad_rows(x: torch.Tensor):
+    """``(x with its non-finite token rows zeroed, bad (..., N) bool)`` for ``x (..., N, D)``."""
+    bad = ~torch.isfinite(x).all(-1)
+    return x.masked_fill(bad[..., None], 0.0), bad
+
+
+def _split_columns(mask: torch.Tensor, device):
+    """``(every, rest, m_rest)`` of a straddling step's bool mask ``(R, C)``: the columns every row sees, the others
+    (index tensors on ``device``), and the mask restricted to the others ``(R, C')``."""
+    seen_by_all = mask.all(0)
+    every, rest = seen_by_all.nonzero().flatten(), (~seen_by_all).nonzero().flatten()
+    return every.to(device), rest.to(device), mask[:, rest].to(device)
+
+
+def _rest_keys(k, v, rest, m_rest):
+    """The columns only some rows see, with non-finite key rows zeroed: ``(k_r, v_r (B, H, C', D), bad (B, H, C'),
+    hit (B, H, R))``; ``hit`` marks the rows that may attend a bad key (the only rows it may change)."""
+    k_r, bad_k = _zero_bad_rows(k.index_select(2, rest))
+    v_r, bad_v = _zero_bad_rows(v.index_select(2, rest))
+    bad = bad_k | bad_v
+    return k_r, v_r, bad, (m_rest & bad[:, :, None, :]).any(-1)
+
+
+def _straddle_cpu_forward(q, k, v, mask, scale):
+    """:func:`straddling_attention` without a bias, fast: ATen's CPU flash kernel on the columns every row of the step
+    sees, plain masked products on the rest, merged by log-sum-exp. NaN-safe by zero-filling: the rest's non-finite key
+    rows are zeroed (so a forbidden pair multiplies 0 by a finite number) and NaN is put back in the rows that may
+    attend them. ``(out (B, H, R, D), lse (B, H, R))``."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    every, rest, m_rest = _split_columns(mask, q.device)
+    k_r, v_r, _, hit = _rest_keys(k, v, rest, m_rest)
+    s = torch.where(m_rest, torch.matmul(q, k_r.transpose(-1, -2)) * scale, float("-inf"))
+    lse = torch.logsumexp(s, -1)  # -inf for rows that see none of these columns
+    p = torch.where(m_rest, torch.exp(s - torch.where(torch.isneginf(lse), 0, lse)[..., None]), 0)
+    out = torch.matmul(p, v_r)
+    if every.numel():
+        o1, l1 = _fwd_cpu(q, k.index_select(2, every), v.index_select(2, every), 0.0, False, scale=scale)
+        both = torch.logaddexp(l1.to(lse.dtype), lse)
+        out = o1 * torch.exp(l1 - both)[..., None] + out * torch.exp(lse - both)[..., None]
+        lse = both
+    return out.masked_fill(hit[..., None], float("nan")).to(dtype), lse
+
+
+def _straddle_cpu_backward(go, q, k, v, out, lse, mask, scale):
+    """Backward of :func:`_straddle_cpu_forward` from the step's total ``out`` and ``lse``: the flash backward on the
+    columns every row sees (any row's NaN may reach those), plain masked products on the rest with every bad token row
+    (q, dO, out, keys) zeroed, and NaN put back only where the isolation rule lets it go."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v, go, out = q.float(), k.float(), v.float(), go.float(), out.float()
+    every, rest, m_rest = _split_columns(mask, q.device)
+    k_r, v_r, bad, hit = _rest_keys(k, v, rest, m_rest)
+    q_z, bad_q = _zero_bad_rows(q)
+    go_z, bad_go = _zero_bad_rows(go)
+    rows = (bad_q | bad_go | hit) & mask.any(-1).to(q.device)
+    delta = (go_z * out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0)).sum(-1, keepdim=True)
+    lse_r = lse.to(q.dtype).masked_fill(rows | torch.isneginf(lse), 0)[..., None]
+    p = torch.where(m_rest, torch.exp(torch.matmul(q_z, k_r.transpose(-1, -2)) * scale - lse_r), 0)
+    ds = torch.where(m_rest, p * (torch.matmul(go_z, v_r.transpose(-1, -2)) - delta), 0) * scale
+    dq = torch.matmul(ds, k_r)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dk.index_copy_(2, rest, torch.matmul(ds.transpose(-1, -2), q_z))
+    dv.index_copy_(2, rest, torch.matmul(p.transpose(-1, -2), go_z))
+    nan = float("nan")
+    keys = (m_rest & rows[..., None]).any(-2) | (bad & m_rest.any(0))  # (B, H, C')
+    dq = dq.masked_fill(rows[..., None], nan)
+    dk.index_copy_(2, rest, dk.index_select(2, rest).masked_fill(keys[..., None], nan))
+    dv.index_copy_(2, rest, dv.index_select(2, rest).masked_fill(keys[..., None], nan))
+    if every.numel():
+        g_q, g_k, g_v = _bwd_cpu(go.contiguous(), q, k.index_select(2, every), v.index_select(2, every),
+                                 out.contiguous(), lse.contiguous(), 0.0, False, scale=scale)
+        dq = dq + g_q
+        dk.index_copy_(2, every, g_k)
+        dv.index_copy_(2, every, g_v)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
 def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
     return x if batch is None else x.index_select(0, batch)
 
@@ -319,6 +399,8 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
                     _gather(vb, st.k_ranges, st.blocks))
             if st.mask is None:
                 o, l = _fwd_cpu(*args, 0.0, False, attn_mask=sb, scale=scale)
+            elif sb is None:
+                o, l = _straddle_cpu_forward(*args, st.mask, scale)
             else:
                 o, l = straddling_attention(*args, st.mask, scale, sb)
             _scatter(ob, st.q_ranges, _unfold(o, h))
@@ -353,7 +435,10 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                 g_q, g_k, g_v = _bwd_cpu(go.contiguous(), *args, _gather(ob, st.q_ranges, st.blocks),
                                          _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False,
                                          attn_mask=sb, scale=scale)
-            else:  # a step across the band's edge is recomputed under autograd (it is a BAND_ROWS-row chunk)
+            elif sb is None:
+                g_q, g_k, g_v = _straddle_cpu_backward(go, *args, _gather(ob, st.q_ranges), _gather(lb, st.q_ranges),
+                                                       st.mask, scale)
+            else:  # with a bias, a step across the band's edge is recomputed under autograd (a BAND_ROWS-row chunk)
                 with torch.enable_grad():
                     leaves = tuple(t.detach().requires_grad_() for t in args)
                     g_q, g_k, g_v = torch.autograd.grad(straddling_attention(*leaves, st.mask, scale, sb)[0],
