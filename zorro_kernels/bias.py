@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .mask import as_int_tensor
+
 __all__ = ["RelativePositions", "RelativePositionBias", "check_bias", "materialize_bias", "step_bias", "bias_tensor",
            "with_tensor"]
 
@@ -31,13 +33,7 @@ Ranges = tuple[tuple[int, int], ...]
 
 
 def _int_coords(coords, arg: str) -> torch.Tensor:
-    if not isinstance(coords, torch.Tensor):
-        try:
-            coords = torch.as_tensor(coords)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"{arg} must be an int tensor (N, axes), got {type(coords).__name__}") from e
-    if coords.is_floating_point() or coords.is_complex() or coords.dtype == torch.bool:
-        raise TypeError(f"{arg} must have an integer dtype, got {coords.dtype}")
+    coords = as_int_tensor(coords, arg, "(N, axes)")
     if coords.ndim != 2:
         raise ValueError(f"{arg} must be 2-D (N, axes), got shape {tuple(coords.shape)}")
     return coords.detach().to("cpu", torch.int64).contiguous()

@@ -82,16 +82,23 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
     return tuple(names), tuple(sizes)
 
 
+def as_int_tensor(x, arg: str, shape: str) -> torch.Tensor:
+    """``x`` (a tensor or anything ``torch.as_tensor`` takes) as an integer tensor; else a TypeError naming ``arg``
+    and the ``shape`` it should have (text, e.g. ``"(B, 3)"``). Shape and values are the caller's to check."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{arg} must be an int tensor of shape {shape}, got {type(x).__name__}") from e
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{arg} must have an integer dtype, got {x.dtype}")
+    return x
+
+
 def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg: str) -> Optional[torch.Tensor]:
     if lengths is None:
         return None
-    if not isinstance(lengths, torch.Tensor):
-        try:
-            lengths = torch.as_tensor(lengths)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"{arg} must be an int tensor of shape (B, {len(sizes)}), got {type(lengths).__name__}") from e
-    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-        raise TypeError(f"{arg} must have an integer dtype, got {lengths.dtype}")
+    lengths = as_int_tensor(lengths, arg, f"(B, {len(sizes)})")
     if lengths.ndim != 2 or lengths.shape[1] != len(sizes):
         raise ValueError(
             f"{arg} must have shape (B, n_segments) = (B, {len(sizes)}) for segments {list(names)}, "

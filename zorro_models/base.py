@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from zorro_kernels.mask import as_int_tensor
+
 from .layers import MODALITIES, OUTPUTS, STREAMS, MaskCache, MaskedReadout
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
@@ -126,13 +128,7 @@ class ZorroFeatures(NamedTuple):
 
 
 def _check_lengths(lengths, batch: int, max_len: int, name: str) -> torch.Tensor:
-    if not isinstance(lengths, torch.Tensor):
-        try:
-            lengths = torch.as_tensor(lengths)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"{name} must be an int tensor of shape (B,), got {type(lengths).__name__}") from e
-    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {lengths.dtype}")
+    lengths = as_int_tensor(lengths, name, "(B,)")
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     lengths = lengths.detach().to("cpu", torch.int64)
