@@ -289,15 +289,19 @@ def _left_padded(vocab: int, lengths, n: int):
     return ids.masked_fill(attention_mask == 0, 0), attention_mask
 
 
+def _greedy_sdpa_and_zorro(pair, lengths, width: int, new_tokens: int = 8):
+    """Greedy generation from left-padded prompts of ``lengths`` by ``pair.sdpa`` and ``pair.zorro``: (want, got)."""
+    ids, attention_mask = _left_padded(pair.cfg.vocab_size, lengths, width)
+    kw = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        return pair.sdpa.generate(ids, **kw), pair.zorro.generate(ids, **kw)
+
+
 def test_llama_batched_left_padded_generation_matches_sdpa(llama, zt, zorro_calls, strict):
     """Batched greedy generation with left padding (what generate() uses), strict: every step on zorro (the padding
     as a key bias), the same tokens as sdpa."""
     calls = zorro_calls(zt)
-    ids, attention_mask = _left_padded(llama.cfg.vocab_size, [9, 5, 7], 9)
-    kw = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        want = llama.sdpa.generate(ids, **kw)
-        got = llama.zorro.generate(ids, **kw)
+    want, got = _greedy_sdpa_and_zorro(llama, [9, 5, 7], 9)
     assert torch.equal(got, want)
     assert [m.num_q for m in calls[::llama.layers]] == [9] + [1] * 7 and fallback_counts() == {}
 
@@ -319,11 +323,7 @@ def test_mistral_sliding_window_left_padded_generation_matches_sdpa(mistral, zt,
     """A sliding window of 4 on 9-token prompts plus 8 new tokens, left padded, strict: every layer runs
     ZorroMask(window=(3, -1), causal=True) (past the window, through the sliding cache), the same tokens as sdpa."""
     calls = zorro_calls(zt)
-    ids, attention_mask = _left_padded(mistral.cfg.vocab_size, [9, 4, 6], 9)
-    kw = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        want = mistral.sdpa.generate(ids, **kw)
-        got = mistral.zorro.generate(ids, **kw)
+    want, got = _greedy_sdpa_and_zorro(mistral, [9, 4, 6], 9)
     assert torch.equal(got, want)
     assert calls and all(m.window == (3, -1) and m.causal for m in calls) and fallback_counts() == {}
 
