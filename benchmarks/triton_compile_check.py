@@ -2,7 +2,7 @@
 
 Real Triton compilation rejects things its CPU interpreter accepts (dot shapes, dtype mixing, shared memory), so this
 runs the backend's launch path with a stand-in driver that reports a CUDA target: each kernel is compiled to a cubin
-with the same specialisation a real launch would get (``warmup``, no launch) for every (dtype, head dim, causal) the
+with the same specialisation a real launch would get (``warmup``, no launch) for every (dtype, head dim, variant) the
 block-size table serves, with every autotune candidate and the fallback table. It prints one line per compiled
 variant with its shared memory and, from the cubin (Triton's bundled ``cuobjdump``), what the kernel became: registers
 per thread, stack (spills), warpgroup MMAs (``HGMMA``) vs ``mma.sync`` (``HMMA``), 16-byte ``cp.async`` tile loads
@@ -39,7 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 from tests.layouts import random_layout  # noqa: E402
-from zorro_kernels import ZorroMask  # noqa: E402
+from zorro_kernels import RelativePositionBias, ZorroMask  # noqa: E402
 from zorro_kernels.backends.triton import _bwd, _config, _fwd, _launch, backend  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
@@ -132,7 +132,7 @@ def main() -> int:
             name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
             mode = "one-pass" if constexprs.get("ONE_PASS") else ""
             tag = (f"{name:16s} {ctx['dtype']:9s} {mode:8s} D={constexprs.get('HEAD_DIM')!s:4s} "
-                   f"causal={ctx['causal']!s:5s} "
+                   f"{ctx['variant']:13s} "
                    f"{ctx['table']:8s} blocks={cfg.block_m}x{cfg.block_n} warps={warps} stages={stages}")
             t0 = time.time()
             try:
@@ -160,23 +160,35 @@ def main() -> int:
         dims = [int(x) for x in args.dims.split(",")]
     ctx = {}
     tables = [("table", None)] + ([] if args.quick or args.no_fallback else [("fallback", True)])
-    cases = [(dtype, d, causal) for dtype in dtypes for d in dims for causal in ([False, True] if d == 64 else [False])]
+    # at D = 64 also the causal band, a sliding window and the two score-bias kinds (each a constexpr variant)
+    extras = ["causal", "window", "dense-bias", "relative-bias"]
+    cases = [(dtype, d, variant) for dtype in dtypes for d in dims for variant in (["plain"] + extras if d == 64
+                                                                                   else ["plain"])]
     # the count up front: the full set runs for minutes, each case compiling its forward and backward kernels with
     # every autotune candidate
     print(f"{len(cases) * len(tables)} cases to compile for sm_{args.arch} ({len(dtypes)} dtype(s) x head dims "
-          f"{','.join(map(str, dims))}, causal at D=64, tables: {', '.join(t for t, _ in tables)}); each compiles "
+          f"{','.join(map(str, dims))}, {', '.join(extras)} at D=64, tables: {', '.join(t for t, _ in tables)}); "
+          f"each compiles "
           f"several kernel variants, a few seconds each" + ("" if args.quick else "; --quick for a short subset"),
           flush=True)
     done = 0
-    for dtype, d, causal in cases:
-        mask = ZorroMask.from_segments([("a", 40), ("b", 70)], {"a": ["a"], "b": "*"}, causal=causal)
+    for dtype, d, variant in cases:
+        mask = ZorroMask.from_segments([("a", 40), ("b", 70)], {"a": ["a"], "b": "*"}, causal=variant == "causal",
+                                       window=(16, 16) if variant == "window" else None)
         q = torch.randn(2, 4, 110, d).to(dtype)
         k = torch.randn(2, 2, 110, d).to(dtype)
+        bias = None
+        if variant == "dense-bias":
+            bias = torch.randn(1, 4, 110, 110).to(dtype)
+        elif variant == "relative-bias":
+            pos = torch.arange(110)[:, None] % 40          # 1-D positions, offsets within 40
+            bias = RelativePositionBias(torch.randn(4, 79).to(dtype), pos, pos, (40,))
+        kw = {} if bias is None else {"bias": bias}
         for table, fallback in tables:
             done += 1
             print(f"-- case {done}/{len(cases) * len(tables)}: {str(dtype).replace('torch.', '')} D={d} "
-                  f"causal={causal} {table}", flush=True)
-            ctx.update(dtype=str(dtype).replace("torch.", ""), causal=causal, table=table)
+                  f"{variant} {table}", flush=True)
+            ctx.update(dtype=str(dtype).replace("torch.", ""), variant=variant, table=table)
             key = (_config.padded_head_dim(d), dtype)
             if fallback:
                 _config._fallen_back.add(key)
@@ -184,12 +196,12 @@ def main() -> int:
             try:
                 for kind in ("ranges", "tiles"):      # the forward over either plan
                     with _config.override_plan(kind):
-                        out, lse = backend.forward(q, k, k, mask, d ** -0.5)
+                        out, lse = backend.forward(q, k, k, mask, d ** -0.5, **kw)
                 for det in (False, True):             # one-pass and deterministic backward
                     torch.use_deterministic_algorithms(det, warn_only=True)
-                    backend.backward(out, q, k, k, out, lse, mask, d ** -0.5)
+                    backend.backward(out, q, k, k, out, lse, mask, d ** -0.5, **kw)
                 torch.use_deterministic_algorithms(False)
-                if args.reference and table == "table" and not causal:
+                if args.reference and table == "table" and variant == "plain":
                     warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
             finally:
                 _config._fallen_back.discard(key)

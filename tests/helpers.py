@@ -1,7 +1,11 @@
-"""Shared test helpers: a tiny model configuration and a writer of real mp4 clips."""
+"""Shared test helpers: a tiny model configuration, a writer of real mp4 clips, and switches for the Triton backend's
+tests (whether it runs here, small tiles, its deterministic backward)."""
+import contextlib
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 # A model small enough for CPU tests: 2 frames of 16x16 (8 video tokens), 16x16 spectrogram (4 audio tokens).
 TINY = ["model.kwargs={img_size: 16, num_frames: 2, video_patch: 8, n_mels: 16, audio_frames: 16, audio_patch: 8, "
@@ -55,3 +59,42 @@ def write_clip(path, *, frames=10, fps=10, size=(48, 40), tone_hz=440.0, sample_
             for pkt in s.encode(None):
                 c.mux(pkt)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+def triton_unavailable(device: str = "cpu") -> list:
+    """Why the Triton backend cannot run on ``device`` tensors here (empty if it can: a GPU, or CPU tensors under
+    ``TRITON_INTERPRET=1``, which conftest sets when there is no GPU)."""
+    from zorro_kernels import ZorroMask
+    from zorro_kernels.backends import BACKENDS
+
+    probe = torch.zeros(1, 1, 1, 16, device=device)
+    return BACKENDS["triton"].not_supported_reasons(probe, probe, probe, ZorroMask.packed([1]))
+
+
+_OFF = triton_unavailable()
+# "triton" as a backend parameter for tests on CPU tensors: skipped where the backend cannot take them
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(bool(_OFF), reason="; ".join(_OFF)))
+
+
+@pytest.fixture
+def small_triton_tiles():
+    """16 x 16 Triton tiles for a test's whole run (forward and backward), so that small shapes still mix full,
+    partial and empty tiles. Other backends ignore it."""
+    from zorro_kernels.backends.triton._config import override_blocks
+
+    with override_blocks((16, 16)):
+        yield
+
+
+@contextlib.contextmanager
+def deterministic(on: bool = True):
+    """``torch.use_deterministic_algorithms(on)`` for a block: on, the Triton backward runs its atomic-free kernels;
+    off, the one-pass backward (atomic fp32 dQ)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)

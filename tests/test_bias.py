@@ -1,5 +1,6 @@
 """Score biases (``bias=``): dense tensors and relative position tables against the fp64 oracle, ``-inf`` as masked,
-NaN isolation, refusals and bad input."""
+NaN isolation, refusals and bad input — on the reference, the segment path and the Triton kernels (in Triton's CPU
+interpreter here; tests/test_triton_bias.py has the Triton-only cases)."""
 import random
 
 import pytest
@@ -8,12 +9,20 @@ import torch
 from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask, reference_attention, zorro_attention
 from zorro_kernels.attention import select_backend
 
+from .helpers import TRITON, deterministic, small_triton_tiles, triton_unavailable  # noqa: F401 (a fixture)
 from .layouts import named_masks, random_mask
 from .test_attention import make_qkv
 from .tolerances import check_against_oracle
 
-BACKENDS = ["segments", "reference"]
+BACKENDS = ["segments", "reference", TRITON]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_INTERPRETED_BF16 = "bfloat16 arithmetic is wrong in Triton's CPU interpreter"
+pytestmark = pytest.mark.usefixtures("small_triton_tiles")
+
+
+def skip_interpreted_bf16(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip(_INTERPRETED_BF16)
 
 
 def attn_fn(backend):
@@ -45,8 +54,12 @@ NAMED = ["figure2_small", "ragged", "packed", "packed_causal", "cross_readout", 
 # the fast tier: every layout in fp32 on segments; half types and the reference on a few
 FAST = ([("segments", torch.float32, n) for n in NAMED] + [("segments", dt, n) for dt in DTYPES[1:]
                                                             for n in ("ragged", "packed_causal")]
-        + [("reference", dt, "ragged") for dt in DTYPES])
-FULL = [(b, dt, n) for b in BACKENDS for dt in DTYPES + [torch.float64] for n in NAMED if (b, dt, n) not in FAST]
+        + [("reference", dt, "ragged") for dt in DTYPES]
+        + [pytest.param("triton", dt, n, marks=TRITON.marks) for dt, names in ((torch.float32, NAMED),
+                                                                              (torch.float16, ("ragged", "packed")))
+           for n in names])
+FULL = [(b, dt, n) for b in ("segments", "reference") for dt in DTYPES + [torch.float64] for n in NAMED
+        if (b, dt, n) not in FAST]
 
 
 @pytest.mark.parametrize("backend, dtype, name", FAST + [pytest.param(*x, marks=pytest.mark.full) for x in FULL],
@@ -136,8 +149,9 @@ def test_bias_at_masked_positions_is_never_read(backend, name):
     runs = []
     for bias in (clean, poisoned):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-        out = zorro_attention(*leaves[:3], mask, bias=leaves[3], backend=backend)
-        runs.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+        with deterministic(backend == "triton"):    # bitwise comparison: Triton's atomic-free backward
+            out = zorro_attention(*leaves[:3], mask, bias=leaves[3], backend=backend)
+            runs.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
     for a, b in zip(*runs):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -149,13 +163,15 @@ def test_bias_at_masked_positions_is_never_read(backend, name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shift", [(0, 0), (1, 1)], ids=["regular", "shifted"])
 def test_relative_bias_windows(backend, dtype, shift):
+    skip_interpreted_bf16(backend, dtype)
     mask, coords = windows_mask(shift=shift)
     table = torch.randn(4, 3 * 5, dtype=dtype)
     rpb = RelativePositionBias(table, coords, coords, (2, 3))
     check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask, bias=rpb)
 
 
-def test_relative_bias_shared_table_and_dense_equivalence():
+@pytest.mark.parametrize("backend", ["segments", TRITON])
+def test_relative_bias_shared_table_and_dense_equivalence(backend):
     """The relative bias equals its materialised dense form, and one table serves every head with (1, T)."""
     mask, coords = windows_mask()
     q, k, v = make_qkv(mask)
@@ -163,11 +179,13 @@ def test_relative_bias_shared_table_and_dense_equivalence():
     dense = rpb.materialize()
     assert dense.shape == (1, 1, mask.num_q, mask.num_kv)
     assert (dense[..., -3:, :] == 0).all() and (dense[..., :, -3:] == 0).all()  # fusion: no position
-    torch.testing.assert_close(zorro_attention(q, k, v, mask, bias=rpb), zorro_attention(q, k, v, mask, bias=dense))
-    check_against_oracle(attn_fn("segments"), q, k, v, mask, bias=rpb)
+    torch.testing.assert_close(zorro_attention(q, k, v, mask, bias=rpb, backend=backend),
+                               zorro_attention(q, k, v, mask, bias=dense, backend=backend))
+    check_against_oracle(attn_fn(backend), q, k, v, mask, bias=rpb)
 
 
-def test_relative_bias_concat_2d_audio_3d_video_cross_attention():
+@pytest.mark.parametrize("backend", ["segments", TRITON])
+def test_relative_bias_concat_2d_audio_3d_video_cross_attention(backend):
     """Two position sets with their own extents (2-D audio, 3-D video) in one table; cross-attention queries."""
     audio = torch.cartesian_prod(torch.arange(2), torch.arange(3))               # 6 tokens (t, f)
     video = torch.cartesian_prod(torch.arange(2), torch.arange(2), torch.arange(2))  # 8 tokens (t, h, w)
@@ -180,7 +198,7 @@ def test_relative_bias_concat_2d_audio_3d_video_cross_attention():
     mask = ZorroMask.from_segments([("aq", 5)], {"aq": ["audio", "fusion"]},
                                    kv_segments=[("audio", 6), ("video", 8), ("fusion", 2)])
     rpb = RelativePositionBias(torch.randn(4, pos.table_size), positions=pos)
-    check_against_oracle(attn_fn("segments"), *make_qkv(mask), mask, bias=rpb)
+    check_against_oracle(attn_fn(backend), *make_qkv(mask), mask, bias=rpb)
     # video queries against video keys read the video part of the table
     pv2 = RelativePositions(video, video, (2, 2, 2))
     pa2 = RelativePositions(torch.full((8, 2), -1), torch.full((8, 2), -1), (2, 3))
@@ -203,13 +221,18 @@ def test_relative_bias_random_windows_many():
 
 
 # ------------------------------------------------------------------------------------------------------ dispatch
-def test_triton_refuses_bias_and_auto_picks_segments():
+def test_every_backend_but_dense_takes_a_bias_and_auto_picks_segments_on_cpu():
+    """On CPU ``auto`` runs a bias on the segment path (dense takes none, Triton there is only the interpreter); a
+    forced Triton backend takes it."""
     mask = named_masks()["figure2_small"]
     q, k, v = make_qkv(mask)
     bias = dense_bias(mask, "BHQK")
     assert select_backend(q, k, v, mask, "auto", bias) == "segments"
-    with pytest.raises(ValueError, match="backend .triton. cannot run this input: .*takes no attention bias"):
-        zorro_attention(q, k, v, mask, bias=bias, backend="triton")
+    with pytest.raises(ValueError, match="backend .dense. cannot run this input: .*takes no attention bias"):
+        zorro_attention(q, k, v, mask, bias=bias, backend="dense")
+    if not triton_unavailable():
+        torch.testing.assert_close(zorro_attention(q, k, v, mask, bias=bias, backend="triton"),
+                                   zorro_attention(q, k, v, mask, bias=bias, backend="segments"))
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -262,8 +285,9 @@ def test_bad_relative_bias_raises_clear_errors(make, exc, msg):
 
 
 # ------------------------------------------------------------------------------------------------------ compile
+@pytest.mark.parametrize("backend", ["auto", TRITON])
 @pytest.mark.parametrize("kind", ["dense", "relative"])
-def test_compile_fullgraph_with_bias(kind):
+def test_compile_fullgraph_with_bias(kind, backend):
     """Under torch.compile(fullgraph=True) a bias goes through the custom ops, gradient included."""
     mask, coords = windows_mask(shift=(1, 1))
     q, k, v = make_qkv(mask)
@@ -273,7 +297,7 @@ def test_compile_fullgraph_with_bias(kind):
 
     def f(a, b, c, t):
         bias = RelativePositionBias(t, positions=pos) if kind == "relative" else t
-        return zorro_attention(a, b, c, mask, bias=bias)
+        return zorro_attention(a, b, c, mask, bias=bias, backend=backend)
 
     leaf = table if kind == "relative" else dense
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

@@ -6,7 +6,6 @@ skipped in the interpreter (its bf16 arithmetic is wrong); the ``gpu`` tier chec
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import deterministic
 from tests.layouts import random_layout
 from tests.tolerances import check_against_oracle
 from zorro_kernels import ZorroMask, zorro_attention
@@ -31,19 +31,6 @@ DEV = "cuda" if CUDA else "cpu"
 _PROBE = torch.zeros(1, 1, 1, 16, device=DEV)
 _UNAVAILABLE = BACKENDS["triton"].not_supported_reasons(_PROBE, _PROBE, _PROBE, ZorroMask.packed([1]))
 pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE), reason="; ".join(_UNAVAILABLE))
-
-
-@contextlib.contextmanager
-def deterministic(on: bool = True):
-    """``torch.use_deterministic_algorithms(on)`` for a block: on, the Triton backward runs its atomic-free kernels;
-    off, the one-pass backward (atomic fp32 dQ)."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 MODES = ["one_pass", "deterministic"]

@@ -1,6 +1,6 @@
 """Sliding windows on ZorroMask (flash-attention's ``window_size=(left, right)``): the definition, its combination
-with segments, lengths and causal, exact tile maps that skip tiles outside the band, the segment path and the reference
-against the fp64 oracle, refusals and bad input."""
+with segments, lengths and causal, exact tile maps that skip tiles outside the band, the segment path, the Triton
+kernels (interpreted on CPU) and the reference against the fp64 oracle, dispatch and bad input."""
 import random
 
 import pytest
@@ -10,11 +10,14 @@ from zorro_kernels import ZorroMask, zorro_attention
 from zorro_kernels.attention import select_backend
 from zorro_kernels.tilemap import EMPTY, build_tile_map
 
+from .helpers import TRITON, deterministic, small_triton_tiles, triton_unavailable  # noqa: F401 (a fixture)
 from .layouts import random_mask
 from .test_attention import make_qkv
-from .test_bias import attn_fn, dense_bias
+from .test_bias import attn_fn, dense_bias, skip_interpreted_bf16
 from .test_tilemap import check_tile_map
 from .tolerances import check_against_oracle
+
+pytestmark = pytest.mark.usefixtures("small_triton_tiles")
 
 
 def flash_window(nq: int, nk: int, left: int, right: int, causal: bool) -> torch.Tensor:
@@ -89,11 +92,14 @@ def test_tiles_outside_the_band_are_skipped():
     check_tile_map(ZorroMask.from_segments([("x", 300)], {"x": "*"}, window=(20, 10)), 32, 16)
 
 
-@pytest.mark.parametrize("backend", ["segments", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["segments", "reference", TRITON])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_windows_against_the_oracle(backend, dtype):
+    skip_interpreted_bf16(backend, dtype)
+    if dtype == torch.float16 and backend != "triton":
+        pytest.skip("fp16 windows are checked on the Triton kernels (the others take bf16 here)")
     rng = random.Random(9)
-    for i in range(8 if backend == "segments" else 3):
+    for i in range({"segments": 8, "triton": 6}.get(backend, 3)):
         mask = random_window_mask(rng)
         check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype, d=16), mask, seed=i)
 
@@ -110,10 +116,11 @@ def test_long_window_segments_steps_skip_the_outside():
     check_against_oracle(attn_fn("segments"), *make_qkv(mask, b=1, h=2, hkv=1, d=8), mask)
 
 
-def test_window_with_bias_and_gqa():
+@pytest.mark.parametrize("backend", ["segments", TRITON])
+def test_window_with_bias_and_gqa(backend):
     mask = ZorroMask.from_segments([("a", 20), ("b", 13)], {"a": ["a"], "b": "*"}, causal=True, window=(5, -1),
                                    lengths=torch.tensor([[20, 13], [11, 4]]))
-    check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=4, hkv=2), mask, bias=dense_bias(mask, "B11K"))
+    check_against_oracle(attn_fn(backend), *make_qkv(mask, h=4, hkv=2), mask, bias=dense_bias(mask, "B11K"))
 
 
 @pytest.mark.full
@@ -125,13 +132,35 @@ def test_windows_against_the_oracle_many():
         check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask, seed=i)
 
 
-def test_triton_refuses_windows_and_auto_picks_segments():
+def test_every_backend_takes_windows_and_auto_picks_segments_on_cpu():
     mask = ZorroMask.from_segments([("x", 40)], {"x": "*"}, window=(4, 4))
     q, k, v = make_qkv(mask)
     assert select_backend(q, k, v, mask) == "segments"
-    with pytest.raises(ValueError, match=r"backend 'triton' cannot run this input: .*takes no sliding window "
-                                         r"\(the mask has window=\(4, 4\)\)"):
-        zorro_attention(q, k, v, mask, backend="triton")
+    want = zorro_attention(q, k, v, mask, backend="reference")
+    for backend in ["segments", "dense"] + ([] if triton_unavailable() else ["triton"]):
+        torch.testing.assert_close(zorro_attention(q, k, v, mask, backend=backend), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(bool(triton_unavailable()), reason="; ".join(triton_unavailable()))
+def test_triton_keys_outside_the_band_never_reach_a_row():
+    """Keys outside the band poisoned by NaN: the rows that may not see them are finite and bitwise equal to a clean
+    run (most of those tiles are empty and never loaded; the band's edge tiles select)."""
+    mask = ZorroMask.from_segments([("x", 160)], {"x": "*"}, causal=True, window=(15, 0))
+    q, k, v = make_qkv(mask, b=1, h=2, hkv=1, d=16)
+    tm = build_tile_map(mask, 16, 16)
+    assert (tm.kinds == EMPTY).float().mean() > 0.75
+    runs = []
+    for poison in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poison:    # keys 0-31 lie outside the band of rows 64+
+            leaves[1][:, :, :32] = float("nan")
+        leaves = [t.requires_grad_() for t in leaves]
+        with deterministic():
+            out = zorro_attention(*leaves, mask, backend="triton")
+            runs.append((out[:, :, 64:], *(g[:, :, 64:] for g in torch.autograd.grad(out, leaves,
+                                                                                      torch.ones_like(out)))))
+    for a, b in zip(*runs):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
 
 
 def test_compile_fullgraph_with_window():

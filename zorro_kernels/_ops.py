@@ -109,6 +109,10 @@ def _bias_kw(bias) -> dict:
     return {} if bias is None else {"bias": bias}
 
 
+def _bwd_bias_kw(bias, need_dbias: bool) -> dict:
+    return {} if bias is None else {"bias": bias, "need_dbias": need_dbias}
+
+
 # ------------------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("zorro::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Optional[Tensor],
@@ -135,23 +139,24 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    is_self: bool, causal: bool, window: list[int], scale: float, backend: str,
                    dense: Optional[Tensor] = None,
                    table: Optional[Tensor] = None, pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
-                   extents: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dbias)``, contiguous, shaped as q, k, v and the dense bias or table (empty without a bias:
-    an op returns no None)."""
+                   extents: Optional[Tensor] = None, need_dbias: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dbias)``, contiguous, shaped as q, k, v and the dense bias or table (empty without a bias or
+    when ``need_dbias`` is False: an op returns no None)."""
     mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window)
     bias = _bias_from(dense, table, pos_q, pos_k, extents)
-    grads = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale, **_bias_kw(bias))
+    grads = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale, **_bwd_bias_kw(bias, need_dbias))
     if bias is None:
-        grads = (*grads, q.new_empty(0))
-    return tuple(g.contiguous() for g in grads)
+        grads = (*grads, None)
+    return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal,
-                        window, scale, backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None):
+                        window, scale, backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None,
+                        need_dbias=True):
     b = dense if dense is not None else table
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(0) if b is None else b.new_empty(b.shape))
+            q.new_empty(0) if b is None or not need_dbias else b.new_empty(b.shape))
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -182,12 +187,15 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         bias_args, tensors = tensors[:5], tensors[5:]
         scale, backend, mask, bias, rest = ctx.args
+        need_dbias = bool(ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         if mask is None:
             dq, dk, dv, db = torch.ops.zorro.attention_bwd(dout, q, k, v, out, lse, *tensors, *rest, scale, backend,
-                                                           *bias_args)
+                                                           *bias_args, need_dbias)
         else:
-            dq, dk, dv, *db = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale, **_bias_kw(bias))
+            dq, dk, dv, *db = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale,
+                                                         **_bwd_bias_kw(bias, need_dbias))
             db = db[0] if db else None
+        db = db if need_dbias else None
         d_dense = db if bias_args[0] is not None else None
         d_table = db if bias_args[1] is not None else None
         return (dq, dk, dv, None, None, None, None, d_dense, d_table) + (None,) * (3 + len(tensors) + len(rest))

@@ -4,9 +4,9 @@ A :class:`Backend` declares its devices, dtypes, head dims, determinism and bias
 (:meth:`Backend.not_supported_reasons`) are generated from those fields, plus ``extra_reasons`` for what fields cannot
 say (an import that failed, a grid limit). Each backend is a pair of plain functions, ``forward(q, k, v, mask, scale)
 -> (out, lse)`` and ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)`` (a backend with ``bias=True``
-also takes ``bias=`` in both, when there is one, and its backward then returns ``(dq, dk, dv, dbias)``, ``dbias``
-shaped as the dense bias or the relative bias's table), which
-:mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the ``zorro::attention_fwd``
+also takes ``bias=`` in both, when there is one, and its backward then takes ``need_dbias=`` and returns
+``(dq, dk, dv, dbias)``, ``dbias`` shaped as the dense bias or the relative bias's table, or None when ``need_dbias``
+is False), which :mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the ``zorro::attention_fwd``
 / ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A backend may also give an
 ``eager`` differentiable function, used outside compilation when it is cheaper than forward + backward.
 
@@ -46,8 +46,8 @@ class Backend:
     Fields:
         name, description: how it is chosen (``backend=name``) and what it is.
         forward: ``(q, k, v, mask, scale[, bias=]) -> (out (B, H, Nq, D), lse (B, H, Nq) fp32)``, without autograd.
-        backward: ``(dout, q, k, v, out, lse, mask, scale[, bias=]) -> (dq, dk, dv[, dbias])``, given forward's
-            ``out`` and ``lse``.
+        backward: ``(dout, q, k, v, out, lse, mask, scale[, bias=, need_dbias=]) -> (dq, dk, dv[, dbias])``, given
+            forward's ``out`` and ``lse``.
         devices: device types it runs on (a tuple, or a function returning one when it depends on the environment);
             None for any device.
         dtypes: the dtypes of q, k, v it takes.
@@ -117,17 +117,21 @@ def backward_by_recompute(differentiable: Callable) -> Callable:
     """A ``backward`` for a backend whose only gradient is autograd through
     ``differentiable(q, k, v, mask, scale[, bias])``: the forward is recomputed under autograd (so it also runs inside
     the backward custom op). With a bias it returns ``(dq, dk, dv, dbias)``."""
-    def backward(dout, q, k, v, out, lse, mask, scale, bias=None):
-        def fwd(a, b, c, *t):
-            return differentiable(a, b, c, mask, scale, *(with_tensor(bias, x) for x in t))
+    def backward(dout, q, k, v, out, lse, mask, scale, bias=None, need_dbias=True):
+        # a bias whose gradient is not wanted is a constant of the recompute (its gradient comes back None)
+        const = () if bias is None or need_dbias else (bias,)
 
-        inputs = (q, k, v) + (() if bias is None else (bias_tensor(bias),))
+        def fwd(a, b, c, *t):
+            return differentiable(a, b, c, mask, scale, *const, *(with_tensor(bias, x) for x in t))
+
+        inputs = (q, k, v) + (() if bias is None or const else (bias_tensor(bias),))
         if not _autograd_records():
             _, vjp = torch.func.vjp(fwd, *inputs)
-            return vjp(dout)
+            return (*vjp(dout), *((None,) if const else ()))
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_() for t in inputs)
-            return torch.autograd.grad(fwd(*leaves), leaves, dout, materialize_grads=True)
+            grads = torch.autograd.grad(fwd(*leaves), leaves, dout, materialize_grads=True)
+            return (*grads, *((None,) if const else ()))
     return backward
 
 
@@ -169,9 +173,9 @@ def _segments_forward(q, k, v, mask, scale, bias=None):
         return segment_attention(q, k, v, mask, scale, bias), _no_lse(q)
 
 
-def _segments_backward(dout, q, k, v, out, lse, mask, scale, bias=None):
+def _segments_backward(dout, q, k, v, out, lse, mask, scale, bias=None, need_dbias=True):
     if bias is not None:  # the bias's gradient comes from SDPA under autograd: recompute
-        return _segments_recompute(dout, q, k, v, out, lse, mask, scale, bias)
+        return _segments_recompute(dout, q, k, v, out, lse, mask, scale, bias, need_dbias)
     if _cpu_kernels(q.device):
         return cpu_backward(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse,
                             mask.derived(build_plan), scale)
@@ -187,7 +191,8 @@ register_backend(Backend(
 # ---------------------------------------------------------------------------------------------------- triton
 register_backend(Backend(
     "triton", _triton.DESCRIPTION, _triton.forward, _triton.backward, devices=_triton.devices,
-    dtypes=_triton.DTYPES, max_head_dim=_triton.MAX_HEAD_DIM, extra_reasons=_triton.extra_reasons))
+    dtypes=_triton.DTYPES, max_head_dim=_triton.MAX_HEAD_DIM, bias=True, window=True,
+    extra_reasons=_triton.extra_reasons))
 
 
 # ---------------------------------------------------------------------------------------------------- dense

@@ -10,6 +10,11 @@ into one multiply-add, as in Triton's fused-attention tutorial: ``p = exp2(qk * 
 ``qk_scale = scale * log2(e)`` (``scale > 0``, which ``check_inputs`` guarantees, so ``max(qk) * qk_scale`` is the
 scaled max) and the running max ``m`` in base-2 units. The saved log-sum-exp is base 2 as well (``m + log2(l)``): the
 backward subtracts it as is.
+
+A score bias (``BIAS_KIND``, :mod:`._bias`) is one more term on the scaled scores, in base-2 units, before the max —
+loaded per tile (dense) or gathered from the table (relative), under the element mask on partial tiles. A sliding
+window's band (``BAND_LO``/``BAND_HI``) is part of the element mask; tiles outside it are empty in the tile map and
+never visited.
 """
 from __future__ import annotations
 
@@ -19,35 +24,44 @@ import triton.language as tl
 
 from ._config import KernelConfig, padded_head_dim
 from ._launch import launch, shape_bucket
+from ._bias import bias_tile
 from ._plan import RangePlan
 from ._mask import fixed_words, finite_rows, load_rows, load_tile, pair_keep, poison, program_tile, token_segments
 
 LOG2E = 1.4426950408889634
 # Integer arguments Triton must not specialise on (it would otherwise compile a variant per "divisible by 16" / "== 1"):
-# lengths, tile and run counts, segment counts and the program-order stride are runtime data. Strides stay
-# specialised: Triton proves 16-byte alignment of every K/V/Q row from them, which is what makes the tile loads vector
-# (and cp.async) loads at all — without it each element is a 2-byte load the pipeliner cannot make asynchronous
-# (docs/triton.md, "Performance").
-_RUNTIME_ARGS = ["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "R", "WORDS", "REP", "causal_offset"]
+# lengths, tile and run counts, segment counts, band offsets, the table size and the program-order stride are runtime
+# data. Strides stay specialised: Triton proves 16-byte alignment of every K/V/Q row from them, which is what makes the
+# tile loads vector (and cp.async) loads at all — without it each element is a 2-byte load the pipeliner cannot make
+# asynchronous (docs/triton.md, "Performance").
+_RUNTIME_ARGS = ["H", "GROUP", "Nq", "Nk", "Tq", "Tk", "R", "WORDS", "REP", "lo_off", "hi_off", "T"]
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, bias, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
     """One kv tile of the online softmax: ``q (BM, D)``, ``k, v (BN, D)``; returns the updated ``acc, l, m``.
 
     ``MASKED`` (partial tiles): ``keep (BM, BN)`` is the element mask; scores outside it are selected to -inf, ``v``'s
-    non-finite rows are zeroed and only kept pairs that meet one are poisoned (``finite_rows``/``poison``); the
-    running max is guarded so a row with nothing visible yet stays exactly 0. A per-pair score term (a bias tile)
-    belongs on ``qk`` here, before the max.
+    non-finite rows are zeroed and only kept pairs that meet one are poisoned (``finite_rows``/``poison``).
+    ``HAS_BIAS``: ``bias (BM, BN)`` (fp32, base-2 units) is added to the scaled scores before the max. Whenever a
+    score can be -inf (masked, or a -inf bias) the running max is guarded, so a row with nothing visible yet stays
+    exactly 0.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-    if MASKED:
-        v, v_bad = finite_rows(v)   # P·V sums over keys: a key some rows may not see must add 0, not 0 * NaN
-        s = tl.where(keep, qk * qk_scale, float("-inf"))
+    if MASKED or HAS_BIAS:
+        s = qk * qk_scale
+        if HAS_BIAS:
+            s = s + bias
+        if MASKED:
+            v, v_bad = finite_rows(v)   # P·V sums over keys: a key some rows may not see must add 0, not 0 * NaN
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = poison(tl.math.exp2(s - m_use[:, None]), keep, v_bad)
+        p = tl.math.exp2(s - m_use[:, None])
+        if MASKED:
+            p = poison(p, keep, v_bad)
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
@@ -60,9 +74,10 @@ def _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, INPU
 
 @triton.jit
 def _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d,
-                   RUN_NUM, RUNS, list_row, R, qk_scale,
+                   RUN_NUM, RUNS, list_row, R, qk_scale, rows, q_in, Nk,
+                   BIAS_bh, RQ, RK, stride_zm, stride_zn, T,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+                   BIAS_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Full tiles, run by run: a contiguous stretch of kv tiles walked with pointer increments, no masks — the loop
     the pipeliner turns into cp.async loads issued ahead."""
     num_runs = tl.load(RUN_NUM + list_row)
@@ -72,10 +87,17 @@ def _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, o
         hi = tl.load(run + 1)
         k_ptrs = K_bh + (lo * BLOCK_N + offs_n)[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_bh + (lo * BLOCK_N + offs_n)[:, None] * stride_vn + offs_d[None, :]
-        for _ in range(lo, hi):
+        for t in range(lo, hi):
             k = load_tile(k_ptrs, offs_d, HEAD_DIM, EVEN_D)
             v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, False, INPUT_PRECISION)
+            bias = 0.0
+            if BIAS_KIND != 0:
+                cols = t * BLOCK_N + offs_n
+                k_in = cols[None, :] < Nk
+                bias = bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :],
+                                 q_in[:, None], k_in, q_in[:, None] & k_in, BIAS_KIND)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, bias, False, BIAS_KIND != 0,
+                                      INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -84,18 +106,25 @@ def _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, o
 @triton.jit
 def _fwd_partial(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d,
                  NUM, IDX, list_row, Tk, rows, q_seg, q_ok, q_word,
-                 KCODE, k_code_row, BITS, WORDS, Nk, causal_offset, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                 ONE_WORD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Partial tiles from the index list: valid keys only, element mask."""
+                 KCODE, k_code_row, BITS, WORDS, Nq, Nk, lo_off, hi_off, qk_scale,
+                 BIAS_bh, RQ, RK, stride_zm, stride_zn, T,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr,
+                 EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr, BIAS_KIND: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """Partial tiles from the index list: valid keys only, element mask (the bias read only where it holds)."""
     num = tl.load(NUM + list_row)
     for t in range(0, num):
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
-        keep = pair_keep(BITS, WORDS, q_seg, q_word, q_ok, rows, k_seg, k_ok, cols, causal_offset, CAUSAL,
-                         ONE_WORD, True)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, True, INPUT_PRECISION)
+        keep = pair_keep(BITS, WORDS, q_seg, q_word, q_ok, rows, k_seg, k_ok, cols, lo_off, hi_off, BAND_LO,
+                         BAND_HI, ONE_WORD, True)
+        bias = 0.0
+        if BIAS_KIND != 0:
+            bias = bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :],
+                             (rows < Nq)[:, None], (cols < Nk)[None, :], keep, BIAS_KIND)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, bias, True, BIAS_KIND != 0,
+                                  INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -106,9 +135,11 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_vb, stride_vh, stride_vn,
               ORDER, RUN_NUM, RUNS, PART_NUM, PART_IDX,
               QCODE, KCODE, BITS,
-              H, GROUP, Nq, Nk, Tq, Tk, R, WORDS, REP, causal_offset, qk_scale,
+              BIAS, RQ, RK, stride_zb, stride_zh, stride_zm, stride_zn, T,
+              H, GROUP, Nq, Nk, Tq, Tk, R, WORDS, REP, lo_off, hi_off, qk_scale,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, EVEN_D: tl.constexpr, ONE_WORD: tl.constexpr,
+              BIAS_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
     m, b, h, list_row = program_tile(ORDER, REP, H, Tq)
     bh = b * H + h
@@ -125,17 +156,21 @@ def _attn_fwd(Q, K, V, O, LSE,
     q = tl.load(Q_bh + rows[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
     K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    BIAS_bh = BIAS + b.to(tl.int64) * stride_zb + h.to(tl.int64) * stride_zh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     acc, l_i, m_i = _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d,
-                                   RUN_NUM, RUNS, list_row, R, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, INPUT_PRECISION)
+                                   RUN_NUM, RUNS, list_row, R, qk_scale, rows, rows < Nq, Nk,
+                                   BIAS_bh, RQ, RK, stride_zm, stride_zn, T,
+                                   HEAD_DIM, BLOCK_N, EVEN_D, BIAS_KIND, INPUT_PRECISION)
     q_word = fixed_words(BITS, q_seg, WORDS, ONE_WORD)
     acc, l_i, m_i = _fwd_partial(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d,
                                  PART_NUM, PART_IDX, list_row, Tk, rows, q_seg, q_ok, q_word,
-                                 KCODE, k_code_row, BITS, WORDS, Nk, causal_offset, qk_scale,
-                                 HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, ONE_WORD, INPUT_PRECISION)
+                                 KCODE, k_code_row, BITS, WORDS, Nq, Nk, lo_off, hi_off, qk_scale,
+                                 BIAS_bh, RQ, RK, stride_zm, stride_zn, T,
+                                 HEAD_DIM, BLOCK_N, BAND_LO, BAND_HI, EVEN_D, ONE_WORD, BIAS_KIND, INPUT_PRECISION)
 
     # rows that saw nothing: l == 0, acc == 0 -> output exactly 0, LSE -inf
     live = l_i > 0.0
@@ -151,23 +186,31 @@ def _attn_fwd(Q, K, V, O, LSE,
 
 @triton.jit
 def _fwd_interval(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d, ks, ke, rows, q_ok, r0,
-                  causal_offset, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                  EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                  hi_off, qk_scale, BIAS_bh, RQ, RK, stride_zm, stride_zn, T,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BAND_HI: tl.constexpr,
+                  EVEN_D: tl.constexpr, BIAS_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Keys ``[ks, ke)`` of one visible interval (range plan), walked from its unaligned start: steps every row of
     the tile sees in full run with no mask (pointer increments, as ``_fwd_full_runs``); the rest — the interval's
-    last step and, causal, the steps past the first row's diagonal — load only keys ``< ke``, element mask on."""
-    if CAUSAL:
-        ke = tl.minimum(ke, tl.max(tl.where(q_ok, rows, -1)) + causal_offset + 1)   # past the last row's diagonal
-        full_end = tl.minimum(ke, r0 + causal_offset + 1)                             # keys the first row sees
+    last step and, with an upper band edge (causal), the steps past the first row's edge — load only keys ``< ke``,
+    element mask on. (A band with a lower edge never takes this plan.)"""
+    if BAND_HI:
+        ke = tl.minimum(ke, tl.max(tl.where(q_ok, rows, -1)) + hi_off + 1)   # past the last row's edge
+        full_end = tl.minimum(ke, r0 + hi_off + 1)                            # keys the first row sees
     else:
         full_end = ke
     n_full = tl.maximum(full_end - ks, 0) // BLOCK_N
     k_ptrs = K_bh + (ks + offs_n)[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V_bh + (ks + offs_n)[:, None] * stride_vn + offs_d[None, :]
-    for _ in range(0, n_full):
+    for t in range(0, n_full):
         k = load_tile(k_ptrs, offs_d, HEAD_DIM, EVEN_D)
         v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, False, INPUT_PRECISION)
+        bias = 0.0
+        if BIAS_KIND != 0:
+            cols = ks + t * BLOCK_N + offs_n
+            bias = bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :],
+                             q_ok[:, None], cols[None, :] < ke, q_ok[:, None] & (cols[None, :] < ke), BIAS_KIND)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, bias, False, BIAS_KIND != 0,
+                                  INPUT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     for start in range(ks + n_full * BLOCK_N, ke, BLOCK_N):
@@ -175,9 +218,14 @@ def _fwd_interval(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, of
         k_ok = cols < ke
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
         keep = q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, True, INPUT_PRECISION)
+        if BAND_HI:
+            keep = keep & (cols[None, :] <= rows[:, None] + hi_off)
+        bias = 0.0
+        if BIAS_KIND != 0:
+            bias = bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :],
+                             q_ok[:, None], k_ok[None, :], keep, BIAS_KIND)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, keep, bias, True, BIAS_KIND != 0,
+                                  INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -187,9 +235,11 @@ def _attn_fwd_ranges(Q, K, V, O, LSE,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
                      ORDER, TILE_LO, TILE_HI, TILE_GROUP, ROW_PATTERN, IV_PTR, IV, QCODE,
-                     H, GROUP, Nq, Nk, Tq, G, REP, causal_offset, qk_scale,
+                     BIAS, RQ, RK, stride_zb, stride_zh, stride_zm, stride_zn, T,
+                     H, GROUP, Nq, Nk, Tq, G, REP, hi_off, qk_scale,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                     BAND_HI: tl.constexpr, EVEN_D: tl.constexpr, BIAS_KIND: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
     """The forward over a :class:`RangePlan`: one program per (segment-aligned query tile, sample, head)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
     t, b, h, e = program_tile(ORDER, REP, H, Tq)
@@ -211,6 +261,7 @@ def _attn_fwd_ranges(Q, K, V, O, LSE,
                 + offs_d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
     K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    BIAS_bh = BIAS + b.to(tl.int64) * stride_zb + h.to(tl.int64) * stride_zh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -218,8 +269,9 @@ def _attn_fwd_ranges(Q, K, V, O, LSE,
     ptr = IV_PTR + pat * (G + 1) + grp
     for i in range(tl.load(ptr), tl.load(ptr + 1)):
         acc, l_i, m_i = _fwd_interval(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, offs_d,
-                                      tl.load(IV + 2 * i), tl.load(IV + 2 * i + 1), rows, q_ok, r0, causal_offset,
-                                      qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, EVEN_D, INPUT_PRECISION)
+                                      tl.load(IV + 2 * i), tl.load(IV + 2 * i + 1), rows, q_ok, r0, hi_off,
+                                      qk_scale, BIAS_bh, RQ, RK, stride_zm, stride_zn, T,
+                                      HEAD_DIM, BLOCK_N, BAND_HI, EVEN_D, BIAS_KIND, INPUT_PRECISION)
     # padding rows and rows that saw nothing: output exactly 0, LSE -inf (full steps computed padding rows too);
     # a row whose sum is NaN (it attends a non-finite value) stays NaN
     live = (l_i != 0.0) & q_ok
@@ -237,11 +289,12 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def common_constexprs(q: torch.Tensor, causal: bool, block_m: int, block_n: int, one_word: bool) -> dict:
+def common_constexprs(q: torch.Tensor, km, block_m: int, block_n: int, one_word: bool, bias_kind: int = 0) -> dict:
     d = q.shape[-1]
     d_pad = padded_head_dim(d)
-    return dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
-                EVEN_D=d == d_pad, ONE_WORD=bool(one_word), INPUT_PRECISION=input_precision(q.dtype))
+    return dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, BAND_LO=km.band_lo, BAND_HI=km.band_hi,
+                EVEN_D=d == d_pad, ONE_WORD=bool(one_word), BIAS_KIND=bias_kind,
+                INPUT_PRECISION=input_precision(q.dtype))
 
 
 def plan_args(plan, batch_heads: int) -> dict:
@@ -252,16 +305,17 @@ def plan_args(plan, batch_heads: int) -> dict:
                 PART_IDX=plan.part_idx, R=plan.max_runs, REP=rep)
 
 
-def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
+def attention_forward(q, k, v, plan, km, kb, scale: float, cfg: KernelConfig):
     """Run the forward kernel.
 
     Args:
         q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``, last dim contiguous (stride 1), any other strides.
         plan: a :class:`RangePlan` (segment-aligned tiles) or the ``"kv"`` :class:`TilePlan` for
-            ``(cfg.block_m, cfg.block_n)`` on q's device; km: the :class:`KernelMask`.
+            ``(cfg.block_m, cfg.block_n)`` on q's device; km: the :class:`KernelMask`; kb: the
+            :class:`~._bias.KernelBias` (kind 0 without a bias).
     Returns:
         ``out (B, H, Nq, D)`` contiguous in q's dtype and ``lse (B, H, Nq)`` fp32, **base 2** (``log2`` of the row's
-        sum of ``exp2`` of its scaled scores; -inf for rows that see nothing) — what the backward reads.
+        sum of ``exp2`` of its scaled, biased scores; -inf for rows that see nothing) — what the backward reads.
     """
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -271,13 +325,13 @@ def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
                   stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
                   stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
                   stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-                  QCODE=km.q_code, H=h, GROUP=h // hkv, Nq=nq, Nk=nk, causal_offset=km.causal_offset,
-                  qk_scale=scale * LOG2E)
-    consts = common_constexprs(q, km.causal, cfg.block_m, cfg.block_n, km.q_words == 1)
+                  QCODE=km.q_code, H=h, GROUP=h // hkv, Nq=nq, Nk=nk, hi_off=km.hi_off,
+                  qk_scale=scale * LOG2E, **kb.args())
+    consts = common_constexprs(q, km, cfg.block_m, cfg.block_n, km.q_words == 1, kb.kind)
     if isinstance(plan, RangePlan):
         programs = plan.num_tiles * b * h
         rep = b * h // plan.row_pattern.shape[0]
-        del consts["ONE_WORD"]
+        del consts["ONE_WORD"], consts["BAND_LO"]
         launch(_attn_fwd_ranges, (programs,),
                dict(common, ORDER=plan.order, TILE_LO=plan.tile_lo, TILE_HI=plan.tile_hi, TILE_GROUP=plan.tile_group,
                     ROW_PATTERN=plan.row_pattern, IV_PTR=plan.iv_ptr, IV=plan.iv, Tq=plan.num_tiles,
@@ -286,5 +340,6 @@ def attention_forward(q, k, v, plan, km, scale: float, cfg: KernelConfig):
     programs = plan.num_rows * b * h
     launch(_attn_fwd, (programs,),
            dict(common, **plan_args(plan, b * h), KCODE=km.k_code, BITS=km.q_bits, Tq=plan.num_rows,
-                Tk=plan.num_cols, WORDS=km.q_words), consts, cfg, shape_bucket(nq, nk, programs))
+                Tk=plan.num_cols, WORDS=km.q_words, lo_off=km.lo_off), consts, cfg,
+           shape_bucket(nq, nk, programs))
     return out, lse

@@ -5,8 +5,9 @@ The mask is evaluated in-kernel from per-token codes (segment id or -1 for paddi
 words (see :mod:`._plan`).
 
 Query ``i`` of sample ``b`` may see key ``j`` iff the rule allows ``(q_seg[i], k_seg[j])``, both tokens are valid
-(inside the matrix and not padding of sample ``b``) and, for causal masks, ``j <= i + causal_offset``. Only partial tiles
-pay for this; full tiles never call these functions.
+(inside the matrix and not padding of sample ``b``) and ``j`` lies in the band of causality and the sliding window,
+``i + lo_off <= j <= i + hi_off`` (:class:`._plan.KernelMask`). Only partial tiles pay for this; full tiles never call
+these functions.
 
 Each kernel has a *fixed* side (the token tile its program owns: the query tile of the forward and dQ kernels, the kv
 tile of the dK/dV kernel) and a *moving* side (the tiles its loop visits). Everything about the fixed side — segment
@@ -59,17 +60,24 @@ def allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD: tl.c
 
 @triton.jit
 def pair_keep(BITS, WORDS, fixed_seg, fixed_word, fixed_ok, fixed_idx, moving_seg, moving_ok, moving_idx,
-              causal_offset, CAUSAL: tl.constexpr, ONE_WORD: tl.constexpr, FIXED_IS_QUERY: tl.constexpr):
+              lo_off, hi_off, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, ONE_WORD: tl.constexpr,
+              FIXED_IS_QUERY: tl.constexpr):
     """The element mask of a partial tile, bool ``(fixed, moving)``: the rule allows the segment pair, both tokens are
-    valid and, for causal masks, key index <= query index + ``causal_offset``. ``FIXED_IS_QUERY``: the fixed side
-    holds the queries (forward, dQ) rather than the keys (dK/dV)."""
+    valid and key ``j`` lies in query ``i``'s band, ``i + lo_off <= j <= i + hi_off`` (``BAND_LO`` / ``BAND_HI``:
+    that side is bounded; see :class:`._plan.KernelMask`). ``FIXED_IS_QUERY``: the
+    fixed side holds the queries (forward, dQ) rather than the keys (dK/dV)."""
     keep = allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD)
     keep = keep & fixed_ok[:, None] & moving_ok[None, :]
-    if CAUSAL:
-        if FIXED_IS_QUERY:
-            keep = keep & (moving_idx[None, :] <= fixed_idx[:, None] + causal_offset)
-        else:
-            keep = keep & (fixed_idx[:, None] <= moving_idx[None, :] + causal_offset)
+    if FIXED_IS_QUERY:
+        qi = fixed_idx[:, None]
+        kj = moving_idx[None, :]
+    else:
+        qi = moving_idx[None, :]
+        kj = fixed_idx[:, None]
+    if BAND_HI:
+        keep = keep & (kj <= qi + hi_off)
+    if BAND_LO:
+        keep = keep & (kj >= qi + lo_off)
     return keep
 
 

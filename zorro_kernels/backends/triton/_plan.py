@@ -69,6 +69,9 @@ class KernelMask(NamedTuple):
             ``b`` (row ``b`` with per-sample lengths, else the single row 0), ``-1`` where it is padding.
         q_bits: int32 ``(Sq, q_words)`` — row = query segment, one bit per key segment; k_bits: int32
             ``(Sk, k_words)`` — the transpose.
+        band_lo, band_hi, lo_off, hi_off: causality and the sliding window as one band (:meth:`ZorroMask.band`): key
+            ``j`` is visible to query ``i`` only if ``j >= i + lo_off`` (when ``band_lo``) and ``j <= i + hi_off``
+            (when ``band_hi``); the offsets include ``Nk - Nq`` (bottom-right alignment).
     """
     q_code: torch.Tensor
     k_code: torch.Tensor
@@ -76,8 +79,10 @@ class KernelMask(NamedTuple):
     q_words: int
     k_bits: torch.Tensor
     k_words: int
-    causal: bool
-    causal_offset: int
+    band_lo: bool
+    band_hi: bool
+    lo_off: int
+    hi_off: int
 
 
 def _runs(num: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +163,12 @@ def kernel_mask(mask, device) -> KernelMask:
         bm = max(q_code.shape[0], k_code.shape[0])  # as the tile map: one side may broadcast over the batch
         allow = mask.allow.bool().numpy()
         q_bits, k_bits = _pack(allow), _pack(np.ascontiguousarray(allow.T))
+        lo, hi = mask.band()
+        off = mask.num_kv - mask.num_q
         return KernelMask(q_code.expand(bm, -1).contiguous().to(device), k_code.expand(bm, -1).contiguous().to(device),
                           torch.from_numpy(q_bits).to(device), q_bits.shape[1],
-                          torch.from_numpy(k_bits).to(device), k_bits.shape[1], bool(meta.causal),
-                          int(meta.causal_offset))
+                          torch.from_numpy(k_bits).to(device), k_bits.shape[1], lo is not None, hi is not None,
+                          off + (lo or 0), off + (hi or 0))
 
     return mask.cached(("triton_kernel_mask", device), build)
 
@@ -247,12 +254,13 @@ def _build_ranges(mask, block_m: int, block_n: int, device: torch.device) -> Ran
         iv_ptr[p, len(groups)] = len(iv)
     iv_arr = np.asarray(iv or [(0, 0)], dtype=np.int32).reshape(-1, 2)
     # cost per (pattern, tile) in key steps, causal clipping included, for the program order
+    _, band_hi = mask.band()
     off = int(mask.num_kv - mask.num_q)
     ti = np.asarray(tiles, dtype=np.int64).reshape(-1, 3)
     cost_pt = np.zeros((len(patterns), len(tiles)))
     for g in range(len(groups)):
         sel = np.flatnonzero(ti[:, 2] == g)
-        last = ti[sel, 1] + off if mask.causal else np.full(len(sel), np.iinfo(np.int64).max)
+        last = ti[sel, 1] + off + band_hi if band_hi is not None else np.full(len(sel), np.iinfo(np.int64).max)
         for p in range(len(patterns)):
             for lo, hi in iv[iv_ptr[p, g]:iv_ptr[p, g + 1]]:
                 cost_pt[p, sel] += np.maximum(0, -(-(np.minimum(hi, last) - lo) // block_n))
@@ -288,11 +296,15 @@ def range_tiles_worth_it(mask, block_m: int) -> bool:
 def forward_plan(mask, blocks, device):
     """``(plan, config)`` of the forward kernel for the :class:`~._config.Blocks` ``blocks`` (see
     :func:`~._config.forward_plan_kind`): a :class:`RangePlan` with ``blocks.forward(True)``, or the ``"kv"``
-    :class:`TilePlan` with ``blocks.fwd``."""
+    :class:`TilePlan` with ``blocks.fwd``; always the tile plan for a mask whose band has a lower edge (a sliding
+    window looking back)."""
     from ._config import forward_plan_kind
 
     kind = forward_plan_kind()
     cfg = blocks.forward(True)
+    if mask.band()[0] is not None:
+        # a window's lower edge: the interval walk bounds keys from above only, the tile map skips below the band
+        kind = "tiles"
     if kind == "ranges" or (kind == "auto" and range_tiles_worth_it(mask, cfg.block_m)):
         return range_plan(mask, cfg.block_m, cfg.block_n, device), cfg
     return tile_plan(mask, blocks.fwd.block_m, blocks.fwd.block_n, "kv", device), blocks.fwd

@@ -18,7 +18,8 @@ from ._config import MAX_HEAD_DIM, choose_blocks, interpreting, use_fallback
 __all__ = ["forward", "backward", "extra_reasons", "devices", "DESCRIPTION", "DTYPES", "MAX_HEAD_DIM"]
 
 DESCRIPTION = ("block-sparse Triton kernels over the tile map: full tiles without masking, partial tiles with the "
-               "element mask, empty tiles never loaded (CUDA; CPU under TRITON_INTERPRET=1)")
+               "element mask, empty tiles never loaded; dense and relative score biases, sliding windows (CUDA; CPU "
+               "under TRITON_INTERPRET=1)")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _import_problem: Optional[str] = None
 
@@ -63,35 +64,46 @@ def _on_device(q: Tensor):
     return contextlib.nullcontext()
 
 
-def forward(q, k, v, mask: ZorroMask, scale: float):
-    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)`` for validated inputs; no autograd."""
+def forward(q, k, v, mask: ZorroMask, scale: float, bias=None):
+    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)`` for validated inputs; no autograd. ``bias``: None, a dense float
+    tensor broadcastable to ``(B, H, Nq, Nk)`` or a :class:`~zorro_kernels.RelativePositionBias`."""
+    from ._bias import kernel_bias
     from ._fwd import attention_forward
     from ._plan import forward_plan, kernel_mask
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     km = kernel_mask(mask, q.device)
+    kb = kernel_bias(bias, q, mask)
 
     def run(blocks):
         plan, cfg = forward_plan(mask, blocks, q.device)
-        return attention_forward(q, k, v, plan, km, scale, cfg)
+        return attention_forward(q, k, v, plan, km, kb, scale, cfg)
 
     with _on_device(q):
         return _with_fallback(run, q)
 
 
-def backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float):
-    """``(dq, dk, dv)`` shaped as q, k, v, from the forward's ``out`` and ``lse``."""
-    from ._bwd import attention_backward
+def backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float, bias=None, need_dbias: bool = True):
+    """``(dq, dk, dv)`` shaped as q, k, v, from the forward's ``out`` and ``lse``; with a ``bias``, ``(dq, dk, dv,
+    dbias)`` with ``dbias`` shaped as the dense bias or the table (None when ``need_dbias`` is False)."""
+    from ._bias import bias_grad, kernel_bias
+    from ._bwd import attention_backward, one_pass
     from ._plan import kernel_mask, tile_plan
 
     q, k, v, dout = (_last_dim_contiguous(t) for t in (q, k, v, dout))
     km = kernel_mask(mask, q.device)
+    kb = kernel_bias(bias, q, mask)
+    atomic = one_pass()
+    want = bias is not None and need_dbias
 
     def run(blocks):
         plan_dkdv = tile_plan(mask, blocks.dkdv.block_m, blocks.dkdv.block_n, "q", q.device)
         plan_dq = tile_plan(mask, blocks.dq.block_m, blocks.dq.block_n, "kv", q.device)
-        return attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, scale, blocks.dkdv,
-                                  blocks.dq)
+        # a fresh gradient buffer per attempt: a launch that ran out of resources may have written into the last one
+        dbias = bias_grad(bias if want else None, kb, q, k.shape[2], not atomic)
+        grads = attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, kb, dbias, scale, blocks.dkdv,
+                                   blocks.dq, atomic)
+        return grads if bias is None else (*grads, dbias.finish())
 
     with _on_device(q):
         return _with_fallback(run, q)

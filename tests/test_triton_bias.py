@@ -1,0 +1,218 @@
+"""The Triton kernels with score biases and sliding windows: what only Triton has — both backward modes, both forward
+plans, the gradient buffers of broadcast biases and tables, the in-kernel relative index, the extent check and
+``need_dbias`` — against the fp64 oracle. The cases every backend shares (named layouts, -inf rows, NaN in masked bias
+entries, windows) run on Triton from tests/test_bias.py and tests/test_window.py.
+
+Default tier: Triton's CPU interpreter with 16 x 16 tiles (bfloat16 skipped: its arithmetic is wrong there).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask, zorro_attention
+from zorro_kernels.backends.triton import _bias as triton_bias
+from zorro_kernels.backends.triton._config import override_blocks, override_plan
+
+from .helpers import deterministic, triton_unavailable
+from .test_attention import make_qkv
+from .test_bias import dense_bias, windows_mask
+from .test_triton import CASES, qkv
+from .tolerances import check_against_oracle
+
+_OFF = triton_unavailable()
+pytestmark = pytest.mark.skipif(bool(_OFF), reason="; ".join(_OFF))
+MODES = ["one_pass", "deterministic"]
+
+
+def triton_attn(q, k, v, mask, scale=None, bias=None):
+    return zorro_attention(q, k, v, mask, scale=scale, bias=bias, backend="triton")
+
+
+def check(q, k, v, mask, bias, *, mode="one_pass", blocks=(16, 16), **kw):
+    with override_blocks(blocks), deterministic(mode == "deterministic"):
+        check_against_oracle(triton_attn, q, k, v, mask, bias=bias, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------ dense
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_dense_bias_over_the_kernel_cases(case):
+    """Odd lengths (1, 3, 97, 113), cross-attention, GQA, causal, ragged lengths, empty segments, dead rows."""
+    _, build, (b, h, hkv, d), blocks = case
+    mask = build()
+    q, k, v = qkv(b, h, mask.num_q, d, torch.float32, hkv=hkv, nk=mask.num_kv, device="cpu")
+    check(q, k, v, mask, dense_bias(mask, "BHQK", b=b, h=h), blocks=blocks)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", ["BHQK", "1HQK", "B11K", "QK", "B1Q1", "K"])
+def test_dense_bias_broadcast_gradients(shape, mode):
+    """A full-size bias gets its gradient by stores; a broadcast one by fp32 atomics (one pass) or a full buffer
+    summed over the broadcast dims (deterministic)."""
+    mask = ZorroMask.zorro(audio=20, video=30, fusion=4, lengths=torch.tensor([[20, 30, 4], [7, 0, 3]]))
+    check(*make_qkv(mask, h=4, hkv=2, d=16), mask, dense_bias(mask, shape), mode=mode)
+
+
+@pytest.mark.parametrize("plan", ["ranges", "tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dense_bias_both_forward_plans(plan, dtype):
+    mask = ZorroMask.zorro(audio=21, video=24, fusion=2)
+    with override_plan(plan):
+        check(*make_qkv(mask, h=2, hkv=1, d=16, dtype=dtype), mask, dense_bias(mask, "BHQK", dtype=dtype, h=2))
+
+
+def test_bias_without_grad_writes_no_gradient(monkeypatch):
+    """A bias that needs no gradient (a float attention mask) costs the backward no gradient buffer."""
+    mask = ZorroMask.zorro(audio=20, video=30, fusion=4)
+    q, k, v = (t.requires_grad_() for t in make_qkv(mask, h=2, hkv=2, d=16))
+    bias = dense_bias(mask, "B1QK")
+    modes = []
+    real = triton_bias.bias_grad
+    monkeypatch.setattr(triton_bias, "bias_grad", lambda *a: modes.append(real(*a).mode) or real(*a))
+    with override_blocks((16, 16)):
+        out = zorro_attention(q, k, v, mask, bias=bias, backend="triton")
+        got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        want = torch.autograd.grad(zorro_attention(q, k, v, mask, bias=bias, backend="reference"), (q, k, v),
+                                   torch.ones_like(out))
+    assert modes == [0]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    bias.requires_grad_()
+    with override_blocks((16, 16)):
+        out = zorro_attention(q, k, v, mask, bias=bias, backend="triton")
+        torch.autograd.grad(out, (q, bias), torch.ones_like(out))
+    assert modes == [0, 2]
+
+
+# ------------------------------------------------------------------------------------------------------ relative
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shift", [(0, 0), (1, 1)], ids=["regular", "shifted"])
+def test_relative_bias_table_gradient_modes(shift, mode):
+    """The table's gradient: fp32 atomics into (H, T) (one pass), or a full buffer and index_add (deterministic)."""
+    mask, coords = windows_mask(grid=(6, 7), win=(3, 3), shift=shift)
+    rpb = RelativePositionBias(torch.randn(4, 25), coords, coords, (3, 3))
+    check(*make_qkv(mask, h=4, hkv=2, d=16), mask, rpb, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_relative_bias_shared_table_gqa_ragged(mode):
+    """One table row for every head, GQA, per-sample lengths that cut windows short."""
+    mask, coords = windows_mask(grid=(4, 6), win=(2, 3))
+    lengths = torch.tensor([list(mask.q_sizes), [max(0, s - 2) for s in mask.q_sizes]])
+    mask = mask.with_lengths(lengths)
+    rpb = RelativePositionBias(torch.randn(1, 15), coords, coords, (2, 3))
+    check(*make_qkv(mask, h=4, hkv=1, d=16), mask, rpb, mode=mode)
+
+
+def test_relative_bias_causal_sliding_window_1d():
+    """A 1-D relative bias over a long sequence whose offsets exceed the extent outside the band only: the window
+    keeps every read pair inside it (T5/ALiBi-like learned bias with a sliding window)."""
+    n, w = 90, 12
+    mask = ZorroMask.from_segments([("x", n)], {"x": "*"}, causal=True, window=(w, 0))
+    pos = torch.arange(n)[:, None]
+    rpb = RelativePositionBias(torch.randn(2, 2 * (w + 1) - 1), pos, pos, (w + 1,))
+    check(*make_qkv(mask, b=1, h=2, hkv=1, d=16), mask, rpb)
+
+
+def test_relative_index_is_linear_in_the_coordinates():
+    """The kernels' ``lin_q[i] - lin_k[j]`` equals :meth:`RelativePositions.index` on every placed pair inside the
+    extent, over 2-D and 3-D sets joined (and is never read elsewhere)."""
+    g = torch.Generator().manual_seed(3)
+    a = RelativePositions(torch.randint(0, 3, (30, 2), generator=g), torch.randint(0, 3, (40, 2), generator=g),
+                          (3, 3))
+    v = RelativePositions(torch.randint(0, 2, (30, 3), generator=g), torch.randint(0, 2, (40, 3), generator=g),
+                          (2, 2, 2))
+    qa, ka = torch.arange(30) < 12, torch.arange(40) < 25
+    a = RelativePositions(torch.where(qa[:, None], a.q_coords, -1), torch.where(ka[:, None], a.k_coords, -1), (3, 3))
+    v = RelativePositions(torch.where(qa[:, None], -1, v.q_coords), torch.where(ka[:, None], -1, v.k_coords),
+                          (2, 2, 2))
+    p = RelativePositions.concat([a, v])
+    rq, rk = triton_bias._linear(p)
+    idx, placed = p.index(torch.arange(30), torch.arange(40))
+    lin = rq[:, 1:2].long() - rk[None, :, 1].long()
+    same = (rq[:, :1] >= 0) & (rq[:, :1] == rk[None, :, 0])
+    assert torch.equal(same, placed) and torch.equal(lin[placed], idx[placed])
+
+
+@pytest.mark.parametrize("window", [None, (1, 1)])
+def test_relative_bias_beyond_the_extent_raises_the_shared_error(window):
+    """A pair the mask allows with an offset beyond the extent: the same ValueError as the segment path (the
+    kernels' linear index would alias it). With a window the pair is outside the band and the call is fine."""
+    pos = torch.arange(9)[:, None]
+    mask = ZorroMask.from_segments([("x", 9)], {"x": "*"}, window=window)
+    q, k, v = make_qkv(mask, h=4, hkv=4, d=16)
+    rpb = RelativePositionBias(torch.randn(4, 3), pos, pos, (2,))
+    if window is None:
+        for backend in ("segments", "triton"):
+            with pytest.raises(ValueError, match="query 0 and key 2 differ by -2 on axis 0, beyond extent 2"):
+                zorro_attention(q, k, v, mask, bias=rpb, backend=backend)
+    else:
+        check(q, k, v, mask, rpb)
+
+
+# ------------------------------------------------------------------------------------------------------ -inf, windows
+@pytest.mark.parametrize("mode", MODES)
+def test_minus_inf_rows_on_full_tiles(mode):
+    """Rows whose every key is -inf inside *full* tiles (no element mask to fall back on): output 0, gradients 0."""
+    mask = ZorroMask.from_segments([("x", 48)], {"x": "*"})
+    q, k, v = (t.requires_grad_() for t in make_qkv(mask, b=1, h=2, hkv=2, d=16))
+    bias = torch.randn(1, 2, 48, 48)
+    bias[0, 1, 3:20] = float("-inf")
+    bias.requires_grad_()
+    with override_blocks((16, 16)), deterministic(mode == "deterministic"):
+        out = zorro_attention(q, k, v, mask, bias=bias, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v, bias), torch.randn_like(out))
+    assert (out[0, 1, 3:20] == 0).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][0, 1, 3:20] == 0).all() and (grads[3][0, 1, 3:20] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window, causal", [((9, 0), True), ((7, 5), False), ((-1, 3), False), ((20, -1), True)])
+def test_windows_with_segments_and_bias(window, causal, mode):
+    """Sliding windows on a segment layout, with a dense bias: both band edges, one edge, causal plus a window."""
+    mask = ZorroMask.from_segments([("a", 40), ("b", 37)], {"a": ["a"], "b": ["a", "b"]}, causal=causal,
+                                   window=window)
+    check(*make_qkv(mask, b=1, h=2, hkv=1, d=16), mask, dense_bias(mask, "1HQK", h=2), mode=mode)
+
+
+def test_window_cross_attention_ragged_gqa():
+    mask = ZorroMask.from_segments([("a", 30)], {"a": ["x", "y"]}, kv_segments=[("x", 20), ("y", 33)],
+                                   window=(10, 2), kv_lengths=torch.tensor([[20, 33], [5, 11]]))
+    check(*make_qkv(mask, h=4, hkv=2, d=16), mask, dense_bias(mask, "BHQK"))
+
+
+@pytest.mark.parametrize("window", [(-1, 4), (6, 6)])
+def test_window_forward_plans(window):
+    """An upper band edge alone runs on the range plan (like causal); a lower edge always on the tile plan."""
+    from zorro_kernels.backends.triton._config import choose_blocks
+    from zorro_kernels.backends.triton._plan import RangePlan, forward_plan
+
+    mask = ZorroMask.zorro(audio=21, video=24, fusion=2)
+    mask = ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, window=window)
+    with override_plan("ranges"), override_blocks((16, 16)):
+        plan, _ = forward_plan(mask, choose_blocks(16, torch.float32), "cpu")
+        assert isinstance(plan, RangePlan) == (window[0] == -1)
+        check_against_oracle(triton_attn, *make_qkv(mask, h=2, hkv=2, d=16), mask)
+
+
+# ------------------------------------------------------------------------------------------------------ compile
+def test_compile_fullgraph_relative_bias_and_window_no_dbias():
+    """Under torch.compile a table that needs no gradient and a window go through the custom ops."""
+    mask, coords = windows_mask(shift=(1, 1))
+    mask = ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, window=(8, 8))
+    q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
+    pos = RelativePositions(coords, coords, (2, 3))
+    table = torch.randn(4, 15)
+    f = lambda a, b, c: zorro_attention(a, b, c, mask, bias=RelativePositionBias(table, positions=pos),  # noqa: E731
+                                        backend="triton")
+    outs, grads = [], []
+    with override_blocks((16, 16)):
+        for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves)
+            outs.append(out)
+            grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
