@@ -5,7 +5,8 @@ separately), forward and forward+backward.
 The layout is one Zorro-Swin block (:func:`zorro_models.swin.swin_block_layout`): audio grid 32 x 16 in 8 x 8 windows
 (8 windows of 64 tokens), video grid 2 x 28 x 28 in 1 x 7 x 7 windows (32 windows of 49), 8 fusion tokens; B=2, H=12,
 D=64. Both sides start from the same window-ordered q, k, v and one learned table ``(H, 225 + 169)``; their outputs and
-gradients (q, k, v, table) are checked against each other before timing. zorro rows time the hand-written call
+gradients (q, k, v, table) are checked against each other before timing. On a GPU the Triton kernels join, with and
+without the bias: ``zorro-triton``'s ``bias_cost`` is its paired time over the same layout without the bias. zorro rows time the hand-written call
 between their own rounds (``pedantic``'s untimed setup) and report the median of the paired ratios, so load drifting
 on a shared machine does not bias the ratio.
 """
@@ -53,9 +54,13 @@ class Case:
         self.idx = {"audio": _swin_index(WINDOWS["audio"]).to(device),
                     "video": rel_table_size({"audio": WINDOWS["audio"]}) + _swin_index(WINDOWS["video"]).to(device)}
 
-    def zorro(self, q, k, v, table):
-        return zorro_attention(q, k, v, self.layout.mask, bias=RelativePositionBias(table,
-                                                                                    positions=self.layout.positions))
+    def zorro(self, q, k, v, table, backend="segments"):
+        return zorro_attention(q, k, v, self.layout.mask, backend=backend,
+                               bias=RelativePositionBias(table, positions=self.layout.positions))
+
+    def zorro_no_bias(self, q, k, v, table, backend="segments"):
+        """The same layout without the bias (the bias's cost on a backend: its time over this one's)."""
+        return zorro_attention(q, k, v, self.layout.mask, backend=backend)
 
     def hand_written(self, q, k, v, table):
         """Swin: partition into windows, one SDPA per window size with the (H, L, L) bias, fusion rows apart."""
@@ -78,39 +83,65 @@ def _run(fn, case: Case, backward: bool):
             return fn(case.q, case.k, case.v, case.table), None
     leaves = tuple(t.detach().requires_grad_() for t in (case.q, case.k, case.v, case.table))
     out = fn(*leaves)
-    return out, torch.autograd.grad(out, leaves, case.d_out)
+    return out, torch.autograd.grad(out, leaves, case.d_out, allow_unused=True, materialize_grads=True)
+
+
+def _impl(case: Case, impl: str):
+    """``impl``'s function: the hand-written Swin, or zorro on a backend with the bias (or, ``-no-bias``, without)."""
+    if impl == "swin-hand-written":
+        return case.hand_written
+    backend = impl.split("-")[1]
+    fn = case.zorro_no_bias if impl.endswith("no-bias") else case.zorro
+    return lambda q, k, v, t: fn(q, k, v, t, backend)
 
 
 _CASE: dict = {}
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["swin-hand-written", "zorro-segments"])
+@pytest.mark.parametrize("impl", ["swin-hand-written", "zorro-segments", "zorro-triton", "zorro-triton-no-bias"])
 def test_swin_relative_bias(benchmark, impl, direction, tier, device, dtype):
-    if device.type != "cpu":
-        pytest.skip("the Swin relative-bias row is a CPU row (Triton takes no bias yet)")
+    """zorro rows report their speed against the hand-written Swin (paired); ``zorro-triton`` also the bias's cost on
+    the Triton path, its time over the same layout without the bias (paired; issue 13 asks for <= 1.15)."""
+    if "triton" in impl and device.type != "cuda":
+        pytest.skip("the Triton rows need a GPU (the CPU interpreter is for tests)")
     key = (device, dtype)
     if key not in _CASE:
         _CASE.clear()
         _CASE[key] = Case(device, dtype)
     case = _CASE[key]
     backward = direction == "fwd+bwd"
-    fn = case.zorro if impl.startswith("zorro") else case.hand_written
-    other = case.hand_written if impl.startswith("zorro") else case.zorro
+    fn = _impl(case, impl)
+    if impl.endswith("no-bias"):
+        other = _impl(case, "zorro-segments-no-bias")
+    else:
+        other = case.hand_written if impl.startswith("zorro") else case.zorro
 
     # correctness first: the same output and gradients (q, k, v, table) as the other implementation
     got, got_g = _run(fn, case, backward)
     want, want_g = _run(other, case, backward)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
     for name, a, b in zip(("dq", "dk", "dv", "dtable"), got_g or (), want_g or ()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=10 * tol["atol"] if name == "dtable" else tol["atol"],
+                                   msg=name)
 
-    paired: list[float] = []
+    paired: dict = {"hand": [], "no_bias": []}
+    no_bias = _impl(case, "zorro-triton-no-bias") if impl == "zorro-triton" else None
+
+    def timed(f):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _run(f, case, backward)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     def setup():
-        t0 = time.perf_counter()
-        _run(case.hand_written, case, backward)
-        paired.append(time.perf_counter() - t0)
+        paired["hand"].append(timed(case.hand_written))
+        if no_bias is not None:
+            paired["no_bias"].append(timed(no_bias))
 
     benchmark.group = f"swin-relative-bias {direction}"
     benchmark.pedantic(lambda: _run(fn, case, backward), setup=setup if impl.startswith("zorro") else None,
@@ -119,9 +150,12 @@ def test_swin_relative_bias(benchmark, impl, direction, tier, device, dtype):
     info = dict(layout="swin-relative-bias", direction=direction, peer=impl, shape=f"B={B} H={H} D={D} "
                 f"N={case.layout.mask.num_q} (8 x 64 audio, 32 x 49 video, {FUSION} fusion)",
                 median_s=statistics.median(times))
-    if paired:
+    if paired["hand"]:
         # > 1: zorro faster than the hand-written Swin computation (paired rounds)
-        info["speed_vs_hand_written"] = statistics.median(h / t for h, t in zip(paired[-len(times):], times))
+        info["speed_vs_hand_written"] = statistics.median(h / t for h, t in zip(paired["hand"][-len(times):], times))
+    if paired["no_bias"]:
+        info["bias_cost"] = statistics.median(t / n for n, t in zip(paired["no_bias"][-len(times):], times))
     benchmark.extra_info.update(info)
     print(f"\n{impl} {direction}: median {info['median_s'] * 1e3:.1f} ms"
-          + (f", {info['speed_vs_hand_written']:.2f}x the hand-written Swin speed (paired)" if paired else ""))
+          + (f", {info['speed_vs_hand_written']:.2f}x the hand-written Swin speed (paired)" if paired["hand"] else "")
+          + (f", bias costs {info['bias_cost']:.2f}x the no-bias Triton time (paired)" if paired["no_bias"] else ""))

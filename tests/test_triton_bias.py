@@ -16,6 +16,7 @@ from zorro_kernels.backends.triton._config import override_blocks, override_plan
 
 from .helpers import deterministic, triton_unavailable
 from .test_attention import make_qkv
+from .layouts import random_mask
 from .test_bias import dense_bias, windows_mask
 from .test_triton import CASES, qkv
 from .tolerances import check_against_oracle
@@ -216,3 +217,74 @@ def test_compile_fullgraph_relative_bias_and_window_no_dbias():
     torch.testing.assert_close(outs[1], outs[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a)
+
+
+# ------------------------------------------------------------------------------------------------------ full tier
+@pytest.mark.full
+@pytest.mark.parametrize("mode", MODES)
+def test_random_layouts_with_biases_and_windows_many(mode):
+    """Random layouts (odd and empty segments, cross-attention, ragged lengths, causal) with a random window and a
+    random dense bias shape, GQA, fp32 and fp16."""
+    import random
+
+    from .test_window import random_window_mask
+
+    rng = random.Random(23 + len(mode))
+    for i in range(40):
+        mask = random_window_mask(rng) if rng.random() < 0.6 else random_mask(rng, sizes=(0, 1, 3, 17, 33))
+        h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
+        dtype = rng.choice([torch.float32, torch.float16])
+        shape = rng.choice(["BHQK", "1HQK", "B11K", "QK", "B1Q1"])
+        bias = dense_bias(mask, shape, h=h, dtype=dtype)
+        check(*make_qkv(mask, h=h, hkv=hkv, d=16, dtype=dtype), mask, bias, mode=mode,
+              blocks=rng.choice([(16, 16), (32, 16), (16, 32)]), seed=i)
+
+
+@pytest.mark.full
+def test_relative_bias_random_windows_many():
+    import random
+
+    rng = random.Random(7)
+    for i in range(25):
+        grid = (rng.randint(1, 7), rng.randint(1, 7))
+        win = (rng.randint(1, grid[0]), rng.randint(1, grid[1]))
+        shift = (win[0] // 2 * rng.randint(0, 1), win[1] // 2 * rng.randint(0, 1))
+        mask, coords = windows_mask(grid, win, rng.randint(0, 4), shift)
+        h = rng.choice([1, 2, 4])
+        rpb = RelativePositionBias(torch.randn(rng.choice([1, h]), (2 * win[0] - 1) * (2 * win[1] - 1)), coords,
+                                   coords, win)
+        check(*make_qkv(mask, h=h, hkv=1, d=16), mask, rpb, mode=rng.choice(MODES), seed=i)
+
+
+# ------------------------------------------------------------------------------------------------------ GPU tier
+def gpu(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["dense", "relative", "window"])
+def test_gpu_biases_and_windows(kind, dtype, mode):
+    """On the card with the real block table: a Figure-2 layout with a dense bias (B1QK, ragged lengths), Swin 7x7
+    windows with the relative bias (shifted), packed causal sequences with a sliding window and an ALiBi-like bias."""
+    if kind == "dense":
+        mask = ZorroMask.zorro(audio=320, video=784, fusion=8, lengths=torch.tensor([[320, 784, 8], [17, 500, 8]]))
+        bias = dense_bias(mask, "B1QK", dtype=dtype)
+    elif kind == "relative":
+        mask, coords = windows_mask(grid=(28, 28), win=(7, 7), fusion=8, shift=(3, 3))
+        bias = RelativePositionBias(0.5 * torch.randn(8, 169, dtype=dtype).cuda(), coords, coords, (7, 7))
+    else:
+        mask = ZorroMask.from_segments([("a", 700), ("b", 1100)], {"a": ["a"], "b": ["b"]}, causal=True,
+                                       window=(255, 0))
+        i = torch.arange(1800)
+        bias = -0.05 * (i[:, None] - i[None, :]).abs().float().to(dtype)[None, None]
+    q, k, v = _on("cuda", *make_qkv(mask, b=2, h=8, hkv=2, d=64, dtype=dtype))
+    if isinstance(bias, torch.Tensor):
+        bias = bias.cuda()
+    with deterministic(mode == "deterministic"):
+        check_against_oracle(triton_attn, q, k, v, mask, bias=bias)
