@@ -5,9 +5,11 @@
 #      on real hardware (fp16/bf16, D = 16..256, NaN isolation, bitwise reruns, compile);
 #   3. benchmarks/gpu_perf.py: forward and forward+backward of triton / unmasked SDPA (ideal) / compiled FlexAttention /
 #      the segment path for Figure-2 (B=8, H=12) and 16k (B=1, H=12), fp16 and bf16, D = 64 and 128, each checked
-#      first; then the kernel-resource report (registers, spills, blocks per SM, cubin summary, autotune choices).
+#      first; then the kernel-resource report (registers, spills, blocks per SM, cubin summary, autotune choices);
+#   between them, benchmarks/test_swin_bias.py (capped at 75 s): the Swin relative-bias layout on triton with and
+#      without the bias (bias_cost), the segment path and the hand-written Swin computation.
 # Results: $OUT (or --out DIR; default ./gpu_out) gets card.txt, pytest_gpu.txt, perf.json, perf.md (markdown for
-# BENCHMARKS.md), perf_table.txt, perf_log.txt. Every stage is capped and guarded: a failing stage lets the next run.
+# BENCHMARKS.md), perf_table.txt, perf_log.txt, swin_bias.txt. Every stage is capped and guarded: a failing stage lets the next run.
 #
 #   timeout 480 bash benchmarks/gpu_perf.sh --out /tmp/card_run      # on the card
 #   bash benchmarks/gpu_perf.sh --cpu-smoke --out /tmp/smoke          # here, without a GPU: the script's own paths
@@ -43,6 +45,13 @@ echo "pytest exit $? at $(elapsed)s (124 = cut by the cap; 5 = no CUDA tests col
 grep -E "(FAILED|ERROR)( |$)" "$OUT/pytest_gpu.txt" | grep "::" | sed "s/ *$//" | cut -c1-160 | head -n 30
 grep -E "^E " "$OUT/pytest_gpu.txt" | head -n 15 | cut -c1-250
 tail -n 1 "$OUT/pytest_gpu.txt" | cut -c1-200
+
+echo "== Swin windows with the relative position bias (issue 13): triton with/without the bias, capped at 75 s"
+if [ -n "$SMOKE" ]; then tier="--bench-tier smoke"; else tier=""; fi
+COLUMNS=200 timeout 75 $PY -m pytest benchmarks/test_swin_bias.py --benchmark-only -s -q -p no:cacheprovider $tier \
+  > "$OUT/swin_bias.txt" 2>&1
+echo "swin-bias exit $? at $(elapsed)s"
+grep -E "median|passed|failed|Error" "$OUT/swin_bias.txt" | cut -c1-200
 
 left=$(( 400 - $(elapsed) ))
 [ "$left" -lt 120 ] && left=120
