@@ -158,6 +158,40 @@ def test_bias_at_masked_positions_is_never_read(backend, name):
     assert (runs[1][4][~dense] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["auto", "segments", "reference", TRITON])
+@pytest.mark.parametrize("shape", ["B11K", "BH1K", "K"])
+def test_keys_a_padding_bias_hides_are_never_read(backend, shape):
+    """Left padding as Hugging Face passes it, a key bias of -inf: NaN in those keys' K and V (uninitialised padding)
+    never reaches any row or gradient — bitwise the run with zeros there. ``BH1K``: per-head biases; a kv head's key
+    counts as hidden only where every query head of its group hides it."""
+    mask = ZorroMask.zorro(audio=20, video=30, fusion=4)
+    q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
+    b, n = q.shape[0], mask.num_kv
+    hide = torch.zeros(b, 4, n, dtype=torch.bool)
+    hide[0, :, :5] = True                                # left padding of sample 0
+    hide[1, :, 20:26] = True                             # a hole in sample 1
+    hide[1, :2, 40] = True                               # key 40: hidden by kv head 0's query heads only
+    if shape == "K":
+        hide = hide[:1, :1].expand(b, 4, n)
+    bias = torch.zeros(b, 4, 1, n).masked_fill(hide[:, :, None], float("-inf"))
+    bias = {"B11K": bias[:, :1], "BH1K": bias, "K": bias[0, 0, 0]}[shape]
+    if shape != "BH1K":
+        hide = hide[:, :1].expand(b, 4, n)
+    dead = hide.reshape(b, 2, 2, n).all(2)[..., None]    # (B, Hkv, Nk, 1) keys no query head of the group sees
+    assert dead.any()
+    runs = []
+    for poison in (0.0, float("nan")):
+        kk, vv = k.masked_fill(dead, poison), v.masked_fill(dead, poison)
+        leaves = [t.clone().requires_grad_() for t in (q, kk, vv)]
+        with deterministic(backend == "triton"):
+            out = zorro_attention(*leaves, mask, bias=bias, backend=backend)
+            runs.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for name, a, b_ in zip(("out", "dq", "dk", "dv"), *runs):
+        assert torch.isfinite(b_).all(), f"{name}: NaN from a hidden key leaked into {int((~b_.isfinite()).sum())}"
+        torch.testing.assert_close(b_, a, rtol=0, atol=0, msg=name)
+    assert (runs[1][2].masked_select(dead) == 0).all() and (runs[1][3].masked_select(dead) == 0).all()
+
+
 # ------------------------------------------------------------------------------------------------------ relative
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -9,7 +9,7 @@ import torch
 
 from . import _ops, auto
 from .backends import BACKENDS
-from .bias import check_bias
+from .bias import check_bias, hide_dead_keys
 from .mask import ZorroMask
 
 __all__ = ["zorro_attention", "check_inputs", "select_backend"]
@@ -94,7 +94,8 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
             the mask leaves visible; differentiable), or a :class:`~zorro_kernels.RelativePositionBias` (a table
             ``(H, T)`` indexed by coordinate offsets, computed per block, never ``Nq x Nk``; the table gets its
             gradient). A ``-inf`` bias counts as masked: a row whose every allowed key is ``-inf`` returns 0 with zero
-            gradients.
+            gradients, and keys a ``(..., 1, Nk)`` bias hides from every query (key padding, e.g. left padding) are
+            zero-filled before any backend reads them, so NaN or garbage there never reaches a row.
         scale: softmax scale; default ``D ** -0.5``.
         backend: ``"auto"`` (on CUDA the faster of ``"triton"`` and ``"segments"``, timed once per problem; on CPU
             ``"dense"`` for tiny problems, else ``"segments"``; :func:`zorro_kernels.explain` says which and why), or
@@ -110,6 +111,7 @@ def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Zor
         TypeError / ValueError naming the argument and the numbers for malformed input (see :func:`check_inputs`).
     """
     check_inputs(q, k, v, mask, scale, bias)
+    k, v = hide_dead_keys(k, v, bias, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = auto.wants_grad(q, k, v, bias)
     name = select_backend(q, k, v, mask, backend, bias, scale, grad)

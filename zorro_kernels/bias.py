@@ -2,7 +2,8 @@
 backend reads.
 
 ``bias`` is added to the scaled scores ``q . k * scale`` before the softmax, only where the mask allows; a pair whose
-bias is ``-inf`` counts as masked. Two forms:
+bias is ``-inf`` counts as masked, and a key that a query-broadcast bias ``(..., 1, Nk)`` hides from every row (key
+padding) is never read (:func:`hide_dead_keys`). Two forms:
 
 - a float tensor broadcastable to ``(B, H, Nq, Nk)`` (SDPA's float ``attn_mask`` convention): each dim is either full
   or 1; fewer than 4 dims are aligned to the right. Backends read only the blocks the mask leaves visible, so entries at
@@ -27,7 +28,7 @@ import torch
 from .mask import as_int_tensor
 
 __all__ = ["RelativePositions", "RelativePositionBias", "check_bias", "materialize_bias", "step_bias", "bias_tensor",
-           "with_tensor"]
+           "with_tensor", "hide_dead_keys"]
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -250,6 +251,34 @@ def check_bias(bias, q: torch.Tensor, nk: int) -> None:
     if bias.ndim > 4 or any(n not in (1, f) for n, f in zip(bias.shape[::-1], full[::-1])):
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (B, H, Nq, Nk) = {full} "
                          f"(each dim must be 1 or full)")
+
+
+def hide_dead_keys(k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias], heads: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, v)`` with zeros on the keys a key-padding bias hides from every query.
+
+    A dense bias broadcast over the queries (``(..., 1, Nk)``, e.g. the ``0 / -inf`` key bias of left padding) that is
+    ``-inf`` on key ``j`` of a (sample, head) hides that key from every row; such keys are often uninitialised padding.
+    A backend multiplying its zero probability by a NaN value would still give NaN, so they are selected to 0 here,
+    once, before any backend reads them (masked means never read; their gradients are then 0). A kv head's key is
+    zeroed only when every query head of its GQA group hides it. ``-inf`` on single pairs of a full ``(..., Nq, Nk)``
+    bias hides those scores only: put keys that may hold garbage in the mask (lengths) instead.
+
+    k, v: ``(B, Hkv, Nk, D)``; heads: H (query heads). Returns them unchanged without such a bias.
+    """
+    if not isinstance(bias, torch.Tensor) or (bias.ndim >= 2 and bias.shape[-2] != 1):
+        return k, v
+    x = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))          # (Bb, Hb, 1, Nk|1)
+    if x.shape[-1] == 1:
+        return k, v
+    dead = torch.isneginf(x[:, :, 0])                                     # (Bb, Hb, Nk)
+    if dead.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
+        return k, v   # (on CUDA this test would synchronise: the select runs regardless)
+    hkv = k.shape[1]
+    if dead.shape[1] > 1:
+        dead = dead.reshape(dead.shape[0], hkv, heads // hkv, -1).all(2)   # (Bb, Hkv, Nk)
+    dead = dead[..., None]
+    return k.masked_fill(dead, 0.0), v.masked_fill(dead, 0.0)
 
 
 def materialize_bias(bias: Optional[Bias]) -> Optional[torch.Tensor]:
