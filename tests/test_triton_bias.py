@@ -151,6 +151,20 @@ def test_relative_bias_beyond_the_extent_raises_the_shared_error(window):
         check(q, k, v, mask, rpb)
 
 
+def test_positions_built_per_call_do_not_grow_the_mask_cache():
+    """The README builds ``RelativePositionBias(table, coords, coords, extent)`` inline: a training loop doing that
+    each step must not accumulate one entry per positions object on the (long-lived) mask."""
+    mask, coords = windows_mask()
+    q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
+    table = torch.randn(4, 15)
+    sizes = []
+    for _ in range(3):
+        with override_blocks((16, 16)):
+            zorro_attention(q, k, v, mask, bias=RelativePositionBias(table, coords, coords, (2, 3)), backend="triton")
+        sizes.append(len(mask._cache))
+    assert sizes[0] == sizes[1] == sizes[2], sizes
+
+
 # ------------------------------------------------------------------------------------------------------ -inf, windows
 @pytest.mark.parametrize("mode", MODES)
 def test_minus_inf_rows_on_full_tiles(mode):

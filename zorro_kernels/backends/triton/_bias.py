@@ -10,7 +10,7 @@ Two kinds (``BIAS_KIND``, a constexpr, so a kernel without a bias compiles exact
   ``lin_q[i] = base + sum_a (e_a - 1) s_a + sum_a c_ia s_a`` and ``lin_k[j] = sum_a c_ja s_a`` (``s_a`` the row-major
   strides of the token's position set). So a tile's bias is one subtraction and one gather from the ``(H, T)`` table
   per pair — two ints per token, nothing ``Nq x Nk``. The identity holds only for offsets inside the extent, so
-  :func:`check_extents` proves once per (mask, positions) that every pair the mask allows is inside it, or raises the
+  :func:`_check_extents` proves once per (mask, positions) that every pair the mask allows is inside it, or raises the
   same ValueError as the other backends. Pairs across position sets, or with an unplaced token, get 0.
 
 Gradients. The dK/dV kernel visits every attended ``(query, key)`` pair of a ``(sample, head)`` exactly once, so a
@@ -78,7 +78,7 @@ def _check_extents(mask, positions) -> bool:
     """Raise :meth:`RelativePositions.index`'s ValueError if a pair the mask allows (segment rules, band, tokens valid
     in some sample) has an offset outside its position set's extent. Per allowed segment pair a min/max bound over
     coordinates settles it; only pairs it cannot settle are checked element by element, in row chunks clipped to the
-    band. Cached on the mask (per positions object)."""
+    band. :func:`kernel_bias` caches the result on the positions per mask content key."""
     p = positions
     allow = mask.allow.bool().numpy()
     q_sizes, k_sizes = mask.q_sizes, mask.kv_sizes
@@ -143,7 +143,9 @@ def kernel_bias(bias, q: torch.Tensor, mask) -> KernelBias:
         return KernelBias(NONE, q, dummy, dummy, (0, 0, 0, 0), 0)
     if isinstance(bias, RelativePositionBias):
         p = bias.positions
-        mask.derived(_check_extents, p)
+        # cached on the positions (not the mask): a caller building positions per call must not grow the mask's cache
+        if ("triton_extents_ok", mask.key) not in p._cache:
+            p._cache[("triton_extents_ok", mask.key)] = _check_extents(mask, p)
         key = ("triton_linear", q.device)
         if key not in p._cache:
             p._cache[key] = tuple(t.to(q.device) for t in _linear(p))
