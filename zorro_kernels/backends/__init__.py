@@ -6,8 +6,8 @@ say (an import that failed, a grid limit). Each backend is a pair of plain funct
 -> (out, lse)`` and ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)`` (a backend with ``bias=True``
 also takes ``bias=`` in both, when there is one, and its backward then takes ``need_dbias=`` and returns
 ``(dq, dk, dv, dbias)``, ``dbias`` shaped as the dense bias or the relative bias's table, or None when ``need_dbias``
-is False), which :mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the ``zorro::attention_fwd``
-/ ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A backend may also give an
+is False), which :mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the
+``zorro::attention_fwd`` / ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A backend may also give an
 ``eager`` differentiable function, used outside compilation when it is cheaper than forward + backward.
 
 ``backend="auto"`` chooses among the backends that take the input (:mod:`zorro_kernels.auto`); a forced backend that
