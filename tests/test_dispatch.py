@@ -131,3 +131,29 @@ def test_custom_op_fakes_match_every_cpu_backend(backend):
     out, lse = torch.ops.zorro.attention_fwd(*args)
     bwd = (torch.randn_like(out), q, k, v, out, lse, *_ops.describe(mask), 0.25, backend)
     torch.library.opcheck(torch.ops.zorro.attention_bwd.default, bwd, test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("backend", ["segments", "dense", "reference", "triton"])
+def test_double_backward_is_exact_or_refused_in_our_words(backend):
+    """create_graph=True: the reference differentiates twice (against plain autograd through the dense softmax);
+    the kernel backends refuse with one line naming the backend, never an error from inside ATen or Triton."""
+    from tests.helpers import triton_unavailable
+
+    if backend == "triton" and triton_unavailable():
+        pytest.skip("; ".join(triton_unavailable()))
+    mask = ZorroMask.zorro(audio=5, video=7, fusion=2)
+    q, k, v = (t.requires_grad_() for t in _qkv(mask))
+    out = zorro_attention(q, k, v, mask, backend=backend)
+    if backend == "reference":
+        g, = torch.autograd.grad(out.sum(), q, create_graph=True)
+        g2, = torch.autograd.grad(g.sum(), k)
+        dense = mask.to_dense()
+        s = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        p = s.masked_fill(~dense, float("-inf")).softmax(-1)
+        want_out = p @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        wg, = torch.autograd.grad(want_out.sum(), q, create_graph=True)
+        torch.testing.assert_close(g2, torch.autograd.grad(wg.sum(), k)[0], rtol=1e-4, atol=1e-5)
+        return
+    with pytest.raises(RuntimeError, match=f"zorro_attention: the {backend} backend's .*backward cannot be "
+                                           r"differentiated \(double backward, create_graph=True\)"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)

@@ -187,6 +187,9 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         bias_args, tensors = tensors[:5], tensors[5:]
         scale, backend, mask, bias, rest = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: the backends' backwards (kernels) have no derivative
+            raise RuntimeError(f"zorro_attention: the {backend} backend's backward cannot be differentiated (double "
+                               f"backward, create_graph=True); use backend='reference' for higher-order gradients")
         need_dbias = bool(ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         if mask is None:
             dq, dk, dv, db = torch.ops.zorro.attention_bwd(dout, q, k, v, out, lse, *tensors, *rest, scale, backend,
