@@ -166,6 +166,23 @@ def test_the_command_exits_nonzero_with_one_line():
     assert out.stderr.startswith("zorro: error: unknown model 'nope'") and out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.parametrize("world, prefix", [(None, "python -m zorro_models.train: error: "),
+                                           ("2", "python -m zorro_models.train (rank 1): error: ")])
+def test_the_torchrun_entry_point_errors_in_one_line(world, prefix):
+    """``python -m zorro_models.train`` (what torchrun launches) speaks like ``zorro``: one line, naming the rank when
+    there are several, exit status 1; ``--debug`` keeps the traceback."""
+    import os
+
+    env = dict(os.environ, **({"WORLD_SIZE": world, "RANK": "1"} if world else {}))
+    args = [sys.executable, "-m", "zorro_models.train", "data.nonsense=1"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith(prefix + "config.data: unknown key(s) ['nonsense']"), out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    debug = subprocess.run(args + ["--debug"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
 def test_train_logs_lines_when_not_on_a_terminal(tmp_path, capsys):
     """Without a terminal (pytest captures stdout) there is no progress bar: a line per logged step instead, with
     the step, the rounded loss, the speed and the time left; the thread count from --threads reaches the run."""

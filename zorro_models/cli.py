@@ -353,18 +353,24 @@ def main(argv: Optional[list] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
     if rest:
         args.overrides = list(args.overrides) + rest
-    debug = args.debug or os.environ.get("ZORRO_DEBUG", "") not in ("", "0")
+    return run_reporting_errors(lambda: COMMANDS[args.command](args), args.debug)
+
+
+def run_reporting_errors(fn, debug: bool = False, prog: str = "zorro") -> int:
+    """``fn()``'s exit status; an exception prints one line, ``{prog}: error: ...``, and returns 1 (an interrupt: 130),
+    unless ``debug`` or ``ZORRO_DEBUG=1``, which let it propagate with its traceback."""
+    debug = debug or os.environ.get("ZORRO_DEBUG", "") not in ("", "0")
     try:
-        return COMMANDS[args.command](args)
+        return fn()
     except KeyboardInterrupt:
         if debug:
             raise
-        print("zorro: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every error reaches the user as one line; --debug keeps the traceback
         if debug:
             raise
-        print(f"zorro: error: {error_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
         return 1
 
 

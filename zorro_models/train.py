@@ -501,15 +501,27 @@ def run_training(cfg: Config) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zorro_models.train", description=__doc__.split("\n\n")[0])
+    """The torchrun entry point. Errors are one line per failing rank, as ``zorro train``'s; ``--debug`` (or
+    ``ZORRO_DEBUG=1``) shows the traceback."""
+    from .cli import run_reporting_errors
+
+    prog = "python -m zorro_models.train"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     add_run_folder_args(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: ZORRO_DEBUG=1)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, list(args.overrides) + run_folder_overrides(args))
-    summary = run_training(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(summary_line(summary))
-    return 0
+    rank = int(os.environ.get("RANK", "0"))
+
+    def run() -> int:
+        cfg = load_config(args.config, list(args.overrides) + run_folder_overrides(args))
+        summary = run_training(cfg)
+        if rank == 0:
+            print(summary_line(summary))
+        return 0
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return run_reporting_errors(run, args.debug, prog if world <= 1 else f"{prog} (rank {rank})")
 
 
 if __name__ == "__main__":
