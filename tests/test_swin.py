@@ -204,3 +204,18 @@ def test_swin_relative_bias_is_on_by_default_learned_and_optional():
         t.numel() for t in tables)
     with pytest.raises(TypeError, match="rel_pos_bias must be a bool, got str"):
         create_model("zorro_swin_tiny", rel_pos_bias="yes", **kw)
+
+
+def test_checkpoint_without_relative_bias_says_how_to_load_it(tmp_path):
+    """A Zorro-Swin checkpoint from before the relative position bias (no rel_tables) into today's default model: the
+    error names the setting that loads it, and that setting does."""
+    from zorro_models import create_model
+    from zorro_models.checkpoint import load_weights, save_checkpoint
+
+    kw = dict(depths=(1, 1, 1, 1), base_dim=16, num_heads=(1, 2, 2, 4), img_size=32, n_mels=32, audio_frames=64)
+    old = create_model("zorro_swin_tiny", rel_pos_bias=False, **kw)
+    path = save_checkpoint(tmp_path, 1, old)
+    with pytest.raises(ValueError, match=r"missing \['stages.0.rel_tables.0'.*predates Zorro-Swin's relative position "
+                                         r"bias: .*model.kwargs.rel_pos_bias=false"):
+        load_weights(create_model("zorro_swin_tiny", **kw), path)
+    assert load_weights(create_model("zorro_swin_tiny", rel_pos_bias=False, **kw), path) == []

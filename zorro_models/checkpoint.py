@@ -254,7 +254,12 @@ def load_weights(module: nn.Module, path: Union[str, Path], *, prefix: str = "",
     if shapes:
         raise ValueError(f"{path} does not match the module's shapes: {shapes[:8]}")
     if strict and (missing or unexpected):
-        raise ValueError(f"{path} does not match the module: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        hint = ""
+        if missing and not unexpected and all(".rel_tables." in k for k in missing):
+            hint = ("; the checkpoint predates Zorro-Swin's relative position bias: load it into a model built with "
+                    "rel_pos_bias=False (setting model.kwargs.rel_pos_bias=false)")
+        raise ValueError(f"{path} does not match the module: missing {missing[:8]}, unexpected {unexpected[:8]}"
+                         + hint)
     target.load_state_dict(tensors, strict=False)
     return missing
 
