@@ -7,6 +7,9 @@ import os
 import shutil
 import signal
 import socket
+import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import torch.multiprocessing as mp
 
 from zorro_models.checkpoint import latest_checkpoint, load_weights, save_checkpoint
 from zorro_models.config import load_config
-from zorro_models.train import ResumableSampler, Trainer, warmup_cosine
+from zorro_models.train import ClipLedger, ResumableSampler, Trainer, warmup_cosine
 
 from .helpers import TINY
 
@@ -122,22 +125,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, overrides: list) -> None:
+def _as_rank(rank: int, world: int, port: int) -> None:
+    """Set torchrun's environment for ``rank`` in this process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _rank_main(rank: int, world: int, port: int, overrides: list) -> None:
+    _as_rank(rank, world, port)
     from zorro_models.train import run_training
 
     run_training(load_config(None, overrides))
 
 
-def _spawn_ranks(fn, world: int, overrides, out, tries: int = 3) -> None:
+def _spawn_ranks(fn, world: int, overrides, out, tries: int = 3, timeout: float = 600) -> None:
     """``mp.spawn`` the ranks, again (fresh port, fresh run folder) when a rank was *killed by a signal*: on a loaded
     machine gloo's TCP set-up can abort a rank from one of its threads ("terminate called without an active
-    exception", SIGABRT), which says nothing about our code. An exception raised by a rank fails at once."""
+    exception", SIGABRT), which says nothing about our code. An exception raised by a rank fails at once; ranks still
+    running after ``timeout`` seconds are killed and the test fails (a hang must not hang the suite)."""
     for attempt in range(tries):
+        ranks = mp.spawn(fn, args=(world, _free_port(), overrides()), nprocs=world, join=False)
+        deadline = time.monotonic() + timeout
         try:
-            mp.spawn(fn, args=(world, _free_port(), overrides()), nprocs=world, join=True)
+            while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    for p in ranks.processes:
+                        p.kill()
+                        p.join()
+                    pytest.fail(f"the {world} ranks were still running after {timeout} s: a hang")
             return
         except mp.ProcessExitedException as e:
             if e.signal_name is None or attempt == tries - 1:
@@ -162,6 +178,124 @@ def test_two_gloo_ranks_match_one_process(tmp_path, task):
         torch.testing.assert_close(v, ref[k], rtol=2e-4, atol=2e-5)
     assert any(not torch.equal(init[k], v) for k, v in twin.state_dict().items())  # training did move the weights
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4, abs=1e-5)
+
+
+def _rank_record(rank: int, world: int, port: int, overrides: list) -> None:
+    """A rank that trains and writes ``rank<r>.json`` into ``train.out``: the data positions ``(epoch,
+    batch_in_epoch)`` of the micro-batches it trained on, its counters at the end, and the error that stopped it."""
+    _as_rank(rank, world, port)
+    warnings.simplefilter("ignore")  # the skipping-clip warnings
+    import torch.distributed as dist
+
+    cfg = load_config(None, overrides)
+    trainer, error, trained = Trainer(cfg), None, []
+    batches = trainer.batches
+
+    def recording():
+        for batch in batches():
+            trained.append([trainer.epoch, trainer.batch_in_epoch])
+            yield batch
+
+    trainer.batches = recording
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 -- recorded, so that the test sees what every rank ended with
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    record = {"trained": trained, "step": trainer.step, "batch_in_epoch": trainer.batch_in_epoch,
+              "skipped": trainer.skipped, "dropped": trainer.clips.dropped, "error": error}
+    (Path(cfg.train.out) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _clips_split_over_two_ranks(tmp_path, bad_on_rank_1, rows: int, *extra):
+    """Overrides for a supervised run of two ranks (4 clips each per micro-batch) on a clip list of ``rows`` clips
+    where the clips that epoch 0's sampler hands to rank 1 at the positions ``bad_on_rank_1`` are corrupt files and
+    every other clip is readable."""
+    from tests.helpers import write_clip
+
+    pytest.importorskip("av")
+    write_clip(tmp_path / "ok.mp4")
+    (tmp_path / "bad.mp4").write_bytes(b"not an mp4 at all")
+    rank_1 = list(ResumableSampler(list(range(rows)), num_replicas=2, rank=1, seed=0))  # train.seed=0
+    bad = {rank_1[p] for p in bad_on_rank_1}
+    (tmp_path / "train.csv").write_text(
+        "path,label\n" + "".join(f"{'bad' if i in bad else 'ok'}.mp4,{i % 2}\n" for i in range(rows)))
+    return TINY + ["data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}", "data.duration=0.5",
+                   "train.task=supervised", "train.batch_size=8", "train.seed=0", f"train.out={tmp_path / 'run'}",
+                   *extra]
+
+
+def _rank_records(out, world=2):
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_unreadable_clips_of_one_rank_stop_every_rank(tmp_path):
+    """Every clip rank 1 gets is corrupt, rank 0's are fine: half of the global batch is unreadable, so training
+    stops. It used to stop on rank 1 alone (100% of *its* clips), while rank 0 waited in its gradient all-reduce for
+    a rank that had gone (a hang until the process-group timeout, or a gloo connection error): now both ranks decide
+    on the global counts and raise the same error at the same micro-batch."""
+    overrides = _clips_split_over_two_ranks(tmp_path, range(8), 16, "train.steps=2")
+    _spawn_ranks(_rank_record, 2, lambda: overrides, tmp_path / "run", timeout=120)
+    records = _rank_records(tmp_path / "run")
+    for r in records:
+        assert r["error"] == ("ValueError: 8 of the last 16 training clips of this epoch could not be read (only 8 "
+                              "could; 8 unreadable in all): stopping, as at least 50% unreadable means a broken clip "
+                              "list or data.root, not bad luck (the skipping-clip warnings give causes)")
+        assert r["trained"] == [] and r["step"] == 0  # every micro-batch had an empty part on rank 1
+
+
+def test_a_micro_batch_one_rank_cannot_read_is_skipped_by_every_rank(tmp_path):
+    """Rank 1's second micro-batch of epoch 0 is all corrupt, rank 0's is readable. Rank 1 used to skip it alone:
+    its gradients were then averaged with rank 0's *second* micro-batch while it trained on its third, and its data
+    position ran a batch ahead of the one rank 0 saved. Now both ranks skip it (rank 0's 4 readable clips of it are
+    dropped and counted) and train on the same micro-batches, with the same counters."""
+    overrides = _clips_split_over_two_ranks(tmp_path, range(4, 8), 24, "train.steps=2")
+    _spawn_ranks(_rank_record, 2, lambda: overrides, tmp_path / "run", timeout=120)
+    records = _rank_records(tmp_path / "run")
+    for r in records:
+        assert r["error"] is None
+        assert r == {"trained": [[0, 1], [0, 3]], "step": 2, "batch_in_epoch": 3, "skipped": 8, "dropped": 4,
+                     "error": None}
+    assert [json.loads(line)["skipped"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [0, 8]
+
+
+def _other_rank(*counts):
+    """A fake all-reduce: sums this rank's ``(clips, unreadable, empty)`` with another rank's ``counts``."""
+    def all_reduce(vec):
+        assert vec.dtype == torch.int64 and vec.shape == (3,)
+        vec += torch.tensor(counts)
+    return all_reduce
+
+
+def test_clip_ledger_takes_its_decisions_from_every_rank():
+    """What the two-rank tests above check end to end, without processes: the micro-batch's counts are summed over
+    the ranks before deciding, so a rank with a readable micro-batch skips it when another rank's is empty, and stops
+    when the ranks together read too few clips, although its own clips were all readable."""
+    ledger = ClipLedger(_other_rank(4, 4, 1))  # the other rank's micro-batch: 4 clips, all unreadable
+    ledger.start_epoch()
+    assert ledger.admit(4, 0) is False
+    assert (ledger.skipped, ledger.dropped) == (8, 4)  # 4 unreadable on the other rank, this rank's 4 dropped
+    with pytest.raises(ValueError, match=r"^4 of the last 8 training clips of this epoch could not be read \(only 4 "
+                                         r"could; 4 unreadable in all\)"):
+        ledger.end_epoch()  # 50% unreadable over both ranks, 0% here
+    ledger = ClipLedger(_other_rank(4, 0, 0))  # the other rank read its micro-batch
+    ledger.start_epoch()
+    assert ledger.admit(0, 4) is False and (ledger.skipped, ledger.dropped) == (8, 4)
+    assert ledger.admit(3, 1) is True and ledger.admit(4, 0) is True
+    ledger.end_epoch()  # 5 of 24 unreadable
+    assert "5 could not be read (see the warnings above) and 4 readable one(s) were dropped" in ledger.summary()
+
+
+def test_clip_ledger_of_one_process_counts_its_own_clips():
+    """One process: no collective, an empty batch is skipped with nothing dropped, and the share is its own."""
+    ledger = ClipLedger()
+    ledger.start_epoch()
+    assert ledger.admit(2, 2) is True and ledger.admit(0, 4) is False
+    assert (ledger.skipped, ledger.dropped) == (6, 0)
+    with pytest.raises(ValueError, match=r"^6 of the last 8 training clips of this epoch"):
+        ledger.end_epoch()
+    assert ledger.summary().startswith("6 clip(s) could not be read and were skipped so far")
 
 
 def _gather_main(rank: int, world: int, port: int, result_path: str) -> None:

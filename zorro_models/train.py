@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ from .reporting import MetricsLogger, plot_training_curves, read_metrics
 
 __all__ = ["Trainer", "ResumableSampler", "warmup_cosine", "param_groups",
            "run_training", "progress_line", "summary_line", "main", "RESUMABLE_CHANGES", "RUN_FILES", "run_contents", "config_changes",
-           "UNREADABLE_SHARE", "UNREADABLE_WINDOW"]
+           "UNREADABLE_SHARE", "UNREADABLE_WINDOW", "ClipLedger"]
 
 #: What a run writes into ``train.out`` (``train.overwrite=true`` deletes these and nothing else).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "resumes.jsonl", "training_curves.png", "eval.json",
@@ -161,7 +161,8 @@ class Trainer:
     """Builds everything from a :class:`~zorro_models.config.Config` and runs :meth:`fit`.
 
     Attributes after construction: ``model`` (the backbone), ``task`` (model + heads + loss), ``preprocess``,
-    ``optimizer``, ``scheduler``, ``step`` (optimizer steps done), ``env`` (:class:`DistEnv`), ``out`` (run folder).
+    ``optimizer``, ``scheduler``, ``step`` (optimizer steps done), ``env`` (:class:`DistEnv`), ``out`` (run folder),
+    ``clips`` (:class:`ClipLedger`: the clips skipped, and the decisions on unreadable ones, the same on every rank).
     """
 
     def __init__(self, cfg: Config, env: Optional[DistEnv] = None):
@@ -204,7 +205,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, t.steps, o.warmup_steps, o.min_lr_ratio))
         self.sampler = ResumableSampler(self.train_set, world, self.env.rank, shuffle=True, seed=t.seed)
-        self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.clips = ClipLedger(dist.all_reduce if self.env.distributed else None, self.device)
         self._val_set = None
 
         if ckpt is not None:
@@ -212,7 +214,8 @@ class Trainer:
             self.step = state["step"]
             self.epoch = state["extra"]["epoch"]
             self.batch_in_epoch = state["extra"]["batch_in_epoch"]
-            self.skipped = state["extra"].get("skipped", 0)
+            self.clips.skipped = state["extra"].get("skipped", 0)
+            self.clips.dropped = state["extra"].get("dropped", 0)
             self._say(f"resumed from {ckpt} at step {self.step}" + "".join(
                 f"; {k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items() if k != "train.resume"))
         elif t.resume:
@@ -288,30 +291,25 @@ class Trainer:
                           num_workers=data_workers(self.cfg), collate_fn=collate,
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
+    @property
+    def skipped(self) -> int:
+        """Training clips passed over so far, over all ranks (see :class:`ClipLedger`)."""
+        return self.clips.skipped
+
     def batches(self) -> Iterator[dict]:
         """Micro-batches forever, epoch after epoch, starting at the saved position; batches whose every clip
-        failed to decode are counted and passed over."""
+        failed to decode (on any rank) are counted and passed over by every rank."""
         if len(self.sampler) // self.micro_batch == 0 and self.batch_in_epoch == 0:
             raise ValueError(f"the training set ({len(self.train_set)} clips) is smaller than one global micro-batch "
                              f"({self.micro_batch} x {self.env.world_size} ranks)")
-        recent = collections.deque()  # (clips, unreadable) of the last batches, UNREADABLE_WINDOW clips or more
         while True:
             self.sampler.set_position(self.epoch, self.batch_in_epoch * self.micro_batch)
-            epoch = [0, 0]  # clips, unreadable in this (part of an) epoch
+            self.clips.start_epoch()
             for batch in self._loader():
                 self.batch_in_epoch += 1
-                self.skipped += batch["num_skipped"]
-                clips = batch["size"] + batch["num_skipped"]
-                epoch = [epoch[0] + clips, epoch[1] + batch["num_skipped"]]
-                recent.append((clips, batch["num_skipped"]))
-                while sum(n for n, _ in recent) - recent[0][0] >= UNREADABLE_WINDOW:
-                    recent.popleft()
-                _check_unreadable(sum(n for n, _ in recent), sum(b for _, b in recent), UNREADABLE_WINDOW,
-                                  self.skipped, "clips")
-                if batch["size"] == 0:
-                    continue
-                yield batch
-            _check_unreadable(*epoch, 1, self.skipped, "clips of this epoch")  # clip lists shorter than the window
+                if self.clips.admit(batch["size"], batch["num_skipped"]):
+                    yield batch
+            self.clips.end_epoch()
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -381,7 +379,8 @@ class Trainer:
         if self.env.is_main:
             path = save_checkpoint(
                 self.out, self.step, self.task, self.optimizer, self.scheduler,
-                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped},
+                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.clips.skipped,
+                       "dropped": self.clips.dropped},
                 config_yaml=config_to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints)
         if self.env.distributed:
             dist.barrier()
@@ -424,8 +423,7 @@ class Trainer:
                                         time.perf_counter() - start), flush=True)
                 window = []
                 if self.skipped > warned:
-                    warnings.warn(f"{self.skipped} clip(s) could not be read and were skipped so far "
-                                  f"(see the warnings above; training continues)", RuntimeWarning)
+                    warnings.warn(self.clips.summary(), RuntimeWarning)
                     warned = self.skipped
             if t.eval_every > 0 and self.step % t.eval_every == 0:
                 self.validate()
@@ -456,6 +454,65 @@ def summary_line(summary: dict) -> str:
     summary)."""
     loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.3f}"
     return f"[zorro] done: step {summary['step']}, loss {loss}, checkpoint {summary['checkpoint']}"
+
+
+class ClipLedger:
+    """Counts of the training clips read and unreadable, the same on every rank, and the data decisions taken from
+    them: whether to train on a micro-batch, and whether to stop because too many clips were unreadable.
+
+    Under DDP every rank must take the same decision at the same micro-batch: a rank that stops alone leaves the
+    others waiting in their next gradient all-reduce until the process group times out (a hang, not the error), and a
+    rank that skips a micro-batch alone averages its gradients with the others' next micro-batch and moves its data
+    position ahead of theirs. So each micro-batch's counts are summed over the ranks first, by ``all_reduce`` (an
+    in-place sum over the ranks, :func:`torch.distributed.all_reduce`, of a tensor on ``device``); with
+    ``all_reduce=None`` (one process) the counts are this process's and no collective is called.
+    """
+
+    def __init__(self, all_reduce: Optional[Callable[[torch.Tensor], object]] = None,
+                 device: Optional[torch.device] = None):
+        self.all_reduce, self.device = all_reduce, device
+        self.skipped = 0  # clips not trained on, over all ranks: the unreadable ones and the dropped ones
+        self.dropped = 0  # readable clips of micro-batches that another rank could not fill (skipped too)
+        self._recent = collections.deque()  # (clips, unreadable) of the last batches, UNREADABLE_WINDOW clips or more
+        self._epoch = [0, 0]  # clips, unreadable in this (part of an) epoch
+
+    def start_epoch(self) -> None:
+        self._epoch = [0, 0]
+
+    def admit(self, size: int, num_skipped: int) -> bool:
+        """Count a micro-batch of ``size`` readable and ``num_skipped`` unreadable clips on this rank (all ranks
+        call this at the same micro-batch); raise if too many clips were unreadable; return whether to train on it."""
+        counts = [size + num_skipped, num_skipped, int(size == 0)]
+        if self.all_reduce is not None:
+            vec = torch.tensor(counts, dtype=torch.int64, device=self.device)
+            self.all_reduce(vec)
+            counts = vec.tolist()
+        clips, bad, empty = counts
+        # A micro-batch that some rank could not fill at all is skipped on every rank: the other ranks' readable clips
+        # of it are dropped with it, and counted as skipped (one process: an empty batch has none to drop).
+        dropped = clips - bad if empty else 0
+        self.skipped += bad + dropped
+        self.dropped += dropped
+        self._epoch = [self._epoch[0] + clips, self._epoch[1] + bad]
+        self._recent.append((clips, bad))
+        while sum(n for n, _ in self._recent) - self._recent[0][0] >= UNREADABLE_WINDOW:
+            self._recent.popleft()
+        _check_unreadable(sum(n for n, _ in self._recent), sum(b for _, b in self._recent), UNREADABLE_WINDOW,
+                          self.skipped - self.dropped, "clips")
+        return not empty
+
+    def end_epoch(self) -> None:
+        """Raise if too many of this epoch's clips were unreadable (clip lists shorter than the window)."""
+        _check_unreadable(*self._epoch, 1, self.skipped - self.dropped, "clips of this epoch")
+
+    def summary(self) -> str:
+        """The warning at a log step after clips were skipped."""
+        if not self.dropped:
+            return (f"{self.skipped} clip(s) could not be read and were skipped so far "
+                    f"(see the warnings above; training continues)")
+        return (f"{self.skipped} clip(s) were skipped so far: {self.skipped - self.dropped} could not be read (see "
+                f"the warnings above) and {self.dropped} readable one(s) were dropped with a micro-batch that another "
+                f"rank could not read at all (training continues)")
 
 
 def _check_unreadable(clips: int, bad: int, at_least: int, total: int, what: str) -> None:
