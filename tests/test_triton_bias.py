@@ -254,22 +254,6 @@ def test_random_layouts_with_biases_and_windows_many(mode):
               blocks=rng.choice([(16, 16), (32, 16), (16, 32)]), seed=i)
 
 
-@pytest.mark.full
-def test_relative_bias_random_windows_many():
-    import random
-
-    rng = random.Random(7)
-    for i in range(25):
-        grid = (rng.randint(1, 7), rng.randint(1, 7))
-        win = (rng.randint(1, grid[0]), rng.randint(1, grid[1]))
-        shift = (win[0] // 2 * rng.randint(0, 1), win[1] // 2 * rng.randint(0, 1))
-        mask, coords = windows_mask(grid, win, rng.randint(0, 4), shift)
-        h = rng.choice([1, 2, 4])
-        rpb = RelativePositionBias(torch.randn(rng.choice([1, h]), (2 * win[0] - 1) * (2 * win[1] - 1)), coords,
-                                   coords, win)
-        check(*make_qkv(mask, h=h, hkv=1, d=16), mask, rpb, mode=rng.choice(MODES), seed=i)
-
-
 # ------------------------------------------------------------------------------------------------------ GPU tier
 def gpu(fn):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))

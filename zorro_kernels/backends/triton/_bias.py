@@ -233,6 +233,15 @@ def bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, qi, kj, q_in, k_in, ok, 
 
 
 @triton.jit
+def full_tile_bias(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows, q_in, cols, Nk, BIAS_KIND: tl.constexpr):
+    """:func:`bias_tile` of a full tile ``rows x cols`` (a query tile of the forward or dQ kernel), bounded by the
+    matrix only: every pair of a full tile is attended."""
+    k_in = cols[None, :] < Nk
+    return bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :], q_in[:, None], k_in,
+                     q_in[:, None] & k_in, BIAS_KIND)
+
+
+@triton.jit
 def relative_index(RQ, RK, T, qi, kj, q_in, k_in, ok):
     """Table columns ``lin_q[i] - lin_k[j]`` of a tile, and where a pair reads the table (``ok``, one position set,
     inside ``[0, T)``)."""

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._config import KernelConfig
 from ._fwd import _RUNTIME_ARGS, LOG2E, common_constexprs, plan_args
-from ._bias import bias_tile, write_bias_grad
+from ._bias import bias_tile, full_tile_bias, write_bias_grad
 from ._launch import launch, shape_bucket
 from ._mask import fixed_words, finite_rows, load_rows, load_tile, pair_keep, poison, program_tile, token_segments
 
@@ -275,10 +275,8 @@ def _dq_full_runs(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_vn, offs
             v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
             bias = 0.0
             if BIAS_KIND != 0:
-                cols = t * BLOCK_N + offs_n
-                k_in = cols[None, :] < Nk
-                bias = bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :],
-                                 q_in[:, None], k_in, q_in[:, None] & k_in, BIAS_KIND)
+                bias = full_tile_bias(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows, q_in, t * BLOCK_N + offs_n, Nk,
+                                      BIAS_KIND)
             dq = _dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, 0, bias, False, BIAS_KIND != 0, INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn

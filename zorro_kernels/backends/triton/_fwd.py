@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._config import KernelConfig, padded_head_dim
 from ._launch import launch, shape_bucket
-from ._bias import bias_tile
+from ._bias import bias_tile, full_tile_bias
 from ._plan import RangePlan
 from ._mask import fixed_words, finite_rows, load_rows, load_tile, pair_keep, poison, program_tile, token_segments
 
@@ -92,10 +92,8 @@ def _fwd_full_runs(acc, l_i, m_i, q, K_bh, V_bh, stride_kn, stride_vn, offs_n, o
             v = load_tile(v_ptrs, offs_d, HEAD_DIM, EVEN_D)
             bias = 0.0
             if BIAS_KIND != 0:
-                cols = t * BLOCK_N + offs_n
-                k_in = cols[None, :] < Nk
-                bias = bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :],
-                                 q_in[:, None], k_in, q_in[:, None] & k_in, BIAS_KIND)
+                bias = full_tile_bias(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows, q_in, t * BLOCK_N + offs_n, Nk,
+                                      BIAS_KIND)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, qk_scale, 0, bias, False, BIAS_KIND != 0,
                                       INPUT_PRECISION)
             k_ptrs += BLOCK_N * stride_kn
