@@ -165,6 +165,32 @@ def test_positions_built_per_call_do_not_grow_the_mask_cache():
     assert sizes[0] == sizes[1] == sizes[2], sizes
 
 
+@pytest.mark.parametrize("plan", ["tiles", "ranges"])
+@pytest.mark.parametrize("kind", ["dense", "relative"])
+def test_poisoned_keys_stay_isolated_with_a_bias(kind, plan):
+    """NaN in the video keys and values (32 x 32 tiles straddling the segment boundaries): the audio rows, which may
+    not see them, get bitwise the clean output and dq with either bias kind (the bias joins the score before the
+    element mask selects, on partial tiles; the range plan never loads those keys for audio rows)."""
+    mask = ZorroMask.zorro(audio=70, video=60, fusion=2)
+    q, k, v = make_qkv(mask, b=1, h=2, hkv=2, d=16)
+    n = mask.num_q
+    pos = torch.arange(n)[:, None] % 70
+    bias = (torch.randn(1, 2, n, n) if kind == "dense"
+            else RelativePositionBias(torch.randn(2, 139), pos, pos, (70,)))
+    runs = []
+    for poison in (False, True):
+        kk, vv = k.clone(), v.clone()
+        if poison:
+            kk[:, :, 70:130], vv[:, :, 70:130] = float("nan"), float("nan")
+        leaves = [t.requires_grad_() for t in (q.clone(), kk, vv)]
+        with override_blocks((32, 32)), override_plan(plan), deterministic():
+            out = zorro_attention(*leaves, mask, bias=bias, backend="triton")
+            dq = torch.autograd.grad(out, leaves[0], torch.ones_like(out))[0]
+        runs.append((out[:, :, :70], dq[:, :, :70]))
+    for name, a, b in zip(("out", "dq"), *runs):
+        assert torch.isfinite(b).all() and torch.equal(a, b), name
+
+
 # ------------------------------------------------------------------------------------------------------ -inf, windows
 @pytest.mark.parametrize("mode", MODES)
 def test_minus_inf_rows_on_full_tiles(mode):
