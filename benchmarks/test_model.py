@@ -20,6 +20,7 @@ from benchmarks.measure import sync
 from benchmarks.peers import MASKED
 from tests.tolerances import assert_within_policy
 from zorro_kernels.backends import BACKENDS, Backend, backward_by_recompute
+from zorro_kernels.integrations._fallback import dense_for_fallback
 from zorro_kernels.reference import expand_kv_heads
 
 # (preset, overrides, batch) per (tier, device type). zorro_vit_small has the Figure-2 token counts; 4 blocks keep the
@@ -34,15 +35,10 @@ BENCH_BACKEND = "bench-sdpa-masked"
 
 
 def _masked_sdpa(q, k, v, mask, scale, bias=None):  # the backend declares no bias: always None
-    def build():
-        dense = mask.to_dense()
-        dense = dense[None] if dense.ndim == 2 else dense
-        live = dense.any(-1)
-        return (dense | ~live[..., None])[:, None].to(q.device), (~live)[:, None, :, None].to(q.device)
-    safe, dead = mask.cached((BENCH_BACKEND, q.device), build)
+    safe, live = dense_for_fallback(mask, q.device)      # the dense mask, rows that see nothing opened (and zeroed)
     h = q.shape[1]
     out = F.scaled_dot_product_attention(q, expand_kv_heads(k, h), expand_kv_heads(v, h), attn_mask=safe, scale=scale)
-    return out.masked_fill(dead, 0.0)
+    return out.masked_fill(~live[:, None, :, None], 0.0)
 
 
 def _create(tier, device):

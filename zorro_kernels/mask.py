@@ -573,12 +573,6 @@ class ZorroMask:
             self._cache[key] = build_token_meta(self).to(device)
         return self._cache[key]
 
-    def cached(self, key, build):
-        """Memoize ``build()`` on this mask under ``key`` (prefer :meth:`derived`, keyed by the builder itself)."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
     def derived(self, build, *args):
         """``build(self, *args)``, computed once per mask and kept under ``(build, *args)``: derived data is keyed by
         the function that builds it, so two modules cannot pick the same key for different things."""

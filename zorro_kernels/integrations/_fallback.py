@@ -58,11 +58,12 @@ def dense_for_fallback(mask, device):
     """
     import torch
 
-    def build():
-        dense = mask.to_dense()
-        dense = dense[None] if dense.ndim == 2 else dense
-        live = dense.any(-1)
-        safe = dense | ~live[..., None]
-        return safe[:, None].to(device), live.to(device)
+    return mask.derived(_dense_safe, torch.device(device))
 
-    return mask.cached(("integrations.dense", torch.device(device)), build)
+
+def _dense_safe(mask, device):
+    dense = mask.to_dense()
+    dense = dense[None] if dense.ndim == 2 else dense
+    live = dense.any(-1)
+    safe = dense | ~live[..., None]
+    return safe[:, None].to(device), live.to(device)

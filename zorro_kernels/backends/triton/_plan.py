@@ -133,9 +133,7 @@ def tile_plan(mask, block_m: int, block_n: int, direction: str, device) -> TileP
     """
     if direction not in ("kv", "q"):
         raise ValueError(f"direction must be 'kv' or 'q', got {direction!r}")
-    device = torch.device(device)
-    return mask.cached(("triton_plan", block_m, block_n, direction, device),
-                       lambda: _build_plan(mask, block_m, block_n, direction, device))
+    return mask.derived(_build_plan, block_m, block_n, direction, torch.device(device))
 
 
 def _pack(allow: np.ndarray) -> np.ndarray:
@@ -153,24 +151,23 @@ def _codes(seg: torch.Tensor, pos: torch.Tensor, lens: torch.Tensor) -> torch.Te
     return torch.where(pos[None] < lens[:, seg], seg[None], -1).to(torch.int32)
 
 
+def _build_kernel_mask(mask, device: torch.device) -> KernelMask:
+    meta = mask.token_meta("cpu")
+    q_code, k_code = _codes(meta.q_seg, meta.q_pos, meta.q_len), _codes(meta.k_seg, meta.k_pos, meta.k_len)
+    bm = max(q_code.shape[0], k_code.shape[0])  # as the tile map: one side may broadcast over the batch
+    allow = mask.allow.bool().numpy()
+    q_bits, k_bits = _pack(allow), _pack(np.ascontiguousarray(allow.T))
+    lo, hi = mask.band()
+    off = mask.num_kv - mask.num_q
+    return KernelMask(q_code.expand(bm, -1).contiguous().to(device), k_code.expand(bm, -1).contiguous().to(device),
+                      torch.from_numpy(q_bits).to(device), q_bits.shape[1],
+                      torch.from_numpy(k_bits).to(device), k_bits.shape[1], lo is not None, hi is not None,
+                      off + (lo or 0), off + (hi or 0))
+
+
 def kernel_mask(mask, device) -> KernelMask:
     """The :class:`KernelMask` of ``mask`` on ``device`` (cached on the mask)."""
-    device = torch.device(device)
-
-    def build():
-        meta = mask.token_meta("cpu")
-        q_code, k_code = _codes(meta.q_seg, meta.q_pos, meta.q_len), _codes(meta.k_seg, meta.k_pos, meta.k_len)
-        bm = max(q_code.shape[0], k_code.shape[0])  # as the tile map: one side may broadcast over the batch
-        allow = mask.allow.bool().numpy()
-        q_bits, k_bits = _pack(allow), _pack(np.ascontiguousarray(allow.T))
-        lo, hi = mask.band()
-        off = mask.num_kv - mask.num_q
-        return KernelMask(q_code.expand(bm, -1).contiguous().to(device), k_code.expand(bm, -1).contiguous().to(device),
-                          torch.from_numpy(q_bits).to(device), q_bits.shape[1],
-                          torch.from_numpy(k_bits).to(device), k_bits.shape[1], lo is not None, hi is not None,
-                          off + (lo or 0), off + (hi or 0))
-
-    return mask.cached(("triton_kernel_mask", device), build)
+    return mask.derived(_build_kernel_mask, torch.device(device))
 
 
 # ----------------------------------------------------------------------------------------- segment-aligned ranges
