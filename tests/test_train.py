@@ -1,6 +1,7 @@
 """Training machinery: schedule, checkpoints, exact resume, gradient accumulation, fine-tuning, and a two-rank gloo
 run against one process on the same global batch."""
 import contextlib
+import errno
 import json
 import math
 import os
@@ -16,7 +17,9 @@ import torch
 import torch.multiprocessing as mp
 
 from zorro_models.checkpoint import latest_checkpoint, load_weights, save_checkpoint
+from zorro_models.cli import error_line
 from zorro_models.config import load_config
+from zorro_models.distributed import DistEnv, RankFailure, on_main_rank
 from zorro_models.train import ClipLedger, ResumableSampler, Trainer, warmup_cosine
 
 from .helpers import TINY
@@ -182,13 +185,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, task):
 
 def _rank_record(rank: int, world: int, port: int, overrides: list) -> None:
     """A rank that trains and writes ``rank<r>.json`` into ``train.out``: the data positions ``(epoch,
-    batch_in_epoch)`` of the micro-batches it trained on, its counters at the end, and the error that stopped it."""
+    batch_in_epoch)`` of the micro-batches it trained on, its counters at the end, and the error that stopped it (and
+    the line the CLI prints for it)."""
     _as_rank(rank, world, port)
     warnings.simplefilter("ignore")  # the skipping-clip warnings
     import torch.distributed as dist
 
     cfg = load_config(None, overrides)
-    trainer, error, trained = Trainer(cfg), None, []
+    trainer, error, line, trained = Trainer(cfg), None, None, []
     batches = trainer.batches
 
     def recording():
@@ -200,11 +204,11 @@ def _rank_record(rank: int, world: int, port: int, overrides: list) -> None:
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 -- recorded, so that the test sees what every rank ended with
-        error = f"{type(e).__name__}: {e}"
+        error, line = f"{type(e).__name__}: {e}", error_line(e)
     finally:
         dist.destroy_process_group()
     record = {"trained": trained, "step": trainer.step, "batch_in_epoch": trainer.batch_in_epoch,
-              "skipped": trainer.skipped, "dropped": trainer.clips.dropped, "error": error}
+              "skipped": trainer.skipped, "dropped": trainer.clips.dropped, "error": error, "line": line}
     (Path(cfg.train.out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -256,16 +260,122 @@ def test_a_micro_batch_one_rank_cannot_read_is_skipped_by_every_rank(tmp_path):
     for r in records:
         assert r["error"] is None
         assert r == {"trained": [[0, 1], [0, 3]], "step": 2, "batch_in_epoch": 3, "skipped": 8, "dropped": 4,
-                     "error": None}
+                     "error": None, "line": None}
     assert [json.loads(line)["skipped"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [0, 8]
 
 
-def _other_rank(*counts):
-    """A fake all-reduce: sums this rank's ``(clips, unreadable, empty)`` with another rank's ``counts``."""
+def _other_rank(clips, unreadable, empty, failed=0):
+    """A fake all-reduce: sums this rank's ``(clips, unreadable, empty, failed)`` with another rank's."""
     def all_reduce(vec):
-        assert vec.dtype == torch.int64 and vec.shape == (3,)
-        vec += torch.tensor(counts)
+        assert vec.dtype == torch.int64 and vec.shape == (4,)
+        vec += torch.tensor([clips, unreadable, empty, failed])
     return all_reduce
+
+
+def _rank_with_a_full_disk(rank: int, world: int, port: int, job: tuple) -> None:
+    """:func:`_rank_record` with ``job = (writer, overrides)``, where the writer ``zorro_models.train.<writer>`` (only
+    rank 0 writes) fails as on a full disk."""
+    import zorro_models.train
+
+    writer, overrides = job
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "somewhere")
+
+    setattr(zorro_models.train, writer, full)
+    _rank_record(rank, world, port, overrides)
+
+
+@pytest.mark.parametrize("work", ["run folder", "checkpoint", "validation"])
+def test_rank_0_failing_its_own_work_stops_every_rank(tmp_path, work):
+    """Rank 0 alone prepares the run folder, writes checkpoints and validates. When that failed, rank 0 left with its
+    error while rank 1 waited for it in a barrier or its next all-reduce (a hang under nccl; gloo's "Connection closed
+    by peer", which says nothing of the cause). Now every rank waits for that work by an all-reduce of a failed flag:
+    rank 1 raises too, with rank 0's line, at the same step."""
+    out, full = tmp_path / "run", "[Errno 28] No space left on device: 'somewhere'"
+    step, line, overrides = 1, full, TINY + ["train.steps=2", "train.ckpt_every=1", f"train.out={out}"]
+    if work == "run folder":
+        rank_fn, job, what, step = _rank_with_a_full_disk, ("save_config", overrides), f"preparing train.out={out}", 0
+    elif work == "checkpoint":
+        rank_fn, job, what = _rank_with_a_full_disk, ("save_checkpoint", overrides), "writing the checkpoint of step 1"
+    else:
+        rank_fn, job = _rank_record, _clips_split_over_two_ranks(
+            tmp_path, [], 16, "train.steps=2", "train.eval_every=1", f"data.val_csv={tmp_path / 'gone.csv'}")
+        line, what = f"clip list {tmp_path / 'gone.csv'} does not exist", "validating at step 1"
+    _spawn_ranks(rank_fn, 2, lambda: job, out, timeout=120)
+    rank_0, rank_1 = _rank_records(out)
+    assert rank_0["line"] == line
+    assert rank_1["line"] == f"rank 0 failed {what}: {line}"
+    assert rank_0["step"] == rank_1["step"] == step
+
+
+def test_a_raising_clip_of_one_rank_stops_every_rank(tmp_path):
+    """data.on_error=raise and one corrupt clip, in rank 1's second micro-batch. Its ClipError used to stop rank 1
+    alone, while rank 0 waited for it in the next all-reduce. Now the micro-batch's all-reduce carries the failure:
+    both ranks stop at that micro-batch, rank 0 with rank 1's line."""
+    overrides = _clips_split_over_two_ranks(tmp_path, [5], 16, "train.steps=2", "data.on_error=raise")
+    _spawn_ranks(_rank_record, 2, lambda: overrides, tmp_path / "run", timeout=120)
+    rank_0, rank_1 = _rank_records(tmp_path / "run")
+    assert rank_1["error"].startswith(f"ClipError: {tmp_path / 'bad.mp4'}: cannot decode")
+    assert rank_0["line"] == f"rank 1 failed reading its training clips: {rank_1['line']}"
+    assert rank_0["trained"] == rank_1["trained"] == [[0, 1]] and rank_0["step"] == rank_1["step"] == 1
+
+
+def test_on_main_rank_shares_rank_0_failure(monkeypatch):
+    """What the two-rank tests check end to end, with fake collectives: rank 1 raises rank 0's failure as one line;
+    one process calls no collective and raises the error as it is."""
+    import torch.distributed as dist
+
+    def failed_on_rank_0(flag):
+        flag += 1
+
+    def rank_0_line(lines, mine):
+        assert mine is None
+        lines[:] = ["[Errno 28] No space left on device", None]
+
+    monkeypatch.setattr(dist, "all_reduce", failed_on_rank_0)
+    monkeypatch.setattr(dist, "all_gather_object", rank_0_line)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    rank_1 = DistEnv(1, 2, 1, torch.device("cpu"))
+    with pytest.raises(RankFailure, match=r"^rank 0 failed writing: \[Errno 28\] No space left on device$"):
+        on_main_rank(rank_1, pytest.fail, "writing")  # rank 0's work never runs on rank 1
+
+    def no_collective(*args):
+        raise AssertionError("a collective in one process")
+
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
+    monkeypatch.setattr(dist, "all_gather_object", no_collective)
+    alone, disk_full = DistEnv(0, 1, 0, torch.device("cpu")), OSError(errno.ENOSPC, "No space left on device")
+    assert on_main_rank(alone, lambda: 7, "writing") == 7
+
+    def write():
+        raise disk_full
+
+    with pytest.raises(OSError) as raised:
+        on_main_rank(alone, write, "writing")
+    assert raised.value is disk_full
+
+
+def test_clip_ledger_shares_a_raising_clip():
+    """A rank whose micro-batch raised passes its error to every rank through the micro-batch's all-reduce; one
+    process raises it as it is."""
+    shared = []
+
+    def fail_together(error, what):
+        shared.append((error, what))
+        raise RankFailure(what)
+
+    error = ValueError("bad.mp4")
+    ledger = ClipLedger(_other_rank(4, 0, 0), fail_together=fail_together)
+    with pytest.raises(RankFailure):
+        ledger.admit(0, 0, error)
+    ledger = ClipLedger(_other_rank(0, 0, 1, failed=1), fail_together=fail_together)  # the other rank's raised
+    with pytest.raises(RankFailure):
+        ledger.admit(4, 0)
+    assert shared == [(error, "reading its training clips"), (None, "reading its training clips")]
+    with pytest.raises(ValueError) as raised:
+        ClipLedger().admit(0, 0, error)
+    assert raised.value is error
 
 
 def test_clip_ledger_takes_its_decisions_from_every_rank():

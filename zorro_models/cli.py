@@ -23,6 +23,7 @@ import torch
 
 from .base import MASK_KINDS
 from .config import add_config_args, add_run_folder_args, run_folder_overrides
+from .distributed import RankFailure
 
 __all__ = ["main", "build_parser", "error_line"]
 
@@ -375,10 +376,11 @@ def run_reporting_errors(fn, debug: bool = False, prog: str = "zorro") -> int:
 
 
 def error_line(e: BaseException) -> str:
-    """``e`` as one line: our errors (ValueError, TypeError, a missing file) speak for themselves; anything else is
-    unexpected, so its type is named and the way to the traceback given."""
+    """``e`` as one line: our errors (ValueError, TypeError, a missing file; another rank's error, which holds its
+    line) speak for themselves; anything else is unexpected, so its type is named and the way to the traceback
+    given."""
     text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (ValueError, TypeError, KeyError, OSError)):
+    if isinstance(e, (ValueError, TypeError, KeyError, OSError, RankFailure)):
         return text
     return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 

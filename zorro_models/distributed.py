@@ -3,16 +3,23 @@
 ``torchrun --nproc_per_node=N -m zorro_models.train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
 ``MASTER_ADDR``/``MASTER_PORT``; :func:`init_distributed` reads them and starts a process group (gloo on CPU, nccl on
 CUDA). Without them everything runs as one process and every helper here is the identity.
+
+A rank that fails alone must not leave the others waiting for it in their next collective (a hang under nccl until the
+process-group timeout, an unrelated "Connection closed by peer" under gloo): :func:`on_main_rank` runs rank-0-only
+work and :func:`fail_together` makes every rank raise once a collective has shown that one failed.
 """
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple, NoReturn, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd"]
+__all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd", "RankFailure", "fail_together",
+           "on_main_rank"]
+
+T = TypeVar("T")
 
 
 class DistEnv(NamedTuple):
@@ -49,6 +56,46 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistEnv(rank, world, local, dev)
+
+
+class RankFailure(RuntimeError):
+    """Raised by the ranks that did not fail when another rank did: the message names that rank, what it was doing,
+    and its error as the one line it prints itself."""
+
+
+def fail_together(error: Optional[BaseException], what: str) -> NoReturn:
+    """Every rank calls this once a collective has shown that some rank failed ``what`` (e.g. ``"writing the
+    checkpoint of step 4"``); ``error`` is this rank's exception, None where it did not fail. The ranks exchange their
+    errors as one line each (an all-gather of objects, only on this failure path) and raise: a rank that failed its
+    own ``error``, the others a :class:`RankFailure` ``"rank R failed WHAT: LINE"`` for the first rank that failed."""
+    from .cli import error_line  # the line that rank prints; imported here: the CLI sits on top of this module
+
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, None if error is None else error_line(error))
+    if error is not None:
+        raise error
+    rank = next(r for r, line in enumerate(lines) if line is not None)
+    raise RankFailure(f"rank {rank} failed {what}: {lines[rank]}")
+
+
+def on_main_rank(env: DistEnv, fn: Callable[[], T], what: str) -> Optional[T]:
+    """``fn()`` on rank 0 only (its result there, None on the other ranks), which every rank waits for; when it raises,
+    every rank raises (:func:`fail_together`: rank 0 its exception, the others a :class:`RankFailure` with its line)
+    instead of the others waiting for a rank that has gone. The wait is one all-reduce of a failed flag, in place of
+    a barrier. One process: ``fn()``, no collective."""
+    if not env.distributed:
+        return fn()
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            error = e
+    failed = torch.tensor([int(error is not None)], dtype=torch.int64, device=env.device)
+    dist.all_reduce(failed)
+    if failed.item():
+        fail_together(error, what)
+    return result
 
 
 def _gather_parts(x: torch.Tensor) -> tuple[list, list]:

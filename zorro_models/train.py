@@ -15,7 +15,9 @@ Contrastive task: projections of the paired outputs are gathered from every rank
 task: a classifier per output, cross-entropy (or BCE for multi-label data) averaged over the outputs.
 
 Only rank 0 writes: checkpoints (:mod:`zorro_models.checkpoint`), ``metrics.jsonl``, ``config.yaml`` and the
-training-curve plot, all under ``train.out``. ``train.resume=true`` continues from the latest checkpoint there exactly
+training-curve plot, all under ``train.out``; when its checkpoint write or validation fails, every rank raises (see
+:func:`~zorro_models.distributed.on_main_rank`), as every rank does when one rank's clip raises
+(``data.on_error=raise``). ``train.resume=true`` continues from the latest checkpoint there exactly
 as the uninterrupted run would have (same data order, optimizer and scheduler state, RNG).
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .config import (Config, add_config_args, add_run_folder_args, config_to_yam
 
 import yaml
 from .data import collate
-from .distributed import DistEnv, init_distributed
+from .distributed import DistEnv, fail_together, init_distributed, on_main_rank
 from .evaluate import evaluate_heads
 from .reporting import MetricsLogger, plot_training_curves, read_metrics
 
@@ -305,9 +307,17 @@ class Trainer:
         while True:
             self.sampler.set_position(self.epoch, self.batch_in_epoch * self.micro_batch)
             self.clips.start_epoch()
-            for batch in self._loader():
+            loader = iter(self._loader())
+            while True:
+                batch, error = {"size": 0, "num_skipped": 0}, None
+                try:
+                    batch = next(loader)
+                except StopIteration:  # every rank at the same micro-batch: their shards are equally long
+                    break
+                except Exception as e:  # noqa: BLE001 - a raising clip (data.on_error=raise): every rank stops with it
+                    error = e
                 self.batch_in_epoch += 1
-                if self.clips.admit(batch["size"], batch["num_skipped"]):
+                if self.clips.admit(batch["size"], batch["num_skipped"], error):
                     yield batch
             self.clips.end_epoch()
             self.epoch += 1
@@ -357,10 +367,9 @@ class Trainer:
 
     def validate(self) -> Optional[dict]:
         """Supervised runs: score the heads on the validation split under each input regime (rank 0 evaluates, the
-        others wait); logged as ``{"split": "val", "step": ..., "<regime>/<head>": metric}``. Returns the scores on
-        rank 0, None elsewhere."""
-        scores = None
-        if self.env.is_main:
+        others wait; when it fails, every rank raises); logged as ``{"split": "val", "step": ..., "<regime>/<head>":
+        metric}``. Returns the scores on rank 0, None elsewhere."""
+        def evaluate() -> dict:
             if self._val_set is None:
                 self._val_set = build_dataset(self.cfg, self.model, "val")
             scores = evaluate_heads(self.task.model, self.task.heads, self.preprocess,
@@ -369,30 +378,26 @@ class Trainer:
             self.task.train()
             self.logger.log({"split": "val", "step": self.step,
                              **{f"{r}/{h}": v for r, d in scores.items() for h, v in d.items()}})
-        if self.env.distributed:
-            dist.barrier()
-        return scores
+            return scores
+
+        return on_main_rank(self.env, evaluate, f"validating at step {self.step}")
 
     def save(self) -> Optional[Path]:
-        """Checkpoint the current state (rank 0 writes; every rank returns after the write)."""
-        path = None
-        if self.env.is_main:
-            path = save_checkpoint(
-                self.out, self.step, self.task, self.optimizer, self.scheduler,
-                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.clips.skipped,
-                       "dropped": self.clips.dropped},
-                config_yaml=config_to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints)
-        if self.env.distributed:
-            dist.barrier()
-        return path
+        """Checkpoint the current state (rank 0 writes; every rank returns after the write, or raises when it
+        failed)."""
+        return on_main_rank(self.env, lambda: save_checkpoint(
+            self.out, self.step, self.task, self.optimizer, self.scheduler,
+            extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.clips.skipped,
+                   "dropped": self.clips.dropped},
+            config_yaml=config_to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints),
+            f"writing the checkpoint of step {self.step}")
 
     def fit(self, stop_at: Optional[int] = None) -> dict:
         """Train until ``train.steps`` optimizer steps (or ``stop_at``, for tests that interrupt a run), checkpoint,
         and return ``{"step", "loss", "seconds", "checkpoint", "skipped"}``."""
         t = self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
-        if self.env.is_main:
-            self._open_run()
+        on_main_rank(self.env, self._open_run, f"preparing train.out={self.out}")
         self.task.train()
         data = self.batches()
         bar = None
@@ -465,12 +470,15 @@ class ClipLedger:
     rank that skips a micro-batch alone averages its gradients with the others' next micro-batch and moves its data
     position ahead of theirs. So each micro-batch's counts are summed over the ranks first, by ``all_reduce`` (an
     in-place sum over the ranks, :func:`torch.distributed.all_reduce`, of a tensor on ``device``); with
-    ``all_reduce=None`` (one process) the counts are this process's and no collective is called.
+    ``all_reduce=None`` (one process) the counts are this process's and no collective is called. The same sum carries
+    whether a rank could not read its micro-batch at all (an exception: a clip with ``data.on_error=raise``): then
+    every rank raises, through ``fail_together`` (:func:`~zorro_models.distributed.fail_together`).
     """
 
     def __init__(self, all_reduce: Optional[Callable[[torch.Tensor], object]] = None,
-                 device: Optional[torch.device] = None):
-        self.all_reduce, self.device = all_reduce, device
+                 device: Optional[torch.device] = None,
+                 fail_together: Callable[[Optional[BaseException], str], object] = fail_together):
+        self.all_reduce, self.device, self.fail_together = all_reduce, device, fail_together
         self.skipped = 0  # clips not trained on, over all ranks: the unreadable ones and the dropped ones
         self.dropped = 0  # readable clips of micro-batches that another rank could not fill (skipped too)
         self._recent = collections.deque()  # (clips, unreadable) of the last batches, UNREADABLE_WINDOW clips or more
@@ -479,15 +487,20 @@ class ClipLedger:
     def start_epoch(self) -> None:
         self._epoch = [0, 0]
 
-    def admit(self, size: int, num_skipped: int) -> bool:
+    def admit(self, size: int, num_skipped: int, error: Optional[BaseException] = None) -> bool:
         """Count a micro-batch of ``size`` readable and ``num_skipped`` unreadable clips on this rank (all ranks
-        call this at the same micro-batch); raise if too many clips were unreadable; return whether to train on it."""
-        counts = [size + num_skipped, num_skipped, int(size == 0)]
+        call this at the same micro-batch), or the ``error`` that reading it raised; raise that error (on every rank)
+        or if too many clips were unreadable; return whether to train on the micro-batch."""
+        counts = [size + num_skipped, num_skipped, int(size == 0), int(error is not None)]
         if self.all_reduce is not None:
             vec = torch.tensor(counts, dtype=torch.int64, device=self.device)
             self.all_reduce(vec)
             counts = vec.tolist()
-        clips, bad, empty = counts
+        clips, bad, empty, failed = counts
+        if failed and self.all_reduce is None:
+            raise error
+        if failed:
+            self.fail_together(error, "reading its training clips")
         # A micro-batch that some rank could not fill at all is skipped on every rank: the other ranks' readable clips
         # of it are dropped with it, and counted as skipped (one process: an empty batch has none to drop).
         dropped = clips - bad if empty else 0
