@@ -18,7 +18,7 @@ from .helpers import deterministic, triton_unavailable
 from .test_attention import make_qkv
 from .layouts import random_mask
 from .test_bias import dense_bias, windows_mask
-from .test_triton import CASES, qkv
+from .test_triton import CASES, gpu, qkv
 from .tolerances import check_against_oracle
 
 _OFF = triton_unavailable()
@@ -281,14 +281,6 @@ def test_random_layouts_with_biases_and_windows_many(mode):
 
 
 # ------------------------------------------------------------------------------------------------------ GPU tier
-def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
-
-
-def _on(device, *tensors):
-    return [t.to(device) for t in tensors]
-
-
 @gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -307,7 +299,7 @@ def test_gpu_biases_and_windows(kind, dtype, mode):
                                        window=(255, 0))
         i = torch.arange(1800)
         bias = -0.05 * (i[:, None] - i[None, :]).abs().float().to(dtype)[None, None]
-    q, k, v = _on("cuda", *make_qkv(mask, b=2, h=8, hkv=2, d=64, dtype=dtype))
+    q, k, v = (t.cuda() for t in make_qkv(mask, b=2, h=8, hkv=2, d=64, dtype=dtype))
     if isinstance(bias, torch.Tensor):
         bias = bias.cuda()
     with deterministic(mode == "deterministic"):

@@ -136,6 +136,11 @@ def _check_block(p, r0: int, r1: int, c0: int, c1: int, lo, hi, off: int, chunk:
             p.index(rows[i:i + 1], cols[j:j + 1])   # raises the shared message for this pair
 
 
+def _broadcast_strides(t: torch.Tensor) -> tuple:
+    """``t``'s element strides with 0 on its size-1 dims (what a kernel reading it as broadcast needs)."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
 def kernel_bias(bias, q: torch.Tensor, mask) -> KernelBias:
     """The :class:`KernelBias` of ``bias`` (None, a dense tensor or a RelativePositionBias) for q ``(B, H, Nq, D)``."""
     if bias is None:
@@ -155,9 +160,8 @@ def kernel_bias(bias, q: torch.Tensor, mask) -> KernelBias:
             t = t.contiguous()
         return KernelBias(RELATIVE, t, rq, rk, (0, t.stride(0) if t.shape[0] > 1 else 0, 0, 0), t.shape[1])
     x = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
-    strides = tuple(0 if n == 1 else s for n, s in zip(x.shape, x.stride()))
     dummy = q.new_empty(0, dtype=torch.int32)
-    return KernelBias(DENSE, x, dummy, dummy, strides, 0)
+    return KernelBias(DENSE, x, dummy, dummy, _broadcast_strides(x), 0)
 
 
 class BiasGrad(NamedTuple):
@@ -172,10 +176,6 @@ class BiasGrad(NamedTuple):
     def args(self) -> dict:
         sb, sh, sm, sn = self.strides
         return dict(DBIAS=self.buf, stride_gb=sb, stride_gh=sh, stride_gm=sm, stride_gn=sn)
-
-
-def _strides(t: torch.Tensor, shape) -> tuple:
-    return tuple(0 if n == 1 else s for n, s in zip(shape, t.stride()))
 
 
 def bias_grad(bias, kb: KernelBias, q: torch.Tensor, nk: int, deterministic: bool) -> BiasGrad:
@@ -196,7 +196,7 @@ def bias_grad(bias, kb: KernelBias, q: torch.Tensor, nk: int, deterministic: boo
             return BiasGrad(1, g, g.stride(),
                             lambda: g.sum(dims, keepdim=True).to(bias.dtype).reshape(bias.shape))
         g = torch.zeros(shape, dtype=torch.float32, device=q.device)
-        return BiasGrad(2, g, _strides(g, shape), lambda: g.to(bias.dtype).reshape(bias.shape))
+        return BiasGrad(2, g, _broadcast_strides(g), lambda: g.to(bias.dtype).reshape(bias.shape))
     table = bias.table
     if deterministic:   # a full buffer, then index_add over the pairs' table columns (visible pairs only are nonzero)
         g = torch.zeros(full, dtype=torch.float32, device=q.device)
