@@ -2,7 +2,7 @@
 hand-written Swin computation (window partition, one batched SDPA call with the bias per window size, the fusion rows
 separately), forward and forward+backward.
 
-The layout is one Zorro-Swin block (:func:`zorro_models.swin.swin_block_layout`): audio grid 32 x 16 in 8 x 8 windows
+The layout is one Zorro-Swin block (:func:`zorro_models.models.swin.swin_block_layout`): audio grid 32 x 16 in 8 x 8 windows
 (8 windows of 64 tokens), video grid 2 x 28 x 28 in 1 x 7 x 7 windows (32 windows of 49), 8 fusion tokens; B=2, H=12,
 D=64. Both sides start from the same window-ordered q, k, v and one learned table ``(H, 225 + 169)``; their outputs and
 gradients (q, k, v, table) are checked against each other before timing. On a GPU the Triton kernels join, with and
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import bench_device
 from zorro_kernels import RelativePositionBias, zorro_attention
-from zorro_models.swin import rel_table_size, swin_block_layout
+from zorro_models.models.swin import rel_table_size, swin_block_layout
 
 B, H, D = 2, 12, 64
 GRIDS = {"audio": (32, 16), "video": (2, 28, 28)}

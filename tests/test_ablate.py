@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from zorro_models import train
-from zorro_models.ablate import _cell_configs, grid_cells, parse_grid, run_ablate
+from zorro_models.training import trainer as train
+from zorro_models.commands.ablate import _cell_configs, grid_cells, parse_grid, run_ablate
 from zorro_models.cli import main
 
 from .helpers import TINY

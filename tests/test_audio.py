@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from zorro_models.audio import LogMelSpectrogram, hz_to_mel, mel_to_hz
+from zorro_models.data.audio import LogMelSpectrogram, hz_to_mel, mel_to_hz
 
 
 def _numpy_log_mel(x: np.ndarray, sr, n_fft, hop, win, n_mels, f_min, f_max, offset):

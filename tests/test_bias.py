@@ -39,7 +39,7 @@ def dense_bias(mask, shape, *, b=2, h=4, dtype=torch.float32):
 def windows_mask(grid=(4, 6), win=(2, 3), fusion=3, shift=(0, 0)):
     """Swin-like: a 2-D grid in windows (window order), each window a segment seeing itself; fusion sees all.
     Returns ``(mask, coords (N, 2) with -1 rows for fusion)``."""
-    from zorro_models.swin import window_order, window_partition
+    from zorro_models.models.swin import window_order, window_partition
 
     wins = window_partition(grid, win, shift)
     perm, sizes = window_order(grid, wins)

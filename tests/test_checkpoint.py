@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import zorro_models.checkpoint as ckpt_mod
-from zorro_models.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_weights,
+import zorro_models.training.checkpoint as ckpt_mod
+from zorro_models.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_weights,
                                      save_checkpoint)
 
 

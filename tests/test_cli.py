@@ -107,7 +107,7 @@ def test_show_mask_takes_every_mask_kind_for_every_family(capsys):
 def test_show_mask_layouts_are_the_models_own():
     """The dry run records the masks the blocks really receive: for a ViT, its layout mask in every block."""
     from zorro_models import create_model
-    from zorro_models.cli import attention_layouts
+    from zorro_models.commands.show_mask import attention_layouts
 
     model = create_model("zorro_vit_demo")
     (label, mask), (readout_label, _) = attention_layouts(model, model.example_inputs(batch_size=1))
@@ -238,7 +238,7 @@ def test_train_flags_resume_and_overwrite(tmp_path, capsys):
 
 def test_probe_plot_legend_covers_no_bar_or_label():
     """The demo's table drawn as bars: the legend used to sit on the 0.92 label of the audio-visual group."""
-    from zorro_models.reporting import modality_scores_figure
+    from zorro_models.utils.reporting import modality_scores_figure
 
     table = {"untrained": {"audio-only": 0.732, "video-only": 0.398, "audio-visual": 0.772},
              "Zorro": {"audio-only": 0.783, "video-only": 0.794, "audio-visual": 0.920},

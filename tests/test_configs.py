@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from zorro_models.config import load_config
-from zorro_models.demo import demo_overrides
-from zorro_models.train import Trainer
+from zorro_models.training.config import load_config
+from zorro_models.commands.demo import demo_overrides
+from zorro_models.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))

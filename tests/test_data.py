@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from zorro_models.audio import LogMelSpectrogram
+from zorro_models.data.audio import LogMelSpectrogram
 from zorro_models.data import (AVPreprocessor, ClipDataset, ClipError, SyntheticAVConfig, SyntheticAVDataset,
                                collate, read_clip)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import zorro_models
-from zorro_models.evaluate import (REGIME_OUTPUTS, REGIMES, accuracy, average_precision, collect_embeddings,
+from zorro_models.training.evaluate import (REGIME_OUTPUTS, REGIMES, accuracy, average_precision, collect_embeddings,
                                    evaluate_heads, linear_probe, mean_average_precision, probe_all)
 
 

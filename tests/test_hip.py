@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zorro_models import create_model
-from zorro_models.hip import GroupLayout, hip_level_masks, initial_groups, split_sizes
+from zorro_models.models.hip import GroupLayout, hip_level_masks, initial_groups, split_sizes
 
 
 def test_split_and_regroup():

@@ -184,7 +184,7 @@ def test_attended_counts_causal_cross_attention(nk):
 
 def test_model_mask_cache_keys_on_length_values():
     # a key that ignored the lengths' values was caught only through models shared between tests
-    from zorro_models.layers import MaskCache
+    from zorro_models.models.layers import MaskCache
     a, b = torch.tensor([[4, 6, 2]]), torch.tensor([[4, 5, 2]])
     assert MaskCache.key("self", (4, 6, 2), a) != MaskCache.key("self", (4, 6, 2), b)
     assert MaskCache.key("self", (4, 6, 2), a) == MaskCache.key("self", (4, 6, 2), a.clone())

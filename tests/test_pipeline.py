@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zorro_models.base import MASK_KINDS
-from zorro_models.build import build_model
-from zorro_models.checkpoint import latest_checkpoint
+from zorro_models.models.base import MASK_KINDS
+from zorro_models.training.build import build_model
+from zorro_models.training.checkpoint import latest_checkpoint
 from zorro_models.cli import main
-from zorro_models.config import load_config
-from zorro_models.train import Trainer
+from zorro_models.training.config import load_config
+from zorro_models.training.trainer import Trainer
 
 from .helpers import TINY_FAMILY
 

@@ -106,7 +106,7 @@ def test_readme_shell_command_is_well_formed(cmd, monkeypatch):
     """Parses as bash; every program, script, module and config it names exists; zorro commands parse as the CLI
     parses them, and their configs load with their settings."""
     import zorro_models.cli as cli
-    from zorro_models.config import load_config
+    from zorro_models.training.config import load_config
 
     assert subprocess.run(["bash", "-n", "-c", cmd]).returncode == 0
     words_all = shlex.split(cmd, comments=True)

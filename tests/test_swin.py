@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zorro_kernels import RelativePositionBias
-from zorro_models.swin import (PatchMerging, effective_window, swin_block_layout, window_order,
+from zorro_models.models.swin import (PatchMerging, effective_window, swin_block_layout, window_order,
                                window_partition)
 
 
@@ -152,7 +152,7 @@ def test_docs_show_the_current_masks():
 def test_relative_bias_index_is_swins():
     """One 2-D window: the bias zorro computes per window equals Swin's ``relative_position_index`` gather (so Swin
     tables load as they are), and the audio table part comes before the video one."""
-    from zorro_models.swin import rel_table_size
+    from zorro_models.models.swin import rel_table_size
 
     wt, wf = 3, 4
     layout = swin_block_layout({"audio": (wt, wf), "video": None}, {"audio": (wt, wf), "video": (2, 2, 2)}, False,
@@ -210,7 +210,7 @@ def test_checkpoint_without_relative_bias_says_how_to_load_it(tmp_path):
     """A Zorro-Swin checkpoint from before the relative position bias (no rel_tables) into today's default model: the
     error names the setting that loads it, and that setting does."""
     from zorro_models import create_model
-    from zorro_models.checkpoint import load_weights, save_checkpoint
+    from zorro_models.training.checkpoint import load_weights, save_checkpoint
 
     kw = dict(depths=(1, 1, 1, 1), base_dim=16, num_heads=(1, 2, 2, 4), img_size=32, n_mels=32, audio_frames=64)
     old = create_model("zorro_swin_tiny", rel_pos_bias=False, **kw)

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from zorro_models.checkpoint import latest_checkpoint, load_weights, save_checkpoint
-from zorro_models.cli import error_line
-from zorro_models.config import load_config
-from zorro_models.distributed import DistEnv, RankFailure, on_main_rank
-from zorro_models.train import ClipLedger, ResumableSampler, Trainer, warmup_cosine
+from zorro_models.training.checkpoint import latest_checkpoint, load_weights, save_checkpoint
+from zorro_models.utils.errors import error_line
+from zorro_models.training.config import load_config
+from zorro_models.training.distributed import DistEnv, RankFailure, on_main_rank
+from zorro_models.training.trainer import ClipLedger, ResumableSampler, Trainer, warmup_cosine
 
 from .helpers import TINY
 
@@ -137,7 +137,7 @@ def _as_rank(rank: int, world: int, port: int) -> None:
 
 def _rank_main(rank: int, world: int, port: int, overrides: list) -> None:
     _as_rank(rank, world, port)
-    from zorro_models.train import run_training
+    from zorro_models.training.trainer import run_training
 
     run_training(load_config(None, overrides))
 
@@ -273,16 +273,16 @@ def _other_rank(clips, unreadable, empty, failed=0):
 
 
 def _rank_with_a_full_disk(rank: int, world: int, port: int, job: tuple) -> None:
-    """:func:`_rank_record` with ``job = (writer, overrides)``, where the writer ``zorro_models.train.<writer>`` (only
+    """:func:`_rank_record` with ``job = (writer, overrides)``, where the writer ``zorro_models.training.trainer.<writer>`` (only
     rank 0 writes) fails as on a full disk."""
-    import zorro_models.train
+    import zorro_models.training.trainer
 
     writer, overrides = job
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "somewhere")
 
-    setattr(zorro_models.train, writer, full)
+    setattr(zorro_models.training.trainer, writer, full)
     _rank_record(rank, world, port, overrides)
 
 
@@ -412,7 +412,7 @@ def _gather_main(rank: int, world: int, port: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from zorro_models.distributed import all_gather_nograd, gather_with_grad
+    from zorro_models.training.distributed import all_gather_nograd, gather_with_grad
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -569,7 +569,7 @@ def _deadline(seconds):
 
 def test_a_mostly_unreadable_clip_list_stops(tmp_path, monkeypatch):
     """Two thirds of the clips unreadable over the last UNREADABLE_WINDOW clips (made small here): stop."""
-    import zorro_models.train as train_mod
+    import zorro_models.training.trainer as train_mod
     from tests.helpers import write_clip
 
     pytest.importorskip("av")

@@ -38,11 +38,13 @@ from typing import Optional
 
 import torch
 
+from . import _ops
+from ._checks import check_backend_name, check_inputs
 from .backends import BACKENDS
 from .backends.segments import build_plan
 from .bias import bias_tensor
 
-__all__ = ["explain", "Explanation", "set_benchmark", "clear_cache", "PRIORITY", "CPU_WORK_PER_CALL",
+__all__ = ["explain", "select_backend", "Explanation", "set_benchmark", "clear_cache", "PRIORITY", "CPU_WORK_PER_CALL",
            "CUDA_GRAD_MAX_TOKENS"]
 
 # candidates per device type, in the order ties are broken
@@ -140,8 +142,6 @@ def static_choice(q, k, mask, grad: bool) -> str:
 # ------------------------------------------------------------------------------------------------------ timing
 def _time(name: str, q, k, v, mask, scale: float, grad: bool, bias=None) -> float:
     """Median milliseconds of one call (forward, or forward+backward when ``grad``) of backend ``name``."""
-    from . import _ops
-
     backend = BACKENDS[name]
     q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
 
@@ -252,6 +252,21 @@ def choose(q, k, v, mask, scale: float, grad: bool, bias=None) -> str:
     return name
 
 
+def select_backend(q, k, v, mask, backend: str = "auto", bias=None, scale: Optional[float] = None,
+                   grad: Optional[bool] = None) -> str:
+    """Name of the backend that will run (validated inputs); raises ValueError with every refusal's reasons if none
+    can. ``"auto"`` is :mod:`zorro_kernels.auto`'s choice (see :func:`zorro_kernels.explain`); ``grad`` (default: what
+    autograd will do with these tensors) says whether the call will be differentiated."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return choose(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale),
+                      wants_grad(q, k, v, bias) if grad is None else grad, bias)
+    reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask, bias=bias)
+    if reasons:
+        raise ValueError(f"backend {backend!r} cannot run this input: " + "; ".join(reasons))
+    return backend
+
+
 def explain(q, k, v, mask, *, bias=None, scale: Optional[float] = None, backend: str = "auto",
             grad: Optional[bool] = None) -> Explanation:
     """Which backend :func:`zorro_kernels.zorro_attention` runs for these inputs, and why.
@@ -266,14 +281,11 @@ def explain(q, k, v, mask, *, bias=None, scale: Optional[float] = None, backend:
         candidate / forced), every candidate's refusal reasons and, on CUDA, the measured times. On CUDA this times
         the candidates if the key has not been timed yet, as the first ``auto`` call would.
     """
-    from .attention import check_inputs
-
     check_inputs(q, k, v, mask, scale, bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = wants_grad(q, k, v, bias) if grad is None else bool(grad)
+    check_backend_name(backend)
     if backend != "auto":
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
         reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask, bias=bias)
         return Explanation(backend, "forced" if not reasons else "forced, but it refuses", {backend: reasons})
     return _choose(q, k, v, mask, scale, grad, bias)

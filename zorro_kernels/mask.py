@@ -43,6 +43,8 @@ from typing import Optional, Union
 
 import torch
 
+from .tilemap import build_tile_map, build_token_meta
+
 __all__ = ["ZorroMask"]
 
 Rule = Union[str, Sequence[str]]
@@ -554,8 +556,6 @@ class ZorroMask:
 
         Cached on the mask per ``(block_m, block_n, device)``.
         """
-        from .tilemap import build_tile_map
-
         device = torch.device(device)
         key = ("tiles", block_m, block_n, device)
         if key not in self._cache:
@@ -565,8 +565,6 @@ class ZorroMask:
 
     def token_meta(self, device: Union[str, torch.device] = "cpu"):
         """Per-token segment ids / positions and the rule table, as kernels read them (cached per device)."""
-        from .tilemap import build_token_meta
-
         device = torch.device(device)
         key = ("meta", device)
         if key not in self._cache:

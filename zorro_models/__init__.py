@@ -6,15 +6,15 @@
     out = model(audio=x["audio"], video=x["video"])     # {"audio", "video", "fusion", "global"} -> (B, D)
     out = model(audio=x["audio"])                       # audio only: out["video"] is all zeros
 """
-from . import hip, swin, vit  # noqa: F401  (register the presets)
-from .base import MASK_KINDS, Encoded, StreamLayout, ZorroFeatures, ZorroModel
-from .heads import ContrastiveHeads, SupervisedHeads
-from .layers import OUTPUTS, STREAMS, MaskedReadout
-from .losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
-from .registry import create_model, list_models, model_config, register_model
-from .hip import ZorroHiP
-from .swin import ZorroSwin
-from .vit import ZorroViT
+from .models import hip, swin, vit  # noqa: F401  (register the presets)
+from .models.base import MASK_KINDS, Encoded, StreamLayout, ZorroFeatures, ZorroModel
+from .models.heads import ContrastiveHeads, SupervisedHeads
+from .models.layers import OUTPUTS, STREAMS, MaskedReadout
+from .training.losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
+from .models.registry import create_model, list_models, model_config, register_model
+from .models.hip import ZorroHiP
+from .models.swin import ZorroSwin
+from .models.vit import ZorroViT
 
 __all__ = ["MASK_KINDS", "create_model", "list_models", "model_config", "register_model", "ZorroModel", "ZorroFeatures",
            "StreamLayout", "Encoded", "ZorroViT", "ZorroSwin", "ZorroHiP", "SupervisedHeads", "ContrastiveHeads",

@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from .base import MASK_KINDS
-from .config import add_config_args, add_run_folder_args, run_folder_overrides
-from .distributed import RankFailure
+from .models.base import MASK_KINDS
+from .training.config import add_config_args, add_run_folder_args, run_folder_overrides
+from .utils.errors import error_line, run_reporting_errors
 
 __all__ = ["main", "build_parser", "error_line"]
 
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     overrides = [f"model.name={args.model}"] * bool(args.model) + list(args.overrides)
     results = run_demo(args.out, masks=args.masks, config=args.config, overrides=overrides,
@@ -132,7 +132,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import run_ablate
+    from .commands.ablate import run_ablate
 
     # --grid's nargs="+" also swallows the section.key=value overrides after it; an axis name never has a dot
     grid = [g for g in args.grid if "." not in g.partition("=")[0]]
@@ -143,8 +143,8 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import run_training, summary_line
+    from .training.config import load_config
+    from .training.trainer import run_training, summary_line
 
     threads = [f"train.threads={args.threads}"] if args.threads else []
     summary = run_training(load_config(args.config, list(args.overrides) + threads + run_folder_overrides(args)))
@@ -153,10 +153,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .build import load_run
-    from .config import machine_threads
-    from .evaluate import OUTPUT_ORDER, evaluate_run
-    from .reporting import format_table
+    from .training.build import load_run
+    from .training.config import machine_threads
+    from .training.evaluate import OUTPUT_ORDER, evaluate_run
+    from .utils.reporting import format_table
 
     torch.set_num_threads(args.threads or machine_threads())
     cfg, task, ckpt = load_run(args.checkpoint, args.overrides)
@@ -176,8 +176,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_training
-    from .reporting import format_table
+    from .commands.bench import bench_training
+    from .utils.reporting import format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,153 +190,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_show_mask(args) -> int:
-    from .registry import create_model, model_keywords
+    from .commands.show_mask import show_mask
 
-    if args.audio_only and args.video_only:
-        raise ValueError("show-mask: choose at most one of --audio-only and --video-only")
-    # Swin's relative position bias lives within a window and full attention crosses them (the masks are the same)
-    no_bias = {"rel_pos_bias": False} if args.mask == "full" and model_keywords(args.model).get("rel_pos_bias") else {}
-    torch.manual_seed(0)
-    model = create_model(args.model, mask=args.mask, **no_bias).eval()
-    inputs = model.example_inputs(batch_size=1)
-    if args.audio_only:
-        inputs.pop("video")
-    if args.video_only:
-        inputs.pop("audio")
-    layouts = attention_layouts(model, inputs)
-    print(f"{args.model}, mask={args.mask}: {len(layouts)} attention layout(s) on "
-          f"{' + '.join(inputs)} input ({', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in inputs.items())})")
-    for label, mask in layouts:
-        print(f"\n{label}: {_segment_summary(mask)}; {mask.sparsity():.1%} never computed")
-        print(mask.draw())
-    if args.png:
-        _save_masks_png(layouts, args.png, f"{args.model} (mask={args.mask})")
-        print(f"\nwrote {args.png}")
-    return 0
-
-
-def attention_layouts(model: torch.nn.Module, inputs: dict) -> list:
-    """Every distinct mask the attention blocks of ``model`` use on ``inputs``, in order of first use, with the
-    blocks that use it: ``[(label, ZorroMask)]`` — one for a ViT, windows and shifted windows per Swin stage, cross-
-    and self-attention per HiP level, and the readout.
-
-    A dry run: each block returns its input unchanged, so only the embeddings and the layouts are computed.
-    """
-    from zorro_kernels import ZorroMask
-
-    from .layers import CrossBlock, ZorroBlock
-
-    uses = {}  # id(mask) -> (mask, [block names]); models cache their masks, so blocks sharing a layout share one
-
-    def dry(name):
-        def forward(first, *args, **kwargs):
-            mask = next(a for a in (*args, *kwargs.values()) if isinstance(a, ZorroMask))
-            uses.setdefault(id(mask), (mask, []))[1].append(name)
-            return first
-        return forward
-
-    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (ZorroBlock, CrossBlock))]
-    for name, block in blocks:
-        block.forward = dry(name)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for _, block in blocks:
-            del block.forward
-    return [(_layout_label(names), mask) for mask, names in uses.values()]
-
-
-def _layout_label(names: list) -> str:
-    """Block names -> what they are: ``stages.0.blocks.1`` (Swin: odd blocks are the shifted ones), ``levels.2.cross``
-    (HiP), ``blocks.3`` (ViT), ``readout.block``; other names are listed as they are."""
-    import re
-
-    if names == ["readout.block"]:
-        return "readout (4 learned queries -> final tokens)"
-    m = [re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)", n) for n in names]
-    if all(m) and len({x[1] for x in m}) == 1:
-        idx = [int(x[2]) for x in m]
-        kind = "shifted windows" if idx[0] % 2 else "windows"
-        return f"stage {m[0][1]}, block(s) {', '.join(map(str, idx))} ({kind})"
-    m = [re.fullmatch(r"levels\.(\d+)\.(cross|blocks\.\d+)", n) for n in names]
-    if all(m) and len({x[1] for x in m}) == 1:
-        kind = ("cross-attention, latents -> inputs" if m[0][2] == "cross" else
-                f"self-attention of the latents, {len(names)} block(s)")
-        return f"level {m[0][1]} ({kind}, per group)"
-    if all(re.fullmatch(r"blocks\.\d+", n) for n in names):
-        return f"self-attention of every block ({len(names)})"
-    return ", ".join(names)
-
-
-def _segment_summary(mask) -> str:
-    """``audio 16 x 32 tokens, video 8 x 64, fusion 8``: the segments grouped by modality (``audio/3`` is part of
-    audio), with their count and sizes; queries -> keys when they differ."""
-    def side(names, sizes):
-        groups = {}
-        for n, k in zip(names, sizes):
-            groups.setdefault(n.split("/")[0], []).append(k)
-        parts = []
-        for g, ks in groups.items():
-            size = f"{min(ks)}-{max(ks)}" if min(ks) != max(ks) else f"{ks[0]}"
-            parts.append(f"{g} {size}" if len(ks) == 1 else f"{g} {len(ks)} x {size}")
-        return ", ".join(parts)
-
-    q = side(mask.q_names, mask.q_sizes)
-    return q if mask.is_self else f"{q} -> {side(mask.kv_names, mask.kv_sizes)}"
-
-
-def _save_masks_png(layouts: list, path: str, title: str) -> None:
-    """One panel per layout: the dense mask (black = attended), or its tile map where the dense one is too large
-    to draw; modality boundaries in red."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    cols = min(3, len(layouts))
-    rows = math.ceil(len(layouts) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.5 * rows), squeeze=False)
-    for ax in axes.flat[len(layouts):]:
-        ax.axis("off")
-    for ax, (label, mask) in zip(axes.flat, layouts):
-        scale = 1
-        while mask.num_q * mask.num_kv / scale ** 2 > 2048 ** 2:
-            scale *= 2
-        if scale == 1:
-            image = mask.to_dense()[0 if mask.batch_size else ...].float().numpy()
-            note = "black = attended"
-        else:
-            kinds = mask.tile_map(scale, scale).kinds[0].float().numpy()
-            image = kinds / 2.0
-            note = f"tiles of {scale}x{scale}: black full, grey partial"
-        ax.imshow(image, cmap="Greys", interpolation="nearest", vmin=0, vmax=1, aspect="auto")
-        for axis, names, sizes, line in ((0, mask.q_names, mask.q_sizes, ax.axhline),
-                                         (1, mask.kv_names, mask.kv_sizes, ax.axvline)):
-            edges, ticks, labels, pos, prev = [], [], [], 0, None
-            for n, k in zip(names, sizes):
-                group = n.split("/")[0]
-                if group != prev:
-                    edges.append(pos)
-                    ticks.append(pos)
-                    labels.append(group)
-                    prev = group
-                pos += k
-            for e in edges[1:]:
-                line(e / scale - 0.5, color="tab:red", linewidth=0.8)
-            centers = [(a + b) / 2 / scale for a, b in zip(ticks, ticks[1:] + [pos])]
-            (ax.set_yticks if axis == 0 else ax.set_xticks)(centers)
-            (ax.set_yticklabels if axis == 0 else ax.set_xticklabels)(labels)
-        ax.set_xlabel("keys")
-        ax.set_ylabel("queries")
-        ax.set_title(f"{label}\n{note}", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return show_mask(args.model, args.mask, audio_only=args.audio_only, video_only=args.video_only, png=args.png)
 
 
 COMMANDS = {"demo": cmd_demo, "ablate": cmd_ablate, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "show-mask": cmd_show_mask}
@@ -357,32 +213,6 @@ def main(argv: Optional[list] = None) -> int:
     return run_reporting_errors(lambda: COMMANDS[args.command](args), args.debug)
 
 
-def run_reporting_errors(fn, debug: bool = False, prog: str = "zorro") -> int:
-    """``fn()``'s exit status; an exception prints one line, ``{prog}: error: ...``, and returns 1 (an interrupt: 130),
-    unless ``debug`` or ``ZORRO_DEBUG=1``, which let it propagate with its traceback."""
-    debug = debug or os.environ.get("ZORRO_DEBUG", "") not in ("", "0")
-    try:
-        return fn()
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - every error reaches the user as one line; --debug keeps the traceback
-        if debug:
-            raise
-        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
-        return 1
-
-
-def error_line(e: BaseException) -> str:
-    """``e`` as one line: our errors (ValueError, TypeError, a missing file; another rank's error, which holds its
-    line) speak for themselves; anything else is unexpected, so its type is named and the way to the traceback
-    given."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (ValueError, TypeError, KeyError, OSError, RankFailure)):
-        return text
-    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ..audio import LogMelSpectrogram
+from .audio import LogMelSpectrogram
 from .clips import ClipDataset, ClipError, read_clip
 from .synthetic import SyntheticAVConfig, SyntheticAVDataset
 
@@ -40,7 +40,7 @@ def collate(samples: Sequence[Optional[dict]]) -> dict:
 class AVPreprocessor(nn.Module):
     """A collated batch -> the keyword inputs of a Zorro model.
 
-    Audio: the waveform ``(B, samples)`` goes through :class:`~zorro_models.audio.LogMelSpectrogram`, is cut to at
+    Audio: the waveform ``(B, samples)`` goes through :class:`~zorro_models.data.audio.LogMelSpectrogram`, is cut to at
     most ``max_frames`` frames and standardised, ``(log_mel - audio_mean) / audio_std``. Video: frames ``(B, T, 3, H,
     W)`` in [0, 1] become ``(frames - video_mean) / video_std``. A sample whose ``audio_present`` (``video_present``)
     is False gets ``audio_lengths`` (``video_lengths``) 0: the model sees a zero-length segment for it.

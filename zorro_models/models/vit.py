@@ -8,7 +8,7 @@
         ─> MaskedReadout (4 queries) ─> {"audio", "video", "fusion", "global"}: (B, D)
 
 Every block's self-attention uses one :class:`~zorro_kernels.ZorroMask` built once per forward (per layout and
-lengths) and shared by all blocks. ``mask`` (one of :data:`~zorro_models.base.MASK_KINDS`, as in every family)
+lengths) and shared by all blocks. ``mask`` (one of :data:`~zorro_models.models.base.MASK_KINDS`, as in every family)
 selects the paper's ablations:
 
 - ``"zorro"``: audio sees audio, video sees video, fusion sees everything (the paper's model);
@@ -36,7 +36,7 @@ __all__ = ["ZorroViT"]
 
 
 class ZorroViT(ZorroModel):
-    """Zorro-ViT. Inputs and outputs as :class:`~zorro_models.base.ZorroModel`.
+    """Zorro-ViT. Inputs and outputs as :class:`~zorro_models.models.base.ZorroModel`.
 
     Args:
         img_size: video frame size ``(H, W)`` or int.

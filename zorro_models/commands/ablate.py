@@ -12,9 +12,9 @@ Grid axes (``--grid axis=v1,v2 ...``; an axis not named keeps all its values):
   stream, or one per stream);
 - ``objective``: ``contrastive`` | ``supervised`` -> ``train.task``.
 
-Each (cell, seed) is one ordinary training run (:class:`~zorro_models.train.Trainer`, seed ``train.seed + k``) in
+Each (cell, seed) is one ordinary training run (:class:`~zorro_models.training.trainer.Trainer`, seed ``train.seed + k``) in
 ``<out>/cells/<cell>/seed<k>/``, evaluated with the existing machinery: contrastive cells with linear probes on the
-frozen backbone (:func:`~zorro_models.evaluate.run_probes`; the table shows the audio output's probe under audio-only
+frozen backbone (:func:`~zorro_models.training.evaluate.run_probes`; the table shows the audio output's probe under audio-only
 input, the video output's under video-only, all four outputs concatenated under audio-visual, as ``zorro demo``
 does), supervised cells with their heads on the validation split (:meth:`Trainer.validate`; the table shows the
 averaged prediction of the heads, every head is in ``results.json``) and the unimodal-inference gaps (audio-visual
@@ -47,12 +47,14 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint
-from .config import Config, config_to_yaml, from_dict, load_config, machine_threads
+from ..training.checkpoint import latest_checkpoint
+from ..training.config import Config, config_to_yaml, from_dict, load_config, machine_threads
 from .demo import TABLE_COLUMNS
-from .evaluate import REGIMES, evaluate_run
-from .registry import model_config
-from .reporting import draw_grouped_bars, format_table, pyplot, write_json
+from ..training.evaluate import REGIMES, evaluate_run
+from ..models.registry import model_config
+from ..utils.reporting import draw_grouped_bars, format_table, pyplot, write_json
+from ..training.trainer import Trainer, run_contents
+from ..training.build import build_model
 
 __all__ = ["AXES", "DEFAULTS", "Cell", "parse_grid", "grid_cells", "run_ablate"]
 
@@ -60,7 +62,7 @@ __all__ = ["AXES", "DEFAULTS", "Cell", "parse_grid", "grid_cells", "run_ablate"]
 AXES = {"mask": ("zorro", "bottleneck", "full"), "sharing": ("shared", "separate"),
         "objective": ("contrastive", "supervised")}
 
-#: settings of the default run on the embedded data (on top of :class:`~zorro_models.config.Config`'s defaults, which
+#: settings of the default run on the embedded data (on top of :class:`~zorro_models.training.config.Config`'s defaults, which
 #: are the demo's): 24 runs of ``zorro_vit_demo``, about 10 min on a quiet 2-core CPU (measured: docs/ablate.md). Not
 #: applied under ``--config``: a config file is used as ``zorro train`` would use it.
 DEFAULTS = ("train.steps=80", "probe.train_size=1024", "probe.test_size=512", "data.val_size=512")
@@ -166,7 +168,6 @@ def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
     ``"overwrite"`` a run that died before its first checkpoint (``train.overwrite``: the trainer deletes it, so no
     log line of the dead run mixes in), or start ``"fresh"``. A folder holding another configuration raises
     ValueError, unless ``overwrite``: its result is deleted here and its run by the trainer."""
-    from .train import run_contents
 
     stored = _stored_fingerprint(run)
     if stored is not None and stored != fingerprint:
@@ -184,7 +185,7 @@ def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
 
 
 def _scores(cfg: Config, trainer, say) -> dict:
-    """Evaluate a trained run with :func:`~zorro_models.evaluate.evaluate_run`: ``{"kind": "probes" | "heads",
+    """Evaluate a trained run with :func:`~zorro_models.training.evaluate.evaluate_run`: ``{"kind": "probes" | "heads",
     "metric", "num_classes", "results": {regime: {output or head: value}}, "columns": {column: value}, "gaps": {gap:
     value}}``."""
     report = evaluate_run(cfg, trainer.task, device=trainer.device, progress=say)
@@ -201,7 +202,6 @@ def _scores(cfg: Config, trainer, say) -> dict:
 
 
 def _train_and_score(cfg: Config, how: str, say) -> dict:
-    from .train import Trainer
 
     if how in ("resume", "overwrite"):  # the run-folder rule: a folder that holds a run is resumed or replaced
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{how: True}))
@@ -298,7 +298,6 @@ def _cell_configs(cells: list, seeds: int, config: Optional[str], overrides: Seq
                   threads: int) -> dict:
     """``{(cell name, k): Config}`` for every run, each checked by building its model on the meta device (an axis
     value the model does not support fails here, before any training)."""
-    from .build import build_model
 
     base = ([] if config is not None else list(DEFAULTS)) + list(overrides)
     base_cfg = load_config(config, base)

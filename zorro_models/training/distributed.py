@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple, NoReturn, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from ..utils.errors import RankFailure, error_line
+
 __all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd", "RankFailure", "fail_together",
            "on_main_rank"]
 
@@ -58,17 +60,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local, dev)
 
 
-class RankFailure(RuntimeError):
-    """Raised by the ranks that did not fail when another rank did: the message names that rank, what it was doing,
-    and its error as the one line it prints itself."""
-
 
 def fail_together(error: Optional[BaseException], what: str) -> NoReturn:
     """Every rank calls this once a collective has shown that some rank failed ``what`` (e.g. ``"writing the
     checkpoint of step 4"``); ``error`` is this rank's exception, None where it did not fail. The ranks exchange their
     errors as one line each (an all-gather of objects, only on this failure path) and raise: a rank that failed its
     own ``error``, the others a :class:`RankFailure` ``"rank R failed WHAT: LINE"`` for the first rank that failed."""
-    from .cli import error_line  # the line that rank prints; imported here: the CLI sits on top of this module
 
     lines = [None] * dist.get_world_size()
     dist.all_gather_object(lines, None if error is None else error_line(error))

@@ -21,7 +21,9 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .layers import OUTPUTS
+from ..models.layers import OUTPUTS
+from .build import build_dataset, build_preprocessor, eval_loader, num_classes_of
+from ..utils.reporting import plot_modality_scores, write_json
 
 __all__ = ["REGIMES", "REGIME_OUTPUTS", "accuracy", "average_precision", "mean_average_precision", "score",
            "metric_name", "collect_embeddings", "linear_probe", "probe_all", "run_probes", "evaluate_heads",
@@ -194,11 +196,10 @@ def probe_all(train: tuple[dict, torch.Tensor], test: tuple[dict, torch.Tensor],
 
 def run_probes(cfg, model, *, device="cpu", regimes: Sequence[str] = tuple(REGIMES),
                progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Linear probes of a (trained) backbone on the probe splits of ``cfg`` (see :func:`~zorro_models.build.
+    """Linear probes of a (trained) backbone on the probe splits of ``cfg`` (see :func:`~zorro_models.training.build.
     build_dataset`): embeddings of ``probe.train_size`` clips fit the probes, ``probe.test_size`` other clips score
     them. ``progress``, if given, receives a line as each phase starts. Returns ``{"metric": "accuracy" | "mAP",
     "num_classes": K, "results": {regime: {output: metric}}}``."""
-    from .build import build_dataset, build_preprocessor, eval_loader, num_classes_of
 
     say = progress or (lambda line: None)
     start = time.perf_counter()
@@ -250,8 +251,8 @@ OUTPUT_ORDER = (*OUTPUTS, "mean", "all")
 def evaluate_run(cfg, task, *, probes: bool = False, device=None, out: Optional[Union[str, Path]] = None,
                  label: str = "model", info: Optional[dict] = None,
                  progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Evaluate a trained task (:func:`~zorro_models.build.build_task`, e.g. from
-    :func:`~zorro_models.build.load_run`) under the three input regimes.
+    """Evaluate a trained task (:func:`~zorro_models.training.build.build_task`, e.g. from
+    :func:`~zorro_models.training.build.load_run`) under the three input regimes.
 
     Supervised runs: the heads on the validation split. Contrastive runs (or ``probes=True``): linear probes on the
     frozen backbone (:func:`run_probes`). ``device``: default CUDA when available (and ``train.device`` is not
@@ -262,7 +263,6 @@ def evaluate_run(cfg, task, *, probes: bool = False, device=None, out: Optional[
     Returns ``{**info, "task": ..., "heads": {"metric", "results"}, "probes": {"metric", "num_classes",
     "results"}}`` with the parts that apply; ``results`` are ``{regime: {output: metric}}``.
     """
-    from .build import build_dataset, build_preprocessor, eval_loader
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
@@ -279,7 +279,6 @@ def evaluate_run(cfg, task, *, probes: bool = False, device=None, out: Optional[
     if cfg.train.task != "supervised" or probes:
         report["probes"] = run_probes(cfg, model, device=device, progress=progress)
     if out is not None:
-        from .reporting import plot_modality_scores, write_json
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 preset table of docs/models.md (parameter counts, CPU forward and forward+backward times).
 
     zorro bench [--config YAML] [--masks zorro,full] [--steps N] [section.key=value ...]
-    python -m zorro_models.bench                       # preset table: counts for all, timings for *_demo / *_tiny
-    python -m zorro_models.bench --time all --threads 2 --batch 2 --repeats 5
+    python -m zorro_models.commands.bench                       # preset table: counts for all, timings for *_demo / *_tiny
+    python -m zorro_models.commands.bench --time all --threads 2 --batch 2 --repeats 5
 
 Times are measurements on the machine at hand, not guarantees: compare masks measured side by side in one run.
 """
@@ -18,7 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .registry import create_model, list_models
+from ..models.registry import create_model, list_models
+from ..training.config import load_config
+from ..training.trainer import Trainer
 
 __all__ = ["bench_training", "count_row", "time_preset", "main"]
 
@@ -28,12 +30,10 @@ def bench_training(config: Optional[str], overrides: Sequence[str] = (), masks: 
     """Time ``steps`` training steps (after ``warmup``) and 3 inference batches of the run ``config`` +
     ``overrides``, once per mask of ``masks`` (the masks run one after the other in this process).
 
-    A training step is what :meth:`~zorro_models.train.Trainer.train_step` does: data, front-end, forward, backward,
+    A training step is what :meth:`~zorro_models.training.trainer.Trainer.train_step` does: data, front-end, forward, backward,
     AdamW. Returns ``{"model", "batch_size", "threads", "device", "steps", "rows": {mask: {column: value}}}`` with
     columns ``train step (s)`` (median), ``clips/s (train)``, ``inference (s/batch)``, ``clips/s (inference)``.
     """
-    from .config import load_config
-    from .train import Trainer
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -107,7 +107,7 @@ def time_preset(name: str, batch: int = 2, repeats: int = 5) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m zorro_models.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m zorro_models.commands.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--time", default="small", choices=["small", "all", "none"],
                    help="which presets to time: *_demo and *_tiny (small), all, or none")

@@ -72,7 +72,7 @@ class SupervisedHeads(nn.Module):
 
 
 class ContrastiveHeads(nn.Module):
-    """A projection MLP per output (``Linear -> GELU -> Linear``), feeding :class:`~zorro_models.losses.
+    """A projection MLP per output (``Linear -> GELU -> Linear``), feeding :class:`~zorro_models.training.losses.
     ZorroContrastiveLoss`. Projections are not normalised here; the loss normalises them.
 
     Args:

@@ -28,10 +28,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import load_config, machine_threads
-from .evaluate import run_probes
-from .reporting import format_table, plot_modality_scores, plot_training_curves, read_metrics, write_json
-from .train import Trainer, run_contents
+from ..training.config import load_config, machine_threads
+from ..training.evaluate import run_probes
+from ..utils.reporting import format_table, plot_modality_scores, plot_training_curves, read_metrics, write_json
+from ..training.trainer import Trainer, run_contents
 
 __all__ = ["run_demo", "demo_overrides", "TABLE_COLUMNS", "LABELS"]
 
@@ -42,7 +42,7 @@ TABLE_COLUMNS = {"audio-only": ("audio-only", "audio"), "video-only": ("video-on
 
 
 def demo_overrides(out: Path, mask: str, threads: int) -> list[str]:
-    """The settings the demo runs with, on top of :class:`~zorro_models.config.Config`'s defaults (which already
+    """The settings the demo runs with, on top of :class:`~zorro_models.training.config.Config`'s defaults (which already
     describe the demo: ``zorro_vit_demo``, 200 steps of batch 64, InfoNCE audio<->video, probes on 2048 + 1024
     clips)."""
     return [f"model.mask={mask}", f"train.out={out / mask}", f"train.threads={threads}", "data.num_workers=1",

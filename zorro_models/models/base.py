@@ -140,7 +140,7 @@ def _check_lengths(lengths, batch: int, max_len: int, name: str) -> torch.Tensor
 
 
 class ZorroModel(nn.Module):
-    """Base class of the Zorro backbones (see :mod:`zorro_models.vit`, ``swin``, ``hip``).
+    """Base class of the Zorro backbones (see :mod:`zorro_models.models.vit`, ``swin``, ``hip``).
 
     Subclasses set ``self.audio_embed`` (:class:`AudioPatchEmbed`), ``self.video_embed`` (:class:`VideoPatchEmbed`),
     ``self.readout`` (:class:`MaskedReadout`), ``self.embed_dim``, ``self.config``, ``self.mask_kind`` (one of

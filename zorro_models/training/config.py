@@ -30,7 +30,7 @@ __all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "Optim
 class ModelConfig:
     """``create_model(name, mask=mask, **kwargs)``.
 
-    ``mask`` is one of :data:`~zorro_models.base.MASK_KINDS` (every family accepts each). ``kwargs`` holds the
+    ``mask`` is one of :data:`~zorro_models.models.base.MASK_KINDS` (every family accepts each). ``kwargs`` holds the
     family's own settings (ViT ``depth``, Swin ``depths`` / ``video_window``, HiP ``latents`` / ``groups``, ...);
     the family checks them and an unknown one is an error listing the valid keywords."""
     name: str = "zorro_vit_demo"
@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class AudioConfig:
-    """The log-mel front-end (:class:`~zorro_models.audio.LogMelSpectrogram`) and the spectrogram normalisation.
+    """The log-mel front-end (:class:`~zorro_models.data.audio.LogMelSpectrogram`) and the spectrogram normalisation.
     ``n_mels`` comes from the model. Defaults suit the synthetic data (8 kHz, 1 s -> 65 frames of 16 ms hops)."""
     sample_rate: int = 8000
     n_fft: int = 256

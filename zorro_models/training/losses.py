@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import OUTPUTS
+from ..models.layers import OUTPUTS
 
 __all__ = ["SupervisedLoss", "ZorroContrastiveLoss", "info_nce", "DEFAULT_PAIRS"]
 
@@ -19,7 +19,7 @@ DEFAULT_PAIRS = (("audio", "video"), ("audio", "fusion"), ("video", "fusion"))
 
 
 class SupervisedLoss(nn.Module):
-    """Classification loss over the logits of :class:`~zorro_models.heads.SupervisedHeads`.
+    """Classification loss over the logits of :class:`~zorro_models.models.heads.SupervisedHeads`.
 
     Args:
         multi_label: False: softmax cross-entropy, targets int ``(B,)`` class indices (or float ``(B, C)``
@@ -107,7 +107,7 @@ class ZorroContrastiveLoss(nn.Module):
             the optimizer too).
         max_logit_scale: clamp of ``1 / tau`` (CLIP's 100), against instability.
 
-    Forward: ``projections`` (dict output -> ``(B, P)``, e.g. from :class:`~zorro_models.heads.ContrastiveHeads`),
+    Forward: ``projections`` (dict output -> ``(B, P)``, e.g. from :class:`~zorro_models.models.heads.ContrastiveHeads`),
     optional ``present`` (dict output -> bool ``(B,)``, as ``forward_features`` returns; a pair uses only the samples
     where both outputs are present) -> scalar: the mean of the pairs' losses.
     """

@@ -99,7 +99,7 @@ def hip_level_masks(inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int
         n_fusion_in: fusion tokens among the inputs (the previous level's fusion latents; 0 at level 0).
         n_fusion: fusion latents of this level.
         batch: B (needed when any layout has per-sample ``valid``).
-        mask_kind: one of :data:`~zorro_models.base.MASK_KINDS`, with groups as the modality segments: ``zorro``
+        mask_kind: one of :data:`~zorro_models.models.base.MASK_KINDS`, with groups as the modality segments: ``zorro``
             group-local; ``bottleneck`` group-local plus the fusion latents (in the cross-attention the previous
             level's fusion latents); ``full`` every latent reads every input and sees every latent.
     """
@@ -148,11 +148,11 @@ class HiPLevel(nn.Module):
 
 class ZorroHiP(ZorroModel):
     """Zorro-HiP (see the module docstring and docs/hip.md). Inputs and outputs as
-    :class:`~zorro_models.base.ZorroModel`; ``embed_dim`` is ``dims[-1]``.
+    :class:`~zorro_models.models.base.ZorroModel`; ``embed_dim`` is ``dims[-1]``.
 
     Args:
         img_size, num_frames, video_patch, n_mels, audio_frames, audio_patch: inputs, as in
-            :class:`~zorro_models.vit.ZorroViT`. Tokens have width ``dims[0]``.
+            :class:`~zorro_models.models.vit.ZorroViT`. Tokens have width ``dims[0]``.
         audio_groups, video_groups: groups per level (non-increasing; each divides the previous one).
         latents: latents per group per level.
         dims: latent width per level.
@@ -160,7 +160,7 @@ class ZorroHiP(ZorroModel):
         num_heads: heads per level.
         num_fusion: fusion latents per level (int: the same at every level).
         mlp_ratio, qkv_bias: block sizes.
-        mask: one of :data:`~zorro_models.base.MASK_KINDS`, applied at every level (see :func:`hip_level_masks`).
+        mask: one of :data:`~zorro_models.models.base.MASK_KINDS`, applied at every level (see :func:`hip_level_masks`).
     """
 
     def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,

@@ -1,5 +1,5 @@
 """Builders shared by training, evaluation, the demo and the benchmarks: the model, the task (model + heads + loss),
-the input pipeline and the datasets of a :class:`~zorro_models.config.Config`, with every size the data needs read
+the input pipeline and the datasets of a :class:`~zorro_models.training.config.Config`, with every size the data needs read
 from the model; and a stored run loaded back (:func:`load_run`).
 
     task = build_task(cfg)                 # ContrastiveTask or SupervisedTask; task.model is the backbone
@@ -14,11 +14,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .audio import LogMelSpectrogram
+from ..data.audio import LogMelSpectrogram
 from .config import Config, apply_overrides, data_workers, from_dict
-from .data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
-from .registry import create_model
+from ..data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
+from ..models.registry import create_model
 from .tasks import TASKS, ContrastiveTask, SupervisedTask
+from .checkpoint import latest_checkpoint, load_weights
 
 __all__ = ["build_model", "build_task", "build_preprocessor", "build_dataset", "eval_loader", "num_classes_of",
            "resolve_checkpoint", "load_run", "SPLITS"]
@@ -36,8 +37,8 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def build_task(cfg: Config, model: Optional[nn.Module] = None, dataset: Optional[Dataset] = None) -> nn.Module:
-    """The module ``cfg.train.task`` trains: :class:`~zorro_models.tasks.ContrastiveTask` or
-    :class:`~zorro_models.tasks.SupervisedTask` around ``model`` (default: :func:`build_model`).
+    """The module ``cfg.train.task`` trains: :class:`~zorro_models.training.tasks.ContrastiveTask` or
+    :class:`~zorro_models.training.tasks.SupervisedTask` around ``model`` (default: :func:`build_model`).
 
     A supervised task takes its class count and multi-label flag from ``dataset`` (default: the training split).
     """
@@ -118,7 +119,6 @@ def eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
 # ------------------------------------------------------------------------------------------------ stored runs
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
     """``path`` if it is a checkpoint folder, else the latest checkpoint of the run folder ``path``."""
-    from .checkpoint import latest_checkpoint
 
     p = Path(path)
     if (p / "state.pt").is_file():
@@ -136,7 +136,6 @@ def load_run(path: Union[str, Path], overrides: Sequence[str] = ()) -> tuple[Con
     checkpoint plus ``overrides`` (``section.key=value``); ``task`` is :func:`build_task` with the checkpoint's
     weights (on CPU, in train mode).
     """
-    from .checkpoint import load_weights
 
     ckpt = resolve_checkpoint(path)
     stored = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}

@@ -154,7 +154,7 @@ def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int
         num_fusion: fusion tokens (after the modalities).
         valid_t: modality -> int64 ``(B,)`` valid time rows per sample (or None entries / None: all valid).
         batch: B, needed when ``valid_t`` is given.
-        mask_kind: one of :data:`~zorro_models.base.MASK_KINDS`, applied with windows as the modality segments:
+        mask_kind: one of :data:`~zorro_models.models.base.MASK_KINDS`, applied with windows as the modality segments:
             ``zorro`` window-local, ``bottleneck`` window-local plus the fusion tokens, ``full`` every token of the
             block (windows then only order the tokens).
     """
@@ -226,10 +226,10 @@ class FusionMerging(nn.Module):
 
 class ZorroSwin(ZorroModel):
     """Zorro-Swin (see the module docstring and docs/swin.md). Inputs and outputs as
-    :class:`~zorro_models.base.ZorroModel`; ``embed_dim`` (the output width) is ``base_dim * 2 ** (stages - 1)``.
+    :class:`~zorro_models.models.base.ZorroModel`; ``embed_dim`` (the output width) is ``base_dim * 2 ** (stages - 1)``.
 
     Args:
-        img_size, num_frames, n_mels, audio_frames: input sizes, as in :class:`~zorro_models.vit.ZorroViT`.
+        img_size, num_frames, n_mels, audio_frames: input sizes, as in :class:`~zorro_models.models.vit.ZorroViT`.
         video_patch: ``(t, h, w)`` tubelet (int ``p`` = ``(1, p, p)``); Video Swin uses ``(2, 4, 4)``.
         audio_patch: ``(f, t)`` or int spectrogram patch.
         base_dim: width of the first stage; each stage doubles it.
@@ -239,7 +239,7 @@ class ZorroSwin(ZorroModel):
         video_window: window ``(t, h, w)`` over the video grid.
         mlp_ratio, qkv_bias: block sizes.
         num_fusion: fusion tokens (kept at every stage, widened with the stage).
-        mask: one of :data:`~zorro_models.base.MASK_KINDS`, applied in every block (see :func:`swin_block_layout`).
+        mask: one of :data:`~zorro_models.models.base.MASK_KINDS`, applied in every block (see :func:`swin_block_layout`).
         rel_pos_bias: Swin's learned relative position bias in every block (``(heads, rel_table_size(windows))``
             per block; see the module docstring).
     """
