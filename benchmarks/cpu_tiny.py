@@ -8,6 +8,7 @@ forward and forward+backward, zorro and SDPA measured side by side. This is wher
 backend choice, plan lookup and autograd glue are a large part of a call this small. Which backend ``auto`` runs is
 printed with each row.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,11 +44,14 @@ def main(argv: list[str]) -> None:
             zf=best(lambda: zorro_attention(q, k, v, mask)),
             sf=best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)),
             zb=best(lambda: zorro_attention(qg, kg, vg, mask).sum().backward()),
-            sb=best(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=dense).sum().backward()))
+            sb=best(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=dense).sum().backward()),
+        )
         picks = explain(q, k, v, mask).chosen, explain(qg, kg, vg, mask).chosen
-        print(f"N={mask.num_q:4d} fwd zorro {rows['zf'][0]:7.1f} sdpa {rows['sf'][0]:7.1f} | fwd+bwd zorro "
-              f"{rows['zb'][0]:7.1f} sdpa {rows['sb'][0]:7.1f}  (min us; p25 {rows['zf'][1]:.0f} {rows['sf'][1]:.0f} "
-              f"{rows['zb'][1]:.0f} {rows['sb'][1]:.0f}; auto: {picks[0]} / {picks[1]})")
+        print(
+            f"N={mask.num_q:4d} fwd zorro {rows['zf'][0]:7.1f} sdpa {rows['sf'][0]:7.1f} | fwd+bwd zorro "
+            f"{rows['zb'][0]:7.1f} sdpa {rows['sb'][0]:7.1f}  (min us; p25 {rows['zf'][1]:.0f} {rows['sf'][1]:.0f} "
+            f"{rows['zb'][1]:.0f} {rows['sb'][1]:.0f}; auto: {picks[0]} / {picks[1]})"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ triggers.
 
 Writes ``results.json`` (everything) and ``table.txt`` (the compact table, also printed last) to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,14 @@ LAYOUTS = {  # name: (audio, video, fusion, B, H, D)
     "16k": (2752, 13568, 64, 1, 12, 64),
 }
 # most informative first: a run cut short by the budget still has the headline rows
-PLAN = [("fig2", torch.float16), ("4k", torch.float16), ("16k", torch.float16), ("fig2", torch.bfloat16),
-        ("4k", torch.bfloat16), ("16k", torch.bfloat16)]
+PLAN = [
+    ("fig2", torch.float16),
+    ("4k", torch.float16),
+    ("16k", torch.float16),
+    ("fig2", torch.bfloat16),
+    ("4k", torch.bfloat16),
+    ("16k", torch.bfloat16),
+]
 SMOKE_LAYOUTS = {"fig2": (20, 30, 4, 1, 2, 16)}  # --cpu-smoke: the script's own code paths on CPU, no timing value
 DEVICE = "cuda"
 PEERS = ["triton", "segments", "sdpa_mask", "flex", "sdpa_full"]
@@ -148,7 +155,7 @@ def make_peers(mask: ZorroMask, dtype):
     """name -> fn(q, k, v) for every peer that can be built; name -> error string for those that cannot."""
     peers, errors = {}, {}
     peers["triton"] = lambda q, k, v: zorro_attention(q, k, v, mask, backend="triton")
-    peers["triton_tiles"] = peers["triton_det"] = peers["triton"]   # run under _peer_context
+    peers["triton_tiles"] = peers["triton_det"] = peers["triton"]  # run under _peer_context
     peers["segments"] = lambda q, k, v: zorro_attention(q, k, v, mask, backend="segments")
     dense = mask.to_dense().to(DEVICE)
     peers["sdpa_mask"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
@@ -172,8 +179,16 @@ def check_grads(fn, q, k, v, g, dense) -> float:
 GRAD_TOL = 3e-2  # fp16 dq/dk/dv vs fp32, max abs over unit-variance inputs (the tests hold the strict policy)
 
 
-def bench_row(name: str, dtype, deadline: float, *, layouts: Optional[dict] = None, peers_order=None,
-              grad_check: tuple = (), flag_failures: bool = False) -> dict:
+def bench_row(
+    name: str,
+    dtype,
+    deadline: float,
+    *,
+    layouts: Optional[dict] = None,
+    peers_order=None,
+    grad_check: tuple = (),
+    flag_failures: bool = False,
+) -> dict:
     """Check, then time fwd and fwd+bwd of every peer on one layout.
 
     ``grad_check`` names peers whose dq/dk/dv are checked too; with ``flag_failures`` a failed check is recorded under
@@ -185,14 +200,21 @@ def bench_row(name: str, dtype, deadline: float, *, layouts: Optional[dict] = No
     mask = ZorroMask.zorro(audio=a, video=v_, fusion=f)
     n = mask.num_q
     density = mask.attended_fraction()
-    row = {"layout": name, "N": n, "B": b, "H": h, "D": d, "dtype": str(dtype).replace("torch.", ""),
-           "density": density, "peers": {}}
+    row = {
+        "layout": name,
+        "N": n,
+        "B": b,
+        "H": h,
+        "D": d,
+        "dtype": str(dtype).replace("torch.", ""),
+        "density": density,
+        "peers": {},
+    }
     try:
         from zorro_kernels.backends.triton._config import choose_blocks
 
         blk = choose_blocks(d, dtype).fwd
-        row["tiles_fwd"] = {"blocks": [blk.block_m, blk.block_n],
-                            **mask.tile_map(blk.block_m, blk.block_n).counts()}
+        row["tiles_fwd"] = {"blocks": [blk.block_m, blk.block_n], **mask.tile_map(blk.block_m, blk.block_n).counts()}
     except Exception as err:  # noqa: BLE001
         row["tiles_fwd"] = str(err)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -213,7 +235,7 @@ def bench_row(name: str, dtype, deadline: float, *, layouts: Optional[dict] = No
             res["error"] = "skipped: time budget"
             continue
         fn = peers[peer]
-        work = 1.0 if peer != "sdpa_full" else 1.0 / density   # the unmasked peer computes every pair
+        work = 1.0 if peer != "sdpa_full" else 1.0 / density  # the unmasked peer computes every pair
         try:
             ctx = _peer_context(peer)
             ctx.__enter__()
@@ -299,24 +321,35 @@ def compile_sweep(n_layouts: int = 50, max_size: int = 400, d: int = 64) -> dict
     """fwd+bwd over ``n_layouts`` random layouts (segment counts, sizes, rules, per-sample lengths, N all vary)."""
     from zorro_kernels.backends.triton import _bwd, _fwd
 
-    kernels = {"fwd_ranges": _fwd._attn_fwd_ranges, "fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess,
-               "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq}
+    kernels = {
+        "fwd_ranges": _fwd._attn_fwd_ranges,
+        "fwd": _fwd._attn_fwd,
+        "preprocess": _bwd._bwd_preprocess,
+        "dkdv": _bwd._attn_bwd_dkdv,
+        "dq": _bwd._attn_bwd_dq,
+    }
     gen = torch.Generator().manual_seed(0)
     counts_after_first, t0 = None, time.time()
     for i in range(n_layouts):
         mask = random_layout(gen, max_size, lengths=i % 2 == 1)
-        q, k, v = (torch.randn(2, 4, mask.num_q, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(2, 4, mask.num_q, d, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3)
+        )
         zorro_attention(q, k, v, mask, backend="triton").sum().backward()
         if i == 0:
             sync()
             counts_after_first = {name: n_compiled(kr) for name, kr in kernels.items()}
     sync()
     counts = {name: n_compiled(kr) for name, kr in kernels.items()}
-    return {"layouts": n_layouts, "compiled_after_first_layout": counts_after_first, "compiled_after_sweep": counts,
-            "new_compilations_after_first": (sum(counts.values()) - sum(counts_after_first.values())
-                                             if min(counts.values()) >= 0 else None),
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "layouts": n_layouts,
+        "compiled_after_first_layout": counts_after_first,
+        "compiled_after_sweep": counts,
+        "new_compilations_after_first": (
+            sum(counts.values()) - sum(counts_after_first.values()) if min(counts.values()) >= 0 else None
+        ),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def fmt(x, spec=".2f"):
@@ -327,18 +360,28 @@ def table(rows: list, sweep: dict) -> str:
     lines = []
     for p, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
         lines.append(f"{label} median ms (lower is better); x flex = flex/triton; ideal = sdpa_full*density/triton")
-        lines.append(f"{'layout':6s} {'N':>6s} {'dtype':8s} {'dens':>5s} " + " ".join(f"{x:>9s}" for x in PEERS)
-                     + f" {'x flex':>7s} {'ideal':>6s}")
+        lines.append(
+            f"{'layout':6s} {'N':>6s} {'dtype':8s} {'dens':>5s} "
+            + " ".join(f"{x:>9s}" for x in PEERS)
+            + f" {'x flex':>7s} {'ideal':>6s}"
+        )
         for r in rows:
             cells = []
             for x in PEERS:
                 res = r["peers"].get(x, {})
                 cells.append(f"{res[p]:9.3f}" if p in res else f"{'ERR' if 'error' in res else '-':>9s}")
-            lines.append(f"{r['layout']:6s} {r['N']:6d} {r['dtype']:8s} {r['density']:5.2f} " + " ".join(cells)
-                         + f" {fmt(r.get(p + '_speedup_vs_flex')):>7s} {fmt(r.get(p + '_fraction_of_ideal')):>6s}")
+            lines.append(
+                f"{r['layout']:6s} {r['N']:6d} {r['dtype']:8s} {r['density']:5.2f} "
+                + " ".join(cells)
+                + f" {fmt(r.get(p + '_speedup_vs_flex')):>7s} {fmt(r.get(p + '_fraction_of_ideal')):>6s}"
+            )
         lines.append("")
-    errs = [f"  {r['layout']}/{r['dtype']}/{x}: {res['error']}" for r in rows for x, res in r["peers"].items()
-            if "error" in res]
+    errs = [
+        f"  {r['layout']}/{r['dtype']}/{x}: {res['error']}"
+        for r in rows
+        for x, res in r["peers"].items()
+        if "error" in res
+    ]
     if errs:
         lines.append("errors / skips:")
         lines.extend(errs[:20])
@@ -353,8 +396,12 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole script (rows past it skip)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
     ap.add_argument("--layouts", type=int, default=50, help="layouts in the compile-count sweep (0: skip)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="run every code path on CPU on a tiny layout "
-                    "(Triton in its interpreter); checks the script, measures nothing")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run every code path on CPU on a tiny layout "
+        "(Triton in its interpreter); checks the script, measures nothing",
+    )
     ap.add_argument("--render", action="store_true", help="only print the table of --out's results.json")
     args = ap.parse_args()
     if args.render:
@@ -375,10 +422,14 @@ def main() -> int:
         return 1
     import triton
 
-    info = {"card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu smoke run",
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "autotune": os.environ.get("ZORRO_TRITON_AUTOTUNE", "1")}
+    info = {
+        "card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu smoke run",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "autotune": os.environ.get("ZORRO_TRITON_AUTOTUNE", "1"),
+    }
     log(f"gpu_bench: {json.dumps(info)}")
     results = {"info": info, "rows": [], "compile_sweep": None}
 
@@ -396,21 +447,34 @@ def main() -> int:
     for name, dtype in PLAN:
         if time.time() > deadline - 20:
             log(f"skipping {name}/{dtype}: time budget")
-            results["rows"].append({"layout": name, "N": sum(LAYOUTS[name][:3]), "dtype": str(dtype)[6:],
-                                    "density": 0.0, "peers": {p: {"error": "skipped: time budget"}
-                                                                       for p in PEERS}})
+            results["rows"].append(
+                {
+                    "layout": name,
+                    "N": sum(LAYOUTS[name][:3]),
+                    "dtype": str(dtype)[6:],
+                    "density": 0.0,
+                    "peers": {p: {"error": "skipped: time budget"} for p in PEERS},
+                }
+            )
             continue
         t0 = time.time()
         try:
             row = bench_row(name, dtype, deadline)
         except Exception as err:  # noqa: BLE001
             log(traceback.format_exc(limit=4))
-            row = {"layout": name, "N": sum(LAYOUTS[name][:3]), "dtype": str(dtype)[6:], "density": 0.0,
-                   "peers": {p: {"error": f"row failed: {type(err).__name__}: {err}"[:300]} for p in PEERS}}
+            row = {
+                "layout": name,
+                "N": sum(LAYOUTS[name][:3]),
+                "dtype": str(dtype)[6:],
+                "density": 0.0,
+                "peers": {p: {"error": f"row failed: {type(err).__name__}: {err}"[:300]} for p in PEERS},
+            }
         results["rows"].append(row)
         save()
-        log(f"row {name}/{row['dtype']} done in {time.time() - t0:.0f}s: "
-            + ", ".join(f"{p}={r.get('fwd_ms', r.get('error', '?'))}" for p, r in row["peers"].items()))
+        log(
+            f"row {name}/{row['dtype']} done in {time.time() - t0:.0f}s: "
+            + ", ".join(f"{p}={r.get('fwd_ms', r.get('error', '?'))}" for p, r in row["peers"].items())
+        )
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     results["seconds"] = round(time.time() - start, 1)
@@ -426,9 +490,11 @@ def render(out: Path) -> str:
         return f"no benchmark results: {path} was not written (see bench_log.txt beside it)"
     results = json.loads(path.read_text())
     info = results["info"]
-    text = (f"=== {info['card']} | {info['date']} | torch {info['torch']} | triton {info['triton']} | "
-            f"autotune {info['autotune']} | bench {results.get('seconds', '?')}s\n"
-            + table(results["rows"], results["compile_sweep"]))
+    text = (
+        f"=== {info['card']} | {info['date']} | torch {info['torch']} | triton {info['triton']} | "
+        f"autotune {info['autotune']} | bench {results.get('seconds', '?')}s\n"
+        + table(results["rows"], results["compile_sweep"])
+    )
     (Path(out) / "table.txt").write_text(text + "\n")
     return text
 

@@ -18,6 +18,7 @@ Writes ``perf.json``, ``perf.md`` (markdown tables for BENCHMARKS.md) and ``perf
     python3 benchmarks/gpu_perf.py --out gpu_out --budget 280   # about 5 minutes on an H100/H200, compiles included
     python3 benchmarks/gpu_perf.py --cpu-smoke                  # the script's code paths on CPU, no timing value
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,8 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import gpu_bench  # noqa: E402
+import torch  # noqa: E402
 
 SHAPES = {  # layout: (audio, video, fusion, B, H)
     "fig2": (320, 1568, 8, 8, 12),
@@ -48,8 +48,14 @@ SHAPES = {  # layout: (audio, video, fusion, B, H)
 PLAN = [(lay, dt, d) for d in (64, 128) for dt in (torch.float16, torch.bfloat16) for lay in ("fig2", "16k")]
 SMOKE_PLAN = [("smoke", torch.float16, 16)]
 SMOKE_SHAPES = {"smoke": (20, 30, 4, 1, 2)}
-PEERS = ["triton", "sdpa_full", "flex", "segments",   # most important first: a cut-short row keeps these
-         "triton_tiles", "triton_det"]                 # fp16 D=64 rows only: the forward over the uniform tile plan;
+PEERS = [
+    "triton",
+    "sdpa_full",
+    "flex",
+    "segments",  # most important first: a cut-short row keeps these
+    "triton_tiles",
+    "triton_det",
+]  # fp16 D=64 rows only: the forward over the uniform tile plan;
 #                                                        the deterministic (atomic-free) backward
 EXTRA_PEERS_ON = ("float16/D64", "smoke")
 
@@ -68,8 +74,15 @@ def log(msg: str) -> None:
 def run_row(name: str, dtype, deadline: float) -> dict:
     # gpu_check's row, on this script's rows and peers: triton's gradients checked too, failed checks flagged
     peers = PEERS if any(tag in name for tag in EXTRA_PEERS_ON) else PEERS[:4]
-    return gpu_bench.bench_row(name, dtype, deadline, layouts=ROWS, peers_order=peers,
-                               grad_check=("triton", "triton_tiles", "triton_det"), flag_failures=True)
+    return gpu_bench.bench_row(
+        name,
+        dtype,
+        deadline,
+        layouts=ROWS,
+        peers_order=peers,
+        grad_check=("triton", "triton_tiles", "triton_det"),
+        flag_failures=True,
+    )
 
 
 def _constants(kernel, ck) -> dict:
@@ -94,18 +107,25 @@ def kernel_report() -> list:
     try:
         from triton_compile_check import asm_summary, blocks_per_sm
     except Exception as err:  # noqa: BLE001 - the SASS summary is optional
+
         def asm_summary(ck, _err=err):
             return f"(no asm summary: {type(_err).__name__})"
 
         def blocks_per_sm(*_):
             return "?"
+
     arch = 90
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         arch = 10 * major + minor
     lines = []
-    for name, kernel in (("fwd_ranges", _fwd._attn_fwd_ranges), ("fwd", _fwd._attn_fwd), ("dkdv", _bwd._attn_bwd_dkdv),
-                         ("dq", _bwd._attn_bwd_dq), ("preprocess", _bwd._bwd_preprocess)):
+    for name, kernel in (
+        ("fwd_ranges", _fwd._attn_fwd_ranges),
+        ("fwd", _fwd._attn_fwd),
+        ("dkdv", _bwd._attn_bwd_dkdv),
+        ("dq", _bwd._attn_bwd_dq),
+        ("preprocess", _bwd._bwd_preprocess),
+    ):
         lines.append(f"kernel {name}: {gpu_bench.n_compiled(kernel)} compiled variant(s)")
         for ck in gpu_bench.compiled_kernels(kernel):
             md, consts = ck.metadata, _constants(kernel, ck)
@@ -115,14 +135,18 @@ def kernel_report() -> list:
                 summary = f"(asm summary failed: {type(err).__name__})"
             regs, warps, shared = getattr(ck, "n_regs", None), getattr(md, "num_warps", None), getattr(md, "shared", 0)
             occ = blocks_per_sm(regs, warps, shared, arch) if isinstance(regs, int) and warps else "?"
-            lines.append(f"  {name:10s} blocks={consts.get('BLOCK_M', '?')}x{consts.get('BLOCK_N', '?')} "
-                         f"D={consts.get('HEAD_DIM', '?')} warps={warps} stages={getattr(md, 'num_stages', '?')} "
-                         f"shared={shared} n_regs={regs} n_spills={getattr(ck, 'n_spills', '?')} "
-                         f"blocks/SM={occ} | {summary}")
+            lines.append(
+                f"  {name:10s} blocks={consts.get('BLOCK_M', '?')}x{consts.get('BLOCK_N', '?')} "
+                f"D={consts.get('HEAD_DIM', '?')} warps={warps} stages={getattr(md, 'num_stages', '?')} "
+                f"shared={shared} n_regs={regs} n_spills={getattr(ck, 'n_spills', '?')} "
+                f"blocks/SM={occ} | {summary}"
+            )
     for (kid, cfg, bucket, consts), (warps, stages) in _launch._CHOSEN.items():
         d = dict(consts)
-        lines.append(f"autotune blocks={d.get('BLOCK_M')}x{d.get('BLOCK_N')} D={d.get('HEAD_DIM')} bucket={bucket}: "
-                     f"num_warps={warps} num_stages={stages}")
+        lines.append(
+            f"autotune blocks={d.get('BLOCK_M')}x{d.get('BLOCK_N')} D={d.get('HEAD_DIM')} bucket={bucket}: "
+            f"num_warps={warps} num_stages={stages}"
+        )
     return lines
 
 
@@ -141,8 +165,11 @@ def _cells(r: dict, p: str) -> list:
 
 def _ratios(r: dict, p: str) -> list:
     seg, t = r["peers"].get("segments", {}).get(f"{p}_ms"), r["peers"].get("triton", {}).get(f"{p}_ms")
-    return [fmt(r.get(f"{p}_ms_fraction_of_ideal")), fmt(r.get(f"{p}_ms_speedup_vs_flex")),
-            fmt(seg / t if seg and t else None)]
+    return [
+        fmt(r.get(f"{p}_ms_fraction_of_ideal")),
+        fmt(r.get(f"{p}_ms_speedup_vs_flex")),
+        fmt(seg / t if seg and t else None),
+    ]
 
 
 _GOALS = {"fwd": "ideal >= 0.9", "fwd_bwd": "ideal >= 0.8, x flex >= 1.5"}
@@ -151,21 +178,40 @@ _GOALS = {"fwd": "ideal >= 0.9", "fwd_bwd": "ideal >= 0.8, x flex >= 1.5"}
 def table(rows: list) -> str:
     lines = []
     for p, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
-        lines.append(f"{label}: ms (TFLOP/s over attended pairs); ideal = sdpa_full*density/triton, x flex = "
-                     f"flex/triton, x seg = segments/triton (goals: {_GOALS[p]}, x seg >= 1)")
-        lines.append(f"{'row':20s} {'N':>6s} {'B':>2s} " + " ".join(f"{x:>15s}" for x in PEERS)
-                     + f" {'ideal':>6s} {'x flex':>7s} {'x seg':>6s}")
+        lines.append(
+            f"{label}: ms (TFLOP/s over attended pairs); ideal = sdpa_full*density/triton, x flex = "
+            f"flex/triton, x seg = segments/triton (goals: {_GOALS[p]}, x seg >= 1)"
+        )
+        lines.append(
+            f"{'row':20s} {'N':>6s} {'B':>2s} "
+            + " ".join(f"{x:>15s}" for x in PEERS)
+            + f" {'ideal':>6s} {'x flex':>7s} {'x seg':>6s}"
+        )
         for r in rows:
-            lines.append(f"{r['layout']:20s} {r['N']:6d} {r['B']:2d} " + " ".join(f"{c:>15s}" for c in _cells(r, p))
-                         + " " + " ".join(f"{c:>6s}" for c in _ratios(r, p)))
+            lines.append(
+                f"{r['layout']:20s} {r['N']:6d} {r['B']:2d} "
+                + " ".join(f"{c:>15s}" for c in _cells(r, p))
+                + " "
+                + " ".join(f"{c:>6s}" for c in _ratios(r, p))
+            )
         lines.append("")
-    errs = [f"  {r['layout']}/{x}: {res[key]}" for r in rows for x, res in r["peers"].items()
-            for key in ("check", "error") if key in res]
+    errs = [
+        f"  {r['layout']}/{x}: {res[key]}"
+        for r in rows
+        for x, res in r["peers"].items()
+        for key in ("check", "error")
+        if key in res
+    ]
     if errs:
         lines.append("failed checks / errors / skips:")
         lines.extend(errs)
-    checks = [f"{r['layout']}/{x} {k}={res[k]:.1e}" for r in rows for x, res in r["peers"].items()
-              for k in ("max_err", "max_grad_err") if k in res]
+    checks = [
+        f"{r['layout']}/{x} {k}={res[k]:.1e}"
+        for r in rows
+        for x, res in r["peers"].items()
+        for k in ("max_err", "max_grad_err")
+        if k in res
+    ]
     lines.append("checked against fp32 (first sample): " + ", ".join(checks))
     return "\n".join(lines)
 
@@ -173,16 +219,27 @@ def table(rows: list) -> str:
 def markdown(results: dict) -> str:
     """The same rows as markdown tables (for BENCHMARKS.md), then the kernel report in a code block."""
     info = results["info"]
-    lines = [f"### {info['card']}, {info['date']} (torch {info['torch']}, triton {info['triton']}, autotune "
-             f"{info['autotune']}, {results.get('seconds', '?')} s)", ""]
+    lines = [
+        f"### {info['card']}, {info['date']} (torch {info['torch']}, triton {info['triton']}, autotune "
+        f"{info['autotune']}, {results.get('seconds', '?')} s)",
+        "",
+    ]
     for p, label in (("fwd", "Forward"), ("fwd_bwd", "Forward + backward")):
-        lines += [f"{label}: ms (TFLOP/s over attended pairs). ideal = sdpa_full x density / triton; x flex = "
-                  f"flex / triton; x seg = segments / triton. Goals: {_GOALS[p]}, x seg >= 1.", "",
-                  "| row | N | B | density | " + " | ".join(PEERS) + " | ideal | x flex | x seg |",
-                  "|---|---:|---:|---:|" + "---:|" * (len(PEERS) + 3)]
+        lines += [
+            f"{label}: ms (TFLOP/s over attended pairs). ideal = sdpa_full x density / triton; x flex = "
+            f"flex / triton; x seg = segments / triton. Goals: {_GOALS[p]}, x seg >= 1.",
+            "",
+            "| row | N | B | density | " + " | ".join(PEERS) + " | ideal | x flex | x seg |",
+            "|---|---:|---:|---:|" + "---:|" * (len(PEERS) + 3),
+        ]
         for r in results["rows"]:
-            lines.append(f"| {r['layout']} | {r['N']} | {r['B']} | {r.get('density', 0):.3f} | "
-                         + " | ".join(_cells(r, p)) + " | " + " | ".join(_ratios(r, p)) + " |")
+            lines.append(
+                f"| {r['layout']} | {r['N']} | {r['B']} | {r.get('density', 0):.3f} | "
+                + " | ".join(_cells(r, p))
+                + " | "
+                + " | ".join(_ratios(r, p))
+                + " |"
+            )
         lines.append("")
     lines += ["```", *results.get("kernels", []), "```", ""]
     return "\n".join(lines)
@@ -192,8 +249,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=280.0, help="seconds; rows and peers past it are skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
-    ap.add_argument("--cpu-smoke", action="store_true", help="run every code path on CPU on a tiny layout "
-                    "(Triton in its interpreter); checks the script, measures nothing")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run every code path on CPU on a tiny layout "
+        "(Triton in its interpreter); checks the script, measures nothing",
+    )
     args = ap.parse_args()
     start = time.time()
     deadline = start + args.budget
@@ -211,10 +272,14 @@ def main() -> int:
 
     for layout, dtype, d in plan:
         ROWS[row_key(layout, dtype, d)] = (*shapes[layout], d)
-    info = {"card": torch.cuda.get_device_name() if gpu_bench.DEVICE == "cuda" else "cpu smoke run",
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "triton": triton.__version__, "autotune": os.environ.get("ZORRO_TRITON_AUTOTUNE", "1"),
-            "deterministic": torch.are_deterministic_algorithms_enabled()}
+    info = {
+        "card": torch.cuda.get_device_name() if gpu_bench.DEVICE == "cuda" else "cpu smoke run",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "autotune": os.environ.get("ZORRO_TRITON_AUTOTUNE", "1"),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
     log(f"gpu_perf: {json.dumps(info)}")
     results = {"info": info, "rows": []}
 
@@ -225,19 +290,33 @@ def main() -> int:
         name = row_key(layout, dtype, d)
         a, v, f, b, _, _ = ROWS[name]
         if time.time() > deadline - 15:
-            results["rows"].append({"layout": name, "N": a + v + f, "B": b, "density": 0.0,
-                                    "peers": {p: {"error": "skipped: time budget"} for p in PEERS}})
+            results["rows"].append(
+                {
+                    "layout": name,
+                    "N": a + v + f,
+                    "B": b,
+                    "density": 0.0,
+                    "peers": {p: {"error": "skipped: time budget"} for p in PEERS},
+                }
+            )
             continue
         t0 = time.time()
         try:
             row = run_row(name, dtype, deadline)
         except Exception as err:  # noqa: BLE001
             log(traceback.format_exc(limit=4))
-            row = {"layout": name, "N": a + v + f, "B": b, "density": 0.0,
-                   "peers": {p: {"error": f"row failed: {type(err).__name__}: {err}"[:300]} for p in PEERS}}
+            row = {
+                "layout": name,
+                "N": a + v + f,
+                "B": b,
+                "density": 0.0,
+                "peers": {p: {"error": f"row failed: {type(err).__name__}: {err}"[:300]} for p in PEERS},
+            }
         results["rows"].append(row)
-        log(f"row {name} done in {time.time() - t0:.0f}s: " + ", ".join(
-            f"{p}={r.get('fwd_ms', r.get('error', '?'))}" for p, r in row["peers"].items()))
+        log(
+            f"row {name} done in {time.time() - t0:.0f}s: "
+            + ", ".join(f"{p}={r.get('fwd_ms', r.get('error', '?'))}" for p, r in row["peers"].items())
+        )
         save()
         if gpu_bench.DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -248,9 +327,13 @@ def main() -> int:
     results["seconds"] = round(time.time() - start, 1)
     save()
     (out / "perf.md").write_text(markdown(results))
-    text = (f"=== {info['card']} | {info['date']} | torch {info['torch']} | triton {info['triton']} | autotune "
-            f"{info['autotune']} | {results['seconds']}s\n" + "\n".join(results["kernels"]) + "\n\n"
-            + table(results["rows"]))
+    text = (
+        f"=== {info['card']} | {info['date']} | torch {info['torch']} | triton {info['triton']} | autotune "
+        f"{info['autotune']} | {results['seconds']}s\n"
+        + "\n".join(results["kernels"])
+        + "\n\n"
+        + table(results["rows"])
+    )
     (out / "perf_table.txt").write_text(text + "\n")
     log(text)
     return 0

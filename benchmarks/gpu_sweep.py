@@ -9,6 +9,7 @@ disagrees is reported, not timed.
     python3 benchmarks/gpu_sweep.py --out gpu_out --budget 130
     python3 benchmarks/gpu_sweep.py --cpu-smoke          # code paths only, under the Triton interpreter
 """
+
 from __future__ import annotations
 
 import os
@@ -26,17 +27,23 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_bench  # noqa: E402
 import torch  # noqa: E402
 
-import gpu_bench  # noqa: E402
 from zorro_kernels import ZorroMask, zorro_attention  # noqa: E402
 from zorro_kernels.backends.triton._config import override_blocks  # noqa: E402
 
 # (fwd block_m, block_n, warps, stages)
 FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]
 # (dkdv blocks, dq blocks, warps, stages), forward fixed at the table's 128x64
-BWD = [((32, 128), (128, 64), 8, 3), ((64, 128), (128, 64), 8, 2), ((64, 64), (64, 64), 4, 3),
-       ((32, 64), (64, 64), 4, 3), ((128, 128), (128, 128), 8, 2), ((64, 128), (128, 128), 8, 3)]
+BWD = [
+    ((32, 128), (128, 64), 8, 3),
+    ((64, 128), (128, 64), 8, 2),
+    ((64, 64), (64, 64), 4, 3),
+    ((32, 64), (64, 64), 4, 3),
+    ((128, 128), (128, 128), 8, 2),
+    ((64, 128), (128, 128), 8, 3),
+]
 ROWS = {"fig2": (320, 1568, 8, 8, 12, 64), "16k": (2752, 13568, 64, 1, 12, 64)}
 SMOKE_ROWS = {"fig2": (20, 30, 4, 1, 2, 16)}
 
@@ -58,14 +65,22 @@ def main() -> int:
     for name, (a, v_, f, b, h, d) in rows.items():
         mask = ZorroMask.zorro(audio=a, video=v_, fusion=f)
         gen = torch.Generator(device=gpu_bench.DEVICE).manual_seed(0)
-        q, k, v, g = (torch.randn(b, h, mask.num_q, d, device=gpu_bench.DEVICE, dtype=dtype, generator=gen)
-                      for _ in range(4))
+        q, k, v, g = (
+            torch.randn(b, h, mask.num_q, d, device=gpu_bench.DEVICE, dtype=dtype, generator=gen) for _ in range(4)
+        )
         ref = zorro_attention(q, k, v, mask, backend="segments")
         cases = [("fwd", fb, fb, fb, w, s) for *fb, w, s in FWD]
         cases += [("bwd", (128, 64), dk, dq, w, s) for dk, dq, w, s in BWD]
         for kind, fwd_b, dkdv_b, dq_b, warps, stages in cases:
-            rec = {"row": name, "kind": kind, "fwd": list(fwd_b), "dkdv": list(dkdv_b), "dq": list(dq_b),
-                   "warps": warps, "stages": stages}
+            rec = {
+                "row": name,
+                "kind": kind,
+                "fwd": list(fwd_b),
+                "dkdv": list(dkdv_b),
+                "dq": list(dq_b),
+                "warps": warps,
+                "stages": stages,
+            }
             results.append(rec)
             if time.time() > deadline:
                 rec["error"] = "skipped: time budget"

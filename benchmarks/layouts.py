@@ -15,6 +15,7 @@ Seven families, each one builder below:
 
 Build a layout directly (``figure2()``, ``scaling(4096)``) or take the whole tier with :func:`suite`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Layout:
         backward: whether the fwd+bwd direction is benchmarked for this layout at this tier (the largest sweep
             points are forward only on CPU, see :func:`suite`).
     """
+
     name: str
     family: str
     title: str
@@ -76,83 +78,171 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------------------------ families
-def figure2(audio: int = 320, video: int = 1568, fusion: int = 8, *, batch: int = 2, heads: int = 12,
-            head_dim: int = 64, name: str = "figure2") -> Layout:
+def figure2(
+    audio: int = 320,
+    video: int = 1568,
+    fusion: int = 8,
+    *,
+    batch: int = 2,
+    heads: int = 12,
+    head_dim: int = 64,
+    name: str = "figure2",
+) -> Layout:
     """The paper's Figure-2 Zorro-ViT layout. The fusion count is *ours* (not given in the paper)."""
     mask = ZorroMask.zorro(audio=audio, video=video, fusion=fusion)
-    return Layout(name, "figure2", f"Zorro-ViT, Figure 2: {audio} audio + {video} video + {fusion} fusion tokens",
-                  mask, batch, heads, head_dim)
+    return Layout(
+        name,
+        "figure2",
+        f"Zorro-ViT, Figure 2: {audio} audio + {video} video + {fusion} fusion tokens",
+        mask,
+        batch,
+        heads,
+        head_dim,
+    )
 
 
-def ragged(audio: int = 320, video: int = 1568, fusion: int = 8, *, batch: int = 2, heads: int = 12,
-           head_dim: int = 64, name: str = "ragged") -> Layout:
+def ragged(
+    audio: int = 320,
+    video: int = 1568,
+    fusion: int = 8,
+    *,
+    batch: int = 2,
+    heads: int = 12,
+    head_dim: int = 64,
+    name: str = "ragged",
+) -> Layout:
     """Figure 2 with the audio missing (length 0) for the odd samples of the batch: per-sample ``lengths``."""
     if batch < 2:
         raise ValueError(f"ragged needs batch >= 2 so that some samples keep their audio, got batch={batch}")
     lengths = torch.tensor([[audio if b % 2 == 0 else 0, video, fusion] for b in range(batch)])
     mask = ZorroMask.zorro(audio=audio, video=video, fusion=fusion, lengths=lengths)
-    return Layout(name, "ragged", f"Figure 2 with audio missing in {batch // 2} of {batch} samples", mask, batch,
-                  heads, head_dim)
+    return Layout(
+        name, "ragged", f"Figure 2 with audio missing in {batch // 2} of {batch} samples", mask, batch, heads, head_dim
+    )
 
 
-def swin(audio_windows: int = 5, audio_window: int = 64, video_windows: int = 32, video_window: int = 49,
-         fusion: int = 8, *, batch: int = 2, heads: int = 12, head_dim: int = 64, name: str = "swin") -> Layout:
+def swin(
+    audio_windows: int = 5,
+    audio_window: int = 64,
+    video_windows: int = 32,
+    video_window: int = 49,
+    fusion: int = 8,
+    *,
+    batch: int = 2,
+    heads: int = 12,
+    head_dim: int = 64,
+    name: str = "swin",
+) -> Layout:
     """Swin-style windowed attention with fusion rows.
 
     Each audio/video window attends only to itself (modality-pure, local); the fusion tokens attend to every token.
     The default sizes are Figure 2's token counts cut into windows: audio 40 x 8 patches in 8 x 8 windows, video
     8 frames x 14 x 14 patches in 7 x 7 windows. Shifted windows are the same structure with another token order.
     """
-    segments = ([(f"a{i}", audio_window) for i in range(audio_windows)]
-                + [(f"v{i}", video_window) for i in range(video_windows)] + [("fusion", fusion)])
+    segments = (
+        [(f"a{i}", audio_window) for i in range(audio_windows)]
+        + [(f"v{i}", video_window) for i in range(video_windows)]
+        + [("fusion", fusion)]
+    )
     n = len(segments)
     allow = torch.eye(n, dtype=torch.bool)
     allow[-1] = True
     mask = ZorroMask.from_allow(segments, allow)
-    return Layout(name, "swin", f"Swin-style: {audio_windows}x{audio_window} audio + {video_windows}x{video_window} "
-                  f"video windows + {fusion} fusion rows seeing all", mask, batch, heads, head_dim)
+    return Layout(
+        name,
+        "swin",
+        f"Swin-style: {audio_windows}x{audio_window} audio + {video_windows}x{video_window} "
+        f"video windows + {fusion} fusion rows seeing all",
+        mask,
+        batch,
+        heads,
+        head_dim,
+    )
 
 
-def hip(audio_groups: Sequence[int] = (160, 160), video_groups: Sequence[int] = (196,) * 8, fusion_inputs: int = 8,
-        latents: int = 32, fusion_latents: int = 32, *, batch: int = 2, heads: int = 12, head_dim: int = 64,
-        name: str = "hip") -> Layout:
+def hip(
+    audio_groups: Sequence[int] = (160, 160),
+    video_groups: Sequence[int] = (196,) * 8,
+    fusion_inputs: int = 8,
+    latents: int = 32,
+    fusion_latents: int = 32,
+    *,
+    batch: int = 2,
+    heads: int = 12,
+    head_dim: int = 64,
+    name: str = "hip",
+) -> Layout:
     """HiP-style latent cross-attention (queries are latents, keys/values the inputs).
 
     Inputs are split into groups (default: the Figure-2 audio in 2 groups, the video in its 8 frames of 196
     patches, plus the fusion inputs). Each group has ``latents`` queries that read only that group; the
     ``fusion_latents`` read every input group, fusion inputs included.
     """
-    kv = ([(f"a{i}", s) for i, s in enumerate(audio_groups)] + [(f"v{i}", s) for i, s in enumerate(video_groups)]
-          + [("fusion", fusion_inputs)])
+    kv = (
+        [(f"a{i}", s) for i, s in enumerate(audio_groups)]
+        + [(f"v{i}", s) for i, s in enumerate(video_groups)]
+        + [("fusion", fusion_inputs)]
+    )
     groups = len(kv) - 1
     q = [(f"lat_{name_}", latents) for name_, _ in kv[:-1]] + [("lat_fusion", fusion_latents)]
     allow = torch.zeros(len(q), len(kv), dtype=torch.bool)
     allow[torch.arange(groups), torch.arange(groups)] = True
     allow[-1] = True
     mask = ZorroMask.from_allow(q, allow, kv_segments=kv)
-    return Layout(name, "hip", f"HiP-style cross-attention: {groups} groups x {latents} latents + {fusion_latents} "
-                  f"fusion latents over {sum(s for _, s in kv)} inputs", mask, batch, heads, head_dim)
+    return Layout(
+        name,
+        "hip",
+        f"HiP-style cross-attention: {groups} groups x {latents} latents + {fusion_latents} "
+        f"fusion latents over {sum(s for _, s in kv)} inputs",
+        mask,
+        batch,
+        heads,
+        head_dim,
+    )
 
 
-def packed(seq_lens: Sequence[int] = (300, 700, 450, 900, 256, 600, 390, 500), *, batch: int = 1, heads: int = 12,
-           head_dim: int = 64, causal: bool = False, name: Optional[str] = None) -> Layout:
+def packed(
+    seq_lens: Sequence[int] = (300, 700, 450, 900, 256, 600, 390, 500),
+    *,
+    batch: int = 1,
+    heads: int = 12,
+    head_dim: int = 64,
+    causal: bool = False,
+    name: Optional[str] = None,
+) -> Layout:
     """Sequence packing: ``len(seq_lens)`` independent sequences in one row, each attending only to itself (causally
     with ``causal=True``, family ``packed-causal``)."""
     mask = ZorroMask.packed(list(seq_lens), causal=causal)
     family = "packed-causal" if causal else "packed"
-    return Layout(name or family, family, f"{'causal ' if causal else ''}packing: {len(seq_lens)} sequences of "
-                  f"{min(seq_lens)}..{max(seq_lens)} tokens in one row of {sum(seq_lens)}", mask, batch, heads,
-                  head_dim)
+    return Layout(
+        name or family,
+        family,
+        f"{'causal ' if causal else ''}packing: {len(seq_lens)} sequences of "
+        f"{min(seq_lens)}..{max(seq_lens)} tokens in one row of {sum(seq_lens)}",
+        mask,
+        batch,
+        heads,
+        head_dim,
+    )
 
 
-def scaling(n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, backward: bool = True,
-            name: Optional[str] = None) -> Layout:
+def scaling(
+    n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, backward: bool = True, name: Optional[str] = None
+) -> Layout:
     """A Zorro layout of ``n`` tokens: 25 % audio, 70 % video, the rest (about 5 %) fusion."""
     audio, video = n // 4, (7 * n) // 10
     fusion = n - audio - video
     mask = ZorroMask.zorro(audio=audio, video=video, fusion=fusion)
-    return Layout(name or f"scaling-{n}", "scaling", f"N={n}: {audio} audio + {video} video + {fusion} fusion",
-                  mask, batch, heads, head_dim, backward)
+    return Layout(
+        name or f"scaling-{n}",
+        "scaling",
+        f"N={n}: {audio} audio + {video} video + {fusion} fusion",
+        mask,
+        batch,
+        heads,
+        head_dim,
+        backward,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ tiers
@@ -179,9 +269,14 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
             scaling(512, heads=2, head_dim=32),
         ]
     kw = dict(batch=16 if cuda else 2, heads=12, head_dim=64)
-    out = [figure2(**kw), ragged(**kw), swin(**kw), hip(**kw),
-           packed(batch=8 if cuda else 1, heads=16 if cuda else 4),
-           packed(batch=8 if cuda else 1, heads=16 if cuda else 4, causal=True)]
+    out = [
+        figure2(**kw),
+        ragged(**kw),
+        swin(**kw),
+        hip(**kw),
+        packed(batch=8 if cuda else 1, heads=16 if cuda else 4),
+        packed(batch=8 if cuda else 1, heads=16 if cuda else 4, causal=True),
+    ]
     for n in (1024, 2048, 4096, 8192, 16384):
         out.append(scaling(n, batch=4 if cuda else 1, heads=16 if cuda else 4, backward=cuda or n <= 8192))
     return out

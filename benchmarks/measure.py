@@ -8,6 +8,7 @@
   profiler's allocation events, since the CPU allocator keeps no peak).
 - :func:`sync` — what a timed call must end with on an asynchronous device.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -85,10 +86,18 @@ class Reference:
         scale = q.shape[-1] ** -0.5
         b, h = q.shape[:2]
         rows = self.rows
-        out = torch.zeros(*q.shape[:2], q.shape[2] if rows is None else len(rows), q.shape[3], dtype=dtype,
-                          device=q.device)
-        grads = [torch.zeros_like(out), torch.zeros(k.shape, dtype=dtype, device=q.device),
-                 torch.zeros(v.shape, dtype=dtype, device=q.device)] if self.backward else None
+        out = torch.zeros(
+            *q.shape[:2], q.shape[2] if rows is None else len(rows), q.shape[3], dtype=dtype, device=q.device
+        )
+        grads = (
+            [
+                torch.zeros_like(out),
+                torch.zeros(k.shape, dtype=dtype, device=q.device),
+                torch.zeros(v.shape, dtype=dtype, device=q.device),
+            ]
+            if self.backward
+            else None
+        )
         # heads per chunk so a chunk's (rows x keys) score block stays near 32 MiB
         per_head = out.shape[2] * k.shape[2] * torch.finfo(dtype).bits // 8
         hc = max(1, min(h, (32 << 20) // max(1, per_head)))
@@ -145,8 +154,7 @@ def peak_memory(call: Callable[[], object], device: torch.device) -> Optional[in
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = call()
         del result
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     cur = peak = 0
     for _, nbytes in events:
         cur += nbytes

@@ -19,6 +19,7 @@ Peers (in report order):
 The masked peers give a row that sees nothing (padding) every key and zero its output afterwards, as the dense
 reference does, so they compute the same function as zorro (such rows are exactly 0) and pass the same check.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,10 @@ def _zorro(backend: str):
         if device.type == "cpu" and backend == "triton":
             raise Unavailable("Triton on CPU runs in the interpreter (a correctness tool), not a benchmark")
         if backend == "dense" and max(layout.num_q, layout.num_kv) > DENSE_MAX_N:
-            raise Unavailable(f"the dense backend is for tiny problems (N <= {DENSE_MAX_N} here); beyond, it costs what "
-                              f"masked SDPA does")
+            raise Unavailable(
+                f"the dense backend is for tiny problems (N <= {DENSE_MAX_N} here); beyond, it costs what "
+                f"masked SDPA does"
+            )
         probe = torch.empty(layout.batch, layout.heads, layout.num_q, layout.head_dim, device=device, dtype=dtype)
         kv = probe.new_empty(layout.batch, layout.heads, layout.num_kv, layout.head_dim)
         reasons = BACKENDS[backend].not_supported_reasons(probe, kv, kv, layout.mask)
@@ -102,6 +105,7 @@ def _zorro(backend: str):
         mask = layout.mask
         # derived data (tile maps, the segment plan) is cached on the mask: built here, outside the timed calls
         return lambda q, k, v: zorro_attention(q, k, v, mask, backend=backend)
+
     return prepare
 
 
@@ -132,6 +136,7 @@ def _flex(layout, device, dtype, backward):
         raise Unavailable(f"CPU FlexAttention beyond N={FLEX_CPU_MAX_N} exceeds the suite's time budget")
     if _FLEX is None:
         import torch._dynamo
+
         # every layout is a new static shape: allow a recompile per case instead of falling back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _FLEX = torch.compile(flex_attention, dynamic=False)
@@ -145,22 +150,26 @@ def flex_mask_mod(layout: Layout, device):
     q_seg, k_seg = meta.q_seg.long(), meta.k_seg.long()
     allow = meta.allow.bool()
     if layout.mask.batch_size is None:
+
         def mask_mod(b, h, qi, ki):
             return allow[q_seg[qi], k_seg[ki]]
+
         return mask_mod
     q_pos, k_pos, q_len, k_len = meta.q_pos, meta.k_pos, meta.q_len, meta.k_len
 
     def mask_mod(b, h, qi, ki):
         a, c = q_seg[qi], k_seg[ki]
         return allow[a, c] & (q_pos[qi] < q_len[b, a]) & (k_pos[ki] < k_len[b, c])
+
     return mask_mod
 
 
 def flex_block_mask(layout: Layout, device, create_block_mask=None):
     if create_block_mask is None:
         from torch.nn.attention.flex_attention import create_block_mask
-    return create_block_mask(flex_mask_mod(layout, device), layout.mask.batch_size, None, layout.num_q,
-                             layout.num_kv, device=device)
+    return create_block_mask(
+        flex_mask_mod(layout, device), layout.mask.batch_size, None, layout.num_q, layout.num_kv, device=device
+    )
 
 
 _XFORMERS_REASON = None
@@ -175,6 +184,7 @@ def _xformers_reason(device) -> str:
         else:
             try:
                 import warnings
+
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     import xformers.ops as xops
@@ -199,13 +209,13 @@ def _xformers(layout, device, dtype, backward):
     # xformers wants the bias's last dim padded to a multiple of 8 in memory, the view sliced back
     nk_pad = -(-layout.num_kv // 8) * 8
     bias = torch.full((layout.batch, layout.heads, layout.num_q, nk_pad), float("-inf"), device=device, dtype=dtype)
-    bias = bias[..., :layout.num_kv]
+    bias = bias[..., : layout.num_kv]
     bias.masked_fill_(safe.expand_as(bias), 0.0)
 
     def fn(q, k, v):
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_bias=bias)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return _zero_dead(out.transpose(1, 2), dead)
+
     return fn
 
 
@@ -215,26 +225,35 @@ def _einsum(layout, device, dtype, backward):
     if need > DENSE_LIMIT_BYTES:
         raise Unavailable(f"(B, H, Nq, Nk) intermediates need {need / 2**30:.1f} GiB > ZORRO_BENCH_DENSE_GIB")
     safe, dead = _dense_mask(layout, device)
-    scale = layout.head_dim ** -0.5
+    scale = layout.head_dim**-0.5
 
     def fn(q, k, v):
         sim = torch.einsum("bhid,bhjd->bhij", q * scale, k)
         sim = sim.masked_fill(~safe, -torch.finfo(sim.dtype).max)
         out = torch.einsum("bhij,bhjd->bhid", sim.softmax(-1), v)
         return _zero_dead(out, dead)
+
     return fn
 
 
-PEERS: dict[str, Peer] = {p.name: p for p in [
-    Peer(IDEAL, "SDPA without a mask; x attended fraction = the ideal", _sdpa_nomask),
-    Peer(MASKED, "SDPA with the dense bool mask", _sdpa_masked),
-    *[Peer(f"zorro-{name}", f"zorro_attention, backend={name!r}", _zorro(name))
-      for name in [*sorted(n for n in BACKENDS if n != "reference"), *(["triton"] if "triton" not in BACKENDS else [])]],
-    Peer("zorro-auto", "zorro_attention, backend='auto'", _zorro_auto),
-    Peer("flex", "torch.compile(flex_attention) + create_block_mask", _flex),
-    Peer("xformers", "xformers memory_efficient_attention + materialized bias", _xformers),
-    Peer("einsum", "einsum + masked_fill + softmax (lucidrains/zorro-pytorch)", _einsum),
-]}
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in [
+        Peer(IDEAL, "SDPA without a mask; x attended fraction = the ideal", _sdpa_nomask),
+        Peer(MASKED, "SDPA with the dense bool mask", _sdpa_masked),
+        *[
+            Peer(f"zorro-{name}", f"zorro_attention, backend={name!r}", _zorro(name))
+            for name in [
+                *sorted(n for n in BACKENDS if n != "reference"),
+                *(["triton"] if "triton" not in BACKENDS else []),
+            ]
+        ],
+        Peer("zorro-auto", "zorro_attention, backend='auto'", _zorro_auto),
+        Peer("flex", "torch.compile(flex_attention) + create_block_mask", _flex),
+        Peer("xformers", "xformers memory_efficient_attention + materialized bias", _xformers),
+        Peer("einsum", "einsum + masked_fill + softmax (lucidrains/zorro-pytorch)", _einsum),
+    ]
+}
 
 
 def peer_names() -> list[str]:

@@ -9,6 +9,7 @@ speedup over masked SDPA per layout (fwd, fwd+bwd) and forward time against N fo
 
 Only the standard library is needed for the markdown; the chart needs matplotlib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,11 +67,16 @@ def summary_lines(rows: list[dict]) -> list[str]:
         lines.append(f"{layout} {direction}  [{g0['shape']}, attended {g0['attended_fraction']:.1%}]")
         for r in group:
             frac = r.get("fraction_of_ideal")
-            frac_s = "" if frac is None else f"  {frac:5.2f} of ideal" + (" (paired)" if r.get(
-                "fraction_of_ideal_paired") else "")
+            frac_s = (
+                ""
+                if frac is None
+                else f"  {frac:5.2f} of ideal" + (" (paired)" if r.get("fraction_of_ideal_paired") else "")
+            )
             sp = r.get("speedup_vs_masked_sdpa")
-            lines.append(f"  {r['peer']:<16} {_ms(r['median_s']):>8} ms  {r['tflops']:7.3f} TFLOP/s"
-                         f"  {_x(sp):>7} vs masked SDPA{frac_s}")
+            lines.append(
+                f"  {r['peer']:<16} {_ms(r['median_s']):>8} ms  {r['tflops']:7.3f} TFLOP/s"
+                f"  {_x(sp):>7} vs masked SDPA{frac_s}"
+            )
     builds = [r for r in rows if r.get("kind") == "build"]
     if builds:
         lines.append("mask build (fresh layout each call)")
@@ -98,8 +104,11 @@ def _machine(info: dict) -> list[str]:
 
 
 def _headline(cases) -> list[str]:
-    out = ["| case | zorro backend | zorro (ms) | TFLOP/s | ideal (ms) | fraction of ideal (best round) | masked SDPA "
-           "| einsum | FlexAttention | xformers | segment path |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| case | zorro backend | zorro (ms) | TFLOP/s | ideal (ms) | fraction of ideal (best round) | masked SDPA "
+        "| einsum | FlexAttention | xformers | segment path |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for (layout, direction), group in cases.items():
         z = _best_zorro(group)
         if z is None:
@@ -108,26 +117,34 @@ def _headline(cases) -> list[str]:
 
         def rel(peer):
             return _x(by[peer]["median_s"] / z["median_s"]) if peer in by else "—"
+
         ideal = z.get("ideal_median_s")
         best = z.get("fraction_of_ideal_best")
-        out.append(f"| {layout} {direction} | {z['peer'][6:]} | {_ms(z['median_s'])} | {z['tflops']:.1f} | "
-                   f"{_ms(ideal)} | {z.get('fraction_of_ideal', float('nan')):.2f}"
-                   + ("" if best is None else f" ({best:.2f})")
-                   + f" | {rel(MASKED)} | {rel('einsum')} | {rel('flex')} | {rel('xformers')} "
-                   f"| {rel('zorro-segments')} |")
+        out.append(
+            f"| {layout} {direction} | {z['peer'][6:]} | {_ms(z['median_s'])} | {z['tflops']:.1f} | "
+            f"{_ms(ideal)} | {z.get('fraction_of_ideal', float('nan')):.2f}"
+            + ("" if best is None else f" ({best:.2f})")
+            + f" | {rel(MASKED)} | {rel('einsum')} | {rel('flex')} | {rel('xformers')} "
+            f"| {rel('zorro-segments')} |"
+        )
     return out
 
 
 def _case_table(group: list[dict]) -> list[str]:
     z = _best_zorro(group)
-    out = ["| peer | median (ms) | TFLOP/s (attended) | time / zorro's | fraction of ideal | peak memory (MiB) | "
-           "mask metadata build (ms) | checked |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| peer | median (ms) | TFLOP/s (attended) | time / zorro's | fraction of ideal | peak memory (MiB) | "
+        "mask metadata build (ms) | checked |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in group:
         rel = _x(r["median_s"] / z["median_s"]) if z is not None else "—"
         frac = r.get("fraction_of_ideal")
-        out.append(f"| {r['peer']} | {_ms(r['median_s'])} | {r['tflops']:.3f} | {rel} | "
-                   f"{'—' if frac is None else f'{frac:.2f}'} | {_mib(r.get('peak_memory_bytes'))} | "
-                   f"{_ms(r.get('metadata_build_s'))} | {r.get('checked', '')} |")
+        out.append(
+            f"| {r['peer']} | {_ms(r['median_s'])} | {r['tflops']:.3f} | {rel} | "
+            f"{'—' if frac is None else f'{frac:.2f}'} | {_mib(r.get('peak_memory_bytes'))} | "
+            f"{_ms(r.get('metadata_build_s'))} | {r.get('checked', '')} |"
+        )
     return out
 
 
@@ -155,20 +172,37 @@ def render_markdown(data: dict, command: str = "") -> str:
     md += _machine(info)
     if command:
         md.append(f"- **Command:** `{command}`")
-    md += ["", "Times are medians. *Ideal* = SDPA without a mask on the same shapes x the attended fraction: what a "
-           "dense kernel would cost for just the entries the mask lets through. *Fraction of ideal* = ideal / time "
-           "(1.0 = as fast as the ideal); for zorro it comes from rounds interleaved with the ideal baseline. "
-           "TFLOP/s count attended entries only (fwd 4·B·H·attended·D, bwd 2.5x fwd). Every peer's output "
-           "(and gradients) passed the tolerance policy of `tests/tolerances.py` before it was timed.", ""]
-    md += ["## Headline", "", "zorro's time, its fraction of the ideal (median over paired rounds; in brackets best "
-           "round against best round), and each peer's time as a multiple of zorro's (higher = zorro faster).", ""]
+    md += [
+        "",
+        "Times are medians. *Ideal* = SDPA without a mask on the same shapes x the attended fraction: what a "
+        "dense kernel would cost for just the entries the mask lets through. *Fraction of ideal* = ideal / time "
+        "(1.0 = as fast as the ideal); for zorro it comes from rounds interleaved with the ideal baseline. "
+        "TFLOP/s count attended entries only (fwd 4·B·H·attended·D, bwd 2.5x fwd). Every peer's output "
+        "(and gradients) passed the tolerance policy of `tests/tolerances.py` before it was timed.",
+        "",
+    ]
+    md += [
+        "## Headline",
+        "",
+        "zorro's time, its fraction of the ideal (median over paired rounds; in brackets best "
+        "round against best round), and each peer's time as a multiple of zorro's (higher = zorro faster).",
+        "",
+    ]
     md += _headline(cases) + [""]
     md += ["## Layouts", ""]
     for (layout, direction), group in cases.items():
         if group[0]["family"] == "scaling":
             continue
-        md += [f"### {layout} — {direction}", "", f"{group[0]['title']}; {group[0]['shape']}; attended "
-               f"{group[0]['attended_fraction']:.1%}.", ""] + _case_table(group) + [""]
+        md += (
+            [
+                f"### {layout} — {direction}",
+                "",
+                f"{group[0]['title']}; {group[0]['shape']}; attended {group[0]['attended_fraction']:.1%}.",
+                "",
+            ]
+            + _case_table(group)
+            + [""]
+        )
     for direction in DIRECTIONS:
         table = _sweep_table(cases, direction)
         if table:
@@ -176,23 +210,35 @@ def render_markdown(data: dict, command: str = "") -> str:
             md += [f"## Scaling sweep — {direction} (ms; {shape}, 25/70/5 audio/video/fusion)", ""] + table + [""]
     builds = [r for r in rows if r.get("kind") == "build"]
     if builds:
-        md += ["## Mask metadata build (fresh layout each call)", "",
-               "| layout | builder | median (ms) | vs create_block_mask |", "|---|---|---:|---:|"]
+        md += [
+            "## Mask metadata build (fresh layout each call)",
+            "",
+            "| layout | builder | median (ms) | vs create_block_mask |",
+            "|---|---|---:|---:|",
+        ]
         cbm = {r["layout"]: r["median_s"] for r in builds if r["peer"] == "flex-create_block_mask"}
         for r in builds:
             ref = cbm.get(r["layout"])
-            md.append(f"| {r['layout']} ({r['shape']}) | {r['peer']} | {_ms(r['median_s'])} | "
-                      f"{'—' if ref is None else _x(ref / r['median_s'])} |")
+            md.append(
+                f"| {r['layout']} ({r['shape']}) | {r['peer']} | {_ms(r['median_s'])} | "
+                f"{'—' if ref is None else _x(ref / r['median_s'])} |"
+            )
         md.append("")
     models = [r for r in rows if r.get("kind") == "model"]
     if models:
-        md += ["## Model: one training step", "", "| model | attention | median (ms) | vs masked SDPA |",
-               "|---|---|---:|---:|"]
+        md += [
+            "## Model: one training step",
+            "",
+            "| model | attention | median (ms) | vs masked SDPA |",
+            "|---|---|---:|---:|",
+        ]
         masked = {r["layout"]: r["median_s"] for r in models if r["peer"] == MASKED}
         for r in models:
             ref = masked.get(r["layout"])
-            md.append(f"| {r['layout']} ({r['shape']}) | {r['peer']} | {_ms(r['median_s'])} | "
-                      f"{'—' if ref is None else _x(ref / r['median_s'])} |")
+            md.append(
+                f"| {r['layout']} ({r['shape']}) | {r['peer']} | {_ms(r['median_s'])} | "
+                f"{'—' if ref is None else _x(ref / r['median_s'])} |"
+            )
         md.append("")
     skipped = data.get("zorro_skipped", [])
     if skipped:
@@ -211,8 +257,11 @@ def render_png(data: dict, path: Path) -> None:
     rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("peer")]
     cases = _cases(rows)
     info = data.get("machine_info", {})
-    peers = [p for p in OrderedDict.fromkeys(r["peer"] for r in rows if r.get("kind", "attention") == "attention")
-             if p not in (MASKED, IDEAL)]
+    peers = [
+        p
+        for p in OrderedDict.fromkeys(r["peer"] for r in rows if r.get("kind", "attention") == "attention")
+        if p not in (MASKED, IDEAL)
+    ]
     colors = {p: plt.cm.tab10(i) for i, p in enumerate(peers)}
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for ax, direction in zip(axes[:2], DIRECTIONS):
@@ -227,12 +276,22 @@ def render_png(data: dict, path: Path) -> None:
             for j, p in enumerate(peers):
                 if p not in by:
                     continue
-                ax.bar(i + j * width, base / by[p]["median_s"], width, color=colors[p],
-                       label=p if i == 0 or p not in ax.get_legend_handles_labels()[1] else None)
+                ax.bar(
+                    i + j * width,
+                    base / by[p]["median_s"],
+                    width,
+                    color=colors[p],
+                    label=p if i == 0 or p not in ax.get_legend_handles_labels()[1] else None,
+                )
             z = _best_zorro(g)
             if z is not None and z.get("ideal_median_s"):
-                ax.plot([i - width / 2, i + len(peers) * width - width / 2], [base / z["ideal_median_s"]] * 2,
-                        "k--", lw=1, label="ideal" if i == 0 else None)
+                ax.plot(
+                    [i - width / 2, i + len(peers) * width - width / 2],
+                    [base / z["ideal_median_s"]] * 2,
+                    "k--",
+                    lw=1,
+                    label="ideal" if i == 0 else None,
+                )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks([i + width * (len(peers) - 1) / 2 for i in range(len(groups))])
         ax.set_xticklabels([lay for lay, _ in groups], rotation=20)
@@ -257,8 +316,10 @@ def render_png(data: dict, path: Path) -> None:
     ax.set_title("scaling sweep, fwd")
     ax.legend(fontsize=7)
     machine = info.get("zorro_gpu") or info.get("zorro_cpu", "")
-    fig.suptitle(f"zorro attention vs peers — {machine}, {info.get('zorro_dtype', '')}, torch "
-                 f"{info.get('zorro_torch', '')}", fontsize=11)
+    fig.suptitle(
+        f"zorro attention vs peers — {machine}, {info.get('zorro_dtype', '')}, torch {info.get('zorro_torch', '')}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

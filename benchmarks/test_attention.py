@@ -7,6 +7,7 @@ zorro rows also time the ideal baseline *between their own rounds* (in ``pedanti
 fraction of ideal from those paired rounds: on a shared machine load drifts between rows, and the pairing keeps the
 ratio honest where two separate medians would not.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,6 @@ import statistics
 import time
 
 import pytest
-import torch
 
 from benchmarks.conftest import RESULTS, bench_device
 from benchmarks.layouts import Layout, suite
@@ -40,8 +40,13 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     layouts = suite(metafunc.config.getoption("--bench-tier"), bench_device().type)
-    cases = [(layout, direction, peer) for layout in layouts for direction in DIRECTIONS
-             if direction == "fwd" or layout.backward for peer in PEERS]
+    cases = [
+        (layout, direction, peer)
+        for layout in layouts
+        for direction in DIRECTIONS
+        if direction == "fwd" or layout.backward
+        for peer in PEERS
+    ]
     metafunc.parametrize("case", cases, ids=[f"{lay.name}-{d}-{p}" for lay, d, p in cases])
 
 
@@ -72,6 +77,7 @@ def _timed(fn, inputs, backward, device):
         result = run_once(fn, q, k, v, d_out, backward)
         sync(device)
         return result
+
     return call
 
 
@@ -82,9 +88,11 @@ def _metadata_build_s(layout: Layout, peer_name: str, device) -> float | None:
     """
     mask = layout.mask
     fresh = mask.with_lengths(mask.lengths, None if mask.is_self else mask.kv_lengths)
-    builders = {"zorro-segments": lambda: build_plan(fresh),
-                "zorro-triton": lambda: build_tile_map(fresh, 64, 64).to(device),
-                "flex": lambda: flex_block_mask(dataclasses.replace(layout, mask=fresh), device)}
+    builders = {
+        "zorro-segments": lambda: build_plan(fresh),
+        "zorro-triton": lambda: build_tile_map(fresh, 64, 64).to(device),
+        "flex": lambda: flex_block_mask(dataclasses.replace(layout, mask=fresh), device),
+    }
     if peer_name not in builders:
         return None
     t0 = time.perf_counter()
@@ -114,8 +122,11 @@ def test_attention(benchmark, case, tier, device, dtype):
     if peer_name != IDEAL:
         ref = _reference(layout, state)
         ref.check(peer_name, out, grads)
-        checked = ("out" + (", dq, dk, dv" if backward else "")) if ref.rows is None else \
-            (f"out{', dq' if backward else ''} on {len(ref.rows)} of {layout.num_q} rows")
+        checked = (
+            ("out" + (", dq, dk, dv" if backward else ""))
+            if ref.rows is None
+            else (f"out{', dq' if backward else ''} on {len(ref.rows)} of {layout.num_q} rows")
+        )
     del out, grads
 
     # one warm call sizes the rounds
@@ -148,10 +159,22 @@ def test_attention(benchmark, case, tier, device, dtype):
 
     frac = layout.mask.attended_fraction()
     flops = layout.flops("fwd" if not backward else "fwd+bwd")
-    info = dict(layout=layout.name, family=layout.family, title=layout.title, shape=layout.shape_str(),
-                direction=direction, peer=peer_name, description=peer.description, attended_fraction=frac,
-                flops=flops, median_s=median, tflops=flops / median / 1e12, rounds=rounds, checked=checked,
-                first_call_s=first_call_s)
+    info = dict(
+        layout=layout.name,
+        family=layout.family,
+        title=layout.title,
+        shape=layout.shape_str(),
+        direction=direction,
+        peer=peer_name,
+        description=peer.description,
+        attended_fraction=frac,
+        flops=flops,
+        median_s=median,
+        tflops=flops / median / 1e12,
+        rounds=rounds,
+        checked=checked,
+        first_call_s=first_call_s,
+    )
     ideal_row = RESULTS.get((layout.name, direction, IDEAL))
     masked_row = RESULTS.get((layout.name, direction, MASKED))
     if paired:

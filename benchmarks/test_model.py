@@ -5,6 +5,7 @@ The masked-SDPA model is the same model object type with the same weights: the b
 runs SDPA on the materialized mask (built once per layout, like a careful dense implementation would) and makes it
 the one ``backend="auto"`` picks, for this test only. Skips, saying why, until ``zorro_models`` has ``create_model``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,7 @@ BENCH_BACKEND = "bench-sdpa-masked"
 
 
 def _masked_sdpa(q, k, v, mask, scale, bias=None):  # the backend declares no bias: always None
-    safe, live = dense_for_fallback(mask, q.device)      # the dense mask, rows that see nothing opened (and zeroed)
+    safe, live = dense_for_fallback(mask, q.device)  # the dense mask, rows that see nothing opened (and zeroed)
     h = q.shape[1]
     out = F.scaled_dot_product_attention(q, expand_kv_heads(k, h), expand_kv_heads(v, h), attn_mask=safe, scale=scale)
     return out.masked_fill(~live[:, None, :, None], 0.0)
@@ -69,14 +70,22 @@ def _loss(outputs) -> torch.Tensor:
 @pytest.fixture
 def attention_impl(monkeypatch):
     """``use(name)``: make ``backend="auto"`` pick ``name`` ("auto" restores the default) for the rest of the test."""
-    monkeypatch.setitem(BACKENDS, BENCH_BACKEND, Backend(
-        BENCH_BACKEND, "benchmark only: SDPA with the dense bool mask",
-        lambda q, k, v, mask, scale: (_masked_sdpa(q, k, v, mask, scale), q.new_zeros(q.shape[:3])),
-        backward_by_recompute(_masked_sdpa), eager=_masked_sdpa))
+    monkeypatch.setitem(
+        BACKENDS,
+        BENCH_BACKEND,
+        Backend(
+            BENCH_BACKEND,
+            "benchmark only: SDPA with the dense bool mask",
+            lambda q, k, v, mask, scale: (_masked_sdpa(q, k, v, mask, scale), q.new_zeros(q.shape[:3])),
+            backward_by_recompute(_masked_sdpa),
+            eager=_masked_sdpa,
+        ),
+    )
     default = dict(zauto.PRIORITY)
 
     def use(name):
         monkeypatch.setattr(zauto, "PRIORITY", default if name == "auto" else {t: (name,) for t in ("cpu", "cuda")})
+
     return use
 
 
@@ -89,8 +98,9 @@ def test_model_train_step(benchmark, impl, tier, device, dtype, attention_impl):
     # correctness first: this model's outputs against the fp64 model on the dense reference backend
     attention_impl("reference")
     with torch.no_grad():
-        ref = _forward(copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v
-                                                       for k, v in inputs.items()})
+        ref = _forward(
+            copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+        )
         same = _forward(model, inputs)
     attention_impl("auto" if impl == "zorro" else BENCH_BACKEND)
     with torch.no_grad():
@@ -112,8 +122,17 @@ def test_model_train_step(benchmark, impl, tier, device, dtype, attention_impl):
     rounds = {"smoke": 3}.get(tier, 5 if device.type == "cpu" else 20)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
     shape = f"B={batch}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params" + (
-        f", {overrides}" if overrides else "")
-    info = dict(kind="model", layout=name, shape=shape, peer=impl, direction="train step", family="model",
-                median_s=statistics.median(benchmark.stats.stats.data), rounds=rounds)
+        f", {overrides}" if overrides else ""
+    )
+    info = dict(
+        kind="model",
+        layout=name,
+        shape=shape,
+        peer=impl,
+        direction="train step",
+        family="model",
+        median_s=statistics.median(benchmark.stats.stats.data),
+        rounds=rounds,
+    )
     benchmark.extra_info.update(info)
     RESULTS[(name, "train step", impl)] = info

@@ -10,6 +10,7 @@ without the bias: ``zorro-triton``'s ``bias_cost`` is its paired time over the s
 rows time the hand-written call between their own rounds (``pedantic``'s untimed setup) and report the median of the
 paired ratios, so load drifting on a shared machine does not bias the ratio.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -19,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bench_device
 from zorro_kernels import RelativePositionBias, zorro_attention
 from zorro_models.models.swin import rel_table_size, swin_block_layout
 
@@ -47,16 +47,25 @@ class Case:
         self.nv = GRIDS["video"][0] * GRIDS["video"][1] * GRIDS["video"][2]
         gen = torch.Generator().manual_seed(0)
         n = self.layout.mask.num_q
-        self.q, self.k, self.v, self.d_out = (torch.randn(B, H, n, D, generator=gen).to(device, dtype)
-                                              for _ in range(4))
+        self.q, self.k, self.v, self.d_out = (
+            torch.randn(B, H, n, D, generator=gen).to(device, dtype) for _ in range(4)
+        )
         self.table = (0.1 * torch.randn(H, rel_table_size(WINDOWS), generator=gen)).to(device, dtype)
         # the table holds the audio offsets, then the video ones (as Zorro-Swin's)
-        self.idx = {"audio": _swin_index(WINDOWS["audio"]).to(device),
-                    "video": rel_table_size({"audio": WINDOWS["audio"]}) + _swin_index(WINDOWS["video"]).to(device)}
+        self.idx = {
+            "audio": _swin_index(WINDOWS["audio"]).to(device),
+            "video": rel_table_size({"audio": WINDOWS["audio"]}) + _swin_index(WINDOWS["video"]).to(device),
+        }
 
     def zorro(self, q, k, v, table, backend="segments"):
-        return zorro_attention(q, k, v, self.layout.mask, backend=backend,
-                               bias=RelativePositionBias(table, positions=self.layout.positions))
+        return zorro_attention(
+            q,
+            k,
+            v,
+            self.layout.mask,
+            backend=backend,
+            bias=RelativePositionBias(table, positions=self.layout.positions),
+        )
 
     def zorro_no_bias(self, q, k, v, table, backend="segments"):
         """The same layout without the bias (the bias's cost on a backend: its time over this one's)."""
@@ -123,8 +132,9 @@ def test_swin_relative_bias(benchmark, impl, direction, tier, device, dtype):
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, want, **tol)
     for name, a, b in zip(("dq", "dk", "dv", "dtable"), got_g or (), want_g or ()):
-        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=10 * tol["atol"] if name == "dtable" else tol["atol"],
-                                   msg=name)
+        torch.testing.assert_close(
+            a, b, rtol=tol["rtol"], atol=10 * tol["atol"] if name == "dtable" else tol["atol"], msg=name
+        )
 
     paired: dict = {"hand": [], "no_bias": []}
     no_bias = _impl(case, "zorro-triton-no-bias") if impl == "zorro-triton" else None
@@ -144,18 +154,29 @@ def test_swin_relative_bias(benchmark, impl, direction, tier, device, dtype):
             paired["no_bias"].append(timed(no_bias))
 
     benchmark.group = f"swin-relative-bias {direction}"
-    benchmark.pedantic(lambda: _run(fn, case, backward), setup=setup if impl.startswith("zorro") else None,
-                       rounds=ROUNDS[tier], warmup_rounds=1, iterations=1)
+    benchmark.pedantic(
+        lambda: _run(fn, case, backward),
+        setup=setup if impl.startswith("zorro") else None,
+        rounds=ROUNDS[tier],
+        warmup_rounds=1,
+        iterations=1,
+    )
     times = benchmark.stats.stats.data
-    info = dict(layout="swin-relative-bias", direction=direction, peer=impl, shape=f"B={B} H={H} D={D} "
-                f"N={case.layout.mask.num_q} (8 x 64 audio, 32 x 49 video, {FUSION} fusion)",
-                median_s=statistics.median(times))
+    info = dict(
+        layout="swin-relative-bias",
+        direction=direction,
+        peer=impl,
+        shape=f"B={B} H={H} D={D} N={case.layout.mask.num_q} (8 x 64 audio, 32 x 49 video, {FUSION} fusion)",
+        median_s=statistics.median(times),
+    )
     if paired["hand"]:
         # > 1: zorro faster than the hand-written Swin computation (paired rounds)
-        info["speed_vs_hand_written"] = statistics.median(h / t for h, t in zip(paired["hand"][-len(times):], times))
+        info["speed_vs_hand_written"] = statistics.median(h / t for h, t in zip(paired["hand"][-len(times) :], times))
     if paired["no_bias"]:
-        info["bias_cost"] = statistics.median(t / n for n, t in zip(paired["no_bias"][-len(times):], times))
+        info["bias_cost"] = statistics.median(t / n for n, t in zip(paired["no_bias"][-len(times) :], times))
     benchmark.extra_info.update(info)
-    print(f"\n{impl} {direction}: median {info['median_s'] * 1e3:.1f} ms"
-          + (f", {info['speed_vs_hand_written']:.2f}x the hand-written Swin speed (paired)" if paired["hand"] else "")
-          + (f", bias costs {info['bias_cost']:.2f}x the no-bias Triton time (paired)" if paired["no_bias"] else ""))
+    print(
+        f"\n{impl} {direction}: median {info['median_s'] * 1e3:.1f} ms"
+        + (f", {info['speed_vs_hand_written']:.2f}x the hand-written Swin speed (paired)" if paired["hand"] else "")
+        + (f", bias costs {info['bias_cost']:.2f}x the no-bias Triton time (paired)" if paired["no_bias"] else "")
+    )

@@ -17,6 +17,7 @@ any variant does not compile or needs more shared memory than the card has.
     python benchmarks/triton_compile_check.py --reference --dims 64 --dtypes float16 --no-fallback
                                                          # also a dense tutorial-style forward with the same tiles
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,13 +71,21 @@ def _cuobjdump() -> str:
     return str(bundled) if bundled.exists() else (shutil.which("cuobjdump") or "")
 
 
-_SASS_COUNTS = (("hgmma", r"\bHGMMA"), ("hmma", r"\bHMMA"), ("cp.async16", r"LDGSTS[.A-Z]*\.128"),
-                ("ld.u16", r"LDG\.E\.U16"))
+_SASS_COUNTS = (
+    ("hgmma", r"\bHGMMA"),
+    ("hmma", r"\bHMMA"),
+    ("cp.async16", r"LDGSTS[.A-Z]*\.128"),
+    ("ld.u16", r"LDG\.E\.U16"),
+)
 
 
 # per SM: registers, shared memory, resident warps and blocks (sm_80 / sm_90; the driver reserves 1 KiB per block)
-SM_LIMITS = {90: (65536, 233472, 64, 32), 80: (65536, 167936, 64, 32), 89: (65536, 102400, 48, 24),
-             86: (65536, 102400, 48, 16)}
+SM_LIMITS = {
+    90: (65536, 233472, 64, 32),
+    80: (65536, 167936, 64, 32),
+    89: (65536, 102400, 48, 24),
+    86: (65536, 102400, 48, 16),
+}
 
 
 def blocks_per_sm(regs: int, warps: int, shared: int, arch: int = 90) -> int:
@@ -117,8 +126,11 @@ def main() -> int:
     ap.add_argument("--dtypes", default=None, help="comma-separated: float16,bfloat16,float32")
     ap.add_argument("--no-fallback", action="store_true", help="skip the fallback table")
     ap.add_argument("--sweep", type=int, default=0, help="count compilations over this many random layouts instead")
-    ap.add_argument("--reference", action="store_true",
-                    help="also compile a dense tutorial-style forward with the table's forward tiles, for comparison")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also compile a dense tutorial-style forward with the table's forward tiles, for comparison",
+    )
     args = ap.parse_args()
     driver.set_active(_StandInDriver(GPUTarget("cuda", args.arch, 32)))
     if args.sweep:
@@ -131,9 +143,11 @@ def main() -> int:
         for warps, stages in cands:
             name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
             mode = "one-pass" if constexprs.get("ONE_PASS") else ""
-            tag = (f"{name:16s} {ctx['dtype']:9s} {mode:8s} D={constexprs.get('HEAD_DIM')!s:4s} "
-                   f"{ctx['variant']:13s} "
-                   f"{ctx['table']:8s} blocks={cfg.block_m}x{cfg.block_n} warps={warps} stages={stages}")
+            tag = (
+                f"{name:16s} {ctx['dtype']:9s} {mode:8s} D={constexprs.get('HEAD_DIM')!s:4s} "
+                f"{ctx['variant']:13s} "
+                f"{ctx['table']:8s} blocks={cfg.block_m}x{cfg.block_n} warps={warps} stages={stages}"
+            )
             t0 = time.time()
             try:
                 k = kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=warps, num_stages=stages)
@@ -142,8 +156,13 @@ def main() -> int:
                 summary = asm_summary(k)
                 regs = re.search(r"regs=(\d+)", summary)
                 occupancy = f"blocks/SM={blocks_per_sm(int(regs.group(1)), warps, shared, args.arch)} " if regs else ""
-                results.append((ok, f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {summary} {occupancy}"
-                                    f"({time.time() - t0:.1f}s)"))
+                results.append(
+                    (
+                        ok,
+                        f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {summary} {occupancy}"
+                        f"({time.time() - t0:.1f}s)",
+                    )
+                )
             except Exception as err:  # noqa: BLE001 - report every failure, keep going
                 results.append((False, f"ERR {tag}: {type(err).__name__}: {str(err)[:400]}"))
             print(results[-1][1], flush=True)
@@ -162,44 +181,57 @@ def main() -> int:
     tables = [("table", None)] + ([] if args.quick or args.no_fallback else [("fallback", True)])
     # at D = 64 also the causal band, a sliding window and the two score-bias kinds (each a constexpr variant)
     extras = ["causal", "window", "dense-bias", "relative-bias"]
-    cases = [(dtype, d, variant) for dtype in dtypes for d in dims for variant in (["plain"] + extras if d == 64
-                                                                                   else ["plain"])]
+    cases = [
+        (dtype, d, variant)
+        for dtype in dtypes
+        for d in dims
+        for variant in (["plain"] + extras if d == 64 else ["plain"])
+    ]
     # the count up front: the full set runs for minutes, each case compiling its forward and backward kernels with
     # every autotune candidate
-    print(f"{len(cases) * len(tables)} cases to compile for sm_{args.arch} ({len(dtypes)} dtype(s) x head dims "
-          f"{','.join(map(str, dims))}, {', '.join(extras)} at D=64, tables: {', '.join(t for t, _ in tables)}); "
-          f"each compiles "
-          f"several kernel variants, a few seconds each" + ("" if args.quick else "; --quick for a short subset"),
-          flush=True)
+    print(
+        f"{len(cases) * len(tables)} cases to compile for sm_{args.arch} ({len(dtypes)} dtype(s) x head dims "
+        f"{','.join(map(str, dims))}, {', '.join(extras)} at D=64, tables: {', '.join(t for t, _ in tables)}); "
+        f"each compiles "
+        f"several kernel variants, a few seconds each" + ("" if args.quick else "; --quick for a short subset"),
+        flush=True,
+    )
     done = 0
     for dtype, d, variant in cases:
-        mask = ZorroMask.from_segments([("a", 40), ("b", 70)], {"a": ["a"], "b": "*"}, causal=variant == "causal",
-                                       window=(16, 16) if variant == "window" else None)
+        mask = ZorroMask.from_segments(
+            [("a", 40), ("b", 70)],
+            {"a": ["a"], "b": "*"},
+            causal=variant == "causal",
+            window=(16, 16) if variant == "window" else None,
+        )
         q = torch.randn(2, 4, 110, d).to(dtype)
         k = torch.randn(2, 2, 110, d).to(dtype)
         bias = None
         if variant == "dense-bias":
             bias = torch.randn(1, 4, 110, 110).to(dtype)
         elif variant == "relative-bias":
-            pos = torch.arange(110)[:, None] % 40          # 1-D positions, offsets within 40
+            pos = torch.arange(110)[:, None] % 40  # 1-D positions, offsets within 40
             bias = RelativePositionBias(torch.randn(4, 79).to(dtype), pos, pos, (40,))
         kw = {} if bias is None else {"bias": bias}
         for table, fallback in tables:
             done += 1
-            print(f"-- case {done}/{len(cases) * len(tables)}: {str(dtype).replace('torch.', '')} D={d} "
-                  f"{variant} {table}", flush=True)
+            print(
+                f"-- case {done}/{len(cases) * len(tables)}: {str(dtype).replace('torch.', '')} D={d} "
+                f"{variant} {table}",
+                flush=True,
+            )
             ctx.update(dtype=str(dtype).replace("torch.", ""), variant=variant, table=table)
             key = (_config.padded_head_dim(d), dtype)
             if fallback:
                 _config._fallen_back.add(key)
                 _config._chosen.clear()
             try:
-                for kind in ("ranges", "tiles"):      # the forward over either plan
+                for kind in ("ranges", "tiles"):  # the forward over either plan
                     with _config.override_plan(kind):
-                        out, lse = backend.forward(q, k, k, mask, d ** -0.5, **kw)
-                for det in (False, True):             # one-pass and deterministic backward
+                        out, lse = backend.forward(q, k, k, mask, d**-0.5, **kw)
+                for det in (False, True):  # one-pass and deterministic backward
                     torch.use_deterministic_algorithms(det, warn_only=True)
-                    backend.backward(out, q, k, k, out, lse, mask, d ** -0.5, **kw)
+                    backend.backward(out, q, k, k, out, lse, mask, d**-0.5, **kw)
                 torch.use_deterministic_algorithms(False)
                 if args.reference and table == "table" and variant == "plain":
                     warm(*_reference_launch(q, _config.choose_blocks(d, dtype).fwd))
@@ -207,16 +239,19 @@ def main() -> int:
                 _config._fallen_back.discard(key)
                 _config._chosen.clear()
     bad = [line for ok, line in results if not ok]
-    print(f"\n{len(results) - len(bad)} / {len(results)} kernel variants compiled for sm_{args.arch} within "
-          f"{limit} bytes of shared memory")
+    print(
+        f"\n{len(results) - len(bad)} / {len(results)} kernel variants compiled for sm_{args.arch} within "
+        f"{limit} bytes of shared memory"
+    )
     for line in bad:
         print("FAILED:", line)
     return 1 if bad else 0
 
 
 @triton.jit
-def _dense_reference_fwd(Q, K, V, O, stride_h, stride_n, N, qk_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dense_reference_fwd(
+    Q, K, V, O, stride_h, stride_n, N, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """What "good" looks like on this compiler: the fused-attention tutorial's forward loop (dense, no mask, every kv
     tile in order, pointer increments), for comparison with the block-sparse kernels' compiled form."""
     m = tl.program_id(0)
@@ -248,15 +283,24 @@ def _reference_launch(q, cfg):
     """Arguments of ``warm`` for the dense reference at q's shape (head dim padded as the kernels pad it)."""
     d = _config.padded_head_dim(q.shape[-1])
     x = torch.empty(2, 4, 1024, d, dtype=q.dtype)
-    return (_dense_reference_fwd, (1024 // cfg.block_m, 8),
-            dict(Q=x, K=x, V=x, O=x, stride_h=x.stride(1), stride_n=x.stride(2), N=1024, qk_scale=0.1),
-            dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg)
+    return (
+        _dense_reference_fwd,
+        (1024 // cfg.block_m, 8),
+        dict(Q=x, K=x, V=x, O=x, stride_h=x.stride(1), stride_n=x.stride(2), N=1024, qk_scale=0.1),
+        dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+        cfg,
+    )
 
 
 def sweep(n_layouts: int) -> int:
     """fwd + bwd launches (compiled, not run) over random layouts: 2-6 segments, sizes, rules, lengths, N all vary."""
-    kernels = {"fwd_ranges": _fwd._attn_fwd_ranges, "fwd": _fwd._attn_fwd, "preprocess": _bwd._bwd_preprocess,
-               "dkdv": _bwd._attn_bwd_dkdv, "dq": _bwd._attn_bwd_dq}
+    kernels = {
+        "fwd_ranges": _fwd._attn_fwd_ranges,
+        "fwd": _fwd._attn_fwd,
+        "preprocess": _bwd._bwd_preprocess,
+        "dkdv": _bwd._attn_bwd_dkdv,
+        "dq": _bwd._attn_bwd_dq,
+    }
 
     def warm(kernel, grid, kargs, constexprs, cfg, bucket=(), restore=()):
         kernel.warmup(grid=grid, **kargs, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -278,9 +322,11 @@ def sweep(n_layouts: int) -> int:
         if i == 0:
             first = compiled()
     last = compiled()
-    print(f"compilations over {n_layouts} layouts (fp16, D=64, sm target, autotune off): after the first layout "
-          f"{first}, after all {last}; new after the first: {sum(last.values()) - sum(first.values())} "
-          f"({time.time() - t0:.0f}s)")
+    print(
+        f"compilations over {n_layouts} layouts (fp16, D=64, sm target, autotune off): after the first layout "
+        f"{first}, after all {last}; new after the first: {sum(last.values()) - sum(first.values())} "
+        f"({time.time() - t0:.0f}s)"
+    )
     return 0
 
 

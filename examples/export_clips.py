@@ -7,6 +7,7 @@
 Labels are class names (``class0`` ... ``class7``), as in a VGGSound- or Kinetics-style CSV. The clips are larger than
 the demo model's inputs (8 frames of 64x64, 16 kHz audio), so reading them resizes, samples frames and resamples.
 """
+
 import argparse
 import csv
 from pathlib import Path
@@ -30,7 +31,7 @@ def write_mp4(path: Path, video: np.ndarray, waveform: np.ndarray) -> None:
         for frame in video:
             out.mux(vs.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         for s in range(0, len(waveform), 1024):
-            frame = av.AudioFrame.from_ndarray(waveform[None, s:s + 1024], format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(waveform[None, s : s + 1024], format="fltp", layout="mono")
             frame.sample_rate, frame.pts = SAMPLE_RATE, s
             out.mux(aus.encode(frame))
         out.mux(vs.encode(None))
@@ -39,8 +40,7 @@ def write_mp4(path: Path, video: np.ndarray, waveform: np.ndarray) -> None:
 
 def export(out: Path, train: int = 64, val: int = 32, seed: int = 0) -> None:
     """``train`` + ``val`` clips (separate seeds) into ``out``, listed in ``out/train.csv`` and ``out/val.csv``."""
-    config = SyntheticAVConfig(num_frames=int(FPS * SECONDS), image_size=64, sample_rate=SAMPLE_RATE,
-                               duration=SECONDS)
+    config = SyntheticAVConfig(num_frames=int(FPS * SECONDS), image_size=64, sample_rate=SAMPLE_RATE, duration=SECONDS)
     out.mkdir(parents=True, exist_ok=True)
     for split, size, split_seed in (("train", train, seed), ("val", val, seed + 1)):
         data = SyntheticAVDataset(size, config, seed=split_seed)

@@ -1,6 +1,7 @@
 """Quickstart: build the paper's Figure-2 mask, look at its tile map, run zorro_attention forward and backward, check
 it against the dense reference, and time it against PyTorch's SDPA given the same mask as a dense boolean matrix.
 Runs on CPU in a few seconds."""
+
 import statistics
 import time
 
@@ -38,10 +39,14 @@ def main() -> None:
     torch.set_num_threads(1)
     dense = mask.to_dense()
     with torch.no_grad():
-        fwd = [median_ms(lambda: zorro_attention(q, k, v, mask)),
-               median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))]
-    both = [median_ms(lambda: zorro_attention(q, k, v, mask).sum().backward()),
-            median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense).sum().backward())]
+        fwd = [
+            median_ms(lambda: zorro_attention(q, k, v, mask)),
+            median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)),
+        ]
+    both = [
+        median_ms(lambda: zorro_attention(q, k, v, mask).sum().backward()),
+        median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense).sum().backward()),
+    ]
     print("median of 5, 1 thread    zorro_attention   SDPA with the dense mask")
     for name, (z, d) in (("forward", fwd), ("forward + backward", both)):
         print(f"{name:<22}  {z:>9.0f} ms  {d:>15.0f} ms   ({d / z:.1f}x)")

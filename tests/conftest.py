@@ -3,6 +3,7 @@
 Triton kernels run on CPU tensors through Triton's interpreter when no GPU is present; the interpreter must be switched
 on before the first ``@triton.jit`` is evaluated, i.e. before zorro_kernels' Triton module is imported.
 """
+
 import os
 
 import torch

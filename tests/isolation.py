@@ -5,6 +5,7 @@ gradient, and the k/v of the keys it may attend. So poison some key tokens (NaN 
 (NaN) and some upstream-gradient rows (NaN); every entry the rule says cannot see the poison must come out exactly as
 it does from clean inputs, and rows that see nothing stay exactly 0 with zero dq.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,14 +55,15 @@ def check_isolation(attn, q, k, v, mask, pk, pq, pg, *, scale=None) -> int:
         return torch.where(where.to(x.device)[:, None, :, None], torch.full_like(x, value), x)
 
     clean = run(q, k, v, g)
-    dirty = run(put(q, pq, float("nan")), put(k, pk, float("nan")), put(v, pk, float("inf")),
-                put(g, pg, float("nan")))
+    dirty = run(put(q, pq, float("nan")), put(k, pk, float("nan")), put(v, pk, float("inf")), put(g, pg, float("nan")))
     for name, c, d, t in zip(("out", "dq", "dk", "dv"), clean, dirty, (out_t, dq_t, dkv_t, dkv_t)):
         keep = ~t.to(c.device)[:, None, :, None].expand_as(c)
         bad = (c != d) & keep
-        assert not bad.any(), (f"{name}: {int(bad.sum())} entries the poison must not reach changed "
-                               f"(first at {tuple(bad.nonzero()[0].tolist())}: {d[bad][0].item()} vs clean "
-                               f"{c[bad][0].item()})")
+        assert not bad.any(), (
+            f"{name}: {int(bad.sum())} entries the poison must not reach changed "
+            f"(first at {tuple(bad.nonzero()[0].tolist())}: {d[bad][0].item()} vs clean "
+            f"{c[bad][0].item()})"
+        )
     dead = ~dense.any(-1)[:, None, :, None].expand_as(clean[0])
     for name, x in (("out", dirty[0]), ("dq", dirty[1])):
         assert (x[dead] == 0).all(), f"{name}: a row that sees nothing is not exactly 0 under poison"

@@ -1,4 +1,5 @@
 """Random and hand-picked layouts shared by the test files."""
+
 from __future__ import annotations
 
 import random
@@ -10,8 +11,15 @@ from zorro_kernels import ZorroMask
 ODD_SIZES = (0, 1, 2, 3, 5, 8, 13, 17, 31, 64, 97, 113)
 
 
-def random_mask(rng: random.Random, *, max_segments: int = 6, sizes=ODD_SIZES, allow_cross: bool = True,
-                allow_causal: bool = True, max_batch: int = 3) -> ZorroMask:
+def random_mask(
+    rng: random.Random,
+    *,
+    max_segments: int = 6,
+    sizes=ODD_SIZES,
+    allow_cross: bool = True,
+    allow_causal: bool = True,
+    max_batch: int = 3,
+) -> ZorroMask:
     """A random layout: segment sizes include 0 and 1, random rules (some segments see nothing), optionally cross-
     attention, per-sample lengths on either side (including 0), and causal."""
     n_seg = rng.randint(1, max_segments)
@@ -40,10 +48,14 @@ def random_mask(rng: random.Random, *, max_segments: int = 6, sizes=ODD_SIZES, a
         lengths = torch.tensor([[rng.randint(0, s) for s in q_sizes] for _ in range(b)])
     if cross and rng.random() < 0.5:
         kv_lengths = torch.tensor([[rng.randint(0, s) for s in kv_sizes] for _ in range(b)])
-    return ZorroMask.from_segments(list(zip(names, q_sizes)), rules,
-                                   kv_segments=list(zip(kv_names, kv_sizes)) if cross else None,
-                                   lengths=lengths, kv_lengths=kv_lengths,
-                                   causal=allow_causal and rng.random() < 0.2)
+    return ZorroMask.from_segments(
+        list(zip(names, q_sizes)),
+        rules,
+        kv_segments=list(zip(kv_names, kv_sizes)) if cross else None,
+        lengths=lengths,
+        kv_lengths=kv_lengths,
+        causal=allow_causal and rng.random() < 0.2,
+    )
 
 
 def named_masks() -> dict[str, ZorroMask]:
@@ -53,8 +65,9 @@ def named_masks() -> dict[str, ZorroMask]:
         "odd_1_3_97_113": ZorroMask.zorro(audio=1, video=97, fusion=3, text=113),
         "empty_audio": ZorroMask.zorro(audio=0, video=33, fusion=2),
         "no_fusion": ZorroMask.zorro(audio=9, video=17, fusion=0),
-        "ragged": ZorroMask.zorro(audio=16, video=40, fusion=3,
-                                  lengths=torch.tensor([[16, 40, 3], [0, 40, 3], [5, 13, 3]])),
+        "ragged": ZorroMask.zorro(
+            audio=16, video=40, fusion=3, lengths=torch.tensor([[16, 40, 3], [0, 40, 3], [5, 13, 3]])
+        ),
         "bottleneck": ZorroMask.bottleneck(audio=11, video=29, bottleneck=4),
         "full": ZorroMask.full(audio=12, video=30, fusion=2),
         "packed": ZorroMask.packed([8, 8, 8, 5, 1, 13]),
@@ -64,9 +77,11 @@ def named_masks() -> dict[str, ZorroMask]:
             [("audio_q", 1), ("video_q", 1), ("fusion_q", 1), ("global_q", 1)],
             {"audio_q": ["audio"], "video_q": ["video"], "fusion_q": ["fusion"], "global_q": "*"},
             kv_segments=[("audio", 21), ("video", 50), ("fusion", 4)],
-            kv_lengths=torch.tensor([[21, 50, 4], [0, 50, 4]])),
-        "cross_causal_bottom_right": ZorroMask.from_segments([("q", 5)], {"q": "*"}, kv_segments=[("k", 23)],
-                                                             causal=True),
+            kv_lengths=torch.tensor([[21, 50, 4], [0, 50, 4]]),
+        ),
+        "cross_causal_bottom_right": ZorroMask.from_segments(
+            [("q", 5)], {"q": "*"}, kv_segments=[("k", 23)], causal=True
+        ),
         "nothing_visible_rows": ZorroMask.from_segments([("a", 7), ("b", 9)], {"a": ["a"]}),
     }
 

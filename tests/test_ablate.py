@@ -1,13 +1,14 @@
 """``zorro ablate`` on a tiny 2-cell grid: table shape, reuse of finished runs, resume of interrupted ones, and refusal
 to reuse a run trained under another configuration."""
+
 import json
 import shutil
 
 import pytest
 
-from zorro_models.training import trainer as train
-from zorro_models.commands.ablate import _cell_configs, grid_cells, parse_grid, run_ablate
 from zorro_models.cli import main
+from zorro_models.commands.ablate import _cell_configs, grid_cells, parse_grid, run_ablate
+from zorro_models.training import trainer as train
 
 from .helpers import TINY
 
@@ -24,6 +25,7 @@ def _ablate(out, *overrides, seeds=2, **kw):
 def _no_training(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a finished run was trained again")
+
     monkeypatch.setattr(train.Trainer, "fit", refuse)
 
 
@@ -40,8 +42,7 @@ def test_outputs_and_table_shape(finished):
     assert set(results["cells"]) == CELLS and results["metric"] == "accuracy" and results["runs_computed"] == 4
     sup = results["cells"]["zorro-shared-supervised"]
     assert set(sup["summary"]) == {"audio-only", "video-only", "audio-visual", "AV − A", "AV − V"}
-    assert set(results["cells"]["zorro-shared-contrastive"]["summary"]) == {"audio-only", "video-only",
-                                                                             "audio-visual"}
+    assert set(results["cells"]["zorro-shared-contrastive"]["summary"]) == {"audio-only", "video-only", "audio-visual"}
     assert all(s["n"] == 2 for c in results["cells"].values() for s in c["summary"].values())
     run = sup["runs"][0]
     assert set(run["results"]["audio-only"]) == {"audio", "fusion", "global", "mean"}  # every head is kept
@@ -83,8 +84,14 @@ def test_changed_config_is_never_silently_reused(finished, tmp_path, monkeypatch
 def test_changed_grid_trains_only_the_new_cells(finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
-    results = run_ablate(str(out), grid=["mask=zorro,full", "sharing=shared", "objective=contrastive"], seeds=1,
-                         overrides=FAST, threads=1, verbose=False)
+    results = run_ablate(
+        str(out),
+        grid=["mask=zorro,full", "sharing=shared", "objective=contrastive"],
+        seeds=1,
+        overrides=FAST,
+        threads=1,
+        verbose=False,
+    )
     assert set(results["cells"]) == {"zorro-shared-contrastive", "full-shared-contrastive"}
     assert results["runs_computed"] == 1  # full's; zorro's was reused
     assert "full, shared" in (out / "table.md").read_text() and "supervised" not in (out / "table.md").read_text()
@@ -94,10 +101,10 @@ def test_interrupted_runs_resume_or_restart(finished, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     done = out / "cells" / "zorro-shared-supervised" / "seed1"
-    (done / "result.json").unlink()                       # stopped after its checkpoint, during evaluation
+    (done / "result.json").unlink()  # stopped after its checkpoint, during evaluation
     early = out / "cells" / "zorro-shared-contrastive" / "seed0"
     (early / "result.json").unlink()
-    shutil.rmtree(early / "checkpoints")                  # stopped before its first checkpoint
+    shutil.rmtree(early / "checkpoints")  # stopped before its first checkpoint
     results = run_ablate(str(out), grid=GRID, seeds=2, overrides=FAST, threads=1)
     text = capsys.readouterr().out
     assert "zorro-shared-supervised seed 1: resuming" in text and "zorro-shared-contrastive seed 0: training" in text
@@ -126,8 +133,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     # (full attention crosses Swin's windows, so its window-only relative position bias is off)
     swin = ["model.name=zorro_swin_tiny", "model.kwargs.rel_pos_bias=false"]
     with pytest.raises(ValueError, match="grid cell full-separate-contrastive: zorro_swin_tiny has no per-stream"):
-        run_ablate(str(tmp_path / "swin"), grid=["mask=full", "objective=contrastive"], overrides=swin,
-                   verbose=False)
+        run_ablate(str(tmp_path / "swin"), grid=["mask=full", "objective=contrastive"], overrides=swin, verbose=False)
     assert not (tmp_path / "swin").exists()
     cells = grid_cells(parse_grid(["mask=full", "sharing=shared"]))
     cfgs = _cell_configs(cells, 1, None, swin, tmp_path / "swin", 1)
@@ -144,11 +150,19 @@ def test_clips_from_a_config_multi_label(tmp_path):
         write_clip(tmp_path / f"c{i}.mp4", tone_hz=300.0 + 200 * i)
     (tmp_path / "train.csv").write_text('path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nc2.mp4,"cat;meow"\nc3.mp4,dog\n')
     (tmp_path / "val.csv").write_text('path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nc3.mp4,"dog;meow"\n')
-    (tmp_path / "run.yaml").write_text(f"data: {{kind: clips, train_csv: {tmp_path / 'train.csv'}, "
-                                       f"val_csv: {tmp_path / 'val.csv'}, duration: 0.5}}\ntrain: {{steps: 2}}\n")
-    results = run_ablate(str(tmp_path / "out"), grid=["mask=zorro", "sharing=shared"], seeds=1,
-                         config=str(tmp_path / "run.yaml"), overrides=[*TINY, "train.batch_size=2", "probe.max_iter=20"], threads=1,
-                         verbose=False)
+    (tmp_path / "run.yaml").write_text(
+        f"data: {{kind: clips, train_csv: {tmp_path / 'train.csv'}, "
+        f"val_csv: {tmp_path / 'val.csv'}, duration: 0.5}}\ntrain: {{steps: 2}}\n"
+    )
+    results = run_ablate(
+        str(tmp_path / "out"),
+        grid=["mask=zorro", "sharing=shared"],
+        seeds=1,
+        config=str(tmp_path / "run.yaml"),
+        overrides=[*TINY, "train.batch_size=2", "probe.max_iter=20"],
+        threads=1,
+        verbose=False,
+    )
     assert results["metric"] == "mAP" and results["chance"] is None
     cfg = results["config"]
     assert cfg["data"]["kind"] == "clips" and cfg["train"]["steps"] == 2 and cfg["data"]["val_size"] == 1024

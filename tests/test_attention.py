@@ -1,4 +1,5 @@
 """zorro_attention on CPU: the segment path and the reference against the fp64 oracle; the surface; bad input."""
+
 import math
 import random
 
@@ -22,8 +23,11 @@ def make_qkv(mask, *, b=None, h=4, hkv=2, d=32, dtype=torch.float32, noncontiguo
         k = torch.randn(b, mask.num_kv, hkv, d).transpose(1, 2)
         v = torch.randn(b, mask.num_kv, hkv, d).transpose(1, 2)
     else:
-        q, k, v = torch.randn(b, h, mask.num_q, d), torch.randn(b, hkv, mask.num_kv, d), torch.randn(b, hkv,
-                                                                                                     mask.num_kv, d)
+        q, k, v = (
+            torch.randn(b, h, mask.num_q, d),
+            torch.randn(b, hkv, mask.num_kv, d),
+            torch.randn(b, hkv, mask.num_kv, d),
+        )
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -45,8 +49,7 @@ def test_random_layouts(backend):
     for i in range(60):
         mask = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
         h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
-        check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([8, 16, 24])), mask,
-                             seed=i)
+        check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([8, 16, 24])), mask, seed=i)
 
 
 @pytest.mark.full
@@ -57,8 +60,9 @@ def test_random_layouts_many(backend, dtype):
     for i in range(300):
         mask = random_mask(rng, max_segments=7)
         h, hkv = rng.choice([(1, 1), (2, 2), (4, 1), (8, 2), (6, 3)])
-        check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32, 64]),
-                                                         dtype=dtype), mask, seed=i)
+        check_against_oracle(
+            attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32, 64]), dtype=dtype), mask, seed=i
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -90,8 +94,12 @@ def test_padding_contents_never_leak(backend):
     q, k, v = (t.requires_grad_() for t in make_qkv(mask))
     dense = mask.to_dense()
     q_pad = ~dense.any(-1)
-    k_pad = torch.stack([torch.tensor([False] * 3 + [True] * 5 + [False] * 12 + [False] * 2),
-                         torch.tensor([False] * 8 + [False] * 5 + [True] * 7 + [False, True])])
+    k_pad = torch.stack(
+        [
+            torch.tensor([False] * 3 + [True] * 5 + [False] * 12 + [False] * 2),
+            torch.tensor([False] * 8 + [False] * 5 + [True] * 7 + [False, True]),
+        ]
+    )
     with torch.no_grad():
         q[q_pad[:, None, :, None].expand_as(q)] = float("nan")
         k[k_pad[:, None, :, None].expand_as(k)] = float("nan")
@@ -159,28 +167,37 @@ def _bad(**over):
     return lambda: zorro_attention(args["q"], args["k"], args["v"], args["mask"], **kw)
 
 
-@pytest.mark.parametrize("call, exc, msg", [
-    (_bad(q=torch.randn(4, 9, 8)), ValueError, "q must be 4-D \\(B, H, Nq, D\\), got 3-D with shape \\(4, 9, 8\\)"),
-    (_bad(k=torch.randn(1, 2, 9, 8), v=torch.randn(1, 2, 9, 8)), ValueError, "q has B=2, k/v have B=1"),
-    (_bad(k=torch.randn(2, 2, 9, 4), v=torch.randn(2, 2, 9, 4)), ValueError, "q has D=8, k/v have D=4"),
-    (_bad(k=torch.randn(2, 3, 9, 8), v=torch.randn(2, 3, 9, 8)), ValueError, "H=4 must be a multiple of .* Hkv=3"),
-    (_bad(v=torch.randn(2, 2, 8, 8)), ValueError, "k and v must have the same shape"),
-    (_bad(q=torch.randn(2, 4, 10, 8)), ValueError, "q has Nq=10 tokens but the mask's query segments hold 9"),
-    (_bad(k=torch.randn(2, 2, 7, 8), v=torch.randn(2, 2, 7, 8)), ValueError, "k/v have Nk=7 tokens .* hold 9"),
-    (_bad(k=torch.randn(2, 2, 9, 8).half(), v=torch.randn(2, 2, 9, 8).half()), TypeError,
-     "share a dtype, got q torch.float32, k torch.float16"),
-    (_bad(q=torch.randint(0, 3, (2, 4, 9, 8))), TypeError, "q must be float16, bfloat16, float32 or float64"),
-    (_bad(q=torch.randn(2, 4, 9, 8, device="meta")), ValueError, "one device, got q meta, k cpu"),
-    (_bad(q=[1, 2]), TypeError, "q must be a torch.Tensor, got list"),
-    (_bad(mask=torch.ones(9, 9, dtype=torch.bool)), TypeError, "mask must be a ZorroMask, got Tensor"),
-    (_bad(mask=ZorroMask.zorro(audio=3, video=5, fusion=1, lengths=torch.tensor([[3, 5, 1]] * 3))), ValueError,
-     "lengths are for B=3 samples but q has B=2"),
-    (_bad(backend="cuda-magic"), ValueError, "unknown backend 'cuda-magic'; choose 'auto' or one of"),
-    (_bad(backend=3), TypeError, "backend must be a str"),
-    (_bad(scale=-1.0), ValueError, "scale must be a finite positive number, got -1.0"),
-    (_bad(scale=float("nan")), ValueError, "finite positive"),
-    (_bad(scale="big"), TypeError, "scale must be a float or None, got str"),
-])
+@pytest.mark.parametrize(
+    "call, exc, msg",
+    [
+        (_bad(q=torch.randn(4, 9, 8)), ValueError, "q must be 4-D \\(B, H, Nq, D\\), got 3-D with shape \\(4, 9, 8\\)"),
+        (_bad(k=torch.randn(1, 2, 9, 8), v=torch.randn(1, 2, 9, 8)), ValueError, "q has B=2, k/v have B=1"),
+        (_bad(k=torch.randn(2, 2, 9, 4), v=torch.randn(2, 2, 9, 4)), ValueError, "q has D=8, k/v have D=4"),
+        (_bad(k=torch.randn(2, 3, 9, 8), v=torch.randn(2, 3, 9, 8)), ValueError, "H=4 must be a multiple of .* Hkv=3"),
+        (_bad(v=torch.randn(2, 2, 8, 8)), ValueError, "k and v must have the same shape"),
+        (_bad(q=torch.randn(2, 4, 10, 8)), ValueError, "q has Nq=10 tokens but the mask's query segments hold 9"),
+        (_bad(k=torch.randn(2, 2, 7, 8), v=torch.randn(2, 2, 7, 8)), ValueError, "k/v have Nk=7 tokens .* hold 9"),
+        (
+            _bad(k=torch.randn(2, 2, 9, 8).half(), v=torch.randn(2, 2, 9, 8).half()),
+            TypeError,
+            "share a dtype, got q torch.float32, k torch.float16",
+        ),
+        (_bad(q=torch.randint(0, 3, (2, 4, 9, 8))), TypeError, "q must be float16, bfloat16, float32 or float64"),
+        (_bad(q=torch.randn(2, 4, 9, 8, device="meta")), ValueError, "one device, got q meta, k cpu"),
+        (_bad(q=[1, 2]), TypeError, "q must be a torch.Tensor, got list"),
+        (_bad(mask=torch.ones(9, 9, dtype=torch.bool)), TypeError, "mask must be a ZorroMask, got Tensor"),
+        (
+            _bad(mask=ZorroMask.zorro(audio=3, video=5, fusion=1, lengths=torch.tensor([[3, 5, 1]] * 3))),
+            ValueError,
+            "lengths are for B=3 samples but q has B=2",
+        ),
+        (_bad(backend="cuda-magic"), ValueError, "unknown backend 'cuda-magic'; choose 'auto' or one of"),
+        (_bad(backend=3), TypeError, "backend must be a str"),
+        (_bad(scale=-1.0), ValueError, "scale must be a finite positive number, got -1.0"),
+        (_bad(scale=float("nan")), ValueError, "finite positive"),
+        (_bad(scale="big"), TypeError, "scale must be a float or None, got str"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
@@ -189,6 +206,7 @@ def test_bad_inputs_raise_clear_errors(call, exc, msg):
 def test_numpy_scale_and_empty_batch():
     # issue 11 item 10: scale=np.float32(0.5) was rejected; B=0 must fail in our words, naming the shapes
     import numpy as np
+
     mask = ZorroMask.zorro(audio=3, video=4, fusion=1)
     q, k, v = make_qkv(mask)
     want = zorro_attention(q, k, v, mask, scale=0.5)

@@ -1,4 +1,5 @@
 """The log-mel front-end against an independent numpy reference and against physics (a pure tone's mel bin)."""
+
 import math
 
 import numpy as np
@@ -15,8 +16,8 @@ def _numpy_log_mel(x: np.ndarray, sr, n_fft, hop, win, n_mels, f_min, f_max, off
     n = np.arange(win)
     window = np.zeros(n_fft)
     lo = (n_fft - win) // 2
-    window[lo:lo + win] = 0.5 - 0.5 * np.cos(2 * np.pi * n / win)  # periodic Hann, centred in the FFT frame
-    frames = np.stack([x[s:s + n_fft] * window for s in range(0, len(x) - n_fft + 1, hop)])
+    window[lo : lo + win] = 0.5 - 0.5 * np.cos(2 * np.pi * n / win)  # periodic Hann, centred in the FFT frame
+    frames = np.stack([x[s : s + n_fft] * window for s in range(0, len(x) - n_fft + 1, hop)])
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, n_freqs)
     freqs = np.arange(n_fft // 2 + 1) * sr / n_fft
     mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
@@ -32,10 +33,13 @@ def _numpy_log_mel(x: np.ndarray, sr, n_fft, hop, win, n_mels, f_min, f_max, off
     return np.log(fb @ power.T + offset)  # (n_mels, frames)
 
 
-@pytest.mark.parametrize("n_fft,hop,win,n_mels,f_min,f_max", [
-    (256, 128, None, 32, 0.0, None),
-    (400, 160, 300, 40, 50.0, 7000.0),   # window shorter than the FFT, band-limited filterbank
-])
+@pytest.mark.parametrize(
+    "n_fft,hop,win,n_mels,f_min,f_max",
+    [
+        (256, 128, None, 32, 0.0, None),
+        (400, 160, 300, 40, 50.0, 7000.0),  # window shorter than the FFT, band-limited filterbank
+    ],
+)
 def test_matches_numpy_reference(n_fft, hop, win, n_mels, f_min, f_max):
     sr = 16000
     g = torch.Generator().manual_seed(1)
@@ -98,15 +102,18 @@ def test_mel_scale_round_trip():
     assert abs(hz_to_mel(1000.0) - 1000.0) < 0.1  # the HTK scale's anchor: 1 kHz is ~1000 mel
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(n_fft=0), "n_fft must be > 0"),
-    (dict(n_fft=256, win_length=512), "win_length must be <= n_fft"),
-    (dict(f_min=100.0, f_max=50.0), "f_min < f_max"),
-    (dict(f_max=9000.0), "sample_rate / 2"),
-    (dict(n_fft=64, n_mels=128), "contain no FFT bin"),
-    (dict(log_offset=0.0), "log_offset"),
-    (dict(hop_length=1.5), "hop_length must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n_fft=0), "n_fft must be > 0"),
+        (dict(n_fft=256, win_length=512), "win_length must be <= n_fft"),
+        (dict(f_min=100.0, f_max=50.0), "f_min < f_max"),
+        (dict(f_max=9000.0), "sample_rate / 2"),
+        (dict(n_fft=64, n_mels=128), "contain no FFT bin"),
+        (dict(log_offset=0.0), "log_offset"),
+        (dict(hop_length=1.5), "hop_length must be an int"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         LogMelSpectrogram(sample_rate=16000, **kwargs)

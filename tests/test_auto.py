@@ -1,5 +1,6 @@
 """backend="auto": the measured choice (timings mocked; CPU only), its cache key, the static rules, explain(), and the
 dense path for tiny problems with its NaN isolation."""
+
 import pytest
 import torch
 
@@ -118,10 +119,10 @@ def _cuda_like(n, grad):
 
 def test_static_cuda_rule_follows_the_h200_measurements():
     q, k = _cuda_like(1896, True)
-    assert auto._cuda_rule(q, k, grad=False) == "segments"       # forward: segments faster at both sizes
-    assert auto._cuda_rule(q, k, grad=True) == "triton"          # fwd+bwd at Figure-2 size: triton 1.04 vs 1.66 ms
+    assert auto._cuda_rule(q, k, grad=False) == "segments"  # forward: segments faster at both sizes
+    assert auto._cuda_rule(q, k, grad=True) == "triton"  # fwd+bwd at Figure-2 size: triton 1.04 vs 1.66 ms
     q, k = _cuda_like(16384, True)
-    assert auto._cuda_rule(q, k, grad=True) == "segments"        # fwd+bwd at 16k: segments 5.34 vs 6.98 ms
+    assert auto._cuda_rule(q, k, grad=True) == "segments"  # fwd+bwd at 16k: segments 5.34 vs 6.98 ms
 
 
 def test_cpu_rule_dense_for_tiny_problems_segments_beyond():
@@ -132,8 +133,9 @@ def test_cpu_rule_dense_for_tiny_problems_segments_beyond():
     q, k, v = (torch.randn(2, 4, 264, 32) for _ in range(3))
     assert select_backend(q, k, v, big) == "segments"
     # many length patterns make many segment-path calls: one dense call stays cheaper for longer
-    ragged = ZorroMask.zorro(audio=40, video=80, fusion=4, lengths=torch.tensor([[40 - i, 80 - 2 * i, 4]
-                                                                               for i in range(8)]))
+    ragged = ZorroMask.zorro(
+        audio=40, video=80, fusion=4, lengths=torch.tensor([[40 - i, 80 - 2 * i, 4] for i in range(8)])
+    )
     q, k, v = (torch.randn(8, 2, 124, 16) for _ in range(3))
     assert select_backend(q, k, v, ragged) == "dense"
     assert select_backend(q, k, v, ragged.with_lengths(None)) == "segments"
@@ -144,8 +146,7 @@ def test_explain_lists_every_candidate_and_its_reasons():
     q, k, v = (torch.randn(1, 2, 14, 16) for _ in range(3))
     e = explain(q, k, v, mask)
     assert e.chosen == "dense" and e.how == "rule" and set(e.reasons) == {"dense", "segments"}
-    assert str(e).splitlines() == ["zorro_attention backend: dense (rule)", "  dense: takes it",
-                                   "  segments: takes it"]
+    assert str(e).splitlines() == ["zorro_attention backend: dense (rule)", "  dense: takes it", "  segments: takes it"]
     e = explain(q.double(), k.double(), v.double(), mask, backend="triton")
     assert e.how == "forced, but it refuses" and any("float64" in r for r in e.reasons["triton"])
     with pytest.raises(ValueError, match="unknown backend"):
@@ -158,8 +159,9 @@ def test_no_candidate_lists_every_refusal(monkeypatch):
     monkeypatch.setattr(auto, "PRIORITY", {"cpu": ("triton", "nonexistent")})
     mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
     q, k, v = (torch.randn(1, 2, 14, 16, dtype=torch.float64) for _ in range(3))
-    with pytest.raises(ValueError, match="(?s)no zorro_attention backend.*triton: .*float64.*nonexistent: not "
-                                         "available"):
+    with pytest.raises(
+        ValueError, match="(?s)no zorro_attention backend.*triton: .*float64.*nonexistent: not available"
+    ):
         zorro_attention(q, k, v, mask)
 
 
@@ -198,6 +200,7 @@ class _FakeEvent:
 
     def record(self):
         import time
+
         self.t = time.perf_counter()
 
     def synchronize(self):

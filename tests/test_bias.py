@@ -1,6 +1,7 @@
 """Score biases (``bias=``): dense tensors and relative position tables against the fp64 oracle, ``-inf`` as masked,
 NaN isolation, refusals and bad input — on the reference, the segment path and the Triton kernels (in Triton's CPU
 interpreter here; tests/test_triton_bias.py has the Triton-only cases)."""
+
 import random
 
 import pytest
@@ -26,8 +27,9 @@ def skip_interpreted_bf16(backend, dtype):
 
 
 def attn_fn(backend):
-    return lambda q, k, v, mask, scale=None, bias=None: zorro_attention(q, k, v, mask, bias=bias, scale=scale,
-                                                                        backend=backend)
+    return lambda q, k, v, mask, scale=None, bias=None: zorro_attention(
+        q, k, v, mask, bias=bias, scale=scale, backend=backend
+    )
 
 
 def dense_bias(mask, shape, *, b=2, h=4, dtype=torch.float32):
@@ -52,22 +54,33 @@ def windows_mask(grid=(4, 6), win=(2, 3), fusion=3, shift=(0, 0)):
 # ------------------------------------------------------------------------------------------------------ dense bias
 NAMED = ["figure2_small", "ragged", "packed", "packed_causal", "cross_readout", "nothing_visible_rows"]
 # the fast tier: every layout in fp32 on segments; half types and the reference on a few
-FAST = ([("segments", torch.float32, n) for n in NAMED] + [("segments", dt, n) for dt in DTYPES[1:]
-                                                            for n in ("ragged", "packed_causal")]
-        + [("reference", dt, "ragged") for dt in DTYPES]
-        + [pytest.param("triton", dt, n, marks=TRITON.marks) for dt, names in ((torch.float32, NAMED),
-                                                                              (torch.float16, ("ragged", "packed")))
-           for n in names])
-FULL = [(b, dt, n) for b in ("segments", "reference") for dt in DTYPES + [torch.float64] for n in NAMED
-        if (b, dt, n) not in FAST]
+FAST = (
+    [("segments", torch.float32, n) for n in NAMED]
+    + [("segments", dt, n) for dt in DTYPES[1:] for n in ("ragged", "packed_causal")]
+    + [("reference", dt, "ragged") for dt in DTYPES]
+    + [
+        pytest.param("triton", dt, n, marks=TRITON.marks)
+        for dt, names in ((torch.float32, NAMED), (torch.float16, ("ragged", "packed")))
+        for n in names
+    ]
+)
+FULL = [
+    (b, dt, n)
+    for b in ("segments", "reference")
+    for dt in DTYPES + [torch.float64]
+    for n in NAMED
+    if (b, dt, n) not in FAST
+]
 
 
-@pytest.mark.parametrize("backend, dtype, name", FAST + [pytest.param(*x, marks=pytest.mark.full) for x in FULL],
-                         ids=str)
+@pytest.mark.parametrize(
+    "backend, dtype, name", FAST + [pytest.param(*x, marks=pytest.mark.full) for x in FULL], ids=str
+)
 def test_dense_bias_named_layouts(backend, dtype, name):
     mask = named_masks()[name]
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask,
-                         bias=dense_bias(mask, "BHQK", dtype=dtype))
+    check_against_oracle(
+        attn_fn(backend), *make_qkv(mask, dtype=dtype), mask, bias=dense_bias(mask, "BHQK", dtype=dtype)
+    )
 
 
 @pytest.mark.parametrize("shape", ["BHQK", "1HQK", "B1QK", "B11K", "11QK", "QK", "K", "B1Q1"])
@@ -82,8 +95,9 @@ def test_dense_bias_random_layouts():
         mask = random_mask(rng, sizes=(0, 1, 2, 5, 13, 17))
         h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
         shape = rng.choice(["BHQK", "1HQK", "B11K", "QK"])
-        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask,
-                             bias=dense_bias(mask, shape, h=h), seed=i)
+        check_against_oracle(
+            attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask, bias=dense_bias(mask, shape, h=h), seed=i
+        )
 
 
 @pytest.mark.full
@@ -94,9 +108,13 @@ def test_dense_bias_random_layouts_many(dtype):
         mask = random_mask(rng, max_segments=7)
         h, hkv = rng.choice([(1, 1), (4, 1), (6, 3)])
         shape = rng.choice(["BHQK", "1HQK", "B1QK", "B11K", "11QK", "K"])
-        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32]),
-                                                            dtype=dtype), mask,
-                             bias=dense_bias(mask, shape, h=h, dtype=dtype), seed=i)
+        check_against_oracle(
+            attn_fn("segments"),
+            *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32]), dtype=dtype),
+            mask,
+            bias=dense_bias(mask, shape, h=h, dtype=dtype),
+            seed=i,
+        )
 
 
 def test_bias_without_grad_runs_the_cpu_kernels():
@@ -120,9 +138,9 @@ def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
     mask = ZorroMask.zorro(audio=7, video=21, fusion=2, lengths=torch.tensor([[7, 21, 2], [0, 21, 2], [5, 13, 2]]))
     q, k, v = (t.requires_grad_() for t in make_qkv(mask))
     bias = dense_bias(mask, "BHQK")
-    bias[0, 1, 5] = float("-inf")             # one row of one head: every key -inf
-    bias[1, :, 20:27] = float("-inf")         # rows of every head
-    bias[2, 0, :, 3] = float("-inf")          # a single key column: just masked
+    bias[0, 1, 5] = float("-inf")  # one row of one head: every key -inf
+    bias[1, :, 20:27] = float("-inf")  # rows of every head
+    bias[2, 0, :, 3] = float("-inf")  # a single key column: just masked
     bias.requires_grad_(grad_bias)
     if grad_bias:
         check_against_oracle(attn_fn(backend), q, k, v, mask, bias=bias)
@@ -149,7 +167,7 @@ def test_bias_at_masked_positions_is_never_read(backend, name):
     runs = []
     for bias in (clean, poisoned):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-        with deterministic(backend == "triton"):    # bitwise comparison: Triton's atomic-free backward
+        with deterministic(backend == "triton"):  # bitwise comparison: Triton's atomic-free backward
             out = zorro_attention(*leaves[:3], mask, bias=leaves[3], backend=backend)
             runs.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
     for a, b in zip(*runs):
@@ -168,16 +186,16 @@ def test_keys_a_padding_bias_hides_are_never_read(backend, shape):
     q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
     b, n = q.shape[0], mask.num_kv
     hide = torch.zeros(b, 4, n, dtype=torch.bool)
-    hide[0, :, :5] = True                                # left padding of sample 0
-    hide[1, :, 20:26] = True                             # a hole in sample 1
-    hide[1, :2, 40] = True                               # key 40: hidden by kv head 0's query heads only
+    hide[0, :, :5] = True  # left padding of sample 0
+    hide[1, :, 20:26] = True  # a hole in sample 1
+    hide[1, :2, 40] = True  # key 40: hidden by kv head 0's query heads only
     if shape == "K":
         hide = hide[:1, :1].expand(b, 4, n)
     bias = torch.zeros(b, 4, 1, n).masked_fill(hide[:, :, None], float("-inf"))
     bias = {"B11K": bias[:, :1], "BH1K": bias, "K": bias[0, 0, 0]}[shape]
     if shape != "BH1K":
         hide = hide[:, :1].expand(b, 4, n)
-    dead = hide.reshape(b, 2, 2, n).all(2)[..., None]    # (B, Hkv, Nk, 1) keys no query head of the group sees
+    dead = hide.reshape(b, 2, 2, n).all(2)[..., None]  # (B, Hkv, Nk, 1) keys no query head of the group sees
     assert dead.any()
     runs = []
     for poison in (0.0, float("nan")):
@@ -213,24 +231,32 @@ def test_relative_bias_shared_table_and_dense_equivalence(backend):
     dense = rpb.materialize()
     assert dense.shape == (1, 1, mask.num_q, mask.num_kv)
     assert (dense[..., -3:, :] == 0).all() and (dense[..., :, -3:] == 0).all()  # fusion: no position
-    torch.testing.assert_close(zorro_attention(q, k, v, mask, bias=rpb, backend=backend),
-                               zorro_attention(q, k, v, mask, bias=dense, backend=backend))
+    torch.testing.assert_close(
+        zorro_attention(q, k, v, mask, bias=rpb, backend=backend),
+        zorro_attention(q, k, v, mask, bias=dense, backend=backend),
+    )
     check_against_oracle(attn_fn(backend), q, k, v, mask, bias=rpb)
 
 
 @pytest.mark.parametrize("backend", ["segments", TRITON])
 def test_relative_bias_concat_2d_audio_3d_video_cross_attention(backend):
     """Two position sets with their own extents (2-D audio, 3-D video) in one table; cross-attention queries."""
-    audio = torch.cartesian_prod(torch.arange(2), torch.arange(3))               # 6 tokens (t, f)
+    audio = torch.cartesian_prod(torch.arange(2), torch.arange(3))  # 6 tokens (t, f)
     video = torch.cartesian_prod(torch.arange(2), torch.arange(2), torch.arange(2))  # 8 tokens (t, h, w)
-    kq = torch.cat([torch.cat([audio, torch.full((8 + 2, 2), -1)]), ], 0)
-    pa = RelativePositions(kq[:5], kq, (2, 3))                                  # queries: the first 5 audio tokens
+    kq = torch.cat(
+        [
+            torch.cat([audio, torch.full((8 + 2, 2), -1)]),
+        ],
+        0,
+    )
+    pa = RelativePositions(kq[:5], kq, (2, 3))  # queries: the first 5 audio tokens
     vq = torch.cat([torch.full((6, 3), -1), video, torch.full((2, 3), -1)])
     pv = RelativePositions(torch.full((5, 3), -1), vq, (2, 2, 2))
     pos = RelativePositions.concat([pa, pv])
     assert pos.table_size == 3 * 5 + 3 * 3 * 3
-    mask = ZorroMask.from_segments([("aq", 5)], {"aq": ["audio", "fusion"]},
-                                   kv_segments=[("audio", 6), ("video", 8), ("fusion", 2)])
+    mask = ZorroMask.from_segments(
+        [("aq", 5)], {"aq": ["audio", "fusion"]}, kv_segments=[("audio", 6), ("video", 8), ("fusion", 2)]
+    )
     rpb = RelativePositionBias(torch.randn(4, pos.table_size), positions=pos)
     check_against_oracle(attn_fn(backend), *make_qkv(mask), mask, bias=rpb)
     # video queries against video keys read the video part of the table
@@ -253,8 +279,9 @@ def test_relative_bias_random_windows_many(backend):
         shift = (win[0] // 2 * rng.randint(0, 1), win[1] // 2 * rng.randint(0, 1))
         mask, coords = windows_mask(grid, win, rng.randint(0, 4), shift)
         h = rng.choice([1, 2, 4])
-        rpb = RelativePositionBias(torch.randn(rng.choice([1, h]), (2 * win[0] - 1) * (2 * win[1] - 1)), coords,
-                                   coords, win)
+        rpb = RelativePositionBias(
+            torch.randn(rng.choice([1, h]), (2 * win[0] - 1) * (2 * win[1] - 1)), coords, coords, win
+        )
         with deterministic(backend == "triton" and i % 2 == 1):
             check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=1, d=16), mask, bias=rpb, seed=i)
 
@@ -270,8 +297,10 @@ def test_every_backend_but_dense_takes_a_bias_and_auto_picks_segments_on_cpu():
     with pytest.raises(ValueError, match="backend .dense. cannot run this input: .*takes no attention bias"):
         zorro_attention(q, k, v, mask, bias=bias, backend="dense")
     if not triton_unavailable():
-        torch.testing.assert_close(zorro_attention(q, k, v, mask, bias=bias, backend="triton"),
-                                   zorro_attention(q, k, v, mask, bias=bias, backend="segments"))
+        torch.testing.assert_close(
+            zorro_attention(q, k, v, mask, bias=bias, backend="triton"),
+            zorro_attention(q, k, v, mask, bias=bias, backend="segments"),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -285,39 +314,72 @@ def _call(bias, mask=None):
     return lambda: zorro_attention(q, k, v, mask, bias=bias)
 
 
-@pytest.mark.parametrize("call, exc, msg", [
-    (_call(torch.randn(2, 4, 9, 8)), ValueError,
-     r"bias of shape \(2, 4, 9, 8\) does not broadcast to \(B, H, Nq, Nk\) = \(2, 4, 9, 9\)"),
-    (_call(torch.randn(3, 1, 9, 9)), ValueError, r"bias of shape \(3, 1, 9, 9\)"),
-    (_call(torch.randn(1, 2, 4, 9, 9)), ValueError, "does not broadcast"),
-    (_call(torch.ones(9, 9, dtype=torch.bool)), TypeError, "bias must be a float tensor .* got torch.bool"),
-    (_call([[0.0]]), TypeError, "bias must be a float tensor broadcastable .* got list"),
-    (_call(torch.randn(9, 9, device="meta")), ValueError, "bias is on meta but q is on cpu"),
-    (_call(RelativePositionBias(torch.randn(3, 9), _longs(9, 1), _longs(9, 1), (5,))), ValueError,
-     "bias.table has 3 heads, q has H=4"),
-    (_call(RelativePositionBias(torch.randn(4, 9), _longs(8, 1), _longs(9, 1), (5,))), ValueError,
-     "bias positions cover Nq=8 x Nk=9 tokens, attention has Nq=9 x Nk=9"),
-    (_call(RelativePositionBias(torch.randn(4, 3), torch.arange(9)[:, None], torch.arange(9)[:, None], (2,))),
-     ValueError, "query 0 and key 2 differ by -2 on axis 0, beyond extent 2"),
-])
+@pytest.mark.parametrize(
+    "call, exc, msg",
+    [
+        (
+            _call(torch.randn(2, 4, 9, 8)),
+            ValueError,
+            r"bias of shape \(2, 4, 9, 8\) does not broadcast to \(B, H, Nq, Nk\) = \(2, 4, 9, 9\)",
+        ),
+        (_call(torch.randn(3, 1, 9, 9)), ValueError, r"bias of shape \(3, 1, 9, 9\)"),
+        (_call(torch.randn(1, 2, 4, 9, 9)), ValueError, "does not broadcast"),
+        (_call(torch.ones(9, 9, dtype=torch.bool)), TypeError, "bias must be a float tensor .* got torch.bool"),
+        (_call([[0.0]]), TypeError, "bias must be a float tensor broadcastable .* got list"),
+        (_call(torch.randn(9, 9, device="meta")), ValueError, "bias is on meta but q is on cpu"),
+        (
+            _call(RelativePositionBias(torch.randn(3, 9), _longs(9, 1), _longs(9, 1), (5,))),
+            ValueError,
+            "bias.table has 3 heads, q has H=4",
+        ),
+        (
+            _call(RelativePositionBias(torch.randn(4, 9), _longs(8, 1), _longs(9, 1), (5,))),
+            ValueError,
+            "bias positions cover Nq=8 x Nk=9 tokens, attention has Nq=9 x Nk=9",
+        ),
+        (
+            _call(RelativePositionBias(torch.randn(4, 3), torch.arange(9)[:, None], torch.arange(9)[:, None], (2,))),
+            ValueError,
+            "query 0 and key 2 differ by -2 on axis 0, beyond extent 2",
+        ),
+    ],
+)
 def test_bad_bias_raises_clear_errors(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
 
 
-@pytest.mark.parametrize("make, exc, msg", [
-    (lambda: RelativePositionBias(torch.randn(4, 8), _longs(9, 2), _longs(9, 2), (2, 2)), ValueError,
-     r"table must have shape \(H, 9\) for extents \[\[2, 2\]\], got \(4, 8\)"),
-    (lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 3), (2, 2)), ValueError,
-     r"k_coords has 3 axes but extent has 2"),
-    (lambda: RelativePositionBias(torch.randn(4, 9), torch.zeros(9, 2) + 0.5, torch.zeros(9, 2), (2, 2)),
-     TypeError, "q_coords must have an integer dtype"),
-    (lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 2), (2, 0)), ValueError,
-     r"extent must hold positive ints, got \[2, 0\]"),
-    (lambda: RelativePositionBias(torch.randint(0, 2, (4, 9)), _longs(9, 2), _longs(9, 2), (2, 2)), TypeError,
-     "table must be a float tensor"),
-    (lambda: RelativePositionBias(torch.randn(4, 9)), TypeError, "needs q_coords, k_coords and extent"),
-])
+@pytest.mark.parametrize(
+    "make, exc, msg",
+    [
+        (
+            lambda: RelativePositionBias(torch.randn(4, 8), _longs(9, 2), _longs(9, 2), (2, 2)),
+            ValueError,
+            r"table must have shape \(H, 9\) for extents \[\[2, 2\]\], got \(4, 8\)",
+        ),
+        (
+            lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 3), (2, 2)),
+            ValueError,
+            r"k_coords has 3 axes but extent has 2",
+        ),
+        (
+            lambda: RelativePositionBias(torch.randn(4, 9), torch.zeros(9, 2) + 0.5, torch.zeros(9, 2), (2, 2)),
+            TypeError,
+            "q_coords must have an integer dtype",
+        ),
+        (
+            lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 2), (2, 0)),
+            ValueError,
+            r"extent must hold positive ints, got \[2, 0\]",
+        ),
+        (
+            lambda: RelativePositionBias(torch.randint(0, 2, (4, 9)), _longs(9, 2), _longs(9, 2), (2, 2)),
+            TypeError,
+            "table must be a float tensor",
+        ),
+        (lambda: RelativePositionBias(torch.randn(4, 9)), TypeError, "needs q_coords, k_coords and extent"),
+    ],
+)
 def test_bad_relative_bias_raises_clear_errors(make, exc, msg):
     with pytest.raises(exc, match=msg):
         make()

@@ -1,6 +1,7 @@
 """Checkpoints: crash safety by fault injection (a crash at every write, fsync, rename and delete of a save), the
 newest-intact rule, damaged files named in errors, a ``latest`` pointer that cannot lead outside the run, stale
 temporary folders, and the RNG states restored by a load."""
+
 import importlib
 import os
 import pathlib
@@ -14,8 +15,13 @@ import pytest
 import torch
 
 import zorro_models.training.checkpoint as ckpt_mod
-from zorro_models.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_weights,
-                                     save_checkpoint)
+from zorro_models.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 
 
 class Crash(Exception):
@@ -24,11 +30,13 @@ class Crash(Exception):
 
 def _torn(path_of):
     """A write that dies half-way: the original writes the file, then it is cut to half its size."""
+
     def after(args):
         path = pathlib.Path(path_of(args))
         if path.is_file():
             data = path.read_bytes()
-            path.write_bytes(data[:len(data) // 2])
+            path.write_bytes(data[: len(data) // 2])
+
     return after
 
 
@@ -65,6 +73,7 @@ class Injector:
                     torn(args)
                 raise Crash(f"{kind} #{i}")
             return original(*args, **kwargs)
+
         return wrapper
 
 
@@ -148,8 +157,7 @@ def test_resaving_a_step_never_deletes_it_before_the_new_one_stands(tmp_path, mo
             _save(tmp_path, 2)
     assert _step_of(latest_checkpoint(tmp_path)) == 1  # step 2 is aside, step 1 intact
     _save(tmp_path, 3)  # the next save (the same process after the crash, or another) puts step 2 back
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002",
-                                                                            "step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000003"]
     assert _step_of(tmp_path / "checkpoints" / "step_00000002") == 2
 
 
@@ -170,8 +178,13 @@ def test_stale_temporary_folders_are_removed_only_for_dead_processes(tmp_path):
     (root / ".tmp-step_00000004-1x").mkdir()  # not ours: an odd name is never touched
     assert latest_checkpoint(tmp_path).name == "step_00000001"  # temporary folders are never candidates
     _save(tmp_path, 2)
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-step_00000002-" + str(alive), ".tmp-step_00000004-1x",
-                                                     "latest", "step_00000001", "step_00000002"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".tmp-step_00000002-" + str(alive),
+        ".tmp-step_00000004-1x",
+        "latest",
+        "step_00000001",
+        "step_00000002",
+    ]
 
 
 def test_resume_takes_the_newest_intact_checkpoint_and_says_what_it_skipped(tmp_path):
@@ -197,7 +210,7 @@ def test_a_truncated_file_is_named_in_the_error(tmp_path):
             load_checkpoint(path, _model(0), restore_rng=False)
     (path / "state.pt").write_bytes(data)
     weights = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    (path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     model = _model(7)
     with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read"):
         load_checkpoint(path, model, restore_rng=False)
@@ -223,8 +236,12 @@ def test_loading_restores_every_rng(tmp_path):
     path = save_checkpoint(tmp_path, 1, model)
 
     def draw():
-        return torch.rand(4).tolist(), np.random.rand(4).tolist(), np.random.randn(3).tolist(), \
-            [random.random() for _ in range(4)]
+        return (
+            torch.rand(4).tolist(),
+            np.random.rand(4).tolist(),
+            np.random.randn(3).tolist(),
+            [random.random() for _ in range(4)],
+        )
 
     first = draw()
     torch.manual_seed(99), np.random.seed(99), random.seed(99)

@@ -1,5 +1,6 @@
 """The ``zorro`` command end to end on tiny settings: train + eval on real mp4 clips (with a corrupt and a missing
 file), the demo's outputs, bench and show-mask."""
+
 import json
 import re
 import subprocess
@@ -24,12 +25,21 @@ def test_train_and_eval_on_clips_survive_bad_files(tmp_path, capsys):
     for i in range(4):
         write_clip(tmp_path / f"c{i}.mp4", tone_hz=300.0 + 200 * i, audio=i != 3)  # c3: no audio track
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 10)
-    (tmp_path / "train.csv").write_text('path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nbroken.mp4,dog\n'
-                                        'c2.mp4,"cat;meow"\nmissing.mp4,cat\nc3.mp4,dog\n')
+    (tmp_path / "train.csv").write_text(
+        'path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nbroken.mp4,dog\nc2.mp4,"cat;meow"\nmissing.mp4,cat\nc3.mp4,dog\n'
+    )
     (tmp_path / "val.csv").write_text('path,labels\nc0.mp4,"dog;bark"\nc1.mp4,cat\nc3.mp4,"dog;bark"\n')
     run = tmp_path / "run"
-    data = ["data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}", f"data.val_csv={tmp_path / 'val.csv'}",
-            "data.duration=0.5", "train.task=supervised", "train.batch_size=2", "train.steps=4", f"train.out={run}"]
+    data = [
+        "data.kind=clips",
+        f"data.train_csv={tmp_path / 'train.csv'}",
+        f"data.val_csv={tmp_path / 'val.csv'}",
+        "data.duration=0.5",
+        "train.task=supervised",
+        "train.batch_size=2",
+        "train.steps=4",
+        f"train.out={run}",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the skip warnings are asserted through the metrics
         assert main(["train", *TINY, *data]) == 0
@@ -66,8 +76,22 @@ def test_demo_writes_table_results_and_plots(tmp_path, capsys):
     assert main(["demo", "--out", str(out), *TINY, "train.steps=3"]) == 1
     assert re.search(r"already holds demo runs .*zorro: checkpoints.*--overwrite", _one_error_line(capsys))
     assert [json.loads(line)["step"] for line in open(out / "zorro" / "metrics.jsonl")] == [1, 2]
-    assert main(["demo", "--out", str(out), "--overwrite", "--masks", "zorro", "--no-baseline", "--threads", "1",
-                 *TINY, "train.steps=1", "data.num_workers=0"]) in (0, 1)
+    assert main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--overwrite",
+            "--masks",
+            "zorro",
+            "--no-baseline",
+            "--threads",
+            "1",
+            *TINY,
+            "train.steps=1",
+            "data.num_workers=0",
+        ]
+    ) in (0, 1)
     assert [json.loads(line)["step"] for line in open(out / "zorro" / "metrics.jsonl")] == [1]
 
 
@@ -82,12 +106,28 @@ def test_bench_and_show_mask(tmp_path, capsys):
     assert "video 0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model,expected", [
-    ("zorro_swin_tiny", ["stage 0, block(s) 0 (windows): audio 8 x 64, video 16 x 32, fusion 8",
-                         "stage 0, block(s) 1 (shifted windows): audio 15 x 16-64", "stage 3", "readout"]),
-    ("zorro_hip_tiny", ["level 0 (cross-attention, latents -> inputs, per group): audio 4 x 16, video 8 x 16",
-                        "level 2 (self-attention of the latents, 2 block(s), per group)", "readout"]),
-])
+@pytest.mark.parametrize(
+    "model,expected",
+    [
+        (
+            "zorro_swin_tiny",
+            [
+                "stage 0, block(s) 0 (windows): audio 8 x 64, video 16 x 32, fusion 8",
+                "stage 0, block(s) 1 (shifted windows): audio 15 x 16-64",
+                "stage 3",
+                "readout",
+            ],
+        ),
+        (
+            "zorro_hip_tiny",
+            [
+                "level 0 (cross-attention, latents -> inputs, per group): audio 4 x 16, video 8 x 16",
+                "level 2 (self-attention of the latents, 2 block(s), per group)",
+                "readout",
+            ],
+        ),
+    ],
+)
 def test_show_mask_draws_every_family(tmp_path, capsys, model, expected):
     """Swin and HiP change layouts per stage / level: one picture per layout (they used to crash)."""
     png = tmp_path / "masks.png"
@@ -154,20 +194,28 @@ def test_unexpected_errors_name_their_type(monkeypatch, capsys):
 
     monkeypatch.setitem(cli.COMMANDS, "bench", boom)
     assert main(["bench"]) == 1
-    assert _one_error_line(capsys).strip() == ("zorro: error: RuntimeError: the kernel exploded (run with --debug for "
-                                               "the traceback)")
+    assert _one_error_line(capsys).strip() == (
+        "zorro: error: RuntimeError: the kernel exploded (run with --debug for the traceback)"
+    )
 
 
 def test_the_command_exits_nonzero_with_one_line():
     """The real process: exit status and stderr as a user sees them."""
-    out = subprocess.run([sys.executable, "-m", "zorro_models.cli", "show-mask", "--model", "nope"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "zorro_models.cli", "show-mask", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("zorro: error: unknown model 'nope'") and out.stderr.count("\n") == 1, out.stderr
 
 
-@pytest.mark.parametrize("world, prefix", [(None, "python -m zorro_models.train: error: "),
-                                           ("2", "python -m zorro_models.train (rank 1): error: ")])
+@pytest.mark.parametrize(
+    "world, prefix",
+    [(None, "python -m zorro_models.train: error: "), ("2", "python -m zorro_models.train (rank 1): error: ")],
+)
 def test_the_torchrun_entry_point_errors_in_one_line(world, prefix):
     """``python -m zorro_models.train`` (what torchrun launches) speaks like ``zorro``: one line, naming the rank when
     there are several, exit status 1; ``--debug`` keeps the traceback."""
@@ -190,8 +238,9 @@ def test_train_logs_lines_when_not_on_a_terminal(tmp_path, capsys):
     assert main(["train", "--threads", "1", *TINY, "train.steps=2", "train.progress=true", f"train.out={run}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     steps = [x for x in lines if x.startswith("[zorro] step ")]
-    assert len(steps) == 2 and re.fullmatch(r"\[zorro\] step 2/2  loss \d+\.\d{3}  [\d.]+ it/s  ETA 0 s",
-                                            steps[-1]), steps
+    assert len(steps) == 2 and re.fullmatch(r"\[zorro\] step 2/2  loss \d+\.\d{3}  [\d.]+ it/s  ETA 0 s", steps[-1]), (
+        steps
+    )
     done = lines[-1]
     assert re.fullmatch(r"\[zorro\] done: step 2, loss \d+\.\d{3}, checkpoint .*", done), done
     assert "threads: 1" in (run / "config.yaml").read_text()
@@ -216,8 +265,12 @@ def test_settings_may_follow_flags(monkeypatch, capsys):
     assert seen["overrides"] == ["probe.max_iter=3", "data.val_csv=v.csv"] and seen["probes"] and seen["out"] == "o"
     assert main(["train", "--resume", "train.steps=3"]) == 0
     assert seen["overrides"] == ["train.steps=3"] and seen["resume"] and not seen["overwrite"]
-    for bad in (["eval", "runs/x", "--probes", "--nope"], ["eval", "runs/x", "--probes", "stray"],
-                ["show-mask", "train.steps=3"], ["train", "--resume", "--overwrite"]):
+    for bad in (
+        ["eval", "runs/x", "--probes", "--nope"],
+        ["eval", "runs/x", "--probes", "stray"],
+        ["show-mask", "train.steps=3"],
+        ["train", "--resume", "--overwrite"],
+    ):
         with pytest.raises(SystemExit):
             main(bad)
     assert "unrecognized arguments: --nope" in capsys.readouterr().err
@@ -240,9 +293,11 @@ def test_probe_plot_legend_covers_no_bar_or_label():
     """The demo's table drawn as bars: the legend used to sit on the 0.92 label of the audio-visual group."""
     from zorro_models.utils.reporting import modality_scores_figure
 
-    table = {"untrained": {"audio-only": 0.732, "video-only": 0.398, "audio-visual": 0.772},
-             "Zorro": {"audio-only": 0.783, "video-only": 0.794, "audio-visual": 0.920},
-             "full attention": {"audio-only": 0.577, "video-only": 0.331, "audio-visual": 0.545}}
+    table = {
+        "untrained": {"audio-only": 0.732, "video-only": 0.398, "audio-visual": 0.772},
+        "Zorro": {"audio-only": 0.783, "video-only": 0.794, "audio-visual": 0.920},
+        "full attention": {"audio-only": 0.577, "video-only": 0.331, "audio-visual": 0.545},
+    }
     fig = modality_scores_figure(table, chance=0.125)
     fig.canvas.draw()
     ax = fig.axes[0]

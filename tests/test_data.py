@@ -1,14 +1,22 @@
 """Data: the synthetic generator (determinism, separability, difficulty knobs), real mp4 clips through PyAV (round
 trip, missing audio, corrupt and missing files, multi-label CSVs), batching and the model-input preprocessor."""
+
 import math
 import warnings
 
 import pytest
 import torch
 
+from zorro_models.data import (
+    AVPreprocessor,
+    ClipDataset,
+    ClipError,
+    SyntheticAVConfig,
+    SyntheticAVDataset,
+    collate,
+    read_clip,
+)
 from zorro_models.data.audio import LogMelSpectrogram
-from zorro_models.data import (AVPreprocessor, ClipDataset, ClipError, SyntheticAVConfig, SyntheticAVDataset,
-                               collate, read_clip)
 
 from .helpers import write_clip
 
@@ -65,8 +73,10 @@ def test_classes_are_separable_and_dropout_hides_them():
     """A nearest-class-mean classifier on trivial features reads the class from either modality well above chance
     (1/8); with the modality dropped out in every clip it falls to near chance."""
     results = {}
-    for name, cfg in (("default", SyntheticAVConfig()),
-                      ("dropped", SyntheticAVConfig(audio_dropout=1.0, video_dropout=1.0))):
+    for name, cfg in (
+        ("default", SyntheticAVConfig()),
+        ("dropped", SyntheticAVConfig(audio_dropout=1.0, video_dropout=1.0)),
+    ):
         a1, v1, y1 = _cue_features(SyntheticAVDataset(256, cfg, seed=1))
         a2, v2, y2 = _cue_features(SyntheticAVDataset(256, cfg, seed=2))
         results[name] = (_nearest_mean_accuracy((a1, y1), (a2, y2), 8), _nearest_mean_accuracy((v1, y1), (v2, y2), 8))
@@ -75,11 +85,17 @@ def test_classes_are_separable_and_dropout_hides_them():
     assert xa < da - 0.15 and xv < dv - 0.15, results
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_classes=1), "num_classes"), (dict(num_classes=17), "num_classes"), (dict(image_size=8), "image_size"),
-    (dict(audio_dropout=1.5), "audio_dropout"), (dict(sample_rate=2000), "sample_rate"),
-    (dict(num_frames=2.0), "num_frames must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_classes=1), "num_classes"),
+        (dict(num_classes=17), "num_classes"),
+        (dict(image_size=8), "image_size"),
+        (dict(audio_dropout=1.5), "audio_dropout"),
+        (dict(sample_rate=2000), "sample_rate"),
+        (dict(num_frames=2.0), "num_frames must be an int"),
+    ],
+)
 def test_synthetic_config_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SyntheticAVConfig(**kwargs)
@@ -146,12 +162,15 @@ def test_clip_dataset_multi_label(clip_dir):
         ClipDataset(csv, classes=["music"])
 
 
-@pytest.mark.parametrize("text,match", [
-    ("file,label\na.mp4,x\n", "'path' column"),
-    ("path,tag\na.mp4,x\n", "'label' column"),
-    ("path,label\n", "lists no clips"),
-    ("path,label\na.mp4,\n", "empty 'label'"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("file,label\na.mp4,x\n", "'path' column"),
+        ("path,tag\na.mp4,x\n", "'label' column"),
+        ("path,label\n", "lists no clips"),
+        ("path,label\na.mp4,\n", "empty 'label'"),
+    ],
+)
 def test_clip_csv_errors(tmp_path, text, match):
     csv = tmp_path / "bad.csv"
     csv.write_text(text)

@@ -1,24 +1,36 @@
 """The dispatcher's structure: backends declared as data, the custom ops with plain arguments, the mask's content key."""
+
 import pytest
 import torch
 
 import zorro_kernels
-from zorro_kernels import ZorroMask, zorro_attention
-from zorro_kernels import _ops
+from zorro_kernels import ZorroMask, _ops, zorro_attention
 from zorro_kernels.backends import BACKENDS, Backend, backward_by_recompute
 
 
 def _qkv(mask, b=2, h=2, hkv=1, d=16, dtype=torch.float32):
-    return (torch.randn(b, h, mask.num_q, d, dtype=dtype), torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
-            torch.randn(b, hkv, mask.num_kv, d, dtype=dtype))
+    return (
+        torch.randn(b, h, mask.num_q, d, dtype=dtype),
+        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
+        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
+    )
 
 
 def test_refusal_reasons_are_generated_from_the_declared_fields():
     def unused(*args):
         raise AssertionError("not called")
 
-    narrow = Backend("narrow", "test", unused, unused, devices=("cuda",), dtypes=(torch.float16,), max_head_dim=32,
-                     deterministic=False, extra_reasons=lambda q, k, v, mask: ["and one more"])
+    narrow = Backend(
+        "narrow",
+        "test",
+        unused,
+        unused,
+        devices=("cuda",),
+        dtypes=(torch.float16,),
+        max_head_dim=32,
+        deterministic=False,
+        extra_reasons=lambda q, k, v, mask: ["and one more"],
+    )
     mask = ZorroMask.zorro(audio=3, video=4, fusion=1)
     q, k, v = _qkv(mask, d=64)
     old = torch.are_deterministic_algorithms_enabled()
@@ -27,10 +39,14 @@ def test_refusal_reasons_are_generated_from_the_declared_fields():
         reasons = narrow.not_supported_reasons(q, k, v, mask, bias=torch.zeros(1))
     finally:
         torch.use_deterministic_algorithms(old)
-    assert reasons == ["runs on cuda tensors, got device cpu", "dtype float32 is not supported (float16 are)",
-                       "head dim D=64 exceeds the maximum 32",
-                       "is not deterministic and torch.use_deterministic_algorithms(True) is set",
-                       "takes no attention bias", "and one more"]
+    assert reasons == [
+        "runs on cuda tensors, got device cpu",
+        "dtype float32 is not supported (float16 are)",
+        "head dim D=64 exceeds the maximum 32",
+        "is not deterministic and torch.use_deterministic_algorithms(True) is set",
+        "takes no attention bias",
+        "and one more",
+    ]
     assert BACKENDS["segments"].not_supported_reasons(q, k, v, mask) == []
 
 
@@ -40,8 +56,12 @@ def test_every_backend_is_a_forward_backward_pair_with_declared_support():
         assert isinstance(b.deterministic, bool) and isinstance(b.bias, bool), b.name
     # score biases (bias=) and sliding windows: every backend but the tiny-problem dense one takes a bias; all take
     # windows
-    assert {n: b.bias for n, b in BACKENDS.items()} == {"reference": True, "segments": True, "triton": True,
-                                                        "dense": False}
+    assert {n: b.bias for n, b in BACKENDS.items()} == {
+        "reference": True,
+        "segments": True,
+        "triton": True,
+        "dense": False,
+    }
     assert all(b.window for b in BACKENDS.values())
 
 
@@ -57,8 +77,11 @@ def test_segments_backward_without_cpu_kernels_recomputes(monkeypatch):
     want_grads = torch.autograd.grad(want, (q, k, v), g)
     monkeypatch.setattr(backends, "_cpu_kernels", lambda device: False)
     torch._dynamo.reset()
-    fn = torch.compile(lambda a, b, c: zorro_attention(a, b, c, mask, backend="segments", scale=0.3),
-                       fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda a, b, c: zorro_attention(a, b, c, mask, backend="segments", scale=0.3),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     out = fn(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), g)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
@@ -79,14 +102,14 @@ def test_backward_by_recompute_matches_the_cpu_backward():
 
 def test_custom_ops_take_the_mask_description_and_find_it_by_content():
     a = ZorroMask.zorro(audio=4, video=6, fusion=2, lengths=torch.tensor([[4, 6, 2], [1, 3, 2]]))
-    b = ZorroMask.from_segments([("x", 4), ("y", 6), ("z", 2)], {"x": ["x"], "y": ["y"], "z": "*"},
-                                lengths=torch.tensor([[4, 6, 2], [1, 3, 2]]))
+    b = ZorroMask.from_segments(
+        [("x", 4), ("y", 6), ("z", 2)], {"x": ["x"], "y": ["y"], "z": "*"}, lengths=torch.tensor([[4, 6, 2], [1, 3, 2]])
+    )
     assert a.key == b.key and a.key != a.with_lengths(torch.tensor([[4, 6, 2], [2, 3, 2]])).key
     q, k, v = _qkv(a)
     out, lse = torch.ops.zorro.attention_fwd(q, k, v, *_ops.describe(a), 0.25, "segments")
     assert _ops._mask_from(*_ops.describe(b)) is _ops._mask_from(*_ops.describe(a))
-    torch.testing.assert_close(out, zorro_attention(q, k, v, a, scale=0.25, backend="reference"), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(out, zorro_attention(q, k, v, a, scale=0.25, backend="reference"), rtol=1e-5, atol=1e-6)
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
 
 
@@ -145,15 +168,18 @@ def test_double_backward_is_exact_or_refused_in_our_words(backend):
     q, k, v = (t.requires_grad_() for t in _qkv(mask))
     out = zorro_attention(q, k, v, mask, backend=backend)
     if backend == "reference":
-        g, = torch.autograd.grad(out.sum(), q, create_graph=True)
-        g2, = torch.autograd.grad(g.sum(), k)
+        (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        (g2,) = torch.autograd.grad(g.sum(), k)
         dense = mask.to_dense()
         s = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * q.shape[-1] ** -0.5
         p = s.masked_fill(~dense, float("-inf")).softmax(-1)
         want_out = p @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-        wg, = torch.autograd.grad(want_out.sum(), q, create_graph=True)
+        (wg,) = torch.autograd.grad(want_out.sum(), q, create_graph=True)
         torch.testing.assert_close(g2, torch.autograd.grad(wg.sum(), k)[0], rtol=1e-4, atol=1e-5)
         return
-    with pytest.raises(RuntimeError, match=f"zorro_attention: the {backend} backend's .*backward cannot be "
-                                           r"differentiated \(double backward, create_graph=True\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=f"zorro_attention: the {backend} backend's .*backward cannot be "
+        r"differentiated \(double backward, create_graph=True\)",
+    ):
         torch.autograd.grad(out.sum(), q, create_graph=True)

@@ -4,6 +4,7 @@ The section is read from README.md when README.md has it, else from docs/integra
 order, each ``###`` subsection in a fresh namespace (a reader follows one subsection top to bottom). A subsection whose
 imports are not available here is skipped, naming the module.
 """
+
 from __future__ import annotations
 
 import importlib

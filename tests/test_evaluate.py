@@ -1,10 +1,20 @@
 """Evaluation: metrics against hand-computed cases, linear probes, and per-regime / per-head scoring."""
+
 import pytest
 import torch
 
 import zorro_models
-from zorro_models.training.evaluate import (REGIME_OUTPUTS, REGIMES, accuracy, average_precision, collect_embeddings,
-                                   evaluate_heads, linear_probe, mean_average_precision, probe_all)
+from zorro_models.training.evaluate import (
+    REGIME_OUTPUTS,
+    REGIMES,
+    accuracy,
+    average_precision,
+    collect_embeddings,
+    evaluate_heads,
+    linear_probe,
+    mean_average_precision,
+    probe_all,
+)
 
 
 def test_accuracy_hand_case():
@@ -61,12 +71,24 @@ def test_linear_probe_scores_the_held_out_split():
 
 def _tiny_model():
     torch.manual_seed(0)
-    return zorro_models.create_model("zorro_vit_demo", img_size=16, num_frames=2, video_patch=8, n_mels=16,
-                                     audio_frames=16, audio_patch=8, embed_dim=32, depth=1, num_heads=2, num_fusion=2)
+    return zorro_models.create_model(
+        "zorro_vit_demo",
+        img_size=16,
+        num_frames=2,
+        video_patch=8,
+        n_mels=16,
+        audio_frames=16,
+        audio_patch=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_fusion=2,
+    )
 
 
 class _Pre:
     """A stand-in preprocessor: batches already hold model inputs."""
+
     device = torch.device("cpu")
 
     def __call__(self, batch, modalities):
@@ -78,8 +100,14 @@ def _batches(n=2, b=6, k=3, multi=False, seed=1):
     out = []
     for _ in range(n):
         label = (torch.rand(b, k, generator=g) > 0.5).float() if multi else torch.randint(0, k, (b,), generator=g)
-        out.append({"audio": torch.randn(b, 16, 16, generator=g), "video": torch.randn(b, 2, 3, 16, 16, generator=g),
-                    "label": label, "size": b})
+        out.append(
+            {
+                "audio": torch.randn(b, 16, 16, generator=g),
+                "video": torch.randn(b, 2, 3, 16, 16, generator=g),
+                "label": label,
+                "size": b,
+            }
+        )
     return out + [{"size": 0, "num_skipped": 3}]  # an all-skipped batch is passed over
 
 
@@ -108,8 +136,10 @@ def test_probe_all_and_evaluate_heads():
     for regime, outputs in REGIME_OUTPUTS.items():
         assert set(res[regime]) == set(outputs) | {"all"}
         for o in outputs:
-            assert res[regime][o] == linear_probe(tr[regime][o], ytr, te[regime][o], yte, num_classes=3,
-                                                  max_iter=20), (regime, o)
+            assert res[regime][o] == linear_probe(tr[regime][o], ytr, te[regime][o], yte, num_classes=3, max_iter=20), (
+                regime,
+                o,
+            )
         both = [torch.cat([d[regime][o] for o in outputs], 1) for d in (tr, te)]
         assert res[regime]["all"] == linear_probe(both[0], ytr, both[1], yte, num_classes=3, max_iter=20)
 
@@ -121,8 +151,11 @@ def test_probe_all_and_evaluate_heads():
         for regime, modalities in REGIMES.items():
             logits = [heads(*model.forward_features(**{m: b[m] for m in modalities})[:2]) for b in batches if b["size"]]
             y = torch.cat([b["label"] for b in batches if b["size"]])
-            want = {h: accuracy(torch.cat([lg[h] for lg in logits]), y) for h in logits[0]
-                    if h == "mean" or h in REGIME_OUTPUTS[regime]}
+            want = {
+                h: accuracy(torch.cat([lg[h] for lg in logits]), y)
+                for h in logits[0]
+                if h == "mean" or h in REGIME_OUTPUTS[regime]
+            }
             assert scores[regime] == want, regime
     assert len({v for r in scores.values() for v in r.values()}) > 1  # not one constant score everywhere
     multi = evaluate_heads(model, heads, _Pre(), _batches(multi=True), multi_label=True, regimes=("video-only",))

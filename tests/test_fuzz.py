@@ -11,6 +11,7 @@ cross-attention, causal, a sliding window), GQA head counts, a head dim and a dt
 Default tier: a small derandomized slice (seconds). ``-m full``: 10,000 layouts (5,000 per CPU backend;
 ``ZORRO_FUZZ_EXAMPLES`` sets the count per backend), and a slice of the Triton backend in its CPU interpreter.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 from zorro_kernels import ZorroMask, zorro_attention  # noqa: E402
 from zorro_kernels.backends import BACKENDS  # noqa: E402
@@ -40,8 +42,14 @@ def layouts(draw, max_segments: int = 4) -> ZorroMask:
         kv_sizes = draw(st.lists(SIZES, min_size=n_k, max_size=n_k).filter(lambda s: sum(s) > 0))
     else:
         kv_sizes = q_sizes
-    allow = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=len(kv_sizes), max_size=len(kv_sizes)),
-                                       min_size=n_q, max_size=n_q)), dtype=torch.bool)
+    allow = torch.tensor(
+        draw(
+            st.lists(
+                st.lists(st.booleans(), min_size=len(kv_sizes), max_size=len(kv_sizes)), min_size=n_q, max_size=n_q
+            )
+        ),
+        dtype=torch.bool,
+    )
     b = draw(st.integers(1, 3))
 
     def lengths(sizes):
@@ -53,8 +61,9 @@ def layouts(draw, max_segments: int = 4) -> ZorroMask:
     window = draw(st.one_of(st.none(), st.tuples(st.integers(-1, 6), st.integers(-1, 6))))
     names = [f"s{i}" for i in range(n_q)]
     kv = [(f"k{i}", s) for i, s in enumerate(kv_sizes)] if cross else None
-    return ZorroMask(list(zip(names, q_sizes)), allow, kv_segments=kv, lengths=q_len, kv_lengths=kv_len,
-                     causal=causal, window=window)
+    return ZorroMask(
+        list(zip(names, q_sizes)), allow, kv_segments=kv, lengths=q_len, kv_lengths=kv_len, causal=causal, window=window
+    )
 
 
 @st.composite
@@ -64,7 +73,7 @@ def problems(draw, dtypes=(torch.float64, torch.float32, torch.float16, torch.bf
     d = draw(st.sampled_from([4, 8, 16]))
     dtype = draw(st.sampled_from(dtypes))
     b = mask.batch_size or draw(st.integers(1, 2))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * g, mask.num_q, d, generator=gen).to(dtype)
     k, v = (torch.randn(b, hkv, mask.num_kv, d, generator=gen).to(dtype) for _ in range(2))

@@ -1,12 +1,20 @@
 """Supervised heads (classifier per output, averaged logits), CE / BCE losses, contrastive heads and InfoNCE."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from zorro_models import (OUTPUTS, ContrastiveHeads, SupervisedHeads, SupervisedLoss, ZorroContrastiveLoss,
-                          create_model, info_nce)
+from zorro_models import (
+    OUTPUTS,
+    ContrastiveHeads,
+    SupervisedHeads,
+    SupervisedLoss,
+    ZorroContrastiveLoss,
+    create_model,
+    info_nce,
+)
 
 
 def embeddings(batch=4, dim=16, seed=0):

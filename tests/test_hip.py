@@ -1,4 +1,5 @@
 """Zorro-HiP layouts: group-local, modality-pure cross- and self-attention masks, regrouping, padding propagation."""
+
 import pytest
 import torch
 
@@ -62,7 +63,7 @@ def test_config_validation():
 def test_more_groups_than_tokens_is_pure_and_finite():
     model = create_model("zorro_hip_tiny", audio_groups=(16, 4, 1), depths=(1, 1, 1)).eval()
     g = torch.Generator().manual_seed(0)
-    audio = torch.randn(2, 64, 8, generator=g)                  # one time patch: 8 tokens for 16 groups
+    audio = torch.randn(2, 64, 8, generator=g)  # one time patch: 8 tokens for 16 groups
     video = torch.randn(2, 4, 3, 64, 64, generator=g)
     with torch.no_grad():
         a = model(audio=audio, video=video)

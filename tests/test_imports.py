@@ -4,6 +4,7 @@ module imports alone in a fresh interpreter.
 A layer may import from its own layer and the layers below it, never from above, not even inside a function (an
 import hidden in a function is how circles came back before). The order is the architecture of docs/architecture.md.
 """
+
 from __future__ import annotations
 
 import ast
@@ -110,8 +111,10 @@ def test_imports_point_down():
             if module.startswith(target + ".") and target in LAYERS:
                 continue  # `from zorro_kernels import X` inside the package is caught below, not by this rule
             if _layer(target) > _layer(module):
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} (layer {_layer(target)}) from layer "
-                           f"{_layer(module)}")
+                bad.append(
+                    f"{path.relative_to(ROOT)}:{line} imports {target} (layer {_layer(target)}) from layer "
+                    f"{_layer(module)}"
+                )
     assert not bad, "imports that climb to a higher layer:\n" + "\n".join(bad)
 
 

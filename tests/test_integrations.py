@@ -4,6 +4,7 @@ Each section skips, saying why, when its library does not import. Numerical comp
 policy (tests/tolerances.py): the zorro model's error against the same model run in float64 on the reference path may
 be at most twice the error of the library's own float32 path, plus the float32 floor.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,10 @@ def zorro_calls(monkeypatch):
 
 
 def test_importing_zorro_loads_no_integration_library():
-    code = ("import sys, zorro_kernels, zorro_kernels.integrations as zi; "
-            "print(sorted(m for m in ('transformers', 'timm', 'xformers') if m in sys.modules))")
+    code = (
+        "import sys, zorro_kernels, zorro_kernels.integrations as zi; "
+        "print(sorted(m for m in ('transformers', 'timm', 'xformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -95,8 +98,9 @@ def minilm(zt):
             os.environ["HF_HUB_OFFLINE"] = old
     ref64 = copy.deepcopy(sdpa).double()
     sentences = ["The cat sat on the mat.", "Zorro keeps the audio and video streams apart.", "Hello!"]
-    return SimpleNamespace(tok=tok, sdpa=sdpa, zorro=zorro, ref64=ref64, sentences=sentences,
-                           layers=sdpa.config.num_hidden_layers)
+    return SimpleNamespace(
+        tok=tok, sdpa=sdpa, zorro=zorro, ref64=ref64, sentences=sentences, layers=sdpa.config.num_hidden_layers
+    )
 
 
 def _hidden(model, **inputs):
@@ -111,8 +115,13 @@ def test_minilm_packed_sentences_reproduce_separate_encodings(minilm, zt, zorro_
     packed = torch.cat([e["input_ids"] for e in enc], 1)
     position_ids = torch.cat([torch.arange(n) for n in lens])[None]  # positions restart in every sentence
     layout = ZorroMask.packed(lens)
-    got = _hidden(minilm.zorro, input_ids=packed, position_ids=position_ids, token_type_ids=torch.zeros_like(packed),
-                  zorro_mask=layout)[0].split(lens)
+    got = _hidden(
+        minilm.zorro,
+        input_ids=packed,
+        position_ids=position_ids,
+        token_type_ids=torch.zeros_like(packed),
+        zorro_mask=layout,
+    )[0].split(lens)
     assert len(calls) == minilm.layers and all(m is layout for m in calls)
     assert fallback_counts() == {}
     for i, e in enumerate(enc):
@@ -159,16 +168,31 @@ def test_minilm_compiled_with_padding_and_packing_matches_sdpa(minilm, zt, zorro
     torch._dynamo.reset()
     compiled = torch.compile(minilm.zorro, fullgraph=True, backend="aot_eager")
     batch = minilm.tok(minilm.sentences, padding=True, return_tensors="pt")
-    assert_within_policy("compiled padded batch", _hidden(compiled, **batch), _hidden(minilm.sdpa, **batch),
-                         _hidden(minilm.ref64, **batch), F32)
+    assert_within_policy(
+        "compiled padded batch",
+        _hidden(compiled, **batch),
+        _hidden(minilm.sdpa, **batch),
+        _hidden(minilm.ref64, **batch),
+        F32,
+    )
     enc = [minilm.tok(s, return_tensors="pt")["input_ids"] for s in minilm.sentences]
     lens = [e.shape[1] for e in enc]
     ids = torch.cat(enc, 1)
-    got = _hidden(compiled, input_ids=ids, position_ids=torch.cat([torch.arange(n) for n in lens])[None],
-                  token_type_ids=torch.zeros_like(ids), zorro_mask=ZorroMask.packed(lens))[0].split(lens)
+    got = _hidden(
+        compiled,
+        input_ids=ids,
+        position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+        token_type_ids=torch.zeros_like(ids),
+        zorro_mask=ZorroMask.packed(lens),
+    )[0].split(lens)
     for i, e in enumerate(enc):
-        assert_within_policy(f"compiled packed sentence {i}", got[i], _hidden(minilm.sdpa, input_ids=e)[0],
-                             _hidden(minilm.ref64, input_ids=e)[0], F32)
+        assert_within_policy(
+            f"compiled packed sentence {i}",
+            got[i],
+            _hidden(minilm.sdpa, input_ids=e)[0],
+            _hidden(minilm.ref64, input_ids=e)[0],
+            F32,
+        )
     assert len(calls) >= 2 * minilm.layers  # traced once per graph: the attention calls went to zorro_attention
     assert fallback_counts() == {}
 
@@ -199,15 +223,21 @@ def test_minilm_on_cuda_matches_sdpa(minilm, zt, zorro_calls, dtype):
     zorro, sdpa = (copy.deepcopy(m).to("cuda", dtype) for m in (minilm.zorro, minilm.sdpa))
     ref64 = copy.deepcopy(minilm.ref64).to("cuda")
     batch = {k: v.cuda() for k, v in minilm.tok(minilm.sentences, padding=True, return_tensors="pt").items()}
-    assert_within_policy("padded batch", _hidden(zorro, **batch), _hidden(sdpa, **batch), _hidden(ref64, **batch),
-                         dtype)
+    assert_within_policy(
+        "padded batch", _hidden(zorro, **batch), _hidden(sdpa, **batch), _hidden(ref64, **batch), dtype
+    )
     enc = [minilm.tok(s, return_tensors="pt")["input_ids"].cuda() for s in minilm.sentences]
     lens = [e.shape[1] for e in enc]
-    got = _hidden(zorro, input_ids=torch.cat(enc, 1), zorro_mask=ZorroMask.packed(lens),
-                  position_ids=torch.cat([torch.arange(n) for n in lens])[None].cuda())[0].split(lens)
+    got = _hidden(
+        zorro,
+        input_ids=torch.cat(enc, 1),
+        zorro_mask=ZorroMask.packed(lens),
+        position_ids=torch.cat([torch.arange(n) for n in lens])[None].cuda(),
+    )[0].split(lens)
     for i, e in enumerate(enc):
-        assert_within_policy(f"sentence {i}", got[i], _hidden(sdpa, input_ids=e)[0], _hidden(ref64, input_ids=e)[0],
-                             dtype)
+        assert_within_policy(
+            f"sentence {i}", got[i], _hidden(sdpa, input_ids=e)[0], _hidden(ref64, input_ids=e)[0], dtype
+        )
     assert len(calls) == 2 * minilm.layers and fallback_counts() == {}
 
 
@@ -216,8 +246,15 @@ def test_minilm_on_cuda_matches_sdpa(minilm, zt, zorro_calls, dtype):
 def llama(zt):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
     zorro = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="zorro").eval()
@@ -248,8 +285,13 @@ def test_llama_packed_causal_sequences_equal_separate_runs(llama, zt, zorro_call
     lens = [5, 7, 4]
     seqs = [torch.randint(0, llama.cfg.vocab_size, (1, n)) for n in lens]
     position_ids = torch.cat([torch.arange(n) for n in lens])[None]
-    got = _logits(llama.zorro, torch.cat(seqs, 1), position_ids=position_ids, use_cache=False,
-                  zorro_mask=ZorroMask.packed(lens, causal=True))[0].split(lens)
+    got = _logits(
+        llama.zorro,
+        torch.cat(seqs, 1),
+        position_ids=position_ids,
+        use_cache=False,
+        zorro_mask=ZorroMask.packed(lens, causal=True),
+    )[0].split(lens)
     assert len(calls) == llama.layers and fallback_counts() == {}
     for i, s in enumerate(seqs):
         assert_within_policy(f"sequence {i}", got[i], _logits(llama.sdpa, s)[0], _logits(llama.ref64, s)[0], F32)
@@ -263,8 +305,8 @@ def test_llama_greedy_decoding_runs_on_zorro_and_equals_sdpa(llama, zt, zorro_ca
         got = llama.zorro.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
     # prefill plus 5 single-token steps against the DynamicCache, every one on zorro (bottom-right causal)
-    assert [m.num_q for m in calls[::llama.layers]] == [7, 1, 1, 1, 1, 1]
-    assert [m.num_kv for m in calls[::llama.layers]] == [7, 8, 9, 10, 11, 12]
+    assert [m.num_q for m in calls[:: llama.layers]] == [7, 1, 1, 1, 1, 1]
+    assert [m.num_kv for m in calls[:: llama.layers]] == [7, 8, 9, 10, 11, 12]
     assert fallback_counts() == {}
 
 
@@ -277,9 +319,13 @@ def test_llama_on_cuda_bf16_matches_sdpa(llama, zt, zorro_calls):
     ref64 = copy.deepcopy(llama.ref64).to("cuda")
     ids = torch.randint(0, llama.cfg.vocab_size, (2, 37), device="cuda")
     attention_mask = (torch.arange(37, device="cuda")[None] < torch.tensor([[37], [20]], device="cuda")).long()
-    assert_within_policy("logits", _logits(zorro, ids, attention_mask=attention_mask),
-                         _logits(sdpa, ids, attention_mask=attention_mask),
-                         _logits(ref64, ids, attention_mask=attention_mask), torch.bfloat16)
+    assert_within_policy(
+        "logits",
+        _logits(zorro, ids, attention_mask=attention_mask),
+        _logits(sdpa, ids, attention_mask=attention_mask),
+        _logits(ref64, ids, attention_mask=attention_mask),
+        torch.bfloat16,
+    )
     assert len(calls) == llama.layers and fallback_counts() == {}
 
 
@@ -303,15 +349,23 @@ def test_llama_batched_left_padded_generation_matches_sdpa(llama, zt, zorro_call
     calls = zorro_calls(zt)
     want, got = _greedy_sdpa_and_zorro(llama, [9, 5, 7], 9)
     assert torch.equal(got, want)
-    assert [m.num_q for m in calls[::llama.layers]] == [9] + [1] * 7 and fallback_counts() == {}
+    assert [m.num_q for m in calls[:: llama.layers]] == [9] + [1] * 7 and fallback_counts() == {}
 
 
 @pytest.fixture(scope="module")
 def mistral(zt):
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    cfg = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=4)
+    cfg = MistralConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=4,
+    )
     torch.manual_seed(0)
     sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
     zorro = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="zorro").eval()
@@ -337,8 +391,13 @@ def test_llama_float_4d_mask_runs_as_a_bias(llama, zt, zorro_calls, strict):
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])[:, None, None]
     mask4 = torch.where(j <= i, -(i - j) * slopes, float("-inf"))[None].expand(2, -1, -1, -1).contiguous()
     got = _logits(llama.zorro, ids, attention_mask=mask4)
-    assert_within_policy("logits", got, _logits(llama.sdpa, ids, attention_mask=mask4),
-                         _logits(llama.ref64, ids, attention_mask=mask4.double()), F32)
+    assert_within_policy(
+        "logits",
+        got,
+        _logits(llama.sdpa, ids, attention_mask=mask4),
+        _logits(llama.ref64, ids, attention_mask=mask4.double()),
+        F32,
+    )
     assert len(calls) == llama.layers and fallback_counts() == {}
 
 
@@ -347,8 +406,15 @@ def test_attention_dropout_runs_sdpa_on_the_layout(zt):
     with the same random draws as transformers' own handling of the same packed sequences."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, attention_dropout=0.5)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_dropout=0.5,
+    )
     sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").train()
     zorro = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="zorro").train()
     zorro.load_state_dict(sdpa.state_dict())
@@ -361,25 +427,44 @@ def test_attention_dropout_runs_sdpa_on_the_layout(zt):
     want = sdpa(ids, position_ids=position_ids, use_cache=False).logits  # transformers detects the packing itself
     torch.testing.assert_close(got, want, rtol=0, atol=FLOOR[F32])
     assert fallback_counts() == {
-        "transformers: attention dropout p=0.5 in training mode (zorro_attention has no dropout)": 2}
+        "transformers: attention dropout p=0.5 in training mode (zorro_attention has no dropout)": 2
+    }
 
 
-@pytest.mark.parametrize("case", [
-    dict(causal=False, q=6, kv=6, lengths=None),
-    dict(causal=False, q=6, kv=6, lengths=[6, 3]),
-    dict(causal=True, q=6, kv=6, lengths=[4, 6]),
-    dict(causal=True, q=1, kv=6, q_offset=5, lengths=None),             # decoding with a DynamicCache
-    dict(causal=True, q=3, kv=9, q_offset=6, lengths=[9, 8]),            # chunked prefill
-    dict(causal=False, q=4, kv=9, lengths=[9, 2]),                       # cross-attention to padded encoder states
-    dict(causal=True, q=6, kv=6, lengths=[6, 4], left=True),             # left padding: a key bias
-    dict(causal=True, q=6, kv=6, lengths=[6, 4], window=3),              # sliding window
-    dict(causal=True, q=1, kv=3, q_offset=9, kv_offset=7, lengths=None, window=3),  # decoding, sliding cache
-    dict(causal=True, q=2, kv=6, q_offset=4, lengths=[6, 3], left=True, window=3),
-], ids=["bidir", "bidir-pad", "causal-pad", "decode", "chunk-pad", "cross-pad", "left-pad", "window",
-        "window-decode", "window-left-pad"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(causal=False, q=6, kv=6, lengths=None),
+        dict(causal=False, q=6, kv=6, lengths=[6, 3]),
+        dict(causal=True, q=6, kv=6, lengths=[4, 6]),
+        dict(causal=True, q=1, kv=6, q_offset=5, lengths=None),  # decoding with a DynamicCache
+        dict(causal=True, q=3, kv=9, q_offset=6, lengths=[9, 8]),  # chunked prefill
+        dict(causal=False, q=4, kv=9, lengths=[9, 2]),  # cross-attention to padded encoder states
+        dict(causal=True, q=6, kv=6, lengths=[6, 4], left=True),  # left padding: a key bias
+        dict(causal=True, q=6, kv=6, lengths=[6, 4], window=3),  # sliding window
+        dict(causal=True, q=1, kv=3, q_offset=9, kv_offset=7, lengths=None, window=3),  # decoding, sliding cache
+        dict(causal=True, q=2, kv=6, q_offset=4, lengths=[6, 3], left=True, window=3),
+    ],
+    ids=[
+        "bidir",
+        "bidir-pad",
+        "causal-pad",
+        "decode",
+        "chunk-pad",
+        "cross-pad",
+        "left-pad",
+        "window",
+        "window-decode",
+        "window-left-pad",
+    ],
+)
 def test_mask_interface_builds_what_sdpa_mask_builds(zt, case):
-    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, sdpa_mask,
-                                            sliding_window_causal_mask_function)
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+    )
 
     b, q, kv, off = 2, case["q"], case["kv"], case.get("q_offset", 0)
     fn = causal_mask_function if case["causal"] else bidirectional_mask_function
@@ -389,8 +474,15 @@ def test_mask_interface_builds_what_sdpa_mask_builds(zt, case):
     if case["lengths"] is not None:
         pos = torch.arange(kv)[None] if not case.get("left") else torch.arange(kv - 1, -1, -1)[None]
         pad = pos < torch.tensor(case["lengths"])[:, None]
-    args = dict(batch_size=b, q_length=q, kv_length=kv, q_offset=off, kv_offset=case.get("kv_offset", 0),
-                mask_function=fn, attention_mask=pad)
+    args = dict(
+        batch_size=b,
+        q_length=q,
+        kv_length=kv,
+        q_offset=off,
+        kv_offset=case.get("kv_offset", 0),
+        mask_function=fn,
+        attention_mask=pad,
+    )
     layout = zt.zorro_mask_interface(**args)
     if case.get("left"):
         assert isinstance(layout, zt.ZorroLayout) and layout.bias.shape == (b, 1, 1, kv)
@@ -412,10 +504,15 @@ def test_mask_interface_hands_back_sdpa_masks_it_cannot_express(zt):
 
     cases = {
         "not plain causal/bidirectional or a causal sliding window": dict(
-            q_length=6, kv_length=6, mask_function=and_masks(causal_mask_function, lambda b, h, q, kv: kv != 2)),
-        "not aligned at the last key": dict(q_length=4, kv_length=16, q_offset=0,  # an empty static cache
-                                            mask_function=causal_mask_function,
-                                            attention_mask=torch.ones(2, 16, dtype=torch.bool)),
+            q_length=6, kv_length=6, mask_function=and_masks(causal_mask_function, lambda b, h, q, kv: kv != 2)
+        ),
+        "not aligned at the last key": dict(
+            q_length=4,
+            kv_length=16,
+            q_offset=0,  # an empty static cache
+            mask_function=causal_mask_function,
+            attention_mask=torch.ones(2, 16, dtype=torch.bool),
+        ),
     }
     for why, args in cases.items():
         args = dict(batch_size=2, allow_is_causal_skip=False, **args)
@@ -480,8 +577,9 @@ def test_timm_zorro_layout_equals_timm_dense_mask(ztimm, vit_tiny, zorro_calls, 
     assert (prefix, patches) == (1, 16)
     assert ztimm.enable(vit) == len(vit.blocks)
     # the class token fuses both halves of the image; each half sees itself and the class token
-    layout = ZorroMask.from_segments([("cls", prefix), ("top", 8), ("bottom", 8)],
-                                     {"cls": "*", "top": ["cls", "top"], "bottom": ["cls", "bottom"]})
+    layout = ZorroMask.from_segments(
+        [("cls", prefix), ("top", 8), ("bottom", 8)], {"cls": "*", "top": ["cls", "top"], "bottom": ["cls", "bottom"]}
+    )
     x = torch.randn(2, 3, 64, 64)
     got = _features(vit, x, attn_mask=layout)
     assert len(calls) == len(vit.blocks)
@@ -516,7 +614,8 @@ def test_timm_dropout_and_bad_input(ztimm, vit_tiny):
     vit.train()
     assert torch.isfinite(vit.forward_features(x, attn_mask=layout)).all()
     assert fallback_counts() == {
-        "timm: attention dropout p=0.25 in training mode (zorro_attention has no dropout)": len(vit.blocks)}
+        "timm: attention dropout p=0.25 in training mode (zorro_attention has no dropout)": len(vit.blocks)
+    }
     ztimm.enable(vit, strict=True)
     with pytest.raises(FallbackError, match="dropout"):
         vit.forward_features(x, attn_mask=layout)
@@ -558,10 +657,12 @@ EXPRESSIBLE = {
     "causal-bottom-right-decode": lambda a: a.BlockDiagonalCausalFromBottomRightMask.from_seqlens([1, 2], [5, 3]),
     "padded-keys": lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([2, 3], kv_padding=4, kv_seqlen=[3, 1]),
     "causal-padded-keys-decode": lambda a: a.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-        [1, 1, 1], kv_padding=6, kv_seqlen=[4, 6, 2]),
+        [1, 1, 1], kv_padding=6, kv_seqlen=[4, 6, 2]
+    ),
     "gappy-keys": lambda a: a.BlockDiagonalGappyKeysMask.from_seqlens([2, 2], [1, 6, 10], [3, 4]),
     "causal-gappy-keys-decode": lambda a: a.BlockDiagonalCausalWithOffsetGappyKeysMask.from_seqlens(
-        [1, 1], [1, 6, 10], [3, 4]),
+        [1, 1], [1, 6, 10], [3, 4]
+    ),
 }
 
 
@@ -574,11 +675,15 @@ def test_xformers_bias_converts_exactly(xab, zx, name):
     assert torch.equal(dense, bias.materialize((mask.num_q, mask.num_kv)) == 0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([4], kv_padding=4, kv_seqlen=[2]),
-    lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([4, 4], kv_padding=4, kv_seqlen=[2, 3]),
-    lambda a: a.BlockDiagonalGappyKeysMask.from_seqlens([3, 2], [0, 3, 5], [1, 2]),
-], ids=["one-block", "two-blocks", "gappy"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([4], kv_padding=4, kv_seqlen=[2]),
+        lambda a: a.BlockDiagonalPaddedKeysMask.from_seqlens([4, 4], kv_padding=4, kv_seqlen=[2, 3]),
+        lambda a: a.BlockDiagonalGappyKeysMask.from_seqlens([3, 2], [0, 3, 5], [1, 2]),
+    ],
+    ids=["one-block", "two-blocks", "gappy"],
+)
 def test_xformers_key_padding_kept_when_slots_equal_query_blocks(xab, zx, make):
     # issue 11 item 3: each key slot as long as its query block took a self-attention shortcut and lost kv lengths
     bias = make(xab)
@@ -590,18 +695,20 @@ def test_xformers_key_padding_kept_when_slots_equal_query_blocks(xab, zx, make):
 def test_xformers_random_conversions_match_materialize(xab, zx):
     """Every supported bias type, random block sizes: the mask equals xformers' own materialize(), or is refused."""
     import random
+
     rng = random.Random(11)
     makers = [
         lambda q, k, pad, kl: xab.BlockDiagonalMask.from_seqlens(q, k),
         lambda q, k, pad, kl: xab.BlockDiagonalCausalMask.from_seqlens(q),
         lambda q, k, pad, kl: xab.BlockDiagonalCausalFromBottomRightMask.from_seqlens(q, k),
         lambda q, k, pad, kl: xab.BlockDiagonalPaddedKeysMask.from_seqlens(q, kv_padding=pad, kv_seqlen=kl),
-        lambda q, k, pad, kl: xab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q, kv_padding=pad,
-                                                                                            kv_seqlen=kl),
-        lambda q, k, pad, kl: xab.BlockDiagonalGappyKeysMask.from_seqlens(
-            q, [i * pad for i in range(len(q) + 1)], kl),
+        lambda q, k, pad, kl: xab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+            q, kv_padding=pad, kv_seqlen=kl
+        ),
+        lambda q, k, pad, kl: xab.BlockDiagonalGappyKeysMask.from_seqlens(q, [i * pad for i in range(len(q) + 1)], kl),
         lambda q, k, pad, kl: xab.BlockDiagonalCausalWithOffsetGappyKeysMask.from_seqlens(
-            q, [i * pad for i in range(len(q) + 1)], kl),
+            q, [i * pad for i in range(len(q) + 1)], kl
+        ),
     ]
     converted = 0
     for _ in range(300):
@@ -635,13 +742,24 @@ def test_xformers_lower_triangular_needs_its_shape(xab, zx):
         zx.from_xformers(xab.LowerTriangularMask())
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda a: a.BlockDiagonalCausalFromBottomRightMask.from_seqlens([2, 1], [5, 3]), "block 0"),
-    (lambda a: a.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([3, 2], kv_padding=4, kv_seqlen=[3, 2]),
-     "block 0"),
-    (lambda a: a.BlockDiagonalMask.from_seqlens([3, 3]).make_local_attention(2), "BlockDiagonalCausalLocalAttention"),
-    (lambda a: a.LowerTriangularMask().add_bias(torch.zeros(4, 4)), "LowerTriangularMaskWithTensorBias"),
-], ids=["causal-offsets-differ", "padded-prefill", "local", "tensor-bias"])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda a: a.BlockDiagonalCausalFromBottomRightMask.from_seqlens([2, 1], [5, 3]), "block 0"),
+        (
+            lambda a: a.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                [3, 2], kv_padding=4, kv_seqlen=[3, 2]
+            ),
+            "block 0",
+        ),
+        (
+            lambda a: a.BlockDiagonalMask.from_seqlens([3, 3]).make_local_attention(2),
+            "BlockDiagonalCausalLocalAttention",
+        ),
+        (lambda a: a.LowerTriangularMask().add_bias(torch.zeros(4, 4)), "LowerTriangularMaskWithTensorBias"),
+    ],
+    ids=["causal-offsets-differ", "padded-prefill", "local", "tensor-bias"],
+)
 def test_xformers_inexpressible_bias_raises_naming_it(xab, zx, make, match):
     with pytest.raises(ValueError, match=match):
         zx.from_xformers(make(xab))
@@ -663,6 +781,7 @@ def test_xformers_converted_mask_attends_like_the_materialized_bias(xab, zx):
     dense_bias = bias.materialize((20, 20))
     got = zorro_attention(q, k, v, mask)
     same = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_bias)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                           attn_mask=dense_bias.double())
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=dense_bias.double()
+    )
     assert_within_policy("out", got, same, ref, F32)

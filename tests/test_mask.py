@@ -1,4 +1,5 @@
 """ZorroMask: semantics of the constructors, the dense oracle, counts, printing and every bad input."""
+
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ def test_from_segments_semantics_absent_rule_sees_nothing_and_star_sees_all():
     m = ZorroMask.from_segments([("a", 2), ("b", 0), ("c", 3)], {"a": "*", "c": ["a"]})
     d = m.to_dense()
     assert d.shape == (5, 5)
-    assert d[:2].all()                       # a sees everything
+    assert d[:2].all()  # a sees everything
     assert d[2:, :2].all() and not d[2:, 2:].any()  # c sees a only
     assert m.num_q == 5 and m.num_kv == 5 and m.batch_size is None
 
@@ -37,8 +38,12 @@ def test_lengths_mark_segment_tails_as_padding():
 
 
 def test_cross_attention_layout_and_kv_lengths():
-    m = ZorroMask.from_segments([("qa", 1), ("qg", 1)], {"qa": ["a"], "qg": "*"},
-                                kv_segments=[("a", 3), ("v", 2)], kv_lengths=torch.tensor([[2, 2]]))
+    m = ZorroMask.from_segments(
+        [("qa", 1), ("qg", 1)],
+        {"qa": ["a"], "qg": "*"},
+        kv_segments=[("a", 3), ("v", 2)],
+        kv_lengths=torch.tensor([[2, 2]]),
+    )
     d = m.to_dense()
     assert d.shape == (1, 2, 5)
     assert d[0, 0].tolist() == [True, True, False, False, False]
@@ -69,8 +74,12 @@ def test_zorro_extra_modalities_keep_keyword_order():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attended_counts_match_dense(causal):
-    m = ZorroMask.from_segments([("a", 5), ("b", 7), ("c", 2)], {"a": ["a", "c"], "b": "*", "c": ["b"]},
-                                lengths=torch.tensor([[5, 7, 2], [3, 0, 1]]), causal=causal)
+    m = ZorroMask.from_segments(
+        [("a", 5), ("b", 7), ("c", 2)],
+        {"a": ["a", "c"], "b": "*", "c": ["b"]},
+        lengths=torch.tensor([[5, 7, 2], [3, 0, 1]]),
+        causal=causal,
+    )
     assert m.attended().tolist() == m.to_dense().sum((1, 2)).tolist()
     assert m.sparsity() == pytest.approx(1 - m.to_dense().float().mean().item())
 
@@ -78,7 +87,8 @@ def test_attended_counts_match_dense(causal):
 def test_figure2_sparsity():
     # 320^2 + 1568^2 + 8 * 1896 attended out of 1896^2
     assert ZorroMask.zorro(audio=320, video=1568, fusion=8).attended_fraction() == pytest.approx(
-        (320 ** 2 + 1568 ** 2 + 8 * 1896) / 1896 ** 2)
+        (320**2 + 1568**2 + 8 * 1896) / 1896**2
+    )
 
 
 def test_repr_draws_the_tile_map():
@@ -96,36 +106,67 @@ def test_with_lengths_keeps_layout():
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("call, exc, msg", [
-    (lambda: ZorroMask.from_segments([("a", 2), ("a", 3)], {}), ValueError, "duplicate segment name 'a'"),
-    (lambda: ZorroMask.from_segments([("a", 2)], {"b": ["a"]}), ValueError, "unknown query segment 'b'"),
-    (lambda: ZorroMask.from_segments([("a", 2)], {"a": ["z"]}), ValueError, "unknown key segment 'z'"),
-    (lambda: ZorroMask.from_segments([("a", 2.5)], {}), TypeError, "size must be an int"),
-    (lambda: ZorroMask.from_segments([("a", "3")], {}), TypeError, "size must be an int"),
-    (lambda: ZorroMask.from_segments([("a", -1)], {}), ValueError, "size must be >= 0, got -1"),
-    (lambda: ZorroMask.from_segments([("a", 0)], {}), ValueError, "hold no tokens"),
-    (lambda: ZorroMask.from_segments([], {}), ValueError, "at least one segment"),
-    (lambda: ZorroMask.from_segments("audio", {}), TypeError, "sequence of \\(name, size\\) pairs"),
-    (lambda: ZorroMask.from_segments([("a", 2)], ["a"]), TypeError, "rules must be a mapping"),
-    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, 3]])), ValueError,
-     "shape \\(B, n_segments\\) = \\(B, 3\\)"),
-    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, -1, 0]])), ValueError,
-     "lengths\\[0, 1\\] \\('video'\\) = -1 is negative"),
-    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, 4, 0]])), ValueError,
-     "lengths\\[0, 1\\] = 4 exceeds the size 3 of segment 'video'"),
-    (lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2.0, 3.0, 0.0]])), TypeError,
-     "integer dtype"),
-    (lambda: ZorroMask.zorro(audio=2, video=3, kv_lengths=torch.tensor([[2, 3, 0]])), TypeError, "kv_lengths"),
-    (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, kv_lengths=torch.tensor([[1]])), ValueError,
-     "only for cross-attention"),
-    (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, kv_segments=[("k", 3)], lengths=torch.tensor([[1]]),
-                                     kv_lengths=torch.tensor([[1], [2]])), ValueError, "disagree on the batch size"),
-    (lambda: ZorroMask.from_allow([("a", 2)], torch.ones(1, 2, dtype=torch.bool)), ValueError, "allow must have shape"),
-    (lambda: ZorroMask.from_allow([("a", 2)], torch.ones(1, 1)), TypeError, "bool tensor"),
-    (lambda: ZorroMask.packed([2, 3], names=["x"]), ValueError, "names has 1 entries"),
-    (lambda: ZorroMask.zorro(audio=2, fusion=1, causal=True), TypeError, "size must be an int"),
-    (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, causal=1), TypeError, "causal must be a bool"),
-])
+@pytest.mark.parametrize(
+    "call, exc, msg",
+    [
+        (lambda: ZorroMask.from_segments([("a", 2), ("a", 3)], {}), ValueError, "duplicate segment name 'a'"),
+        (lambda: ZorroMask.from_segments([("a", 2)], {"b": ["a"]}), ValueError, "unknown query segment 'b'"),
+        (lambda: ZorroMask.from_segments([("a", 2)], {"a": ["z"]}), ValueError, "unknown key segment 'z'"),
+        (lambda: ZorroMask.from_segments([("a", 2.5)], {}), TypeError, "size must be an int"),
+        (lambda: ZorroMask.from_segments([("a", "3")], {}), TypeError, "size must be an int"),
+        (lambda: ZorroMask.from_segments([("a", -1)], {}), ValueError, "size must be >= 0, got -1"),
+        (lambda: ZorroMask.from_segments([("a", 0)], {}), ValueError, "hold no tokens"),
+        (lambda: ZorroMask.from_segments([], {}), ValueError, "at least one segment"),
+        (lambda: ZorroMask.from_segments("audio", {}), TypeError, "sequence of \\(name, size\\) pairs"),
+        (lambda: ZorroMask.from_segments([("a", 2)], ["a"]), TypeError, "rules must be a mapping"),
+        (
+            lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, 3]])),
+            ValueError,
+            "shape \\(B, n_segments\\) = \\(B, 3\\)",
+        ),
+        (
+            lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, -1, 0]])),
+            ValueError,
+            "lengths\\[0, 1\\] \\('video'\\) = -1 is negative",
+        ),
+        (
+            lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2, 4, 0]])),
+            ValueError,
+            "lengths\\[0, 1\\] = 4 exceeds the size 3 of segment 'video'",
+        ),
+        (
+            lambda: ZorroMask.zorro(audio=2, video=3, lengths=torch.tensor([[2.0, 3.0, 0.0]])),
+            TypeError,
+            "integer dtype",
+        ),
+        (lambda: ZorroMask.zorro(audio=2, video=3, kv_lengths=torch.tensor([[2, 3, 0]])), TypeError, "kv_lengths"),
+        (
+            lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, kv_lengths=torch.tensor([[1]])),
+            ValueError,
+            "only for cross-attention",
+        ),
+        (
+            lambda: ZorroMask.from_segments(
+                [("a", 2)],
+                {"a": "*"},
+                kv_segments=[("k", 3)],
+                lengths=torch.tensor([[1]]),
+                kv_lengths=torch.tensor([[1], [2]]),
+            ),
+            ValueError,
+            "disagree on the batch size",
+        ),
+        (
+            lambda: ZorroMask.from_allow([("a", 2)], torch.ones(1, 2, dtype=torch.bool)),
+            ValueError,
+            "allow must have shape",
+        ),
+        (lambda: ZorroMask.from_allow([("a", 2)], torch.ones(1, 1)), TypeError, "bool tensor"),
+        (lambda: ZorroMask.packed([2, 3], names=["x"]), ValueError, "names has 1 entries"),
+        (lambda: ZorroMask.zorro(audio=2, fusion=1, causal=True), TypeError, "size must be an int"),
+        (lambda: ZorroMask.from_segments([("a", 2)], {"a": "*"}, causal=1), TypeError, "causal must be a bool"),
+    ],
+)
 def test_bad_layouts_raise_clear_errors(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
@@ -155,6 +196,7 @@ def test_glob_and_self_rules_make_group_local_windows():
 def test_mask_is_immutable_caller_edits_do_not_reach_it():
     # issue 11 item 2: the mask kept the caller's lengths tensor; its cached plans did not follow edits
     from zorro_kernels import zorro_attention
+
     L = torch.tensor([[4, 6, 2], [2, 3, 1]])
     m = ZorroMask.zorro(audio=4, video=6, fusion=2, lengths=L)
     q, k, v = (torch.randn(2, 2, 12, 8) for _ in range(3))
@@ -176,21 +218,29 @@ def test_mask_is_immutable_caller_edits_do_not_reach_it():
 @pytest.mark.parametrize("nk", [4, 11, 19])
 def test_attended_counts_causal_cross_attention(nk):
     # the causal offset Nk - Nq only matters when Nk != Nq: a count computed with offset 0 must fail here
-    m = ZorroMask.from_segments([("a", 5), ("b", 4)], {"a": "*", "b": ["k1"]}, kv_segments=[("k0", 3), ("k1", nk - 3)],
-                                lengths=torch.tensor([[5, 4], [2, 3]]), kv_lengths=torch.tensor([[3, nk - 3], [1, 1]]),
-                                causal=True)
+    m = ZorroMask.from_segments(
+        [("a", 5), ("b", 4)],
+        {"a": "*", "b": ["k1"]},
+        kv_segments=[("k0", 3), ("k1", nk - 3)],
+        lengths=torch.tensor([[5, 4], [2, 3]]),
+        kv_lengths=torch.tensor([[3, nk - 3], [1, 1]]),
+        causal=True,
+    )
     assert m.attended().tolist() == m.to_dense().sum((1, 2)).tolist()
 
 
 def test_model_mask_cache_keys_on_length_values():
     # a key that ignored the lengths' values was caught only through models shared between tests
     from zorro_models.models.layers import MaskCache
+
     a, b = torch.tensor([[4, 6, 2]]), torch.tensor([[4, 5, 2]])
     assert MaskCache.key("self", (4, 6, 2), a) != MaskCache.key("self", (4, 6, 2), b)
     assert MaskCache.key("self", (4, 6, 2), a) == MaskCache.key("self", (4, 6, 2), a.clone())
     cache = MaskCache()
-    built = [cache.get(MaskCache.key("self", lens), lambda lens=lens: ZorroMask.zorro(4, 6, 2, lengths=lens))
-             for lens in (a, b, a.clone())]
+    built = [
+        cache.get(MaskCache.key("self", lens), lambda lens=lens: ZorroMask.zorro(4, 6, 2, lengths=lens))
+        for lens in (a, b, a.clone())
+    ]
     assert built[0] is built[2] and built[1] is not built[0]
     assert built[1].lengths.tolist() == [[4, 5, 2]]
 
@@ -206,7 +256,7 @@ def test_packed_causal_is_per_document_or_refused():
         qs = ks = 0
         for ql, kl in zip(q_lens, k_lens):  # per document, bottom-right aligned (flash-attn varlen's convention)
             i, j = torch.arange(ql)[:, None], torch.arange(kl)[None]
-            dense[qs:qs + ql, ks:ks + kl] = j <= i + (kl - ql)
+            dense[qs : qs + ql, ks : ks + kl] = j <= i + (kl - ql)
             qs, ks = qs + ql, ks + kl
         assert torch.equal(m.to_dense(), dense), (q_lens, k_lens)
 
@@ -214,7 +264,8 @@ def test_packed_causal_is_per_document_or_refused():
 def test_causal_with_kv_lengths_aligns_to_full_sizes():
     # the documented convention: the diagonal sits at Nk - Nq whatever the valid lengths (flash-attn varlen would
     # align it to each sample's valid keys: 2 keys for row 0 of sample 1 here, not 4)
-    m = ZorroMask.from_segments([("q", 2)], {"q": "*"}, kv_segments=[("k", 5)], kv_lengths=torch.tensor([[5], [3]]),
-                                causal=True)
+    m = ZorroMask.from_segments(
+        [("q", 2)], {"q": "*"}, kv_segments=[("k", 5)], kv_lengths=torch.tensor([[5], [3]]), causal=True
+    )
     d = m.to_dense()
     assert d[0].sum(1).tolist() == [4, 5] and d[1].sum(1).tolist() == [3, 3]

@@ -4,6 +4,7 @@ Purity is the product: the audio output must not move by a single bit when only 
 The public reimplementation's readout bug (unimodal queries seeing every token) fails these tests; so does the
 "full" mask, which test_full_and_bottleneck_masks_are_not_pure checks to prove the purity tests can fail.
 """
+
 import pytest
 import torch
 
@@ -14,8 +15,17 @@ from zorro_models import OUTPUTS, create_model, list_models
 BACKBONES = {
     "vit": ("zorro_vit_tiny", {"depth": 3}),
     # smaller inputs, still with several regular and shifted windows per modality in the first stages
-    "swin": ("zorro_swin_tiny", {"depths": (2, 2, 2, 2), "base_dim": 48, "num_heads": (2, 4, 8, 16), "img_size": 32,
-                                 "n_mels": 32, "audio_frames": 64}),
+    "swin": (
+        "zorro_swin_tiny",
+        {
+            "depths": (2, 2, 2, 2),
+            "base_dim": 48,
+            "num_heads": (2, 4, 8, 16),
+            "img_size": 32,
+            "n_mels": 32,
+            "audio_frames": 64,
+        },
+    ),
     "hip": ("zorro_hip_tiny", {"depths": (1, 1, 1)}),
 }
 TINY_PRESETS = [n for n in list_models() if n.endswith(("_tiny", "_demo"))]
@@ -71,8 +81,17 @@ def test_create_model_rejects_bad_names_and_keywords():
 
 
 def test_overrides_reach_the_model():
-    m = create_model("zorro_vit_demo", depth=1, embed_dim=32, num_heads=2, num_fusion=3, img_size=16,
-                     num_frames=2, n_mels=16, audio_frames=32)
+    m = create_model(
+        "zorro_vit_demo",
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        num_fusion=3,
+        img_size=16,
+        num_frames=2,
+        n_mels=16,
+        audio_frames=32,
+    )
     assert (m.embed_dim, len(m.blocks), m.num_fusion) == (32, 1, 3)
     assert m.config["img_size"] == 16 and m.preset == "zorro_vit_demo"
     x = m.example_inputs(batch_size=3)
@@ -184,8 +203,9 @@ def test_swin_full_mask_needs_no_window_bias():
 def test_purity_check_catches_the_reference_readout_bug(monkeypatch):
     """The public reimplementation's readout let the unimodal queries attend every token. Reproduce that slip in our
     readout rules: the audio output then moves with the video, which the purity tests above would flag."""
-    monkeypatch.setattr(zorro_models.MaskedReadout, "rules",
-                        {"audio": "*", "video": "*", "fusion": ["fusion"], "global": "*"})
+    monkeypatch.setattr(
+        zorro_models.MaskedReadout, "rules", {"audio": "*", "video": "*", "fusion": ["fusion"], "global": "*"}
+    )
     model = create_model("zorro_vit_demo", depth=1).eval()
     x = inputs(model)
     with torch.no_grad():
@@ -197,10 +217,10 @@ def test_readout_mask_routes_each_output():
     mask = zorro_models.MaskedReadout.mask_for((3, 4, 2))
     dense = mask.to_dense()
     expected = torch.zeros(4, 9, dtype=torch.bool)
-    expected[0, 0:3] = True   # audio  -> audio tokens
-    expected[1, 3:7] = True   # video  -> video tokens
-    expected[2, 7:9] = True   # fusion -> fusion tokens
-    expected[3, :] = True     # global -> everything
+    expected[0, 0:3] = True  # audio  -> audio tokens
+    expected[1, 3:7] = True  # video  -> video tokens
+    expected[2, 7:9] = True  # fusion -> fusion tokens
+    expected[3, :] = True  # global -> everything
     assert torch.equal(dense, expected)
 
 
@@ -241,8 +261,8 @@ def test_ragged_padding_is_ignored(backbone):
     fa, fv = x["audio"].shape[2], x["video"].shape[1]
     al, vl = torch.tensor([fa, fa // 2 + 1]), torch.tensor([fv // 2, fv])
     y = {"audio": x["audio"].clone(), "video": x["video"].clone()}
-    y["audio"][1, :, fa // 2 + 1:] = float("nan")
-    y["video"][0, fv // 2:] = float("nan")
+    y["audio"][1, :, fa // 2 + 1 :] = float("nan")
+    y["video"][0, fv // 2 :] = float("nan")
     with torch.no_grad():
         a = model(**x, audio_lengths=al, video_lengths=vl)
         b = model(**y, audio_lengths=al, video_lengths=vl)

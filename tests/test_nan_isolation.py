@@ -1,4 +1,5 @@
 """NaN isolation on every CPU path: what a row may not attend never reaches it (issue 11, item 1)."""
+
 import pytest
 import torch
 
@@ -13,13 +14,17 @@ BACKENDS = ["reference", "segments", "dense", "auto"]  # auto: dense for these t
 def attn_fn(backend):
     if backend == "dense":  # fp32 and below only: the same property, computed in fp32
         return lambda q, k, v, mask, scale=None: zorro_attention(
-            q.float(), k.float(), v.float(), mask, scale=scale, backend=backend).to(q.dtype)
+            q.float(), k.float(), v.float(), mask, scale=scale, backend=backend
+        ).to(q.dtype)
     return lambda q, k, v, mask, scale=None: zorro_attention(q, k, v, mask, scale=scale, backend=backend)
 
 
 def _qkv(mask, b, h=2, hkv=2, d=16, dtype=torch.float64):
-    return (torch.randn(b, h, mask.num_q, d, dtype=dtype), torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
-            torch.randn(b, hkv, mask.num_kv, d, dtype=dtype))
+    return (
+        torch.randn(b, h, mask.num_q, d, dtype=dtype),
+        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
+        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

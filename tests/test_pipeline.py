@@ -3,16 +3,17 @@
 
 Resume is checked bitwise against the uninterrupted run: same weights, same logged losses.
 """
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from zorro_models.cli import main
 from zorro_models.models.base import MASK_KINDS
 from zorro_models.training.build import build_model
 from zorro_models.training.checkpoint import latest_checkpoint
-from zorro_models.cli import main
 from zorro_models.training.config import load_config
 from zorro_models.training.trainer import Trainer
 
@@ -27,14 +28,23 @@ def losses(run):
 
 # fast tier: every family, contrastive (the pre-training the paper is about; eval = linear probes); supervised runs
 # (eval = the heads) in the comprehensive tier
-CASES = [(f, "contrastive") for f in FAMILIES] + [pytest.param(f, "supervised", marks=pytest.mark.full)
-                                                   for f in FAMILIES]
+CASES = [(f, "contrastive") for f in FAMILIES] + [
+    pytest.param(f, "supervised", marks=pytest.mark.full) for f in FAMILIES
+]
 
 
 @pytest.mark.parametrize("family, task", CASES)
 def test_train_checkpoint_resume_eval(tmp_path, family, task):
-    common = [*TINY_FAMILY[family], f"train.task={task}", "train.steps=3", "train.batch_size=4", "data.val_size=8",
-              "probe.train_size=16", "probe.test_size=16", "probe.max_iter=5"]
+    common = [
+        *TINY_FAMILY[family],
+        f"train.task={task}",
+        "train.steps=3",
+        "train.batch_size=4",
+        "data.val_size=8",
+        "probe.train_size=16",
+        "probe.test_size=16",
+        "probe.max_iter=5",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *common, f"train.out={straight}"]) == 0
     # interrupted after 2 steps (checkpoint), then `zorro train ... train.resume=true` finishes the run
@@ -92,16 +102,45 @@ def test_demo_and_torchrun_every_family(tmp_path, family, capsys):
     name, settings = TINY_FAMILY[family][0].split("=", 1)[1], TINY_FAMILY[family][1:]
     if family == "swin":  # the demo compares with full attention, which crosses the windows of Swin's bias
         settings = [*settings, "model.kwargs.rel_pos_bias=false"]
-    code = main(["demo", "--model", name, "--out", str(tmp_path / "demo"), "--threads", "1", "--no-baseline",
-                 *settings, "train.steps=2", "data.num_workers=0"])
+    code = main(
+        [
+            "demo",
+            "--model",
+            name,
+            "--out",
+            str(tmp_path / "demo"),
+            "--threads",
+            "1",
+            "--no-baseline",
+            *settings,
+            "train.steps=2",
+            "data.num_workers=0",
+        ]
+    )
     assert code in (0, 1)  # 2 steps prove nothing about the gap
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["config"]["model"]["name"] == name and set(results["table"]) == {"Zorro", "full attention"}
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "zorro_models.train", *TINY_FAMILY[family], "train.steps=2", "train.threads=1", f"train.out={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "zorro_models.train",
+        *TINY_FAMILY[family],
+        "train.steps=2",
+        "train.threads=1",
+        f"train.out={out}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_checkpoint(out).name == "step_00000002"

@@ -5,6 +5,7 @@ Blocks run section by section (a ``##``/``###`` heading starts a section; blocks
 a reader pasting them in order would). The section "Drop it into your transformer" is run by
 tests/test_docs_integrations.py, which also knows which third-party libraries each subsection needs.
 """
+
 import importlib.util
 import os
 import re
@@ -139,7 +140,7 @@ def test_readme_shell_command_is_well_formed(cmd, monkeypatch):
         elif prog == ".venv/bin/torchrun":
             module = args[args.index("-m") + 1]
             assert importlib.util.find_spec(module) is not None
-            rest = args[args.index("-m") + 2:]
+            rest = args[args.index("-m") + 2 :]
             load_config(ROOT / rest[rest.index("--config") + 1], [a for a in rest if "=" in a])
         else:
             pytest.fail(f"unknown program {prog!r} in {cmd!r}: add a check here")
@@ -153,8 +154,9 @@ def fresh_clone(tmp_path_factory):
     if not (venv / "bin" / "zorro").exists():
         pytest.skip(f"{venv} has no zorro command: run the walk from the bootstrapped .venv")
     dest = tmp_path_factory.mktemp("fresh_clone")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in files:
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)

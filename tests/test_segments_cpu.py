@@ -4,6 +4,7 @@ Covers what its output/dQ assembly and per-step log-sum-exp must get right: rows
 windows, batch patterns from per-sample lengths, cross-attention, causal steps with dead rows, GQA, non-contiguous
 and broadcast (stride-0) upstream gradients, and forward without autograd.
 """
+
 import pytest
 import torch
 
@@ -29,10 +30,12 @@ def _cross():
 
 LAYOUTS = {
     "zorro": lambda: ZorroMask.zorro(audio=13, video=29, fusion=3),
-    "ragged": lambda: ZorroMask.zorro(audio=13, video=29, fusion=3,
-                                      lengths=torch.tensor([[13, 29, 3], [0, 29, 3], [5, 0, 3]])),
-    "no-fusion-rows-see-nothing": lambda: ZorroMask.from_segments([("a", 9), ("b", 8), ("c", 5)],
-                                                                  {"a": ["a"], "b": ["a", "b"]}),
+    "ragged": lambda: ZorroMask.zorro(
+        audio=13, video=29, fusion=3, lengths=torch.tensor([[13, 29, 3], [0, 29, 3], [5, 0, 3]])
+    ),
+    "no-fusion-rows-see-nothing": lambda: ZorroMask.from_segments(
+        [("a", 9), ("b", 8), ("c", 5)], {"a": ["a"], "b": ["a", "b"]}
+    ),
     "windows": _windows,
     "cross": _cross,
     "packed": lambda: ZorroMask.packed([7, 12, 5]),
@@ -40,11 +43,14 @@ LAYOUTS = {
     "bottleneck": lambda: ZorroMask.bottleneck(audio=10, video=17, bottleneck=4),
     # longer than BAND_ROWS: the diagonal is cut into chunks; cross-causal with Nk != Nq and ragged lengths
     "causal-long-ragged": lambda: ZorroMask.from_segments(
-        [("a", 40), ("b", 37)], {"a": ["a"], "b": "*"}, causal=True, lengths=torch.tensor([[40, 37], [33, 0], [5, 30]])),
-    "cross-causal": lambda: ZorroMask.from_segments([("q", 45)], {"q": "*"}, kv_segments=[("k", 70)], causal=True,
-                                                    kv_lengths=torch.tensor([[70], [50], [12]])),
-    "window-ragged": lambda: ZorroMask.from_segments([("a", 90), ("f", 3)], {"a": ["a"], "f": "*"}, window=(9, 4),
-                                                     lengths=torch.tensor([[90, 3], [70, 2], [3, 3]])),
+        [("a", 40), ("b", 37)], {"a": ["a"], "b": "*"}, causal=True, lengths=torch.tensor([[40, 37], [33, 0], [5, 30]])
+    ),
+    "cross-causal": lambda: ZorroMask.from_segments(
+        [("q", 45)], {"q": "*"}, kv_segments=[("k", 70)], causal=True, kv_lengths=torch.tensor([[70], [50], [12]])
+    ),
+    "window-ragged": lambda: ZorroMask.from_segments(
+        [("a", 90), ("f", 3)], {"a": ["a"], "f": "*"}, window=(9, 4), lengths=torch.tensor([[90, 3], [70, 2], [3, 3]])
+    ),
 }
 
 
@@ -67,7 +73,7 @@ def test_matches_oracle(name, dtype):
 
 def test_gqa_and_noncontiguous_inputs():
     mask = LAYOUTS["ragged"]()
-    q = torch.randn(3, mask.num_q, 4, 16).transpose(1, 2)      # (B, H, N, D) view of (B, N, H, D)
+    q = torch.randn(3, mask.num_q, 4, 16).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
     k = torch.randn(3, mask.num_kv, 2, 16).transpose(1, 2)
     v = torch.randn(3, mask.num_kv, 2, 16).transpose(1, 2)
     check_against_oracle(_segments, q, k, v, mask)
@@ -79,7 +85,10 @@ def test_broadcast_and_strided_upstream_gradient(name):
     q, k, v = (t.requires_grad_() for t in _inputs(mask))
     shape = q.shape
     # a broadcast (stride-0) gradient, as .sum() hands backward, and one laid out (B, N, H, D)
-    for g in (torch.randn(1, 1, 1, 1).expand(shape), torch.randn(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)):
+    for g in (
+        torch.randn(1, 1, 1, 1).expand(shape),
+        torch.randn(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2),
+    ):
         got = torch.autograd.grad(_segments(q, k, v, mask), (q, k, v), g)
         want = torch.autograd.grad(_segments(q, k, v, mask), (q, k, v), g.contiguous())
         for a, b in zip(got, want):
@@ -113,8 +122,14 @@ def test_nan_isolation_both_paths(name, path):
     mask = LAYOUTS[name]()
     q, k, v = _inputs(mask, dtype=torch.float64, hkv=2)
     rows = torch.rand(q.shape[0], mask.num_q, generator=torch.Generator().manual_seed(3)) < 0.3
-    check_isolation(_segments if path == "cpu" else _segments_autograd, q, k, v, mask,
-                    *poison_everything_unseen(mask, q.shape[0], rows))
+    check_isolation(
+        _segments if path == "cpu" else _segments_autograd,
+        q,
+        k,
+        v,
+        mask,
+        *poison_everything_unseen(mask, q.shape[0], rows),
+    )
 
 
 def test_double_backward_says_so():

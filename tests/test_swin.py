@@ -1,5 +1,6 @@
 """Zorro-Swin layouts: shifted windows == Swin's cyclic shift + region mask; the block mask keeps windows local and
 modality-pure; lengths mark the valid prefix of each window; per-modality patch merging."""
+
 import itertools
 import math
 
@@ -7,8 +8,7 @@ import pytest
 import torch
 
 from zorro_kernels import RelativePositionBias
-from zorro_models.models.swin import (PatchMerging, effective_window, swin_block_layout, window_order,
-                               window_partition)
+from zorro_models.models.swin import PatchMerging, effective_window, swin_block_layout, window_order, window_partition
 
 
 def swin_group_ids(grid, window, shift):
@@ -19,15 +19,16 @@ def swin_group_ids(grid, window, shift):
     for cell in itertools.product(*(range(n) for n in grid)):
         key = []
         for i, n, w, s in zip(cell, grid, window, shift):
-            r = (i - s) % n                      # position in the rolled grid
+            r = (i - s) % n  # position in the rolled grid
             region = 0 if r < n - w else (1 if r < n - s else 2)
             key.append((r // w, region if s else 0))
         ids.append(tuple(key))
     return ids
 
 
-@pytest.mark.parametrize("grid,window", [((8, 8), (4, 4)), ((4, 12), (2, 4)), ((4, 8, 8), (2, 4, 4)),
-                                         ((6, 6, 6), (2, 3, 3))])
+@pytest.mark.parametrize(
+    "grid,window", [((8, 8), (4, 4)), ((4, 12), (2, 4)), ((4, 8, 8), (2, 4, 4)), ((6, 6, 6), (2, 3, 3))]
+)
 @pytest.mark.parametrize("shifted", [False, True])
 def test_shifted_windows_equal_swin_cyclic_shift_regions(grid, window, shifted):
     win, shift = effective_window(grid, window, shifted)
@@ -58,7 +59,7 @@ def test_block_mask_is_window_local_and_pure():
     grids = {"audio": (4, 4), "video": (2, 4, 4)}
     layout = swin_block_layout(grids, {"audio": (2, 2), "video": (2, 2, 2)}, True, num_fusion=3)
     dense = layout.mask.to_dense()
-    canon = dense[layout.inverse][:, layout.inverse]   # back to raster order: audio, video, fusion
+    canon = dense[layout.inverse][:, layout.inverse]  # back to raster order: audio, video, fusion
     na, nv = 16, 32
     a_ids = swin_group_ids((4, 4), (2, 2), (1, 1))
     v_ids = swin_group_ids((2, 4, 4), (2, 2, 2), (0, 1, 1))
@@ -67,19 +68,19 @@ def test_block_mask_is_window_local_and_pure():
         for j in range(na + nv + 3):
             want = j < na + nv and ids[i] == ids[j]
             assert bool(canon[i, j]) == want, (i, j)
-    assert canon[na + nv:].all(), "fusion rows see every token"
+    assert canon[na + nv :].all(), "fusion rows see every token"
 
 
 def test_block_mask_lengths_mark_valid_time_prefix():
     grids = {"audio": (6, 2), "video": None}
     valid_t = {"audio": torch.tensor([6, 3, 0])}
     layout = swin_block_layout(grids, {"audio": (4, 2)}, True, num_fusion=2, valid_t=valid_t, batch=3)
-    dense = layout.mask.to_dense()                      # (B, N, N), window order
+    dense = layout.mask.to_dense()  # (B, N, N), window order
     canon = dense[:, layout.inverse][:, :, layout.inverse]
     time_of = torch.arange(12) // 2
     for b, vt in enumerate([6, 3, 0]):
         valid = torch.cat([time_of < vt, torch.ones(2, dtype=torch.bool)])
-        assert torch.equal(canon[b].any(0), valid), b   # a key is seen by someone iff valid
+        assert torch.equal(canon[b].any(0), valid), b  # a key is seen by someone iff valid
 
 
 def _merge_by_hand(merge, x, grid):
@@ -122,8 +123,15 @@ def test_padded_tokens_never_reach_a_merged_token():
     from zorro_models import create_model
 
     torch.manual_seed(0)
-    model = create_model("zorro_swin_tiny", depths=(1, 1, 1, 1), base_dim=16, num_heads=(1, 2, 2, 4), img_size=32,
-                         n_mels=32, audio_frames=64).eval()
+    model = create_model(
+        "zorro_swin_tiny",
+        depths=(1, 1, 1, 1),
+        base_dim=16,
+        num_heads=(1, 2, 2, 4),
+        img_size=32,
+        n_mels=32,
+        audio_frames=64,
+    ).eval()
     x = model.example_inputs(1, generator=torch.Generator().manual_seed(1))
     pt = model.audio_embed.patch[1]
     valid_rows = 5  # odd: row 4 merges with padding row 5 at the first stage change, row 2 with row 3 at the next
@@ -142,8 +150,9 @@ def test_docs_show_the_current_masks():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "swin.md").read_text()
     for shifted in (False, True):
-        layout = swin_block_layout({"audio": (4, 4), "video": (2, 4, 4)}, {"audio": (2, 2), "video": (2, 2, 2)},
-                                   shifted, num_fusion=4)
+        layout = swin_block_layout(
+            {"audio": (4, 4), "video": (2, 4, 4)}, {"audio": (2, 2), "video": (2, 2, 2)}, shifted, num_fusion=4
+        )
         picture = "\n".join("    " + "".join("#" if a else "." for a in row) for row in layout.mask.to_dense().tolist())
         assert picture in doc, f"docs/swin.md lacks the current {'shifted' if shifted else 'regular'} mask"
 
@@ -155,15 +164,16 @@ def test_relative_bias_index_is_swins():
     from zorro_models.models.swin import rel_table_size
 
     wt, wf = 3, 4
-    layout = swin_block_layout({"audio": (wt, wf), "video": None}, {"audio": (wt, wf), "video": (2, 2, 2)}, False,
-                               num_fusion=2)
+    layout = swin_block_layout(
+        {"audio": (wt, wf), "video": None}, {"audio": (wt, wf), "video": (2, 2, 2)}, False, num_fusion=2
+    )
     table = torch.randn(2, rel_table_size({"audio": (wt, wf), "video": (2, 2, 2)}))
     dense = RelativePositionBias(table, positions=layout.positions).materialize()[0]
     coords = torch.stack(torch.meshgrid(torch.arange(wt), torch.arange(wf), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor([wt - 1, wf - 1])
-    index = rel[..., 0] * (2 * wf - 1) + rel[..., 1]                      # Swin's relative_position_index
-    torch.testing.assert_close(dense[:, :wt * wf, :wt * wf], table[:, index])
-    assert (dense[:, -2:] == 0).all() and (dense[:, :, -2:] == 0).all()   # fusion: no position, no bias
+    index = rel[..., 0] * (2 * wf - 1) + rel[..., 1]  # Swin's relative_position_index
+    torch.testing.assert_close(dense[:, : wt * wf, : wt * wf], table[:, index])
+    assert (dense[:, -2:] == 0).all() and (dense[:, :, -2:] == 0).all()  # fusion: no position, no bias
 
 
 def test_relative_bias_stays_inside_windows_and_shifted_windows_share_the_table():
@@ -174,12 +184,13 @@ def test_relative_bias_stays_inside_windows_and_shifted_windows_share_the_table(
         table = torch.randn(1, 9 + 27)
         dense = RelativePositionBias(table, positions=layout.positions).materialize()[0, 0]
         allowed = layout.mask.to_dense()
-        assert torch.isfinite(dense[allowed]).all()                       # every allowed pair inside the extent
+        assert torch.isfinite(dense[allowed]).all()  # every allowed pair inside the extent
         n_audio = 16
         assert set(dense[:n_audio, :n_audio][allowed[:n_audio, :n_audio]].tolist()) <= set(table[0, :9].tolist())
         assert set(dense[n_audio:-3, n_audio:-3][allowed[n_audio:-3, n_audio:-3]].tolist()) <= set(
-            table[0, 9:].tolist())
-        assert (dense[:n_audio, n_audio:-3] == 0).all()                   # across streams: none
+            table[0, 9:].tolist()
+        )
+        assert (dense[:n_audio, n_audio:-3] == 0).all()  # across streams: none
 
 
 def test_swin_relative_bias_is_on_by_default_learned_and_optional():
@@ -197,11 +208,13 @@ def test_swin_relative_bias_is_on_by_default_learned_and_optional():
     gen = torch.Generator().manual_seed(2)
     sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in out.values()).backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 1e-6 for t in tables), [
-        None if t.grad is None else t.grad.abs().sum().item() for t in tables]
+        None if t.grad is None else t.grad.abs().sum().item() for t in tables
+    ]
     off = create_model("zorro_swin_tiny", rel_pos_bias=False, **kw)
     assert not any(hasattr(s, "rel_tables") for s in off.stages)
     assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in off.parameters()) == sum(
-        t.numel() for t in tables)
+        t.numel() for t in tables
+    )
     with pytest.raises(TypeError, match="rel_pos_bias must be a bool, got str"):
         create_model("zorro_swin_tiny", rel_pos_bias="yes", **kw)
 
@@ -215,7 +228,10 @@ def test_checkpoint_without_relative_bias_says_how_to_load_it(tmp_path):
     kw = dict(depths=(1, 1, 1, 1), base_dim=16, num_heads=(1, 2, 2, 4), img_size=32, n_mels=32, audio_frames=64)
     old = create_model("zorro_swin_tiny", rel_pos_bias=False, **kw)
     path = save_checkpoint(tmp_path, 1, old)
-    with pytest.raises(ValueError, match=r"missing \['stages.0.rel_tables.0'.*predates Zorro-Swin's relative position "
-                                         r"bias: .*model.kwargs.rel_pos_bias=false"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['stages.0.rel_tables.0'.*predates Zorro-Swin's relative position "
+        r"bias: .*model.kwargs.rel_pos_bias=false",
+    ):
         load_weights(create_model("zorro_swin_tiny", **kw), path)
     assert load_weights(create_model("zorro_swin_tiny", rel_pos_bias=False, **kw), path) == []

@@ -1,4 +1,5 @@
 """Tile maps: exact against the dense oracle on many random layouts; work lists consistent with the classification."""
+
 import random
 
 import pytest
@@ -37,14 +38,17 @@ def check_tile_map(mask: ZorroMask, bm: int, bn: int) -> None:
     got = tm.kinds.expand_as(want)
     assert torch.equal(got, want), f"{mask!r}\ntiles {bm}x{bn}: got\n{got}\nwant\n{want}"
     # the work lists enumerate exactly the tiles of each kind, ascending; the transposed lists too
-    for kind, num, idx, axis in ((FULL, tm.full_kv_num, tm.full_kv_idx, 2), (PARTIAL, tm.partial_kv_num,
-                                 tm.partial_kv_idx, 2), (FULL, tm.full_q_num, tm.full_q_idx, 1),
-                                (PARTIAL, tm.partial_q_num, tm.partial_q_idx, 1)):
+    for kind, num, idx, axis in (
+        (FULL, tm.full_kv_num, tm.full_kv_idx, 2),
+        (PARTIAL, tm.partial_kv_num, tm.partial_kv_idx, 2),
+        (FULL, tm.full_q_num, tm.full_q_idx, 1),
+        (PARTIAL, tm.partial_q_num, tm.partial_q_idx, 1),
+    ):
         k = tm.kinds if axis == 2 else tm.kinds.transpose(1, 2)
         for b in range(k.shape[0]):
             for r in range(k.shape[1]):
                 cols = (k[b, r] == kind).nonzero().flatten().tolist()
-                assert num[b, r] == len(cols) and idx[b, r, :len(cols)].tolist() == cols
+                assert num[b, r] == len(cols) and idx[b, r, : len(cols)].tolist() == cols
     # the expansion of the tile map (partial tiles by the element rule) is the dense mask
     meta = mask.token_meta()
     rows, cols = torch.arange(mask.num_q), torch.arange(mask.num_kv)

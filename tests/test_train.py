@@ -1,5 +1,6 @@
 """Training machinery: schedule, checkpoints, exact resume, gradient accumulation, fine-tuning, and a two-rank gloo
 run against one process on the same global batch."""
+
 import contextlib
 import errno
 import json
@@ -17,12 +18,13 @@ import torch
 import torch.multiprocessing as mp
 
 from zorro_models.training.checkpoint import latest_checkpoint, load_weights, save_checkpoint
-from zorro_models.utils.errors import error_line
 from zorro_models.training.config import load_config
 from zorro_models.training.distributed import DistEnv, RankFailure, on_main_rank
 from zorro_models.training.trainer import ClipLedger, ResumableSampler, Trainer, warmup_cosine
+from zorro_models.utils.errors import error_line
 
 from .helpers import TINY
+
 
 def tiny_config(tmp_path, name, *extra):
     return load_config(None, TINY + [f"train.out={tmp_path / name}", *extra])
@@ -36,7 +38,7 @@ def test_warmup_cosine():
     assert warmup_cosine(0, 100, 10, 0.0) == pytest.approx(0.1)
     assert warmup_cosine(9, 100, 10, 0.0) == pytest.approx(1.0)
     assert warmup_cosine(10, 100, 10, 0.0) == pytest.approx(1.0)
-    assert warmup_cosine(55, 100, 10, 0.0) == pytest.approx(0.5)        # half-way through the cosine
+    assert warmup_cosine(55, 100, 10, 0.0) == pytest.approx(0.5)  # half-way through the cosine
     assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(0, 100, 0, 0.0) == pytest.approx(1.0)
 
@@ -47,7 +49,7 @@ def test_sampler_shards_cover_the_single_process_order():
     two = [list(ResumableSampler(ds, 2, r, seed=3)) for r in range(2)]
     b = 2  # per-rank batch: global step s covers positions [4s, 4s + 4) of the single-process order
     for s in range(5):
-        assert sorted(two[0][s * b:(s + 1) * b] + two[1][s * b:(s + 1) * b]) == sorted(one[4 * s:4 * s + 4])
+        assert sorted(two[0][s * b : (s + 1) * b] + two[1][s * b : (s + 1) * b]) == sorted(one[4 * s : 4 * s + 4])
     resumed = ResumableSampler(ds, 2, 1, seed=3)
     resumed.set_position(0, 4)
     assert list(resumed) == two[1][4:] and len(resumed) == 6
@@ -85,8 +87,17 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 def test_finetune_from_contrastive_checkpoint(tmp_path):
     pre = Trainer(tiny_config(tmp_path, "pre", "train.steps=2"))
     summary = pre.fit()
-    ft = Trainer(tiny_config(tmp_path, "ft", "train.task=supervised", "train.steps=1", "train.eval_every=1",
-                             "data.val_size=16", f"train.init_from={summary['checkpoint']}"))
+    ft = Trainer(
+        tiny_config(
+            tmp_path,
+            "ft",
+            "train.task=supervised",
+            "train.steps=1",
+            "train.eval_every=1",
+            "data.val_size=16",
+            f"train.init_from={summary['checkpoint']}",
+        )
+    )
     for k, v in pre.model.state_dict().items():
         assert torch.equal(ft.model.state_dict()[k], v)
     ft.fit()
@@ -130,8 +141,9 @@ def _free_port() -> int:
 
 def _as_rank(rank: int, world: int, port: int) -> None:
     """Set torchrun's environment for ``rank`` in this process."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
 
 
@@ -207,8 +219,15 @@ def _rank_record(rank: int, world: int, port: int, overrides: list) -> None:
         error, line = f"{type(e).__name__}: {e}", error_line(e)
     finally:
         dist.destroy_process_group()
-    record = {"trained": trained, "step": trainer.step, "batch_in_epoch": trainer.batch_in_epoch,
-              "skipped": trainer.skipped, "dropped": trainer.clips.dropped, "error": error, "line": line}
+    record = {
+        "trained": trained,
+        "step": trainer.step,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "skipped": trainer.skipped,
+        "dropped": trainer.clips.dropped,
+        "error": error,
+        "line": line,
+    }
     (Path(cfg.train.out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -224,10 +243,18 @@ def _clips_split_over_two_ranks(tmp_path, bad_on_rank_1, rows: int, *extra):
     rank_1 = list(ResumableSampler(list(range(rows)), num_replicas=2, rank=1, seed=0))  # train.seed=0
     bad = {rank_1[p] for p in bad_on_rank_1}
     (tmp_path / "train.csv").write_text(
-        "path,label\n" + "".join(f"{'bad' if i in bad else 'ok'}.mp4,{i % 2}\n" for i in range(rows)))
-    return TINY + ["data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}", "data.duration=0.5",
-                   "train.task=supervised", "train.batch_size=8", "train.seed=0", f"train.out={tmp_path / 'run'}",
-                   *extra]
+        "path,label\n" + "".join(f"{'bad' if i in bad else 'ok'}.mp4,{i % 2}\n" for i in range(rows))
+    )
+    return TINY + [
+        "data.kind=clips",
+        f"data.train_csv={tmp_path / 'train.csv'}",
+        "data.duration=0.5",
+        "train.task=supervised",
+        "train.batch_size=8",
+        "train.seed=0",
+        f"train.out={tmp_path / 'run'}",
+        *extra,
+    ]
 
 
 def _rank_records(out, world=2):
@@ -243,9 +270,11 @@ def test_unreadable_clips_of_one_rank_stop_every_rank(tmp_path):
     _spawn_ranks(_rank_record, 2, lambda: overrides, tmp_path / "run", timeout=120)
     records = _rank_records(tmp_path / "run")
     for r in records:
-        assert r["error"] == ("ValueError: 8 of the last 16 training clips of this epoch could not be read (only 8 "
-                              "could; 8 unreadable in all): stopping, as at least 50% unreadable means a broken clip "
-                              "list or data.root, not bad luck (the skipping-clip warnings give causes)")
+        assert r["error"] == (
+            "ValueError: 8 of the last 16 training clips of this epoch could not be read (only 8 "
+            "could; 8 unreadable in all): stopping, as at least 50% unreadable means a broken clip "
+            "list or data.root, not bad luck (the skipping-clip warnings give causes)"
+        )
         assert r["trained"] == [] and r["step"] == 0  # every micro-batch had an empty part on rank 1
 
 
@@ -259,16 +288,25 @@ def test_a_micro_batch_one_rank_cannot_read_is_skipped_by_every_rank(tmp_path):
     records = _rank_records(tmp_path / "run")
     for r in records:
         assert r["error"] is None
-        assert r == {"trained": [[0, 1], [0, 3]], "step": 2, "batch_in_epoch": 3, "skipped": 8, "dropped": 4,
-                     "error": None, "line": None}
+        assert r == {
+            "trained": [[0, 1], [0, 3]],
+            "step": 2,
+            "batch_in_epoch": 3,
+            "skipped": 8,
+            "dropped": 4,
+            "error": None,
+            "line": None,
+        }
     assert [json.loads(line)["skipped"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [0, 8]
 
 
 def _other_rank(clips, unreadable, empty, failed=0):
     """A fake all-reduce: sums this rank's ``(clips, unreadable, empty, failed)`` with another rank's."""
+
     def all_reduce(vec):
         assert vec.dtype == torch.int64 and vec.shape == (4,)
         vec += torch.tensor([clips, unreadable, empty, failed])
+
     return all_reduce
 
 
@@ -299,8 +337,12 @@ def test_rank_0_failing_its_own_work_stops_every_rank(tmp_path, work):
     elif work == "checkpoint":
         rank_fn, job, what = _rank_with_a_full_disk, ("save_checkpoint", overrides), "writing the checkpoint of step 1"
     else:
-        rank_fn, job = _rank_record, _clips_split_over_two_ranks(
-            tmp_path, [], 16, "train.steps=2", "train.eval_every=1", f"data.val_csv={tmp_path / 'gone.csv'}")
+        rank_fn, job = (
+            _rank_record,
+            _clips_split_over_two_ranks(
+                tmp_path, [], 16, "train.steps=2", "train.eval_every=1", f"data.val_csv={tmp_path / 'gone.csv'}"
+            ),
+        )
         line, what = f"clip list {tmp_path / 'gone.csv'} does not exist", "validating at step 1"
     _spawn_ranks(rank_fn, 2, lambda: job, out, timeout=120)
     rank_0, rank_1 = _rank_records(out)
@@ -386,8 +428,11 @@ def test_clip_ledger_takes_its_decisions_from_every_rank():
     ledger.start_epoch()
     assert ledger.admit(4, 0) is False
     assert (ledger.skipped, ledger.dropped) == (8, 4)  # 4 unreadable on the other rank, this rank's 4 dropped
-    with pytest.raises(ValueError, match=r"^4 of the last 8 training clips of this epoch could not be read \(only 4 "
-                                         r"could; 4 unreadable in all\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^4 of the last 8 training clips of this epoch could not be read \(only 4 "
+        r"could; 4 unreadable in all\)",
+    ):
         ledger.end_epoch()  # 50% unreadable over both ranks, 0% here
     ledger = ClipLedger(_other_rank(4, 0, 0))  # the other rank read its micro-batch
     ledger.start_epoch()
@@ -444,10 +489,26 @@ def test_torchrun_entry_point(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "zorro_models.train", *TINY, "train.steps=2", "train.threads=1", f"train.out={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "zorro_models.train",
+        *TINY,
+        "train.steps=2",
+        "train.threads=1",
+        f"train.out={out}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_checkpoint(out).name == "step_00000002"
     assert len(losses(out)) == 2  # only rank 0 logged
@@ -482,9 +543,12 @@ def test_a_run_folder_that_holds_a_run_is_refused_unless_told(tmp_path):
     Trainer(tiny_config(tmp_path, "run", "train.steps=2")).fit()
     run = tmp_path / "run"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoints \(newest step_00000002\), "
-                                              r"metrics.jsonl, config.yaml\).*train.resume=true \(zorro train "
-                                              r"--resume\).*train.overwrite=true"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"already holds a run \(checkpoints \(newest step_00000002\), "
+        r"metrics.jsonl, config.yaml\).*train.resume=true \(zorro train "
+        r"--resume\).*train.overwrite=true",
+    ):
         Trainer(tiny_config(tmp_path, "run", "train.steps=3", "train.seed=1"))
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing of the old run touched
     with pytest.raises(ValueError, match="exclude each other"):
@@ -509,14 +573,18 @@ def test_resume_refuses_changes_that_alter_the_run_and_records_allowed_ones(tmp_
         with pytest.raises(ValueError, match=rf"cannot change {key}=.* -> .*alters the run"):
             Trainer(tiny_config(tmp_path, "run", "train.steps=2", "train.resume=true", change))
     config_before = (tmp_path / "run" / "config.yaml").read_text()
-    resumed = Trainer(tiny_config(tmp_path, "run", "train.steps=4", "train.resume=true", "train.ckpt_every=1",
-                                  "train.log_every=2"))
+    resumed = Trainer(
+        tiny_config(tmp_path, "run", "train.steps=4", "train.resume=true", "train.ckpt_every=1", "train.log_every=2")
+    )
     assert resumed.step == 2 and resumed.resume_changes["train.steps"] == [2, 4]
     assert (tmp_path / "run" / "config.yaml").read_text() == config_before  # written when training starts
     resumed.fit()
     record = json.loads((tmp_path / "run" / "resumes.jsonl").read_text())
-    assert record["step"] == 2 and record["changed"] == {"train.steps": [2, 4], "train.ckpt_every": [0, 1],
-                                                         "train.log_every": [1, 2]}
+    assert record["step"] == 2 and record["changed"] == {
+        "train.steps": [2, 4],
+        "train.ckpt_every": [0, 1],
+        "train.log_every": [1, 2],
+    }
     assert "steps: 4" in (tmp_path / "run" / "config.yaml").read_text()
     assert resumed.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the new step 4
 
@@ -544,17 +612,28 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
 def test_an_all_unreadable_clip_list_stops_with_a_count(tmp_path):
     """Every clip missing: every batch was skipped, forever, at 100% CPU. Now: an error counting them, at once."""
     (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"gone{i}.mp4,{i % 2}\n" for i in range(6)))
-    cfg = tiny_config(tmp_path, "run", "data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}",
-                      "train.task=supervised", "train.batch_size=2", "train.steps=3")
+    cfg = tiny_config(
+        tmp_path,
+        "run",
+        "data.kind=clips",
+        f"data.train_csv={tmp_path / 'train.csv'}",
+        "train.task=supervised",
+        "train.batch_size=2",
+        "train.steps=3",
+    )
     with pytest.warns(RuntimeWarning, match="skipping clip"), _deadline(30):
-        with pytest.raises(ValueError, match=r"6 of the last 6 training clips of this epoch could not be read "
-                                               r"\(none could; 6 unreadable in all\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"6 of the last 6 training clips of this epoch could not be read "
+            r"\(none could; 6 unreadable in all\)",
+        ):
             Trainer(cfg).fit()
 
 
 @contextlib.contextmanager
 def _deadline(seconds):
     """Fail instead of hanging the suite (the bug this guards against is an endless loop)."""
+
     def expired(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -577,8 +656,16 @@ def test_a_mostly_unreadable_clip_list_stops(tmp_path, monkeypatch):
     rows = "".join(f"{'ok' if i % 3 == 0 else f'gone{i}'}.mp4,{i % 2}\n" for i in range(60))
     (tmp_path / "train.csv").write_text("path,label\n" + rows)
     monkeypatch.setattr(train_mod, "UNREADABLE_WINDOW", 12)
-    cfg = tiny_config(tmp_path, "run", "data.kind=clips", f"data.train_csv={tmp_path / 'train.csv'}",
-                      "data.duration=0.5", "train.task=supervised", "train.batch_size=4", "train.steps=100")
+    cfg = tiny_config(
+        tmp_path,
+        "run",
+        "data.kind=clips",
+        f"data.train_csv={tmp_path / 'train.csv'}",
+        "data.duration=0.5",
+        "train.task=supervised",
+        "train.batch_size=4",
+        "train.steps=100",
+    )
     with pytest.warns(RuntimeWarning, match="skipping clip"):
         with pytest.raises(ValueError, match=r"(\d+) of the last 1[2-5] training clips could not be read \(only"):
             with _deadline(60):

@@ -4,6 +4,7 @@ Default tier: Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by conftest 
 with tiles forced to 16x16 / 32x32 so that a handful of tiles exercise full, partial and empty tiles. bfloat16 is
 skipped in the interpreter (its bf16 arithmetic is wrong); the ``gpu`` tier checks it. ``full`` adds larger sweeps.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,9 +19,8 @@ import torch
 from tests.helpers import deterministic
 from tests.layouts import random_layout
 from tests.tolerances import check_against_oracle
-from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels import ZorroMask, _ops, zorro_attention
 from zorro_kernels.backends import BACKENDS
-from zorro_kernels import _ops
 from zorro_kernels.backends import triton as triton_backend
 from zorro_kernels.backends.triton._config import override_blocks
 
@@ -42,8 +42,11 @@ def triton_attn(q, k, v, mask, scale=None):
 
 def qkv(b, h, nq, d, dtype, *, hkv=None, nk=None, device=DEV):
     hkv, nk = hkv or h, nk or nq
-    return (torch.randn(b, h, nq, d, dtype=dtype, device=device), torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
-            torch.randn(b, hkv, nk, d, dtype=dtype, device=device))
+    return (
+        torch.randn(b, h, nq, d, dtype=dtype, device=device),
+        torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
+        torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
+    )
 
 
 def zorro_ragged(b=2):
@@ -54,29 +57,53 @@ def zorro_ragged(b=2):
 # (id, mask builder, (B, H, Hkv, D), blocks)
 CASES = [
     ("zorro", lambda: ZorroMask.zorro(audio=20, video=30, fusion=5), (2, 2, 2, 16), (16, 16)),
-    ("odd_1_3_97", lambda: ZorroMask.from_segments([("a", 1), ("b", 3), ("c", 93)], {"a": "*", "b": ["a", "b"],
-                                                                                      "c": ["c", "a"]}),
-     (1, 1, 1, 16), (32, 32)),
-    ("cross_97x113", lambda: ZorroMask.from_segments([("a", 40), ("b", 57)], {"a": ["x"], "b": "*"},
-                                                     kv_segments=[("x", 13), ("y", 100)]), (1, 1, 1, 16), (32, 32)),
-    ("one_query_x_113", lambda: ZorroMask.from_segments([("q", 1)], {"q": ["y"]}, kv_segments=[("x", 13), ("y", 100)]),
-     (2, 2, 1, 16), (16, 32)),
+    (
+        "odd_1_3_97",
+        lambda: ZorroMask.from_segments([("a", 1), ("b", 3), ("c", 93)], {"a": "*", "b": ["a", "b"], "c": ["c", "a"]}),
+        (1, 1, 1, 16),
+        (32, 32),
+    ),
+    (
+        "cross_97x113",
+        lambda: ZorroMask.from_segments(
+            [("a", 40), ("b", 57)], {"a": ["x"], "b": "*"}, kv_segments=[("x", 13), ("y", 100)]
+        ),
+        (1, 1, 1, 16),
+        (32, 32),
+    ),
+    (
+        "one_query_x_113",
+        lambda: ZorroMask.from_segments([("q", 1)], {"q": ["y"]}, kv_segments=[("x", 13), ("y", 100)]),
+        (2, 2, 1, 16),
+        (16, 32),
+    ),
     ("ragged_empty", zorro_ragged, (2, 2, 1, 24), (16, 32)),
     ("gqa_causal", lambda: ZorroMask.packed([19, 26], causal=True), (1, 4, 2, 32), (16, 16)),
-    ("dead_rows", lambda: ZorroMask.from_segments([("a", 10), ("ghost", 12), ("b", 20), ("empty", 0)],
-                                                  {"a": ["a", "b"], "b": ["b"]}), (1, 2, 2, 16), (16, 16)),
+    (
+        "dead_rows",
+        lambda: ZorroMask.from_segments(
+            [("a", 10), ("ghost", 12), ("b", 20), ("empty", 0)], {"a": ["a", "b"], "b": ["b"]}
+        ),
+        (1, 2, 2, 16),
+        (16, 16),
+    ),
 ]
 
 
-_BF16 = pytest.mark.skipif(INTERPRET, reason="bfloat16 arithmetic is wrong in Triton's CPU interpreter; the gpu tier "
-                                                "checks bf16")
+_BF16 = pytest.mark.skipif(
+    INTERPRET, reason="bfloat16 arithmetic is wrong in Triton's CPU interpreter; the gpu tier checks bf16"
+)
 # both backward modes in fp32; fp16 in the default (one-pass) mode, its deterministic mode under -m full
-_ORACLE_MODES = [pytest.param(dt, mode, id=f"{name}-{mode}", marks=marks)
-                 for dt, name, marks in ((torch.float32, "fp32", ()), (torch.float16, "fp16", ()),
-                                         (torch.bfloat16, "bf16", (_BF16,)))
-                 for mode in MODES
-                 if name != "fp16" or mode == "one_pass" or not INTERPRET] + [
-    pytest.param(torch.float16, "deterministic", id="fp16-deterministic-full", marks=pytest.mark.full)]
+_ORACLE_MODES = [
+    pytest.param(dt, mode, id=f"{name}-{mode}", marks=marks)
+    for dt, name, marks in (
+        (torch.float32, "fp32", ()),
+        (torch.float16, "fp16", ()),
+        (torch.bfloat16, "bf16", (_BF16,)),
+    )
+    for mode in MODES
+    if name != "fp16" or mode == "one_pass" or not INTERPRET
+] + [pytest.param(torch.float16, "deterministic", id="fp16-deterministic-full", marks=pytest.mark.full)]
 
 
 @pytest.mark.parametrize("dtype, mode", _ORACLE_MODES)
@@ -108,17 +135,21 @@ def test_head_dims(d):
 
 def test_dead_rows_exact():
     """Rows that see nothing: output exactly 0, LSE -inf, zero gradient; keys nobody sees get zero dK/dV."""
-    mask = ZorroMask.from_segments([("a", 10), ("ghost", 12), ("b", 20)], {"a": ["a"], "b": ["a", "b"]},
-                                   lengths=torch.tensor([[10, 12, 20], [4, 12, 9]]))
+    mask = ZorroMask.from_segments(
+        [("a", 10), ("ghost", 12), ("b", 20)],
+        {"a": ["a"], "b": ["a", "b"]},
+        lengths=torch.tensor([[10, 12, 20], [4, 12, 9]]),
+    )
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32))
     with override_blocks((16, 16)):
-        out, lse = torch.ops.zorro.attention_fwd(q.detach(), k.detach(), v.detach(), *_ops.describe(mask), 0.25,
-                                                 "triton")
+        out, lse = torch.ops.zorro.attention_fwd(
+            q.detach(), k.detach(), v.detach(), *_ops.describe(mask), 0.25, "triton"
+        )
         o2 = zorro_attention(q, k, v, mask, backend="triton")
         o2.backward(torch.randn_like(o2))
-    dense = mask.to_dense().to(DEV)               # (B, Nq, Nk)
-    dead = ~dense.any(-1)                         # (B, Nq)
-    unseen = ~dense.any(-2)                       # (B, Nk)
+    dense = mask.to_dense().to(DEV)  # (B, Nq, Nk)
+    dead = ~dense.any(-1)  # (B, Nq)
+    unseen = ~dense.any(-2)  # (B, Nk)
     assert dead.any() and unseen.any()
     d4 = dead[:, None, :, None].expand_as(out)
     assert (out[d4] == 0).all() and (o2.detach()[d4] == 0).all() and (q.grad[d4] == 0).all()
@@ -135,7 +166,7 @@ def _many_segment_mask() -> ZorroMask:
     sizes = [16, 16, 16, 16] + [1] * 32
     idx = torch.arange(len(sizes))
     allow = (idx[:, None] + idx[None, :]) % 2 == 0
-    allow[4:, :4] = True       # the small segments see all big ones: partial tiles with a real element mask
+    allow[4:, :4] = True  # the small segments see all big ones: partial tiles with a real element mask
     return ZorroMask.from_allow([(f"s{i}", n) for i, n in enumerate(sizes)], allow)
 
 
@@ -153,9 +184,9 @@ def test_plan_runs_expand_to_the_full_tile_lists():
             max_runs = max(max_runs, plan.max_runs)
             for b in range(num.shape[0]):
                 for r in range(num.shape[1]):
-                    runs = plan.runs[b, r, :plan.run_num[b, r]].tolist()
+                    runs = plan.runs[b, r, : plan.run_num[b, r]].tolist()
                     got = [t for lo, hi in runs for t in range(lo, hi)]
-                    assert got == idx[b, r, :num[b, r]].tolist(), (mask, direction, b, r, runs)
+                    assert got == idx[b, r, : num[b, r]].tolist(), (mask, direction, b, r, runs)
                     assert all(lo < hi for lo, hi in runs)
                     assert all(a[1] < b_[0] for a, b_ in zip(runs, runs[1:]))  # maximal: gaps between runs
     assert max_runs >= 2
@@ -189,7 +220,7 @@ def _range_plan_dense(plan, mask) -> torch.Tensor:
         p = int(plan.row_pattern[r])
         for lo, hi, g in zip(plan.tile_lo.tolist(), plan.tile_hi.tolist(), plan.tile_group.tolist()):
             seen = torch.zeros(nk, dtype=torch.bool)
-            for ks, ke in plan.iv[int(plan.iv_ptr[p, g]):int(plan.iv_ptr[p, g + 1])].tolist():
+            for ks, ke in plan.iv[int(plan.iv_ptr[p, g]) : int(plan.iv_ptr[p, g + 1])].tolist():
                 seen[ks:ke] = True
             block = seen[None].expand(hi - lo, -1).clone()
             if mask.causal:
@@ -206,13 +237,22 @@ def _range_families() -> dict:
 
     fams = dict(named_masks())
     small = dict(batch=2, heads=1, head_dim=16)
-    fams.update({"figure2": bl.figure2(20, 97, 4, **small).mask, "ragged": bl.ragged(20, 97, 4, **small).mask,
-                 "swin": bl.swin(2, 9, 3, 7, 4, **small).mask, "hip": bl.hip((10, 7), (13, 13, 5), 3, **small).mask,
-                 "packed": bl.packed((30, 17, 45, 8), **small).mask,
-                 "packed_causal": ZorroMask.packed([19, 26, 7], causal=True),
-                 "cross_lengths": ZorroMask.from_segments([("a", 30), ("b", 21)], {"a": ["x"], "b": "*"},
-                                                          kv_segments=[("x", 13), ("y", 40)],
-                                                          kv_lengths=torch.tensor([[13, 40], [5, 0], [0, 17]]))})
+    fams.update(
+        {
+            "figure2": bl.figure2(20, 97, 4, **small).mask,
+            "ragged": bl.ragged(20, 97, 4, **small).mask,
+            "swin": bl.swin(2, 9, 3, 7, 4, **small).mask,
+            "hip": bl.hip((10, 7), (13, 13, 5), 3, **small).mask,
+            "packed": bl.packed((30, 17, 45, 8), **small).mask,
+            "packed_causal": ZorroMask.packed([19, 26, 7], causal=True),
+            "cross_lengths": ZorroMask.from_segments(
+                [("a", 30), ("b", 21)],
+                {"a": ["x"], "b": "*"},
+                kv_segments=[("x", 13), ("y", 40)],
+                kv_lengths=torch.tensor([[13, 40], [5, 0], [0, 17]]),
+            ),
+        }
+    )
     rng = random.Random(7)
     fams.update({f"random{i}": random_mask(rng) for i in range(40)})
     return fams
@@ -284,8 +324,9 @@ def test_backward_mode_follows_torch_determinism(monkeypatch, mode):
     real = _bwd.launch
 
     def record(kernel, grid, args, constexprs, cfg, bucket=(), restore=()):
-        launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, constexprs.get("ONE_PASS"),
-                         restore))
+        launched.append(
+            (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, constexprs.get("ONE_PASS"), restore)
+        )
         real(kernel, grid, args, constexprs, cfg, bucket, restore)
 
     monkeypatch.setattr(_bwd, "launch", record)
@@ -321,17 +362,18 @@ def test_autotune_keys_shape_buckets_and_never_tunes_while_capturing(monkeypatch
 
     monkeypatch.setattr(_launch, "autotune_enabled", lambda: True)
     monkeypatch.setattr(_launch, "tuning_forbidden", lambda: forbidden[0])
-    monkeypatch.setattr(_launch, "_tuner",
-                        lambda kernel, cfg, bucket, key, restore=(): tuners.setdefault(bucket, Tuner()))
+    monkeypatch.setattr(
+        _launch, "_tuner", lambda kernel, cfg, bucket, key, restore=(): tuners.setdefault(bucket, Tuner())
+    )
     cfg, kernel = KernelConfig(64, 64, 4, 3, ((8, 2),)), Kernel()
     small, big = _launch.shape_bucket(1000, 1000, 40), _launch.shape_bucket(16000, 16000, 40)
     assert small == _launch.shape_bucket(1024, 513, 64) != big
-    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)     # capturing, nothing tuned yet: the table's config
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)  # capturing, nothing tuned yet: the table's config
     forbidden[0] = False
-    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)     # tunes this bucket
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)  # tunes this bucket
     forbidden[0] = True
-    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)     # capturing again: the bucket's choice
-    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, big)       # another bucket, never tuned: the table's
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, small)  # capturing again: the bucket's choice
+    _launch.launch(kernel, (1,), {}, {"X": 1}, cfg, big)  # another bucket, never tuned: the table's
     assert calls == [(4, 3), "tuned", (8, 2), (4, 3)] and list(tuners) == [small]
 
 
@@ -360,16 +402,16 @@ def test_nan_poison_does_not_leak():
     clean = qkv(b, h, n, d, torch.float32)
     q_pos = torch.cat([torch.arange(s) for s in mask.q_sizes])
     seg = torch.repeat_interleave(torch.arange(3), torch.tensor(mask.q_sizes))
-    padding = (q_pos[None] >= mask.lengths[:, seg]).to(DEV)           # (B, N) ragged padding tokens
+    padding = (q_pos[None] >= mask.lengths[:, seg]).to(DEV)  # (B, N) ragged padding tokens
     assert padding.any()
     poisoned = []
     for t in clean:
         big = torch.full((b, h, n + 7, d + 8), float("nan"), device=DEV)
-        view = big[:, :, 3:3 + n, :d]                                   # NaN before, after and beside the view
+        view = big[:, :, 3 : 3 + n, :d]  # NaN before, after and beside the view
         view.copy_(t.masked_fill(padding[:, None, :, None], float("nan")))
         poisoned.append(view)
     d_out = torch.randn(b, h, n, d, device=DEV)
-    with override_blocks((16, 16)), deterministic():    # bitwise comparison: no atomics
+    with override_blocks((16, 16)), deterministic():  # bitwise comparison: no atomics
         ref = _run(*(t.masked_fill(padding[:, None, :, None], 0.0) for t in clean), mask, d_out)
         got = _run(*poisoned, mask, d_out)
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
@@ -385,11 +427,17 @@ _ISOLATION = [
     ("last_tile_short", lambda: ZorroMask.zorro(audio=21, video=24, fusion=2), (16, 16), slice(21, 45)),
     ("packed_causal", lambda: ZorroMask.packed([19, 26], causal=True), (16, 16), slice(30, 45)),
 ]
-_POISONS = [pytest.param(case, side, value, "one_pass", id=f"{case[0]}-{side}-{name}")
-            for case in _ISOLATION for side in ("kv", "q_dout")
-            for name, value in (("nan", float("nan")), ("inf", float("inf"))) if name == "nan" or case is _ISOLATION[0]]
-_POISONS += [pytest.param(_ISOLATION[0], side, float("nan"), "deterministic", id=f"{_ISOLATION[0][0]}-{side}-nan-det")
-             for side in ("kv", "q_dout")]
+_POISONS = [
+    pytest.param(case, side, value, "one_pass", id=f"{case[0]}-{side}-{name}")
+    for case in _ISOLATION
+    for side in ("kv", "q_dout")
+    for name, value in (("nan", float("nan")), ("inf", float("inf")))
+    if name == "nan" or case is _ISOLATION[0]
+]
+_POISONS += [
+    pytest.param(_ISOLATION[0], side, float("nan"), "deterministic", id=f"{_ISOLATION[0][0]}-{side}-nan-det")
+    for side in ("kv", "q_dout")
+]
 
 
 @pytest.mark.parametrize("case, side, value, mode", _POISONS)
@@ -403,18 +451,18 @@ def test_poison_is_isolated(case, side, value, mode):
     b, h, n, d = 1, 2, mask.num_q, 16
     q, k, v = qkv(b, h, n, d, torch.float32)
     d_out = torch.randn_like(q)
-    dense = mask.to_dense().reshape(-1, n, mask.num_kv)[0].to(DEV)            # (Nq, Nk)
+    dense = mask.to_dense().reshape(-1, n, mask.num_kv)[0].to(DEV)  # (Nq, Nk)
     hit = torch.zeros(n, dtype=torch.bool, device=DEV)
     hit[poisoned] = True
     if side == "kv":
-        bad_rows = (dense & hit[None, :]).any(1)      # rows attending a poisoned key
+        bad_rows = (dense & hit[None, :]).any(1)  # rows attending a poisoned key
         bad_keys = hit | (dense & bad_rows[:, None]).any(0)
         args = (q, k.masked_fill(hit[:, None], value), v.masked_fill(hit[:, None], value), d_out)
     else:
         bad_rows = hit
-        bad_keys = (dense & hit[:, None]).any(0)      # keys a poisoned row attends
+        bad_keys = (dense & hit[:, None]).any(0)  # keys a poisoned row attends
         args = (q.masked_fill(hit[:, None], value), k, v, d_out.masked_fill(hit[:, None], value))
-    assert (~bad_rows).any() and (side == "kv" or (~bad_keys).any())   # (with kv poison fusion rows reach every key)
+    assert (~bad_rows).any() and (side == "kv" or (~bad_keys).any())  # (with kv poison fusion rows reach every key)
     with override_blocks(blocks), deterministic(mode == "deterministic"):
         ref = _run(q, k, v, mask, d_out)
         got = _run(*args[:3], mask, args[3])
@@ -452,14 +500,21 @@ def test_refusals_name_the_numbers():
 
 def test_import_and_refusal_without_triton():
     """Without Triton, zorro_kernels still imports, "auto" still runs, and a forced "triton" says why it cannot."""
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch\nfrom zorro_kernels import ZorroMask, zorro_attention\n"
-            "m = ZorroMask.zorro(audio=4, video=4); q = torch.randn(1, 1, 8, 16)\n"
-            "assert zorro_attention(q, q, q, m).shape == q.shape\n"
-            "try:\n    zorro_attention(q, q, q, m, backend='triton')\n"
-            "except ValueError as e:\n    print(e)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\nfrom zorro_kernels import ZorroMask, zorro_attention\n"
+        "m = ZorroMask.zorro(audio=4, video=4); q = torch.randn(1, 1, 8, 16)\n"
+        "assert zorro_attention(q, q, q, m).shape == q.shape\n"
+        "try:\n    zorro_attention(q, q, q, m, backend='triton')\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "triton is not installed" in run.stdout, run.stdout
 
@@ -485,8 +540,9 @@ def test_layout_sweep_never_changes_constexprs(monkeypatch):
         triton_backend.backward(out, q, k, v, out, lse, mask, 0.25)
     names = [name for name, _, _ in seen]
     # one variant per kernel: the forward over either plan, preprocess, dk/dv (one-pass backward: no dq kernel)
-    assert len(names) == len(set(names)) and {"_attn_fwd_ranges", "_bwd_preprocess", "_attn_bwd_dkdv"} <= set(names), \
+    assert len(names) == len(set(names)) and {"_attn_fwd_ranges", "_bwd_preprocess", "_attn_bwd_dkdv"} <= set(names), (
         sorted(seen)
+    )
 
 
 # ------------------------------------------------------------------------------------------ torch.compile
@@ -527,8 +583,9 @@ def test_compile_fullgraph_segments_through_op():
     mask = ZorroMask.zorro(audio=10, video=14, fusion=3, lengths=torch.tensor([[10, 14, 3], [5, 9, 2]]))
     torch._dynamo.reset()
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32, device="cpu"))
-    fn = torch.compile(lambda a, b, c: _ops.attention(a, b, c, mask, 0.25, "segments"), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda a, b, c: _ops.attention(a, b, c, mask, 0.25, "segments"), fullgraph=True, backend="aot_eager"
+    )
     out = fn(q, k, v)
     out.backward(torch.ones_like(out))
     grads = [t.grad.clone() for t in (q, k, v)]
@@ -541,9 +598,10 @@ def test_compile_fullgraph_segments_through_op():
         torch.testing.assert_close(g, t.grad, rtol=0, atol=0)
 
 
-@pytest.mark.skipif("is_compiling" not in inspect.getsource(zorro_attention),
-                    reason="needs the attention.py hook that routes compiled calls through the custom ops "
-                           "(see docs/triton.md)")
+@pytest.mark.skipif(
+    "is_compiling" not in inspect.getsource(zorro_attention),
+    reason="needs the attention.py hook that routes compiled calls through the custom ops (see docs/triton.md)",
+)
 def test_compile_fullgraph_auto_cpu():
     _compile_matches_eager("auto", ZorroMask.zorro(audio=10, video=14, fusion=3))
 
@@ -569,11 +627,17 @@ def test_random_layouts_full(seed):
     kv_sizes = torch.randint(1, 30, (n_seg,), generator=gen).tolist() if cross else sizes
     allow = torch.rand(n_seg, n_seg, generator=gen) < 0.6
     lengths = (torch.rand(2, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if seed % 2 else None
-    kv_lengths = ((torch.rand(2, n_seg, generator=gen) * (torch.tensor(kv_sizes) + 1)).long()
-                  if cross and seed % 2 else None)
-    mask = ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow,
-                                kv_segments=[(f"k{j}", s) for j, s in enumerate(kv_sizes)] if cross else None,
-                                lengths=lengths, kv_lengths=kv_lengths, causal=seed % 4 == 1)
+    kv_lengths = (
+        (torch.rand(2, n_seg, generator=gen) * (torch.tensor(kv_sizes) + 1)).long() if cross and seed % 2 else None
+    )
+    mask = ZorroMask.from_allow(
+        [(f"s{j}", s) for j, s in enumerate(sizes)],
+        allow,
+        kv_segments=[(f"k{j}", s) for j, s in enumerate(kv_sizes)] if cross else None,
+        lengths=lengths,
+        kv_lengths=kv_lengths,
+        causal=seed % 4 == 1,
+    )
     dtype = (torch.float32, torch.float16)[seed % 2]
     q, k, v = qkv(2, 2, mask.num_q, 16, dtype, hkv=(1, 2)[seed % 2], nk=mask.num_kv)
     with override_blocks(((16, 16), (32, 16), (16, 32))[seed % 3]):
@@ -585,8 +649,13 @@ def test_kernels_compile_for_sm90():
     """Real Triton compilation (not the interpreter) of every fp16 D=64 kernel variant for sm_90, without a GPU."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile_check.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(script), "--dims", "64", "--dtypes", "float16", "--no-fallback"],
-                         env=env, capture_output=True, text=True, timeout=1200)
+    run = subprocess.run(
+        [sys.executable, str(script), "--dims", "64", "--dtypes", "float16", "--no-fallback"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
@@ -628,8 +697,9 @@ def test_gpu_figure2(dtype, d):
 @gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp16", "bf16"])
 def test_gpu_cross_gqa_causal_odd(dtype):
-    cross = ZorroMask.from_segments([("a", 97), ("b", 1000)], {"a": ["x"], "b": "*"},
-                                    kv_segments=[("x", 113), ("y", 1025)])
+    cross = ZorroMask.from_segments(
+        [("a", 97), ("b", 1000)], {"a": ["x"], "b": "*"}, kv_segments=[("x", 113), ("y", 1025)]
+    )
     q, k, v = qkv(1, 4, cross.num_q, 64, dtype, hkv=2, nk=cross.num_kv, device="cuda")
     check_against_oracle(triton_attn, q, k, v, cross)
     causal = ZorroMask.packed([1023, 1, 600], causal=True)
@@ -668,7 +738,7 @@ def test_gpu_bitwise_rerun_and_nan_poison():
     poisoned = []
     for t in (q, k, v):
         big = torch.full((t.shape[0], t.shape[1], n + 64, 64 + 16), float("nan"), dtype=t.dtype, device="cuda")
-        view = big[:, :, 32:32 + n, :64]
+        view = big[:, :, 32 : 32 + n, :64]
         view.copy_(t.masked_fill(pad, float("nan")))
         poisoned.append(view)
     with deterministic():

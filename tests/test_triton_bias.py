@@ -5,6 +5,7 @@ entries, windows) run on Triton from tests/test_bias.py and tests/test_window.py
 
 Default tier: Triton's CPU interpreter with 16 x 16 tiles (bfloat16 skipped: its arithmetic is wrong there).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ from zorro_kernels.backends.triton import _bias as triton_bias
 from zorro_kernels.backends.triton._config import override_blocks, override_plan
 
 from .helpers import deterministic, triton_unavailable
-from .test_attention import make_qkv
 from .layouts import random_mask
+from .test_attention import make_qkv
 from .test_bias import dense_bias, windows_mask
 from .test_triton import CASES, gpu, qkv
 from .tolerances import check_against_oracle
@@ -73,8 +74,9 @@ def test_bias_without_grad_writes_no_gradient(monkeypatch):
     with override_blocks((16, 16)):
         out = zorro_attention(q, k, v, mask, bias=bias, backend="triton")
         got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-        want = torch.autograd.grad(zorro_attention(q, k, v, mask, bias=bias, backend="reference"), (q, k, v),
-                                   torch.ones_like(out))
+        want = torch.autograd.grad(
+            zorro_attention(q, k, v, mask, bias=bias, backend="reference"), (q, k, v), torch.ones_like(out)
+        )
     assert modes == [0]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -119,14 +121,13 @@ def test_relative_index_is_linear_in_the_coordinates():
     """The kernels' ``lin_q[i] - lin_k[j]`` equals :meth:`RelativePositions.index` on every placed pair inside the
     extent, over 2-D and 3-D sets joined (and is never read elsewhere)."""
     g = torch.Generator().manual_seed(3)
-    a = RelativePositions(torch.randint(0, 3, (30, 2), generator=g), torch.randint(0, 3, (40, 2), generator=g),
-                          (3, 3))
-    v = RelativePositions(torch.randint(0, 2, (30, 3), generator=g), torch.randint(0, 2, (40, 3), generator=g),
-                          (2, 2, 2))
+    a = RelativePositions(torch.randint(0, 3, (30, 2), generator=g), torch.randint(0, 3, (40, 2), generator=g), (3, 3))
+    v = RelativePositions(
+        torch.randint(0, 2, (30, 3), generator=g), torch.randint(0, 2, (40, 3), generator=g), (2, 2, 2)
+    )
     qa, ka = torch.arange(30) < 12, torch.arange(40) < 25
     a = RelativePositions(torch.where(qa[:, None], a.q_coords, -1), torch.where(ka[:, None], a.k_coords, -1), (3, 3))
-    v = RelativePositions(torch.where(qa[:, None], -1, v.q_coords), torch.where(ka[:, None], -1, v.k_coords),
-                          (2, 2, 2))
+    v = RelativePositions(torch.where(qa[:, None], -1, v.q_coords), torch.where(ka[:, None], -1, v.k_coords), (2, 2, 2))
     p = RelativePositions.concat([a, v])
     rq, rk = triton_bias._linear(p)
     idx, placed = p.index(torch.arange(30), torch.arange(40))
@@ -175,8 +176,7 @@ def test_poisoned_keys_stay_isolated_with_a_bias(kind, plan):
     q, k, v = make_qkv(mask, b=1, h=2, hkv=2, d=16)
     n = mask.num_q
     pos = torch.arange(n)[:, None] % 70
-    bias = (torch.randn(1, 2, n, n) if kind == "dense"
-            else RelativePositionBias(torch.randn(2, 139), pos, pos, (70,)))
+    bias = torch.randn(1, 2, n, n) if kind == "dense" else RelativePositionBias(torch.randn(2, 139), pos, pos, (70,))
     runs = []
     for poison in (False, True):
         kk, vv = k.clone(), v.clone()
@@ -212,14 +212,18 @@ def test_minus_inf_rows_on_full_tiles(mode):
 @pytest.mark.parametrize("window, causal", [((9, 0), True), ((7, 5), False), ((-1, 3), False), ((20, -1), True)])
 def test_windows_with_segments_and_bias(window, causal, mode):
     """Sliding windows on a segment layout, with a dense bias: both band edges, one edge, causal plus a window."""
-    mask = ZorroMask.from_segments([("a", 40), ("b", 37)], {"a": ["a"], "b": ["a", "b"]}, causal=causal,
-                                   window=window)
+    mask = ZorroMask.from_segments([("a", 40), ("b", 37)], {"a": ["a"], "b": ["a", "b"]}, causal=causal, window=window)
     check(*make_qkv(mask, b=1, h=2, hkv=1, d=16), mask, dense_bias(mask, "1HQK", h=2), mode=mode)
 
 
 def test_window_cross_attention_ragged_gqa():
-    mask = ZorroMask.from_segments([("a", 30)], {"a": ["x", "y"]}, kv_segments=[("x", 20), ("y", 33)],
-                                   window=(10, 2), kv_lengths=torch.tensor([[20, 33], [5, 11]]))
+    mask = ZorroMask.from_segments(
+        [("a", 30)],
+        {"a": ["x", "y"]},
+        kv_segments=[("x", 20), ("y", 33)],
+        window=(10, 2),
+        kv_lengths=torch.tensor([[20, 33], [5, 11]]),
+    )
     check(*make_qkv(mask, h=4, hkv=2, d=16), mask, dense_bias(mask, "BHQK"))
 
 
@@ -245,8 +249,14 @@ def test_compile_fullgraph_relative_bias_and_window_no_dbias():
     q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
     pos = RelativePositions(coords, coords, (2, 3))
     table = torch.randn(4, 15)
-    f = lambda a, b, c: zorro_attention(a, b, c, mask, bias=RelativePositionBias(table, positions=pos),  # noqa: E731
-                                        backend="triton")
+    f = lambda a, b, c: zorro_attention(
+        a,
+        b,
+        c,
+        mask,
+        bias=RelativePositionBias(table, positions=pos),  # noqa: E731
+        backend="triton",
+    )
     outs, grads = [], []
     with override_blocks((16, 16)):
         for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
@@ -276,8 +286,14 @@ def test_random_layouts_with_biases_and_windows_many(mode):
         dtype = rng.choice([torch.float32, torch.float16])
         shape = rng.choice(["BHQK", "1HQK", "B11K", "QK", "B1Q1"])
         bias = dense_bias(mask, shape, h=h, dtype=dtype)
-        check(*make_qkv(mask, h=h, hkv=hkv, d=16, dtype=dtype), mask, bias, mode=mode,
-              blocks=rng.choice([(16, 16), (32, 16), (16, 32)]), seed=i)
+        check(
+            *make_qkv(mask, h=h, hkv=hkv, d=16, dtype=dtype),
+            mask,
+            bias,
+            mode=mode,
+            blocks=rng.choice([(16, 16), (32, 16), (16, 32)]),
+            seed=i,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ GPU tier
@@ -295,8 +311,9 @@ def test_gpu_biases_and_windows(kind, dtype, mode):
         mask, coords = windows_mask(grid=(28, 28), win=(7, 7), fusion=8, shift=(3, 3))
         bias = RelativePositionBias(0.5 * torch.randn(8, 169, dtype=dtype).cuda(), coords, coords, (7, 7))
     else:
-        mask = ZorroMask.from_segments([("a", 700), ("b", 1100)], {"a": ["a"], "b": ["b"]}, causal=True,
-                                       window=(255, 0))
+        mask = ZorroMask.from_segments(
+            [("a", 700), ("b", 1100)], {"a": ["a"], "b": ["b"]}, causal=True, window=(255, 0)
+        )
         i = torch.arange(1800)
         bias = -0.05 * (i[:, None] - i[None, :]).abs().float().to(dtype)[None, None]
     q, k, v = (t.cuda() for t in make_qkv(mask, b=2, h=8, hkv=2, d=64, dtype=dtype))

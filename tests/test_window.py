@@ -1,6 +1,7 @@
 """Sliding windows on ZorroMask (flash-attention's ``window_size=(left, right)``): the definition, its combination
 with segments, lengths and causal, exact tile maps that skip tiles outside the band, the segment path, the Triton
 kernels (interpreted on CPU) and the reference against the fp64 oracle, dispatch and bad input."""
+
 import random
 
 import pytest
@@ -45,24 +46,27 @@ def test_window_matches_flash_attention_semantics(nq, nk, window, causal):
 
 def test_window_combines_with_segments_lengths_and_causal():
     mask = ZorroMask.zorro(audio=7, video=9, fusion=3, lengths=torch.tensor([[7, 9, 3], [4, 0, 2]]))
-    wm = ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, lengths=mask.lengths, causal=True,
-                   window=(4, -1))
+    wm = ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, lengths=mask.lengths, causal=True, window=(4, -1))
     want = mask.to_dense() & flash_window(19, 19, 4, -1, True)
     assert torch.equal(wm.to_dense(), want)
     assert torch.equal(wm.attended(), want.sum((1, 2)))
     assert wm.with_lengths(None).window == (4, -1)
-    assert wm.key != ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, lengths=mask.lengths,
-                               causal=True).key
+    assert wm.key != ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, lengths=mask.lengths, causal=True).key
     assert "window=(4, -1)" in repr(wm)
 
 
 def random_window_mask(rng: random.Random) -> ZorroMask:
     base = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
     window = (rng.choice([-1, 0, 1, 3, 8]), rng.choice([-1, 0, 2, 5]))
-    return ZorroMask(list(zip(base.q_names, base.q_sizes)), base.allow,
-                     kv_segments=None if base.is_self else list(zip(base.kv_names, base.kv_sizes)),
-                     lengths=base.lengths, kv_lengths=None if base.is_self else base.kv_lengths,
-                     causal=base.causal, window=window)
+    return ZorroMask(
+        list(zip(base.q_names, base.q_sizes)),
+        base.allow,
+        kv_segments=None if base.is_self else list(zip(base.kv_names, base.kv_sizes)),
+        lengths=base.lengths,
+        kv_lengths=None if base.is_self else base.kv_lengths,
+        causal=base.causal,
+        window=window,
+    )
 
 
 def test_attended_counts_random_windows():
@@ -110,16 +114,22 @@ def test_long_window_segments_steps_skip_the_outside():
 
     mask = ZorroMask.from_segments([("x", 1000)], {"x": "*"}, causal=True, window=(31, 0))
     plan = build_plan(mask)
-    work = sum((st.q_ranges[0][1] - st.q_ranges[0][0]) * sum(e - s for s, e in st.k_ranges)
-               for st in plan.patterns[0].steps)
+    work = sum(
+        (st.q_ranges[0][1] - st.q_ranges[0][0]) * sum(e - s for s, e in st.k_ranges) for st in plan.patterns[0].steps
+    )
     assert work < 3 * int(mask.attended())
     check_against_oracle(attn_fn("segments"), *make_qkv(mask, b=1, h=2, hkv=1, d=8), mask)
 
 
 @pytest.mark.parametrize("backend", ["segments", TRITON])
 def test_window_with_bias_and_gqa(backend):
-    mask = ZorroMask.from_segments([("a", 20), ("b", 13)], {"a": ["a"], "b": "*"}, causal=True, window=(5, -1),
-                                   lengths=torch.tensor([[20, 13], [11, 4]]))
+    mask = ZorroMask.from_segments(
+        [("a", 20), ("b", 13)],
+        {"a": ["a"], "b": "*"},
+        causal=True,
+        window=(5, -1),
+        lengths=torch.tensor([[20, 13], [11, 4]]),
+    )
     check_against_oracle(attn_fn(backend), *make_qkv(mask, h=4, hkv=2), mask, bias=dense_bias(mask, "B11K"))
 
 
@@ -152,13 +162,14 @@ def test_triton_keys_outside_the_band_never_reach_a_row():
     runs = []
     for poison in (False, True):
         leaves = [t.clone() for t in (q, k, v)]
-        if poison:    # keys 0-31 lie outside the band of rows 64+
+        if poison:  # keys 0-31 lie outside the band of rows 64+
             leaves[1][:, :, :32] = float("nan")
         leaves = [t.requires_grad_() for t in leaves]
         with deterministic():
             out = zorro_attention(*leaves, mask, backend="triton")
-            runs.append((out[:, :, 64:], *(g[:, :, 64:] for g in torch.autograd.grad(out, leaves,
-                                                                                      torch.ones_like(out)))))
+            runs.append(
+                (out[:, :, 64:], *(g[:, :, 64:] for g in torch.autograd.grad(out, leaves, torch.ones_like(out))))
+            )
     for a, b in zip(*runs):
         assert torch.isfinite(b).all() and torch.equal(a, b)
 
@@ -170,12 +181,15 @@ def test_compile_fullgraph_with_window():
     torch.testing.assert_close(fn(q, k, v), zorro_attention(q, k, v, mask))
 
 
-@pytest.mark.parametrize("window, exc, msg", [
-    ((2,), TypeError, r"window must be a \(left, right\) pair of ints \(-1 = unbounded\) or None, got \(2,\)"),
-    ("22", TypeError, "window must be a"),
-    ((2, 1.5), TypeError, "window right must be an int, got float 1.5"),
-    ((-2, 0), ValueError, r"window left must be >= 0 \(or -1 for unbounded\), got -2"),
-])
+@pytest.mark.parametrize(
+    "window, exc, msg",
+    [
+        ((2,), TypeError, r"window must be a \(left, right\) pair of ints \(-1 = unbounded\) or None, got \(2,\)"),
+        ("22", TypeError, "window must be a"),
+        ((2, 1.5), TypeError, "window right must be an int, got float 1.5"),
+        ((-2, 0), ValueError, r"window left must be >= 0 \(or -1 for unbounded\), got -2"),
+    ],
+)
 def test_bad_window_raises_clear_errors(window, exc, msg):
     with pytest.raises(exc, match=msg):
         ZorroMask.from_segments([("x", 4)], {"x": "*"}, window=window)

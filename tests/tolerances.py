@@ -4,6 +4,7 @@ A kernel is compared with an fp64 math reference. Its error may be at most twice
 same precision (the dense reference computed in the input dtype, against the same fp64 reference), plus a small floor
 per dtype. Every failure message carries the numbers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_within_policy(name: str, got: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor,
-                         dtype: torch.dtype) -> None:
+def assert_within_policy(
+    name: str, got: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype
+) -> None:
     """``|got - ref64| <= 2 * |torch_same - ref64| + floor``, NaN/Inf checked first."""
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
     assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite values"
@@ -28,8 +30,10 @@ def assert_within_policy(name: str, got: torch.Tensor, torch_same: torch.Tensor,
     kernel_err = max_err(got, ref64)
     torch_err = max_err(torch_same, ref64)
     bound = 2 * torch_err + FLOOR[dtype] * scale
-    assert kernel_err <= bound, (f"{name} ({dtype}): kernel error {kernel_err:.3e} > bound {bound:.3e} "
-                                 f"(2 x torch error {torch_err:.3e} + floor {FLOOR[dtype] * scale:.3e})")
+    assert kernel_err <= bound, (
+        f"{name} ({dtype}): kernel error {kernel_err:.3e} > bound {bound:.3e} "
+        f"(2 x torch error {torch_err:.3e} + floor {FLOOR[dtype] * scale:.3e})"
+    )
 
 
 def _bias_leaf(bias, cast, grad: bool):
@@ -43,8 +47,9 @@ def _bias_leaf(bias, cast, grad: bool):
     return leaf, leaf
 
 
-def check_against_oracle(attn, q, k, v, mask, *, scale=None, grad: bool = True, seed: int = 0,
-                         bias=None) -> torch.Tensor:
+def check_against_oracle(
+    attn, q, k, v, mask, *, scale=None, grad: bool = True, seed: int = 0, bias=None
+) -> torch.Tensor:
     """Run ``attn(q, k, v, mask, scale=[, bias=])`` and compare the output and dq, dk, dv (and the gradient of a dense
     ``bias``, or of a :class:`RelativePositionBias`'s table) with the oracle under the policy.
 
@@ -69,10 +74,10 @@ def check_against_oracle(attn, q, k, v, mask, *, scale=None, grad: bool = True, 
         return out.detach(), [g.detach() for g in grads]
 
     got, got_g = run(lambda a, b, c, **kw: attn(a, b, c, mask, scale=scale, **kw), lambda t: t)
-    ref, ref_g = run(lambda a, b, c, **kw: reference_attention(a, b, c, mask, scale=scale, **kw),
-                     lambda t: t.double())
-    same, same_g = run(lambda a, b, c, **kw: reference_attention(a, b, c, mask, scale=scale, compute_dtype=dtype,
-                                                                  **kw), lambda t: t)
+    ref, ref_g = run(lambda a, b, c, **kw: reference_attention(a, b, c, mask, scale=scale, **kw), lambda t: t.double())
+    same, same_g = run(
+        lambda a, b, c, **kw: reference_attention(a, b, c, mask, scale=scale, compute_dtype=dtype, **kw), lambda t: t
+    )
     assert got.dtype == dtype, f"output dtype {got.dtype} != input dtype {dtype}"
     assert_within_policy("out", got, same, ref, dtype)
     names = ("dq", "dk", "dv", "dtable" if isinstance(bias, RelativePositionBias) else "dbias")

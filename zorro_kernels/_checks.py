@@ -1,5 +1,6 @@
 """Input validation shared by :func:`~zorro_kernels.zorro_attention`, :func:`~zorro_kernels.explain` and the backend
 choice: every refusal is one line naming the argument and the numbers."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ def check_inputs(q, k, v, mask, scale=None, bias=None) -> None:
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     (b, h, nq, d), (bk, hkv, nk, dk) = q.shape, k.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape (B, Hkv, Nk, D), got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if bk != b:
         raise ValueError(f"batch size mismatch: q has B={b}, k/v have B={bk}")
     if dk != d:
@@ -45,11 +47,15 @@ def check_inputs(q, k, v, mask, scale=None, bias=None) -> None:
     if h % hkv != 0:
         raise ValueError(f"query heads H={h} must be a multiple of key/value heads Hkv={hkv} (GQA)")
     if nq != mask.num_q:
-        raise ValueError(f"q has Nq={nq} tokens but the mask's query segments hold {mask.num_q} "
-                         f"({dict(zip(mask.q_names, mask.q_sizes))})")
+        raise ValueError(
+            f"q has Nq={nq} tokens but the mask's query segments hold {mask.num_q} "
+            f"({dict(zip(mask.q_names, mask.q_sizes))})"
+        )
     if nk != mask.num_kv:
-        raise ValueError(f"k/v have Nk={nk} tokens but the mask's key segments hold {mask.num_kv} "
-                         f"({dict(zip(mask.kv_names, mask.kv_sizes))})")
+        raise ValueError(
+            f"k/v have Nk={nk} tokens but the mask's key segments hold {mask.num_kv} "
+            f"({dict(zip(mask.kv_names, mask.kv_sizes))})"
+        )
     if mask.batch_size is not None and mask.batch_size != b:
         raise ValueError(f"the mask's lengths are for B={mask.batch_size} samples but q has B={b}")
     if scale is not None:

@@ -18,6 +18,7 @@ found again by content like masks. The backward op returns its gradient (shaped 
 
 Data flows one way: this module depends on the backends, no backend depends on it.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -39,8 +40,16 @@ _masks: "OrderedDict[str, ZorroMask]" = OrderedDict()  # content key -> mask reb
 def describe(mask: ZorroMask) -> tuple:
     """What the custom ops take instead of the mask: ``(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self,
     causal, window)``; ``kv_lengths`` is None for self-attention, ``window`` ``[left, right]`` (``[-1, -1]``: none)."""
-    return (mask.allow, mask.lengths, None if mask.is_self else mask.kv_lengths, list(mask.q_sizes),
-            list(mask.kv_sizes), mask.is_self, mask.causal, list(mask.window or (-1, -1)))
+    return (
+        mask.allow,
+        mask.lengths,
+        None if mask.is_self else mask.kv_lengths,
+        list(mask.q_sizes),
+        list(mask.kv_sizes),
+        mask.is_self,
+        mask.causal,
+        list(mask.window or (-1, -1)),
+    )
 
 
 def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window) -> ZorroMask:
@@ -49,9 +58,15 @@ def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, w
     key = content_key(q_sizes, kv_sizes, is_self, causal, allow, lengths, kv_lengths, window)
     mask = _masks.get(key)
     if mask is None:
-        mask = ZorroMask([(f"q{i}", n) for i, n in enumerate(q_sizes)], allow.detach().cpu().bool(),
-                         kv_segments=None if is_self else [(f"k{i}", n) for i, n in enumerate(kv_sizes)],
-                         lengths=lengths, kv_lengths=None if is_self else kv_lengths, causal=causal, window=window)
+        mask = ZorroMask(
+            [(f"q{i}", n) for i, n in enumerate(q_sizes)],
+            allow.detach().cpu().bool(),
+            kv_segments=None if is_self else [(f"k{i}", n) for i, n in enumerate(kv_sizes)],
+            lengths=lengths,
+            kv_lengths=None if is_self else kv_lengths,
+            causal=causal,
+            window=window,
+        )
         _masks[key] = mask
         while len(_masks) > _MAX_MASKS:
             _masks.popitem(last=False)
@@ -84,8 +99,11 @@ def describe_bias(bias) -> tuple:
         return (bias, None, None, None, None)
     p = bias.positions
     if "packed" not in p._cache:
-        p._cache["packed"] = (torch.cat([p.q_group[:, None], p.q_coords], 1),
-                              torch.cat([p.k_group[:, None], p.k_coords], 1), p.extents)
+        p._cache["packed"] = (
+            torch.cat([p.q_group[:, None], p.q_coords], 1),
+            torch.cat([p.k_group[:, None], p.k_coords], 1),
+            p.extents,
+        )
     packed = p._cache["packed"]
     if not torch.compiler.is_compiling():  # eager callers register their own object (and its cached indices)
         _remember_positions(_positions_key(*packed), p)
@@ -115,11 +133,26 @@ def _bwd_bias_kw(bias, need_dbias: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("zorro::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Optional[Tensor],
-                   kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int], is_self: bool, causal: bool,
-                   window: list[int], scale: float, backend: str, dense: Optional[Tensor] = None,
-                   table: Optional[Tensor] = None, pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
-                   extents: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def _attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allow: Tensor,
+    lengths: Optional[Tensor],
+    kv_lengths: Optional[Tensor],
+    q_sizes: list[int],
+    kv_sizes: list[int],
+    is_self: bool,
+    causal: bool,
+    window: list[int],
+    scale: float,
+    backend: str,
+    dense: Optional[Tensor] = None,
+    table: Optional[Tensor] = None,
+    pos_q: Optional[Tensor] = None,
+    pos_k: Optional[Tensor] = None,
+    extents: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """``(out (B, H, Nq, D) contiguous, lse (B, H, Nq) fp32)``; see the module docstring for the arguments."""
     mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window)
     bias = _bias_from(dense, table, pos_q, pos_k, extents)
@@ -128,18 +161,54 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, allow: Tensor, lengths: Opti
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window, scale,
-                        backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None):
+def _attention_fwd_fake(
+    q,
+    k,
+    v,
+    allow,
+    lengths,
+    kv_lengths,
+    q_sizes,
+    kv_sizes,
+    is_self,
+    causal,
+    window,
+    scale,
+    backend,
+    dense=None,
+    table=None,
+    pos_q=None,
+    pos_k=None,
+    extents=None,
+):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("zorro::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allow: Tensor,
-                   lengths: Optional[Tensor], kv_lengths: Optional[Tensor], q_sizes: list[int], kv_sizes: list[int],
-                   is_self: bool, causal: bool, window: list[int], scale: float, backend: str,
-                   dense: Optional[Tensor] = None,
-                   table: Optional[Tensor] = None, pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None,
-                   extents: Optional[Tensor] = None, need_dbias: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    allow: Tensor,
+    lengths: Optional[Tensor],
+    kv_lengths: Optional[Tensor],
+    q_sizes: list[int],
+    kv_sizes: list[int],
+    is_self: bool,
+    causal: bool,
+    window: list[int],
+    scale: float,
+    backend: str,
+    dense: Optional[Tensor] = None,
+    table: Optional[Tensor] = None,
+    pos_q: Optional[Tensor] = None,
+    pos_k: Optional[Tensor] = None,
+    extents: Optional[Tensor] = None,
+    need_dbias: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dbias)``, contiguous, shaped as q, k, v and the dense bias or table (empty without a bias or
     when ``need_dbias`` is False: an op returns no None)."""
     mask = _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window)
@@ -151,12 +220,37 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal,
-                        window, scale, backend, dense=None, table=None, pos_q=None, pos_k=None, extents=None,
-                        need_dbias=True):
+def _attention_bwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    allow,
+    lengths,
+    kv_lengths,
+    q_sizes,
+    kv_sizes,
+    is_self,
+    causal,
+    window,
+    scale,
+    backend,
+    dense=None,
+    table=None,
+    pos_q=None,
+    pos_k=None,
+    extents=None,
+    need_dbias=True,
+):
     b = dense if dense is not None else table
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(0) if b is None or not need_dbias else b.new_empty(b.shape))
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty(0) if b is None or not need_dbias else b.new_empty(b.shape),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -188,15 +282,19 @@ class _Attention(torch.autograd.Function):
         bias_args, tensors = tensors[:5], tensors[5:]
         scale, backend, mask, bias, rest = ctx.args
         if torch.is_grad_enabled():  # create_graph=True: the backends' backwards (kernels) have no derivative
-            raise RuntimeError(f"zorro_attention: the {backend} backend's backward cannot be differentiated (double "
-                               f"backward, create_graph=True); use backend='reference' for higher-order gradients")
+            raise RuntimeError(
+                f"zorro_attention: the {backend} backend's backward cannot be differentiated (double "
+                f"backward, create_graph=True); use backend='reference' for higher-order gradients"
+            )
         need_dbias = bool(ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
         if mask is None:
-            dq, dk, dv, db = torch.ops.zorro.attention_bwd(dout, q, k, v, out, lse, *tensors, *rest, scale, backend,
-                                                           *bias_args, need_dbias)
+            dq, dk, dv, db = torch.ops.zorro.attention_bwd(
+                dout, q, k, v, out, lse, *tensors, *rest, scale, backend, *bias_args, need_dbias
+            )
         else:
-            dq, dk, dv, *db = BACKENDS[backend].backward(dout, q, k, v, out, lse, mask, scale,
-                                                         **_bwd_bias_kw(bias, need_dbias))
+            dq, dk, dv, *db = BACKENDS[backend].backward(
+                dout, q, k, v, out, lse, mask, scale, **_bwd_bias_kw(bias, need_dbias)
+            )
             db = db[0] if db else None
         db = db if need_dbias else None
         d_dense = db if bias_args[0] is not None else None

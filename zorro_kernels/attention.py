@@ -1,4 +1,5 @@
 """``zorro_attention``: the public entry point — validation, then dispatch to a backend."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,8 +15,17 @@ from .mask import ZorroMask
 
 __all__ = ["zorro_attention", "check_inputs", "select_backend"]
 
-def zorro_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ZorroMask, *, bias=None,
-                    scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+
+def zorro_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: ZorroMask,
+    *,
+    bias=None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Attention restricted by a modality layout, computing only the parts of the matrix the mask leaves visible.
 
     Args:

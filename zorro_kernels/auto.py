@@ -30,6 +30,7 @@ between 84 tokens (3168 masked pairs x 256 = 811k, 405k per call; the segment pa
 ``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per query
 segment (it picks ``dense`` less often).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,16 @@ from .backends import BACKENDS
 from .backends.segments import build_plan
 from .bias import bias_tensor
 
-__all__ = ["explain", "select_backend", "Explanation", "set_benchmark", "clear_cache", "PRIORITY", "CPU_WORK_PER_CALL",
-           "CUDA_GRAD_MAX_TOKENS"]
+__all__ = [
+    "explain",
+    "select_backend",
+    "Explanation",
+    "set_benchmark",
+    "clear_cache",
+    "PRIORITY",
+    "CPU_WORK_PER_CALL",
+    "CUDA_GRAD_MAX_TOKENS",
+]
 
 # candidates per device type, in the order ties are broken
 PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
@@ -54,8 +63,8 @@ CUDA_GRAD_MAX_TOKENS = 7500
 _REPS = 5
 
 _benchmark: Optional[bool] = None  # None: read ZORRO_AUTO_BENCHMARK on first use
-_measured: dict = {}               # problem key -> {backend: ms}
-_generation = [0]                  # bumped when settings change: final choices cached on masks are then stale
+_measured: dict = {}  # problem key -> {backend: ms}
+_generation = [0]  # bumped when settings change: final choices cached on masks are then stale
 
 
 def set_benchmark(enabled: bool) -> None:
@@ -180,6 +189,7 @@ class Explanation:
         key: the problem key measured choices are kept under.
         note: why the rule was used instead of timing, if it was.
     """
+
     chosen: str
     how: str
     reasons: dict
@@ -200,12 +210,20 @@ class Explanation:
 
 def _choose(q, k, v, mask, scale: float, grad: bool, bias=None, *, measure: bool = True) -> Explanation:
     names = PRIORITY.get(q.device.type, ("segments",))
-    reasons = {n: (BACKENDS[n].not_supported_reasons(q, k, v, mask, bias=bias) if n in BACKENDS
-                   else ["not available in this install"]) for n in names}
+    reasons = {
+        n: (
+            BACKENDS[n].not_supported_reasons(q, k, v, mask, bias=bias)
+            if n in BACKENDS
+            else ["not available in this install"]
+        )
+        for n in names
+    }
     ok = [n for n in names if not reasons[n]]
     if not ok:
-        raise ValueError("no zorro_attention backend supports this input:\n  "
-                         + "\n  ".join(f"{n}: " + "; ".join(r) for n, r in reasons.items()))
+        raise ValueError(
+            "no zorro_attention backend supports this input:\n  "
+            + "\n  ".join(f"{n}: " + "; ".join(r) for n, r in reasons.items())
+        )
     if len(ok) == 1:
         return Explanation(ok[0], "only candidate", reasons)
     note, key = "", ()
@@ -240,8 +258,20 @@ def choose(q, k, v, mask, scale: float, grad: bool, bias=None) -> str:
     lookup."""
     if torch.compiler.is_compiling():
         return _choose(q, k, v, mask, scale, grad, bias).chosen
-    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, grad, _bias_kind(bias),
-           torch.are_deterministic_algorithms_enabled(), _generation[0], PRIORITY.get(q.device.type))
+    key = (
+        q.shape,
+        k.shape,
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        q.dtype,
+        q.device,
+        grad,
+        _bias_kind(bias),
+        torch.are_deterministic_algorithms_enabled(),
+        _generation[0],
+        PRIORITY.get(q.device.type),
+    )
     final = mask.derived(_final_choices)
     name = final.get(key)
     if name is None:
@@ -252,23 +282,32 @@ def choose(q, k, v, mask, scale: float, grad: bool, bias=None) -> str:
     return name
 
 
-def select_backend(q, k, v, mask, backend: str = "auto", bias=None, scale: Optional[float] = None,
-                   grad: Optional[bool] = None) -> str:
+def select_backend(
+    q, k, v, mask, backend: str = "auto", bias=None, scale: Optional[float] = None, grad: Optional[bool] = None
+) -> str:
     """Name of the backend that will run (validated inputs); raises ValueError with every refusal's reasons if none
     can. ``"auto"`` is :mod:`zorro_kernels.auto`'s choice (see :func:`zorro_kernels.explain`); ``grad`` (default: what
     autograd will do with these tensors) says whether the call will be differentiated."""
     check_backend_name(backend)
     if backend == "auto":
-        return choose(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale),
-                      wants_grad(q, k, v, bias) if grad is None else grad, bias)
+        return choose(
+            q,
+            k,
+            v,
+            mask,
+            q.shape[-1] ** -0.5 if scale is None else float(scale),
+            wants_grad(q, k, v, bias) if grad is None else grad,
+            bias,
+        )
     reasons = BACKENDS[backend].not_supported_reasons(q, k, v, mask, bias=bias)
     if reasons:
         raise ValueError(f"backend {backend!r} cannot run this input: " + "; ".join(reasons))
     return backend
 
 
-def explain(q, k, v, mask, *, bias=None, scale: Optional[float] = None, backend: str = "auto",
-            grad: Optional[bool] = None) -> Explanation:
+def explain(
+    q, k, v, mask, *, bias=None, scale: Optional[float] = None, backend: str = "auto", grad: Optional[bool] = None
+) -> Explanation:
     """Which backend :func:`zorro_kernels.zorro_attention` runs for these inputs, and why.
 
     Args:

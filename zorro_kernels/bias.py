@@ -18,17 +18,25 @@ padding) is never read (:func:`hide_dead_keys`). Two forms:
   (Swin's fusion tokens). :meth:`RelativePositions.concat` joins position sets with their own tables and extents
   (Swin's 2-D audio and 3-D video windows in one attention call); pairs across two sets get bias 0.
 """
+
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .mask import as_int_tensor
 
-__all__ = ["RelativePositions", "RelativePositionBias", "check_bias", "materialize_bias", "step_bias", "bias_tensor",
-           "with_tensor", "hide_dead_keys"]
+__all__ = [
+    "RelativePositions",
+    "RelativePositionBias",
+    "check_bias",
+    "materialize_bias",
+    "step_bias",
+    "bias_tensor",
+    "with_tensor",
+    "hide_dead_keys",
+]
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -72,8 +80,13 @@ class RelativePositions:
             if c.shape[1] != len(extent):
                 raise ValueError(f"{name} has {c.shape[1]} axes but extent has {len(extent)} ({list(extent)})")
         placed_q, placed_k = (q >= 0).all(1), (k >= 0).all(1)
-        self._set(q, k, torch.where(placed_q, 0, -1), torch.where(placed_k, 0, -1),
-                  torch.tensor([list(extent)], dtype=torch.int64))
+        self._set(
+            q,
+            k,
+            torch.where(placed_q, 0, -1),
+            torch.where(placed_k, 0, -1),
+            torch.tensor([list(extent)], dtype=torch.int64),
+        )
 
     def _set(self, q, k, q_group, k_group, extents):
         self.q_coords, self.k_coords, self.q_group, self.k_group, self.extents = q, k, q_group, k_group, extents
@@ -95,8 +108,10 @@ class RelativePositions:
         nq, nk = parts[0].q_coords.shape[0], parts[0].k_coords.shape[0]
         for i, p in enumerate(parts):
             if (p.q_coords.shape[0], p.k_coords.shape[0]) != (nq, nk):
-                raise ValueError(f"parts[{i}] covers {p.q_coords.shape[0]} queries x {p.k_coords.shape[0]} keys, "
-                                 f"parts[0] {nq} x {nk}")
+                raise ValueError(
+                    f"parts[{i}] covers {p.q_coords.shape[0]} queries x {p.k_coords.shape[0]} keys, "
+                    f"parts[0] {nq} x {nk}"
+                )
         axes = max(p.extents.shape[1] for p in parts)
         out = cls.__new__(cls)
         coords, groups, extents, g0 = [], [], [], 0
@@ -108,16 +123,18 @@ class RelativePositions:
                 pc, pg = getattr(p, f"{side}_coords"), getattr(p, f"{side}_group")
                 placed = pg >= 0
                 if (placed & (grp >= 0)).any():
-                    raise ValueError(f"parts[{i}] places a {side} token another part places already "
-                                     f"(token {int((placed & (grp >= 0)).nonzero()[0])})")
-                c[placed, :pc.shape[1]] = pc[placed]
+                    raise ValueError(
+                        f"parts[{i}] places a {side} token another part places already "
+                        f"(token {int((placed & (grp >= 0)).nonzero()[0])})"
+                    )
+                c[placed, : pc.shape[1]] = pc[placed]
                 grp[placed] = pg[placed] + g0
                 g0 += p.extents.shape[0]
             coords.append(c)
             groups.append(grp)
         for p in parts:
             e = torch.ones(p.extents.shape[0], axes, dtype=torch.int64)
-            e[:, :p.extents.shape[1]] = p.extents
+            e[:, : p.extents.shape[1]] = p.extents
             extents.append(e)
         out._set(coords[0], coords[1], groups[0], groups[1], torch.cat(extents))
         return out
@@ -130,8 +147,9 @@ class RelativePositions:
     def num_kv(self) -> int:
         return self.k_coords.shape[0]
 
-    def index(self, rows: torch.Tensor, cols: torch.Tensor, *, check: bool = True
-              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def index(
+        self, rows: torch.Tensor, cols: torch.Tensor, *, check: bool = True
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Table columns for query ``rows (..., R)`` x key ``cols (..., C)`` (int64, broadcastable leading dims).
 
         Returns ``(idx (..., R, C) int64, placed (..., R, C) bool or None when every pair is placed)``; ``idx`` is 0
@@ -148,9 +166,11 @@ class RelativePositions:
             pos = tuple(bad.nonzero()[0].tolist())
             qi = rows[..., :, None].expand(d.shape[:-1])[pos[:-1]]
             kj = cols[..., None, :].expand(d.shape[:-1])[pos[:-1]]
-            raise ValueError(f"relative position bias: query {int(qi)} and key {int(kj)} differ by {int(d[pos])} on "
-                             f"axis {pos[-1]}, beyond extent {int(e[pos])} (offsets must lie in "
-                             f"[-(extent - 1), extent - 1])")
+            raise ValueError(
+                f"relative position bias: query {int(qi)} and key {int(kj)} differ by {int(d[pos])} on "
+                f"axis {pos[-1]}, beyond extent {int(e[pos])} (offsets must lie in "
+                f"[-(extent - 1), extent - 1])"
+            )
         idx = self.bases[g] + ((d + e - 1) * self._strides[g]).sum(-1)
         idx = torch.where(bad.any(-1), -1, torch.where(placed, idx, 0))
         return idx, None if bool(placed.all()) else placed
@@ -187,8 +207,15 @@ class RelativePositionBias:
         out = zorro_attention(q, k, v, mask, bias=rpb)
     """
 
-    def __init__(self, table: torch.Tensor, q_coords=None, k_coords=None, extent=None, *,
-                 positions: Optional[RelativePositions] = None):
+    def __init__(
+        self,
+        table: torch.Tensor,
+        q_coords=None,
+        k_coords=None,
+        extent=None,
+        *,
+        positions: Optional[RelativePositions] = None,
+    ):
         if positions is None:
             if q_coords is None or k_coords is None or extent is None:
                 raise TypeError("RelativePositionBias needs q_coords, k_coords and extent, or positions=")
@@ -200,8 +227,10 @@ class RelativePositionBias:
         if not table.is_floating_point():
             raise TypeError(f"table must be a float tensor, got {table.dtype}")
         if table.ndim != 2 or table.shape[1] != positions.table_size:
-            raise ValueError(f"table must have shape (H, {positions.table_size}) for extents "
-                             f"{positions.extents.tolist()}, got {tuple(table.shape)}")
+            raise ValueError(
+                f"table must have shape (H, {positions.table_size}) for extents "
+                f"{positions.extents.tolist()}, got {tuple(table.shape)}"
+            )
         self.table = table
         self.positions = positions
 
@@ -237,24 +266,30 @@ def check_bias(bias, q: torch.Tensor, nk: int) -> None:
             raise ValueError(f"bias.table has {t.shape[0]} heads, q has H={h} (give (H, T) or (1, T))")
         p = bias.positions
         if (p.num_q, p.num_kv) != (nq, nk):
-            raise ValueError(f"bias positions cover Nq={p.num_q} x Nk={p.num_kv} tokens, attention has "
-                             f"Nq={nq} x Nk={nk}")
+            raise ValueError(
+                f"bias positions cover Nq={p.num_q} x Nk={p.num_kv} tokens, attention has Nq={nq} x Nk={nk}"
+            )
         return
     if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a float tensor broadcastable to (B, H, Nq, Nk), a RelativePositionBias or "
-                        f"None, got {type(bias).__name__}")
+        raise TypeError(
+            f"bias must be a float tensor broadcastable to (B, H, Nq, Nk), a RelativePositionBias or "
+            f"None, got {type(bias).__name__}"
+        )
     if not bias.is_floating_point():
         raise TypeError(f"bias must be a float tensor (additive; use the mask for booleans), got {bias.dtype}")
     if bias.device != q.device:
         raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
     full = (b, h, nq, nk)
     if bias.ndim > 4 or any(n not in (1, f) for n, f in zip(bias.shape[::-1], full[::-1])):
-        raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (B, H, Nq, Nk) = {full} "
-                         f"(each dim must be 1 or full)")
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} does not broadcast to (B, H, Nq, Nk) = {full} "
+            f"(each dim must be 1 or full)"
+        )
 
 
-def hide_dead_keys(k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias], heads: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def hide_dead_keys(
+    k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias], heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, v)`` with zeros on the keys a key-padding bias hides from every query.
 
     A dense bias broadcast over the queries (``(..., 1, Nk)``, e.g. the ``0 / -inf`` key bias of left padding) that is
@@ -268,15 +303,15 @@ def hide_dead_keys(k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias], heads
     """
     if not isinstance(bias, torch.Tensor) or (bias.ndim >= 2 and bias.shape[-2] != 1):
         return k, v
-    x = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))          # (Bb, Hb, 1, Nk|1)
+    x = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))  # (Bb, Hb, 1, Nk|1)
     if x.shape[-1] == 1:
         return k, v
-    dead = torch.isneginf(x[:, :, 0])                                     # (Bb, Hb, Nk)
+    dead = torch.isneginf(x[:, :, 0])  # (Bb, Hb, Nk)
     if dead.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
-        return k, v   # (on CUDA this test would synchronise: the select runs regardless)
+        return k, v  # (on CUDA this test would synchronise: the select runs regardless)
     hkv = k.shape[1]
     if dead.shape[1] > 1:
-        dead = dead.reshape(dead.shape[0], hkv, heads // hkv, -1).all(2)   # (Bb, Hkv, Nk)
+        dead = dead.reshape(dead.shape[0], hkv, heads // hkv, -1).all(2)  # (Bb, Hkv, Nk)
     dead = dead[..., None]
     return k.masked_fill(dead, 0.0), v.masked_fill(dead, 0.0)
 
@@ -313,8 +348,9 @@ def _pick(x: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
     return torch.cat([x.narrow(dim, s, e - s) for s, e in ranges], dim)
 
 
-def step_bias(bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ranges, k_ranges: Ranges,
-              blocks: int, heads: int) -> Optional[torch.Tensor]:
+def step_bias(
+    bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ranges, k_ranges: Ranges, blocks: int, heads: int
+) -> Optional[torch.Tensor]:
     """The bias of one segment-plan step, shaped for its gathered, block-folded problem: broadcastable to
     ``(Bsel, heads * blocks, R / blocks, C / blocks)`` (see ``segments._gather``), or None when it adds nothing.
 
@@ -329,7 +365,7 @@ def step_bias(bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ran
             return None
         idx, placed = hit
         t = bias.table
-        out = t[:, idx.to(t.device)]                                    # (Ht, blocks or 1, R, C)
+        out = t[:, idx.to(t.device)]  # (Ht, blocks or 1, R, C)
         if placed is not None:
             out = torch.where(placed.to(t.device), out, 0)
         out = out.expand(out.shape[0], blocks, *out.shape[2:])
@@ -343,11 +379,17 @@ def step_bias(bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ran
         if blocks == 1:
             return _pick(_pick(x, 2, q_ranges), 3, k_ranges)
         # a fused run: only the diagonal blocks
-        r = _rows_of(q_ranges, blocks, x.device)[:, :, None] if x.shape[2] > 1 else torch.zeros(blocks, 1, 1,
-                                                                                                 dtype=torch.long)
-        c = _rows_of(k_ranges, blocks, x.device)[:, None, :] if x.shape[3] > 1 else torch.zeros(blocks, 1, 1,
-                                                                                                dtype=torch.long)
-        out = x[:, :, r.to(x.device), c.to(x.device)]                  # (Bb, Hb, blocks, R|1, C|1)
+        r = (
+            _rows_of(q_ranges, blocks, x.device)[:, :, None]
+            if x.shape[2] > 1
+            else torch.zeros(blocks, 1, 1, dtype=torch.long)
+        )
+        c = (
+            _rows_of(k_ranges, blocks, x.device)[:, None, :]
+            if x.shape[3] > 1
+            else torch.zeros(blocks, 1, 1, dtype=torch.long)
+        )
+        out = x[:, :, r.to(x.device), c.to(x.device)]  # (Bb, Hb, blocks, R|1, C|1)
     if blocks == 1:
         return out[:, :, 0]
     if hb == 1 and heads > 1:

@@ -33,6 +33,7 @@ A sliding window of 2 keys back on one 6-token segment (``window=(2, 0)``, the s
     q 4          # # #
     q 5            # # #
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -49,7 +50,7 @@ __all__ = ["ZorroMask"]
 
 Rule = Union[str, Sequence[str]]
 SegmentSpec = Sequence[tuple[str, int]]
-ALL = "*"      # rule value: every key segment
+ALL = "*"  # rule value: every key segment
 SELF = "self"  # rule value: the key segment with the query segment's own name (group-local rules)
 _GLOB = set("*?[")
 
@@ -104,7 +105,8 @@ def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg:
     if lengths.ndim != 2 or lengths.shape[1] != len(sizes):
         raise ValueError(
             f"{arg} must have shape (B, n_segments) = (B, {len(sizes)}) for segments {list(names)}, "
-            f"got {tuple(lengths.shape)}")
+            f"got {tuple(lengths.shape)}"
+        )
     if lengths.shape[0] == 0:
         raise ValueError(f"{arg} must hold at least one sample, got shape {tuple(lengths.shape)}")
     lengths = lengths.detach().to(device="cpu", dtype=torch.int64)
@@ -114,8 +116,7 @@ def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg:
     over = lengths > torch.tensor(sizes, dtype=torch.int64)
     if over.any():
         b, s = over.nonzero()[0].tolist()
-        raise ValueError(
-            f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds the size {sizes[s]} of segment {names[s]!r}")
+        raise ValueError(f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds the size {sizes[s]} of segment {names[s]!r}")
     return lengths.clone(memory_format=torch.contiguous_format)  # our own copy: the caller may edit theirs
 
 
@@ -150,14 +151,17 @@ def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
             if k_pat == SELF:  # group-local: each query segment sees the key segment of the same name
                 for i in rows:
                     if q_names[i] not in kv_index:
-                        raise ValueError(f"rules[{q_pat!r}] = 'self' but there is no key segment named "
-                                         f"{q_names[i]!r}; key segments are {_short(kv_names)}")
+                        raise ValueError(
+                            f"rules[{q_pat!r}] = 'self' but there is no key segment named "
+                            f"{q_names[i]!r}; key segments are {_short(kv_names)}"
+                        )
                     allow[i, kv_index[q_names[i]]] = True
                 continue
             cols = _match(k_pat, kv_names, kv_index)
             if not cols:
                 raise ValueError(
-                    f"rules[{q_pat!r}] names unknown key segment {k_pat!r}; key segments are {_short(kv_names)}")
+                    f"rules[{q_pat!r}] names unknown key segment {k_pat!r}; key segments are {_short(kv_names)}"
+                )
             allow[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
     return allow
 
@@ -180,9 +184,16 @@ def _check_window(window) -> Optional[tuple[int, int]]:
     return None if window == (-1, -1) else window
 
 
-def content_key(q_sizes, kv_sizes, is_self: bool, causal: bool, allow: torch.Tensor,
-                lengths: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
-                window: Optional[Sequence[int]] = None) -> str:
+def content_key(
+    q_sizes,
+    kv_sizes,
+    is_self: bool,
+    causal: bool,
+    allow: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    kv_lengths: Optional[torch.Tensor],
+    window: Optional[Sequence[int]] = None,
+) -> str:
     """Digest of a mask's description (see :attr:`ZorroMask.key`); ``kv_lengths`` is None for self-attention."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(q_sizes), tuple(kv_sizes), bool(is_self), bool(causal))).encode())
@@ -195,8 +206,16 @@ def content_key(q_sizes, kv_sizes, is_self: bool, causal: bool, allow: torch.Ten
 
 
 def _content_key(mask: "ZorroMask") -> str:
-    return content_key(mask.q_sizes, mask.kv_sizes, mask.is_self, mask.causal, mask.allow, mask.lengths,
-                       None if mask.is_self else mask.kv_lengths, mask.window)
+    return content_key(
+        mask.q_sizes,
+        mask.kv_sizes,
+        mask.is_self,
+        mask.causal,
+        mask.allow,
+        mask.lengths,
+        None if mask.is_self else mask.kv_lengths,
+        mask.window,
+    )
 
 
 def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
@@ -219,7 +238,8 @@ def _check_per_block_causal(q_lens, k_lens, what: str) -> None:
                 f"{what}: sequence {i} ({ql} queries, {kl} keys) needs its causal diagonal at offset {kl - ql} "
                 f"(bottom-right inside the sequence), but a ZorroMask has one diagonal for the whole row "
                 f"(key <= query + {nk - nq}), which puts it at {d}: not expressible; pack sequences whose query "
-                f"and key counts are equal, or build one mask per sequence")
+                f"and key counts are equal, or build one mask per sequence"
+            )
         q_start += ql
         k_start += kl
 
@@ -248,8 +268,17 @@ class ZorroMask:
     cached on it, so build a mask once and reuse it across layers.
     """
 
-    def __init__(self, q_segments: SegmentSpec, allow: torch.Tensor, *, kv_segments: Optional[SegmentSpec] = None,
-                 lengths=None, kv_lengths=None, causal: bool = False, window=None):
+    def __init__(
+        self,
+        q_segments: SegmentSpec,
+        allow: torch.Tensor,
+        *,
+        kv_segments: Optional[SegmentSpec] = None,
+        lengths=None,
+        kv_lengths=None,
+        causal: bool = False,
+        window=None,
+    ):
         self.q_names, self.q_sizes = _check_segments(q_segments, "segments")
         self.is_self = kv_segments is None
         if self.is_self:
@@ -261,8 +290,10 @@ class ZorroMask:
         if allow.dtype != torch.bool:
             raise TypeError(f"allow must be a bool tensor, got dtype {allow.dtype}")
         if tuple(allow.shape) != (len(self.q_sizes), len(self.kv_sizes)):
-            raise ValueError(f"allow must have shape (n_q_segments, n_kv_segments) = "
-                             f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {tuple(allow.shape)}")
+            raise ValueError(
+                f"allow must have shape (n_q_segments, n_kv_segments) = "
+                f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {tuple(allow.shape)}"
+            )
         self._allow = allow.detach().to("cpu").clone()
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -271,22 +302,31 @@ class ZorroMask:
         self._lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths")
         if self.is_self:
             if kv_lengths is not None:
-                raise ValueError("kv_lengths is only for cross-attention (with kv_segments); for self-attention the "
-                                 "keys share the queries' lengths")
+                raise ValueError(
+                    "kv_lengths is only for cross-attention (with kv_segments); for self-attention the "
+                    "keys share the queries' lengths"
+                )
             self._kv_lengths = self._lengths
         else:
             self._kv_lengths = _check_lengths(kv_lengths, self.kv_sizes, self.kv_names, "kv_lengths")
-        if self._lengths is not None and self._kv_lengths is not None and \
-                self._lengths.shape[0] != self._kv_lengths.shape[0]:
-            raise ValueError(f"lengths and kv_lengths disagree on the batch size: "
-                             f"{self._lengths.shape[0]} vs {self._kv_lengths.shape[0]}")
+        if (
+            self._lengths is not None
+            and self._kv_lengths is not None
+            and self._lengths.shape[0] != self._kv_lengths.shape[0]
+        ):
+            raise ValueError(
+                f"lengths and kv_lengths disagree on the batch size: "
+                f"{self._lengths.shape[0]} vs {self._kv_lengths.shape[0]}"
+            )
         self._cache: dict = {}
         self._frozen = True
 
     def __setattr__(self, name, value):
         if getattr(self, "_frozen", False):
-            raise AttributeError(f"ZorroMask is immutable (its cached tile maps and plans depend on it): cannot set "
-                                 f"{name!r}; build a new mask, e.g. mask.with_lengths(...)")
+            raise AttributeError(
+                f"ZorroMask is immutable (its cached tile maps and plans depend on it): cannot set "
+                f"{name!r}; build a new mask, e.g. mask.with_lengths(...)"
+            )
         object.__setattr__(self, name, value)
 
     # tensors are handed out as copies: editing one in place must not change the mask under its caches
@@ -307,8 +347,17 @@ class ZorroMask:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_segments(cls, segments: SegmentSpec, rules: Mapping[str, Rule], *, kv_segments: Optional[SegmentSpec] = None,
-                      lengths=None, kv_lengths=None, causal: bool = False, window=None) -> "ZorroMask":
+    def from_segments(
+        cls,
+        segments: SegmentSpec,
+        rules: Mapping[str, Rule],
+        *,
+        kv_segments: Optional[SegmentSpec] = None,
+        lengths=None,
+        kv_lengths=None,
+        causal: bool = False,
+        window=None,
+    ) -> "ZorroMask":
         """Segments and rules by name.
 
         Args:
@@ -333,8 +382,15 @@ class ZorroMask:
         q_names, _ = _check_segments(segments, "segments")
         kv_names = q_names if kv_segments is None else _check_segments(kv_segments, "kv_segments")[0]
         allow = _rules_to_allow(rules, q_names, kv_names)
-        return cls(segments, allow, kv_segments=kv_segments, lengths=lengths, kv_lengths=kv_lengths, causal=causal,
-                   window=window)
+        return cls(
+            segments,
+            allow,
+            kv_segments=kv_segments,
+            lengths=lengths,
+            kv_lengths=kv_lengths,
+            causal=causal,
+            window=window,
+        )
 
     @classmethod
     def from_allow(cls, segments: SegmentSpec, allow: torch.Tensor, **kwargs) -> "ZorroMask":
@@ -345,8 +401,15 @@ class ZorroMask:
         return cls(segments, allow, **kwargs)
 
     @classmethod
-    def zorro(cls, audio: Optional[int] = None, video: Optional[int] = None, fusion: int = 0, *, lengths=None,
-              **modalities: int) -> "ZorroMask":
+    def zorro(
+        cls,
+        audio: Optional[int] = None,
+        video: Optional[int] = None,
+        fusion: int = 0,
+        *,
+        lengths=None,
+        **modalities: int,
+    ) -> "ZorroMask":
         """The paper's mask: each modality attends to itself only; ``fusion`` attends to everything.
 
         Token order is ``audio, video, <other modalities in keyword order>, fusion``. Extra modalities may be given
@@ -369,16 +432,30 @@ class ZorroMask:
         return cls.from_segments(segments, rules, lengths=lengths)
 
     @classmethod
-    def full(cls, audio: Optional[int] = None, video: Optional[int] = None, fusion: int = 0, *, lengths=None,
-             **modalities: int) -> "ZorroMask":
+    def full(
+        cls,
+        audio: Optional[int] = None,
+        video: Optional[int] = None,
+        fusion: int = 0,
+        *,
+        lengths=None,
+        **modalities: int,
+    ) -> "ZorroMask":
         """Vanilla attention over the same layout as :meth:`zorro` (every token sees every token): the paper's
         full-attention ablation. Padding from ``lengths`` is still masked."""
         z = cls.zorro(audio, video, fusion, lengths=lengths, **modalities)
         return cls(list(zip(z.q_names, z.q_sizes)), torch.ones_like(z.allow), lengths=lengths)
 
     @classmethod
-    def bottleneck(cls, audio: Optional[int] = None, video: Optional[int] = None, bottleneck: int = 4, *,
-                   lengths=None, **modalities: int) -> "ZorroMask":
+    def bottleneck(
+        cls,
+        audio: Optional[int] = None,
+        video: Optional[int] = None,
+        bottleneck: int = 4,
+        *,
+        lengths=None,
+        **modalities: int,
+    ) -> "ZorroMask":
         """MBT-style (Nagrani et al., 2021) attention bottleneck: each modality attends to itself and to the
         bottleneck tokens; the bottleneck attends to everything. Token order ``audio, video, ..., bottleneck``."""
         z = cls.zorro(audio, video, bottleneck, lengths=lengths, **modalities)
@@ -388,8 +465,14 @@ class ZorroMask:
         return cls(segments, allow, lengths=lengths)
 
     @classmethod
-    def packed(cls, seq_lens: Sequence[int], *, causal: bool = False, names: Optional[Sequence[str]] = None,
-               kv_seq_lens: Optional[Sequence[int]] = None) -> "ZorroMask":
+    def packed(
+        cls,
+        seq_lens: Sequence[int],
+        *,
+        causal: bool = False,
+        names: Optional[Sequence[str]] = None,
+        kv_seq_lens: Optional[Sequence[int]] = None,
+    ) -> "ZorroMask":
         """Independent sequences packed into one row: sequence i attends only to sequence i (block-diagonal).
 
         Args:
@@ -443,14 +526,23 @@ class ZorroMask:
     @property
     def rules(self) -> dict[str, list[str]]:
         """The rules as a dict (query segment -> key segments); segments that see nothing are omitted."""
-        return {self.q_names[a]: [self.kv_names[c] for c in self._allow[a].nonzero().flatten().tolist()]
-                for a in range(len(self.q_names)) if self._allow[a].any()}
+        return {
+            self.q_names[a]: [self.kv_names[c] for c in self._allow[a].nonzero().flatten().tolist()]
+            for a in range(len(self.q_names))
+            if self._allow[a].any()
+        }
 
     def with_lengths(self, lengths=None, kv_lengths=None) -> "ZorroMask":
         """The same layout and rules with other per-sample lengths (a new mask with its own caches)."""
-        return ZorroMask(list(zip(self.q_names, self.q_sizes)), self._allow,
-                         kv_segments=None if self.is_self else list(zip(self.kv_names, self.kv_sizes)),
-                         lengths=lengths, kv_lengths=kv_lengths, causal=self.causal, window=self.window)
+        return ZorroMask(
+            list(zip(self.q_names, self.q_sizes)),
+            self._allow,
+            kv_segments=None if self.is_self else list(zip(self.kv_names, self.kv_sizes)),
+            lengths=lengths,
+            kv_lengths=kv_lengths,
+            causal=self.causal,
+            window=self.window,
+        )
 
     def band(self) -> tuple[Optional[int], Optional[int]]:
         """Causality and the window as one band on ``d = j - i - (Nk - Nq)``: key j is visible to query i only if
@@ -520,7 +612,7 @@ class ZorroMask:
         qs = torch.tensor((0,) + self.q_sizes, dtype=torch.int64).cumsum(0)[:-1]
         ks = torch.tensor((0,) + self.kv_sizes, dtype=torch.int64).cumsum(0)[:-1]
         off = self.num_kv - self.num_q
-        i0 = qs[None, :, None]                      # rows i in [i0, i0 + ql)
+        i0 = qs[None, :, None]  # rows i in [i0, i0 + ql)
         i1 = i0 + ql[:, :, None]
         j0 = ks[None, None, :]
         w = kl[:, None, :]
@@ -597,14 +689,21 @@ class ZorroMask:
         if len(rules) > 6:
             rules_s = f"<{len(rules)} rules>"
         else:
-            rules_s = "{" + ", ".join(
-                f"{q}: " + ("*" if len(v) == len(self.kv_names) else "[" + ", ".join(v) + "]")
-                for q, v in rules.items()) + "}"
-        head = (f"ZorroMask(q=[{segs(self.q_names, self.q_sizes)}], kv={kv}, rules={rules_s}"
-                + (", causal" if self.causal else "")
-                + (f", window={self.window}" if self.window is not None else "")
-                + (f", B={self.batch_size} (lengths)" if self.batch_size is not None else "")
-                + f", sparsity={self.sparsity():.1%})")
+            rules_s = (
+                "{"
+                + ", ".join(
+                    f"{q}: " + ("*" if len(v) == len(self.kv_names) else "[" + ", ".join(v) + "]")
+                    for q, v in rules.items()
+                )
+                + "}"
+            )
+        head = (
+            f"ZorroMask(q=[{segs(self.q_names, self.q_sizes)}], kv={kv}, rules={rules_s}"
+            + (", causal" if self.causal else "")
+            + (f", window={self.window}" if self.window is not None else "")
+            + (f", B={self.batch_size} (lengths)" if self.batch_size is not None else "")
+            + f", sparsity={self.sparsity():.1%})"
+        )
         return head + "\n" + self.draw()
 
     def draw(self, width: int = 48, sample: int = 0) -> str:

@@ -6,6 +6,7 @@ arithmetic, forward or backward, so NaN/Inf in a key a row may not attend, in a 
 upstream gradient of a row that sees nothing cannot reach another row's output or any gradient (no ``0 * NaN``).
 A bias is gathered the same way, on the allowed keys only; a ``-inf`` bias masks its pair, selected out (``where``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,8 +26,14 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x if g == 1 else repeat(x, "b hkv n d -> b (hkv g) n d", g=g)
 
 
-def _by_key_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _by_key_sets(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """One mask for the whole batch: ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``allowed (Nq, Nk)``, ``bias``
     broadcastable to ``(B, H, Nq, Nk)`` (each dim full or 1) or None."""
     key_sets, group = torch.unique(allowed, dim=0, return_inverse=True)
@@ -49,8 +56,14 @@ def _by_key_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: tor
     return q.new_empty(q.shape).index_copy(2, torch.cat(rows), torch.cat(outs, 2))
 
 
-def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                           scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dense_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """NaN-safe masked attention on a dense boolean mask; differentiable, twice too.
 
     Args:
@@ -70,14 +83,31 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
     if allowed.shape[0] == 1 and (bias is None or bias.shape[0] == 1):
         return _by_key_sets(q, k, v, allowed[0], scale, bias)
     allowed = allowed.expand(q.shape[0], -1, -1)
-    return torch.cat([_by_key_sets(q[i:i + 1], k[i:i + 1], v[i:i + 1], allowed[i], scale,
-                                   None if bias is None else bias[i:i + 1] if bias.shape[0] > 1 else bias)
-                      for i in range(q.shape[0])])
+    return torch.cat(
+        [
+            _by_key_sets(
+                q[i : i + 1],
+                k[i : i + 1],
+                v[i : i + 1],
+                allowed[i],
+                scale,
+                None if bias is None else bias[i : i + 1] if bias.shape[0] > 1 else bias,
+            )
+            for i in range(q.shape[0])
+        ]
+    )
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ZorroMask, *,
-                        scale: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None,
-                        bias=None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: ZorroMask,
+    *,
+    scale: Optional[float] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    bias=None,
+) -> torch.Tensor:
     """Masked attention through the dense boolean mask.
 
     Args:
@@ -102,7 +132,12 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         dense = dense[None]
     h = q.shape[1]
     full = materialize_bias(bias)
-    out = dense_masked_attention(q.to(compute_dtype), expand_kv_heads(k, h).to(compute_dtype),
-                                 expand_kv_heads(v, h).to(compute_dtype), dense, float(scale),
-                                 None if full is None else full.to(compute_dtype))
+    out = dense_masked_attention(
+        q.to(compute_dtype),
+        expand_kv_heads(k, h).to(compute_dtype),
+        expand_kv_heads(v, h).to(compute_dtype),
+        dense,
+        float(scale),
+        None if full is None else full.to(compute_dtype),
+    )
     return out.to(q.dtype)

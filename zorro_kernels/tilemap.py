@@ -22,6 +22,7 @@ to segments + tiles (2-D prefix sums over the segment rule table and closed-form
 an ``Nq x Nk`` tensor. Only tiles that straddle the causal diagonal or a sliding window's edges, O(Tq + Tk) of them, are
 checked element-wise; tiles wholly outside the band are empty (never visited).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -44,6 +45,7 @@ class TileMap(NamedTuple):
         full_q_num, partial_q_num: int32 ``(Bm, Tk)``.
         full_q_idx, partial_q_idx: int32 ``(Bm, Tk, Tq)``.
     """
+
     block_m: int
     block_n: int
     num_q: int
@@ -59,8 +61,9 @@ class TileMap(NamedTuple):
     partial_q_idx: torch.Tensor
 
     def to(self, device) -> "TileMap":
-        return self._replace(**{f: getattr(self, f).to(device) for f in self._fields
-                                if isinstance(getattr(self, f), torch.Tensor)})
+        return self._replace(
+            **{f: getattr(self, f).to(device) for f in self._fields if isinstance(getattr(self, f), torch.Tensor)}
+        )
 
     @property
     def tile_sparsity(self) -> float:
@@ -69,8 +72,9 @@ class TileMap(NamedTuple):
 
     def counts(self) -> dict[str, int]:
         """Number of empty, partial and full tiles over all ``Bm`` maps."""
-        return {name: int((self.kinds == k).sum()) for name, k in (("empty", EMPTY), ("partial", PARTIAL),
-                                                                    ("full", FULL))}
+        return {
+            name: int((self.kinds == k).sum()) for name, k in (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))
+        }
 
 
 class TokenMeta(NamedTuple):
@@ -89,6 +93,7 @@ class TokenMeta(NamedTuple):
     and k_pos[j] < k_len[b, k_seg[j]] and (not causal or j <= i + causal_offset)`` and, for a bounded side of the
     window, ``j >= i + causal_offset - window_left`` / ``j <= i + causal_offset + window_right``.
     """
+
     q_seg: torch.Tensor
     q_pos: torch.Tensor
     k_seg: torch.Tensor
@@ -102,15 +107,16 @@ class TokenMeta(NamedTuple):
     window_right: int = -1
 
     def to(self, device) -> "TokenMeta":
-        return self._replace(**{f: getattr(self, f).to(device) for f in self._fields
-                                if isinstance(getattr(self, f), torch.Tensor)})
+        return self._replace(
+            **{f: getattr(self, f).to(device) for f in self._fields if isinstance(getattr(self, f), torch.Tensor)}
+        )
 
     def element_mask(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The mask on sub-grids: bool ``(Bm, P, R, C)`` for int64 indices ``rows (P, R)``, ``cols (P, C)`` (in range)."""
-        qs, ks = self.q_seg[rows].long(), self.k_seg[cols].long()          # (P, R), (P, C)
-        m = self.allow[qs[:, :, None], ks[:, None, :]].bool()[None]         # (1, P, R, C)
-        q_ok = self.q_pos[rows][None] < self.q_len[:, qs]                  # (Bm, P, R)
-        k_ok = self.k_pos[cols][None] < self.k_len[:, ks]                  # (Bm, P, C)
+        qs, ks = self.q_seg[rows].long(), self.k_seg[cols].long()  # (P, R), (P, C)
+        m = self.allow[qs[:, :, None], ks[:, None, :]].bool()[None]  # (1, P, R, C)
+        q_ok = self.q_pos[rows][None] < self.q_len[:, qs]  # (Bm, P, R)
+        k_ok = self.k_pos[cols][None] < self.k_len[:, ks]  # (Bm, P, C)
         m = m & q_ok[..., :, None] & k_ok[..., None, :]
         d = cols[None, :, None, :] - rows[None, :, :, None] - self.causal_offset
         if self.causal:
@@ -133,20 +139,29 @@ def _segment_ids_and_pos(sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Te
 def build_token_meta(mask) -> TokenMeta:
     q_seg, q_pos = _segment_ids_and_pos(mask.q_sizes)
     k_seg, k_pos = _segment_ids_and_pos(mask.kv_sizes)
-    return TokenMeta(q_seg, q_pos, k_seg, k_pos, mask.allow.to(torch.int32),
-                     mask._q_lengths_or_sizes().to(torch.int32).contiguous(),
-                     mask._kv_lengths_or_sizes().to(torch.int32).contiguous(),
-                     mask.causal, mask.num_kv - mask.num_q, *(mask.window or (-1, -1)))
+    return TokenMeta(
+        q_seg,
+        q_pos,
+        k_seg,
+        k_pos,
+        mask.allow.to(torch.int32),
+        mask._q_lengths_or_sizes().to(torch.int32).contiguous(),
+        mask._kv_lengths_or_sizes().to(torch.int32).contiguous(),
+        mask.causal,
+        mask.num_kv - mask.num_q,
+        *(mask.window or (-1, -1)),
+    )
 
 
 class _Axis(NamedTuple):
     """One side (queries or keys) of the layout, reduced to its non-empty segments, cut into tiles (numpy arrays)."""
-    lo: np.ndarray         # (T,) first non-empty segment overlapping each tile
-    hi: np.ndarray         # (T,) last one
-    lo_valid: np.ndarray   # (Bm, T) first segment with a *valid* token in the tile (> hi: none)
-    n_valid: np.ndarray    # (Bm, T) valid tokens in the tile
-    n_rows: np.ndarray     # (T,) tokens of the tile inside the matrix
-    complete: np.ndarray   # (T,) the tile lies wholly inside the matrix
+
+    lo: np.ndarray  # (T,) first non-empty segment overlapping each tile
+    hi: np.ndarray  # (T,) last one
+    lo_valid: np.ndarray  # (Bm, T) first segment with a *valid* token in the tile (> hi: none)
+    n_valid: np.ndarray  # (Bm, T) valid tokens in the tile
+    n_rows: np.ndarray  # (T,) tokens of the tile inside the matrix
+    complete: np.ndarray  # (T,) the tile lies wholly inside the matrix
     valid_seg: np.ndarray  # (Bm, S) segment has at least one valid token
 
 
@@ -239,9 +254,17 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
         kinds = _apply_band(mask, torch.from_numpy(kinds), block_m, block_n).numpy()
 
     kt = kinds.transpose(0, 2, 1)
-    return TileMap(block_m, block_n, mask.num_q, mask.num_kv, torch.from_numpy(np.ascontiguousarray(kinds)),
-                   *_sorted_lists(kinds, FULL), *_sorted_lists(kinds, PARTIAL),
-                   *_sorted_lists(kt, FULL), *_sorted_lists(kt, PARTIAL))
+    return TileMap(
+        block_m,
+        block_n,
+        mask.num_q,
+        mask.num_kv,
+        torch.from_numpy(np.ascontiguousarray(kinds)),
+        *_sorted_lists(kinds, FULL),
+        *_sorted_lists(kinds, PARTIAL),
+        *_sorted_lists(kt, FULL),
+        *_sorted_lists(kt, PARTIAL),
+    )
 
 
 def _apply_band(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
@@ -255,7 +278,7 @@ def _apply_band(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.
     r1 = torch.clamp(r0 + block_m, max=nq) - 1  # last row in the matrix
     c0 = torch.arange(tk) * block_n
     c1 = torch.clamp(c0 + block_n, max=nk) - 1
-    d_min = c0[None, :] - r1[:, None] - off     # the tile's smallest and largest j - i - off
+    d_min = c0[None, :] - r1[:, None] - off  # the tile's smallest and largest j - i - off
     d_max = c1[None, :] - r0[:, None] - off
     outside = torch.zeros(tq, tk, dtype=torch.bool)
     inside = torch.ones(tq, tk, dtype=torch.bool)
@@ -270,11 +293,11 @@ def _apply_band(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.
     straddle = (~outside & ~inside).nonzero()
     if len(straddle):
         ms, ns = straddle[:, 0], straddle[:, 1]
-        rows = r0[ms, None] + torch.arange(block_m)[None]          # (P, BM)
-        cols = c0[ns, None] + torch.arange(block_n)[None]          # (P, BN)
+        rows = r0[ms, None] + torch.arange(block_m)[None]  # (P, BM)
+        cols = c0[ns, None] + torch.arange(block_n)[None]  # (P, BN)
         rows_in, cols_in = rows <= r1[ms, None], cols <= c1[ns, None]
         em = build_token_meta(mask).element_mask(rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
         em = em & rows_in[None, :, :, None] & cols_in[None, :, None, :]
-        any_ = em.flatten(2).any(2).expand(kinds.shape[0], -1)     # (Bm, P)
+        any_ = em.flatten(2).any(2).expand(kinds.shape[0], -1)  # (Bm, P)
         kinds[:, ms, ns] = torch.where(any_, PARTIAL, EMPTY).to(torch.int8)
     return kinds

@@ -11,10 +11,10 @@ Errors are one line on stderr (``zorro: error: ...``) and exit status 1; ``--deb
 traceback instead. Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the training module:
 ``torchrun --nproc_per_node=N -m zorro_models.train ...`` (see docs/training.md).
 """
+
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,8 +31,12 @@ __all__ = ["main", "build_parser", "error_line"]
 def _add_debug(p: argparse.ArgumentParser, default) -> None:
     # on the top-level parser (zorro --debug CMD) and on each command (zorro CMD ... --debug); SUPPRESS keeps a
     # command's parser from resetting what the top level set
-    p.add_argument("--debug", action="store_true", default=default,
-                   help="show the full traceback of an error (also: ZORRO_DEBUG=1)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the full traceback of an error (also: ZORRO_DEBUG=1)",
+    )
 
 
 def _add_threads(p: argparse.ArgumentParser, default_help: str) -> None:
@@ -43,8 +47,9 @@ def _masks(text: str) -> list:
     masks = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in masks if m not in MASK_KINDS]
     if not masks or bad:
-        raise argparse.ArgumentTypeError(f"masks must be a comma-separated subset of {', '.join(MASK_KINDS)}; "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"masks must be a comma-separated subset of {', '.join(MASK_KINDS)}; got {text!r}"
+        )
     return masks
 
 
@@ -59,18 +64,32 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zorro", description="Train, evaluate and inspect Zorro models.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="zorro",
+        description="Train, evaluate and inspect Zorro models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="contrastive pre-training of Zorro and of full attention on the embedded data, "
-                                    "linear probes, a comparison table (CPU, minutes)")
+    p = sub.add_parser(
+        "demo",
+        help="contrastive pre-training of Zorro and of full attention on the embedded data, "
+        "linear probes, a comparison table (CPU, minutes)",
+    )
     p.add_argument("--out", default="zorro_demo", help="output folder (default: %(default)s)")
-    p.add_argument("--masks", type=_masks, default="zorro,full", help="comma-separated masks to compare "
-                   f"({', '.join(MASK_KINDS)}; default: %(default)s)")
-    p.add_argument("--model", help="the preset whose masks are compared (default: the config's model.name, "
-                                   "zorro_vit_demo); same as model.name=NAME")
+    p.add_argument(
+        "--masks",
+        type=_masks,
+        default="zorro,full",
+        help=f"comma-separated masks to compare ({', '.join(MASK_KINDS)}; default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        help="the preset whose masks are compared (default: the config's model.name, "
+        "zorro_vit_demo); same as model.name=NAME",
+    )
     _add_threads(p, "half the cores, at least 1")
     p.add_argument("--no-baseline", action="store_true", help="skip the probes of the untrained model")
     p.add_argument("--overwrite", action="store_true", help="replace the demo runs already in --out")
@@ -81,26 +100,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     add_run_folder_args(p)
 
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint: supervised heads and/or linear probes under "
-                                    "audio-visual, audio-only and video-only inputs")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run or checkpoint: supervised heads and/or linear probes under "
+        "audio-visual, audio-only and video-only inputs",
+    )
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--probes", action="store_true", help="also fit linear probes (always done for contrastive runs)")
     p.add_argument("--out", help="where to write eval.json and eval.png (default: the run folder)")
     _add_threads(p, "half the cores, at least 1")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="changes to the stored config, e.g. probe.train_size=512 data.val_csv=...")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="changes to the stored config, e.g. probe.train_size=512 data.val_csv=...",
+    )
 
-    p = sub.add_parser("ablate", help="the paper's ablation grid (mask x parameter sharing x objective), every cell "
-                                      "trained and scored under audio-only, video-only and audio-visual inputs; "
-                                      "resumable (default: 24 runs, about 10 min on a quiet 2-core CPU; docs/ablate.md)")
+    p = sub.add_parser(
+        "ablate",
+        help="the paper's ablation grid (mask x parameter sharing x objective), every cell "
+        "trained and scored under audio-only, video-only and audio-visual inputs; "
+        "resumable (default: 24 runs, about 10 min on a quiet 2-core CPU; docs/ablate.md)",
+    )
     p.add_argument("--out", default="zorro_ablate", help="output folder; rerun to resume (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=2, help="runs per cell, seeds train.seed + 0..N-1 (default: 2)")
-    p.add_argument("--grid", nargs="+", default=[], metavar="AXIS=V1,V2",
-                   help="restrict axes: mask=zorro,bottleneck,full sharing=shared,separate "
-                        "objective=contrastive,supervised (an axis not named keeps all its values)")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="AXIS=V1,V2",
+        help="restrict axes: mask=zorro,bottleneck,full sharing=shared,separate "
+        "objective=contrastive,supervised (an axis not named keeps all its values)",
+    )
     _add_threads(p, "half the cores, at least 1")
-    p.add_argument("--overwrite", action="store_true",
-                   help="retrain runs in --out whose configuration differs from this one (default: stop and say so)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain runs in --out whose configuration differs from this one (default: stop and say so)",
+    )
     add_config_args(p)
 
     p = sub.add_parser("bench", help="training-step and inference throughput of a config, per mask")
@@ -109,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p, "PyTorch's")
     add_config_args(p)
 
-    p = sub.add_parser("show-mask", help="draw every attention layout of a model: ViT's, Swin's windows and shifted "
-                                         "windows per stage, HiP's groups per level, the readout")
+    p = sub.add_parser(
+        "show-mask",
+        help="draw every attention layout of a model: ViT's, Swin's windows and shifted "
+        "windows per stage, HiP's groups per level, the readout",
+    )
     p.add_argument("--model", default="zorro_vit_demo", help="a preset (see zorro_models.list_models())")
     p.add_argument("--mask", default="zorro", choices=list(MASK_KINDS))
     p.add_argument("--audio-only", action="store_true", help="the layout of an audio-only call")
@@ -126,8 +166,15 @@ def cmd_demo(args) -> int:
     from .commands.demo import run_demo
 
     overrides = [f"model.name={args.model}"] * bool(args.model) + list(args.overrides)
-    results = run_demo(args.out, masks=args.masks, config=args.config, overrides=overrides,
-                       threads=args.threads, baseline=not args.no_baseline, overwrite=args.overwrite)
+    results = run_demo(
+        args.out,
+        masks=args.masks,
+        config=args.config,
+        overrides=overrides,
+        threads=args.threads,
+        baseline=not args.no_baseline,
+        overwrite=args.overwrite,
+    )
     return 0 if results.get("verdict") is None or not results["verdict"].startswith("WARNING") else 1
 
 
@@ -137,8 +184,15 @@ def cmd_ablate(args) -> int:
     # --grid's nargs="+" also swallows the section.key=value overrides after it; an axis name never has a dot
     grid = [g for g in args.grid if "." not in g.partition("=")[0]]
     overrides = [g for g in args.grid if g not in grid] + list(args.overrides)
-    run_ablate(args.out, grid=grid, seeds=args.seeds, config=args.config, overrides=overrides, threads=args.threads,
-               overwrite=args.overwrite)
+    run_ablate(
+        args.out,
+        grid=grid,
+        seeds=args.seeds,
+        config=args.config,
+        overrides=overrides,
+        threads=args.threads,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -162,9 +216,15 @@ def cmd_eval(args) -> int:
     cfg, task, ckpt = load_run(args.checkpoint, args.overrides)
     print(f"[zorro eval] {ckpt}", flush=True)
     out = Path(args.out) if args.out else ckpt.parent.parent
-    report = evaluate_run(cfg, task, probes=args.probes, out=out, label=ckpt.parent.parent.name or "model",
-                          info={"checkpoint": str(ckpt)}, progress=lambda line: print(f"[zorro eval] {line}",
-                                                                                     flush=True))
+    report = evaluate_run(
+        cfg,
+        task,
+        probes=args.probes,
+        out=out,
+        label=ckpt.parent.parent.name or "model",
+        info={"checkpoint": str(ckpt)},
+        progress=lambda line: print(f"[zorro eval] {line}", flush=True),
+    )
     for key, title in (("heads", "supervised heads"), ("probes", "linear probes")):
         if key in report:
             res, metric = report[key]["results"], report[key]["metric"]
@@ -182,8 +242,10 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = bench_training(args.config, args.overrides, args.masks, args.steps)
-    print(f"{res['model']}, batch {res['batch_size']}, {res['threads']} thread(s), device {res['device']}; median "
-          f"of {res['steps']} training steps (data, front-end, forward, backward, AdamW)")
+    print(
+        f"{res['model']}, batch {res['batch_size']}, {res['threads']} thread(s), device {res['device']}; median "
+        f"of {res['steps']} training steps (data, front-end, forward, backward, AdamW)"
+    )
     rows = res["rows"]
     print(format_table(rows, list(next(iter(rows.values()))), row_header="mask", fmt="{:.3f}"))
     return 0
@@ -195,7 +257,14 @@ def cmd_show_mask(args) -> int:
     return show_mask(args.model, args.mask, audio_only=args.audio_only, video_only=args.video_only, png=args.png)
 
 
-COMMANDS = {"demo": cmd_demo, "ablate": cmd_ablate, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "show-mask": cmd_show_mask}
+COMMANDS = {
+    "demo": cmd_demo,
+    "ablate": cmd_ablate,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "show-mask": cmd_show_mask,
+}
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -211,8 +280,6 @@ def main(argv: Optional[list] = None) -> int:
     if rest:
         args.overrides = list(args.overrides) + rest
     return run_reporting_errors(lambda: COMMANDS[args.command](args), args.debug)
-
-
 
 
 if __name__ == "__main__":

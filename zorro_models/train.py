@@ -6,6 +6,7 @@
 The trainer itself is :mod:`zorro_models.training.trainer`; this module only reads the command line and reports an error
 as one line per failing rank, as ``zorro train`` does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,14 @@ def main(argv=None) -> int:
     """The torchrun entry point. Errors are one line per failing rank, as ``zorro train``'s; ``--debug`` (or
     ``ZORRO_DEBUG=1``) shows the traceback."""
     prog = "python -m zorro_models.train"
-    parser = argparse.ArgumentParser(prog=prog, description="Train a Zorro model in this process (torchrun starts one per device).")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train a Zorro model in this process (torchrun starts one per device)."
+    )
     add_config_args(parser)
     add_run_folder_args(parser)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: ZORRO_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (also: ZORRO_DEBUG=1)"
+    )
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
 

@@ -13,6 +13,7 @@ is False), which :mod:`zorro_kernels._ops` wraps into one autograd Function and,
 ``backend="auto"`` chooses among the backends that take the input (:mod:`zorro_kernels.auto`); a forced backend that
 refuses raises with its reasons. Nothing falls back silently.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class Backend:
         eager: optional differentiable ``(q, k, v, mask, scale[, bias]) -> out`` used outside compilation.
         extra_reasons: ``(q, k, v, mask) -> list[str]`` for what the fields cannot say.
     """
+
     name: str
     description: str
     forward: Callable
@@ -83,8 +85,9 @@ class Backend:
         if devices is not None and q.device.type not in devices:
             reasons.append(f"runs on {'/'.join(devices)} tensors, got device {q.device.type}")
         if q.dtype not in self.dtypes:
-            reasons.append(f"dtype {_dtype_name(q.dtype)} is not supported "
-                           f"({', '.join(_dtype_name(d) for d in self.dtypes)} are)")
+            reasons.append(
+                f"dtype {_dtype_name(q.dtype)} is not supported ({', '.join(_dtype_name(d) for d in self.dtypes)} are)"
+            )
         if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
             reasons.append(f"head dim D={q.shape[-1]} exceeds the maximum {self.max_head_dim}")
         if not self.compile and torch.compiler.is_compiling():
@@ -117,6 +120,7 @@ def backward_by_recompute(differentiable: Callable) -> Callable:
     """A ``backward`` for a backend whose only gradient is autograd through
     ``differentiable(q, k, v, mask, scale[, bias])``: the forward is recomputed under autograd (so it also runs inside
     the backward custom op). With a bias it returns ``(dq, dk, dv, dbias)``."""
+
     def backward(dout, q, k, v, out, lse, mask, scale, bias=None, need_dbias=True):
         # a bias whose gradient is not wanted is a constant of the recompute (its gradient comes back None)
         const = () if bias is None or need_dbias else (bias,)
@@ -132,6 +136,7 @@ def backward_by_recompute(differentiable: Callable) -> Callable:
             leaves = tuple(t.detach().requires_grad_() for t in inputs)
             grads = torch.autograd.grad(fwd(*leaves), leaves, dout, materialize_grads=True)
             return (*grads, *((None,) if const else ()))
+
     return backward
 
 
@@ -150,10 +155,17 @@ def _reference_forward(q, k, v, mask, scale, bias=None):
         return _reference(q, k, v, mask, scale, bias), _no_lse(q)
 
 
-register_backend(Backend(
-    "reference", "dense boolean mask, each row attending exactly its keys (slow; NaN-safe; the oracle)",
-    _reference_forward, backward_by_recompute(_reference), bias=True, window=True,
-    eager=_reference))
+register_backend(
+    Backend(
+        "reference",
+        "dense boolean mask, each row attending exactly its keys (slow; NaN-safe; the oracle)",
+        _reference_forward,
+        backward_by_recompute(_reference),
+        bias=True,
+        window=True,
+        eager=_reference,
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------------- segments
@@ -177,29 +189,56 @@ def _segments_backward(dout, q, k, v, out, lse, mask, scale, bias=None, need_dbi
     if bias is not None:  # the bias's gradient comes from SDPA under autograd: recompute
         return _segments_recompute(dout, q, k, v, out, lse, mask, scale, bias, need_dbias)
     if _cpu_kernels(q.device):
-        return cpu_backward(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse,
-                            mask.derived(build_plan), scale)
+        return cpu_backward(
+            dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse, mask.derived(build_plan), scale
+        )
     # elsewhere the path is SDPA under autograd, with no standalone backward: recompute it
     return _segments_recompute(dout, q, k, v, out, lse, mask, scale)
 
 
-register_backend(Backend(
-    "segments", "exact segment decomposition into unmasked fused SDPA calls (the CPU fast path; any device)",
-    _segments_forward, _segments_backward, bias=True, window=True, eager=segment_attention))
+register_backend(
+    Backend(
+        "segments",
+        "exact segment decomposition into unmasked fused SDPA calls (the CPU fast path; any device)",
+        _segments_forward,
+        _segments_backward,
+        bias=True,
+        window=True,
+        eager=segment_attention,
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------------- triton
-register_backend(Backend(
-    "triton", _triton.DESCRIPTION, _triton.forward, _triton.backward, devices=_triton.devices,
-    dtypes=_triton.DTYPES, max_head_dim=_triton.MAX_HEAD_DIM, bias=True, window=True,
-    extra_reasons=_triton.extra_reasons))
+register_backend(
+    Backend(
+        "triton",
+        _triton.DESCRIPTION,
+        _triton.forward,
+        _triton.backward,
+        devices=_triton.devices,
+        dtypes=_triton.DTYPES,
+        max_head_dim=_triton.MAX_HEAD_DIM,
+        bias=True,
+        window=True,
+        extra_reasons=_triton.extra_reasons,
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------------- dense
-register_backend(Backend(
-    "dense", "the whole matrix in one masked computation, non-finite results redone by the "
-    "segment path (CPU; for problems too small to split)", dense_forward, dense_backward, devices=("cpu",),
-    # no float64: the fp32 LSE the dispatcher carries costs its backward ~1e-8 (the segment path takes fp64); no
-    # ``eager`` shortcut through SDPA's own autograd: its backward multiplies a NaN upstream gradient by the masked
-    # P = 0 and so reaches keys the row may not attend, which dense_backward prevents
-    dtypes=(torch.float16, torch.bfloat16, torch.float32), window=True))
+register_backend(
+    Backend(
+        "dense",
+        "the whole matrix in one masked computation, non-finite results redone by the "
+        "segment path (CPU; for problems too small to split)",
+        dense_forward,
+        dense_backward,
+        devices=("cpu",),
+        # no float64: the fp32 LSE the dispatcher carries costs its backward ~1e-8 (the segment path takes fp64); no
+        # ``eager`` shortcut through SDPA's own autograd: its backward multiplies a NaN upstream gradient by the masked
+        # P = 0 and so reaches keys the row may not attend, which dense_backward prevents
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        window=True,
+    )
+)

@@ -10,6 +10,7 @@ zeroed before the kernels run and NaN is put back only where the isolation rule 
 a bad key or are bad themselves, and the keys those rows may attend). Clean rows come out bit for bit as from clean
 inputs. Rows that see nothing are exactly 0 with zero gradients.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,15 @@ def dense_forward(q, k, v, mask, scale: float, bias=None):
         out, lse = _math_forward(q, k, v, blocked, dead, scale)
     else:
         h = q.shape[1]
-        out, lse = _fwd_flash(q, expand_kv_heads(k, h), expand_kv_heads(v, h), 0.0, False,
-                              attn_mask=mask.derived(_additive, q.dtype, q.device), scale=scale)
+        out, lse = _fwd_flash(
+            q,
+            expand_kv_heads(k, h),
+            expand_kv_heads(v, h),
+            0.0,
+            False,
+            attn_mask=mask.derived(_additive, q.dtype, q.device),
+            scale=scale,
+        )
         if dead is not None:
             out = out.masked_fill(dead, 0.0)
     if hit is not None:
@@ -126,10 +134,19 @@ def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
         rows = (bad_q | bad_do | hit) & live
         out = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0.0)
         lse = lse.masked_fill(rows | ~live, 0.0)  # finite: a poisoned row's or dead row's exp() must not be NaN
-        keys = ((~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2)))  # (B, H, Nk)
-    dq, dk, dv = _bwd_flash(dout, q, expand_kv_heads(k, h), expand_kv_heads(v, h), out,
-                            lse.double() if q.dtype == torch.float64 else lse, 0.0, False,
-                            attn_mask=mask.derived(_additive, q.dtype, q.device), scale=scale)
+        keys = (~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2))  # (B, H, Nk)
+    dq, dk, dv = _bwd_flash(
+        dout,
+        q,
+        expand_kv_heads(k, h),
+        expand_kv_heads(v, h),
+        out,
+        lse.double() if q.dtype == torch.float64 else lse,
+        0.0,
+        False,
+        attn_mask=mask.derived(_additive, q.dtype, q.device),
+        scale=scale,
+    )
     if hkv != h:  # GQA: the query heads of a group all read one kv head
         dk, dv = (g.unflatten(1, (hkv, h // hkv)).sum(2) for g in (dk, dv))
         if keys is not None:

@@ -21,6 +21,7 @@ paper's layout, audio x audio, video x video and fusion x everything. This backe
 Rows that see nothing are never computed: they stay 0, and their gradients are 0. Nothing a row may not attend is
 read for it, forward or backward.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -31,8 +32,18 @@ import torch.nn.functional as F
 from ..bias import step_bias
 from ..reference import expand_kv_heads
 
-__all__ = ["segment_attention", "segment_attention_sdpa", "build_plan", "cpu_forward", "cpu_backward",
-           "straddling_attention", "Plan", "Pattern", "Step", "BAND_ROWS"]
+__all__ = [
+    "segment_attention",
+    "segment_attention_sdpa",
+    "build_plan",
+    "cpu_forward",
+    "cpu_backward",
+    "straddling_attention",
+    "Plan",
+    "Pattern",
+    "Step",
+    "BAND_ROWS",
+]
 
 Ranges = tuple[tuple[int, int], ...]
 # query rows per chunk of a group that straddles a causal diagonal or window edge: bounds the (rows x keys x D)
@@ -43,6 +54,7 @@ BAND_ROWS = 64
 class Step(NamedTuple):
     """One dense attention problem: gathered query rows x gathered key rows, as ``blocks`` independent diagonal
     blocks of equal size (``blocks > 1`` only for fused runs of windows / packed sequences, each a single range)."""
+
     q_ranges: Ranges
     k_ranges: Ranges
     blocks: int = 1
@@ -55,8 +67,8 @@ class Step(NamedTuple):
 class Pattern(NamedTuple):
     batch: Optional[torch.Tensor]  # sample indices sharing these lengths; None = the whole batch
     steps: tuple[Step, ...]
-    q_uncovered: Ranges            # query rows no step writes: they stay 0
-    k_uncovered: Ranges            # key rows no step reads: their gradients are 0
+    q_uncovered: Ranges  # query rows no step writes: they stay 0
+    k_uncovered: Ranges  # key rows no step reads: their gradients are 0
 
 
 class Plan(NamedTuple):
@@ -105,6 +117,7 @@ def _chunks(r: tuple[int, int], size: int) -> list[tuple[int, int]]:
 def _fuse_runs(steps: list[Step]) -> list[Step]:
     """Replace maximal runs (>= 2) of equal-size, adjacent, single-range, unmasked diagonal steps by one step of
     ``blocks`` blocks (windows and packed sequences become one batched call instead of hundreds of small ones)."""
+
     def simple(x):
         return x.mask is None and len(x.q_ranges) == 1 and len(x.k_ranges) == 1
 
@@ -116,8 +129,12 @@ def _fuse_runs(steps: list[Step]) -> list[Step]:
             while j < len(steps) and simple(steps[j]):
                 (a0, a1), (c0, c1) = steps[j].q_ranges[0], steps[j].k_ranges[0]
                 n = j - i
-                if (a0, a1, c0, c1) != (q0 + n * (q1 - q0), q0 + (n + 1) * (q1 - q0),
-                                        k0 + n * (k1 - k0), k0 + (n + 1) * (k1 - k0)):
+                if (a0, a1, c0, c1) != (
+                    q0 + n * (q1 - q0),
+                    q0 + (n + 1) * (q1 - q0),
+                    k0 + n * (k1 - k0),
+                    k0 + (n + 1) * (k1 - k0),
+                ):
                     break
                 j += 1
         if j - i >= 2:
@@ -173,8 +190,8 @@ def build_plan(mask) -> Plan:
     patterns = []
     for u in range(uniq.shape[0]):
         lens = uniq[u].tolist()
-        qv = _valid_ranges(mask.q_sizes, lens[:len(mask.q_sizes)])
-        kv = _valid_ranges(mask.kv_sizes, lens[len(mask.q_sizes):])
+        qv = _valid_ranges(mask.q_sizes, lens[: len(mask.q_sizes)])
+        kv = _valid_ranges(mask.kv_sizes, lens[len(mask.q_sizes) :])
         by_keys: dict[Ranges, list] = {}
         for a, qr in enumerate(qv):
             if qr is None:
@@ -188,11 +205,14 @@ def build_plan(mask) -> Plan:
             if lo is None and hi is None:
                 steps.append(Step(q_ranges, keys))
                 continue
+
             # banded: one step per query range, keys trimmed to the band; a range that straddles the band's edge is
             # cut into chunks of BAND_ROWS rows, each with its own element mask
             def trim(qr):
-                return _merge((s if lo is None else max(s, qr[0] + off + lo),
-                               e if hi is None else min(e, qr[1] + off + hi)) for s, e in keys)
+                return _merge(
+                    (s if lo is None else max(s, qr[0] + off + lo), e if hi is None else min(e, qr[1] + off + hi))
+                    for s, e in keys
+                )
 
             for r in q_ranges:
                 if trim(r) and _band_block((r,), trim(r), off, lo, hi).all():
@@ -235,7 +255,7 @@ def _unfold(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _scatter(dst: torch.Tensor, ranges: Ranges, src: torch.Tensor) -> None:
     off = 0
     for s, e in ranges:
-        dst[:, :, s:e] = src[:, :, off:off + e - s]
+        dst[:, :, s:e] = src[:, :, off : off + e - s]
         off += e - s
 
 
@@ -250,8 +270,14 @@ def _step_bias(st: Step, bias, batch, heads: int, dtype) -> Optional[torch.Tenso
     return None if b is None else b.to(dtype)
 
 
-def straddling_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                         bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def straddling_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one step across a causal diagonal or window edge; differentiable (twice, too) and NaN-safe.
 
     Args:
@@ -286,7 +312,8 @@ def straddling_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     dead = torch.isneginf(lse)
     p = torch.where(mask & ~dead, torch.exp(s - torch.where(dead, 0, lse)), 0)
     out = p[..., :n_all] @ v[:, :, :n_all] + torch.einsum(
-        "bhrc,bhrcd->bhrd", p[..., n_all:], torch.where(sel, v[:, :, None, n_all:], 0))
+        "bhrc,bhrcd->bhrd", p[..., n_all:], torch.where(sel, v[:, :, None, n_all:], 0)
+    )
     return out.to(dtype), torch.where(live, lse, float("-inf"))[..., 0]
 
 
@@ -366,8 +393,17 @@ def _straddle_cpu_backward(go, q, k, v, out, lse, mask, scale):
     dk.index_copy_(2, rest, dk.index_select(2, rest).masked_fill(keys[..., None], nan))
     dv.index_copy_(2, rest, dv.index_select(2, rest).masked_fill(keys[..., None], nan))
     if every.numel():
-        g_q, g_k, g_v = _bwd_cpu(go.contiguous(), q, k.index_select(2, every), v.index_select(2, every),
-                                 out.contiguous(), lse.contiguous(), 0.0, False, scale=scale)
+        g_q, g_k, g_v = _bwd_cpu(
+            go.contiguous(),
+            q,
+            k.index_select(2, every),
+            v.index_select(2, every),
+            out.contiguous(),
+            lse.contiguous(),
+            0.0,
+            False,
+            scale=scale,
+        )
         dq = dq + g_q
         dk.index_copy_(2, every, g_k)
         dv.index_copy_(2, every, g_v)
@@ -395,8 +431,11 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
         lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
         for st in pat.steps:
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
-            args = (_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                    _gather(vb, st.k_ranges, st.blocks))
+            args = (
+                _gather(qb, st.q_ranges, st.blocks),
+                _gather(kb, st.k_ranges, st.blocks),
+                _gather(vb, st.k_ranges, st.blocks),
+            )
             if st.mask is None:
                 o, l = _fwd_cpu(*args, 0.0, False, attn_mask=sb, scale=scale)
             elif sb is None:
@@ -429,20 +468,32 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
         for st in pat.steps:
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             go = _gather(gb, st.q_ranges, st.blocks)
-            args = (_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                    _gather(vb, st.k_ranges, st.blocks))
+            args = (
+                _gather(qb, st.q_ranges, st.blocks),
+                _gather(kb, st.k_ranges, st.blocks),
+                _gather(vb, st.k_ranges, st.blocks),
+            )
             if st.mask is None:
-                g_q, g_k, g_v = _bwd_cpu(go.contiguous(), *args, _gather(ob, st.q_ranges, st.blocks),
-                                         _gather(lb, st.q_ranges, st.blocks).contiguous(), 0.0, False,
-                                         attn_mask=sb, scale=scale)
+                g_q, g_k, g_v = _bwd_cpu(
+                    go.contiguous(),
+                    *args,
+                    _gather(ob, st.q_ranges, st.blocks),
+                    _gather(lb, st.q_ranges, st.blocks).contiguous(),
+                    0.0,
+                    False,
+                    attn_mask=sb,
+                    scale=scale,
+                )
             elif sb is None:
-                g_q, g_k, g_v = _straddle_cpu_backward(go, *args, _gather(ob, st.q_ranges), _gather(lb, st.q_ranges),
-                                                       st.mask, scale)
+                g_q, g_k, g_v = _straddle_cpu_backward(
+                    go, *args, _gather(ob, st.q_ranges), _gather(lb, st.q_ranges), st.mask, scale
+                )
             else:  # with a bias, a step across the band's edge is recomputed under autograd (a BAND_ROWS-row chunk)
                 with torch.enable_grad():
                     leaves = tuple(t.detach().requires_grad_() for t in args)
-                    g_q, g_k, g_v = torch.autograd.grad(straddling_attention(*leaves, st.mask, scale, sb)[0],
-                                                        leaves, go)
+                    g_q, g_k, g_v = torch.autograd.grad(
+                        straddling_attention(*leaves, st.mask, scale, sb)[0], leaves, go
+                    )
             _scatter(dqb, st.q_ranges, _unfold(g_q, h))
             for g, dst in ((g_k, dkb), (g_v, dvb)):
                 g = _unfold(g, h)
@@ -450,9 +501,9 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                     g = g.unflatten(1, (hkv, h // hkv)).sum(2)
                 for s, e, o, acc in st.k_writes:
                     if acc:
-                        dst[:, :, s:e] += g[:, :, o:o + e - s]
+                        dst[:, :, s:e] += g[:, :, o : o + e - s]
                     else:
-                        dst[:, :, s:e] = g[:, :, o:o + e - s]
+                        dst[:, :, s:e] = g[:, :, o : o + e - s]
         for t, ranges in ((dqb, pat.q_uncovered), (dkb, pat.k_uncovered), (dvb, pat.k_uncovered)):
             _zero(t, ranges)
         if pat.batch is not None:
@@ -475,8 +526,10 @@ class _SegmentAttentionCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():  # create_graph=True: ATen's CPU flash backward has no derivative of its own
-            raise RuntimeError("zorro_attention: the segments backend's CPU backward cannot be differentiated (double "
-                               "backward, create_graph=True); use backend='reference' for higher-order gradients")
+            raise RuntimeError(
+                "zorro_attention: the segments backend's CPU backward cannot be differentiated (double "
+                "backward, create_graph=True); use backend='reference' for higher-order gradients"
+            )
         return (*cpu_backward(grad_out, *ctx.saved_tensors, ctx.plan, ctx.scale, ctx.bias), None, None, None)
 
 
@@ -492,8 +545,11 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float, bias=None) ->
         ob = out if pat.batch is None else qb.new_zeros(qb.shape)
         for st in pat.steps:
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
-            args = (_gather(qb, st.q_ranges, st.blocks), _gather(kb, st.k_ranges, st.blocks),
-                    _gather(vb, st.k_ranges, st.blocks))
+            args = (
+                _gather(qb, st.q_ranges, st.blocks),
+                _gather(kb, st.k_ranges, st.blocks),
+                _gather(vb, st.k_ranges, st.blocks),
+            )
             if st.mask is None:
                 o = F.scaled_dot_product_attention(*args, attn_mask=sb, scale=scale)
             else:
@@ -504,8 +560,9 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float, bias=None) ->
     return out
 
 
-def segment_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
-                           bias=None) -> torch.Tensor:
+def segment_attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, bias=None
+) -> torch.Tensor:
     """:func:`segment_attention` through ``F.scaled_dot_product_attention`` on every device: plain differentiable
     ops (no autograd.Function), so ``torch.func`` transforms can recompute it inside a custom op."""
     return _segment_attention_autograd(q, k, v, mask.derived(build_plan), scale, bias)
@@ -516,8 +573,7 @@ def _bias_needs_grad(bias) -> bool:
     return t is not None and t.requires_grad and torch.is_grad_enabled()
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
-                      bias=None) -> torch.Tensor:
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, bias=None) -> torch.Tensor:
     """Masked attention by exact segment decomposition. Shapes and ``bias`` as
     :func:`zorro_kernels.zorro_attention`; a bias is read one step's rows x columns at a time."""
     plan = mask.derived(build_plan)

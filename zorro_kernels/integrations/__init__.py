@@ -16,6 +16,7 @@ Where an integration meets something a :class:`~zorro_kernels.ZorroMask` cannot 
 attention instead, *on purpose and on the record*: every such call is counted by reason (:func:`fallback_counts`) and
 logged at DEBUG level on the ``zorro_kernels.integrations`` logger. Nothing inside zorro_attention falls back.
 """
+
 from __future__ import annotations
 
 import importlib

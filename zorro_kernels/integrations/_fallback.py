@@ -4,6 +4,7 @@ An integration falls back only for inputs a :class:`~zorro_kernels.ZorroMask` ca
 zorro_attention does not have, such as attention dropout). Each fallback is counted under ``"<integration>: <reason>"``
 and logged at DEBUG level; in strict mode it raises :class:`FallbackError` instead, naming the reason.
 """
+
 from __future__ import annotations
 
 import logging

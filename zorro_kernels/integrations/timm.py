@@ -22,6 +22,7 @@ In training mode with attention dropout (``attn_drop > 0``) the layout runs thro
 dropout, recorded in :func:`zorro_kernels.integrations.fallback_counts` (``enable(model, strict=True)`` raises
 instead).
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,19 +64,24 @@ class ZorroTimmAttention(Attention):
             raise ValueError(
                 f"attn_mask covers {attn_mask.num_q} x {attn_mask.num_kv} tokens but the block sees N={n} tokens "
                 f"(num_prefix_tokens prefix tokens first, then the patches; see zorro_kernels.integrations.timm."
-                f"num_tokens)")
+                f"num_tokens)"
+            )
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         p = self.attn_drop.p if self.training else 0.0
         if p > 0:
-            record_fallback(_INTEGRATION, f"attention dropout p={p} in training mode (zorro_attention has no "
-                                          f"dropout)", strict=self.zorro_strict)
+            record_fallback(
+                _INTEGRATION,
+                f"attention dropout p={p} in training mode (zorro_attention has no dropout)",
+                strict=self.zorro_strict,
+            )
             safe, live = dense_for_fallback(attn_mask, x.device)
             h = q.shape[1]
-            out = F.scaled_dot_product_attention(q, expand_kv_heads(k, h), expand_kv_heads(v, h), attn_mask=safe,
-                                                 dropout_p=p, scale=self.scale)
+            out = F.scaled_dot_product_attention(
+                q, expand_kv_heads(k, h), expand_kv_heads(v, h), attn_mask=safe, dropout_p=p, scale=self.scale
+            )
             out = out.masked_fill(~live[:, None, :, None], 0.0)
         else:
             out = zorro_attention(q, k, v, attn_mask, scale=self.scale)
@@ -107,10 +113,17 @@ def enable(model: torch.nn.Module, *, strict: bool = False) -> int:
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
     layers = [m for m in model.modules() if type(m) in (Attention, ZorroTimmAttention)]
     if not layers:
-        kinds = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()
-                        or "attention" in type(m).__name__.lower()})
-        raise ValueError(f"{type(model).__name__} has no timm.layers.Attention layer to enable (attention classes "
-                         f"found: {kinds or 'none'})")
+        kinds = sorted(
+            {
+                type(m).__name__
+                for m in model.modules()
+                if "attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()
+            }
+        )
+        raise ValueError(
+            f"{type(model).__name__} has no timm.layers.Attention layer to enable (attention classes "
+            f"found: {kinds or 'none'})"
+        )
     for m in layers:
         missing = [a for a in _NEEDED if not hasattr(m, a)]
         if missing:

@@ -46,6 +46,7 @@ In a fallback the model computes exactly what "sdpa" computes. Outputs at padded
 or under bidirectional attention padded queries attend the real keys like SDPA's do; a left-padded query under causal
 attention sees only padded keys and is 0 (SDPA's value there is never read).
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,17 +62,26 @@ from ._fallback import dense_for_fallback, record_fallback
 try:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, prepare_padding_mask,
-                                            sdpa_mask, sliding_window_causal_mask_function, sliding_window_overlay)
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+        sliding_window_overlay,
+    )
 except ImportError as e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("zorro_kernels.integrations.transformers needs Hugging Face transformers >= 5 "
-                      "(pip install 'transformers>=5.0')") from e
+    raise ImportError(
+        "zorro_kernels.integrations.transformers needs Hugging Face transformers >= 5 (pip install 'transformers>=5.0')"
+    ) from e
 
 # Older mask interfaces describe the cache by `cache_position` instead of `q_offset`/`kv_offset`; reading those as
 # zero offsets would build wrong causal masks while decoding, so refuse them outright.
 if "q_offset" not in inspect.signature(sdpa_mask).parameters:  # pragma: no cover - depends on the installed version
-    raise ImportError("zorro_kernels.integrations.transformers needs a transformers whose mask interface takes "
-                      "q_offset/kv_offset (5.x, tested on 5.24); please upgrade transformers")
+    raise ImportError(
+        "zorro_kernels.integrations.transformers needs a transformers whose mask interface takes "
+        "q_offset/kv_offset (5.x, tested on 5.24); please upgrade transformers"
+    )
 
 __all__ = ["NAME", "register", "zorro_attention_forward", "zorro_mask_interface"]
 
@@ -107,13 +117,17 @@ def register(*, strict: bool = False) -> None:
 def _refusing_zorro_mask(name: str, fn):
     """``fn`` (another attention implementation) raising when a model call carries ``zorro_mask=``, which it would
     otherwise ignore silently. Models on "eager" call their own function, outside the interface: not covered."""
+
     @functools.wraps(fn)
     def guarded(module, *args, **kwargs):
         if kwargs.get("zorro_mask") is not None:
-            raise ValueError(f"zorro_mask= was given but {type(module).__name__} runs attn_implementation={name!r}, "
-                             f"which would ignore it: load the model with attn_implementation=\"{NAME}\" (or call "
-                             f"model.set_attn_implementation(\"{NAME}\"))")
+            raise ValueError(
+                f"zorro_mask= was given but {type(module).__name__} runs attn_implementation={name!r}, "
+                f'which would ignore it: load the model with attn_implementation="{NAME}" (or call '
+                f'model.set_attn_implementation("{NAME}"))'
+            )
         return fn(module, *args, **kwargs)
+
     guarded._zorro_guard = True
     return guarded
 
@@ -141,8 +155,9 @@ def _padded_layout(nq: int, nk: int, causal: bool, window, kv_lengths: torch.Ten
     # Cross-attention form even for self-attention: only the keys carry lengths, so padded query rows attend the valid
     # keys exactly as they do under SDPA (a self-attention mask with lengths would zero them).
     allow = torch.ones(1, 1, dtype=torch.bool)
-    return ZorroMask([("tokens", nq)], allow, kv_segments=[("tokens", nk)], kv_lengths=kv_lengths, causal=causal,
-                     window=window)
+    return ZorroMask(
+        [("tokens", nq)], allow, kv_segments=[("tokens", nk)], kv_lengths=kv_lengths, causal=causal, window=window
+    )
 
 
 class ZorroLayout:
@@ -172,15 +187,19 @@ def _sliding_window(mask_function) -> Optional[int]:
     if getattr(mask_function, "__code__", None) is not _AND_MASKS_CODE:
         return None
     parts = _closure(mask_function).get("mask_functions", ())
-    if len(parts) != 2 or parts[1] is not causal_mask_function or \
-            getattr(parts[0], "__code__", None) is not _SLIDING_OVERLAY_CODE:
+    if (
+        len(parts) != 2
+        or parts[1] is not causal_mask_function
+        or getattr(parts[0], "__code__", None) is not _SLIDING_OVERLAY_CODE
+    ):
         return None
     w = _closure(parts[0]).get("sliding_window")
     return w if isinstance(w, int) and w >= 1 else None
 
 
-def _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                       attention_mask) -> tuple[Optional[object], Optional[str]]:
+def _layout_from_model(
+    batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
+) -> tuple[Optional[object], Optional[str]]:
     """The ZorroMask (or :class:`ZorroLayout`) equal to what ``sdpa_mask`` would build from these arguments, or
     ``(None, why not)``."""
     window = None
@@ -192,16 +211,20 @@ def _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mas
         # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
         causal, window = True, (_sliding_window(mask_function) - 1, -1)
     else:
-        return None, (f"the model's mask is not plain causal/bidirectional or a causal sliding window "
-                      f"({_describe(mask_function)}: chunked, packed sequences detected from position_ids, or a "
-                      f"custom overlay)")
+        return None, (
+            f"the model's mask is not plain causal/bidirectional or a causal sliding window "
+            f"({_describe(mask_function)}: chunked, packed sequences detected from position_ids, or a "
+            f"custom overlay)"
+        )
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return None, "tensor cache offsets (static cache)"
     # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
     # zorro's causal is j <= i + (Nk - Nq), so the two agree exactly when these offsets match
     if causal and q_offset - kv_offset != kv_length - q_length:
-        return None, (f"causal mask not aligned at the last key (q_offset={q_offset}, kv_offset={kv_offset}, "
-                      f"Nq={q_length}, Nk={kv_length}): a static cache")
+        return None, (
+            f"causal mask not aligned at the last key (q_offset={q_offset}, kv_offset={kv_offset}, "
+            f"Nq={q_length}, Nk={kv_length}): a static cache"
+        )
     if q_length == 0 or kv_length == 0:
         return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
     layout = _plain_layout(q_length, kv_length, causal, window)
@@ -209,7 +232,7 @@ def _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mas
         return layout, None
     if attention_mask.ndim != 2:
         return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
-    keys = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length].bool()
+    keys = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length].bool()
     if keys.shape[0] != batch_size:
         keys = keys.expand(batch_size, -1)
     if not torch.compiler.is_compiling():
@@ -224,9 +247,16 @@ def _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mas
     return ZorroLayout(layout, bias[:, None, None, :]), None
 
 
-def zorro_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                         mask_function=causal_mask_function, attention_mask: Optional[torch.Tensor] = None,
-                         **kwargs):
+def zorro_mask_interface(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=causal_mask_function,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+):
     """transformers' mask interface for "zorro" (called by ``create_causal_mask`` / ``create_bidirectional_mask``).
 
     Args: as ``transformers.masking_utils.sdpa_mask``: ``attention_mask`` is the 2-D padding mask
@@ -239,12 +269,21 @@ def zorro_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offse
         exactly what ``sdpa_mask`` returns (a bool ``(batch_size, 1, q_length, kv_length)`` tensor or None), which
         the attention function then runs through "sdpa" and records as a fallback.
     """
-    layout, reason = _layout_from_model(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                                        attention_mask)
+    layout, reason = _layout_from_model(
+        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
+    )
     if layout is not None:
         return layout
-    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    dense = sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
     if dense is not None:
         setattr(dense, _REASON_ATTR, reason)
     return dense
@@ -258,8 +297,10 @@ def _layout_without_mask(module, nq: int, nk: int, is_causal) -> tuple[Optional[
     causal = bool(causal) and nq > 1
     if not causal or nq == nk:
         return _plain_layout(nq, nk, causal), None
-    return None, (f"causal attention without a mask and Nq={nq} != Nk={nk}: SDPA aligns it top-left "
-                  f"(e.g. the prefill of an empty static cache)")
+    return None, (
+        f"causal attention without a mask and Nq={nq} != Nk={nk}: SDPA aligns it top-left "
+        f"(e.g. the prefill of an empty static cache)"
+    )
 
 
 def _unsupported(query, key, value, dropout, kwargs) -> Optional[str]:
@@ -287,13 +328,22 @@ def _check_zorro_mask(mask, module, query, key) -> ZorroMask:
         raise ValueError(
             f"zorro_mask covers {mask.num_q} queries x {mask.num_kv} keys, but {where} attends Nq={nq} queries x "
             f"Nk={nk} keys. zorro_mask= replaces the mask of every attention call of the model, so it must match "
-            f"each of them (cross-attention layers and decoding with a cache change Nq/Nk).")
+            f"each of them (cross-attention layers and decoding with a cache change Nq/Nk)."
+        )
     return mask
 
 
-def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
-                            is_causal: Optional[bool] = None, **kwargs) -> tuple[torch.Tensor, None]:
+def zorro_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention function for "zorro"; a drop-in for ``sdpa_attention_forward``.
 
     Args:
@@ -327,9 +377,13 @@ def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
         # a ready-made 4-D mask from the model's caller holds everything: a plain layout plus the mask as a bias
         mask = _plain_layout(query.shape[2], key.shape[2], False)
-        bias = attention_mask if attention_mask.is_floating_point() else \
-            torch.zeros(attention_mask.shape, dtype=query.dtype, device=attention_mask.device).masked_fill(
-                ~attention_mask.bool(), float("-inf"))
+        bias = (
+            attention_mask
+            if attention_mask.is_floating_point()
+            else torch.zeros(attention_mask.shape, dtype=query.dtype, device=attention_mask.device).masked_fill(
+                ~attention_mask.bool(), float("-inf")
+            )
+        )
     else:
         mask, reason = None, f"the model passed a ready-made {type(attention_mask).__name__} mask"
     if mask is not None:
@@ -340,14 +394,16 @@ def zorro_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
     record_fallback(_INTEGRATION, reason, strict=_strict)
     if mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     # an expressible layout meeting a feature zorro lacks: SDPA on its dense form, rows that see nothing zeroed
     safe, live = dense_for_fallback(mask, query.device)
     if bias is not None:  # the bias on the visible pairs; rows left with only -inf come out of SDPA as 0
         safe = torch.where(safe, bias.to(query.dtype), float("-inf"))
-    out, weights = sdpa_attention_forward(module, query, key, value, safe, dropout=dropout, scaling=scaling,
-                                          is_causal=False, **kwargs)
+    out, weights = sdpa_attention_forward(
+        module, query, key, value, safe, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+    )
     if not bool(live.all()):
         out = out.masked_fill(~live[:, :, None, None], 0.0)
     return out, weights

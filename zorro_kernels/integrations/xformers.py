@@ -32,6 +32,7 @@ same place or masks nothing/everything; otherwise :func:`from_xformers` raises V
 Not expressible (ValueError naming the type): local/sliding-window masks, tensor biases
 (``LowerTriangularMaskWithTensorBias``, plain tensors) and paged masks (their keys live in a page table).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,10 @@ logging.getLogger("xformers").addFilter(_drop_extension_warning)
 try:
     from xformers.ops.fmha import attn_bias as xab
 except ImportError as e:  # pragma: no cover - exercised only without xformers
-    raise ImportError("zorro_kernels.integrations.xformers needs xformers (its mask classes; the kernels are not "
-                      "used): pip install xformers") from e
+    raise ImportError(
+        "zorro_kernels.integrations.xformers needs xformers (its mask classes; the kernels are not "
+        "used): pip install xformers"
+    ) from e
 finally:  # scoped to our import: code that uses xformers' kernels itself still hears about them
     logging.getLogger("xformers").removeFilter(_drop_extension_warning)
 
@@ -63,8 +66,9 @@ __all__ = ["from_xformers"]
 _TOP_LEFT, _BOTTOM_RIGHT = "top-left", "bottom-right"
 
 
-def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequence[int], k_total: int,
-           causal: Optional[str]) -> ZorroMask:
+def _build(
+    bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequence[int], k_total: int, causal: Optional[str]
+) -> ZorroMask:
     """Block i: queries ``q_lens[i]`` (contiguous), keys ``[k_starts[i], k_starts[i] + k_lens[i])``."""
     name = type(bias).__name__
     n = len(q_lens)
@@ -77,11 +81,15 @@ def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequenc
     ends = list(k_starts[1:]) + [k_total]
     for i in range(n):
         if ends[i] < k_starts[i]:
-            raise ValueError(f"{name}: key block {i} starts at {k_starts[i]}, after the next one at {ends[i]}: "
-                             f"out-of-order key blocks are not expressible")
+            raise ValueError(
+                f"{name}: key block {i} starts at {k_starts[i]}, after the next one at {ends[i]}: "
+                f"out-of-order key blocks are not expressible"
+            )
         if k_lens[i] < 0 or k_starts[i] + k_lens[i] > ends[i]:
-            raise ValueError(f"{name}: key block {i} spans [{k_starts[i]}, {k_starts[i] + k_lens[i]}), overlapping "
-                             f"the next block at {ends[i]}: overlapping key blocks are not expressible")
+            raise ValueError(
+                f"{name}: key block {i} spans [{k_starts[i]}, {k_starts[i] + k_lens[i]}), overlapping "
+                f"the next block at {ends[i]}: overlapping key blocks are not expressible"
+            )
         kv_segments.append((names[i], ends[i] - k_starts[i]))
         kv_lengths.append(k_lens[i])
     if causal is not None:
@@ -95,7 +103,8 @@ def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequenc
                     f"{name}: block {i} ({q_lens[i]} queries, {k_lens[i]} keys) is causal {causal} inside the "
                     f"block, but a ZorroMask has one causal diagonal for the whole row (key <= query + Nk - Nq = "
                     f"query + {nk - nq}), which puts this block's diagonal at offset {d} instead of {e}: not "
-                    f"expressible")
+                    f"expressible"
+                )
             q_start += q_lens[i]
     allow = torch.zeros(len(q_lens), len(kv_segments), dtype=torch.bool)
     first = len(kv_segments) - n
@@ -105,8 +114,13 @@ def _build(bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequenc
     padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
     if kv_segments == q_segments and not padded:  # self-attention only when no key slot is padded
         return ZorroMask(q_segments, allow, causal=is_causal)
-    return ZorroMask(q_segments, allow, kv_segments=kv_segments,
-                     kv_lengths=torch.tensor([kv_lengths]) if padded else None, causal=is_causal)
+    return ZorroMask(
+        q_segments,
+        allow,
+        kv_segments=kv_segments,
+        kv_lengths=torch.tensor([kv_lengths]) if padded else None,
+        causal=is_causal,
+    )
 
 
 def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask:
@@ -131,11 +145,18 @@ def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask
         raise ValueError("a dense tensor bias is not a layout; build a ZorroMask from the structure it encodes")
     if not isinstance(bias, xab.AttentionBias):
         raise TypeError(f"bias must be an xformers AttentionBias, got {name}")
-    local = tuple(getattr(xab, c) for c in (
-        "LocalAttentionFromBottomRightMask", "LowerTriangularFromBottomRightLocalAttentionMask",
-        "BlockDiagonalCausalLocalAttentionMask", "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
-        "BlockDiagonalLocalAttentionPaddedKeysMask", "BlockDiagonalCausalLocalAttentionPaddedKeysMask")
-        if hasattr(xab, c))
+    local = tuple(
+        getattr(xab, c)
+        for c in (
+            "LocalAttentionFromBottomRightMask",
+            "LowerTriangularFromBottomRightLocalAttentionMask",
+            "BlockDiagonalCausalLocalAttentionMask",
+            "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
+            "BlockDiagonalLocalAttentionPaddedKeysMask",
+            "BlockDiagonalCausalLocalAttentionPaddedKeysMask",
+        )
+        if hasattr(xab, c)
+    )
     if isinstance(bias, local):
         raise ValueError(f"{name}: local (sliding-window) attention is not expressible as a ZorroMask")
     if isinstance(bias, xab.LowerTriangularMaskWithTensorBias):
@@ -163,8 +184,10 @@ def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask
     }
     # exact type, not isinstance: a subclass may change the semantics (as the local-attention ones do)
     if type(bias) not in exact:
-        raise ValueError(f"{name} is not an xformers bias zorro knows how to express; supported: "
-                         f"{sorted(c.__name__ for c in exact)} and LowerTriangularMask(FromBottomRight) with shape=")
+        raise ValueError(
+            f"{name} is not an xformers bias zorro knows how to express; supported: "
+            f"{sorted(c.__name__ for c in exact)} and LowerTriangularMask(FromBottomRight) with shape="
+        )
     causal = exact[type(bias)]
     q_starts = list(bias.q_seqinfo.seqstart_py)
     q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]

@@ -31,6 +31,7 @@ Outputs in ``<out>``: ``results.json`` (every number, per seed and summarised, w
 ``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan). The
 default grid, measured, and what it shows: docs/ablate.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,20 +48,23 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
+from ..models.registry import model_config
+from ..training.build import build_model
 from ..training.checkpoint import latest_checkpoint
 from ..training.config import Config, config_to_yaml, from_dict, load_config, machine_threads
-from .demo import TABLE_COLUMNS
 from ..training.evaluate import REGIMES, evaluate_run
-from ..models.registry import model_config
-from ..utils.reporting import draw_grouped_bars, format_table, pyplot, write_json
 from ..training.trainer import Trainer, run_contents
-from ..training.build import build_model
+from ..utils.reporting import draw_grouped_bars, format_table, pyplot, write_json
+from .demo import TABLE_COLUMNS
 
 __all__ = ["AXES", "DEFAULTS", "Cell", "parse_grid", "grid_cells", "run_ablate"]
 
 #: grid axis -> its values, in table order
-AXES = {"mask": ("zorro", "bottleneck", "full"), "sharing": ("shared", "separate"),
-        "objective": ("contrastive", "supervised")}
+AXES = {
+    "mask": ("zorro", "bottleneck", "full"),
+    "sharing": ("shared", "separate"),
+    "objective": ("contrastive", "supervised"),
+}
 
 #: settings of the default run on the embedded data (on top of :class:`~zorro_models.training.config.Config`'s defaults, which
 #: are the demo's): 24 runs of ``zorro_vit_demo``, about 10 min on a quiet 2-core CPU (measured: docs/ablate.md). Not
@@ -68,9 +72,22 @@ AXES = {"mask": ("zorro", "bottleneck", "full"), "sharing": ("shared", "separate
 DEFAULTS = ("train.steps=80", "probe.train_size=1024", "probe.test_size=512", "data.val_size=512")
 
 #: settings that change how a run is executed or logged, not its numbers: not compared when reusing a run
-_EXECUTION_ONLY = {"train": ("out", "resume", "overwrite", "progress", "plot", "threads", "device", "log_every",
-                             "ckpt_every", "keep_checkpoints"),
-                   "data": ("num_workers",), "probe": ("batch_size",)}
+_EXECUTION_ONLY = {
+    "train": (
+        "out",
+        "resume",
+        "overwrite",
+        "progress",
+        "plot",
+        "threads",
+        "device",
+        "log_every",
+        "ckpt_every",
+        "keep_checkpoints",
+    ),
+    "data": ("num_workers",),
+    "probe": ("batch_size",),
+}
 #: bump when what a finished run's result.json holds or means changes: older results are then stale
 PROTOCOL = 1
 RESULT = "result.json"
@@ -82,6 +99,7 @@ GAPS = {"AV − A": "audio-only", "AV − V": "video-only"}
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One cell of the grid."""
+
     mask: str
     sharing: str
     objective: str
@@ -100,8 +118,10 @@ class Cell:
             sharing = [f"model.kwargs.shared_weights={'true' if self.sharing == 'shared' else 'false'}"]
         except TypeError:
             if self.sharing == "separate":
-                raise ValueError(f"{model_name} has no per-stream weights (no shared_weights argument); restrict the "
-                                 f"grid with --grid sharing=shared") from None
+                raise ValueError(
+                    f"{model_name} has no per-stream weights (no shared_weights argument); restrict the "
+                    f"grid with --grid sharing=shared"
+                ) from None
         return [f"model.mask={self.mask}", *sharing, f"train.task={self.objective}"]
 
 
@@ -173,9 +193,11 @@ def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
     if stored is not None and stored != fingerprint:
         if not overwrite:
             diff = _differences(stored, fingerprint)
-            raise ValueError(f"{run} holds a run of another configuration ({'; '.join(diff[:3])}"
-                             f"{'; ...' if len(diff) > 3 else ''}); rerun with --overwrite to retrain it, or choose "
-                             f"another --out")
+            raise ValueError(
+                f"{run} holds a run of another configuration ({'; '.join(diff[:3])}"
+                f"{'; ...' if len(diff) > 3 else ''}); rerun with --overwrite to retrain it, or choose "
+                f"another --out"
+            )
         (run / RESULT).unlink(missing_ok=True)
     elif (run / RESULT).is_file():
         return "reuse"
@@ -191,14 +213,25 @@ def _scores(cfg: Config, trainer, say) -> dict:
     report = evaluate_run(cfg, trainer.task, device=trainer.device, progress=say)
     if "heads" in report:
         res = report["heads"]["results"]
-        out = {"kind": "heads", "metric": report["heads"]["metric"], "num_classes": trainer.task.heads.num_classes,
-               "results": res, "columns": {c: res[r]["mean"] for c, (r, _) in TABLE_COLUMNS.items()}}
+        out = {
+            "kind": "heads",
+            "metric": report["heads"]["metric"],
+            "num_classes": trainer.task.heads.num_classes,
+            "results": res,
+            "columns": {c: res[r]["mean"] for c, (r, _) in TABLE_COLUMNS.items()},
+        }
         out["gaps"] = {g: out["columns"]["audio-visual"] - out["columns"][c] for g, c in GAPS.items()}
         return out
     probes = report["probes"]
     res = probes["results"]
-    return {"kind": "probes", "metric": probes["metric"], "num_classes": probes["num_classes"], "results": res,
-            "columns": {c: res[r][o] for c, (r, o) in TABLE_COLUMNS.items()}, "gaps": {}}
+    return {
+        "kind": "probes",
+        "metric": probes["metric"],
+        "num_classes": probes["num_classes"],
+        "results": res,
+        "columns": {c: res[r][o] for c, (r, o) in TABLE_COLUMNS.items()},
+        "gaps": {},
+    }
 
 
 def _train_and_score(cfg: Config, how: str, say) -> dict:
@@ -217,8 +250,11 @@ def _train_and_score(cfg: Config, how: str, say) -> dict:
 # ------------------------------------------------------------------------------------------------ summaries
 def _mean_std(values: list) -> dict:
     """Mean and sample standard deviation (0 for one value) of ``values``."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def _summary(runs: list) -> dict:
@@ -236,12 +272,18 @@ def _cell_text(s: Optional[dict], signed: bool = False) -> str:
 def _tables(cells: list, summaries: dict, metric: str, markdown: bool) -> str:
     parts = []
     for objective, title, keys in (
-            ("contrastive", f"Contrastive pre-training, then linear probes on the frozen backbone ({metric})",
-             COLUMNS),
-            ("supervised", f"Supervised training, the heads' averaged prediction ({metric}); unimodal-inference gaps",
-             COLUMNS + tuple(GAPS))):
-        rows = {f"{c.mask}, {c.sharing}": {k: _cell_text(summaries[c.name].get(k), k in GAPS) for k in keys}
-                for c in cells if c.objective == objective}
+        ("contrastive", f"Contrastive pre-training, then linear probes on the frozen backbone ({metric})", COLUMNS),
+        (
+            "supervised",
+            f"Supervised training, the heads' averaged prediction ({metric}); unimodal-inference gaps",
+            COLUMNS + tuple(GAPS),
+        ),
+    ):
+        rows = {
+            f"{c.mask}, {c.sharing}": {k: _cell_text(summaries[c.name].get(k), k in GAPS) for k in keys}
+            for c in cells
+            if c.objective == objective
+        }
         if rows:
             head = f"### {title}" if markdown else title
             parts.append(f"{head}\n\n" + format_table(rows, keys, row_header="mask, parameters", markdown=markdown))
@@ -255,10 +297,14 @@ def _heads_table(cells: list, records: dict, markdown: bool) -> Optional[str]:
         return None
     abbrev = {"audio-visual": "AV", "audio-only": "A", "video-only": "V"}
     keys = [(r, h) for r in REGIMES for h in records[sup[0].name][0]["results"][r]]
-    rows = {f"{c.mask}, {c.sharing}": {f"{abbrev[r]}: {h}": _cell_text(_mean_std(
-        [run["results"][r][h] for run in records[c.name]])) for r, h in keys} for c in sup}
-    text = format_table(rows, [f"{abbrev[r]}: {h}" for r, h in keys], row_header="mask, parameters",
-                        markdown=markdown)
+    rows = {
+        f"{c.mask}, {c.sharing}": {
+            f"{abbrev[r]}: {h}": _cell_text(_mean_std([run["results"][r][h] for run in records[c.name]]))
+            for r, h in keys
+        }
+        for c in sup
+    }
+    text = format_table(rows, [f"{abbrev[r]}: {h}" for r, h in keys], row_header="mask, parameters", markdown=markdown)
     title = "Supervised cells, every head under every input (A audio-only, V video-only, AV audio-visual)"
     return f"### {title}\n\n{text}" if markdown else f"{title}\n\n{text}"
 
@@ -270,11 +316,16 @@ def _plot(cells: list, summaries: dict, path: Path, metric: str, chance: Optiona
     fig, axes = plt.subplots(1, len(objectives), figsize=(5.5 * len(objectives), 4.6), squeeze=False)
     for ax, objective in zip(axes[0], objectives):
         rows = {f"{c.mask}, {c.sharing}": summaries[c.name] for c in cells if c.objective == objective}
-        draw_grouped_bars(ax, {r: {k: s[k]["mean"] for k in COLUMNS} for r, s in rows.items()},
-                          errors={r: {k: s[k]["std"] for k in COLUMNS} for r, s in rows.items()}, metric=metric,
-                          chance=chance, values=len(rows) <= 4, legend_size=7,
-                          title="contrastive: linear probes" if objective == "contrastive"
-                          else "supervised: mean of the heads")
+        draw_grouped_bars(
+            ax,
+            {r: {k: s[k]["mean"] for k in COLUMNS} for r, s in rows.items()},
+            errors={r: {k: s[k]["std"] for k in COLUMNS} for r, s in rows.items()},
+            metric=metric,
+            chance=chance,
+            values=len(rows) <= 4,
+            legend_size=7,
+            title="contrastive: linear probes" if objective == "contrastive" else "supervised: mean of the heads",
+        )
     # one legend for both panels, under them (the same bars, the same colours)
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0]:
@@ -294,8 +345,9 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} is not empty and holds no zorro ablate run (no {PLAN}); choose a new folder")
 
 
-def _cell_configs(cells: list, seeds: int, config: Optional[str], overrides: Sequence[str], out: Path,
-                  threads: int) -> dict:
+def _cell_configs(
+    cells: list, seeds: int, config: Optional[str], overrides: Sequence[str], out: Path, threads: int
+) -> dict:
     """``{(cell name, k): Config}`` for every run, each checked by building its model on the meta device (an axis
     value the model does not support fails here, before any training)."""
 
@@ -309,8 +361,17 @@ def _cell_configs(cells: list, seeds: int, config: Optional[str], overrides: Seq
             raise ValueError(f"grid cell {cell.name}: {e}") from None
         for k in range(seeds):
             run = out / "cells" / cell.name / f"seed{k}"
-            cfg = load_config(config, base + cell_overrides + [
-                f"train.seed={base_cfg.train.seed + k}", f"train.out={run}", f"train.threads={threads}", "train.plot=false"])
+            cfg = load_config(
+                config,
+                base
+                + cell_overrides
+                + [
+                    f"train.seed={base_cfg.train.seed + k}",
+                    f"train.out={run}",
+                    f"train.threads={threads}",
+                    "train.plot=false",
+                ],
+            )
             if k == 0:
                 try:
                     with torch.device("meta"):
@@ -321,9 +382,17 @@ def _cell_configs(cells: list, seeds: int, config: Optional[str], overrides: Seq
     return cfgs
 
 
-def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: int = 2, config: Optional[str] = None,
-               overrides: Sequence[str] = (), threads: Optional[int] = None, overwrite: bool = False,
-               verbose: bool = True) -> dict:
+def run_ablate(
+    out: str = "zorro_ablate",
+    *,
+    grid: Sequence[str] = (),
+    seeds: int = 2,
+    config: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Train and score every (cell, seed) of the grid (see the module docstring); returns the dict also written to
     ``<out>/results.json``.
 
@@ -353,9 +422,11 @@ def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: in
     first = cfgs[cells[0].name, 0]
     total = len(cfgs)
     reused = sum(h == "reuse" for h in hows.values())
-    say(f"[ablate] {len(cells)} cells x {seeds} seed(s) = {total} runs into {out} ({reused} finished earlier): "
+    say(
+        f"[ablate] {len(cells)} cells x {seeds} seed(s) = {total} runs into {out} ({reused} finished earlier): "
         f"{first.model.name}, {first.train.steps} steps of {first.train.batch_size} clips each, data "
-        f"{first.data.kind}, {threads} thread(s)")
+        f"{first.data.kind}, {threads} thread(s)"
+    )
     t_start = time.perf_counter()
     records = {c.name: [None] * seeds for c in cells}
     spent = {o: [] for o in AXES["objective"]}  # seconds per run computed now, for the ETA
@@ -367,13 +438,19 @@ def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: in
             record = json.loads((run / RESULT).read_text(encoding="utf-8"))["result"]
             say(f"{tag}: finished earlier, reused")
         else:
-            say(f"{tag}: " + {"resume": "resuming", "overwrite": "training again (the last attempt stopped before "
-                              "its first checkpoint)"}.get(how, "training") + " ...")
+            say(
+                f"{tag}: "
+                + {
+                    "resume": "resuming",
+                    "overwrite": "training again (the last attempt stopped before its first checkpoint)",
+                }.get(how, "training")
+                + " ..."
+            )
             t0 = time.perf_counter()
             record = _train_and_score(cfg, how, lambda line: say(f"{tag}:   {line}"))
             write_json({"fingerprint": fps[cell.name, k], "result": record}, run / RESULT)
             spent[cell.objective].append(time.perf_counter() - t0)
-            pending = [c.objective for j, c in plan[i + 1:] if hows[c.name, j] != "reuse"]
+            pending = [c.objective for j, c in plan[i + 1 :] if hows[c.name, j] != "reuse"]
             cols = "  ".join(f"{c} {record['columns'][c]:.3f}" for c in COLUMNS)
             say(f"{tag}: {cols}  ({spent[cell.objective][-1]:.0f} s){_eta(spent, pending)}")
         records[cell.name][k] = record
@@ -384,16 +461,30 @@ def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: in
     chance = 1.0 / num_classes if metric == "accuracy" else None
     summaries = {c.name: _summary(records[c.name]) for c in cells}
     results = {
-        "grid": axes, "seeds": [first.train.seed + k for k in range(seeds)], "metric": metric, "chance": chance,
-        "columns": {c: {"regime": r, "probe output (contrastive)": o, "head (supervised)": "mean"}
-                    for c, (r, o) in TABLE_COLUMNS.items()},
+        "grid": axes,
+        "seeds": [first.train.seed + k for k in range(seeds)],
+        "metric": metric,
+        "chance": chance,
+        "columns": {
+            c: {"regime": r, "probe output (contrastive)": o, "head (supervised)": "mean"}
+            for c, (r, o) in TABLE_COLUMNS.items()
+        },
         "gaps": {g: f"audio-visual minus {c}, supervised cells" for g, c in GAPS.items()},
-        "cells": {c.name: {"axes": dataclasses.asdict(c), "summary": summaries[c.name], "runs": records[c.name]}
-                  for c in cells},
-        "seconds": round(elapsed, 1), "runs_computed": sum(len(v) for v in spent.values()), "threads": threads,
-        "machine": {"cpu_count": os.cpu_count(), "load_average": _load(), "platform": platform.platform(),
-                    "torch": torch.__version__, "python": sys.version.split()[0],
-                    "device": "cuda" if torch.cuda.is_available() and first.train.device != "cpu" else "cpu"},
+        "cells": {
+            c.name: {"axes": dataclasses.asdict(c), "summary": summaries[c.name], "runs": records[c.name]}
+            for c in cells
+        },
+        "seconds": round(elapsed, 1),
+        "runs_computed": sum(len(v) for v in spent.values()),
+        "threads": threads,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_average": _load(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "device": "cuda" if torch.cuda.is_available() and first.train.device != "cpu" else "cpu",
+        },
         "config": first.to_dict(),
     }
     write_json(results, out / "results.json")
@@ -402,11 +493,15 @@ def run_ablate(out: str = "zorro_ablate", *, grid: Sequence[str] = (), seeds: in
     std_note = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "one seed: no spread"
     (out / "table.md").write_text(
         f"## zorro ablate: {first.model.name}, {first.train.steps} steps of {first.train.batch_size} clips, "
-        f"data {first.data.kind}; {std_note}\n\n{md}\n" + (f"\n{heads}\n" if heads else ""), encoding="utf-8")
+        f"data {first.data.kind}; {std_note}\n\n{md}\n" + (f"\n{heads}\n" if heads else ""),
+        encoding="utf-8",
+    )
     _plot(cells, summaries, out / "ablate.png", metric, chance)
-    say(f"\n{_tables(cells, summaries, metric, markdown=False)}\n\n{std_note}; chance "
+    say(
+        f"\n{_tables(cells, summaries, metric, markdown=False)}\n\n{std_note}; chance "
         f"{'-' if chance is None else f'{chance:.3f}'}; {elapsed / 60:.1f} min, {results['runs_computed']} of {total} "
-        f"runs computed now\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'ablate.png'}")
+        f"runs computed now\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'ablate.png'}"
+    )
     return results
 
 

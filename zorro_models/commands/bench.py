@@ -7,6 +7,7 @@ preset table of docs/models.md (parameter counts, CPU forward and forward+backwa
 
 Times are measurements on the machine at hand, not guarantees: compare masks measured side by side in one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,13 @@ from ..training.trainer import Trainer
 __all__ = ["bench_training", "count_row", "time_preset", "main"]
 
 
-def bench_training(config: Optional[str], overrides: Sequence[str] = (), masks: Sequence[str] = ("zorro", "full"),
-                   steps: int = 10, warmup: int = 2) -> dict:
+def bench_training(
+    config: Optional[str],
+    overrides: Sequence[str] = (),
+    masks: Sequence[str] = ("zorro", "full"),
+    steps: int = 10,
+    warmup: int = 2,
+) -> dict:
     """Time ``steps`` training steps (after ``warmup``) and 3 inference batches of the run ``config`` +
     ``overrides``, once per mask of ``masks`` (the masks run one after the other in this process).
 
@@ -40,9 +46,17 @@ def bench_training(config: Optional[str], overrides: Sequence[str] = (), masks: 
     rows, cfg, trainer = {}, None, None
     for mask in masks:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(config, list(overrides) + [
-                f"model.mask={mask}", f"train.out={Path(tmp) / 'run'}", "train.progress=false", "train.plot=false",
-                "train.log_every=0"])
+            cfg = load_config(
+                config,
+                list(overrides)
+                + [
+                    f"model.mask={mask}",
+                    f"train.out={Path(tmp) / 'run'}",
+                    "train.progress=false",
+                    "train.plot=false",
+                    "train.log_every=0",
+                ],
+            )
             trainer = Trainer(cfg)
             data = trainer.batches()
             for _ in range(warmup):
@@ -62,10 +76,20 @@ def bench_training(config: Optional[str], overrides: Sequence[str] = (), masks: 
                     trainer.model(**inputs)
                 infer = (time.perf_counter() - t0) / 3
             step = statistics.median(times)
-            rows[mask] = {"train step (s)": step, "clips/s (train)": cfg.train.batch_size / step,
-                          "inference (s/batch)": infer, "clips/s (inference)": batch["size"] / infer}
-    return {"model": cfg.model.name, "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
-            "device": str(trainer.device), "steps": steps, "rows": rows}
+            rows[mask] = {
+                "train step (s)": step,
+                "clips/s (train)": cfg.train.batch_size / step,
+                "inference (s/batch)": infer,
+                "clips/s (inference)": batch["size"] / infer,
+            }
+    return {
+        "model": cfg.model.name,
+        "batch_size": cfg.train.batch_size,
+        "threads": torch.get_num_threads(),
+        "device": str(trainer.device),
+        "steps": steps,
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ preset table
@@ -74,8 +98,13 @@ def count_row(name: str) -> dict:
     with torch.device("meta"):
         model = create_model(name)
     a, v = model.audio_embed, model.video_embed
-    return {"name": name, "params": model.num_params(), "audio_tokens": a.max_tokens, "video_tokens": v.max_tokens,
-            "embed_dim": model.embed_dim}
+    return {
+        "name": name,
+        "params": model.num_params(),
+        "audio_tokens": a.max_tokens,
+        "video_tokens": v.max_tokens,
+        "embed_dim": model.embed_dim,
+    }
 
 
 def time_preset(name: str, batch: int = 2, repeats: int = 5) -> dict:
@@ -107,10 +136,17 @@ def time_preset(name: str, batch: int = 2, repeats: int = 5) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m zorro_models.commands.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--time", default="small", choices=["small", "all", "none"],
-                   help="which presets to time: *_demo and *_tiny (small), all, or none")
+    p = argparse.ArgumentParser(
+        prog="python -m zorro_models.commands.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--time",
+        default="small",
+        choices=["small", "all", "none"],
+        help="which presets to time: *_demo and *_tiny (small), all, or none",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -124,8 +160,11 @@ def main(argv=None) -> None:
         timed = args.time == "all" or (args.time == "small" and name.endswith(("_demo", "_tiny")))
         t = time_preset(name, args.batch, args.repeats) if timed else None
         ts = f"{t['fwd_s']:.3f} | {t['fwd_bwd_s']:.3f}" if t else "- | -"
-        print(f"| `{name}` | {row['params']:,} | {row['audio_tokens']} | {row['video_tokens']} | "
-              f"{row['embed_dim']} | {ts} |", flush=True)
+        print(
+            f"| `{name}` | {row['params']:,} | {row['audio_tokens']} | {row['video_tokens']} | "
+            f"{row['embed_dim']} | {ts} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 ViT has one layout; Swin has its windows and shifted windows per stage, HiP its cross- and self-attention groups per
 level; every model has its readout. A dry run finds them: the blocks return their inputs, so nothing is attended.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ from ..models.registry import create_model, model_keywords
 __all__ = ["show_mask", "attention_layouts"]
 
 
-def show_mask(model_name: str, mask: str = "zorro", audio_only: bool = False, video_only: bool = False,
-              png: Optional[str] = None) -> int:
+def show_mask(
+    model_name: str, mask: str = "zorro", audio_only: bool = False, video_only: bool = False, png: Optional[str] = None
+) -> int:
     """Print every attention layout of the preset ``model_name`` built with ``mask`` (and save them as one PNG)."""
     if audio_only and video_only:
         raise ValueError("show-mask: choose at most one of --audio-only and --video-only")
@@ -35,8 +37,10 @@ def show_mask(model_name: str, mask: str = "zorro", audio_only: bool = False, vi
     if video_only:
         inputs.pop("audio")
     layouts = attention_layouts(model, inputs)
-    print(f"{model_name}, mask={mask}: {len(layouts)} attention layout(s) on "
-          f"{' + '.join(inputs)} input ({', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in inputs.items())})")
+    print(
+        f"{model_name}, mask={mask}: {len(layouts)} attention layout(s) on "
+        f"{' + '.join(inputs)} input ({', '.join(f'{k} {tuple(v.shape[1:])}' for k, v in inputs.items())})"
+    )
     for label, layout in layouts:
         print(f"\n{label}: {_segment_summary(layout)}; {layout.sparsity():.1%} never computed")
         print(layout.draw())
@@ -60,6 +64,7 @@ def attention_layouts(model: torch.nn.Module, inputs: dict) -> list:
             mask = next(a for a in (*args, *kwargs.values()) if isinstance(a, ZorroMask))
             uses.setdefault(id(mask), (mask, []))[1].append(name)
             return first
+
         return forward
 
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (ZorroBlock, CrossBlock))]
@@ -86,8 +91,11 @@ def _layout_label(names: list) -> str:
         return f"stage {m[0][1]}, block(s) {', '.join(map(str, idx))} ({kind})"
     m = [re.fullmatch(r"levels\.(\d+)\.(cross|blocks\.\d+)", n) for n in names]
     if all(m) and len({x[1] for x in m}) == 1:
-        kind = ("cross-attention, latents -> inputs" if m[0][2] == "cross" else
-                f"self-attention of the latents, {len(names)} block(s)")
+        kind = (
+            "cross-attention, latents -> inputs"
+            if m[0][2] == "cross"
+            else f"self-attention of the latents, {len(names)} block(s)"
+        )
         return f"level {m[0][1]} ({kind}, per group)"
     if all(re.fullmatch(r"blocks\.\d+", n) for n in names):
         return f"self-attention of every block ({len(names)})"
@@ -97,6 +105,7 @@ def _layout_label(names: list) -> str:
 def _segment_summary(mask) -> str:
     """``audio 16 x 32 tokens, video 8 x 64, fusion 8``: the segments grouped by modality (``audio/3`` is part of
     audio), with their count and sizes; queries -> keys when they differ."""
+
     def side(names, sizes):
         groups = {}
         for n, k in zip(names, sizes):
@@ -123,11 +132,11 @@ def _save_masks_png(layouts: list, path: str, title: str) -> None:
     cols = min(3, len(layouts))
     rows = math.ceil(len(layouts) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.5 * rows), squeeze=False)
-    for ax in axes.flat[len(layouts):]:
+    for ax in axes.flat[len(layouts) :]:
         ax.axis("off")
     for ax, (label, mask) in zip(axes.flat, layouts):
         scale = 1
-        while mask.num_q * mask.num_kv / scale ** 2 > 2048 ** 2:
+        while mask.num_q * mask.num_kv / scale**2 > 2048**2:
             scale *= 2
         if scale == 1:
             image = mask.to_dense()[0 if mask.batch_size else ...].float().numpy()
@@ -137,8 +146,10 @@ def _save_masks_png(layouts: list, path: str, title: str) -> None:
             image = kinds / 2.0
             note = f"tiles of {scale}x{scale}: black full, grey partial"
         ax.imshow(image, cmap="Greys", interpolation="nearest", vmin=0, vmax=1, aspect="auto")
-        for axis, names, sizes, line in ((0, mask.q_names, mask.q_sizes, ax.axhline),
-                                         (1, mask.kv_names, mask.kv_sizes, ax.axvline)):
+        for axis, names, sizes, line in (
+            (0, mask.q_names, mask.q_sizes, ax.axhline),
+            (1, mask.kv_names, mask.kv_sizes, ax.axvline),
+        ):
             edges, ticks, labels, pos, prev = [], [], [], 0, None
             for n, k in zip(names, sizes):
                 group = n.split("/")[0]

@@ -9,6 +9,7 @@
 Both datasets yield the same sample format: ``{"waveform": (samples,), "audio_present": bool, "video": (T, 3, H, W) in
 [0, 1], "video_present": bool, "label": int64 scalar or (K,) float multi-hot, "index": int64}``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -21,8 +22,15 @@ from .audio import LogMelSpectrogram
 from .clips import ClipDataset, ClipError, read_clip
 from .synthetic import SyntheticAVConfig, SyntheticAVDataset
 
-__all__ = ["SyntheticAVDataset", "SyntheticAVConfig", "ClipDataset", "ClipError", "read_clip", "collate",
-           "AVPreprocessor"]
+__all__ = [
+    "SyntheticAVDataset",
+    "SyntheticAVConfig",
+    "ClipDataset",
+    "ClipError",
+    "read_clip",
+    "collate",
+    "AVPreprocessor",
+]
 
 
 def collate(samples: Sequence[Optional[dict]]) -> dict:
@@ -56,8 +64,15 @@ class AVPreprocessor(nn.Module):
     where some sample lacks that modality); tensors on this module's device.
     """
 
-    def __init__(self, mel: LogMelSpectrogram, max_frames: int, audio_mean: float = 0.0, audio_std: float = 1.0,
-                 video_mean: float = 0.0, video_std: float = 1.0):
+    def __init__(
+        self,
+        mel: LogMelSpectrogram,
+        max_frames: int,
+        audio_mean: float = 0.0,
+        audio_std: float = 1.0,
+        video_mean: float = 0.0,
+        video_std: float = 1.0,
+    ):
         super().__init__()
         if not (audio_std > 0 and video_std > 0):
             raise ValueError(f"audio_std and video_std must be > 0, got {audio_std}, {video_std}")
@@ -79,7 +94,7 @@ class AVPreprocessor(nn.Module):
         out = {}
         if "audio" in modalities:
             wave = batch["waveform"].to(dev, non_blocking=True)
-            mel = self.mel(wave)[..., :self.max_frames]
+            mel = self.mel(wave)[..., : self.max_frames]
             out["audio"] = (mel - self.audio_mean) / self.audio_std
             present = batch.get("audio_present")
             if present is not None and not bool(present.all()):

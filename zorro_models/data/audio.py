@@ -17,6 +17,7 @@ centre to its own and falls to its right neighbour's, with peak 1 (no area norma
 centre frequency yields that filter's largest response). With ``center=True`` a waveform of ``S`` samples gives
 ``1 + S // hop_length`` frames, frame ``t`` centred on sample ``t * hop_length``.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,9 @@ def mel_to_hz(m):
     return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
 
-def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: float, f_min: float, f_max: float,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def mel_filterbank(
+    n_freqs: int, n_mels: int, sample_rate: float, f_min: float, f_max: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Triangular mel filters, ``(n_mels, n_freqs)``: row ``m`` weights the ``n_freqs = n_fft // 2 + 1`` STFT bins
     (bin ``i`` at ``i * sample_rate / n_fft`` Hz) for mel band ``m``. Peak 1 at the band's centre frequency
     (:meth:`LogMelSpectrogram.center_frequencies`)."""
@@ -83,9 +85,18 @@ class LogMelSpectrogram(nn.Module):
     filterbank) are derived from the arguments and are not saved in ``state_dict``.
     """
 
-    def __init__(self, sample_rate: int = 16000, n_fft: int = 512, hop_length: int = 160,
-                 win_length: Optional[int] = None, n_mels: int = 128, f_min: float = 0.0,
-                 f_max: Optional[float] = None, log_offset: float = 1e-6, center: bool = True):
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 512,
+        hop_length: int = 160,
+        win_length: Optional[int] = None,
+        n_mels: int = 128,
+        f_min: float = 0.0,
+        f_max: Optional[float] = None,
+        log_offset: float = 1e-6,
+        center: bool = True,
+    ):
         super().__init__()
         self.sample_rate = _positive_int("sample_rate", sample_rate)
         self.n_fft = _positive_int("n_fft", n_fft)
@@ -97,8 +108,10 @@ class LogMelSpectrogram(nn.Module):
         self.f_min = float(f_min)
         self.f_max = float(sample_rate / 2 if f_max is None else f_max)
         if not 0.0 <= self.f_min < self.f_max <= sample_rate / 2:
-            raise ValueError(f"need 0 <= f_min < f_max <= sample_rate / 2 = {sample_rate / 2}, "
-                             f"got f_min={self.f_min}, f_max={self.f_max}")
+            raise ValueError(
+                f"need 0 <= f_min < f_max <= sample_rate / 2 = {sample_rate / 2}, "
+                f"got f_min={self.f_min}, f_max={self.f_max}"
+            )
         if not log_offset > 0:
             raise ValueError(f"log_offset must be > 0, got {log_offset}")
         self.log_offset = float(log_offset)
@@ -108,8 +121,10 @@ class LogMelSpectrogram(nn.Module):
         fb = mel_filterbank(n_freqs, self.n_mels, self.sample_rate, self.f_min, self.f_max, torch.float64)
         empty = (fb.sum(1) == 0).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"mel bands {empty} contain no FFT bin: n_mels={self.n_mels} is too many for "
-                             f"n_fft={self.n_fft} over [{self.f_min}, {self.f_max}] Hz; lower n_mels or raise n_fft")
+            raise ValueError(
+                f"mel bands {empty} contain no FFT bin: n_mels={self.n_mels} is too many for "
+                f"n_fft={self.n_fft} over [{self.f_min}, {self.f_max}] Hz; lower n_mels or raise n_fft"
+            )
         self.register_buffer("filterbank", fb, persistent=False)
         window = torch.hann_window(self.win_length, periodic=True, dtype=torch.float64)
         self.register_buffer("window", window, persistent=False)
@@ -142,15 +157,24 @@ class LogMelSpectrogram(nn.Module):
             raise ValueError(f"waveform has {x.shape[-1]} samples; n_fft={self.n_fft} needs at least {need}")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            spec = torch.stft(x.to(dtype), self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
-                              window=self.window.to(dtype), center=self.center, pad_mode="reflect",
-                              return_complex=True)
-            power = spec.real.square() + spec.imag.square()          # (B, n_freqs, frames)
-            mel = torch.matmul(self.filterbank.to(dtype), power)       # (B, n_mels, frames)
+            spec = torch.stft(
+                x.to(dtype),
+                self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.win_length,
+                window=self.window.to(dtype),
+                center=self.center,
+                pad_mode="reflect",
+                return_complex=True,
+            )
+            power = spec.real.square() + spec.imag.square()  # (B, n_freqs, frames)
+            mel = torch.matmul(self.filterbank.to(dtype), power)  # (B, n_mels, frames)
             out = torch.log(mel + self.log_offset)
         return out[0] if squeeze else out
 
     def extra_repr(self) -> str:
-        return (f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
-                f"win_length={self.win_length}, n_mels={self.n_mels}, f_min={self.f_min}, f_max={self.f_max}, "
-                f"log_offset={self.log_offset}, center={self.center}")
+        return (
+            f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
+            f"win_length={self.win_length}, n_mels={self.n_mels}, f_min={self.f_min}, f_max={self.f_max}, "
+            f"log_offset={self.log_offset}, center={self.center}"
+        )

@@ -22,6 +22,7 @@ that is missing or cannot be decoded raises :class:`ClipError` naming the file a
 ``on_error="skip"`` is dropped from its batch by :func:`~zorro_models.data.collate` and counted (the training loop
 reports the count with a warning): one bad file never ends an epoch.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,8 +49,9 @@ def _window(total: float, duration: float, where: str) -> tuple[float, float]:
     return start, start + duration
 
 
-def read_clip(path: str, *, num_frames: int, image_size: int, sample_rate: int, duration: float,
-              window: str = "center") -> dict:
+def read_clip(
+    path: str, *, num_frames: int, image_size: int, sample_rate: int, duration: float, window: str = "center"
+) -> dict:
     """Decode one clip. Returns ``{"video": (T, 3, S, S) float32 in [0, 1] or None, "waveform": (samples,) float32
     or None}`` (None = the file has no such stream). Raises :class:`ClipError`."""
     import av  # optional dependency (extra "models"); imported here so the package imports without it
@@ -97,9 +99,9 @@ def read_clip(path: str, *, num_frames: int, image_size: int, sample_rate: int, 
     if has_audio:
         x = np.concatenate(audio) if audio else np.zeros(0, np.float32)
         start = max(0, int(round((t0 - (audio_start or 0.0)) * sample_rate)))
-        x = x[start:start + num_samples]
+        x = x[start : start + num_samples]
         waveform = torch.zeros(num_samples)
-        waveform[:len(x)] = torch.from_numpy(np.ascontiguousarray(x))
+        waveform[: len(x)] = torch.from_numpy(np.ascontiguousarray(x))
     return {"video": video, "waveform": waveform}
 
 
@@ -122,9 +124,20 @@ class ClipDataset(Dataset):
     "label": int64 scalar or (K,) float32, "index": int64}``, or None for a skipped file.
     """
 
-    def __init__(self, csv_path: str, *, num_frames: int = 8, image_size: int = 224, sample_rate: int = 16000,
-                 duration: float = 10.0, root: Optional[str] = None, classes: Optional[Sequence[str]] = None,
-                 multi_label: Optional[bool] = None, on_error: str = "skip", window: str = "center"):
+    def __init__(
+        self,
+        csv_path: str,
+        *,
+        num_frames: int = 8,
+        image_size: int = 224,
+        sample_rate: int = 16000,
+        duration: float = 10.0,
+        root: Optional[str] = None,
+        classes: Optional[Sequence[str]] = None,
+        multi_label: Optional[bool] = None,
+        on_error: str = "skip",
+        window: str = "center",
+    ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if window not in ("center", "start"):
@@ -148,13 +161,17 @@ class ClipDataset(Dataset):
             multi_label = "labels" in fields and "label" not in fields
         column = "labels" if multi_label else "label"
         if column not in fields:
-            raise ValueError(f"{csv_path}: {'multi' if multi_label else 'single'}-label data needs a {column!r} "
-                             f"column, got columns {fields}")
+            raise ValueError(
+                f"{csv_path}: {'multi' if multi_label else 'single'}-label data needs a {column!r} "
+                f"column, got columns {fields}"
+            )
         if not rows:
             raise ValueError(f"{csv_path}: lists no clips")
         self.multi_label = multi_label
-        names = [[n.strip() for n in row[column].split(";") if n.strip()] if multi_label else [row[column].strip()]
-                 for row in rows]
+        names = [
+            [n.strip() for n in row[column].split(";") if n.strip()] if multi_label else [row[column].strip()]
+            for row in rows
+        ]
         for i, n in enumerate(names):
             if not n or (not multi_label and not n[0]):
                 raise ValueError(f"{csv_path}, row {i + 2}: empty {column!r}")
@@ -162,8 +179,9 @@ class ClipDataset(Dataset):
         index = {c: i for i, c in enumerate(self.classes)}
         unknown = sorted({c for n in names for c in n if c not in index})
         if unknown:
-            raise ValueError(f"{csv_path}: classes {unknown[:5]} are not in the given class list "
-                             f"({len(self.classes)} classes)")
+            raise ValueError(
+                f"{csv_path}: classes {unknown[:5]} are not in the given class list ({len(self.classes)} classes)"
+            )
         self.num_classes = len(self.classes)
         self.paths = [str(p if os.path.isabs(p) else self.root / p) for p in (row["path"] for row in rows)]
         self.targets = [[index[c] for c in n] for n in names]
@@ -184,8 +202,14 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> Optional[dict]:
         try:
-            clip = read_clip(self.paths[i], num_frames=self.num_frames, image_size=self.image_size,
-                             sample_rate=self.sample_rate, duration=self.duration, window=self.window)
+            clip = read_clip(
+                self.paths[i],
+                num_frames=self.num_frames,
+                image_size=self.image_size,
+                sample_rate=self.sample_rate,
+                duration=self.duration,
+                window=self.window,
+            )
         except ClipError as e:
             if self.on_error == "raise":
                 raise
@@ -193,8 +217,7 @@ class ClipDataset(Dataset):
             return None
         video, waveform = clip["video"], clip["waveform"]
         return {
-            "video": video if video is not None else torch.zeros(self.num_frames, 3, self.image_size,
-                                                                 self.image_size),
+            "video": video if video is not None else torch.zeros(self.num_frames, 3, self.image_size, self.image_size),
             "video_present": torch.tensor(video is not None),
             "waveform": waveform if waveform is not None else torch.zeros(self.num_samples),
             "audio_present": torch.tensor(waveform is not None),

@@ -39,6 +39,7 @@ Samples are dicts ``{"waveform": (samples,) float32, "audio_present": bool, "vid
 a DataLoader fetches whole batches through :meth:`SyntheticAVDataset.__getitems__`, and clip ``i`` depends only on
 ``(seed, i)``, never on the batch it is rendered in.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,14 +53,42 @@ from torch.utils.data import Dataset
 __all__ = ["SyntheticAVConfig", "SyntheticAVDataset", "CONTOURS", "RHYTHMS", "PERIODS"]
 
 CONTOURS = ("flat", "rising", "falling", "vibrato")
-RHYTHMS = (1, 2, 3, 5)           # notes per clip
+RHYTHMS = (1, 2, 3, 5)  # notes per clip
 PERIODS = (0.15, 0.3, 0.2, 0.4)  # stripe period, fraction of the frame
 
 # Per-clip uniform scalars, drawn in this order from the clip's own generator (appending keeps old clips unchanged;
 # reordering changes every clip). "label" becomes the class.
-_LATENTS = ("label", "bg_r", "bg_g", "bg_b", "hue", "angle", "period", "radius", "x0", "y0", "wander", "phase",
-            "drift", "pix_noise", "v_drop", "has_square", "sq_x", "sq_y", "sq_r", "sq_g", "sq_b",
-            "pitch", "loud", "a_noise", "a_drop", "has_tone", "tone_f", "tone_t", "tone_phase")
+_LATENTS = (
+    "label",
+    "bg_r",
+    "bg_g",
+    "bg_b",
+    "hue",
+    "angle",
+    "period",
+    "radius",
+    "x0",
+    "y0",
+    "wander",
+    "phase",
+    "drift",
+    "pix_noise",
+    "v_drop",
+    "has_square",
+    "sq_x",
+    "sq_y",
+    "sq_r",
+    "sq_g",
+    "sq_b",
+    "pitch",
+    "loud",
+    "a_noise",
+    "a_drop",
+    "has_tone",
+    "tone_f",
+    "tone_t",
+    "tone_phase",
+)
 
 
 @dataclass
@@ -74,6 +103,7 @@ class SyntheticAVConfig:
         audio_dropout, video_dropout: probability that a clip's audio / video event is nearly invisible.
         distractor_prob: probability of a distractor (a wandering square; a stray tone), per clip and modality.
     """
+
     num_classes: int = 8
     num_frames: int = 4
     image_size: int = 32
@@ -95,8 +125,10 @@ class SyntheticAVConfig:
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.sample_rate < 4000 or not self.duration > 0:
-            raise ValueError(f"need sample_rate >= 4000 Hz (tones reach 2 kHz) and duration > 0, got "
-                             f"sample_rate={self.sample_rate}, duration={self.duration}")
+            raise ValueError(
+                f"need sample_rate >= 4000 Hz (tones reach 2 kHz) and duration > 0, got "
+                f"sample_rate={self.sample_rate}, duration={self.duration}"
+            )
         for name in ("audio_dropout", "video_dropout", "distractor_prob"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
@@ -131,7 +163,7 @@ class SyntheticAVDataset(Dataset):
     multi_label = False
 
     def __init__(self, length: int, config: Optional[SyntheticAVConfig] = None, seed: int = 0):
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 2 ** 32:
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 2**32:
             raise ValueError(f"length must be an int in [1, 2**32], got {length!r}")
         self.length = length
         self.config = config or SyntheticAVConfig()
@@ -181,8 +213,14 @@ class SyntheticAVDataset(Dataset):
         video = self._render_video(label, u, torch.from_numpy(np.stack(v_noise)), torch.from_numpy(np.stack(walk)))
         waveform = self._render_audio(label, u, torch.from_numpy(np.stack(a_noise)))
         present = torch.ones(len(indices), dtype=torch.bool)
-        return {"waveform": waveform, "audio_present": present, "video": video, "video_present": present.clone(),
-                "label": label, "index": torch.as_tensor([int(i) for i in indices], dtype=torch.long)}
+        return {
+            "waveform": waveform,
+            "audio_present": present,
+            "video": video,
+            "video_present": present.clone(),
+            "label": label,
+            "index": torch.as_tensor([int(i) for i in indices], dtype=torch.long),
+        }
 
     # ------------------------------------------------------------------------------------------------- video
     def _render_video(self, label, u, noise, walk) -> torch.Tensor:
@@ -196,32 +234,34 @@ class SyntheticAVDataset(Dataset):
             return x.view(b, 1, 1, 1)
 
         # the striped disc: class orientation and period, random phase and drift
-        theta = (label % 4).float() * (math.pi / 4) + (u["angle"] - 0.5) * (math.pi / 18)   # +-5 degrees
+        theta = (label % 4).float() * (math.pi / 4) + (u["angle"] - 0.5) * (math.pi / 18)  # +-5 degrees
         period = torch.tensor(PERIODS)[(label // 4) % 4] * s * (0.95 + 0.1 * u["period"])
         along = xx * per_clip(torch.cos(theta)) + yy * per_clip(torch.sin(theta))
-        drift = (u["drift"] - 0.5) * math.pi                                                   # rad per frame
-        stripes = 0.5 + 0.5 * torch.sin(2 * math.pi * along / per_clip(period) + per_clip(drift) * frame
-                                         + per_clip(2 * math.pi * u["phase"]))             # (B, T, H, W)
+        drift = (u["drift"] - 0.5) * math.pi  # rad per frame
+        stripes = 0.5 + 0.5 * torch.sin(
+            2 * math.pi * along / per_clip(period) + per_clip(drift) * frame + per_clip(2 * math.pi * u["phase"])
+        )  # (B, T, H, W)
         radius = s * (0.3 + 0.1 * u["radius"])
         heading = 2 * math.pi * u["wander"]
         cx = per_clip(s * (0.35 + 0.3 * u["x0"])) + per_clip(torch.cos(heading)) * frame * (0.02 * s)
         cy = per_clip(s * (0.35 + 0.3 * u["y0"])) + per_clip(torch.sin(heading)) * frame * (0.02 * s)
         disc = torch.sigmoid(per_clip(radius) - torch.sqrt((xx - cx) ** 2 + (yy - cy) ** 2))  # ~1 px soft edge
         # colours: a random dim background; stripes of the class hue, faded towards it on a dropped-out clip
-        bg = 0.1 + 0.4 * torch.stack([u["bg_r"], u["bg_g"], u["bg_b"]], 1)                    # (B, 3)
+        bg = 0.1 + 0.4 * torch.stack([u["bg_r"], u["bg_g"], u["bg_b"]], 1)  # (B, 3)
         hue = (label.float() + 0.6 * (u["hue"] - 0.5)) / k
         fg = 0.5 + 0.5 * torch.cos(2 * math.pi * (hue[:, None] - torch.tensor([0.0, 1 / 3, 2 / 3])))
         contrast = torch.where(u["v_drop"] < cfg.video_dropout, 0.1, 1.0)
         fg = bg + contrast[:, None] * (fg - bg)
-        alpha = (disc * stripes)[:, :, None]                                                  # (B, T, 1, H, W)
+        alpha = (disc * stripes)[:, :, None]  # (B, T, 1, H, W)
         frames = bg[:, None, :, None, None] + alpha * (fg - bg)[:, None, :, None, None]
         # distractor: a small square of a random colour on a random walk, drawn over the disc
         has_sq = (u["has_square"] < cfg.distractor_prob).float()
         pos = torch.stack([u["sq_x"], u["sq_y"]], 1)[:, None] * s + walk.cumsum(1) * (0.05 * s)
-        pos = pos.clamp(2, s - 2)                                                             # (B, T, 2)
+        pos = pos.clamp(2, s - 2)  # (B, T, 2)
         half = 0.08 * s
-        sq = torch.sigmoid(half - torch.maximum((xx - pos[..., 0, None, None]).abs(),
-                                                (yy - pos[..., 1, None, None]).abs()))
+        sq = torch.sigmoid(
+            half - torch.maximum((xx - pos[..., 0, None, None]).abs(), (yy - pos[..., 1, None, None]).abs())
+        )
         sq = (sq * per_clip(has_sq))[:, :, None]
         sq_colour = torch.stack([u["sq_r"], u["sq_g"], u["sq_b"]], 1)[:, None, :, None, None]
         frames = frames + sq * (sq_colour - frames)
@@ -232,12 +272,13 @@ class SyntheticAVDataset(Dataset):
     def _render_audio(self, label, u, noise) -> torch.Tensor:
         cfg = self.config
         b, n, sr, k = label.shape[0], cfg.num_samples, cfg.sample_rate, self.num_classes
-        tau = torch.arange(n, dtype=torch.float32).expand(b, n) / n          # clip time in [0, 1)
+        tau = torch.arange(n, dtype=torch.float32).expand(b, n) / n  # clip time in [0, 1)
         # pitch register: the k-th of K log-spaced bands over 250-1000 Hz, uniform inside it
         f0 = 250.0 * 4.0 ** ((label.float() + u["pitch"]) / k)
-        octave = _pick(torch.stack([torch.zeros_like(tau), tau, -tau,
-                                    0.25 * torch.sin(2 * math.pi * 4.0 * tau)]), label % 4)   # contour, (B, N)
-        freq = f0[:, None] * 2.0 ** octave                                    # instantaneous Hz
+        octave = _pick(
+            torch.stack([torch.zeros_like(tau), tau, -tau, 0.25 * torch.sin(2 * math.pi * 4.0 * tau)]), label % 4
+        )  # contour, (B, N)
+        freq = f0[:, None] * 2.0**octave  # instantaneous Hz
         phase = 2 * math.pi * torch.cumsum(freq / sr, 1)
         tone = torch.sin(phase) + 0.4 * torch.sin(2 * phase) + 0.2 * torch.sin(3 * phase)
         # rhythm: `notes` equal notes, each sounding for 70% of its slot, with 10 ms raised-cosine edges
@@ -254,6 +295,7 @@ class SyntheticAVDataset(Dataset):
         burst = ((tau >= start) & (tau < start + 0.25)).float()
         tf = 200.0 * 10.0 ** u["tone_f"]
         wave = wave + 0.5 * has_tone[:, None] * burst * torch.sin(
-            2 * math.pi * (tf[:, None] * tau * cfg.duration + u["tone_phase"][:, None]))
+            2 * math.pi * (tf[:, None] * tau * cfg.duration + u["tone_phase"][:, None])
+        )
         level = 0.02 + 0.3 * u["a_noise"]
         return wave + level[:, None] * noise

@@ -6,6 +6,7 @@ checks the inputs, builds a :class:`StreamLayout` (:meth:`ZorroModel.embed`), ha
 :meth:`~ZorroModel.encode` — which maps it to final tokens in stream order ``audio, video, fusion`` plus their sizes
 and per-sample valid lengths (:class:`Encoded`) — and reads the four outputs out.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,9 @@ __all__ = ["ZorroModel", "ZorroFeatures", "StreamLayout", "Encoded", "MASK_KINDS
 MASK_KINDS = {
     "zorro": "each modality (its windows, groups) sees itself only; fusion sees every token (the paper's model)",
     "full": "every token sees every token of the same attention call (the paper's full-attention ablation; "
-            "no output is pure)",
+    "no output is pure)",
     "bottleneck": "MBT-style: each modality (its windows, groups) sees itself and the fusion tokens, which see "
-                  "everything (the fusion tokens are the bottleneck; no output is pure)",
+    "everything (the fusion tokens are the bottleneck; no output is pure)",
 }
 
 
@@ -70,6 +71,7 @@ class StreamLayout(NamedTuple):
         fusion tokens do not enter with the input, e.g. HiP's per-level fusion latents).
     dtype: the inputs' dtype, which learned tokens and latents take (under autocast the patch tokens may differ).
     """
+
     tokens: dict
     grids: dict
     valid: dict
@@ -108,6 +110,7 @@ class Encoded(NamedTuple):
     sizes: ``(n_audio, n_video, n_fusion)``, summing to N (0 for an absent modality).
     lengths: int64 ``(B, 3)`` valid tokens per stream per sample, or None when every token is valid.
     """
+
     tokens: torch.Tensor
     sizes: tuple[int, int, int]
     lengths: Optional[torch.Tensor]
@@ -120,6 +123,7 @@ class ZorroFeatures(NamedTuple):
     present: output name -> bool ``(B,)``: False where that output saw no valid token (its embedding is then 0).
     tokens, sizes, lengths: the backbone's final tokens, as in :class:`Encoded`.
     """
+
     embeddings: dict
     present: dict
     tokens: torch.Tensor
@@ -175,14 +179,21 @@ class ZorroModel(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the input layer
-    def embed(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor],
-              audio_lengths: Optional[torch.Tensor], video_lengths: Optional[torch.Tensor], batch: int
-              ) -> StreamLayout:
+    def embed(
+        self,
+        audio: Optional[torch.Tensor],
+        video: Optional[torch.Tensor],
+        audio_lengths: Optional[torch.Tensor],
+        video_lengths: Optional[torch.Tensor],
+        batch: int,
+    ) -> StreamLayout:
         """Checked inputs (frame lengths as int64 CPU ``(B,)`` or None) -> :class:`StreamLayout`: each modality
         patch-embedded, its valid frames turned into valid tokens, the fusion tokens expanded over the batch."""
         tokens, grids, valid = {}, {}, {}
-        for m, x, frames, embed in (("audio", audio, audio_lengths, self.audio_embed),
-                                    ("video", video, video_lengths, self.video_embed)):
+        for m, x, frames, embed in (
+            ("audio", audio, audio_lengths, self.audio_embed),
+            ("video", video, video_lengths, self.video_embed),
+        ):
             if x is None:
                 continue
             tokens[m], grids[m] = embed(x, frames)
@@ -198,30 +209,53 @@ class ZorroModel(nn.Module):
         return StreamLayout(tokens, grids, valid, fusion, dtype)
 
     # ------------------------------------------------------------------ public
-    def forward(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None, *,
-                audio_lengths=None, video_lengths=None) -> dict:
+    def forward(
+        self,
+        audio: Optional[torch.Tensor] = None,
+        video: Optional[torch.Tensor] = None,
+        *,
+        audio_lengths=None,
+        video_lengths=None,
+    ) -> dict:
         """Returns a dict ``"audio"``, ``"video"``, ``"fusion"``, ``"global"`` -> ``(B, embed_dim)`` embeddings.
 
         "audio" depends on the audio input only and "video" on the video only (bitwise, under the ``zorro`` mask);
         "fusion" and "global" see both. An output with nothing to attend for a sample (e.g. "video" in an
         audio-only call) is exactly 0 for that sample.
         """
-        return self.forward_features(audio, video, audio_lengths=audio_lengths,
-                                     video_lengths=video_lengths).embeddings
+        return self.forward_features(audio, video, audio_lengths=audio_lengths, video_lengths=video_lengths).embeddings
 
-    def forward_features(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None, *,
-                         audio_lengths=None, video_lengths=None) -> ZorroFeatures:
+    def forward_features(
+        self,
+        audio: Optional[torch.Tensor] = None,
+        video: Optional[torch.Tensor] = None,
+        *,
+        audio_lengths=None,
+        video_lengths=None,
+    ) -> ZorroFeatures:
         """Like :meth:`forward`, also returning presence flags and the final tokens (:class:`ZorroFeatures`)."""
         batch, audio_lengths, video_lengths = self._check_inputs(audio, video, audio_lengths, video_lengths)
         enc = self.encode(self.embed(audio, video, audio_lengths, video_lengths, batch))
-        mask = self._masks.get(("readout", enc.sizes, MaskCache.key(enc.lengths)),
-                               lambda: MaskedReadout.mask_for(enc.sizes, enc.lengths))
+        mask = self._masks.get(
+            ("readout", enc.sizes, MaskCache.key(enc.lengths)), lambda: MaskedReadout.mask_for(enc.sizes, enc.lengths)
+        )
         emb, present = self.readout(enc.tokens, enc.sizes, enc.lengths, mask=mask)
-        return ZorroFeatures({o: emb[:, i] for i, o in enumerate(OUTPUTS)},
-                             {o: present[:, i] for i, o in enumerate(OUTPUTS)}, enc.tokens, enc.sizes, enc.lengths)
+        return ZorroFeatures(
+            {o: emb[:, i] for i, o in enumerate(OUTPUTS)},
+            {o: present[:, i] for i, o in enumerate(OUTPUTS)},
+            enc.tokens,
+            enc.sizes,
+            enc.lengths,
+        )
 
-    def example_inputs(self, batch_size: int = 2, *, device=None, dtype: torch.dtype = torch.float32,
-                       generator: Optional[torch.Generator] = None) -> dict:
+    def example_inputs(
+        self,
+        batch_size: int = 2,
+        *,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict:
         """Random inputs of the configured maximal sizes: ``{"audio": (B, n_mels, audio_frames),
         "video": (B, num_frames, 3, H, W)}`` (standard-normal values, as after input normalisation)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -261,8 +295,10 @@ class ZorroModel(nn.Module):
         are full."""
         if all(p is None for p in per_stream):
             return None
-        cols = [torch.full((batch,), s, dtype=torch.int64) if p is None else p.to(torch.int64)
-                for s, p in zip(sizes, per_stream)]
+        cols = [
+            torch.full((batch,), s, dtype=torch.int64) if p is None else p.to(torch.int64)
+            for s, p in zip(sizes, per_stream)
+        ]
         return torch.stack(cols, 1)
 
     def extra_repr(self) -> str:

@@ -1,6 +1,7 @@
 """Task heads on the four Zorro outputs: a classifier per output (supervised) and a projection MLP per output
 (contrastive). Each output keeps its own head, so a unimodal prediction reads a unimodal embedding only.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -84,8 +85,9 @@ class ContrastiveHeads(nn.Module):
     Forward: ``embeddings`` (dict output -> ``(B, D)``) -> dict output -> ``(B, P)`` for each of ``outputs``.
     """
 
-    def __init__(self, dim: int, proj_dim: int = 128, hidden_dim: Optional[int] = None,
-                 outputs: Sequence[str] = OUTPUTS):
+    def __init__(
+        self, dim: int, proj_dim: int = 128, hidden_dim: Optional[int] = None, outputs: Sequence[str] = OUTPUTS
+    ):
         super().__init__()
         for name, value in (("dim", dim), ("proj_dim", proj_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -20,6 +20,7 @@ Design (ours; the paper's HiP adaptation is not at hand — docs/hip.md has the 
 Padding: a group with no valid input token for a sample has its latents marked as padding (a zero-length segment for
 that sample), which propagates up the hierarchy; padding never changes a valid output.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Union
@@ -37,7 +38,6 @@ from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 __all__ = ["ZorroHiP", "GroupLayout", "split_sizes", "hip_level_masks"]
 
 
-
 def split_sizes(n: int, groups: int) -> list[int]:
     """``n`` tokens into ``groups`` contiguous groups of near-equal size (the first ``n % groups`` one larger)."""
     return [n // groups + (1 if g < n % groups else 0) for g in range(groups)]
@@ -50,6 +50,7 @@ class GroupLayout(NamedTuple):
     valid: int64 ``(B, groups)`` valid tokens per group per sample, or None (all valid). Valid tokens are a prefix of
         each group, and groups with valid tokens are a prefix of the groups (time-major order).
     """
+
     sizes: tuple[int, ...]
     valid: Optional[torch.Tensor]
 
@@ -63,7 +64,7 @@ class GroupLayout(NamedTuple):
     def regroup(self, groups: int) -> "GroupLayout":
         """Merge consecutive groups into ``groups`` groups (the count must divide the current one)."""
         r = len(self.sizes) // groups
-        sizes = tuple(sum(self.sizes[g * r:(g + 1) * r]) for g in range(groups))
+        sizes = tuple(sum(self.sizes[g * r : (g + 1) * r]) for g in range(groups))
         valid = None if self.valid is None else self.valid.reshape(self.valid.shape[0], groups, r).sum(-1)
         return GroupLayout(sizes, valid)
 
@@ -85,13 +86,16 @@ def _segments(layouts: dict, n_fusion: int) -> list:
 def _lengths(layouts: dict, n_fusion: int, batch: int) -> Optional[torch.Tensor]:
     if all(layouts[m].valid is None for m in MODALITIES):
         return None
-    cols = [layouts[m].valid if layouts[m].valid is not None else torch.tensor(layouts[m].sizes).expand(batch, -1)
-            for m in MODALITIES]
+    cols = [
+        layouts[m].valid if layouts[m].valid is not None else torch.tensor(layouts[m].sizes).expand(batch, -1)
+        for m in MODALITIES
+    ]
     return torch.cat(cols + [torch.full((batch, 1), n_fusion)], dim=1)
 
 
-def hip_level_masks(inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int, batch: Optional[int],
-                    mask_kind: str = "zorro") -> tuple[ZorroMask, ZorroMask]:
+def hip_level_masks(
+    inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int, batch: Optional[int], mask_kind: str = "zorro"
+) -> tuple[ZorroMask, ZorroMask]:
     """The cross-attention mask (latents x inputs) and the latent self-attention mask of one level.
 
     Args:
@@ -109,8 +113,9 @@ def hip_level_masks(inputs: dict, latents: dict, n_fusion_in: int, n_fusion: int
     if (q_lengths is None) != (kv_lengths is None):  # a cross mask needs both sides or neither
         q_lengths = q_lengths if q_lengths is not None else _full(q_segments, batch)
         kv_lengths = kv_lengths if kv_lengths is not None else _full(kv_segments, batch)
-    cross = ZorroMask.from_segments(q_segments, rules, kv_segments=kv_segments, lengths=q_lengths,
-                                    kv_lengths=kv_lengths)
+    cross = ZorroMask.from_segments(
+        q_segments, rules, kv_segments=kv_segments, lengths=q_lengths, kv_lengths=kv_lengths
+    )
     self_attn = ZorroMask.from_segments(q_segments, rules, lengths=q_lengths)
     return cross, self_attn
 
@@ -123,8 +128,19 @@ class HiPLevel(nn.Module):
     """One level: per-group latents (audio, video) and fusion latents, a cross-attention block reading the inputs,
     then ``depth`` latent self-attention blocks."""
 
-    def __init__(self, dim: int, context_dim: int, depth: int, num_heads: int, audio_groups: int,
-                 video_groups: int, latents: int, num_fusion: int, mlp_ratio: float, qkv_bias: bool):
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        depth: int,
+        num_heads: int,
+        audio_groups: int,
+        video_groups: int,
+        latents: int,
+        num_fusion: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+    ):
         super().__init__()
         self.latents_per_group = latents
         self.audio_latents = nn.Parameter(torch.zeros(audio_groups, latents, dim))
@@ -163,21 +179,40 @@ class ZorroHiP(ZorroModel):
         mask: one of :data:`~zorro_models.models.base.MASK_KINDS`, applied at every level (see :func:`hip_level_masks`).
     """
 
-    def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,
-                 video_patch: Union[int, Sequence[int]] = 16, n_mels: int = 128, audio_frames: int = 640,
-                 audio_patch: Union[int, Sequence[int]] = 16, audio_groups: Sequence[int] = (16, 4, 1),
-                 video_groups: Sequence[int] = (16, 4, 1), latents: Sequence[int] = (32, 64, 128),
-                 dims: Sequence[int] = (256, 512, 768), depths: Sequence[int] = (2, 4, 6),
-                 num_heads: Sequence[int] = (4, 8, 12), num_fusion: Union[int, Sequence[int]] = 8,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, mask: str = "zorro"):
+    def __init__(
+        self,
+        *,
+        img_size: Union[int, Sequence[int]] = 224,
+        num_frames: int = 8,
+        video_patch: Union[int, Sequence[int]] = 16,
+        n_mels: int = 128,
+        audio_frames: int = 640,
+        audio_patch: Union[int, Sequence[int]] = 16,
+        audio_groups: Sequence[int] = (16, 4, 1),
+        video_groups: Sequence[int] = (16, 4, 1),
+        latents: Sequence[int] = (32, 64, 128),
+        dims: Sequence[int] = (256, 512, 768),
+        depths: Sequence[int] = (2, 4, 6),
+        num_heads: Sequence[int] = (4, 8, 12),
+        num_fusion: Union[int, Sequence[int]] = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        mask: str = "zorro",
+    ):
         super().__init__()
         self.mask_kind = check_mask_kind(mask)
         levels = len(dims)
         if isinstance(num_fusion, int) and not isinstance(num_fusion, bool):
             num_fusion = (num_fusion,) * levels
-        per_level = dict(audio_groups=tuple(audio_groups), video_groups=tuple(video_groups), latents=tuple(latents),
-                         dims=tuple(dims), depths=tuple(depths), num_heads=tuple(num_heads),
-                         num_fusion=tuple(num_fusion))
+        per_level = dict(
+            audio_groups=tuple(audio_groups),
+            video_groups=tuple(video_groups),
+            latents=tuple(latents),
+            dims=tuple(dims),
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            num_fusion=tuple(num_fusion),
+        )
         for name, values in per_level.items():
             if len(values) != levels or levels == 0:
                 raise ValueError(f"{name} needs one entry per level ({levels} levels from dims), got {values}")
@@ -188,23 +223,45 @@ class ZorroHiP(ZorroModel):
             g = per_level[name]
             for lv in range(1, levels):
                 if g[lv - 1] % g[lv] != 0:
-                    raise ValueError(f"{name}: level {lv} has {g[lv]} groups, which must divide the previous "
-                                     f"level's {g[lv - 1]} (groups merge whole); got {g}")
+                    raise ValueError(
+                        f"{name}: level {lv} has {g[lv]} groups, which must divide the previous "
+                        f"level's {g[lv - 1]} (groups merge whole); got {g}"
+                    )
         for lv, (d, h) in enumerate(zip(dims, num_heads)):
             if d % h != 0:
                 raise ValueError(f"level {lv}: width {d} must be divisible by num_heads {h}")
-        self.config = dict(img_size=img_size, num_frames=num_frames, video_patch=video_patch, n_mels=n_mels,
-                           audio_frames=audio_frames, audio_patch=audio_patch, **per_level, mlp_ratio=mlp_ratio,
-                           qkv_bias=qkv_bias, mask=mask)
+        self.config = dict(
+            img_size=img_size,
+            num_frames=num_frames,
+            video_patch=video_patch,
+            n_mels=n_mels,
+            audio_frames=audio_frames,
+            audio_patch=audio_patch,
+            **per_level,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            mask=mask,
+        )
         self.groups = {"audio": per_level["audio_groups"], "video": per_level["video_groups"]}
         self.num_fusion = per_level["num_fusion"]
         self.embed_dim = dims[-1]
         self.audio_embed = AudioPatchEmbed(n_mels, audio_frames, audio_patch, dims[0])
         self.video_embed = VideoPatchEmbed(img_size, num_frames, video_patch, dims[0])
         self.levels = nn.ModuleList(
-            HiPLevel(dims[lv], dims[lv - 1] if lv else dims[0], depths[lv], num_heads[lv], self.groups["audio"][lv],
-                     self.groups["video"][lv], latents[lv], self.num_fusion[lv], mlp_ratio, qkv_bias)
-            for lv in range(levels))
+            HiPLevel(
+                dims[lv],
+                dims[lv - 1] if lv else dims[0],
+                depths[lv],
+                num_heads[lv],
+                self.groups["audio"][lv],
+                self.groups["video"][lv],
+                latents[lv],
+                self.num_fusion[lv],
+                mlp_ratio,
+                qkv_bias,
+            )
+            for lv in range(levels)
+        )
         self.norm = nn.LayerNorm(dims[-1])
         self.readout = MaskedReadout(dims[-1], num_heads[-1], mlp_ratio)
         self.apply(init_weights)
@@ -220,8 +277,9 @@ class ZorroHiP(ZorroModel):
                 if lv > 0:
                     inputs = {m: out[-1][1][m].regroup(self.groups[m][lv]) for m in MODALITIES}
                 latents = {m: inputs[m].latents(level.latents_per_group) for m in MODALITIES}
-                cross, self_attn = hip_level_masks(inputs, latents, n_fusion_in, self.num_fusion[lv], batch,
-                                                   self.mask_kind)
+                cross, self_attn = hip_level_masks(
+                    inputs, latents, n_fusion_in, self.num_fusion[lv], batch, self.mask_kind
+                )
                 out.append((inputs, latents, cross, self_attn))
                 n_fusion_in = self.num_fusion[lv]
             return out
@@ -245,15 +303,41 @@ class ZorroHiP(ZorroModel):
         return Encoded(self.norm(x), sizes, lengths)
 
 
-register_model("zorro_hip_tiny", ZorroHiP,
-               "3 levels: groups audio 4-2-1 / video 8-2-1, 16-32-64 latents per group, widths 96-192-384, "
-               "depths 1-2-2; 64x128 spectrogram and 4x64x64 video with 8x8 patches (128 + 256 tokens)",
-               img_size=64, num_frames=4, video_patch=8, n_mels=64, audio_frames=128, audio_patch=8,
-               audio_groups=(4, 2, 1), video_groups=(8, 2, 1), latents=(16, 32, 64), dims=(96, 192, 384),
-               depths=(1, 2, 2), num_heads=(3, 6, 12), num_fusion=8)
-register_model("zorro_hip_base", ZorroHiP,
-               "3 levels: groups 16-4-1 per modality, 32-64-128 latents per group, widths 256-512-768, depths 2-4-6; "
-               "Figure-2 inputs (320 + 1568 tokens)",
-               img_size=224, num_frames=8, video_patch=16, n_mels=128, audio_frames=640, audio_patch=16,
-               audio_groups=(16, 4, 1), video_groups=(16, 4, 1), latents=(32, 64, 128), dims=(256, 512, 768),
-               depths=(2, 4, 6), num_heads=(4, 8, 12), num_fusion=8)
+register_model(
+    "zorro_hip_tiny",
+    ZorroHiP,
+    "3 levels: groups audio 4-2-1 / video 8-2-1, 16-32-64 latents per group, widths 96-192-384, "
+    "depths 1-2-2; 64x128 spectrogram and 4x64x64 video with 8x8 patches (128 + 256 tokens)",
+    img_size=64,
+    num_frames=4,
+    video_patch=8,
+    n_mels=64,
+    audio_frames=128,
+    audio_patch=8,
+    audio_groups=(4, 2, 1),
+    video_groups=(8, 2, 1),
+    latents=(16, 32, 64),
+    dims=(96, 192, 384),
+    depths=(1, 2, 2),
+    num_heads=(3, 6, 12),
+    num_fusion=8,
+)
+register_model(
+    "zorro_hip_base",
+    ZorroHiP,
+    "3 levels: groups 16-4-1 per modality, 32-64-128 latents per group, widths 256-512-768, depths 2-4-6; "
+    "Figure-2 inputs (320 + 1568 tokens)",
+    img_size=224,
+    num_frames=8,
+    video_patch=16,
+    n_mels=128,
+    audio_frames=640,
+    audio_patch=16,
+    audio_groups=(16, 4, 1),
+    video_groups=(16, 4, 1),
+    latents=(32, 64, 128),
+    dims=(256, 512, 768),
+    depths=(2, 4, 6),
+    num_heads=(4, 8, 12),
+    num_fusion=8,
+)

@@ -7,6 +7,7 @@ why purity needs nothing but the masks: a token's update reads other tokens only
 Token tensors are ``(B, N, C)`` throughout; a *stream layout* is the tuple of stream sizes in token order (e.g.
 ``(n_audio, n_video, n_fusion)``), used by :class:`StreamWise` for modality-specific weights.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -18,8 +19,19 @@ from einops import rearrange
 
 from zorro_kernels import ZorroMask, zorro_attention
 
-__all__ = ["Mlp", "StreamWise", "Attention", "ZorroBlock", "CrossBlock", "MaskedReadout", "MaskCache", "init_weights",
-           "OUTPUTS", "STREAMS", "MODALITIES"]
+__all__ = [
+    "Mlp",
+    "StreamWise",
+    "Attention",
+    "ZorroBlock",
+    "CrossBlock",
+    "MaskedReadout",
+    "MaskCache",
+    "init_weights",
+    "OUTPUTS",
+    "STREAMS",
+    "MODALITIES",
+]
 
 MODALITIES = ("audio", "video")
 STREAMS = (*MODALITIES, "fusion")
@@ -99,8 +111,16 @@ class Attention(nn.Module):
         projection's bias).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, context_dim: Optional[int] = None, qkv_bias: bool = True,
-                 streams: Sequence[str] = STREAMS, shared: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        context_dim: Optional[int] = None,
+        qkv_bias: bool = True,
+        streams: Sequence[str] = STREAMS,
+        shared: bool = True,
+    ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
@@ -116,8 +136,14 @@ class Attention(nn.Module):
             self.qkv = StreamWise(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), streams, shared)
             self.proj = StreamWise(lambda: nn.Linear(dim, dim), streams, shared)
 
-    def forward(self, x: torch.Tensor, mask: ZorroMask, context: Optional[torch.Tensor] = None,
-                sizes: Sequence[int] = (), bias=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: ZorroMask,
+        context: Optional[torch.Tensor] = None,
+        sizes: Sequence[int] = (),
+        bias=None,
+    ) -> torch.Tensor:
         h = self.num_heads
         if self.is_cross:
             q = rearrange(self.q(x), "b n (h d) -> b h n d", h=h)
@@ -140,8 +166,16 @@ class ZorroBlock(nn.Module):
     N; only needed when ``shared=False``), ``bias`` (the attention's score bias or None) -> ``(B, N, C)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, qkv_bias: bool = True,
-                 streams: Sequence[str] = STREAMS, shared: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        qkv_bias: bool = True,
+        streams: Sequence[str] = STREAMS,
+        shared: bool = True,
+    ):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = StreamWise(lambda: nn.LayerNorm(dim), streams, shared)
@@ -163,8 +197,15 @@ class CrossBlock(nn.Module):
     ``num_kv == Nk``) -> ``(B, Nq, C)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: Optional[int] = None, mlp_ratio: float = 4.0, *,
-                 qkv_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+        *,
+        qkv_bias: bool = True,
+    ):
         super().__init__()
         context_dim = context_dim or dim
         self.norm_q = nn.LayerNorm(dim)
@@ -226,8 +267,13 @@ class MaskedReadout(nn.Module):
         q_lengths = None
         if lengths is not None:
             q_lengths = torch.ones(lengths.shape[0], len(OUTPUTS), dtype=torch.int64)
-        return ZorroMask.from_segments([(o, 1) for o in OUTPUTS], cls.rules,
-                                       kv_segments=list(zip(STREAMS, sizes)), lengths=q_lengths, kv_lengths=lengths)
+        return ZorroMask.from_segments(
+            [(o, 1) for o in OUTPUTS],
+            cls.rules,
+            kv_segments=list(zip(STREAMS, sizes)),
+            lengths=q_lengths,
+            kv_lengths=lengths,
+        )
 
     @staticmethod
     def presence(sizes: Sequence[int], lengths: Optional[torch.Tensor], batch: int) -> torch.Tensor:
@@ -236,8 +282,13 @@ class MaskedReadout(nn.Module):
         has = valid > 0  # (B, 3): audio, video, fusion
         return torch.cat([has, has.any(1, keepdim=True)], dim=1)
 
-    def forward(self, tokens: torch.Tensor, sizes: Sequence[int], lengths: Optional[torch.Tensor] = None,
-                mask: Optional[ZorroMask] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        sizes: Sequence[int],
+        lengths: Optional[torch.Tensor] = None,
+        mask: Optional[ZorroMask] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b = tokens.shape[0]
         if mask is None:
             mask = self.mask_for(sizes, lengths)

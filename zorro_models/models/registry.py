@@ -1,4 +1,5 @@
 """Model registry: presets by name, built with keyword overrides (``create_model("zorro_vit_tiny", depth=2)``)."""
+
 from __future__ import annotations
 
 import inspect
@@ -41,8 +42,11 @@ def model_keywords(name: str) -> dict:
     """Every keyword preset ``name`` takes, with the value it gets by default (the preset's, else the class's)."""
     preset = _preset(name)
     params = inspect.signature(preset.cls).parameters
-    return {k: preset.kwargs.get(k, p.default) for k, p in params.items()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {
+        k: preset.kwargs.get(k, p.default)
+        for k, p in params.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def model_config(name: str, **overrides) -> dict:

@@ -26,6 +26,7 @@ Design (ours; the paper's Swin adaptation is not at hand — docs/swin.md has th
   get no bias. A bias only between tokens of one window cannot carry one stream into another: purity holds.
   Learned absolute position embeddings per modality are still added at the input.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,8 +50,9 @@ __all__ = ["ZorroSwin", "window_partition", "window_order", "WindowLayout", "swi
 Window = tuple[tuple[int, int], ...]
 
 
-def effective_window(grid: Sequence[int], window: Sequence[int], shifted: bool
-                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def effective_window(
+    grid: Sequence[int], window: Sequence[int], shifted: bool
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Swin's rule: a window dimension is clipped to the grid, and only dimensions larger than the window shift
     (by half a window)."""
     win = tuple(min(w, n) for w, n in zip(window, grid))
@@ -105,6 +107,7 @@ class WindowLayout(NamedTuple):
     positions: the window-ordered tokens' grid coordinates for the relative position bias (audio ``(t, f)`` then
         video ``(t, h, w)``, one table part each; fusion unplaced), see :func:`window_positions`.
     """
+
     perm: torch.Tensor
     inverse: torch.Tensor
     mask: ZorroMask
@@ -136,15 +139,21 @@ def window_positions(grids: dict, windows: dict, perms: dict, num_fusion: int) -
         if grids.get(m) is not None:
             perm = perms[m]
             grid = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grids[m]), indexing="ij"), -1)
-            coords[offset:offset + perm.numel()] = grid.reshape(-1, len(ext))[perm]
+            coords[offset : offset + perm.numel()] = grid.reshape(-1, len(ext))[perm]
             offset += perm.numel()
         parts.append(RelativePositions(coords, coords, ext))
     return RelativePositions.concat(parts)
 
 
-def swin_block_layout(grids: dict, windows: dict, shifted: bool, num_fusion: int,
-                      valid_t: Optional[dict] = None, batch: Optional[int] = None,
-                      mask_kind: str = "zorro") -> WindowLayout:
+def swin_block_layout(
+    grids: dict,
+    windows: dict,
+    shifted: bool,
+    num_fusion: int,
+    valid_t: Optional[dict] = None,
+    batch: Optional[int] = None,
+    mask_kind: str = "zorro",
+) -> WindowLayout:
     """Build one block's layout.
 
     Args:
@@ -207,8 +216,13 @@ class PatchMerging(nn.Module):
         if len(grid) == 2:
             x = rearrange(x, "b (t p) (f q) c -> b (t f) (p q c)", p=self.factors[0], q=self.factors[1])
         else:
-            x = rearrange(x, "b (t p) (h q) (w r) c -> b (t h w) (p q r c)",
-                          p=self.factors[0], q=self.factors[1], r=self.factors[2])
+            x = rearrange(
+                x,
+                "b (t p) (h q) (w r) c -> b (t h w) (p q r c)",
+                p=self.factors[0],
+                q=self.factors[1],
+                r=self.factors[2],
+            )
         return self.reduction(self.norm(x)), merged
 
 
@@ -244,22 +258,37 @@ class ZorroSwin(ZorroModel):
             per block; see the module docstring).
     """
 
-    def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,
-                 video_patch: Union[int, Sequence[int]] = (2, 4, 4), n_mels: int = 128, audio_frames: int = 640,
-                 audio_patch: Union[int, Sequence[int]] = 4, base_dim: int = 96,
-                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 audio_window: Union[int, Sequence[int]] = 8, video_window: Union[int, Sequence[int]] = (2, 7, 7),
-                 mlp_ratio: float = 4.0, num_fusion: int = 8, qkv_bias: bool = True, mask: str = "zorro",
-                 rel_pos_bias: bool = True):
+    def __init__(
+        self,
+        *,
+        img_size: Union[int, Sequence[int]] = 224,
+        num_frames: int = 8,
+        video_patch: Union[int, Sequence[int]] = (2, 4, 4),
+        n_mels: int = 128,
+        audio_frames: int = 640,
+        audio_patch: Union[int, Sequence[int]] = 4,
+        base_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        audio_window: Union[int, Sequence[int]] = 8,
+        video_window: Union[int, Sequence[int]] = (2, 7, 7),
+        mlp_ratio: float = 4.0,
+        num_fusion: int = 8,
+        qkv_bias: bool = True,
+        mask: str = "zorro",
+        rel_pos_bias: bool = True,
+    ):
         super().__init__()
         if not isinstance(rel_pos_bias, bool):
             raise TypeError(f"rel_pos_bias must be a bool, got {type(rel_pos_bias).__name__}")
         self.mask_kind = check_mask_kind(mask)
         if mask == "full" and rel_pos_bias:
             # the table holds offsets up to the window size; full attention pairs tokens of different windows
-            raise ValueError("mask='full' attends across Swin's windows, but the relative position bias is defined "
-                             "only within a window; build it with rel_pos_bias=False (model.kwargs.rel_pos_bias="
-                             "false) to compare with full attention")
+            raise ValueError(
+                "mask='full' attends across Swin's windows, but the relative position bias is defined "
+                "only within a window; build it with rel_pos_bias=False (model.kwargs.rel_pos_bias="
+                "false) to compare with full attention"
+            )
         depths, num_heads = tuple(depths), tuple(num_heads)
         if not depths or len(depths) != len(num_heads):
             raise ValueError(f"depths and num_heads need one entry per stage, got {depths} and {num_heads}")
@@ -267,17 +296,32 @@ class ZorroSwin(ZorroModel):
             raise ValueError(f"depths must be positive ints, got {depths}")
         if isinstance(num_fusion, bool) or not isinstance(num_fusion, int) or num_fusion < 0:
             raise ValueError(f"num_fusion must be an int >= 0, got {num_fusion!r}")
-        dims = [base_dim * 2 ** s for s in range(len(depths))]
+        dims = [base_dim * 2**s for s in range(len(depths))]
         for s, (d, h) in enumerate(zip(dims, num_heads)):
             if d % h != 0:
                 raise ValueError(f"stage {s}: width {d} must be divisible by num_heads {h}")
-        self.config = dict(img_size=img_size, num_frames=num_frames, video_patch=video_patch, n_mels=n_mels,
-                           audio_frames=audio_frames, audio_patch=audio_patch, base_dim=base_dim, depths=depths,
-                           num_heads=num_heads, audio_window=audio_window, video_window=video_window,
-                           mlp_ratio=mlp_ratio, num_fusion=num_fusion, qkv_bias=qkv_bias, mask=mask,
-                           rel_pos_bias=rel_pos_bias)
-        self.windows = {"audio": to_pair(audio_window, "audio_window"),
-                        "video": to_triple(video_window, "video_window", int_means="cube")}
+        self.config = dict(
+            img_size=img_size,
+            num_frames=num_frames,
+            video_patch=video_patch,
+            n_mels=n_mels,
+            audio_frames=audio_frames,
+            audio_patch=audio_patch,
+            base_dim=base_dim,
+            depths=depths,
+            num_heads=num_heads,
+            audio_window=audio_window,
+            video_window=video_window,
+            mlp_ratio=mlp_ratio,
+            num_fusion=num_fusion,
+            qkv_bias=qkv_bias,
+            mask=mask,
+            rel_pos_bias=rel_pos_bias,
+        )
+        self.windows = {
+            "audio": to_pair(audio_window, "audio_window"),
+            "video": to_triple(video_window, "video_window", int_means="cube"),
+        }
         self.depths, self.dims = depths, dims
         self.embed_dim = dims[-1]
         self.num_fusion = num_fusion
@@ -300,8 +344,9 @@ class ZorroSwin(ZorroModel):
                 grid_v = tuple(-(-n // f) for n, f in zip(grid_v, fv))
             stage.blocks = nn.ModuleList(ZorroBlock(dim, heads, mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth))
             if rel_pos_bias:  # one table per block (Swin's relative_position_bias_table), both modalities' offsets
-                stage.rel_tables = nn.ParameterList(nn.Parameter(torch.zeros(heads, rel_table_size(self.windows)))
-                                                    for _ in range(depth))
+                stage.rel_tables = nn.ParameterList(
+                    nn.Parameter(torch.zeros(heads, rel_table_size(self.windows))) for _ in range(depth)
+                )
             self.stages.append(stage)
         self.norm = nn.LayerNorm(dims[-1])
         self.readout = MaskedReadout(dims[-1], num_heads[-1], mlp_ratio)
@@ -311,12 +356,18 @@ class ZorroSwin(ZorroModel):
             for t in getattr(stage, "rel_tables", ()):
                 nn.init.trunc_normal_(t, std=0.02)
 
-    def block_layout(self, grids: dict, shifted: bool, valid_t: dict, batch: int,
-                     device: torch.device = torch.device("cpu")) -> WindowLayout:
+    def block_layout(
+        self, grids: dict, shifted: bool, valid_t: dict, batch: int, device: torch.device = torch.device("cpu")
+    ) -> WindowLayout:
         """The layout of a block for these grids, shift and valid time rows, its permutations on ``device``
         (cached on the model)."""
-        key = ("swin", tuple(grids.items()), shifted, tuple((k, MaskCache.key(v)) for k, v in valid_t.items()),
-               str(device))
+        key = (
+            "swin",
+            tuple(grids.items()),
+            shifted,
+            tuple((k, MaskCache.key(v)) for k, v in valid_t.items()),
+            str(device),
+        )
 
         def build():
             layout = swin_block_layout(grids, self.windows, shifted, self.num_fusion, valid_t, batch, self.mask_kind)
@@ -345,13 +396,16 @@ class ZorroSwin(ZorroModel):
             x = torch.cat([xs[n] for n in ("audio", "video") if n in xs] + [xf], dim=1)
             for i, block in enumerate(stage.blocks):
                 layout = self.block_layout(grids, i % 2 == 1, valid_t, batch, x.device)
-                bias = (RelativePositionBias(stage.rel_tables[i].to(x.dtype), positions=layout.positions)
-                        if hasattr(stage, "rel_tables") else None)
+                bias = (
+                    RelativePositionBias(stage.rel_tables[i].to(x.dtype), positions=layout.positions)
+                    if hasattr(stage, "rel_tables")
+                    else None
+                )
                 x = block(x[:, layout.perm], layout.mask, bias=bias)[:, layout.inverse]
             offset = 0
             for n in ("audio", "video"):
                 if n in xs:
-                    xs[n] = x[:, offset:offset + xs[n].shape[1]]
+                    xs[n] = x[:, offset : offset + xs[n].shape[1]]
                     offset += xs[n].shape[1]
             xf = x[:, offset:]
         empty = xf.new_zeros(batch, 0, self.embed_dim)
@@ -363,15 +417,39 @@ class ZorroSwin(ZorroModel):
         return Encoded(tokens, sizes, lengths)
 
 
-register_model("zorro_swin_tiny", ZorroSwin,
-               "Swin-T widths (96, depths 2-2-6-2, heads 3-6-12-24) on small inputs: 64x128 spectrogram "
-               "(4x4 patches, 8x8 windows), 4x64x64 video (2x4x4 tubelets, 2x4x4 windows)",
-               img_size=64, num_frames=4, video_patch=(2, 4, 4), n_mels=64, audio_frames=128, audio_patch=4,
-               base_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), audio_window=8, video_window=(2, 4, 4),
-               num_fusion=8)
-register_model("zorro_swin_base", ZorroSwin,
-               "Swin-B widths (128, depths 2-2-18-2, heads 4-8-16-32); Figure-2 inputs with 4x4 spectrogram "
-               "patches (8x8 windows) and 2x4x4 video tubelets (2x7x7 windows)",
-               img_size=224, num_frames=8, video_patch=(2, 4, 4), n_mels=128, audio_frames=640, audio_patch=4,
-               base_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), audio_window=8,
-               video_window=(2, 7, 7), num_fusion=8)
+register_model(
+    "zorro_swin_tiny",
+    ZorroSwin,
+    "Swin-T widths (96, depths 2-2-6-2, heads 3-6-12-24) on small inputs: 64x128 spectrogram "
+    "(4x4 patches, 8x8 windows), 4x64x64 video (2x4x4 tubelets, 2x4x4 windows)",
+    img_size=64,
+    num_frames=4,
+    video_patch=(2, 4, 4),
+    n_mels=64,
+    audio_frames=128,
+    audio_patch=4,
+    base_dim=96,
+    depths=(2, 2, 6, 2),
+    num_heads=(3, 6, 12, 24),
+    audio_window=8,
+    video_window=(2, 4, 4),
+    num_fusion=8,
+)
+register_model(
+    "zorro_swin_base",
+    ZorroSwin,
+    "Swin-B widths (128, depths 2-2-18-2, heads 4-8-16-32); Figure-2 inputs with 4x4 spectrogram "
+    "patches (8x8 windows) and 2x4x4 video tubelets (2x7x7 windows)",
+    img_size=224,
+    num_frames=8,
+    video_patch=(2, 4, 4),
+    n_mels=128,
+    audio_frames=640,
+    audio_patch=4,
+    base_dim=128,
+    depths=(2, 2, 18, 2),
+    num_heads=(4, 8, 16, 32),
+    audio_window=8,
+    video_window=(2, 7, 7),
+    num_fusion=8,
+)

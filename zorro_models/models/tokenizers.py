@@ -5,6 +5,7 @@ einops so the token order is explicit. Token order is **time-major** for both mo
 ``(t, h, w)``): a clip shorter than the configured maximum, or the valid prefix of a padded clip, is then a prefix of
 the token sequence, which is exactly what :class:`~zorro_kernels.ZorroMask` lengths describe.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -28,10 +29,11 @@ def _check_batch_and_dtype(x: torch.Tensor, name: str, weight: torch.Tensor) -> 
     otherwise fail deep inside the first matmul, without naming the input."""
     if x.shape[0] == 0:
         raise ValueError(f"{name} has batch size 0 (shape {tuple(x.shape)}); the model needs at least one sample")
-    if (x.dtype != weight.dtype and weight.device.type != "meta"
-            and not torch.is_autocast_enabled(x.device.type)):
-        raise TypeError(f"{name} is {x.dtype} but the model's weights are {weight.dtype}: pass {name}.to("
-                        f"{weight.dtype}), convert the model with model.to({x.dtype}), or run under torch.autocast")
+    if x.dtype != weight.dtype and weight.device.type != "meta" and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} is {x.dtype} but the model's weights are {weight.dtype}: pass {name}.to("
+            f"{weight.dtype}), convert the model with model.to({x.dtype}), or run under torch.autocast"
+        )
 
 
 def to_pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
@@ -105,15 +107,20 @@ class AudioPatchEmbed(nn.Module):
         if audio.ndim != 3:
             raise ValueError(f"{name} must be (B, n_mels={self.n_mels}, frames), got shape {tuple(audio.shape)}")
         if audio.shape[1] != self.n_mels:
-            raise ValueError(f"{name} has {audio.shape[1]} mel bins but the model expects n_mels={self.n_mels} "
-                             f"(shape {tuple(audio.shape)})")
+            raise ValueError(
+                f"{name} has {audio.shape[1]} mel bins but the model expects n_mels={self.n_mels} "
+                f"(shape {tuple(audio.shape)})"
+            )
         if not 1 <= audio.shape[2] <= self.max_frames:
-            raise ValueError(f"{name} has {audio.shape[2]} frames; the model takes 1..{self.max_frames} "
-                             f"(audio_frames={self.max_frames})")
+            raise ValueError(
+                f"{name} has {audio.shape[2]} frames; the model takes 1..{self.max_frames} "
+                f"(audio_frames={self.max_frames})"
+            )
         _check_batch_and_dtype(audio, name, self.proj.weight)
 
-    def forward(self, audio: torch.Tensor, frame_lengths: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, tuple[int, int]]:
+    def forward(
+        self, audio: torch.Tensor, frame_lengths: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Returns ``(tokens (B, Tp * Fp, dim), (Tp, Fp))``."""
         if frame_lengths is not None:
             keep = torch.arange(audio.shape[2], device=audio.device)[None] < frame_lengths.to(audio.device)[:, None]
@@ -141,8 +148,14 @@ class VideoPatchEmbed(nn.Module):
     ``frame_lengths`` entry are zeroed before patching.
     """
 
-    def __init__(self, img_size: Union[int, Sequence[int]], num_frames: int, patch: Union[int, Sequence[int]],
-                 dim: int, in_chans: int = 3):
+    def __init__(
+        self,
+        img_size: Union[int, Sequence[int]],
+        num_frames: int,
+        patch: Union[int, Sequence[int]],
+        dim: int,
+        in_chans: int = 3,
+    ):
         super().__init__()
         self.img_size = to_pair(img_size, "img_size")
         self.num_frames = _positive_int(num_frames, "num_frames")
@@ -180,12 +193,15 @@ class VideoPatchEmbed(nn.Module):
         if video.ndim != 5 or tuple(video.shape[2:]) != (self.in_chans, *self.img_size):
             raise ValueError(f"{name} must be {want}, got shape {tuple(video.shape)}")
         if not 1 <= video.shape[1] <= self.num_frames:
-            raise ValueError(f"{name} has {video.shape[1]} frames; the model takes 1..{self.num_frames} "
-                             f"(num_frames={self.num_frames})")
+            raise ValueError(
+                f"{name} has {video.shape[1]} frames; the model takes 1..{self.num_frames} "
+                f"(num_frames={self.num_frames})"
+            )
         _check_batch_and_dtype(video, name, self.proj.weight)
 
-    def forward(self, video: torch.Tensor, frame_lengths: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def forward(
+        self, video: torch.Tensor, frame_lengths: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Returns ``(tokens (B, Tp * Hp * Wp, dim), (Tp, Hp, Wp))``."""
         if frame_lengths is not None:
             keep = torch.arange(video.shape[1], device=video.device)[None] < frame_lengths.to(video.device)[:, None]

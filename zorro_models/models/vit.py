@@ -18,6 +18,7 @@ selects the paper's ablations:
 ``shared_weights=False`` gives each stream (audio, video, fusion) its own norms, attention projections and MLPs
 ("modality-specific" parameters); ``True`` shares them (the paper's "modality-level parameter sharing").
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -55,11 +56,24 @@ class ZorroViT(ZorroModel):
         qkv_bias: biases in the q/k/v projections.
     """
 
-    def __init__(self, *, img_size: Union[int, Sequence[int]] = 224, num_frames: int = 8,
-                 video_patch: Union[int, Sequence[int]] = 16, n_mels: int = 128, audio_frames: int = 640,
-                 audio_patch: Union[int, Sequence[int]] = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, num_fusion: int = 8, mask: str = "zorro",
-                 shared_weights: bool = True, qkv_bias: bool = True):
+    def __init__(
+        self,
+        *,
+        img_size: Union[int, Sequence[int]] = 224,
+        num_frames: int = 8,
+        video_patch: Union[int, Sequence[int]] = 16,
+        n_mels: int = 128,
+        audio_frames: int = 640,
+        audio_patch: Union[int, Sequence[int]] = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_fusion: int = 8,
+        mask: str = "zorro",
+        shared_weights: bool = True,
+        qkv_bias: bool = True,
+    ):
         super().__init__()
         check_mask_kind(mask)
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
@@ -69,10 +83,22 @@ class ZorroViT(ZorroModel):
             raise ValueError(f"num_fusion must be an int >= 0, got {num_fusion!r}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        self.config = dict(img_size=img_size, num_frames=num_frames, video_patch=video_patch, n_mels=n_mels,
-                           audio_frames=audio_frames, audio_patch=audio_patch, embed_dim=embed_dim, depth=depth,
-                           num_heads=num_heads, mlp_ratio=mlp_ratio, num_fusion=num_fusion, mask=mask,
-                           shared_weights=shared_weights, qkv_bias=qkv_bias)
+        self.config = dict(
+            img_size=img_size,
+            num_frames=num_frames,
+            video_patch=video_patch,
+            n_mels=n_mels,
+            audio_frames=audio_frames,
+            audio_patch=audio_patch,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            num_fusion=num_fusion,
+            mask=mask,
+            shared_weights=shared_weights,
+            qkv_bias=qkv_bias,
+        )
         self.embed_dim = embed_dim
         self.mask_kind = mask
         self.num_fusion = num_fusion
@@ -81,7 +107,8 @@ class ZorroViT(ZorroModel):
         self.fusion_tokens = nn.Parameter(torch.zeros(num_fusion, embed_dim))
         self.blocks = nn.ModuleList(
             ZorroBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, streams=STREAMS, shared=shared_weights)
-            for _ in range(depth))
+            for _ in range(depth)
+        )
         self.norm = StreamWise(lambda: nn.LayerNorm(embed_dim), STREAMS, shared_weights)
         self.readout = MaskedReadout(embed_dim, num_heads, mlp_ratio)
         self.apply(init_weights)
@@ -104,17 +131,48 @@ class ZorroViT(ZorroModel):
 _FIG2 = dict(img_size=224, num_frames=8, video_patch=16, n_mels=128, audio_frames=640, audio_patch=16)
 _SMALL_INPUTS = dict(img_size=64, num_frames=4, video_patch=16, n_mels=64, audio_frames=128, audio_patch=16)
 
-register_model("zorro_vit_demo", ZorroViT,
-               "CPU demo size: width 64, 4 blocks; 4 frames of 32x32 (64 video tokens), 32x64 spectrogram "
-               "(32 audio tokens)",
-               img_size=32, num_frames=4, video_patch=8, n_mels=32, audio_frames=64, audio_patch=8,
-               embed_dim=64, depth=4, num_heads=4, num_fusion=4)
-register_model("zorro_vit_tiny", ZorroViT,
-               "ViT-Ti widths (192, 12 blocks, 3 heads) on small inputs: 4x64x64 video, 64x128 spectrogram",
-               **_SMALL_INPUTS, embed_dim=192, depth=12, num_heads=3, num_fusion=8)
-register_model("zorro_vit_small", ZorroViT, "ViT-S widths (384, 12 blocks, 6 heads), Figure-2 inputs",
-               **_FIG2, embed_dim=384, depth=12, num_heads=6, num_fusion=8)
-register_model("zorro_vit_base", ZorroViT,
-               "Figure 2: 320 audio tokens (128x640 spectrogram), 1568 video tokens (8x224x224), width 768, "
-               "12 blocks, 12 heads",
-               **_FIG2, embed_dim=768, depth=12, num_heads=12, num_fusion=8)
+register_model(
+    "zorro_vit_demo",
+    ZorroViT,
+    "CPU demo size: width 64, 4 blocks; 4 frames of 32x32 (64 video tokens), 32x64 spectrogram (32 audio tokens)",
+    img_size=32,
+    num_frames=4,
+    video_patch=8,
+    n_mels=32,
+    audio_frames=64,
+    audio_patch=8,
+    embed_dim=64,
+    depth=4,
+    num_heads=4,
+    num_fusion=4,
+)
+register_model(
+    "zorro_vit_tiny",
+    ZorroViT,
+    "ViT-Ti widths (192, 12 blocks, 3 heads) on small inputs: 4x64x64 video, 64x128 spectrogram",
+    **_SMALL_INPUTS,
+    embed_dim=192,
+    depth=12,
+    num_heads=3,
+    num_fusion=8,
+)
+register_model(
+    "zorro_vit_small",
+    ZorroViT,
+    "ViT-S widths (384, 12 blocks, 6 heads), Figure-2 inputs",
+    **_FIG2,
+    embed_dim=384,
+    depth=12,
+    num_heads=6,
+    num_fusion=8,
+)
+register_model(
+    "zorro_vit_base",
+    ZorroViT,
+    "Figure 2: 320 audio tokens (128x640 spectrogram), 1568 video tokens (8x224x224), width 768, 12 blocks, 12 heads",
+    **_FIG2,
+    embed_dim=768,
+    depth=12,
+    num_heads=12,
+    num_fusion=8,
+)

@@ -5,6 +5,7 @@ from the model; and a stored run loaded back (:func:`load_run`).
     task = build_task(cfg)                 # ContrastiveTask or SupervisedTask; task.model is the backbone
     cfg, task, ckpt = load_run("runs/x")   # the run's config (plus overrides) and its latest checkpoint's weights
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,15 +15,24 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.audio import LogMelSpectrogram
-from .config import Config, apply_overrides, data_workers, from_dict
 from ..data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
+from ..data.audio import LogMelSpectrogram
 from ..models.registry import create_model
-from .tasks import TASKS, ContrastiveTask, SupervisedTask
 from .checkpoint import latest_checkpoint, load_weights
+from .config import Config, apply_overrides, data_workers, from_dict
+from .tasks import TASKS, ContrastiveTask, SupervisedTask
 
-__all__ = ["build_model", "build_task", "build_preprocessor", "build_dataset", "eval_loader", "num_classes_of",
-           "resolve_checkpoint", "load_run", "SPLITS"]
+__all__ = [
+    "build_model",
+    "build_task",
+    "build_preprocessor",
+    "build_dataset",
+    "eval_loader",
+    "num_classes_of",
+    "resolve_checkpoint",
+    "load_run",
+    "SPLITS",
+]
 
 # split seeds of the synthetic dataset, offset from data.seed so that no two splits share a clip
 SPLITS = {"train": 1, "val": 2, "probe_train": 3, "probe_test": 4}
@@ -49,20 +59,24 @@ def build_task(cfg: Config, model: Optional[nn.Module] = None, dataset: Optional
     if t.task == "contrastive":
         return ContrastiveTask(model, t.pairs, t.proj_dim, t.temperature)
     dataset = build_dataset(cfg, model, "train") if dataset is None else dataset
-    return SupervisedTask(model, num_classes_of(dataset), t.supervised_outputs,
-                          bool(getattr(dataset, "multi_label", False)))
+    return SupervisedTask(
+        model, num_classes_of(dataset), t.supervised_outputs, bool(getattr(dataset, "multi_label", False))
+    )
 
 
 def build_preprocessor(cfg: Config, model) -> AVPreprocessor:
     """The log-mel front-end and input normalisation of ``cfg.data``, with the mel bins and frame count the model
     expects."""
     a = cfg.data.audio
-    mel = LogMelSpectrogram(a.sample_rate, a.n_fft, a.hop_length, a.win_length, model.audio_embed.n_mels, a.f_min,
-                            a.f_max, a.log_offset)
+    mel = LogMelSpectrogram(
+        a.sample_rate, a.n_fft, a.hop_length, a.win_length, model.audio_embed.n_mels, a.f_min, a.f_max, a.log_offset
+    )
     need = mel.num_frames(int(round(a.sample_rate * cfg.data.duration)))
     if need < model.audio_embed.patch[1]:
-        raise ValueError(f"data.duration={cfg.data.duration} s at hop {a.hop_length} gives {need} spectrogram frames, "
-                         f"fewer than one audio patch ({model.audio_embed.patch[1]} frames)")
+        raise ValueError(
+            f"data.duration={cfg.data.duration} s at hop {a.hop_length} gives {need} spectrogram frames, "
+            f"fewer than one audio patch ({model.audio_embed.patch[1]} frames)"
+        )
     return AVPreprocessor(mel, model.audio_embed.max_frames, a.mean, a.std, cfg.data.video_mean, cfg.data.video_std)
 
 
@@ -83,26 +97,46 @@ def build_dataset(cfg: Config, model, split: str) -> Dataset:
     if d.kind == "synthetic":
         if h != w:
             raise ValueError(f"the synthetic data renders square frames; the model wants {h}x{w}")
-        size = {"train": d.train_size, "val": d.val_size, "probe_train": cfg.probe.train_size,
-                "probe_test": cfg.probe.test_size}[split]
-        sc = SyntheticAVConfig(num_classes=d.synthetic.num_classes, num_frames=frames, image_size=h,
-                               sample_rate=d.audio.sample_rate, duration=d.duration,
-                               audio_dropout=d.synthetic.audio_dropout, video_dropout=d.synthetic.video_dropout,
-                               distractor_prob=d.synthetic.distractor_prob)
+        size = {
+            "train": d.train_size,
+            "val": d.val_size,
+            "probe_train": cfg.probe.train_size,
+            "probe_test": cfg.probe.test_size,
+        }[split]
+        sc = SyntheticAVConfig(
+            num_classes=d.synthetic.num_classes,
+            num_frames=frames,
+            image_size=h,
+            sample_rate=d.audio.sample_rate,
+            duration=d.duration,
+            audio_dropout=d.synthetic.audio_dropout,
+            video_dropout=d.synthetic.video_dropout,
+            distractor_prob=d.synthetic.distractor_prob,
+        )
         return SyntheticAVDataset(size, sc, seed=d.seed * 16 + SPLITS[split])
     if d.kind == "clips":
         csv = d.train_csv if split in ("train", "probe_train") else d.val_csv
         if csv is None:
-            raise ValueError(f"data.kind=clips needs data.{'train' if split in ('train', 'probe_train') else 'val'}"
-                             f"_csv for the {split!r} split")
+            raise ValueError(
+                f"data.kind=clips needs data.{'train' if split in ('train', 'probe_train') else 'val'}"
+                f"_csv for the {split!r} split"
+            )
         if h != w:
             raise ValueError(f"clips are resized to square frames; the model wants {h}x{w}")
         classes = None
         if split != "train" and d.train_csv is not None:  # class indices must agree with training
             classes = ClipDataset(d.train_csv, root=d.root, multi_label=d.multi_label).classes
-        return ClipDataset(csv, num_frames=frames, image_size=h, sample_rate=d.audio.sample_rate,
-                           duration=d.duration, root=d.root, classes=classes, multi_label=d.multi_label,
-                           on_error=d.on_error)
+        return ClipDataset(
+            csv,
+            num_frames=frames,
+            image_size=h,
+            sample_rate=d.audio.sample_rate,
+            duration=d.duration,
+            root=d.root,
+            classes=classes,
+            multi_label=d.multi_label,
+            on_error=d.on_error,
+        )
     raise ValueError(f"data.kind must be 'synthetic' or 'clips', got {d.kind!r}")
 
 
@@ -112,8 +146,9 @@ def num_classes_of(dataset) -> int:
 
 def eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
     """Sequential batches of ``probe.batch_size`` (no shuffle, last batch kept) for evaluation and probes."""
-    return DataLoader(dataset, batch_size=cfg.probe.batch_size, shuffle=False, num_workers=data_workers(cfg),
-                      collate_fn=collate)
+    return DataLoader(
+        dataset, batch_size=cfg.probe.batch_size, shuffle=False, num_workers=data_workers(cfg), collate_fn=collate
+    )
 
 
 # ------------------------------------------------------------------------------------------------ stored runs

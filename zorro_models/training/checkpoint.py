@@ -14,6 +14,7 @@ at most the step being saved. Readers never follow the ``latest`` pointer (a one
 tools): :func:`latest_checkpoint` takes the newest intact ``step_*`` folder and says which ones it passed over, and
 a damaged file raises :class:`CheckpointError` naming it.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_checkpoint", "CheckpointError",
-           "load_weights", "rng_state", "set_rng_state"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "check_checkpoint",
+    "CheckpointError",
+    "load_weights",
+    "rng_state",
+    "set_rng_state",
+]
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -46,8 +55,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -58,8 +71,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -73,8 +85,16 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def save_checkpoint(run_dir: Union[str, Path], step: int, module: nn.Module, optimizer=None, scheduler=None,
-                    extra: Optional[dict] = None, config_yaml: Optional[str] = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Union[str, Path],
+    step: int,
+    module: nn.Module,
+    optimizer=None,
+    scheduler=None,
+    extra: Optional[dict] = None,
+    config_yaml: Optional[str] = None,
+    keep: int = 2,
+) -> Path:
     """Write ``<run_dir>/checkpoints/step_<step>`` crash-safely, point ``latest`` at it, and delete all but the newest
     ``keep`` step checkpoints (``keep <= 0`` keeps every one). Returns the checkpoint folder.
 
@@ -165,7 +185,7 @@ def _remove_stale(root: Path) -> None:
             continue
         pid = int(m.group(1))
         if pid == os.getpid() or not _pid_alive(pid):
-            step_name = p.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+            step_name = p.name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
             if p.name.startswith(OLD_PREFIX) and not (root / step_name).exists():
                 os.replace(p, root / step_name)  # killed between moving a re-saved step aside and its replacement in
             elif p.is_dir():
@@ -203,8 +223,10 @@ def check_checkpoint(path: Union[str, Path]) -> None:
     for f, size in sizes.items():
         have = (path / f).stat().st_size if (path / f).is_file() else None
         if have != size:
-            raise CheckpointError(f"{path / f} is {'missing' if have is None else f'{have} bytes'}, the manifest "
-                                  f"says {size} bytes (truncated or damaged)")
+            raise CheckpointError(
+                f"{path / f} is {'missing' if have is None else f'{have} bytes'}, the manifest "
+                f"says {size} bytes (truncated or damaged)"
+            )
 
 
 def latest_checkpoint(run_dir: Union[str, Path], skipped: Optional[list] = None) -> Optional[Path]:
@@ -241,7 +263,7 @@ def load_weights(module: nn.Module, path: Union[str, Path], *, prefix: str = "",
     Returns the keys of ``module`` that the file did not provide (an error when ``strict``)."""
     tensors = _read_weights(_weights_file(path))
     if prefix:
-        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not tensors:
             raise ValueError(f"{path} holds no tensor whose name starts with {prefix!r}")
     target = _unwrap(module)
@@ -249,17 +271,21 @@ def load_weights(module: nn.Module, path: Union[str, Path], *, prefix: str = "",
     unexpected = sorted(set(tensors) - set(own))
     # shared tensors are stored once by save_model; any alias of a stored tensor counts as provided
     missing = sorted(k for k in own if k not in tensors and not _is_alias(own, k, tensors))
-    shapes = sorted(f"{k}: {tuple(v.shape)} in file, {tuple(own[k].shape)} in module"
-                    for k, v in tensors.items() if k in own and v.shape != own[k].shape)
+    shapes = sorted(
+        f"{k}: {tuple(v.shape)} in file, {tuple(own[k].shape)} in module"
+        for k, v in tensors.items()
+        if k in own and v.shape != own[k].shape
+    )
     if shapes:
         raise ValueError(f"{path} does not match the module's shapes: {shapes[:8]}")
     if strict and (missing or unexpected):
         hint = ""
         if missing and not unexpected and all(".rel_tables." in k for k in missing):
-            hint = ("; the checkpoint predates Zorro-Swin's relative position bias: load it into a model built with "
-                    "rel_pos_bias=False (setting model.kwargs.rel_pos_bias=false)")
-        raise ValueError(f"{path} does not match the module: missing {missing[:8]}, unexpected {unexpected[:8]}"
-                         + hint)
+            hint = (
+                "; the checkpoint predates Zorro-Swin's relative position bias: load it into a model built with "
+                "rel_pos_bias=False (setting model.kwargs.rel_pos_bias=false)"
+            )
+        raise ValueError(f"{path} does not match the module: missing {missing[:8]}, unexpected {unexpected[:8]}" + hint)
     target.load_state_dict(tensors, strict=False)
     return missing
 
@@ -270,16 +296,19 @@ def _read_weights(file: Path) -> dict:
     try:
         return load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for a torn file, OSError for others
-        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e}); the file is damaged or "
-                              f"truncated") from e
+        raise CheckpointError(
+            f"{file} cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated"
+        ) from e
 
 
 def _read_state(file: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn zip archive: RuntimeError, OSError [Errno 22], EOFError, UnpicklingError
-        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                              f"; the file is damaged or truncated") from e
+        raise CheckpointError(
+            f"{file} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"; the file is damaged or truncated"
+        ) from e
 
 
 def _is_alias(own: dict, key: str, provided: dict) -> bool:
@@ -287,8 +316,9 @@ def _is_alias(own: dict, key: str, provided: dict) -> bool:
     return any(k in provided and own[k].data_ptr() == t.data_ptr() for k in own if k != key)
 
 
-def load_checkpoint(path: Union[str, Path], module: nn.Module, optimizer=None, scheduler=None,
-                    restore_rng: bool = True) -> dict:
+def load_checkpoint(
+    path: Union[str, Path], module: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True
+) -> dict:
     """Load a checkpoint folder into ``module`` (strictly), ``optimizer`` and ``scheduler``; restore the RNG states.
     Returns the state dict (``step``, ``extra``, ...). Both files are read and checked before anything is changed: a
     damaged checkpoint raises :class:`CheckpointError` naming the file and leaves module and optimizer as they were."""

@@ -9,6 +9,7 @@ the field's type (YAML syntax: ``true``, ``1e-3``, ``[audio, video]``, ``{depth:
 Sizes that belong to the model (frames, image size, mel bins, spectrogram frames) are not repeated here: the data
 pipeline reads them from the model built by ``model.name`` + ``model.kwargs``, so the two can never disagree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,27 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-__all__ = ["ModelConfig", "AudioConfig", "SyntheticConfig", "DataConfig", "OptimConfig", "TrainConfig", "ProbeConfig",
-           "Config", "load_config", "apply_overrides", "from_dict", "config_to_yaml", "save_config", "machine_threads",
-           "machine_workers", "data_workers", "add_config_args", "add_run_folder_args", "run_folder_overrides"]
+__all__ = [
+    "ModelConfig",
+    "AudioConfig",
+    "SyntheticConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ProbeConfig",
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "from_dict",
+    "config_to_yaml",
+    "save_config",
+    "machine_threads",
+    "machine_workers",
+    "data_workers",
+    "add_config_args",
+    "add_run_folder_args",
+    "run_folder_overrides",
+]
 
 
 @dataclass
@@ -33,6 +52,7 @@ class ModelConfig:
     ``mask`` is one of :data:`~zorro_models.models.base.MASK_KINDS` (every family accepts each). ``kwargs`` holds the
     family's own settings (ViT ``depth``, Swin ``depths`` / ``video_window``, HiP ``latents`` / ``groups``, ...);
     the family checks them and an unknown one is an error listing the valid keywords."""
+
     name: str = "zorro_vit_demo"
     mask: str = "zorro"
     kwargs: dict = field(default_factory=dict)
@@ -42,6 +62,7 @@ class ModelConfig:
 class AudioConfig:
     """The log-mel front-end (:class:`~zorro_models.data.audio.LogMelSpectrogram`) and the spectrogram normalisation.
     ``n_mels`` comes from the model. Defaults suit the synthetic data (8 kHz, 1 s -> 65 frames of 16 ms hops)."""
+
     sample_rate: int = 8000
     n_fft: int = 256
     hop_length: int = 125
@@ -57,6 +78,7 @@ class AudioConfig:
 class SyntheticConfig:
     """Classes and difficulty of the embedded dataset (:class:`~zorro_models.data.SyntheticAVConfig`; its frame count,
     image size, sample rate and duration come from the model and ``data.audio`` / ``data.duration``)."""
+
     num_classes: int = 8
     audio_dropout: float = 0.2
     video_dropout: float = 0.2
@@ -73,6 +95,7 @@ class DataConfig:
     ``audio.sample_rate``; frames per clip and image size come from the model. ``num_workers`` DataLoader processes
     (0: load in the training process; None: from the machine, :func:`machine_workers`).
     """
+
     kind: str = "synthetic"
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -94,6 +117,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW, linear warm-up to ``lr`` over ``warmup_steps`` then cosine decay to ``lr * min_lr_ratio`` at the last
     step; gradient-norm clipping (``clip_grad_norm <= 0`` disables it)."""
+
     lr: float = 1e-3
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
@@ -125,6 +149,7 @@ class TrainConfig:
         pairs, temperature, proj_dim: contrastive loss settings (see :class:`~zorro_models.ZorroContrastiveLoss`).
         supervised_outputs: outputs that get a classifier (supervised task).
     """
+
     task: str = "contrastive"
     steps: int = 200
     batch_size: int = 64
@@ -154,6 +179,7 @@ class ProbeConfig:
     """Linear probes on frozen embeddings. Synthetic data: ``train_size`` clips fit the probes, ``test_size`` other
     clips score them (their own seeds). Clips: fitted on ``data.train_csv``, scored on ``data.val_csv`` (the sizes do
     not apply). Full-batch L-BFGS on standardised features with L2 ``weight_decay``; ``batch_size`` for embedding."""
+
     train_size: int = 2048
     test_size: int = 1024
     weight_decay: float = 1e-3
@@ -265,7 +291,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         for i, p in enumerate(parts[:-1]):
             if not isinstance(node, dict) or p not in node:
                 have = sorted(node) if isinstance(node, dict) else []
-                raise ValueError(f"override {item!r}: no section {'.'.join(parts[:i + 1])!r}; valid: {have}")
+                raise ValueError(f"override {item!r}: no section {'.'.join(parts[: i + 1])!r}; valid: {have}")
             node = node[p]
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {'.'.join(parts[:-1])!r} is not a section")
@@ -278,23 +304,34 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The ``--config YAML`` option and the ``section.key=value`` overrides (what :func:`load_config` takes), for
     every command that builds a run."""
     parser.add_argument("--config", help="YAML run configuration (sections model, data, optim, train, probe)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="settings in YAML syntax, e.g. train.steps=100 optim.lr=3e-4 model.mask=full",
+    )
 
 
 def add_run_folder_args(parser: argparse.ArgumentParser) -> None:
     """``--resume`` / ``--overwrite``: what to do with a ``train.out`` that already holds a run."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue the run in train.out from its newest intact "
-                       "checkpoint (train.resume=true)")
-    group.add_argument("--overwrite", action="store_true", help="start over in a train.out that holds a run, "
-                       "deleting that run (train.overwrite=true)")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in train.out from its newest intact checkpoint (train.resume=true)",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a train.out that holds a run, deleting that run (train.overwrite=true)",
+    )
 
 
 def run_folder_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides that ``--resume`` / ``--overwrite`` stand for."""
-    return ["train.resume=true"] * bool(getattr(args, "resume", False)) + \
-        ["train.overwrite=true"] * bool(getattr(args, "overwrite", False))
+    return ["train.resume=true"] * bool(getattr(args, "resume", False)) + ["train.overwrite=true"] * bool(
+        getattr(args, "overwrite", False)
+    )
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

@@ -8,6 +8,7 @@ A rank that fails alone must not leave the others waiting for it in their next c
 process-group timeout, an unrelated "Connection closed by peer" under gloo): :func:`on_main_rank` runs rank-0-only
 work and :func:`fail_together` makes every rank raise once a collective has shown that one failed.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,15 @@ import torch.distributed as dist
 
 from ..utils.errors import RankFailure, error_line
 
-__all__ = ["DistEnv", "init_distributed", "gather_with_grad", "all_gather_nograd", "RankFailure", "fail_together",
-           "on_main_rank"]
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "gather_with_grad",
+    "all_gather_nograd",
+    "RankFailure",
+    "fail_together",
+    "on_main_rank",
+]
 
 T = TypeVar("T")
 
@@ -58,7 +66,6 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistEnv(rank, world, local, dev)
-
 
 
 def fail_together(error: Optional[BaseException], what: str) -> NoReturn:
@@ -133,9 +140,9 @@ class _GatherWithGrad(torch.autograd.Function):
         # lay the gradient out as (world, longest, ...) so every rank reduces tensors of the same shape
         padded = grad.new_zeros(len(sizes), longest, *grad.shape[1:])
         for r, chunk in enumerate(grad.split(sizes)):
-            padded[r, :sizes[r]] = chunk
+            padded[r, : sizes[r]] = chunk
         dist.all_reduce(padded, op=dist.ReduceOp.SUM)
-        return padded[ctx.rank, :sizes[ctx.rank]]
+        return padded[ctx.rank, : sizes[ctx.rank]]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

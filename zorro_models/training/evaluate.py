@@ -12,6 +12,7 @@ video-only     video (audio left out)        video, fusion, global (audio is exa
 
 Metrics: top-1 accuracy for single-label data, mean average precision (mAP, the AudioSet metric) for multi-label data.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,17 +23,33 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import OUTPUTS
-from .build import build_dataset, build_preprocessor, eval_loader, num_classes_of
 from ..utils.reporting import plot_modality_scores, write_json
+from .build import build_dataset, build_preprocessor, eval_loader, num_classes_of
 
-__all__ = ["REGIMES", "REGIME_OUTPUTS", "accuracy", "average_precision", "mean_average_precision", "score",
-           "metric_name", "collect_embeddings", "linear_probe", "probe_all", "run_probes", "evaluate_heads",
-           "evaluate_run", "OUTPUT_ORDER"]
+__all__ = [
+    "REGIMES",
+    "REGIME_OUTPUTS",
+    "accuracy",
+    "average_precision",
+    "mean_average_precision",
+    "score",
+    "metric_name",
+    "collect_embeddings",
+    "linear_probe",
+    "probe_all",
+    "run_probes",
+    "evaluate_heads",
+    "evaluate_run",
+    "OUTPUT_ORDER",
+]
 
 REGIMES = {"audio-visual": ("audio", "video"), "audio-only": ("audio",), "video-only": ("video",)}
 #: the outputs that carry information under each regime
-REGIME_OUTPUTS = {"audio-visual": OUTPUTS, "audio-only": ("audio", "fusion", "global"),
-                  "video-only": ("video", "fusion", "global")}
+REGIME_OUTPUTS = {
+    "audio-visual": OUTPUTS,
+    "audio-only": ("audio", "fusion", "global"),
+    "video-only": ("video", "fusion", "global"),
+}
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -52,8 +69,9 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
     mean, over the positives, of the precision at each positive's rank.
     """
     if scores.shape != targets.shape or scores.ndim != 1:
-        raise ValueError(f"need scores and targets of the same (N,) shape, got {tuple(scores.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"need scores and targets of the same (N,) shape, got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
     t = targets.to(torch.float64)
     npos = float(t.sum())
     if npos == 0:
@@ -74,8 +92,9 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """mAP over classes with at least one positive: ``scores (N, C)``, multi-hot ``targets (N, C)``."""
     if scores.shape != targets.shape or scores.ndim != 2:
-        raise ValueError(f"need scores and targets of the same (N, C) shape, got {tuple(scores.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"need scores and targets of the same (N, C) shape, got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
     aps = [average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
     aps = [a for a in aps if a == a]
     if not aps:
@@ -93,8 +112,14 @@ def metric_name(multi_label: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
-def _run_regimes(forward: Callable[[dict], dict], preprocess, batches: Iterable[dict], regimes: Sequence[str],
-                 amp_dtype: Optional[torch.dtype], keep: Callable[[str, str], bool]) -> tuple[dict, torch.Tensor]:
+def _run_regimes(
+    forward: Callable[[dict], dict],
+    preprocess,
+    batches: Iterable[dict],
+    regimes: Sequence[str],
+    amp_dtype: Optional[torch.dtype],
+    keep: Callable[[str, str], bool],
+) -> tuple[dict, torch.Tensor]:
     """``forward(inputs) -> {name: (B, X)}`` on every non-empty batch under each regime; the entries ``keep(regime,
     name)`` accepts are concatenated (float32, CPU). Returns ``({regime: {name: (N, X)}}, labels)``."""
     for r in regimes:
@@ -120,8 +145,13 @@ def _run_regimes(forward: Callable[[dict], dict], preprocess, batches: Iterable[
     return {r: {n: torch.cat(v) for n, v in d.items()} for r, d in out.items()}, torch.cat(labels)
 
 
-def collect_embeddings(model, preprocess, batches: Iterable[dict], regimes: Sequence[str] = tuple(REGIMES),
-                       amp_dtype: Optional[torch.dtype] = None) -> tuple[dict, torch.Tensor]:
+def collect_embeddings(
+    model,
+    preprocess,
+    batches: Iterable[dict],
+    regimes: Sequence[str] = tuple(REGIMES),
+    amp_dtype: Optional[torch.dtype] = None,
+) -> tuple[dict, torch.Tensor]:
     """Run ``model`` (in eval mode) over ``batches`` under each regime.
 
     Returns ``(embeddings, labels)``: ``embeddings[regime][output]`` is float32 ``(N, D)`` on CPU for the outputs of
@@ -131,15 +161,24 @@ def collect_embeddings(model, preprocess, batches: Iterable[dict], regimes: Sequ
     was_training = model.training
     model.eval()
     try:
-        return _run_regimes(lambda x: model(**x), preprocess, batches, regimes, amp_dtype,
-                            keep=lambda r, o: o in REGIME_OUTPUTS[r])
+        return _run_regimes(
+            lambda x: model(**x), preprocess, batches, regimes, amp_dtype, keep=lambda r, o: o in REGIME_OUTPUTS[r]
+        )
     finally:
         model.train(was_training)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
-                 multi_label: bool = False, num_classes: Optional[int] = None, weight_decay: float = 1e-3,
-                 max_iter: int = 200) -> float:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    multi_label: bool = False,
+    num_classes: Optional[int] = None,
+    weight_decay: float = 1e-3,
+    max_iter: int = 200,
+) -> float:
     """Fit a linear classifier on frozen features and score it on held-out ones.
 
     Features are standardised with the training set's mean and std; the classifier (softmax cross-entropy, or
@@ -149,8 +188,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     Shapes: ``train_x (N, D)``, ``train_y (N,)`` int or ``(N, K)`` multi-hot; the same for test.
     """
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D, got {tuple(train_x.shape)} and "
-                         f"{tuple(test_x.shape)}")
+        raise ValueError(
+            f"features must be (N, D) with the same D, got {tuple(train_x.shape)} and {tuple(test_x.shape)}"
+        )
     x = train_x.to(torch.float64)
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     x = (x - mu) / sd
@@ -164,8 +204,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     def closure():
         opt.zero_grad()
         logits = x @ w + b
-        loss = (F.binary_cross_entropy_with_logits(logits, target) if multi_label
-                else F.cross_entropy(logits, target)) + weight_decay * w.square().sum()
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, target) if multi_label else F.cross_entropy(logits, target)
+        ) + weight_decay * w.square().sum()
         loss.backward()
         return loss
 
@@ -175,8 +216,15 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return score(xt @ w + b, test_y, multi_label)
 
 
-def probe_all(train: tuple[dict, torch.Tensor], test: tuple[dict, torch.Tensor], *, multi_label: bool,
-              num_classes: int, weight_decay: float = 1e-3, max_iter: int = 200) -> dict:
+def probe_all(
+    train: tuple[dict, torch.Tensor],
+    test: tuple[dict, torch.Tensor],
+    *,
+    multi_label: bool,
+    num_classes: int,
+    weight_decay: float = 1e-3,
+    max_iter: int = 200,
+) -> dict:
     """A linear probe per (regime, output) present in both ``train`` and ``test`` (each a
     :func:`collect_embeddings` result), plus ``"all"``: the regime's outputs concatenated. Returns
     ``{regime: {output: metric}}``."""
@@ -188,14 +236,30 @@ def probe_all(train: tuple[dict, torch.Tensor], test: tuple[dict, torch.Tensor],
         outs = [o for o in tr[r] if o in te[r]]
         feats = {o: (tr[r][o], te[r][o]) for o in outs}
         feats["all"] = (torch.cat([tr[r][o] for o in outs], 1), torch.cat([te[r][o] for o in outs], 1))
-        results[r] = {o: linear_probe(a, ytr, b, yte, multi_label=multi_label, num_classes=num_classes,
-                                      weight_decay=weight_decay, max_iter=max_iter)
-                      for o, (a, b) in feats.items()}
+        results[r] = {
+            o: linear_probe(
+                a,
+                ytr,
+                b,
+                yte,
+                multi_label=multi_label,
+                num_classes=num_classes,
+                weight_decay=weight_decay,
+                max_iter=max_iter,
+            )
+            for o, (a, b) in feats.items()
+        }
     return results
 
 
-def run_probes(cfg, model, *, device="cpu", regimes: Sequence[str] = tuple(REGIMES),
-               progress: Optional[Callable[[str], None]] = None) -> dict:
+def run_probes(
+    cfg,
+    model,
+    *,
+    device="cpu",
+    regimes: Sequence[str] = tuple(REGIMES),
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Linear probes of a (trained) backbone on the probe splits of ``cfg`` (see :func:`~zorro_models.training.build.
     build_dataset`): embeddings of ``probe.train_size`` clips fit the probes, ``probe.test_size`` other clips score
     them. ``progress``, if given, receives a line as each phase starts. Returns ``{"metric": "accuracy" | "mAP",
@@ -215,18 +279,33 @@ def run_probes(cfg, model, *, device="cpu", regimes: Sequence[str] = tuple(REGIM
     n_probes = sum(len(d) + 1 for d in train[0].values())
     say(f"fitting {n_probes} linear probes (L-BFGS) [{time.perf_counter() - start:.0f} s]")
     k = num_classes_of(fit_set)
-    results = probe_all(train, test, multi_label=multi_label, num_classes=k, weight_decay=cfg.probe.weight_decay,
-                        max_iter=cfg.probe.max_iter)
+    results = probe_all(
+        train,
+        test,
+        multi_label=multi_label,
+        num_classes=k,
+        weight_decay=cfg.probe.weight_decay,
+        max_iter=cfg.probe.max_iter,
+    )
     return {"metric": metric_name(multi_label), "num_classes": k, "results": results}
 
 
-def evaluate_heads(model, heads, preprocess, batches: Iterable[dict], *, multi_label: bool,
-                   regimes: Sequence[str] = tuple(REGIMES), amp_dtype: Optional[torch.dtype] = None) -> dict:
+def evaluate_heads(
+    model,
+    heads,
+    preprocess,
+    batches: Iterable[dict],
+    *,
+    multi_label: bool,
+    regimes: Sequence[str] = tuple(REGIMES),
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict:
     """Score supervised heads (:class:`~zorro_models.SupervisedHeads`) under each regime.
 
     Returns ``{regime: {head: metric}}`` for each head whose output sees something under the regime, plus
     ``"mean"``: the heads' logits averaged over the outputs present for each sample (the paper's prediction).
     """
+
     def forward(inputs):
         feats = model.forward_features(**inputs)
         return heads(feats.embeddings, feats.present)
@@ -235,8 +314,14 @@ def evaluate_heads(model, heads, preprocess, batches: Iterable[dict], *, multi_l
     model.eval()
     heads.eval()
     try:
-        logits, y = _run_regimes(forward, preprocess, batches, regimes, amp_dtype,
-                                 keep=lambda r, name: name == "mean" or name in REGIME_OUTPUTS[r])
+        logits, y = _run_regimes(
+            forward,
+            preprocess,
+            batches,
+            regimes,
+            amp_dtype,
+            keep=lambda r, name: name == "mean" or name in REGIME_OUTPUTS[r],
+        )
     finally:
         model.train(was[0])
         heads.train(was[1])
@@ -248,9 +333,17 @@ def evaluate_heads(model, heads, preprocess, batches: Iterable[dict], *, multi_l
 OUTPUT_ORDER = (*OUTPUTS, "mean", "all")
 
 
-def evaluate_run(cfg, task, *, probes: bool = False, device=None, out: Optional[Union[str, Path]] = None,
-                 label: str = "model", info: Optional[dict] = None,
-                 progress: Optional[Callable[[str], None]] = None) -> dict:
+def evaluate_run(
+    cfg,
+    task,
+    *,
+    probes: bool = False,
+    device=None,
+    out: Optional[Union[str, Path]] = None,
+    label: str = "model",
+    info: Optional[dict] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Evaluate a trained task (:func:`~zorro_models.training.build.build_task`, e.g. from
     :func:`~zorro_models.training.build.load_run`) under the three input regimes.
 
@@ -273,21 +366,31 @@ def evaluate_run(cfg, task, *, probes: bool = False, device=None, out: Optional[
         val = build_dataset(cfg, model, "val")
         if progress is not None:
             progress(f"scoring the supervised heads on {len(val)} validation clips under {len(REGIMES)} input regimes")
-        heads = evaluate_heads(model, task.heads, build_preprocessor(cfg, model).to(device), eval_loader(cfg, val),
-                               multi_label=task.multi_label)
+        heads = evaluate_heads(
+            model,
+            task.heads,
+            build_preprocessor(cfg, model).to(device),
+            eval_loader(cfg, val),
+            multi_label=task.multi_label,
+        )
         report["heads"] = {"metric": metric_name(task.multi_label), "results": heads}
     if cfg.train.task != "supervised" or probes:
         report["probes"] = run_probes(cfg, model, device=device, progress=progress)
     if out is not None:
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(report, out / "eval.json")
-        title, part = next((t, report[k]) for k, t in (("heads", "supervised heads"), ("probes", "linear probes"))
-                           if k in report)
+        title, part = next(
+            (t, report[k]) for k, t in (("heads", "supervised heads"), ("probes", "linear probes")) if k in report
+        )
         res = part["results"]
         av = "mean" if "mean" in res["audio-visual"] else "all"
-        bars = {label: {"audio-only": res["audio-only"]["audio"], "video-only": res["video-only"]["video"],
-                        "audio-visual": res["audio-visual"][av]}}
+        bars = {
+            label: {
+                "audio-only": res["audio-only"]["audio"],
+                "video-only": res["video-only"]["video"],
+                "audio-visual": res["audio-visual"][av],
+            }
+        }
         plot_modality_scores(bars, out / "eval.png", metric=part["metric"], title=title)
     return report

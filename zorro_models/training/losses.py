@@ -1,6 +1,7 @@
 """Losses: supervised (single-label cross-entropy, multi-label BCE) over per-output logits, and the contrastive
 InfoNCE loss between pairs of outputs with a learnable temperature.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,16 +46,21 @@ class SupervisedLoss(nn.Module):
             raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
         if self.multi_label:
             if target.shape != logits.shape:
-                raise ValueError(f"multi-label target must be (B, C) = {tuple(logits.shape)}, "
-                                 f"got {tuple(target.shape)}")
+                raise ValueError(
+                    f"multi-label target must be (B, C) = {tuple(logits.shape)}, got {tuple(target.shape)}"
+                )
             return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
         if target.ndim == 1:
             if target.shape[0] != logits.shape[0] or target.is_floating_point():
-                raise ValueError(f"single-label target must be int (B,) = ({logits.shape[0]},) class indices, "
-                                 f"got {target.dtype} {tuple(target.shape)}")
+                raise ValueError(
+                    f"single-label target must be int (B,) = ({logits.shape[0]},) class indices, "
+                    f"got {target.dtype} {tuple(target.shape)}"
+                )
         elif target.shape != logits.shape:
-            raise ValueError(f"single-label target must be (B,) indices or (B, C) probabilities, got "
-                             f"{tuple(target.shape)} for logits {tuple(logits.shape)}")
+            raise ValueError(
+                f"single-label target must be (B,) indices or (B, C) probabilities, got "
+                f"{tuple(target.shape)} for logits {tuple(logits.shape)}"
+            )
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def per_output(self, logits: dict, target: torch.Tensor) -> dict:
@@ -70,8 +76,9 @@ class SupervisedLoss(nn.Module):
         return torch.stack([self.single(logits[n], target) for n in names]).mean()
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: Optional[torch.Tensor] = None
-             ) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Symmetric InfoNCE between row-aligned embeddings: sample i of ``a`` and of ``b`` are the positive pair, the
     other samples of the batch the negatives.
 
@@ -112,8 +119,13 @@ class ZorroContrastiveLoss(nn.Module):
     where both outputs are present) -> scalar: the mean of the pairs' losses.
     """
 
-    def __init__(self, pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS, temperature: float = 0.1,
-                 learnable_temperature: bool = True, max_logit_scale: float = 100.0):
+    def __init__(
+        self,
+        pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS,
+        temperature: float = 0.1,
+        learnable_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+    ):
         super().__init__()
         pairs = tuple(tuple(p) for p in pairs)
         if not pairs:

@@ -1,5 +1,6 @@
 """The training tasks: a backbone with its heads and loss, one ``nn.Module`` whose forward returns ``(loss, logs)``.
 Build one for a config with :func:`~zorro_models.training.build.build_task`."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -7,9 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .distributed import all_gather_nograd, gather_with_grad
 from ..models.heads import ContrastiveHeads, SupervisedHeads
 from ..models.layers import OUTPUTS
+from .distributed import all_gather_nograd, gather_with_grad
 from .losses import SupervisedLoss, ZorroContrastiveLoss
 
 __all__ = ["ContrastiveTask", "SupervisedTask", "TASKS"]

@@ -20,6 +20,7 @@ training-curve plot, all under ``train.out``; when its checkpoint write or valid
 (``data.on_error=raise``). ``train.resume=true`` continues from the latest checkpoint there exactly
 as the uninterrupted run would have (same data order, optimizer and scheduler state, RNG).
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,34 +37,74 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..data import collate
+from ..utils.reporting import MetricsLogger, plot_training_curves, read_metrics
 from .build import build_dataset, build_model, build_preprocessor, build_task, eval_loader
 from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import (Config, add_config_args, add_run_folder_args, config_to_yaml, data_workers, load_config, machine_threads,
-                     run_folder_overrides, save_config)
-
-import yaml
-from ..data import collate
+from .config import (
+    Config,
+    config_to_yaml,
+    data_workers,
+    machine_threads,
+    save_config,
+)
 from .distributed import DistEnv, fail_together, init_distributed, on_main_rank
 from .evaluate import evaluate_heads
-from ..utils.reporting import MetricsLogger, plot_training_curves, read_metrics
 
-__all__ = ["Trainer", "ResumableSampler", "warmup_cosine", "param_groups",
-           "run_training", "progress_line", "summary_line", "RESUMABLE_CHANGES", "RUN_FILES", "run_contents", "config_changes",
-           "UNREADABLE_SHARE", "UNREADABLE_WINDOW", "ClipLedger"]
+__all__ = [
+    "Trainer",
+    "ResumableSampler",
+    "warmup_cosine",
+    "param_groups",
+    "run_training",
+    "progress_line",
+    "summary_line",
+    "RESUMABLE_CHANGES",
+    "RUN_FILES",
+    "run_contents",
+    "config_changes",
+    "UNREADABLE_SHARE",
+    "UNREADABLE_WINDOW",
+    "ClipLedger",
+]
 
 #: What a run writes into ``train.out`` (``train.overwrite=true`` deletes these and nothing else).
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "resumes.jsonl", "training_curves.png", "eval.json",
-             "eval.png")
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "config.yaml",
+    "resumes.jsonl",
+    "training_curves.png",
+    "eval.json",
+    "eval.png",
+)
 #: Settings a resumed run may change (a key, or a whole section): how long it runs, how often and where it writes,
 #: where the files are, what it evaluates with — not what it learns. Any other change is refused. A longer
 #: ``train.steps`` stretches the cosine schedule from the resumed step on.
-RESUMABLE_CHANGES = ("train.steps", "train.resume", "train.overwrite", "train.out", "train.init_from",
-                     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.threads", "train.progress", "train.plot", "train.device", "data.num_workers", "data.root",
-                     "data.val_csv", "data.val_size", "probe")
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.resume",
+    "train.overwrite",
+    "train.out",
+    "train.init_from",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.progress",
+    "train.plot",
+    "train.device",
+    "data.num_workers",
+    "data.root",
+    "data.val_csv",
+    "data.val_size",
+    "probe",
+)
 #: Training stops when at least this share of the last ``UNREADABLE_WINDOW`` clips, or of an epoch's clips, could not
 #: be read: a clip list that is mostly unreadable is a broken setup, not bad luck (and one that is all unreadable
 #: would otherwise loop forever, skipping every batch).
@@ -103,14 +144,16 @@ def config_changes(stored: dict, cfg: Config) -> dict:
     :data:`RESUMABLE_CHANGES`. Keys only one side knows (settings added or removed since) are not compared."""
     old, new = _flat(stored), _flat(yaml.safe_load(config_to_yaml(cfg)))
     changes = {k: [old[k], new[k]] for k in new if k in old and old[k] != new[k]}
-    refused = {k: v for k, v in changes.items()
-               if not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)}
+    refused = {k: v for k, v in changes.items() if not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)}
     if refused:
         what = ", ".join(f"{k}={a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ValueError(f"train.resume: cannot change {what}: that alters the run (a resumed run may change only "
-                         f"{', '.join(RESUMABLE_CHANGES)}); start a new run in another train.out, or start over "
-                         f"with train.overwrite=true")
+        raise ValueError(
+            f"train.resume: cannot change {what}: that alters the run (a resumed run may change only "
+            f"{', '.join(RESUMABLE_CHANGES)}); start a new run in another train.out, or start over "
+            f"with train.overwrite=true"
+        )
     return changes
+
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """LR multiplier at ``step`` (0-based): linear warm-up ``(step + 1) / warmup`` for the first ``warmup`` steps,
@@ -151,7 +194,7 @@ class ResumableSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        return iter(list(super().__iter__())[self.start :])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -174,21 +217,27 @@ class Trainer:
         if t.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {t.amp!r}")
         if t.grad_accum < 1 or t.steps < 0 or t.batch_size < 1:
-            raise ValueError(f"need train.batch_size >= 1, train.grad_accum >= 1 and train.steps >= 0, got "
-                             f"{t.batch_size}, {t.grad_accum} and {t.steps}")
+            raise ValueError(
+                f"need train.batch_size >= 1, train.grad_accum >= 1 and train.steps >= 0, got "
+                f"{t.batch_size}, {t.grad_accum} and {t.steps}"
+            )
         if t.resume and t.overwrite:
             raise ValueError("train.resume and train.overwrite exclude each other: continue the run or start over")
         if t.eval_every > 0 and t.task != "supervised":
-            raise ValueError("train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
-                             "evaluate contrastive checkpoints with linear probes: zorro eval RUN")
+            raise ValueError(
+                "train.eval_every is for supervised runs (validation accuracy / mAP of the heads); "
+                "evaluate contrastive checkpoints with linear probes: zorro eval RUN"
+            )
         threads = machine_threads() if t.threads is None else t.threads
         if threads > 0:
             torch.set_num_threads(threads)
         self.env = env or init_distributed(t.device)
         world = self.env.world_size
         if t.batch_size % (world * t.grad_accum) != 0:
-            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by world_size x grad_accum = "
-                             f"{world} x {t.grad_accum}")
+            raise ValueError(
+                f"train.batch_size={t.batch_size} must be divisible by world_size x grad_accum = "
+                f"{world} x {t.grad_accum}"
+            )
         self.micro_batch = t.batch_size // (world * t.grad_accum)
         self.device = self.env.device
         self.out = Path(t.out)
@@ -204,7 +253,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.task, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, t.steps, o.warmup_steps, o.min_lr_ratio))
+            self.optimizer, lambda s: warmup_cosine(s, t.steps, o.warmup_steps, o.min_lr_ratio)
+        )
         self.sampler = ResumableSampler(self.train_set, world, self.env.rank, shuffle=True, seed=t.seed)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.clips = ClipLedger(dist.all_reduce if self.env.distributed else None, self.device)
@@ -217,8 +267,10 @@ class Trainer:
             self.batch_in_epoch = state["extra"]["batch_in_epoch"]
             self.clips.skipped = state["extra"].get("skipped", 0)
             self.clips.dropped = state["extra"].get("dropped", 0)
-            self._say(f"resumed from {ckpt} at step {self.step}" + "".join(
-                f"; {k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items() if k != "train.resume"))
+            self._say(
+                f"resumed from {ckpt} at step {self.step}"
+                + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items() if k != "train.resume")
+            )
         elif t.resume:
             self._say(f"train.resume: no intact checkpoint in {self.out / 'checkpoints'}; starting from step 0")
         if ckpt is None and t.init_from:
@@ -242,7 +294,8 @@ class Trainer:
                 raise FileExistsError(
                     f"train.out={self.out} already holds a run ({', '.join(existing)}); continue it with "
                     f"train.resume=true (zorro train --resume), start over with train.overwrite=true (zorro train "
-                    f"--overwrite; deletes that run), or choose another train.out")
+                    f"--overwrite; deletes that run), or choose another train.out"
+                )
             self._overwrite = existing  # deleted by rank 0 when training starts
         if not t.resume:
             return None
@@ -254,8 +307,7 @@ class Trainer:
             # the config the checkpoint was saved under; else (a checkpoint without one) the run's last config.yaml
             stored = next((f for f in (ckpt / "config.yaml", self.out / "config.yaml") if f.is_file()), None)
             if stored is not None:
-                self.resume_changes = config_changes(yaml.safe_load(stored.read_text(encoding="utf-8")) or {},
-                                                     self.cfg)
+                self.resume_changes = config_changes(yaml.safe_load(stored.read_text(encoding="utf-8")) or {}, self.cfg)
         return ckpt
 
     def _open_run(self) -> None:
@@ -275,11 +327,17 @@ class Trainer:
         if self.cfg.train.resume:
             dropped = _drop_metrics_after(self.out / "metrics.jsonl", self.step)
             if dropped:
-                self._say(f"train.resume: dropped {dropped} metric record(s) of steps after {self.step} from "
-                          f"metrics.jsonl (those steps are trained again)")
+                self._say(
+                    f"train.resume: dropped {dropped} metric record(s) of steps after {self.step} from "
+                    f"metrics.jsonl (those steps are trained again)"
+                )
             MetricsLogger(self.out / "resumes.jsonl").log(
-                {"step": self.step, "changed": {k: v for k, v in self.resume_changes.items() if k != "train.resume"},
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                {
+                    "step": self.step,
+                    "changed": {k: v for k, v in self.resume_changes.items() if k != "train.resume"},
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
         save_config(self.cfg, self.out / "config.yaml")
 
     def _say(self, msg: str) -> None:
@@ -288,9 +346,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- data
     def _loader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
-                          num_workers=data_workers(self.cfg), collate_fn=collate,
-                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            self.train_set,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=data_workers(self.cfg),
+            collate_fn=collate,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
 
     @property
     def skipped(self) -> int:
@@ -301,8 +366,10 @@ class Trainer:
         """Micro-batches forever, epoch after epoch, starting at the saved position; batches whose every clip
         failed to decode (on any rank) are counted and passed over by every rank."""
         if len(self.sampler) // self.micro_batch == 0 and self.batch_in_epoch == 0:
-            raise ValueError(f"the training set ({len(self.train_set)} clips) is smaller than one global micro-batch "
-                             f"({self.micro_batch} x {self.env.world_size} ranks)")
+            raise ValueError(
+                f"the training set ({len(self.train_set)} clips) is smaller than one global micro-batch "
+                f"({self.micro_batch} x {self.env.world_size} ranks)"
+            )
         while True:
             self.sampler.set_position(self.epoch, self.batch_in_epoch * self.micro_batch)
             self.clips.start_epoch()
@@ -329,8 +396,9 @@ class Trainer:
         sync = last or not self.env.distributed
         ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
         with ctx:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                enabled=self.amp_dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
+            ):
                 loss, logs = self.ddp(inputs, target)
             (loss / self.cfg.train.grad_accum).backward()
         return loss.detach(), logs
@@ -357,8 +425,7 @@ class Trainer:
     def _reduce(self, logs: dict) -> dict:
         """Average logged scalars over ranks (a collective: every rank calls it at the same steps)."""
         keys = sorted(logs)
-        vec = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=self.device).reshape(())
-                           for k in keys])
+        vec = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys])
         if self.env.distributed:
             dist.all_reduce(vec)
             vec /= self.env.world_size
@@ -368,15 +435,22 @@ class Trainer:
         """Supervised runs: score the heads on the validation split under each input regime (rank 0 evaluates, the
         others wait; when it fails, every rank raises); logged as ``{"split": "val", "step": ..., "<regime>/<head>":
         metric}``. Returns the scores on rank 0, None elsewhere."""
+
         def evaluate() -> dict:
             if self._val_set is None:
                 self._val_set = build_dataset(self.cfg, self.model, "val")
-            scores = evaluate_heads(self.task.model, self.task.heads, self.preprocess,
-                                    eval_loader(self.cfg, self._val_set), multi_label=self.task.multi_label,
-                                    amp_dtype=self.amp_dtype)
+            scores = evaluate_heads(
+                self.task.model,
+                self.task.heads,
+                self.preprocess,
+                eval_loader(self.cfg, self._val_set),
+                multi_label=self.task.multi_label,
+                amp_dtype=self.amp_dtype,
+            )
             self.task.train()
-            self.logger.log({"split": "val", "step": self.step,
-                             **{f"{r}/{h}": v for r, d in scores.items() for h, v in d.items()}})
+            self.logger.log(
+                {"split": "val", "step": self.step, **{f"{r}/{h}": v for r, d in scores.items() for h, v in d.items()}}
+            )
             return scores
 
         return on_main_rank(self.env, evaluate, f"validating at step {self.step}")
@@ -384,12 +458,25 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Checkpoint the current state (rank 0 writes; every rank returns after the write, or raises when it
         failed)."""
-        return on_main_rank(self.env, lambda: save_checkpoint(
-            self.out, self.step, self.task, self.optimizer, self.scheduler,
-            extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.clips.skipped,
-                   "dropped": self.clips.dropped},
-            config_yaml=config_to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints),
-            f"writing the checkpoint of step {self.step}")
+        return on_main_rank(
+            self.env,
+            lambda: save_checkpoint(
+                self.out,
+                self.step,
+                self.task,
+                self.optimizer,
+                self.scheduler,
+                extra={
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "skipped": self.clips.skipped,
+                    "dropped": self.clips.dropped,
+                },
+                config_yaml=config_to_yaml(self.cfg),
+                keep=self.cfg.train.keep_checkpoints,
+            ),
+            f"writing the checkpoint of step {self.step}",
+        )
 
     def fit(self, stop_at: Optional[int] = None) -> dict:
         """Train until ``train.steps`` optimizer steps (or ``stop_at``, for tests that interrupt a run), checkpoint,
@@ -404,8 +491,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             # disable=None: a bar on terminals, nothing in logs and CI output (where it would be a wall of \r lines)
-            bar = tqdm(total=t.steps, initial=self.step, desc=f"{t.task} {self.cfg.model.mask}", dynamic_ncols=True,
-                       leave=False, disable=None)
+            bar = tqdm(
+                total=t.steps,
+                initial=self.step,
+                desc=f"{t.task} {self.cfg.model.mask}",
+                dynamic_ncols=True,
+                leave=False,
+                disable=None,
+            )
         start, window, last, first = time.perf_counter(), [], {}, self.step
         warned = self.skipped
         while self.step < end:
@@ -416,15 +509,23 @@ class Trainer:
             if t.log_every > 0 and (self.step % t.log_every == 0 or self.step == end):
                 avg = {k: sum(torch.as_tensor(w[k]).float() for w in window) / len(window) for k in window[0]}
                 last = self._reduce(avg)
-                last.update(step=self.step, lr=self.scheduler.get_last_lr()[0], skipped=self.skipped,
-                            seconds=round(time.perf_counter() - start, 3))
+                last.update(
+                    step=self.step,
+                    lr=self.scheduler.get_last_lr()[0],
+                    skipped=self.skipped,
+                    seconds=round(time.perf_counter() - start, 3),
+                )
                 if self.logger is not None:
                     self.logger.log(last)
                 if bar is not None and not bar.disable:
                     bar.set_postfix(loss=f"{last['loss']:.3f}")
                 elif bar is not None:  # not a terminal (a log file, CI): a line per logged step instead of a bar
-                    print(progress_line(self.step - first, end - first, self.step, end, last["loss"],
-                                        time.perf_counter() - start), flush=True)
+                    print(
+                        progress_line(
+                            self.step - first, end - first, self.step, end, last["loss"], time.perf_counter() - start
+                        ),
+                        flush=True,
+                    )
                 window = []
                 if self.skipped > warned:
                     warnings.warn(self.clips.summary(), RuntimeWarning)
@@ -437,11 +538,19 @@ class Trainer:
             bar.close()
         path = self.save()
         if self.env.is_main and t.plot and (self.out / "metrics.jsonl").exists():
-            plot_training_curves({self.cfg.model.mask: read_metrics(self.out / "metrics.jsonl")},
-                                 self.out / "training_curves.png", keys=("loss", "lr"),
-                                 title=f"{t.task} training ({self.cfg.model.name})")
-        return {"step": self.step, "loss": last.get("loss"), "seconds": round(time.perf_counter() - start, 3),
-                "checkpoint": str(path) if path else None, "skipped": self.skipped}
+            plot_training_curves(
+                {self.cfg.model.mask: read_metrics(self.out / "metrics.jsonl")},
+                self.out / "training_curves.png",
+                keys=("loss", "lr"),
+                title=f"{t.task} training ({self.cfg.model.name})",
+            )
+        return {
+            "step": self.step,
+            "loss": last.get("loss"),
+            "seconds": round(time.perf_counter() - start, 3),
+            "checkpoint": str(path) if path else None,
+            "skipped": self.skipped,
+        }
 
 
 def progress_line(done: int, todo: int, step: int, end: int, loss: float, seconds: float) -> str:
@@ -474,9 +583,12 @@ class ClipLedger:
     every rank raises, through ``fail_together`` (:func:`~zorro_models.training.distributed.fail_together`).
     """
 
-    def __init__(self, all_reduce: Optional[Callable[[torch.Tensor], object]] = None,
-                 device: Optional[torch.device] = None,
-                 fail_together: Callable[[Optional[BaseException], str], object] = fail_together):
+    def __init__(
+        self,
+        all_reduce: Optional[Callable[[torch.Tensor], object]] = None,
+        device: Optional[torch.device] = None,
+        fail_together: Callable[[Optional[BaseException], str], object] = fail_together,
+    ):
         self.all_reduce, self.device, self.fail_together = all_reduce, device, fail_together
         self.skipped = 0  # clips not trained on, over all ranks: the unreadable ones and the dropped ones
         self.dropped = 0  # readable clips of micro-batches that another rank could not fill (skipped too)
@@ -509,8 +621,13 @@ class ClipLedger:
         self._recent.append((clips, bad))
         while sum(n for n, _ in self._recent) - self._recent[0][0] >= UNREADABLE_WINDOW:
             self._recent.popleft()
-        _check_unreadable(sum(n for n, _ in self._recent), sum(b for _, b in self._recent), UNREADABLE_WINDOW,
-                          self.skipped - self.dropped, "clips")
+        _check_unreadable(
+            sum(n for n, _ in self._recent),
+            sum(b for _, b in self._recent),
+            UNREADABLE_WINDOW,
+            self.skipped - self.dropped,
+            "clips",
+        )
         return not empty
 
     def end_epoch(self) -> None:
@@ -520,20 +637,26 @@ class ClipLedger:
     def summary(self) -> str:
         """The warning at a log step after clips were skipped."""
         if not self.dropped:
-            return (f"{self.skipped} clip(s) could not be read and were skipped so far "
-                    f"(see the warnings above; training continues)")
-        return (f"{self.skipped} clip(s) were skipped so far: {self.skipped - self.dropped} could not be read (see "
-                f"the warnings above) and {self.dropped} readable one(s) were dropped with a micro-batch that another "
-                f"rank could not read at all (training continues)")
+            return (
+                f"{self.skipped} clip(s) could not be read and were skipped so far "
+                f"(see the warnings above; training continues)"
+            )
+        return (
+            f"{self.skipped} clip(s) were skipped so far: {self.skipped - self.dropped} could not be read (see "
+            f"the warnings above) and {self.dropped} readable one(s) were dropped with a micro-batch that another "
+            f"rank could not read at all (training continues)"
+        )
 
 
 def _check_unreadable(clips: int, bad: int, at_least: int, total: int, what: str) -> None:
     """Raise if at least ``at_least`` clips were read and :data:`UNREADABLE_SHARE` of them or more were unreadable."""
     if clips >= at_least and bad >= UNREADABLE_SHARE * clips:
         readable = "none" if bad == clips else f"only {clips - bad}"
-        raise ValueError(f"{bad} of the last {clips} training {what} could not be read ({readable} could; {total} "
-                         f"unreadable in all): stopping, as at least {UNREADABLE_SHARE:.0%} unreadable means a "
-                         f"broken clip list or data.root, not bad luck (the skipping-clip warnings give causes)")
+        raise ValueError(
+            f"{bad} of the last {clips} training {what} could not be read ({readable} could; {total} "
+            f"unreadable in all): stopping, as at least {UNREADABLE_SHARE:.0%} unreadable means a "
+            f"broken clip list or data.root, not bad luck (the skipping-clip warnings give causes)"
+        )
 
 
 def _drop_metrics_after(path: Path, step: int) -> int:

@@ -4,6 +4,7 @@ The ``zorro`` command, ``python -m zorro_models.train`` and every rank of a DDP 
 ``PROG: error: LINE``; ``--debug`` (or ``ZORRO_DEBUG=1``) lets it propagate with its traceback instead. This module sits
 below the commands and the training code so that both can use it.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,11 @@ import sys
 
 __all__ = ["RankFailure", "error_line", "run_reporting_errors"]
 
+
 class RankFailure(RuntimeError):
     """Raised by the ranks that did not fail when another rank did: the message names that rank, what it was doing,
     and its error as the one line it prints itself."""
+
 
 def run_reporting_errors(fn, debug: bool = False, prog: str = "zorro") -> int:
     """``fn()``'s exit status; an exception prints one line, ``{prog}: error: ...``, and returns 1 (an interrupt: 130),
@@ -31,6 +34,7 @@ def run_reporting_errors(fn, debug: bool = False, prog: str = "zorro") -> int:
             raise
         print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
         return 1
+
 
 def error_line(e: BaseException) -> str:
     """``e`` as one line: our errors (ValueError, TypeError, a missing file; another rank's error, which holds its

@@ -3,6 +3,7 @@
 Every training run appends one JSON object per logged step to ``<run>/metrics.jsonl`` (``{"step": ..., "loss":
 ..., "lr": ..., ...}``); the plots are drawn from that file, so a run's curves can be redrawn at any time.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,17 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_training_curves", "plot_modality_scores", "draw_grouped_bars",
-           "modality_scores_figure", "format_table", "write_json", "pyplot"]
+__all__ = [
+    "MetricsLogger",
+    "read_metrics",
+    "plot_training_curves",
+    "plot_modality_scores",
+    "draw_grouped_bars",
+    "modality_scores_figure",
+    "format_table",
+    "write_json",
+    "pyplot",
+]
 
 
 class MetricsLogger:
@@ -52,8 +62,9 @@ def pyplot():
     return plt
 
 
-def plot_training_curves(runs: dict, path: Union[str, Path], keys: Sequence[str] = ("loss",),
-                         title: str = "training") -> Path:
+def plot_training_curves(
+    runs: dict, path: Union[str, Path], keys: Sequence[str] = ("loss",), title: str = "training"
+) -> Path:
     """One panel per key of ``keys``; one line per run. ``runs``: label -> list of metric records (with "step")."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
@@ -74,8 +85,13 @@ def plot_training_curves(runs: dict, path: Union[str, Path], keys: Sequence[str]
     return Path(path)
 
 
-def plot_modality_scores(results: dict, path: Union[str, Path], metric: str = "accuracy",
-                         chance: Optional[float] = None, title: str = "linear probes") -> Path:
+def plot_modality_scores(
+    results: dict,
+    path: Union[str, Path],
+    metric: str = "accuracy",
+    chance: Optional[float] = None,
+    title: str = "linear probes",
+) -> Path:
     """Grouped bars: ``results`` is ``{model label: {column: value}}`` (e.g. columns audio-only, video-only,
     audio-visual)."""
     plt = pyplot()
@@ -85,8 +101,9 @@ def plot_modality_scores(results: dict, path: Union[str, Path], metric: str = "a
     return Path(path)
 
 
-def modality_scores_figure(results: dict, metric: str = "accuracy", chance: Optional[float] = None,
-                           title: str = "linear probes"):
+def modality_scores_figure(
+    results: dict, metric: str = "accuracy", chance: Optional[float] = None, title: str = "linear probes"
+):
     """The figure :func:`plot_modality_scores` saves (the caller closes it)."""
     columns = list(next(iter(results.values())))
     fig, ax = pyplot().subplots(figsize=(3.2 + 1.6 * len(columns), 3.8))  # room for the legend right of the bars
@@ -95,9 +112,17 @@ def modality_scores_figure(results: dict, metric: str = "accuracy", chance: Opti
     return fig
 
 
-def draw_grouped_bars(ax, results: dict, *, errors: Optional[dict] = None, metric: str = "accuracy",
-                      chance: Optional[float] = None, title: str = "", values: bool = True,
-                      legend_size: int = 8) -> None:
+def draw_grouped_bars(
+    ax,
+    results: dict,
+    *,
+    errors: Optional[dict] = None,
+    metric: str = "accuracy",
+    chance: Optional[float] = None,
+    title: str = "",
+    values: bool = True,
+    legend_size: int = 8,
+) -> None:
     """Draw ``results`` (``{label: {column: value}}``) on matplotlib axes ``ax``: a group of bars per column, a bar
     per label, with error bars from ``errors`` (the same shape) if given and the values written over the bars if
     ``values``; a dashed line at ``chance``."""
@@ -120,14 +145,21 @@ def draw_grouped_bars(ax, results: dict, *, errors: Optional[dict] = None, metri
     ax.set_ylabel(metric)
     ax.set_title(title)
     # right of the axes: inside, wherever matplotlib puts it, it can cover a bar or its value (the demo's 0.92)
-    ax.legend(fontsize=legend_size, ncol=1 if len(labels) < 5 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              borderaxespad=0.0)
+    ax.legend(
+        fontsize=legend_size,
+        ncol=1 if len(labels) < 5 else 2,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+    )
 
 
-def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", fmt: str = "{:.3f}",
-                 markdown: bool = False) -> str:
+def format_table(
+    rows: dict, columns: Sequence[str], row_header: str = "model", fmt: str = "{:.3f}", markdown: bool = False
+) -> str:
     """A fixed-width text table: ``rows`` is ``{row label: {column: value}}``; missing values print as '-', strings as
     they are. ``markdown``: the same table with ``|`` separators (a GitHub-flavoured Markdown table)."""
+
     def cell(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
@@ -137,8 +169,11 @@ def format_table(rows: dict, columns: Sequence[str], row_header: str = "model", 
     head = [row_header] + list(columns)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
 
-    sep, rule = ("  ", ["-" * w for w in widths]) if not markdown else \
-        (" | ", ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)])
+    sep, rule = (
+        ("  ", ["-" * w for w in widths])
+        if not markdown
+        else (" | ", ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)])
+    )
 
     def line(r):
         text = sep.join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
@@ -164,4 +199,3 @@ def _default(x):
     if isinstance(x, (set, tuple)):
         return list(x)
     raise TypeError(f"cannot serialise {type(x).__name__}")
-

@@ -23,6 +23,7 @@ cost of that buffer.
 A ``-inf`` bias counts as masked: the forward's guarded running max keeps such rows at exactly 0, and the backward
 reads a row whose LSE is ``-inf`` (every allowed key had ``-inf``) as ``+inf`` so its probabilities are 0, not NaN.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -43,6 +44,7 @@ class KernelBias(NamedTuple):
     """The bias as kernel arguments. ``ptr``: the dense bias, or the table; ``rq``, ``rk``: int32 ``(Nq, 2)``,
     ``(Nk, 2)`` (position set or -1, linear index) for a relative bias, else a placeholder; ``strides``: the dense
     bias's ``(b, h, m, n)`` element strides (0 where broadcast), for a table ``(0, head stride, 0, 0)``."""
+
     kind: int
     ptr: torch.Tensor
     rq: torch.Tensor
@@ -52,14 +54,22 @@ class KernelBias(NamedTuple):
 
     def args(self) -> dict:
         sb, sh, sm, sn = self.strides
-        return dict(BIAS=self.ptr, RQ=self.rq, RK=self.rk, stride_zb=sb, stride_zh=sh, stride_zm=sm, stride_zn=sn,
-                    T=self.table_size)
+        return dict(
+            BIAS=self.ptr,
+            RQ=self.rq,
+            RK=self.rk,
+            stride_zb=sb,
+            stride_zh=sh,
+            stride_zm=sm,
+            stride_zn=sn,
+            T=self.table_size,
+        )
 
 
 def _linear(p) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rq (Nq, 2), rk (Nk, 2))`` int32 of positions ``p`` (see the module docstring)."""
     strides, extents, bases = p._strides, p.extents, p.bases
-    const = bases + ((extents - 1) * strides).sum(1)                      # (G,)
+    const = bases + ((extents - 1) * strides).sum(1)  # (G,)
 
     def side(coords, group, offset):
         g = group.clamp(min=0)
@@ -93,8 +103,8 @@ def _check_extents(mask, positions) -> bool:
         """Per segment: (min, max) coordinates (A,) of its tokens in set g, or None."""
         out = []
         for s, n in zip(starts, valid):
-            sel = group[s:s + n] == g
-            c = coords[s:s + n][sel]
+            sel = group[s : s + n] == g
+            c = coords[s : s + n][sel]
             out.append((c.min(0).values, c.max(0).values) if len(c) else None)
         return out
 
@@ -133,7 +143,7 @@ def _check_block(p, r0: int, r1: int, c0: int, c1: int, lo, hi, off: int, chunk:
         idx, _ = p.index(rows, cols, check=False)
         if bool(((idx < 0) & inside).any()):
             i, j = ((idx < 0) & inside).nonzero()[0].tolist()
-            p.index(rows[i:i + 1], cols[j:j + 1])   # raises the shared message for this pair
+            p.index(rows[i : i + 1], cols[j : j + 1])  # raises the shared message for this pair
 
 
 def _broadcast_strides(t: torch.Tensor) -> tuple:
@@ -168,6 +178,7 @@ class BiasGrad(NamedTuple):
     """Where the dK/dV kernel writes the bias's gradient: ``buf`` with element strides ``(b, h, m, n)`` (a table:
     ``(0, head stride, 0, 0)``), written by stores (``mode`` 1) or fp32 atomics (2); ``finish()`` turns it into the
     gradient, shaped as the dense bias or the table."""
+
     mode: int
     buf: torch.Tensor
     strides: tuple
@@ -187,28 +198,28 @@ def bias_grad(bias, kb: KernelBias, q: torch.Tensor, nk: int, deterministic: boo
     full = (b, h, nq, nk)
     if kb.kind == DENSE:
         shape = tuple(kb.ptr.shape)
-        if shape == full:   # each entry is one pair: plain stores, every entry written or left 0
+        if shape == full:  # each entry is one pair: plain stores, every entry written or left 0
             g = torch.zeros(full, dtype=bias.dtype, device=q.device)
             return BiasGrad(1, g, g.stride(), lambda: g.reshape(bias.shape))
         if deterministic:
             g = torch.zeros(full, dtype=torch.float32, device=q.device)
             dims = [i for i, n in enumerate(shape) if n == 1]
-            return BiasGrad(1, g, g.stride(),
-                            lambda: g.sum(dims, keepdim=True).to(bias.dtype).reshape(bias.shape))
+            return BiasGrad(1, g, g.stride(), lambda: g.sum(dims, keepdim=True).to(bias.dtype).reshape(bias.shape))
         g = torch.zeros(shape, dtype=torch.float32, device=q.device)
         return BiasGrad(2, g, _broadcast_strides(g), lambda: g.to(bias.dtype).reshape(bias.shape))
     table = bias.table
-    if deterministic:   # a full buffer, then index_add over the pairs' table columns (visible pairs only are nonzero)
+    if deterministic:  # a full buffer, then index_add over the pairs' table columns (visible pairs only are nonzero)
         g = torch.zeros(full, dtype=torch.float32, device=q.device)
 
         def finish():
             p = bias.positions
             idx, placed = p.index(torch.arange(p.num_q), torch.arange(p.num_kv), check=False)
             keep = (idx >= 0) if placed is None else (placed & (idx >= 0))
-            flat = g.sum(0)[:, keep.to(g.device)]                       # (H, pairs)
+            flat = g.sum(0)[:, keep.to(g.device)]  # (H, pairs)
             cols = idx[keep].to(g.device)
             out = torch.zeros(h, table.shape[1], dtype=torch.float32, device=g.device).index_add_(1, cols, flat)
             return (out if table.shape[0] == h else out.sum(0, keepdim=True)).to(table.dtype)
+
         return BiasGrad(1, g, g.stride(), finish)
     g = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
     return BiasGrad(2, g, (0, g.stride(0) if g.shape[0] > 1 else 0, 0, 0), lambda: g.to(table.dtype))
@@ -237,8 +248,20 @@ def full_tile_bias(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows, q_in, cols, N
     """:func:`bias_tile` of a full tile ``rows x cols`` (a query tile of the forward or dQ kernel), bounded by the
     matrix only: every pair of a full tile is attended."""
     k_in = cols[None, :] < Nk
-    return bias_tile(BIAS_bh, RQ, RK, stride_zm, stride_zn, T, rows[:, None], cols[None, :], q_in[:, None], k_in,
-                     q_in[:, None] & k_in, BIAS_KIND)
+    return bias_tile(
+        BIAS_bh,
+        RQ,
+        RK,
+        stride_zm,
+        stride_zn,
+        T,
+        rows[:, None],
+        cols[None, :],
+        q_in[:, None],
+        k_in,
+        q_in[:, None] & k_in,
+        BIAS_KIND,
+    )
 
 
 @triton.jit
@@ -255,8 +278,9 @@ def relative_index(RQ, RK, T, qi, kj, q_in, k_in, ok):
 
 
 @triton.jit
-def write_bias_grad(DB_bh, RQ, RK, stride_gm, stride_gn, T, qi, kj, q_in, k_in, ok, ds, BIAS_KIND: tl.constexpr,
-                    DB_MODE: tl.constexpr):
+def write_bias_grad(
+    DB_bh, RQ, RK, stride_gm, stride_gn, T, qi, kj, q_in, k_in, ok, ds, BIAS_KIND: tl.constexpr, DB_MODE: tl.constexpr
+):
     """Add ``ds`` (the gradient of the tile's scores, 0 outside the element mask) to the bias's gradient: stores into a
     full-size buffer (``DB_MODE`` 1), fp32 atomics otherwise (a broadcast dense bias, a table)."""
     if BIAS_KIND == 1 or DB_MODE == 1:

@@ -10,6 +10,7 @@ Three kernels read three tile maps (all cached on the mask):
 - ``dkdv`` steps over query tiles of ``block_m`` rows for a kv tile of ``block_n`` keys (the transposed lists), so
   small ``block_m`` / large ``block_n`` suit it, as in flash-attention 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,19 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["KernelConfig", "Blocks", "padded_head_dim", "choose_blocks", "override_blocks", "use_fallback",
-           "autotune_enabled", "interpreting", "MAX_HEAD_DIM", "forward_plan_kind", "override_plan"]
+__all__ = [
+    "KernelConfig",
+    "Blocks",
+    "padded_head_dim",
+    "choose_blocks",
+    "override_blocks",
+    "use_fallback",
+    "autotune_enabled",
+    "interpreting",
+    "MAX_HEAD_DIM",
+    "forward_plan_kind",
+    "override_plan",
+]
 
 MAX_HEAD_DIM = 256
 
@@ -68,12 +80,23 @@ _TABLE_16BIT = (
     # needs 194 registers at 8 warps (1 block/SM); 64 x 64 with 4 warps holds it in 189, no spill, 2 blocks/SM — and
     # 64-row tiles waste less at group ends (about 0.95 of ideal at Figure-2 vs 0.87 at 128 rows). D = 128: 64 x 64
     # at 8 warps, 197 registers, no spill (4 warps spill).
-    (64, Blocks(_k(128, 64, 4, 3, (8, 3)), _k(32, 64, 4, 3, (4, 4), (8, 2)), _k(64, 64, 4, 3, (4, 4)),
-                _k(64, 64, 4, 3, (4, 2), (8, 3)))),
+    (
+        64,
+        Blocks(
+            _k(128, 64, 4, 3, (8, 3)),
+            _k(32, 64, 4, 3, (4, 4), (8, 2)),
+            _k(64, 64, 4, 3, (4, 4)),
+            _k(64, 64, 4, 3, (4, 2), (8, 3)),
+        ),
+    ),
     # D = 128 dK/dV: since the NaN isolation of partial tiles (and the one-pass dQ product) 32 x 64 spills 176-288 B
     # at 8 warps (255 registers); 32 x 32 at 8 warps / 2 stages holds 186 (deterministic) / 236 (one-pass), no spill.
-    (128, Blocks(_k(128, 64, 8, 3, (8, 2)), _k(32, 32, 8, 2, (8, 3)), _k(128, 64, 8, 3, (8, 2)),
-                 _k(64, 64, 8, 3, (8, 2)))),
+    (
+        128,
+        Blocks(
+            _k(128, 64, 8, 3, (8, 2)), _k(32, 32, 8, 2, (8, 3)), _k(128, 64, 8, 3, (8, 2)), _k(64, 64, 8, 3, (8, 2))
+        ),
+    ),
     (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
 )
 # fp32 (correctness, not speed): half the tiles of the 16-bit table, so the same shared memory.

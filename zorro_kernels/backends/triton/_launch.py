@@ -6,6 +6,7 @@ and segment sizes and per-sample lengths, which are runtime data — never trigg
 launches and synchronises, which must never happen while a CUDA graph is being captured or ``torch.compile`` traces:
 then the bucket's earlier choice is used if there is one, else the table's fixed config.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,8 @@ import triton
 
 from ._config import KernelConfig, autotune_enabled
 
-_TUNERS: dict = {}   # (kernel id, config, bucket) -> triton Autotuner
-_CHOSEN: dict = {}   # (kernel id, config, bucket, constexprs) -> (num_warps, num_stages) the tuner picked
+_TUNERS: dict = {}  # (kernel id, config, bucket) -> triton Autotuner
+_CHOSEN: dict = {}  # (kernel id, config, bucket, constexprs) -> (num_warps, num_stages) the tuner picked
 
 
 def shape_bucket(nq: int, nk: int, programs: int) -> tuple:
@@ -25,8 +26,10 @@ def shape_bucket(nq: int, nk: int, programs: int) -> tuple:
 def _tuner(kernel, cfg: KernelConfig, bucket: tuple, key: list, restore: tuple = ()):
     tid = (id(kernel), cfg, bucket, restore)
     if tid not in _TUNERS:
-        configs = [triton.Config({}, num_warps=w, num_stages=s)
-                   for w, s in dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))]
+        configs = [
+            triton.Config({}, num_warps=w, num_stages=s)
+            for w, s in dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))
+        ]
         _TUNERS[tid] = triton.autotune(configs=configs, key=key, restore_value=list(restore) or None)(kernel)
     return _TUNERS[tid]
 
@@ -38,8 +41,9 @@ def tuning_forbidden() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def launch(kernel, grid, args: dict, constexprs: dict, cfg: KernelConfig, bucket: tuple = (),
-           restore: tuple = ()) -> None:
+def launch(
+    kernel, grid, args: dict, constexprs: dict, cfg: KernelConfig, bucket: tuple = (), restore: tuple = ()
+) -> None:
     """``kernel[grid](**args, **constexprs)`` with ``cfg``'s warps/stages, or autotuned over its alternatives for
     this shape ``bucket`` (see the module docstring). ``restore`` names arguments the kernel accumulates into (atomic
     adds): the tuner's trial launches restore them, so only the final launch counts."""

@@ -13,6 +13,7 @@ Each kernel has a *fixed* side (the token tile its program owns: the query tile 
 tile of the dK/dV kernel) and a *moving* side (the tiles its loop visits). Everything about the fixed side — segment
 ids, validity, its rule words — is computed once per program, outside the tile loop.
 """
+
 import triton
 import triton.language as tl
 
@@ -59,9 +60,23 @@ def allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD: tl.c
 
 
 @triton.jit
-def pair_keep(BITS, WORDS, fixed_seg, fixed_word, fixed_ok, fixed_idx, moving_seg, moving_ok, moving_idx,
-              lo_off, hi_off, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, ONE_WORD: tl.constexpr,
-              FIXED_IS_QUERY: tl.constexpr):
+def pair_keep(
+    BITS,
+    WORDS,
+    fixed_seg,
+    fixed_word,
+    fixed_ok,
+    fixed_idx,
+    moving_seg,
+    moving_ok,
+    moving_idx,
+    lo_off,
+    hi_off,
+    BAND_LO: tl.constexpr,
+    BAND_HI: tl.constexpr,
+    ONE_WORD: tl.constexpr,
+    FIXED_IS_QUERY: tl.constexpr,
+):
     """The element mask of a partial tile, bool ``(fixed, moving)``: the rule allows the segment pair, both tokens are
     valid and key ``j`` lies in query ``i``'s band, ``i + lo_off <= j <= i + hi_off`` (``BAND_LO`` / ``BAND_HI``:
     that side is bounded; see :class:`._plan.KernelMask`). ``FIXED_IS_QUERY``: the
@@ -87,7 +102,7 @@ def finite_rows(x):
     tile contracts over its rows (V in P·V, K in dS·K, Q and dO in dK/dV's sums over queries). A row a pair may not
     see then adds an exact 0, never ``0 * NaN``; the pairs that do see a bad row get NaN through ``p`` instead
     (:func:`poison`), so a row attending a non-finite value is never silently finite."""
-    fin = tl.abs(x) < float("inf")          # False for NaN too
+    fin = tl.abs(x) < float("inf")  # False for NaN too
     return tl.where(fin, x, 0.0), tl.max(tl.where(fin, 0, 1), 1) > 0
 
 
@@ -109,8 +124,9 @@ def load_tile(ptrs, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def load_rows(A, B, stride_a, stride_b, idx, offs_d, ok, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-              MASK_ROWS: tl.constexpr):
+def load_rows(
+    A, B, stride_a, stride_b, idx, offs_d, ok, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK_ROWS: tl.constexpr
+):
     """Rows ``idx`` of two operands over the same tokens (K and V, or Q and dO), ``(len(idx), D_PAD)`` each, last dim
     contiguous. ``MASK_ROWS`` loads only rows where ``ok`` (zeros elsewhere), so NaN or garbage in padding never
     enters a dot; otherwise only a head-dim mask when D is not a power of two."""

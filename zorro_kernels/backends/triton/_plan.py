@@ -21,6 +21,7 @@ Per-sample token validity is folded into one code per token, ``segment id`` if t
 ``-1`` if it is padding, so a partial tile reads one int per key instead of a segment id, a position and a dependent
 gather of the segment's length.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -28,8 +29,17 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["TilePlan", "KernelMask", "RangePlan", "tile_plan", "kernel_mask", "range_plan", "forward_plan",
-           "program_order", "PARTIAL_COST"]
+__all__ = [
+    "TilePlan",
+    "KernelMask",
+    "RangePlan",
+    "tile_plan",
+    "kernel_mask",
+    "range_plan",
+    "forward_plan",
+    "program_order",
+    "PARTIAL_COST",
+]
 
 # a partial tile's cost in full tiles: two extra (BM, BN) selects, the rule words and the token codes per tile
 PARTIAL_COST = 1.5
@@ -48,6 +58,7 @@ class TilePlan(NamedTuple):
         part_num: int32 ``(Bm, rows)``; part_idx: int32 ``(Bm, rows, cols)`` — partial tiles, ascending.
         order: int32 ``(Bm * rows,)`` — plan entries ``b * rows + row``, heaviest first (:func:`program_order`).
     """
+
     block_m: int
     block_n: int
     num_rows: int
@@ -73,6 +84,7 @@ class KernelMask(NamedTuple):
             ``j`` is visible to query ``i`` only if ``j >= i + lo_off`` (when ``band_lo``) and ``j <= i + hi_off``
             (when ``band_hi``); the offsets include ``Nk - Nq`` (bottom-right alignment).
     """
+
     q_code: torch.Tensor
     k_code: torch.Tensor
     q_bits: torch.Tensor
@@ -113,10 +125,19 @@ def _build_plan(mask, block_m: int, block_n: int, direction: str, device: torch.
         full_num, full_idx, part_num, part_idx = tm.full_q_num, tm.full_q_idx, tm.partial_q_num, tm.partial_q_idx
     run_num, runs = _runs(full_num.numpy(), full_idx.numpy())
     order = program_order(full_num.numpy(), part_num.numpy())
-    return TilePlan(block_m, block_n, full_idx.shape[1], full_idx.shape[2], runs.shape[2],
-                    torch.from_numpy(run_num).to(device), torch.from_numpy(runs).to(device),
-                    part_num.contiguous().to(device), part_idx.contiguous().to(device), full_num.shape[0] > 1,
-                    torch.from_numpy(order).to(device))
+    return TilePlan(
+        block_m,
+        block_n,
+        full_idx.shape[1],
+        full_idx.shape[2],
+        runs.shape[2],
+        torch.from_numpy(run_num).to(device),
+        torch.from_numpy(runs).to(device),
+        part_num.contiguous().to(device),
+        part_idx.contiguous().to(device),
+        full_num.shape[0] > 1,
+        torch.from_numpy(order).to(device),
+    )
 
 
 def program_order(full_num: np.ndarray, part_num: np.ndarray) -> np.ndarray:
@@ -159,10 +180,18 @@ def _build_kernel_mask(mask, device: torch.device) -> KernelMask:
     q_bits, k_bits = _pack(allow), _pack(np.ascontiguousarray(allow.T))
     lo, hi = mask.band()
     off = mask.num_kv - mask.num_q
-    return KernelMask(q_code.expand(bm, -1).contiguous().to(device), k_code.expand(bm, -1).contiguous().to(device),
-                      torch.from_numpy(q_bits).to(device), q_bits.shape[1],
-                      torch.from_numpy(k_bits).to(device), k_bits.shape[1], lo is not None, hi is not None,
-                      off + (lo or 0), off + (hi or 0))
+    return KernelMask(
+        q_code.expand(bm, -1).contiguous().to(device),
+        k_code.expand(bm, -1).contiguous().to(device),
+        torch.from_numpy(q_bits).to(device),
+        q_bits.shape[1],
+        torch.from_numpy(k_bits).to(device),
+        k_bits.shape[1],
+        lo is not None,
+        hi is not None,
+        off + (lo or 0),
+        off + (hi or 0),
+    )
 
 
 def kernel_mask(mask, device) -> KernelMask:
@@ -190,6 +219,7 @@ class RangePlan(NamedTuple):
         iv: int32 ``(max(I, 1), 2)`` — ``[start, end)`` key indices, ascending within a (pattern, group).
         order: int32 ``(Bm * T,)`` — entries ``row * T + tile``, heaviest first.
     """
+
     block_m: int
     block_n: int
     num_tiles: int
@@ -230,8 +260,9 @@ def _build_ranges(mask, block_m: int, block_n: int, device: torch.device) -> Ran
     k_starts = _starts(k_sizes)
     bm = mask.batch_size or 1
     per_sample = mask.batch_size is not None
-    k_lens = (mask.kv_lengths.long().numpy() if mask.kv_lengths is not None
-              else np.broadcast_to(k_sizes, (bm, len(k_sizes))))
+    k_lens = (
+        mask.kv_lengths.long().numpy() if mask.kv_lengths is not None else np.broadcast_to(k_sizes, (bm, len(k_sizes)))
+    )
     patterns, row_pattern = np.unique(k_lens.reshape(bm, -1), axis=0, return_inverse=True)
     groups = query_groups(mask)
     tiles = [(lo, min(lo + block_m, qe), g) for g, (qs, qe, _) in enumerate(groups) for lo in range(qs, qe, block_m)]
@@ -259,16 +290,28 @@ def _build_ranges(mask, block_m: int, block_n: int, device: torch.device) -> Ran
         sel = np.flatnonzero(ti[:, 2] == g)
         last = ti[sel, 1] + off + band_hi if band_hi is not None else np.full(len(sel), np.iinfo(np.int64).max)
         for p in range(len(patterns)):
-            for lo, hi in iv[iv_ptr[p, g]:iv_ptr[p, g + 1]]:
+            for lo, hi in iv[iv_ptr[p, g] : iv_ptr[p, g + 1]]:
                 cost_pt[p, sel] += np.maximum(0, -(-(np.minimum(hi, last) - lo) // block_n))
-    cost = cost_pt[row_pattern.reshape(-1)]                          # (Bm, T)
+    cost = cost_pt[row_pattern.reshape(-1)]  # (Bm, T)
     order = np.argsort(-cost.reshape(-1), kind="stable").astype(np.int32)
 
     def dev(a):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
 
-    return RangePlan(block_m, block_n, len(tiles), len(groups), dev(ti[:, 0]), dev(ti[:, 1]), dev(ti[:, 2]),
-                     dev(row_pattern.reshape(-1)), dev(iv_ptr), dev(iv_arr), dev(order), per_sample)
+    return RangePlan(
+        block_m,
+        block_n,
+        len(tiles),
+        len(groups),
+        dev(ti[:, 0]),
+        dev(ti[:, 1]),
+        dev(ti[:, 2]),
+        dev(row_pattern.reshape(-1)),
+        dev(iv_ptr),
+        dev(iv_arr),
+        dev(order),
+        per_sample,
+    )
 
 
 def range_plan(mask, block_m: int, block_n: int, device) -> RangePlan:

@@ -3,6 +3,7 @@
 ``forward`` / ``backward`` are plain functions (no autograd, no custom op): :mod:`zorro_kernels._ops` wraps them, as it
 wraps every backend, so "triton" here means only the Triton kernels.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,11 @@ from ._config import MAX_HEAD_DIM, choose_blocks, interpreting, use_fallback
 
 __all__ = ["forward", "backward", "extra_reasons", "devices", "DESCRIPTION", "DTYPES", "MAX_HEAD_DIM"]
 
-DESCRIPTION = ("block-sparse Triton kernels over the tile map: full tiles without masking, partial tiles with the "
-               "element mask, empty tiles never loaded; dense and relative score biases, sliding windows (CUDA; CPU "
-               "under TRITON_INTERPRET=1)")
+DESCRIPTION = (
+    "block-sparse Triton kernels over the tile map: full tiles without masking, partial tiles with the "
+    "element mask, empty tiles never loaded; dense and relative score biases, sliding windows (CUDA; CPU "
+    "under TRITON_INTERPRET=1)"
+)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _import_problem: Optional[str] = None
 
@@ -101,8 +104,9 @@ def backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float, bias=None, 
         plan_dq = tile_plan(mask, blocks.dq.block_m, blocks.dq.block_n, "kv", q.device)
         # a fresh gradient buffer per attempt: a launch that ran out of resources may have written into the last one
         dbias = bias_grad(bias if want else None, kb, q, k.shape[2], not atomic)
-        grads = attention_backward(dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, kb, dbias, scale, blocks.dkdv,
-                                   blocks.dq, atomic)
+        grads = attention_backward(
+            dout, q, k, v, out, lse, plan_dkdv, plan_dq, km, kb, dbias, scale, blocks.dkdv, blocks.dq, atomic
+        )
         return grads if bias is None else (*grads, dbias.finish())
 
     with _on_device(q):
@@ -121,6 +125,7 @@ def _triton_problem() -> str:
         try:
             import triton  # noqa: F401
             import triton.language  # noqa: F401
+
             _import_problem = ""
         except Exception as err:  # noqa: BLE001 - a broken install must not break zorro_kernels
             _import_problem = f"triton failed to import ({type(err).__name__}: {err})"
@@ -142,6 +147,6 @@ def extra_reasons(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask) -> list:
         reasons.append(f"B x H = {b} x {h} = {b * h} exceeds the grid limit 65535")
     for name, t in (("q", q), ("k", k), ("v", v)):
         span = (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
-        if span >= 2 ** 31:
+        if span >= 2**31:
             reasons.append(f"{name} spans {span} elements within one (batch, head), beyond 32-bit offsets")
     return reasons
