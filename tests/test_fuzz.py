@@ -21,7 +21,7 @@ import torch
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st
+from hypothesis import strategies as st  # noqa: E402
 
 from zorro_kernels import ZorroMask, zorro_attention  # noqa: E402
 from zorro_kernels.backends import BACKENDS  # noqa: E402

@@ -311,8 +311,8 @@ def _other_rank(clips, unreadable, empty, failed=0):
 
 
 def _rank_with_a_full_disk(rank: int, world: int, port: int, job: tuple) -> None:
-    """:func:`_rank_record` with ``job = (writer, overrides)``, where the writer ``zorro_models.training.trainer.<writer>`` (only
-    rank 0 writes) fails as on a full disk."""
+    """:func:`_rank_record` with ``job = (writer, overrides)``, where the writer
+    ``zorro_models.training.trainer.<writer>`` (only rank 0 writes) fails as on a full disk."""
     import zorro_models.training.trainer
 
     writer, overrides = job

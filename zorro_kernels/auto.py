@@ -5,11 +5,11 @@ Only backends that take the input (no refusal reason) are candidates; nothing fa
 **CUDA — measured.** Among the candidates (``triton``, ``segments``) auto times each once, on the first call with a
 new *problem key* — ``(mask.key, B, H, Hkv, D, dtype, grad or not, device)``, where ``grad`` is whether autograd will
 differentiate the call (forward+backward is timed then, forward alone otherwise) — and keeps the fastest, as
-``torch.backends.cudnn.benchmark`` does (with a bias, its kind joins the key). The timing runs each candidate on the caller's own tensors (detached; the
-backward with a gradient of ones), a warm-up call and then a few timed calls between CUDA events; it draws no random
-numbers. It never times while ``torch.compile`` traces or while a CUDA graph is being captured: those calls use a
-choice already measured for the key, else the static rule. Opt out with ``ZORRO_AUTO_BENCHMARK=0`` (read on first
-use) or :func:`set_benchmark`\\ ``(False)``; auto then uses the static rule:
+``torch.backends.cudnn.benchmark`` does (with a bias, its kind joins the key). The timing runs each candidate on the
+caller's own tensors (detached; the backward with a gradient of ones), a warm-up call and then a few timed calls between
+CUDA events; it draws no random numbers. It never times while ``torch.compile`` traces or while a CUDA graph is being
+captured: those calls use a choice already measured for the key, else the static rule. Opt out with
+``ZORRO_AUTO_BENCHMARK=0`` (read on first use) or :func:`set_benchmark`\\ ``(False)``; auto then uses the static rule:
 
 - forward only: ``segments`` — on an H200 (BENCHMARKS.md, GPU run 2, fp16, D=64, H=12) the segment path's forward was
   faster than Triton's at both sizes measured (Figure-2, B=8: 0.277 vs 0.285 ms; N=16384, B=1: 1.482 vs 1.761 ms);
@@ -182,7 +182,8 @@ class Explanation:
 
     Attributes:
         chosen: the backend's name.
-        how: ``"measured"`` (fastest of the timed candidates), ``"rule"`` (the static rule; see :mod:`zorro_kernels.auto`),
+        how: ``"measured"`` (fastest of the timed candidates), ``"rule"`` (the static rule; see
+        :mod:`zorro_kernels.auto`),
             ``"only candidate"`` or ``"forced"``.
         reasons: backend name -> its refusal reasons (empty list: it takes the input), for every candidate.
         times_ms: backend name -> measured milliseconds (CUDA; empty when nothing was timed).

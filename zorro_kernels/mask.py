@@ -1,10 +1,10 @@
 """Modality layouts: which query token may attend which key token.
 
-A :class:`ZorroMask` describes attention over a token sequence made of *contiguous named segments* (``audio``, ``video``,
-``fusion``, ... in token order) with a *rule* per query segment naming the key segments it may see. Optional per-sample
-``lengths`` mark the tail of each segment as padding. Everything the kernels need (tile maps, per-token metadata, the
-execution plan of the CPU path) is derived from this small description — never from an ``Nq x Nk`` matrix, which only
-:meth:`ZorroMask.to_dense` builds, on purpose slowly, as the oracle for tests.
+A :class:`ZorroMask` describes attention over a token sequence made of *contiguous named segments* (``audio``,
+``video``, ``fusion``, ... in token order) with a *rule* per query segment naming the key segments it may see. Optional
+per-sample ``lengths`` mark the tail of each segment as padding. Everything the kernels need (tile maps, per-token
+metadata, the execution plan of the CPU path) is derived from this small description — never from an ``Nq x Nk`` matrix,
+which only :meth:`ZorroMask.to_dense` builds, on purpose slowly, as the oracle for tests.
 
 The paper's rule (Recasens et al., 2023)::
 
@@ -19,9 +19,10 @@ Semantics, for sample ``b``: the token at position ``p`` (0-based inside its seg
 as flash-attention does). The diagonal is aligned to the full sizes ``Nq``/``Nk``, not to each sample's valid lengths:
 flash-attn's varlen functions and xformers' ``...WithOffsetPaddedKeysMask`` align it to each sample's (or block's)
 valid keys instead, so with key padding and ``causal`` the two agree only where the padding does not move the
-diagonal (``integrations.xformers.from_xformers`` refuses the biases where it does). With a sliding ``window=(left, right)`` (flash-attention's ``window_size``) it must also
-satisfy ``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right``, ``-1`` leaving that side unbounded. A query row with no
-key it may attend returns exactly 0 with zero gradients.
+diagonal (``integrations.xformers.from_xformers`` refuses the biases where it does). With a sliding ``window=(left,
+right)`` (flash-attention's ``window_size``) it must also satisfy ``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) +
+right``, ``-1`` leaving that side unbounded. A query row with no key it may attend returns exactly 0 with zero
+gradients.
 
 A sliding window of 2 keys back on one 6-token segment (``window=(2, 0)``, the same as ``(2, -1)`` with ``causal``)::
 
@@ -253,7 +254,8 @@ class ZorroMask:
     - :meth:`from_segments` — any segments and rules (self- or cross-attention).
     - :meth:`bottleneck` — MBT-style: each modality sees itself and the bottleneck tokens.
     - :meth:`packed` — several independent sequences packed into one row (block-diagonal, optionally causal).
-    - :meth:`from_allow` — segments plus an explicit boolean segment-to-segment matrix (for many segments: windows, groups).
+    - :meth:`from_allow` — segments plus an explicit boolean segment-to-segment matrix (for many segments: windows,
+    groups).
 
     Attributes:
         q_names, q_sizes: the query segments, in token order. ``num_q = sum(q_sizes)``.

@@ -112,7 +112,8 @@ class TokenMeta(NamedTuple):
         )
 
     def element_mask(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """The mask on sub-grids: bool ``(Bm, P, R, C)`` for int64 indices ``rows (P, R)``, ``cols (P, C)`` (in range)."""
+        """The mask on sub-grids: bool ``(Bm, P, R, C)`` for int64 indices ``rows (P, R)``, ``cols (P, C)`` (in
+        range)."""
         qs, ks = self.q_seg[rows].long(), self.k_seg[cols].long()  # (P, R), (P, C)
         m = self.allow[qs[:, :, None], ks[:, None, :]].bool()[None]  # (1, P, R, C)
         q_ok = self.q_pos[rows][None] < self.q_len[:, qs]  # (Bm, P, R)

@@ -8,8 +8,8 @@
     zorro show-mask [--model NAME] [--mask zorro|full|bottleneck]     # a model's attention layout, drawn
 
 Errors are one line on stderr (``zorro: error: ...``) and exit status 1; ``--debug`` (or ``ZORRO_DEBUG=1``) shows the
-traceback instead. Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the training module:
-``torchrun --nproc_per_node=N -m zorro_models.train ...`` (see docs/training.md).
+traceback instead. Also ``python -m zorro_models.cli ...``. Multi-process training goes through torchrun with the
+training module: ``torchrun --nproc_per_node=N -m zorro_models.train ...`` (see docs/training.md).
 """
 
 from __future__ import annotations

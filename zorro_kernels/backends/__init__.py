@@ -1,4 +1,5 @@
-"""Backends of :func:`zorro_kernels.zorro_attention`: what each supports, written as data, and its forward/backward pair.
+"""Backends of :func:`zorro_kernels.zorro_attention`: what each supports, written as data, and its forward/backward
+pair.
 
 A :class:`Backend` declares its devices, dtypes, head dims, determinism and bias support as fields; its refusal reasons
 (:meth:`Backend.not_supported_reasons`) are generated from those fields, plus ``extra_reasons`` for what fields cannot
@@ -7,8 +8,9 @@ say (an import that failed, a grid limit). Each backend is a pair of plain funct
 also takes ``bias=`` in both, when there is one, and its backward then takes ``need_dbias=`` and returns
 ``(dq, dk, dv, dbias)``, ``dbias`` shaped as the dense bias or the relative bias's table, or None when ``need_dbias``
 is False), which :mod:`zorro_kernels._ops` wraps into one autograd Function and, under ``torch.compile``, into the
-``zorro::attention_fwd`` / ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A backend may also give an
-``eager`` differentiable function, used outside compilation when it is cheaper than forward + backward.
+``zorro::attention_fwd`` / ``zorro::attention_bwd`` custom ops; so every backend runs under compile the same way. A
+backend may also give an ``eager`` differentiable function, used outside compilation when it is cheaper than forward +
+backward.
 
 ``backend="auto"`` chooses among the backends that take the input (:mod:`zorro_kernels.auto`); a forced backend that
 refuses raises with its reasons. Nothing falls back silently.

@@ -14,8 +14,8 @@ paper's layout, audio x audio, video x video and fusion x everything. This backe
    log-sum-exp (:func:`_straddle_cpu_forward`); elsewhere, and with a bias, :func:`straddling_attention` selects
    per row. Either way NaN/Inf in a key a row may not attend never reaches that row (no ``0 * NaN``);
 3. on CPU, does forward and backward itself in an autograd Function calling ATen's flash-attention-for-CPU kernels
-   (``out``/``lse`` saved once for the whole output, grads accumulated in place), so it pays neither autograd's per-slice
-   zero-filled gradient buffers nor a second copy of the output. Elsewhere it composes
+   (``out``/``lse`` saved once for the whole output, grads accumulated in place), so it pays neither autograd's
+   per-slice zero-filled gradient buffers nor a second copy of the output. Elsewhere it composes
    ``F.scaled_dot_product_attention`` under autograd.
 
 Rows that see nothing are never computed: they stay 0, and their gradients are 0. Nothing a row may not attend is

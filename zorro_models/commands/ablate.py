@@ -12,11 +12,11 @@ Grid axes (``--grid axis=v1,v2 ...``; an axis not named keeps all its values):
   stream, or one per stream);
 - ``objective``: ``contrastive`` | ``supervised`` -> ``train.task``.
 
-Each (cell, seed) is one ordinary training run (:class:`~zorro_models.training.trainer.Trainer`, seed ``train.seed + k``) in
-``<out>/cells/<cell>/seed<k>/``, evaluated with the existing machinery: contrastive cells with linear probes on the
-frozen backbone (:func:`~zorro_models.training.evaluate.run_probes`; the table shows the audio output's probe under audio-only
-input, the video output's under video-only, all four outputs concatenated under audio-visual, as ``zorro demo``
-does), supervised cells with their heads on the validation split (:meth:`Trainer.validate`; the table shows the
+Each (cell, seed) is one ordinary training run (:class:`~zorro_models.training.trainer.Trainer`, seed ``train.seed +
+k``) in ``<out>/cells/<cell>/seed<k>/``, evaluated with the existing machinery: contrastive cells with linear probes on
+the frozen backbone (:func:`~zorro_models.training.evaluate.run_probes`; the table shows the audio output's probe under
+audio-only input, the video output's under video-only, all four outputs concatenated under audio-visual, as ``zorro
+demo`` does), supervised cells with their heads on the validation split (:meth:`Trainer.validate`; the table shows the
 averaged prediction of the heads, every head is in ``results.json``) and the unimodal-inference gaps (audio-visual
 minus audio-only, audio-visual minus video-only). Metric: top-1 accuracy, or mAP on multi-label data.
 
@@ -66,9 +66,9 @@ AXES = {
     "objective": ("contrastive", "supervised"),
 }
 
-#: settings of the default run on the embedded data (on top of :class:`~zorro_models.training.config.Config`'s defaults, which
-#: are the demo's): 24 runs of ``zorro_vit_demo``, about 10 min on a quiet 2-core CPU (measured: docs/ablate.md). Not
-#: applied under ``--config``: a config file is used as ``zorro train`` would use it.
+#: settings of the default run on the embedded data (on top of :class:`~zorro_models.training.config.Config`'s
+#: defaults, which are the demo's): 24 runs of ``zorro_vit_demo`` (times: docs/ablate.md). Not applied under
+#: ``--config``: a config file is used as ``zorro train`` would use it.
 DEFAULTS = ("train.steps=80", "probe.train_size=1024", "probe.test_size=512", "data.val_size=512")
 
 #: settings that change how a run is executed or logged, not its numbers: not compared when reusing a run

@@ -2,7 +2,7 @@
 preset table of docs/models.md (parameter counts, CPU forward and forward+backward times).
 
     zorro bench [--config YAML] [--masks zorro,full] [--steps N] [section.key=value ...]
-    python -m zorro_models.commands.bench                       # preset table: counts for all, timings for *_demo / *_tiny
+    python -m zorro_models.commands.bench         # preset table: counts for all, timings for *_demo / *_tiny
     python -m zorro_models.commands.bench --time all --threads 2 --batch 2 --repeats 5
 
 Times are measurements on the machine at hand, not guarantees: compare masks measured side by side in one run.
@@ -36,9 +36,9 @@ def bench_training(
     """Time ``steps`` training steps (after ``warmup``) and 3 inference batches of the run ``config`` +
     ``overrides``, once per mask of ``masks`` (the masks run one after the other in this process).
 
-    A training step is what :meth:`~zorro_models.training.trainer.Trainer.train_step` does: data, front-end, forward, backward,
-    AdamW. Returns ``{"model", "batch_size", "threads", "device", "steps", "rows": {mask: {column: value}}}`` with
-    columns ``train step (s)`` (median), ``clips/s (train)``, ``inference (s/batch)``, ``clips/s (inference)``.
+    A training step is what :meth:`~zorro_models.training.trainer.Trainer.train_step` does: data, front-end, forward,
+    backward, AdamW. Returns ``{"model", "batch_size", "threads", "device", "steps", "rows": {mask: {column: value}}}``
+    with columns ``train step (s)`` (median), ``clips/s (train)``, ``inference (s/batch)``, ``clips/s (inference)``.
     """
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

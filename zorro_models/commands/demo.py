@@ -46,8 +46,8 @@ TABLE_COLUMNS = {
 
 
 def demo_overrides(out: Path, mask: str, threads: int) -> list[str]:
-    """The settings the demo runs with, on top of :class:`~zorro_models.training.config.Config`'s defaults (which already
-    describe the demo: ``zorro_vit_demo``, 200 steps of batch 64, InfoNCE audio<->video, probes on 2048 + 1024
+    """The settings the demo runs with, on top of :class:`~zorro_models.training.config.Config`'s defaults (which
+    already describe the demo: ``zorro_vit_demo``, 200 steps of batch 64, InfoNCE audio<->video, probes on 2048 + 1024
     clips)."""
     return [
         f"model.mask={mask}",

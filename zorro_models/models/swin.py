@@ -47,6 +47,8 @@ from .tokenizers import AudioPatchEmbed, VideoPatchEmbed, to_pair, to_triple
 
 __all__ = ["ZorroSwin", "window_partition", "window_order", "WindowLayout", "swin_block_layout"]
 
+_CPU = torch.device("cpu")  # the default device of the layouts a model builds before it knows its inputs
+
 Window = tuple[tuple[int, int], ...]
 
 
@@ -253,8 +255,9 @@ class ZorroSwin(ZorroModel):
         video_window: window ``(t, h, w)`` over the video grid.
         mlp_ratio, qkv_bias: block sizes.
         num_fusion: fusion tokens (kept at every stage, widened with the stage).
-        mask: one of :data:`~zorro_models.models.base.MASK_KINDS`, applied in every block (see :func:`swin_block_layout`).
-        rel_pos_bias: Swin's learned relative position bias in every block (``(heads, rel_table_size(windows))``
+        mask: one of :data:`~zorro_models.models.base.MASK_KINDS`, applied in every block (see
+        :func:`swin_block_layout`). rel_pos_bias: Swin's learned relative position bias in every block (``(heads,
+        rel_table_size(windows))``
             per block; see the module docstring).
     """
 
@@ -357,7 +360,7 @@ class ZorroSwin(ZorroModel):
                 nn.init.trunc_normal_(t, std=0.02)
 
     def block_layout(
-        self, grids: dict, shifted: bool, valid_t: dict, batch: int, device: torch.device = torch.device("cpu")
+        self, grids: dict, shifted: bool, valid_t: dict, batch: int, device: torch.device = _CPU
     ) -> WindowLayout:
         """The layout of a block for these grids, shift and valid time rows, its permutations on ``device``
         (cached on the model)."""

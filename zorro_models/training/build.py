@@ -1,6 +1,6 @@
 """Builders shared by training, evaluation, the demo and the benchmarks: the model, the task (model + heads + loss),
-the input pipeline and the datasets of a :class:`~zorro_models.training.config.Config`, with every size the data needs read
-from the model; and a stored run loaded back (:func:`load_run`).
+the input pipeline and the datasets of a :class:`~zorro_models.training.config.Config`, with every size the data needs
+read from the model; and a stored run loaded back (:func:`load_run`).
 
     task = build_task(cfg)                 # ContrastiveTask or SupervisedTask; task.model is the backbone
     cfg, task, ckpt = load_run("runs/x")   # the run's config (plus overrides) and its latest checkpoint's weights

@@ -114,9 +114,10 @@ class ZorroContrastiveLoss(nn.Module):
             the optimizer too).
         max_logit_scale: clamp of ``1 / tau`` (CLIP's 100), against instability.
 
-    Forward: ``projections`` (dict output -> ``(B, P)``, e.g. from :class:`~zorro_models.models.heads.ContrastiveHeads`),
-    optional ``present`` (dict output -> bool ``(B,)``, as ``forward_features`` returns; a pair uses only the samples
-    where both outputs are present) -> scalar: the mean of the pairs' losses.
+    Forward: ``projections`` (dict output -> ``(B, P)``, e.g. from
+    :class:`~zorro_models.models.heads.ContrastiveHeads`), optional ``present`` (dict output -> bool ``(B,)``, as
+    ``forward_features`` returns; a pair uses only the samples where both outputs are present) -> scalar: the mean of
+    the pairs' losses.
     """
 
     def __init__(

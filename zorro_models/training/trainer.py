@@ -528,7 +528,7 @@ class Trainer:
                     )
                 window = []
                 if self.skipped > warned:
-                    warnings.warn(self.clips.summary(), RuntimeWarning)
+                    warnings.warn(self.clips.summary(), RuntimeWarning, stacklevel=2)
                     warned = self.skipped
             if t.eval_every > 0 and self.step % t.eval_every == 0:
                 self.validate()

@@ -3,11 +3,11 @@ lists — ``_attn_fwd_ranges`` over the segment-aligned :class:`RangePlan` (quer
 intervals walked from their unaligned start, only interval ends and causal diagonals masked), ``_attn_fwd`` over the
 uniform :class:`TilePlan` (layouts of many tiny query groups).
 
-In the tile-plan kernel, full tiles run with no mask arithmetic and no bounds checks on keys (a full tile lies wholly inside the matrix and has
-no padding); partial tiles load keys under their validity mask and evaluate the element mask. Both loops call one tile
-body, :func:`_fwd_tile`, compiled twice by its ``MASKED`` constexpr. Softmax is online in base 2 with the scale folded
-into one multiply-add, as in Triton's fused-attention tutorial: ``p = exp2(qk * qk_scale - m)`` with
-``qk_scale = scale * log2(e)`` (``scale > 0``, which ``check_inputs`` guarantees, so ``max(qk) * qk_scale`` is the
+In the tile-plan kernel, full tiles run with no mask arithmetic and no bounds checks on keys (a full tile lies wholly
+inside the matrix and has no padding); partial tiles load keys under their validity mask and evaluate the element mask.
+Both loops call one tile body, :func:`_fwd_tile`, compiled twice by its ``MASKED`` constexpr. Softmax is online in base
+2 with the scale folded into one multiply-add, as in Triton's fused-attention tutorial: ``p = exp2(qk * qk_scale - m)``
+with ``qk_scale = scale * log2(e)`` (``scale > 0``, which ``check_inputs`` guarantees, so ``max(qk) * qk_scale`` is the
 scaled max) and the running max ``m`` in base-2 units. The saved log-sum-exp is base 2 as well (``m + log2(l)``): the
 backward subtracts it as is.
 
