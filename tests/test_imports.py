@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: lowest first; a module belongs to the longest prefix listed
 LAYERS = {
     "zorro_kernels": [
+        ["zorro_kernels._version", "zorro_kernels.caching"],
         ["zorro_kernels.tilemap"],
         ["zorro_kernels.mask"],
         ["zorro_kernels.bias"],

@@ -6,6 +6,7 @@ out = zorro_attention(q, k, v, mask)   # q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D)
 print(explain(q, k, v, mask))          # which backend "auto" runs, and why
 """
 
+from ._version import __version__
 from .attention import zorro_attention
 from .auto import explain
 from .bias import RelativePositionBias, RelativePositions
@@ -14,6 +15,7 @@ from .reference import reference_attention
 from .tilemap import TileMap
 
 __all__ = [
+    "__version__",
     "zorro_attention",
     "explain",
     "ZorroMask",
@@ -22,4 +24,3 @@ __all__ = [
     "reference_attention",
     "TileMap",
 ]
-__version__ = "0.1.0"

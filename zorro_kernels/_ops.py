@@ -21,20 +21,20 @@ Data flows one way: this module depends on the backends, no backend depends on i
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .backends import BACKENDS
 from .bias import RelativePositionBias, RelativePositions
+from .caching import LRU, tensor_key
 from .mask import ZorroMask, content_key
 
 __all__ = ["attention"]
 
-_MAX_MASKS = 64
-_masks: "OrderedDict[str, ZorroMask]" = OrderedDict()  # content key -> mask rebuilt from its description
+_masks = LRU(64)  # content key -> mask rebuilt from its description
+_positions = LRU(64)  # tensor keys of the packed positions -> RelativePositions
 
 
 def describe(mask: ZorroMask) -> tuple:
@@ -56,9 +56,9 @@ def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, w
     """The mask with this description: the cached one with the same content key, or a new one (then cached)."""
     window = None if list(window) == [-1, -1] else tuple(window)
     key = content_key(q_sizes, kv_sizes, is_self, causal, allow, lengths, kv_lengths, window)
-    mask = _masks.get(key)
-    if mask is None:
-        mask = ZorroMask(
+    return _masks.get(
+        key,
+        lambda: ZorroMask(
             [(f"q{i}", n) for i, n in enumerate(q_sizes)],
             allow.detach().cpu().bool(),
             kv_segments=None if is_self else [(f"k{i}", n) for i, n in enumerate(kv_sizes)],
@@ -66,59 +66,51 @@ def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, w
             kv_lengths=None if is_self else kv_lengths,
             causal=causal,
             window=window,
-        )
-        _masks[key] = mask
-        while len(_masks) > _MAX_MASKS:
-            _masks.popitem(last=False)
-    else:
-        _masks.move_to_end(key)
-    return mask
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bias
-_positions: "OrderedDict[tuple, RelativePositions]" = OrderedDict()
-_NO_BIAS = (None, None, None, None, None)
+class BiasArgs(NamedTuple):
+    """A bias as the custom ops take it (see :func:`describe_bias`); None where absent."""
+
+    dense: Optional[Tensor] = None
+    table: Optional[Tensor] = None
+    pos_q: Optional[Tensor] = None
+    pos_k: Optional[Tensor] = None
+    extents: Optional[Tensor] = None
 
 
-def _positions_key(*packed) -> tuple:
-    return tuple((tuple(t.shape), t.detach().cpu().numpy().tobytes()) for t in packed)
+def _pack(p: RelativePositions) -> tuple[Tensor, Tensor, Tensor]:
+    """``(pos_q (Nq, 1 + A), pos_k (Nk, 1 + A), extents (G, A))``: each token's position set, then its coordinates."""
+    return torch.cat([p.q_group[:, None], p.q_coords], 1), torch.cat([p.k_group[:, None], p.k_coords], 1), p.extents
 
 
-def _remember_positions(key, p: RelativePositions) -> None:
-    _positions[key] = p
-    _positions.move_to_end(key)
-    while len(_positions) > _MAX_MASKS:
-        _positions.popitem(last=False)
+def _positions_key(pos_q: Tensor, pos_k: Tensor, extents: Tensor) -> tuple:
+    return tensor_key(pos_q), tensor_key(pos_k), tensor_key(extents)
 
 
-def describe_bias(bias) -> tuple:
-    """``(dense, table, pos_q (Nq, 1 + A), pos_k (Nk, 1 + A), extents (G, A))``, None where absent."""
+def describe_bias(bias) -> BiasArgs:
+    """``bias`` as tensors: a dense bias as itself, a :class:`RelativePositionBias` as its table and packed positions
+    (:func:`_pack`)."""
     if bias is None:
-        return _NO_BIAS
+        return BiasArgs()
     if not isinstance(bias, RelativePositionBias):
-        return (bias, None, None, None, None)
+        return BiasArgs(dense=bias)
     p = bias.positions
-    if "packed" not in p._cache:
-        p._cache["packed"] = (
-            torch.cat([p.q_group[:, None], p.q_coords], 1),
-            torch.cat([p.k_group[:, None], p.k_coords], 1),
-            p.extents,
-        )
-    packed = p._cache["packed"]
+    packed = p.derived(_pack)
     if not torch.compiler.is_compiling():  # eager callers register their own object (and its cached indices)
-        _remember_positions(_positions_key(*packed), p)
-    return (None, bias.table, *packed)
+        _positions.put(_positions_key(*packed), p)
+    return BiasArgs(None, bias.table, *packed)
 
 
 def _bias_from(dense, table, pos_q, pos_k, extents):
     if table is None:
         return dense
-    key = _positions_key(pos_q, pos_k, extents)
-    p = _positions.get(key)
-    if p is None:
-        p = RelativePositions.__new__(RelativePositions)
-        p._set(pos_q[:, 1:].cpu(), pos_k[:, 1:].cpu(), pos_q[:, 0].cpu(), pos_k[:, 0].cpu(), extents.cpu())
-        _remember_positions(key, p)
+    p = _positions.get(
+        _positions_key(pos_q, pos_k, extents),
+        lambda: RelativePositions(pos_q[:, 1:], pos_k[:, 1:], extents, q_group=pos_q[:, 0], k_group=pos_k[:, 0]),
+    )
     return RelativePositionBias(table, positions=p)
 
 
@@ -261,45 +253,91 @@ def _traced(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
+#: :class:`_Attention`'s inputs in order (the traced call appends the mask's description): its backward reads
+#: ``needs_input_grad`` and returns its gradients by these names
+_INPUTS = ("q", "k", "v", "scale", "backend", "mask", "bias", *BiasArgs._fields)
+
+
+class _Saved(NamedTuple):
+    """What :class:`_Attention` saves for its backward; ``allow``, ``lengths``, ``kv_lengths``: the traced call's
+    mask description (the eager call keeps the mask object instead)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    out: Tensor
+    lse: Tensor
+    dense: Optional[Tensor]
+    table: Optional[Tensor]
+    pos_q: Optional[Tensor]
+    pos_k: Optional[Tensor]
+    extents: Optional[Tensor]
+    allow: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None
+    kv_lengths: Optional[Tensor] = None
+
+    @property
+    def bias_args(self) -> BiasArgs:
+        return BiasArgs(self.dense, self.table, self.pos_q, self.pos_k, self.extents)
+
+
 class _Attention(torch.autograd.Function):
-    """Eager: ``mask`` is the ZorroMask and ``desc`` empty. Traced: ``mask`` is None and ``desc`` its description.
-    ``dense``, ``table``: the bias tensors (see :func:`describe_bias`), ``bias``: the eager bias object or None."""
+    """Eager: ``mask`` is the ZorroMask and ``desc`` empty. Traced: ``mask`` is None and ``desc`` its description
+    (:func:`describe`). ``dense`` ... ``extents``: the bias as tensors (:class:`BiasArgs`), ``bias``: the eager bias
+    object or None."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, backend, mask, bias, dense, table, pos_q, pos_k, extents, *desc):
-        bias_args = (dense, table, pos_q, pos_k, extents)
+        bias_args = BiasArgs(dense, table, pos_q, pos_k, extents)
         if mask is None:
             out, lse = torch.ops.zorro.attention_fwd(q, k, v, *desc, scale, backend, *bias_args)
         else:
             out, lse = BACKENDS[backend].forward(q, k, v, mask, scale, **_bias_kw(bias))
-        ctx.save_for_backward(q, k, v, out, lse, *bias_args, *desc[:3])
-        ctx.args = (scale, backend, mask, bias, desc[3:])
+        desc_tensors, desc_rest = desc[:3], desc[3:]  # (allow, lengths, kv_lengths), (q_sizes, ..., window)
+        ctx.save_for_backward(*_Saved(q, k, v, out, lse, *bias_args, *desc_tensors))
+        ctx.args = (scale, backend, mask, bias, desc_rest, len(desc))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, *tensors = ctx.saved_tensors
-        bias_args, tensors = tensors[:5], tensors[5:]
-        scale, backend, mask, bias, rest = ctx.args
+        s = _Saved(*ctx.saved_tensors)
+        scale, backend, mask, bias, desc_rest, n_desc = ctx.args
         if torch.is_grad_enabled():  # create_graph=True: the backends' backwards (kernels) have no derivative
             raise RuntimeError(
                 f"zorro_attention: the {backend} backend's backward cannot be differentiated (double "
                 f"backward, create_graph=True); use backend='reference' for higher-order gradients"
             )
-        need_dbias = bool(ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
+        needs = dict(zip(_INPUTS, ctx.needs_input_grad))
+        need_dbias = bool(needs["dense"] or needs["table"])
         if mask is None:
             dq, dk, dv, db = torch.ops.zorro.attention_bwd(
-                dout, q, k, v, out, lse, *tensors, *rest, scale, backend, *bias_args, need_dbias
+                dout,
+                s.q,
+                s.k,
+                s.v,
+                s.out,
+                s.lse,
+                s.allow,
+                s.lengths,
+                s.kv_lengths,
+                *desc_rest,
+                scale,
+                backend,
+                *s.bias_args,
+                need_dbias,
             )
         else:
             dq, dk, dv, *db = BACKENDS[backend].backward(
-                dout, q, k, v, out, lse, mask, scale, **_bwd_bias_kw(bias, need_dbias)
+                dout, s.q, s.k, s.v, s.out, s.lse, mask, scale, **_bwd_bias_kw(bias, need_dbias)
             )
             db = db[0] if db else None
         db = db if need_dbias else None
-        d_dense = db if bias_args[0] is not None else None
-        d_table = db if bias_args[1] is not None else None
-        return (dq, dk, dv, None, None, None, None, d_dense, d_table) + (None,) * (3 + len(tensors) + len(rest))
+        grads = {"q": dq, "k": dk, "v": dv}
+        if s.dense is not None:
+            grads["dense"] = db
+        elif s.table is not None:
+            grads["table"] = db
+        return tuple(grads.get(name) for name in _INPUTS) + (None,) * n_desc
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask, scale: float, backend: str, bias=None) -> Tensor:

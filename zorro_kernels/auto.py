@@ -11,24 +11,23 @@ CUDA events; it draws no random numbers. It never times while ``torch.compile`` 
 captured: those calls use a choice already measured for the key, else the static rule. Opt out with
 ``ZORRO_AUTO_BENCHMARK=0`` (read on first use) or :func:`set_benchmark`\\ ``(False)``; auto then uses the static rule:
 
-- forward only: ``segments`` — on an H200 (BENCHMARKS.md, GPU run 2, fp16, D=64, H=12) the segment path's forward was
-  faster than Triton's at both sizes measured (Figure-2, B=8: 0.277 vs 0.285 ms; N=16384, B=1: 1.482 vs 1.761 ms);
-- forward+backward: ``triton`` when ``max(Nq, Nk) <= 7500``, else ``segments`` — after the block sweep (run 3) Triton's
-  forward+backward took 1.043 ms at Figure-2 size against 1.661 ms for the segment path (run 2), and 6.98 against
-  5.34 ms at N=16384; 7500 is where the log-log interpolation of those two ratios crosses 1.
+- forward only: ``segments`` — the segment path's forward was the faster of the two at both ends of the range on
+  the card we measured;
+- forward+backward: ``triton`` when ``max(Nq, Nk) <= CUDA_GRAD_MAX_TOKENS``, else ``segments`` — Triton's is faster
+  at Figure-2 size and slower at 16k tokens; the threshold is where the two measured ratios cross.
+
+The measurements behind both, with the card: BENCHMARKS.md, "Where the code's constants come from".
 
 **CPU — a cost rule.** ``dense`` (one masked flash-attention call, :mod:`zorro_kernels.backends.dense`) when the work
 it wastes on masked pairs costs less than the segment path's extra calls, else ``segments``::
 
     B * H * D * (Nq * Nk - mean attended pairs per sample) <= CPU_WORK_PER_CALL * (segment-path calls - 1)
 
-``CPU_WORK_PER_CALL`` (600k multiply-adds) is one CPU flash-attention call's fixed cost expressed as work, from where
-the segment path and one masked SDPA call break even on the Zorro layout (B=8, H=2, D=16, 1 thread, 2 extra calls):
-between 84 tokens (3168 masked pairs x 256 = 811k, 405k per call; the segment path still 10% slower there) and
-112 tokens (720k per call; the segment path 13% faster) — measured side by side on the 2-core CI machine, loaded,
-2026-12-01. So tiny problems take one call, and the segment path takes over once skipping masked pairs pays. Under
-``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per query
-segment (it picks ``dense`` less often).
+``CPU_WORK_PER_CALL`` is one CPU flash-attention call's fixed cost expressed as work (multiply-adds), from where the
+segment path and one masked SDPA call break even on the Zorro layout (the measurement and its machine: the same
+BENCHMARKS.md section). So tiny problems take one call, and the segment path takes over once skipping masked pairs
+pays. Under ``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per
+query segment (it picks ``dense`` less often).
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ __all__ = [
 
 # candidates per device type, in the order ties are broken
 PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
+# both from measurements (BENCHMARKS.md, "Where the code's constants come from"); the module docstring says why
 CPU_WORK_PER_CALL = 600_000
 CUDA_GRAD_MAX_TOKENS = 7500
 _REPS = 5

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .caching import Derived
 from .mask import as_int_tensor
 
 __all__ = [
@@ -48,9 +49,40 @@ def _int_coords(coords, arg: str) -> torch.Tensor:
     return coords.detach().to("cpu", torch.int64).contiguous()
 
 
-class RelativePositions:
+def _check_extents(extent, sets: bool) -> torch.Tensor:
+    """``extent`` as int64 ``(G, A)``: ``A`` positive ints (one position set), or with ``sets`` ``G`` rows of them."""
+    if isinstance(extent, torch.Tensor):
+        extent = extent.tolist()
+    want = "a (sets, axes) table of positive ints" if sets else "a non-empty sequence of positive ints"
+    if isinstance(extent, (str, bytes)) or not isinstance(extent, Sequence) or not extent:
+        raise TypeError(f"extent must be {want}, got {extent!r}")
+    rows = list(extent) if sets else [extent]
+    if sets and not all(isinstance(r, Sequence) and not isinstance(r, (str, bytes)) for r in rows):
+        raise TypeError(f"extent must be {want} (with q_group and k_group), got {extent!r}")
+    if any(len(r) != len(rows[0]) for r in rows) or not rows[0]:
+        raise ValueError(f"extent rows must have one equal, non-zero number of axes, got {[list(r) for r in rows]}")
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for r in rows for e in r):
+        raise ValueError(f"extent must hold positive ints, got {[list(r) for r in rows] if sets else list(extent)}")
+    return torch.tensor([list(r) for r in rows], dtype=torch.int64)
+
+
+def _check_group(group, n: int, sets: int, arg: str) -> torch.Tensor:
+    group = as_int_tensor(group, arg, "(N,)")
+    if tuple(group.shape) != (n,):
+        raise ValueError(f"{arg} must have shape ({n},), got {tuple(group.shape)}")
+    group = group.detach().to("cpu", torch.int64).contiguous()
+    if n and (int(group.min()) < -1 or int(group.max()) >= sets):
+        raise ValueError(
+            f"{arg} must hold position-set indices in [-1, {sets - 1}] (-1: unplaced), got values in "
+            f"[{int(group.min())}, {int(group.max())}]"
+        )
+    return group
+
+
+class RelativePositions(Derived):
     """Where queries and keys sit, for a relative position bias: the part of :class:`RelativePositionBias` that has no
-    parameters. Immutable; the per-block table indices backends need are cached on it, so build it once per layout.
+    parameters. Immutable (its tensors are handed out as copies); the per-block table indices backends need are cached
+    on it, so build it once per layout.
 
     Args:
         q_coords: int ``(Nq, A)`` coordinates of the queries (e.g. ``(t, f)`` for audio, ``(t, h, w)`` for video); a
@@ -59,44 +91,59 @@ class RelativePositions:
         extent: ``A`` positive ints: along axis ``a`` offsets lie in ``[-(extent[a] - 1), extent[a] - 1]``; the table
             has ``T = prod(2 * extent[a] - 1)`` columns. A pair the mask allows with an offset outside raises
             ValueError when a backend reads it.
+        q_group, k_group: int ``(Nq,)``, ``(Nk,)``, for several position sets in one (see :meth:`concat`, which
+            builds them): the set of each token, -1 when unplaced (its coordinates are then ignored). ``extent`` is
+            then a ``(G, A)`` table, one row per set, whose tables are concatenated in set order.
 
     Attributes:
         q_coords, k_coords: int64 ``(Nq, A)``, ``(Nk, A)`` (``A`` the largest axis count over the sets joined).
         q_group, k_group: int64 ``(Nq,)``, ``(Nk,)``: the position set of each token, -1 when unplaced.
         extents: int64 ``(G, A)`` per set (1 on axes a set lacks); bases: int64 ``(G,)`` first table column per set.
+        strides: int64 ``(G, A)``: row-major strides of each set's table.
         table_size: ``T``, the columns the table must have.
     """
 
-    def __init__(self, q_coords, k_coords, extent: Sequence[int]):
+    def __init__(self, q_coords, k_coords, extent, *, q_group=None, k_group=None):
         q = _int_coords(q_coords, "q_coords")
         k = _int_coords(k_coords, "k_coords")
-        if isinstance(extent, torch.Tensor):
-            extent = extent.tolist()
-        if isinstance(extent, (str, bytes)) or not isinstance(extent, Sequence) or not extent:
-            raise TypeError(f"extent must be a non-empty sequence of positive ints, got {extent!r}")
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in extent):
-            raise ValueError(f"extent must hold positive ints, got {list(extent)}")
+        if (q_group is None) != (k_group is None):
+            raise TypeError("q_group and k_group go together: give both (several position sets) or neither")
+        extents = _check_extents(extent, sets=q_group is not None)
+        shown = extents.tolist() if q_group is not None else extents[0].tolist()
         for name, c in (("q_coords", q), ("k_coords", k)):
-            if c.shape[1] != len(extent):
-                raise ValueError(f"{name} has {c.shape[1]} axes but extent has {len(extent)} ({list(extent)})")
-        placed_q, placed_k = (q >= 0).all(1), (k >= 0).all(1)
-        self._set(
-            q,
-            k,
-            torch.where(placed_q, 0, -1),
-            torch.where(placed_k, 0, -1),
-            torch.tensor([list(extent)], dtype=torch.int64),
-        )
-
-    def _set(self, q, k, q_group, k_group, extents):
-        self.q_coords, self.k_coords, self.q_group, self.k_group, self.extents = q, k, q_group, k_group, extents
+            if c.shape[1] != extents.shape[1]:
+                raise ValueError(f"{name} has {c.shape[1]} axes but extent has {extents.shape[1]} ({shown})")
+        if q_group is None:
+            q_group, k_group = torch.where((q >= 0).all(1), 0, -1), torch.where((k >= 0).all(1), 0, -1)
+        else:
+            q_group = _check_group(q_group, q.shape[0], extents.shape[0], "q_group")
+            k_group = _check_group(k_group, k.shape[0], extents.shape[0], "k_group")
         sizes = (2 * extents - 1).prod(1)
-        self.bases = torch.cumsum(sizes, 0) - sizes
-        self.table_size = int(sizes.sum())
         # row-major strides per set: index = base + sum_a (d_a + e_a - 1) * stride_a
-        self._strides = torch.flip(torch.cumprod(torch.flip(2 * extents - 1, [1]), 1), [1]).roll(-1, 1)
-        self._strides[:, -1] = 1
-        self._cache: dict = {}
+        strides = torch.flip(torch.cumprod(torch.flip(2 * extents - 1, [1]), 1), [1]).roll(-1, 1)
+        strides[:, -1] = 1
+        self._q_coords, self._k_coords, self._q_group, self._k_group = q, k, q_group, k_group
+        self._extents, self._strides, self._bases = extents, strides, torch.cumsum(sizes, 0) - sizes
+        self.table_size = int(sizes.sum())
+        self._cache: dict = {}  # Derived.derived's, and only its
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(
+                f"RelativePositions is immutable (its cached table indices depend on it): cannot set {name!r}; "
+                f"build new positions"
+            )
+        object.__setattr__(self, name, value)
+
+    # tensors are handed out as copies: editing one in place must not change the positions under their caches
+    q_coords = property(lambda self: self._q_coords.clone())
+    k_coords = property(lambda self: self._k_coords.clone())
+    q_group = property(lambda self: self._q_group.clone())
+    k_group = property(lambda self: self._k_group.clone())
+    extents = property(lambda self: self._extents.clone())
+    strides = property(lambda self: self._strides.clone())
+    bases = property(lambda self: self._bases.clone())
 
     @classmethod
     def concat(cls, parts: Sequence["RelativePositions"]) -> "RelativePositions":
@@ -105,22 +152,18 @@ class RelativePositions:
         parts = list(parts)
         if not parts or not all(isinstance(p, RelativePositions) for p in parts):
             raise TypeError("RelativePositions.concat takes a non-empty list of RelativePositions")
-        nq, nk = parts[0].q_coords.shape[0], parts[0].k_coords.shape[0]
+        nq, nk = parts[0].num_q, parts[0].num_kv
         for i, p in enumerate(parts):
-            if (p.q_coords.shape[0], p.k_coords.shape[0]) != (nq, nk):
-                raise ValueError(
-                    f"parts[{i}] covers {p.q_coords.shape[0]} queries x {p.k_coords.shape[0]} keys, "
-                    f"parts[0] {nq} x {nk}"
-                )
-        axes = max(p.extents.shape[1] for p in parts)
-        out = cls.__new__(cls)
-        coords, groups, extents, g0 = [], [], [], 0
+            if (p.num_q, p.num_kv) != (nq, nk):
+                raise ValueError(f"parts[{i}] covers {p.num_q} queries x {p.num_kv} keys, parts[0] {nq} x {nk}")
+        axes = max(p._extents.shape[1] for p in parts)
+        coords, groups = [], []
         for side in ("q", "k"):
             c = torch.zeros(nq if side == "q" else nk, axes, dtype=torch.int64)
             grp = torch.full((c.shape[0],), -1, dtype=torch.int64)
             g0 = 0
             for i, p in enumerate(parts):
-                pc, pg = getattr(p, f"{side}_coords"), getattr(p, f"{side}_group")
+                pc, pg = getattr(p, f"_{side}_coords"), getattr(p, f"_{side}_group")
                 placed = pg >= 0
                 if (placed & (grp >= 0)).any():
                     raise ValueError(
@@ -129,23 +172,23 @@ class RelativePositions:
                     )
                 c[placed, : pc.shape[1]] = pc[placed]
                 grp[placed] = pg[placed] + g0
-                g0 += p.extents.shape[0]
+                g0 += p._extents.shape[0]
             coords.append(c)
             groups.append(grp)
+        extents = torch.ones(sum(p._extents.shape[0] for p in parts), axes, dtype=torch.int64)
+        g0 = 0
         for p in parts:
-            e = torch.ones(p.extents.shape[0], axes, dtype=torch.int64)
-            e[:, : p.extents.shape[1]] = p.extents
-            extents.append(e)
-        out._set(coords[0], coords[1], groups[0], groups[1], torch.cat(extents))
-        return out
+            extents[g0 : g0 + p._extents.shape[0], : p._extents.shape[1]] = p._extents
+            g0 += p._extents.shape[0]
+        return cls(coords[0], coords[1], extents, q_group=groups[0], k_group=groups[1])
 
     @property
     def num_q(self) -> int:
-        return self.q_coords.shape[0]
+        return self._q_coords.shape[0]
 
     @property
     def num_kv(self) -> int:
-        return self.k_coords.shape[0]
+        return self._k_coords.shape[0]
 
     def index(
         self, rows: torch.Tensor, cols: torch.Tensor, *, check: bool = True
@@ -156,11 +199,11 @@ class RelativePositions:
         where a pair is not placed. A placed pair whose offset exceeds the extent raises ValueError with ``check``,
         else its ``idx`` is -1.
         """
-        gq, gk = self.q_group[rows][..., :, None], self.k_group[cols][..., None, :]
+        gq, gk = self._q_group[rows][..., :, None], self._k_group[cols][..., None, :]
         placed = (gq >= 0) & (gq == gk)
         g = gq.clamp(min=0).expand(placed.shape)
-        d = self.q_coords[rows][..., :, None, :] - self.k_coords[cols][..., None, :, :]  # (..., R, C, A)
-        e = self.extents[g]
+        d = self._q_coords[rows][..., :, None, :] - self._k_coords[cols][..., None, :, :]  # (..., R, C, A)
+        e = self._extents[g]
         bad = placed[..., None] & (d.abs() >= e)
         if check and bad.any():
             pos = tuple(bad.nonzero()[0].tolist())
@@ -171,7 +214,7 @@ class RelativePositions:
                 f"axis {pos[-1]}, beyond extent {int(e[pos])} (offsets must lie in "
                 f"[-(extent - 1), extent - 1])"
             )
-        idx = self.bases[g] + ((d + e - 1) * self._strides[g]).sum(-1)
+        idx = self._bases[g] + ((d + e - 1) * self._strides[g]).sum(-1)
         idx = torch.where(bad.any(-1), -1, torch.where(placed, idx, 0))
         return idx, None if bool(placed.all()) else placed
 
@@ -179,16 +222,17 @@ class RelativePositions:
         """:meth:`index` for a segment-plan step (gathered ``q_ranges`` x ``k_ranges``, ``blocks`` diagonal blocks):
         ``(idx (blocks or 1, R, C), placed or None)`` (1 when every block has the same offsets), or None when no
         pair of the step is placed. Cached."""
-        key = (q_ranges, k_ranges, blocks)
-        if key not in self._cache:
-            rows = torch.cat([torch.arange(s, e) for s, e in q_ranges]).reshape(blocks, -1)
-            cols = torch.cat([torch.arange(s, e) for s, e in k_ranges]).reshape(blocks, -1)
-            idx, placed = self.index(rows, cols)
-            if blocks > 1 and bool((idx == idx[:1]).all()) and (placed is None or bool((placed == placed[:1]).all())):
-                # equal windows share their offsets: one block, broadcast (its gradient is then a sum, not a scatter)
-                idx, placed = idx[:1], None if placed is None else placed[:1]
-            self._cache[key] = None if placed is not None and not placed.any() else (idx, placed)
-        return self._cache[key]
+        return self.derived(_step_index, q_ranges, k_ranges, blocks)
+
+
+def _step_index(p: RelativePositions, q_ranges: Ranges, k_ranges: Ranges, blocks: int):
+    rows = torch.cat([torch.arange(s, e) for s, e in q_ranges]).reshape(blocks, -1)
+    cols = torch.cat([torch.arange(s, e) for s, e in k_ranges]).reshape(blocks, -1)
+    idx, placed = p.index(rows, cols)
+    if blocks > 1 and bool((idx == idx[:1]).all()) and (placed is None or bool((placed == placed[:1]).all())):
+        # equal windows share their offsets: one block, broadcast (its gradient is then a sum, not a scatter)
+        idx, placed = idx[:1], None if placed is None else placed[:1]
+    return None if placed is not None and not placed.any() else (idx, placed)
 
 
 class RelativePositionBias:

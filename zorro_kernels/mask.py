@@ -45,6 +45,7 @@ from typing import Optional, Union
 
 import torch
 
+from .caching import Derived, tensor_key
 from .tilemap import build_tile_map, build_token_meta
 
 __all__ = ["ZorroMask"]
@@ -200,9 +201,8 @@ def content_key(
     h.update(repr((tuple(q_sizes), tuple(kv_sizes), bool(is_self), bool(causal))).encode())
     if window is not None:
         h.update(repr(("window", tuple(window))).encode())
-    for t in (allow, lengths, kv_lengths):
-        raw = b"-" if t is None else repr(tuple(t.shape)).encode() + t.detach().to("cpu", torch.int64).numpy().tobytes()
-        h.update(raw)
+    for t in (allow, lengths, kv_lengths):  # as int64: a mask's content, not how its tensors were typed
+        h.update(b"-" if t is None else repr(tensor_key(t.to(torch.int64))).encode())
     return h.hexdigest()
 
 
@@ -217,6 +217,16 @@ def _content_key(mask: "ZorroMask") -> str:
         None if mask.is_self else mask.kv_lengths,
         mask.window,
     )
+
+
+def _tile_map(mask: "ZorroMask", block_m: int, block_n: int, device: torch.device):
+    if device.type == "cpu":
+        return build_tile_map(mask, block_m, block_n)
+    return mask.tile_map(block_m, block_n, "cpu").to(device)
+
+
+def _token_meta(mask: "ZorroMask", device: torch.device):
+    return build_token_meta(mask).to(device)
 
 
 def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
@@ -245,7 +255,7 @@ def _check_per_block_causal(q_lens, k_lens, what: str) -> None:
         k_start += kl
 
 
-class ZorroMask:
+class ZorroMask(Derived):
     """A modality layout: contiguous named segments plus which query segment may see which key segment.
 
     Build one with a constructor rather than ``__init__``:
@@ -320,7 +330,7 @@ class ZorroMask:
                 f"lengths and kv_lengths disagree on the batch size: "
                 f"{self._lengths.shape[0]} vs {self._kv_lengths.shape[0]}"
             )
-        self._cache: dict = {}
+        self._cache: dict = {}  # Derived.derived's, and only its
         self._frozen = True
 
     def __setattr__(self, name, value):
@@ -650,30 +660,11 @@ class ZorroMask:
 
         Cached on the mask per ``(block_m, block_n, device)``.
         """
-        device = torch.device(device)
-        key = ("tiles", block_m, block_n, device)
-        if key not in self._cache:
-            tm = build_tile_map(self, block_m, block_n)
-            self._cache[key] = tm if device.type == "cpu" else tm.to(device)
-        return self._cache[key]
+        return self.derived(_tile_map, block_m, block_n, torch.device(device))
 
     def token_meta(self, device: Union[str, torch.device] = "cpu"):
         """Per-token segment ids / positions and the rule table, as kernels read them (cached per device)."""
-        device = torch.device(device)
-        key = ("meta", device)
-        if key not in self._cache:
-            self._cache[key] = build_token_meta(self).to(device)
-        return self._cache[key]
-
-    def derived(self, build, *args):
-        """``build(self, *args)``, computed once per mask and kept under ``(build, *args)``: derived data is keyed by
-        the function that builds it, so two modules cannot pick the same key for different things."""
-        key = (build, *args)
-        try:
-            return self._cache[key]
-        except KeyError:
-            value = self._cache[key] = build(self, *args)
-            return value
+        return self.derived(_token_meta, torch.device(device))
 
     @property
     def key(self) -> str:

@@ -7,6 +7,8 @@ out = model(audio=x["audio"], video=x["video"])     # {"audio", "video", "fusion
 out = model(audio=x["audio"])                       # audio only: out["video"] is all zeros
 """
 
+from zorro_kernels import __version__
+
 from .models import hip, swin, vit  # noqa: F401  (register the presets)
 from .models.base import MASK_KINDS, Encoded, StreamLayout, ZorroFeatures, ZorroModel
 from .models.heads import ContrastiveHeads, SupervisedHeads
@@ -18,6 +20,7 @@ from .models.vit import ZorroViT
 from .training.losses import DEFAULT_PAIRS, SupervisedLoss, ZorroContrastiveLoss, info_nce
 
 __all__ = [
+    "__version__",
     "MASK_KINDS",
     "create_model",
     "list_models",

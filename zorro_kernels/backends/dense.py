@@ -25,8 +25,8 @@ __all__ = ["dense_forward", "dense_backward"]
 
 _fwd_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# up to this many (query, key) pairs the forward is a few tensor ops; beyond, ATen's CPU flash kernel with an
-# additive mask is faster (1 thread: 14 x 14 tokens 40 vs 50 us, 28 x 28 slower)
+# up to this many (query, key) pairs the forward is a few tensor ops, which beat ATen's CPU flash kernel with an
+# additive mask there and lose to it beyond (BENCHMARKS.md, "Where the code's constants come from")
 _MATH_MAX_PAIRS = 256
 
 

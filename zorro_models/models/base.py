@@ -15,9 +15,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from zorro_kernels.caching import LRU, tensor_key
 from zorro_kernels.mask import as_int_tensor
 
-from .layers import MODALITIES, OUTPUTS, STREAMS, MaskCache, MaskedReadout
+from .layers import MODALITIES, OUTPUTS, STREAMS, MaskedReadout
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
 __all__ = ["ZorroModel", "ZorroFeatures", "StreamLayout", "Encoded", "MASK_KINDS", "mask_rules", "check_mask_kind"]
@@ -171,7 +172,7 @@ class ZorroModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._masks = MaskCache()
+        self._masks = LRU(64)
 
     # ------------------------------------------------------------------ to implement
     def encode(self, inputs: StreamLayout) -> Encoded:
@@ -237,7 +238,7 @@ class ZorroModel(nn.Module):
         batch, audio_lengths, video_lengths = self._check_inputs(audio, video, audio_lengths, video_lengths)
         enc = self.encode(self.embed(audio, video, audio_lengths, video_lengths, batch))
         mask = self._masks.get(
-            ("readout", enc.sizes, MaskCache.key(enc.lengths)), lambda: MaskedReadout.mask_for(enc.sizes, enc.lengths)
+            ("readout", enc.sizes, tensor_key(enc.lengths)), lambda: MaskedReadout.mask_for(enc.sizes, enc.lengths)
         )
         emb, present = self.readout(enc.tokens, enc.sizes, enc.lengths, mask=mask)
         return ZorroFeatures(

@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 
 from zorro_kernels import ZorroMask
+from zorro_kernels.caching import tensor_key
 
 from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
-from .layers import MODALITIES, CrossBlock, MaskCache, MaskedReadout, ZorroBlock, init_weights
+from .layers import MODALITIES, CrossBlock, MaskedReadout, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
@@ -268,7 +269,7 @@ class ZorroHiP(ZorroModel):
 
     def layouts(self, n_tokens: dict, valid_tokens: dict, batch: int) -> list:
         """Per level ``(inputs, latents, cross mask, self mask)`` for the given token counts (cached)."""
-        key = ("hip", tuple(n_tokens.items()), tuple((m, MaskCache.key(v)) for m, v in valid_tokens.items()))
+        key = ("hip", tuple(n_tokens.items()), tuple((m, tensor_key(v)) for m, v in valid_tokens.items()))
 
         def build():
             out, n_fusion_in = [], 0

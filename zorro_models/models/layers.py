@@ -10,7 +10,6 @@ Token tensors are ``(B, N, C)`` throughout; a *stream layout* is the tuple of st
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -26,7 +25,6 @@ __all__ = [
     "ZorroBlock",
     "CrossBlock",
     "MaskedReadout",
-    "MaskCache",
     "init_weights",
     "OUTPUTS",
     "STREAMS",
@@ -296,37 +294,3 @@ class MaskedReadout(nn.Module):
         z = self.norm(self.block(z, tokens, mask))
         present = self.presence(sizes, lengths, b).to(tokens.device)
         return z * present[:, :, None].to(z.dtype), present
-
-
-class MaskCache:
-    """A small LRU cache of masks (and other layout-derived objects) keyed by the layout and the lengths.
-
-    Masks cache their own execution plans, so reusing a mask across steps with the same shapes (the common case in
-    training) skips every plan build after the first.
-    """
-
-    def __init__(self, max_entries: int = 64):
-        self.max_entries = max_entries
-        self._store: OrderedDict = OrderedDict()
-
-    @staticmethod
-    def key(*parts) -> tuple:
-        out = []
-        for p in parts:
-            if isinstance(p, torch.Tensor):
-                p = (tuple(p.shape), p.detach().cpu().numpy().tobytes())
-            out.append(p)
-        return tuple(out)
-
-    def get(self, key, build: Callable):
-        if key in self._store:
-            self._store.move_to_end(key)
-            return self._store[key]
-        value = build()
-        self._store[key] = value
-        if len(self._store) > self.max_entries:
-            self._store.popitem(last=False)
-        return value
-
-    def __len__(self) -> int:
-        return len(self._store)

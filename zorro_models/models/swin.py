@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask
+from zorro_kernels.caching import tensor_key
 
 from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
-from .layers import MODALITIES, MaskCache, MaskedReadout, ZorroBlock, init_weights
+from .layers import MODALITIES, MaskedReadout, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed, to_pair, to_triple
 
@@ -368,7 +369,7 @@ class ZorroSwin(ZorroModel):
             "swin",
             tuple(grids.items()),
             shifted,
-            tuple((k, MaskCache.key(v)) for k, v in valid_t.items()),
+            tuple((k, tensor_key(v)) for k, v in valid_t.items()),
             str(device),
         )
 

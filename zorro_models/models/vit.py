@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 
 from zorro_kernels import ZorroMask
+from zorro_kernels.caching import tensor_key
 
 from .base import Encoded, StreamLayout, ZorroModel, check_mask_kind, mask_rules
-from .layers import STREAMS, MaskCache, MaskedReadout, StreamWise, ZorroBlock, init_weights
+from .layers import STREAMS, MaskedReadout, StreamWise, ZorroBlock, init_weights
 from .registry import register_model
 from .tokenizers import AudioPatchEmbed, VideoPatchEmbed
 
@@ -122,7 +123,7 @@ class ZorroViT(ZorroModel):
 
     def encode(self, inputs: StreamLayout) -> Encoded:
         x, sizes, lengths = inputs.concat(), inputs.sizes, inputs.lengths
-        mask = self._masks.get(("self", sizes, MaskCache.key(lengths)), lambda: self.layout_mask(sizes, lengths))
+        mask = self._masks.get(("self", sizes, tensor_key(lengths)), lambda: self.layout_mask(sizes, lengths))
         for block in self.blocks:
             x = block(x, mask, sizes)
         return Encoded(self.norm(x, sizes), sizes, lengths)

@@ -203,8 +203,7 @@ class Config:
 def machine_threads() -> int:
     """Compute threads when ``train.threads`` is unset: one per two cores, at least 1. The data workers render or
     decode clips on the other cores; on a 2-core machine two compute threads contend with the worker and run several
-    times slower than one (``zorro train``: 20 steps of the demo model in 24.8 s with 2 threads and no worker,
-    9.7 s with 1 thread and 1 worker)."""
+    times slower than one (the measurement: BENCHMARKS.md, "Where the code's constants come from")."""
     return max(1, (os.cpu_count() or 2) // 2)
 
 

@@ -68,7 +68,7 @@ class KernelBias(NamedTuple):
 
 def _linear(p) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rq (Nq, 2), rk (Nk, 2))`` int32 of positions ``p`` (see the module docstring)."""
-    strides, extents, bases = p._strides, p.extents, p.bases
+    strides, extents, bases = p.strides, p.extents, p.bases
     const = bases + ((extents - 1) * strides).sum(1)  # (G,)
 
     def side(coords, group, offset):
@@ -88,7 +88,7 @@ def _check_extents(mask, positions) -> bool:
     """Raise :meth:`RelativePositions.index`'s ValueError if a pair the mask allows (segment rules, band, tokens valid
     in some sample) has an offset outside its position set's extent. Per allowed segment pair a min/max bound over
     coordinates settles it; only pairs it cannot settle are checked element by element, in row chunks clipped to the
-    band. :func:`kernel_bias` caches the result on the positions per mask content key."""
+    band. :func:`kernel_bias` caches the result on the positions per mask content key (:func:`_extents_proven`)."""
     p = positions
     allow = mask.allow.bool().numpy()
     q_sizes, k_sizes = mask.q_sizes, mask.kv_sizes
@@ -108,10 +108,11 @@ def _check_extents(mask, positions) -> bool:
             out.append((c.min(0).values, c.max(0).values) if len(c) else None)
         return out
 
-    for g in range(p.extents.shape[0]):
-        e = p.extents[g]
-        qs = spans(p.q_coords, p.q_group, q_starts, q_valid, g)
-        ks = spans(p.k_coords, p.k_group, k_starts, k_valid, g)
+    extents, q_coords, q_group, k_coords, k_group = p.extents, p.q_coords, p.q_group, p.k_coords, p.k_group
+    for g in range(extents.shape[0]):
+        e = extents[g]
+        qs = spans(q_coords, q_group, q_starts, q_valid, g)
+        ks = spans(k_coords, k_group, k_starts, k_valid, g)
         for a, c in zip(*np.nonzero(allow)):
             if qs[a] is None or ks[c] is None:
                 continue
@@ -146,6 +147,16 @@ def _check_block(p, r0: int, r1: int, c0: int, c1: int, lo, hi, off: int, chunk:
             p.index(rows[i : i + 1], cols[j : j + 1])  # raises the shared message for this pair
 
 
+def _extents_proven(positions, mask_key: str, mask) -> bool:
+    """:func:`_check_extents` of ``mask`` (whose content key is ``mask_key``), as :meth:`RelativePositions.derived`
+    caches it: per mask content, not per mask object."""
+    return _check_extents(mask, positions)
+
+
+def _linear_on(positions, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.to(device) for t in _linear(positions))
+
+
 def _broadcast_strides(t: torch.Tensor) -> tuple:
     """``t``'s element strides with 0 on its size-1 dims (what a kernel reading it as broadcast needs)."""
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
@@ -159,12 +170,8 @@ def kernel_bias(bias, q: torch.Tensor, mask) -> KernelBias:
     if isinstance(bias, RelativePositionBias):
         p = bias.positions
         # cached on the positions (not the mask): a caller building positions per call must not grow the mask's cache
-        if ("triton_extents_ok", mask.key) not in p._cache:
-            p._cache[("triton_extents_ok", mask.key)] = _check_extents(mask, p)
-        key = ("triton_linear", q.device)
-        if key not in p._cache:
-            p._cache[key] = tuple(t.to(q.device) for t in _linear(p))
-        rq, rk = p._cache[key]
+        p.derived(_extents_proven, mask.key, mask=mask)
+        rq, rk = p.derived(_linear_on, q.device)
         t = bias.table
         if t.stride(-1) != 1:
             t = t.contiguous()

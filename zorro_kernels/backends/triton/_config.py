@@ -71,14 +71,13 @@ def _k(bm, bn, warps, stages, *alts) -> KernelConfig:
 # the compiled kernels, `python benchmarks/triton_compile_check.py --regs`): the dK/dV kernel holds K, V and two
 # (block_n, D) fp32 accumulators in registers, which four warps cannot hold at block_n = 128.
 _TABLE_16BIT = (
-    # D <= 64 from the H200 sweep (benchmarks/gpu_sweep.py, BENCHMARKS.md, GPU run 3): forward 128x64 with 4 warps
-    # (8 warps 29% slower at Figure-2 size); backward 32x64 dK/dV + 64x64 dQ with 4 warps, 21% faster fwd+bwd than
-    # 32x128 + 128x64 with 8 warps (Figure-2 size) and 17% at N = 16k.
+    # D <= 64 from the block-size sweep (benchmarks/gpu_sweep.py; its numbers and card: BENCHMARKS.md, GPU run 3):
+    # forward 128x64 with 4 warps; backward 32x64 dK/dV + 64x64 dQ with 4 warps, the fastest at both ends measured.
     # The one-pass dK/dV (atomic dQ, a fifth product) spills 40 B at 4 warps / 3 stages on sm_90 (offline compile):
     # 8 warps / 2 stages holds it in 236 registers, one block per SM — a candidate for the tuner to measure.
     # The range-plan forward (offline sm_90 compiles, fp16): at 128 x 64 it spills with 4 warps (255 regs + 56 B) and
     # needs 194 registers at 8 warps (1 block/SM); 64 x 64 with 4 warps holds it in 189, no spill, 2 blocks/SM — and
-    # 64-row tiles waste less at group ends (about 0.95 of ideal at Figure-2 vs 0.87 at 128 rows). D = 128: 64 x 64
+    # 64-row tiles waste less at group ends (BENCHMARKS.md, "Where the code's constants come from"). D = 128: 64 x 64
     # at 8 warps, 197 registers, no spill (4 warps spill).
     (
         64,
