@@ -503,15 +503,22 @@ def _is_alias(own: dict, key: str, provided: dict) -> bool:
 
 
 def load_checkpoint(
-    path: Union[str, Path], module: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True
+    path: Union[str, Path],
+    module: nn.Module,
+    optimizer=None,
+    scheduler=None,
+    restore_rng: bool = True,
+    verified: bool = False,
 ) -> dict:
     """Load a checkpoint folder into ``module`` (strictly), ``optimizer`` and ``scheduler``; restore the RNG states.
     Returns the state dict (``step``, ``extra``, ...). Both files are read and checked before anything is changed: a
-    damaged checkpoint raises :class:`CheckpointError` naming the file and leaves module and optimizer as they were."""
+    damaged checkpoint raises :class:`CheckpointError` naming the file and leaves module and optimizer as they were.
+    ``verified``: :func:`check_checkpoint` (checksums: a read of every byte) has just passed on ``path``; not again."""
     path = Path(path)
     if not (path / STATE).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE})")
-    check_checkpoint(path)
+    if not verified:
+        check_checkpoint(path)
     state = _read_state(path / STATE)
     for key, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None and key not in state:

@@ -15,6 +15,7 @@ make :meth:`RunLock.acquire` raise, in our words, rather than run unowned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -152,4 +153,5 @@ class RunLock:
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
-            self.release()
+            with contextlib.suppress(Exception):  # at interpreter exit modules may be gone; the kernel drops it anyway
+                self.release()

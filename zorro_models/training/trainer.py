@@ -294,7 +294,7 @@ class Trainer:
         self._log_window = []
 
         if ckpt is not None:
-            state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler)
+            state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler, verified=True)
             self.step = state["step"]
             self.epoch = state["extra"]["epoch"]
             self.batch_in_epoch = state["extra"]["batch_in_epoch"]
