@@ -42,10 +42,7 @@ def _torn(path_of):
 
 # (owner, attribute, kind, what a crash leaves behind besides stopping): every way a save touches the disk
 CRASH_POINTS = [
-    ("safetensors.torch", "save_model", "write", _torn(lambda a: a[1])),
-    (torch, "save", "write", _torn(lambda a: a[1])),
-    (pathlib.Path, "write_text", "write", _torn(lambda a: a[0])),
-    (ckpt_mod, "_write_synced", "write", _torn(lambda a: a[0])),
+    (ckpt_mod, "_write_file", "write", _torn(lambda a: a[0])),  # every file of a save, the pointer included
     (os, "fsync", "fsync", None),
     (os, "replace", "rename", None),
     (shutil, "rmtree", "delete", None),

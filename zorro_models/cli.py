@@ -213,7 +213,9 @@ def cmd_eval(args) -> int:
     from .utils.reporting import format_table
 
     torch.set_num_threads(args.threads or machine_threads())
-    cfg, task, ckpt = load_run(args.checkpoint, args.overrides)
+    cfg, task, ckpt = load_run(
+        args.checkpoint, args.overrides, say=lambda line: print(f"[zorro eval] {line}", file=sys.stderr, flush=True)
+    )
     print(f"[zorro eval] {ckpt}", flush=True)
     out = Path(args.out) if args.out else ckpt.parent.parent
     report = evaluate_run(

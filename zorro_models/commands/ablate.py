@@ -50,9 +50,10 @@ import yaml
 
 from ..models.registry import model_config
 from ..training.build import build_model
-from ..training.checkpoint import latest_checkpoint
+from ..training.checkpoint import latest_checkpoint, stored_config
 from ..training.config import Config, config_to_yaml, from_dict, load_config, machine_threads
 from ..training.evaluate import REGIMES, evaluate_run
+from ..training.runlock import LOCK_FILE, RunLock
 from ..training.trainer import Trainer, run_contents
 from ..utils.reporting import draw_grouped_bars, format_table, pyplot, write_json
 from .demo import TABLE_COLUMNS
@@ -173,13 +174,29 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _stored_fingerprint(run: Path) -> Optional[dict]:
-    """The fingerprint of whatever run ``run`` holds: from its result.json, else its config.yaml; None if neither."""
+def _stored_fingerprint(run: Path, overwrite: bool = False) -> Optional[dict]:
+    """The fingerprint of whatever run ``run`` holds: from its result.json, else its config.yaml; None if neither (or,
+    with ``overwrite``, when a run without checkpoints has a config.yaml that cannot be read)."""
     if (run / RESULT).is_file():
         return json.loads((run / RESULT).read_text(encoding="utf-8"))["fingerprint"]
     if (run / "config.yaml").is_file():
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-        return _fingerprint(from_dict(Config, data))
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None:  # the config its checkpoint was saved under, from any intact copy (damaged ones named)
+            notes = []
+            data, _ = stored_config(ckpt, notes)
+            for line in notes:
+                print(f"[ablate] {line}", file=sys.stderr)
+        else:
+            try:
+                data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                if overwrite:  # nothing of it can be resumed: retrained from scratch
+                    return None
+                raise ValueError(
+                    f"{run / 'config.yaml'} cannot be read ({type(e).__name__}) and the run has no checkpoint; "
+                    f"rerun with --overwrite to retrain it"
+                ) from None
+        return _fingerprint(from_dict(Config, data, where=str(run / "config.yaml")))
     return None
 
 
@@ -189,7 +206,7 @@ def _prepare(run: Path, fingerprint: dict, overwrite: bool) -> str:
     log line of the dead run mixes in), or start ``"fresh"``. A folder holding another configuration raises
     ValueError, unless ``overwrite``: its result is deleted here and its run by the trainer."""
 
-    stored = _stored_fingerprint(run)
+    stored = _stored_fingerprint(run, overwrite)
     if stored is not None and stored != fingerprint:
         if not overwrite:
             diff = _differences(stored, fingerprint)
@@ -341,7 +358,7 @@ def _plot(cells: list, summaries: dict, path: Path, metric: str, chance: Optiona
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / PLAN).is_file():
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / PLAN).is_file():
         raise ValueError(f"--out {out} is not empty and holds no zorro ablate run (no {PLAN}); choose a new folder")
 
 
@@ -408,6 +425,25 @@ def run_ablate(
     threads = threads or machine_threads()
     _check_out(out)
     cfgs = _cell_configs(cells, seeds, config, overrides, out, threads)
+    # one ablation per --out: a second `zorro ablate` (or a `zorro train` into one of its runs, which the trainer's
+    # own lock stops) would interleave its cells with this one's
+    with RunLock.acquire(out, what=f"--out {out}", say=lambda line: print(f"[ablate] {line}", file=sys.stderr)):
+        return _run_plan(out, axes, cells, cfgs, seeds, config, overrides, threads, overwrite, verbose)
+
+
+def _run_plan(
+    out: Path,
+    axes: dict,
+    cells: list,
+    cfgs: dict,
+    seeds: int,
+    config: Optional[str],
+    overrides: Sequence[str],
+    threads: int,
+    overwrite: bool,
+    verbose: bool,
+) -> dict:
+    """:func:`run_ablate` once ``out`` is locked."""
     plan = [(k, cell) for k in range(seeds) for cell in cells]  # seed-major: after one pass every cell has a number
     fps = {key: _fingerprint(cfg) for key, cfg in cfgs.items()}
     # every run folder is judged before anything trains: a stale one stops the command at once, not an hour in

@@ -31,6 +31,7 @@ import torch
 
 from ..training.config import load_config, machine_threads
 from ..training.evaluate import run_probes
+from ..training.runlock import RunLock
 from ..training.trainer import Trainer, run_contents
 from ..utils.reporting import format_table, plot_modality_scores, plot_training_curves, read_metrics, write_json
 
@@ -77,6 +78,22 @@ def run_demo(
     demo runs is refused (FileExistsError) unless ``overwrite``, which replaces them.
     """
     out = Path(out)
+    # one demo per --out (each of its runs is locked again by its Trainer): taken before anything is read or written
+    with RunLock.acquire(out, what=f"--out {out}", say=lambda line: print(f"[demo] {line}", file=sys.stderr)):
+        return _run_demo(out, masks, config, overrides, threads, baseline, overwrite, verbose)
+
+
+def _run_demo(
+    out: Path,
+    masks: Sequence[str],
+    config: Optional[str],
+    overrides: Sequence[str],
+    threads: Optional[int],
+    baseline: bool,
+    overwrite: bool,
+    verbose: bool,
+) -> dict:
+    """:func:`run_demo` once ``out`` is locked."""
     held = ["{}: {}".format(out / m, ", ".join(run_contents(out / m))) for m in masks if run_contents(out / m)]
     if held and not overwrite:
         raise FileExistsError(

@@ -8,17 +8,26 @@ read from the model; and a stored run loaded back (:func:`load_run`).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
 from ..data.audio import LogMelSpectrogram
 from ..models.registry import create_model
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import (
+    MANIFEST,
+    STATE,
+    WEIGHTS,
+    CheckpointError,
+    check_checkpoint,
+    latest_checkpoint,
+    load_weights,
+    stored_config,
+)
 from .config import Config, apply_overrides, data_workers, from_dict
 from .tasks import TASKS, ContrastiveTask, SupervisedTask
 
@@ -153,28 +162,45 @@ def eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
 
 # ------------------------------------------------------------------------------------------------ stored runs
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """``path`` if it is a checkpoint folder, else the latest checkpoint of the run folder ``path``."""
+    """``path`` if it is a checkpoint folder (whose weights and state pass their checksums), else the newest intact
+    checkpoint of the run folder ``path``. Raises :class:`~zorro_models.training.checkpoint.CheckpointError` naming
+    the damaged file, or saying why each of a run's checkpoints was passed over."""
 
     p = Path(path)
-    if (p / "state.pt").is_file():
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder (give a run folder or one of its checkpoints/step_* folders)")
+    if any((p / f).exists() for f in (STATE, WEIGHTS, MANIFEST)):
+        check_checkpoint(p)
         return p
-    ckpt = latest_checkpoint(p)
+    skipped = []
+    ckpt = latest_checkpoint(p, skipped)
+    if ckpt is None and skipped:
+        raise CheckpointError(f"{path} holds no intact checkpoint: {'; '.join(skipped)}")
     if ckpt is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
     return ckpt
 
 
-def load_run(path: Union[str, Path], overrides: Sequence[str] = ()) -> tuple[Config, nn.Module, Path]:
+def load_run(
+    path: Union[str, Path], overrides: Sequence[str] = (), say: Optional[Callable[[str], object]] = None
+) -> tuple[Config, nn.Module, Path]:
     """A stored run back in memory: ``(cfg, task, checkpoint)``.
 
-    ``path`` is a run folder (its latest checkpoint) or a checkpoint folder; ``cfg`` is the config stored with the
-    checkpoint plus ``overrides`` (``section.key=value``); ``task`` is :func:`build_task` with the checkpoint's
-    weights (on CPU, in train mode).
+    ``path`` is a run folder (its newest intact checkpoint) or a checkpoint folder; ``cfg`` is the config stored with
+    the checkpoint (or, when that copy is damaged, another copy of the run's: ``say`` gets a line naming the damaged
+    one; default: a RuntimeWarning) plus ``overrides`` (``section.key=value``); ``task`` is :func:`build_task` with
+    the checkpoint's weights (on CPU, in train mode). A file that cannot be read is named in the error.
     """
 
     ckpt = resolve_checkpoint(path)
-    stored = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}
-    cfg = apply_overrides(from_dict(Config, stored, where=str(ckpt / "config.yaml")), overrides)
+    notes = []
+    stored, source = stored_config(ckpt, notes)
+    for line in notes:
+        if say is None:
+            warnings.warn(line, RuntimeWarning, stacklevel=2)
+        else:
+            say(line)
+    cfg = apply_overrides(from_dict(Config, stored, where=str(source)), overrides)
     model = build_model(cfg)
     task = build_task(cfg, model, build_dataset(cfg, model, "val") if cfg.train.task == "supervised" else None)
     load_weights(task, ckpt)

@@ -7,16 +7,22 @@ A checkpoint is a folder ``<run>/checkpoints/step_00000300/`` holding
 - ``state.pt`` — optimizer and LR-scheduler state, the step, the RNG states (Python, NumPy, torch CPU and CUDA) and
   the data position; loaded with ``weights_only=True``;
 - ``config.yaml`` — the run's configuration;
-- ``manifest.json`` — each file's size, written last: a checkpoint is intact when every file has its recorded size.
+- ``manifest.json`` — each file's size and SHA-256, written last. A checkpoint is intact when its weights and state
+  match their manifest entries: those alone are judged, each by its own checksum, so a damaged ``config.yaml`` copy
+  never condemns intact weights (:func:`stored_config` passes over it to another copy of the run's configuration).
 
 Saves are crash-safe (see :func:`save_checkpoint`): a crash at any point of a save leaves the run resumable, losing
-at most the step being saved. Readers never follow the ``latest`` pointer (a one-line file kept for people and
+at most the step being saved; an OS error (a full disk) names the checkpoint and the errno, and the failed save's
+files are removed at once. Readers never follow the ``latest`` pointer (a one-line file kept for people and
 tools): :func:`latest_checkpoint` takes the newest intact ``step_*`` folder and says which ones it passed over, and
 a damaged file raises :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
@@ -27,6 +33,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "latest_checkpoint",
     "check_checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
+    "stored_config",
     "load_weights",
     "rng_state",
     "set_rng_state",
@@ -43,6 +52,7 @@ __all__ = [
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 _STEP = re.compile(r"step_(\d+)")
@@ -99,44 +109,61 @@ def save_checkpoint(
     ``keep`` step checkpoints (``keep <= 0`` keeps every one). Returns the checkpoint folder.
 
     Order of work (a crash at any point loses at most this step): the files are written and fsynced in a temporary
-    folder, a manifest of their sizes last; the folder is renamed into place (a checkpoint of the same step already
-    there is first moved aside, and deleted only after the new one stands); ``latest`` is replaced atomically; older
-    checkpoints are pruned last. Temporary folders of dead processes (killed saves) are removed."""
-    from safetensors.torch import save_model
-
+    folder, a manifest of their sizes and SHA-256 checksums last; the folder is renamed into place (a checkpoint of
+    the same step already there is first moved aside, and deleted only after the new one stands); ``latest`` is
+    replaced atomically; older checkpoints are pruned last. Temporary folders of dead processes (killed saves) are
+    removed. An OS error (a full disk, a quota, a read-only mount) raises :class:`CheckpointWriteError` naming the
+    checkpoint, the file and the errno, after removing what the failed save wrote."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
     name = f"step_{step:08d}"
     final = root / name
     tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    # save_model de-duplicates shared tensors (tied weights) instead of failing on them
-    save_model(_unwrap(module), str(tmp / WEIGHTS))
     state = {"step": int(step), "rng": rng_state(), "extra": extra or {}}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    torch.save(state, tmp / STATE)
+    files = {WEIGHTS: _weights_bytes(module), STATE: lambda f: torch.save(state, f)}
     if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    files = sorted(p.name for p in tmp.iterdir())
-    for f in files:
-        _fsync(tmp / f)
-    manifest = {"step": int(step), "files": {f: (tmp / f).stat().st_size for f in files}}
-    _write_synced(tmp / MANIFEST, json.dumps(manifest))
-    _fsync(tmp)
+        files[CONFIG] = config_yaml.encode("utf-8")
+    writing = tmp.name
+    try:
+        tmp.mkdir()
+        manifest = {"step": int(step), "files": {}}
+        for f, data in files.items():
+            writing = f
+            manifest["files"][f] = _write_file(tmp / f, data)
+        writing = MANIFEST
+        _write_synced(tmp / MANIFEST, json.dumps(manifest))
+        _fsync(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, writing, e) from e
     old = None
-    if final.exists():  # re-saving a step (a resumed run ending where a checkpoint stands): never delete it first
-        old = root / f"{OLD_PREFIX}{name}-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(root)
+    try:
+        writing = f"{name} (renaming it into place)"
+        if final.exists():  # re-saving a step (a resumed run ending where a checkpoint stands): never delete it first
+            old = root / f"{OLD_PREFIX}{name}-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(root)
+    except OSError as e:
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, writing, e) from e
     pointer_tmp = root / f".latest-{os.getpid()}"
-    _write_synced(pointer_tmp, name + "\n")
-    os.replace(pointer_tmp, root / "latest")
-    _fsync(root)
+    try:
+        _write_synced(pointer_tmp, name + "\n")
+        os.replace(pointer_tmp, root / "latest")
+        _fsync(root)
+    except OSError as e:  # the checkpoint stands; only the pointer for people and tools is stale
+        pointer_tmp.unlink(missing_ok=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise _write_error(final, "latest (the pointer; the checkpoint itself is complete)", e) from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     if keep > 0:
@@ -144,6 +171,82 @@ def save_checkpoint(
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written: the message names it, the file and the OS error (``errno`` is kept)."""
+
+
+def _write_error(final: Path, writing: str, e: OSError) -> CheckpointWriteError:
+    name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    what = f"[Errno {e.errno}] {e.strerror or e}" + (f" ({name})" if name else "")
+    free = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            free = f"; {shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free there"
+    err = CheckpointWriteError(
+        f"could not write checkpoint {final}: {what} while writing {writing}{free}; the partial save was "
+        f"removed and the checkpoints saved before it are untouched"
+    )
+    err.errno = e.errno
+    return err
+
+
+def _weights_bytes(module: nn.Module) -> bytes:
+    """The module's tensors in safetensors format, tied weights stored once (the alias is named in the metadata, and
+    :func:`load_weights` accepts it). Serialised here and written by :func:`_write_file`, whose OS errors reach the
+    caller: safetensors' own file writer can lose a full disk's error."""
+    from safetensors.torch import save
+
+    tensors, aliases, seen = {}, {}, {}
+    for key, t in _unwrap(module).state_dict().items():
+        where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if where in seen:
+            aliases[key] = seen[where]
+            continue
+        seen[where] = key
+        tensors[key] = t.detach().contiguous()
+    return save(tensors, metadata=aliases or None)
+
+
+class _Hashed:
+    """A binary file that keeps the size and SHA-256 of what was written through it."""
+
+    def __init__(self, f):
+        self._f, self.sha, self.size, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        try:
+            self._f.write(view)
+        except OSError as e:  # kept: torch's writer turns it into "RuntimeError: [enforce fail ...] unexpected pos"
+            self.error = e
+            raise
+        self.sha.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _write_file(path: Path, data) -> dict:
+    """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` and fsync it; returns its
+    manifest entry ``{"size", "sha256"}``."""
+    with open(path, "wb") as f:
+        out = _Hashed(f)
+        try:
+            if callable(data):
+                data(out)
+            else:
+                out.write(data)
+        except Exception:
+            if out.error is not None:
+                raise out.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": out.size, "sha256": out.sha.hexdigest()}
 
 
 def _fsync(path: Path) -> None:
@@ -159,10 +262,7 @@ def _fsync(path: Path) -> None:
 
 
 def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_file(path, text.encode("utf-8"))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -206,27 +306,113 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and what is wrong with it."""
 
 
-def check_checkpoint(path: Union[str, Path]) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` holds a complete checkpoint: the weights and state files, and,
-    when it has a manifest (every checkpoint written since manifests exist), each file at its recorded size."""
-    path = Path(path)
-    for f in (WEIGHTS, STATE):
-        if not (path / f).is_file():
-            raise CheckpointError(f"{path / f} is missing")
+def _manifest(path: Path) -> Optional[dict]:
+    """``{file: {"size", "sha256"?}}`` from a checkpoint's manifest (None: a checkpoint from before manifests)."""
     if not (path / MANIFEST).is_file():
-        return
+        return None
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        sizes = dict(manifest["files"])
-    except (ValueError, KeyError, TypeError) as e:
+        entries = {f: e if isinstance(e, dict) else {"size": e} for f, e in dict(manifest["files"]).items()}
+        for e in entries.values():
+            int(e["size"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / MANIFEST} cannot be read ({type(e).__name__}: {e})") from e
-    for f, size in sizes.items():
-        have = (path / f).stat().st_size if (path / f).is_file() else None
-        if have != size:
-            raise CheckpointError(
-                f"{path / f} is {'missing' if have is None else f'{have} bytes'}, the manifest "
-                f"says {size} bytes (truncated or damaged)"
-            )
+    return entries
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(path: Path, name: str, entry: Optional[dict]) -> None:
+    """Raise :class:`CheckpointError` unless ``path/name`` exists with the size and checksum its manifest
+    ``entry`` records (what the entry records: manifests before checksums hold sizes only)."""
+    file = path / name
+    have = file.stat().st_size if file.is_file() else None
+    if have is None:
+        raise CheckpointError(f"{file} is missing")
+    if entry is None:
+        return
+    if have != entry["size"]:
+        raise CheckpointError(f"{file} is {have} bytes, the manifest says {entry['size']} bytes (truncated or damaged)")
+    if "sha256" in entry and _sha256(file) != entry["sha256"]:
+        raise CheckpointError(f"{file} does not match its checksum in {MANIFEST} (damaged)")
+
+
+def check_checkpoint(path: Union[str, Path]) -> None:
+    """Raise :class:`CheckpointError` naming the damaged file unless ``path`` holds usable weights and state: both
+    files there, each with the size and SHA-256 its manifest records (checkpoints from before manifests are judged
+    by their presence alone, and the files when read). Only the weights and the state decide: a damaged
+    ``config.yaml`` copy does not make a checkpoint damaged (:func:`stored_config` reports it and finds another)."""
+    path = Path(path)
+    manifest = _manifest(path)
+    for f in (WEIGHTS, STATE):
+        if manifest is not None and f not in manifest:
+            raise CheckpointError(f"{path / MANIFEST} lists no {f}")
+        _check_file(path, f, None if manifest is None else manifest[f])
+
+
+#: the sections of a complete run configuration (a config.yaml copy without a checksum must hold all of them)
+_SECTIONS = ("model", "data", "optim", "train", "probe")
+
+
+def _read_config(file: Path, entry: Optional[dict]) -> dict:
+    """The mapping in a ``config.yaml`` copy, or CheckpointError saying what is wrong with it. ``entry``: its manifest
+    entry (size and checksum) when it is a checkpoint's copy; without one, a copy must hold every section."""
+    try:
+        if entry is not None:
+            _check_file(file.parent, file.name, entry)
+        elif not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except CheckpointError:
+        raise
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = " ".join(str(e).split())
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {first[:160]})") from e
+    if not isinstance(data, dict) or not data:
+        raise CheckpointError(f"{file} holds no configuration (got {type(data).__name__})")
+    missing = [k for k in _SECTIONS if not isinstance(data.get(k), dict)]
+    if missing and (entry is None or "sha256" not in entry):
+        raise CheckpointError(f"{file} lacks the section(s) {', '.join(missing)} (truncated?)")
+    return data
+
+
+def stored_config(ckpt: Union[str, Path], notes: Optional[list] = None) -> tuple[dict, Path]:
+    """The configuration checkpoint ``ckpt`` was saved under, as a plain dict, and the file it was read from.
+
+    Copies are tried in this order: the checkpoint's own ``config.yaml`` (checked against its manifest), the run's
+    ``config.yaml`` (the run's current settings; it has no checksum, so it must hold every section), then the copies
+    of the run's other checkpoints, newest first — every copy in a run holds the same run (a resume refuses changes
+    that alter it). Each copy passed over adds a line to ``notes``. With no readable copy, raises
+    :class:`CheckpointError` naming each file and what is wrong with it: a caller must then refuse, never guess."""
+    ckpt = Path(ckpt)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    candidates = [(ckpt / CONFIG, ckpt)]
+    if run is not None:
+        candidates.append((run / CONFIG, None))
+        candidates += [(p / CONFIG, p) for p in _step_folders(run / "checkpoints") if p != ckpt]
+    problems = []
+    for file, owner in candidates:
+        if owner is not None and not file.is_file() and owner != ckpt:
+            continue  # an older checkpoint without a copy: nothing to report
+        try:
+            entry = None
+            if owner is not None:
+                manifest = _manifest(owner)
+                entry = None if manifest is None else manifest.get(CONFIG)
+            data = _read_config(file, entry)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if notes is not None:
+            notes += [f"{p}; using {file}" for p in problems]
+        return data, file
+    raise CheckpointError("no readable copy of the run's configuration: " + "; ".join(problems))
 
 
 def latest_checkpoint(run_dir: Union[str, Path], skipped: Optional[list] = None) -> Optional[Path]:
@@ -317,15 +503,22 @@ def _is_alias(own: dict, key: str, provided: dict) -> bool:
 
 
 def load_checkpoint(
-    path: Union[str, Path], module: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True
+    path: Union[str, Path],
+    module: nn.Module,
+    optimizer=None,
+    scheduler=None,
+    restore_rng: bool = True,
+    verified: bool = False,
 ) -> dict:
     """Load a checkpoint folder into ``module`` (strictly), ``optimizer`` and ``scheduler``; restore the RNG states.
     Returns the state dict (``step``, ``extra``, ...). Both files are read and checked before anything is changed: a
-    damaged checkpoint raises :class:`CheckpointError` naming the file and leaves module and optimizer as they were."""
+    damaged checkpoint raises :class:`CheckpointError` naming the file and leaves module and optimizer as they were.
+    ``verified``: :func:`check_checkpoint` (checksums: a read of every byte) has just passed on ``path``; not again."""
     path = Path(path)
     if not (path / STATE).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE})")
-    check_checkpoint(path)
+    if not verified:
+        check_checkpoint(path)
     state = _read_state(path / STATE)
     for key, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None and key not in state:

@@ -349,8 +349,11 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path) -> None:
-    """Write ``cfg`` as a YAML file."""
-    Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+    """Write ``cfg`` as a YAML file (an OS error names the file: a full disk's write error alone does not)."""
+    try:
+        Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: {e.strerror}") from e
 
 
 def _plain(x):

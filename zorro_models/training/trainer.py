@@ -44,7 +44,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..data import collate
 from ..utils.reporting import MetricsLogger, plot_training_curves, read_metrics
 from .build import build_dataset, build_model, build_preprocessor, build_task, eval_loader
-from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    stored_config,
+)
 from .config import (
     Config,
     config_to_yaml,
@@ -54,6 +61,7 @@ from .config import (
 )
 from .distributed import DistEnv, fail_together, init_distributed, on_main_rank
 from .evaluate import evaluate_heads
+from .runlock import RunLock
 
 __all__ = [
     "Trainer",
@@ -84,7 +92,8 @@ RUN_FILES = (
 )
 #: Settings a resumed run may change (a key, or a whole section): how long it runs, how often and where it writes,
 #: where the files are, what it evaluates with — not what it learns. Any other change is refused. A longer
-#: ``train.steps`` stretches the cosine schedule from the resumed step on.
+#: ``train.steps`` stretches the cosine schedule from the resumed step on. Every config key is reviewed against this
+#: list by tests/test_run_safety.py: a key added here, or to the config, needs that review too.
 RESUMABLE_CHANGES = (
     "train.steps",
     "train.resume",
@@ -241,6 +250,29 @@ class Trainer:
         self.micro_batch = t.batch_size // (world * t.grad_accum)
         self.device = self.env.device
         self.out = Path(t.out)
+        self._lock, self._owned = None, False
+        self._take_lock()
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # a Trainer that failed to build never holds its folder
+            raise
+
+    def _take_lock(self) -> None:
+        """Rank 0 takes the run folder's lock (:class:`~zorro_models.training.runlock.RunLock`) before anything
+        reads or writes the run; when another process owns it, every rank raises with the line naming the owner."""
+        what = f"train.out={self.out}"
+        self._lock = on_main_rank(self.env, lambda: RunLock.acquire(self.out, what=what, say=self._say), what)
+        self._owned = True  # on every rank alike (only rank 0 holds a lock), so every rank takes the same path
+
+    def close(self) -> None:
+        """Release the run folder (its lock), as :meth:`fit` does when it ends; idempotent."""
+        lock, self._lock, self._owned = getattr(self, "_lock", None), None, False
+        if lock is not None:
+            lock.release()
+
+    def _build(self) -> None:
+        cfg, t, world = self.cfg, self.cfg.train, self.env.world_size
         ckpt = self._claim_run_folder()
         use_amp = t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_amp else None
@@ -259,14 +291,16 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.clips = ClipLedger(dist.all_reduce if self.env.distributed else None, self.device)
         self._val_set = None
+        self._log_window = []
 
         if ckpt is not None:
-            state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler)
+            state = load_checkpoint(ckpt, self.task, self.optimizer, self.scheduler, verified=True)
             self.step = state["step"]
             self.epoch = state["extra"]["epoch"]
             self.batch_in_epoch = state["extra"]["batch_in_epoch"]
             self.clips.skipped = state["extra"].get("skipped", 0)
             self.clips.dropped = state["extra"].get("dropped", 0)
+            self._log_window = list(state["extra"].get("log_window", []))
             self._say(
                 f"resumed from {ckpt} at step {self.step}"
                 + "".join(f"; {k}: {a!r} -> {b!r}" for k, (a, b) in self.resume_changes.items() if k != "train.resume")
@@ -304,10 +338,20 @@ class Trainer:
         for line in skipped:
             self._say(f"train.resume: {line}")
         if ckpt is not None:
-            # the config the checkpoint was saved under; else (a checkpoint without one) the run's last config.yaml
-            stored = next((f for f in (ckpt / "config.yaml", self.out / "config.yaml") if f.is_file()), None)
-            if stored is not None:
-                self.resume_changes = config_changes(yaml.safe_load(stored.read_text(encoding="utf-8")) or {}, self.cfg)
+            # the config the checkpoint was saved under (else another intact copy of the run's): what a resume may
+            # not change is judged against it; with none readable, refuse rather than resume unchecked or start over
+            notes = []
+            try:
+                stored, _ = stored_config(ckpt, notes)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"train.resume: {ckpt} is intact but {e}; without the run's configuration the resume cannot "
+                    f"check that it continues the same run, so nothing was changed: restore a config.yaml (the "
+                    f"run's, or any checkpoint's copy), or start over with train.overwrite=true"
+                ) from None
+            for line in notes:
+                self._say(f"train.resume: {line}")
+            self.resume_changes = config_changes(stored, self.cfg)
         return ckpt
 
     def _open_run(self) -> None:
@@ -458,6 +502,7 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Checkpoint the current state (rank 0 writes; every rank returns after the write, or raises when it
         failed)."""
+        window = self._log_window_state()
         return on_main_rank(
             self.env,
             lambda: save_checkpoint(
@@ -471,6 +516,7 @@ class Trainer:
                     "batch_in_epoch": self.batch_in_epoch,
                     "skipped": self.clips.skipped,
                     "dropped": self.clips.dropped,
+                    "log_window": window,
                 },
                 config_yaml=config_to_yaml(self.cfg),
                 keep=self.cfg.train.keep_checkpoints,
@@ -478,9 +524,36 @@ class Trainer:
             f"writing the checkpoint of step {self.step}",
         )
 
+    def _log_window_state(self) -> list:
+        """The logs of the steps since the last logged one, averaged over the ranks (a collective: every rank saves
+        at the same steps), as floats: what :meth:`fit` averages into the next record. One process: the very values
+        it would average, so the record of a resumed run is bitwise the uninterrupted run's."""
+        if not self._log_window:
+            return []
+        keys = sorted(self._log_window[0])
+        rows = torch.stack(
+            [
+                torch.stack([torch.as_tensor(w[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys])
+                for w in self._log_window
+            ]
+        )
+        if self.env.distributed:
+            dist.all_reduce(rows)
+            rows /= self.env.world_size
+        return [dict(zip(keys, row)) for row in rows.tolist()]
+
     def fit(self, stop_at: Optional[int] = None) -> dict:
         """Train until ``train.steps`` optimizer steps (or ``stop_at``, for tests that interrupt a run), checkpoint,
-        and return ``{"step", "loss", "seconds", "checkpoint", "skipped"}``."""
+        and return ``{"step", "loss", "seconds", "checkpoint", "skipped"}``. The run folder's lock is released when
+        it returns or raises (and taken again by a later call)."""
+        if not self._owned:
+            self._take_lock()
+        try:
+            return self._fit(stop_at)
+        finally:
+            self.close()
+
+    def _fit(self, stop_at: Optional[int]) -> dict:
         t = self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         on_main_rank(self.env, self._open_run, f"preparing train.out={self.out}")
@@ -499,7 +572,8 @@ class Trainer:
                 leave=False,
                 disable=None,
             )
-        start, window, last, first = time.perf_counter(), [], {}, self.step
+        # the logs since the last logged step, carried by checkpoints: a resumed run averages the same steps
+        start, window, last, first = time.perf_counter(), self._log_window, {}, self.step
         warned = self.skipped
         while self.step < end:
             logs = self.train_step(data)
@@ -526,7 +600,7 @@ class Trainer:
                         ),
                         flush=True,
                     )
-                window = []
+                window = self._log_window = []
                 if self.skipped > warned:
                     warnings.warn(self.clips.summary(), RuntimeWarning, stacklevel=2)
                     warned = self.skipped
@@ -675,8 +749,12 @@ def _drop_metrics_after(path: Path, step: int) -> int:
     if len(keep) == len(lines):
         return 0
     tmp = path.with_name(f".{path.name}-{os.getpid()}")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: no half-written copy stays behind, and the line names the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not rewrite {path} without the records after step {step}: {e.strerror}") from e
     return len(lines) - len(keep)
 
 

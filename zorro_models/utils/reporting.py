@@ -33,8 +33,11 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as e:  # a full disk's write error names no file
+            raise OSError(e.errno, f"could not append to {self.path}: {e.strerror}") from e
 
 
 def read_metrics(path: Union[str, Path]) -> list[dict]:
