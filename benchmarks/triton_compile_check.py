@@ -16,6 +16,8 @@ any variant does not compile or needs more shared memory than the card has.
     python benchmarks/triton_compile_check.py --sweep 50 # count real compilations over 50 random layouts
     python benchmarks/triton_compile_check.py --reference --dims 64 --dtypes float16 --no-fallback
                                                          # also a dense tutorial-style forward with the same tiles
+    python benchmarks/triton_compile_check.py --dims 64 --dtypes float16 --no-fallback --variants plain \
+        --kernels dkdv --dkdv 64x128:8:2,8:3             # one kernel, tiles other than the table's
 """
 
 from __future__ import annotations
@@ -118,6 +120,23 @@ def asm_summary(kernel) -> str:
     return " ".join(parts)
 
 
+def _override_table(args) -> None:
+    """``--fwd/--dkdv/--dq/--ranges BMxBN:W:S[,W:S...]``: compile those tiles and launch settings in place of the
+    table's, for every dtype and head dim asked for (to see what a candidate table entry compiles to)."""
+    specs = {f: getattr(args, f) for f in ("fwd", "dkdv", "dq", "ranges") if getattr(args, f)}
+    if not specs:
+        return
+    configs = {}
+    for field, spec in specs.items():
+        tiles, *launches = spec.split(":", 1)[0], *spec.split(":", 1)[1:]
+        bm, bn = (int(x) for x in tiles.split("x"))
+        pairs = [tuple(int(x) for x in ws.split(":")) for ws in (launches[0] if launches else "4:2").split(",")]
+        configs[field] = _config.KernelConfig(bm, bn, *pairs[0], tuple(pairs[1:]))
+    choose = _config._choose
+
+    _config._choose = lambda head_dim, dtype: choose(head_dim, dtype)._replace(**configs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -131,17 +150,30 @@ def main() -> int:
         action="store_true",
         help="also compile a dense tutorial-style forward with the table's forward tiles, for comparison",
     )
+    ap.add_argument("--variants", default=None, help="comma-separated subset of plain,causal,window,dense-bias,...")
+    ap.add_argument("--kernels", default=None, help="comma-separated substrings of the kernel names to compile")
+    for field in ("fwd", "dkdv", "dq", "ranges"):
+        ap.add_argument(
+            f"--{field}",
+            default=None,
+            metavar="BMxBN:W:S[,W:S...]",
+            help=f"the {field} kernel's tiles, warps and stages instead of the table's (first W:S, then candidates)",
+        )
     args = ap.parse_args()
+    _override_table(args)
     driver.set_active(_StandInDriver(GPUTarget("cuda", args.arch, 32)))
     if args.sweep:
         return sweep(args.sweep)
     limit = SHARED_LIMIT.get(args.arch, 101376)
     results = []
+    tuning = []  # autotune candidates that break the rule (spill, or fewer than 2 blocks/SM)
 
     def warm(kernel, grid, kargs, constexprs, cfg, bucket=(), restore=()):
         cands = dict.fromkeys(((cfg.num_warps, cfg.num_stages),) + tuple(cfg.alternatives))
-        for warps, stages in cands:
-            name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        if args.kernels and not any(x in name for x in args.kernels.split(",")):
+            return
+        for i, (warps, stages) in enumerate(cands):
             mode = "one-pass" if constexprs.get("ONE_PASS") else ""
             tag = (
                 f"{name:16s} {ctx['dtype']:9s} {mode:8s} D={constexprs.get('HEAD_DIM')!s:4s} "
@@ -155,12 +187,19 @@ def main() -> int:
                 ok = shared <= limit
                 summary = asm_summary(k)
                 regs = re.search(r"regs=(\d+)", summary)
-                occupancy = f"blocks/SM={blocks_per_sm(int(regs.group(1)), warps, shared, args.arch)} " if regs else ""
+                occ = blocks_per_sm(int(regs.group(1)), warps, shared, args.arch) if regs else None
+                occupancy = f"blocks/SM={occ} " if regs else ""
+                stack = re.search(r"stack=(\d+)", summary)
+                # the autotune rule: a candidate beyond the table's first config neither spills nor runs fewer than
+                # 2 blocks per SM (a tuner that times such configs spends the card's minutes on losers)
+                rule = i > 0 and occ is not None and (occ < 2 or (stack is not None and int(stack.group(1)) > 0))
+                if rule:
+                    tuning.append(tag)
                 results.append(
                     (
                         ok,
                         f"{'ok ' if ok else 'BIG'} {tag} shared={shared} {summary} {occupancy}"
-                        f"({time.time() - t0:.1f}s)",
+                        f"({time.time() - t0:.1f}s)" + (" TUNE-RULE" if rule else ""),
                     )
                 )
             except Exception as err:  # noqa: BLE001 - report every failure, keep going
@@ -186,6 +225,7 @@ def main() -> int:
         for dtype in dtypes
         for d in dims
         for variant in (["plain"] + extras if d == 64 else ["plain"])
+        if not args.variants or variant in args.variants.split(",")
     ]
     # the count up front: the full set runs for minutes, each case compiling its forward and backward kernels with
     # every autotune candidate
@@ -245,7 +285,9 @@ def main() -> int:
     )
     for line in bad:
         print("FAILED:", line)
-    return 1 if bad else 0
+    for tag in tuning:
+        print("TUNE-RULE (an autotune candidate that spills or runs < 2 blocks/SM):", tag)
+    return 1 if bad or tuning else 0
 
 
 @triton.jit

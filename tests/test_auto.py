@@ -1,6 +1,8 @@
 """backend="auto": the measured choice (timings mocked; CPU only), its cache key, the static rules, explain(), and the
 dense path for tiny problems with its NaN isolation."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -220,3 +222,112 @@ def test_timing_runs_each_candidate_without_touching_inputs_or_rng(monkeypatch, 
         assert auto._time(name, q, k, v, mask, 0.25, grad) > 0
     assert torch.equal(torch.get_rng_state(), state)
     assert all(t.grad is None for t in (q, k, v))
+
+
+# ------------------------------------------------------------------------------------------------ failing candidates
+def _failing(monkeypatch, name: str, message: str = "ptxas fatal: out of registers\ndetails") -> list:
+    """Backend ``name``'s forward (and eager path) raise ``message``; returns the list of calls that raised."""
+    import dataclasses
+
+    raised = []
+
+    def boom(*args, **kwargs):
+        raised.append(name)
+        raise RuntimeError(message)
+
+    monkeypatch.setitem(BACKENDS, name, dataclasses.replace(BACKENDS[name], forward=boom, eager=boom))
+    return raised
+
+
+@pytest.fixture
+def measured_cpu(monkeypatch):
+    """CPU inputs take the measured (CUDA) path with the real timing code, candidates 'dense' then 'segments'."""
+    monkeypatch.setattr(auto, "_measures", lambda device: True)
+    monkeypatch.setattr(auto, "PRIORITY", {"cpu": ("dense", "segments")})
+    monkeypatch.setattr(auto, "_benchmark", True)
+    monkeypatch.setattr(auto, "_measured", {})
+    monkeypatch.setattr(auto, "_failed", {})
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_candidate_failing_while_timed_is_dropped_with_one_warning(measured_cpu, monkeypatch, grad):
+    raised = _failing(monkeypatch, "dense")
+    mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
+    q, k, v = _qkv(mask, grad=grad)
+    with pytest.warns(
+        RuntimeWarning, match=r"dense failed while auto timed it \(RuntimeError: ptxas fatal: out of reg"
+    ) as w:
+        out = zorro_attention(q, k, v, mask)
+    assert [x.filename for x in w] == [__file__]  # one warning, naming the caller's line
+    torch.testing.assert_close(out, zorro_attention(q, k, v, mask, backend="segments"), rtol=0, atol=0)
+    assert raised == ["dense"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no re-timing, no second attempt
+        for _ in range(2):
+            zorro_attention(q, k, v, mask)
+        e = explain(q, k, v, mask)
+    assert (
+        raised == ["dense"]
+        and e.chosen == "segments"
+        and e.failed == {"dense": "RuntimeError: ptxas fatal: out of registers"}
+    )
+    assert "  dense: dropped for this problem: it failed (RuntimeError: ptxas fatal: out of registers)" in str(e)
+    # another problem key times both again
+    q2, k2, v2 = _qkv(mask, b=3, grad=grad)
+    with pytest.warns(RuntimeWarning, match="dense failed"):
+        zorro_attention(q2, k2, v2, mask)
+    assert auto._failed and auto._measured
+    auto.clear_cache()  # forgets the drops: the next call times (and warns) again
+    assert auto._failed == {} and auto._measured == {}
+
+
+def test_a_candidate_failing_when_run_is_dropped_and_the_next_runs(monkeypatch):
+    """Not timed (the CPU rule picks dense for a tiny problem): the failure comes when auto runs it."""
+    monkeypatch.setattr(auto, "_failed", {})
+    raised = _failing(monkeypatch, "dense", "launch failed")
+    mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
+    q, k, v = (torch.randn(1, 2, 14, 16) for _ in range(3))
+    assert auto._choose(q, k, v, mask, 0.25, False).chosen == "dense"
+    with pytest.warns(RuntimeWarning, match=r"dense failed when auto ran it \(RuntimeError: launch failed\)"):
+        out = zorro_attention(q, k, v, mask)
+    torch.testing.assert_close(out, zorro_attention(q, k, v, mask, backend="segments"), rtol=0, atol=0)
+    zorro_attention(q, k, v, mask)
+    assert raised == ["dense"]
+    e = explain(q, k, v, mask)
+    assert e.chosen == "segments" and e.how == "only candidate" and "dense" in e.failed
+    # forced, the failing backend still raises; the last candidate's own error is raised as it is
+    with pytest.raises(RuntimeError, match="launch failed"):
+        zorro_attention(q, k, v, mask, backend="dense")
+    _failing(monkeypatch, "segments", "segments broke")
+    with pytest.raises(RuntimeError, match="segments broke"):
+        zorro_attention(q, k, v, mask)
+
+
+@pytest.mark.skipif(
+    not BACKENDS["triton"].supported_devices() or "cpu" not in BACKENDS["triton"].supported_devices(),
+    reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1)",
+)
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_triton_kernel_failure_never_reaches_an_auto_caller(measured_cpu, monkeypatch, where):
+    """The real Triton backend in the interpreter, its kernel launch made to fail: auto warns once and runs the segment
+    path; ``backend="triton"`` raises KernelFailure in our words, naming the shapes and the error's first line."""
+    from zorro_kernels.backends.triton import _bwd, _fwd
+    from zorro_kernels.backends.triton.backend import KernelFailure
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal instruction was encountered\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(*((_fwd, "attention_forward") if where == "forward" else (_bwd, "attention_backward")), boom)
+    monkeypatch.setattr(auto, "PRIORITY", {"cpu": ("triton", "segments")})
+    mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
+    q, k, v = _qkv(mask, b=1, grad=True)
+    with pytest.warns(RuntimeWarning, match=rf"triton failed while auto timed it \(KernelFailure: the Triton {where}"):
+        out = zorro_attention(q, k, v, mask)
+    out.sum().backward()
+    assert explain(q, k, v, mask).chosen == "segments"
+    msg = (
+        rf"the Triton {where} failed to compile or launch \(B=1, H=2, Nq=14, D=16, float32\): "
+        r"RuntimeError: CUDA error: an illegal instruction was encountered$"
+    )
+    with pytest.raises(KernelFailure, match=msg):
+        zorro_attention(q, k, v, mask, backend="triton").sum().backward()

@@ -206,6 +206,20 @@ def test_many_segments_and_runs(dtype):
         check_against_oracle(triton_attn, q, k, v, mask)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_staggered_dkdv_start_is_exact(mode):
+    """One-pass dK/dV programs start their query runs and partial lists at their own kv tile's offset and wrap around
+    (the dQ atomics spread out): long runs, several kv tiles per run, per-sample lengths (partial lists)."""
+    from zorro_kernels.backends.triton._plan import tile_plan
+
+    mask = ZorroMask.zorro(audio=37, video=90, fusion=5, lengths=torch.tensor([[37, 90, 5], [20, 61, 5]]))
+    plan = tile_plan(mask, 16, 16, "q", "cpu")
+    assert max(int((plan.runs[..., 1] - plan.runs[..., 0]).max()), 0) >= 3  # a run the shift really rotates
+    q, k, v = qkv(2, 2, mask.num_q, 16, torch.float32, hkv=1)
+    with override_blocks((16, 16)), deterministic(mode == "deterministic"):
+        check_against_oracle(triton_attn, q, k, v, mask)
+
+
 def _range_plan_dense(plan, mask) -> torch.Tensor:
     """Expand a RangePlan to the bool ``(Bm, Nq, Nk)`` mask it makes the forward compute (query padding removed)."""
     nq, nk = mask.num_q, mask.num_kv

@@ -59,14 +59,19 @@ def zorro_attention(
     k, v = hide_dead_keys(k, v, bias, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = auto.wants_grad(q, k, v, bias)
-    name = select_backend(q, k, v, mask, backend, bias, scale, grad)
-    chosen = BACKENDS[name]
     if _ops._traced(q):
         # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
         # backend runs behind the zorro::attention_fwd/bwd custom ops, so graphs stay whole (fullgraph=True works)
+        return _ops.attention(q, k, v, mask, scale, select_backend(q, k, v, mask, backend, bias, scale, grad), bias)
+
+    def call(name: str):
+        chosen = BACKENDS[name]
+        if not grad:  # nothing to differentiate: the forward alone, without autograd's bookkeeping
+            return chosen.forward(q, k, v, mask, scale, **_ops._bias_kw(bias))[0]
+        if chosen.eager is not None:
+            return chosen.eager(q, k, v, mask, scale, bias)
         return _ops.attention(q, k, v, mask, scale, name, bias)
-    if not grad:  # nothing to differentiate: the forward alone, without autograd's bookkeeping
-        return chosen.forward(q, k, v, mask, scale, **_ops._bias_kw(bias))[0]
-    if chosen.eager is not None:
-        return chosen.eager(q, k, v, mask, scale, bias)
-    return _ops.attention(q, k, v, mask, scale, name, bias)
+
+    if backend == "auto":  # a candidate that fails is dropped for the problem and the next one runs
+        return auto.run_guarded(q, k, v, mask, scale, grad, bias, call)
+    return call(select_backend(q, k, v, mask, backend, bias, scale, grad))

@@ -18,6 +18,13 @@ captured: those calls use a choice already measured for the key, else the static
 
 The measurements behind both, with the card: BENCHMARKS.md, "Where the code's constants come from".
 
+**A candidate that fails is dropped, never surfaced.** If a candidate raises while auto times it or runs it (a Triton
+compile or launch error, out of resources), it is dropped for that problem key with one ``RuntimeWarning`` naming the
+backend and the error's first line, and the call runs on the next candidate; :func:`explain` lists it as dropped, and
+nothing re-times or retries it until :func:`clear_cache`. The last candidate's own error is raised as it is, and a
+forced ``backend="triton"`` raises ``KernelFailure`` naming the shapes and the first line. A backward that fails after
+an untimed choice (timing off, or a rule's device) is not rerouted: the forward that saved its state has already run.
+
 **CPU — a cost rule.** ``dense`` (one masked flash-attention call, :mod:`zorro_kernels.backends.dense`) when the work
 it wastes on masked pairs costs less than the segment path's extra calls, else ``segments``::
 
@@ -33,6 +40,8 @@ query segment (it picks ``dense`` less often).
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -64,6 +73,7 @@ _REPS = 5
 
 _benchmark: Optional[bool] = None  # None: read ZORRO_AUTO_BENCHMARK on first use
 _measured: dict = {}  # problem key -> {backend: ms}
+_failed: dict = {}  # problem key -> {backend: the first line of the error it raised}: dropped for that key
 _generation = [0]  # bumped when settings change: final choices cached on masks are then stale
 
 
@@ -77,8 +87,9 @@ def set_benchmark(enabled: bool) -> None:
 
 
 def clear_cache() -> None:
-    """Forget every measured choice (the next call with each problem key times again)."""
+    """Forget every measured choice and every dropped candidate (the next call with each problem key times again)."""
     _measured.clear()
+    _failed.clear()
     _generation[0] += 1
 
 
@@ -166,6 +177,11 @@ def _time(name: str, q, k, v, mask, scale: float, grad: bool, bias=None) -> floa
     call()  # warm-up: compiles kernels, builds plans
     times = []
     for _ in range(_REPS):
+        if q.device.type != "cuda":  # (a device auto does not time, unless a test says otherwise)
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         call()
@@ -173,6 +189,49 @@ def _time(name: str, q, k, v, mask, scale: float, grad: bool, bias=None) -> floa
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _drop(key: tuple, name: str, err: BaseException, when: str) -> None:
+    """Drop candidate ``name`` for problem ``key`` after it raised ``err``: one warning, then never tried again for
+    the key (until :func:`clear_cache`); choices cached on masks become stale."""
+    line = _first_line(err)
+    _failed.setdefault(key, {})[name] = line
+    _generation[0] += 1
+    warnings.warn(
+        f"zorro_attention backend='auto': {name} failed {when} ({line}); dropped for this problem "
+        f"(explain() shows it), the next candidate runs",
+        RuntimeWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel that names the first frame outside zorro_kernels (the user's call)."""
+    import sys
+
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("zorro_kernels"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _time_all(names: list, key: tuple, q, k, v, mask, scale: float, grad: bool, bias=None) -> dict:
+    """``{backend: ms}`` over ``names``; a candidate that raises is dropped for ``key`` (see :func:`_drop`). If every
+    one raises, the last error is raised."""
+    times = {}
+    for i, n in enumerate(names):
+        try:
+            times[n] = _time(n, q, k, v, mask, scale, grad, bias)
+        except Exception as err:  # noqa: BLE001 - compile/launch/resource errors: the next candidate runs
+            if not times and i == len(names) - 1:
+                raise
+            _drop(key, n, err, "while auto timed it")
+    return times
 
 
 # ------------------------------------------------------------------------------------------------------ choice
@@ -189,6 +248,8 @@ class Explanation:
         times_ms: backend name -> measured milliseconds (CUDA; empty when nothing was timed).
         key: the problem key measured choices are kept under.
         note: why the rule was used instead of timing, if it was.
+        failed: backend name -> the first line of the error it raised on this problem (it is no longer tried for the
+            problem key; :func:`clear_cache` forgets it).
     """
 
     chosen: str
@@ -197,12 +258,15 @@ class Explanation:
     times_ms: dict = field(default_factory=dict)
     key: tuple = ()
     note: str = ""
+    failed: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"zorro_attention backend: {self.chosen} ({self.how}{'; ' + self.note if self.note else ''})"]
         for name, reasons in self.reasons.items():
             t = f", {self.times_ms[name]:.3f} ms" if name in self.times_ms else ""
             state = "takes it" if not reasons else "refuses: " + "; ".join(reasons)
+            if name in self.failed:
+                state = f"dropped for this problem: it failed ({self.failed[name]})"
             lines.append(f"  {name}: {state}{t}")
         return "\n".join(lines)
 
@@ -219,33 +283,39 @@ def _choose(q, k, v, mask, scale: float, grad: bool, bias=None, *, measure: bool
         )
         for n in names
     }
-    ok = [n for n in names if not reasons[n]]
+    key = () if torch.compiler.is_compiling() else problem_key(q, k, mask, grad, bias)
+    failed = dict(_failed.get(key, {}))
+    ok = [n for n in names if not reasons[n] and n not in failed]
     if not ok:
         raise ValueError(
             "no zorro_attention backend supports this input:\n  "
-            + "\n  ".join(f"{n}: " + "; ".join(r) for n, r in reasons.items())
+            + "\n  ".join(
+                f"{n}: " + ("failed on it: " + failed[n] if n in failed else "; ".join(r)) for n, r in reasons.items()
+            )
         )
     if len(ok) == 1:
-        return Explanation(ok[0], "only candidate", reasons)
-    note, key = "", ()
+        return Explanation(ok[0], "only candidate", reasons, dict(_measured.get(key, {})), key, failed=failed)
+    note = ""
     if _measures(q.device):
-        if torch.compiler.is_compiling():
+        if not key:
             note = "not timed while torch.compile traces"
         else:
-            key = problem_key(q, k, mask, grad, bias)
             times = _measured.get(key)
             if times is None and not _benchmark_enabled():
                 note = "timing is off (ZORRO_AUTO_BENCHMARK=0 or set_benchmark(False))"
             elif times is None and _capturing(q.device):
                 note = "not timed during CUDA graph capture"
             elif times is None and measure:
-                times = _measured[key] = {n: _time(n, q, k, v, mask, scale, grad, bias) for n in ok}
+                times = _measured[key] = _time_all(ok, key, q, k, v, mask, scale, grad, bias)
+                failed = dict(_failed.get(key, {}))
+                ok = [n for n in ok if n not in failed]
             if times is not None and set(ok) <= set(times):
                 best = min(ok, key=lambda n: times[n])
-                return Explanation(best, "measured", reasons, dict(times), key)
+                how = "measured" if len(ok) > 1 else "only candidate"
+                return Explanation(best, how, reasons, dict(times), key, failed=failed)
     rule = static_choice(q, k, mask, grad)
     chosen = rule if rule in ok else ok[0]
-    return Explanation(chosen, "rule", reasons, dict(_measured.get(key, {})), key, note)
+    return Explanation(chosen, "rule", reasons, dict(_measured.get(key, {})), key, note, failed)
 
 
 def _final_choices(mask) -> dict:
@@ -281,6 +351,22 @@ def choose(q, k, v, mask, scale: float, grad: bool, bias=None) -> str:
         if e.how != "rule" or not _measures(q.device):
             final[key] = name
     return name
+
+
+def run_guarded(q, k, v, mask, scale: float, grad: bool, bias, call):
+    """``call(name)`` with auto's choice for these (validated) inputs. If the chosen backend raises and another
+    candidate is left, the chosen one is dropped for the problem key (one warning; :func:`explain` shows it) and the
+    call runs on the next; the last candidate's error is raised as it is. Eager calls only: under ``torch.compile`` the
+    op runs later, inside the graph."""
+    while True:
+        name = choose(q, k, v, mask, scale, grad, bias)
+        try:
+            return call(name)
+        except Exception as err:  # noqa: BLE001 - compile/launch/resource errors: the next candidate runs
+            e = _choose(q, k, v, mask, scale, grad, bias, measure=False)
+            if len([n for n, r in e.reasons.items() if not r and n not in e.failed]) <= 1 or not e.key:
+                raise
+            _drop(e.key, name, err, "when auto ran it")
 
 
 def select_backend(

@@ -129,7 +129,7 @@ def _add_dq(DQ_ptrs, ds_t, k_c, ok, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_full_runs(
+def _dkdv_full_span(
     dk,
     dv,
     k,
@@ -144,10 +144,8 @@ def _dkdv_full_runs(
     stride_don,
     offs_m,
     offs_d,
-    RUN_NUM,
-    RUNS,
-    list_row,
-    R,
+    lo,
+    hi,
     qk_scale,
     cols,
     k_in,
@@ -169,71 +167,236 @@ def _dkdv_full_runs(
     DB_MODE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Full query tiles of this kv tile, run by run, with pointer increments and no masks (see ``_fwd_full_runs``).
+    """Full query tiles ``lo..hi-1`` of this kv tile with pointer increments and no masks (see ``_fwd_full_runs``).
     Every row of a full tile sees every key of it, so its LSE is finite (a -inf bias aside: the caller then passes
     +inf for such rows) and needs no guard."""
+    rows = lo * BLOCK_M + offs_m
+    q_ptrs = Q_bh + rows[:, None] * stride_qn + offs_d[None, :]
+    do_ptrs = DO_bh + rows[:, None] * stride_don + offs_d[None, :]
+    lse_ptrs = LSE_bh + rows
+    delta_ptrs = DELTA_bh + rows
+    dq_ptrs = DQ_bh + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    for t in range(lo, hi):
+        q = load_tile(q_ptrs, offs_d, HEAD_DIM, EVEN_D)
+        do = load_tile(do_ptrs, offs_d, HEAD_DIM, EVEN_D)
+        bias_t = 0.0
+        if BIAS_KIND != 0:
+            qi = (t * BLOCK_M + offs_m)[None, :]
+            q_in = qi < Nq
+            ok = k_in[:, None] & q_in
+            bias_t = bias_tile(
+                BIAS_bh, RQ, RK, stride_zm, stride_zn, T, qi, cols[:, None], q_in, k_in[:, None], ok, BIAS_KIND
+            )
+        dk, dv, ds_t = _dkdv_tile(
+            dk,
+            dv,
+            k,
+            v,
+            q,
+            do,
+            tl.load(lse_ptrs),
+            tl.load(delta_ptrs),
+            qk_scale,
+            0,
+            bias_t,
+            False,
+            BIAS_KIND != 0,
+            INPUT_PRECISION,
+        )
+        if DB_MODE != 0:
+            write_bias_grad(
+                DB_bh,
+                RQ,
+                RK,
+                stride_gm,
+                stride_gn,
+                T,
+                qi,
+                cols[:, None],
+                q_in,
+                k_in[:, None],
+                ok,
+                ds_t,
+                BIAS_KIND,
+                DB_MODE,
+            )
+        if ONE_PASS:
+            _add_dq(dq_ptrs, ds_t, k_c, offs_d[None, :] < HEAD_DIM, INPUT_PRECISION)
+            dq_ptrs += BLOCK_M * HEAD_DIM
+        q_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        lse_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_full_runs(
+    dk,
+    dv,
+    k,
+    v,
+    k_c,
+    Q_bh,
+    DO_bh,
+    LSE_bh,
+    DELTA_bh,
+    DQ_bh,
+    stride_qn,
+    stride_don,
+    offs_m,
+    offs_d,
+    RUN_NUM,
+    RUNS,
+    list_row,
+    R,
+    SHIFT,
+    qk_scale,
+    cols,
+    k_in,
+    Nq,
+    BIAS_bh,
+    DB_bh,
+    RQ,
+    RK,
+    stride_zm,
+    stride_zn,
+    stride_gm,
+    stride_gn,
+    T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    DB_MODE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Full query tiles of this kv tile, run by run. Each run starts ``SHIFT`` tiles in and wraps around: kv tiles that
+    share a run (given different shifts) then add into different dQ tiles at once (the one-pass atomics spread out)
+    instead of all walking it from its first tile."""
     num_runs = tl.load(RUN_NUM + list_row)
     for r in range(0, num_runs):
         run = RUNS + (list_row * R + r) * 2
         lo = tl.load(run)
         hi = tl.load(run + 1)
-        rows = lo * BLOCK_M + offs_m
-        q_ptrs = Q_bh + rows[:, None] * stride_qn + offs_d[None, :]
-        do_ptrs = DO_bh + rows[:, None] * stride_don + offs_d[None, :]
-        lse_ptrs = LSE_bh + rows
-        delta_ptrs = DELTA_bh + rows
-        dq_ptrs = DQ_bh + rows[:, None] * HEAD_DIM + offs_d[None, :]
-        for t in range(lo, hi):
-            q = load_tile(q_ptrs, offs_d, HEAD_DIM, EVEN_D)
-            do = load_tile(do_ptrs, offs_d, HEAD_DIM, EVEN_D)
-            bias_t = 0.0
-            if BIAS_KIND != 0:
-                qi = (t * BLOCK_M + offs_m)[None, :]
-                q_in = qi < Nq
-                ok = k_in[:, None] & q_in
-                bias_t = bias_tile(
-                    BIAS_bh, RQ, RK, stride_zm, stride_zn, T, qi, cols[:, None], q_in, k_in[:, None], ok, BIAS_KIND
-                )
-            dk, dv, ds_t = _dkdv_tile(
+        if ONE_PASS:  # [mid, hi), then [lo, mid)
+            mid = lo + SHIFT % tl.maximum(hi - lo, 1)
+            dk, dv = _dkdv_full_span(
                 dk,
                 dv,
                 k,
                 v,
-                q,
-                do,
-                tl.load(lse_ptrs),
-                tl.load(delta_ptrs),
+                k_c,
+                Q_bh,
+                DO_bh,
+                LSE_bh,
+                DELTA_bh,
+                DQ_bh,
+                stride_qn,
+                stride_don,
+                offs_m,
+                offs_d,
+                mid,
+                hi,
                 qk_scale,
-                0,
-                bias_t,
-                False,
-                BIAS_KIND != 0,
+                cols,
+                k_in,
+                Nq,
+                BIAS_bh,
+                DB_bh,
+                RQ,
+                RK,
+                stride_zm,
+                stride_zn,
+                stride_gm,
+                stride_gn,
+                T,
+                HEAD_DIM,
+                BLOCK_M,
+                EVEN_D,
+                ONE_PASS,
+                BIAS_KIND,
+                DB_MODE,
                 INPUT_PRECISION,
             )
-            if DB_MODE != 0:
-                write_bias_grad(
-                    DB_bh,
-                    RQ,
-                    RK,
-                    stride_gm,
-                    stride_gn,
-                    T,
-                    qi,
-                    cols[:, None],
-                    q_in,
-                    k_in[:, None],
-                    ok,
-                    ds_t,
-                    BIAS_KIND,
-                    DB_MODE,
-                )
-            if ONE_PASS:
-                _add_dq(dq_ptrs, ds_t, k_c, offs_d[None, :] < HEAD_DIM, INPUT_PRECISION)
-                dq_ptrs += BLOCK_M * HEAD_DIM
-            q_ptrs += BLOCK_M * stride_qn
-            do_ptrs += BLOCK_M * stride_don
-            lse_ptrs += BLOCK_M
-            delta_ptrs += BLOCK_M
+            dk, dv = _dkdv_full_span(
+                dk,
+                dv,
+                k,
+                v,
+                k_c,
+                Q_bh,
+                DO_bh,
+                LSE_bh,
+                DELTA_bh,
+                DQ_bh,
+                stride_qn,
+                stride_don,
+                offs_m,
+                offs_d,
+                lo,
+                mid,
+                qk_scale,
+                cols,
+                k_in,
+                Nq,
+                BIAS_bh,
+                DB_bh,
+                RQ,
+                RK,
+                stride_zm,
+                stride_zn,
+                stride_gm,
+                stride_gn,
+                T,
+                HEAD_DIM,
+                BLOCK_M,
+                EVEN_D,
+                ONE_PASS,
+                BIAS_KIND,
+                DB_MODE,
+                INPUT_PRECISION,
+            )
+        else:  # no atomics to spread: one loop, half the code
+            dk, dv = _dkdv_full_span(
+                dk,
+                dv,
+                k,
+                v,
+                k_c,
+                Q_bh,
+                DO_bh,
+                LSE_bh,
+                DELTA_bh,
+                DQ_bh,
+                stride_qn,
+                stride_don,
+                offs_m,
+                offs_d,
+                lo,
+                hi,
+                qk_scale,
+                cols,
+                k_in,
+                Nq,
+                BIAS_bh,
+                DB_bh,
+                RQ,
+                RK,
+                stride_zm,
+                stride_zn,
+                stride_gm,
+                stride_gn,
+                T,
+                HEAD_DIM,
+                BLOCK_M,
+                EVEN_D,
+                ONE_PASS,
+                BIAS_KIND,
+                DB_MODE,
+                INPUT_PRECISION,
+            )
     return dk, dv
 
 
@@ -256,6 +419,7 @@ def _dkdv_partial(
     NUM,
     IDX,
     list_row,
+    SHIFT,
     Tq,
     cols,
     k_seg,
@@ -290,10 +454,11 @@ def _dkdv_partial(
     DB_MODE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Partial query tiles from the index list: valid rows only, element mask (transposed) on p and ds."""
+    """Partial query tiles from the index list, starting ``SHIFT`` entries in (see ``_dkdv_full_runs``): valid rows
+    only, element mask (transposed) on p and ds."""
     num = tl.load(NUM + list_row)
     for t in range(0, num):
-        rows = tl.load(IDX + list_row * Tq + t) * BLOCK_M + offs_m
+        rows = tl.load(IDX + list_row * Tq + (t + SHIFT) % num) * BLOCK_M + offs_m
         q_seg, q_ok = token_segments(QCODE, q_code_row, rows, Nq)
         q, do = load_rows(Q_bh, DO_bh, stride_qn, stride_don, rows, offs_d, q_ok, HEAD_DIM, EVEN_D, True)
         lse2 = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
@@ -440,6 +605,12 @@ def _attn_bwd_dkdv(
         k_c = k
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    # one-pass: each kv tile starts its query tiles at its own offset, so the programs walking the same queries add
+    # into different dQ tiles at once; deterministic: every program in list order (no atomics to spread)
+    if ONE_PASS:
+        shift = n
+    else:
+        shift = 0
     for g in range(0, GROUP):  # GQA: the query heads reading this kv head, in order (no atomics)
         h = hk * GROUP + g
         bh = b * H + h
@@ -469,6 +640,7 @@ def _attn_bwd_dkdv(
             RUNS,
             list_row,
             R,
+            shift,
             qk_scale,
             cols,
             cols < Nk,
@@ -508,6 +680,7 @@ def _attn_bwd_dkdv(
             PART_NUM,
             PART_IDX,
             list_row,
+            shift,
             Tq,
             cols,
             k_seg,

@@ -74,28 +74,27 @@ _TABLE_16BIT = (
     # D <= 64 from the block-size sweep (benchmarks/gpu_sweep.py; its numbers and card: BENCHMARKS.md, GPU run 3):
     # forward 128x64 with 4 warps; backward 32x64 dK/dV + 64x64 dQ with 4 warps, the fastest at both ends measured.
     # The one-pass dK/dV (atomic dQ, a fifth product) spills 40 B at 4 warps / 3 stages on sm_90 (offline compile):
-    # 8 warps / 2 stages holds it in 236 registers, one block per SM — a candidate for the tuner to measure.
+    # 8 warps / 2 stages holds it in 236 registers, one block per SM (no longer tuned: see the rule below).
     # The range-plan forward (offline sm_90 compiles, fp16): at 128 x 64 it spills with 4 warps (255 regs + 56 B) and
     # needs 194 registers at 8 warps (1 block/SM); 64 x 64 with 4 warps holds it in 189, no spill, 2 blocks/SM — and
     # 64-row tiles waste less at group ends (BENCHMARKS.md, "Where the code's constants come from"). D = 128: 64 x 64
     # at 8 warps, 197 registers, no spill (4 warps spill).
+    # Autotune candidates (beyond each first config) are only those that neither spill nor run fewer than 2 blocks
+    # per SM on sm_90 (`triton_compile_check.py` flags the others TUNE-RULE): timing losers cost the card's minutes.
+    # So the dK/dV (every config spills or runs 1 block/SM) and the tile forward are not tuned at D <= 64.
     (
         64,
         Blocks(
-            _k(128, 64, 4, 3, (8, 3)),
-            _k(32, 64, 4, 3, (4, 4), (8, 2)),
+            _k(128, 64, 4, 3),
+            _k(32, 64, 4, 3),
             _k(64, 64, 4, 3, (4, 4)),
-            _k(64, 64, 4, 3, (4, 2), (8, 3)),
+            _k(64, 64, 4, 3, (4, 2)),
         ),
     ),
     # D = 128 dK/dV: since the NaN isolation of partial tiles (and the one-pass dQ product) 32 x 64 spills 176-288 B
     # at 8 warps (255 registers); 32 x 32 at 8 warps / 2 stages holds 186 (deterministic) / 236 (one-pass), no spill.
-    (
-        128,
-        Blocks(
-            _k(128, 64, 8, 3, (8, 2)), _k(32, 32, 8, 2, (8, 3)), _k(128, 64, 8, 3, (8, 2)), _k(64, 64, 8, 3, (8, 2))
-        ),
-    ),
+    # Every D = 128 config runs one block per SM: none is tuned.
+    (128, Blocks(_k(128, 64, 8, 3), _k(32, 32, 8, 2), _k(128, 64, 8, 3), _k(64, 64, 8, 3))),
     (256, Blocks(_k(64, 32, 4, 2, (8, 2)), _k(32, 64, 4, 2, (8, 2)), _k(64, 32, 4, 2, (8, 2)))),
 )
 # fp32 (correctness, not speed): half the tiles of the 16-bit table, so the same shared memory.

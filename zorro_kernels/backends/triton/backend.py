@@ -16,7 +16,7 @@ from torch import Tensor
 from ...mask import ZorroMask
 from ._config import MAX_HEAD_DIM, choose_blocks, interpreting, use_fallback
 
-__all__ = ["forward", "backward", "extra_reasons", "devices", "DESCRIPTION", "DTYPES", "MAX_HEAD_DIM"]
+__all__ = ["forward", "backward", "KernelFailure", "extra_reasons", "devices", "DESCRIPTION", "DTYPES", "MAX_HEAD_DIM"]
 
 DESCRIPTION = (
     "block-sparse Triton kernels over the tile map: full tiles without masking, partial tiles with the "
@@ -47,17 +47,38 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _with_fallback(run, q: Tensor):
-    """``run(blocks)`` with the table's blocks; after an out-of-resources error, once more with the fallback table."""
+class KernelFailure(RuntimeError):
+    """A Triton kernel failed to compile or launch on an input the backend accepted (the cause is chained)."""
+
+
+def _failure(err: BaseException, q: Tensor, what: str) -> KernelFailure:
+    b, h, n, d = q.shape
+    lines = str(err).strip().splitlines()
+    return KernelFailure(
+        f"the Triton {what} failed to compile or launch (B={b}, H={h}, Nq={n}, D={d}, "
+        f"{str(q.dtype).replace('torch.', '')}): {type(err).__name__}: {lines[0] if lines else ''}"
+    )
+
+
+def _with_fallback(run, q: Tensor, what: str):
+    """``run(blocks)`` with the table's blocks; after an out-of-resources error, once more with the fallback table.
+    A kernel error comes out as :class:`KernelFailure` (our ValueError/TypeError pass through: already ours)."""
     from ._launch import is_out_of_resources
 
     d, dtype = q.shape[-1], q.dtype
     try:
-        return run(choose_blocks(d, dtype))
-    except Exception as err:  # noqa: BLE001 - only resource errors are retried, everything else re-raised
-        if is_out_of_resources(err) and use_fallback(d, dtype):
+        try:
             return run(choose_blocks(d, dtype))
+        except (ValueError, TypeError):
+            raise
+        except Exception as err:  # noqa: BLE001 - only resource errors are retried, everything else re-raised
+            if is_out_of_resources(err) and use_fallback(d, dtype):
+                return run(choose_blocks(d, dtype))
+            raise
+    except (ValueError, TypeError):
         raise
+    except Exception as err:  # noqa: BLE001 - compile errors, launch errors, out of resources after the fallback
+        raise _failure(err, q, what) from err
 
 
 def _on_device(q: Tensor):
@@ -83,7 +104,7 @@ def forward(q, k, v, mask: ZorroMask, scale: float, bias=None):
         return attention_forward(q, k, v, plan, km, kb, scale, cfg)
 
     with _on_device(q):
-        return _with_fallback(run, q)
+        return _with_fallback(run, q, "forward")
 
 
 def backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float, bias=None, need_dbias: bool = True):
@@ -110,7 +131,7 @@ def backward(dout, q, k, v, out, lse, mask: ZorroMask, scale: float, bias=None, 
         return grads if bias is None else (*grads, dbias.finish())
 
     with _on_device(q):
-        return _with_fallback(run, q)
+        return _with_fallback(run, q, "backward")
 
 
 # ------------------------------------------------------------------------------------------------ capabilities
