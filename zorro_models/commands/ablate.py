@@ -234,12 +234,13 @@ def _scores(cfg: Config, trainer, say) -> dict:
     }
 
 
-def _train_and_score(cfg: Config, how: str, say) -> dict:
+def _train_and_score(cfg: Config, how: str, say, label: str = "zorro") -> dict:
 
     if how in ("resume", "overwrite"):  # the run-folder rule: a folder that holds a run is resumed or replaced
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{how: True}))
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
+    trainer.label = label  # the cell's lines say which cell (a full-attention cell is not "[zorro]")
     summary = trainer.fit()
     t1 = time.perf_counter()
     scores = _scores(cfg, trainer, say)
@@ -447,7 +448,7 @@ def run_ablate(
                 + " ..."
             )
             t0 = time.perf_counter()
-            record = _train_and_score(cfg, how, lambda line: say(f"{tag}:   {line}"))
+            record = _train_and_score(cfg, how, lambda line: say(f"{tag}:   {line}"), label=f"{cell.name} seed {k}")
             write_json({"fingerprint": fps[cell.name, k], "result": record}, run / RESULT)
             spent[cell.objective].append(time.perf_counter() - t0)
             pending = [c.objective for j, c in plan[i + 1 :] if hows[c.name, j] != "reuse"]
