@@ -346,6 +346,25 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} is not empty and holds no zorro ablate run (no {PLAN}); choose a new folder")
 
 
+def _check_narrower(out: Path, cells: list, seeds: int) -> None:
+    """Refuse a grid that leaves out cells or seeds of the one ``out`` already tabulates: its table and figure would
+    replace the wider ones (the wider grid's runs stay, but its summary would be gone)."""
+    try:
+        before = json.loads((out / PLAN).read_text(encoding="utf-8"))
+        old = {c.name for c in grid_cells(before["grid"])}
+        old_seeds = int(before["seeds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no earlier plan (or one this version cannot read): nothing to protect
+    missing = sorted(old - {c.name for c in cells})
+    if missing or old_seeds > seeds:
+        lost = f"{len(missing)} of its {len(old)} cells ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
+        raise ValueError(
+            f"--out {out} holds the table of a wider grid ({len(old)} cells x {old_seeds} seeds); this one "
+            f"({len(cells)} cells x {seeds} seeds) leaves out {lost if missing else f'seeds {seeds}..{old_seeds - 1}'} "
+            f"and would replace that table: give another --out (or the same --grid and --seeds to reuse its runs)"
+        )
+
+
 def _cell_configs(
     cells: list, seeds: int, config: Optional[str], overrides: Sequence[str], out: Path, threads: int
 ) -> dict:
@@ -408,6 +427,7 @@ def run_ablate(
     cells = grid_cells(axes)
     threads = threads or machine_threads()
     _check_out(out)
+    _check_narrower(out, cells, seeds)
     cfgs = _cell_configs(cells, seeds, config, overrides, out, threads)
     plan = [(k, cell) for k in range(seeds) for cell in cells]  # seed-major: after one pass every cell has a number
     fps = {key: _fingerprint(cfg) for key, cfg in cfgs.items()}
