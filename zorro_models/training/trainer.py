@@ -727,7 +727,8 @@ class CollapseWatch:
 
     A loss near ``ln(n)`` at initialisation is normal (a fresh classifier's logits are near zero), so the loss is judged
     only from step ``after`` on (the end of the warm-up), and only when ``patience`` logged values in a row sit within
-    ``tolerance`` (relative) of ``ln(n)``. :meth:`update` takes each logged step and returns the warning line, or None.
+    ``tolerance`` (relative) of ``ln(n)``: a collapsed run sits there to the third decimal, while a run that learns
+    slowly near chance wanders by more. :meth:`update` takes each logged step and returns the warning line, or None.
     """
 
     def __init__(
@@ -736,8 +737,8 @@ class CollapseWatch:
         what: str,
         *,
         after: int = 0,
-        patience: int = 2,
-        tolerance: float = 0.005,
+        patience: int = 3,
+        tolerance: float = 0.001,
         vanish: float = 1e-3,
     ):
         self.chance = math.log(chance_n) if chance_n > 1 else None
