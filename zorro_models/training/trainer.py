@@ -451,6 +451,7 @@ class Trainer:
                 eval_loader(self.cfg, self._val_set),
                 multi_label=self.task.multi_label,
                 amp_dtype=self.amp_dtype,
+                progress=lambda line: self._say(f"validating at step {self.step}: {line}"),
             )
             self.task.train()
             self.logger.log(
