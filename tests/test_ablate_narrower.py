@@ -1,10 +1,9 @@
-"""A narrower ``zorro ablate --grid`` into the --out of a wider one is refused: it would replace the wider table."""
+"""A narrower ``zorro ablate --grid`` (or fewer --seeds) into the --out of a wider one keeps the wider table: its own
+table goes to a folder under ``<out>/subsets/``."""
 
 import json
 
-import pytest
-
-from zorro_models.commands.ablate import AXES, PLAN, _check_narrower, grid_cells, parse_grid, run_ablate
+from zorro_models.commands.ablate import AXES, PLAN, _narrower_than_before, grid_cells, parse_grid
 
 
 def _tabulated(out, grid, seeds):
@@ -12,16 +11,16 @@ def _tabulated(out, grid, seeds):
     (out / PLAN).write_text(json.dumps({"grid": grid, "seeds": seeds, "config": None, "overrides": []}))
 
 
-def test_a_narrower_grid_into_the_same_out_is_refused_before_training(tmp_path):
+def test_a_narrower_grid_or_fewer_seeds_gets_a_table_of_its_own(tmp_path):
     _tabulated(tmp_path / "out", dict(AXES), 2)
-    with pytest.raises(ValueError, match=r"holds the table of a wider grid \(12 cells x 2 seeds\).*another --out"):
-        run_ablate(str(tmp_path / "out"), grid=["mask=zorro"], seeds=2, verbose=False)
-    with pytest.raises(ValueError, match=r"seeds 1..1"):
-        _check_narrower(tmp_path / "out", grid_cells(parse_grid([])), 1)
+    one_mask = _narrower_than_before(tmp_path / "out", grid_cells(parse_grid(["mask=zorro"])), 2)
+    one_seed = _narrower_than_before(tmp_path / "out", grid_cells(parse_grid([])), 1)
+    assert one_mask is not None and one_mask.parent == tmp_path / "out" / "subsets"
+    assert one_seed is not None and one_seed != one_mask and one_seed.name.startswith("12-cells-1-seeds-")
 
 
-def test_the_same_or_a_wider_grid_is_accepted(tmp_path):
+def test_the_same_or_a_wider_grid_replaces_the_table(tmp_path):
     _tabulated(tmp_path / "out", parse_grid(["mask=zorro"]), 1)
-    _check_narrower(tmp_path / "out", grid_cells(parse_grid(["mask=zorro"])), 1)
-    _check_narrower(tmp_path / "out", grid_cells(parse_grid([])), 2)
-    _check_narrower(tmp_path / "fresh", grid_cells(parse_grid(["mask=zorro"])), 1)
+    assert _narrower_than_before(tmp_path / "out", grid_cells(parse_grid(["mask=zorro"])), 1) is None
+    assert _narrower_than_before(tmp_path / "out", grid_cells(parse_grid([])), 2) is None
+    assert _narrower_than_before(tmp_path / "fresh", grid_cells(parse_grid(["mask=zorro"])), 1) is None

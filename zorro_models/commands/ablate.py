@@ -28,13 +28,16 @@ stops and names it, and ``--overwrite`` retrains it. Settings that change how a 
 (threads, workers, logging, checkpoint cadence, device) are not compared.
 
 Outputs in ``<out>``: ``results.json`` (every number, per seed and summarised, with timings, machine and config),
-``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan). The
-default grid, measured, and what it shows: docs/ablate.md.
+``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan). A grid that
+leaves out cells or seeds of the one ``<out>`` already tabulates reuses its runs but writes these four files to
+``<out>/subsets/<cells>-cells-<seeds>-seeds-<hash>/``, keeping the wider table. The default grid, measured, and what
+it shows: docs/ablate.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -346,23 +349,21 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} is not empty and holds no zorro ablate run (no {PLAN}); choose a new folder")
 
 
-def _check_narrower(out: Path, cells: list, seeds: int) -> None:
-    """Refuse a grid that leaves out cells or seeds of the one ``out`` already tabulates: its table and figure would
-    replace the wider ones (the wider grid's runs stay, but its summary would be gone)."""
+def _narrower_than_before(out: Path, cells: list, seeds: int) -> Optional[Path]:
+    """Where this grid's table goes when it leaves out cells or seeds of the grid ``out`` already tabulates: a folder
+    of its own under ``<out>/subsets/``, so that the wider table (results.json, table.md, ablate.png, the plan) stays.
+    None when this grid covers the earlier one (its table replaces it) or there is none."""
     try:
         before = json.loads((out / PLAN).read_text(encoding="utf-8"))
         old = {c.name for c in grid_cells(before["grid"])}
         old_seeds = int(before["seeds"])
     except (OSError, ValueError, KeyError, TypeError):
-        return  # no earlier plan (or one this version cannot read): nothing to protect
-    missing = sorted(old - {c.name for c in cells})
-    if missing or old_seeds > seeds:
-        lost = f"{len(missing)} of its {len(old)} cells ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
-        raise ValueError(
-            f"--out {out} holds the table of a wider grid ({len(old)} cells x {old_seeds} seeds); this one "
-            f"({len(cells)} cells x {seeds} seeds) leaves out {lost if missing else f'seeds {seeds}..{old_seeds - 1}'} "
-            f"and would replace that table: give another --out (or the same --grid and --seeds to reuse its runs)"
-        )
+        return None  # no earlier plan (or one this version cannot read): nothing to protect
+    names = sorted(c.name for c in cells)
+    if set(names) >= old and seeds >= old_seeds:
+        return None
+    tag = hashlib.sha1(",".join(names).encode()).hexdigest()[:8]
+    return out / "subsets" / f"{len(cells)}-cells-{seeds}-seeds-{tag}"
 
 
 def _cell_configs(
@@ -427,14 +428,16 @@ def run_ablate(
     cells = grid_cells(axes)
     threads = threads or machine_threads()
     _check_out(out)
-    _check_narrower(out, cells, seeds)
+    subset = _narrower_than_before(out, cells, seeds)
     cfgs = _cell_configs(cells, seeds, config, overrides, out, threads)
     plan = [(k, cell) for k in range(seeds) for cell in cells]  # seed-major: after one pass every cell has a number
     fps = {key: _fingerprint(cfg) for key, cfg in cfgs.items()}
     # every run folder is judged before anything trains: a stale one stops the command at once, not an hour in
     hows = {key: _prepare(Path(cfgs[key].train.out), fps[key], overwrite) for key in cfgs}
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"grid": axes, "seeds": seeds, "config": config, "overrides": list(overrides)}, out / PLAN)
+    tables = subset or out  # a narrower grid's table never replaces the wider one's
+    tables.mkdir(parents=True, exist_ok=True)
+    write_json({"grid": axes, "seeds": seeds, "config": config, "overrides": list(overrides)}, tables / PLAN)
 
     def say(msg: str) -> None:
         if verbose:
@@ -508,20 +511,21 @@ def run_ablate(
         },
         "config": first.to_dict(),
     }
-    write_json(results, out / "results.json")
+    write_json(results, tables / "results.json")
     md = _tables(cells, summaries, metric, markdown=True)
     heads = _heads_table(cells, records, markdown=True)
     std_note = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "one seed: no spread"
-    (out / "table.md").write_text(
+    (tables / "table.md").write_text(
         f"## zorro ablate: {first.model.name}, {first.train.steps} steps of {first.train.batch_size} clips, "
         f"data {first.data.kind}; {std_note}\n\n{md}\n" + (f"\n{heads}\n" if heads else ""),
         encoding="utf-8",
     )
-    _plot(cells, summaries, out / "ablate.png", metric, chance)
+    _plot(cells, summaries, tables / "ablate.png", metric, chance)
     say(
         f"\n{_tables(cells, summaries, metric, markdown=False)}\n\n{std_note}; chance "
         f"{'-' if chance is None else f'{chance:.3f}'}; {elapsed / 60:.1f} min, {results['runs_computed']} of {total} "
-        f"runs computed now\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'ablate.png'}"
+        f"runs computed now\nwrote {tables / 'results.json'}, {tables / 'table.md'}, {tables / 'ablate.png'}"
+        + (f" (a narrower grid than the one {out} tabulates: that table is kept)" if subset else "")
     )
     return results
 
