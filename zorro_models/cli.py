@@ -243,7 +243,13 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = bench_training(args.config, args.overrides, args.masks, args.steps)
+    res = bench_training(
+        args.config,
+        args.overrides,
+        args.masks,
+        args.steps,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(
         f"{res['model']}, batch {res['batch_size']}, {res['threads']} thread(s), device {res['device']}; median "
         f"of {res['steps']} training steps (data, front-end, forward, backward, AdamW)"

@@ -28,13 +28,16 @@ stops and names it, and ``--overwrite`` retrains it. Settings that change how a 
 (threads, workers, logging, checkpoint cadence, device) are not compared.
 
 Outputs in ``<out>``: ``results.json`` (every number, per seed and summarised, with timings, machine and config),
-``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan). The
-default grid, measured, and what it shows: docs/ablate.md.
+``table.md`` (mean ± std over seeds), ``ablate.png`` (bars with error bars), ``ablate.json`` (the plan). A grid that
+leaves out cells or seeds of the one ``<out>`` already tabulates reuses its runs but writes these four files to
+``<out>/subsets/<cells>-cells-<seeds>-seeds-<hash>/``, keeping the wider table. The default grid, measured, and what
+it shows: docs/ablate.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -251,12 +254,13 @@ def _scores(cfg: Config, trainer, say) -> dict:
     }
 
 
-def _train_and_score(cfg: Config, how: str, say) -> dict:
+def _train_and_score(cfg: Config, how: str, say, label: str = "zorro") -> dict:
 
     if how in ("resume", "overwrite"):  # the run-folder rule: a folder that holds a run is resumed or replaced
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{how: True}))
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
+    trainer.label = label  # the cell's lines say which cell (a full-attention cell is not "[zorro]")
     summary = trainer.fit()
     t1 = time.perf_counter()
     scores = _scores(cfg, trainer, say)
@@ -362,6 +366,23 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} is not empty and holds no zorro ablate run (no {PLAN}); choose a new folder")
 
 
+def _narrower_than_before(out: Path, cells: list, seeds: int) -> Optional[Path]:
+    """Where this grid's table goes when it leaves out cells or seeds of the grid ``out`` already tabulates: a folder
+    of its own under ``<out>/subsets/``, so that the wider table (results.json, table.md, ablate.png, the plan) stays.
+    None when this grid covers the earlier one (its table replaces it) or there is none."""
+    try:
+        before = json.loads((out / PLAN).read_text(encoding="utf-8"))
+        old = {c.name for c in grid_cells(before["grid"])}
+        old_seeds = int(before["seeds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no earlier plan (or one this version cannot read): nothing to protect
+    names = sorted(c.name for c in cells)
+    if set(names) >= old and seeds >= old_seeds:
+        return None
+    tag = hashlib.sha1(",".join(names).encode()).hexdigest()[:8]
+    return out / "subsets" / f"{len(cells)}-cells-{seeds}-seeds-{tag}"
+
+
 def _cell_configs(
     cells: list, seeds: int, config: Optional[str], overrides: Sequence[str], out: Path, threads: int
 ) -> dict:
@@ -444,12 +465,15 @@ def _run_plan(
     verbose: bool,
 ) -> dict:
     """:func:`run_ablate` once ``out`` is locked."""
+    subset = _narrower_than_before(out, cells, seeds)  # read under the lock: another ablation may be writing its plan
     plan = [(k, cell) for k in range(seeds) for cell in cells]  # seed-major: after one pass every cell has a number
     fps = {key: _fingerprint(cfg) for key, cfg in cfgs.items()}
     # every run folder is judged before anything trains: a stale one stops the command at once, not an hour in
     hows = {key: _prepare(Path(cfgs[key].train.out), fps[key], overwrite) for key in cfgs}
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"grid": axes, "seeds": seeds, "config": config, "overrides": list(overrides)}, out / PLAN)
+    tables = subset or out  # a narrower grid's table never replaces the wider one's
+    tables.mkdir(parents=True, exist_ok=True)
+    write_json({"grid": axes, "seeds": seeds, "config": config, "overrides": list(overrides)}, tables / PLAN)
 
     def say(msg: str) -> None:
         if verbose:
@@ -483,7 +507,7 @@ def _run_plan(
                 + " ..."
             )
             t0 = time.perf_counter()
-            record = _train_and_score(cfg, how, lambda line: say(f"{tag}:   {line}"))
+            record = _train_and_score(cfg, how, lambda line: say(f"{tag}:   {line}"), label=f"{cell.name} seed {k}")
             write_json({"fingerprint": fps[cell.name, k], "result": record}, run / RESULT)
             spent[cell.objective].append(time.perf_counter() - t0)
             pending = [c.objective for j, c in plan[i + 1 :] if hows[c.name, j] != "reuse"]
@@ -523,20 +547,21 @@ def _run_plan(
         },
         "config": first.to_dict(),
     }
-    write_json(results, out / "results.json")
+    write_json(results, tables / "results.json")
     md = _tables(cells, summaries, metric, markdown=True)
     heads = _heads_table(cells, records, markdown=True)
     std_note = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "one seed: no spread"
-    (out / "table.md").write_text(
+    (tables / "table.md").write_text(
         f"## zorro ablate: {first.model.name}, {first.train.steps} steps of {first.train.batch_size} clips, "
         f"data {first.data.kind}; {std_note}\n\n{md}\n" + (f"\n{heads}\n" if heads else ""),
         encoding="utf-8",
     )
-    _plot(cells, summaries, out / "ablate.png", metric, chance)
+    _plot(cells, summaries, tables / "ablate.png", metric, chance)
     say(
         f"\n{_tables(cells, summaries, metric, markdown=False)}\n\n{std_note}; chance "
         f"{'-' if chance is None else f'{chance:.3f}'}; {elapsed / 60:.1f} min, {results['runs_computed']} of {total} "
-        f"runs computed now\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'ablate.png'}"
+        f"runs computed now\nwrote {tables / 'results.json'}, {tables / 'table.md'}, {tables / 'ablate.png'}"
+        + (f" (a narrower grid than the one {out} tabulates: that table is kept)" if subset else "")
     )
     return results
 

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ def bench_training(
     masks: Sequence[str] = ("zorro", "full"),
     steps: int = 10,
     warmup: int = 2,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Time ``steps`` training steps (after ``warmup``) and 3 inference batches of the run ``config`` +
     ``overrides``, once per mask of ``masks`` (the masks run one after the other in this process).
@@ -39,11 +40,13 @@ def bench_training(
     A training step is what :meth:`~zorro_models.training.trainer.Trainer.train_step` does: data, front-end, forward,
     backward, AdamW. Returns ``{"model", "batch_size", "threads", "device", "steps", "rows": {mask: {column: value}}}``
     with columns ``train step (s)`` (median), ``clips/s (train)``, ``inference (s/batch)``, ``clips/s (inference)``.
+    ``progress``, if given, gets a line as each mask's run is built and after every step (its own time).
     """
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     rows, cfg, trainer = {}, None, None
+    say = progress or (lambda line: None)
     for mask in masks:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(
@@ -57,15 +60,20 @@ def bench_training(
                     "train.log_every=0",
                 ],
             )
+            say(f"[bench {mask}] building {cfg.model.name}")
             trainer = Trainer(cfg)
+            trainer.label = f"bench {mask}"
             data = trainer.batches()
-            for _ in range(warmup):
+            for i in range(warmup):
+                t0 = time.perf_counter()
                 trainer.train_step(data)
+                say(f"[bench {mask}] warm-up step {i + 1}/{warmup}: {time.perf_counter() - t0:.2f} s")
             times = []
-            for _ in range(steps):
+            for i in range(steps):
                 t0 = time.perf_counter()
                 trainer.train_step(data)
                 times.append(time.perf_counter() - t0)
+                say(f"[bench {mask}] timed step {i + 1}/{steps}: {times[-1]:.2f} s")
             batch = next(data)
             inputs = trainer.preprocess(batch)
             trainer.model.eval()

@@ -111,6 +111,7 @@ def _run_demo(
             config, demo_overrides(out, mask, threads) + list(overrides) + ["train.overwrite=true"] * overwrite
         )
         trainer = Trainer(cfg)
+        trainer.label = LABELS.get(mask, mask)  # the full-attention run's lines are not "[zorro]"
         if baseline and untrained is None:
             if verbose:
                 print(f"[untrained] linear probes on the freshly initialised {cfg.model.name}", flush=True)

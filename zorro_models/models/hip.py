@@ -305,6 +305,25 @@ class ZorroHiP(ZorroModel):
 
 
 register_model(
+    "zorro_hip_demo",
+    ZorroHiP,
+    "CPU demo size (the inputs of zorro_vit_demo): 2 levels, groups audio 2-1 / video 4-1, 8-16 latents per group, "
+    "widths 32-64, depths 1-2, 4 fusion latents; 32x64 spectrogram and 4x32x32 video with 8x8 patches (32 + 64 tokens)",
+    img_size=32,
+    num_frames=4,
+    video_patch=8,
+    n_mels=32,
+    audio_frames=64,
+    audio_patch=8,
+    audio_groups=(2, 1),
+    video_groups=(4, 1),
+    latents=(8, 16),
+    dims=(32, 64),
+    depths=(1, 2),
+    num_heads=(2, 4),
+    num_fusion=4,
+)
+register_model(
     "zorro_hip_tiny",
     ZorroHiP,
     "3 levels: groups audio 4-2-1 / video 8-2-1, 16-32-64 latents per group, widths 96-192-384, "

@@ -422,6 +422,24 @@ class ZorroSwin(ZorroModel):
 
 
 register_model(
+    "zorro_swin_demo",
+    ZorroSwin,
+    "CPU demo size (the inputs of zorro_vit_demo): widths 32-64, depths 2-2, heads 2-4, 4 fusion tokens; 32x64 "
+    "spectrogram (4x4 patches, 4x4 windows), 4x32x32 video (2x4x4 tubelets, 2x4x4 windows)",
+    img_size=32,
+    num_frames=4,
+    video_patch=(2, 4, 4),
+    n_mels=32,
+    audio_frames=64,
+    audio_patch=4,
+    base_dim=32,
+    depths=(2, 2),
+    num_heads=(2, 4),
+    audio_window=4,
+    video_window=(2, 4, 4),
+    num_fusion=4,
+)
+register_model(
     "zorro_swin_tiny",
     ZorroSwin,
     "Swin-T widths (96, depths 2-2-6-2, heads 3-6-12-24) on small inputs: 64x128 spectrogram "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import OUTPUTS
-from ..utils.reporting import plot_modality_scores, write_json
+from ..utils.reporting import Heartbeat, plot_modality_scores, write_json
 from .build import build_dataset, build_preprocessor, eval_loader, num_classes_of
 
 __all__ = [
@@ -119,17 +119,25 @@ def _run_regimes(
     regimes: Sequence[str],
     amp_dtype: Optional[torch.dtype],
     keep: Callable[[str, str], bool],
+    progress: Optional[Callable[[str], None]] = None,
+    what: str = "batches",
 ) -> tuple[dict, torch.Tensor]:
     """``forward(inputs) -> {name: (B, X)}`` on every non-empty batch under each regime; the entries ``keep(regime,
-    name)`` accepts are concatenated (float32, CPU). Returns ``({regime: {name: (N, X)}}, labels)``."""
+    name)`` accepts are concatenated (float32, CPU). ``progress`` gets a line at least every
+    :data:`~zorro_models.utils.reporting.HEARTBEAT_SECONDS` (batches done). Returns ``({regime: {name: (N, X)}},
+    labels)``."""
     for r in regimes:
         if r not in REGIMES:
             raise ValueError(f"unknown regime {r!r}; choose from {tuple(REGIMES)}")
     device = preprocess.device
     out = {r: {} for r in regimes}
     labels = []
+    total = len(batches) if hasattr(batches, "__len__") else None
+    beat = Heartbeat(progress, what, total)
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if i:
+                beat(i)
             if batch.get("size", 1) == 0:  # every clip of the batch failed to decode
                 continue
             labels.append(batch["label"])
@@ -151,8 +159,9 @@ def collect_embeddings(
     batches: Iterable[dict],
     regimes: Sequence[str] = tuple(REGIMES),
     amp_dtype: Optional[torch.dtype] = None,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> tuple[dict, torch.Tensor]:
-    """Run ``model`` (in eval mode) over ``batches`` under each regime.
+    """Run ``model`` (in eval mode) over ``batches`` under each regime (``progress``: lines of batches done).
 
     Returns ``(embeddings, labels)``: ``embeddings[regime][output]`` is float32 ``(N, D)`` on CPU for the outputs of
     :data:`REGIME_OUTPUTS`; ``labels`` is ``(N,)`` int or ``(N, K)`` multi-hot. Batches whose every clip was skipped
@@ -162,7 +171,14 @@ def collect_embeddings(
     model.eval()
     try:
         return _run_regimes(
-            lambda x: model(**x), preprocess, batches, regimes, amp_dtype, keep=lambda r, o: o in REGIME_OUTPUTS[r]
+            lambda x: model(**x),
+            preprocess,
+            batches,
+            regimes,
+            amp_dtype,
+            keep=lambda r, o: o in REGIME_OUTPUTS[r],
+            progress=progress,
+            what="embedded batches",
         )
     finally:
         model.train(was_training)
@@ -224,20 +240,24 @@ def probe_all(
     num_classes: int,
     weight_decay: float = 1e-3,
     max_iter: int = 200,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """A linear probe per (regime, output) present in both ``train`` and ``test`` (each a
     :func:`collect_embeddings` result), plus ``"all"``: the regime's outputs concatenated. Returns
     ``{regime: {output: metric}}``."""
     (tr, ytr), (te, yte) = train, test
     results = {}
+    total = sum(len([o for o in tr[r] if o in te[r]]) + 1 for r in tr if r in te)
+    beat, done = Heartbeat(progress, "linear probes fitted", total), 0
     for r in tr:
         if r not in te:
             continue
         outs = [o for o in tr[r] if o in te[r]]
         feats = {o: (tr[r][o], te[r][o]) for o in outs}
         feats["all"] = (torch.cat([tr[r][o] for o in outs], 1), torch.cat([te[r][o] for o in outs], 1))
-        results[r] = {
-            o: linear_probe(
+        results[r] = {}
+        for o, (a, b) in feats.items():
+            results[r][o] = linear_probe(
                 a,
                 ytr,
                 b,
@@ -247,8 +267,8 @@ def probe_all(
                 weight_decay=weight_decay,
                 max_iter=max_iter,
             )
-            for o, (a, b) in feats.items()
-        }
+            done += 1
+            beat(done)
     return results
 
 
@@ -273,11 +293,13 @@ def run_probes(
     multi_label = bool(getattr(fit_set, "multi_label", False))
     amp = torch.bfloat16 if torch.device(device).type == "cuda" and cfg.train.amp != "off" else None
     say(f"embedding {len(fit_set)} clips (probe fitting set) under {len(regimes)} input regimes")
-    train = collect_embeddings(model, preprocess, eval_loader(cfg, fit_set), regimes, amp)
-    say(f"embedding {len(test_set)} clips (probe test set) [{time.perf_counter() - start:.0f} s]")
-    test = collect_embeddings(model, preprocess, eval_loader(cfg, test_set), regimes, amp)
+    train = collect_embeddings(model, preprocess, eval_loader(cfg, fit_set), regimes, amp, progress=progress)
+    say(
+        f"embedding {len(test_set)} clips (probe test set) [{time.perf_counter() - start:.0f} s since the probes began]"
+    )
+    test = collect_embeddings(model, preprocess, eval_loader(cfg, test_set), regimes, amp, progress=progress)
     n_probes = sum(len(d) + 1 for d in train[0].values())
-    say(f"fitting {n_probes} linear probes (L-BFGS) [{time.perf_counter() - start:.0f} s]")
+    say(f"fitting {n_probes} linear probes (L-BFGS) [{time.perf_counter() - start:.0f} s since the probes began]")
     k = num_classes_of(fit_set)
     results = probe_all(
         train,
@@ -286,6 +308,7 @@ def run_probes(
         num_classes=k,
         weight_decay=cfg.probe.weight_decay,
         max_iter=cfg.probe.max_iter,
+        progress=progress,
     )
     return {"metric": metric_name(multi_label), "num_classes": k, "results": results}
 
@@ -299,6 +322,7 @@ def evaluate_heads(
     multi_label: bool,
     regimes: Sequence[str] = tuple(REGIMES),
     amp_dtype: Optional[torch.dtype] = None,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Score supervised heads (:class:`~zorro_models.SupervisedHeads`) under each regime.
 
@@ -321,6 +345,8 @@ def evaluate_heads(
             regimes,
             amp_dtype,
             keep=lambda r, name: name == "mean" or name in REGIME_OUTPUTS[r],
+            progress=progress,
+            what="validation batches",
         )
     finally:
         model.train(was[0])
@@ -372,6 +398,7 @@ def evaluate_run(
             build_preprocessor(cfg, model).to(device),
             eval_loader(cfg, val),
             multi_label=task.multi_label,
+            progress=progress,
         )
         report["heads"] = {"metric": metric_name(task.multi_label), "results": heads}
     if cfg.train.task != "supervised" or probes:

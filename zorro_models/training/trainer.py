@@ -78,6 +78,7 @@ __all__ = [
     "UNREADABLE_SHARE",
     "UNREADABLE_WINDOW",
     "ClipLedger",
+    "CollapseWatch",
 ]
 
 #: What a run writes into ``train.out`` (``train.overwrite=true`` deletes these and nothing else).
@@ -384,9 +385,13 @@ class Trainer:
             )
         save_config(self.cfg, self.out / "config.yaml")
 
+    #: the tag of this run's lines (``[zorro] step 20/200 ...``); a caller running several runs in one process (the
+    #: demo, the ablation grid) names each run by its mask or cell instead
+    label: str = "zorro"
+
     def _say(self, msg: str) -> None:
         if self.env.is_main:
-            print(f"[zorro] {msg}", file=sys.stderr, flush=True)
+            print(f"[{self.label}] {msg}", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------------------------------------- data
     def _loader(self) -> DataLoader:
@@ -490,6 +495,7 @@ class Trainer:
                 eval_loader(self.cfg, self._val_set),
                 multi_label=self.task.multi_label,
                 amp_dtype=self.amp_dtype,
+                progress=lambda line: self._say(f"validating at step {self.step}: {line}"),
             )
             self.task.train()
             self.logger.log(
@@ -542,6 +548,17 @@ class Trainer:
             rows /= self.env.world_size
         return [dict(zip(keys, row)) for row in rows.tolist()]
 
+    def _collapse_watch(self) -> Optional["CollapseWatch"]:
+        """The watch on the logged loss and gradient norm (:class:`CollapseWatch`): chance is ``ln(global batch)``
+        for the contrastive loss (per micro-batch: its projections are gathered over the ranks), ``ln(classes)`` for
+        single-label cross-entropy; multi-label BCE has no such level, only the gradient is watched."""
+        t = self.cfg.train
+        after = max(self.cfg.optim.warmup_steps, t.log_every)
+        if t.task == "contrastive":
+            return CollapseWatch(self.micro_batch * self.env.world_size, "InfoNCE over the batch", after=after)
+        classes = 1 if self.task.multi_label else self.task.heads.num_classes
+        return CollapseWatch(classes, f"cross-entropy over {classes} classes", after=after)
+
     def fit(self, stop_at: Optional[int] = None) -> dict:
         """Train until ``train.steps`` optimizer steps (or ``stop_at``, for tests that interrupt a run), checkpoint,
         and return ``{"step", "loss", "seconds", "checkpoint", "skipped"}``. The run folder's lock is released when
@@ -575,6 +592,7 @@ class Trainer:
         # the logs since the last logged step, carried by checkpoints: a resumed run averages the same steps
         start, window, last, first = time.perf_counter(), self._log_window, {}, self.step
         warned = self.skipped
+        watch = self._collapse_watch()
         while self.step < end:
             logs = self.train_step(data)
             window.append(logs)
@@ -596,11 +614,20 @@ class Trainer:
                 elif bar is not None:  # not a terminal (a log file, CI): a line per logged step instead of a bar
                     print(
                         progress_line(
-                            self.step - first, end - first, self.step, end, last["loss"], time.perf_counter() - start
+                            self.step - first,
+                            end - first,
+                            self.step,
+                            end,
+                            last["loss"],
+                            time.perf_counter() - start,
+                            label=self.label,
                         ),
                         flush=True,
                     )
                 window = self._log_window = []
+                alarm = watch.update(self.step, last["loss"], last.get("grad_norm")) if watch else None
+                if alarm:
+                    self._say(f"warning: {alarm}")
                 if self.skipped > warned:
                     warnings.warn(self.clips.summary(), RuntimeWarning, stacklevel=2)
                     warned = self.skipped
@@ -627,13 +654,13 @@ class Trainer:
         }
 
 
-def progress_line(done: int, todo: int, step: int, end: int, loss: float, seconds: float) -> str:
+def progress_line(done: int, todo: int, step: int, end: int, loss: float, seconds: float, label: str = "zorro") -> str:
     """``[zorro] step 20/200  loss 4.084  2.91 it/s  ETA 62 s``: ``done`` of this run's ``todo`` steps took
     ``seconds``."""
     rate = done / seconds if seconds > 0 else float("nan")
     eta = (todo - done) / rate if done else float("nan")
     eta_text = "?" if math.isnan(eta) else f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"
-    return f"[zorro] step {step}/{end}  loss {loss:.3f}  {rate:.2f} it/s  ETA {eta_text}"
+    return f"[{label}] step {step}/{end}  loss {loss:.3f}  {rate:.2f} it/s  ETA {eta_text}"
 
 
 def summary_line(summary: dict) -> str:
@@ -768,3 +795,55 @@ def run_training(cfg: Config) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
     return summary
+
+
+class CollapseWatch:
+    """Says, once per kind, when training has stopped learning — the two signatures of a collapsed run:
+
+    - the loss **sits at the chance level** ``ln(n)``: the InfoNCE of embeddings that do not depend on the input is
+      exactly ``ln(global batch)``, the cross-entropy of a classifier that ignores its input ``ln(classes)``;
+    - the **gradient norm vanishes**: below ``vanish`` times the first one logged.
+
+    A loss near ``ln(n)`` at initialisation is normal (a fresh classifier's logits are near zero), so the loss is judged
+    only from step ``after`` on (the end of the warm-up), and only when ``patience`` logged values in a row sit within
+    ``tolerance`` (relative) of ``ln(n)``: a collapsed run sits there to the third decimal, while a run that learns
+    slowly near chance wanders by more. :meth:`update` takes each logged step and returns the warning line, or None.
+    """
+
+    def __init__(
+        self,
+        chance_n: int,
+        what: str,
+        *,
+        after: int = 0,
+        patience: int = 3,
+        tolerance: float = 0.001,
+        vanish: float = 1e-3,
+    ):
+        self.chance = math.log(chance_n) if chance_n > 1 else None
+        self.chance_n, self.what = chance_n, what
+        self.after, self.patience, self.tolerance, self.vanish = after, patience, tolerance, vanish
+        self.at_chance = 0
+        self.first_grad: Optional[float] = None
+        self.said: set = set()
+
+    def update(self, step: int, loss: float, grad_norm: Optional[float] = None) -> Optional[str]:
+        lines = []
+        if self.chance is not None and step >= self.after and math.isfinite(loss):
+            self.at_chance = self.at_chance + 1 if abs(loss - self.chance) <= self.tolerance * self.chance else 0
+            if self.at_chance >= self.patience and "loss" not in self.said:
+                self.said.add("loss")
+                lines.append(
+                    f"the loss sits at {loss:.4f} = ln({self.chance_n}), chance for {self.what}: the outputs no "
+                    f"longer depend on the input (collapsed; try a lower optim.lr)"
+                )
+        if grad_norm is not None and math.isfinite(grad_norm):
+            if self.first_grad is None:
+                self.first_grad = grad_norm
+            elif grad_norm < self.vanish * self.first_grad and "grad" not in self.said:
+                self.said.add("grad")
+                lines.append(
+                    f"the gradient norm vanished: {grad_norm:.2g} at step {step}, {self.first_grad:.2g} when "
+                    f"training began (nothing is learning)"
+                )
+        return "; ".join(lines) or None

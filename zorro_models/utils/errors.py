@@ -27,13 +27,21 @@ def run_reporting_errors(fn, debug: bool = False, prog: str = "zorro") -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say_line(f"{prog}: interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - every error reaches the user as one line; --debug keeps the traceback
         if debug:
             raise
-        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+        _say_line(f"{prog}: error: {error_line(e)}")
         return 1
+
+
+def _say_line(line: str) -> None:
+    """``line`` and its newline to stderr in one write: the ranks of a DDP run share one stream, and ``print``'s two
+    writes (the text, then the newline) let another rank's line land between them — unbuffered, as under torchrun,
+    the ranks' lines came out glued into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def error_line(e: BaseException) -> str:

@@ -21,7 +21,35 @@ __all__ = [
     "format_table",
     "write_json",
     "pyplot",
+    "Heartbeat",
+    "HEARTBEAT_SECONDS",
 ]
+
+#: the longest a phase of a command stays silent, in seconds: long phases (embedding thousands of clips, a validation
+#: pass, benchmark steps) say how far they are at least this often
+HEARTBEAT_SECONDS = 20.0
+
+
+class Heartbeat:
+    """Progress lines for a long phase: call it after each unit of work (``beat(done)``); it passes
+    ``"{what}: {done}/{total} ({elapsed} s into this phase)"`` to ``say`` when ``every`` seconds have passed since the
+    phase began or since its last line. ``say=None`` makes it silent. The time in the line is this phase's, not the
+    command's."""
+
+    def __init__(self, say, what: str, total: Optional[int] = None, every: float = HEARTBEAT_SECONDS, clock=None):
+        import time
+
+        self.say, self.what, self.total, self.every = say, what, total, every
+        self.clock = clock or time.perf_counter
+        self.start = self.last = self.clock()
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if self.say is None or now - self.last < self.every:
+            return
+        self.last = now
+        of = f"/{self.total}" if self.total is not None else ""
+        self.say(f"{self.what}: {done}{of} ({now - self.start:.0f} s into this phase)")
 
 
 class MetricsLogger:
