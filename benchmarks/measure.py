@@ -2,7 +2,7 @@
 
 - :func:`make_inputs` — seeded ``q, k, v`` and the upstream gradient for a layout.
 - :class:`Reference` — the fp64 oracle (and the same computation at the input precision, which the tolerance policy
-  of ``tests/tolerances.py`` compares against), computed once per layout, chunked over (sample, head) so that its
+  of ``zorro_kernels.testing`` compares against), computed once per layout, chunked over (sample, head) so that its
   memory stays small; for large layouts only on a fixed subset of query rows (out and dq then; dk/dv need every row).
 - :func:`peak_memory` — bytes allocated above the starting point during one call (CUDA allocator stats; on CPU the
   profiler's allocation events, since the CPU allocator keeps no peak).
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tests.tolerances import assert_within_policy
+from zorro_kernels.testing import assert_within_policy
 
 from .layouts import Layout
 

@@ -178,7 +178,7 @@ def render_markdown(data: dict, command: str = "") -> str:
         "dense kernel would cost for just the entries the mask lets through. *Fraction of ideal* = ideal / time "
         "(1.0 = as fast as the ideal); for zorro it comes from rounds interleaved with the ideal baseline. "
         "TFLOP/s count attended entries only (fwd 4·B·H·attended·D, bwd 2.5x fwd). Every peer's output "
-        "(and gradients) passed the tolerance policy of `tests/tolerances.py` before it was timed.",
+        "(and gradients) passed the tolerance policy of `zorro_kernels.testing` before it was timed.",
         "",
     ]
     md += [

@@ -8,11 +8,7 @@ import zorro_kernels.auto as auto
 from zorro_kernels import ZorroMask, explain, zorro_attention
 from zorro_kernels.attention import select_backend
 from zorro_kernels.backends import BACKENDS
-
-
-def _qkv(mask, b=2, h=2, hkv=1, d=16, grad=False):
-    t = (torch.randn(b, h, mask.num_q, d), torch.randn(b, hkv, mask.num_kv, d), torch.randn(b, hkv, mask.num_kv, d))
-    return tuple(x.requires_grad_(grad) for x in t)
+from zorro_kernels.testing import generate_qkv
 
 
 @pytest.fixture
@@ -36,7 +32,7 @@ def timed(monkeypatch):
 def test_measured_choice_is_the_fastest_and_timed_once_per_key(timed):
     calls, times = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     assert select_backend(q, k, v, mask) == "dense"
     assert calls == [("segments", False), ("dense", False)]
     times["dense"] = 3.0  # cached: not timed again, same answer
@@ -52,21 +48,21 @@ def test_measured_choice_is_the_fastest_and_timed_once_per_key(timed):
 def test_cache_key_separates_what_changes_speed(timed, change):
     calls, _ = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     select_backend(q, k, v, mask)
     n = len(calls)
     if change == "batch":
-        q, k, v = _qkv(mask, b=3)
+        q, k, v = generate_qkv(mask, batch=3, heads=2, kv_heads=1, head_dim=16)
     elif change == "heads":
-        q, k, v = _qkv(mask, h=4)
+        q, k, v = generate_qkv(mask, kv_heads=1, head_dim=16)
     elif change == "kv_heads":
-        q, k, v = _qkv(mask, hkv=2)
+        q, k, v = generate_qkv(mask, heads=2, head_dim=16)
     elif change == "head_dim":
-        q, k, v = _qkv(mask, d=32)
+        q, k, v = generate_qkv(mask, heads=2, kv_heads=1)
     elif change == "dtype":
         q, k, v = (t.half() for t in (q, k, v))  # (dense takes no float64)
     elif change == "grad":
-        q, k, v = _qkv(mask, grad=True)
+        q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16, requires_grad=True)
     elif change == "lengths":
         mask = mask.with_lengths(torch.tensor([[6, 10, 2], [3, 10, 2]]))
     select_backend(q, k, v, mask)
@@ -77,7 +73,7 @@ def test_cache_key_separates_what_changes_speed(timed, change):
 def test_never_times_while_compiling_or_capturing(timed, monkeypatch):
     calls, _ = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     monkeypatch.setattr(auto, "_capturing", lambda device: True)
     e = explain(q, k, v, mask)
     assert calls == [] and e.how == "rule" and "CUDA graph capture" in e.note
@@ -90,7 +86,7 @@ def test_never_times_while_compiling_or_capturing(timed, monkeypatch):
 def test_compiled_call_never_times(timed):
     calls, _ = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     torch._dynamo.reset()
     out = torch.compile(lambda a, b, c: zorro_attention(a, b, c, mask), fullgraph=True, backend="aot_eager")(q, k, v)
     assert calls == []
@@ -101,7 +97,7 @@ def test_opt_out_uses_the_static_rule(timed, monkeypatch):
     calls, _ = timed
     auto.set_benchmark(False)
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     e = explain(q, k, v, mask)
     assert calls == [] and e.how == "rule" and "ZORRO_AUTO_BENCHMARK=0" in e.note
     assert e.chosen == auto.static_choice(q, k, mask, False)
@@ -171,7 +167,7 @@ def test_dense_never_reads_masked_keys(poison):
     """NaN/Inf in the video keys and values must not reach audio rows (forward) nor the audio keys' gradients
     (no fusion rows: they may attend video, so through them the poison reaches every gradient legitimately)."""
     mask = ZorroMask.zorro(audio=5, video=6)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 5:11] = poison
     v2[:, :, 5:11] = poison
@@ -214,7 +210,7 @@ class _FakeEvent:
 def test_timing_runs_each_candidate_without_touching_inputs_or_rng(monkeypatch, grad):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask, grad=grad)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16, requires_grad=grad)
     state = torch.get_rng_state()
     for name in ("segments", "dense"):
         assert auto._time(name, q, k, v, mask, 0.25, grad) > 0

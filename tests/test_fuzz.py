@@ -3,7 +3,7 @@
 Each example draws a layout (segments of odd sizes including 0 and 1, random rules, per-sample lengths on either side,
 cross-attention, causal, a sliding window), GQA head counts, a head dim and a dtype, then checks
 
-1. forward and every gradient against the fp64 oracle under the tolerance policy (``tests/tolerances.py``), and
+1. forward and every gradient against the fp64 oracle under the tolerance policy (``zorro_kernels.testing``), and
 2. NaN isolation: NaN/Inf poured into everything a random set of rows may not attend (keys, other rows' q and upstream
    gradients) leaves those rows' outputs, their dq and the dk/dv of keys only clean rows read bit-for-bit unchanged
    (``tests/isolation.py``).
@@ -25,9 +25,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from zorro_kernels import ZorroMask, zorro_attention  # noqa: E402
 from zorro_kernels.backends import BACKENDS  # noqa: E402
+from zorro_kernels.testing import check_against_oracle  # noqa: E402
 
 from .isolation import check_isolation, poison_everything_unseen  # noqa: E402
-from .tolerances import check_against_oracle  # noqa: E402
 
 SIZES = st.sampled_from([0, 1, 2, 3, 5, 8, 13, 17])
 
