@@ -27,6 +27,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 pytestmark = pytest.mark.usefixtures("small_triton_tiles")
 
 
+def on_triton(*args, fast: bool = False):
+    """A case on the Triton backend: in its CPU interpreter one costs tens of seconds, so each test keeps one cheap
+    Triton case (``fast``) in the default tier and runs the rest under ``-m full``."""
+    return pytest.param("triton", *args, marks=[*TRITON.marks, *(() if fast else (pytest.mark.full,))])
+
+
 # ------------------------------------------------------------------------------------------------------ dense bias
 NAMED = ["figure2_small", "ragged", "packed", "packed_causal", "cross_readout", "nothing_visible_rows"]
 # the fast tier: every layout in fp32 on segments; half types and the reference on a few
@@ -35,7 +41,7 @@ FAST = (
     + [("segments", dt, n) for dt in DTYPES[1:] for n in ("ragged", "packed_causal")]
     + [("reference", dt, "ragged") for dt in DTYPES]
     + [
-        pytest.param("triton", dt, n, marks=TRITON.marks)
+        on_triton(dt, n, fast=n in ("packed_causal", "nothing_visible_rows", "cross_readout", "packed"))
         for dt, names in ((torch.float32, NAMED), (torch.float16, ("ragged", "packed")))
         for n in names
     ]
@@ -112,8 +118,10 @@ def test_bias_without_grad_runs_the_cpu_kernels():
 
 
 # ------------------------------------------------------------------------------------------------------ -inf, NaN
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("grad_bias", [True, False])
+@pytest.mark.parametrize(
+    "backend, grad_bias",
+    [(b, g) for b in BACKENDS[:2] for g in (True, False)] + [on_triton(True), on_triton(False, fast=True)],
+)
 def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
     mask = ZorroMask.zorro(audio=7, video=21, fusion=2, lengths=torch.tensor([[7, 21, 2], [0, 21, 2], [5, 13, 2]]))
     q, k, v = (t.requires_grad_() for t in generate_qkv(mask))
@@ -134,8 +142,11 @@ def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
         assert (grads[3][0, 1, 5] == 0).all() and (grads[3][1, :, 20:27] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["ragged", "packed_causal", "cross_readout"])
+@pytest.mark.parametrize(
+    "backend, name",
+    [(b, n) for b in BACKENDS[:2] for n in ("ragged", "packed_causal", "cross_readout")]
+    + [on_triton("ragged"), on_triton("packed_causal", fast=True), on_triton("cross_readout")],
+)
 def test_bias_at_masked_positions_is_never_read(backend, name):
     """NaN in every masked bias entry: the same output and gradients as zeros there, and zero bias gradient there."""
     mask = named_masks()[name]
@@ -156,8 +167,11 @@ def test_bias_at_masked_positions_is_never_read(backend, name):
     assert (runs[1][4][~dense] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["auto", "segments", "reference", TRITON])
-@pytest.mark.parametrize("shape", ["B11K", "BH1K", "K"])
+@pytest.mark.parametrize(
+    "backend, shape",
+    [(b, s) for b in ("auto", "segments", "reference") for s in ("B11K", "BH1K", "K")]
+    + [on_triton("B11K"), on_triton("BH1K"), on_triton("K", fast=True)],
+)
 def test_keys_a_padding_bias_hides_are_never_read(backend, shape):
     """Left padding as Hugging Face passes it, a key bias of -inf: NaN in those keys' K and V (uninitialised padding)
     never reaches any row or gradient — bitwise the run with zeros there. ``BH1K``: per-head biases; a kv head's key
@@ -191,9 +205,12 @@ def test_keys_a_padding_bias_hides_are_never_read(backend, shape):
 
 
 # ------------------------------------------------------------------------------------------------------ relative
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shift", [(0, 0), (1, 1)], ids=["regular", "shifted"])
+@pytest.mark.parametrize(
+    "backend, dtype, shift",
+    [(b, dt, s) for b in BACKENDS[:2] for dt in DTYPES for s in ((0, 0), (1, 1))]
+    + [on_triton(dt, s, fast=dt == torch.float32 and s == (0, 0)) for dt in DTYPES for s in ((0, 0), (1, 1))],
+    ids=str,
+)
 def test_relative_bias_windows(backend, dtype, shift):
     skip_interpreted_bf16(backend, dtype)
     mask, coords = windows_mask(shift=shift)
@@ -368,8 +385,15 @@ def test_bad_relative_bias_raises_clear_errors(make, exc, msg):
 
 
 # ------------------------------------------------------------------------------------------------------ compile
-@pytest.mark.parametrize("backend", ["auto", TRITON])
-@pytest.mark.parametrize("kind", ["dense", "relative"])
+@pytest.mark.parametrize(
+    "kind, backend",
+    [
+        ("dense", "auto"),
+        ("relative", "auto"),
+        ("dense", TRITON),
+        pytest.param("relative", "triton", marks=[*TRITON.marks, pytest.mark.full]),
+    ],
+)
 def test_compile_fullgraph_with_bias(kind, backend):
     """Under torch.compile(fullgraph=True) a bias goes through the custom ops, gradient included."""
     mask, coords = windows_mask(shift=(1, 1))
