@@ -34,7 +34,12 @@ def check(q, k, v, mask, bias, *, mode="one_pass", blocks=(16, 16), **kw):
 
 
 # ------------------------------------------------------------------------------------------------------ dense
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# in the interpreter the plain Zorro case costs a minute and adds nothing the others lack: -m full
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.full) if c[0] == "zorro" else c for c in CASES],
+    ids=[c[0] for c in CASES],
+)
 def test_dense_bias_over_the_kernel_cases(case):
     """Odd lengths (1, 3, 97, 113), cross-attention, GQA, causal, ragged lengths, empty segments, dead rows."""
     _, build, (b, h, hkv, d), blocks = case
@@ -44,7 +49,11 @@ def test_dense_bias_over_the_kernel_cases(case):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", ["BHQK", "1HQK", "B11K", "QK", "B1Q1", "K"])
+# the default tier keeps the cheap broadcast shapes (the full-size store path runs in the kernel cases above); the
+# shapes with a full (Q, K) plane cost over a minute each in the interpreter: -m full
+@pytest.mark.parametrize(
+    "shape", [pytest.param(s, marks=pytest.mark.full) for s in ("BHQK", "1HQK", "B11K")] + ["QK", "B1Q1", "K"]
+)
 def test_dense_bias_broadcast_gradients(shape, mode):
     """A full-size bias gets its gradient by stores; a broadcast one by fp32 atomics (one pass) or a full buffer
     summed over the broadcast dims (deterministic)."""
