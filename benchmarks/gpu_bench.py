@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tests.layouts import random_layout  # noqa: E402
 from zorro_kernels import ZorroMask, zorro_attention  # noqa: E402
+from zorro_kernels.testing import random_layout  # noqa: E402
 
 LAYOUTS = {  # name: (audio, video, fusion, B, H, D)
     "fig2": (320, 1568, 8, 8, 12, 64),

@@ -2,7 +2,7 @@
 
 - :func:`make_inputs` — seeded ``q, k, v`` and the upstream gradient for a layout.
 - :class:`Reference` — the fp64 oracle (and the same computation at the input precision, which the tolerance policy
-  of ``tests/tolerances.py`` compares against), computed once per layout, chunked over (sample, head) so that its
+  of ``zorro_kernels.testing`` compares against), computed once per layout, chunked over (sample, head) so that its
   memory stays small; for large layouts only on a fixed subset of query rows (out and dq then; dk/dv need every row).
 - :func:`peak_memory` — bytes allocated above the starting point during one call (CUDA allocator stats; on CPU the
   profiler's allocation events, since the CPU allocator keeps no peak).
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tests.tolerances import assert_within_policy
+from zorro_kernels.testing import policy_violation
 
 from .layouts import Layout
 
@@ -120,21 +120,21 @@ class Reference:
                     grads[0][sl], grads[1][sl], grads[2][sl] = dq, dk, dv
         return out, grads
 
-    def check(self, name: str, out: torch.Tensor, grads) -> None:
-        """Assert ``out`` (and ``grads = (dq, dk, dv)``) against the oracle under the project's tolerance policy."""
+    def violations(self, name: str, out: torch.Tensor, grads) -> list[str]:
+        """``out`` (and ``grads = (dq, dk, dv)``) against the oracle under the project's tolerance rule: one line per
+        tensor outside it, with its error and bound (empty: all within)."""
         rows = self.rows
 
         def pick(t):
             return t if rows is None else t[:, :, rows.to(t.device)]
 
-        assert_within_policy(f"{name} out", pick(out), self.same[0], self.ref[0], self.dtype)
-        if grads is None or not self.backward:
-            return
-        checks = [("dq", pick(grads[0]), 0)]
-        if rows is None:
-            checks += [("dk", grads[1], 1), ("dv", grads[2], 2)]
-        for what, got, i in checks:
-            assert_within_policy(f"{name} {what}", got, self.same[1][i], self.ref[1][i], self.dtype)
+        checks = [("out", pick(out), self.same[0], self.ref[0])]
+        if grads is not None and self.backward:
+            checks.append(("dq", pick(grads[0]), self.same[1][0], self.ref[1][0]))
+            if rows is None:
+                checks += [(w, grads[i], self.same[1][i], self.ref[1][i]) for w, i in (("dk", 1), ("dv", 2))]
+        found = (policy_violation(f"{name} {what}", got, same, ref, self.dtype) for what, got, same, ref in checks)
+        return [v for v in found if v is not None]
 
 
 def peak_memory(call: Callable[[], object], device: torch.device) -> Optional[int]:

@@ -146,21 +146,28 @@ def _flex(layout, device, dtype, backward):
 
 
 def flex_mask_mod(layout: Layout, device):
-    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` for a layout, from the per-token segment ids."""
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` for a layout: the element rule of
+    :class:`~zorro_kernels.tilemap.TokenMeta` (segments, lengths, causal aligned bottom-right, the window)."""
     meta = layout.mask.token_meta(device)
     q_seg, k_seg = meta.q_seg.long(), meta.k_seg.long()
     allow = meta.allow.bool()
-    if layout.mask.batch_size is None:
-
-        def mask_mod(b, h, qi, ki):
-            return allow[q_seg[qi], k_seg[ki]]
-
-        return mask_mod
+    ragged = layout.mask.batch_size is not None
     q_pos, k_pos, q_len, k_len = meta.q_pos, meta.k_pos, meta.q_len, meta.k_len
+    offset, left, right = meta.causal_offset, meta.window_left, meta.window_right
 
     def mask_mod(b, h, qi, ki):
         a, c = q_seg[qi], k_seg[ki]
-        return allow[a, c] & (q_pos[qi] < q_len[b, a]) & (k_pos[ki] < k_len[b, c])
+        ok = allow[a, c]
+        if ragged:
+            ok = ok & (q_pos[qi] < q_len[b, a]) & (k_pos[ki] < k_len[b, c])
+        d = ki - qi - offset
+        if meta.causal:
+            ok = ok & (d <= 0)
+        if left >= 0:
+            ok = ok & (d >= -left)
+        if right >= 0:
+            ok = ok & (d <= right)
+        return ok
 
     return mask_mod
 

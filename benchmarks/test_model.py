@@ -19,10 +19,10 @@ import zorro_kernels.auto as zauto
 from benchmarks.conftest import RESULTS
 from benchmarks.measure import sync
 from benchmarks.peers import MASKED
-from tests.tolerances import assert_within_policy
 from zorro_kernels.backends import BACKENDS, Backend, backward_by_recompute
 from zorro_kernels.integrations._fallback import dense_for_fallback
 from zorro_kernels.reference import expand_kv_heads
+from zorro_kernels.testing import assert_within_policy
 
 # (preset, overrides, batch) per (tier, device type). zorro_vit_small has the Figure-2 token counts; 4 blocks keep the
 # CPU step near a second.

@@ -41,9 +41,9 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-from tests.layouts import random_layout  # noqa: E402
 from zorro_kernels import RelativePositionBias, ZorroMask  # noqa: E402
 from zorro_kernels.backends.triton import _bwd, _config, _fwd, _launch, backend  # noqa: E402
+from zorro_kernels.testing import random_layout  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 

@@ -1,12 +1,19 @@
-"""Shared test helpers: a tiny model configuration, a writer of real mp4 clips, and switches for the Triton backend's
-tests (whether it runs here, small tiles, its deterministic backward)."""
+"""Shared test helpers (not a test module; the library's own test kit is zorro_kernels.testing): a tiny model
+configuration, a writer of real mp4 clips, switches for the Triton backend's tests (whether it runs here, small tiles,
+its deterministic backward), the Triton kernel cases, bias and window layouts shared by the bias, window and Triton
+files, and the exact tile-map check."""
 
 import contextlib
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.testing import random_mask
+from zorro_kernels.tilemap import EMPTY, FULL, PARTIAL, build_tile_map
 
 # A model small enough for CPU tests: 2 frames of 16x16 (8 video tokens), 16x16 spectrogram (4 audio tokens).
 TINY = [
@@ -80,7 +87,6 @@ def write_clip(path, *, frames=10, fps=10, size=(48, 40), tone_hz=440.0, sample_
 def triton_unavailable(device: str = "cpu") -> list:
     """Why the Triton backend cannot run on ``device`` tensors here (empty if it can: a GPU, or CPU tensors under
     ``TRITON_INTERPRET=1``, which conftest sets when there is no GPU)."""
-    from zorro_kernels import ZorroMask
     from zorro_kernels.backends import BACKENDS
 
     probe = torch.zeros(1, 1, 1, 16, device=device)
@@ -113,3 +119,144 @@ def deterministic(on: bool = True):
         yield
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+# ------------------------------------------------------------------------------------------------ Triton cases
+def zorro_ragged(b=2):
+    lengths = torch.tensor([[20, 30, 4], [7, 0, 3]])[:b]
+    return ZorroMask.zorro(audio=20, video=30, fusion=4, lengths=lengths)
+
+
+# (id, mask builder, (B, H, Hkv, D), blocks): odd lengths, cross-attention, GQA, causal, ragged lengths, empty
+# segments, dead rows
+TRITON_CASES = [
+    ("zorro", lambda: ZorroMask.zorro(audio=20, video=30, fusion=5), (2, 2, 2, 16), (16, 16)),
+    (
+        "odd_1_3_97",
+        lambda: ZorroMask.from_segments([("a", 1), ("b", 3), ("c", 93)], {"a": "*", "b": ["a", "b"], "c": ["c", "a"]}),
+        (1, 1, 1, 16),
+        (32, 32),
+    ),
+    (
+        "cross_97x113",
+        lambda: ZorroMask.from_segments(
+            [("a", 40), ("b", 57)], {"a": ["x"], "b": "*"}, kv_segments=[("x", 13), ("y", 100)]
+        ),
+        (1, 1, 1, 16),
+        (32, 32),
+    ),
+    (
+        "one_query_x_113",
+        lambda: ZorroMask.from_segments([("q", 1)], {"q": ["y"]}, kv_segments=[("x", 13), ("y", 100)]),
+        (2, 2, 1, 16),
+        (16, 32),
+    ),
+    ("ragged_empty", zorro_ragged, (2, 2, 1, 24), (16, 32)),
+    ("gqa_causal", lambda: ZorroMask.packed([19, 26], causal=True), (1, 4, 2, 32), (16, 16)),
+    (
+        "dead_rows",
+        lambda: ZorroMask.from_segments(
+            [("a", 10), ("ghost", 12), ("b", 20), ("empty", 0)], {"a": ["a", "b"], "b": ["b"]}
+        ),
+        (1, 2, 2, 16),
+        (16, 16),
+    ),
+]
+
+
+def gpu(fn):
+    """The CUDA tier: marked ``gpu`` and skipped without a device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
+# ------------------------------------------------------------------------------------------------ biases, windows
+_INTERPRETED_BF16 = "bfloat16 arithmetic is wrong in Triton's CPU interpreter"
+
+
+def skip_interpreted_bf16(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip(_INTERPRETED_BF16)
+
+
+def attn_fn(backend):
+    return lambda q, k, v, mask, scale=None, bias=None: zorro_attention(
+        q, k, v, mask, bias=bias, scale=scale, backend=backend
+    )
+
+
+def dense_bias(mask, shape, *, b=2, h=4, dtype=torch.float32):
+    """A random bias of ``shape`` ("BHQK" letters kept, others 1), aligned right as SDPA broadcasts."""
+    full = {"B": mask.batch_size or b, "H": h, "Q": mask.num_q, "K": mask.num_kv}
+    return torch.randn([full[c] if c in full else 1 for c in shape], dtype=dtype)
+
+
+def windows_mask(grid=(4, 6), win=(2, 3), fusion=3, shift=(0, 0)):
+    """Swin-like: a 2-D grid in windows (window order), each window a segment seeing itself; fusion sees all.
+    Returns ``(mask, coords (N, 2) with -1 rows for fusion)``."""
+    from zorro_models.models.swin import window_order, window_partition
+
+    wins = window_partition(grid, win, shift)
+    perm, sizes = window_order(grid, wins)
+    yx = torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1]))[perm]
+    coords = torch.cat([yx, torch.full((fusion, 2), -1)])
+    segs = [(f"w/{i}", n) for i, n in enumerate(sizes)] + [("fusion", fusion)]
+    return ZorroMask.from_segments(segs, {"w/*": "self", "fusion": "*"}), coords
+
+
+def random_window_mask(rng: random.Random) -> ZorroMask:
+    base = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
+    window = (rng.choice([-1, 0, 1, 3, 8]), rng.choice([-1, 0, 2, 5]))
+    return ZorroMask(
+        list(zip(base.q_names, base.q_sizes)),
+        base.allow,
+        kv_segments=None if base.is_self else list(zip(base.kv_names, base.kv_sizes)),
+        lengths=base.lengths,
+        kv_lengths=None if base.is_self else base.kv_lengths,
+        causal=base.causal,
+        window=window,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tile maps
+def expected_kinds(mask: ZorroMask, bm: int, bn: int) -> torch.Tensor:
+    """Classification straight from to_dense(): empty = no True, full = all True and wholly inside the matrix."""
+    d = mask.to_dense()
+    d = d[None] if d.ndim == 2 else d
+    b, nq, nk = d.shape
+    tq, tk = -(-nq // bm), -(-nk // bn)
+    padded = torch.zeros(b, tq * bm, tk * bn, dtype=torch.bool)
+    padded[:, :nq, :nk] = d
+    inside = torch.zeros(tq * bm, tk * bn, dtype=torch.bool)
+    inside[:nq, :nk] = True
+    blocks = padded.view(b, tq, bm, tk, bn)
+    any_ = blocks.any(4).any(2)
+    all_ = blocks.all(4).all(2) & inside.view(tq, bm, tk, bn).all(3).all(1)
+    kinds = torch.full((b, tq, tk), PARTIAL, dtype=torch.int8)
+    kinds[all_] = FULL
+    kinds[~any_] = EMPTY
+    return kinds
+
+
+def check_tile_map(mask: ZorroMask, bm: int, bn: int) -> None:
+    tm = build_tile_map(mask, bm, bn)
+    want = expected_kinds(mask, bm, bn)
+    got = tm.kinds.expand_as(want)
+    assert torch.equal(got, want), f"{mask!r}\ntiles {bm}x{bn}: got\n{got}\nwant\n{want}"
+    # the work lists enumerate exactly the tiles of each kind, ascending; the transposed lists too
+    for kind, num, idx, axis in (
+        (FULL, tm.full_kv_num, tm.full_kv_idx, 2),
+        (PARTIAL, tm.partial_kv_num, tm.partial_kv_idx, 2),
+        (FULL, tm.full_q_num, tm.full_q_idx, 1),
+        (PARTIAL, tm.partial_q_num, tm.partial_q_idx, 1),
+    ):
+        k = tm.kinds if axis == 2 else tm.kinds.transpose(1, 2)
+        for b in range(k.shape[0]):
+            for r in range(k.shape[1]):
+                cols = (k[b, r] == kind).nonzero().flatten().tolist()
+                assert num[b, r] == len(cols) and idx[b, r, : len(cols)].tolist() == cols
+    # the expansion of the tile map (partial tiles by the element rule) is the dense mask
+    meta = mask.token_meta()
+    rows, cols = torch.arange(mask.num_q), torch.arange(mask.num_kv)
+    elem = meta.element_mask(rows[None], cols[None])[:, 0]
+    dense = mask.to_dense()
+    assert torch.equal(elem.expand_as(dense[None] if dense.ndim == 2 else dense), dense.expand_as(elem))

@@ -8,27 +8,10 @@ import torch
 
 from zorro_kernels import ZorroMask, reference_attention, zorro_attention
 from zorro_kernels.attention import select_backend
-
-from .layouts import named_masks, random_mask
-from .tolerances import check_against_oracle
+from zorro_kernels.testing import check_against_oracle, generate_qkv, named_masks, random_mask
 
 CPU_BACKENDS = ["segments", "dense"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_qkv(mask, *, b=None, h=4, hkv=2, d=32, dtype=torch.float32, noncontiguous=False):
-    b = b or mask.batch_size or 2
-    if noncontiguous:  # (B, N, H, D) storage seen through a transpose, as after a qkv projection
-        q = torch.randn(b, mask.num_q, h, d).transpose(1, 2)
-        k = torch.randn(b, mask.num_kv, hkv, d).transpose(1, 2)
-        v = torch.randn(b, mask.num_kv, hkv, d).transpose(1, 2)
-    else:
-        q, k, v = (
-            torch.randn(b, h, mask.num_q, d),
-            torch.randn(b, hkv, mask.num_kv, d),
-            torch.randn(b, hkv, mask.num_kv, d),
-        )
-    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def attn_fn(backend):
@@ -40,7 +23,7 @@ def attn_fn(backend):
 @pytest.mark.parametrize("name", sorted(named_masks()))
 def test_named_layouts(backend, dtype, name):
     mask = named_masks()[name]
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask)
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask, dtype=dtype), mask)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -49,7 +32,9 @@ def test_random_layouts(backend):
     for i in range(60):
         mask = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
         h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
-        check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([8, 16, 24])), mask, seed=i)
+        check_against_oracle(
+            attn_fn(backend), *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=rng.choice([8, 16, 24])), mask, seed=i
+        )
 
 
 @pytest.mark.full
@@ -61,7 +46,10 @@ def test_random_layouts_many(backend, dtype):
         mask = random_mask(rng, max_segments=7)
         h, hkv = rng.choice([(1, 1), (2, 2), (4, 1), (8, 2), (6, 3)])
         check_against_oracle(
-            attn_fn(backend), *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32, 64]), dtype=dtype), mask, seed=i
+            attn_fn(backend),
+            *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=rng.choice([16, 32, 64]), dtype=dtype),
+            mask,
+            seed=i,
         )
 
 
@@ -69,7 +57,7 @@ def test_random_layouts_many(backend, dtype):
 @pytest.mark.parametrize("d", [16, 64, 128, 256])
 def test_head_dims(backend, d):
     mask = ZorroMask.zorro(audio=13, video=40, fusion=3)
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, d=d), mask)
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask, head_dim=d), mask)
 
 
 @pytest.mark.full
@@ -78,20 +66,20 @@ def test_head_dims(backend, d):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_head_dims_many(backend, d, dtype):
     mask = ZorroMask.zorro(audio=31, video=113, fusion=5, lengths=torch.tensor([[31, 113, 5], [0, 97, 5]]))
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, d=d, dtype=dtype), mask)
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask, head_dim=d, dtype=dtype), mask)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_noncontiguous_inputs_and_custom_scale(backend):
     mask = named_masks()["ragged"]
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, noncontiguous=True), mask, scale=0.3)
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask, noncontiguous=True), mask, scale=0.3)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_padding_contents_never_leak(backend):
     """NaN in every padding token (queries and keys) must not reach any valid output or gradient."""
     mask = ZorroMask.zorro(audio=8, video=12, fusion=2, lengths=torch.tensor([[3, 12, 2], [8, 5, 1]]))
-    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask))
     dense = mask.to_dense()
     q_pad = ~dense.any(-1)
     k_pad = torch.stack(
@@ -114,7 +102,7 @@ def test_padding_contents_never_leak(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rerun_is_bitwise_equal(backend):
     mask = named_masks()["bottleneck"]
-    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask))
     runs = []
     for _ in range(2):
         out = zorro_attention(q, k, v, mask, backend=backend)
@@ -128,7 +116,7 @@ def test_reference_matches_fp64_math():
     rng = random.Random(3)
     for _ in range(25):
         mask = random_mask(rng)
-        q, k, v = (t.double() for t in make_qkv(mask, h=4, hkv=2))
+        q, k, v = (t.double() for t in generate_qkv(mask))
         d = mask.to_dense()
         d = (d[None] if d.ndim == 2 else d)[:, None]
         kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
@@ -141,7 +129,7 @@ def test_reference_matches_fp64_math():
 
 def test_auto_picks_segments_on_cpu_and_forced_backends_work():
     mask = ZorroMask.zorro(audio=40, video=160, fusion=4)  # big enough for the segment path (tiny ones run dense)
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     assert select_backend(q, k, v, mask) == "segments"
     a = zorro_attention(q, k, v, mask)
     b = zorro_attention(q, k, v, mask, backend="reference")
@@ -150,7 +138,7 @@ def test_auto_picks_segments_on_cpu_and_forced_backends_work():
 
 def test_missing_modality_rows_are_zero_and_fusion_still_works():
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2, lengths=torch.tensor([[0, 10, 2], [6, 10, 2]]))
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     out = zorro_attention(q, k, v, mask)
     assert (out[0, :, :6] == 0).all() and (out[1, :, :6] != 0).any()
     only_video = zorro_attention(q[:1, :, 6:], k[:1, :, 6:], v[:1, :, 6:], ZorroMask.zorro(video=10, fusion=2))
@@ -208,7 +196,7 @@ def test_numpy_scale_and_empty_batch():
     import numpy as np
 
     mask = ZorroMask.zorro(audio=3, video=4, fusion=1)
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     want = zorro_attention(q, k, v, mask, scale=0.5)
     for s in (np.float32(0.5), np.float64(0.5), np.int64(1) / 2):
         assert torch.equal(zorro_attention(q, k, v, mask, scale=s), want)

@@ -10,11 +10,7 @@ import zorro_kernels.auto as auto
 from zorro_kernels import ZorroMask, explain, zorro_attention
 from zorro_kernels.attention import select_backend
 from zorro_kernels.backends import BACKENDS
-
-
-def _qkv(mask, b=2, h=2, hkv=1, d=16, grad=False):
-    t = (torch.randn(b, h, mask.num_q, d), torch.randn(b, hkv, mask.num_kv, d), torch.randn(b, hkv, mask.num_kv, d))
-    return tuple(x.requires_grad_(grad) for x in t)
+from zorro_kernels.testing import generate_qkv
 
 
 @pytest.fixture
@@ -38,7 +34,7 @@ def timed(monkeypatch):
 def test_measured_choice_is_the_fastest_and_timed_once_per_key(timed):
     calls, times = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     assert select_backend(q, k, v, mask) == "dense"
     assert calls == [("segments", False), ("dense", False)]
     times["dense"] = 3.0  # cached: not timed again, same answer
@@ -54,21 +50,21 @@ def test_measured_choice_is_the_fastest_and_timed_once_per_key(timed):
 def test_cache_key_separates_what_changes_speed(timed, change):
     calls, _ = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     select_backend(q, k, v, mask)
     n = len(calls)
     if change == "batch":
-        q, k, v = _qkv(mask, b=3)
+        q, k, v = generate_qkv(mask, batch=3, heads=2, kv_heads=1, head_dim=16)
     elif change == "heads":
-        q, k, v = _qkv(mask, h=4)
+        q, k, v = generate_qkv(mask, kv_heads=1, head_dim=16)
     elif change == "kv_heads":
-        q, k, v = _qkv(mask, hkv=2)
+        q, k, v = generate_qkv(mask, heads=2, head_dim=16)
     elif change == "head_dim":
-        q, k, v = _qkv(mask, d=32)
+        q, k, v = generate_qkv(mask, heads=2, kv_heads=1)
     elif change == "dtype":
         q, k, v = (t.half() for t in (q, k, v))  # (dense takes no float64)
     elif change == "grad":
-        q, k, v = _qkv(mask, grad=True)
+        q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16, requires_grad=True)
     elif change == "lengths":
         mask = mask.with_lengths(torch.tensor([[6, 10, 2], [3, 10, 2]]))
     select_backend(q, k, v, mask)
@@ -79,7 +75,7 @@ def test_cache_key_separates_what_changes_speed(timed, change):
 def test_never_times_while_compiling_or_capturing(timed, monkeypatch):
     calls, _ = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     monkeypatch.setattr(auto, "_capturing", lambda device: True)
     e = explain(q, k, v, mask)
     assert calls == [] and e.how == "rule" and "CUDA graph capture" in e.note
@@ -92,7 +88,7 @@ def test_never_times_while_compiling_or_capturing(timed, monkeypatch):
 def test_compiled_call_never_times(timed):
     calls, _ = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     torch._dynamo.reset()
     out = torch.compile(lambda a, b, c: zorro_attention(a, b, c, mask), fullgraph=True, backend="aot_eager")(q, k, v)
     assert calls == []
@@ -103,7 +99,7 @@ def test_opt_out_uses_the_static_rule(timed, monkeypatch):
     calls, _ = timed
     auto.set_benchmark(False)
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     e = explain(q, k, v, mask)
     assert calls == [] and e.how == "rule" and "ZORRO_AUTO_BENCHMARK=0" in e.note
     assert e.chosen == auto.static_choice(q, k, mask, False)
@@ -173,7 +169,7 @@ def test_dense_never_reads_masked_keys(poison):
     """NaN/Inf in the video keys and values must not reach audio rows (forward) nor the audio keys' gradients
     (no fusion rows: they may attend video, so through them the poison reaches every gradient legitimately)."""
     mask = ZorroMask.zorro(audio=5, video=6)
-    q, k, v = _qkv(mask)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 5:11] = poison
     v2[:, :, 5:11] = poison
@@ -216,7 +212,7 @@ class _FakeEvent:
 def test_timing_runs_each_candidate_without_touching_inputs_or_rng(monkeypatch, grad):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask, grad=grad)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16, requires_grad=grad)
     state = torch.get_rng_state()
     for name in ("segments", "dense"):
         assert auto._time(name, q, k, v, mask, 0.25, grad) > 0
@@ -253,7 +249,7 @@ def measured_cpu(monkeypatch):
 def test_a_candidate_failing_while_timed_is_dropped_with_one_warning(measured_cpu, monkeypatch, grad):
     raised = _failing(monkeypatch, "dense")
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
-    q, k, v = _qkv(mask, grad=grad)
+    q, k, v = generate_qkv(mask, batch=2, heads=2, kv_heads=1, head_dim=16, requires_grad=grad)
     with pytest.warns(
         RuntimeWarning, match=r"dense failed while auto timed it \(RuntimeError: ptxas fatal: out of reg"
     ) as w:
@@ -273,7 +269,7 @@ def test_a_candidate_failing_while_timed_is_dropped_with_one_warning(measured_cp
     )
     assert "  dense: dropped for this problem: it failed (RuntimeError: ptxas fatal: out of registers)" in str(e)
     # another problem key times both again
-    q2, k2, v2 = _qkv(mask, b=3, grad=grad)
+    q2, k2, v2 = generate_qkv(mask, batch=3, heads=2, kv_heads=1, head_dim=16, requires_grad=grad)
     with pytest.warns(RuntimeWarning, match="dense failed"):
         zorro_attention(q2, k2, v2, mask)
     assert auto._failed and auto._measured
@@ -320,7 +316,7 @@ def test_a_triton_kernel_failure_never_reaches_an_auto_caller(measured_cpu, monk
     monkeypatch.setattr(*((_fwd, "attention_forward") if where == "forward" else (_bwd, "attention_backward")), boom)
     monkeypatch.setattr(auto, "PRIORITY", {"cpu": ("triton", "segments")})
     mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
-    q, k, v = _qkv(mask, b=1, grad=True)
+    q, k, v = generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=16, requires_grad=True)
     with pytest.warns(RuntimeWarning, match=rf"triton failed while auto timed it \(KernelFailure: the Triton {where}"):
         out = zorro_attention(q, k, v, mask)
     out.sum().backward()

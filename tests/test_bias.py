@@ -9,46 +9,28 @@ import torch
 
 from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask, reference_attention, zorro_attention
 from zorro_kernels.attention import select_backend
+from zorro_kernels.testing import check_against_oracle, generate_qkv, named_masks, random_mask
 
-from .helpers import TRITON, deterministic, small_triton_tiles, triton_unavailable  # noqa: F401 (a fixture)
-from .layouts import named_masks, random_mask
-from .test_attention import make_qkv
-from .tolerances import check_against_oracle
+from .helpers import (  # noqa: F401 (small_triton_tiles: a fixture)
+    TRITON,
+    attn_fn,
+    dense_bias,
+    deterministic,
+    skip_interpreted_bf16,
+    small_triton_tiles,
+    triton_unavailable,
+    windows_mask,
+)
 
 BACKENDS = ["segments", "reference", TRITON]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-_INTERPRETED_BF16 = "bfloat16 arithmetic is wrong in Triton's CPU interpreter"
 pytestmark = pytest.mark.usefixtures("small_triton_tiles")
 
 
-def skip_interpreted_bf16(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip(_INTERPRETED_BF16)
-
-
-def attn_fn(backend):
-    return lambda q, k, v, mask, scale=None, bias=None: zorro_attention(
-        q, k, v, mask, bias=bias, scale=scale, backend=backend
-    )
-
-
-def dense_bias(mask, shape, *, b=2, h=4, dtype=torch.float32):
-    """A random bias of ``shape`` ("BHQK" letters kept, others 1), aligned right as SDPA broadcasts."""
-    full = {"B": mask.batch_size or b, "H": h, "Q": mask.num_q, "K": mask.num_kv}
-    return torch.randn([full[c] if c in full else 1 for c in shape], dtype=dtype)
-
-
-def windows_mask(grid=(4, 6), win=(2, 3), fusion=3, shift=(0, 0)):
-    """Swin-like: a 2-D grid in windows (window order), each window a segment seeing itself; fusion sees all.
-    Returns ``(mask, coords (N, 2) with -1 rows for fusion)``."""
-    from zorro_models.models.swin import window_order, window_partition
-
-    wins = window_partition(grid, win, shift)
-    perm, sizes = window_order(grid, wins)
-    yx = torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1]))[perm]
-    coords = torch.cat([yx, torch.full((fusion, 2), -1)])
-    segs = [(f"w/{i}", n) for i, n in enumerate(sizes)] + [("fusion", fusion)]
-    return ZorroMask.from_segments(segs, {"w/*": "self", "fusion": "*"}), coords
+def on_triton(*args, fast: bool = False):
+    """A case on the Triton backend: in its CPU interpreter one costs tens of seconds, so each test keeps one cheap
+    Triton case (``fast``) in the default tier and runs the rest under ``-m full``."""
+    return pytest.param("triton", *args, marks=[*TRITON.marks, *(() if fast else (pytest.mark.full,))])
 
 
 # ------------------------------------------------------------------------------------------------------ dense bias
@@ -59,7 +41,7 @@ FAST = (
     + [("segments", dt, n) for dt in DTYPES[1:] for n in ("ragged", "packed_causal")]
     + [("reference", dt, "ragged") for dt in DTYPES]
     + [
-        pytest.param("triton", dt, n, marks=TRITON.marks)
+        on_triton(dt, n, fast=n in ("packed_causal", "nothing_visible_rows", "cross_readout", "packed"))
         for dt, names in ((torch.float32, NAMED), (torch.float16, ("ragged", "packed")))
         for n in names
     ]
@@ -79,14 +61,14 @@ FULL = [
 def test_dense_bias_named_layouts(backend, dtype, name):
     mask = named_masks()[name]
     check_against_oracle(
-        attn_fn(backend), *make_qkv(mask, dtype=dtype), mask, bias=dense_bias(mask, "BHQK", dtype=dtype)
+        attn_fn(backend), *generate_qkv(mask, dtype=dtype), mask, bias=dense_bias(mask, "BHQK", dtype=dtype)
     )
 
 
 @pytest.mark.parametrize("shape", ["BHQK", "1HQK", "B1QK", "B11K", "11QK", "QK", "K", "B1Q1"])
 def test_dense_bias_broadcast_shapes(shape):
     mask = named_masks()["ragged"]
-    check_against_oracle(attn_fn("segments"), *make_qkv(mask), mask, bias=dense_bias(mask, shape))
+    check_against_oracle(attn_fn("segments"), *generate_qkv(mask), mask, bias=dense_bias(mask, shape))
 
 
 def test_dense_bias_random_layouts():
@@ -96,7 +78,11 @@ def test_dense_bias_random_layouts():
         h, hkv = rng.choice([(2, 2), (4, 1), (6, 2)])
         shape = rng.choice(["BHQK", "1HQK", "B11K", "QK"])
         check_against_oracle(
-            attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask, bias=dense_bias(mask, shape, h=h), seed=i
+            attn_fn("segments"),
+            *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=16),
+            mask,
+            bias=dense_bias(mask, shape, h=h),
+            seed=i,
         )
 
 
@@ -110,7 +96,7 @@ def test_dense_bias_random_layouts_many(dtype):
         shape = rng.choice(["BHQK", "1HQK", "B1QK", "B11K", "11QK", "K"])
         check_against_oracle(
             attn_fn("segments"),
-            *make_qkv(mask, h=h, hkv=hkv, d=rng.choice([16, 32]), dtype=dtype),
+            *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=rng.choice([16, 32]), dtype=dtype),
             mask,
             bias=dense_bias(mask, shape, h=h, dtype=dtype),
             seed=i,
@@ -120,7 +106,7 @@ def test_dense_bias_random_layouts_many(dtype):
 def test_bias_without_grad_runs_the_cpu_kernels():
     """A bias that needs no gradient takes the CPU flash-kernel path (forward and backward with the bias added)."""
     mask = named_masks()["packed_causal"]
-    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask))
     bias = dense_bias(mask, "BHQK")
     out = zorro_attention(q, k, v, mask, bias=bias)
     assert type(out.grad_fn).__name__ == "_SegmentAttentionCPUBackward"
@@ -132,11 +118,13 @@ def test_bias_without_grad_runs_the_cpu_kernels():
 
 
 # ------------------------------------------------------------------------------------------------------ -inf, NaN
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("grad_bias", [True, False])
+@pytest.mark.parametrize(
+    "backend, grad_bias",
+    [(b, g) for b in BACKENDS[:2] for g in (True, False)] + [on_triton(True), on_triton(False, fast=True)],
+)
 def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
     mask = ZorroMask.zorro(audio=7, video=21, fusion=2, lengths=torch.tensor([[7, 21, 2], [0, 21, 2], [5, 13, 2]]))
-    q, k, v = (t.requires_grad_() for t in make_qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask))
     bias = dense_bias(mask, "BHQK")
     bias[0, 1, 5] = float("-inf")  # one row of one head: every key -inf
     bias[1, :, 20:27] = float("-inf")  # rows of every head
@@ -154,12 +142,15 @@ def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
         assert (grads[3][0, 1, 5] == 0).all() and (grads[3][1, :, 20:27] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["ragged", "packed_causal", "cross_readout"])
+@pytest.mark.parametrize(
+    "backend, name",
+    [(b, n) for b in BACKENDS[:2] for n in ("ragged", "packed_causal", "cross_readout")]
+    + [on_triton("ragged"), on_triton("packed_causal", fast=True), on_triton("cross_readout")],
+)
 def test_bias_at_masked_positions_is_never_read(backend, name):
     """NaN in every masked bias entry: the same output and gradients as zeros there, and zero bias gradient there."""
     mask = named_masks()[name]
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     dense = mask.to_dense()
     dense = (dense[None] if dense.ndim == 2 else dense)[:, None].expand(q.shape[0], 4, -1, -1)
     clean = dense_bias(mask, "BHQK").masked_fill(~dense, 0.0)
@@ -176,14 +167,17 @@ def test_bias_at_masked_positions_is_never_read(backend, name):
     assert (runs[1][4][~dense] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["auto", "segments", "reference", TRITON])
-@pytest.mark.parametrize("shape", ["B11K", "BH1K", "K"])
+@pytest.mark.parametrize(
+    "backend, shape",
+    [(b, s) for b in ("auto", "segments", "reference") for s in ("B11K", "BH1K", "K")]
+    + [on_triton("B11K"), on_triton("BH1K"), on_triton("K", fast=True)],
+)
 def test_keys_a_padding_bias_hides_are_never_read(backend, shape):
     """Left padding as Hugging Face passes it, a key bias of -inf: NaN in those keys' K and V (uninitialised padding)
     never reaches any row or gradient — bitwise the run with zeros there. ``BH1K``: per-head biases; a kv head's key
     counts as hidden only where every query head of its group hides it."""
     mask = ZorroMask.zorro(audio=20, video=30, fusion=4)
-    q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
+    q, k, v = generate_qkv(mask, head_dim=16)
     b, n = q.shape[0], mask.num_kv
     hide = torch.zeros(b, 4, n, dtype=torch.bool)
     hide[0, :, :5] = True  # left padding of sample 0
@@ -211,22 +205,25 @@ def test_keys_a_padding_bias_hides_are_never_read(backend, shape):
 
 
 # ------------------------------------------------------------------------------------------------------ relative
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shift", [(0, 0), (1, 1)], ids=["regular", "shifted"])
+@pytest.mark.parametrize(
+    "backend, dtype, shift",
+    [(b, dt, s) for b in BACKENDS[:2] for dt in DTYPES for s in ((0, 0), (1, 1))]
+    + [on_triton(dt, s, fast=dt == torch.float32 and s == (0, 0)) for dt in DTYPES for s in ((0, 0), (1, 1))],
+    ids=str,
+)
 def test_relative_bias_windows(backend, dtype, shift):
     skip_interpreted_bf16(backend, dtype)
     mask, coords = windows_mask(shift=shift)
     table = torch.randn(4, 3 * 5, dtype=dtype)
     rpb = RelativePositionBias(table, coords, coords, (2, 3))
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype), mask, bias=rpb)
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask, dtype=dtype), mask, bias=rpb)
 
 
 @pytest.mark.parametrize("backend", ["segments", TRITON])
 def test_relative_bias_shared_table_and_dense_equivalence(backend):
     """The relative bias equals its materialised dense form, and one table serves every head with (1, T)."""
     mask, coords = windows_mask()
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     rpb = RelativePositionBias(torch.randn(1, 15), coords, coords, (2, 3))
     dense = rpb.materialize()
     assert dense.shape == (1, 1, mask.num_q, mask.num_kv)
@@ -258,7 +255,7 @@ def test_relative_bias_concat_2d_audio_3d_video_cross_attention(backend):
         [("aq", 5)], {"aq": ["audio", "fusion"]}, kv_segments=[("audio", 6), ("video", 8), ("fusion", 2)]
     )
     rpb = RelativePositionBias(torch.randn(4, pos.table_size), positions=pos)
-    check_against_oracle(attn_fn(backend), *make_qkv(mask), mask, bias=rpb)
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask), mask, bias=rpb)
     # video queries against video keys read the video part of the table
     pv2 = RelativePositions(video, video, (2, 2, 2))
     pa2 = RelativePositions(torch.full((8, 2), -1), torch.full((8, 2), -1), (2, 3))
@@ -283,7 +280,9 @@ def test_relative_bias_random_windows_many(backend):
             torch.randn(rng.choice([1, h]), (2 * win[0] - 1) * (2 * win[1] - 1)), coords, coords, win
         )
         with deterministic(backend == "triton" and i % 2 == 1):
-            check_against_oracle(attn_fn(backend), *make_qkv(mask, h=h, hkv=1, d=16), mask, bias=rpb, seed=i)
+            check_against_oracle(
+                attn_fn(backend), *generate_qkv(mask, heads=h, kv_heads=1, head_dim=16), mask, bias=rpb, seed=i
+            )
 
 
 # ------------------------------------------------------------------------------------------------------ dispatch
@@ -291,7 +290,7 @@ def test_every_backend_but_dense_takes_a_bias_and_auto_picks_segments_on_cpu():
     """On CPU ``auto`` runs a bias on the segment path (dense takes none, Triton there is only the interpreter); a
     forced Triton backend takes it."""
     mask = named_masks()["figure2_small"]
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     bias = dense_bias(mask, "BHQK")
     assert select_backend(q, k, v, mask, "auto", bias) == "segments"
     with pytest.raises(ValueError, match="backend .dense. cannot run this input: .*takes no attention bias"):
@@ -386,12 +385,19 @@ def test_bad_relative_bias_raises_clear_errors(make, exc, msg):
 
 
 # ------------------------------------------------------------------------------------------------------ compile
-@pytest.mark.parametrize("backend", ["auto", TRITON])
-@pytest.mark.parametrize("kind", ["dense", "relative"])
+@pytest.mark.parametrize(
+    "kind, backend",
+    [
+        ("dense", "auto"),
+        ("relative", "auto"),
+        ("dense", TRITON),
+        pytest.param("relative", "triton", marks=[*TRITON.marks, pytest.mark.full]),
+    ],
+)
 def test_compile_fullgraph_with_bias(kind, backend):
     """Under torch.compile(fullgraph=True) a bias goes through the custom ops, gradient included."""
     mask, coords = windows_mask(shift=(1, 1))
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     table = torch.randn(4, 15, requires_grad=True)
     dense = torch.randn(1, 4, mask.num_q, mask.num_kv, requires_grad=True)
     pos = RelativePositions(coords, coords, (2, 3))

@@ -59,6 +59,7 @@ def test_train_and_eval_on_clips_survive_bad_files(tmp_path, capsys):
     assert "supervised heads (mAP)" in capsys.readouterr().out
 
 
+@pytest.mark.full  # two tiny trainings and probes (minutes under load); CI runs the real demo after the tests
 def test_demo_writes_table_results_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--threads", "1", *TINY, "train.steps=2", "data.num_workers=0"])

@@ -7,14 +7,7 @@ import torch
 import zorro_kernels
 from zorro_kernels import ZorroMask, _ops, zorro_attention
 from zorro_kernels.backends import BACKENDS, Backend, backward_by_recompute
-
-
-def _qkv(mask, b=2, h=2, hkv=1, d=16, dtype=torch.float32):
-    return (
-        torch.randn(b, h, mask.num_q, d, dtype=dtype),
-        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
-        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
-    )
+from zorro_kernels.testing import generate_qkv
 
 
 def test_refusal_reasons_are_generated_from_the_declared_fields():
@@ -33,7 +26,7 @@ def test_refusal_reasons_are_generated_from_the_declared_fields():
         extra_reasons=lambda q, k, v, mask: ["and one more"],
     )
     mask = ZorroMask.zorro(audio=3, video=4, fusion=1)
-    q, k, v = _qkv(mask, d=64)
+    q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=64)
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -72,7 +65,7 @@ def test_segments_backward_without_cpu_kernels_recomputes(monkeypatch):
     import zorro_kernels.backends as backends
 
     mask = ZorroMask.zorro(audio=5, video=7, fusion=2, lengths=torch.tensor([[5, 7, 2], [2, 0, 1]]))
-    q, k, v = (t.requires_grad_() for t in _qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, heads=2, kv_heads=1, head_dim=16))
     want = zorro_attention(q, k, v, mask, backend="segments", scale=0.3)
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), g)
@@ -92,7 +85,7 @@ def test_segments_backward_without_cpu_kernels_recomputes(monkeypatch):
 
 def test_backward_by_recompute_matches_the_cpu_backward():
     mask = ZorroMask.packed([6, 9], causal=True)
-    q, k, v = _qkv(mask, hkv=2)
+    q, k, v = generate_qkv(mask, heads=2, head_dim=16)
     out, lse = BACKENDS["segments"].forward(q, k, v, mask, 0.25)
     dout = torch.randn_like(out)
     want = BACKENDS["segments"].backward(dout, q, k, v, out, lse, mask, 0.25)
@@ -107,7 +100,7 @@ def test_custom_ops_take_the_mask_description_and_find_it_by_content():
         [("x", 4), ("y", 6), ("z", 2)], {"x": ["x"], "y": ["y"], "z": "*"}, lengths=torch.tensor([[4, 6, 2], [1, 3, 2]])
     )
     assert a.key == b.key and a.key != a.with_lengths(torch.tensor([[4, 6, 2], [2, 3, 2]])).key
-    q, k, v = _qkv(a)
+    q, k, v = generate_qkv(a, heads=2, kv_heads=1, head_dim=16)
     out, lse = torch.ops.zorro.attention_fwd(q, k, v, *_ops.describe(a), 0.25, "segments")
     assert _ops._mask_from(*_ops.describe(b)) is _ops._mask_from(*_ops.describe(a))
     torch.testing.assert_close(out, zorro_attention(q, k, v, a, scale=0.25, backend="reference"), rtol=1e-5, atol=1e-6)
@@ -134,7 +127,7 @@ def test_public_surface_exports_no_internal_kernel_metadata():
 @pytest.mark.parametrize("backend", ["segments", "reference"])
 def test_eager_and_op_chain_agree(backend):
     mask = ZorroMask.zorro(audio=5, video=7, fusion=2)
-    q, k, v = (t.requires_grad_() for t in _qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, heads=2, kv_heads=1, head_dim=16))
     a = zorro_attention(q, k, v, mask, backend=backend)
     b = _ops.attention(q, k, v, mask, q.shape[-1] ** -0.5, backend)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -149,7 +142,7 @@ def test_custom_op_fakes_match_every_cpu_backend(backend):
     """The registered fakes promise contiguous out and lse: every backend's op output must keep that promise (22 x 22
     tokens: the dense backend's flash-kernel forward, whose LSE comes back transposed)."""
     mask = ZorroMask.zorro(audio=8, video=12, fusion=2, lengths=torch.tensor([[8, 12, 2], [1, 0, 2]]))
-    q, k, v = _qkv(mask, h=4, hkv=2)
+    q, k, v = generate_qkv(mask, head_dim=16)
     args = (q, k, v, *_ops.describe(mask), 0.25, backend)
     torch.library.opcheck(torch.ops.zorro.attention_fwd.default, args, test_utils=("test_faketensor",))
     out, lse = torch.ops.zorro.attention_fwd(*args)
@@ -166,7 +159,7 @@ def test_double_backward_is_exact_or_refused_in_our_words(backend):
     if backend == "triton" and triton_unavailable():
         pytest.skip("; ".join(triton_unavailable()))
     mask = ZorroMask.zorro(audio=5, video=7, fusion=2)
-    q, k, v = (t.requires_grad_() for t in _qkv(mask))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, heads=2, kv_heads=1, head_dim=16))
     out = zorro_attention(q, k, v, mask, backend=backend)
     if backend == "reference":
         (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)

@@ -199,3 +199,24 @@ def test_every_module_has_a_layer(package):
     for module, _ in _modules():
         if module.split(".")[0] == package:
             _layer(module)
+
+
+def test_tests_and_benchmarks_share_only_the_kit():
+    """No test module imports another test module, and no benchmark imports from tests/: what they share is
+    zorro_kernels.testing (and, among tests only, helper modules such as tests/helpers.py)."""
+    bad = []
+    for folder in ("tests", "benchmarks"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom):
+                    base = ("tests." if node.level and folder == "tests" else "") + (node.module or "")
+                    names = [base] + [f"{base}.{a.name}".lstrip(".") for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "tests" and (folder == "benchmarks" or parts[-1].startswith("test_")):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not bad, "imports of test modules (use zorro_kernels.testing or tests/helpers.py):\n" + "\n".join(bad)

@@ -1,7 +1,7 @@
 """Drop-in integrations: Hugging Face transformers (a real pretrained MiniLM, a tiny random GQA Llama), timm, xformers.
 
 Each section skips, saying why, when its library does not import. Numerical comparisons use the project's tolerance
-policy (tests/tolerances.py): the zorro model's error against the same model run in float64 on the reference path may
+policy (zorro_kernels.testing): the zorro model's error against the same model run in float64 on the reference path may
 be at most twice the error of the library's own float32 path, plus the float32 floor.
 """
 
@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.tolerances import FLOOR, assert_within_policy
 from zorro_kernels import ZorroMask
 from zorro_kernels.integrations import FallbackError, fallback_counts, reset_fallback_counts
+from zorro_kernels.testing import FLOOR, assert_within_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 F32 = torch.float32

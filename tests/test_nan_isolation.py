@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.testing import generate_qkv, named_masks
 
 from .isolation import check_isolation, poison_everything_unseen
-from .layouts import named_masks
 
 BACKENDS = ["reference", "segments", "dense", "auto"]  # auto: dense for these tiny layouts on CPU
 
@@ -17,14 +17,6 @@ def attn_fn(backend):
             q.float(), k.float(), v.float(), mask, scale=scale, backend=backend
         ).to(q.dtype)
     return lambda q, k, v, mask, scale=None: zorro_attention(q, k, v, mask, scale=scale, backend=backend)
-
-
-def _qkv(mask, b, h=2, hkv=2, d=16, dtype=torch.float64):
-    return (
-        torch.randn(b, h, mask.num_q, d, dtype=dtype),
-        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
-        torch.randn(b, hkv, mask.num_kv, d, dtype=dtype),
-    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -49,7 +41,7 @@ def test_reference_leaks_from_the_issue(backend, case):
     else:
         m = ZorroMask.from_segments([("q", 3)], {"q": "*"}, kv_segments=[("k", 7)], kv_lengths=torch.tensor([[7], [4]]))
     b = m.batch_size or 2
-    q, k, v = _qkv(m, b)
+    q, k, v = generate_qkv(m, batch=b, heads=2, head_dim=16, dtype=torch.float64)
     dense = m.to_dense()
     dense = (dense[None] if dense.ndim == 2 else dense).expand(b, -1, -1)
     none = torch.zeros(b, m.num_q, dtype=torch.bool)
@@ -72,7 +64,7 @@ def test_every_row_alone(backend, name):
     """For a few rows at a time, poison everything else: keys they may not attend, other rows' q and gradients."""
     mask = named_masks()[name]
     b = mask.batch_size or 2
-    q, k, v = _qkv(mask, b, h=4, hkv=2)
+    q, k, v = generate_qkv(mask, batch=b, head_dim=16, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         rows = torch.rand(b, mask.num_q, generator=gen) < 0.3

@@ -91,6 +91,7 @@ def test_bench_every_family(family, capsys):
 
 
 @pytest.mark.full
+@pytest.mark.ddp
 @pytest.mark.parametrize("family", ["swin", "hip"])
 def test_demo_and_torchrun_every_family(tmp_path, family, capsys):
     """`zorro demo --model NAME` compares the masks on any family; `torchrun -m zorro_models.train` trains it (two

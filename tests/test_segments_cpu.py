@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.isolation import check_isolation, poison_everything_unseen
-from tests.tolerances import check_against_oracle
 from zorro_kernels import ZorroMask, zorro_attention
 from zorro_kernels.backends.segments import _segment_attention_autograd, build_plan
+from zorro_kernels.testing import check_against_oracle
 
 
 def _windows(n_windows=3, size=7, fusion=3):

@@ -6,55 +6,12 @@ import pytest
 import torch
 
 from zorro_kernels import ZorroMask
-from zorro_kernels.tilemap import EMPTY, FULL, PARTIAL, build_tile_map
+from zorro_kernels.testing import named_masks, random_mask
+from zorro_kernels.tilemap import EMPTY, FULL
 
-from .layouts import named_masks, random_mask
+from .helpers import check_tile_map
 
 TILES = [(1, 1), (2, 3), (4, 4), (16, 16), (8, 32), (64, 16), (128, 64)]
-
-
-def expected_kinds(mask: ZorroMask, bm: int, bn: int) -> torch.Tensor:
-    """Classification straight from to_dense(): empty = no True, full = all True and wholly inside the matrix."""
-    d = mask.to_dense()
-    d = d[None] if d.ndim == 2 else d
-    b, nq, nk = d.shape
-    tq, tk = -(-nq // bm), -(-nk // bn)
-    padded = torch.zeros(b, tq * bm, tk * bn, dtype=torch.bool)
-    padded[:, :nq, :nk] = d
-    inside = torch.zeros(tq * bm, tk * bn, dtype=torch.bool)
-    inside[:nq, :nk] = True
-    blocks = padded.view(b, tq, bm, tk, bn)
-    any_ = blocks.any(4).any(2)
-    all_ = blocks.all(4).all(2) & inside.view(tq, bm, tk, bn).all(3).all(1)
-    kinds = torch.full((b, tq, tk), PARTIAL, dtype=torch.int8)
-    kinds[all_] = FULL
-    kinds[~any_] = EMPTY
-    return kinds
-
-
-def check_tile_map(mask: ZorroMask, bm: int, bn: int) -> None:
-    tm = build_tile_map(mask, bm, bn)
-    want = expected_kinds(mask, bm, bn)
-    got = tm.kinds.expand_as(want)
-    assert torch.equal(got, want), f"{mask!r}\ntiles {bm}x{bn}: got\n{got}\nwant\n{want}"
-    # the work lists enumerate exactly the tiles of each kind, ascending; the transposed lists too
-    for kind, num, idx, axis in (
-        (FULL, tm.full_kv_num, tm.full_kv_idx, 2),
-        (PARTIAL, tm.partial_kv_num, tm.partial_kv_idx, 2),
-        (FULL, tm.full_q_num, tm.full_q_idx, 1),
-        (PARTIAL, tm.partial_q_num, tm.partial_q_idx, 1),
-    ):
-        k = tm.kinds if axis == 2 else tm.kinds.transpose(1, 2)
-        for b in range(k.shape[0]):
-            for r in range(k.shape[1]):
-                cols = (k[b, r] == kind).nonzero().flatten().tolist()
-                assert num[b, r] == len(cols) and idx[b, r, : len(cols)].tolist() == cols
-    # the expansion of the tile map (partial tiles by the element rule) is the dense mask
-    meta = mask.token_meta()
-    rows, cols = torch.arange(mask.num_q), torch.arange(mask.num_kv)
-    elem = meta.element_mask(rows[None], cols[None])[:, 0]
-    dense = mask.to_dense()
-    assert torch.equal(elem.expand_as(dense[None] if dense.ndim == 2 else dense), dense.expand_as(elem))
 
 
 @pytest.mark.parametrize("name", sorted(named_masks()))

@@ -176,6 +176,7 @@ def _spawn_ranks(fn, world: int, overrides, out, tries: int = 3, timeout: float 
             shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("task", ["contrastive", pytest.param("supervised", marks=pytest.mark.full)])
 def test_two_gloo_ranks_match_one_process(tmp_path, task):
     """Two CPU ranks with batch 4 each vs one process with batch 8 over the same clips: the contrastive loss sees the
@@ -261,6 +262,7 @@ def _rank_records(out, world=2):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+@pytest.mark.ddp
 def test_unreadable_clips_of_one_rank_stop_every_rank(tmp_path):
     """Every clip rank 1 gets is corrupt, rank 0's are fine: half of the global batch is unreadable, so training
     stops. It used to stop on rank 1 alone (100% of *its* clips), while rank 0 waited in its gradient all-reduce for
@@ -278,6 +280,7 @@ def test_unreadable_clips_of_one_rank_stop_every_rank(tmp_path):
         assert r["trained"] == [] and r["step"] == 0  # every micro-batch had an empty part on rank 1
 
 
+@pytest.mark.ddp
 def test_a_micro_batch_one_rank_cannot_read_is_skipped_by_every_rank(tmp_path):
     """Rank 1's second micro-batch of epoch 0 is all corrupt, rank 0's is readable. Rank 1 used to skip it alone:
     its gradients were then averaged with rank 0's *second* micro-batch while it trained on its third, and its data
@@ -324,7 +327,15 @@ def _rank_with_a_full_disk(rank: int, world: int, port: int, job: tuple) -> None
     _rank_record(rank, world, port, overrides)
 
 
-@pytest.mark.parametrize("work", ["run folder", "checkpoint", "validation"])
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    "work",
+    [
+        pytest.param("run folder", marks=pytest.mark.full),
+        "checkpoint",
+        pytest.param("validation", marks=pytest.mark.full),
+    ],
+)
 def test_rank_0_failing_its_own_work_stops_every_rank(tmp_path, work):
     """Rank 0 alone prepares the run folder, writes checkpoints and validates. When that failed, rank 0 left with its
     error while rank 1 waited for it in a barrier or its next all-reduce (a hang under nccl; gloo's "Connection closed
@@ -351,6 +362,7 @@ def test_rank_0_failing_its_own_work_stops_every_rank(tmp_path, work):
     assert rank_0["step"] == rank_1["step"] == step
 
 
+@pytest.mark.ddp
 def test_a_raising_clip_of_one_rank_stops_every_rank(tmp_path):
     """data.on_error=raise and one corrupt clip, in rank 1's second micro-batch. Its ClipError used to stop rank 1
     alone, while rank 0 waited for it in the next all-reduce. Now the micro-batch's all-reduce carries the failure:
@@ -472,6 +484,7 @@ def _gather_main(rank: int, world: int, port: int, result_path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.ddp
 def test_gather_with_grad_uneven_ranks(tmp_path):
     mp.spawn(_gather_main, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
@@ -483,6 +496,7 @@ def test_gather_with_grad_uneven_ranks(tmp_path):
 
 
 @pytest.mark.full
+@pytest.mark.ddp
 def test_torchrun_entry_point(tmp_path):
     """The documented command: torchrun (here `python -m torch.distributed.run`) with the training module."""
     import subprocess

@@ -7,7 +7,6 @@ skipped in the interpreter (its bf16 arithmetic is wrong); the ``gpu`` tier chec
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -16,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import deterministic
-from tests.layouts import random_layout
-from tests.tolerances import check_against_oracle
+from tests.helpers import TRITON_CASES as CASES
+from tests.helpers import deterministic, gpu, zorro_ragged
 from zorro_kernels import ZorroMask, _ops, zorro_attention
 from zorro_kernels.backends import BACKENDS
 from zorro_kernels.backends import triton as triton_backend
 from zorro_kernels.backends.triton._config import override_blocks
+from zorro_kernels.testing import check_against_oracle, generate_qkv, random_layout
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -38,56 +37,6 @@ MODES = ["one_pass", "deterministic"]
 
 def triton_attn(q, k, v, mask, scale=None):
     return zorro_attention(q, k, v, mask, scale=scale, backend="triton")
-
-
-def qkv(b, h, nq, d, dtype, *, hkv=None, nk=None, device=DEV):
-    hkv, nk = hkv or h, nk or nq
-    return (
-        torch.randn(b, h, nq, d, dtype=dtype, device=device),
-        torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
-        torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
-    )
-
-
-def zorro_ragged(b=2):
-    lengths = torch.tensor([[20, 30, 4], [7, 0, 3]])[:b]
-    return ZorroMask.zorro(audio=20, video=30, fusion=4, lengths=lengths)
-
-
-# (id, mask builder, (B, H, Hkv, D), blocks)
-CASES = [
-    ("zorro", lambda: ZorroMask.zorro(audio=20, video=30, fusion=5), (2, 2, 2, 16), (16, 16)),
-    (
-        "odd_1_3_97",
-        lambda: ZorroMask.from_segments([("a", 1), ("b", 3), ("c", 93)], {"a": "*", "b": ["a", "b"], "c": ["c", "a"]}),
-        (1, 1, 1, 16),
-        (32, 32),
-    ),
-    (
-        "cross_97x113",
-        lambda: ZorroMask.from_segments(
-            [("a", 40), ("b", 57)], {"a": ["x"], "b": "*"}, kv_segments=[("x", 13), ("y", 100)]
-        ),
-        (1, 1, 1, 16),
-        (32, 32),
-    ),
-    (
-        "one_query_x_113",
-        lambda: ZorroMask.from_segments([("q", 1)], {"q": ["y"]}, kv_segments=[("x", 13), ("y", 100)]),
-        (2, 2, 1, 16),
-        (16, 32),
-    ),
-    ("ragged_empty", zorro_ragged, (2, 2, 1, 24), (16, 32)),
-    ("gqa_causal", lambda: ZorroMask.packed([19, 26], causal=True), (1, 4, 2, 32), (16, 16)),
-    (
-        "dead_rows",
-        lambda: ZorroMask.from_segments(
-            [("a", 10), ("ghost", 12), ("b", 20), ("empty", 0)], {"a": ["a", "b"], "b": ["b"]}
-        ),
-        (1, 2, 2, 16),
-        (16, 16),
-    ),
-]
 
 
 _BF16 = pytest.mark.skipif(
@@ -111,7 +60,7 @@ _ORACLE_MODES = [
 def test_against_oracle(case, dtype, mode):
     _, build, (b, h, hkv, d), blocks = case
     mask = build()
-    q, k, v = qkv(b, h, mask.num_q, d, dtype, hkv=hkv, nk=mask.num_kv)
+    q, k, v = generate_qkv(mask, batch=b, heads=h, kv_heads=hkv, head_dim=d, dtype=dtype, device=DEV)
     with override_blocks(blocks), deterministic(mode == "deterministic"):
         check_against_oracle(triton_attn, q, k, v, mask)
 
@@ -128,7 +77,7 @@ def test_cases_cover_every_tile_kind():
 @pytest.mark.parametrize("d", [64, 128])
 def test_head_dims(d):
     mask = ZorroMask.zorro(audio=9, video=14, fusion=3)
-    q, k, v = qkv(1, 1, mask.num_q, d, torch.float16)
+    q, k, v = generate_qkv(mask, batch=1, heads=1, kv_heads=1, head_dim=d, dtype=torch.float16, device=DEV)
     with override_blocks((16, 16)):
         check_against_oracle(triton_attn, q, k, v, mask, scale=0.3)
 
@@ -140,7 +89,7 @@ def test_dead_rows_exact():
         {"a": ["a"], "b": ["a", "b"]},
         lengths=torch.tensor([[10, 12, 20], [4, 12, 9]]),
     )
-    q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, batch=2, heads=2, head_dim=16, device=DEV))
     with override_blocks((16, 16)):
         out, lse = torch.ops.zorro.attention_fwd(
             q.detach(), k.detach(), v.detach(), *_ops.describe(mask), 0.25, "triton"
@@ -201,7 +150,7 @@ def test_many_segments_and_runs(dtype):
     mask = _many_segment_mask()
     assert kernel_mask(mask, "cpu").q_words == 2 and kernel_mask(mask, "cpu").k_words == 2
     assert tile_plan(mask, 16, 16, "kv", "cpu").max_runs == 2 and tile_plan(mask, 16, 16, "q", "cpu").max_runs == 3
-    q, k, v = qkv(1, 2, mask.num_q, 16, dtype, hkv=1)
+    q, k, v = generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=16, dtype=dtype, device=DEV)
     with override_blocks((16, 16)):
         check_against_oracle(triton_attn, q, k, v, mask)
 
@@ -215,7 +164,7 @@ def test_staggered_dkdv_start_is_exact(mode):
     mask = ZorroMask.zorro(audio=37, video=90, fusion=5, lengths=torch.tensor([[37, 90, 5], [20, 61, 5]]))
     plan = tile_plan(mask, 16, 16, "q", "cpu")
     assert max(int((plan.runs[..., 1] - plan.runs[..., 0]).max()), 0) >= 3  # a run the shift really rotates
-    q, k, v = qkv(2, 2, mask.num_q, 16, torch.float32, hkv=1)
+    q, k, v = generate_qkv(mask, batch=2, heads=2, kv_heads=1, head_dim=16, device=DEV)
     with override_blocks((16, 16)), deterministic(mode == "deterministic"):
         check_against_oracle(triton_attn, q, k, v, mask)
 
@@ -247,7 +196,7 @@ def _range_families() -> dict:
     import random
 
     from benchmarks import layouts as bl
-    from tests.layouts import named_masks, random_mask
+    from zorro_kernels.testing import named_masks, random_mask
 
     fams = dict(named_masks())
     small = dict(batch=2, heads=1, head_dim=16)
@@ -307,7 +256,7 @@ def test_tile_plan_forward_against_oracle(case):
 
     _, build, (b, h, hkv, d), blocks = case
     mask = build()
-    q, k, v = qkv(b, h, mask.num_q, d, torch.float32, hkv=hkv, nk=mask.num_kv)
+    q, k, v = generate_qkv(mask, batch=b, heads=h, kv_heads=hkv, head_dim=d, device=DEV)
     with override_blocks(blocks), override_plan("tiles"):
         check_against_oracle(triton_attn, q, k, v, mask, grad=False)
 
@@ -345,7 +294,7 @@ def test_backward_mode_follows_torch_determinism(monkeypatch, mode):
 
     monkeypatch.setattr(_bwd, "launch", record)
     mask = ZorroMask.zorro(audio=9, video=14, fusion=3)
-    q, k, v = qkv(1, 1, mask.num_q, 16, torch.float32)
+    q, k, v = generate_qkv(mask, batch=1, heads=1, kv_heads=1, head_dim=16, device=DEV)
     with override_blocks((16, 16)), deterministic(mode == "deterministic"):
         check_against_oracle(triton_attn, q, k, v, mask)
     if mode == "one_pass":
@@ -400,7 +349,7 @@ def _run(q, k, v, mask, d_out):
 
 def test_bitwise_rerun():
     mask = zorro_ragged()
-    q, k, v = qkv(2, 4, mask.num_q, 16, torch.float16, hkv=2)
+    q, k, v = generate_qkv(mask, batch=2, head_dim=16, dtype=torch.float16, device=DEV)
     d_out = torch.randn_like(q)
     with override_blocks((16, 16)), deterministic():
         first, second = _run(q, k, v, mask, d_out), _run(q, k, v, mask, d_out)
@@ -413,7 +362,7 @@ def test_nan_poison_does_not_leak():
     the poisoned run is bitwise equal to a clean run, whose accuracy the oracle tests cover."""
     mask = zorro_ragged()
     b, h, n, d = 2, 2, mask.num_q, 24
-    clean = qkv(b, h, n, d, torch.float32)
+    clean = generate_qkv(num_q=n, batch=b, heads=h, kv_heads=h, head_dim=d, device=DEV)
     q_pos = torch.cat([torch.arange(s) for s in mask.q_sizes])
     seg = torch.repeat_interleave(torch.arange(3), torch.tensor(mask.q_sizes))
     padding = (q_pos[None] >= mask.lengths[:, seg]).to(DEV)  # (B, N) ragged padding tokens
@@ -463,7 +412,7 @@ def test_poison_is_isolated(case, side, value, mode):
     _, build, blocks, poisoned = case
     mask = build()
     b, h, n, d = 1, 2, mask.num_q, 16
-    q, k, v = qkv(b, h, n, d, torch.float32)
+    q, k, v = generate_qkv(num_q=n, batch=b, heads=h, kv_heads=h, head_dim=d, device=DEV)
     d_out = torch.randn_like(q)
     dense = mask.to_dense().reshape(-1, n, mask.num_kv)[0].to(DEV)  # (Nq, Nk)
     hit = torch.zeros(n, dtype=torch.bool, device=DEV)
@@ -504,12 +453,20 @@ def test_non_contiguous_inputs():
 
 def test_refusals_name_the_numbers():
     mask = ZorroMask.zorro(audio=4, video=4)
-    reasons = BACKENDS["triton"].not_supported_reasons(*qkv(1, 1, 8, 320, torch.float32, device="cpu"), mask)
+    reasons = BACKENDS["triton"].not_supported_reasons(
+        *generate_qkv(num_q=8, batch=1, heads=1, kv_heads=1, head_dim=320), mask
+    )
     assert any("D=320" in r and "256" in r for r in reasons), reasons
-    reasons = BACKENDS["triton"].not_supported_reasons(*qkv(1, 1, 8, 16, torch.float64, device="cpu"), mask)
+    reasons = BACKENDS["triton"].not_supported_reasons(
+        *generate_qkv(num_q=8, batch=1, heads=1, kv_heads=1, head_dim=16, dtype=torch.float64), mask
+    )
     assert any("float64" in r for r in reasons), reasons
     with pytest.raises(ValueError, match="backend 'triton' cannot run"):
-        zorro_attention(*qkv(1, 1, 8, 16, torch.float64, device="cpu"), mask, backend="triton")
+        zorro_attention(
+            *generate_qkv(num_q=8, batch=1, heads=1, kv_heads=1, head_dim=16, dtype=torch.float64),
+            mask,
+            backend="triton",
+        )
 
 
 def test_import_and_refusal_without_triton():
@@ -549,7 +506,7 @@ def test_layout_sweep_never_changes_constexprs(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     for i in range(50):
         mask = random_layout(gen, 40, lengths=i % 2 == 1)
-        q, k, v = qkv(2, 2, mask.num_q, 16, torch.float16, device="cpu")
+        q, k, v = generate_qkv(mask, batch=2, heads=2, head_dim=16, dtype=torch.float16)
         out, lse = triton_backend.forward(q, k, v, mask, 0.25)
         triton_backend.backward(out, q, k, v, out, lse, mask, 0.25)
     names = [name for name, _, _ in seen]
@@ -596,7 +553,7 @@ def test_compile_fullgraph_segments_through_op():
     """The CPU path under compile goes through the same custom ops (impl='segments'): no graph break."""
     mask = ZorroMask.zorro(audio=10, video=14, fusion=3, lengths=torch.tensor([[10, 14, 3], [5, 9, 2]]))
     torch._dynamo.reset()
-    q, k, v = (t.requires_grad_() for t in qkv(2, 2, mask.num_q, 16, torch.float32, device="cpu"))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, batch=2, heads=2, head_dim=16))
     fn = torch.compile(
         lambda a, b, c: _ops.attention(a, b, c, mask, 0.25, "segments"), fullgraph=True, backend="aot_eager"
     )
@@ -612,11 +569,9 @@ def test_compile_fullgraph_segments_through_op():
         torch.testing.assert_close(g, t.grad, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(
-    "is_compiling" not in inspect.getsource(zorro_attention),
-    reason="needs the attention.py hook that routes compiled calls through the custom ops (see docs/triton.md)",
-)
 def test_compile_fullgraph_auto_cpu():
+    """backend="auto" on CPU under compile: zorro_attention routes the traced call through the custom ops
+    (``_ops._traced``), so fullgraph=True compiles without a graph break and matches eager."""
     _compile_matches_eager("auto", ZorroMask.zorro(audio=10, video=14, fusion=3))
 
 
@@ -625,7 +580,7 @@ def test_compile_fullgraph_auto_cpu():
 @pytest.mark.parametrize("d", [8, 16, 40, 80, 96, 256])
 def test_head_dims_full(d):
     mask = ZorroMask.zorro(audio=11, video=17, fusion=4, lengths=torch.tensor([[11, 17, 4], [3, 9, 1]]))
-    q, k, v = qkv(2, 2, mask.num_q, d, torch.float16, hkv=1)
+    q, k, v = generate_qkv(mask, batch=2, heads=2, kv_heads=1, head_dim=d, dtype=torch.float16, device=DEV)
     with override_blocks((16, 16)):
         check_against_oracle(triton_attn, q, k, v, mask)
 
@@ -653,7 +608,7 @@ def test_random_layouts_full(seed):
         causal=seed % 4 == 1,
     )
     dtype = (torch.float32, torch.float16)[seed % 2]
-    q, k, v = qkv(2, 2, mask.num_q, 16, dtype, hkv=(1, 2)[seed % 2], nk=mask.num_kv)
+    q, k, v = generate_qkv(mask, batch=2, heads=2, kv_heads=(1, 2)[seed % 2], head_dim=16, dtype=dtype, device=DEV)
     with override_blocks(((16, 16), (32, 16), (16, 32))[seed % 3]):
         check_against_oracle(triton_attn, q, k, v, mask)
 
@@ -690,10 +645,6 @@ def test_compile_fullgraph_inductor():
 GPU_DTYPES = [torch.float16, torch.bfloat16]
 
 
-def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(fn))
-
-
 def _fig2(b, lengths=False):
     lens = torch.tensor([[320, 1568, 8], [200, 1000, 8], [320, 0, 8], [17, 1568, 3]])[:b] if lengths else None
     return ZorroMask.zorro(audio=320, video=1568, fusion=8, lengths=lens)
@@ -704,7 +655,7 @@ def _fig2(b, lengths=False):
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_figure2(dtype, d):
     mask = _fig2(2, lengths=True)
-    q, k, v = qkv(2, 4, mask.num_q, d, dtype, device="cuda")
+    q, k, v = generate_qkv(mask, batch=2, kv_heads=4, head_dim=d, dtype=dtype, device="cuda")
     check_against_oracle(triton_attn, q, k, v, mask)
 
 
@@ -714,10 +665,10 @@ def test_gpu_cross_gqa_causal_odd(dtype):
     cross = ZorroMask.from_segments(
         [("a", 97), ("b", 1000)], {"a": ["x"], "b": "*"}, kv_segments=[("x", 113), ("y", 1025)]
     )
-    q, k, v = qkv(1, 4, cross.num_q, 64, dtype, hkv=2, nk=cross.num_kv, device="cuda")
+    q, k, v = generate_qkv(cross, batch=1, head_dim=64, dtype=dtype, device="cuda")
     check_against_oracle(triton_attn, q, k, v, cross)
     causal = ZorroMask.packed([1023, 1, 600], causal=True)
-    q, k, v = qkv(2, 4, causal.num_q, 64, dtype, hkv=1, device="cuda")
+    q, k, v = generate_qkv(causal, batch=2, kv_heads=1, head_dim=64, dtype=dtype, device="cuda")
     check_against_oracle(triton_attn, q, k, v, causal)
 
 
@@ -725,14 +676,14 @@ def test_gpu_cross_gqa_causal_odd(dtype):
 @pytest.mark.parametrize("d", [16, 80, 256])
 def test_gpu_head_dims(d):
     mask = _fig2(1)
-    q, k, v = qkv(1, 2, mask.num_q, d, torch.bfloat16, device="cuda")
+    q, k, v = generate_qkv(mask, batch=1, heads=2, head_dim=d, dtype=torch.bfloat16, device="cuda")
     check_against_oracle(triton_attn, q, k, v, mask)
 
 
 @gpu
 def test_gpu_fp32():
     mask = _fig2(2, lengths=True)
-    q, k, v = qkv(2, 2, mask.num_q, 64, torch.float32, device="cuda")
+    q, k, v = generate_qkv(mask, batch=2, heads=2, head_dim=64, device="cuda")
     check_against_oracle(triton_attn, q, k, v, mask)
 
 
@@ -740,7 +691,7 @@ def test_gpu_fp32():
 def test_gpu_bitwise_rerun_and_nan_poison():
     mask = _fig2(4, lengths=True)
     n = mask.num_q
-    q, k, v = qkv(4, 4, n, 64, torch.bfloat16, hkv=2, device="cuda")
+    q, k, v = generate_qkv(num_q=n, batch=4, head_dim=64, dtype=torch.bfloat16, device="cuda")
     d_out = torch.randn_like(q)
     with deterministic():
         first, second = _run(q, k, v, mask, d_out), _run(q, k, v, mask, d_out)

@@ -14,13 +14,10 @@ import torch
 from zorro_kernels import RelativePositionBias, RelativePositions, ZorroMask, zorro_attention
 from zorro_kernels.backends.triton import _bias as triton_bias
 from zorro_kernels.backends.triton._config import override_blocks, override_plan
+from zorro_kernels.testing import check_against_oracle, generate_qkv, random_mask
 
-from .helpers import deterministic, triton_unavailable
-from .layouts import random_mask
-from .test_attention import make_qkv
-from .test_bias import dense_bias, windows_mask
-from .test_triton import CASES, gpu, qkv
-from .tolerances import check_against_oracle
+from .helpers import TRITON_CASES as CASES
+from .helpers import dense_bias, deterministic, gpu, random_window_mask, triton_unavailable, windows_mask
 
 _OFF = triton_unavailable()
 pytestmark = pytest.mark.skipif(bool(_OFF), reason="; ".join(_OFF))
@@ -37,22 +34,31 @@ def check(q, k, v, mask, bias, *, mode="one_pass", blocks=(16, 16), **kw):
 
 
 # ------------------------------------------------------------------------------------------------------ dense
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# in the interpreter the plain Zorro case costs a minute and adds nothing the others lack: -m full
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.full) if c[0] == "zorro" else c for c in CASES],
+    ids=[c[0] for c in CASES],
+)
 def test_dense_bias_over_the_kernel_cases(case):
     """Odd lengths (1, 3, 97, 113), cross-attention, GQA, causal, ragged lengths, empty segments, dead rows."""
     _, build, (b, h, hkv, d), blocks = case
     mask = build()
-    q, k, v = qkv(b, h, mask.num_q, d, torch.float32, hkv=hkv, nk=mask.num_kv, device="cpu")
+    q, k, v = generate_qkv(mask, batch=b, heads=h, kv_heads=hkv, head_dim=d)
     check(q, k, v, mask, dense_bias(mask, "BHQK", b=b, h=h), blocks=blocks)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", ["BHQK", "1HQK", "B11K", "QK", "B1Q1", "K"])
+# the default tier keeps the cheap broadcast shapes (the full-size store path runs in the kernel cases above); the
+# shapes with a full (Q, K) plane cost over a minute each in the interpreter: -m full
+@pytest.mark.parametrize(
+    "shape", [pytest.param(s, marks=pytest.mark.full) for s in ("BHQK", "1HQK", "B11K")] + ["QK", "B1Q1", "K"]
+)
 def test_dense_bias_broadcast_gradients(shape, mode):
     """A full-size bias gets its gradient by stores; a broadcast one by fp32 atomics (one pass) or a full buffer
     summed over the broadcast dims (deterministic)."""
     mask = ZorroMask.zorro(audio=20, video=30, fusion=4, lengths=torch.tensor([[20, 30, 4], [7, 0, 3]]))
-    check(*make_qkv(mask, h=4, hkv=2, d=16), mask, dense_bias(mask, shape), mode=mode)
+    check(*generate_qkv(mask, head_dim=16), mask, dense_bias(mask, shape), mode=mode)
 
 
 @pytest.mark.parametrize("plan", ["ranges", "tiles"])
@@ -60,13 +66,17 @@ def test_dense_bias_broadcast_gradients(shape, mode):
 def test_dense_bias_both_forward_plans(plan, dtype):
     mask = ZorroMask.zorro(audio=21, video=24, fusion=2)
     with override_plan(plan):
-        check(*make_qkv(mask, h=2, hkv=1, d=16, dtype=dtype), mask, dense_bias(mask, "BHQK", dtype=dtype, h=2))
+        check(
+            *generate_qkv(mask, heads=2, kv_heads=1, head_dim=16, dtype=dtype),
+            mask,
+            dense_bias(mask, "BHQK", dtype=dtype, h=2),
+        )
 
 
 def test_bias_without_grad_writes_no_gradient(monkeypatch):
     """A bias that needs no gradient (a float attention mask) costs the backward no gradient buffer."""
     mask = ZorroMask.zorro(audio=20, video=30, fusion=4)
-    q, k, v = (t.requires_grad_() for t in make_qkv(mask, h=2, hkv=2, d=16))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, heads=2, head_dim=16))
     bias = dense_bias(mask, "B1QK")
     modes = []
     real = triton_bias.bias_grad
@@ -94,7 +104,7 @@ def test_relative_bias_table_gradient_modes(shift, mode):
     """The table's gradient: fp32 atomics into (H, T) (one pass), or a full buffer and index_add (deterministic)."""
     mask, coords = windows_mask(grid=(6, 7), win=(3, 3), shift=shift)
     rpb = RelativePositionBias(torch.randn(4, 25), coords, coords, (3, 3))
-    check(*make_qkv(mask, h=4, hkv=2, d=16), mask, rpb, mode=mode)
+    check(*generate_qkv(mask, head_dim=16), mask, rpb, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -104,7 +114,7 @@ def test_relative_bias_shared_table_gqa_ragged(mode):
     lengths = torch.tensor([list(mask.q_sizes), [max(0, s - 2) for s in mask.q_sizes]])
     mask = mask.with_lengths(lengths)
     rpb = RelativePositionBias(torch.randn(1, 15), coords, coords, (2, 3))
-    check(*make_qkv(mask, h=4, hkv=1, d=16), mask, rpb, mode=mode)
+    check(*generate_qkv(mask, kv_heads=1, head_dim=16), mask, rpb, mode=mode)
 
 
 def test_relative_bias_causal_sliding_window_1d():
@@ -114,7 +124,7 @@ def test_relative_bias_causal_sliding_window_1d():
     mask = ZorroMask.from_segments([("x", n)], {"x": "*"}, causal=True, window=(w, 0))
     pos = torch.arange(n)[:, None]
     rpb = RelativePositionBias(torch.randn(2, 2 * (w + 1) - 1), pos, pos, (w + 1,))
-    check(*make_qkv(mask, b=1, h=2, hkv=1, d=16), mask, rpb)
+    check(*generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=16), mask, rpb)
 
 
 def test_relative_index_is_linear_in_the_coordinates():
@@ -142,7 +152,7 @@ def test_relative_bias_beyond_the_extent_raises_the_shared_error(window):
     kernels' linear index would alias it). With a window the pair is outside the band and the call is fine."""
     pos = torch.arange(9)[:, None]
     mask = ZorroMask.from_segments([("x", 9)], {"x": "*"}, window=window)
-    q, k, v = make_qkv(mask, h=4, hkv=4, d=16)
+    q, k, v = generate_qkv(mask, kv_heads=4, head_dim=16)
     rpb = RelativePositionBias(torch.randn(4, 3), pos, pos, (2,))
     if window is None:
         for backend in ("segments", "triton"):
@@ -156,7 +166,7 @@ def test_positions_built_per_call_do_not_grow_the_mask_cache():
     """The README builds ``RelativePositionBias(table, coords, coords, extent)`` inline: a training loop doing that
     each step must not accumulate one entry per positions object on the (long-lived) mask."""
     mask, coords = windows_mask()
-    q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
+    q, k, v = generate_qkv(mask, head_dim=16)
     table = torch.randn(4, 15)
     sizes = []
     for _ in range(3):
@@ -173,7 +183,7 @@ def test_poisoned_keys_stay_isolated_with_a_bias(kind, plan):
     not see them, get bitwise the clean output and dq with either bias kind (the bias joins the score before the
     element mask selects, on partial tiles; the range plan never loads those keys for audio rows)."""
     mask = ZorroMask.zorro(audio=70, video=60, fusion=2)
-    q, k, v = make_qkv(mask, b=1, h=2, hkv=2, d=16)
+    q, k, v = generate_qkv(mask, batch=1, heads=2, head_dim=16)
     n = mask.num_q
     pos = torch.arange(n)[:, None] % 70
     bias = torch.randn(1, 2, n, n) if kind == "dense" else RelativePositionBias(torch.randn(2, 139), pos, pos, (70,))
@@ -196,7 +206,7 @@ def test_poisoned_keys_stay_isolated_with_a_bias(kind, plan):
 def test_minus_inf_rows_on_full_tiles(mode):
     """Rows whose every key is -inf inside *full* tiles (no element mask to fall back on): output 0, gradients 0."""
     mask = ZorroMask.from_segments([("x", 48)], {"x": "*"})
-    q, k, v = (t.requires_grad_() for t in make_qkv(mask, b=1, h=2, hkv=2, d=16))
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, batch=1, heads=2, head_dim=16))
     bias = torch.randn(1, 2, 48, 48)
     bias[0, 1, 3:20] = float("-inf")
     bias.requires_grad_()
@@ -213,7 +223,9 @@ def test_minus_inf_rows_on_full_tiles(mode):
 def test_windows_with_segments_and_bias(window, causal, mode):
     """Sliding windows on a segment layout, with a dense bias: both band edges, one edge, causal plus a window."""
     mask = ZorroMask.from_segments([("a", 40), ("b", 37)], {"a": ["a"], "b": ["a", "b"]}, causal=causal, window=window)
-    check(*make_qkv(mask, b=1, h=2, hkv=1, d=16), mask, dense_bias(mask, "1HQK", h=2), mode=mode)
+    check(
+        *generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=16), mask, dense_bias(mask, "1HQK", h=2), mode=mode
+    )
 
 
 def test_window_cross_attention_ragged_gqa():
@@ -224,7 +236,7 @@ def test_window_cross_attention_ragged_gqa():
         window=(10, 2),
         kv_lengths=torch.tensor([[20, 33], [5, 11]]),
     )
-    check(*make_qkv(mask, h=4, hkv=2, d=16), mask, dense_bias(mask, "BHQK"))
+    check(*generate_qkv(mask, head_dim=16), mask, dense_bias(mask, "BHQK"))
 
 
 @pytest.mark.parametrize("window", [(-1, 4), (6, 6)])
@@ -238,7 +250,7 @@ def test_window_forward_plans(window):
     with override_plan("ranges"), override_blocks((16, 16)):
         plan, _ = forward_plan(mask, choose_blocks(16, torch.float32), "cpu")
         assert isinstance(plan, RangePlan) == (window[0] == -1)
-        check_against_oracle(triton_attn, *make_qkv(mask, h=2, hkv=2, d=16), mask)
+        check_against_oracle(triton_attn, *generate_qkv(mask, heads=2, head_dim=16), mask)
 
 
 # ------------------------------------------------------------------------------------------------------ compile
@@ -246,7 +258,7 @@ def test_compile_fullgraph_relative_bias_and_window_no_dbias():
     """Under torch.compile a table that needs no gradient and a window go through the custom ops."""
     mask, coords = windows_mask(shift=(1, 1))
     mask = ZorroMask(list(zip(mask.q_names, mask.q_sizes)), mask.allow, window=(8, 8))
-    q, k, v = make_qkv(mask, h=4, hkv=2, d=16)
+    q, k, v = generate_qkv(mask, head_dim=16)
     pos = RelativePositions(coords, coords, (2, 3))
     table = torch.randn(4, 15)
     f = lambda a, b, c: zorro_attention(
@@ -277,8 +289,6 @@ def test_random_layouts_with_biases_and_windows_many(mode):
     random dense bias shape, GQA, fp32 and fp16."""
     import random
 
-    from .test_window import random_window_mask
-
     rng = random.Random(23 + len(mode))
     for i in range(40):
         mask = random_window_mask(rng) if rng.random() < 0.6 else random_mask(rng, sizes=(0, 1, 3, 17, 33))
@@ -287,7 +297,7 @@ def test_random_layouts_with_biases_and_windows_many(mode):
         shape = rng.choice(["BHQK", "1HQK", "B11K", "QK", "B1Q1"])
         bias = dense_bias(mask, shape, h=h, dtype=dtype)
         check(
-            *make_qkv(mask, h=h, hkv=hkv, d=16, dtype=dtype),
+            *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=16, dtype=dtype),
             mask,
             bias,
             mode=mode,
@@ -316,7 +326,7 @@ def test_gpu_biases_and_windows(kind, dtype, mode):
         )
         i = torch.arange(1800)
         bias = -0.05 * (i[:, None] - i[None, :]).abs().float().to(dtype)[None, None]
-    q, k, v = (t.cuda() for t in make_qkv(mask, b=2, h=8, hkv=2, d=64, dtype=dtype))
+    q, k, v = (t.cuda() for t in generate_qkv(mask, batch=2, heads=8, head_dim=64, dtype=dtype))
     if isinstance(bias, torch.Tensor):
         bias = bias.cuda()
     with deterministic(mode == "deterministic"):

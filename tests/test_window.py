@@ -9,14 +9,20 @@ import torch
 
 from zorro_kernels import ZorroMask, zorro_attention
 from zorro_kernels.attention import select_backend
+from zorro_kernels.testing import check_against_oracle, generate_qkv
 from zorro_kernels.tilemap import EMPTY, build_tile_map
 
-from .helpers import TRITON, deterministic, small_triton_tiles, triton_unavailable  # noqa: F401 (a fixture)
-from .layouts import random_mask
-from .test_attention import make_qkv
-from .test_bias import attn_fn, dense_bias, skip_interpreted_bf16
-from .test_tilemap import check_tile_map
-from .tolerances import check_against_oracle
+from .helpers import (  # noqa: F401 (small_triton_tiles: a fixture)
+    TRITON,
+    attn_fn,
+    check_tile_map,
+    dense_bias,
+    deterministic,
+    random_window_mask,
+    skip_interpreted_bf16,
+    small_triton_tiles,
+    triton_unavailable,
+)
 
 pytestmark = pytest.mark.usefixtures("small_triton_tiles")
 
@@ -55,20 +61,6 @@ def test_window_combines_with_segments_lengths_and_causal():
     assert "window=(4, -1)" in repr(wm)
 
 
-def random_window_mask(rng: random.Random) -> ZorroMask:
-    base = random_mask(rng, sizes=(0, 1, 2, 3, 5, 13, 17, 31))
-    window = (rng.choice([-1, 0, 1, 3, 8]), rng.choice([-1, 0, 2, 5]))
-    return ZorroMask(
-        list(zip(base.q_names, base.q_sizes)),
-        base.allow,
-        kv_segments=None if base.is_self else list(zip(base.kv_names, base.kv_sizes)),
-        lengths=base.lengths,
-        kv_lengths=None if base.is_self else base.kv_lengths,
-        causal=base.causal,
-        window=window,
-    )
-
-
 def test_attended_counts_random_windows():
     rng = random.Random(2)
     for _ in range(60):
@@ -105,7 +97,7 @@ def test_windows_against_the_oracle(backend, dtype):
     rng = random.Random(9)
     for i in range({"segments": 8, "triton": 6}.get(backend, 3)):
         mask = random_window_mask(rng)
-        check_against_oracle(attn_fn(backend), *make_qkv(mask, dtype=dtype, d=16), mask, seed=i)
+        check_against_oracle(attn_fn(backend), *generate_qkv(mask, head_dim=16, dtype=dtype), mask, seed=i)
 
 
 def test_long_window_segments_steps_skip_the_outside():
@@ -118,7 +110,7 @@ def test_long_window_segments_steps_skip_the_outside():
         (st.q_ranges[0][1] - st.q_ranges[0][0]) * sum(e - s for s, e in st.k_ranges) for st in plan.patterns[0].steps
     )
     assert work < 3 * int(mask.attended())
-    check_against_oracle(attn_fn("segments"), *make_qkv(mask, b=1, h=2, hkv=1, d=8), mask)
+    check_against_oracle(attn_fn("segments"), *generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=8), mask)
 
 
 @pytest.mark.parametrize("backend", ["segments", TRITON])
@@ -130,7 +122,7 @@ def test_window_with_bias_and_gqa(backend):
         window=(5, -1),
         lengths=torch.tensor([[20, 13], [11, 4]]),
     )
-    check_against_oracle(attn_fn(backend), *make_qkv(mask, h=4, hkv=2), mask, bias=dense_bias(mask, "B11K"))
+    check_against_oracle(attn_fn(backend), *generate_qkv(mask), mask, bias=dense_bias(mask, "B11K"))
 
 
 @pytest.mark.full
@@ -139,12 +131,12 @@ def test_windows_against_the_oracle_many():
     for i in range(150):
         mask = random_window_mask(rng)
         h, hkv = rng.choice([(1, 1), (4, 1), (6, 3)])
-        check_against_oracle(attn_fn("segments"), *make_qkv(mask, h=h, hkv=hkv, d=16), mask, seed=i)
+        check_against_oracle(attn_fn("segments"), *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=16), mask, seed=i)
 
 
 def test_every_backend_takes_windows_and_auto_picks_segments_on_cpu():
     mask = ZorroMask.from_segments([("x", 40)], {"x": "*"}, window=(4, 4))
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     assert select_backend(q, k, v, mask) == "segments"
     want = zorro_attention(q, k, v, mask, backend="reference")
     for backend in ["segments", "dense"] + ([] if triton_unavailable() else ["triton"]):
@@ -156,7 +148,7 @@ def test_triton_keys_outside_the_band_never_reach_a_row():
     """Keys outside the band poisoned by NaN: the rows that may not see them are finite and bitwise equal to a clean
     run (most of those tiles are empty and never loaded; the band's edge tiles select)."""
     mask = ZorroMask.from_segments([("x", 160)], {"x": "*"}, causal=True, window=(15, 0))
-    q, k, v = make_qkv(mask, b=1, h=2, hkv=1, d=16)
+    q, k, v = generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=16)
     tm = build_tile_map(mask, 16, 16)
     assert (tm.kinds == EMPTY).float().mean() > 0.75
     runs = []
@@ -176,7 +168,7 @@ def test_triton_keys_outside_the_band_never_reach_a_row():
 
 def test_compile_fullgraph_with_window():
     mask = ZorroMask.from_segments([("x", 40)], {"x": "*"}, causal=True, window=(6, -1))
-    q, k, v = make_qkv(mask)
+    q, k, v = generate_qkv(mask)
     fn = torch.compile(lambda a, b, c: zorro_attention(a, b, c, mask), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k, v), zorro_attention(q, k, v, mask))
 
