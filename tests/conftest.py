@@ -5,6 +5,10 @@ on before the first ``@triton.jit`` is evaluated, i.e. before zorro_kernels' Tri
 """
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +18,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +31,22 @@ def _seed():
 def pytest_report_header(config):
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return [f"torch {torch.__version__}, CUDA device: {cuda}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """A copy of what a fresh clone holds (tracked and new, not ignored, files) with ``.venv`` pointing at the
+    environment running the tests: the state after ``bash scripts/bootstrap.sh``."""
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "zorro").exists():
+        pytest.skip(f"{venv} has no zorro command: run the walk from the bootstrapped .venv")
+    dest = tmp_path_factory.mktemp("fresh_clone")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    (dest / ".venv").symlink_to(venv)
+    return dest

@@ -4,7 +4,11 @@ its deterministic backward), the Triton kernel cases, bias and window layouts sh
 files, and the exact tile-map check."""
 
 import contextlib
+import importlib.util
 import random
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,8 @@ import torch
 from zorro_kernels import ZorroMask, zorro_attention
 from zorro_kernels.testing import random_mask
 from zorro_kernels.tilemap import EMPTY, FULL, PARTIAL, build_tile_map
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A model small enough for CPU tests: 2 frames of 16x16 (8 video tokens), 16x16 spectrogram (4 audio tokens).
 TINY = [
@@ -260,3 +266,47 @@ def check_tile_map(mask: ZorroMask, bm: int, bn: int) -> None:
     elem = meta.element_mask(rows[None], cols[None])[:, 0]
     dense = mask.to_dense()
     assert torch.equal(elem.expand_as(dense[None] if dense.ndim == 2 else dense), dense.expand_as(elem))
+
+
+def check_shell_command(cmd: str, monkeypatch) -> None:
+    """A README/docs shell command parses as bash; every program, script, module and config it names exists; zorro
+    commands parse as the CLI parses them, and their configs load with their settings."""
+    import zorro_models.cli as cli
+    from zorro_models.training.config import load_config
+
+    assert subprocess.run(["bash", "-n", "-c", cmd]).returncode == 0
+    words_all = shlex.split(cmd, comments=True)
+    parts = [[]]
+    for w in words_all:
+        if w == "&&":
+            parts.append([])
+        else:
+            parts[-1].append(w)
+    for words in parts:
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes
+            words.pop(0)
+        prog, args = words[0], words[1:]
+        if prog == "bash":
+            assert (ROOT / args[0]).is_file(), args[0]
+        elif prog == ".venv/bin/python":
+            if args[0] == "-m":
+                assert importlib.util.find_spec(args[1]) is not None, args[1]
+            else:
+                assert (ROOT / args[0]).is_file(), args[0]
+                if args[0].startswith("examples/") or args[0].startswith("benchmarks/"):
+                    compile((ROOT / args[0]).read_text(), args[0], "exec")
+        elif prog == ".venv/bin/zorro":
+            seen = {}
+            for name in cli.COMMANDS:
+                monkeypatch.setitem(cli.COMMANDS, name, lambda a: seen.update(vars(a)) or 0)
+            assert cli.main(args) == 0
+            if seen.get("config"):
+                load_config(ROOT / seen["config"], seen["overrides"])
+        elif prog == ".venv/bin/torchrun":
+            module = args[args.index("-m") + 1]
+            assert importlib.util.find_spec(module) is not None
+            rest = args[args.index("-m") + 2 :]
+            config = ROOT / rest[rest.index("--config") + 1] if "--config" in rest else None
+            load_config(config, [a for a in rest if "=" in a])
+        else:
+            pytest.fail(f"unknown program {prog!r} in {cmd!r}: add a check here")

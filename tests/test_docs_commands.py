@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_readme import fresh_clone, test_readme_shell_command_is_well_formed  # noqa: F401 - the fixture is used
+from tests.helpers import check_shell_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -95,7 +95,7 @@ def test_docs_command_is_well_formed(page, cmd, monkeypatch):
         pytest.skip(_elsewhere(cmd) or "names the reader's own files")
     if cmd.startswith(".venv/bin/pip "):
         return  # an install: nothing of ours to check
-    test_readme_shell_command_is_well_formed(cmd, monkeypatch)
+    check_shell_command(cmd, monkeypatch)
 
 
 def stated_table(page: str, marker: str) -> dict:
@@ -126,7 +126,7 @@ STATED = {("training.md", ".venv/bin/zorro demo --out zorro_demo"): ("training.m
 
 @pytest.mark.full
 @pytest.mark.parametrize("page,cmd", COMMANDS, ids=IDS)
-def test_docs_command_runs(page, cmd, fresh_clone):  # noqa: F811 - the fixture
+def test_docs_command_runs(page, cmd, fresh_clone):
     if _elsewhere(cmd) or any(p in cmd for p in PLACEHOLDERS) or any(r in cmd for r in RECORDS):
         pytest.skip(_elsewhere(cmd) or "names the reader's own files or records a past run")
     if cmd.startswith(".venv/bin/pip "):

@@ -6,16 +6,15 @@ a reader pasting them in order would). The section "Drop it into your transforme
 tests/test_docs_integrations.py, which also knows which third-party libraries each subsection needs.
 """
 
-import importlib.util
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import check_shell_command
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -132,64 +131,7 @@ def test_readme_shell_commands_are_found():
 def test_readme_shell_command_is_well_formed(cmd, monkeypatch):
     """Parses as bash; every program, script, module and config it names exists; zorro commands parse as the CLI
     parses them, and their configs load with their settings."""
-    import zorro_models.cli as cli
-    from zorro_models.training.config import load_config
-
-    assert subprocess.run(["bash", "-n", "-c", cmd]).returncode == 0
-    words_all = shlex.split(cmd, comments=True)
-    parts = [[]]
-    for w in words_all:
-        if w == "&&":
-            parts.append([])
-        else:
-            parts[-1].append(w)
-    for words in parts:
-        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes
-            words.pop(0)
-        prog, args = words[0], words[1:]
-        if prog == "bash":
-            assert (ROOT / args[0]).is_file(), args[0]
-        elif prog == ".venv/bin/python":
-            if args[0] == "-m":
-                assert importlib.util.find_spec(args[1]) is not None, args[1]
-            else:
-                assert (ROOT / args[0]).is_file(), args[0]
-                if args[0].startswith("examples/") or args[0].startswith("benchmarks/"):
-                    compile((ROOT / args[0]).read_text(), args[0], "exec")
-        elif prog == ".venv/bin/zorro":
-            seen = {}
-            for name in cli.COMMANDS:
-                monkeypatch.setitem(cli.COMMANDS, name, lambda a: seen.update(vars(a)) or 0)
-            assert cli.main(args) == 0
-            if seen.get("config"):
-                load_config(ROOT / seen["config"], seen["overrides"])
-        elif prog == ".venv/bin/torchrun":
-            module = args[args.index("-m") + 1]
-            assert importlib.util.find_spec(module) is not None
-            rest = args[args.index("-m") + 2 :]
-            config = ROOT / rest[rest.index("--config") + 1] if "--config" in rest else None
-            load_config(config, [a for a in rest if "=" in a])
-        else:
-            pytest.fail(f"unknown program {prog!r} in {cmd!r}: add a check here")
-
-
-@pytest.fixture(scope="module")
-def fresh_clone(tmp_path_factory):
-    """A copy of what a fresh clone holds (tracked and new, not ignored, files) with ``.venv`` pointing at the
-    environment running the tests: the state after ``bash scripts/bootstrap.sh``."""
-    venv = Path(sys.prefix)
-    if not (venv / "bin" / "zorro").exists():
-        pytest.skip(f"{venv} has no zorro command: run the walk from the bootstrapped .venv")
-    dest = tmp_path_factory.mktemp("fresh_clone")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    (dest / ".venv").symlink_to(venv)
-    return dest
+    check_shell_command(cmd, monkeypatch)
 
 
 @pytest.mark.full
