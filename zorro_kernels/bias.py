@@ -21,11 +21,13 @@ padding) is never read (:func:`hide_dead_keys`). Two forms:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .mask import as_int_tensor
+from .mask import MAX_TOKENS, as_int_tensor
 
 __all__ = [
     "RelativePositions",
@@ -74,8 +76,14 @@ class RelativePositions:
             extent = extent.tolist()
         if isinstance(extent, (str, bytes)) or not isinstance(extent, Sequence) or not extent:
             raise TypeError(f"extent must be a non-empty sequence of positive ints, got {extent!r}")
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in extent):
-            raise ValueError(f"extent must hold positive ints, got {list(extent)}")
+        if any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 1 <= e <= MAX_TOKENS for e in extent):
+            raise ValueError(f"extent must hold ints in [1, {MAX_TOKENS}], got {list(extent)}")
+        columns = math.prod(2 * int(e) - 1 for e in extent)
+        if columns > MAX_TOKENS:
+            raise ValueError(
+                f"extent {[int(e) for e in extent]} needs a table of {columns} columns, more than {MAX_TOKENS}"
+            )
+        extent = [int(e) for e in extent]
         for name, c in (("q_coords", q), ("k_coords", k)):
             if c.shape[1] != len(extent):
                 raise ValueError(f"{name} has {c.shape[1]} axes but extent has {len(extent)} ({list(extent)})")
