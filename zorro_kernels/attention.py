@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import _ops, auto
-from ._checks import check_inputs
+from ._checks import check_inputs, check_scale_range
 from .auto import select_backend
 from .backends import BACKENDS
 from .bias import hide_dead_keys
@@ -55,11 +55,29 @@ def zorro_attention(
     Raises:
         TypeError / ValueError naming the argument and the numbers for malformed input (see :func:`check_inputs`).
     """
+    calls = key = None
+    if _cacheable(q, k, v, mask, bias, backend):
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        calls, key = mask.derived(_calls), _call_key(q, k, v, scale, backend, grad)
+        try:
+            name = calls.get(key)
+        except TypeError:  # an unhashable scale: validation says what is wrong with it
+            calls = None
+        if name is not None:  # seen before: valid, and the backend is chosen
+            check_scale_range(q, k, scale)
+            chosen, scale = BACKENDS[name], q.shape[-1] ** -0.5 if scale is None else float(scale)
+            if not grad:
+                return chosen.forward(q, k, v, mask, scale)[0]
+            return chosen.eager(q, k, v, mask, scale) if chosen.eager else _ops.attention(q, k, v, mask, scale, name)
     check_inputs(q, k, v, mask, scale, bias)
+    if not _ops._traced(q):  # reads values: not while tracing (a huge scale under torch.compile is unchecked)
+        check_scale_range(q, k, scale)
     k, v = hide_dead_keys(k, v, bias, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = auto.wants_grad(q, k, v, bias)
     name = select_backend(q, k, v, mask, backend, bias, scale, grad)
+    if calls is not None:
+        calls[key] = name
     chosen = BACKENDS[name]
     if _ops._traced(q):
         # backends plan in Python (tile maps, segment plans) where dynamo cannot follow: under torch.compile every
@@ -70,3 +88,47 @@ def zorro_attention(
     if chosen.eager is not None:
         return chosen.eager(q, k, v, mask, scale, bias)
     return _ops.attention(q, k, v, mask, scale, name, bias)
+
+
+# ------------------------------------------------------------------------------------------------------ call cache
+# Validation and the backend choice depend only on what this key holds (types, shapes, strides, dtypes, devices, the
+# scale, grad or not, the backend asked for, the deterministic flag and auto's settings), never on values: a call
+# seen before on this mask skips both. Tiny problems pay these checks on every call, in every layer.
+def _calls(mask) -> dict:
+    return {}
+
+
+def _call_key(q, k, v, scale, backend, grad: bool):
+    return (
+        backend,
+        grad,
+        type(scale),
+        scale,
+        q.shape,
+        k.shape,
+        v.shape,
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        q.dtype,
+        k.dtype,
+        v.dtype,
+        q.device,
+        k.device,
+        v.device,
+        torch.are_deterministic_algorithms_enabled(),
+        auto._generation[0],
+    )
+
+
+def _cacheable(q, k, v, mask, bias, backend) -> bool:
+    # plain eager CPU tensors without a bias, where auto's choice is final (CUDA times its candidates)
+    return (
+        bias is None
+        and type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and type(v) is torch.Tensor
+        and q.is_cpu
+        and isinstance(mask, ZorroMask)
+        and not torch.compiler.is_compiling()
+    )
