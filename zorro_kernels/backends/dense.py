@@ -119,7 +119,11 @@ def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
     if dead is not None:
         dout = dout.masked_fill(dead, 0.0)
     grads = _flash_backward(dout, q, k, v, out, lse, attn, scale)
-    return grads if _finite(*grads) else _careful_backward(dout, q, k, v, out, lse, mask, scale)
+    # dq alone tells: every way a non-finite number reaches a gradient it may not reach passes through a NaN/Inf
+    # dS = P (dP - D) of some pair (NaN P from a bad score; 0 times a bad dP or D from a bad value or upstream row;
+    # a bad q row's scores), and dq_i sums row i's dS times the keys; a masked pair's 0 times a bad key makes NaN there
+    # too. So a finite dq means dk and dv read nothing they may not.
+    return grads if _finite(grads[0]) else _careful_backward(dout, q, k, v, out, lse, mask, scale)
 
 
 def _flash_backward(dout, q, k, v, out, lse, attn, scale):
