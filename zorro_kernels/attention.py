@@ -41,7 +41,8 @@ def zorro_attention(
             gradient). A ``-inf`` bias counts as masked: a row whose every allowed key is ``-inf`` returns 0 with zero
             gradients, and keys a ``(..., 1, Nk)`` bias hides from every query (key padding, e.g. left padding) are
             zero-filled before any backend reads them, so NaN or garbage there never reaches a row.
-        scale: softmax scale; default ``D ** -0.5``.
+        scale: softmax scale; default ``D ** -0.5``. A scale above 1 that can make ``scale * q . k`` overflow float32
+            (bounded by the largest q and k row norms) raises ValueError: every backend computes scores in float32.
         backend: ``"auto"`` (on CUDA the faster of ``"triton"`` and ``"segments"``, timed once per problem; on CPU
             ``"dense"`` for tiny problems, else ``"segments"``; :func:`zorro_kernels.explain` says which and why), or
             force one of ``"triton"``, ``"segments"``, ``"dense"``, ``"reference"``. A forced backend that cannot take
