@@ -369,7 +369,17 @@ def test_bad_bias_raises_clear_errors(call, exc, msg):
         (
             lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 2), (2, 0)),
             ValueError,
-            r"extent must hold positive ints, got \[2, 0\]",
+            r"extent must hold ints in \[1, 2147483647\], got \[2, 0\]",
+        ),
+        (  # past int64 this used to fail inside torch.tensor with "Overflow when unpacking long long"
+            lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 2), (2**63, 2)),
+            ValueError,
+            r"extent must hold ints in \[1, 2147483647\], got \[9223372036854775808, 2\]",
+        ),
+        (
+            lambda: RelativePositionBias(torch.randn(4, 9), _longs(9, 2), _longs(9, 2), (70000, 70000)),
+            ValueError,
+            r"extent \[70000, 70000\] needs a table of 19599720001 columns, more than 2147483647",
         ),
         (
             lambda: RelativePositionBias(torch.randint(0, 2, (4, 9)), _longs(9, 2), _longs(9, 2), (2, 2)),

@@ -1,9 +1,12 @@
 """ZorroMask: semantics of the constructors, the dense oracle, counts, printing and every bad input."""
 
+import numpy as np
 import pytest
 import torch
 
 from zorro_kernels import ZorroMask
+from zorro_kernels.auto import select_backend
+from zorro_kernels.mask import MAX_TOKENS
 
 
 def test_zorro_rule_matches_the_paper_table():
@@ -114,7 +117,7 @@ def test_with_lengths_keeps_layout():
         (lambda: ZorroMask.from_segments([("a", 2)], {"a": ["z"]}), ValueError, "unknown key segment 'z'"),
         (lambda: ZorroMask.from_segments([("a", 2.5)], {}), TypeError, "size must be an int"),
         (lambda: ZorroMask.from_segments([("a", "3")], {}), TypeError, "size must be an int"),
-        (lambda: ZorroMask.from_segments([("a", -1)], {}), ValueError, "size must be >= 0, got -1"),
+        (lambda: ZorroMask.from_segments([("a", -1)], {}), ValueError, r"size must be in \[0, 2147483647\], got -1"),
         (lambda: ZorroMask.from_segments([("a", 0)], {}), ValueError, "hold no tokens"),
         (lambda: ZorroMask.from_segments([], {}), ValueError, "at least one segment"),
         (lambda: ZorroMask.from_segments("audio", {}), TypeError, "sequence of \\(name, size\\) pairs"),
@@ -253,3 +256,65 @@ def test_causal_with_kv_lengths_aligns_to_full_sizes():
     )
     d = m.to_dense()
     assert d[0].sum(1).tolist() == [4, 5] and d[1].sum(1).tolist() == [3, 3]
+
+
+# ------------------------------------------------------------------------------------------------------ int64 edges
+# A size or window side past what the kernels index (int32 tokens) used to pass construction and then overflow in
+# sparsity(), print(mask) and auto ("can't convert negative int to unsigned", "Overflow when unpacking long long").
+@pytest.mark.parametrize(
+    "call, exc, msg",
+    [
+        (lambda: ZorroMask.from_segments([("a", 4)], {"a": "*"}, window=(2**63, 0)), ValueError, "window left"),
+        (lambda: ZorroMask.from_segments([("a", 4)], {"a": "*"}, window=(0, 2**31)), ValueError, "window right"),
+        (lambda: ZorroMask.from_segments([("a", 4)], {"a": "*"}, window=(np.uint64(2**63), 0)), ValueError, "left"),
+        (lambda: ZorroMask.from_segments([("a", 4)], {"a": "*"}, window=(-2, 0)), ValueError, "got -2"),
+        (lambda: ZorroMask.from_segments([("a", 4)], {"a": "*"}, window=(True, 0)), TypeError, "window left"),
+        (lambda: ZorroMask.from_segments([("a", 2**63)], {}), ValueError, "'a'.*got 9223372036854775808"),
+        (lambda: ZorroMask.from_segments([("a", np.uint64(2**63))], {}), ValueError, "got 9223372036854775808"),
+        (lambda: ZorroMask.from_segments([("a", True)], {}), TypeError, "size must be an int"),
+        (lambda: ZorroMask.from_segments([("a", torch.tensor(True))], {}), TypeError, "size must be an int"),
+        (lambda: ZorroMask.packed([2**62, 2**62]), ValueError, "seq0"),
+        (lambda: ZorroMask.packed([2**30, 2**30]), ValueError, "2147483648 tokens in all"),
+        (lambda: ZorroMask.zorro(audio=2, video=3, lengths=[[2**63, 1, 0]]), ValueError, "9223372036854775808"),
+        (
+            lambda: ZorroMask.zorro(audio=2, video=3, lengths=np.array([[2**63, 1, 0]], dtype=np.uint64)),
+            ValueError,
+            "lengths holds 9223372036854775808, beyond int64",
+        ),
+        (lambda: ZorroMask.zorro(audio=2, video=3, lengths=[[True, 1, 0]]), TypeError, "lengths must hold ints"),
+        (lambda: ZorroMask.zorro(audio=2, video=3, lengths=[[-3, 1, 0]]), ValueError, "= -3 is negative"),
+    ],
+)
+def test_sizes_windows_and_lengths_past_int_limits_are_refused_in_one_line(call, exc, msg):
+    with pytest.raises(exc, match=msg) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_numpy_ints_are_taken_as_sizes_windows_and_lengths():
+    m = ZorroMask.from_segments(
+        [("a", np.int64(3)), ("b", np.uint8(2))],
+        {"a": "*", "b": ["b"]},
+        window=(np.int32(1), np.int64(-1)),
+        lengths=np.array([[3, 1]], dtype=np.uint64),
+    )
+    assert m.q_sizes == (3, 2) and m.window == (1, -1) and m.lengths.tolist() == [[3, 1]]
+
+
+def test_counts_are_exact_at_the_token_limit():
+    n = MAX_TOKENS
+    full = ZorroMask.from_segments([("a", n - 5), ("b", 5)], {"a": "*", "b": "*"}, window=(n, n))
+    assert full.attended().tolist() == [n * n] and full.sparsity() == 0.0
+    causal = ZorroMask.from_segments([("a", n)], {"a": "*"}, causal=True)
+    assert causal.attended().tolist() == [n * (n + 1) // 2]
+    band = ZorroMask.from_segments([("a", n)], {"a": "*"}, window=(n, 2))
+    assert band.attended().tolist() == [n * (n + 1) // 2 + 2 * n - 3]
+
+
+@pytest.mark.parametrize("window", [(MAX_TOKENS, 0), (MAX_TOKENS, MAX_TOKENS), (0, MAX_TOKENS)])
+def test_widest_windows_count_print_and_choose_like_the_dense_oracle(window):
+    m = ZorroMask.from_segments([("a", 5), ("b", 7)], {"a": "*", "b": ["b"]}, window=window)
+    assert int(m.attended()) == int(m.to_dense().sum())
+    assert "sparsity" in repr(m)
+    q = torch.randn(1, 1, 12, 8)
+    assert select_backend(q, q, q, m) in ("dense", "segments")

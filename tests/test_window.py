@@ -179,7 +179,7 @@ def test_compile_fullgraph_with_window():
         ((2,), TypeError, r"window must be a \(left, right\) pair of ints \(-1 = unbounded\) or None, got \(2,\)"),
         ("22", TypeError, "window must be a"),
         ((2, 1.5), TypeError, "window right must be an int, got float 1.5"),
-        ((-2, 0), ValueError, r"window left must be >= 0 \(or -1 for unbounded\), got -2"),
+        ((-2, 0), ValueError, r"window left must be in \[0, 2147483647\] \(or -1 for unbounded\), got -2"),
     ],
 )
 def test_bad_window_raises_clear_errors(window, exc, msg):

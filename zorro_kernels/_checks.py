@@ -12,9 +12,13 @@ from .backends import BACKENDS
 from .bias import check_bias
 from .mask import ZorroMask
 
-__all__ = ["check_inputs", "check_backend_name"]
+__all__ = ["check_inputs", "check_backend_name", "check_scale_range", "SCORE_LIMIT"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Every backend computes the scaled scores q . k * scale in float32 at least and carries the log-sum-exp in float32;
+# past 2**128 a score is inf and its softmax NaN (inf - inf), and the kernels' exp2 form (x log2 e) and the row-max
+# subtraction need a little room below that.
+SCORE_LIMIT = 2.0**126
 
 
 def check_inputs(q, k, v, mask, scale=None, bias=None) -> None:
@@ -72,3 +76,30 @@ def check_backend_name(backend) -> None:
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+
+
+def _largest_norm(x: torch.Tensor) -> float:
+    # fp64 norms: a finite fp32 row's norm is finite there. Rows holding NaN/Inf are the isolation rule's business
+    # (their scores are NaN whatever the scale): left out.
+    n = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64)
+    return torch.where(torch.isfinite(n), n, 0.0).amax().item() if n.numel() else 0.0
+
+
+def check_scale_range(q, k, scale) -> None:
+    """Raise ValueError when ``scale * q . k`` may overflow float32, where every backend computes the scores.
+
+    ``|q_i . k_j| <= |q_i| |k_j|``, so the largest row norms of q and k bound every score: one pass over q and k,
+    run only for ``scale > 1`` (at most 1, scaling cannot make a finite score overflow). Near the bound the softmax
+    is already a hard argmax (scores differing by one part in 10**30), so the refusal asks for a smaller scale rather
+    than computing in a wider type. Returns None.
+    """
+    if scale is None or scale <= 1.0:
+        return
+    qn, kn = _largest_norm(q), _largest_norm(k)
+    bound = float(scale) * qn * kn
+    if bound > SCORE_LIMIT:
+        raise ValueError(
+            f"scale={float(scale):g} can make the scaled scores overflow float32: q and k rows of norm up to "
+            f"{qn:.3g} and {kn:.3g} give |scale * q.k| up to {bound:.3g}, past {SCORE_LIMIT:.3g} (the softmax would be "
+            f"NaN); use a scale of at most {SCORE_LIMIT / max(qn * kn, 1e-300):.3g} for these inputs"
+        )

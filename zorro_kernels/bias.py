@@ -21,12 +21,14 @@ padding) is never read (:func:`hide_dead_keys`). Two forms:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .caching import Derived
-from .mask import as_int_tensor
+from .mask import MAX_TOKENS, as_int_tensor
 
 __all__ = [
     "RelativePositions",
@@ -61,9 +63,17 @@ def _check_extents(extent, sets: bool) -> torch.Tensor:
         raise TypeError(f"extent must be {want} (with q_group and k_group), got {extent!r}")
     if any(len(r) != len(rows[0]) for r in rows) or not rows[0]:
         raise ValueError(f"extent rows must have one equal, non-zero number of axes, got {[list(r) for r in rows]}")
-    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for r in rows for e in r):
-        raise ValueError(f"extent must hold positive ints, got {[list(r) for r in rows] if sets else list(extent)}")
-    return torch.tensor([list(r) for r in rows], dtype=torch.int64)
+    if any(
+        isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 1 <= e <= MAX_TOKENS for r in rows for e in r
+    ):
+        raise ValueError(
+            f"extent must hold ints in [1, {MAX_TOKENS}], got {[list(r) for r in rows] if sets else list(extent)}"
+        )
+    for r in rows:  # the table's columns for one set; their index must fit the kernels' int32 too
+        columns = math.prod(2 * int(e) - 1 for e in r)
+        if columns > MAX_TOKENS:
+            raise ValueError(f"extent {[int(e) for e in r]} needs a table of {columns} columns, more than {MAX_TOKENS}")
+    return torch.tensor([[int(e) for e in r] for r in rows], dtype=torch.int64)
 
 
 def _check_group(group, n: int, sets: int, arg: str) -> torch.Tensor:

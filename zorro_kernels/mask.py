@@ -55,6 +55,9 @@ SegmentSpec = Sequence[tuple[str, int]]
 ALL = "*"  # rule value: every key segment
 SELF = "self"  # rule value: the key segment with the query segment's own name (group-local rules)
 _GLOB = set("*?[")
+# the most tokens a side (query or key) may hold, and the widest window side: the kernels index tokens with int32, and
+# the pair counts (Nq * Nk, banded lattice sums) then stay inside int64
+MAX_TOKENS = 2**31 - 1
 
 
 def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -70,12 +73,17 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
         if not isinstance(name, str) or not name:
             raise TypeError(f"{arg}[{i}]: segment name must be a non-empty str, got {name!r}")
         if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-            if isinstance(size, torch.Tensor) and size.numel() == 1 and not size.is_floating_point():
+            if (
+                isinstance(size, torch.Tensor)
+                and size.numel() == 1
+                and not size.is_floating_point()
+                and size.dtype != torch.bool
+            ):
                 size = int(size)
             else:
                 raise TypeError(f"{arg}[{i}] ({name!r}): size must be an int, got {type(size).__name__} {size!r}")
-        if size < 0:
-            raise ValueError(f"{arg}[{i}] ({name!r}): size must be >= 0, got {size}")
+        if not 0 <= size <= MAX_TOKENS:
+            raise ValueError(f"{arg}[{i}] ({name!r}): size must be in [0, {MAX_TOKENS}], got {int(size)}")
         if name == SELF or _GLOB & set(name):
             raise ValueError(f"{arg}[{i}]: segment name {name!r} is reserved or holds a glob character (*?[)")
         if name in names:
@@ -84,6 +92,8 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
         sizes.append(int(size))
     if sum(sizes) == 0:
         raise ValueError(f"{arg}: the segments hold no tokens (all sizes are 0)")
+    if sum(sizes) > MAX_TOKENS:
+        raise ValueError(f"{arg}: the segments hold {sum(sizes)} tokens in all, more than {MAX_TOKENS}")
     return tuple(names), tuple(sizes)
 
 
@@ -91,13 +101,32 @@ def as_int_tensor(x, arg: str, shape: str) -> torch.Tensor:
     """``x`` (a tensor or anything ``torch.as_tensor`` takes) as an integer tensor; else a TypeError naming ``arg``
     and the ``shape`` it should have (text, e.g. ``"(B, 3)"``). Shape and values are the caller's to check."""
     if not isinstance(x, torch.Tensor):
+        if isinstance(x, (list, tuple)):
+            _check_int_leaves(x, arg)
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"{arg} must be an int tensor of shape {shape}, got {type(x).__name__}") from e
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{arg} must have an integer dtype, got {x.dtype}")
+    if x.dtype == torch.uint64 and x.numel() and bool((x.view(torch.int64) < 0).any()):
+        # values past int64 would wrap to negatives on the way to int64: name the real one
+        raise ValueError(f"{arg} holds {int(x.view(torch.int64)[x.view(torch.int64) < 0][0]) + 2**64}, beyond int64")
     return x
+
+
+def _check_int_leaves(x, arg: str) -> None:
+    """Refuse what ``torch.as_tensor`` would silently turn into an int (a bool) or fail on with a message naming
+    nothing (an int beyond int64), in a nested list of ints."""
+    stack = [x]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, bool):
+            raise TypeError(f"{arg} must hold ints, got a bool ({item})")
+        elif isinstance(item, numbers.Integral) and not -(2**63) <= item < 2**63:
+            raise ValueError(f"{arg} holds {int(item)}, beyond int64")
 
 
 def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg: str) -> Optional[torch.Tensor]:
@@ -180,8 +209,9 @@ def _check_window(window) -> Optional[tuple[int, int]]:
     for side, w in zip(("left", "right"), window):
         if isinstance(w, bool) or not isinstance(w, numbers.Integral):
             raise TypeError(f"window {side} must be an int, got {type(w).__name__} {w!r}")
-        if w < -1:
-            raise ValueError(f"window {side} must be >= 0 (or -1 for unbounded), got {w}")
+        if not -1 <= w <= MAX_TOKENS:
+            # a wider side already spans every token a mask can hold; the bound keeps band arithmetic inside int64
+            raise ValueError(f"window {side} must be in [0, {MAX_TOKENS}] (or -1 for unbounded), got {int(w)}")
     window = (int(window[0]), int(window[1]))
     return None if window == (-1, -1) else window
 

@@ -26,7 +26,7 @@ import torch
 from ..bias import bias_tensor, with_tensor
 from ..reference import reference_attention
 from . import triton as _triton  # imports no Triton: kernels load on first use
-from .dense import dense_backward, dense_forward
+from .dense import dense_attention, dense_backward, dense_forward
 from .segments import build_plan, cpu_backward, cpu_forward, segment_attention, segment_attention_sdpa
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "backward_by_recompute"]
@@ -237,10 +237,11 @@ register_backend(
         dense_forward,
         dense_backward,
         devices=("cpu",),
-        # no float64: the fp32 LSE the dispatcher carries costs its backward ~1e-8 (the segment path takes fp64); no
-        # ``eager`` shortcut through SDPA's own autograd: its backward multiplies a NaN upstream gradient by the masked
-        # P = 0 and so reaches keys the row may not attend, which dense_backward prevents
+        # no float64: the fp32 LSE the dispatcher carries costs its backward ~1e-8 (the segment path takes fp64); the
+        # ``eager`` form is its own forward/backward pair, not SDPA's autograd: that backward multiplies a NaN upstream
+        # gradient by the masked P = 0 and so reaches keys the row may not attend, which dense_backward prevents
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         window=True,
+        eager=dense_attention,
     )
 )

@@ -1,14 +1,16 @@
 """The dense backend: attention over the whole ``Nq x Nk`` matrix in one go, for problems too small to split.
 
 On CPU a problem of tens of tokens costs less as one computation over the whole matrix than as one fused attention
-call per group of segments (the segment path). The forward is a few tensor ops for the tiniest problems (where ATen's
-CPU flash kernel spends more on applying a mask and on its setup than on the product; masked scores are *selected*
-away with ``masked_fill``) and that flash kernel with an additive ``-inf`` mask (cached per mask and dtype) beyond;
-the backward is the flash kernel's backward. A masked key contributes exactly 0 while it is finite (``exp(-inf) = 0``,
-``0 * finite = 0``), so inputs are checked (one sum per tensor); when one holds a NaN/Inf, its bad token rows are
-zeroed before the kernels run and NaN is put back only where the isolation rule lets it go (the rows that may attend
-a bad key or are bad themselves, and the keys those rows may attend). Clean rows come out bit for bit as from clean
-inputs. Rows that see nothing are exactly 0 with zero gradients.
+call per group of segments (the segment path). The forward is ATen's CPU flash kernel with an additive ``-inf`` mask
+(cached per mask and dtype), the backward that kernel's backward, each called once, as one masked SDPA call would.
+
+Masked means never read: a masked key contributes exactly 0 while it is finite (``exp(-inf) = 0``, ``0 * finite =
+0``), but a NaN/Inf anywhere reaches the results it may not reach through ``NaN + -inf`` or ``0 * Inf``. So the results
+are checked (one sum per tensor; IEEE arithmetic cannot lose a NaN or an Inf it multiplied by 0, so a finite result
+read no non-finite number); when one is not finite, the call is redone with the bad token rows zeroed and NaN put
+back only where the isolation rule lets it go (the rows that may attend a bad key or are bad themselves, and the keys
+those rows may attend). Clean rows come out bit for bit as from clean inputs. Rows that see nothing are exactly 0 with
+zero gradients.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import torch
 
 from ..reference import expand_kv_heads
 
-__all__ = ["dense_forward", "dense_backward"]
+__all__ = ["dense_forward", "dense_backward", "dense_attention"]
 # (``bias`` is in the signatures for the dispatcher's sake: the backend declares no bias support, so it is None)
 
 
-_fwd_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_bwd_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# up to this many (query, key) pairs the forward is a few tensor ops, which beat ATen's CPU flash kernel with an
-# additive mask there and lose to it beyond (BENCHMARKS.md, "Where the code's constants come from")
-_MATH_MAX_PAIRS = 256
+# the C++ binding where there is one: a call through torch.ops.aten pays Python dispatch, as much as a tiny kernel
+_fwd_flash = torch._scaled_dot_product_flash_attention_for_cpu
+_bwd_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+_CPU = torch.device("cpu")  # the backend's only device (it declares so): no device object built per call
 
 
 def _blocked(mask, device):
@@ -45,28 +46,35 @@ def _additive(mask, dtype, device):
     return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, float("-inf"))
 
 
+def _total(t):
+    # fp32 and fp64 sum in their own dtype (the dtype= argument takes a slower kernel); half types in fp32, whose
+    # range a sum of finite values does not leave
+    return t.sum() if t.dtype in (torch.float32, torch.float64) else t.sum(dtype=torch.float32)
+
+
 def _finite(*ts) -> bool:
-    # one fp32 sum per tensor (NaN and Inf survive a sum; a finite sum that overflows only costs a recompute) is
-    # several times cheaper than isfinite().all() on the tiny tensors this path serves
-    return all(math.isfinite(t.sum(dtype=torch.float32).item()) for t in ts)
+    # one sum per tensor and one read-back (NaN and Inf survive a sum; a finite sum that overflows only costs the
+    # careful recompute) is several times cheaper than isfinite().all() on the tiny tensors this path serves
+    total = _total(ts[0])
+    for t in ts[1:]:
+        total = total + _total(t)
+    return math.isfinite(total.item())
 
 
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def _flash_mask(mask, dtype, device):
+    """``(additive mask, dead rows or None)``, the two things every call needs, under one cache lookup."""
+    return mask.derived(_additive, dtype, device), mask.derived(_blocked, device)[1]
 
 
-def _math_forward(q, k, v, blocked, dead, scale):
-    cd, h = _compute_dtype(q.dtype), q.shape[1]
-    qc, kc, vc = q.to(cd), expand_kv_heads(k, h).to(cd), expand_kv_heads(v, h).to(cd)
-    s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale).masked_fill_(blocked, float("-inf"))
-    m = s.amax(-1, keepdim=True)
+def _flash_forward(q, k, v, mask, scale):
+    h = q.shape[1]
+    if k.shape[1] != h:
+        k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
+    attn, dead = mask.derived(_flash_mask, q.dtype, _CPU)
+    out, lse = _fwd_flash(q, k, v, 0.0, False, attn_mask=attn, scale=scale)
     if dead is not None:
-        m = m.masked_fill(dead, 0.0)  # a row that sees nothing: every p is exp(-inf) = 0
-    p = s.sub_(m).exp_()
-    denom = p.sum(-1, keepdim=True)
-    if dead is not None:
-        denom = denom.masked_fill(dead, 1.0)
-    return torch.matmul(p, vc).div_(denom).to(q.dtype), (m + denom.log()).squeeze(-1)
+        out = out.masked_fill(dead, 0.0)
+    return out, lse
 
 
 def _zero_bad_rows(x):
@@ -88,71 +96,89 @@ def _clean_keys(k, v, blocked, h):
 
 def dense_forward(q, k, v, mask, scale: float, bias=None):
     """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)``; validated CPU inputs."""
-    blocked, dead = mask.derived(_blocked, q.device)
-    hit = None
-    if not _finite(k, v):  # masked means never read: zero the bad keys, then make NaN only the rows that may see them
-        k, v, _, hit = _clean_keys(k, v, blocked, q.shape[1])
-    if q.shape[2] * k.shape[2] <= _MATH_MAX_PAIRS:
-        out, lse = _math_forward(q, k, v, blocked, dead, scale)
-    else:
-        h = q.shape[1]
-        out, lse = _fwd_flash(
-            q,
-            expand_kv_heads(k, h),
-            expand_kv_heads(v, h),
-            0.0,
-            False,
-            attn_mask=mask.derived(_additive, q.dtype, q.device),
-            scale=scale,
-        )
-        if dead is not None:
-            out = out.masked_fill(dead, 0.0)
-    if hit is not None:
-        out = out.masked_fill(hit[..., None], float("nan"))
-    return out, lse.float()
+    out, lse = _flash_forward(q, k, v, mask, scale)
+    if _finite(out):
+        return out, lse if lse.dtype == torch.float32 else lse.float()
+    # a non-finite input was read: zero the bad keys, then make NaN only the rows that may see them (a bad query row
+    # spoils only its own output)
+    blocked, _ = mask.derived(_blocked, q.device)
+    k, v, _, hit = _clean_keys(k, v, blocked, q.shape[1])
+    out, lse = _flash_forward(q, k, v, mask, scale)
+    return out.masked_fill(hit[..., None], float("nan")), lse.float()
 
 
 def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
     """``(dq, dk, dv)`` shaped as q, k, v, from the forward's ``out`` and ``lse``.
 
     The flash backward sums over query rows (dK, dV) and keys (dQ) with the masked pairs' P = 0, so one non-finite
-    q, dO or key would reach every gradient through 0 * NaN. Clean inputs (checked with one sum each) take the kernel as
-    they are; otherwise every bad token row is zeroed first and NaN is put back exactly where the rule lets it go: the
-    dq of the rows that are bad or see a bad key, the dk/dv of the keys such rows may attend and of bad keys some row
-    may attend."""
-    blocked, dead = mask.derived(_blocked, q.device)
-    h, hkv = q.shape[1], k.shape[1]
-    dout = dout.contiguous()
+    q, dO or key would reach every gradient through 0 * NaN. The kernel runs once on the inputs as they are; when a
+    gradient comes out non-finite (checked with one sum each), every bad token row is zeroed and the kernel runs again,
+    and NaN is put back exactly where the rule lets it go: the dq of the rows that are bad or see a bad key, the dk/dv
+    of the keys such rows may attend and of bad keys some row may attend."""
+    attn, dead = mask.derived(_flash_mask, q.dtype, _CPU)
     if dead is not None:
         dout = dout.masked_fill(dead, 0.0)
-    rows = keys = None
-    if not _finite(dout, q, k, v):
-        k, v, bad_keys, hit = _clean_keys(k, v, blocked, h)
-        q, bad_q = _zero_bad_rows(q)
-        dout, bad_do = _zero_bad_rows(dout)
-        live = ~blocked.all(-1)  # (Bm, 1, Nq)
-        rows = (bad_q | bad_do | hit) & live
-        out = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0.0)
-        lse = lse.masked_fill(rows | ~live, 0.0)  # finite: a poisoned row's or dead row's exp() must not be NaN
-        keys = (~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2))  # (B, H, Nk)
-    dq, dk, dv = _bwd_flash(
-        dout,
-        q,
-        expand_kv_heads(k, h),
-        expand_kv_heads(v, h),
-        out,
-        lse.double() if q.dtype == torch.float64 else lse,
-        0.0,
-        False,
-        attn_mask=mask.derived(_additive, q.dtype, q.device),
-        scale=scale,
-    )
+    grads = _flash_backward(dout, q, k, v, out, lse, attn, scale)
+    # dq alone tells: every way a non-finite number reaches a gradient it may not reach passes through a NaN/Inf
+    # dS = P (dP - D) of some pair (NaN P from a bad score; 0 times a bad dP or D from a bad value or upstream row;
+    # a bad q row's scores), and dq_i sums row i's dS times the keys; a masked pair's 0 times a bad key makes NaN there
+    # too. So a finite dq means dk and dv read nothing they may not.
+    return grads if _finite(grads[0]) else _careful_backward(dout, q, k, v, out, lse, mask, scale)
+
+
+def _flash_backward(dout, q, k, v, out, lse, attn, scale):
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv != h:
+        k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
+    if q.dtype == torch.float64:
+        lse = lse.double()
+    dq, dk, dv = _bwd_flash(dout, q, k, v, out, lse, 0.0, False, attn_mask=attn, scale=scale)
     if hkv != h:  # GQA: the query heads of a group all read one kv head
         dk, dv = (g.unflatten(1, (hkv, h // hkv)).sum(2) for g in (dk, dv))
-        if keys is not None:
-            keys = keys.unflatten(1, (hkv, h // hkv)).any(2)
-    if rows is not None:
-        nan = float("nan")
-        dq = dq.masked_fill(rows[..., None], nan)
-        dk, dv = dk.masked_fill(keys[..., None], nan), dv.masked_fill(keys[..., None], nan)
     return dq, dk, dv
+
+
+def _careful_backward(dout, q, k, v, out, lse, mask, scale):
+    blocked, _ = mask.derived(_blocked, _CPU)
+    h, hkv = q.shape[1], k.shape[1]
+    k, v, bad_keys, hit = _clean_keys(k, v, blocked, h)
+    q, bad_q = _zero_bad_rows(q)
+    dout, bad_do = _zero_bad_rows(dout)
+    live = ~blocked.all(-1)  # (Bm, 1, Nq)
+    rows = (bad_q | bad_do | hit) & live
+    out = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0.0)
+    lse = lse.masked_fill(rows | ~live, 0.0)  # finite: a poisoned row's or dead row's exp() must not be NaN
+    keys = (~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2))  # (B, H, Nk)
+    dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, mask.derived(_additive, q.dtype, _CPU), scale)
+    if hkv != h:
+        keys = keys.unflatten(1, (hkv, h // hkv)).any(2)
+    nan = float("nan")
+    dq = dq.masked_fill(rows[..., None], nan)
+    return dq, dk.masked_fill(keys[..., None], nan), dv.masked_fill(keys[..., None], nan)
+
+
+class _Dense(torch.autograd.Function):
+    """The forward/backward pair as one autograd Function with only what this backend needs: on tiny problems the
+    generic Function's bias plumbing costs as much as a fifth of the kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = dense_forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale = mask, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if torch.is_grad_enabled():  # create_graph=True: the flash backward has no derivative
+            raise RuntimeError(
+                "zorro_attention: the dense backend's backward cannot be differentiated (double backward, "
+                "create_graph=True); use backend='reference' for higher-order gradients"
+            )
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*dense_backward(dout, q, k, v, out, lse, ctx.mask, ctx.scale), None, None)
+
+
+def dense_attention(q, k, v, mask, scale: float, bias=None):
+    """Differentiable ``out (B, H, Nq, D)`` (validated CPU inputs, no bias): the backend's ``eager`` form."""
+    return _Dense.apply(q, k, v, mask, scale)
