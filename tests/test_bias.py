@@ -400,7 +400,7 @@ def test_bad_relative_bias_raises_clear_errors(make, exc, msg):
     [
         ("dense", "auto"),
         ("relative", "auto"),
-        ("dense", TRITON),
+        pytest.param("dense", "triton", marks=TRITON.marks),
         pytest.param("relative", "triton", marks=[*TRITON.marks, pytest.mark.full]),
     ],
 )

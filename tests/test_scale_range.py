@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from zorro_kernels import ZorroMask, reference_attention, zorro_attention
 from zorro_kernels._checks import SCORE_LIMIT
+from zorro_kernels.testing import FLOOR, assert_within_policy
 
 from .helpers import TRITON, small_triton_tiles  # noqa: F401  (a fixture)
-from .tolerances import FLOOR, assert_within_policy
 
 BACKENDS = ["reference", "dense", "segments", TRITON]
 pytestmark = pytest.mark.usefixtures("small_triton_tiles")
