@@ -21,8 +21,10 @@ padding) is never read (:func:`hide_dead_keys`). Two forms:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .mask import as_int_tensor
@@ -175,20 +177,34 @@ class RelativePositions:
         idx = torch.where(bad.any(-1), -1, torch.where(placed, idx, 0))
         return idx, None if bool(placed.all()) else placed
 
-    def step_index(self, q_ranges: Ranges, k_ranges: Ranges, blocks: int = 1):
+    def step_index(self, q_ranges: Ranges, k_ranges: Ranges, blocks: int = 1, allowed: Optional[torch.Tensor] = None):
         """:meth:`index` for a segment-plan step (gathered ``q_ranges`` x ``k_ranges``, ``blocks`` diagonal blocks):
         ``(idx (blocks or 1, R, C), placed or None)`` (1 when every block has the same offsets), or None when no
-        pair of the step is placed. Cached."""
-        key = (q_ranges, k_ranges, blocks)
+        pair of the step is placed. Cached.
+
+        ``allowed``: bool ``(R, C)`` of a step across a causal diagonal or window edge (``blocks`` 1), the pairs its
+        mask lets through: only those must lie inside the extent (the others are never read, their ``idx`` is -1)."""
+        key = (q_ranges, k_ranges, blocks, None if allowed is None else _digest(allowed))
         if key not in self._cache:
             rows = torch.cat([torch.arange(s, e) for s, e in q_ranges]).reshape(blocks, -1)
             cols = torch.cat([torch.arange(s, e) for s, e in k_ranges]).reshape(blocks, -1)
-            idx, placed = self.index(rows, cols)
+            idx, placed = self.index(rows, cols, check=allowed is None)
+            if allowed is not None and bool(((idx < 0) & allowed).any()):
+                i, j = ((idx < 0) & allowed).nonzero()[0, 1:].tolist()
+                self.index(rows[:, i : i + 1], cols[:, j : j + 1])  # raises the shared message for this pair
             if blocks > 1 and bool((idx == idx[:1]).all()) and (placed is None or bool((placed == placed[:1]).all())):
                 # equal windows share their offsets: one block, broadcast (its gradient is then a sum, not a scatter)
                 idx, placed = idx[:1], None if placed is None else placed[:1]
             self._cache[key] = None if placed is not None and not placed.any() else (idx, placed)
         return self._cache[key]
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    """A short key for a bool tensor's content (the caches must not hold every step's mask)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(np.packbits(t.numpy()).tobytes())
+    return h.digest()
 
 
 class RelativePositionBias:
@@ -349,18 +365,25 @@ def _pick(x: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
 
 
 def step_bias(
-    bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ranges, k_ranges: Ranges, blocks: int, heads: int
+    bias: Optional[Bias],
+    batch: Optional[torch.Tensor],
+    q_ranges: Ranges,
+    k_ranges: Ranges,
+    blocks: int,
+    heads: int,
+    allowed: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """The bias of one segment-plan step, shaped for its gathered, block-folded problem: broadcastable to
     ``(Bsel, heads * blocks, R / blocks, C / blocks)`` (see ``segments._gather``), or None when it adds nothing.
 
     Only the step's rows and columns are read (the diagonal blocks when ``blocks > 1``), never the rest of a dense
-    bias. ``batch``: the sample indices of the step's pattern (None = all).
+    bias. ``batch``: the sample indices of the step's pattern (None = all). ``allowed``: the bool ``(R, C)`` mask of
+    a step across the band's edge; a relative bias's extent is checked on those pairs only.
     """
     if bias is None:
         return None
     if isinstance(bias, RelativePositionBias):
-        hit = bias.positions.step_index(q_ranges, k_ranges, blocks)
+        hit = bias.positions.step_index(q_ranges, k_ranges, blocks, allowed)
         if hit is None:
             return None
         idx, placed = hit
