@@ -352,6 +352,27 @@ def test_llama_batched_left_padded_generation_matches_sdpa(llama, zt, zorro_call
     assert [m.num_q for m in calls[:: llama.layers]] == [9] + [1] * 7 and fallback_counts() == {}
 
 
+def test_llama_left_padded_training_step_has_sdpa_gradients(llama, zt, zorro_calls, strict):
+    """A training step on a left-padded batch, strict: every parameter gradient finite and equal to sdpa's. The
+    padded rows see only -inf keys under the causal mask; the segment path gave them NaN dq (10 non-finite
+    parameter gradients)."""
+    calls = zorro_calls(zt)
+    ids, attention_mask = _left_padded(llama.cfg.vocab_size, [9, 4], 12)
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    grads = []
+    for model in (llama.sdpa, llama.zorro):
+        model.zero_grad(set_to_none=True)
+        model(ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert len(calls) == llama.layers and fallback_counts() == {}
+    bad = [n for n, g in grads[1].items() if not torch.isfinite(g).all()]
+    assert not bad, f"{len(bad)} non-finite parameter gradients: {bad[:4]}"
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 @pytest.fixture(scope="module")
 def mistral(zt):
     from transformers import AutoModelForCausalLM, MistralConfig
