@@ -142,6 +142,56 @@ def test_minus_inf_rows_are_zero_with_zero_grads(backend, grad_bias):
         assert (grads[3][0, 1, 5] == 0).all() and (grads[3][1, :, 20:27] == 0).all()
 
 
+_LAYOUTS = ["causal", "causal_window", "two_segments_causal", "full"]
+
+
+@pytest.mark.parametrize(
+    "backend, grad_bias, layout",
+    [(b, g, lay) for b in ("segments", "reference", "dense") for g in (True, False) for lay in _LAYOUTS]
+    + [on_triton(True, "causal", fast=True)]
+    + [on_triton(g, lay) for g in (True, False) for lay in _LAYOUTS if (g, lay) != (True, "causal")],
+)
+def test_rows_a_key_padding_bias_hides_have_zero_grads(backend, grad_bias, layout):
+    """Left padding under a causal mask: a ``(B, 1, 1, Nk)`` -inf key bias hides every key of the first rows. They
+    return 0 and every gradient there (dq, and the bias's) is exactly 0 — the segment path's rows across the diagonal
+    gave NaN dq and NaN bias gradient (a log-sum-exp over only -inf scores, differentiated), even with a zero upstream
+    gradient. The dense backend takes no bias: it must refuse rather than compute."""
+    n, pad = 24, 20
+    kwargs = {
+        "causal": dict(segments=[("x", n)], rules={"x": "*"}, causal=True),
+        "causal_window": dict(segments=[("x", n)], rules={"x": "*"}, causal=True, window=(n - 8, -1)),
+        "two_segments_causal": dict(
+            segments=[("a", n // 2), ("b", n - n // 2)], rules={"a": "a", "b": "*"}, causal=True
+        ),
+        "full": dict(segments=[("x", n)], rules={"x": "*"}),
+    }[layout]
+    mask = ZorroMask.from_segments(kwargs.pop("segments"), kwargs.pop("rules"), **kwargs)
+    q, k, v = (t.requires_grad_() for t in generate_qkv(mask, batch=2, heads=4, kv_heads=2, head_dim=16))
+    bias = torch.zeros(2, 1, 1, n)
+    bias[0, ..., :pad] = float("-inf")
+    bias[1, ..., :3] = float("-inf")
+    bias.requires_grad_(grad_bias)
+    if backend == "dense":
+        with pytest.raises(ValueError, match="takes no attention bias"):
+            zorro_attention(q, k, v, mask, bias=bias, backend=backend)
+        return
+    check_against_oracle(attn_fn(backend), q, k, v, mask, bias=bias.detach().requires_grad_(grad_bias))
+    out = zorro_attention(q, k, v, mask, bias=bias, backend=backend)
+    hidden = mask.to_dense()[None, None].expand(2, 1, -1, -1).clone()
+    hidden &= ~torch.isneginf(bias)  # the pairs the mask allows and the bias does not hide
+    dead = ~hidden.any(-1)  # (2, 1, Nq) rows with nothing left
+    assert layout == "full" or dead[0, 0, :pad].all()  # "full": every row keeps keys; the bias only masks
+    inputs = (q, k, v) + ((bias,) if grad_bias else ())
+    for g_out in (torch.randn_like(out), torch.zeros_like(out)):
+        grads = torch.autograd.grad(out, inputs, g_out, retain_graph=True)
+        for name, g in zip(("dq", "dk", "dv", "dbias"), grads):
+            assert torch.isfinite(g).all(), f"{name}: {int((~torch.isfinite(g)).sum())} non-finite"
+        assert (out.masked_select(dead[..., None]) == 0).all()
+        assert (grads[0].masked_select(dead[..., None]) == 0).all(), "dq of a hidden row"
+        if grad_bias:
+            assert (grads[3][..., :3] == 0).all() and (grads[3][0, ..., :pad] == 0).all(), "dbias of a hidden key"
+
+
 @pytest.mark.parametrize(
     "backend, name",
     [(b, n) for b in BACKENDS[:2] for n in ("ragged", "packed_causal", "cross_readout")]
@@ -311,6 +361,23 @@ def _call(bias, mask=None):
     mask = mask or ZorroMask.zorro(audio=3, video=5, fusion=1)
     q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
     return lambda: zorro_attention(q, k, v, mask, bias=bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segments", [[("x", 20)], [("a", 9), ("b", 14)]], ids=["one", "two"])
+def test_relative_extent_is_checked_on_allowed_pairs_only(backend, segments):
+    """``causal=True, window=(5, -1)``: offsets 0..5 back; a 1-D table of extent 6 covers every pair the mask allows.
+    The segment path checked the whole 64-row chunk of a step across the band's edge and raised for keys the causal
+    mask hides (query 0, key 6). An allowed pair beyond the extent (extent 5: offset 5 is allowed) still raises."""
+    mask = ZorroMask.from_segments(segments, {n: "*" for n, _ in segments}, causal=True, window=(5, -1))
+    pos = torch.arange(mask.num_q)[:, None]
+    q, k, v = generate_qkv(mask, batch=1, heads=2, kv_heads=1, head_dim=16)
+    check_against_oracle(attn_fn(backend), q, k, v, mask, bias=RelativePositionBias(torch.randn(2, 11), pos, pos, (6,)))
+    if backend != "reference":  # the reference reads NaN there (the materialised bias), it does not check
+        with pytest.raises(ValueError, match="differ by 5 on axis 0, beyond extent 5"):
+            zorro_attention(
+                q, k, v, mask, bias=RelativePositionBias(torch.randn(2, 9), pos, pos, (5,)), backend=backend
+            )
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,23 @@ def test_readme_shell_command_runs(cmd, fresh_clone):
     # generous: on a shared 2-core machine at load 10 the demo took 13 min and the benchmark suite over 25
     out = subprocess.run(["bash", "-c", cmd], cwd=fresh_clone, env=env, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, f"{cmd}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-3000:]}"
+
+
+def test_readme_alibi_example_is_alibi():
+    """The README's ALiBi key bias gives ALiBi's attention: -slope * (i - j), the nearest keys penalised least (the
+    snippet had the sign reversed: -slope * j penalised the nearest keys most)."""
+    import torch
+
+    from zorro_kernels import ZorroMask, reference_attention, zorro_attention
+
+    text = README.read_text(encoding="utf-8")
+    line = re.search(r"^alibi = .*$", text, flags=re.M)
+    assert line, "README.md has no 'alibi = ...' line"
+    alibi = eval(line.group(0).split("=", 1)[1], {"torch": torch})
+    mask = ZorroMask.from_segments([("text", 96)], {"text": "*"}, causal=True, window=(15, -1))
+    q, k, v = (torch.randn(2, 4, 96, 32, dtype=torch.float64) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    i, j = torch.arange(96.0)[:, None], torch.arange(96.0)[None, :]
+    want = reference_attention(q, k, v, mask, bias=-slopes[:, None, None] * (i - j).double())
+    got = zorro_attention(q, k, v, mask, bias=alibi.double())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

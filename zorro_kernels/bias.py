@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .caching import Derived
+from .caching import Derived, tensor_key
 from .mask import MAX_TOKENS, as_int_tensor
 
 __all__ = [
@@ -228,17 +228,23 @@ class RelativePositions(Derived):
         idx = torch.where(bad.any(-1), -1, torch.where(placed, idx, 0))
         return idx, None if bool(placed.all()) else placed
 
-    def step_index(self, q_ranges: Ranges, k_ranges: Ranges, blocks: int = 1):
+    def step_index(self, q_ranges: Ranges, k_ranges: Ranges, blocks: int = 1, allowed: Optional[torch.Tensor] = None):
         """:meth:`index` for a segment-plan step (gathered ``q_ranges`` x ``k_ranges``, ``blocks`` diagonal blocks):
         ``(idx (blocks or 1, R, C), placed or None)`` (1 when every block has the same offsets), or None when no
-        pair of the step is placed. Cached."""
-        return self.derived(_step_index, q_ranges, k_ranges, blocks)
+        pair of the step is placed. Cached.
+
+        ``allowed``: bool ``(R, C)`` of a step across a causal diagonal or window edge (``blocks`` 1), the pairs its
+        mask lets through: only those must lie inside the extent (the others are never read, their ``idx`` is -1)."""
+        return self.derived(_step_index, q_ranges, k_ranges, blocks, tensor_key(allowed), allowed=allowed)
 
 
-def _step_index(p: RelativePositions, q_ranges: Ranges, k_ranges: Ranges, blocks: int):
+def _step_index(p: RelativePositions, q_ranges: Ranges, k_ranges: Ranges, blocks: int, _allowed_key, allowed=None):
     rows = torch.cat([torch.arange(s, e) for s, e in q_ranges]).reshape(blocks, -1)
     cols = torch.cat([torch.arange(s, e) for s, e in k_ranges]).reshape(blocks, -1)
-    idx, placed = p.index(rows, cols)
+    idx, placed = p.index(rows, cols, check=allowed is None)
+    if allowed is not None and bool(((idx < 0) & allowed).any()):
+        i, j = ((idx < 0) & allowed).nonzero()[0, 1:].tolist()
+        p.index(rows[:, i : i + 1], cols[:, j : j + 1])  # raises the shared message for this pair
     if blocks > 1 and bool((idx == idx[:1]).all()) and (placed is None or bool((placed == placed[:1]).all())):
         # equal windows share their offsets: one block, broadcast (its gradient is then a sum, not a scatter)
         idx, placed = idx[:1], None if placed is None else placed[:1]
@@ -403,18 +409,25 @@ def _pick(x: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
 
 
 def step_bias(
-    bias: Optional[Bias], batch: Optional[torch.Tensor], q_ranges: Ranges, k_ranges: Ranges, blocks: int, heads: int
+    bias: Optional[Bias],
+    batch: Optional[torch.Tensor],
+    q_ranges: Ranges,
+    k_ranges: Ranges,
+    blocks: int,
+    heads: int,
+    allowed: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """The bias of one segment-plan step, shaped for its gathered, block-folded problem: broadcastable to
     ``(Bsel, heads * blocks, R / blocks, C / blocks)`` (see ``segments._gather``), or None when it adds nothing.
 
     Only the step's rows and columns are read (the diagonal blocks when ``blocks > 1``), never the rest of a dense
-    bias. ``batch``: the sample indices of the step's pattern (None = all).
+    bias. ``batch``: the sample indices of the step's pattern (None = all). ``allowed``: the bool ``(R, C)`` mask of
+    a step across the band's edge; a relative bias's extent is checked on those pairs only.
     """
     if bias is None:
         return None
     if isinstance(bias, RelativePositionBias):
-        hit = bias.positions.step_index(q_ranges, k_ranges, blocks)
+        hit = bias.positions.step_index(q_ranges, k_ranges, blocks, allowed)
         if hit is None:
             return None
         idx, placed = hit

@@ -266,7 +266,7 @@ def _zero(dst: torch.Tensor, ranges: Ranges) -> None:
 
 def _step_bias(st: Step, bias, batch, heads: int, dtype) -> Optional[torch.Tensor]:
     """The step's bias, read only on its rows and columns (see :func:`zorro_kernels.bias.step_bias`), or None."""
-    b = step_bias(bias, batch, st.q_ranges, st.k_ranges, st.blocks, heads)
+    b = step_bias(bias, batch, st.q_ranges, st.k_ranges, st.blocks, heads, st.mask)
     return None if b is None else b.to(dtype)
 
 
@@ -307,14 +307,16 @@ def straddling_attention(
         s = s + (bias.index_select(-1, perm) if bias.shape[-1] > 1 else bias)
     live = mask.any(-1)[:, None]
     s = torch.where(live, torch.where(mask, s, float("-inf")), 0)  # a row that sees nothing: finite, then p = 0
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    # rows whose every score is -inf (a -inf bias on all their keys) give 0, as the fused kernels do
-    dead = torch.isneginf(lse)
-    p = torch.where(mask & ~dead, torch.exp(s - torch.where(dead, 0, lse)), 0)
+    # rows whose every score is -inf (a -inf bias on all their keys) give 0, as the fused kernels do; their scores are
+    # selected to 0 before the log-sum-exp, whose backward would otherwise be exp(-inf - -inf) = NaN even for a zero
+    # upstream gradient (dq and the bias gradient of left padding's hidden rows)
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(dead, 0, s), -1, keepdim=True)
+    p = torch.where(mask & ~dead, torch.exp(s - lse), 0)
     out = p[..., :n_all] @ v[:, :, :n_all] + torch.einsum(
         "bhrc,bhrcd->bhrd", p[..., n_all:], torch.where(sel, v[:, :, None, n_all:], 0)
     )
-    return out.to(dtype), torch.where(live, lse, float("-inf"))[..., 0]
+    return out.to(dtype), torch.where(live & ~dead, lse, float("-inf"))[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- CPU path

@@ -22,14 +22,21 @@ Expressible, hence converted:
     ``BlockDiagonalGappyKeysMask``                        key segments from ``seqstart``, ``kv_lengths``
     ``BlockDiagonalCausalWithOffsetGappyKeysMask``        the same, ``causal=True`` (*)
     ``LowerTriangularMask`` / ``...FromBottomRightMask``  one segment, ``causal=True`` (needs ``shape=``) (*)
+    ``LocalAttentionFromBottomRightMask``                 one segment, ``window=(left, right)`` (``shape=``)
+    ``LowerTriangularFromBottomRightLocalAttentionMask``  one segment, causal, ``window=(w - 1, -1)`` (``shape=``)
+    ``BlockDiagonalCausalLocalAttentionMask``             packed, causal, ``window=(w - 1, -1)`` (*)
+    ``...CausalLocalAttentionFromBottomRightMask``        the same (*)
+    ``BlockDiagonalCausalLocalAttentionPaddedKeysMask``   padded keys, causal, ``window=(w - 1, -1)`` (*)
+    ``BlockDiagonalLocalAttentionPaddedKeysMask``         padded keys, ``window=(left, right)`` (*)
     ====================================================  =================================================
 
 (*) xformers aligns the causal diagonal per block (top-left, or bottom-right on the valid keys); a ZorroMask has one
 diagonal for the whole row, ``key <= query + (Nk - Nq)``. They agree whenever every block's query and key counts are
 equal (self-attention packing), for single-query decoding, and in general when each block's diagonal lands on the
-same place or masks nothing/everything; otherwise :func:`from_xformers` raises ValueError naming the block.
+same place or masks nothing/everything; otherwise :func:`from_xformers` raises ValueError naming the block. The
+same holds for the local biases' per-block band against the mask's one ``window=`` band (checked row by row).
 
-Not expressible (ValueError naming the type): local/sliding-window masks, tensor biases
+Not expressible (ValueError naming the type): tensor biases
 (``LowerTriangularMaskWithTensorBias``, plain tensors) and paged masks (their keys live in a page table).
 """
 
@@ -66,10 +73,36 @@ __all__ = ["from_xformers"]
 _TOP_LEFT, _BOTTOM_RIGHT = "top-left", "bottom-right"
 
 
+def _band_rows_agree(d: int, e: int, lo: Optional[int], hi: Optional[int], q: int, valid: int) -> bool:
+    """Do bands ``d + lo <= jl - il <= d + hi`` and ``e + lo <= jl - il <= e + hi`` (None: unbounded) select the same
+    keys of a ``q x valid`` block? Compared row by row on the clipped key intervals: O(q), no ``q x valid`` tensor."""
+    if d == e or q == 0 or valid == 0:
+        return True
+    il = torch.arange(q)
+
+    def interval(off):
+        a = torch.zeros_like(il) if lo is None else (il + off + lo).clamp(0, valid)
+        b = torch.full_like(il, valid) if hi is None else (il + off + hi + 1).clamp(0, valid)
+        empty = a >= b
+        return torch.where(empty, 0, a), torch.where(empty, 0, b)
+
+    (a1, b1), (a2, b2) = interval(d), interval(e)
+    return bool(torch.equal(a1, a2) and torch.equal(b1, b2))
+
+
 def _build(
-    bias, q_lens: Sequence[int], k_starts: Sequence[int], k_lens: Sequence[int], k_total: int, causal: Optional[str]
+    bias,
+    q_lens: Sequence[int],
+    k_starts: Sequence[int],
+    k_lens: Sequence[int],
+    k_total: int,
+    causal: Optional[str],
+    window: Optional[tuple[int, int]] = None,
+    align: Optional[str] = None,
 ) -> ZorroMask:
-    """Block i: queries ``q_lens[i]`` (contiguous), keys ``[k_starts[i], k_starts[i] + k_lens[i])``."""
+    """Block i: queries ``q_lens[i]`` (contiguous), keys ``[k_starts[i], k_starts[i] + k_lens[i])``. ``causal``: the
+    alignment of a causal diagonal per block, or None; ``window``: a sliding window ``(left, right)`` aligned as
+    ``align`` per block (the causal alignment when causal)."""
     name = type(bias).__name__
     n = len(q_lens)
     if n == 0 or len(k_lens) != n or len(k_starts) != n:
@@ -92,7 +125,9 @@ def _build(
             )
         kv_segments.append((names[i], ends[i] - k_starts[i]))
         kv_lengths.append(k_lens[i])
-    if causal is not None:
+    if window is not None:
+        _check_band_per_block(bias, q_lens, k_starts, k_lens, k_total, causal is not None, window, causal or align)
+    elif causal is not None:
         nq, nk = sum(q_lens), k_total
         q_start = 0
         for i in range(n):
@@ -113,14 +148,37 @@ def _build(
     is_causal = causal is not None
     padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
     if kv_segments == q_segments and not padded:  # self-attention only when no key slot is padded
-        return ZorroMask(q_segments, allow, causal=is_causal)
+        return ZorroMask(q_segments, allow, causal=is_causal, window=window)
     return ZorroMask(
         q_segments,
         allow,
         kv_segments=kv_segments,
         kv_lengths=torch.tensor([kv_lengths]) if padded else None,
         causal=is_causal,
+        window=window,
     )
+
+
+def _check_band_per_block(bias, q_lens, k_starts, k_lens, k_total, causal: bool, window, align: str) -> None:
+    """Raise unless the row-wide band of ``causal`` and ``window`` (aligned at ``key = query + Nk - Nq``) selects,
+    inside every block, the keys the bias's per-block band (aligned ``align``) selects."""
+    left, right = window
+    lo = -left if left >= 0 else None
+    hi = right if right >= 0 else None
+    if causal:
+        hi = 0 if hi is None else min(hi, 0)
+    nq = sum(q_lens)
+    q_start = 0
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        d = (q_start - k_starts[i]) + (k_total - nq)
+        e = 0 if align == _TOP_LEFT else kl - ql
+        if not _band_rows_agree(d, e, lo, hi, ql, kl):
+            raise ValueError(
+                f"{type(bias).__name__}: block {i} ({ql} queries, {kl} keys) has its local band aligned {align} at "
+                f"offset {e} inside the block, but a ZorroMask's window and causal diagonal are one band for the "
+                f"whole row (key - query in [{lo}, {hi}] + Nk - Nq), which puts it at offset {d}: not expressible"
+            )
+        q_start += ql
 
 
 def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask:
@@ -145,20 +203,8 @@ def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask
         raise ValueError("a dense tensor bias is not a layout; build a ZorroMask from the structure it encodes")
     if not isinstance(bias, xab.AttentionBias):
         raise TypeError(f"bias must be an xformers AttentionBias, got {name}")
-    local = tuple(
-        getattr(xab, c)
-        for c in (
-            "LocalAttentionFromBottomRightMask",
-            "LowerTriangularFromBottomRightLocalAttentionMask",
-            "BlockDiagonalCausalLocalAttentionMask",
-            "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
-            "BlockDiagonalLocalAttentionPaddedKeysMask",
-            "BlockDiagonalCausalLocalAttentionPaddedKeysMask",
-        )
-        if hasattr(xab, c)
-    )
-    if isinstance(bias, local):
-        raise ValueError(f"{name}: local (sliding-window) attention is not expressible as a ZorroMask")
+    if type(bias) in _local_types():
+        return _from_local(bias, shape)
     if isinstance(bias, xab.LowerTriangularMaskWithTensorBias):
         raise ValueError(f"{name}: an additive tensor bias is not expressible as a ZorroMask")
     if "Paged" in name:
@@ -199,3 +245,49 @@ def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask
     else:
         k_lens = [b - a for a, b in zip(k_starts, list(k_starts[1:]) + [k_total])]
     return _build(bias, q_lens, k_starts, k_lens, k_total, causal)
+
+
+def _local_types() -> dict:
+    """xformers' local (sliding-window) biases, by exact type: ``(causal alignment or None, window alignment,
+    window (left, right) of an instance)``. A causal window of ``w`` keys is ``causal`` plus ``window=(w - 1, -1)``."""
+    kinds = {
+        "LocalAttentionFromBottomRightMask": (None, _BOTTOM_RIGHT, lambda b: (b.window_left, b.window_right)),
+        "LowerTriangularFromBottomRightLocalAttentionMask": (_BOTTOM_RIGHT, _BOTTOM_RIGHT, _causal_window),
+        "BlockDiagonalCausalLocalAttentionMask": (_TOP_LEFT, _TOP_LEFT, _causal_window),
+        "BlockDiagonalCausalLocalAttentionFromBottomRightMask": (_BOTTOM_RIGHT, _BOTTOM_RIGHT, _causal_window),
+        "BlockDiagonalCausalLocalAttentionPaddedKeysMask": (_BOTTOM_RIGHT, _BOTTOM_RIGHT, _causal_window),
+        "BlockDiagonalLocalAttentionPaddedKeysMask": (
+            None,
+            _BOTTOM_RIGHT,
+            lambda b: (b.window_left, b.window_right),
+        ),
+    }
+    return {getattr(xab, c): v for c, v in kinds.items() if hasattr(xab, c)}
+
+
+def _causal_window(bias) -> tuple[int, int]:
+    return (bias._window_size - 1, -1)
+
+
+def _from_local(bias, shape) -> ZorroMask:
+    """A local bias as ``window=`` (and ``causal``), or ValueError where a block's band does not land on the row's."""
+    causal, align, window_of = _local_types()[type(bias)]
+    window = window_of(bias)
+    name = type(bias).__name__
+    if not hasattr(bias, "q_seqinfo"):  # one block, size from shape=
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{name} does not know its size: pass shape=(Nq, Nk), got {shape!r}")
+        nq, nk = (int(s) for s in shape)
+        return _build(bias, [nq], [0], [nk], nk, causal, window, align)
+    if shape is not None:
+        raise ValueError(f"shape= is only for biases that do not know their size, not {name}")
+    q_starts = list(bias.q_seqinfo.seqstart_py)
+    q_lens = [b - a for a, b in zip(q_starts[:-1], q_starts[1:])]
+    kinfo = bias.k_seqinfo
+    k_starts = list(kinfo.seqstart_py[:-1])
+    k_total = kinfo.seqstart_py[-1]
+    if hasattr(kinfo, "seqlen_py"):
+        k_lens = list(kinfo.seqlen_py)
+    else:
+        k_lens = [b - a for a, b in zip(k_starts, list(k_starts[1:]) + [k_total])]
+    return _build(bias, q_lens, k_starts, k_lens, k_total, causal, window, align)
