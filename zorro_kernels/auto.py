@@ -17,18 +17,21 @@ captured: those calls use a choice already measured for the key, else the static
   forward+backward took 1.043 ms at Figure-2 size against 1.661 ms for the segment path (run 2), and 6.98 against
   5.34 ms at N=16384; 7500 is where the log-log interpolation of those two ratios crosses 1.
 
-**CPU — a cost rule.** ``dense`` (one masked flash-attention call, :mod:`zorro_kernels.backends.dense`) when the work
-it wastes on masked pairs costs less than the segment path's extra calls, else ``segments``::
+**CPU — a cost rule.** ``dense`` (one masked flash-attention call over the whole ``Nq x Nk`` matrix,
+:mod:`zorro_kernels.backends.dense`) only where it can win: the segment path makes more than one call, the
+additive mask it keeps stays small, and the work it wastes on masked pairs costs less than the segment path's extra
+calls::
 
+    segment-path calls >= 2  and  Bm * Nq * Nk <= DENSE_MAX_CELLS  and
     B * H * D * (Nq * Nk - mean attended pairs per sample) <= CPU_WORK_PER_CALL * (segment-path calls - 1)
 
-``CPU_WORK_PER_CALL`` (600k multiply-adds) is one CPU flash-attention call's fixed cost expressed as work, from where
-the segment path and one masked SDPA call break even on the Zorro layout (B=8, H=2, D=16, 1 thread, 2 extra calls):
-between 84 tokens (3168 masked pairs x 256 = 811k, 405k per call; the segment path still 10% slower there) and
-112 tokens (720k per call; the segment path 13% faster) — measured side by side on the 2-core CI machine, loaded,
-2026-12-01. So tiny problems take one call, and the segment path takes over once skipping masked pairs pays. Under
-``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per query
-segment (it picks ``dense`` less often).
+(``Bm`` = B with per-sample lengths, else 1). A layout the segment path runs in one call — a mask that hides nothing,
+one segment, one packed sequence — is one *unmasked* call there, so the dense backend's mask costs ``N x N``
+memory and work for nothing, at any size. ``CPU_WORK_PER_CALL`` is one CPU flash-attention call's fixed cost expressed
+as multiply-adds, from where the segment path and one masked SDPA call break even on the tiny Zorro layout
+(``benchmarks/cpu_tiny.py``); ``benchmarks/cpu_auto_rule.py`` measures the masks that hide nothing at 1, 2k and 16k
+tokens (numbers in BENCHMARKS.md). Under ``torch.compile`` the plan is not built while tracing: the rule counts every
+pair as masked and one call per query segment (it picks ``dense`` less often).
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ __all__ = [
     "clear_cache",
     "PRIORITY",
     "CPU_WORK_PER_CALL",
+    "DENSE_MAX_CELLS",
     "CUDA_GRAD_MAX_TOKENS",
 ]
 
 # candidates per device type, in the order ties are broken
 PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
 CPU_WORK_PER_CALL = 600_000
+DENSE_MAX_CELLS = 1 << 20  # the dense backend's cached additive mask: at most this many (sample map, query, key) cells
 CUDA_GRAD_MAX_TOKENS = 7500
 _REPS = 5
 
@@ -134,6 +139,9 @@ def _cpu_rule(q, k, mask) -> str:
         wasted, calls = nq * nk, len(mask.q_sizes)
     else:
         wasted, calls = nq * nk - mask.derived(_mean_attended), mask.derived(_plan_calls)
+    cells = (mask.batch_size or 1) * nq * nk
+    if calls < 2 or cells > DENSE_MAX_CELLS:
+        return "segments"
     return "dense" if b * h * d * wasted <= CPU_WORK_PER_CALL * (calls - 1) else "segments"
 
 

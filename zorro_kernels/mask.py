@@ -64,12 +64,15 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
         raise ValueError(f"{arg} must name at least one segment, got an empty sequence")
     names, sizes, first = [], [], {}
     for i, item in enumerate(segments):
-        if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
+        if not (
+            (type(item) in (tuple, list) or (isinstance(item, Sequence) and not isinstance(item, (str, bytes))))
+            and len(item) == 2
+        ):
             raise TypeError(f"{arg}[{i}] must be a (name, size) pair, got {item!r}")
         name, size = item
         if not isinstance(name, str) or not name:
             raise TypeError(f"{arg}[{i}]: segment name must be a non-empty str, got {name!r}")
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        if type(size) is not int and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
             if isinstance(size, torch.Tensor) and size.numel() == 1 and not size.is_floating_point():
                 size = int(size)
             else:
@@ -222,7 +225,7 @@ def _content_key(mask: "ZorroMask") -> str:
     )
 
 
-_DENSE_ALLOW_CELLS = 1 << 20  # up to this many cells a rule table given as runs is also kept dense
+_DENSE_ALLOW_CELLS = 1 << 14  # up to this many cells a rule table given as runs is also kept dense
 
 
 def _dense_allow(mask: "ZorroMask") -> torch.Tensor:
