@@ -225,7 +225,9 @@ def _content_key(mask: "ZorroMask") -> str:
     )
 
 
-_DENSE_ALLOW_CELLS = 1 << 14  # up to this many cells a rule table given as runs is also kept dense
+# up to this many cells (bytes) a rule table given as runs is also kept dense: torch.compile traces read the dense
+# table and cannot build it (beyond, a compiled call builds it on first use, outside any trace, or fails to trace)
+_DENSE_ALLOW_CELLS = 1 << 22
 
 
 def _dense_allow(mask: "ZorroMask") -> torch.Tensor:

@@ -69,10 +69,9 @@ class AllowRuns(NamedTuple):
 
     def dense(self) -> torch.Tensor:
         """The bool ``(Sq, Sk)`` table."""
-        acc = np.zeros((self.n_q, self.n_kv + 1), dtype=np.int32)
-        np.add.at(acc, (self.row, self.c0), 1)
-        np.add.at(acc, (self.row, self.c1), -1)
-        return torch.from_numpy(np.cumsum(acc, 1)[:, : self.n_kv] > 0)
+        out = np.zeros((self.n_q, self.n_kv), dtype=bool)
+        out[self.pairs()] = True
+        return torch.from_numpy(out)
 
     def lookup(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
         """bool array: may query segment ``a`` see key segment ``c`` (elementwise, any broadcastable shapes)."""

@@ -280,8 +280,8 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     g_qs, g_qe, g_code = qs[starts], qe[ends], code[starts]
     g_ks, g_ke = ks[rows[starts]], ke[rows[starts]]
     # a group of several query ranges (non-adjacent rows seeing the same keys) is one step of gathered rows
-    n_in = np.bincount(np.unique(g_code, return_inverse=True)[1]) if len(g_code) else np.zeros(0, dtype=np.int64)
-    multi = n_in[np.unique(g_code, return_inverse=True)[1]] > 1 if len(g_code) else np.zeros(0, dtype=bool)
+    _, inv, count = np.unique(g_code, return_inverse=True, return_counts=True)
+    multi = count[inv.reshape(-1)] > 1
     for c in np.unique(g_code[multi]).tolist():
         sel = np.flatnonzero(g_code == c)
         keys = ((int(g_ks[sel[0]]), int(g_ke[sel[0]])),)
