@@ -11,6 +11,7 @@ Seven families, each one builder below:
   fusion latents read every input. *Ours*, like the Swin layout.
 - ``packed``   — sequence packing: independent sequences of unequal length in one row (block-diagonal).
 - ``packed-causal`` — the same, causal inside each sequence (packed language-model training).
+- ``docs``     — many short documents of random lengths packed into one row of 16k tokens (equal lengths batched).
 - ``scaling``  — N = 1k .. 16k tokens at 25 % audio, 70 % video, 5 % fusion.
 
 Build a layout directly (``figure2()``, ``scaling(4096)``) or take the whole tier with :func:`suite`.
@@ -25,7 +26,7 @@ import torch
 
 from zorro_kernels import ZorroMask
 
-__all__ = ["Layout", "figure2", "ragged", "swin", "hip", "packed", "scaling", "suite", "TIERS"]
+__all__ = ["Layout", "figure2", "ragged", "swin", "hip", "packed", "docs", "scaling", "suite", "TIERS"]
 
 TIERS = ("full", "smoke")
 
@@ -226,6 +227,32 @@ def packed(
     )
 
 
+def docs(
+    n_docs: int = 1000,
+    total: int = 16384,
+    *,
+    batch: int = 1,
+    heads: int = 4,
+    head_dim: int = 64,
+    backward: bool = True,
+    seed: int = 0,
+) -> Layout:
+    """``n_docs`` documents of random lengths (random cut points) summing to ``total`` tokens, packed in one row."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(total - 1, generator=g)[: n_docs - 1].add(1).sort().values
+    lens = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])).tolist()
+    return Layout(
+        f"docs-{n_docs}",
+        "docs",
+        f"{n_docs} documents of {min(lens)}..{max(lens)} tokens packed in one row of {total}",
+        ZorroMask.packed(lens),
+        batch,
+        heads,
+        head_dim,
+        backward,
+    )
+
+
 def scaling(
     n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, backward: bool = True, name: Optional[str] = None
 ) -> Layout:
@@ -266,6 +293,7 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
             hip((16, 16), (49, 49), 4, 8, 8, **kw),
             packed((60, 100, 96), batch=1, heads=2, head_dim=32),
             packed((60, 100, 96), batch=1, heads=2, head_dim=32, causal=True),
+            docs(40, 512, heads=2, head_dim=32),
             scaling(512, heads=2, head_dim=32),
         ]
     kw = dict(batch=16 if cuda else 2, heads=12, head_dim=64)
@@ -276,6 +304,9 @@ def suite(tier: str = "full", device: str = "cpu") -> list[Layout]:
         hip(**kw),
         packed(batch=8 if cuda else 1, heads=16 if cuda else 4),
         packed(batch=8 if cuda else 1, heads=16 if cuda else 4, causal=True),
+        # forward only on CPU: masked SDPA's fwd+bwd at 16k alone takes most of a minute (benchmarks/cpu_costs.py
+        # measures both directions against hand-batched SDPA)
+        docs(1000, batch=4 if cuda else 1, heads=16 if cuda else 4, backward=cuda),
     ]
     for n in (1024, 2048, 4096, 8192, 16384):
         out.append(scaling(n, batch=4 if cuda else 1, heads=16 if cuda else 4, backward=cuda or n <= 8192))

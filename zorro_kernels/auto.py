@@ -25,16 +25,21 @@ nothing re-times or retries it until :func:`clear_cache`. The last candidate's o
 forced ``backend="triton"`` raises ``KernelFailure`` naming the shapes and the first line. A backward that fails after
 an untimed choice (timing off, or a rule's device) is not rerouted: the forward that saved its state has already run.
 
-**CPU — a cost rule.** ``dense`` (one masked flash-attention call, :mod:`zorro_kernels.backends.dense`) when the work
-it wastes on masked pairs costs less than the segment path's extra calls, else ``segments``::
+**CPU — a cost rule.** ``dense`` (one masked flash-attention call over the whole ``Nq x Nk`` matrix,
+:mod:`zorro_kernels.backends.dense`) only where it can win: the segment path makes more than one call, the
+additive mask it keeps stays small, and the work it wastes on masked pairs costs less than the segment path's extra
+calls::
 
+    segment-path calls >= 2  and  Bm * Nq * Nk <= DENSE_MAX_CELLS  and
     B * H * D * (Nq * Nk - mean attended pairs per sample) <= CPU_WORK_PER_CALL * (segment-path calls - 1)
 
-``CPU_WORK_PER_CALL`` is one CPU flash-attention call's fixed cost expressed as work (multiply-adds), from where the
-segment path and one masked SDPA call break even on the Zorro layout (the measurement and its machine: the same
-BENCHMARKS.md section). So tiny problems take one call, and the segment path takes over once skipping masked pairs
-pays. Under ``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per
-query segment (it picks ``dense`` less often).
+(``Bm`` = B with per-sample lengths, else 1). A layout the segment path runs in one call — a mask that hides nothing,
+one segment, one packed sequence — is one *unmasked* call there, so the dense backend's mask costs ``N x N``
+memory and work for nothing, at any size. ``CPU_WORK_PER_CALL`` is one CPU flash-attention call's fixed cost expressed
+as multiply-adds, from where the segment path and one masked SDPA call break even on the tiny Zorro layout
+(``benchmarks/cpu_tiny.py``); ``benchmarks/cpu_auto_rule.py`` measures the masks that hide nothing at 1, 2k and 16k
+tokens (the measurements and their machine: BENCHMARKS.md). Under ``torch.compile`` the plan is not built while
+tracing: the rule counts every pair as masked and one call per query segment (it picks ``dense`` less often).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ __all__ = [
     "clear_cache",
     "PRIORITY",
     "CPU_WORK_PER_CALL",
+    "DENSE_MAX_CELLS",
     "CUDA_GRAD_MAX_TOKENS",
 ]
 
@@ -68,6 +74,7 @@ __all__ = [
 PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
 # both from measurements (BENCHMARKS.md, "Where the code's constants come from"); the module docstring says why
 CPU_WORK_PER_CALL = 600_000
+DENSE_MAX_CELLS = 1 << 20  # the dense backend's cached additive mask: at most this many (sample map, query, key) cells
 CUDA_GRAD_MAX_TOKENS = 7500
 _REPS = 5
 
@@ -145,6 +152,9 @@ def _cpu_rule(q, k, mask) -> str:
         wasted, calls = nq * nk, len(mask.q_sizes)
     else:
         wasted, calls = nq * nk - mask.derived(_mean_attended), mask.derived(_plan_calls)
+    cells = (mask.batch_size or 1) * nq * nk
+    if calls < 2 or cells > DENSE_MAX_CELLS:
+        return "segments"
     return "dense" if b * h * d * wasted <= CPU_WORK_PER_CALL * (calls - 1) else "segments"
 
 

@@ -43,10 +43,11 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from .caching import Derived, tensor_key
-from .tilemap import build_tile_map, build_token_meta
+from .tilemap import AllowRuns, build_tile_map, build_token_meta
 
 __all__ = ["ZorroMask"]
 
@@ -65,9 +66,12 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
         raise TypeError(f"{arg} must be a sequence of (name, size) pairs, got {type(segments).__name__}")
     if len(segments) == 0:
         raise ValueError(f"{arg} must name at least one segment, got an empty sequence")
-    names, sizes = [], []
+    names, sizes, first = [], [], {}
     for i, item in enumerate(segments):
-        if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
+        if not (
+            (type(item) in (tuple, list) or (isinstance(item, Sequence) and not isinstance(item, (str, bytes))))
+            and len(item) == 2
+        ):
             raise TypeError(f"{arg}[{i}] must be a (name, size) pair, got {item!r}")
         name, size = item
         if not isinstance(name, str) or not name:
@@ -86,8 +90,8 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
             raise ValueError(f"{arg}[{i}] ({name!r}): size must be in [0, {MAX_TOKENS}], got {int(size)}")
         if name == SELF or _GLOB & set(name):
             raise ValueError(f"{arg}[{i}]: segment name {name!r} is reserved or holds a glob character (*?[)")
-        if name in names:
-            raise ValueError(f"{arg}: duplicate segment name {name!r} (at positions {names.index(name)} and {i})")
+        if first.setdefault(name, i) != i:
+            raise ValueError(f"{arg}: duplicate segment name {name!r} (at positions {first[name]} and {i})")
         names.append(name)
         sizes.append(int(size))
     if sum(sizes) == 0:
@@ -231,7 +235,9 @@ def content_key(
     h.update(repr((tuple(q_sizes), tuple(kv_sizes), bool(is_self), bool(causal))).encode())
     if window is not None:
         h.update(repr(("window", tuple(window))).encode())
-    for t in (allow, lengths, kv_lengths):  # as int64: a mask's content, not how its tensors were typed
+    # the rule table by its runs: a dense table and the runs it has give one key, at a cost linear in the runs
+    h.update((allow if isinstance(allow, AllowRuns) else AllowRuns.from_dense(allow.detach().cpu())).digest_bytes())
+    for t in (lengths, kv_lengths):  # as int64: a mask's content, not how its tensors were typed
         h.update(b"-" if t is None else repr(tensor_key(t.to(torch.int64))).encode())
     return h.hexdigest()
 
@@ -242,7 +248,7 @@ def _content_key(mask: "ZorroMask") -> str:
         mask.kv_sizes,
         mask.is_self,
         mask.causal,
-        mask.allow,
+        mask._runs,
         mask.lengths,
         None if mask.is_self else mask.kv_lengths,
         mask.window,
@@ -257,6 +263,15 @@ def _tile_map(mask: "ZorroMask", block_m: int, block_n: int, device: torch.devic
 
 def _token_meta(mask: "ZorroMask", device: torch.device):
     return build_token_meta(mask).to(device)
+
+
+# up to this many cells (bytes) a rule table given as runs is also kept dense: torch.compile traces read the dense
+# table and cannot build it (beyond, a compiled call builds it on first use, outside any trace, or fails to trace)
+_DENSE_ALLOW_CELLS = 1 << 22
+
+
+def _dense_allow(mask: "ZorroMask") -> torch.Tensor:
+    return mask._runs.dense()
 
 
 def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
@@ -327,16 +342,27 @@ class ZorroMask(Derived):
             self.kv_names, self.kv_sizes = self.q_names, self.q_sizes
         else:
             self.kv_names, self.kv_sizes = _check_segments(kv_segments, "kv_segments")
-        if not isinstance(allow, torch.Tensor):
-            allow = torch.as_tensor(allow)
-        if allow.dtype != torch.bool:
-            raise TypeError(f"allow must be a bool tensor, got dtype {allow.dtype}")
-        if tuple(allow.shape) != (len(self.q_sizes), len(self.kv_sizes)):
+        if isinstance(allow, AllowRuns):  # from a constructor that knows the table's runs (packed sequences)
+            shape = (allow.n_q, allow.n_kv)
+        else:
+            if not isinstance(allow, torch.Tensor):
+                allow = torch.as_tensor(allow)
+            if allow.dtype != torch.bool:
+                raise TypeError(f"allow must be a bool tensor, got dtype {allow.dtype}")
+            shape = tuple(allow.shape)
+        if shape != (len(self.q_sizes), len(self.kv_sizes)):
             raise ValueError(
                 f"allow must have shape (n_q_segments, n_kv_segments) = "
-                f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {tuple(allow.shape)}"
+                f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {shape}"
             )
-        self._allow = allow.detach().to("cpu").clone()
+        # the rule table is kept as runs (linear in a layout's description); the dense table is derived on demand
+        self._runs = allow if isinstance(allow, AllowRuns) else AllowRuns.from_dense(allow.detach().to("cpu"))
+        # kept dense too when given dense (the caller paid for it) or small: torch.compile traces read it, and a trace
+        # cannot build it
+        small = shape[0] * shape[1] <= _DENSE_ALLOW_CELLS
+        dense_allow = None if isinstance(allow, AllowRuns) and not small else allow
+        if isinstance(dense_allow, AllowRuns):
+            dense_allow = dense_allow.dense()
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
@@ -361,6 +387,8 @@ class ZorroMask(Derived):
                 f"{self._lengths.shape[0]} vs {self._kv_lengths.shape[0]}"
             )
         self._cache: dict = {}  # Derived.derived's, and only its
+        if dense_allow is not None:  # the dense rule table the caller gave: what _dense_allow would build
+            self._cache[(_dense_allow,)] = dense_allow.detach().to("cpu").clone()
         self._frozen = True
 
     def __setattr__(self, name, value):
@@ -370,6 +398,11 @@ class ZorroMask(Derived):
                 f"{name!r}; build a new mask, e.g. mask.with_lengths(...)"
             )
         object.__setattr__(self, name, value)
+
+    @property
+    def _allow(self) -> torch.Tensor:
+        """The dense rule table (built from the runs once, on first use)."""
+        return self.derived(_dense_allow)
 
     # tensors are handed out as copies: editing one in place must not change the mask under its caches
     @property
@@ -543,8 +576,7 @@ class ZorroMask(Derived):
             kv = list(zip(names, kv_seq_lens))
             if causal:
                 _check_per_block_causal(seq_lens, kv_seq_lens, "packed")
-        allow = torch.eye(len(seq_lens), dtype=torch.bool)
-        return cls(segments, allow, kv_segments=kv, causal=causal)
+        return cls(segments, AllowRuns.diagonal(len(seq_lens)), kv_segments=kv, causal=causal)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -568,17 +600,16 @@ class ZorroMask(Derived):
     @property
     def rules(self) -> dict[str, list[str]]:
         """The rules as a dict (query segment -> key segments); segments that see nothing are omitted."""
-        return {
-            self.q_names[a]: [self.kv_names[c] for c in self._allow[a].nonzero().flatten().tolist()]
-            for a in range(len(self.q_names))
-            if self._allow[a].any()
-        }
+        out: dict[str, list[str]] = {}
+        for a, c0, c1 in zip(*(x.tolist() for x in (self._runs.row, self._runs.c0, self._runs.c1))):
+            out.setdefault(self.q_names[a], []).extend(self.kv_names[c0:c1])
+        return out
 
     def with_lengths(self, lengths=None, kv_lengths=None) -> "ZorroMask":
         """The same layout and rules with other per-sample lengths (a new mask with its own caches)."""
         return ZorroMask(
             list(zip(self.q_names, self.q_sizes)),
-            self._allow,
+            self._runs,
             kv_segments=None if self.is_self else list(zip(self.kv_names, self.kv_sizes)),
             lengths=lengths,
             kv_lengths=kv_lengths,
@@ -643,37 +674,44 @@ class ZorroMask(Derived):
     def attended(self) -> torch.Tensor:
         """Exact number of attended (query, key) pairs, per sample: int64 ``(B,)`` (``(1,)`` without lengths).
 
-        Computed from segment arithmetic in O(segments^2), without any ``Nq x Nk`` tensor.
+        Computed from segment arithmetic, without any ``Nq x Nk`` tensor: linear in the rule table's runs, or, with
+        causality or a window, in the allowed segment pairs.
         """
-        ql = self._q_lengths_or_sizes()  # (Bm, Sq)
-        kl = self._kv_lengths_or_sizes()  # (Bm, Sk)
+        ql = self._q_lengths_or_sizes().numpy()  # (Bm, Sq)
+        kl = self._kv_lengths_or_sizes().numpy()  # (Bm, Sk)
+        runs = self._runs
         lo, hi = self.band()
         if lo is None and hi is None:
-            return torch.einsum("bq,qk,bk->b", ql, self._allow.to(torch.int64), kl)
-        # Banded: count lattice points lo <= j - i - off <= hi in each (valid q range) x (valid k range) rectangle.
-        qs = torch.tensor((0,) + self.q_sizes, dtype=torch.int64).cumsum(0)[:-1]
-        ks = torch.tensor((0,) + self.kv_sizes, dtype=torch.int64).cumsum(0)[:-1]
+            kl_cum = np.zeros((kl.shape[0], kl.shape[1] + 1), dtype=np.int64)
+            np.cumsum(kl, 1, out=kl_cum[:, 1:])
+            per_run = ql[:, runs.row] * (kl_cum[:, runs.c1] - kl_cum[:, runs.c0])  # (Bm, R)
+            return torch.from_numpy(per_run.sum(1, dtype=np.int64))
+        # Banded: count lattice points lo <= j - i - off <= hi in each (valid q range) x (valid k range) rectangle of
+        # an allowed segment pair.
+        a, c = runs.pairs()
+        qs = (np.cumsum(self.q_sizes) - np.asarray(self.q_sizes))[a]
+        ks = (np.cumsum(self.kv_sizes) - np.asarray(self.kv_sizes))[c]
         off = self.num_kv - self.num_q
-        i0 = qs[None, :, None]  # rows i in [i0, i0 + ql)
-        i1 = i0 + ql[:, :, None]
-        j0 = ks[None, None, :]
-        w = kl[:, None, :]
+        i0 = qs[None].astype(np.int64)  # rows i in [i0, i0 + ql)
+        i1 = i0 + ql[:, a]
+        j0 = ks[None].astype(np.int64)
+        w = kl[:, c]
 
         def cum(t):  # sum_{s <= t} clamp(s, 0, w)
-            tc = t.clamp(min=-1)
-            low = torch.minimum(tc, w).clamp(min=0)
-            return low * (low + 1) // 2 + (tc - w).clamp(min=0) * w
+            tc = np.maximum(t, -1)
+            low = np.maximum(np.minimum(tc, w), 0)
+            return low * (low + 1) // 2 + np.maximum(tc - w, 0) * w
 
-        def up_to(c):
-            # pairs with j <= i + c: for row i, clamp(i + c - j0 + 1, 0, w); summed over rows = F(t1) - F(t0 - 1)
-            t0 = i0 + c - j0 + 1
-            t1 = i1 - 1 + c - j0 + 1
-            return torch.where(i1 > i0, cum(t1) - cum(t0 - 1), torch.zeros_like(t1))
+        def up_to(d):
+            # pairs with j <= i + d: for row i, clamp(i + d - j0 + 1, 0, w); summed over rows = F(t1) - F(t0 - 1)
+            t0 = i0 + d - j0 + 1
+            t1 = i1 - 1 + d - j0 + 1
+            return np.where(i1 > i0, cum(t1) - cum(t0 - 1), 0)
 
         counts = (i1 - i0) * w if hi is None else up_to(off + hi)
         if lo is not None:
             counts = counts - up_to(off + lo - 1)
-        return (counts * self._allow[None].to(torch.int64)).sum((1, 2))
+        return torch.from_numpy(np.asarray(counts, dtype=np.int64).sum(1, dtype=np.int64))
 
     def attended_fraction(self) -> float:
         """Attended pairs over all ``B * Nq * Nk`` pairs (padding counts as not attended)."""

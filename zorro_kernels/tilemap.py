@@ -30,9 +30,67 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["TileMap", "TokenMeta", "build_tile_map", "build_token_meta", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["AllowRuns", "TileMap", "TokenMeta", "build_tile_map", "build_token_meta", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+class AllowRuns(NamedTuple):
+    """The segment rule table as runs: query segment ``row[r]`` may see key segments ``c0[r] <= c < c1[r]``.
+
+    Runs are sorted by ``(row, c0)`` and maximal (two runs of one row never touch), so equal tables have equal runs.
+    Their number is what describes a layout: one per query segment for packed sequences, windows or full attention,
+    where the dense table would hold ``Sq x Sk`` cells. All arrays int64 ``(R,)``.
+    """
+
+    n_q: int
+    n_kv: int
+    row: np.ndarray
+    c0: np.ndarray
+    c1: np.ndarray
+
+    @classmethod
+    def from_dense(cls, allow) -> "AllowRuns":
+        """The runs of a bool ``(Sq, Sk)`` table (tensor or array)."""
+        a = np.asarray(allow.numpy() if isinstance(allow, torch.Tensor) else allow, dtype=np.int8)
+        sq, sk = a.shape
+        edge = np.zeros((sq, sk + 1), dtype=np.int8)
+        edge[:, :sk] = a
+        edge[:, 1:] -= a  # +1 where a run starts, -1 one past where it ends
+        rs, cs = np.nonzero(edge == 1)
+        _, ce = np.nonzero(edge == -1)  # row-major order: the i-th end closes the i-th start
+        return cls(sq, sk, rs.astype(np.int64), cs.astype(np.int64), ce.astype(np.int64))
+
+    @classmethod
+    def diagonal(cls, n: int) -> "AllowRuns":
+        """Segment i sees segment i only (packed sequences)."""
+        idx = np.arange(n, dtype=np.int64)
+        return cls(n, n, idx, idx, idx + 1)
+
+    def dense(self) -> torch.Tensor:
+        """The bool ``(Sq, Sk)`` table."""
+        out = np.zeros((self.n_q, self.n_kv), dtype=bool)
+        out[self.pairs()] = True
+        return torch.from_numpy(out)
+
+    def lookup(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """bool array: may query segment ``a`` see key segment ``c`` (elementwise, any broadcastable shapes)."""
+        stride = self.n_kv + 1
+        starts = self.row * stride + self.c0
+        key = np.asarray(a, dtype=np.int64) * stride + np.asarray(c, dtype=np.int64)
+        i = np.searchsorted(starts, key, side="right") - 1
+        ic = np.maximum(i, 0)
+        return (i >= 0) & (key < (self.row * stride + self.c1)[ic]) if len(starts) else np.zeros(key.shape, bool)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every allowed ``(a, c)`` pair (cost: their number)."""
+        n = self.c1 - self.c0
+        a = np.repeat(self.row, n)
+        c = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n - self.c0, n)
+        return a, c
+
+    def digest_bytes(self) -> bytes:
+        return repr((self.n_q, self.n_kv)).encode() + np.stack([self.row, self.c0, self.c1]).tobytes()
 
 
 class TileMap(NamedTuple):
@@ -154,64 +212,20 @@ def build_token_meta(mask) -> TokenMeta:
     )
 
 
-class _Axis(NamedTuple):
-    """One side (queries or keys) of the layout, reduced to its non-empty segments, cut into tiles (numpy arrays)."""
-
-    lo: np.ndarray  # (T,) first non-empty segment overlapping each tile
-    hi: np.ndarray  # (T,) last one
-    lo_valid: np.ndarray  # (Bm, T) first segment with a *valid* token in the tile (> hi: none)
-    n_valid: np.ndarray  # (Bm, T) valid tokens in the tile
-    n_rows: np.ndarray  # (T,) tokens of the tile inside the matrix
-    complete: np.ndarray  # (T,) the tile lies wholly inside the matrix
-    valid_seg: np.ndarray  # (Bm, S) segment has at least one valid token
-
-
-def _axis(sizes: tuple[int, ...], lens: np.ndarray, block: int) -> tuple[_Axis, np.ndarray]:
-    """Tile geometry of one side. Returns the axis and the kept (non-empty) segment indices."""
-    sizes_a = np.asarray(sizes, dtype=np.int64)
-    keep = np.flatnonzero(sizes_a > 0)
-    sizes_a, lens = sizes_a[keep], lens[:, keep]
-    n = int(sizes_a.sum())
-    ends = np.cumsum(sizes_a)
-    starts = ends - sizes_a
-    r0 = np.arange(-(-n // block), dtype=np.int64) * block
-    r1 = np.minimum(r0 + block, n)
-    lo = np.searchsorted(ends, r0, side="right")
-    hi = np.searchsorted(ends, r1 - 1, side="right")
-
-    # valid tokens before position p: earlier segments' valid tokens + this segment's valid prefix (closed form)
-    cum_len = np.cumsum(lens, 1) - lens  # (Bm, S) exclusive
-
-    def valid_before(p):
-        s = np.minimum(np.searchsorted(ends, p, side="right"), len(sizes_a) - 1)
-        return cum_len[:, s] + np.minimum(np.maximum(p - starts[s], 0)[None], lens[:, s])
-
-    n_valid = valid_before(r1) - valid_before(r0)
-    # the first overlapping segment may have all its valid tokens before r0
-    lo_valid = lo[None] + ((starts[lo] + lens[:, lo]) <= r0[None])
-    return _Axis(lo, hi, lo_valid, n_valid, r1 - r0, (r0 + block) <= n, lens > 0), keep
+def _valid_before(starts: np.ndarray, ends: np.ndarray, lens: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Valid tokens before position ``p`` (any shape ``P``), per sample: ``(Bm, P)``. ``starts``/``ends``: the
+    segments' token ranges (sizes may be 0), ``lens (Bm, S)``: valid tokens per segment (a prefix of each)."""
+    cum_len = np.zeros((lens.shape[0], lens.shape[1] + 1), dtype=np.int64)
+    np.cumsum(lens, 1, out=cum_len[:, 1:])
+    s = np.searchsorted(ends, p, side="right")  # segments wholly before p: s; p lies in segment s (if any)
+    sc = np.minimum(s, len(starts) - 1)
+    inside = np.where(s < len(starts), np.maximum(p - starts[sc], 0), 0)
+    return cum_len[:, s] + np.minimum(inside[None], lens[:, sc] * (s < len(starts))[None])
 
 
-def _rect_sum(prefix: np.ndarray, a0, a1, c0, c1) -> np.ndarray:
-    """Sum of a table over rows a0..a1 x columns c0..c1, inclusive, for every (row tile, column tile).
-
-    prefix: (Bm, S + 1, K + 1) from :func:`_prefix2d`; a0, a1: (Bm or 1, Tq); c0, c1: (Bm or 1, Tk).
-    Returns (Bm, Tq, Tk); 0 where a0 > a1 or c0 > c1. Rows are gathered first, so the (Tq, Tk)-sized work is two
-    1-D column gathers per sample rather than four 3-D fancy-index gathers.
-    """
-    bm = prefix.shape[0]
-    a1p, c1p = np.maximum(a1 + 1, a0), np.maximum(c1 + 1, c0)
-    a0, a1p = np.broadcast_to(a0, (bm, a0.shape[-1])), np.broadcast_to(a1p, (bm, a1p.shape[-1]))
-    c0, c1p = np.broadcast_to(c0, (bm, c0.shape[-1])), np.broadcast_to(c1p, (bm, c1p.shape[-1]))
-    rows = np.take_along_axis(prefix, a1p[:, :, None], 1) - np.take_along_axis(prefix, a0[:, :, None], 1)
-    return np.stack([rows[b][:, c1p[b]] - rows[b][:, c0[b]] for b in range(bm)])
-
-
-def _prefix2d(table: np.ndarray) -> np.ndarray:
-    """(Bm, S, K) -> (Bm, S + 1, K + 1) inclusive 2-D prefix sums with a zero border."""
-    p = np.zeros((table.shape[0], table.shape[1] + 1, table.shape[2] + 1), dtype=np.int64)
-    p[:, 1:, 1:] = table.cumsum(1).cumsum(2)
-    return p
+def _tile_ranges(start: np.ndarray, stop: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last tile overlapping each non-empty token range ``[start, stop)``."""
+    return start // block, (stop - 1) // block
 
 
 def _sorted_lists(kinds: np.ndarray, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,20 +250,42 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
     ql, kl = mask._q_lengths_or_sizes().numpy(), mask._kv_lengths_or_sizes().numpy()
     bm = max(ql.shape[0], kl.shape[0])  # one side may have per-sample lengths while the other broadcasts
     ql, kl = np.broadcast_to(ql, (bm, ql.shape[1])), np.broadcast_to(kl, (bm, kl.shape[1]))
-    qa, qkeep = _axis(mask.q_sizes, ql, block_m)
-    ka, kkeep = _axis(mask.kv_sizes, kl, block_n)
-    allow = mask.allow.numpy()[np.ix_(qkeep, kkeep)]  # (Sq', Sk') over non-empty segments
+    tq, tk = -(-mask.num_q // block_m), -(-mask.num_kv // block_n)
+    q_end = np.cumsum(np.asarray(mask.q_sizes, dtype=np.int64))
+    q_start = q_end - np.asarray(mask.q_sizes, dtype=np.int64)
+    k_end = np.cumsum(np.asarray(mask.kv_sizes, dtype=np.int64))
+    k_start = k_end - np.asarray(mask.kv_sizes, dtype=np.int64)
 
-    # empty unless some allowed pair of segments both have valid tokens in the tile
-    live = allow[None] & qa.valid_seg[:, :, None] & ka.valid_seg[:, None, :]
-    n_live = _rect_sum(_prefix2d(live), qa.lo_valid, qa.hi[None], ka.lo_valid, ka.hi[None])
-    # full iff inside the matrix, no padding on either side, and every overlapping segment pair allowed
-    n_allow = _rect_sum(_prefix2d(allow[None]), qa.lo[None], qa.hi[None], ka.lo[None], ka.hi[None])
-    area = (qa.hi - qa.lo + 1)[:, None] * (ka.hi - ka.lo + 1)[None, :]
-    no_pad = (qa.n_valid == qa.n_rows)[:, :, None] & (ka.n_valid == ka.n_rows)[:, None, :]
-    empty = (n_live == 0) | (qa.n_valid == 0)[:, :, None] | (ka.n_valid == 0)[:, None, :]
-    full = ~empty & no_pad & (qa.complete[:, None] & ka.complete[None, :]) & (n_allow == area)
-    kinds = np.where(empty, EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
+    # Each run of the rule table is a rectangle of the matrix: its query segment's rows x its key segments' columns.
+    # Rectangles are disjoint, so the allowed valid pairs of a tile are the sum of its overlaps with them: 0 = empty,
+    # the whole tile = full (which also needs the tile inside the matrix and free of padding), else partial.
+    runs = mask._runs
+    r_q0, r_q1 = q_start[runs.row], q_end[runs.row]
+    r_k0, r_k1 = k_start[runs.c0], k_end[runs.c1 - 1]
+    keep = (r_q1 > r_q0) & (r_k1 > r_k0)
+    rid = np.flatnonzero(keep)
+    m0, m1 = _tile_ranges(r_q0[rid], r_q1[rid], block_m)
+    n0, n1 = _tile_ranges(r_k0[rid], r_k1[rid], block_n)
+    nn = n1 - n0 + 1
+    count = (m1 - m0 + 1) * nn
+    owner = np.repeat(np.arange(len(rid)), count)  # one entry per (rectangle, tile it touches)
+    local = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    mi = m0[owner] + local // nn[owner]
+    ni = n0[owner] + local % nn[owner]
+    rq0, rk0, rk1 = r_q0[rid][owner], r_k0[rid][owner], r_k1[rid][owner]
+    a = runs.row[rid][owner]
+    # valid rows of the query segment inside the tile (its valid rows are a prefix of the segment)
+    rows = np.minimum(rq0[None] + ql[:, a], np.minimum((mi + 1) * block_m, mask.num_q)[None]) - np.maximum(
+        rq0, mi * block_m
+    )
+    rows = np.maximum(rows, 0)
+    c_lo = np.maximum(rk0, ni * block_n)
+    c_hi = np.minimum(rk1, (ni + 1) * block_n)
+    cols = _valid_before(k_start, k_end, kl, c_hi) - _valid_before(k_start, k_end, kl, c_lo)
+    area = (rows * cols).astype(np.float64)  # exact: at most block_m * block_n per entry, summed per tile
+    flat = (np.arange(bm, dtype=np.int64)[:, None] * (tq * tk) + (mi * tk + ni)[None]).ravel()
+    covered = np.bincount(flat, weights=area.ravel(), minlength=bm * tq * tk).reshape(bm, tq, tk)
+    kinds = np.where(covered == 0, EMPTY, np.where(covered == block_m * block_n, FULL, PARTIAL)).astype(np.int8)
 
     if mask.band() != (None, None):
         kinds = _apply_band(mask, torch.from_numpy(kinds), block_m, block_n).numpy()
@@ -297,8 +333,27 @@ def _apply_band(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.
         rows = r0[ms, None] + torch.arange(block_m)[None]  # (P, BM)
         cols = c0[ns, None] + torch.arange(block_n)[None]  # (P, BN)
         rows_in, cols_in = rows <= r1[ms, None], cols <= c1[ns, None]
-        em = build_token_meta(mask).element_mask(rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
+        em = _element_mask(mask, rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
         em = em & rows_in[None, :, :, None] & cols_in[None, :, None, :]
         any_ = em.flatten(2).any(2).expand(kinds.shape[0], -1)  # (Bm, P)
         kinds[:, ms, ns] = torch.where(any_, PARTIAL, EMPTY).to(torch.int8)
     return kinds
+
+
+def _element_mask(mask, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:meth:`TokenMeta.element_mask` with the rule table read through its runs (no ``Sq x Sk`` table)."""
+    q_seg, q_pos = _segment_ids_and_pos(mask.q_sizes)
+    k_seg, k_pos = _segment_ids_and_pos(mask.kv_sizes)
+    qs, ks = q_seg[rows].long(), k_seg[cols].long()  # (P, R), (P, C)
+    allowed = mask._runs.lookup(qs.numpy()[:, :, None], ks.numpy()[:, None, :])
+    m = torch.from_numpy(np.ascontiguousarray(allowed))[None]  # (1, P, R, C)
+    q_ok = q_pos[rows][None] < mask._q_lengths_or_sizes()[:, qs]  # (Bm, P, R)
+    k_ok = k_pos[cols][None] < mask._kv_lengths_or_sizes()[:, ks]  # (Bm, P, C)
+    m = m & q_ok[..., :, None] & k_ok[..., None, :]
+    d = cols[None, :, None, :] - rows[None, :, :, None] - (mask.num_kv - mask.num_q)
+    lo, hi = mask.band()
+    if hi is not None:
+        m = m & (d <= hi)
+    if lo is not None:
+        m = m & (d >= lo)
+    return m

@@ -24,8 +24,10 @@ read for it, forward or backward.
 
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,8 @@ BAND_ROWS = 64
 
 class Step(NamedTuple):
     """One dense attention problem: gathered query rows x gathered key rows, as ``blocks`` independent diagonal
-    blocks of equal size (``blocks > 1`` only for fused runs of windows / packed sequences, each a single range)."""
+    blocks of equal size (``blocks > 1`` for windows / packed sequences / documents of equal length: a contiguous run
+    of them is one range, a bucket of scattered ones lists each block's range and gathers by ``index``)."""
 
     q_ranges: Ranges
     k_ranges: Ranges
@@ -62,6 +65,11 @@ class Step(NamedTuple):
     mask: Optional[torch.Tensor] = None
     # filled by the plan: how this step's dK/dV land: (start, stop, offset in the gathered keys, accumulate?)
     k_writes: tuple = ()
+    # every block is square and causal inside (key l visible to query l' iff l <= l'): one causal flash call
+    causal: bool = False
+    # buckets of scattered blocks: int64 (q rows, k rows) in gather order; their keys no other step reads, so dK/dV
+    # are copied in (index_copy_)
+    index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class Pattern(NamedTuple):
@@ -119,7 +127,7 @@ def _fuse_runs(steps: list[Step]) -> list[Step]:
     ``blocks`` blocks (windows and packed sequences become one batched call instead of hundreds of small ones)."""
 
     def simple(x):
-        return x.mask is None and len(x.q_ranges) == 1 and len(x.k_ranges) == 1
+        return x.mask is None and not x.causal and len(x.q_ranges) == 1 and len(x.k_ranges) == 1
 
     out, i = [], 0
     while i < len(steps):
@@ -161,83 +169,261 @@ def _complement(ranges: Ranges, n: int) -> Ranges:
 def _schedule_key_writes(steps: list[Step]) -> list[Step]:
     """Give each step its dK/dV writes: the first step to touch a key row copies, later ones add. Buffers can then
     start uninitialised (no zero-fill pass over a fresh allocation, which on CPU costs page faults as well)."""
-    written: list[tuple[int, int]] = []
+    starts: list[int] = []  # the rows written so far: disjoint, sorted, merged ranges [starts[i], ends[i])
+    ends: list[int] = []
     out = []
     for st in steps:
         writes, off = [], 0
         for s, e in st.k_ranges:
             # split [s, e) into pieces already written (accumulate) and fresh (copy)
-            cuts = sorted({s, e, *(x for w in written for x in w if s < x < e)})
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                seen = any(ws <= a and b <= we for ws, we in written)
-                writes.append((a, b, off + a - s, seen))
+            i = bisect.bisect_right(ends, s)  # first written range ending after s
+            pos = s
+            while pos < e:
+                if i < len(starts) and starts[i] <= pos:
+                    b = min(e, ends[i])
+                    writes.append((pos, b, off + pos - s, True))
+                    i += 1
+                else:
+                    b = min(e, starts[i]) if i < len(starts) else e
+                    writes.append((pos, b, off + pos - s, False))
+                pos = b
             off += e - s
-        written = list(_merge(written + list(st.k_ranges)))
+        for s, e in st.k_ranges:  # record them, merging with what they touch
+            i = bisect.bisect_left(ends, s)
+            j = bisect.bisect_right(starts, e)
+            if i < j:
+                s, e = min(s, starts[i]), max(e, ends[j - 1])
+            starts[i:j], ends[i:j] = [s], [e]
         out.append(st._replace(k_writes=tuple(writes)))
     return out
 
 
+def _band_steps(q_ranges: Ranges, keys: Ranges, off: int, lo, hi) -> list[Step]:
+    """Steps of one group under a band: one step per query range, keys trimmed to the band; a range that straddles
+    the band's edge is cut into chunks of BAND_ROWS rows, each with its own element mask."""
+
+    def trim(qr):
+        return _merge(
+            (s if lo is None else max(s, qr[0] + off + lo), e if hi is None else min(e, qr[1] + off + hi))
+            for s, e in keys
+        )
+
+    steps = []
+    for r in q_ranges:
+        if trim(r) and _band_block((r,), trim(r), off, lo, hi).all():
+            steps.append(Step((r,), trim(r)))
+            continue
+        for qr in _chunks(r, BAND_ROWS):
+            k_trim = trim(qr)
+            if not k_trim:
+                continue
+            m = _band_block((qr,), k_trim, off, lo, hi)
+            steps.append(Step((qr,), k_trim) if m.all() else Step((qr,), k_trim, 1, m))
+    return steps
+
+
+def _key_sets(runs, k_start, k_size, lk):
+    """Per run: its valid keys as merged ranges when they are one range ``(start, stop)`` (stop = start: none), and
+    which runs are not (padding inside them): ``(start, stop, single)`` int64/bool arrays ``(R,)``."""
+    gap = np.concatenate([[0], np.cumsum(lk < k_size)])  # segments with padding before c
+    valid = np.concatenate([[0], np.cumsum(lk)])
+    c0, c1 = runs.c0, runs.c1
+    # one range iff no segment but the last has padding (a padded segment ends its range)
+    single = (gap[c1 - 1] - gap[c0]) == 0
+    some = (valid[c1] - valid[c0]) > 0
+    start = k_start[c0]
+    stop = np.where(some, k_start[c1 - 1] + lk[c1 - 1], start)
+    return start, stop, single
+
+
+def _row_keys(a: int, runs, first: np.ndarray, kv) -> Ranges:
+    """Merged valid key ranges of query segment ``a`` (the general case: padding inside runs, several runs)."""
+    out = []
+    for r in range(int(first[a]), int(first[a + 1])):
+        out.extend(kv[c] for c in range(int(runs.c0[r]), int(runs.c1[r])) if kv[c] is not None)
+    return _merge(out)
+
+
+def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo, hi):
+    """The steps of one length pattern: query segments grouped by the keys they see (see the module docstring), and
+    the query and key ranges they read (:func:`_bucket`)."""
+    k_start_r, k_stop_r, single = _key_sets(runs, k_start, k_size, lk)
+    n_runs = first[1:] - first[:-1]
+    live = lq > 0
+    # rows whose keys are one range of one run: grouped by that range with numpy; the rest one by one
+    simple = live & (n_runs == 1)
+    r_of = np.minimum(first[:-1], max(len(runs.row) - 1, 0))
+    simple &= single[r_of] if len(runs.row) else False
+    ks = np.where(simple, k_start_r[r_of] if len(runs.row) else 0, 0)
+    ke = np.where(simple, k_stop_r[r_of] if len(runs.row) else 0, 0)
+    other: dict[Ranges, list] = {}
+    kv = None
+    for a in np.flatnonzero(live & ~simple & (n_runs > 0)).tolist():
+        if kv is None:
+            kv = _valid_ranges(mask.kv_sizes, lk.tolist())
+        keys = _row_keys(a, runs, first, kv)
+        if len(keys) == 1:  # one range after all: joins the vectorised rows
+            simple[a], ks[a], ke[a] = True, keys[0][0], keys[0][1]
+        elif keys:
+            other.setdefault(keys, []).append((int(q_start[a]), int(q_start[a] + lq[a])))
+    simple &= ke > ks
+    rows = np.flatnonzero(simple)
+    # merge the query ranges of each group of rows with equal keys (adjacent ranges become one)
+    code = ks[rows] * (mask.num_kv + 1) + ke[rows]
+    order = np.lexsort((q_start[rows], code))
+    rows, code = rows[order], code[order]
+    qs, qe = q_start[rows], q_start[rows] + lq[rows]
+    new = np.ones(len(rows), dtype=bool)
+    new[1:] = (code[1:] != code[:-1]) | (qs[1:] != qe[:-1])
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(rows))[: len(starts)] - 1
+    g_qs, g_qe, g_code = qs[starts], qe[ends], code[starts]
+    g_ks, g_ke = ks[rows[starts]], ke[rows[starts]]
+    # a group of several query ranges (non-adjacent rows seeing the same keys) is one step of gathered rows
+    _, inv, count = np.unique(g_code, return_inverse=True, return_counts=True)
+    multi = count[inv.reshape(-1)] > 1
+    for c in np.unique(g_code[multi]).tolist():
+        sel = np.flatnonzero(g_code == c)
+        keys = ((int(g_ks[sel[0]]), int(g_ke[sel[0]])),)
+        other[keys] = other.get(keys, []) + list(zip(g_qs[sel].tolist(), g_qe[sel].tolist()))
+    one = ~multi
+    g_qs, g_qe, g_ks, g_ke = g_qs[one], g_qe[one], g_ks[one], g_ke[one]
+    steps: list[Step] = []
+    causal = np.zeros(len(g_qs), dtype=bool)
+    if lo is not None or hi is not None:
+        # a square block on the diagonal of a causal mask is one causal call; the rest is chunked along the band
+        if lo is None and hi == 0:
+            causal = (g_ks == g_qs + off) & (g_ke >= g_qe + off)
+            g_ke = np.where(causal, g_qe + off, g_ke)
+        for i in np.flatnonzero(~causal).tolist():
+            steps += _band_steps(((int(g_qs[i]), int(g_qe[i])),), ((int(g_ks[i]), int(g_ke[i])),), off, lo, hi)
+        g_qs, g_qe, g_ks, g_ke = g_qs[causal], g_qe[causal], g_ks[causal], g_ke[causal]
+        causal = causal[causal]
+        causal &= (g_qe - g_qs) > 1  # one token sees itself: no diagonal to respect
+    for keys, q_ranges in other.items():
+        q_ranges = _merge(q_ranges)
+        steps += [Step(q_ranges, keys)] if lo is None and hi is None else _band_steps(q_ranges, keys, off, lo, hi)
+    return _bucket(steps, g_qs, g_qe, g_ks, g_ke, causal)
+
+
+def _flat_rows(starts: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """``concat(arange(s, s + n))`` over the ranges, as one int64 array."""
+    total = int(length.sum())
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(length) - length), length)
+
+
+def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.ndarray, np.ndarray]:
+    """Single-range steps (arrays) plus the rest: those whose keys no other step reads are put in buckets of equal
+    (rows, keys, causal) and each bucket becomes one batched call (a view when its blocks are contiguous); the others
+    join the rest, which is fused into runs and given its dK/dV write schedule. Also returns the query and key
+    ranges every step reads, int64 ``(n, 2)``."""
+    n = len(qs)
+    other_q = np.array([r for st in steps for r in st.q_ranges], dtype=np.int64).reshape(-1, 2)
+    other_k = np.array([r for st in steps for r in st.k_ranges], dtype=np.int64).reshape(-1, 2)
+    q_cov = np.concatenate([np.stack([qs, qe], 1), other_q])
+    k_cov = np.concatenate([np.stack([ks, ke], 1), other_k])
+    all_s, all_e = k_cov[:, 0], k_cov[:, 1]
+    order = np.argsort(all_s, kind="stable")
+    s_sorted, e_sorted = all_s[order], all_e[order]
+    prev_end = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], e_sorted[:-1]]))
+    next_start = np.concatenate([s_sorted[1:], [np.iinfo(np.int64).max]])
+    alone = np.empty(len(all_s), dtype=bool)
+    alone[order] = (prev_end <= s_sorted) & (next_start >= e_sorted)
+    alone = alone[:n]
+    lq, lk = qe - qs, ke - ks
+    key = np.where(alone, (lq * (lk.max(initial=0) + 1) + lk) * 2 + causal, -1)
+    # members of a bucket adjacent in (key, query start) order
+    order = np.lexsort((qs, key))
+    key_o, qs_o, ks_o, lq_o, lk_o = key[order], qs[order], ks[order], lq[order], lk[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = key_o[1:] != key_o[:-1]
+    starts = np.flatnonzero(first)
+    stops = np.append(starts[1:], n)[: len(starts)]
+    size = stops - starts
+    # a bucket is contiguous (a view) when every member starts where the previous one ends, on both sides
+    cont = np.ones(n, dtype=bool)
+    cont[1:] = (qs_o[1:] == qs_o[:-1] + lq_o[:-1]) & (ks_o[1:] == ks_o[:-1] + lk_o[:-1])
+    cont[first] = True
+    contiguous = np.add.reduceat(~cont, starts) == 0 if n else np.zeros(0, dtype=bool)
+    batched = (key_o[starts] >= 0) & (size >= 2)
+    q_rows = torch.from_numpy(_flat_rows(qs_o, lq_o))
+    k_rows = torch.from_numpy(_flat_rows(ks_o, lk_o))
+    q_off = np.concatenate([[0], np.cumsum(lq_o)])
+    k_off = np.concatenate([[0], np.cumsum(lk_o)])
+    qs_l, qe_l, ks_l, ke_l = qs_o.tolist(), (qs_o + lq_o).tolist(), ks_o.tolist(), (ks_o + lk_o).tolist()
+    causal_o = causal[order].tolist()
+    out: list[Step] = []
+    loose = list(steps)
+    for g in range(len(starts)):
+        a, b = int(starts[g]), int(stops[g])
+        if not batched[g]:
+            loose += [Step(((qs_l[i], qe_l[i]),), ((ks_l[i], ke_l[i]),), causal=causal_o[i]) for i in range(a, b)]
+            continue
+        m, cz = b - a, causal_o[a]
+        if contiguous[g]:  # a view, as a fused run; its keys no other step reads: the dK/dV write is a copy
+            k_r = ((ks_l[a], ke_l[b - 1]),)
+            out.append(Step(((qs_l[a], qe_l[b - 1]),), k_r, m, k_writes=((*k_r[0], 0, False),), causal=cz))
+            continue
+        index = (q_rows[int(q_off[a]) : int(q_off[b])], k_rows[int(k_off[a]) : int(k_off[b])])
+        q_r = tuple(zip(qs_l[a:b], qe_l[a:b]))
+        k_r = tuple(zip(ks_l[a:b], ke_l[a:b]))
+        out.append(Step(q_r, k_r, m, causal=cz, index=index))
+    loose.sort(key=lambda st: st.q_ranges[0][0])
+    return out + _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
+
+
+def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
+    """Rows of ``[0, n)`` covered by none of the ranges ``[starts, ends)``."""
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(np.concatenate([[0], ends]))  # covered up to here before each range
+    gap = np.flatnonzero(np.concatenate([starts, [n]]) > reach)
+    return tuple((int(reach[i]), int(np.concatenate([starts, [n]])[i])) for i in gap)
+
+
 def build_plan(mask) -> Plan:
-    """The execution plan of ``mask`` (see the module docstring). Pure Python over segment counts: microseconds."""
-    ql = mask._q_lengths_or_sizes()
-    kl = mask._kv_lengths_or_sizes()
-    bm = max(ql.shape[0], kl.shape[0])
-    rows = torch.cat([ql.expand(bm, -1), kl.expand(bm, -1)], 1)
-    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    allow = mask.allow.tolist()
+    """The execution plan of ``mask`` (see the module docstring): numpy over the rule table's runs, linear in them
+    (Python per step only where a group is irregular: several query ranges, padding inside its keys, a band edge)."""
+    q_size = np.asarray(mask.q_sizes, dtype=np.int64)
+    k_size = np.asarray(mask.kv_sizes, dtype=np.int64)
+    if mask.batch_size is None:
+        uniq, inverse = np.concatenate([q_size, k_size])[None], None
+    else:
+        rows = torch.cat([mask._q_lengths_or_sizes(), mask._kv_lengths_or_sizes()], 1)
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        uniq = uniq.numpy()
+    runs = mask._runs
+    nq_seg = len(mask.q_sizes)
+    first = np.searchsorted(runs.row, np.arange(nq_seg + 1))  # runs of row a: first[a] .. first[a + 1]
+    q_start, k_start = np.cumsum(q_size) - q_size, np.cumsum(k_size) - k_size
     off = mask.num_kv - mask.num_q
     lo, hi = mask.band()
     patterns = []
     for u in range(uniq.shape[0]):
-        lens = uniq[u].tolist()
-        qv = _valid_ranges(mask.q_sizes, lens[: len(mask.q_sizes)])
-        kv = _valid_ranges(mask.kv_sizes, lens[len(mask.q_sizes) :])
-        by_keys: dict[Ranges, list] = {}
-        for a, qr in enumerate(qv):
-            if qr is None:
-                continue
-            keys = _merge(kv[c] for c in range(len(kv)) if allow[a][c] and kv[c] is not None)
-            if keys:
-                by_keys.setdefault(keys, []).append(qr)
-        steps = []
-        for keys, q_ranges in by_keys.items():
-            q_ranges = _merge(q_ranges)
-            if lo is None and hi is None:
-                steps.append(Step(q_ranges, keys))
-                continue
-
-            # banded: one step per query range, keys trimmed to the band; a range that straddles the band's edge is
-            # cut into chunks of BAND_ROWS rows, each with its own element mask
-            def trim(qr):
-                return _merge(
-                    (s if lo is None else max(s, qr[0] + off + lo), e if hi is None else min(e, qr[1] + off + hi))
-                    for s, e in keys
-                )
-
-            for r in q_ranges:
-                if trim(r) and _band_block((r,), trim(r), off, lo, hi).all():
-                    steps.append(Step((r,), trim(r)))
-                    continue
-                for qr in _chunks(r, BAND_ROWS):
-                    k_trim = trim(qr)
-                    if not k_trim:
-                        continue
-                    m = _band_block((qr,), k_trim, off, lo, hi)
-                    steps.append(Step((qr,), k_trim) if m.all() else Step((qr,), k_trim, 1, m))
-        steps.sort(key=lambda st: st.q_ranges[0][0])
-        steps = _schedule_key_writes(_fuse_runs(steps))
+        lq, lk = uniq[u, :nq_seg], uniq[u, nq_seg:]
+        steps, q_cov, k_cov = _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo, hi)
         batch = None if uniq.shape[0] == 1 else (inverse == u).nonzero().flatten()
-        q_cov = [r for st in steps for r in st.q_ranges]
-        k_cov = [r for st in steps for r in st.k_ranges]
-        patterns.append(Pattern(batch, tuple(steps), _complement(q_cov, mask.num_q), _complement(k_cov, mask.num_kv)))
+        patterns.append(
+            Pattern(
+                batch,
+                tuple(steps),
+                _complement_np(q_cov[:, 0], q_cov[:, 1], mask.num_q),
+                _complement_np(k_cov[:, 0], k_cov[:, 1], mask.num_kv),
+            )
+        )
     return Plan(tuple(patterns), mask.num_q, mask.num_kv)
 
 
 # ---------------------------------------------------------------------------------------------------------- gathers
-def _gather(x: torch.Tensor, ranges: Ranges, blocks: int = 1) -> torch.Tensor:
-    """Rows ``ranges`` of ``x (B, H, N, D)`` along dim 2 (a view for one range); with ``blocks > 1`` the rows are
-    split into equal diagonal blocks folded into the head dim: ``(B, H * blocks, rows / blocks, D)``."""
-    if len(ranges) == 1:
+def _gather(x: torch.Tensor, ranges: Ranges, blocks: int = 1, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows ``ranges`` of ``x (B, H, N, D)`` along dim 2 (a view for one range; ``index``, when given, lists the same
+    rows); with ``blocks > 1`` the rows are split into equal diagonal blocks folded into the head dim:
+    ``(B, H * blocks, rows / blocks, D)``."""
+    if index is not None:
+        x = x.index_select(2, index.to(x.device))
+    elif len(ranges) == 1:
         s, e = ranges[0]
         x = x[:, :, s:e]
     else:
@@ -252,7 +438,10 @@ def _unfold(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(x.shape[0], heads, -1, *x.shape[3:])
 
 
-def _scatter(dst: torch.Tensor, ranges: Ranges, src: torch.Tensor) -> None:
+def _scatter(dst: torch.Tensor, ranges: Ranges, src: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
+    if index is not None:
+        dst.index_copy_(2, index.to(dst.device), src)
+        return
     off = 0
     for s, e in ranges:
         dst[:, :, s:e] = src[:, :, off : off + e - s]
@@ -412,8 +601,83 @@ def _straddle_cpu_backward(go, q, k, v, out, lse, mask, scale):
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
+def _all_finite(*ts) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def _causal_cpu_forward(q, k, v, scale):
+    """A causal step's blocks (folded into the heads, square): one causal flash call. ATen's kernel fills the scores
+    above the diagonal with -inf and then multiplies their zero weights by V, so non-finite key and value rows are
+    zeroed first (clean rows come out bit for bit as from clean inputs) and NaN is put back in the rows at or below
+    them (the rows that may attend them)."""
+    if _all_finite(k, v):
+        return _fwd_cpu(q, k, v, 0.0, True, scale=scale)
+    k_z, bad_k = _zero_bad_rows(k)
+    v_z, bad_v = _zero_bad_rows(v)
+    out, lse = _fwd_cpu(q, k_z, v_z, 0.0, True, scale=scale)
+    hit = torch.cumsum(bad_k | bad_v, -1) > 0  # row i attends keys 0 .. i
+    return out.masked_fill(hit[..., None], float("nan")), lse
+
+
+def _causal_cpu_backward(go, q, k, v, out, lse, scale):
+    """Backward of :func:`_causal_cpu_forward`. With a non-finite input the bad token rows (keys, queries, upstream
+    gradients, outputs) are zeroed so that the masked pairs multiply finite zeros, and NaN is put back where the
+    isolation rule lets it go: the bad rows' dq and the dk/dv of every key such a row may attend."""
+    if _all_finite(q, k, v, go, out):
+        return _bwd_cpu(go.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, True, scale=scale)
+    k_z, bad_k = _zero_bad_rows(k)
+    v_z, bad_v = _zero_bad_rows(v)
+    q_z, bad_q = _zero_bad_rows(q)
+    go_z, bad_go = _zero_bad_rows(go)
+    rows = bad_q | bad_go | (torch.cumsum(bad_k | bad_v, -1) > 0)
+    out_z = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0)
+    lse_z = lse.masked_fill(rows, 0)
+    dq, dk, dv = _bwd_cpu(
+        go_z.contiguous(), q_z, k_z, v_z, out_z.contiguous(), lse_z.contiguous(), 0.0, True, scale=scale
+    )
+    keys = torch.flip(torch.cumsum(torch.flip(rows, (-1,)), -1), (-1,)) > 0  # key j is attended by rows j ..
+    nan = float("nan")
+    return (
+        dq.masked_fill(rows[..., None], nan),
+        dk.masked_fill(keys[..., None], nan),
+        dv.masked_fill(keys[..., None], nan),
+    )
+
+
+def _expand(st: Step) -> list[Step]:
+    """A bucket or causal step as the single-block steps it stands for (causal blocks chunked along the diagonal,
+    as the plan does for any band): for the paths that select per row (other devices, a bias)."""
+    if st.index is None and not st.causal:
+        return [st]
+    if st.index is not None:
+        members = list(zip(st.q_ranges, st.k_ranges))
+    else:
+        (q0, q1), (k0, k1) = st.q_ranges[0], st.k_ranges[0]
+        lq, lk = (q1 - q0) // st.blocks, (k1 - k0) // st.blocks
+        members = [((q0 + i * lq, q0 + (i + 1) * lq), (k0 + i * lk, k0 + (i + 1) * lk)) for i in range(st.blocks)]
+    out = []
+    for (q0, q1), (k0, k1) in members:
+        if not st.causal:
+            out.append(Step(((q0, q1),), ((k0, k1),)))
+            continue
+        for a, b in _chunks((q0, q1), BAND_ROWS):  # row q0 + l sees keys k0 .. k0 + l
+            rows = torch.arange(a - q0, b - q0)[:, None]
+            cols = torch.arange(b - q0)[None, :]
+            m = cols <= rows
+            out.append(Step(((a, b),), ((k0, k0 + b - q0),), 1, None if m.all() else m))
+    return out
+
+
 def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
     return x if batch is None else x.index_select(0, batch)
+
+
+def _steps(pat: Pattern, bias) -> tuple[Step, ...]:
+    """The pattern's steps as the CPU path runs them: a bias is read per block, so causal steps are expanded."""
+    if bias is None or not any(st.causal for st in pat.steps):
+        return pat.steps
+    # the chunks' dK/dV writes are scheduled afresh over the pattern (bucket steps copy by index whatever theirs say)
+    return tuple(_schedule_key_writes([x for st in pat.steps for x in (_expand(st) if st.causal else [st])]))
 
 
 def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,21 +695,24 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
         ob = out if pat.batch is None else qb.new_empty(qb.shape)
         lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
-        for st in pat.steps:
+        for st in _steps(pat, bias):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
+            qi, ki = st.index or (None, None)
             args = (
-                _gather(qb, st.q_ranges, st.blocks),
-                _gather(kb, st.k_ranges, st.blocks),
-                _gather(vb, st.k_ranges, st.blocks),
+                _gather(qb, st.q_ranges, st.blocks, qi),
+                _gather(kb, st.k_ranges, st.blocks, ki),
+                _gather(vb, st.k_ranges, st.blocks, ki),
             )
-            if st.mask is None:
+            if st.causal:
+                o, l = _causal_cpu_forward(*args, scale)
+            elif st.mask is None:
                 o, l = _fwd_cpu(*args, 0.0, False, attn_mask=sb, scale=scale)
             elif sb is None:
                 o, l = _straddle_cpu_forward(*args, st.mask, scale)
             else:
                 o, l = straddling_attention(*args, st.mask, scale, sb)
-            _scatter(ob, st.q_ranges, _unfold(o, h))
-            _scatter(lb, st.q_ranges, _unfold(l, h))
+            _scatter(ob, st.q_ranges, _unfold(o, h), qi)
+            _scatter(lb, st.q_ranges, _unfold(l, h), qi)
         _zero(ob, pat.q_uncovered)
         _zero(lb, pat.q_uncovered)
         if pat.batch is not None:
@@ -467,20 +734,25 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
         dqb = dq if pat.batch is None else torch.empty_like(qb)
         dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
         dvb = dv if pat.batch is None else torch.empty_like(dkb)
-        for st in pat.steps:
+        for st in _steps(pat, bias):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
-            go = _gather(gb, st.q_ranges, st.blocks)
+            qi, ki = st.index or (None, None)
+            go = _gather(gb, st.q_ranges, st.blocks, qi)
             args = (
-                _gather(qb, st.q_ranges, st.blocks),
-                _gather(kb, st.k_ranges, st.blocks),
-                _gather(vb, st.k_ranges, st.blocks),
+                _gather(qb, st.q_ranges, st.blocks, qi),
+                _gather(kb, st.k_ranges, st.blocks, ki),
+                _gather(vb, st.k_ranges, st.blocks, ki),
             )
-            if st.mask is None:
+            if st.causal:
+                g_q, g_k, g_v = _causal_cpu_backward(
+                    go, *args, _gather(ob, st.q_ranges, st.blocks, qi), _gather(lb, st.q_ranges, st.blocks, qi), scale
+                )
+            elif st.mask is None:
                 g_q, g_k, g_v = _bwd_cpu(
                     go.contiguous(),
                     *args,
-                    _gather(ob, st.q_ranges, st.blocks),
-                    _gather(lb, st.q_ranges, st.blocks).contiguous(),
+                    _gather(ob, st.q_ranges, st.blocks, qi),
+                    _gather(lb, st.q_ranges, st.blocks, qi).contiguous(),
                     0.0,
                     False,
                     attn_mask=sb,
@@ -496,11 +768,14 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                     g_q, g_k, g_v = torch.autograd.grad(
                         straddling_attention(*leaves, st.mask, scale, sb)[0], leaves, go
                     )
-            _scatter(dqb, st.q_ranges, _unfold(g_q, h))
+            _scatter(dqb, st.q_ranges, _unfold(g_q, h), qi)
             for g, dst in ((g_k, dkb), (g_v, dvb)):
                 g = _unfold(g, h)
                 if hkv != h:  # GQA: the query heads of a group all read one kv head
                     g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+                if ki is not None:  # a bucket: keys no other step reads
+                    dst.index_copy_(2, ki.to(dst.device), g)
+                    continue
                 for s, e, o, acc in st.k_writes:
                     if acc:
                         dst[:, :, s:e] += g[:, :, o : o + e - s]
@@ -545,7 +820,7 @@ def _segment_attention_autograd(q, k, v, plan: Plan, scale: float, bias=None) ->
         qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
         ob = out if pat.batch is None else qb.new_zeros(qb.shape)
-        for st in pat.steps:
+        for st in (x for st_ in pat.steps for x in _expand(st_)):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             args = (
                 _gather(qb, st.q_ranges, st.blocks),
