@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from tests.isolation import check_isolation, poison_everything_unseen
-from tests.tolerances import check_against_oracle
 from zorro_kernels import ZorroMask, auto, zorro_attention
 from zorro_kernels.backends.segments import _segment_attention_autograd, build_plan
 from zorro_kernels.mask import _dense_allow
-from zorro_kernels.testing import random_mask
+from zorro_kernels.testing import check_against_oracle, random_mask
 from zorro_kernels.tilemap import AllowRuns
 
 
