@@ -30,22 +30,8 @@ from zorro_models.training.config import Config, config_to_yaml, load_config
 from zorro_models.training.runlock import LOCK_FILE, RunFolderInUse, RunLock
 from zorro_models.training.trainer import RESUMABLE_CHANGES, Trainer, config_changes
 
-# A model small enough for CPU tests (the same sizes as the suite's shared TINY, kept here so this file stands alone)
-TINY = [
-    "model.kwargs={img_size: 16, num_frames: 2, video_patch: 8, n_mels: 16, audio_frames: 16, audio_patch: 8, "
-    "embed_dim: 32, depth: 1, num_heads: 2, num_fusion: 2}",
-    "data.audio.hop_length=500",
-    "data.train_size=48",
-    "train.batch_size=8",
-    "train.progress=false",
-    "train.plot=false",
-    "train.log_every=1",
-    "optim.warmup_steps=2",
-    "train.proj_dim=16",
-    "probe.train_size=32",
-    "probe.test_size=32",
-    "data.num_workers=0",
-]
+from .helpers import TINY
+
 RUNLOCK_PY = Path(ckpt_mod.__file__).with_name("runlock.py")
 
 
