@@ -9,6 +9,7 @@ import random
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,11 @@ def check_shell_command(cmd: str, monkeypatch) -> None:
             load_config(config, [a for a in rest if "=" in a])
         else:
             pytest.fail(f"unknown program {prog!r} in {cmd!r}: add a check here")
+
+
+def torchrun_train(overrides, timeout: float) -> subprocess.CompletedProcess:
+    """Two ranks of ``python -m zorro_models.train`` under torchrun (``python -m torch.distributed.run``), from the
+    repository root, with ``overrides`` as the command line's settings."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "zorro_models.train", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

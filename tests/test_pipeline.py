@@ -17,7 +17,7 @@ from zorro_models.training.checkpoint import latest_checkpoint
 from zorro_models.training.config import load_config
 from zorro_models.training.trainer import Trainer
 
-from .helpers import TINY_FAMILY
+from .helpers import TINY_FAMILY, torchrun_train
 
 FAMILIES = list(TINY_FAMILY)
 
@@ -96,9 +96,6 @@ def test_bench_every_family(family, capsys):
 def test_demo_and_torchrun_every_family(tmp_path, family, capsys):
     """`zorro demo --model NAME` compares the masks on any family; `torchrun -m zorro_models.train` trains it (two
     gloo ranks on CPU)."""
-    import os
-    import subprocess
-    import sys
 
     name, settings = TINY_FAMILY[family][0].split("=", 1)[1], TINY_FAMILY[family][1:]
     if family == "swin":  # the demo compares with full attention, which crosses the windows of Swin's bias
@@ -123,25 +120,6 @@ def test_demo_and_torchrun_every_family(tmp_path, family, capsys):
     assert results["config"]["model"]["name"] == name and set(results["table"]) == {"Zorro", "full attention"}
 
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "zorro_models.train",
-        *TINY_FAMILY[family],
-        "train.steps=2",
-        "train.threads=1",
-        f"train.out={out}",
-    ]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    proc = torchrun_train([*TINY_FAMILY[family], "train.steps=2", "train.threads=1", f"train.out={out}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_checkpoint(out).name == "step_00000002"

@@ -23,7 +23,7 @@ from zorro_models.training.distributed import DistEnv, RankFailure, on_main_rank
 from zorro_models.training.trainer import ClipLedger, ResumableSampler, Trainer, warmup_cosine
 from zorro_models.utils.errors import error_line
 
-from .helpers import TINY
+from .helpers import TINY, torchrun_train
 
 
 def tiny_config(tmp_path, name, *extra):
@@ -499,30 +499,8 @@ def test_gather_with_grad_uneven_ranks(tmp_path):
 @pytest.mark.ddp
 def test_torchrun_entry_point(tmp_path):
     """The documented command: torchrun (here `python -m torch.distributed.run`) with the training module."""
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "zorro_models.train",
-        *TINY,
-        "train.steps=2",
-        "train.threads=1",
-        f"train.out={out}",
-    ]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    proc = torchrun_train([*TINY, "train.steps=2", "train.threads=1", f"train.out={out}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_checkpoint(out).name == "step_00000002"
     assert len(losses(out)) == 2  # only rank 0 logged
