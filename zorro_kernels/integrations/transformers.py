@@ -60,6 +60,7 @@ from ..mask import ZorroMask
 from ._fallback import dense_for_fallback, record_fallback
 
 try:
+    import transformers.masking_utils as _masking_utils
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (
@@ -109,6 +110,8 @@ def register(*, strict: bool = False) -> None:
     _strict = strict
     AttentionInterface.register(NAME, zorro_attention_forward)
     AttentionMaskInterface.register(NAME, zorro_mask_interface)
+    if not getattr(_masking_utils._preprocess_mask_arguments, "_zorro_guard", False):
+        _masking_utils._preprocess_mask_arguments = _passing_zorro_masks(_masking_utils._preprocess_mask_arguments)
     for name, fn in list(AttentionInterface._global_mapping.items()):
         if name != NAME and not getattr(fn, "_zorro_guard", False):
             AttentionInterface.register(name, _refusing_zorro_mask(name, fn))
@@ -130,6 +133,23 @@ def _refusing_zorro_mask(name: str, fn):
 
     guarded._zorro_guard = True
     return guarded
+
+
+def _passing_zorro_masks(preprocess):
+    """transformers' mask preprocessing, letting a built ZorroMask / :class:`ZorroLayout` through unchanged as it lets
+    a 4-D tensor or a BlockMask through. A composite model (PaliGemma) builds the mask once and hands it to its inner
+    language model, which calls ``create_causal_mask`` again with it as ``attention_mask``; transformers only knows
+    its own mask types there and reads ``attention_mask.ndim``."""
+
+    @functools.wraps(preprocess)
+    def passing(*args, **kwargs):
+        mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[2] if len(args) > 2 else None)
+        if isinstance(mask, (ZorroMask, ZorroLayout)):
+            return True, mask, None, None, None, None, None  # transformers' own early exit for a ready-made mask
+        return preprocess(*args, **kwargs)
+
+    passing._zorro_guard = True
+    return passing
 
 
 # ------------------------------------------------------------------------------------------------------ layouts

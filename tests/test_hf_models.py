@@ -1,0 +1,201 @@
+"""Hugging Face models on ``attn_implementation="zorro"`` beyond plain text: PaliGemma, Gemma 3 and Gemma 4 image+text,
+packed sequences given by ``position_ids`` resets, and the models zorro refuses (GIT). Tiny random configs, no
+downloads.
+
+Each strict test runs ``register(strict=True)`` (a fallback to sdpa raises) and checks the model against its twin with
+the same weights on transformers' own implementation ("sdpa", or "eager" where sdpa computes another mask): logits
+within the project's float32 policy (zorro_kernels.testing, against the model in float64), identical greedy tokens,
+every parameter gradient finite and equal to the twin's within tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zorro_kernels.integrations import fallback_counts, reset_fallback_counts
+from zorro_kernels.testing import assert_within_policy
+
+transformers = pytest.importorskip("transformers")
+F32 = torch.float32
+
+
+@pytest.fixture(scope="module")
+def zt():
+    from zorro_kernels.integrations import transformers as zt
+
+    zt.register()
+    return zt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: each matmul is microseconds of work, and several threads on a busy machine make it milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_fallbacks():
+    reset_fallback_counts()
+    yield
+
+
+@pytest.fixture
+def strict(zt):
+    zt.register(strict=True)
+    yield
+    zt.register(strict=False)
+
+
+@pytest.fixture
+def zorro_masks(zt, monkeypatch):
+    """The masks the integration passed to zorro_attention, in call order (proof the zorro path ran)."""
+    calls = []
+    real = zt.zorro_attention
+
+    def spy(q, k, v, mask, **kwargs):
+        calls.append(mask)
+        return real(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(zt, "zorro_attention", spy)
+    return calls
+
+
+def _pair(model_cls, cfg, same: str = "sdpa", seed: int = 0) -> SimpleNamespace:
+    """The same random weights on ``same`` (the implementation zorro must equal), on "zorro", and on ``same`` in
+    float64 (the reference), all in eval mode."""
+    torch.manual_seed(seed)
+    torch_model = model_cls(copy.deepcopy(cfg)).eval()
+    torch_model.set_attn_implementation(same)
+    zorro = copy.deepcopy(torch_model)
+    zorro.set_attn_implementation("zorro")
+    return SimpleNamespace(same=torch_model, zorro=zorro, ref64=copy.deepcopy(torch_model).double(), cfg=cfg)
+
+
+def _double(inputs: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def assert_logits_match(pair, **inputs) -> torch.Tensor:
+    """Logits at the real tokens (a left-padded query sees no key: zorro gives 0 there, the others their own
+    values, which nothing reads)."""
+    with torch.no_grad():
+        got = pair.zorro(**inputs).logits
+        same = pair.same(**inputs).logits
+        ref = pair.ref64(**_double(inputs)).logits
+    real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(got.shape[:2], dtype=bool)
+    assert_within_policy("logits", got[real], same[real], ref[real], F32)
+    return got
+
+
+def assert_greedy_match(pair, new_tokens: int = 6, **inputs) -> torch.Tensor:
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = pair.same.generate(**inputs, **kw)
+        got = pair.zorro.generate(**inputs, **kw)
+    assert torch.equal(got, want)
+    return got
+
+
+def assert_gradients_match(pair, **inputs) -> None:
+    """One training step (loss.backward on ``inputs``, which carry labels) on both: every parameter gradient finite
+    and equal to the twin's."""
+    grads = []
+    for model in (pair.same, pair.zorro):
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    bad = [n for n, g in grads[1].items() if not torch.isfinite(g).all()]
+    assert not bad, f"{len(bad)} non-finite parameter gradients: {bad[:4]}"
+    assert grads[0].keys() == grads[1].keys() and grads[1]
+    for n, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _left_padding(lengths, n: int) -> torch.Tensor:
+    return (torch.arange(n)[None] >= n - torch.tensor(lengths)[:, None]).long()
+
+
+# ============================================================================================ PaliGemma
+@pytest.fixture(scope="module")
+def paligemma(zt):
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    cfg = PaliGemmaConfig(
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        image_token_id=127,
+        projection_dim=32,
+    )
+    # "eager", not "sdpa": PaliGemma's Gemma has is_causal=False (its prefix is bidirectional) and transformers skips
+    # the plain causal mask for sdpa, which then runs without one and attends bidirectionally everywhere (the answer
+    # sees its future) when no token_type_ids are given; eager builds the causal mask, as zorro does
+    pair = _pair(PaliGemmaForConditionalGeneration, cfg, same="eager")
+    # the float64 reference: eager in float64 turns a left-padded row's masked scores (float64's min) into -inf in
+    # its float32 softmax, and the NaN spreads to every row; sdpa in float64 with the skip above undone is exact
+    pair.ref64.set_attn_implementation("sdpa")
+    for layer in pair.ref64.model.language_model.layers:
+        layer.self_attn.is_causal = True
+    pair.image_tokens = cfg.text_config.num_image_tokens  # 4: (16 / 8) ** 2
+    pair.layers = 2
+    return pair
+
+
+def _paligemma_batch(pg, prompt: int = 5, answer: int = 0, pads=(0, 0)):
+    """Per sample: [left padding][image tokens][prompt] (token_type_ids 0: the bidirectional prefix) [answer] (1:
+    causal). Returns (model inputs with an attention_mask when padded, token_type_ids)."""
+    n = pg.image_tokens + prompt + answer
+    ids = torch.randint(1, 100, (len(pads), n))
+    token_type_ids = torch.zeros_like(ids)
+    for b, pad in enumerate(pads):
+        ids[b, :pad] = 0
+        ids[b, pad : pad + pg.image_tokens] = pg.cfg.image_token_id
+    token_type_ids[:, n - answer :] = 1
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(len(pads), 3, 16, 16))
+    if any(pads):
+        inputs["attention_mask"] = _left_padding([n - p for p in pads], n)
+    return inputs, token_type_ids
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 2)], ids=["unpadded", "left-padded"])
+def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_masks, strict, pads):
+    """PaliGemma builds the mask once and hands it to its inner Gemma, whose mask preprocessing read
+    ``attention_mask.ndim`` on our ZorroMask (AttributeError); it now passes it through like a 4-D mask (left padding:
+    a ZorroLayout, the same way). Forward, greedy generate (prefill plus cached steps) and a training step, strict:
+    all on zorro, equal to eager."""
+    inputs, _ = _paligemma_batch(paligemma, pads=pads)
+    assert_logits_match(paligemma, **inputs)
+    assert zorro_masks
+    zorro_masks.clear()
+    assert_greedy_match(paligemma, **inputs)
+    text = [getattr(m, "mask", m) for m in zorro_masks]
+    text = [m for m in text if m.causal]
+    assert [m.num_q for m in text[:: paligemma.layers]] == [inputs["input_ids"].shape[1]] + [1] * 5
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill((ids == paligemma.cfg.image_token_id) | (ids == 0), -100)  # no loss on images, padding
+    assert_gradients_match(paligemma, **inputs, labels=labels)
+    assert fallback_counts() == {}
