@@ -199,3 +199,35 @@ def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_mas
     labels = ids.masked_fill((ids == paligemma.cfg.image_token_id) | (ids == 0), -100)  # no loss on images, padding
     assert_gradients_match(paligemma, **inputs, labels=labels)
     assert fallback_counts() == {}
+
+
+# ============================================================================================ refused
+def test_git_is_refused_at_set_attn_implementation(zt):
+    """GIT's text layers are hard-wired to an eager attention class that added our boolean fallback mask to the scores
+    as +1/0 (causality lost, no fallback recorded). Like "sdpa", "zorro" is now refused, naming the model, both when
+    set and when loading; the model keeps its implementation."""
+    from transformers import GitConfig, GitForCausalLM
+
+    cfg = GitConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = GitForCausalLM(cfg)
+    why = r'"zorro" is not supported by GitForCausalLM: some of its attention layers do not call'
+    with pytest.raises(ValueError, match=why):
+        model.set_attn_implementation("zorro")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match=why):
+        GitForCausalLM._from_config(cfg, attn_implementation="zorro")

@@ -61,7 +61,7 @@ from ._fallback import dense_for_fallback, record_fallback
 
 try:
     import transformers.masking_utils as _masking_utils
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (
         bidirectional_mask_function,
@@ -112,6 +112,10 @@ def register(*, strict: bool = False) -> None:
     AttentionMaskInterface.register(NAME, zorro_mask_interface)
     if not getattr(_masking_utils._preprocess_mask_arguments, "_zorro_guard", False):
         _masking_utils._preprocess_mask_arguments = _passing_zorro_masks(_masking_utils._preprocess_mask_arguments)
+    if not getattr(PreTrainedModel.get_correct_attn_implementation, "_zorro_guard", False):
+        PreTrainedModel.get_correct_attn_implementation = _refusing_models_off_the_interface(
+            PreTrainedModel.get_correct_attn_implementation
+        )
     for name, fn in list(AttentionInterface._global_mapping.items()):
         if name != NAME and not getattr(fn, "_zorro_guard", False):
             AttentionInterface.register(name, _refusing_zorro_mask(name, fn))
@@ -133,6 +137,28 @@ def _refusing_zorro_mask(name: str, fn):
 
     guarded._zorro_guard = True
     return guarded
+
+
+def _refusing_models_off_the_interface(get_correct):
+    """transformers' check of a requested implementation, refusing "zorro" for a model whose attention layers do not
+    all call the attention interface. Such a model would accept the name and then run its own attention on the mask
+    our interface built (GIT's text layers add a boolean mask to the scores as +1/0). The test is transformers' own
+    for "sdpa", which zorro replaces: the model supports sdpa, or declares that its attention goes through the
+    interface (``_supports_attention_backend``)."""
+
+    @functools.wraps(get_correct)
+    def checked(self, requested_attention, *args, **kwargs):
+        cls = type(self)
+        if requested_attention == NAME and not (cls._supports_sdpa or cls._supports_attention_backend):
+            raise ValueError(
+                f'attn_implementation="{NAME}" is not supported by {cls.__name__}: some of its attention layers do '
+                f'not call transformers\' attention interface (it supports neither "sdpa" nor attention backends) '
+                f'and would run their own attention on zorro\'s masks; load it with attn_implementation="eager"'
+            )
+        return get_correct(self, requested_attention, *args, **kwargs)
+
+    checked._zorro_guard = True
+    return checked
 
 
 def _passing_zorro_masks(preprocess):
