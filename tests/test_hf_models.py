@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from zorro_kernels import ZorroMask
 from zorro_kernels.integrations import fallback_counts, reset_fallback_counts
 from zorro_kernels.testing import assert_within_policy
 
@@ -123,6 +124,45 @@ def _left_padding(lengths, n: int) -> torch.Tensor:
     return (torch.arange(n)[None] >= n - torch.tensor(lengths)[:, None]).long()
 
 
+# ============================================================================================ the mask interface
+def _build_mask(impl: str, n: int, *, sliding: bool = False, position_ids=None, blocks=None, batch: int = 2):
+    """What transformers' own ``create_causal_mask`` / ``create_sliding_window_causal_mask`` build for ``impl``
+    (its composition of mask functions, handed to that implementation's mask interface)."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    cfg = LlamaConfig(attn_implementation=impl, sliding_window=3)
+    kw = dict(config=cfg, inputs_embeds=torch.zeros(batch, n, 8), attention_mask=None, cache=None)
+    kw["position_ids"] = position_ids if position_ids is not None else torch.arange(n)[None]
+    if sliding:
+        return create_sliding_window_causal_mask(**kw, allow_is_causal_skip=False)
+    return create_causal_mask(**kw, block_sequence_ids=blocks, allow_is_causal_skip=False)
+
+
+def _restarts(*lens_per_sample) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in lens_per_sample])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(position_ids=_restarts([5, 7, 4])),
+        dict(position_ids=_restarts([5, 7, 4], [5, 7, 4])),
+        dict(position_ids=_restarts([5, 7, 4]), sliding=True),
+        dict(position_ids=_restarts([16]) + 3),  # one sequence from position 3: not packed
+        dict(blocks=torch.full((2, 16), -1)),  # PaliGemma's generate without token_type_ids: no block
+    ],
+    ids=["packed", "packed-batch", "packed-sliding", "offset", "no-blocks"],
+)
+def test_mask_interface_reads_transformers_compositions(zt, case):
+    """The mask functions transformers composes (packing from position_ids: a position remap and a packed-sequence
+    AND; sliding windows; block overlays) become ZorroMasks equal to the dense mask sdpa gets."""
+    got = _build_mask("zorro", 16, **case)
+    want = _build_mask("sdpa", 16, **case)
+    assert isinstance(got, ZorroMask), getattr(got, "_zorro_fallback_reason", type(got))
+    assert torch.equal(got.to_dense().expand(want.shape[0], -1, -1), want[:, 0])
+
+
 # ============================================================================================ PaliGemma
 @pytest.fixture(scope="module")
 def paligemma(zt):
@@ -198,6 +238,71 @@ def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_mas
     ids = inputs["input_ids"]
     labels = ids.masked_fill((ids == paligemma.cfg.image_token_id) | (ids == 0), -100)  # no loss on images, padding
     assert_gradients_match(paligemma, **inputs, labels=labels)
+    assert fallback_counts() == {}
+
+
+# ============================================================================================ packed by position_ids
+def _text_lm(name: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    kw = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg = LlamaConfig(**kw) if name == "llama" else MistralConfig(**kw, sliding_window=3)
+    pair = _pair(AutoModelForCausalLM.from_config, cfg)
+    pair.layers = 2
+    return pair
+
+
+@pytest.fixture(scope="module")
+def llama(zt):
+    return _text_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def mistral(zt):
+    return _text_lm("mistral")
+
+
+def _flattened(vocab: int, lens) -> dict:
+    """A batch from transformers' DataCollatorWithFlattening: the sequences in one row, position_ids restarting at 0
+    for each, no attention_mask, labels -100 on each sequence's first token."""
+    from transformers import DataCollatorWithFlattening
+
+    seqs = [{"input_ids": torch.randint(1, vocab, (n,)).tolist()} for n in lens]
+    return dict(DataCollatorWithFlattening()(seqs), use_cache=False)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_position_ids_packing_runs_on_zorro(request, zt, zorro_masks, strict, name):
+    """Sequences packed the DataCollatorWithFlattening way (restarting position_ids, no attention_mask): transformers
+    composes causal (Mistral: a sliding window of 3) with a packed-sequence AND and position remapping; the mask
+    interface reads that as block-diagonal causal segments, every layer on zorro. Logits equal sdpa's (which gets the
+    same mask, materialized) and each sequence run alone (flash-attention varlen semantics); gradients equal sdpa's."""
+    pair = request.getfixturevalue(name)
+    lens = [5, 7, 4]
+    batch = _flattened(pair.cfg.vocab_size, lens)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    got = assert_logits_match(pair, **inputs)
+    window = (2, -1) if name == "mistral" else None
+    assert len(zorro_masks) == pair.layers
+    assert all(m.q_sizes == tuple(lens) and m.causal and m.window == window for m in zorro_masks)
+    w = 3 if name == "mistral" else max(lens)
+    want_dense = torch.block_diag(*(torch.ones(n, n).tril() - torch.ones(n, n).tril(-w) for n in lens)).bool()
+    assert torch.equal(zorro_masks[0].to_dense(), want_dense)
+    with torch.no_grad():
+        for i, (start, n) in enumerate(zip(torch.tensor([0, *lens]).cumsum(0).tolist(), lens)):
+            alone = batch["input_ids"][:, start : start + n]
+            want = pair.same(alone, use_cache=False).logits
+            ref = pair.ref64(alone, use_cache=False).logits
+            assert_within_policy(f"sequence {i} alone", got[:, start : start + n], want, ref, F32)
+    assert_gradients_match(pair, **batch)
     assert fallback_counts() == {}
 
 

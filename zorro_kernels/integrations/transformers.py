@@ -57,6 +57,7 @@ import torch
 
 from ..attention import zorro_attention
 from ..mask import ZorroMask
+from ..tilemap import AllowRuns
 from ._fallback import dense_for_fallback, record_fallback
 
 try:
@@ -64,11 +65,15 @@ try:
     from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (
+        and_masks,
         bidirectional_mask_function,
+        blockwise_overlay,
         causal_mask_function,
+        or_masks,
+        packed_sequence_mask_function,
         prepare_padding_mask,
+        remap_positions_for_packed_sequence,
         sdpa_mask,
-        sliding_window_causal_mask_function,
         sliding_window_overlay,
     )
 except ImportError as e:  # pragma: no cover - exercised only without transformers
@@ -219,28 +224,118 @@ def _describe(fn) -> str:
     return name.replace(".<locals>", "")
 
 
-_AND_MASKS_CODE = sliding_window_causal_mask_function(1).__code__
-_SLIDING_OVERLAY_CODE = sliding_window_overlay(1).__code__
+def _code(fn):
+    return getattr(fn, "__code__", None)
+
+
+_AND_MASKS_CODE = _code(and_masks(causal_mask_function))
+_OR_MASKS_CODE = _code(or_masks(causal_mask_function))
+_SLIDING_OVERLAY_CODE = _code(sliding_window_overlay(1))
+_REMAP_CODE = _code(remap_positions_for_packed_sequence(causal_mask_function, None))
+_PACKED_CODE = _code(packed_sequence_mask_function(None))
+_BLOCKWISE_CODE = _code(blockwise_overlay(None))
 
 
 def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
-def _sliding_window(mask_function) -> Optional[int]:
-    """W for transformers' ``sliding_window_causal_mask_function(W)`` (``and_masks(sliding_window_overlay(W),
-    causal_mask_function)``: key j visible to query i iff ``i - W < j <= i``), else None."""
-    if getattr(mask_function, "__code__", None) is not _AND_MASKS_CODE:
-        return None
-    parts = _closure(mask_function).get("mask_functions", ())
-    if (
-        len(parts) != 2
-        or parts[1] is not causal_mask_function
-        or getattr(parts[0], "__code__", None) is not _SLIDING_OVERLAY_CODE
-    ):
-        return None
-    w = _closure(parts[0]).get("sliding_window")
-    return w if isinstance(w, int) and w >= 1 else None
+class _Reading:
+    """What a mask function composed by transformers' ``create_*_mask`` says, read from its closures (no N x N
+    evaluation): an AND of a base rule (``causal``), an optional sliding ``window`` W (key j visible to query i iff
+    ``i - W < j``), optional packed sequences (``packed``: transformers' ``(B, N)`` sequence index per token, found
+    from restarting ``position_ids``) and optional bidirectional blocks OR-ed to the causal rule (``blocks``:
+    ``block_sequence_ids``, ``(B, >= Nk)``, -1 outside blocks: Gemma 3/4 images, PaliGemma's prefix)."""
+
+    def __init__(self):
+        self.causal: Optional[bool] = None
+        self.window: Optional[int] = None
+        self.packed: Optional[torch.Tensor] = None
+        self.blocks: Optional[torch.Tensor] = None
+        self.remapped = False  # a part runs on positions remapped per packed sequence
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
+    code = _code(fn)
+    if fn is causal_mask_function or fn is bidirectional_mask_function:
+        causal = fn is causal_mask_function
+        if reading.causal is not None and reading.causal != causal:
+            raise _Unreadable("both causal and bidirectional")
+        reading.causal = causal
+    elif code is _AND_MASKS_CODE and not in_or:
+        for part in _closure(fn)["mask_functions"]:
+            _read_into(reading, part)
+    elif code is _SLIDING_OVERLAY_CODE and not in_or:
+        w = _closure(fn)["sliding_window"]
+        if not isinstance(w, int) or w < 1 or reading.window not in (None, w):
+            raise _Unreadable(f"sliding window {w!r}")
+        reading.window = w
+    elif code is _PACKED_CODE and not in_or:
+        reading.packed = _closure(fn)["packed_sequence_mask"]
+    elif code is _REMAP_CODE:
+        # positions restart per packed sequence and count up by one inside it (that is how transformers finds the
+        # sequences), so inside a sequence the remapped rule is the rule on token indices; the packed term (checked
+        # by the caller) removes every pair across sequences
+        reading.remapped = True
+        _read_into(reading, _closure(fn)["mask_function"], in_or=in_or)
+    elif code is _OR_MASKS_CODE and not in_or:
+        parts = _closure(fn)["mask_functions"]
+        if len(parts) != 2 or _code(parts[1]) is not _BLOCKWISE_CODE or reading.blocks is not None:
+            raise _Unreadable("an OR of mask functions other than causal OR blocks")
+        inner = _Reading()
+        _read_into(inner, parts[0], in_or=True)
+        if inner.causal is not True or inner.window is not None or inner.packed is not None:
+            raise _Unreadable("bidirectional blocks OR-ed to something other than the causal rule")
+        reading.causal, reading.remapped = True, reading.remapped or inner.remapped
+        reading.blocks = _closure(parts[1])["block_sequence_ids"]
+    else:
+        raise _Unreadable(_describe(fn))
+
+
+def _read(mask_function) -> tuple[Optional[_Reading], Optional[str]]:
+    reading = _Reading()
+    try:
+        _read_into(reading, mask_function)
+        if reading.causal is None:
+            raise _Unreadable("no causal or bidirectional rule")
+        if reading.window is not None and not reading.causal:
+            raise _Unreadable("a sliding window on bidirectional attention")
+        if reading.remapped and reading.packed is None:
+            raise _Unreadable("positions remapped without packed sequences")
+    except _Unreadable as e:
+        return None, (
+            f"the model's mask is not plain causal/bidirectional, a causal sliding window, packed sequences or "
+            f"bidirectional blocks in a causal mask ({_describe(mask_function)}: {e})"
+        )
+    return reading, None
+
+
+def _run_lengths(ids: torch.Tensor) -> list[int]:
+    return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+
+
+def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional[ZorroMask], Optional[str]]:
+    """The packed sequences of ``packed`` (transformers' ``(B, N)`` sequence index per token) as block-diagonal
+    segments, or why not."""
+    if torch.compiler.is_compiling():
+        return None, (
+            "packed sequences found from position_ids cannot be read while tracing (under torch.compile transformers "
+            "treats every position_ids without attention_mask as packed): pass zorro_mask=ZorroMask.packed(...)"
+        )
+    if packed.shape[0] > 1 and not bool((packed == packed[:1]).all()):
+        return None, "packed sequences with other boundaries in each sample (one layout per batch)"
+    lens = tuple(_run_lengths(packed[0]))
+    key = ("packed", lens, causal, window)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        segments = [(f"seq{i}", n) for i, n in enumerate(lens)]
+        _LAYOUTS[key] = ZorroMask(segments, AllowRuns.diagonal(len(lens)), causal=causal, window=window)
+    return _LAYOUTS[key], None
 
 
 def _layout_from_model(
@@ -248,20 +343,16 @@ def _layout_from_model(
 ) -> tuple[Optional[object], Optional[str]]:
     """The ZorroMask (or :class:`ZorroLayout`) equal to what ``sdpa_mask`` would build from these arguments, or
     ``(None, why not)``."""
-    window = None
-    if mask_function is causal_mask_function:
-        causal = True
-    elif mask_function is bidirectional_mask_function:
-        causal = False
-    elif _sliding_window(mask_function) is not None:
-        # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
-        causal, window = True, (_sliding_window(mask_function) - 1, -1)
-    else:
-        return None, (
-            f"the model's mask is not plain causal/bidirectional or a causal sliding window "
-            f"({_describe(mask_function)}: chunked, packed sequences detected from position_ids, or a "
-            f"custom overlay)"
-        )
+    reading, reason = _read(mask_function)
+    if reading is None:
+        return None, reason
+    causal = reading.causal
+    # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
+    window = None if reading.window is None else (reading.window - 1, -1)
+    if reading.blocks is not None:
+        blocks = reading.blocks
+        if torch.compiler.is_compiling() or bool((blocks[:, kv_offset : kv_offset + kv_length] >= 0).any()):
+            return None, "bidirectional blocks in a causal mask (image tokens, a prefix) need per-pair causal rules"
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return None, "tensor cache offsets (static cache)"
     # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
@@ -273,7 +364,14 @@ def _layout_from_model(
         )
     if q_length == 0 or kv_length == 0:
         return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
-    layout = _plain_layout(q_length, kv_length, causal, window)
+    if reading.packed is not None:
+        if q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length:
+            return None, f"packed sequences with a cache (Nq={q_length}, Nk={kv_length})"
+        layout, reason = _packed_layout(reading.packed, causal, window)
+        if layout is None:
+            return None, reason
+    else:
+        layout = _plain_layout(q_length, kv_length, causal, window)
     if attention_mask is None:
         return layout, None
     if attention_mask.ndim != 2:
@@ -285,7 +383,8 @@ def _layout_from_model(
         lengths = keys.sum(-1)
         if bool((lengths == kv_length).all()):
             return layout, None
-        if torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None]):
+        right = torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None])
+        if right and reading.packed is None:
             # right padding: padded keys are never visited
             return _padded_layout(q_length, kv_length, causal, window, lengths[:, None].cpu()), None
     # left padding, holes, or values that cannot be read while tracing: -inf on the padded keys
