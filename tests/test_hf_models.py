@@ -151,16 +151,31 @@ def _restarts(*lens_per_sample) -> torch.Tensor:
         dict(position_ids=_restarts([5, 7, 4]), sliding=True),
         dict(position_ids=_restarts([16]) + 3),  # one sequence from position 3: not packed
         dict(blocks=torch.full((2, 16), -1)),  # PaliGemma's generate without token_type_ids: no block
+        dict(position_ids=_restarts([5, 7, 4], [9, 7], [5, 7, 4])),  # one zorro call per distinct packing
+        dict(position_ids=_restarts([3, 13], [16]), sliding=True),
     ],
-    ids=["packed", "packed-batch", "packed-sliding", "offset", "no-blocks"],
+    ids=["packed", "packed-batch", "packed-sliding", "offset", "no-blocks", "packed-per-sample", "sliding-per-sample"],
 )
 def test_mask_interface_reads_transformers_compositions(zt, case):
     """The mask functions transformers composes (packing from position_ids: a position remap and a packed-sequence
     AND; sliding windows; block overlays) become ZorroMasks equal to the dense mask sdpa gets."""
-    got = _build_mask("zorro", 16, **case)
-    want = _build_mask("sdpa", 16, **case)
-    assert isinstance(got, ZorroMask), getattr(got, "_zorro_fallback_reason", type(got))
-    assert torch.equal(got.to_dense().expand(want.shape[0], -1, -1), want[:, 0])
+    batch = case["position_ids"].shape[0] if "position_ids" in case else 2
+    got = _build_mask("zorro", 16, batch=batch, **case)
+    want = _build_mask("sdpa", 16, batch=batch, **case)
+    assert isinstance(got, (ZorroMask, zt.ZorroGroups)), getattr(got, "_zorro_fallback_reason", type(got))
+    assert isinstance(got, zt.ZorroGroups) == (case.get("position_ids", torch.zeros(1)).unique(dim=0).shape[0] > 1)
+    assert torch.equal(_dense(got, batch), want[:, 0])
+
+
+def _dense(layout, batch: int) -> torch.Tensor:
+    """``(B, Nq, Nk)`` bool: what a ZorroMask or ZorroGroups from the mask interface lets each query see."""
+    if isinstance(layout, ZorroMask):
+        return layout.to_dense().expand(batch, -1, -1)
+    dense = [None] * batch
+    for rows, mask, _ in layout.groups:
+        for b in rows.tolist():
+            dense[b] = mask.to_dense()
+    return torch.stack(dense)
 
 
 # ============================================================================================ PaliGemma
@@ -303,6 +318,19 @@ def test_position_ids_packing_runs_on_zorro(request, zt, zorro_masks, strict, na
             ref = pair.ref64(alone, use_cache=False).logits
             assert_within_policy(f"sequence {i} alone", got[:, start : start + n], want, ref, F32)
     assert_gradients_match(pair, **batch)
+    assert fallback_counts() == {}
+
+
+def test_position_ids_packing_per_sample_runs_one_call_per_layout(llama, zt, zorro_masks, strict):
+    """Rows packed differently (three rows, two packings): one zorro_attention call per distinct packing per layer,
+    outputs assembled per sample; logits and gradients equal sdpa's."""
+    position_ids = _restarts([5, 7, 4], [9, 7], [5, 7, 4])
+    ids = torch.randint(1, llama.cfg.vocab_size, position_ids.shape)
+    inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
+    assert_logits_match(llama, **inputs)
+    assert sorted(m.q_sizes for m in zorro_masks) == [(5, 7, 4)] * llama.layers + [(9, 7)] * llama.layers
+    labels = ids.masked_fill(position_ids == 0, -100)
+    assert_gradients_match(llama, **inputs, labels=labels)
     assert fallback_counts() == {}
 
 

@@ -167,15 +167,15 @@ def _refusing_models_off_the_interface(get_correct):
 
 
 def _passing_zorro_masks(preprocess):
-    """transformers' mask preprocessing, letting a built ZorroMask / :class:`ZorroLayout` through unchanged as it lets
-    a 4-D tensor or a BlockMask through. A composite model (PaliGemma) builds the mask once and hands it to its inner
-    language model, which calls ``create_causal_mask`` again with it as ``attention_mask``; transformers only knows
-    its own mask types there and reads ``attention_mask.ndim``."""
+    """transformers' mask preprocessing, letting a built ZorroMask, :class:`ZorroLayout` or :class:`ZorroGroups`
+    through unchanged as it lets a 4-D tensor or a BlockMask through. A composite model (PaliGemma) builds the mask
+    once and hands it to its inner language model, which calls ``create_causal_mask`` again with it as
+    ``attention_mask``; transformers only knows its own mask types there and reads ``attention_mask.ndim``."""
 
     @functools.wraps(preprocess)
     def passing(*args, **kwargs):
         mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[2] if len(args) > 2 else None)
-        if isinstance(mask, (ZorroMask, ZorroLayout)):
+        if isinstance(mask, (ZorroMask, ZorroLayout, ZorroGroups)):
             return True, mask, None, None, None, None, None  # transformers' own early exit for a ready-made mask
         return preprocess(*args, **kwargs)
 
@@ -217,6 +217,16 @@ class ZorroLayout:
 
     def __init__(self, mask: ZorroMask, bias: torch.Tensor):
         self.mask, self.bias = mask, bias
+
+
+class ZorroGroups:
+    """What the mask interface hands the attention function when the samples of a batch have different layouts
+    (packed sequences with other boundaries per sample): ``groups``, a list of ``(rows, mask, bias)`` — the sample
+    indices (int64, on the tensors' device) sharing one ZorroMask, and that group's key bias or None. The attention
+    function makes one zorro_attention call per group; nothing is ``N x N``."""
+
+    def __init__(self, groups: list, batch_size: int):
+        self.groups, self.batch_size = groups, batch_size
 
 
 def _describe(fn) -> str:
@@ -318,24 +328,33 @@ def _run_lengths(ids: torch.Tensor) -> list[int]:
     return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
 
 
-def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional[ZorroMask], Optional[str]]:
+def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional[object], Optional[str]]:
     """The packed sequences of ``packed`` (transformers' ``(B, N)`` sequence index per token) as block-diagonal
-    segments, or why not."""
+    segments (a ZorroMask, or :class:`ZorroGroups` when the samples differ), or why not."""
     if torch.compiler.is_compiling():
         return None, (
             "packed sequences found from position_ids cannot be read while tracing (under torch.compile transformers "
             "treats every position_ids without attention_mask as packed): pass zorro_mask=ZorroMask.packed(...)"
         )
-    if packed.shape[0] > 1 and not bool((packed == packed[:1]).all()):
-        return None, "packed sequences with other boundaries in each sample (one layout per batch)"
-    lens = tuple(_run_lengths(packed[0]))
+    if packed.shape[0] == 1 or bool((packed == packed[:1]).all()):
+        return _packed_mask(tuple(_run_lengths(packed[0])), causal, window), None
+    rows: dict = {}
+    for b, ids in enumerate(packed):
+        rows.setdefault(tuple(_run_lengths(ids)), []).append(b)
+    groups = [
+        (torch.tensor(bs, device=packed.device), _packed_mask(lens, causal, window), None) for lens, bs in rows.items()
+    ]
+    return ZorroGroups(groups, packed.shape[0]), None
+
+
+def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
     key = ("packed", lens, causal, window)
     if key not in _LAYOUTS:
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
         segments = [(f"seq{i}", n) for i, n in enumerate(lens)]
         _LAYOUTS[key] = ZorroMask(segments, AllowRuns.diagonal(len(lens)), causal=causal, window=window)
-    return _LAYOUTS[key], None
+    return _LAYOUTS[key]
 
 
 def _layout_from_model(
@@ -389,7 +408,10 @@ def _layout_from_model(
             return _padded_layout(q_length, kv_length, causal, window, lengths[:, None].cpu()), None
     # left padding, holes, or values that cannot be read while tracing: -inf on the padded keys
     bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
-    return ZorroLayout(layout, bias[:, None, None, :]), None
+    bias = bias[:, None, None, :]
+    if isinstance(layout, ZorroGroups):
+        return ZorroGroups([(rows, m, bias[rows]) for rows, m, _ in layout.groups], layout.batch_size), None
+    return ZorroLayout(layout, bias), None
 
 
 def zorro_mask_interface(
@@ -507,21 +529,23 @@ def zorro_attention_forward(
     Raises:
         TypeError/ValueError for a ``zorro_mask`` of the wrong type or size; FallbackError in strict mode.
     """
-    reason, bias = None, None
+    reason, parts = None, None  # parts: [(sample rows or None for all, ZorroMask, key bias or None)]
     zorro_mask = kwargs.pop("zorro_mask", None)
     if zorro_mask is not None:
-        mask = _check_zorro_mask(zorro_mask, module, query, key)
+        parts = [(None, _check_zorro_mask(zorro_mask, module, query, key), None)]
     elif isinstance(attention_mask, ZorroMask):
-        mask = attention_mask
+        parts = [(None, attention_mask, None)]
     elif isinstance(attention_mask, ZorroLayout):
-        mask, bias = attention_mask.mask, attention_mask.bias
+        parts = [(None, attention_mask.mask, attention_mask.bias)]
+    elif isinstance(attention_mask, ZorroGroups):
+        parts = attention_mask.groups
     elif attention_mask is None:
         mask, reason = _layout_without_mask(module, query.shape[2], key.shape[2], is_causal)
+        parts = None if mask is None else [(None, mask, None)]
     elif getattr(attention_mask, _REASON_ATTR, None) is not None:  # our mask interface could not express it
-        mask, reason = None, getattr(attention_mask, _REASON_ATTR)
+        reason = getattr(attention_mask, _REASON_ATTR)
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
         # a ready-made 4-D mask from the model's caller holds everything: a plain layout plus the mask as a bias
-        mask = _plain_layout(query.shape[2], key.shape[2], False)
         bias = (
             attention_mask
             if attention_mask.is_floating_point()
@@ -529,26 +553,46 @@ def zorro_attention_forward(
                 ~attention_mask.bool(), float("-inf")
             )
         )
+        parts = [(None, _plain_layout(query.shape[2], key.shape[2], False), bias)]
     else:
-        mask, reason = None, f"the model passed a ready-made {type(attention_mask).__name__} mask"
-    if mask is not None:
+        reason = f"the model passed a ready-made {type(attention_mask).__name__} mask"
+    if parts is not None:
         reason = _unsupported(query, key, value, dropout, kwargs)
     if reason is None:
-        out = zorro_attention(query, key, value, mask, bias=bias, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return _by_parts(
+            parts, query, key, value, lambda q, k, v, m, b: zorro_attention(q, k, v, m, bias=b, scale=scaling)
+        ).transpose(1, 2).contiguous(), None
 
     record_fallback(_INTEGRATION, reason, strict=_strict)
-    if mask is None:
+    if parts is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    # an expressible layout meeting a feature zorro lacks: SDPA on its dense form, rows that see nothing zeroed
-    safe, live = dense_for_fallback(mask, query.device)
-    if bias is not None:  # the bias on the visible pairs; rows left with only -inf come out of SDPA as 0
-        safe = torch.where(safe, bias.to(query.dtype), float("-inf"))
-    out, weights = sdpa_attention_forward(
-        module, query, key, value, safe, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
-    )
-    if not bool(live.all()):
-        out = out.masked_fill(~live[:, :, None, None], 0.0)
-    return out, weights
+
+    def sdpa_on_layout(q, k, v, mask, bias):
+        # an expressible layout meeting a feature zorro lacks: SDPA on its dense form, rows that see nothing zeroed
+        safe, live = dense_for_fallback(mask, q.device)
+        if bias is not None:  # the bias on the visible pairs; rows left with only -inf come out of SDPA as 0
+            safe = torch.where(safe, bias.to(q.dtype), float("-inf"))
+        out, _ = sdpa_attention_forward(
+            module, q, k, v, safe, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        )
+        if not bool(live.all()):
+            out = out.masked_fill(~live[:, :, None, None], 0.0)
+        return out.transpose(1, 2)  # back to (B, H, Nq, D), as zorro_attention returns it
+
+    return _by_parts(parts, query, key, value, sdpa_on_layout).transpose(1, 2).contiguous(), None
+
+
+def _by_parts(parts, query, key, value, attend) -> torch.Tensor:
+    """``attend(q, k, v, mask, bias) -> (b, H, Nq, D)`` on each part's samples, assembled into ``(B, H, Nq, D)``."""
+    if len(parts) == 1 and parts[0][0] is None:
+        _, mask, bias = parts[0]
+        return attend(query, key, value, mask, bias)
+    out = None
+    for rows, mask, bias in parts:
+        part = attend(query[rows], key[rows], value[rows], mask, bias)
+        if out is None:
+            out = part.new_zeros((query.shape[0], *part.shape[1:]))
+        out = out.index_copy(0, rows, part)
+    return out
