@@ -232,12 +232,17 @@ def test_attended_counts_causal_cross_attention(nk):
     assert m.attended().tolist() == m.to_dense().sum((1, 2)).tolist()
 
 
-def test_packed_causal_is_per_document_or_refused():
-    # issue 11 item 4: packed([3, 2], kv_seq_lens=[3, 4], causal=True) gave row 0 keys 0-2; per document it sees key 0
-    with pytest.raises(ValueError, match="sequence 0 .* offset 0 .* at 2"):
-        ZorroMask.packed([3, 2], kv_seq_lens=[3, 4], causal=True)
-    # expressible: every document's bottom-right diagonal lands on the row's (equal counts; single-query decoding)
-    for q_lens, k_lens in (([3, 2], [3, 2]), ([1, 1, 1], [4, 2, 5]), ([2, 2], [2, 2])):
+def test_packed_causal_is_per_document():
+    # issue 11 item 4: packed([3, 2], kv_seq_lens=[3, 4], causal=True) gave row 0 keys 0-2; per document it sees key 0.
+    # Issue 20: what the row-wide diagonal cannot say is causal rule cells (bottom-right per document), not refused.
+    for q_lens, k_lens in (
+        ([3, 2], [3, 2]),
+        ([1, 1, 1], [4, 2, 5]),
+        ([2, 2], [2, 2]),
+        ([3, 2], [3, 4]),
+        ([5, 1, 4], [2, 7, 4]),
+        ([4, 0, 3], [1, 3, 0]),
+    ):
         m = ZorroMask.packed(q_lens, kv_seq_lens=k_lens, causal=True)
         dense = torch.zeros(sum(q_lens), sum(k_lens), dtype=torch.bool)
         qs = ks = 0
@@ -246,6 +251,9 @@ def test_packed_causal_is_per_document_or_refused():
             dense[qs : qs + ql, ks : ks + kl] = j <= i + (kl - ql)
             qs, ks = qs + ql, ks + kl
         assert torch.equal(m.to_dense(), dense), (q_lens, k_lens)
+        assert int(m.attended()) == int(dense.sum()), (q_lens, k_lens)
+    assert ZorroMask.packed([3, 2], kv_seq_lens=[3, 4], causal=True).has_causal_cells
+    assert not ZorroMask.packed([3, 2], kv_seq_lens=[3, 2], causal=True).has_causal_cells  # the row-wide rule
 
 
 def test_causal_with_kv_lengths_aligns_to_full_sizes():

@@ -29,7 +29,7 @@ from torch import Tensor
 from .backends import BACKENDS
 from .bias import RelativePositionBias, RelativePositions
 from .caching import LRU, tensor_key
-from .mask import ZorroMask, content_key
+from .mask import CAUSAL, ZorroMask, content_key
 
 __all__ = ["attention"]
 
@@ -39,9 +39,10 @@ _positions = LRU(64)  # tensor keys of the packed positions -> RelativePositions
 
 def describe(mask: ZorroMask) -> tuple:
     """What the custom ops take instead of the mask: ``(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self,
-    causal, window)``; ``kv_lengths`` is None for self-attention, ``window`` ``[left, right]`` (``[-1, -1]``: none)."""
+    causal, window)``; ``kv_lengths`` is None for self-attention, ``window`` ``[left, right]`` (``[-1, -1]``: none).
+    ``allow`` is the bool rule table, or, when some cells are causal, the int8 kind table (0 none, 1 full, 2 causal)."""
     return (
-        mask.allow,
+        mask.cell_kinds if mask.has_causal_cells else mask.allow,
         mask.lengths,
         None if mask.is_self else mask.kv_lengths,
         list(mask.q_sizes),
@@ -60,12 +61,13 @@ def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, w
         key,
         lambda: ZorroMask(
             [(f"q{i}", n) for i, n in enumerate(q_sizes)],
-            allow.detach().cpu().bool(),
+            allow.detach().cpu() != 0,
             kv_segments=None if is_self else [(f"k{i}", n) for i, n in enumerate(kv_sizes)],
             lengths=lengths,
             kv_lengths=None if is_self else kv_lengths,
             causal=causal,
             window=window,
+            causal_cells=None if allow.dtype == torch.bool else allow.detach().cpu() == CAUSAL,
         ),
     )
 

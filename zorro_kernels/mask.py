@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .caching import Derived, tensor_key
-from .tilemap import AllowRuns, build_tile_map, build_token_meta
+from .tilemap import AllowRuns, build_tile_map, build_token_meta, pairs_below
 
 __all__ = ["ZorroMask"]
 
@@ -55,6 +55,8 @@ Rule = Union[str, Sequence[str]]
 SegmentSpec = Sequence[tuple[str, int]]
 ALL = "*"  # rule value: every key segment
 SELF = "self"  # rule value: the key segment with the query segment's own name (group-local rules)
+FULL_CELL, CAUSAL_CELL = "full", "causal"  # rule cell kinds in a rules dict {key pattern: kind}
+CAUSAL = 2  # a causal cell in an integer kind table (0 none, 1 full)
 _GLOB = set("*?[")
 # the most tokens a side (query or key) may hold, and the widest window side: the kernels index tokens with int32, and
 # the pair counts (Nq * Nk, banded lattice sums) then stay inside int64
@@ -164,12 +166,26 @@ def _match(pattern: str, names: tuple[str, ...], index: dict[str, int]) -> list[
     return []
 
 
-def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
+def _rules_to_allow(rules, q_names, kv_names) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(allow, causal)`` bool ``(Sq, Sk)`` tables of a rules mapping (``causal`` None when no cell is causal)."""
     if not isinstance(rules, Mapping):
         raise TypeError(f"rules must be a mapping query segment -> key segments (or '*'), got {type(rules).__name__}")
     q_index = {n: i for i, n in enumerate(q_names)}
     kv_index = {n: i for i, n in enumerate(kv_names)}
-    allow = torch.zeros(len(q_names), len(kv_names), dtype=torch.bool)
+    kinds = torch.zeros(len(q_names), len(kv_names), dtype=torch.int8)  # 0 none, 1 full, CAUSAL
+
+    def put(q_pat, k_pat, rows, cols, kind):
+        cells = kinds[rows[:, None], cols[None, :]]
+        clash = (cells != 0) & (cells != kind)
+        if clash.any():
+            a, c = clash.nonzero()[0].tolist()
+            raise ValueError(
+                f"rules[{q_pat!r}][{k_pat!r}] makes cell ({q_names[int(rows[a])]!r}, {kv_names[int(cols[c])]!r}) "
+                f"{'causal' if kind == CAUSAL else 'full'}, but another rule made it "
+                f"{'full' if kind == CAUSAL else 'causal'}"
+            )
+        kinds[rows[:, None], cols[None, :]] = kind
+
     for q_pat, seen in rules.items():
         if not isinstance(q_pat, str):
             raise TypeError(f"rules keys must be segment names (str), got {q_pat!r}")
@@ -178,11 +194,21 @@ def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
             raise ValueError(f"rules names unknown query segment {q_pat!r}; query segments are {_short(q_names)}")
         if isinstance(seen, str):
             seen = [seen]
-        if not isinstance(seen, (Sequence, set, frozenset)):
-            raise TypeError(f"rules[{q_pat!r}] must be '*', 'self' or a list of key segment names, got {seen!r}")
-        for k_pat in seen:
+        if isinstance(seen, Mapping):
+            items = list(seen.items())
+        elif isinstance(seen, (Sequence, set, frozenset)):
+            items = [(k, FULL_CELL) for k in seen]
+        else:
+            raise TypeError(
+                f"rules[{q_pat!r}] must be '*', 'self', a list of key segment names or a dict "
+                f"{{key segment: 'full' | 'causal'}}, got {seen!r}"
+            )
+        for k_pat, kind in items:
             if not isinstance(k_pat, str):
-                raise TypeError(f"rules[{q_pat!r}] must list key segment names (str), got {k_pat!r}")
+                raise TypeError(f"rules[{q_pat!r}] must name key segments (str), got {k_pat!r}")
+            if kind not in (FULL_CELL, CAUSAL_CELL):
+                raise ValueError(f"rules[{q_pat!r}][{k_pat!r}] must be 'full' or 'causal', got {kind!r}")
+            code = CAUSAL if kind == CAUSAL_CELL else 1
             if k_pat == SELF:  # group-local: each query segment sees the key segment of the same name
                 for i in rows:
                     if q_names[i] not in kv_index:
@@ -190,15 +216,16 @@ def _rules_to_allow(rules, q_names, kv_names) -> torch.Tensor:
                             f"rules[{q_pat!r}] = 'self' but there is no key segment named "
                             f"{q_names[i]!r}; key segments are {_short(kv_names)}"
                         )
-                    allow[i, kv_index[q_names[i]]] = True
+                    put(q_pat, k_pat, torch.tensor([i]), torch.tensor([kv_index[q_names[i]]]), code)
                 continue
             cols = _match(k_pat, kv_names, kv_index)
             if not cols:
                 raise ValueError(
                     f"rules[{q_pat!r}] names unknown key segment {k_pat!r}; key segments are {_short(kv_names)}"
                 )
-            allow[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
-    return allow
+            put(q_pat, k_pat, torch.tensor(rows), torch.tensor(cols), code)
+    causal = kinds == CAUSAL
+    return kinds != 0, causal if bool(causal.any()) else None
 
 
 def _short(names: tuple[str, ...], n: int = 12) -> str:
@@ -220,6 +247,22 @@ def _check_window(window) -> Optional[tuple[int, int]]:
     return None if window == (-1, -1) else window
 
 
+def _check_causal_cells(cells, allow: torch.Tensor, shape: tuple) -> Optional[torch.Tensor]:
+    """``causal_cells`` as a CPU bool table of ``allow``'s shape, its cells all allowed (None when it marks none)."""
+    if not isinstance(cells, torch.Tensor):
+        cells = torch.as_tensor(cells)
+    if cells.dtype != torch.bool:
+        raise TypeError(f"causal_cells must be a bool tensor, got dtype {cells.dtype}")
+    if tuple(cells.shape) != shape:
+        raise ValueError(f"causal_cells must have the shape of allow, {shape}, got {tuple(cells.shape)}")
+    cells = cells.detach().to("cpu")
+    stray = cells & ~torch.as_tensor(allow).detach().to("cpu")
+    if stray.any():
+        a, c = stray.nonzero()[0].tolist()
+        raise ValueError(f"causal_cells[{a}, {c}] is True but allow[{a}, {c}] is False: a causal cell must be allowed")
+    return cells if bool(cells.any()) else None
+
+
 def content_key(
     q_sizes,
     kv_sizes,
@@ -235,11 +278,34 @@ def content_key(
     h.update(repr((tuple(q_sizes), tuple(kv_sizes), bool(is_self), bool(causal))).encode())
     if window is not None:
         h.update(repr(("window", tuple(window))).encode())
-    # the rule table by its runs: a dense table and the runs it has give one key, at a cost linear in the runs
-    h.update((allow if isinstance(allow, AllowRuns) else AllowRuns.from_dense(allow.detach().cpu())).digest_bytes())
+    # the rule table by its runs (with their kinds): a dense table and the runs it has give one key, at a cost linear
+    # in the runs; an integer table holds the kinds (0 none, 1 full, 2 causal, as :func:`_ops.describe` passes it)
+    if not isinstance(allow, AllowRuns):
+        allow = allow.detach().cpu()
+        allow = AllowRuns.from_dense(allow != 0, None if allow.dtype == torch.bool else allow == CAUSAL)
+    h.update(allow.digest_bytes())
     for t in (lengths, kv_lengths):  # as int64: a mask's content, not how its tensors were typed
         h.update(b"-" if t is None else repr(tensor_key(t.to(torch.int64))).encode())
     return h.hexdigest()
+
+
+def _band_pairs(q_st, k_st, ql, kl, a, c, lo, hi, cell) -> np.ndarray:
+    """Pairs ``(i, j)`` with ``lo <= j - i <= hi`` (None: unbounded) in the valid rectangle of each segment pair
+    ``(a[p], c[p])``, and, where ``cell[p]`` (bool, broadcast), on or below the pair's bottom-right diagonal:
+    int64 ``(Bm, P)``. ``q_st``/``k_st``: segment starts; ``ql (Bm, Sq)``/``kl (Bm, Sk)``: valid tokens."""
+    i0 = q_st[a][None].astype(np.int64)  # rows i in [i0, i1)
+    i1 = i0 + ql[:, a]
+    j0 = k_st[c][None].astype(np.int64)
+    w = kl[:, c]
+    upper = np.broadcast_to(j0 + w - i0, i1.shape)  # every pair of the rectangle
+    if hi is not None:
+        upper = np.minimum(upper, hi)
+    # a causal cell: jl <= il + (kl - ql), i.e. j - i <= (j0 - i0) + w - (i1 - i0)
+    upper = np.where(cell, np.minimum(upper, (j0 - i0) + w - (i1 - i0)), upper)
+    counts = pairs_below(i0, i1, j0, w, upper)
+    if lo is not None:
+        counts = counts - pairs_below(i0, i1, j0, w, lo - 1)
+    return np.maximum(counts, 0)
 
 
 def _content_key(mask: "ZorroMask") -> str:
@@ -274,6 +340,10 @@ def _dense_allow(mask: "ZorroMask") -> torch.Tensor:
     return mask._runs.dense()
 
 
+def _dense_causal(mask: "ZorroMask") -> torch.Tensor:
+    return mask._runs.dense_causal()
+
+
 def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
     """Do diagonals ``jl <= il + d`` and ``jl <= il + e`` select the same keys of a ``q x valid`` block?
 
@@ -283,21 +353,17 @@ def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
     return d == e or q == 0 or valid == 0 or min(d, e) >= valid - 1 or max(d, e) <= -q
 
 
-def _check_per_block_causal(q_lens, k_lens, what: str) -> None:
-    """Raise unless the row-wide diagonal ``j <= i + (Nk - Nq)`` is bottom-right causal inside every block."""
+def _per_block_causal_agrees(q_lens, k_lens) -> bool:
+    """Is the row-wide diagonal ``j <= i + (Nk - Nq)`` bottom-right causal inside every block?"""
     nq, nk = sum(q_lens), sum(k_lens)
     q_start = k_start = 0
-    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+    for ql, kl in zip(q_lens, k_lens):
         d = (q_start - k_start) + (nk - nq)
         if not causal_offsets_agree(d, kl - ql, ql, kl):
-            raise ValueError(
-                f"{what}: sequence {i} ({ql} queries, {kl} keys) needs its causal diagonal at offset {kl - ql} "
-                f"(bottom-right inside the sequence), but a ZorroMask has one diagonal for the whole row "
-                f"(key <= query + {nk - nq}), which puts it at {d}: not expressible; pack sequences whose query "
-                f"and key counts are equal, or build one mask per sequence"
-            )
+            return False
         q_start += ql
         k_start += kl
+    return True
 
 
 class ZorroMask(Derived):
@@ -311,11 +377,28 @@ class ZorroMask(Derived):
     - :meth:`packed` — several independent sequences packed into one row (block-diagonal, optionally causal).
     - :meth:`from_allow` — segments plus an explicit boolean segment-to-segment matrix (for many segments: windows,
     groups).
+    - :meth:`causal_with_blocks` — causal text with bidirectional blocks (Gemma 3's images).
+    - :meth:`prefix_lm` — a bidirectional prefix and a causal suffix (PaliGemma).
+
+    Rule cells. Each allowed cell ``(a, c)`` of the rule table is *full* (every valid query of segment a sees every
+    valid key of segment c) or *causal*: query ``il`` of a (0-based inside it) sees key ``jl`` of c iff ``jl <= il +
+    (kl - ql)``, with ``ql``/``kl`` the sample's valid tokens of a and c (the diagonal aligned bottom-right inside
+    the pair, as flash-attn's varlen ``causal`` aligns it per sequence). For ``ql = kl = 4`` and ``ql = 2, kl = 4``::
+
+        keys ->  0 1 2 3        keys ->  0 1 2 3
+        q 0      #              q 0      # # #
+        q 1      # #            q 1      # # # #
+        q 2      # # #
+        q 3      # # # #
+
+    Cells combine (AND) with the row-wide ``causal`` and ``window``. Gemma 3's causal text with bidirectional images
+    is causal cells on the text segments' diagonal, full cells elsewhere below it, and no row-wide ``causal``.
 
     Attributes:
         q_names, q_sizes: the query segments, in token order. ``num_q = sum(q_sizes)``.
         kv_names, kv_sizes: the key/value segments (the query ones for self-attention). ``num_kv = sum(kv_sizes)``.
         allow: bool tensor ``(len(q_sizes), len(kv_sizes))``, on CPU: ``allow[a, c]`` iff segment a may see segment c.
+        causal_cells: bool tensor of allow's shape: the allowed cells that are causal (see above).
         lengths: int64 tensor ``(B, len(q_sizes))`` or None (every token valid).
         kv_lengths: int64 tensor ``(B, len(kv_sizes))`` or None. For self-attention it is ``lengths``.
         causal: also require ``key index <= query index + (num_kv - num_q)``.
@@ -335,6 +418,7 @@ class ZorroMask(Derived):
         kv_lengths=None,
         causal: bool = False,
         window=None,
+        causal_cells=None,
     ):
         self.q_names, self.q_sizes = _check_segments(q_segments, "segments")
         self.is_self = kv_segments is None
@@ -356,7 +440,13 @@ class ZorroMask(Derived):
                 f"({len(self.q_sizes)}, {len(self.kv_sizes)}), got {shape}"
             )
         # the rule table is kept as runs (linear in a layout's description); the dense table is derived on demand
-        self._runs = allow if isinstance(allow, AllowRuns) else AllowRuns.from_dense(allow.detach().to("cpu"))
+        if causal_cells is not None:
+            if isinstance(allow, AllowRuns):
+                raise TypeError("causal_cells goes with a bool allow table; AllowRuns carry their cells' kinds")
+            causal_cells = _check_causal_cells(causal_cells, allow, shape)
+        self._runs = (
+            allow if isinstance(allow, AllowRuns) else AllowRuns.from_dense(allow.detach().to("cpu"), causal_cells)
+        )
         # kept dense too when given dense (the caller paid for it) or small: torch.compile traces read it, and a trace
         # cannot build it
         small = shape[0] * shape[1] <= _DENSE_ALLOW_CELLS
@@ -420,6 +510,30 @@ class ZorroMask(Derived):
         """int64 ``(B, n_kv_segments)`` or None (a copy; for self-attention equal to :attr:`lengths`)."""
         return None if self._kv_lengths is None else self._kv_lengths.clone()
 
+    @property
+    def has_causal_cells(self) -> bool:
+        """Whether any rule cell is causal (see the class docstring)."""
+        return self._runs.has_causal
+
+    @property
+    def causal_cells(self) -> torch.Tensor:
+        """bool ``(n_q_segments, n_kv_segments)``: the allowed cells that are causal (a copy)."""
+        return self.derived(_dense_causal).clone()
+
+    @property
+    def cell_kinds(self) -> torch.Tensor:
+        """int8 ``(n_q_segments, n_kv_segments)``: 0 none, 1 full, 2 causal per rule cell (a new tensor)."""
+        return torch.where(self.derived(_dense_causal), CAUSAL, self._allow.to(torch.int8)).to(torch.int8)
+
+    @property
+    def causal_rules(self) -> dict[str, list[str]]:
+        """query segment -> the key segments it sees through causal cells (only segments that have some)."""
+        out: dict[str, list[str]] = {}
+        cz = self._runs.causal_cells()
+        for a, c0, c1 in zip(*(x.tolist() for x in (cz.row, cz.c0, cz.c1))):
+            out.setdefault(self.q_names[a], []).extend(self.kv_names[c0:c1])
+        return out
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_segments(
@@ -441,11 +555,14 @@ class ZorroMask(Derived):
                 absent from ``rules`` sees nothing (its rows return 0). Names on either side may be globs
                 (``"video/*"``), and ``"self"`` means "the key segment with this query segment's own name" — so
                 ``{"audio/*": "self", "video/*": "self", "fusion": "*"}`` is window-local attention for windows
-                named ``audio/0, audio/1, ..., video/0, ...`` with global fusion tokens.
+                named ``audio/0, audio/1, ..., video/0, ...`` with global fusion tokens. A value may also be a
+                dict ``{key pattern: "full" | "causal"}`` giving each cell's kind (a list means all full):
+                ``{"text": {"image": "full", "text": "causal"}}`` (see the class docstring for causal cells).
             kv_segments: the key/value layout for cross-attention; None for self-attention.
             lengths: int tensor ``(B, len(segments))`` of valid tokens per segment per sample, or None.
             kv_lengths: the same for ``kv_segments`` (cross-attention only).
-            causal: also apply a bottom-right aligned causal mask over token indices.
+            causal: also apply a bottom-right aligned causal mask over token indices (the whole row; causal cells
+                are per segment pair).
             window: ``(left, right)``: also a bottom-right aligned sliding window over token indices (flash-attention's
                 ``window_size``; -1 = unbounded on that side), combined with the rules, lengths and ``causal``.
 
@@ -456,7 +573,7 @@ class ZorroMask(Derived):
         """
         q_names, _ = _check_segments(segments, "segments")
         kv_names = q_names if kv_segments is None else _check_segments(kv_segments, "kv_segments")[0]
-        allow = _rules_to_allow(rules, q_names, kv_names)
+        allow, cells = _rules_to_allow(rules, q_names, kv_names)
         return cls(
             segments,
             allow,
@@ -465,6 +582,7 @@ class ZorroMask(Derived):
             kv_lengths=kv_lengths,
             causal=causal,
             window=window,
+            causal_cells=cells,
         )
 
     @classmethod
@@ -554,8 +672,8 @@ class ZorroMask(Derived):
             seq_lens: the length of each packed sequence, in token order.
             causal: causal attention inside each sequence (for packed language-model training), bottom-right aligned
                 within each sequence (as flash-attn varlen and xformers' ``BlockDiagonalCausalFromBottomRightMask``).
-                A mask has one diagonal for the whole row, so with ``kv_seq_lens`` this is only expressible when
-                every sequence's diagonal lands on it; otherwise ValueError names the sequence.
+                When every sequence's diagonal lands on the row-wide one (equal query and key counts, or none given)
+                this is the row-wide ``causal``; otherwise each sequence is a causal rule cell (same attention).
             names: segment names (default ``seq0, seq1, ...``).
             kv_seq_lens: key lengths per sequence for cross-attention (same count as ``seq_lens``).
 
@@ -574,9 +692,76 @@ class ZorroMask(Derived):
             if len(kv_seq_lens) != len(seq_lens):
                 raise ValueError(f"kv_seq_lens has {len(kv_seq_lens)} entries but seq_lens has {len(seq_lens)}")
             kv = list(zip(names, kv_seq_lens))
-            if causal:
-                _check_per_block_causal(seq_lens, kv_seq_lens, "packed")
+            if causal and not _per_block_causal_agrees(seq_lens, kv_seq_lens):
+                return cls(segments, AllowRuns.diagonal(len(seq_lens), causal=True), kv_segments=kv)
         return cls(segments, AllowRuns.diagonal(len(seq_lens)), kv_segments=kv, causal=causal)
+
+    @classmethod
+    def causal_with_blocks(
+        cls, segments: SegmentSpec, blocks, *, lengths=None, window=None, causal_blocks: bool = False
+    ) -> "ZorroMask":
+        """Causal attention over segments in token order, except inside each named block, which sees itself whole
+        (Gemma 3: text causal, each image's tokens bidirectional among themselves).
+
+        Every segment sees every earlier segment fully; a segment in ``blocks`` sees itself fully, any other segment
+        sees itself through a causal cell (bottom-right inside its valid tokens, see the class docstring). Nothing is
+        ``N x N``: the table has one full run and at most one causal cell per segment.
+
+        Args:
+            segments: ``[(name, size), ...]`` in token order, e.g. ``[("text0", 12), ("image0", 256), ("text1",
+                30)]``.
+            blocks: names (or globs, e.g. ``"image*"``) of the bidirectional segments.
+            lengths: ``(B, len(segments))`` valid tokens per segment (tails), as :meth:`from_segments`.
+            window: a row-wide sliding window, combined with the cells (Gemma 3's local layers).
+            causal_blocks: unused by Gemma 3; True makes the blocks causal too (plain causal attention over the
+                same segments, for ablations).
+
+        Example::
+
+            ZorroMask.causal_with_blocks([("t0", 5), ("img", 4), ("t1", 3)], ["img"])
+            #        t0      img   t1
+            # t0     causal  .     .
+            # img    full    full  .
+            # t1     full    full  causal
+        """
+        names, sizes = _check_segments(segments, "segments")
+        index = {n: i for i, n in enumerate(names)}
+        if isinstance(blocks, str):
+            blocks = [blocks]
+        is_block = np.zeros(len(names), dtype=bool)
+        for pat in blocks:
+            if not isinstance(pat, str):
+                raise TypeError(f"blocks must name segments (str), got {pat!r}")
+            hit = _match(pat, names, index)
+            if not hit:
+                raise ValueError(f"blocks names unknown segment {pat!r}; segments are {_short(names)}")
+            is_block[hit] = True
+        if causal_blocks:
+            is_block[:] = False
+        n = len(names)
+        idx = np.arange(n, dtype=np.int64)
+        # per segment a: a full run over the earlier segments [0, a) (and itself when a block), then its causal cell
+        full_end = np.where(is_block, idx + 1, idx)
+        has_full = full_end > 0
+        row = np.concatenate([idx[has_full], idx[~is_block]])
+        c0 = np.concatenate([np.zeros(int(has_full.sum()), dtype=np.int64), idx[~is_block]])
+        c1 = np.concatenate([full_end[has_full], idx[~is_block] + 1])
+        kind = np.concatenate([np.zeros(int(has_full.sum()), dtype=bool), np.ones(int((~is_block).sum()), bool)])
+        order = np.lexsort((c0, row))
+        runs = AllowRuns(n, n, row[order], c0[order], c1[order], kind[order] if kind.any() else None)
+        return cls(list(zip(names, sizes)), runs, lengths=lengths, window=window)
+
+    @classmethod
+    def prefix_lm(cls, prefix: int, suffix: int, *, lengths=None, names=("prefix", "suffix")) -> "ZorroMask":
+        """A prefix-LM (PaliGemma): the ``prefix`` tokens (image + prompt) see each other bidirectionally, the
+        ``suffix`` (the answer) sees the whole prefix and itself causally.
+
+        Args:
+            prefix, suffix: token counts.
+            lengths: ``(B, 2)`` valid tokens of each (tails: ``[prefix valid, pad, suffix valid, pad]``), or None.
+            names: the two segments' names.
+        """
+        return cls.causal_with_blocks([(names[0], prefix), (names[1], suffix)], [names[0]], lengths=lengths)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -665,52 +850,47 @@ class ZorroMask(Derived):
                 dense = dense & (j >= i + off - left)
             if right >= 0:
                 dense = dense & (j <= i + off + right)
+        ql = self._q_lengths_or_sizes()[:, q_seg]  # (Bm, Nq)
+        kl = self._kv_lengths_or_sizes()[:, k_seg]  # (Bm, Nk)
+        if self.has_causal_cells:  # per cell, bottom-right inside the pair's valid tokens
+            cell = self.derived(_dense_causal)[q_seg][:, k_seg]  # (Nq, Nk)
+            seen = k_pos[None, None, :] <= q_pos[None, :, None] + (kl[:, None, :] - ql[:, :, None])
+            dense = dense & (~cell | seen)  # (Bm, Nq, Nk)
         if self.batch_size is None:
-            return dense
-        q_valid = q_pos[None] < self._q_lengths_or_sizes()[:, q_seg]  # (B, Nq)
-        k_valid = k_pos[None] < self._kv_lengths_or_sizes()[:, k_seg]  # (B, Nk)
-        return dense[None] & q_valid[:, :, None] & k_valid[:, None, :]
+            return dense[0] if dense.ndim == 3 else dense
+        q_valid = q_pos[None] < ql  # (B, Nq)
+        k_valid = k_pos[None] < kl  # (B, Nk)
+        return dense & q_valid[:, :, None] & k_valid[:, None, :]
 
     def attended(self) -> torch.Tensor:
         """Exact number of attended (query, key) pairs, per sample: int64 ``(B,)`` (``(1,)`` without lengths).
 
-        Computed from segment arithmetic, without any ``Nq x Nk`` tensor: linear in the rule table's runs, or, with
-        causality or a window, in the allowed segment pairs.
+        Computed from segment arithmetic, without any ``Nq x Nk`` tensor: linear in the rule table's runs plus its
+        causal cells, or, with causality or a window, in the allowed segment pairs.
         """
         ql = self._q_lengths_or_sizes().numpy()  # (Bm, Sq)
         kl = self._kv_lengths_or_sizes().numpy()  # (Bm, Sk)
-        runs = self._runs
         lo, hi = self.band()
+        off = self.num_kv - self.num_q
+        q_st = np.cumsum(self.q_sizes) - np.asarray(self.q_sizes)
+        k_st = np.cumsum(self.kv_sizes) - np.asarray(self.kv_sizes)
         if lo is None and hi is None:
+            runs = self._runs.full_cells()
             kl_cum = np.zeros((kl.shape[0], kl.shape[1] + 1), dtype=np.int64)
             np.cumsum(kl, 1, out=kl_cum[:, 1:])
             per_run = ql[:, runs.row] * (kl_cum[:, runs.c1] - kl_cum[:, runs.c0])  # (Bm, R)
-            return torch.from_numpy(per_run.sum(1, dtype=np.int64))
-        # Banded: count lattice points lo <= j - i - off <= hi in each (valid q range) x (valid k range) rectangle of
-        # an allowed segment pair.
-        a, c = runs.pairs()
-        qs = (np.cumsum(self.q_sizes) - np.asarray(self.q_sizes))[a]
-        ks = (np.cumsum(self.kv_sizes) - np.asarray(self.kv_sizes))[c]
-        off = self.num_kv - self.num_q
-        i0 = qs[None].astype(np.int64)  # rows i in [i0, i0 + ql)
-        i1 = i0 + ql[:, a]
-        j0 = ks[None].astype(np.int64)
-        w = kl[:, c]
-
-        def cum(t):  # sum_{s <= t} clamp(s, 0, w)
-            tc = np.maximum(t, -1)
-            low = np.maximum(np.minimum(tc, w), 0)
-            return low * (low + 1) // 2 + np.maximum(tc - w, 0) * w
-
-        def up_to(d):
-            # pairs with j <= i + d: for row i, clamp(i + d - j0 + 1, 0, w); summed over rows = F(t1) - F(t0 - 1)
-            t0 = i0 + d - j0 + 1
-            t1 = i1 - 1 + d - j0 + 1
-            return np.where(i1 > i0, cum(t1) - cum(t0 - 1), 0)
-
-        counts = (i1 - i0) * w if hi is None else up_to(off + hi)
-        if lo is not None:
-            counts = counts - up_to(off + lo - 1)
+            total = per_run.sum(1, dtype=np.int64)
+            if self.has_causal_cells:
+                a, c = self._runs.causal_cells().pairs()
+                total = total + _band_pairs(q_st, k_st, ql, kl, a, c, None, None, True).sum(1, dtype=np.int64)
+            return torch.from_numpy(total)
+        # Banded: count lattice points lo <= j - i - off <= hi (and, in a causal cell, its diagonal) in each
+        # (valid q range) x (valid k range) rectangle of an allowed segment pair.
+        a, c = self._runs.pairs()
+        is_cell = self._runs.lookup(a, c, causal=True)
+        lo_g = None if lo is None else off + lo
+        hi_g = None if hi is None else off + hi
+        counts = _band_pairs(q_st, k_st, ql, kl, a, c, lo_g, hi_g, is_cell)
         return torch.from_numpy(np.asarray(counts, dtype=np.int64).sum(1, dtype=np.int64))
 
     def attended_fraction(self) -> float:
@@ -761,11 +941,19 @@ class ZorroMask(Derived):
         head = (
             f"ZorroMask(q=[{segs(self.q_names, self.q_sizes)}], kv={kv}, rules={rules_s}"
             + (", causal" if self.causal else "")
+            + (f", causal cells={self._cells_repr()}" if self.has_causal_cells else "")
             + (f", window={self.window}" if self.window is not None else "")
             + (f", B={self.batch_size} (lengths)" if self.batch_size is not None else "")
             + f", sparsity={self.sparsity():.1%})"
         )
         return head + "\n" + self.draw()
+
+    def _cells_repr(self) -> str:
+        cz = self.causal_rules
+        if len(cz) > 6:
+            n = int((self._runs.causal_cells().c1 - self._runs.causal_cells().c0).sum())
+            return f"<{n} in {len(cz)} query segments>"
+        return "{" + ", ".join(f"{q}: [" + ", ".join(v) + "]" for q, v in cz.items()) + "}"
 
     def draw(self, width: int = 48, sample: int = 0) -> str:
         """ASCII picture of the tile map at a resolution of about ``width`` tiles per row.

@@ -38,6 +38,8 @@ __all__ = [
     "assert_within_policy",
     "check_against_oracle",
     "ODD_SIZES",
+    "cell_masks",
+    "random_cell_mask",
     "random_mask",
     "named_masks",
     "random_layout",
@@ -335,3 +337,64 @@ def random_layout(gen: torch.Generator, max_size: int, *, lengths: bool, batch: 
     allow = torch.rand(n_seg, n_seg, generator=gen) < 0.5
     lens = (torch.rand(batch, n_seg, generator=gen) * (torch.tensor(sizes) + 1)).long() if lengths else None
     return ZorroMask.from_allow([(f"s{j}", s) for j, s in enumerate(sizes)], allow, lengths=lens)
+
+
+# ------------------------------------------------------------------------------------------------ rule cells
+def cell_masks() -> dict[str, ZorroMask]:
+    """Layouts with causal rule cells (issue 20): Gemma-3-like causal text with bidirectional image blocks (odd sizes,
+    an empty block, ragged lengths), a prefix-LM, packed causal cross-attention with unequal query/key counts per
+    document (bottom-right per document), causal cells combined with the row-wide causal and a window."""
+    return {
+        "blocks_odd": ZorroMask.causal_with_blocks(
+            [("t0", 3), ("img0", 97), ("t1", 1), ("img1", 0), ("img2", 113), ("t2", 17)], ["img*"]
+        ),
+        "blocks_ragged": ZorroMask.causal_with_blocks(
+            [("t0", 13), ("img0", 8), ("t1", 17)],
+            ["img0"],
+            lengths=torch.tensor([[13, 8, 17], [5, 8, 1], [0, 3, 9]]),
+        ),
+        "prefix_lm": ZorroMask.prefix_lm(31, 17),
+        "prefix_lm_ragged": ZorroMask.prefix_lm(20, 13, lengths=torch.tensor([[20, 13], [7, 2]])),
+        "packed_unequal": ZorroMask.packed([5, 1, 3, 8], kv_seq_lens=[2, 7, 3, 13], causal=True),
+        "packed_unequal_ragged": ZorroMask.from_segments(
+            [("d0", 6), ("d1", 9)],
+            {"d0": {"k0": "causal"}, "d1": {"k1": "causal"}},
+            kv_segments=[("k0", 11), ("k1", 4)],
+            lengths=torch.tensor([[6, 9], [2, 9]]),
+            kv_lengths=torch.tensor([[11, 4], [1, 3]]),
+        ),
+        "cells_and_window": ZorroMask.causal_with_blocks([("t0", 9), ("img", 16), ("t1", 20)], ["img"], window=(6, -1)),
+        "cells_and_causal": ZorroMask.from_segments(
+            [("a", 12), ("b", 7)], {"a": {"a": "causal"}, "b": {"a": "full", "b": "causal"}}, causal=True
+        ),
+    }
+
+
+def random_cell_mask(rng: random.Random, *, max_segments: int = 4, sizes: Sequence[int] = ODD_SIZES) -> ZorroMask:
+    """A random layout whose rule cells are none, full or causal (causal twice as likely as full), with optional
+    cross-attention, per-sample lengths on either side, the row-wide ``causal`` and a sliding window. Reproducible
+    from ``rng``."""
+    n = rng.randint(1, max_segments)
+    q_sizes = [rng.choice(sizes) for _ in range(n)]
+    if sum(q_sizes) == 0:
+        q_sizes[0] = rng.choice([1, 5, 9])
+    cross = rng.random() < 0.3
+    kv_sizes = [rng.choice(sizes) for _ in range(rng.randint(1, max_segments))] if cross else q_sizes
+    if sum(kv_sizes) == 0:
+        kv_sizes[0] = rng.choice([1, 4, 7])
+    kinds = torch.tensor([[rng.choice([0, 1, 2, 2]) for _ in kv_sizes] for _ in q_sizes])
+    b = rng.randint(1, 3)
+    lengths = torch.tensor([[rng.randint(0, s) for s in q_sizes] for _ in range(b)]) if rng.random() < 0.5 else None
+    kv_lengths = None
+    if cross and rng.random() < 0.5:
+        kv_lengths = torch.tensor([[rng.randint(0, s) for s in kv_sizes] for _ in range(b)])
+    return ZorroMask(
+        [(f"s{i}", s) for i, s in enumerate(q_sizes)],
+        kinds != 0,
+        kv_segments=[(f"k{i}", s) for i, s in enumerate(kv_sizes)] if cross else None,
+        lengths=lengths,
+        kv_lengths=kv_lengths,
+        causal=rng.random() < 0.2,
+        window=rng.choice([None, None, None, (3, -1), (2, 4), (-1, 0)]),
+        causal_cells=kinds == 2,
+    )

@@ -25,7 +25,7 @@ checked element-wise; tiles wholly outside the band are empty (never visited).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,9 +38,13 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 class AllowRuns(NamedTuple):
     """The segment rule table as runs: query segment ``row[r]`` may see key segments ``c0[r] <= c < c1[r]``.
 
-    Runs are sorted by ``(row, c0)`` and maximal (two runs of one row never touch), so equal tables have equal runs.
-    Their number is what describes a layout: one per query segment for packed sequences, windows or full attention,
-    where the dense table would hold ``Sq x Sk`` cells. All arrays int64 ``(R,)``.
+    Each cell of the table is *none*, *full* or *causal*; a run holds cells of one kind (``causal[r]``, or full when
+    ``causal`` is None). A causal cell ``(a, c)`` lets query ``il`` of segment a (0-based inside it) see key ``jl`` of
+    segment c iff ``jl <= il + (kl - ql)``, ``ql``/``kl`` the sample's valid tokens of a and c: the diagonal aligned
+    bottom-right inside the pair, as flash-attn's varlen ``causal``. Runs are sorted by ``(row, c0)`` and maximal
+    (two runs of one row touch only where the kind changes), so equal tables have equal runs. Their number is what
+    describes a layout: one per query segment for packed sequences, windows or full attention, where the dense table
+    would hold ``Sq x Sk`` cells. All arrays int64 ``(R,)`` (``causal``: bool ``(R,)`` or None).
     """
 
     n_q: int
@@ -48,33 +52,79 @@ class AllowRuns(NamedTuple):
     row: np.ndarray
     c0: np.ndarray
     c1: np.ndarray
+    causal: Optional[np.ndarray] = None
 
     @classmethod
-    def from_dense(cls, allow) -> "AllowRuns":
-        """The runs of a bool ``(Sq, Sk)`` table (tensor or array)."""
-        a = np.asarray(allow.numpy() if isinstance(allow, torch.Tensor) else allow, dtype=np.int8)
+    def from_dense(cls, allow, causal=None) -> "AllowRuns":
+        """The runs of a bool ``(Sq, Sk)`` table (tensor or array); ``causal``, a bool table of the same shape (or
+        None), marks the allowed cells that are causal (a causal cell need not be set in ``allow``)."""
+
+        def arr(t):
+            return np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+
+        a = arr(allow).astype(np.int8)
+        if causal is not None:
+            cz = arr(causal).astype(bool)
+            a = np.where(cz, 2, a).astype(np.int8)
         sq, sk = a.shape
-        edge = np.zeros((sq, sk + 1), dtype=np.int8)
-        edge[:, :sk] = a
-        edge[:, 1:] -= a  # +1 where a run starts, -1 one past where it ends
-        rs, cs = np.nonzero(edge == 1)
-        _, ce = np.nonzero(edge == -1)  # row-major order: the i-th end closes the i-th start
-        return cls(sq, sk, rs.astype(np.int64), cs.astype(np.int64), ce.astype(np.int64))
+        edge = np.zeros((sq, sk + 2), dtype=np.int8)
+        edge[:, 1 : sk + 1] = a
+        change = edge[:, 1:] != edge[:, :-1]  # (sq, sk + 1): the kind changes before column c
+        rs, cs = np.nonzero(change[:, :sk] & (a != 0))  # a run starts where a non-none kind begins
+        # its end: the next change in the row (row-major order keeps each row's changes ascending)
+        flat = np.flatnonzero(change.ravel())
+        start_flat = rs * (sk + 1) + cs
+        end_flat = flat[np.searchsorted(flat, start_flat, side="right")]
+        ce = end_flat - rs * (sk + 1)
+        kinds = a[rs, cs] == 2
+        return cls(
+            sq, sk, rs.astype(np.int64), cs.astype(np.int64), ce.astype(np.int64), kinds if kinds.any() else None
+        )
 
     @classmethod
-    def diagonal(cls, n: int) -> "AllowRuns":
-        """Segment i sees segment i only (packed sequences)."""
+    def diagonal(cls, n: int, causal: bool = False) -> "AllowRuns":
+        """Segment i sees segment i only (packed sequences); ``causal``: each cell causal."""
         idx = np.arange(n, dtype=np.int64)
-        return cls(n, n, idx, idx, idx + 1)
+        return cls(n, n, idx, idx, idx + 1, np.ones(n, dtype=bool) if causal and n else None)
+
+    @property
+    def has_causal(self) -> bool:
+        """Whether any cell is causal."""
+        return self.causal is not None and bool(self.causal.any())
+
+    def _kind(self, causal: bool) -> "AllowRuns":
+        keep = np.zeros(len(self.row), bool) if self.causal is None else self.causal.copy()
+        if not causal:
+            keep = ~keep
+        return AllowRuns(
+            self.n_q, self.n_kv, self.row[keep], self.c0[keep], self.c1[keep], keep[keep] if causal else None
+        )
+
+    def full_cells(self) -> "AllowRuns":
+        """The runs of full cells only."""
+        return self if not self.has_causal else self._kind(False)
+
+    def causal_cells(self) -> "AllowRuns":
+        """The runs of causal cells only (kind kept)."""
+        return self._kind(True)
 
     def dense(self) -> torch.Tensor:
-        """The bool ``(Sq, Sk)`` table."""
+        """The bool ``(Sq, Sk)`` table of allowed cells (full or causal)."""
         out = np.zeros((self.n_q, self.n_kv), dtype=bool)
         out[self.pairs()] = True
         return torch.from_numpy(out)
 
-    def lookup(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """bool array: may query segment ``a`` see key segment ``c`` (elementwise, any broadcastable shapes)."""
+    def dense_causal(self) -> torch.Tensor:
+        """The bool ``(Sq, Sk)`` table of causal cells."""
+        out = np.zeros((self.n_q, self.n_kv), dtype=bool)
+        out[self.causal_cells().pairs()] = True
+        return torch.from_numpy(out)
+
+    def lookup(self, a: np.ndarray, c: np.ndarray, causal: bool = False) -> np.ndarray:
+        """bool array: may query segment ``a`` see key segment ``c`` (elementwise, any broadcastable shapes); with
+        ``causal``, is that cell causal."""
+        if causal:
+            return self.causal_cells().lookup(a, c) if self.has_causal else np.zeros(np.broadcast(a, c).shape, bool)
         stride = self.n_kv + 1
         starts = self.row * stride + self.c0
         key = np.asarray(a, dtype=np.int64) * stride + np.asarray(c, dtype=np.int64)
@@ -90,7 +140,8 @@ class AllowRuns(NamedTuple):
         return a, c
 
     def digest_bytes(self) -> bytes:
-        return repr((self.n_q, self.n_kv)).encode() + np.stack([self.row, self.c0, self.c1]).tobytes()
+        kinds = b"" if not self.has_causal else b"causal" + self.causal.astype(np.int8).tobytes()
+        return repr((self.n_q, self.n_kv)).encode() + np.stack([self.row, self.c0, self.c1]).tobytes() + kinds
 
 
 class TileMap(NamedTuple):
@@ -149,7 +200,8 @@ class TokenMeta(NamedTuple):
 
     Element rule: query i of sample b may see key j iff ``allow[q_seg[i], k_seg[j]] and q_pos[i] < q_len[b, q_seg[i]]
     and k_pos[j] < k_len[b, k_seg[j]] and (not causal or j <= i + causal_offset)`` and, for a bounded side of the
-    window, ``j >= i + causal_offset - window_left`` / ``j <= i + causal_offset + window_right``.
+    window, ``j >= i + causal_offset - window_left`` / ``j <= i + causal_offset + window_right``, and, in a causal
+    cell, ``k_pos[j] <= q_pos[i] + k_len[b, k_seg[j]] - q_len[b, q_seg[i]]``.
     """
 
     q_seg: torch.Tensor
@@ -163,6 +215,8 @@ class TokenMeta(NamedTuple):
     causal_offset: int
     window_left: int = -1
     window_right: int = -1
+    # int32 (Sq, Sk): 1 where the cell is causal (bottom-right inside the pair's valid tokens), or None
+    cell_causal: Optional[torch.Tensor] = None
 
     def to(self, device) -> "TokenMeta":
         return self._replace(
@@ -177,6 +231,13 @@ class TokenMeta(NamedTuple):
         q_ok = self.q_pos[rows][None] < self.q_len[:, qs]  # (Bm, P, R)
         k_ok = self.k_pos[cols][None] < self.k_len[:, ks]  # (Bm, P, C)
         m = m & q_ok[..., :, None] & k_ok[..., None, :]
+        if self.cell_causal is not None:
+            cell = self.cell_causal[qs[:, :, None], ks[:, None, :]].bool()[None]
+            ql, kl = self.q_len[:, qs].long(), self.k_len[:, ks].long()
+            seen = self.k_pos[cols][None, :, None, :] <= (
+                self.q_pos[rows][None, :, :, None] + kl[:, :, None, :] - ql[:, :, :, None]
+            )
+            m = m & (~cell | seen)
         d = cols[None, :, None, :] - rows[None, :, :, None] - self.causal_offset
         if self.causal:
             m = m & (d <= 0)
@@ -209,6 +270,7 @@ def build_token_meta(mask) -> TokenMeta:
         mask.causal,
         mask.num_kv - mask.num_q,
         *(mask.window or (-1, -1)),
+        mask.causal_cells.to(torch.int32) if mask.has_causal_cells else None,
     )
 
 
@@ -221,6 +283,23 @@ def _valid_before(starts: np.ndarray, ends: np.ndarray, lens: np.ndarray, p: np.
     sc = np.minimum(s, len(starts) - 1)
     inside = np.where(s < len(starts), np.maximum(p - starts[sc], 0), 0)
     return cum_len[:, s] + np.minimum(inside[None], lens[:, sc] * (s < len(starts))[None])
+
+
+def pairs_below(i0, i1, j0, w, d) -> np.ndarray:
+    """``#{(i, j): i0 <= i < i1, j0 <= j < j0 + w, j <= i + d}`` elementwise over broadcastable int64 arrays
+    (closed form: row i sees ``clamp(i + d - j0 + 1, 0, w)`` keys)."""
+    i0, i1, j0, w, d = (np.asarray(x, dtype=np.int64) for x in (i0, i1, j0, w, d))
+    # j - i never exceeds j0 + w - 1 - i0: clamping d there changes no count and keeps the arithmetic small
+    d = np.minimum(d, j0 + w - i0)
+
+    def cum(t):  # sum_{s <= t} clamp(s, 0, w)
+        tc = np.maximum(t, -1)
+        low = np.maximum(np.minimum(tc, w), 0)
+        return low * (low + 1) // 2 + np.maximum(tc - w, 0) * w
+
+    t0 = i0 + d - j0 + 1
+    t1 = i1 - 1 + d - j0 + 1
+    return np.where((i1 > i0) & (w > 0), cum(t1) - cum(t0 - 1), 0)
 
 
 def _tile_ranges(start: np.ndarray, stop: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +338,7 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
     # Each run of the rule table is a rectangle of the matrix: its query segment's rows x its key segments' columns.
     # Rectangles are disjoint, so the allowed valid pairs of a tile are the sum of its overlaps with them: 0 = empty,
     # the whole tile = full (which also needs the tile inside the matrix and free of padding), else partial.
-    runs = mask._runs
+    runs = mask._runs.full_cells()
     r_q0, r_q1 = q_start[runs.row], q_end[runs.row]
     r_k0, r_k1 = k_start[runs.c0], k_end[runs.c1 - 1]
     keep = (r_q1 > r_q0) & (r_k1 > r_k0)
@@ -285,6 +364,8 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
     area = (rows * cols).astype(np.float64)  # exact: at most block_m * block_n per entry, summed per tile
     flat = (np.arange(bm, dtype=np.int64)[:, None] * (tq * tk) + (mi * tk + ni)[None]).ravel()
     covered = np.bincount(flat, weights=area.ravel(), minlength=bm * tq * tk).reshape(bm, tq, tk)
+    if mask._runs.has_causal:
+        covered = covered + _causal_cell_area(mask, ql, kl, q_start, q_end, k_start, k_end, block_m, block_n, tq, tk)
     kinds = np.where(covered == 0, EMPTY, np.where(covered == block_m * block_n, FULL, PARTIAL)).astype(np.int8)
 
     if mask.band() != (None, None):
@@ -302,6 +383,34 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
         *_sorted_lists(kt, FULL),
         *_sorted_lists(kt, PARTIAL),
     )
+
+
+def _causal_cell_area(mask, ql, kl, q_start, q_end, k_start, k_end, block_m, block_n, tq, tk) -> np.ndarray:
+    """float64 ``(Bm, Tq, Tk)``: the attended pairs each tile holds in the mask's causal cells (closed form per cell
+    and tile it touches, :func:`pairs_below`)."""
+    bm = ql.shape[0]
+    a, c = mask._runs.causal_cells().pairs()
+    keep = (q_end[a] > q_start[a]) & (k_end[c] > k_start[c])
+    a, c = a[keep], c[keep]
+    m0, m1 = _tile_ranges(q_start[a], q_end[a], block_m)
+    n0, n1 = _tile_ranges(k_start[c], k_end[c], block_n)
+    nn = n1 - n0 + 1
+    count = (m1 - m0 + 1) * nn
+    owner = np.repeat(np.arange(len(a)), count)
+    local = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    mi = m0[owner] + local // nn[owner]
+    ni = n0[owner] + local % nn[owner]
+    a, c = a[owner], c[owner]
+    q0, k0 = q_start[a][None], k_start[c][None]
+    qv, kv = ql[:, a], kl[:, c]  # (Bm, P)
+    r0 = np.maximum(q0, mi * block_m)
+    r1 = np.minimum(q0 + qv, np.minimum((mi + 1) * block_m, mask.num_q))
+    c0 = np.maximum(k0, ni * block_n)
+    c1 = np.minimum(k0 + kv, (ni + 1) * block_n)
+    # key jl = j - k0 visible to query il = i - q0 iff jl <= il + kv - qv: j <= i + (k0 - q0 + kv - qv)
+    area = pairs_below(r0, np.maximum(r1, r0), c0, np.maximum(c1 - c0, 0), k0 - q0 + kv - qv).astype(np.float64)
+    flat = (np.arange(bm, dtype=np.int64)[:, None] * (tq * tk) + (mi * tk + ni)[None]).ravel()
+    return np.bincount(flat, weights=area.ravel(), minlength=bm * tq * tk).reshape(bm, tq, tk)
 
 
 def _apply_band(mask, kinds: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
@@ -350,6 +459,14 @@ def _element_mask(mask, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     q_ok = q_pos[rows][None] < mask._q_lengths_or_sizes()[:, qs]  # (Bm, P, R)
     k_ok = k_pos[cols][None] < mask._kv_lengths_or_sizes()[:, ks]  # (Bm, P, C)
     m = m & q_ok[..., :, None] & k_ok[..., None, :]
+    if mask.has_causal_cells:
+        cell = torch.from_numpy(
+            np.ascontiguousarray(mask._runs.lookup(qs.numpy()[:, :, None], ks.numpy()[:, None, :], True))
+        )
+        ql = mask._q_lengths_or_sizes()[:, qs]  # (Bm, P, R)
+        kl = mask._kv_lengths_or_sizes()[:, ks]  # (Bm, P, C)
+        seen = k_pos[cols][None, :, None, :] <= q_pos[rows][None, :, :, None] + kl[:, :, None, :] - ql[:, :, :, None]
+        m = m & (~cell[None] | seen)
     d = cols[None, :, None, :] - rows[None, :, :, None] - (mask.num_kv - mask.num_q)
     lo, hi = mask.band()
     if hi is not None:

@@ -244,9 +244,10 @@ def _row_keys(a: int, runs, first: np.ndarray, kv) -> Ranges:
     return _merge(out)
 
 
-def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo, hi):
+def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo, hi, cells=None):
     """The steps of one length pattern: query segments grouped by the keys they see (see the module docstring), and
-    the query and key ranges they read (:func:`_bucket`)."""
+    the query and key ranges they read (:func:`_bucket`). ``cells``: ``(all runs, their row starts, the query
+    segments with a causal cell)`` or None; ``runs``/``first`` then hold the other segments' runs only."""
     k_start_r, k_stop_r, single = _key_sets(runs, k_start, k_size, lk)
     n_runs = first[1:] - first[:-1]
     live = lq > 0
@@ -303,7 +304,88 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     for keys, q_ranges in other.items():
         q_ranges = _merge(q_ranges)
         steps += [Step(q_ranges, keys)] if lo is None and hi is None else _band_steps(q_ranges, keys, off, lo, hi)
+    if cells is not None:
+        squares = []
+        for a in cells[2].tolist():
+            more, sq = _cell_steps(a, cells[0], cells[1], lq, lk, q_start, k_start, off, lo, hi)
+            steps += more
+            squares += sq
+        if squares:
+            sq = np.array(squares, dtype=np.int64).reshape(-1, 4)
+            g_qs, g_qe = np.concatenate([g_qs, sq[:, 0]]), np.concatenate([g_qe, sq[:, 1]])
+            g_ks, g_ke = np.concatenate([g_ks, sq[:, 2]]), np.concatenate([g_ke, sq[:, 3]])
+            causal = np.concatenate([causal, np.ones(len(sq), dtype=bool)])
     return _bucket(steps, g_qs, g_qe, g_ks, g_ke, causal)
+
+
+def _cell_steps(a: int, runs, first, lq, lk, q_start, k_start, off, lo, hi) -> tuple[list[Step], list]:
+    """Steps of query segment ``a``, which sees some keys through causal cells: ``(steps, squares)``, squares being
+    ``(q0, q1, k0, k1)`` blocks that are exactly one causal cell with as many keys as queries and no band (one causal
+    flash call each, bucketed with the plan's others). Otherwise the rows are cut into chunks of BAND_ROWS (the
+    whole segment when every row sees every key it reads), each with the keys some row sees and, where rows differ,
+    its element mask: as a band's chunks (:func:`_band_steps`), with a diagonal per causal cell."""
+    ql = int(lq[a])
+    if ql == 0:
+        return [], []
+    q0, q1 = int(q_start[a]), int(q_start[a]) + ql
+    big = np.iinfo(np.int64).max // 4
+    starts, stops, upper = [], [], []  # key ranges, and per range the largest j - i it allows (big: any)
+    for r in range(int(first[a]), int(first[a + 1])):
+        cz = runs.causal is not None and bool(runs.causal[r])
+        for c in range(int(runs.c0[r]), int(runs.c1[r])):
+            kl = int(lk[c])
+            if kl:
+                ks = int(k_start[c])
+                starts.append(ks)
+                stops.append(ks + kl)
+                # key jl = j - ks visible to il = i - q0 iff jl <= il + kl - ql
+                upper.append(ks - q0 + kl - ql if cz else big)
+    if not starts:
+        return [], []
+    if lo is None and hi is None and len(starts) == 1 and upper[0] < big and stops[0] - starts[0] == ql and ql > 1:
+        return [], [(q0, q1, starts[0], stops[0])]
+    order = np.argsort(starts)
+    lens = np.asarray(stops)[order] - np.asarray(starts)[order]
+    cols = _flat_rows(np.asarray(starts)[order], lens)
+    u = np.repeat(np.asarray(upper, dtype=np.int64)[order], lens)
+
+    def seen(r0, r1):  # per column: does some row of [r0, r1) see it, does every row?
+        some, every = cols - (r1 - 1) <= u, cols - r0 <= u
+        if hi is not None:
+            some &= cols - (r1 - 1) - off <= hi
+            every &= cols - r0 - off <= hi
+        if lo is not None:
+            some &= cols - r0 - off >= lo
+            every &= cols - (r1 - 1) - off >= lo
+        return some, every
+
+    def ranges(c):
+        if not len(c):
+            return ()
+        brk = np.flatnonzero(np.diff(c) != 1) + 1
+        return tuple((int(x[0]), int(x[-1]) + 1) for x in np.split(c, brk))
+
+    some, every = seen(q0, q1)
+    if some.any() and every[some].all():
+        return [Step(((q0, q1),), ranges(cols[some]))], []
+    steps = []
+    for r0, r1 in _chunks((q0, q1), BAND_ROWS):
+        some, every = seen(r0, r1)
+        if not some.any():
+            continue
+        c, uc = cols[some], u[some]
+        if every[some].all():
+            steps.append(Step(((r0, r1),), ranges(c)))
+            continue
+        rows = np.arange(r0, r1)[:, None]
+        d = c[None, :] - rows
+        m = d <= uc[None, :]
+        if hi is not None:
+            m &= d - off <= hi
+        if lo is not None:
+            m &= d - off >= lo
+        steps.append(Step(((r0, r1),), ranges(c), 1, torch.from_numpy(m)))
+    return steps, []
 
 
 def _flat_rows(starts: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -396,6 +478,14 @@ def build_plan(mask) -> Plan:
         uniq = uniq.numpy()
     runs = mask._runs
     nq_seg = len(mask.q_sizes)
+    cells = None
+    if runs.has_causal:
+        # query segments with a causal cell are planned one by one (:func:`_cell_steps`); the rest as before
+        cell_rows = np.zeros(nq_seg, dtype=bool)
+        cell_rows[runs.row[runs.causal]] = True
+        keep = ~cell_rows[runs.row]
+        cells = (runs, np.searchsorted(runs.row, np.arange(nq_seg + 1)), np.flatnonzero(cell_rows))
+        runs = type(runs)(runs.n_q, runs.n_kv, runs.row[keep], runs.c0[keep], runs.c1[keep])
     first = np.searchsorted(runs.row, np.arange(nq_seg + 1))  # runs of row a: first[a] .. first[a + 1]
     q_start, k_start = np.cumsum(q_size) - q_size, np.cumsum(k_size) - k_size
     off = mask.num_kv - mask.num_q
@@ -403,7 +493,7 @@ def build_plan(mask) -> Plan:
     patterns = []
     for u in range(uniq.shape[0]):
         lq, lk = uniq[u, :nq_seg], uniq[u, nq_seg:]
-        steps, q_cov, k_cov = _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo, hi)
+        steps, q_cov, k_cov = _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo, hi, cells)
         batch = None if uniq.shape[0] == 1 else (inverse == u).nonzero().flatten()
         patterns.append(
             Pattern(
