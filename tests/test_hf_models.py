@@ -168,14 +168,66 @@ def test_mask_interface_reads_transformers_compositions(zt, case):
 
 
 def _dense(layout, batch: int) -> torch.Tensor:
-    """``(B, Nq, Nk)`` bool: what a ZorroMask or ZorroGroups from the mask interface lets each query see."""
-    if isinstance(layout, ZorroMask):
-        return layout.to_dense().expand(batch, -1, -1)
+    """``(B, Nq, Nk)`` bool: what a ZorroMask, ZorroLayout or ZorroGroups from the mask interface lets each query
+    see (a key bias of -inf hides the key)."""
+    from zorro_kernels.integrations.transformers import ZorroGroups, ZorroLayout
+
+    if isinstance(layout, ZorroGroups):
+        parts = [(rows.tolist(), mask, bias) for rows, mask, bias in layout.groups]
+    elif isinstance(layout, ZorroLayout):
+        parts = [(list(range(batch)), layout.mask, layout.bias)]
+    else:
+        parts = [(list(range(batch)), layout, None)]
     dense = [None] * batch
-    for rows, mask, _ in layout.groups:
-        for b in rows.tolist():
+    for rows, mask, bias in parts:
+        for i, b in enumerate(rows):
             dense[b] = mask.to_dense()
+            if bias is not None:
+                dense[b] = dense[b] & (bias[i, 0] > float("-inf"))
     return torch.stack(dense)
+
+
+def _image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's block ids: one id per run of image tokens (token type 1), -1 on text."""
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    return get_block_sequence_ids_for_mask(token_type_ids)
+
+
+@pytest.mark.parametrize(
+    "types, pads",
+    [
+        ([[0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]] * 2, [0, 0]),
+        ([[0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0]], [0, 3]),
+        ([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]] * 2, [2, 0]),
+    ],
+    ids=["same-images", "per-sample-left-padded", "image-first-padded"],
+)
+def test_mask_interface_reads_image_blocks(zt, types, pads):
+    """Gemma 3's image masks (full layers: causal OR image blocks; sliding layers: that AND a window of 3), built by
+    its own create_masks_for_vision_model, with left padding: rule cells (per sample where the images sit
+    differently), equal to the dense masks sdpa gets."""
+    from transformers import LlamaConfig
+    from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model
+
+    n, batch = 16, len(types)
+    blocks = _image_blocks(torch.tensor(types))
+    attention_mask = (torch.arange(n)[None] >= torch.tensor(pads)[:, None]).long()
+    masks = {}
+    for impl in ("zorro", "sdpa"):
+        masks[impl] = create_masks_for_vision_model(
+            config=LlamaConfig(attn_implementation=impl, sliding_window=3),
+            inputs_embeds=torch.zeros(batch, n, 8),
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=torch.arange(n)[None],
+            block_sequence_ids=blocks,
+        )
+    for kind, want in masks["sdpa"].items():
+        got = masks["zorro"][kind]
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        assert torch.equal(_dense(got, batch), want[:, 0]), kind
+        assert isinstance(got, zt.ZorroGroups) == (len(set(map(tuple, types))) > 1)  # padding: a key bias
 
 
 # ============================================================================================ PaliGemma
@@ -237,6 +289,35 @@ def _paligemma_batch(pg, prompt: int = 5, answer: int = 0, pads=(0, 0)):
 
 
 @pytest.mark.parametrize("pads", [(0, 0), (0, 2)], ids=["unpadded", "left-padded"])
+def _paligemma_labels(pg, inputs, token_type_ids=None) -> torch.Tensor:
+    """Loss on the text (the answer when token types are given), not on images or padding."""
+    ids = inputs["input_ids"]
+    skip = (ids == pg.cfg.image_token_id) | (ids == 0)
+    if token_type_ids is not None:
+        skip |= token_type_ids == 0
+    return ids.masked_fill(skip, -100)
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 2)], ids=["unpadded", "left-padded"])
+def test_paligemma_prefix_lm_runs_on_zorro(paligemma, zt, zorro_masks, strict, pads):
+    """PaliGemma with token_type_ids: image + prompt (type 0) a bidirectional prefix, the answer causal. transformers
+    ORs the causal mask with one block over the prefix; the mask interface makes it rule cells (prefix full, answer
+    causal) instead of falling back. Forward, greedy generate and a training step on the answer, strict, equal to
+    eager (and to sdpa, which gets this mask materialized)."""
+    inputs, token_type_ids = _paligemma_batch(paligemma, prompt=3, answer=4, pads=pads)
+    assert_logits_match(paligemma, **inputs, token_type_ids=token_type_ids)
+    cells = [getattr(m, "mask", m) for m in zorro_masks]
+    cells = [m for m in cells if m.has_causal_cells]
+    assert len(cells) == paligemma.layers
+    assert cells[0].q_sizes == (paligemma.image_tokens + 3, 4)  # the prefix (padding included), the answer
+    zorro_masks.clear()
+    assert_greedy_match(paligemma, **inputs, token_type_ids=token_type_ids)
+    labels = _paligemma_labels(paligemma, inputs, token_type_ids)
+    assert_gradients_match(paligemma, **inputs, token_type_ids=token_type_ids, labels=labels)
+    assert fallback_counts() == {}
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 2)], ids=["unpadded", "left-padded"])
 def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_masks, strict, pads):
     """PaliGemma builds the mask once and hands it to its inner Gemma, whose mask preprocessing read
     ``attention_mask.ndim`` on our ZorroMask (AttributeError); it now passes it through like a 4-D mask (left padding:
@@ -250,9 +331,7 @@ def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_mas
     text = [getattr(m, "mask", m) for m in zorro_masks]
     text = [m for m in text if m.causal]
     assert [m.num_q for m in text[:: paligemma.layers]] == [inputs["input_ids"].shape[1]] + [1] * 5
-    ids = inputs["input_ids"]
-    labels = ids.masked_fill((ids == paligemma.cfg.image_token_id) | (ids == 0), -100)  # no loss on images, padding
-    assert_gradients_match(paligemma, **inputs, labels=labels)
+    assert_gradients_match(paligemma, **inputs, labels=_paligemma_labels(paligemma, inputs))
     assert fallback_counts() == {}
 
 

@@ -338,23 +338,66 @@ def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional
         )
     if packed.shape[0] == 1 or bool((packed == packed[:1]).all()):
         return _packed_mask(tuple(_run_lengths(packed[0])), causal, window), None
-    rows: dict = {}
-    for b, ids in enumerate(packed):
-        rows.setdefault(tuple(_run_lengths(ids)), []).append(b)
-    groups = [
-        (torch.tensor(bs, device=packed.device), _packed_mask(lens, causal, window), None) for lens, bs in rows.items()
-    ]
-    return ZorroGroups(groups, packed.shape[0]), None
+    keys = [tuple(_run_lengths(ids)) for ids in packed]
+    return _by_sample(keys, lambda lens: _packed_mask(lens, causal, window), packed.device), None
 
 
-def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
-    key = ("packed", lens, causal, window)
+def _cached(key, build) -> ZorroMask:
     if key not in _LAYOUTS:
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
-        segments = [(f"seq{i}", n) for i, n in enumerate(lens)]
-        _LAYOUTS[key] = ZorroMask(segments, AllowRuns.diagonal(len(lens)), causal=causal, window=window)
+        _LAYOUTS[key] = build()
     return _LAYOUTS[key]
+
+
+def _by_sample(keys: list, build, device) -> object:
+    """One layout for the batch when every sample's ``key`` agrees, else :class:`ZorroGroups` (one per distinct key);
+    ``build(key)`` makes the ZorroMask of a key."""
+    rows: dict = {}
+    for b, key in enumerate(keys):
+        rows.setdefault(key, []).append(b)
+    if len(rows) == 1:
+        return build(keys[0])
+    return ZorroGroups([(torch.tensor(bs, device=device), build(key), None) for key, bs in rows.items()], len(keys))
+
+
+def _blocks_layout(blocks: torch.Tensor, window) -> object:
+    """transformers' causal mask OR ``blockwise_overlay(block_sequence_ids)`` (key j visible to query i iff ``j <= i``
+    or both carry the same id >= 0) as rule cells: each run of equal ids is a segment; a segment sees every earlier
+    one, itself whole when a block and causally when text (id -1), and a later one only when it carries its id. One
+    layout per distinct run structure in the batch."""
+    keys = []
+    for ids in blocks.cpu():
+        values, counts = torch.unique_consecutive(ids, return_counts=True)
+        keys.append((tuple(values.tolist()), tuple(counts.tolist())))
+    return _by_sample(
+        keys, lambda key: _cached(("blocks", key, window), lambda: _blocks_mask(*key, window)), blocks.device
+    )
+
+
+def _blocks_mask(ids: tuple, sizes: tuple, window) -> ZorroMask:
+    names = [f"{'text' if v < 0 else 'block'}{i}" for i, v in enumerate(ids)]
+    segments = list(zip(names, sizes))
+    blocks = [n for n, v in zip(names, ids) if v >= 0]
+    in_blocks = [v for v in ids if v >= 0]
+    if len(set(in_blocks)) == len(in_blocks):  # every block one run (Gemma 3/4 images, PaliGemma's prefix)
+        return ZorroMask.causal_with_blocks(segments, blocks, window=window)
+    # a block id on several runs (PaliGemma's prefix ids after an answer): those runs see each other both ways
+    v = torch.tensor(ids)
+    n = len(ids)
+    idx = torch.arange(n)
+    same_block = (v[:, None] == v[None, :]) & (v[:, None] >= 0)
+    allow = (idx[None, :] <= idx[:, None]) | same_block
+    cells = torch.eye(n, dtype=torch.bool) & (v < 0)[:, None]
+    return ZorroMask(segments, allow, causal_cells=cells, window=window)
+
+
+def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
+    segments = [(f"seq{i}", n) for i, n in enumerate(lens)]
+    return _cached(
+        ("packed", lens, causal, window),
+        lambda: ZorroMask(segments, AllowRuns.diagonal(len(lens)), causal=causal, window=window),
+    )
 
 
 def _layout_from_model(
@@ -368,10 +411,21 @@ def _layout_from_model(
     causal = reading.causal
     # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
     window = None if reading.window is None else (reading.window - 1, -1)
+    blocks = None
     if reading.blocks is not None:
-        blocks = reading.blocks
-        if torch.compiler.is_compiling() or bool((blocks[:, kv_offset : kv_offset + kv_length] >= 0).any()):
-            return None, "bidirectional blocks in a causal mask (image tokens, a prefix) need per-pair causal rules"
+        if torch.compiler.is_compiling():
+            return None, (
+                "bidirectional blocks (image tokens, a prefix) cannot be read while tracing (torch.compile): "
+                "their positions are tensor values"
+            )
+        blocks = reading.blocks[:, kv_offset : kv_offset + kv_length]
+        if not bool((blocks >= 0).any()):
+            blocks = None  # no block in these keys (PaliGemma's generate without token_type_ids): plain causal
+        elif q_offset != kv_offset or q_length != kv_length or reading.packed is not None:
+            return None, (
+                f"bidirectional blocks with a cache offset or packed sequences (q_offset={q_offset}, "
+                f"kv_offset={kv_offset}, Nq={q_length}, Nk={kv_length})"
+            )
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return None, "tensor cache offsets (static cache)"
     # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
@@ -383,7 +437,9 @@ def _layout_from_model(
         )
     if q_length == 0 or kv_length == 0:
         return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
-    if reading.packed is not None:
+    if blocks is not None:
+        layout = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, window)
+    elif reading.packed is not None:
         if q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length:
             return None, f"packed sequences with a cache (Nq={q_length}, Nk={kv_length})"
         layout, reason = _packed_layout(reading.packed, causal, window)
@@ -403,7 +459,7 @@ def _layout_from_model(
         if bool((lengths == kv_length).all()):
             return layout, None
         right = torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None])
-        if right and reading.packed is None:
+        if right and reading.packed is None and blocks is None:
             # right padding: padded keys are never visited
             return _padded_layout(q_length, kv_length, causal, window, lengths[:, None].cpu()), None
     # left padding, holes, or values that cannot be read while tracing: -inf on the padded keys
