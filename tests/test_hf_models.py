@@ -117,7 +117,9 @@ def assert_gradients_match(pair, **inputs) -> None:
     assert not bad, f"{len(bad)} non-finite parameter gradients: {bad[:4]}"
     assert grads[0].keys() == grads[1].keys() and grads[1]
     for n, g in grads[1].items():
-        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+        # atol scaled by the gradient's size: Gemma 3's zero-initialised image projection gets gradients near 1e9
+        scale = max(1.0, grads[0][n].abs().max().item())
+        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 def _left_padding(lengths, n: int) -> torch.Tensor:
@@ -332,6 +334,75 @@ def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_mas
     text = [m for m in text if m.causal]
     assert [m.num_q for m in text[:: paligemma.layers]] == [inputs["input_ids"].shape[1]] + [1] * 5
     assert_gradients_match(paligemma, **inputs, labels=_paligemma_labels(paligemma, inputs))
+    assert fallback_counts() == {}
+
+
+# ============================================================================================ Gemma 3
+@pytest.fixture(scope="module")
+def gemma3(zt):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=64,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        mm_tokens_per_image=4,
+        image_token_id=127,
+        boi_token_id=125,
+        eoi_token_id=126,
+    )
+    pair = _pair(Gemma3ForConditionalGeneration, cfg)
+    pair.layers = 2
+    return pair
+
+
+def _gemma3_batch(g3, n: int, starts, pads) -> dict:
+    """Per sample: left padding, text, one image of 4 tokens at ``start`` (after the padding), text."""
+    ids = torch.randint(1, 100, (len(starts), n))
+    for b, (start, pad) in enumerate(zip(starts, pads)):
+        ids[b, :pad] = 0
+        ids[b, pad + start : pad + start + 4] = g3.cfg.image_token_id
+    return dict(
+        input_ids=ids,
+        pixel_values=torch.randn(len(starts), 3, 16, 16),
+        token_type_ids=(ids == g3.cfg.image_token_id).long(),
+        attention_mask=_left_padding([n - p for p in pads], n),
+    )
+
+
+def test_gemma3_images_run_on_zorro(gemma3, zt, zorro_masks, strict):
+    """Gemma 3 image+text, images at other positions per sample, left padded: each layer (a sliding one with a window
+    of 4, a full one) runs rule cells (images bidirectional, text causal) per distinct image layout, the padding as
+    a key bias; logits equal sdpa's. Then batched greedy generation (prefill with the images, cached steps plain
+    causal) and a training step, strict, with sdpa's tokens and gradients."""
+    inputs = _gemma3_batch(gemma3, 12, starts=[3, 5, 0], pads=[0, 2, 3])  # images at 3, 7, 3
+    assert_logits_match(gemma3, **inputs)
+    cells = [p[1] for m in zorro_masks for p in getattr(m, "groups", [(None, getattr(m, "mask", m))])]
+    cells = [m for m in cells if m.has_causal_cells]
+    assert len(cells) == 2 * gemma3.layers  # two image layouts, both layers
+    assert {m.window for m in cells} == {None, (3, -1)}
+    zorro_masks.clear()
+    tokens = assert_greedy_match(gemma3, **inputs)
+    assert tokens.shape[1] == 12 + 6
+    labels = inputs["input_ids"].masked_fill(inputs["token_type_ids"].bool() | (inputs["attention_mask"] == 0), -100)
+    assert_gradients_match(gemma3, **inputs, labels=labels)
     assert fallback_counts() == {}
 
 
