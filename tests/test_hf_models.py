@@ -406,6 +406,80 @@ def test_gemma3_images_run_on_zorro(gemma3, zt, zorro_masks, strict):
     assert fallback_counts() == {}
 
 
+# ============================================================================================ Gemma 4
+@pytest.fixture(scope="module")
+def gemma4(zt):
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    cfg = Gemma4Config(
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            global_head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=64,
+            use_bidirectional_attention="vision",  # vision tokens see their whole image, text is causal
+            vocab_size_per_layer_input=128,
+            hidden_size_per_layer_input=8,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            patch_size=4,
+            pooling_kernel_size=3,
+            position_embedding_size=64,
+        ),
+        audio_config=None,
+        image_token_id=127,
+        boi_token_id=125,
+        eoi_token_id=126,
+        video_token_id=124,
+        audio_token_id=123,
+        boa_token_id=122,
+        eoa_token_index=121,
+    )
+    pair = _pair(Gemma4ForConditionalGeneration, cfg)
+    pair.layers = 2
+    return pair
+
+
+def _gemma4_batch(g4, n: int, starts, pads) -> dict:
+    """Per sample: left padding, text, one image at ``start`` (36 patches of 4 x 4 pooled 3 x 3: 4 tokens), text."""
+    batch = _gemma3_batch(g4, n, starts, pads)
+    grid = torch.stack(torch.meshgrid(torch.arange(6), torch.arange(6), indexing="xy"), -1).reshape(36, 2)
+    return dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch.pop("token_type_ids"),
+        pixel_values=torch.rand(len(starts), 36, 48),
+        image_position_ids=grid[None].expand(len(starts), -1, -1).contiguous(),
+    )
+
+
+def test_gemma4_vision_blocks_run_on_zorro(gemma4, zt, zorro_masks, strict):
+    """Gemma 4 with bidirectional vision blocks (use_bidirectional_attention="vision"): Gemma 3's overlay from
+    mm_token_type_ids on the sliding layers (its full layers stay causal), strict: logits, batched left-padded greedy
+    generation and a training step equal sdpa's."""
+    inputs = _gemma4_batch(gemma4, 12, starts=[3, 5, 0], pads=[0, 2, 3])
+    assert_logits_match(gemma4, **inputs)
+    cells = [p[1] for m in zorro_masks for p in getattr(m, "groups", [(None, getattr(m, "mask", m))])]
+    assert [m.window for m in cells if m.has_causal_cells] == [(3, -1)] * 2  # the sliding layer, two image layouts
+    assert_greedy_match(gemma4, **inputs)
+    labels = inputs["input_ids"].masked_fill(inputs["mm_token_type_ids"].bool() | (inputs["attention_mask"] == 0), -100)
+    assert_gradients_match(gemma4, **inputs, labels=labels)
+    assert fallback_counts() == {}
+
+
 # ============================================================================================ packed by position_ids
 def _text_lm(name: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
