@@ -40,11 +40,19 @@ _positions = LRU(64)  # tensor keys of the packed positions -> RelativePositions
 def describe(mask: ZorroMask) -> tuple:
     """What the custom ops take instead of the mask: ``(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self,
     causal, window)``; ``kv_lengths`` is None for self-attention, ``window`` ``[left, right]`` (``[-1, -1]``: none).
-    ``allow`` is the bool rule table, or, when some cells are causal, the int8 kind table (0 none, 1 full, 2 causal)."""
+    ``allow`` is the bool rule table, or, when some cells are causal, the int8 kind table (0 none, 1 full, 2 causal).
+    With per-sample segment sizes, ``lengths`` is ``(B, 2 * Sq)``: the valid tokens, then the sizes (and
+    ``kv_lengths`` likewise), which its width tells apart."""
+
+    def side(lengths, per_sample, valid):
+        if per_sample is None:
+            return lengths
+        return torch.cat([valid, per_sample], 1)
+
     return (
         mask.cell_kinds if mask.has_causal_cells else mask.allow,
-        mask.lengths,
-        None if mask.is_self else mask.kv_lengths,
+        side(mask.lengths, mask.sample_sizes, mask._q_lengths_or_sizes()),
+        None if mask.is_self else side(mask.kv_lengths, mask.kv_sample_sizes, mask._kv_lengths_or_sizes()),
         list(mask.q_sizes),
         list(mask.kv_sizes),
         mask.is_self,
@@ -56,7 +64,12 @@ def describe(mask: ZorroMask) -> tuple:
 def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, window) -> ZorroMask:
     """The mask with this description: the cached one with the same content key, or a new one (then cached)."""
     window = None if list(window) == [-1, -1] else tuple(window)
-    key = content_key(q_sizes, kv_sizes, is_self, causal, allow, lengths, kv_lengths, window)
+    sizes = kv_sizes_b = None
+    if lengths is not None and lengths.shape[1] == 2 * len(q_sizes):
+        lengths, sizes = lengths[:, : len(q_sizes)], lengths[:, len(q_sizes) :]
+    if kv_lengths is not None and kv_lengths.shape[1] == 2 * len(kv_sizes):
+        kv_lengths, kv_sizes_b = kv_lengths[:, : len(kv_sizes)], kv_lengths[:, len(kv_sizes) :]
+    key = content_key(q_sizes, kv_sizes, is_self, causal, allow, lengths, kv_lengths, window, sizes, kv_sizes_b)
     return _masks.get(
         key,
         lambda: ZorroMask(
@@ -68,6 +81,8 @@ def _mask_from(allow, lengths, kv_lengths, q_sizes, kv_sizes, is_self, causal, w
             causal=causal,
             window=window,
             causal_cells=None if allow.dtype == torch.bool else allow.detach().cpu() == CAUSAL,
+            sample_sizes=sizes,
+            kv_sample_sizes=None if is_self else kv_sizes_b,
         ),
     )
 

@@ -135,7 +135,10 @@ def _check_int_leaves(x, arg: str) -> None:
             raise ValueError(f"{arg} holds {int(item)}, beyond int64")
 
 
-def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg: str) -> Optional[torch.Tensor]:
+def _check_lengths(
+    lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg: str, per_sample: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
+    """``lengths (B, S)`` checked against the segments' ``sizes``, or their per-sample sizes ``(B', S)`` when given."""
     if lengths is None:
         return None
     lengths = as_int_tensor(lengths, arg, f"(B, {len(sizes)})")
@@ -150,11 +153,51 @@ def _check_lengths(lengths, sizes: tuple[int, ...], names: tuple[str, ...], arg:
     if (lengths < 0).any():
         b, s = (lengths < 0).nonzero()[0].tolist()
         raise ValueError(f"{arg}[{b}, {s}] ({names[s]!r}) = {int(lengths[b, s])} is negative")
-    over = lengths > torch.tensor(sizes, dtype=torch.int64)
-    if over.any():
-        b, s = over.nonzero()[0].tolist()
-        raise ValueError(f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds the size {sizes[s]} of segment {names[s]!r}")
+    if per_sample is not None:
+        if per_sample.shape[0] != lengths.shape[0]:
+            raise ValueError(
+                f"{arg} and the per-sample sizes disagree on the batch size: {lengths.shape[0]} vs "
+                f"{per_sample.shape[0]}"
+            )
+        over = lengths > per_sample
+        if over.any():
+            b, s = over.nonzero()[0].tolist()
+            raise ValueError(
+                f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds sample {b}'s size {int(per_sample[b, s])} of "
+                f"segment {names[s]!r}"
+            )
+    else:
+        over = lengths > torch.tensor(sizes, dtype=torch.int64)
+        if over.any():
+            b, s = over.nonzero()[0].tolist()
+            raise ValueError(
+                f"{arg}[{b}, {s}] = {int(lengths[b, s])} exceeds the size {sizes[s]} of segment {names[s]!r}"
+            )
     return lengths.clone(memory_format=torch.contiguous_format)  # our own copy: the caller may edit theirs
+
+
+def _check_sample_sizes(sizes, total: int, names: tuple[str, ...], arg: str) -> Optional[torch.Tensor]:
+    """Per-sample segment sizes ``(B, S)``: non-negative, each sample's summing to the layout's ``total`` tokens."""
+    if sizes is None:
+        return None
+    t = as_int_tensor(sizes, arg, f"(B, {len(names)})")
+    if t.ndim != 2 or t.shape[1] != len(names) or t.shape[0] == 0:
+        raise ValueError(
+            f"{arg} must have shape (B, n_segments) = (B, {len(names)}) with B >= 1 for segments "
+            f"{_short(names)}, got {tuple(t.shape)}"
+        )
+    t = t.detach().to(device="cpu", dtype=torch.int64)
+    if (t < 0).any():
+        b, c = (t < 0).nonzero()[0].tolist()
+        raise ValueError(f"{arg}[{b}, {c}] ({names[c]!r}) = {int(t[b, c])} is negative")
+    sums = t.sum(1)
+    if (sums != total).any():
+        b = int((sums != total).nonzero()[0])
+        raise ValueError(
+            f"{arg}[{b}] sums to {int(sums[b])} tokens, but the segments hold {total}: each sample's "
+            f"sizes must sum to the same N (no padding between segments; mark padding with lengths)"
+        )
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _match(pattern: str, names: tuple[str, ...], index: dict[str, int]) -> list[int]:
@@ -272,6 +315,8 @@ def content_key(
     lengths: Optional[torch.Tensor],
     kv_lengths: Optional[torch.Tensor],
     window: Optional[Sequence[int]] = None,
+    sample_sizes: Optional[torch.Tensor] = None,
+    kv_sample_sizes: Optional[torch.Tensor] = None,
 ) -> str:
     """Digest of a mask's description (see :attr:`ZorroMask.key`); ``kv_lengths`` is None for self-attention."""
     h = hashlib.blake2b(digest_size=16)
@@ -286,6 +331,9 @@ def content_key(
     h.update(allow.digest_bytes())
     for t in (lengths, kv_lengths):  # as int64: a mask's content, not how its tensors were typed
         h.update(b"-" if t is None else repr(tensor_key(t.to(torch.int64))).encode())
+    for t in (sample_sizes, kv_sample_sizes):
+        if t is not None:
+            h.update(b"sizes" + repr(tensor_key(t.to(torch.int64))).encode())
     return h.hexdigest()
 
 
@@ -318,6 +366,8 @@ def _content_key(mask: "ZorroMask") -> str:
         mask.lengths,
         None if mask.is_self else mask.kv_lengths,
         mask.window,
+        mask._sample_sizes,
+        None if mask.is_self else mask._kv_sample_sizes,
     )
 
 
@@ -342,6 +392,22 @@ def _dense_allow(mask: "ZorroMask") -> torch.Tensor:
 
 def _dense_causal(mask: "ZorroMask") -> torch.Tensor:
     return mask._runs.dense_causal()
+
+
+def _sample_view(mask: "ZorroMask", b: int) -> "ZorroMask":
+    if not 0 <= b < (mask.batch_size or 1):
+        raise IndexError(f"sample {b} out of range for a mask of {mask.batch_size or 1} samples")
+    qs = mask.q_sizes if mask._sample_sizes is None else mask._sample_sizes[b].tolist()
+    ks = mask.kv_sizes if mask._kv_sample_sizes is None else mask._kv_sample_sizes[b].tolist()
+    return ZorroMask(
+        list(zip(mask.q_names, qs)),
+        mask._runs,
+        kv_segments=None if mask.is_self else list(zip(mask.kv_names, ks)),
+        lengths=None if mask._lengths is None else mask._lengths[b : b + 1],
+        kv_lengths=None if mask.is_self or mask._kv_lengths is None else mask._kv_lengths[b : b + 1],
+        causal=mask.causal,
+        window=mask.window,
+    )
 
 
 def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:
@@ -403,6 +469,18 @@ class ZorroMask(Derived):
         kv_lengths: int64 tensor ``(B, len(kv_sizes))`` or None. For self-attention it is ``lengths``.
         causal: also require ``key index <= query index + (num_kv - num_q)``.
         window: ``(left, right)`` sliding window (see the module docstring) or None.
+        sample_sizes: int64 ``(B, len(q_sizes))`` or None: per-sample segment boundaries. Sample b's segment s
+            holds ``sample_sizes[b, s]`` tokens, contiguous in token order with no padding between, each row summing
+            to ``num_q`` (``q_sizes`` is then one nominal layout, e.g. sample 0's). Each sample's images can so sit
+            at their own text positions (Gemma 3 batches); ``lengths`` still shorten segments from their tails
+            (``lengths[b, s] <= sample_sizes[b, s]``), and cell diagonals align to each sample's valid tokens.
+            :meth:`sample` gives one sample's layout as a mask of its own.
+        kv_sample_sizes: the same for the key segments (cross-attention; for self-attention the query's).
+
+    Per-sample sizes of one image block between two text segments (N = 8)::
+
+        sample 0: [t0 t0 | img img img | t1 t1 t1]      sample_sizes[0] = [2, 3, 3]
+        sample 1: [t0 t0 t0 t0 t0 | img img img | ]     sample_sizes[1] = [5, 3, 0]
 
     A mask is immutable; derived data (tile maps per ``(block_m, block_n, device)``, token metadata, the CPU plan) is
     cached on it, so build a mask once and reuse it across layers.
@@ -419,6 +497,8 @@ class ZorroMask(Derived):
         causal: bool = False,
         window=None,
         causal_cells=None,
+        sample_sizes=None,
+        kv_sample_sizes=None,
     ):
         self.q_names, self.q_sizes = _check_segments(q_segments, "segments")
         self.is_self = kv_segments is None
@@ -457,16 +537,35 @@ class ZorroMask(Derived):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
         self.window = _check_window(window)
-        self._lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths")
+        self._sample_sizes = _check_sample_sizes(sample_sizes, sum(self.q_sizes), self.q_names, "sample_sizes")
+        self._lengths = _check_lengths(lengths, self.q_sizes, self.q_names, "lengths", self._sample_sizes)
         if self.is_self:
-            if kv_lengths is not None:
+            if kv_lengths is not None or kv_sample_sizes is not None:
                 raise ValueError(
-                    "kv_lengths is only for cross-attention (with kv_segments); for self-attention the "
-                    "keys share the queries' lengths"
+                    f"{'kv_lengths' if kv_lengths is not None else 'kv_sample_sizes'} is only for cross-attention "
+                    f"(with kv_segments); for self-attention the keys share the queries' layout"
                 )
             self._kv_lengths = self._lengths
+            self._kv_sample_sizes = self._sample_sizes
         else:
-            self._kv_lengths = _check_lengths(kv_lengths, self.kv_sizes, self.kv_names, "kv_lengths")
+            self._kv_sample_sizes = _check_sample_sizes(
+                kv_sample_sizes, sum(self.kv_sizes), self.kv_names, "kv_sample_sizes"
+            )
+            self._kv_lengths = _check_lengths(
+                kv_lengths, self.kv_sizes, self.kv_names, "kv_lengths", self._kv_sample_sizes
+            )
+        batches = {
+            name: t.shape[0]
+            for name, t in (
+                ("lengths", self._lengths),
+                ("kv_lengths", self._kv_lengths),
+                ("sample_sizes", self._sample_sizes),
+                ("kv_sample_sizes", self._kv_sample_sizes),
+            )
+            if t is not None
+        }
+        if len(set(batches.values())) > 1:
+            raise ValueError(f"the per-sample tensors disagree on the batch size: {batches}")
         if (
             self._lengths is not None
             and self._kv_lengths is not None
@@ -511,6 +610,26 @@ class ZorroMask(Derived):
         return None if self._kv_lengths is None else self._kv_lengths.clone()
 
     @property
+    def sample_sizes(self) -> Optional[torch.Tensor]:
+        """int64 ``(B, n_q_segments)``: each sample's own segment sizes, or None (every sample has ``q_sizes``)."""
+        return None if self._sample_sizes is None else self._sample_sizes.clone()
+
+    @property
+    def kv_sample_sizes(self) -> Optional[torch.Tensor]:
+        """int64 ``(B, n_kv_segments)`` or None, as :attr:`sample_sizes` (for self-attention equal to it)."""
+        return None if self._kv_sample_sizes is None else self._kv_sample_sizes.clone()
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether segment boundaries differ per sample (``sample_sizes`` / ``kv_sample_sizes``)."""
+        return self._sample_sizes is not None or self._kv_sample_sizes is not None
+
+    def sample(self, b: int) -> "ZorroMask":
+        """Sample ``b``'s layout as a mask of its own: its segment sizes, its lengths (a batch of 1 where the mask has
+        lengths), the same rules. Cached; what the backends plan a per-sample layout with."""
+        return self.derived(_sample_view, int(b))
+
+    @property
     def has_causal_cells(self) -> bool:
         """Whether any rule cell is causal (see the class docstring)."""
         return self._runs.has_causal
@@ -546,6 +665,8 @@ class ZorroMask(Derived):
         kv_lengths=None,
         causal: bool = False,
         window=None,
+        sample_sizes=None,
+        kv_sample_sizes=None,
     ) -> "ZorroMask":
         """Segments and rules by name.
 
@@ -565,6 +686,8 @@ class ZorroMask(Derived):
                 are per segment pair).
             window: ``(left, right)``: also a bottom-right aligned sliding window over token indices (flash-attention's
                 ``window_size``; -1 = unbounded on that side), combined with the rules, lengths and ``causal``.
+            sample_sizes, kv_sample_sizes: ``(B, len(segments))`` / ``(B, len(kv_segments))`` per-sample segment
+                sizes, each row summing to the segments' total (see the class docstring), or None.
 
         Example::
 
@@ -583,6 +706,8 @@ class ZorroMask(Derived):
             causal=causal,
             window=window,
             causal_cells=cells,
+            sample_sizes=sample_sizes,
+            kv_sample_sizes=kv_sample_sizes,
         )
 
     @classmethod
@@ -698,7 +823,14 @@ class ZorroMask(Derived):
 
     @classmethod
     def causal_with_blocks(
-        cls, segments: SegmentSpec, blocks, *, lengths=None, window=None, causal_blocks: bool = False
+        cls,
+        segments: SegmentSpec,
+        blocks,
+        *,
+        lengths=None,
+        window=None,
+        causal_blocks: bool = False,
+        sample_sizes=None,
     ) -> "ZorroMask":
         """Causal attention over segments in token order, except inside each named block, which sees itself whole
         (Gemma 3: text causal, each image's tokens bidirectional among themselves).
@@ -715,6 +847,8 @@ class ZorroMask(Derived):
             window: a row-wide sliding window, combined with the cells (Gemma 3's local layers).
             causal_blocks: unused by Gemma 3; True makes the blocks causal too (plain causal attention over the
                 same segments, for ablations).
+            sample_sizes: ``(B, len(segments))`` per-sample sizes (each sample's blocks at its own positions), each
+                row summing to the segments' total; see the class docstring.
 
         Example::
 
@@ -749,19 +883,30 @@ class ZorroMask(Derived):
         kind = np.concatenate([np.zeros(int(has_full.sum()), dtype=bool), np.ones(int((~is_block).sum()), bool)])
         order = np.lexsort((c0, row))
         runs = AllowRuns(n, n, row[order], c0[order], c1[order], kind[order] if kind.any() else None)
-        return cls(list(zip(names, sizes)), runs, lengths=lengths, window=window)
+        return cls(list(zip(names, sizes)), runs, lengths=lengths, window=window, sample_sizes=sample_sizes)
 
     @classmethod
-    def prefix_lm(cls, prefix: int, suffix: int, *, lengths=None, names=("prefix", "suffix")) -> "ZorroMask":
+    def prefix_lm(cls, prefix, suffix, *, lengths=None, names=("prefix", "suffix")) -> "ZorroMask":
         """A prefix-LM (PaliGemma): the ``prefix`` tokens (image + prompt) see each other bidirectionally, the
         ``suffix`` (the answer) sees the whole prefix and itself causally.
 
         Args:
-            prefix, suffix: token counts.
+            prefix, suffix: token counts: ints, or one per sample (sequences or 1-D int tensors of length B whose
+                sums ``prefix[b] + suffix[b]`` are all equal: per-sample boundaries, see the class docstring).
             lengths: ``(B, 2)`` valid tokens of each (tails: ``[prefix valid, pad, suffix valid, pad]``), or None.
             names: the two segments' names.
         """
-        return cls.causal_with_blocks([(names[0], prefix), (names[1], suffix)], [names[0]], lengths=lengths)
+        if isinstance(prefix, numbers.Integral) and isinstance(suffix, numbers.Integral):
+            return cls.causal_with_blocks([(names[0], prefix), (names[1], suffix)], [names[0]], lengths=lengths)
+        pre = as_int_tensor(prefix, "prefix", "(B,)").to(torch.int64).reshape(-1)
+        suf = as_int_tensor(suffix, "suffix", "(B,)").to(torch.int64).reshape(-1)
+        if pre.numel() != suf.numel() and min(pre.numel(), suf.numel()) != 1:
+            raise ValueError(f"prefix and suffix give {pre.numel()} and {suf.numel()} samples")
+        per = torch.stack(torch.broadcast_tensors(pre, suf), 1)
+        first = per[0].tolist()
+        return cls.causal_with_blocks(
+            [(names[0], first[0]), (names[1], first[1])], [names[0]], lengths=lengths, sample_sizes=per
+        )
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -776,8 +921,8 @@ class ZorroMask(Derived):
 
     @property
     def batch_size(self) -> Optional[int]:
-        """B when lengths are given, else None (the mask broadcasts over any batch)."""
-        for t in (self._lengths, self._kv_lengths):
+        """B when lengths or per-sample sizes are given, else None (the mask broadcasts over any batch)."""
+        for t in (self._lengths, self._kv_lengths, self._sample_sizes, self._kv_sample_sizes):
             if t is not None:
                 return t.shape[0]
         return None
@@ -800,6 +945,8 @@ class ZorroMask(Derived):
             kv_lengths=kv_lengths,
             causal=self.causal,
             window=self.window,
+            sample_sizes=self._sample_sizes,
+            kv_sample_sizes=None if self.is_self else self._kv_sample_sizes,
         )
 
     def band(self) -> tuple[Optional[int], Optional[int]]:
@@ -816,15 +963,19 @@ class ZorroMask(Derived):
 
     def _q_lengths_or_sizes(self) -> torch.Tensor:
         """``(Bm, Sq)`` valid tokens per query segment: Bm = B when either side has lengths, else 1."""
-        return self._lengths_or_sizes(self._lengths, self.q_sizes)
+        return self._lengths_or_sizes(self._lengths, self.q_sizes, self._sample_sizes)
 
     def _kv_lengths_or_sizes(self) -> torch.Tensor:
         """``(Bm, Sk)`` valid tokens per key segment, as :meth:`_q_lengths_or_sizes`."""
-        return self._lengths_or_sizes(self._kv_lengths, self.kv_sizes)
+        return self._lengths_or_sizes(self._kv_lengths, self.kv_sizes, self._kv_sample_sizes)
 
-    def _lengths_or_sizes(self, lengths: Optional[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+    def _lengths_or_sizes(
+        self, lengths: Optional[torch.Tensor], sizes: tuple[int, ...], per_sample: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if lengths is not None:
             return lengths
+        if per_sample is not None:
+            return per_sample
         base = torch.tensor(sizes, dtype=torch.int64)[None]
         return base if self.batch_size is None else base.expand(self.batch_size, -1)
 
@@ -834,6 +985,10 @@ class ZorroMask(Derived):
         Slow by design — it is the oracle every kernel path is checked against, so it is computed directly from the
         definition (per-token segment ids and positions), sharing no code with the tile-map builder.
         """
+        if self.per_sample:  # each sample by its own layout
+            return torch.cat(
+                [(lambda d: d if d.ndim == 3 else d[None])(self.sample(b).to_dense()) for b in range(self.batch_size)]
+            )
         q_seg = torch.repeat_interleave(torch.arange(len(self.q_sizes)), torch.tensor(self.q_sizes))
         k_seg = torch.repeat_interleave(torch.arange(len(self.kv_sizes)), torch.tensor(self.kv_sizes))
         q_pos = torch.cat([torch.arange(s) for s in self.q_sizes])
@@ -868,6 +1023,8 @@ class ZorroMask(Derived):
         Computed from segment arithmetic, without any ``Nq x Nk`` tensor: linear in the rule table's runs plus its
         causal cells, or, with causality or a window, in the allowed segment pairs.
         """
+        if self.per_sample:
+            return torch.cat([self.sample(b).attended() for b in range(self.batch_size)])
         ql = self._q_lengths_or_sizes().numpy()  # (Bm, Sq)
         kl = self._kv_lengths_or_sizes().numpy()  # (Bm, Sk)
         lo, hi = self.band()
@@ -943,7 +1100,8 @@ class ZorroMask(Derived):
             + (", causal" if self.causal else "")
             + (f", causal cells={self._cells_repr()}" if self.has_causal_cells else "")
             + (f", window={self.window}" if self.window is not None else "")
-            + (f", B={self.batch_size} (lengths)" if self.batch_size is not None else "")
+            + (f", B={self.batch_size} (lengths)" if self._lengths is not None or self._kv_lengths is not None else "")
+            + (f", B={self.batch_size} (per-sample sizes)" if self.per_sample else "")
             + f", sparsity={self.sparsity():.1%})"
         )
         return head + "\n" + self.draw()

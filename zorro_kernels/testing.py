@@ -40,6 +40,8 @@ __all__ = [
     "ODD_SIZES",
     "cell_masks",
     "random_cell_mask",
+    "per_sample_masks",
+    "random_per_sample_mask",
     "random_mask",
     "named_masks",
     "random_layout",
@@ -397,4 +399,62 @@ def random_cell_mask(rng: random.Random, *, max_segments: int = 4, sizes: Sequen
         causal=rng.random() < 0.2,
         window=rng.choice([None, None, None, (3, -1), (2, 4), (-1, 0)]),
         causal_cells=kinds == 2,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ per-sample sizes
+def per_sample_masks() -> dict[str, ZorroMask]:
+    """Layouts whose segment boundaries differ per sample (issue 20): Gemma-3-like image blocks at different text
+    positions (an image missing in one sample, left padding as a segment that sees nothing), a prefix-LM with
+    per-sample prompt lengths, and cross-attention from new tokens to a cache with per-sample key boundaries."""
+    segs = [("pad", 0), ("t0", 5), ("img0", 8), ("t1", 3), ("img1", 4), ("t2", 9)]
+    sizes = torch.tensor([[0, 5, 8, 3, 4, 9], [4, 1, 8, 13, 0, 3], [2, 0, 8, 1, 4, 14]])
+    blocks = ZorroMask.causal_with_blocks(segs, ["img*"], sample_sizes=sizes)
+    allow = blocks.allow
+    allow[0] = False  # the padding sees nothing and nobody sees it
+    allow[:, 0] = False
+    cells = blocks.causal_cells & allow
+    return {
+        "blocks": blocks,
+        "blocks_left_padded": ZorroMask(segs, allow, causal_cells=cells, sample_sizes=sizes),
+        "blocks_ragged": ZorroMask.causal_with_blocks(
+            [("t0", 3), ("img", 4), ("t1", 2)],
+            ["img"],
+            sample_sizes=torch.tensor([[3, 4, 2], [1, 4, 4]]),
+            lengths=torch.tensor([[3, 4, 1], [1, 2, 4]]),
+        ),
+        "prefix_lm": ZorroMask.prefix_lm([13, 7, 20], [10, 16, 3]),
+        "decode_cross": ZorroMask.from_segments(
+            [("new", 2)],
+            {"new": {"t0": "full", "img": "full", "t1": "full", "new_k": "causal"}},
+            kv_segments=[("t0", 4), ("img", 6), ("t1", 3), ("new_k", 2)],
+            kv_sample_sizes=torch.tensor([[4, 6, 3, 2], [0, 6, 7, 2]]),
+        ),
+    }
+
+
+def random_per_sample_mask(rng: random.Random, *, max_segments: int = 4, max_tokens: int = 40) -> ZorroMask:
+    """A random self-attention layout whose segment sizes differ per sample (each sample's summing to one N, zeros
+    included), with none/full/causal cells, optional lengths, the row-wide ``causal`` and a window."""
+    n = rng.randint(1, max_segments)
+    total = rng.randint(1, max_tokens)
+    b = rng.randint(1, 3)
+
+    def split():
+        cuts = sorted(rng.randint(0, total) for _ in range(n - 1))
+        return [y - x for x, y in zip([0] + cuts, cuts + [total])]
+
+    sizes = torch.tensor([split() for _ in range(b)])
+    kinds = torch.tensor([[rng.choice([0, 1, 2, 2]) for _ in range(n)] for _ in range(n)])
+    lengths = None
+    if rng.random() < 0.4:
+        lengths = torch.tensor([[rng.randint(0, int(x)) for x in row] for row in sizes])
+    return ZorroMask(
+        [(f"s{i}", int(x)) for i, x in enumerate(sizes[0])],
+        kinds != 0,
+        causal_cells=kinds == 2,
+        sample_sizes=sizes,
+        lengths=lengths,
+        causal=rng.random() < 0.2,
+        window=rng.choice([None, None, (3, -1), (2, 2)]),
     )

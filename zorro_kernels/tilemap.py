@@ -257,6 +257,11 @@ def _segment_ids_and_pos(sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Te
 
 
 def build_token_meta(mask) -> TokenMeta:
+    if mask.per_sample:
+        raise ValueError(
+            "a mask with per-sample segment sizes has no single per-token table (token ids differ per sample); "
+            "use mask.sample(b).token_meta()"
+        )
     q_seg, q_pos = _segment_ids_and_pos(mask.q_sizes)
     k_seg, k_pos = _segment_ids_and_pos(mask.kv_sizes)
     return TokenMeta(
@@ -326,6 +331,11 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
     for name, val in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if mask.per_sample:  # each sample's own layout, one map per sample (linear in samples x segments)
+        kinds = np.concatenate(
+            [build_tile_map(mask.sample(b), block_m, block_n).kinds.numpy() for b in range(mask.batch_size)]
+        )
+        return _from_kinds(mask, kinds, block_m, block_n)
     ql, kl = mask._q_lengths_or_sizes().numpy(), mask._kv_lengths_or_sizes().numpy()
     bm = max(ql.shape[0], kl.shape[0])  # one side may have per-sample lengths while the other broadcasts
     ql, kl = np.broadcast_to(ql, (bm, ql.shape[1])), np.broadcast_to(kl, (bm, kl.shape[1]))
@@ -370,7 +380,10 @@ def build_tile_map(mask, block_m: int, block_n: int) -> TileMap:
 
     if mask.band() != (None, None):
         kinds = _apply_band(mask, torch.from_numpy(kinds), block_m, block_n).numpy()
+    return _from_kinds(mask, kinds, block_m, block_n)
 
+
+def _from_kinds(mask, kinds: np.ndarray, block_m: int, block_n: int) -> TileMap:
     kt = kinds.transpose(0, 2, 1)
     return TileMap(
         block_m,

@@ -468,6 +468,8 @@ def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
 def build_plan(mask) -> Plan:
     """The execution plan of ``mask`` (see the module docstring): numpy over the rule table's runs, linear in them
     (Python per step only where a group is irregular: several query ranges, padding inside its keys, a band edge)."""
+    if mask.per_sample:
+        return _per_sample_plan(mask)
     q_size = np.asarray(mask.q_sizes, dtype=np.int64)
     k_size = np.asarray(mask.kv_sizes, dtype=np.int64)
     if mask.batch_size is None:
@@ -503,6 +505,19 @@ def build_plan(mask) -> Plan:
                 _complement_np(k_cov[:, 0], k_cov[:, 1], mask.num_kv),
             )
         )
+    return Plan(tuple(patterns), mask.num_q, mask.num_kv)
+
+
+def _per_sample_plan(mask) -> Plan:
+    """Per-sample segment sizes: samples with equal sizes and lengths share a pattern, planned from one of them as
+    a mask of its own (:meth:`ZorroMask.sample`)."""
+    parts = [t for t in (mask._sample_sizes, mask._kv_sample_sizes, mask._lengths, mask._kv_lengths) if t is not None]
+    _, inverse = torch.unique(torch.cat(parts, 1), dim=0, return_inverse=True)
+    patterns = []
+    for u in range(int(inverse.max()) + 1):
+        batch = (inverse == u).nonzero().flatten()
+        (pat,) = build_plan(mask.sample(int(batch[0]))).patterns
+        patterns.append(pat._replace(batch=None if len(batch) == len(inverse) else batch))
     return Plan(tuple(patterns), mask.num_q, mask.num_kv)
 
 

@@ -165,6 +165,10 @@ def extra_reasons(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask) -> list:
         reasons.append("bfloat16 arithmetic is wrong in Triton's CPU interpreter (TRITON_INTERPRET=1)")
     if mask.has_causal_cells:
         reasons.append("takes no causal rule cells yet (the mask has causal cells: the segments backend runs them)")
+    if mask.per_sample:
+        reasons.append(
+            "takes no per-sample segment sizes yet (the mask has sample_sizes: the segments backend runs it)"
+        )
     b, h = q.shape[0], q.shape[1]
     if b * h > 65535:  # grid y; H >= Hkv, so the dK/dV grid fits too
         reasons.append(f"B x H = {b} x {h} = {b * h} exceeds the grid limit 65535")
