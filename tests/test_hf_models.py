@@ -164,8 +164,9 @@ def test_mask_interface_reads_transformers_compositions(zt, case):
     batch = case["position_ids"].shape[0] if "position_ids" in case else 2
     got = _build_mask("zorro", 16, batch=batch, **case)
     want = _build_mask("sdpa", 16, batch=batch, **case)
-    assert isinstance(got, (ZorroMask, zt.ZorroGroups)), getattr(got, "_zorro_fallback_reason", type(got))
-    assert isinstance(got, zt.ZorroGroups) == (case.get("position_ids", torch.zeros(1)).unique(dim=0).shape[0] > 1)
+    assert isinstance(got, ZorroMask), getattr(got, "_zorro_fallback_reason", type(got))
+    per_sample = case.get("position_ids", torch.zeros(1)).unique(dim=0).shape[0] > 1
+    assert (got.sample_sizes is not None) == per_sample  # one mask, each sample's boundaries its own
     assert torch.equal(_dense(got, batch), want[:, 0])
 
 
@@ -182,11 +183,34 @@ def _dense(layout, batch: int) -> torch.Tensor:
         parts = [(list(range(batch)), layout, None)]
     dense = [None] * batch
     for rows, mask, bias in parts:
+        full = mask.to_dense()
         for i, b in enumerate(rows):
-            dense[b] = mask.to_dense()
+            dense[b] = full[i] if full.ndim == 3 else full  # (B, Nq, Nk) with per-sample sizes
             if bias is not None:
                 dense[b] = dense[b] & (bias[i, 0] > float("-inf"))
     return torch.stack(dense)
+
+
+def test_mask_interface_block_id_on_several_runs_groups_samples(zt):
+    """PaliGemma's prefix ids are ``where(token_type_ids == 0, 0, -1)``: type-0 tokens after the answer share the
+    prefix's id, and transformers lets those runs see each other both ways. That is no text/blocks layout: one rule
+    table per distinct layout (ZorroGroups), still no dense mask, equal to what sdpa gets."""
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    blocks = torch.where(types == 0, 0, -1)
+    got = _build_mask("zorro", 12, blocks=blocks)
+    want = _build_mask("sdpa", 12, blocks=blocks)
+    assert isinstance(got, zt.ZorroGroups) and len(got.groups) == 2
+    assert torch.equal(_dense(got, 2), want[:, 0])
+    # the attention function: one call per group, assembled per sample; output and gradients equal sdpa's
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    qkv = [torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3)]
+    outs = [zt.zorro_attention_forward(module, *qkv, got)[0], sdpa_attention_forward(module, *qkv, want)[0]]
+    grads = [torch.autograd.grad(o, qkv, torch.ones_like(o)) for o in outs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
 
 
 def _image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -229,7 +253,8 @@ def test_mask_interface_reads_image_blocks(zt, types, pads):
         got = masks["zorro"][kind]
         assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
         assert torch.equal(_dense(got, batch), want[:, 0]), kind
-        assert isinstance(got, zt.ZorroGroups) == (len(set(map(tuple, types))) > 1)  # padding: a key bias
+        # one mask: per-sample sizes where the images sit differently; padding is a key bias
+        assert (getattr(got, "mask", got).sample_sizes is not None) == (len(set(map(tuple, types))) > 1)
 
 
 # ============================================================================================ PaliGemma
@@ -311,7 +336,7 @@ def test_paligemma_prefix_lm_runs_on_zorro(paligemma, zt, zorro_masks, strict, p
     cells = [getattr(m, "mask", m) for m in zorro_masks]
     cells = [m for m in cells if m.has_causal_cells]
     assert len(cells) == paligemma.layers
-    assert cells[0].q_sizes == (paligemma.image_tokens + 3, 4)  # the prefix (padding included), the answer
+    assert cells[0].q_sizes == (0, paligemma.image_tokens + 3, 4)  # no text, the prefix (padding included), answer
     zorro_masks.clear()
     assert_greedy_match(paligemma, **inputs, token_type_ids=token_type_ids)
     labels = _paligemma_labels(paligemma, inputs, token_type_ids)
@@ -334,6 +359,31 @@ def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_mas
     text = [m for m in text if m.causal]
     assert [m.num_q for m in text[:: paligemma.layers]] == [inputs["input_ids"].shape[1]] + [1] * 5
     assert_gradients_match(paligemma, **inputs, labels=_paligemma_labels(paligemma, inputs))
+    assert fallback_counts() == {}
+
+
+def test_paligemma_compiled_shows_zorro_ops_in_the_profiler(paligemma, zt, strict):
+    """torch.compile(fullgraph=True) of PaliGemma (its mask built once, passed through to the inner Gemma, padding
+    as a key bias since values cannot be read while tracing): the zorro:: custom ops run in the forward and the
+    backward, no fallback, logits equal eager's."""
+    inputs, _ = _paligemma_batch(paligemma, pads=(0, 2))
+    with torch.no_grad():
+        # warm the integration's layout cache, so the trace reads built layouts: building a ZorroMask inside a
+        # trace fails since rule cells (AllowRuns' numpy branches on data under dynamo)
+        paligemma.zorro(**inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(paligemma.zorro, fullgraph=True, backend="aot_eager")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = compiled(**inputs).logits
+        logits.sum().backward()
+    paligemma.zorro.zero_grad(set_to_none=True)
+    ops = {e.key for e in prof.key_averages()}
+    assert {"zorro::attention_fwd", "zorro::attention_bwd"} <= ops, sorted(k for k in ops if "zorro" in k)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        same = paligemma.same(**inputs).logits
+        ref = paligemma.ref64(**_double(inputs)).logits
+    assert_within_policy("compiled logits", logits.detach()[real], same[real], ref[real], F32)
     assert fallback_counts() == {}
 
 
@@ -389,15 +439,14 @@ def _gemma3_batch(g3, n: int, starts, pads) -> dict:
 
 def test_gemma3_images_run_on_zorro(gemma3, zt, zorro_masks, strict):
     """Gemma 3 image+text, images at other positions per sample, left padded: each layer (a sliding one with a window
-    of 4, a full one) runs rule cells (images bidirectional, text causal) per distinct image layout, the padding as
-    a key bias; logits equal sdpa's. Then batched greedy generation (prefill with the images, cached steps plain
-    causal) and a training step, strict, with sdpa's tokens and gradients."""
+    of 4, a full one) runs one rule-cell mask (images bidirectional, text causal) with per-sample segment sizes, the
+    padding as a key bias; logits equal sdpa's. Then batched greedy generation (prefill with the images, cached steps
+    plain causal) and a training step, strict, with sdpa's tokens and gradients."""
     inputs = _gemma3_batch(gemma3, 12, starts=[3, 5, 0], pads=[0, 2, 3])  # images at 3, 7, 3
     assert_logits_match(gemma3, **inputs)
-    cells = [p[1] for m in zorro_masks for p in getattr(m, "groups", [(None, getattr(m, "mask", m))])]
-    cells = [m for m in cells if m.has_causal_cells]
-    assert len(cells) == 2 * gemma3.layers  # two image layouts, both layers
-    assert {m.window for m in cells} == {None, (3, -1)}
+    cells = [m for m in zorro_masks if m.has_causal_cells]
+    assert [m.window for m in cells] == [(3, -1), None]  # the sliding layer, the full layer: one call each
+    assert cells[0].sample_sizes.tolist() == [[3, 4, 5], [7, 4, 1], [3, 4, 5]]  # text (padding included), image, text
     zorro_masks.clear()
     tokens = assert_greedy_match(gemma3, **inputs)
     assert tokens.shape[1] == 12 + 6
@@ -472,8 +521,7 @@ def test_gemma4_vision_blocks_run_on_zorro(gemma4, zt, zorro_masks, strict):
     generation and a training step equal sdpa's."""
     inputs = _gemma4_batch(gemma4, 12, starts=[3, 5, 0], pads=[0, 2, 3])
     assert_logits_match(gemma4, **inputs)
-    cells = [p[1] for m in zorro_masks for p in getattr(m, "groups", [(None, getattr(m, "mask", m))])]
-    assert [m.window for m in cells if m.has_causal_cells] == [(3, -1)] * 2  # the sliding layer, two image layouts
+    assert [m.window for m in zorro_masks if m.has_causal_cells] == [(3, -1)]  # the sliding layer, per-sample sizes
     assert_greedy_match(gemma4, **inputs)
     labels = inputs["input_ids"].masked_fill(inputs["mm_token_type_ids"].bool() | (inputs["attention_mask"] == 0), -100)
     assert_gradients_match(gemma4, **inputs, labels=labels)
@@ -545,14 +593,15 @@ def test_position_ids_packing_runs_on_zorro(request, zt, zorro_masks, strict, na
     assert fallback_counts() == {}
 
 
-def test_position_ids_packing_per_sample_runs_one_call_per_layout(llama, zt, zorro_masks, strict):
-    """Rows packed differently (three rows, two packings): one zorro_attention call per distinct packing per layer,
-    outputs assembled per sample; logits and gradients equal sdpa's."""
+def test_position_ids_packing_per_sample_runs_as_one_mask(llama, zt, zorro_masks, strict):
+    """Rows packed differently (three rows, two packings): one mask per layer whose sample_sizes hold each row's
+    sequences (a zero-size third sequence pads the two-sequence row); logits and gradients equal sdpa's."""
     position_ids = _restarts([5, 7, 4], [9, 7], [5, 7, 4])
     ids = torch.randint(1, llama.cfg.vocab_size, position_ids.shape)
     inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
     assert_logits_match(llama, **inputs)
-    assert sorted(m.q_sizes for m in zorro_masks) == [(5, 7, 4)] * llama.layers + [(9, 7)] * llama.layers
+    assert len(zorro_masks) == llama.layers
+    assert zorro_masks[0].sample_sizes.tolist() == [[5, 7, 4], [9, 7, 0], [5, 7, 4]]
     labels = ids.masked_fill(position_ids == 0, -100)
     assert_gradients_match(llama, **inputs, labels=labels)
     assert fallback_counts() == {}

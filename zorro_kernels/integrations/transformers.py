@@ -330,7 +330,7 @@ def _run_lengths(ids: torch.Tensor) -> list[int]:
 
 def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional[object], Optional[str]]:
     """The packed sequences of ``packed`` (transformers' ``(B, N)`` sequence index per token) as block-diagonal
-    segments (a ZorroMask, or :class:`ZorroGroups` when the samples differ), or why not."""
+    segments (per-sample ``sample_sizes`` where the samples differ), or why not."""
     if torch.compiler.is_compiling():
         return None, (
             "packed sequences found from position_ids cannot be read while tracing (under torch.compile transformers "
@@ -338,8 +338,17 @@ def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional
         )
     if packed.shape[0] == 1 or bool((packed == packed[:1]).all()):
         return _packed_mask(tuple(_run_lengths(packed[0])), causal, window), None
-    keys = [tuple(_run_lengths(ids)) for ids in packed]
-    return _by_sample(keys, lambda lens: _packed_mask(lens, causal, window), packed.device), None
+    # other boundaries per sample: one mask whose sample_sizes place them (zero-size sequences pad the shorter lists)
+    rows = [_run_lengths(ids) for ids in packed]
+    width = max(len(r) for r in rows)
+    rows = tuple(tuple(r + [0] * (width - len(r))) for r in rows)
+
+    def build():
+        segments = [(f"seq{i}", n) for i, n in enumerate(rows[0])]
+        sizes = torch.tensor(rows, dtype=torch.int64)
+        return ZorroMask(segments, AllowRuns.diagonal(width), causal=causal, window=window, sample_sizes=sizes)
+
+    return _cached(("packed", rows, causal, window), build), None
 
 
 def _cached(key, build) -> ZorroMask:
@@ -364,14 +373,40 @@ def _by_sample(keys: list, build, device) -> object:
 def _blocks_layout(blocks: torch.Tensor, window) -> object:
     """transformers' causal mask OR ``blockwise_overlay(block_sequence_ids)`` (key j visible to query i iff ``j <= i``
     or both carry the same id >= 0) as rule cells: each run of equal ids is a segment; a segment sees every earlier
-    one, itself whole when a block and causally when text (id -1), and a later one only when it carries its id. One
-    layout per distinct run structure in the batch."""
-    keys = []
+    one, itself whole when a block and causally when text (id -1).
+
+    Every sample is laid out as text, block, text, ..., text (a zero-size text segment between two adjacent blocks,
+    zero-size pairs after a sample's last block up to the batch's most blocks), so the batch is one mask whose
+    ``sample_sizes`` place each sample's images. A block id on several runs of a sample (PaliGemma's prefix ids
+    after an answer: those runs see each other both ways) takes a table of its own per distinct layout
+    (:class:`ZorroGroups`)."""
+    runs = []
     for ids in blocks.cpu():
         values, counts = torch.unique_consecutive(ids, return_counts=True)
-        keys.append((tuple(values.tolist()), tuple(counts.tolist())))
-    return _by_sample(
-        keys, lambda key: _cached(("blocks", key, window), lambda: _blocks_mask(*key, window)), blocks.device
+        runs.append((tuple(values.tolist()), tuple(counts.tolist())))
+    if any(len({v for v in ids if v >= 0}) != sum(v >= 0 for v in ids) for ids, _ in runs):
+        return _by_sample(
+            runs, lambda key: _cached(("blocks", key, window), lambda: _blocks_mask(*key, window)), blocks.device
+        )
+    rows = []
+    for ids, counts in runs:
+        sizes = [0]  # text, block, text, ...: the last slot is always text
+        for v, c in zip(ids, counts):
+            if v < 0:
+                sizes[-1] += c
+            else:
+                sizes += [c, 0]
+        rows.append(sizes)
+    width = max(len(r) for r in rows)
+    rows = tuple(tuple(r + [0] * (width - len(r))) for r in rows)
+    return _cached(("blocks", rows, window), lambda: _text_and_blocks(rows, window))
+
+
+def _text_and_blocks(rows: tuple, window) -> ZorroMask:
+    names = [f"text{i // 2}" if i % 2 == 0 else f"block{i // 2}" for i in range(len(rows[0]))]
+    per_sample = None if len(set(rows)) == 1 else torch.tensor(rows, dtype=torch.int64)
+    return ZorroMask.causal_with_blocks(
+        list(zip(names, rows[0])), names[1::2] or [], window=window, sample_sizes=per_sample
     )
 
 
