@@ -14,6 +14,9 @@
   zorro against SDPA with ``mask.to_dense()`` and against zorro on the same batch without lengths.
 - ``full``   — ``ZorroMask.full`` at 16k (B=1, H=4, D=64): zorro (auto) against one unmasked SDPA call, with peak
   memory.
+- ``gemma3`` — issue 20's Gemma-3-like row: 1024 text tokens with 4 images of 256 at different positions per sample
+  (per-sample segment sizes, causal text cells, bidirectional images; B=2, H=8, D=64): zorro against SDPA with the
+  dense mask and against the ideal (one unmasked SDPA call x the attended fraction), and the mask + plan build time.
 
 One thread (``--threads N`` for more). Each figure is the minimum over a few calls after a warm-up of the process's
 CPU time (``time.process_time``: on a shared, loaded machine wall-clock time mostly measures the other tenants), with
@@ -213,7 +216,64 @@ def section_full():
     print(f"{'full 16384, fwd peak memory':44s} " + " | ".join(f"{k} {v / 2**20:.1f} MB" for k, v in mem.items()))
 
 
+def gemma3_mask() -> ZorroMask:
+    """Issue 20's layout: per sample, 5 text runs (1024 tokens in all) around 4 images of 256, images placed
+    differently in the two samples."""
+    text = [[100, 300, 200, 150, 274], [20, 500, 64, 400, 40]]
+    names, sizes = [], []
+    for i in range(5):
+        names.append(f"t{i}")
+        if i < 4:
+            names.append(f"img{i}")
+    for t in text:
+        row = []
+        for i in range(5):
+            row.append(t[i])
+            if i < 4:
+                row.append(256)
+        sizes.append(row)
+    return ZorroMask.causal_with_blocks(
+        list(zip(names, sizes[0])), ["img*"], sample_sizes=torch.tensor(sizes, dtype=torch.int64)
+    )
+
+
+def section_gemma3():
+    best = {}
+    for name, fn in (
+        ("mask", gemma3_mask),
+        ("mask+plan", lambda: build_plan(gemma3_mask())),
+        ("mask+attended", lambda: gemma3_mask().attended()),
+    ):
+        ts = []
+        for _ in range(20):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        best[name] = min(ts)
+    print(f"{'gemma3 build (best of 20, wall)':44s} " + " | ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items()))
+    mask = gemma3_mask()
+    frac = mask.attended_fraction()
+    dense = mask.to_dense()[:, None]
+    fns = {
+        "zorro": lambda q, k, v: zorro_attention(q, k, v, mask),
+        "sdpa-masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+    }
+    nomask = {"sdpa-nomask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    x = inputs(2, 8, mask.num_q, 64)
+    steps = sum(len(p.steps) for p in build_plan(mask).patterns)
+    for backward in (False, True):
+        times = paired(fns, 3, backward, x)
+        t, w = paired(nomask, 3, backward, x)["sdpa-nomask"]
+        times["ideal"] = (t * frac, w * frac)
+        report(
+            f"gemma3 B=2 H=8 N=2048 ({frac:.1%} attended, {steps} steps), {'fwd+bwd' if backward else 'fwd'}",
+            times,
+            "zorro",
+        )
+
+
 SECTIONS = {
+    "gemma3": section_gemma3,
     "build": section_build,
     "docs": section_docs,
     "causal": section_causal,

@@ -261,3 +261,47 @@ def test_fuzz_cells_fast(seed):
 @pytest.mark.parametrize("seed", range(12, 612))
 def test_fuzz_cells_full(seed):
     _fuzz(seed, CPU_BACKENDS, ODD_SIZES)
+
+
+# ------------------------------------------------------------------------------------------------ the plan's paths
+def test_gemma_text_runs_as_prefix_plus_causal_calls():
+    # a text segment after images: the keys before it (every row sees them) and its causal square, two flash calls
+    # merged by log-sum-exp; no element masks anywhere in the plan
+    from zorro_kernels.backends.segments import build_plan
+
+    m = ZorroMask.causal_with_blocks([("t0", 40), ("img", 30), ("t1", 50)], ["img"])
+    (pat,) = build_plan(m).patterns
+    assert all(st.mask is None for st in pat.steps)
+    (t1,) = [st for st in pat.steps if st.q_ranges == ((70, 120),)]
+    assert t1.causal and t1.prefix == 70 and t1.k_ranges == ((0, 120),)
+
+
+@pytest.mark.parametrize("name", ["blocks_odd", "packed_unequal", "prefix_lm_ragged", "cells_and_window"])
+def test_with_a_dense_bias(name):
+    # a bias is read per step: causal and prefix steps are expanded into masked chunks (the selecting path)
+    m = cell_masks()[name]
+    q, k, v = _qkv(m, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(q.shape[0], 1, m.num_q, m.num_kv, generator=gen, dtype=torch.float64)
+    check_against_oracle(
+        lambda q, k, v, mask, scale=None, bias=None: zorro_attention(
+            q, k, v, mask, scale=scale, bias=bias, backend="segments"
+        ),
+        q,
+        k,
+        v,
+        m,
+        bias=bias,
+    )
+
+
+@pytest.mark.parametrize("name", ["blocks_odd", "packed_unequal", "prefix_lm_ragged"])
+def test_sdpa_composition_path(name):
+    # the plan through F.scaled_dot_product_attention under autograd (other devices, torch.func)
+    from zorro_kernels.backends.segments import segment_attention_sdpa
+
+    m = cell_masks()[name]
+    q, k, v = _qkv(m, dtype=torch.float64)
+    check_against_oracle(
+        lambda q, k, v, mask, scale=None: segment_attention_sdpa(q, k, v, mask, q.shape[-1] ** -0.5), q, k, v, m
+    )

@@ -70,6 +70,10 @@ class Step(NamedTuple):
     # buckets of scattered blocks: int64 (q rows, k rows) in gather order; their keys no other step reads, so dK/dV
     # are copied in (index_copy_)
     index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    # causal steps of one block only: the first `prefix` gathered keys every row sees (a causal rule cell after full
+    # ones, Gemma 3's text); the rest is the causal square. Two flash calls, one plain and one causal, merged by
+    # log-sum-exp
+    prefix: int = 0
 
 
 class Pattern(NamedTuple):
@@ -342,8 +346,19 @@ def _cell_steps(a: int, runs, first, lq, lk, q_start, k_start, off, lo, hi) -> t
                 upper.append(ks - q0 + kl - ql if cz else big)
     if not starts:
         return [], []
-    if lo is None and hi is None and len(starts) == 1 and upper[0] < big and stops[0] - starts[0] == ql and ql > 1:
-        return [], [(q0, q1, starts[0], stops[0])]
+    cz = [i for i, x in enumerate(upper) if x < big]
+    if lo is None and hi is None and len(cz) == 1 and ql > 1:
+        c = cz[0]
+        kl = stops[c] - starts[c]
+        if len(starts) == 1 and kl == ql:
+            return [], [(q0, q1, starts[0], stops[0])]
+        others = [(s_, e_) for i, (s_, e_) in enumerate(zip(starts, stops)) if i != c]
+        if kl >= ql and all(e_ <= starts[c] for _, e_ in others):
+            # the cell's first kl - ql keys every row sees: with the full ones before it, the prefix of one step
+            sq = stops[c] - ql
+            pre = _merge(others + [(starts[c], sq)])
+            n_pre = sum(e_ - s_ for s_, e_ in pre)
+            return [Step(((q0, q1),), _merge(list(pre) + [(sq, stops[c])]), causal=True, prefix=n_pre)], []
     order = np.argsort(starts)
     lens = np.asarray(stops)[order] - np.asarray(starts)[order]
     cols = _flat_rows(np.asarray(starts)[order], lens)
@@ -749,11 +764,59 @@ def _causal_cpu_backward(go, q, k, v, out, lse, scale):
     )
 
 
+def _prefix_causal_cpu_forward(q, k, v, prefix: int, scale):
+    """A causal step with a prefix (:attr:`Step.prefix`): the prefix keys every row sees in one plain flash call,
+    the causal square in one causal call (NaN-safe, :func:`_causal_cpu_forward`), merged by log-sum-exp. Every row
+    sees at least its diagonal key, so both log-sum-exps are finite for finite inputs."""
+    o1, l1 = _fwd_cpu(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
+    o2, l2 = _causal_cpu_forward(q, k[:, :, prefix:], v[:, :, prefix:], scale)
+    lse = torch.logaddexp(l1, l2)
+    w1, w2 = torch.exp(l1 - lse)[..., None], torch.exp(l2 - lse)[..., None]
+    return (o1 * w1 + o2 * w2).to(q.dtype), lse
+
+
+def _prefix_causal_cpu_backward(go, q, k, v, out, lse, prefix: int, scale):
+    """Backward of :func:`_prefix_causal_cpu_forward`: each part's flash backward from the step's total ``out`` and
+    ``lse`` (the softmax of a row over both parts), dq summed."""
+    g_q, g_k, g_v = _bwd_cpu(
+        go.contiguous(),
+        q,
+        k[:, :, :prefix],
+        v[:, :, :prefix],
+        out.contiguous(),
+        lse.contiguous(),
+        0.0,
+        False,
+        scale=scale,
+    )
+    c_q, c_k, c_v = _causal_cpu_backward(go, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, scale)
+    return g_q + c_q, torch.cat([g_k, c_k], 2), torch.cat([g_v, c_v], 2)
+
+
+def _take(ranges: Ranges, n: int) -> Ranges:
+    """The ranges holding the first ``n`` rows gathered from ``ranges``."""
+    out = []
+    for s, e in ranges:
+        if n <= 0:
+            break
+        out.append((s, min(e, s + n)))
+        n -= e - s
+    return tuple(out)
+
+
 def _expand(st: Step) -> list[Step]:
     """A bucket or causal step as the single-block steps it stands for (causal blocks chunked along the diagonal,
     as the plan does for any band): for the paths that select per row (other devices, a bias)."""
     if st.index is None and not st.causal:
         return [st]
+    if st.prefix:  # row q0 + l sees the prefix and the square's keys 0 .. l
+        (q0, q1), out = st.q_ranges[0], []
+        for a, b in _chunks((q0, q1), BAND_ROWS):
+            rows = torch.arange(a - q0, b - q0)[:, None]
+            cols = torch.arange(st.prefix + b - q0)[None, :]
+            m = cols - st.prefix <= rows
+            out.append(Step(((a, b),), _take(st.k_ranges, st.prefix + b - q0), 1, None if m.all() else m))
+        return out
     if st.index is not None:
         members = list(zip(st.q_ranges, st.k_ranges))
     else:
@@ -808,7 +871,9 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
                 _gather(kb, st.k_ranges, st.blocks, ki),
                 _gather(vb, st.k_ranges, st.blocks, ki),
             )
-            if st.causal:
+            if st.causal and st.prefix:
+                o, l = _prefix_causal_cpu_forward(*args, st.prefix, scale)
+            elif st.causal:
                 o, l = _causal_cpu_forward(*args, scale)
             elif st.mask is None:
                 o, l = _fwd_cpu(*args, 0.0, False, attn_mask=sb, scale=scale)
@@ -848,7 +913,11 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                 _gather(kb, st.k_ranges, st.blocks, ki),
                 _gather(vb, st.k_ranges, st.blocks, ki),
             )
-            if st.causal:
+            if st.causal and st.prefix:
+                g_q, g_k, g_v = _prefix_causal_cpu_backward(
+                    go, *args, _gather(ob, st.q_ranges), _gather(lb, st.q_ranges), st.prefix, scale
+                )
+            elif st.causal:
                 g_q, g_k, g_v = _causal_cpu_backward(
                     go, *args, _gather(ob, st.q_ranges, st.blocks, qi), _gather(lb, st.q_ranges, st.blocks, qi), scale
                 )
