@@ -637,3 +637,23 @@ def test_git_is_refused_at_set_attn_implementation(zt):
     assert model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match=why):
         GitForCausalLM._from_config(cfg, attn_implementation="zorro")
+
+
+# ============================================================================================ docs
+def test_docs_integrations_hugging_face_example_runs(zt, zorro_masks):
+    """docs/integrations.md's Hugging Face example runs as written (its python blocks in order, one namespace) on zorro,
+    strict, and leaves the integration non-strict."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    section = text[text.index("## Hugging Face transformers") :]
+    blocks = re.findall(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
+    assert blocks
+    try:
+        namespace: dict = {}
+        for code in blocks:
+            exec(compile(code, "docs/integrations.md", "exec"), namespace)
+    finally:
+        zt.register()
+    assert any(getattr(m, "mask", m).has_causal_cells for m in zorro_masks) and fallback_counts() == {}

@@ -1,8 +1,8 @@
 """Hugging Face transformers: ``attn_implementation="zorro"``.
 
 After :func:`register`, a model whose attention goes through transformers' ``AttentionInterface`` (the models that
-accept ``attn_implementation="sdpa"`` and build their masks with ``masking_utils``; tested: BERT encoders and Llama
-decoders on transformers 5.24) runs on :func:`~zorro_kernels.zorro_attention`::
+accept ``attn_implementation="sdpa"`` and build their masks with ``masking_utils``; tested on transformers 5.25:
+BERT encoders, Llama/Mistral decoders, Gemma 3 and Gemma 4 image+text, PaliGemma) runs on :func:`~zorro_kernels.zorro_attention`::
 
     from zorro_kernels.integrations import transformers as zt
     zt.register()
@@ -15,7 +15,7 @@ Two registrations make this work. The *mask interface* turns the mask a model as
 *attention function* runs zorro_attention on that mask, or on the ``zorro_mask=`` keyword of the model call, which
 replaces the model's own mask in every attention call (padding included: give it ``lengths`` if you pad).
 
-What runs on zorro_attention (and equals "sdpa" up to floating-point rounding):
+What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; docs/integrations.md has the table):
     - bidirectional attention (encoders, cross-attention) and causal attention, including decoding with a
       DynamicCache (the key window ends at the last query: bottom-right alignment, which is what zorro's
       ``causal=True`` means);
@@ -23,6 +23,14 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding):
       batched ``generate`` uses) and holes as a key bias of ``-inf`` on the padded keys (``bias=``, ``(B, 1, 1, Nk)``);
     - sliding-window layers (Mistral, Qwen2, Gemma: transformers' ``sliding_window_causal_mask_function``) as
       ``ZorroMask(window=(W - 1, -1), causal=True)``, with or without a sliding cache;
+    - sequences packed by restarting ``position_ids`` (``DataCollatorWithFlattening``), which transformers composes
+      as causal on remapped positions AND the same packed sequence: block-diagonal causal segments (rows packed
+      differently: per-sample ``sample_sizes``);
+    - bidirectional blocks in a causal mask (``block_sequence_ids``: Gemma 3 and Gemma 4 images, PaliGemma's
+      prefix), alone or AND a sliding window: rule cells (``ZorroMask.causal_with_blocks``) with per-sample
+      ``sample_sizes``; the mask functions are read from their closures, never evaluated on ``N x N`` pairs;
+    - a mask built once by a composite model (PaliGemma) and handed to its inner language model: it passes through
+      transformers' mask preprocessing as a 4-D mask or BlockMask does;
     - ready-made 4-D masks passed to the model: a float mask (ALiBi, T5-style biases) goes in as ``bias=``, a bool
       mask as ``bias=`` of ``0 / -inf``; T5-style ``position_bias`` is added to the bias;
     - grouped-query attention (``num_key_value_heads < num_attention_heads``) without copying K/V;
@@ -34,13 +42,17 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding):
 What falls back to transformers' own "sdpa" function, counted in
 :func:`zorro_kernels.integrations.fallback_counts` under ``"transformers: <reason>"`` (or raises
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
-    - masks that are neither plain causal/bidirectional nor a causal sliding window: chunked layers, transformers'
-      own detection of packed sequences from restarting ``position_ids`` (pass ``zorro_mask=ZorroMask.packed(...)``
-      instead), or custom mask overlays (``or_mask_function``/``and_mask_function``, e.g. bidirectional image tokens);
+    - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
+      ``or_mask_function``/``and_mask_function`` overlays;
+    - packed sequences or blocks under ``torch.compile`` (their positions are tensor values a trace cannot read:
+      pass ``zorro_mask=``), blocks with a cache offset or together with packing;
     - static caches (their key window is not bottom-right aligned);
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
-      different from the query's. With ``zorro_mask=`` these run SDPA on the dense form of that mask, so the layout is
-      still honoured.
+      different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
+      honoured.
+
+What is refused: ``attn_implementation="zorro"`` on a model transformers would not run on "sdpa" that declares no
+attention-backend support (GIT): its attention layers do not all call the attention interface.
 
 In a fallback the model computes exactly what "sdpa" computes. Outputs at padded query positions: with right padding
 or under bidirectional attention padded queries attend the real keys like SDPA's do; a left-padded query under causal
