@@ -2,7 +2,8 @@
 
 After :func:`register`, a model whose attention goes through transformers' ``AttentionInterface`` (the models that
 accept ``attn_implementation="sdpa"`` and build their masks with ``masking_utils``; tested on transformers 5.25:
-BERT encoders, Llama/Mistral decoders, Gemma 3 and Gemma 4 image+text, PaliGemma) runs on :func:`~zorro_kernels.zorro_attention`::
+BERT encoders, Llama/Mistral decoders, Gemma 3 and Gemma 4 image+text, PaliGemma) runs on
+:func:`~zorro_kernels.zorro_attention`::
 
     from zorro_kernels.integrations import transformers as zt
     zt.register()
