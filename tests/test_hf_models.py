@@ -362,6 +362,7 @@ def test_paligemma_without_token_type_ids_runs_on_zorro(paligemma, zt, zorro_mas
     assert fallback_counts() == {}
 
 
+@pytest.mark.full  # tracing and compiling PaliGemma forward and backward: tens of seconds on the CI machine
 def test_paligemma_compiled_shows_zorro_ops_in_the_profiler(paligemma, zt, strict):
     """torch.compile(fullgraph=True) of PaliGemma (its mask built once, passed through to the inner Gemma, padding
     as a key bias since values cannot be read while tracing): the zorro:: custom ops run in the forward and the
