@@ -608,6 +608,28 @@ def test_position_ids_packing_per_sample_runs_as_one_mask(llama, zt, zorro_masks
     assert fallback_counts() == {}
 
 
+def test_llama_compiled_shows_zorro_ops_in_the_profiler(llama, zt, strict):
+    """torch.compile(fullgraph=True) of the tiny Llama on a left-padded batch, strict: the zorro:: custom ops run in
+    the forward and the backward (no graph break, no fallback), logits equal sdpa's."""
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 10))
+    inputs = dict(input_ids=ids, attention_mask=_left_padding([10, 7], 10), use_cache=False)
+    with torch.no_grad():
+        llama.zorro(**inputs)  # warm the layout cache (see the PaliGemma test)
+    torch._dynamo.reset()
+    compiled = torch.compile(llama.zorro, fullgraph=True, backend="aot_eager")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = compiled(**inputs).logits
+        logits.sum().backward()
+    llama.zorro.zero_grad(set_to_none=True)
+    ops = {e.key for e in prof.key_averages()}
+    assert {"zorro::attention_fwd", "zorro::attention_bwd"} <= ops, sorted(k for k in ops if "zorro" in k)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        same, ref = llama.same(**inputs).logits, llama.ref64(**inputs).logits
+    assert_within_policy("compiled logits", logits.detach()[real], same[real], ref[real], F32)
+    assert fallback_counts() == {}
+
+
 # ============================================================================================ refused
 def test_git_is_refused_at_set_attn_implementation(zt):
     """GIT's text layers are hard-wired to an eager attention class that added our boolean fallback mask to the scores
