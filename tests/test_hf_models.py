@@ -456,6 +456,28 @@ def test_gemma3_images_run_on_zorro(gemma3, zt, zorro_masks, strict):
     assert fallback_counts() == {}
 
 
+@pytest.mark.full  # compiling Gemma 3 forward and backward: tens of seconds
+def test_gemma3_images_compiled_run_on_zorro(gemma3, zt, strict):
+    """torch.compile (graph breaks allowed) of Gemma 3 with images, strict: the image positions are tensor values, so
+    the integration builds the layout eagerly at a graph break; the zorro:: ops run forward and backward, and a
+    second batch with the images elsewhere gets its own layout. Logits equal sdpa's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(gemma3.zorro, backend="aot_eager")
+    for starts in ([3, 5, 0], [1, 2, 4]):
+        inputs = _gemma3_batch(gemma3, 12, starts=starts, pads=[0, 2, 3])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            logits = compiled(**inputs).logits
+            logits.sum().backward()
+        gemma3.zorro.zero_grad(set_to_none=True)
+        ops = {e.key for e in prof.key_averages()}
+        assert {"zorro::attention_fwd", "zorro::attention_bwd"} <= ops, sorted(k for k in ops if "zorro" in k)
+        real = inputs["attention_mask"].bool()
+        with torch.no_grad():
+            same, ref = gemma3.same(**inputs).logits, gemma3.ref64(**_double(inputs)).logits
+        assert_within_policy(f"images at {starts}", logits.detach()[real], same[real], ref[real], F32)
+    assert fallback_counts() == {}
+
+
 # ============================================================================================ Gemma 4
 @pytest.fixture(scope="module")
 def gemma4(zt):

@@ -45,8 +45,9 @@ What falls back to transformers' own "sdpa" function, counted in
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
     - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
       ``or_mask_function``/``and_mask_function`` overlays;
-    - packed sequences or blocks under ``torch.compile`` (their positions are tensor values a trace cannot read:
-      pass ``zorro_mask=``), blocks with a cache offset or together with packing;
+    - packed sequences under ``torch.compile`` (their boundaries are tensor values a trace cannot read: pass
+      ``zorro_mask=``), blocks with a cache offset or together with packing. Blocks under ``torch.compile`` are
+      read at a graph break instead (eagerly), which ``fullgraph=True`` refuses;
     - static caches (their key window is not bottom-right aligned);
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
@@ -448,6 +449,12 @@ def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
     )
 
 
+@torch.compiler.disable
+def _eager_layout(*args):
+    """:func:`_layout_from_model` run outside the trace (dynamo breaks the graph here and runs it eagerly)."""
+    return _layout_from_model(*args)
+
+
 def _layout_from_model(
     batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
 ) -> tuple[Optional[object], Optional[str]]:
@@ -459,23 +466,22 @@ def _layout_from_model(
     causal = reading.causal
     # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
     window = None if reading.window is None else (reading.window - 1, -1)
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return None, "tensor cache offsets (static cache)"
     blocks = None
     if reading.blocks is not None:
-        if torch.compiler.is_compiling():
-            return None, (
-                "bidirectional blocks (image tokens, a prefix) cannot be read while tracing (torch.compile): "
-                "their positions are tensor values"
-            )
-        blocks = reading.blocks[:, kv_offset : kv_offset + kv_length]
-        if not bool((blocks >= 0).any()):
-            blocks = None  # no block in these keys (PaliGemma's generate without token_type_ids): plain causal
-        elif q_offset != kv_offset or q_length != kv_length or reading.packed is not None:
+        if q_offset != kv_offset or q_length != kv_length or reading.packed is not None:
             return None, (
                 f"bidirectional blocks with a cache offset or packed sequences (q_offset={q_offset}, "
                 f"kv_offset={kv_offset}, Nq={q_length}, Nk={kv_length})"
             )
-    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-        return None, "tensor cache offsets (static cache)"
+        if torch.compiler.is_compiling():
+            # the blocks' positions are tensor values a trace cannot read: build the layout eagerly, at a graph
+            # break (torch.compile(fullgraph=True) refuses it)
+            return _eager_layout(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+        blocks = reading.blocks[:, kv_offset : kv_offset + kv_length]
+        if not bool((blocks >= 0).any()):
+            blocks = None  # no block in these keys (PaliGemma's generate without token_type_ids): plain causal
     # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
     # zorro's causal is j <= i + (Nk - Nq), so the two agree exactly when these offsets match
     if causal and q_offset - kv_offset != kv_length - q_length:
