@@ -141,3 +141,15 @@ def test_fuzz_per_sample_fast(seed):
 @pytest.mark.parametrize("seed", range(8, 408))
 def test_fuzz_per_sample_full(seed):
     _fuzz(seed, ["segments", "dense", "reference"])
+
+
+def test_left_padding_is_a_leading_segment_of_length_zero():
+    # Gemma 3's left-padded batch: the padding as a segment with lengths 0 equals the hand-built rules without it
+    segs = [("pad", 0), ("t0", 5), ("img0", 8), ("t1", 3), ("img1", 4), ("t2", 9)]
+    sizes = torch.tensor([[0, 5, 8, 3, 4, 9], [4, 1, 8, 13, 0, 3], [2, 0, 8, 1, 4, 14]])
+    lengths = sizes.clone()
+    lengths[:, 0] = 0
+    m = ZorroMask.causal_with_blocks(segs, ["img*"], sample_sizes=sizes, lengths=lengths)
+    assert torch.equal(m.to_dense(), per_sample_masks()["blocks_left_padded"].to_dense())
+    q, k, v = _qkv(m)
+    check_against_oracle(attn_fn("segments"), q, k, v, m)
