@@ -191,6 +191,15 @@ def attn_fn(backend):
     )
 
 
+def qkv_for(mask, hkv=2, g=2, d=8, dtype=torch.float64, seed=0):
+    """Seeded ``q (B, hkv * g, Nq, d)``, ``k, v (B, hkv, Nk, d)`` for ``mask`` (B = its batch size, else 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = mask.batch_size or 2
+    q = torch.randn(b, hkv * g, mask.num_q, d, generator=gen, dtype=dtype)
+    k, v = (torch.randn(b, hkv, mask.num_kv, d, generator=gen, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
 def dense_bias(mask, shape, *, b=2, h=4, dtype=torch.float32):
     """A random bias of ``shape`` ("BHQK" letters kept, others 1), aligned right as SDPA broadcasts."""
     full = {"B": mask.batch_size or b, "H": h, "Q": mask.num_q, "K": mask.num_kv}

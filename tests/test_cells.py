@@ -14,7 +14,14 @@ from zorro_kernels.backends import BACKENDS
 from zorro_kernels.testing import ODD_SIZES, cell_masks, check_against_oracle, random_cell_mask
 from zorro_kernels.tilemap import AllowRuns
 
-from .helpers import check_tile_map
+from .helpers import (  # noqa: F401 (small_triton_tiles: a fixture)
+    TRITON,
+    attn_fn,
+    check_tile_map,
+    deterministic,
+    qkv_for,
+    small_triton_tiles,
+)
 from .isolation import check_isolation, poison_everything_unseen
 
 CPU_BACKENDS = ["reference", "segments", "dense"]
@@ -22,22 +29,6 @@ CPU_BACKENDS = ["reference", "segments", "dense"]
 # cell): it runs in the full tier
 TIERED = ["segments", "dense", pytest.param("reference", marks=pytest.mark.full)]
 SMALL_SIZES = (0, 1, 2, 3, 5, 8, 13, 17)
-
-
-def attn_fn(backend):
-    if backend == "dense":  # no fp64: the dense backend computes in fp32
-        return lambda q, k, v, mask, scale=None: zorro_attention(
-            q.float(), k.float(), v.float(), mask, scale=scale, backend=backend
-        ).to(q.dtype)
-    return lambda q, k, v, mask, scale=None: zorro_attention(q, k, v, mask, scale=scale, backend=backend)
-
-
-def _qkv(mask, hkv=2, g=2, d=8, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    b = mask.batch_size or 2
-    q = torch.randn(b, hkv * g, mask.num_q, d, generator=gen, dtype=dtype)
-    k, v = (torch.randn(b, hkv, mask.num_kv, d, generator=gen, dtype=dtype) for _ in range(2))
-    return q, k, v
 
 
 def _by_hand(q_sizes, kv_sizes, kinds, ql=None, kl=None) -> torch.Tensor:
@@ -181,7 +172,7 @@ def test_attended_and_tile_maps_match_to_dense(name):
 def test_against_oracle(backend, name):
     m = cell_masks()[name]
     dtype = torch.float32 if backend == "dense" else torch.float64
-    q, k, v = _qkv(m, dtype=dtype)
+    q, k, v = qkv_for(m, dtype=dtype)
     check_against_oracle(attn_fn(backend), q, k, v, m)
 
 
@@ -189,7 +180,7 @@ def test_against_oracle(backend, name):
 @pytest.mark.parametrize("name", ["blocks_odd", "packed_unequal", "prefix_lm_ragged"])
 def test_nan_isolation(backend, name):
     m = cell_masks()[name]
-    q, k, v = _qkv(m, dtype=torch.float32)
+    q, k, v = qkv_for(m, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     rows = torch.rand(q.shape[0], m.num_q, generator=gen) < 0.3
     check_isolation(attn_fn(backend), q, k, v, m, *poison_everything_unseen(m, q.shape[0], rows))
@@ -215,14 +206,40 @@ def test_dead_rows_of_a_causal_cell_are_zero_with_zero_grads():
     assert (out[:, :, 4:] != 0).all()
 
 
-def test_triton_refuses_causal_cells_in_one_line_and_auto_picks_another():
+TRITON_CASES = ["blocks_ragged", "packed_unequal", "cells_and_window", "cells_and_causal", "packed_unequal_ragged"]
+
+
+@pytest.mark.parametrize("det", [True, False], ids=["two-pass", "one-pass"])
+@pytest.mark.parametrize("name", TRITON_CASES)
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.usefixtures("small_triton_tiles")
+def test_triton_against_oracle(backend, name, det):
+    # the kernels' element mask: a second bit table for causal cells and per-token end offsets (e_k <= e_q)
+    m = cell_masks()[name]
+    q, k, v = qkv_for(m, 1, 2, d=16, dtype=torch.float32)
+    with deterministic(det):
+        check_against_oracle(attn_fn(backend), q, k, v, m)
+
+
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.usefixtures("small_triton_tiles")
+def test_triton_nan_isolation(backend):
+    m = cell_masks()["packed_unequal"]
+    q, k, v = qkv_for(m, 1, 2, d=16, dtype=torch.float32)
+    rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(4)) < 0.3
+    check_isolation(attn_fn(backend), q, k, v, m, *poison_everything_unseen(m, q.shape[0], rows))
+
+
+def test_triton_takes_causal_cells_on_the_tile_plan():
+    from zorro_kernels.backends.triton._config import choose_blocks, override_plan
+    from zorro_kernels.backends.triton._plan import TilePlan, forward_plan
+
     m = cell_masks()["prefix_lm"]
-    q, k, v = _qkv(m, dtype=torch.float32)
-    reasons = BACKENDS["triton"].not_supported_reasons(q, k, v, m)
-    assert any("causal rule cells" in r for r in reasons)
-    out = zorro_attention(q, k, v, m)  # auto
-    check_against_oracle(lambda q, k, v, mask, scale=None: zorro_attention(q, k, v, mask, scale=scale), q, k, v, m)
-    assert out.shape == q.shape
+    q, k, v = qkv_for(m, dtype=torch.float32)
+    assert not any("cell" in r for r in BACKENDS["triton"].not_supported_reasons(q, k, v, m))
+    with override_plan("ranges"):  # even when asked for, the interval walk knows no per-pair diagonal
+        plan, _ = forward_plan(m, choose_blocks(8, torch.float32), "cpu")
+    assert isinstance(plan, TilePlan)
 
 
 def test_segments_plan_runs_square_cells_as_causal_calls():
@@ -244,7 +261,7 @@ def _fuzz(seed: int, backends, sizes) -> None:
     hkv, g = rng.choice([(1, 1), (2, 1), (1, 3)])
     for backend in backends:
         dtype = torch.float32 if backend == "dense" else torch.float64
-        q, k, v = _qkv(m, hkv, g, dtype=dtype, seed=seed)
+        q, k, v = qkv_for(m, hkv, g, dtype=dtype, seed=seed)
         check_against_oracle(attn_fn(backend), q, k, v, m)
         rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(seed)) < 0.3
         check_isolation(
@@ -280,7 +297,7 @@ def test_gemma_text_runs_as_prefix_plus_causal_calls():
 def test_with_a_dense_bias(name):
     # a bias is read per step: causal and prefix steps are expanded into masked chunks (the selecting path)
     m = cell_masks()[name]
-    q, k, v = _qkv(m, dtype=torch.float64)
+    q, k, v = qkv_for(m, dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
     bias = torch.randn(q.shape[0], 1, m.num_q, m.num_kv, generator=gen, dtype=torch.float64)
     check_against_oracle(
@@ -301,7 +318,20 @@ def test_sdpa_composition_path(name):
     from zorro_kernels.backends.segments import segment_attention_sdpa
 
     m = cell_masks()[name]
-    q, k, v = _qkv(m, dtype=torch.float64)
+    q, k, v = qkv_for(m, dtype=torch.float64)
     check_against_oracle(
         lambda q, k, v, mask, scale=None: segment_attention_sdpa(q, k, v, mask, q.shape[-1] ** -0.5), q, k, v, m
     )
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("seed", range(150))
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.usefixtures("small_triton_tiles")
+def test_fuzz_cells_triton(backend, seed):
+    m = random_cell_mask(random.Random(seed), sizes=SMALL_SIZES)
+    q, k, v = qkv_for(m, 1, 2, d=16, dtype=torch.float32, seed=seed)
+    with deterministic(seed % 2 == 0):
+        check_against_oracle(attn_fn(backend), q, k, v, m)
+    rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(seed)) < 0.3
+    check_isolation(attn_fn(backend), q, k, v, m, *poison_everything_unseen(m, q.shape[0], rows))

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of every CPU backend against the fp64 oracle, with poison.
 
-Each example draws a layout (segments of odd sizes including 0 and 1, random rules, per-sample lengths on either side,
-cross-attention, causal, a sliding window), GQA head counts, a head dim and a dtype, then checks
+Each example draws a layout (segments of odd sizes including 0 and 1, random rules with some cells causal, per-sample
+lengths on either side, cross-attention, causal, a sliding window), GQA head counts, a head dim and a dtype, then checks
 
 1. forward and every gradient against the fp64 oracle under the tolerance policy (``zorro_kernels.testing``), and
 2. NaN isolation: NaN/Inf poured into everything a random set of rows may not attend (keys, other rows' q and upstream
@@ -61,8 +61,23 @@ def layouts(draw, max_segments: int = 4) -> ZorroMask:
     window = draw(st.one_of(st.none(), st.tuples(st.integers(-1, 6), st.integers(-1, 6))))
     names = [f"s{i}" for i in range(n_q)]
     kv = [(f"k{i}", s) for i, s in enumerate(kv_sizes)] if cross else None
+    cells = None
+    if draw(st.booleans()):  # rule cells: some allowed cells causal, bottom-right per pair (issue 20)
+        marks = draw(
+            st.lists(
+                st.lists(st.booleans(), min_size=len(kv_sizes), max_size=len(kv_sizes)), min_size=n_q, max_size=n_q
+            )
+        )
+        cells = allow & torch.tensor(marks, dtype=torch.bool)
     return ZorroMask(
-        list(zip(names, q_sizes)), allow, kv_segments=kv, lengths=q_len, kv_lengths=kv_len, causal=causal, window=window
+        list(zip(names, q_sizes)),
+        allow,
+        kv_segments=kv,
+        lengths=q_len,
+        kv_lengths=kv_len,
+        causal=causal,
+        window=window,
+        causal_cells=cells,
     )
 
 

@@ -14,9 +14,11 @@ from zorro_kernels.backends import BACKENDS
 from zorro_kernels.testing import check_against_oracle, per_sample_masks, random_per_sample_mask
 from zorro_kernels.tilemap import build_tile_map
 
-from .helpers import expected_kinds
+from .helpers import attn_fn, expected_kinds, qkv_for
 from .isolation import check_isolation, poison_everything_unseen
-from .test_cells import TIERED, _qkv, attn_fn
+
+# the reference backend is the oracle's own code: full tier
+TIERED = ["segments", "dense", pytest.param("reference", marks=pytest.mark.full)]
 
 
 def test_each_sample_has_its_own_layout():
@@ -88,7 +90,7 @@ def test_attended_and_tile_maps_match_to_dense(name):
 @pytest.mark.parametrize("name", sorted(per_sample_masks()))
 def test_against_oracle(backend, name):
     m = per_sample_masks()[name]
-    q, k, v = _qkv(m, dtype=torch.float32 if backend == "dense" else torch.float64)
+    q, k, v = qkv_for(m, dtype=torch.float32 if backend == "dense" else torch.float64)
     check_against_oracle(attn_fn(backend), q, k, v, m)
 
 
@@ -96,7 +98,7 @@ def test_against_oracle(backend, name):
 @pytest.mark.parametrize("name", ["blocks_left_padded", "prefix_lm", "decode_cross"])
 def test_nan_isolation(backend, name):
     m = per_sample_masks()[name]
-    q, k, v = _qkv(m, dtype=torch.float32)
+    q, k, v = qkv_for(m, dtype=torch.float32)
     rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(2)) < 0.3
     check_isolation(attn_fn(backend), q, k, v, m, *poison_everything_unseen(m, q.shape[0], rows))
 
@@ -112,7 +114,7 @@ def test_segments_plan_shares_patterns_between_equal_samples():
 
 def test_triton_refuses_per_sample_sizes():
     m = per_sample_masks()["blocks"]
-    q, k, v = _qkv(m, dtype=torch.float32)
+    q, k, v = qkv_for(m, dtype=torch.float32)
     assert any("per-sample segment sizes" in r for r in BACKENDS["triton"].not_supported_reasons(q, k, v, m))
     assert zorro_attention(q, k, v, m).shape == q.shape  # auto picks another backend
 
@@ -124,7 +126,7 @@ def _fuzz(seed: int, backends) -> None:
     assert m.attended().tolist() == d.sum((1, 2)).tolist(), (seed, m)
     assert torch.equal(build_tile_map(m, 8, 8).kinds, expected_kinds(m, 8, 8)), (seed, m)
     for backend in backends:
-        q, k, v = _qkv(m, 1, 2, dtype=torch.float32 if backend == "dense" else torch.float64, seed=seed)
+        q, k, v = qkv_for(m, 1, 2, dtype=torch.float32 if backend == "dense" else torch.float64, seed=seed)
         check_against_oracle(attn_fn(backend), q, k, v, m)
         rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(seed)) < 0.3
         check_isolation(
@@ -141,3 +143,15 @@ def test_fuzz_per_sample_fast(seed):
 @pytest.mark.parametrize("seed", range(8, 408))
 def test_fuzz_per_sample_full(seed):
     _fuzz(seed, ["segments", "dense", "reference"])
+
+
+def test_left_padding_is_a_leading_segment_of_length_zero():
+    # Gemma 3's left-padded batch: the padding as a segment with lengths 0 equals the hand-built rules without it
+    segs = [("pad", 0), ("t0", 5), ("img0", 8), ("t1", 3), ("img1", 4), ("t2", 9)]
+    sizes = torch.tensor([[0, 5, 8, 3, 4, 9], [4, 1, 8, 13, 0, 3], [2, 0, 8, 1, 4, 14]])
+    lengths = sizes.clone()
+    lengths[:, 0] = 0
+    m = ZorroMask.causal_with_blocks(segs, ["img*"], sample_sizes=sizes, lengths=lengths)
+    assert torch.equal(m.to_dense(), per_sample_masks()["blocks_left_padded"].to_dense())
+    q, k, v = qkv_for(m)
+    check_against_oracle(attn_fn("segments"), q, k, v, m)

@@ -848,7 +848,8 @@ class ZorroMask(Derived):
             causal_blocks: unused by Gemma 3; True makes the blocks causal too (plain causal attention over the
                 same segments, for ablations).
             sample_sizes: ``(B, len(segments))`` per-sample sizes (each sample's blocks at its own positions), each
-                row summing to the segments' total; see the class docstring.
+                row summing to the segments' total; see the class docstring. Left padding: a leading segment whose
+                ``lengths`` are 0 (its tokens see nothing and nobody sees them), its size per sample in here.
 
         Example::
 

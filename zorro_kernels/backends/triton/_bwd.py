@@ -428,6 +428,10 @@ def _dkdv_partial(
     QCODE,
     q_code_row,
     BITS,
+    CBITS,
+    k_cword,
+    k_end,
+    QEND,
     WORDS,
     Nq,
     Nk,
@@ -453,6 +457,7 @@ def _dkdv_partial(
     BIAS_KIND: tl.constexpr,
     DB_MODE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CELLS: tl.constexpr,
 ):
     """Partial query tiles from the index list, starting ``SHIFT`` entries in (see ``_dkdv_full_runs``): valid rows
     only, element mask (transposed) on p and ds."""
@@ -463,8 +468,30 @@ def _dkdv_partial(
         q, do = load_rows(Q_bh, DO_bh, stride_qn, stride_don, rows, offs_d, q_ok, HEAD_DIM, EVEN_D, True)
         lse2 = tl.load(LSE_bh + rows, mask=q_ok, other=0.0)
         delta = tl.load(DELTA_bh + rows, mask=q_ok, other=0.0)
+        q_end = rows * 0
+        if CELLS:
+            q_end = tl.load(QEND + q_code_row + rows, mask=rows < Nq, other=0)
         keep = pair_keep(
-            BITS, WORDS, k_seg, k_word, k_ok, cols, q_seg, q_ok, rows, lo_off, hi_off, BAND_LO, BAND_HI, ONE_WORD, False
+            BITS,
+            WORDS,
+            k_seg,
+            k_word,
+            k_ok,
+            cols,
+            q_seg,
+            q_ok,
+            rows,
+            lo_off,
+            hi_off,
+            BAND_LO,
+            BAND_HI,
+            ONE_WORD,
+            False,
+            CBITS,
+            k_cword,
+            k_end,
+            q_end,
+            CELLS,
         )
         bias_t = 0.0
         if BIAS_KIND != 0:
@@ -544,6 +571,9 @@ def _attn_bwd_dkdv(
     QCODE,
     KCODE,
     BITS,
+    CBITS,
+    QEND,
+    KEND,
     BIAS,
     RQ,
     RK,
@@ -583,6 +613,7 @@ def _attn_bwd_dkdv(
     BIAS_KIND: tl.constexpr,
     DB_MODE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CELLS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
     n, b, hk, list_row = program_tile(ORDER, REP, HKV, Tk)
@@ -599,6 +630,10 @@ def _attn_bwd_dkdv(
     q_code_row = len_row.to(tl.int64) * Nq
     k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
     k_word = fixed_words(BITS, k_seg, WORDS, ONE_WORD)
+    k_cword = fixed_words(CBITS, k_seg, WORDS, ONE_WORD)
+    k_end = cols * 0
+    if CELLS:
+        k_end = tl.load(KEND + len_row.to(tl.int64) * Nk + cols, mask=cols < Nk, other=0)
     if ONE_PASS:
         k_c, _ = finite_rows(k)
     else:
@@ -689,6 +724,10 @@ def _attn_bwd_dkdv(
             QCODE,
             q_code_row,
             BITS,
+            CBITS,
+            k_cword,
+            k_end,
+            QEND,
             WORDS,
             Nq,
             Nk,
@@ -714,6 +753,7 @@ def _attn_bwd_dkdv(
             BIAS_KIND,
             DB_MODE,
             INPUT_PRECISION,
+            CELLS,
         )
     # every kv tile has a program, so keys no query sees get exact zeros
     out_ok = (cols[:, None] < Nk) & d_ok
@@ -835,6 +875,10 @@ def _dq_partial(
     KCODE,
     k_code_row,
     BITS,
+    CBITS,
+    q_cword,
+    q_end,
+    KEND,
     WORDS,
     Nq,
     Nk,
@@ -855,6 +899,7 @@ def _dq_partial(
     ONE_WORD: tl.constexpr,
     BIAS_KIND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CELLS: tl.constexpr,
 ):
     """Partial kv tiles from the index list: valid keys only, element mask on p and ds."""
     num = tl.load(NUM + list_row)
@@ -862,8 +907,30 @@ def _dq_partial(
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
+        k_end = cols * 0
+        if CELLS:
+            k_end = tl.load(KEND + k_code_row + cols, mask=cols < Nk, other=0)
         keep = pair_keep(
-            BITS, WORDS, q_seg, q_word, q_ok, rows, k_seg, k_ok, cols, lo_off, hi_off, BAND_LO, BAND_HI, ONE_WORD, True
+            BITS,
+            WORDS,
+            q_seg,
+            q_word,
+            q_ok,
+            rows,
+            k_seg,
+            k_ok,
+            cols,
+            lo_off,
+            hi_off,
+            BAND_LO,
+            BAND_HI,
+            ONE_WORD,
+            True,
+            CBITS,
+            q_cword,
+            q_end,
+            k_end,
+            CELLS,
         )
         bias = 0.0
         if BIAS_KIND != 0:
@@ -914,6 +981,9 @@ def _attn_bwd_dq(
     QCODE,
     KCODE,
     BITS,
+    CBITS,
+    QEND,
+    KEND,
     BIAS,
     RQ,
     RK,
@@ -945,6 +1015,7 @@ def _attn_bwd_dq(
     ONE_WORD: tl.constexpr,
     BIAS_KIND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CELLS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
     m, b, h, list_row = program_tile(ORDER, REP, H, Tq)
@@ -1010,6 +1081,10 @@ def _attn_bwd_dq(
         INPUT_PRECISION,
     )
     q_word = fixed_words(BITS, q_seg, WORDS, ONE_WORD)
+    q_cword = fixed_words(CBITS, q_seg, WORDS, ONE_WORD)
+    q_end = rows * 0
+    if CELLS:
+        q_end = tl.load(QEND + len_row.to(tl.int64) * Nq + rows, mask=rows < Nq, other=0)
     dq = _dq_partial(
         dq,
         q,
@@ -1033,6 +1108,10 @@ def _attn_bwd_dq(
         KCODE,
         k_code_row,
         BITS,
+        CBITS,
+        q_cword,
+        q_end,
+        KEND,
         WORDS,
         Nq,
         Nk,
@@ -1053,6 +1132,7 @@ def _attn_bwd_dq(
         ONE_WORD,
         BIAS_KIND,
         INPUT_PRECISION,
+        CELLS,
     )
     row_ok = rows < Nq
     tl.store(
@@ -1143,6 +1223,8 @@ def attention_backward(
         stride_don=dout.stride(2),
         QCODE=km.q_code,
         KCODE=km.k_code,
+        QEND=km.q_end,
+        KEND=km.k_end,
         H=h,
         GROUP=h // hkv,
         Nq=nq,
@@ -1166,6 +1248,7 @@ def attention_backward(
             DQ_ACC=dq_acc,
             **plan_args(p, b * hkv),
             BITS=km.k_bits,
+            CBITS=km.k_cbits,
             WORDS=km.k_words,
             HKV=hkv,
             Tk=p.num_rows,
@@ -1189,7 +1272,16 @@ def attention_backward(
     launch(
         _attn_bwd_dq,
         (p.num_rows * b * h,),
-        dict(common, DQ=dq, **plan_args(p, b * h), BITS=km.q_bits, WORDS=km.q_words, Tq=p.num_rows, Tk=p.num_cols),
+        dict(
+            common,
+            DQ=dq,
+            **plan_args(p, b * h),
+            BITS=km.q_bits,
+            CBITS=km.q_cbits,
+            WORDS=km.q_words,
+            Tq=p.num_rows,
+            Tk=p.num_cols,
+        ),
         common_constexprs(q, km, cfg_dq.block_m, cfg_dq.block_n, km.q_words == 1, kb.kind),
         cfg_dq,
         shape_bucket(nq, nk, p.num_rows * b * h),

@@ -163,6 +163,10 @@ def _fwd_partial(
     KCODE,
     k_code_row,
     BITS,
+    CBITS,
+    q_cword,
+    q_end,
+    KEND,
     WORDS,
     Nq,
     Nk,
@@ -183,6 +187,7 @@ def _fwd_partial(
     ONE_WORD: tl.constexpr,
     BIAS_KIND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CELLS: tl.constexpr,
 ):
     """Partial tiles from the index list: valid keys only, element mask (the bias read only where it holds)."""
     num = tl.load(NUM + list_row)
@@ -190,8 +195,30 @@ def _fwd_partial(
         cols = tl.load(IDX + list_row * Tk + t) * BLOCK_N + offs_n
         k_seg, k_ok = token_segments(KCODE, k_code_row, cols, Nk)
         k, v = load_rows(K_bh, V_bh, stride_kn, stride_vn, cols, offs_d, k_ok, HEAD_DIM, EVEN_D, True)
+        k_end = cols * 0
+        if CELLS:
+            k_end = tl.load(KEND + k_code_row + cols, mask=cols < Nk, other=0)
         keep = pair_keep(
-            BITS, WORDS, q_seg, q_word, q_ok, rows, k_seg, k_ok, cols, lo_off, hi_off, BAND_LO, BAND_HI, ONE_WORD, True
+            BITS,
+            WORDS,
+            q_seg,
+            q_word,
+            q_ok,
+            rows,
+            k_seg,
+            k_ok,
+            cols,
+            lo_off,
+            hi_off,
+            BAND_LO,
+            BAND_HI,
+            ONE_WORD,
+            True,
+            CBITS,
+            q_cword,
+            q_end,
+            k_end,
+            CELLS,
         )
         bias = 0.0
         if BIAS_KIND != 0:
@@ -237,6 +264,9 @@ def _attn_fwd(
     QCODE,
     KCODE,
     BITS,
+    CBITS,
+    QEND,
+    KEND,
     BIAS,
     RQ,
     RK,
@@ -267,6 +297,7 @@ def _attn_fwd(
     ONE_WORD: tl.constexpr,
     BIAS_KIND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CELLS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D_PAD >= 16)
     m, b, h, list_row = program_tile(ORDER, REP, H, Tq)
@@ -321,6 +352,10 @@ def _attn_fwd(
         INPUT_PRECISION,
     )
     q_word = fixed_words(BITS, q_seg, WORDS, ONE_WORD)
+    q_cword = fixed_words(CBITS, q_seg, WORDS, ONE_WORD)
+    q_end = rows * 0
+    if CELLS:
+        q_end = tl.load(QEND + len_row.to(tl.int64) * Nq + rows, mask=rows < Nq, other=0)
     acc, l_i, m_i = _fwd_partial(
         acc,
         l_i,
@@ -343,6 +378,10 @@ def _attn_fwd(
         KCODE,
         k_code_row,
         BITS,
+        CBITS,
+        q_cword,
+        q_end,
+        KEND,
         WORDS,
         Nq,
         Nk,
@@ -363,6 +402,7 @@ def _attn_fwd(
         ONE_WORD,
         BIAS_KIND,
         INPUT_PRECISION,
+        CELLS,
     )
 
     # rows that saw nothing: l == 0, acc == 0 -> output exactly 0, LSE -inf
@@ -610,6 +650,7 @@ def common_constexprs(q: torch.Tensor, km, block_m: int, block_n: int, one_word:
         BLOCK_N=block_n,
         BAND_LO=km.band_lo,
         BAND_HI=km.band_hi,
+        CELLS=km.cells,
         EVEN_D=d == d_pad,
         ONE_WORD=bool(one_word),
         BIAS_KIND=bias_kind,
@@ -676,7 +717,7 @@ def attention_forward(q, k, v, plan, km, kb, scale: float, cfg: KernelConfig):
     if isinstance(plan, RangePlan):
         programs = plan.num_tiles * b * h
         rep = b * h // plan.row_pattern.shape[0]
-        del consts["ONE_WORD"], consts["BAND_LO"]
+        del consts["ONE_WORD"], consts["BAND_LO"], consts["CELLS"]
         launch(
             _attn_fwd_ranges,
             (programs,),
@@ -707,6 +748,9 @@ def attention_forward(q, k, v, plan, km, kb, scale: float, cfg: KernelConfig):
             **plan_args(plan, b * h),
             KCODE=km.k_code,
             BITS=km.q_bits,
+            CBITS=km.q_cbits,
+            QEND=km.q_end,
+            KEND=km.k_end,
             Tq=plan.num_rows,
             Tk=plan.num_cols,
             WORDS=km.q_words,

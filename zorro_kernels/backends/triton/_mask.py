@@ -6,7 +6,8 @@ words (see :mod:`._plan`).
 
 Query ``i`` of sample ``b`` may see key ``j`` iff the rule allows ``(q_seg[i], k_seg[j])``, both tokens are valid
 (inside the matrix and not padding of sample ``b``) and ``j`` lies in the band of causality and the sliding window,
-``i + lo_off <= j <= i + hi_off`` (:class:`._plan.KernelMask`). Only partial tiles pay for this; full tiles never call
+``i + lo_off <= j <= i + hi_off`` (:class:`._plan.KernelMask`), and, in a causal rule cell, the key's end offset
+``pos - valid_len`` is at most the query's. Only partial tiles pay for this; full tiles never call
 these functions.
 
 Each kernel has a *fixed* side (the token tile its program owns: the query tile of the forward and dQ kernels, the kv
@@ -76,11 +77,18 @@ def pair_keep(
     BAND_HI: tl.constexpr,
     ONE_WORD: tl.constexpr,
     FIXED_IS_QUERY: tl.constexpr,
+    CBITS,
+    fixed_cword,
+    fixed_e,
+    moving_e,
+    CELLS: tl.constexpr,
 ):
     """The element mask of a partial tile, bool ``(fixed, moving)``: the rule allows the segment pair, both tokens are
     valid and key ``j`` lies in query ``i``'s band, ``i + lo_off <= j <= i + hi_off`` (``BAND_LO`` / ``BAND_HI``:
     that side is bounded; see :class:`._plan.KernelMask`). ``FIXED_IS_QUERY``: the
-    fixed side holds the queries (forward, dQ) rather than the keys (dK/dV)."""
+    fixed side holds the queries (forward, dQ) rather than the keys (dK/dV). ``CELLS``: the mask has causal rule
+    cells, ``CBITS`` their bits (as ``BITS``), ``fixed_e``/``moving_e`` each token's end offset ``pos - valid_len``:
+    a causal-cell pair is kept iff the key's offset is at most the query's (bottom-right inside the pair)."""
     keep = allowed_pairs(BITS, WORDS, fixed_seg, fixed_word, moving_seg, ONE_WORD)
     keep = keep & fixed_ok[:, None] & moving_ok[None, :]
     if FIXED_IS_QUERY:
@@ -93,6 +101,13 @@ def pair_keep(
         keep = keep & (kj <= qi + hi_off)
     if BAND_LO:
         keep = keep & (kj >= qi + lo_off)
+    if CELLS:
+        cz = allowed_pairs(CBITS, WORDS, fixed_seg, fixed_cword, moving_seg, ONE_WORD)
+        if FIXED_IS_QUERY:
+            seen = moving_e[None, :] <= fixed_e[:, None]
+        else:
+            seen = fixed_e[:, None] <= moving_e[None, :]
+        keep = tl.where(cz, keep & seen, keep)
     return keep
 
 

@@ -83,6 +83,10 @@ class KernelMask(NamedTuple):
         band_lo, band_hi, lo_off, hi_off: causality and the sliding window as one band (:meth:`ZorroMask.band`): key
             ``j`` is visible to query ``i`` only if ``j >= i + lo_off`` (when ``band_lo``) and ``j <= i + hi_off``
             (when ``band_hi``); the offsets include ``Nk - Nq`` (bottom-right alignment).
+        q_cbits, k_cbits: int32, as ``q_bits``/``k_bits``: the causal rule cells (all 0 without any).
+        q_end: int32 ``(Bm, Nq)``, k_end: int32 ``(Bm, Nk)`` — each token's end offset ``pos - valid_len`` in its
+            segment (negative where valid): a causal-cell pair is visible iff ``k_end[j] <= q_end[i]``.
+        cells: whether the mask has causal cells (a constexpr: without, the kernels read none of these).
     """
 
     q_code: torch.Tensor
@@ -95,6 +99,11 @@ class KernelMask(NamedTuple):
     band_hi: bool
     lo_off: int
     hi_off: int
+    q_cbits: torch.Tensor
+    k_cbits: torch.Tensor
+    q_end: torch.Tensor
+    k_end: torch.Tensor
+    cells: bool
 
 
 def _runs(num: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,6 +187,11 @@ def _build_kernel_mask(mask, device: torch.device) -> KernelMask:
     bm = max(q_code.shape[0], k_code.shape[0])  # as the tile map: one side may broadcast over the batch
     allow = mask.allow.bool().numpy()
     q_bits, k_bits = _pack(allow), _pack(np.ascontiguousarray(allow.T))
+    cells = mask.causal_cells.numpy()
+    q_cbits, k_cbits = _pack(cells), _pack(np.ascontiguousarray(cells.T))
+    # end offsets pos - valid_len: within a pair, key jl visible to query il iff jl - kl <= il - ql
+    q_end = (meta.q_pos.long()[None] - meta.q_len.long()[:, meta.q_seg.long()]).to(torch.int32)
+    k_end = (meta.k_pos.long()[None] - meta.k_len.long()[:, meta.k_seg.long()]).to(torch.int32)
     lo, hi = mask.band()
     off = mask.num_kv - mask.num_q
     return KernelMask(
@@ -191,6 +205,11 @@ def _build_kernel_mask(mask, device: torch.device) -> KernelMask:
         hi is not None,
         off + (lo or 0),
         off + (hi or 0),
+        torch.from_numpy(q_cbits).to(device),
+        torch.from_numpy(k_cbits).to(device),
+        q_end.expand(bm, -1).contiguous().to(device),
+        k_end.expand(bm, -1).contiguous().to(device),
+        mask.has_causal_cells,
     )
 
 
@@ -342,8 +361,9 @@ def forward_plan(mask, blocks, device):
 
     kind = forward_plan_kind()
     cfg = blocks.forward(True)
-    if mask.band()[0] is not None:
-        # a window's lower edge: the interval walk bounds keys from above only, the tile map skips below the band
+    if mask.band()[0] is not None or mask.has_causal_cells:
+        # a window's lower edge: the interval walk bounds keys from above only, the tile map skips below the band;
+        # causal cells: the walk knows no per-pair diagonal, the tile plan's element mask does
         kind = "tiles"
     if kind == "ranges" or (kind == "auto" and range_tiles_worth_it(mask, cfg.block_m)):
         return range_plan(mask, cfg.block_m, cfg.block_n, device), cfg

@@ -163,8 +163,6 @@ def extra_reasons(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask) -> list:
         reasons.append("TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's slow interpreter, for tests")
     if q.dtype == torch.bfloat16 and interpreting():
         reasons.append("bfloat16 arithmetic is wrong in Triton's CPU interpreter (TRITON_INTERPRET=1)")
-    if mask.has_causal_cells:
-        reasons.append("takes no causal rule cells yet (the mask has causal cells: the segments backend runs them)")
     if mask.per_sample:
         reasons.append(
             "takes no per-sample segment sizes yet (the mask has sample_sizes: the segments backend runs it)"
