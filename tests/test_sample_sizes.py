@@ -9,12 +9,19 @@ import random
 import pytest
 import torch
 
-from zorro_kernels import ZorroMask, _ops, zorro_attention
+from zorro_kernels import ZorroMask, _ops
 from zorro_kernels.backends import BACKENDS
 from zorro_kernels.testing import check_against_oracle, per_sample_masks, random_per_sample_mask
 from zorro_kernels.tilemap import build_tile_map
 
-from .helpers import attn_fn, expected_kinds, qkv_for
+from .helpers import (  # noqa: F401 (small_triton_tiles: a fixture)
+    TRITON,
+    attn_fn,
+    deterministic,
+    expected_kinds,
+    qkv_for,
+    small_triton_tiles,
+)
 from .isolation import check_isolation, poison_everything_unseen
 
 # the reference backend is the oracle's own code: full tier
@@ -112,11 +119,17 @@ def test_segments_plan_shares_patterns_between_equal_samples():
     assert sorted(p.batch.tolist() for p in plan.patterns) == [[0, 2], [1]]
 
 
-def test_triton_refuses_per_sample_sizes():
-    m = per_sample_masks()["blocks"]
-    q, k, v = qkv_for(m, dtype=torch.float32)
-    assert any("per-sample segment sizes" in r for r in BACKENDS["triton"].not_supported_reasons(q, k, v, m))
-    assert zorro_attention(q, k, v, m).shape == q.shape  # auto picks another backend
+@pytest.mark.parametrize("det", [True, False], ids=["two-pass", "one-pass"])
+@pytest.mark.parametrize("name", ["blocks_left_padded", "blocks_ragged", "prefix_lm", "decode_cross"])
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.usefixtures("small_triton_tiles")
+def test_triton_against_oracle(backend, name, det):
+    # per-sample token codes and end offsets, one row per sample, over the per-sample tile map
+    m = per_sample_masks()[name]
+    q, k, v = qkv_for(m, 1, 2, d=16, dtype=torch.float32)
+    assert not BACKENDS["triton"].not_supported_reasons(q, k, v, m)
+    with deterministic(det):
+        check_against_oracle(attn_fn(backend), q, k, v, m)
 
 
 def _fuzz(seed: int, backends) -> None:
@@ -155,3 +168,16 @@ def test_left_padding_is_a_leading_segment_of_length_zero():
     assert torch.equal(m.to_dense(), per_sample_masks()["blocks_left_padded"].to_dense())
     q, k, v = qkv_for(m)
     check_against_oracle(attn_fn("segments"), q, k, v, m)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("seed", range(100))
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.usefixtures("small_triton_tiles")
+def test_fuzz_per_sample_triton(backend, seed):
+    m = random_per_sample_mask(random.Random(seed))
+    q, k, v = qkv_for(m, 1, 2, d=16, dtype=torch.float32, seed=seed)
+    with deterministic(seed % 2 == 0):
+        check_against_oracle(attn_fn(backend), q, k, v, m)
+    rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(seed)) < 0.3
+    check_isolation(attn_fn(backend), q, k, v, m, *poison_everything_unseen(m, q.shape[0], rows))

@@ -89,6 +89,8 @@ def _check_extents(mask, positions) -> bool:
     in some sample) has an offset outside its position set's extent. Per allowed segment pair a min/max bound over
     coordinates settles it; only pairs it cannot settle are checked element by element, in row chunks clipped to the
     band. :func:`kernel_bias` caches the result on the positions per mask content key (:func:`_extents_proven`)."""
+    if mask.per_sample:  # each sample's segments sit at their own positions
+        return all(_check_extents(mask.sample(b), positions) for b in range(mask.batch_size))
     p = positions
     allow = mask.allow.bool().numpy()
     q_sizes, k_sizes = mask.q_sizes, mask.kv_sizes

@@ -182,6 +182,15 @@ def _codes(seg: torch.Tensor, pos: torch.Tensor, lens: torch.Tensor) -> torch.Te
 
 
 def _build_kernel_mask(mask, device: torch.device) -> KernelMask:
+    if mask.per_sample:
+        # per-sample segment sizes: each sample's token codes and end offsets from its own layout, one row each (the
+        # tile plan has a row per sample too); the rule bits are the mask's
+        parts = [_build_kernel_mask(mask.sample(b), torch.device("cpu")) for b in range(mask.batch_size)]
+        rows = {f: torch.cat([getattr(x, f) for x in parts]).to(device) for f in ("q_code", "k_code", "q_end", "k_end")}
+        first = parts[0]._replace(
+            **{f: getattr(parts[0], f).to(device) for f in ("q_bits", "k_bits", "q_cbits", "k_cbits")}
+        )
+        return first._replace(**rows)
     meta = mask.token_meta("cpu")
     q_code, k_code = _codes(meta.q_seg, meta.q_pos, meta.q_len), _codes(meta.k_seg, meta.k_pos, meta.k_len)
     bm = max(q_code.shape[0], k_code.shape[0])  # as the tile map: one side may broadcast over the batch
@@ -361,9 +370,10 @@ def forward_plan(mask, blocks, device):
 
     kind = forward_plan_kind()
     cfg = blocks.forward(True)
-    if mask.band()[0] is not None or mask.has_causal_cells:
+    if mask.band()[0] is not None or mask.has_causal_cells or mask.per_sample:
         # a window's lower edge: the interval walk bounds keys from above only, the tile map skips below the band;
-        # causal cells: the walk knows no per-pair diagonal, the tile plan's element mask does
+        # causal cells: the walk knows no per-pair diagonal, the tile plan's element mask does; per-sample sizes: its
+        # groups are the segments of one layout
         kind = "tiles"
     if kind == "ranges" or (kind == "auto" and range_tiles_worth_it(mask, cfg.block_m)):
         return range_plan(mask, cfg.block_m, cfg.block_n, device), cfg

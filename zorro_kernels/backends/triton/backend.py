@@ -163,10 +163,6 @@ def extra_reasons(q: Tensor, k: Tensor, v: Tensor, mask: ZorroMask) -> list:
         reasons.append("TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's slow interpreter, for tests")
     if q.dtype == torch.bfloat16 and interpreting():
         reasons.append("bfloat16 arithmetic is wrong in Triton's CPU interpreter (TRITON_INTERPRET=1)")
-    if mask.per_sample:
-        reasons.append(
-            "takes no per-sample segment sizes yet (the mask has sample_sizes: the segments backend runs it)"
-        )
     b, h = q.shape[0], q.shape[1]
     if b * h > 65535:  # grid y; H >= Hkv, so the dK/dV grid fits too
         reasons.append(f"B x H = {b} x {h} = {b * h} exceeds the grid limit 65535")
