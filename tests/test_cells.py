@@ -335,3 +335,17 @@ def test_fuzz_cells_triton(backend, seed):
         check_against_oracle(attn_fn(backend), q, k, v, m)
     rows = torch.rand(q.shape[0], m.num_q, generator=torch.Generator().manual_seed(seed)) < 0.3
     check_isolation(attn_fn(backend), q, k, v, m, *poison_everything_unseen(m, q.shape[0], rows))
+
+
+def test_mask_built_inside_a_fullgraph_trace():
+    """transformers' mask interface builds ZorroMasks while torch.compile traces the model: building the rule table's
+    runs must not branch on the table's values (dynamo refused `kinds.any()` under fullgraph)."""
+    torch._dynamo.reset()
+
+    def f(x):
+        m = ZorroMask.from_segments([("a", 3), ("b", 5)], {"a": ["a"], "b": "*"})
+        return zorro_attention(x, x, x, m, backend="reference")
+
+    x = torch.randn(1, 2, 8, 16)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, f(x), rtol=0, atol=0)

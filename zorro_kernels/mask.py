@@ -217,7 +217,14 @@ def _rules_to_allow(rules, q_names, kv_names) -> tuple[torch.Tensor, Optional[to
     kv_index = {n: i for i, n in enumerate(kv_names)}
     kinds = torch.zeros(len(q_names), len(kv_names), dtype=torch.int8)  # 0 none, 1 full, CAUSAL
 
+    # Whether any rule says "causal" is known from the rules alone: without one no cell can clash and no table value
+    # is branched on, so a mask of plain rules builds inside a torch.compile trace (transformers' mask interface)
+    causal_rules = False
+
     def put(q_pat, k_pat, rows, cols, kind):
+        if not causal_rules:
+            kinds[rows[:, None], cols[None, :]] = kind
+            return
         cells = kinds[rows[:, None], cols[None, :]]
         clash = (cells != 0) & (cells != kind)
         if clash.any():
@@ -239,6 +246,7 @@ def _rules_to_allow(rules, q_names, kv_names) -> tuple[torch.Tensor, Optional[to
             seen = [seen]
         if isinstance(seen, Mapping):
             items = list(seen.items())
+            causal_rules = causal_rules or any(kind == CAUSAL_CELL for kind in seen.values())
         elif isinstance(seen, (Sequence, set, frozenset)):
             items = [(k, FULL_CELL) for k in seen]
         else:
@@ -267,8 +275,7 @@ def _rules_to_allow(rules, q_names, kv_names) -> tuple[torch.Tensor, Optional[to
                     f"rules[{q_pat!r}] names unknown key segment {k_pat!r}; key segments are {_short(kv_names)}"
                 )
             put(q_pat, k_pat, torch.tensor(rows), torch.tensor(cols), code)
-    causal = kinds == CAUSAL
-    return kinds != 0, causal if bool(causal.any()) else None
+    return kinds != 0, (kinds == CAUSAL) if causal_rules else None
 
 
 def _short(names: tuple[str, ...], n: int = 12) -> str:

@@ -76,10 +76,10 @@ class AllowRuns(NamedTuple):
         start_flat = rs * (sk + 1) + cs
         end_flat = flat[np.searchsorted(flat, start_flat, side="right")]
         ce = end_flat - rs * (sk + 1)
-        kinds = a[rs, cs] == 2
-        return cls(
-            sq, sk, rs.astype(np.int64), cs.astype(np.int64), ce.astype(np.int64), kinds if kinds.any() else None
-        )
+        # no branch on the table's values: masks are built inside torch.compile traces (transformers' mask
+        # interface), where dynamo cannot follow a data-dependent `if`; an all-False kinds array means no cells
+        kinds = (a[rs, cs] == 2) if causal is not None else None
+        return cls(sq, sk, rs.astype(np.int64), cs.astype(np.int64), ce.astype(np.int64), kinds)
 
     @classmethod
     def diagonal(cls, n: int, causal: bool = False) -> "AllowRuns":
