@@ -87,6 +87,20 @@ def test_buckets_keep_nan_where_it_may_not_go(monkeypatch, how, layout):
         check_isolation(segments, q, k, v, mask, *poison_everything_unseen(mask, 8, rows))
 
 
+def test_a_bucket_with_nothing_to_see():
+    """Every query row padding, the keys' lengths differing: several patterns, a bucket with no step."""
+    mask = ZorroMask.from_segments(
+        [("a", 3), ("b", 2)],
+        {"a": "*", "b": "*"},
+        kv_segments=[("k", 5)],
+        lengths=torch.zeros(3, 2, dtype=torch.int64),
+        kv_lengths=torch.tensor([[5], [2], [0]]),
+    )
+    assert mask.derived(ragged.ragged_plan) is not None
+    q, k, v = generate_qkv(mask, batch=3, head_dim=8, dtype=torch.float64)
+    check_against_oracle(segments, q, k, v, mask)
+
+
 def test_huge_finite_padding_takes_the_careful_path(monkeypatch):
     """A padding key of 1e30 with finite inputs: its score would overflow float32 to inf, and inf + -inf = NaN, so
     the hidden keys are zero-filled as for NaN (the output and gradients equal those with zero padding)."""

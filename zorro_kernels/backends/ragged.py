@@ -193,7 +193,8 @@ def _padded_bucket(batch, steps, q_unc, k_unc, valid_q: torch.Tensor, valid_k: t
                 span_no_grad,
             )
         )
-    return Bucket(batch, tuple(out), q_unc, k_unc, (torch.cat(dead_b), torch.cat(dead_r)), whole)
+    none = [torch.zeros(0, dtype=torch.int64)]  # a bucket with no step (no row sees anything): no dead row either
+    return Bucket(batch, tuple(out), q_unc, k_unc, (torch.cat(dead_b or none), torch.cat(dead_r or none)), whole)
 
 
 def _valid(lengths: torch.Tensor, sizes) -> torch.Tensor:
