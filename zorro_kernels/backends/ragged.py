@@ -277,7 +277,9 @@ def _key_bias(hidden: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _amax(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t, float("inf"), dtype=torch.float64 if t.dtype == torch.float64 else None))
+    """``max |t|`` (NaN if any): one aminmax pass (``vector_norm(t, inf)`` is ten times slower on CPU)."""
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
 
 
 def _clean(q, k, v, scale: float, grad_out=None, out=None) -> bool:
