@@ -1,7 +1,7 @@
 """Costs that must grow with the work (issues 21 and 23), on CPU, each row measured side by side in one run.
 
     python -m benchmarks.cpu_costs                 # every section
-    python -m benchmarks.cpu_costs build docs      # some of: build docs causal ragged full
+    python -m benchmarks.cpu_costs build docs      # some of: build docs causal ragged ragged-demo full
 
 - ``build``  — describing and planning packed documents of random lengths summing to 16k (1000, 5000, 8000 docs):
   ``ZorroMask.packed``, ``build_plan``, ``tile_map(64, 64)``, ``attended()``, each on a fresh mask.
@@ -11,7 +11,9 @@
 - ``causal`` — the benchmark suite's packed-causal layout (8 sequences of 256..900 tokens, B=1, H=4, D=64): zorro
   against one SDPA call with the dense block-diagonal causal mask.
 - ``ragged`` — a Zorro batch (160 audio / 784 video / 8 fusion, B=256, H=4, D=32) with random lengths per sample:
-  zorro against SDPA with ``mask.to_dense()`` and against zorro on the same batch without lengths.
+  zorro against SDPA with ``mask.to_dense()``, against the segment path with one plan pattern per sample
+  (``per-pattern``, what ran before buckets) and against zorro on the same batch without lengths; the plan's build
+  time beside. ``ragged-demo``: the same at the demo's size (32 / 64 / 4).
 - ``full``   — ``ZorroMask.full`` at 16k (B=1, H=4, D=64): zorro (auto) against one unmasked SDPA call, with peak
   memory.
 - ``gemma3`` — issue 20's Gemma-3-like row: 1024 text tokens with 4 images of 256 at different positions per sample
@@ -36,7 +38,8 @@ import torch.nn.functional as F
 
 from benchmarks.measure import peak_memory
 from zorro_kernels import ZorroMask, zorro_attention
-from zorro_kernels.backends.segments import build_plan
+from zorro_kernels.backends.ragged import ragged_calls, ragged_plan
+from zorro_kernels.backends.segments import build_plan, segment_attention
 
 
 def doc_lengths(n_docs: int, total: int = 16384, seed: int = 0) -> list[int]:
@@ -167,9 +170,10 @@ def section_causal():
         report(f"packed-causal {mask.num_q}, {'fwd+bwd' if backward else 'fwd'}", paired(fns, 7, backward, x), "zorro")
 
 
-def section_ragged():
-    b, a_n, v_n, f_n = 256, 160, 784, 8
-    g = torch.Generator().manual_seed(0)
+def ragged_batch(b: int, a_n: int, v_n: int, f_n: int, seed: int = 0):
+    """A Zorro mask with random per-sample lengths (audio may be empty, video at least 1 token) and the same layout
+    without lengths."""
+    g = torch.Generator().manual_seed(seed)
     lengths = torch.stack(
         [
             torch.randint(0, a_n + 1, (b,), generator=g),
@@ -178,23 +182,47 @@ def section_ragged():
         ],
         1,
     )
-    mask = ZorroMask.zorro(audio=a_n, video=v_n, fusion=f_n, lengths=lengths)
-    plain = ZorroMask.zorro(audio=a_n, video=v_n, fusion=f_n)
+    return ZorroMask.zorro(audio=a_n, video=v_n, fusion=f_n, lengths=lengths), ZorroMask.zorro(
+        audio=a_n, video=v_n, fusion=f_n
+    )
+
+
+def ragged_rows(b: int, a_n: int, v_n: int, f_n: int, rounds: int) -> None:
+    mask, plain = ragged_batch(b, a_n, v_n, f_n)
     dense = mask.to_dense()[:, None]
     live = dense.any(-1, keepdim=True)
     safe = dense | ~live
     fns = {
         "zorro": lambda q, k, v: zorro_attention(q, k, v, mask),
         "sdpa-masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=safe).masked_fill(~live, 0),
-        "zorro-no-lengths": lambda q, k, v: zorro_attention(q, k, v, plain),
+        # the segment path with one plan pattern per distinct lengths row (what zorro ran before buckets)
+        "per-pattern": lambda q, k, v: segment_attention(q, k, v, mask, q.shape[-1] ** -0.5),
     }
     x = inputs(b, 4, mask.num_q, 32)
     pats = len(build_plan(mask).patterns)
+    calls = ragged_calls(mask)
+    t = time.process_time()
+    ragged_plan(mask.with_lengths(mask.lengths))
+    plan_ms = (time.process_time() - t) * 1e3
+    t = time.process_time()
+    build_plan(mask.with_lengths(mask.lengths))
+    old_ms = (time.process_time() - t) * 1e3
+    print(f"{a_n}/{v_n}/{f_n} B={b}: {pats} patterns, {calls} calls; plan {plan_ms:.1f} ms (per-pattern {old_ms:.1f})")
     for backward in (False, True):
-        times = paired({n: f for n, f in fns.items() if n != "zorro-no-lengths"}, 2, backward, x)
+        times = paired(fns, rounds, backward, x)
         # without lengths the output differs (padding attended): timed in its own rounds
-        times["zorro-no-lengths"] = paired({"z": fns["zorro-no-lengths"]}, 2, backward, x)["z"]
-        report(f"ragged B=256, {pats} patterns, {'fwd+bwd' if backward else 'fwd'}", times, "zorro")
+        times["zorro-no-lengths"] = paired({"z": lambda q, k, v: zorro_attention(q, k, v, plain)}, rounds, backward, x)[
+            "z"
+        ]
+        report(f"ragged {a_n}/{v_n}/{f_n} B={b}, {'fwd+bwd' if backward else 'fwd'}", times, "zorro")
+
+
+def section_ragged():
+    ragged_rows(256, 160, 784, 8, 2)
+
+
+def section_ragged_demo():
+    ragged_rows(256, 32, 64, 4, 7)
 
 
 def section_full():
@@ -278,6 +306,7 @@ SECTIONS = {
     "docs": section_docs,
     "causal": section_causal,
     "ragged": section_ragged,
+    "ragged-demo": section_ragged_demo,
     "full": section_full,
 }
 

@@ -130,13 +130,17 @@ def test_cpu_rule_dense_for_tiny_problems_segments_beyond():
     big = ZorroMask.zorro(audio=64, video=196, fusion=4)
     q, k, v = (torch.randn(2, 4, 264, 32) for _ in range(3))
     assert select_backend(q, k, v, big) == "segments"
-    # many length patterns make many segment-path calls: one dense call stays cheaper for longer
-    ragged = ZorroMask.zorro(
-        audio=40, video=80, fusion=4, lengths=torch.tensor([[40 - i, 80 - 2 * i, 4] for i in range(8)])
-    )
+    # many length patterns make many segment-path calls where they cannot share buckets (a sliding window): one
+    # dense call stays cheaper for longer
+    lengths = torch.tensor([[40 - i, 80 - 2 * i, 4] for i in range(8)])
+    rules = {"audio": ["audio"], "video": ["video"], "fusion": "*"}
+    windowed = ZorroMask.from_segments([("audio", 40), ("video", 80), ("fusion", 4)], rules, window=(48, 48))
     q, k, v = (torch.randn(8, 2, 124, 16) for _ in range(3))
-    assert select_backend(q, k, v, ragged) == "dense"
-    assert select_backend(q, k, v, ragged.with_lengths(None)) == "segments"
+    assert select_backend(q, k, v, windowed.with_lengths(lengths)) == "dense"
+    assert select_backend(q, k, v, windowed) == "segments"
+    # a ragged batch whose patterns share buckets makes as many calls as the batch without lengths (issue 21)
+    ragged = ZorroMask.zorro(audio=40, video=80, fusion=4, lengths=lengths)
+    assert select_backend(q, k, v, ragged) == select_backend(q, k, v, ragged.with_lengths(None)) == "segments"
 
 
 def test_explain_lists_every_candidate_and_its_reasons():

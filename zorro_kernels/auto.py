@@ -55,6 +55,7 @@ import torch
 from . import _ops
 from ._checks import check_backend_name, check_inputs
 from .backends import BACKENDS
+from .backends.ragged import ragged_calls
 from .backends.segments import build_plan
 from .bias import bias_tensor
 
@@ -136,8 +137,10 @@ def wants_grad(q, k, v, bias=None) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ rules
 def _plan_calls(mask) -> int:
-    """How many attention calls the segment path makes for this mask (over every length pattern)."""
-    return sum(len(p.steps) for p in mask.derived(build_plan).patterns)
+    """How many attention calls the segment path makes for this mask (over every length pattern; a ragged batch's
+    buckets on CPU, without building the per-pattern plan it does not run)."""
+    calls = ragged_calls(mask)
+    return calls if calls is not None else sum(len(p.steps) for p in mask.derived(build_plan).patterns)
 
 
 def _mean_attended(mask) -> float:

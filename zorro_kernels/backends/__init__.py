@@ -27,7 +27,8 @@ from ..bias import bias_tensor, with_tensor
 from ..reference import reference_attention
 from . import triton as _triton  # imports no Triton: kernels load on first use
 from .dense import dense_attention, dense_backward, dense_forward
-from .segments import build_plan, cpu_backward, cpu_forward, segment_attention, segment_attention_sdpa
+from .ragged import cpu_backward_mask, cpu_forward_mask, ragged_attention
+from .segments import segment_attention, segment_attention_sdpa
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "backward_by_recompute"]
 
@@ -181,7 +182,7 @@ def _cpu_kernels(device: torch.device) -> bool:
 
 def _segments_forward(q, k, v, mask, scale, bias=None):
     if _cpu_kernels(q.device):  # ATen's CPU flash kernels, out and LSE without autograd
-        out, lse = cpu_forward(q, k, v, mask.derived(build_plan), scale, bias)
+        out, lse = cpu_forward_mask(q, k, v, mask, scale, bias)
         return out, lse.float()
     with torch.no_grad():
         return segment_attention(q, k, v, mask, scale, bias), _no_lse(q)
@@ -191,9 +192,7 @@ def _segments_backward(dout, q, k, v, out, lse, mask, scale, bias=None, need_dbi
     if bias is not None:  # the bias's gradient comes from SDPA under autograd: recompute
         return _segments_recompute(dout, q, k, v, out, lse, mask, scale, bias, need_dbias)
     if _cpu_kernels(q.device):
-        return cpu_backward(
-            dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse, mask.derived(build_plan), scale
-        )
+        return cpu_backward_mask(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse, mask, scale)
     # elsewhere the path is SDPA under autograd, with no standalone backward: recompute it
     return _segments_recompute(dout, q, k, v, out, lse, mask, scale)
 
@@ -206,7 +205,7 @@ register_backend(
         _segments_backward,
         bias=True,
         window=True,
-        eager=segment_attention,
+        eager=ragged_attention,
     )
 )
 

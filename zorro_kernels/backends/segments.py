@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..bias import step_bias
 from ..reference import expand_kv_heads
+from ._blocks import BlockRanges
 
 __all__ = [
     "segment_attention",
@@ -462,8 +463,7 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
             out.append(Step(((qs_l[a], qe_l[b - 1]),), k_r, m, k_writes=((*k_r[0], 0, False),), causal=cz))
             continue
         index = (q_rows[int(q_off[a]) : int(q_off[b])], k_rows[int(k_off[a]) : int(k_off[b])])
-        q_r = tuple(zip(qs_l[a:b], qe_l[a:b]))
-        k_r = tuple(zip(ks_l[a:b], ke_l[a:b]))
+        q_r, k_r = BlockRanges(qs_o[a:b], lq_o[a]), BlockRanges(ks_o[a:b], lk_o[a])  # equal blocks, no tuples
         out.append(Step(q_r, k_r, m, causal=cz, index=index))
     loose.sort(key=lambda st: st.q_ranges[0][0])
     return out + _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov

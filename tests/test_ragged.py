@@ -1,0 +1,160 @@
+"""Ragged batches on the CPU segment path (zorro_kernels/backends/ragged.py): per-sample length patterns grouped
+into padded buckets, each run as one batched call per step with the samples' padding hidden (issue 21).
+
+Every plan shape is forced here — one bucket of the whole batch (views, nothing gathered), gathered buckets, a mix of
+buckets and exact per-pattern steps — and checked against the fp64 oracle (output and every gradient) and under NaN
+poison (what a row may not attend never reaches it; rows that see nothing stay exactly 0).
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.backends import ragged
+from zorro_kernels.backends.segments import build_plan
+from zorro_kernels.testing import check_against_oracle, generate_qkv
+
+from .isolation import check_isolation, poison_everything_unseen
+
+segments = functools.partial(zorro_attention, backend="segments")
+
+
+def _zorro_batch(b: int, sizes=(5, 9, 2), seed: int = 0) -> ZorroMask:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.stack([torch.randint(0, n + 1, (b,), generator=gen) for n in sizes], 1)
+    return ZorroMask.zorro(audio=sizes[0], video=sizes[1], fusion=sizes[2], lengths=lengths)
+
+
+def _cross_batch(b: int, seed: int = 0) -> ZorroMask:
+    """Cross-attention with key padding only, a query segment whose keys skip a segment (several key ranges)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_lengths = torch.stack([torch.randint(0, n + 1, (b,), generator=gen) for n in (7, 11, 3)], 1)
+    return ZorroMask.from_segments(
+        [("a", 3), ("v", 4), ("g", 2)],
+        {"a": ["ka"], "v": ["kv"], "g": ["ka", "kf"]},
+        kv_segments=[("ka", 7), ("kv", 11), ("kf", 3)],
+        kv_lengths=kv_lengths,
+    )
+
+
+def _force(monkeypatch, how: str) -> None:
+    """Make ragged_plan choose one plan shape: ``whole`` (one bucket of the whole batch), ``split`` (two gathered
+    buckets) or ``mixed`` (the largest pattern exact, the rest one gathered bucket)."""
+    if how == "whole":
+        monkeypatch.setattr(ragged, "_cuts", lambda *a, **kw: None)
+    elif how == "split":
+        monkeypatch.setattr(ragged, "_cuts", lambda work, *a, **kw: [(0, len(work) // 2), (len(work) // 2, len(work))])
+    else:
+        monkeypatch.setattr(ragged, "_cuts", lambda work, *a, **kw: [(0, 1), (1, len(work))])
+
+
+def _shape(mask) -> tuple:
+    rp = mask.derived(ragged.ragged_plan)
+    return tuple(b.whole for b in rp.buckets), len(rp.exact.patterns)
+
+
+EXPECTED = {"whole": ((True,), 0), "split": ((False, False), 0), "mixed": ((False,), 1)}
+
+
+@pytest.mark.parametrize("how", ["whole", "split", "mixed"])
+@pytest.mark.parametrize("layout", ["zorro", "cross"])
+@pytest.mark.parametrize("dtype,heads", [(torch.float64, (4, 4)), (torch.float32, (4, 2))])
+def test_buckets_match_the_oracle(monkeypatch, how, layout, dtype, heads):
+    _force(monkeypatch, how)
+    mask = _zorro_batch(9) if layout == "zorro" else _cross_batch(9)
+    assert _shape(mask) == EXPECTED[how]
+    q, k, v = generate_qkv(mask, batch=9, heads=heads[0], kv_heads=heads[1], head_dim=8, dtype=dtype)
+    check_against_oracle(segments, q, k, v, mask)
+    with torch.no_grad():  # the forward-only entry (the dispatcher's) agrees with the autograd one
+        torch.testing.assert_close(segments(q, k, v, mask), check_against_oracle(segments, q, k, v, mask, grad=False))
+
+
+@pytest.mark.parametrize("how", ["whole", "split", "mixed"])
+@pytest.mark.parametrize("layout", ["zorro", "cross"])
+def test_buckets_keep_nan_where_it_may_not_go(monkeypatch, how, layout):
+    """Poison every key a few rows may not attend (the samples' padding inside a bucket's ranges included) and every
+    other row's query and upstream gradient: those rows, and the gradients of what they attend, stay bit for bit."""
+    _force(monkeypatch, how)
+    mask = _zorro_batch(8, seed=1) if layout == "zorro" else _cross_batch(8, seed=1)
+    assert _shape(mask) == EXPECTED[how]
+    q, k, v = generate_qkv(mask, batch=8, head_dim=8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        rows = torch.rand(8, mask.num_q, generator=gen) < 0.3
+        check_isolation(segments, q, k, v, mask, *poison_everything_unseen(mask, 8, rows))
+
+
+def test_a_bucket_with_nothing_to_see():
+    """Every query row padding, the keys' lengths differing: several patterns, a bucket with no step."""
+    mask = ZorroMask.from_segments(
+        [("a", 3), ("b", 2)],
+        {"a": "*", "b": "*"},
+        kv_segments=[("k", 5)],
+        lengths=torch.zeros(3, 2, dtype=torch.int64),
+        kv_lengths=torch.tensor([[5], [2], [0]]),
+    )
+    assert mask.derived(ragged.ragged_plan) is not None
+    q, k, v = generate_qkv(mask, batch=3, head_dim=8, dtype=torch.float64)
+    check_against_oracle(segments, q, k, v, mask)
+
+
+def test_huge_finite_padding_takes_the_careful_path(monkeypatch):
+    """A padding key of 1e30 with finite inputs: its score would overflow float32 to inf, and inf + -inf = NaN, so
+    the hidden keys are zero-filled as for NaN (the output and gradients equal those with zero padding)."""
+    _force(monkeypatch, "split")
+    mask = _zorro_batch(8, seed=2)
+    q, k, v = generate_qkv(mask, batch=8, head_dim=8, dtype=torch.float32)
+    pad = ~torch.cat([torch.arange(n)[None] < mask.lengths[:, i : i + 1] for i, n in enumerate(mask.q_sizes)], 1)
+    k_zero = k.masked_fill(pad[:, None, :, None], 0)
+    q_huge, k_huge = (t.masked_fill(pad[:, None, :, None], 1e30) for t in (q, k))
+
+    def run(qq, kk):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (qq, kk, v))
+        out = segments(qq, kk, vv, mask)
+        return [out.detach(), *torch.autograd.grad(out, (qq, kk, vv), torch.ones_like(out))]
+
+    for a, b in zip(run(q_huge, k_huge), run(q, k_zero)):
+        live = ~pad[:, None, :, None].expand_as(a)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a[live], b[live])
+
+
+def test_a_ragged_batch_is_a_few_batched_calls():
+    """B=256 at the demo's size: one plan pattern per sample, but the CPU path makes as many calls as the batch
+    without lengths (one bucket, 3 steps); at the issue's size (160/784/8) buckets of similar samples."""
+    for sizes, most in (((32, 64, 4), 3), ((160, 784, 8), 256)):
+        mask = _zorro_batch(256, sizes)
+        patterns = len(build_plan(mask).patterns)
+        assert patterns > 200
+        calls = ragged.ragged_calls(mask)
+        assert calls <= most, (sizes, calls, patterns)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        ZorroMask.zorro(audio=4, video=6, fusion=2),  # one pattern: the segment path's own plan
+        ZorroMask.zorro(audio=4, video=6, fusion=2, lengths=torch.tensor([[4, 6, 2], [4, 6, 2]])),
+        ZorroMask.packed([4, 6], causal=True).with_lengths(torch.tensor([[4, 6], [2, 3]])),
+        ZorroMask.from_segments([("a", 6)], {"a": "*"}, lengths=torch.tensor([[6], [3]]), window=(2, 0)),
+    ],
+    ids=["no-lengths", "one-pattern", "causal", "window"],
+)
+def test_no_buckets_where_the_steps_are_not_plain(mask):
+    assert mask.derived(ragged.ragged_plan) is None
+
+
+def test_the_grouping_pads_less_than_one_bucket_at_the_issue_size():
+    """The buckets' padded work at 160/784/8, B=256, stays within 15% of the exact work (one bucket would double it)."""
+    mask = _zorro_batch(256, (160, 784, 8))
+    rp = mask.derived(ragged.ragged_plan)
+    runs, lengths = mask._runs, mask.lengths.numpy()
+    exact = ragged._work(runs, lengths, lengths).sum()
+    padded = sum(
+        len(b.batch) * ragged._work(runs, *(lengths[b.batch.numpy()].max(0, keepdims=True),) * 2)[0] for b in rp.buckets
+    )
+    assert padded <= 1.15 * exact, (padded, exact)
+    assert np.isclose(exact, float(mask.attended().sum()))

@@ -1,0 +1,455 @@
+"""Ragged batches on the CPU segment path: per-sample length patterns grouped into padded buckets.
+
+A batch whose samples have different ``lengths`` has one plan pattern per distinct lengths row, so the segment path
+(:mod:`.segments`) makes one set of small calls per sample: at B=256 that is hundreds of calls whose fixed costs
+(gathers, scatters, kernel setup) outweigh the attention itself when the samples are small. Here the patterns are
+sorted by their work and cut into *buckets*; a bucket of several patterns runs the plan of its elementwise-largest
+lengths once, batched over its samples, each sample's padding hidden inside the call:
+
+- keys a sample may not attend (its padding inside the bucket's ranges) are zero-filled in the gathered copy
+  (``masked_fill``: selected away, never multiplied by 0) and given a ``-inf`` per-sample key bias, so they take no
+  weight and carry no NaN;
+- query rows a sample does not have (or whose keys in the step are all padding) are zero-filled before the backward
+  and their results selected to 0, and so are the key gradients of a sample none of whose rows attends the step.
+
+This is exact under the mask's semantics: a sample's mask is the bucket's mask with its own padding removed from the
+query and the key side, and every row of a plain step sees every key of the step. Buckets of one pattern, and
+buckets whose plan has steps other than plain ones (band edges, causal blocks, fused runs), run the exact per-pattern
+plan of :mod:`.segments`. Only the CPU path without a bias uses buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from ..reference import expand_kv_heads
+from .segments import (
+    Pattern,
+    Plan,
+    _bwd_cpu,
+    _complement_np,
+    _fwd_cpu,
+    _pattern_steps,
+    _zero,
+    build_plan,
+    cpu_backward,
+    cpu_forward,
+    segment_attention,
+)
+
+__all__ = ["RaggedPlan", "ragged_plan", "ragged_calls", "cpu_forward_mask", "cpu_backward_mask", "ragged_attention"]
+
+# One plan step's fixed cost on the CPU path (gathers, kernel setup, scatters), in attended (query, key) pairs of one
+# sample: a bucket pays it per step, so many small patterns are worth padding to one bucket, large ones are not.
+STEP_COST_PAIRS = 3000
+# Copying one token's row out of q, k or v for a bucket of some of the samples (one whole-batch bucket reads views),
+# in the same units.
+COPY_PAIRS = 8
+# at most this many runs of equal-work patterns are considered as bucket edges (the grouping is quadratic in them)
+MAX_EDGES = 64
+
+
+class PaddedStep(NamedTuple):
+    """A plain step of a bucket's plan with its samples' padding (bool masks over the gathered rows / keys; None
+    where nothing is marked)."""
+
+    q_ranges: tuple
+    k_ranges: tuple
+    k_writes: tuple
+    # (m, C): keys a sample does not have: ``-inf`` bias (and zero-filled when an input is not finite)
+    hidden_keys: Optional[torch.Tensor]
+    # (m, C): keys whose gradients from this step are 0 (hidden, or the sample has no live row in the step: only
+    # NaN/Inf could make them nonzero)
+    no_grad_keys: Optional[torch.Tensor]
+    # (sample, first row, end row) in the gathered rows: rows that return 0 (padding, or no valid key in the step)
+    dead: tuple
+    # several key ranges are read as the one range spanning them when the keys in between (padding, or segments the
+    # rows may not see) cost less to score than to copy out: ``(start, stop)``, its bool (m, stop - start) hidden
+    # keys and keys with no gradient from the step, or None (then the masks above are over ``k_ranges``)
+    span: Optional[tuple[int, int]]
+    span_hidden: Optional[torch.Tensor]
+    span_no_grad: Optional[torch.Tensor]
+
+
+class Bucket(NamedTuple):
+    batch: torch.Tensor  # int64 sample indices
+    steps: tuple[PaddedStep, ...]
+    q_uncovered: tuple
+    k_uncovered: tuple
+    dead: tuple[torch.Tensor, torch.Tensor]  # int64 (sample, query row) of every dead row of its steps
+    whole: bool  # the whole batch in order: steps read views of the inputs, nothing is gathered
+
+
+class RaggedPlan(NamedTuple):
+    exact: Plan  # the patterns that run as the segment path runs them (each with its samples)
+    buckets: tuple[Bucket, ...]
+    dead: tuple[torch.Tensor, torch.Tensor]  # every bucket's dead rows
+
+
+def _work(runs, lq: np.ndarray, lk: np.ndarray, copied: bool = False) -> np.ndarray:
+    """Attended pairs per lengths row (no band): ``(P, Sq)``, ``(P, Sk)`` -> ``(P,)``; ``copied``: plus the cost of
+    copying the rows and keys out for a bucket (an upper bound: keys shared by query segments counted for each)."""
+    cum = np.concatenate([np.zeros((lk.shape[0], 1), dtype=np.int64), np.cumsum(lk, 1)], 1)
+    keys = cum[:, runs.c1] - cum[:, runs.c0]
+    work = (lq[:, runs.row] * keys).sum(1)
+    return work + COPY_PAIRS * (lq.sum(1) + 2 * keys.sum(1)) if copied else work
+
+
+def _cuts(work: np.ndarray, count: np.ndarray, lq, lk, runs, step_cost: int) -> Optional[list[tuple[int, int]]]:
+    """Contiguous groups of the patterns (sorted by work, largest first) minimising the padded work of each group
+    plus its copies plus ``step_cost`` per group: a dynamic programme over at most ``MAX_EDGES`` atoms (runs of
+    patterns). None when one bucket of the whole batch, which copies nothing, costs less."""
+    p = len(work)
+    edges = np.unique(np.linspace(0, p, min(p, MAX_EDGES) + 1).round().astype(np.int64))
+    n = len(edges) - 1
+    # the elementwise maximum and the sample count of every atom range [i, j)
+    lq_atom = np.stack([lq[edges[a] : edges[a + 1]].max(0) for a in range(n)])
+    lk_atom = np.stack([lk[edges[a] : edges[a + 1]].max(0) for a in range(n)])
+    cnt = np.concatenate([[0], np.cumsum([count[edges[a] : edges[a + 1]].sum() for a in range(n)])])
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    back = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        # ranges [i, j) for every i < j: running maxima from atom j - 1 back to 0
+        mq = np.maximum.accumulate(lq_atom[j - 1 :: -1], 0)
+        mk = np.maximum.accumulate(lk_atom[j - 1 :: -1], 0)
+        i = np.arange(j - 1, -1, -1)
+        cost = best[i] + (cnt[j] - cnt[i]) * _work(runs, mq, mk, copied=True) + step_cost
+        b = int(np.argmin(cost))
+        best[j], back[j] = cost[b], i[b]
+    whole = cnt[n] * _work(runs, lq_atom.max(0, keepdims=True), lk_atom.max(0, keepdims=True))[0] + step_cost
+    if whole <= best[n]:
+        return None
+    out, j = [], n
+    while j > 0:
+        out.append((int(edges[back[j]]), int(edges[j])))
+        j = int(back[j])
+    return out[::-1]
+
+
+def _plain(steps) -> bool:
+    return all(st.mask is None and not st.causal and st.index is None and st.blocks == 1 for st in steps)
+
+
+def _cols(x: torch.Tensor, ranges) -> torch.Tensor:
+    """Columns ``ranges`` of ``x (m, N)`` (slices: advanced indexing costs far more)."""
+    return x[:, ranges[0][0] : ranges[0][1]] if len(ranges) == 1 else torch.cat([x[:, s:e] for s, e in ranges], 1)
+
+
+def _runs_of(dead: torch.Tensor) -> tuple:
+    """``(sample, start, stop)`` for every run of True in the rows of bool ``(m, R)``."""
+    d = np.zeros((dead.shape[0], dead.shape[1] + 2), dtype=np.int8)
+    d[:, 1:-1] = dead.numpy()
+    edge = np.diff(d, axis=1)
+    b0, r0 = np.nonzero(edge == 1)
+    _, r1 = np.nonzero(edge == -1)
+    return tuple(zip(b0.tolist(), r0.tolist(), r1.tolist()))
+
+
+def _span(st, valid_k: torch.Tensor):
+    """The step's key span and its hidden keys (see :class:`PaddedStep`), or ``(None, None)``."""
+    if len(st.k_ranges) < 2:
+        return None, None
+    s0, s1 = st.k_ranges[0][0], st.k_ranges[-1][1]
+    gap = (s1 - s0) - sum(e - s for s, e in st.k_ranges)
+    rows = sum(e - s for s, e in st.q_ranges)
+    if rows * gap > 2 * (s1 - s0):
+        return None, None
+    seen = torch.zeros(s1 - s0, dtype=torch.bool)
+    for s, e in st.k_ranges:
+        seen[s - s0 : e - s0] = True
+    return (s0, s1), ~(valid_k[:, s0:s1] & seen)
+
+
+def _padded_bucket(batch, steps, q_unc, k_unc, valid_q: torch.Tensor, valid_k: torch.Tensor, whole: bool) -> Bucket:
+    """The bucket of samples ``batch`` running ``steps`` (the plan of their largest lengths); ``valid_q (m, Nq)``,
+    ``valid_k (m, Nk)``: their valid tokens."""
+    out, dead_b, dead_r = [], [], []
+    for st in steps:
+        vk = _cols(valid_k, st.k_ranges)
+        vq = _cols(valid_q, st.q_ranges)
+        seen = vk.any(1, keepdim=True)
+        live = vq & seen  # a row whose keys in its step are all padding sees nothing
+        attends = live.any(1, keepdim=True)
+        span, span_hidden = _span(st, valid_k)
+        span_no_grad = None if span is None else span_hidden | ~attends
+        b, r = (~live).nonzero().unbind(1)
+        dead_b.append(batch[b])
+        dead_r.append(torch.cat([torch.arange(s, e) for s, e in st.q_ranges])[r])
+        out.append(
+            PaddedStep(
+                st.q_ranges,
+                st.k_ranges,
+                st.k_writes,
+                None if bool(vk.all()) else ~vk,
+                None if bool((vk & attends).all()) else ~(vk & attends),
+                _runs_of(~live),
+                span,
+                span_hidden,
+                span_no_grad,
+            )
+        )
+    none = [torch.zeros(0, dtype=torch.int64)]  # a bucket with no step (no row sees anything): no dead row either
+    return Bucket(batch, tuple(out), q_unc, k_unc, (torch.cat(dead_b or none), torch.cat(dead_r or none)), whole)
+
+
+def _valid(lengths: torch.Tensor, sizes) -> torch.Tensor:
+    """bool ``(B, N)``: token valid per sample (the first ``lengths[b, s]`` tokens of each segment)."""
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), sizes_t)
+    pos = torch.arange(int(sizes_t.sum())) - (torch.cumsum(sizes_t, 0) - sizes_t)[seg]
+    return pos[None, :] < lengths[:, seg]
+
+
+def ragged_plan(mask) -> Optional[RaggedPlan]:
+    """Buckets for a batch of several length patterns (see the module docstring), or None where the segment path's
+    per-pattern plan is used as is (one pattern, a band, a cross-attention mask with no lengths)."""
+    if mask.batch_size is None or mask.band() != (None, None):
+        return None
+    lq_all, lk_all = mask._q_lengths_or_sizes(), mask._kv_lengths_or_sizes()
+    rows = torch.cat([lq_all, lk_all], 1)
+    uniq, inverse, count = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    if uniq.shape[0] == 1:
+        return None
+    nq_seg = len(mask.q_sizes)
+    u = uniq.numpy()
+    lq, lk, count = u[:, :nq_seg], u[:, nq_seg:], count.numpy()
+    runs = mask._runs
+    work = _work(runs, lq, lk)
+    order = np.argsort(-work, kind="stable")
+    groups = _cuts(work[order], count[order], lq[order], lk[order], runs, STEP_COST_PAIRS * nq_seg)
+    whole = groups is None
+    groups = [(0, len(order))] if whole else groups
+
+    q_size = np.asarray(mask.q_sizes, dtype=np.int64)
+    k_size = np.asarray(mask.kv_sizes, dtype=np.int64)
+    first = np.searchsorted(runs.row, np.arange(nq_seg + 1))
+    q_start, k_start = np.cumsum(q_size) - q_size, np.cumsum(k_size) - k_size
+    off = mask.num_kv - mask.num_q
+
+    def steps_of(lq_row, lk_row):
+        steps, q_cov, k_cov = _pattern_steps(
+            mask, runs, first, lq_row, lk_row, q_start, k_start, k_size, off, None, None
+        )
+        return (
+            steps,
+            _complement_np(q_cov[:, 0], q_cov[:, 1], mask.num_q),
+            _complement_np(k_cov[:, 0], k_cov[:, 1], mask.num_kv),
+        )
+
+    by_pattern = torch.argsort(inverse, stable=True).split(torch.from_numpy(count).tolist())
+    exact, buckets = [], []
+    valid_q = valid_k = None
+    for a, b in groups:
+        members = order[a:b]
+        samples = [by_pattern[x] for x in members.tolist()]
+        if len(members) > 1:
+            steps, q_unc, k_unc = steps_of(lq[members].max(0), lk[members].max(0))
+            if _plain(steps):
+                batch = torch.cat(samples).sort().values
+                if valid_q is None:
+                    valid_q, valid_k = _valid(lq_all, mask.q_sizes), _valid(lk_all, mask.kv_sizes)
+                vq, vk = valid_q.index_select(0, batch), valid_k.index_select(0, batch)
+                buckets.append(_padded_bucket(batch, steps, q_unc, k_unc, vq, vk, whole))
+                continue
+        for x, batch in zip(members.tolist(), samples):
+            steps, q_unc, k_unc = steps_of(lq[x], lk[x])
+            exact.append(Pattern(batch, tuple(steps), q_unc, k_unc))
+    dead = tuple(torch.cat([b.dead[i] for b in buckets] or [torch.zeros(0, dtype=torch.int64)]) for i in (0, 1))
+    return RaggedPlan(Plan(tuple(exact), mask.num_q, mask.num_kv), tuple(buckets), dead)
+
+
+def ragged_calls(mask) -> Optional[int]:
+    """The number of kernel calls the CPU path makes for ``mask`` with buckets, or None where it uses none."""
+    rp = mask.derived(ragged_plan)
+    if rp is None:
+        return None
+    return sum(len(p.steps) for p in rp.exact.patterns) + sum(len(b.steps) for b in rp.buckets)
+
+
+def _key_bias(hidden: torch.Tensor, dtype) -> torch.Tensor:
+    """``(m, 1, 1, C)``: 0 for a key the sample has, ``-inf`` for one it does not."""
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None, None, :]
+
+
+def _amax(t: torch.Tensor) -> float:
+    """``max |t|`` (NaN if any): one aminmax pass (``vector_norm(t, inf)`` is ten times slower on CPU)."""
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
+
+
+def _clean(q, k, v, scale: float, grad_out=None, out=None) -> bool:
+    """Whether the hidden keys may be left as they are (their ``-inf`` bias gives them exactly zero weight and zero
+    gradients): every input finite, and no score ``q . k`` (nor ``dO . v`` backward) can overflow float32, the
+    kernels' score type, whatever a padding token holds. Else the careful path zero-fills what it hides."""
+    d = q.shape[-1]
+    a = [_amax(t) for t in (q, k, v) + (() if grad_out is None else (grad_out, out))]
+    if not all(math.isfinite(x) for x in a):
+        return False
+    bound = torch.finfo(torch.float32).max / 4
+    return a[0] * a[1] * d * abs(scale) < bound and (grad_out is None or a[3] * a[2] * d < bound)
+
+
+def _take(x: torch.Tensor, ranges, batch: Optional[torch.Tensor], copy: bool = False) -> torch.Tensor:
+    """Rows ``ranges`` (dim 2) of the samples ``batch`` of ``x`` (None: all, a view for one range unless
+    ``copy``), as one tensor."""
+    if batch is None:
+        if len(ranges) == 1:
+            t = x[:, :, ranges[0][0] : ranges[0][1]]
+            return t.clone() if copy else t
+        return torch.cat([x[:, :, s:e] for s, e in ranges], 2)
+    if len(ranges) == 1:
+        return x[:, :, ranges[0][0] : ranges[0][1]].index_select(0, batch)
+    return torch.cat([x[:, :, s:e].index_select(0, batch) for s, e in ranges], 2)
+
+
+def _put(dst: torch.Tensor, ranges, batch: Optional[torch.Tensor], src: torch.Tensor) -> None:
+    """Inverse of :func:`_take`: ``src``'s rows into rows ``ranges`` of the samples ``batch`` of ``dst``."""
+    off = 0
+    for s, e in ranges:
+        if batch is None:
+            dst[:, :, s:e] = src[:, :, off : off + e - s]
+        else:
+            dst[:, :, s:e].index_copy_(0, batch, src[:, :, off : off + e - s])
+        off += e - s
+
+
+def _fill_rows(x: torch.Tensor, dead: tuple, value: float) -> torch.Tensor:
+    for b, r0, r1 in dead:
+        x[b, :, r0:r1] = value
+    return x
+
+
+def _keys(k, v, st: PaddedStep, batch, h: int, clean: bool):
+    """The step's keys and values for the bucket (heads expanded for GQA) and their ``-inf`` bias. The careful path
+    reads the same keys in the same order as the clean one (its results equal bit for bit where no poison goes)."""
+    ranges, hidden = ((st.span,), st.span_hidden) if st.span is not None else (st.k_ranges, st.hidden_keys)
+    kg, vg = (_take(x, ranges, batch) for x in (k, v))
+    if not clean and hidden is not None:  # selected away: NaN there reaches nothing
+        hide = hidden[:, None, :, None]
+        kg, vg = kg.masked_fill(hide, 0), vg.masked_fill(hide, 0)
+    bias = None if hidden is None else _key_bias(hidden, k.dtype)
+    return expand_kv_heads(kg, h), expand_kv_heads(vg, h), bias
+
+
+def _fill_dead(out: torch.Tensor, lse: torch.Tensor, dead: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Select the dead rows (computed from a sample's padding) to out = 0, lse = +inf, every head, in place: one
+    index fill over the flat rows of each buffer (both contiguous), touching only those rows."""
+    b, r = dead
+    if not len(b):
+        return
+    h, n = out.shape[1], out.shape[2]
+    rows = ((b[:, None] * h + torch.arange(h)) * n + r[:, None]).flatten()
+    out.view(-1, out.shape[3]).index_fill_(0, rows, 0)
+    lse.view(-1).index_fill_(0, rows, float("inf"))
+
+
+def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool) -> None:
+    batch = None if bucket.whole else bucket.batch
+    for st in bucket.steps:
+        kg, vg, bias = _keys(k, v, st, batch, q.shape[1], clean)
+        o, l = _fwd_cpu(_take(q, st.q_ranges, batch), kg, vg, 0.0, False, attn_mask=bias, scale=scale)
+        _put(out, st.q_ranges, batch, o)  # dead rows too: selected to 0 once all buckets ran (_fill_dead)
+        _put(lse, st.q_ranges, batch, l)
+    for s, e in bucket.q_uncovered:
+        for t in (out, lse):
+            t[:, :, s:e].fill_(0) if batch is None else t[:, :, s:e].index_fill_(0, batch, 0)
+
+
+def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, grads, clean: bool) -> None:
+    h, hkv = q.shape[1], k.shape[1]
+    batch = None if bucket.whole else bucket.batch
+    dq, dk, dv = grads
+    dkb, dvb = (dk, dv) if batch is None else (k.new_empty(len(batch), hkv, *k.shape[2:]) for _ in range(2))
+    for st in bucket.steps:
+        # copies where they are filled below; else views where the batch is whole (contiguous for the kernel)
+        go, og, lg = (_take(x, st.q_ranges, batch, not clean).contiguous() for x in (grad_out, out, lse))
+        qg = _take(q, st.q_ranges, batch, not clean)
+        # a dead row has lse = +inf (_fill_dead): its weights exp(s - lse) are exactly 0, so with finite inputs it
+        # adds exactly 0 to every gradient; with a non-finite one its q, dO and out are zero-filled too (and any
+        # 0 * NaN its dq picks up from a NaN key is selected away below)
+        if not clean:
+            for t in (go, qg, og):
+                _fill_rows(t, st.dead, 0.0)
+        kg, vg, bias = _keys(k, v, st, batch, h, clean)
+        g_q, g_k, g_v = _bwd_cpu(go, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale)
+        if not clean:
+            _fill_rows(g_q, st.dead, 0.0)
+        _put(dq, st.q_ranges, batch, g_q)
+        span0 = None if st.span is None else st.span[0]
+        no_grad = st.no_grad_keys if st.span is None else st.span_no_grad
+        for g, dst in ((g_k, dkb), (g_v, dvb)):
+            if not clean and no_grad is not None:
+                g = g.masked_fill(no_grad[:, None, :, None], 0)
+            if hkv != h:  # GQA: the query heads of a group all read one kv head
+                g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+            for s, e, o, acc in st.k_writes:
+                o = o if span0 is None else s - span0
+                if acc:
+                    dst[:, :, s:e] += g[:, :, o : o + e - s]
+                else:
+                    dst[:, :, s:e] = g[:, :, o : o + e - s]
+    for s, e in bucket.q_uncovered:
+        dq[:, :, s:e].fill_(0) if batch is None else dq[:, :, s:e].index_fill_(0, batch, 0)
+    for t in (dkb, dvb):
+        _zero(t, bucket.k_uncovered)
+    if batch is not None:
+        dk.index_copy_(0, batch, dkb)
+        dv.index_copy_(0, batch, dvb)
+
+
+def cpu_forward_mask(q, k, v, mask, scale: float, bias=None):
+    """:func:`.segments.cpu_forward` of ``mask``'s plan, with buckets where ``mask`` has a ragged plan and no bias."""
+    rp = mask.derived(ragged_plan) if bias is None else None
+    if rp is None:
+        return cpu_forward(q, k, v, mask.derived(build_plan), scale, bias)
+    out, lse = cpu_forward(q, k, v, rp.exact, scale)  # allocates for the whole batch, fills the exact patterns
+    clean = _clean(q, k, v, scale)
+    for bucket in rp.buckets:
+        _bucket_forward(q, k, v, bucket, scale, out, lse, clean)
+    _fill_dead(out, lse, rp.dead)
+    return out, lse
+
+
+def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None):
+    """:func:`.segments.cpu_backward` matching :func:`cpu_forward_mask`."""
+    rp = mask.derived(ragged_plan) if bias is None else None
+    if rp is None:
+        return cpu_backward(grad_out, q, k, v, out, lse, mask.derived(build_plan), scale, bias)
+    grad_out = grad_out.contiguous()
+    grads = cpu_backward(grad_out, q, k, v, out, lse, rp.exact, scale)
+    clean = _clean(q, k, v, scale, grad_out, out)
+    for bucket in rp.buckets:
+        _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean)
+    return grads
+
+
+class _RaggedAttentionCPU(torch.autograd.Function):
+    """Autograd around :func:`cpu_forward_mask` / :func:`cpu_backward_mask` (no bias)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float):
+        out, lse = cpu_forward_mask(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale = mask, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "zorro_attention: the segments backend's CPU backward cannot be differentiated (double "
+                "backward, create_graph=True); use backend='reference' for higher-order gradients"
+            )
+        return (*cpu_backward_mask(grad_out, *ctx.saved_tensors, ctx.mask, ctx.scale), None, None)
+
+
+def ragged_attention(q, k, v, mask, scale: float, bias=None) -> torch.Tensor:
+    """:func:`.segments.segment_attention`, with buckets on CPU for a ragged batch without a bias."""
+    if bias is None and q.device.type == "cpu" and mask.derived(ragged_plan) is not None:
+        return _RaggedAttentionCPU.apply(q, k, v, mask, scale)
+    return segment_attention(q, k, v, mask, scale, bias)
