@@ -208,7 +208,9 @@ def _valid(lengths: torch.Tensor, sizes) -> torch.Tensor:
 def ragged_plan(mask) -> Optional[RaggedPlan]:
     """Buckets for a batch of several length patterns (see the module docstring), or None where the segment path's
     per-pattern plan is used as is (one pattern, a band, a cross-attention mask with no lengths)."""
-    if mask.batch_size is None or mask.band() != (None, None):
+    # buckets pad each segment at its tail to the bucket's lengths: exact only for full cells over fixed segment
+    # boundaries (a causal cell's diagonal moves with the sample's lengths, per-sample sizes move the boundaries)
+    if mask.batch_size is None or mask.band() != (None, None) or mask.has_causal_cells or mask.per_sample:
         return None
     lq_all, lk_all = mask._q_lengths_or_sizes(), mask._kv_lengths_or_sizes()
     rows = torch.cat([lq_all, lk_all], 1)
