@@ -121,7 +121,19 @@ def test_the_demo_table_the_training_page_states_is_found():
 
 
 #: commands whose printed table a page states: (page, command prefix) -> (page, the text the table follows)
-STATED = {("training.md", ".venv/bin/zorro demo --out zorro_demo"): ("training.md", "Linear-probe accuracy")}
+STATED = {
+    ("training.md", ".venv/bin/zorro demo --out zorro_demo"): ("training.md", "Linear-probe accuracy"),
+    ("models.md", ".venv/bin/zorro demo --model zorro_hip_demo"): ("models.md", "untrained            0.557"),
+    ("models.md", ".venv/bin/zorro demo --model zorro_swin_demo"): ("models.md", "untrained            0.687"),
+}
+
+
+@pytest.mark.parametrize("command,where", list(STATED.items()), ids=[c for _, c in STATED])
+def test_each_stated_table_and_its_command_are_found(command, where):
+    (page, prefix), (doc, marker) = command, where
+    table = stated_table(doc, marker)
+    assert set(table) >= {"untrained", "Zorro", "full attention"} and all(len(v) == 3 for v in table.values())
+    assert any(p == page and c.startswith(prefix) for p, c in doc_commands())
 
 
 @pytest.mark.full

@@ -81,7 +81,19 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     acc.fit()
     s1, s2 = one.task.state_dict(), acc.task.state_dict()
     for k in s1:
-        torch.testing.assert_close(s1[k], s2[k], rtol=1e-4, atol=1e-5)
+        a, b = _without_key_biases(k, s1[k]), _without_key_biases(k, s2[k])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def _without_key_biases(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` less the key-projection biases: a key bias adds the same score to every key of a row, which the
+    softmax ignores, so its gradient is rounding noise that AdamW turns into steps of up to the learning rate."""
+    if name.endswith("qkv.module.bias") or ".qkv.per_stream." in name and name.endswith(".bias"):
+        c = value.shape[0] // 3
+        return torch.cat([value[:c], value[2 * c :]])
+    if name.endswith("attn.kv.bias"):
+        return value[value.shape[0] // 2 :]
+    return value
 
 
 def test_finetune_from_contrastive_checkpoint(tmp_path):
@@ -191,7 +203,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, task):
     init = {k: v.clone() for k, v in twin.state_dict().items()}
     load_weights(twin, latest_checkpoint(tmp_path / "ddp"))
     for k, v in twin.state_dict().items():
-        torch.testing.assert_close(v, ref[k], rtol=2e-4, atol=2e-5)
+        a, b = _without_key_biases(k, v), _without_key_biases(k, ref[k])
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
     assert any(not torch.equal(init[k], v) for k, v in twin.state_dict().items())  # training did move the weights
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4, abs=1e-5)
 

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..training.build import build_model
 from ..training.config import load_config, machine_threads
 from ..training.evaluate import run_probes
 from ..training.runlock import RunLock
@@ -100,8 +101,11 @@ def _run_demo(
             f"{out} already holds demo runs ({'; '.join(held)}); pass --overwrite (overwrite=True) "
             f"to replace them, or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
     threads = threads or machine_threads()
+    for mask in masks[1:]:  # a model that cannot take a later mask fails now, not after the first run's training
+        with torch.random.fork_rng():
+            build_model(load_config(config, demo_overrides(out, mask, threads) + list(overrides)))
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs, curves = {}, {}
     untrained = None

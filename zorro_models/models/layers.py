@@ -37,9 +37,15 @@ OUTPUTS = ("audio", "video", "fusion", "global")
 
 
 def init_weights(module: nn.Module) -> None:
-    """ViT-style init: truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms."""
+    """Glorot-uniform linear weights (a fused q/k/v projection as one matrix, as ``torch.nn.MultiheadAttention``
+    does), zero biases, unit LayerNorms.
+
+    The width sets the scale, not a constant: ViT's fixed std 0.02 suits width 768 but leaves a 32-64 wide model's
+    attention scores near 0 (every attention a plain average) and its outputs hardly depending on the input, and
+    contrastive training then collapses to the constant embedding (loss ln(batch)) — issue 23.
+    """
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

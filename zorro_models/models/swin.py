@@ -425,7 +425,8 @@ register_model(
     "zorro_swin_demo",
     ZorroSwin,
     "CPU demo size (the inputs of zorro_vit_demo): widths 32-64, depths 2-2, heads 2-4, 4 fusion tokens; 32x64 "
-    "spectrogram (4x4 patches, 4x4 windows), 4x32x32 video (2x4x4 tubelets, 2x4x4 windows)",
+    "spectrogram (4x4 patches, 4x4 windows), 4x32x32 video (2x4x4 tubelets, 2x4x4 windows); no relative position "
+    "bias, so that the demo's full-attention run builds the same model",
     img_size=32,
     num_frames=4,
     video_patch=(2, 4, 4),
@@ -438,6 +439,7 @@ register_model(
     audio_window=4,
     video_window=(2, 4, 4),
     num_fusion=4,
+    rel_pos_bias=False,
 )
 register_model(
     "zorro_swin_tiny",

@@ -175,14 +175,17 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay the weight matrices; not biases, norms, position embeddings, learned tokens/queries or the
-    temperature (decaying those only shrinks them towards arbitrary values)."""
+    """AdamW groups: decay the weights of the linear maps only; not biases, norms, position embeddings, learned
+    tokens, latents and queries, relative-position tables or the temperature (decaying those only shrinks them towards
+    arbitrary values).
+
+    The rule reads the module type, not parameter names or shapes: a name list missed HiP's ``*_latents`` and Swin's
+    ``rel_tables``, which are 2-D and 3-D."""
+    linear = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "fusion_tokens", "queries", "logit_scale"))
-        (no_decay if skip else decay).append(p)
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if id(p) in linear else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
