@@ -19,10 +19,10 @@ Semantics, for sample ``b``: the token at position ``p`` (0-based inside its seg
 as flash-attention does). The diagonal is aligned to the full sizes ``Nq``/``Nk``, not to each sample's valid lengths:
 flash-attn's varlen functions and xformers' ``...WithOffsetPaddedKeysMask`` align it to each sample's (or block's)
 valid keys instead, so with key padding and ``causal`` the two agree only where the padding does not move the
-diagonal (``integrations.xformers.from_xformers`` refuses the biases where it does). With a sliding ``window=(left,
-right)`` (flash-attention's ``window_size``) it must also satisfy ``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) +
-right``, ``-1`` leaving that side unbounded. A query row with no key it may attend returns exactly 0 with zero
-gradients.
+diagonal (causal rule cells, below, align per segment pair instead: ``integrations.xformers.from_xformers`` uses
+them where it does). With a sliding ``window=(left, right)`` (flash-attention's ``window_size``) it must also satisfy
+``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right``, ``-1`` leaving that side unbounded. A query row with no key
+it may attend returns exactly 0 with zero gradients.
 
 A sliding window of 2 keys back on one 6-token segment (``window=(2, 0)``, the same as ``(2, -1)`` with ``causal``)::
 
