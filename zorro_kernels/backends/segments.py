@@ -52,6 +52,7 @@ Ranges = tuple[tuple[int, int], ...]
 # query rows per chunk of a group that straddles a causal diagonal or window edge: bounds the (rows x keys x D)
 # selections of straddling_attention (a chunk's keys that only some of its rows see number < 2 * BAND_ROWS)
 BAND_ROWS = 64
+_I64 = np.iinfo(np.int64)  # built once: np.iinfo costs microseconds a call, a plan's fixed cost
 
 
 class Step(NamedTuple):
@@ -286,9 +287,13 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     g_qs, g_qe, g_code = qs[starts], qe[ends], code[starts]
     g_ks, g_ke = ks[rows[starts]], ke[rows[starts]]
     # a group of several query ranges (non-adjacent rows seeing the same keys) is one step of gathered rows
-    _, inv, count = np.unique(g_code, return_inverse=True, return_counts=True)
-    multi = count[inv.reshape(-1)] > 1
-    for c in np.unique(g_code[multi]).tolist():
+    # g_code is sorted (rows were ordered by code): a code is shared iff a neighbour has it
+    same = g_code[1:] == g_code[:-1]
+    multi = np.zeros(len(g_code), dtype=bool)
+    multi[1:] |= same
+    multi[:-1] |= same
+    shared = g_code[multi]
+    for c in shared[np.append(True, shared[1:] != shared[:-1])[: len(shared)]].tolist():
         sel = np.flatnonzero(g_code == c)
         keys = ((int(g_ks[sel[0]]), int(g_ke[sel[0]])),)
         other[keys] = other.get(keys, []) + list(zip(g_qs[sel].tolist(), g_qe[sel].tolist()))
@@ -311,8 +316,10 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
         steps += [Step(q_ranges, keys)] if lo is None and hi is None else _band_steps(q_ranges, keys, off, lo, hi)
     if cells is not None:
         squares = []
+        # Python ints for the per-cell loops: indexing numpy arrays element by element costs more than the loops
+        lq_l, lk_l, q_start_l, k_start_l = lq.tolist(), lk.tolist(), q_start.tolist(), k_start.tolist()
         for a in cells[2].tolist():
-            more, sq = _cell_steps(a, cells[0], cells[1], lq, lk, q_start, k_start, off, lo, hi)
+            more, sq = _cell_steps(a, cells[0], cells[1], lq_l, lk_l, q_start_l, k_start_l, off, lo, hi)
             steps += more
             squares += sq
         if squares:
@@ -333,7 +340,7 @@ def _cell_steps(a: int, runs, first, lq, lk, q_start, k_start, off, lo, hi) -> t
     if ql == 0:
         return [], []
     q0, q1 = int(q_start[a]), int(q_start[a]) + ql
-    big = np.iinfo(np.int64).max // 4
+    big = _I64.max // 4
     starts, stops, upper = [], [], []  # key ranges, and per range the largest j - i it allows (big: any)
     for r in range(int(first[a]), int(first[a + 1])):
         cz = runs.causal is not None and bool(runs.causal[r])
@@ -423,11 +430,18 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
     all_s, all_e = k_cov[:, 0], k_cov[:, 1]
     order = np.argsort(all_s, kind="stable")
     s_sorted, e_sorted = all_s[order], all_e[order]
-    prev_end = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], e_sorted[:-1]]))
-    next_start = np.concatenate([s_sorted[1:], [np.iinfo(np.int64).max]])
+    prev_end = np.maximum.accumulate(np.concatenate([[_I64.min], e_sorted[:-1]]))
+    next_start = np.concatenate([s_sorted[1:], [_I64.max]])
     alone = np.empty(len(all_s), dtype=bool)
     alone[order] = (prev_end <= s_sorted) & (next_start >= e_sorted)
     alone = alone[:n]
+    if not alone.any():  # every step shares keys with another (causal text, images): nothing to bucket
+        loose = list(steps) + [
+            Step(((a, b),), ((c, d),), causal=z)
+            for a, b, c, d, z in zip(qs.tolist(), qe.tolist(), ks.tolist(), ke.tolist(), causal.tolist())
+        ]
+        loose.sort(key=lambda st: st.q_ranges[0][0])
+        return _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
     lq, lk = qe - qs, ke - ks
     key = np.where(alone, (lq * (lk.max(initial=0) + 1) + lk) * 2 + causal, -1)
     # members of a bucket adjacent in (key, query start) order
@@ -444,8 +458,7 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
     cont[first] = True
     contiguous = np.add.reduceat(~cont, starts) == 0 if n else np.zeros(0, dtype=bool)
     batched = (key_o[starts] >= 0) & (size >= 2)
-    q_rows = torch.from_numpy(_flat_rows(qs_o, lq_o))
-    k_rows = torch.from_numpy(_flat_rows(ks_o, lk_o))
+    q_rows = k_rows = None  # the rows of gathered (non-contiguous) buckets, built only when one exists
     q_off = np.concatenate([[0], np.cumsum(lq_o)])
     k_off = np.concatenate([[0], np.cumsum(lk_o)])
     qs_l, qe_l, ks_l, ke_l = qs_o.tolist(), (qs_o + lq_o).tolist(), ks_o.tolist(), (ks_o + lk_o).tolist()
@@ -462,6 +475,8 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
             k_r = ((ks_l[a], ke_l[b - 1]),)
             out.append(Step(((qs_l[a], qe_l[b - 1]),), k_r, m, k_writes=((*k_r[0], 0, False),), causal=cz))
             continue
+        if q_rows is None:
+            q_rows, k_rows = torch.from_numpy(_flat_rows(qs_o, lq_o)), torch.from_numpy(_flat_rows(ks_o, lk_o))
         index = (q_rows[int(q_off[a]) : int(q_off[b])], k_rows[int(k_off[a]) : int(k_off[b])])
         q_r, k_r = BlockRanges(qs_o[a:b], lq_o[a]), BlockRanges(ks_o[a:b], lk_o[a])  # equal blocks, no tuples
         out.append(Step(q_r, k_r, m, causal=cz, index=index))
