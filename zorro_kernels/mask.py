@@ -70,15 +70,20 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
         raise ValueError(f"{arg} must name at least one segment, got an empty sequence")
     names, sizes, first = [], [], {}
     for i, item in enumerate(segments):
+        # the common (str, int) tuple skips the abstract-class checks below, a mask's largest fixed cost
+        plain = type(item) is tuple and len(item) == 2 and type(item[0]) is str and type(item[1]) is int
         if not (
-            (type(item) in (tuple, list) or (isinstance(item, Sequence) and not isinstance(item, (str, bytes))))
-            and len(item) == 2
+            plain
+            or (
+                (type(item) in (tuple, list) or (isinstance(item, Sequence) and not isinstance(item, (str, bytes))))
+                and len(item) == 2
+            )
         ):
             raise TypeError(f"{arg}[{i}] must be a (name, size) pair, got {item!r}")
         name, size = item
         if not isinstance(name, str) or not name:
             raise TypeError(f"{arg}[{i}]: segment name must be a non-empty str, got {name!r}")
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        if not plain and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
             if (
                 isinstance(size, torch.Tensor)
                 and size.numel() == 1
