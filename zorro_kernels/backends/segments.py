@@ -491,8 +491,9 @@ def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
     order = np.argsort(starts, kind="stable")
     starts, ends = starts[order], ends[order]
     reach = np.maximum.accumulate(np.concatenate([[0], ends]))  # covered up to here before each range
-    gap = np.flatnonzero(np.concatenate([starts, [n]]) > reach)
-    return tuple((int(reach[i]), int(np.concatenate([starts, [n]])[i])) for i in gap)
+    nxt = np.concatenate([starts, [n]])
+    gap = np.flatnonzero(nxt > reach)
+    return tuple(zip(reach[gap].tolist(), nxt[gap].tolist()))
 
 
 def build_plan(mask) -> Plan:
@@ -542,12 +543,17 @@ def _per_sample_plan(mask) -> Plan:
     """Per-sample segment sizes: samples with equal sizes and lengths share a pattern, planned from one of them as
     a mask of its own (:meth:`ZorroMask.sample`)."""
     parts = [t for t in (mask._sample_sizes, mask._kv_sample_sizes, mask._lengths, mask._kv_lengths) if t is not None]
-    _, inverse = torch.unique(torch.cat(parts, 1), dim=0, return_inverse=True)
+    # grouped in Python, in torch.unique's (lexicographic) order: for a few samples torch.unique(dim=0) costs more
+    rows = torch.cat(parts, 1).tolist()
+    groups: dict[tuple, list[int]] = {}
+    for b, row in enumerate(rows):
+        groups.setdefault(tuple(row), []).append(b)
     patterns = []
-    for u in range(int(inverse.max()) + 1):
-        batch = (inverse == u).nonzero().flatten()
-        (pat,) = build_plan(mask.sample(int(batch[0]))).patterns
-        patterns.append(pat._replace(batch=None if len(batch) == len(inverse) else batch))
+    for key in sorted(groups):
+        members = groups[key]
+        (pat,) = build_plan(mask.sample(members[0])).patterns
+        batch = None if len(members) == len(rows) else torch.tensor(members, dtype=torch.int64)
+        patterns.append(pat._replace(batch=batch))
     return Plan(tuple(patterns), mask.num_q, mask.num_kv)
 
 
