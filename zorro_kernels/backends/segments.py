@@ -317,9 +317,15 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     if cells is not None:
         squares = []
         # Python ints for the per-cell loops: indexing numpy arrays element by element costs more than the loops
-        lq_l, lk_l, q_start_l, k_start_l = lq.tolist(), lk.tolist(), q_start.tolist(), k_start.tolist()
+        all_runs = cells[0]
+        cz_l = all_runs.causal.tolist() if all_runs.causal is not None else [False] * len(all_runs.row)
+        run_l = (cells[1].tolist(), all_runs.c0.tolist(), all_runs.c1.tolist(), cz_l)
+        gap = np.concatenate([[0], np.cumsum(lk < k_size)])  # segments with padding before c
+        valid = np.concatenate([[0], np.cumsum(lk)])
+        key_l = (lk.tolist(), k_start.tolist(), gap.tolist(), valid.tolist())
+        lq_l, q_start_l = lq.tolist(), q_start.tolist()
         for a in cells[2].tolist():
-            more, sq = _cell_steps(a, cells[0], cells[1], lq_l, lk_l, q_start_l, k_start_l, off, lo, hi)
+            more, sq = _cell_steps(a, run_l, lq_l, q_start_l, key_l, off, lo, hi)
             steps += more
             squares += sq
         if squares:
@@ -330,21 +336,35 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     return _bucket(steps, g_qs, g_qe, g_ks, g_ke, causal)
 
 
-def _cell_steps(a: int, runs, first, lq, lk, q_start, k_start, off, lo, hi) -> tuple[list[Step], list]:
+def _cell_steps(a: int, runs, lq, q_start, keys, off, lo, hi) -> tuple[list[Step], list]:
     """Steps of query segment ``a``, which sees some keys through causal cells: ``(steps, squares)``, squares being
     ``(q0, q1, k0, k1)`` blocks that are exactly one causal cell with as many keys as queries and no band (one causal
     flash call each, bucketed with the plan's others). Otherwise the rows are cut into chunks of BAND_ROWS (the
     whole segment when every row sees every key it reads), each with the keys some row sees and, where rows differ,
-    its element mask: as a band's chunks (:func:`_band_steps`), with a diagonal per causal cell."""
+    its element mask: as a band's chunks (:func:`_band_steps`), with a diagonal per causal cell.
+
+    ``runs``: the rule table's runs as lists ``(first run of each row, c0, c1, causal)``; ``keys``: per key segment
+    as lists ``(valid tokens, start, padded segments before it (cumulative), valid tokens before it (cumulative))``.
+    """
+    first, run_c0, run_c1, run_causal = runs
+    lk, k_start, gap, valid = keys
     ql = int(lq[a])
     if ql == 0:
         return [], []
     q0, q1 = int(q_start[a]), int(q_start[a]) + ql
     big = _I64.max // 4
     starts, stops, upper = [], [], []  # key ranges, and per range the largest j - i it allows (big: any)
-    for r in range(int(first[a]), int(first[a + 1])):
-        cz = runs.causal is not None and bool(runs.causal[r])
-        for c in range(int(runs.c0[r]), int(runs.c1[r])):
+    for r in range(first[a], first[a + 1]):
+        cz, c0, c1 = run_causal[r], run_c0[r], run_c1[r]
+        if not cz and gap[c1 - 1] == gap[c0]:
+            # a full run with no padding but in its last segment: one key range, whatever its length in segments
+            # (Gemma 3's text rows see every earlier segment: a loop per segment would be quadratic in them)
+            if valid[c1] > valid[c0]:
+                starts.append(k_start[c0])
+                stops.append(k_start[c1 - 1] + lk[c1 - 1])
+                upper.append(big)
+            continue
+        for c in range(c0, c1):
             kl = int(lk[c])
             if kl:
                 ks = int(k_start[c])
