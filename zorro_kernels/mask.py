@@ -19,10 +19,10 @@ Semantics, for sample ``b``: the token at position ``p`` (0-based inside its seg
 as flash-attention does). The diagonal is aligned to the full sizes ``Nq``/``Nk``, not to each sample's valid lengths:
 flash-attn's varlen functions and xformers' ``...WithOffsetPaddedKeysMask`` align it to each sample's (or block's)
 valid keys instead, so with key padding and ``causal`` the two agree only where the padding does not move the
-diagonal (``integrations.xformers.from_xformers`` refuses the biases where it does). With a sliding ``window=(left,
-right)`` (flash-attention's ``window_size``) it must also satisfy ``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) +
-right``, ``-1`` leaving that side unbounded. A query row with no key it may attend returns exactly 0 with zero
-gradients.
+diagonal (causal rule cells, below, align per segment pair instead: ``integrations.xformers.from_xformers`` uses
+them where it does). With a sliding ``window=(left, right)`` (flash-attention's ``window_size``) it must also satisfy
+``i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right``, ``-1`` leaving that side unbounded. A query row with no key
+it may attend returns exactly 0 with zero gradients.
 
 A sliding window of 2 keys back on one 6-token segment (``window=(2, 0)``, the same as ``(2, -1)`` with ``causal``)::
 
@@ -70,15 +70,20 @@ def _check_segments(segments, arg: str) -> tuple[tuple[str, ...], tuple[int, ...
         raise ValueError(f"{arg} must name at least one segment, got an empty sequence")
     names, sizes, first = [], [], {}
     for i, item in enumerate(segments):
+        # the common (str, int) tuple skips the abstract-class checks below, a mask's largest fixed cost
+        plain = type(item) is tuple and len(item) == 2 and type(item[0]) is str and type(item[1]) is int
         if not (
-            (type(item) in (tuple, list) or (isinstance(item, Sequence) and not isinstance(item, (str, bytes))))
-            and len(item) == 2
+            plain
+            or (
+                (type(item) in (tuple, list) or (isinstance(item, Sequence) and not isinstance(item, (str, bytes))))
+                and len(item) == 2
+            )
         ):
             raise TypeError(f"{arg}[{i}] must be a (name, size) pair, got {item!r}")
         name, size = item
         if not isinstance(name, str) or not name:
             raise TypeError(f"{arg}[{i}]: segment name must be a non-empty str, got {name!r}")
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        if not plain and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
             if (
                 isinstance(size, torch.Tensor)
                 and size.numel() == 1

@@ -52,6 +52,7 @@ Ranges = tuple[tuple[int, int], ...]
 # query rows per chunk of a group that straddles a causal diagonal or window edge: bounds the (rows x keys x D)
 # selections of straddling_attention (a chunk's keys that only some of its rows see number < 2 * BAND_ROWS)
 BAND_ROWS = 64
+_I64 = np.iinfo(np.int64)  # built once: np.iinfo costs microseconds a call, a plan's fixed cost
 
 
 class Step(NamedTuple):
@@ -286,9 +287,13 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     g_qs, g_qe, g_code = qs[starts], qe[ends], code[starts]
     g_ks, g_ke = ks[rows[starts]], ke[rows[starts]]
     # a group of several query ranges (non-adjacent rows seeing the same keys) is one step of gathered rows
-    _, inv, count = np.unique(g_code, return_inverse=True, return_counts=True)
-    multi = count[inv.reshape(-1)] > 1
-    for c in np.unique(g_code[multi]).tolist():
+    # g_code is sorted (rows were ordered by code): a code is shared iff a neighbour has it
+    same = g_code[1:] == g_code[:-1]
+    multi = np.zeros(len(g_code), dtype=bool)
+    multi[1:] |= same
+    multi[:-1] |= same
+    shared = g_code[multi]
+    for c in shared[np.append(True, shared[1:] != shared[:-1])[: len(shared)]].tolist():
         sel = np.flatnonzero(g_code == c)
         keys = ((int(g_ks[sel[0]]), int(g_ke[sel[0]])),)
         other[keys] = other.get(keys, []) + list(zip(g_qs[sel].tolist(), g_qe[sel].tolist()))
@@ -311,8 +316,16 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
         steps += [Step(q_ranges, keys)] if lo is None and hi is None else _band_steps(q_ranges, keys, off, lo, hi)
     if cells is not None:
         squares = []
+        # Python ints for the per-cell loops: indexing numpy arrays element by element costs more than the loops
+        all_runs = cells[0]
+        cz_l = all_runs.causal.tolist() if all_runs.causal is not None else [False] * len(all_runs.row)
+        run_l = (cells[1].tolist(), all_runs.c0.tolist(), all_runs.c1.tolist(), cz_l)
+        gap = np.concatenate([[0], np.cumsum(lk < k_size)])  # segments with padding before c
+        valid = np.concatenate([[0], np.cumsum(lk)])
+        key_l = (lk.tolist(), k_start.tolist(), gap.tolist(), valid.tolist())
+        lq_l, q_start_l = lq.tolist(), q_start.tolist()
         for a in cells[2].tolist():
-            more, sq = _cell_steps(a, cells[0], cells[1], lq, lk, q_start, k_start, off, lo, hi)
+            more, sq = _cell_steps(a, run_l, lq_l, q_start_l, key_l, off, lo, hi)
             steps += more
             squares += sq
         if squares:
@@ -323,21 +336,35 @@ def _pattern_steps(mask, runs, first, lq, lk, q_start, k_start, k_size, off, lo,
     return _bucket(steps, g_qs, g_qe, g_ks, g_ke, causal)
 
 
-def _cell_steps(a: int, runs, first, lq, lk, q_start, k_start, off, lo, hi) -> tuple[list[Step], list]:
+def _cell_steps(a: int, runs, lq, q_start, keys, off, lo, hi) -> tuple[list[Step], list]:
     """Steps of query segment ``a``, which sees some keys through causal cells: ``(steps, squares)``, squares being
     ``(q0, q1, k0, k1)`` blocks that are exactly one causal cell with as many keys as queries and no band (one causal
     flash call each, bucketed with the plan's others). Otherwise the rows are cut into chunks of BAND_ROWS (the
     whole segment when every row sees every key it reads), each with the keys some row sees and, where rows differ,
-    its element mask: as a band's chunks (:func:`_band_steps`), with a diagonal per causal cell."""
+    its element mask: as a band's chunks (:func:`_band_steps`), with a diagonal per causal cell.
+
+    ``runs``: the rule table's runs as lists ``(first run of each row, c0, c1, causal)``; ``keys``: per key segment
+    as lists ``(valid tokens, start, padded segments before it (cumulative), valid tokens before it (cumulative))``.
+    """
+    first, run_c0, run_c1, run_causal = runs
+    lk, k_start, gap, valid = keys
     ql = int(lq[a])
     if ql == 0:
         return [], []
     q0, q1 = int(q_start[a]), int(q_start[a]) + ql
-    big = np.iinfo(np.int64).max // 4
+    big = _I64.max // 4
     starts, stops, upper = [], [], []  # key ranges, and per range the largest j - i it allows (big: any)
-    for r in range(int(first[a]), int(first[a + 1])):
-        cz = runs.causal is not None and bool(runs.causal[r])
-        for c in range(int(runs.c0[r]), int(runs.c1[r])):
+    for r in range(first[a], first[a + 1]):
+        cz, c0, c1 = run_causal[r], run_c0[r], run_c1[r]
+        if not cz and gap[c1 - 1] == gap[c0]:
+            # a full run with no padding but in its last segment: one key range, whatever its length in segments
+            # (Gemma 3's text rows see every earlier segment: a loop per segment would be quadratic in them)
+            if valid[c1] > valid[c0]:
+                starts.append(k_start[c0])
+                stops.append(k_start[c1 - 1] + lk[c1 - 1])
+                upper.append(big)
+            continue
+        for c in range(c0, c1):
             kl = int(lk[c])
             if kl:
                 ks = int(k_start[c])
@@ -423,11 +450,18 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
     all_s, all_e = k_cov[:, 0], k_cov[:, 1]
     order = np.argsort(all_s, kind="stable")
     s_sorted, e_sorted = all_s[order], all_e[order]
-    prev_end = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], e_sorted[:-1]]))
-    next_start = np.concatenate([s_sorted[1:], [np.iinfo(np.int64).max]])
+    prev_end = np.maximum.accumulate(np.concatenate([[_I64.min], e_sorted[:-1]]))
+    next_start = np.concatenate([s_sorted[1:], [_I64.max]])
     alone = np.empty(len(all_s), dtype=bool)
     alone[order] = (prev_end <= s_sorted) & (next_start >= e_sorted)
     alone = alone[:n]
+    if not alone.any():  # every step shares keys with another (causal text, images): nothing to bucket
+        loose = list(steps) + [
+            Step(((a, b),), ((c, d),), causal=z)
+            for a, b, c, d, z in zip(qs.tolist(), qe.tolist(), ks.tolist(), ke.tolist(), causal.tolist())
+        ]
+        loose.sort(key=lambda st: st.q_ranges[0][0])
+        return _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
     lq, lk = qe - qs, ke - ks
     key = np.where(alone, (lq * (lk.max(initial=0) + 1) + lk) * 2 + causal, -1)
     # members of a bucket adjacent in (key, query start) order
@@ -444,8 +478,7 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
     cont[first] = True
     contiguous = np.add.reduceat(~cont, starts) == 0 if n else np.zeros(0, dtype=bool)
     batched = (key_o[starts] >= 0) & (size >= 2)
-    q_rows = torch.from_numpy(_flat_rows(qs_o, lq_o))
-    k_rows = torch.from_numpy(_flat_rows(ks_o, lk_o))
+    q_rows = k_rows = None  # the rows of gathered (non-contiguous) buckets, built only when one exists
     q_off = np.concatenate([[0], np.cumsum(lq_o)])
     k_off = np.concatenate([[0], np.cumsum(lk_o)])
     qs_l, qe_l, ks_l, ke_l = qs_o.tolist(), (qs_o + lq_o).tolist(), ks_o.tolist(), (ks_o + lk_o).tolist()
@@ -462,6 +495,8 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
             k_r = ((ks_l[a], ke_l[b - 1]),)
             out.append(Step(((qs_l[a], qe_l[b - 1]),), k_r, m, k_writes=((*k_r[0], 0, False),), causal=cz))
             continue
+        if q_rows is None:
+            q_rows, k_rows = torch.from_numpy(_flat_rows(qs_o, lq_o)), torch.from_numpy(_flat_rows(ks_o, lk_o))
         index = (q_rows[int(q_off[a]) : int(q_off[b])], k_rows[int(k_off[a]) : int(k_off[b])])
         q_r, k_r = BlockRanges(qs_o[a:b], lq_o[a]), BlockRanges(ks_o[a:b], lk_o[a])  # equal blocks, no tuples
         out.append(Step(q_r, k_r, m, causal=cz, index=index))
@@ -476,8 +511,9 @@ def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
     order = np.argsort(starts, kind="stable")
     starts, ends = starts[order], ends[order]
     reach = np.maximum.accumulate(np.concatenate([[0], ends]))  # covered up to here before each range
-    gap = np.flatnonzero(np.concatenate([starts, [n]]) > reach)
-    return tuple((int(reach[i]), int(np.concatenate([starts, [n]])[i])) for i in gap)
+    nxt = np.concatenate([starts, [n]])
+    gap = np.flatnonzero(nxt > reach)
+    return tuple(zip(reach[gap].tolist(), nxt[gap].tolist()))
 
 
 def build_plan(mask) -> Plan:
@@ -527,12 +563,17 @@ def _per_sample_plan(mask) -> Plan:
     """Per-sample segment sizes: samples with equal sizes and lengths share a pattern, planned from one of them as
     a mask of its own (:meth:`ZorroMask.sample`)."""
     parts = [t for t in (mask._sample_sizes, mask._kv_sample_sizes, mask._lengths, mask._kv_lengths) if t is not None]
-    _, inverse = torch.unique(torch.cat(parts, 1), dim=0, return_inverse=True)
+    # grouped in Python, in torch.unique's (lexicographic) order: for a few samples torch.unique(dim=0) costs more
+    rows = torch.cat(parts, 1).tolist()
+    groups: dict[tuple, list[int]] = {}
+    for b, row in enumerate(rows):
+        groups.setdefault(tuple(row), []).append(b)
     patterns = []
-    for u in range(int(inverse.max()) + 1):
-        batch = (inverse == u).nonzero().flatten()
-        (pat,) = build_plan(mask.sample(int(batch[0]))).patterns
-        patterns.append(pat._replace(batch=None if len(batch) == len(inverse) else batch))
+    for key in sorted(groups):
+        members = groups[key]
+        (pat,) = build_plan(mask.sample(members[0])).patterns
+        batch = None if len(members) == len(rows) else torch.tensor(members, dtype=torch.int64)
+        patterns.append(pat._replace(batch=batch))
     return Plan(tuple(patterns), mask.num_q, mask.num_kv)
 
 

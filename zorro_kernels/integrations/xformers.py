@@ -15,13 +15,13 @@ Expressible, hence converted:
     xformers bias                                         ZorroMask
     ====================================================  =================================================
     ``BlockDiagonalMask``                                 ``packed(q_seqlens, kv_seq_lens=k_seqlens)``
-    ``BlockDiagonalCausalMask``                           the same, ``causal=True`` (*)
-    ``BlockDiagonalCausalFromBottomRightMask``            the same, ``causal=True`` (*)
+    ``BlockDiagonalCausalMask``                           the same, causal (*)
+    ``BlockDiagonalCausalFromBottomRightMask``            the same, causal (*)
     ``BlockDiagonalPaddedKeysMask``                       key segments of ``kv_padding`` slots, ``kv_lengths``
-    ``BlockDiagonalCausalWithOffsetPaddedKeysMask``       the same, ``causal=True`` (*)
+    ``BlockDiagonalCausalWithOffsetPaddedKeysMask``       the same, causal (*)
     ``BlockDiagonalGappyKeysMask``                        key segments from ``seqstart``, ``kv_lengths``
-    ``BlockDiagonalCausalWithOffsetGappyKeysMask``        the same, ``causal=True`` (*)
-    ``LowerTriangularMask`` / ``...FromBottomRightMask``  one segment, ``causal=True`` (needs ``shape=``) (*)
+    ``BlockDiagonalCausalWithOffsetGappyKeysMask``        the same, causal (*)
+    ``LowerTriangularMask`` / ``...FromBottomRightMask``  one segment, causal (needs ``shape=``) (*)
     ``LocalAttentionFromBottomRightMask``                 one segment, ``window=(left, right)`` (``shape=``)
     ``LowerTriangularFromBottomRightLocalAttentionMask``  one segment, causal, ``window=(w - 1, -1)`` (``shape=``)
     ``BlockDiagonalCausalLocalAttentionMask``             packed, causal, ``window=(w - 1, -1)`` (*)
@@ -30,11 +30,14 @@ Expressible, hence converted:
     ``BlockDiagonalLocalAttentionPaddedKeysMask``         padded keys, ``window=(left, right)`` (*)
     ====================================================  =================================================
 
-(*) xformers aligns the causal diagonal per block (top-left, or bottom-right on the valid keys); a ZorroMask has one
-diagonal for the whole row, ``key <= query + (Nk - Nq)``. They agree whenever every block's query and key counts are
-equal (self-attention packing), for single-query decoding, and in general when each block's diagonal lands on the
-same place or masks nothing/everything; otherwise :func:`from_xformers` raises ValueError naming the block. The
-same holds for the local biases' per-block band against the mask's one ``window=`` band (checked row by row).
+(*) xformers aligns the causal diagonal per block (top-left, or bottom-right on the valid keys). Where every block's
+diagonal lands on the row-wide one, ``key <= query + (Nk - Nq)`` (equal query and key counts per block, single-query
+decoding, ...), the mask is the row-wide ``causal``/``window`` above. Otherwise each block's upper edge becomes a
+causal rule cell, which a ZorroMask aligns bottom-right per segment pair over its valid tokens: a block whose
+diagonal sits elsewhere (top-left with more keys than queries, ...) is split into a causal query segment and a full
+one, or its unreachable keys become padding, so every diagonal is exact. A local bias's lower edge (its window's
+left side) has no per-cell form: it stays the row-wide ``window``, and :func:`from_xformers` raises ValueError naming
+the block where that edge lands elsewhere (checked row by row, only where it changes which keys a row sees).
 
 Not expressible (ValueError naming the type): tensor biases
 (``LowerTriangularMaskWithTensorBias``, plain tensors) and paged masks (their keys live in a page table).
@@ -46,9 +49,11 @@ import logging
 from collections.abc import Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..mask import ZorroMask, causal_offsets_agree
+from ..tilemap import AllowRuns
 
 
 def _drop_extension_warning(record: logging.LogRecord) -> bool:
@@ -73,20 +78,26 @@ __all__ = ["from_xformers"]
 _TOP_LEFT, _BOTTOM_RIGHT = "top-left", "bottom-right"
 
 
+def _row_intervals(q: int, valid: int, lo: Optional[int], hi: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``il`` of a ``q x valid`` block, the keys ``lo <= jl - il <= hi`` (None: unbounded) as ``[a, b)``, an
+    empty one as ``[0, 0)``: O(q), no ``q x valid`` tensor."""
+    il = torch.arange(q)
+    a = torch.zeros_like(il) if lo is None else (il + lo).clamp(0, valid)
+    b = torch.full_like(il, valid) if hi is None else (il + hi + 1).clamp(0, valid)
+    empty = a >= b
+    return torch.where(empty, 0, a), torch.where(empty, 0, b)
+
+
 def _band_rows_agree(d: int, e: int, lo: Optional[int], hi: Optional[int], q: int, valid: int) -> bool:
     """Do bands ``d + lo <= jl - il <= d + hi`` and ``e + lo <= jl - il <= e + hi`` (None: unbounded) select the same
-    keys of a ``q x valid`` block? Compared row by row on the clipped key intervals: O(q), no ``q x valid`` tensor."""
+    keys of a ``q x valid`` block? Compared row by row on the clipped key intervals."""
     if d == e or q == 0 or valid == 0:
         return True
-    il = torch.arange(q)
 
-    def interval(off):
-        a = torch.zeros_like(il) if lo is None else (il + off + lo).clamp(0, valid)
-        b = torch.full_like(il, valid) if hi is None else (il + off + hi + 1).clamp(0, valid)
-        empty = a >= b
-        return torch.where(empty, 0, a), torch.where(empty, 0, b)
+    def shift(x, off):
+        return None if x is None else x + off
 
-    (a1, b1), (a2, b2) = interval(d), interval(e)
+    (a1, b1), (a2, b2) = (_row_intervals(q, valid, shift(lo, o), shift(hi, o)) for o in (d, e))
     return bool(torch.equal(a1, a2) and torch.equal(b1, b2))
 
 
@@ -125,60 +136,124 @@ def _build(
             )
         kv_segments.append((names[i], ends[i] - k_starts[i]))
         kv_lengths.append(k_lens[i])
+    lo, hi = _bias_band(causal is not None, window)
+    align = causal or align
+    if _row_band_fits(q_lens, k_starts, k_lens, k_total, lo, hi, align):
+        allow = torch.zeros(len(q_lens), len(kv_segments), dtype=torch.bool)
+        first = len(kv_segments) - n
+        allow[torch.arange(n), first + torch.arange(n)] = True
+        q_segments = list(zip(names, q_lens))
+        is_causal = causal is not None
+        padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
+        if kv_segments == q_segments and not padded:  # self-attention only when no key slot is padded
+            return ZorroMask(q_segments, allow, causal=is_causal, window=window)
+        return ZorroMask(
+            q_segments,
+            allow,
+            kv_segments=kv_segments,
+            kv_lengths=torch.tensor([kv_lengths]) if padded else None,
+            causal=is_causal,
+            window=window,
+        )
+    # The row-wide diagonal misses some block's: each block's upper edge becomes a causal cell instead, and only the
+    # lower edge (a window's left side) is left to the row-wide band.
+    _check_band_per_block(bias, q_lens, k_starts, k_lens, k_total, lo, hi, align)
+    return _per_block_cells(q_lens, k_lens, kv_segments, kv_lengths, lo, hi, align)
+
+
+def _bias_band(causal: bool, window: Optional[tuple[int, int]]) -> tuple[Optional[int], Optional[int]]:
+    """The bias's band ``lo <= jl - il - e <= hi`` around its per-block diagonal ``e`` (None: unbounded)."""
+    lo = hi = None
     if window is not None:
-        _check_band_per_block(bias, q_lens, k_starts, k_lens, k_total, causal is not None, window, causal or align)
-    elif causal is not None:
-        nq, nk = sum(q_lens), k_total
-        q_start = 0
-        for i in range(n):
-            d = (q_start - k_starts[i]) + (nk - nq)  # zorro's diagonal, in block-local coordinates
-            e = 0 if causal == _TOP_LEFT else k_lens[i] - q_lens[i]
-            if not causal_offsets_agree(d, e, q_lens[i], k_lens[i]):
-                raise ValueError(
-                    f"{name}: block {i} ({q_lens[i]} queries, {k_lens[i]} keys) is causal {causal} inside the "
-                    f"block, but a ZorroMask has one causal diagonal for the whole row (key <= query + Nk - Nq = "
-                    f"query + {nk - nq}), which puts this block's diagonal at offset {d} instead of {e}: not "
-                    f"expressible"
-                )
-            q_start += q_lens[i]
-    allow = torch.zeros(len(q_lens), len(kv_segments), dtype=torch.bool)
-    first = len(kv_segments) - n
-    allow[torch.arange(n), first + torch.arange(n)] = True
-    q_segments = list(zip(names, q_lens))
-    is_causal = causal is not None
-    padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
-    if kv_segments == q_segments and not padded:  # self-attention only when no key slot is padded
-        return ZorroMask(q_segments, allow, causal=is_causal, window=window)
-    return ZorroMask(
-        q_segments,
-        allow,
-        kv_segments=kv_segments,
-        kv_lengths=torch.tensor([kv_lengths]) if padded else None,
-        causal=is_causal,
-        window=window,
-    )
-
-
-def _check_band_per_block(bias, q_lens, k_starts, k_lens, k_total, causal: bool, window, align: str) -> None:
-    """Raise unless the row-wide band of ``causal`` and ``window`` (aligned at ``key = query + Nk - Nq``) selects,
-    inside every block, the keys the bias's per-block band (aligned ``align``) selects."""
-    left, right = window
-    lo = -left if left >= 0 else None
-    hi = right if right >= 0 else None
+        left, right = window
+        lo = -left if left >= 0 else None
+        hi = right if right >= 0 else None
     if causal:
         hi = 0 if hi is None else min(hi, 0)
+    return lo, hi
+
+
+def _offsets(q_lens, k_starts, k_lens, k_total, align):
+    """Per block: ``(queries, valid keys, d, e)``: the row-wide diagonal ``key = query + Nk - Nq`` (d) and the
+    bias's per-block one (e), both in block-local coordinates."""
     nq = sum(q_lens)
     q_start = 0
     for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
         d = (q_start - k_starts[i]) + (k_total - nq)
         e = 0 if align == _TOP_LEFT else kl - ql
-        if not _band_rows_agree(d, e, lo, hi, ql, kl):
-            raise ValueError(
-                f"{type(bias).__name__}: block {i} ({ql} queries, {kl} keys) has its local band aligned {align} at "
-                f"offset {e} inside the block, but a ZorroMask's window and causal diagonal are one band for the "
-                f"whole row (key - query in [{lo}, {hi}] + Nk - Nq), which puts it at offset {d}: not expressible"
-            )
+        yield i, ql, kl, d, e
         q_start += ql
+
+
+def _row_band_fits(q_lens, k_starts, k_lens, k_total, lo, hi, align) -> bool:
+    """Does the row-wide band (causal flag and window at ``key - query = Nk - Nq``) give every block its keys?"""
+    if lo is None and hi is None:
+        return True
+    for _, ql, kl, d, e in _offsets(q_lens, k_starts, k_lens, k_total, align):
+        if lo is None and hi == 0:
+            if not causal_offsets_agree(d, e, ql, kl):
+                return False
+        elif not _band_rows_agree(d, e, lo, hi, ql, kl):
+            return False
+    return True
+
+
+def _per_block_cells(q_lens, k_lens, kv_segments, kv_lengths, lo, hi, align) -> ZorroMask:
+    """Block i's upper edge ``jl <= il + u`` (``u = e + hi``) as a causal cell, which ZorroMask aligns bottom-right
+    over the pair's valid tokens (``jl <= il + kl - ql``). Any ``u`` fits that form: the first ``kl - u`` queries are
+    the cell (the rest see every key, a full cell), or, when the block has fewer queries, the keys past ``ql + u``
+    (which no query reaches) become padding. The lower edge ``lo`` stays the row-wide window's (checked already)."""
+    n = len(q_lens)
+    first = len(kv_segments) - n
+    kv_lengths = list(kv_lengths)
+    q_segments, rows, cols, kinds = [], [], [], []
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        c = first + i
+        u = None if hi is None else (0 if align == _TOP_LEFT else kl - ql) + hi
+        if ql == 0 or u is None or u >= kl - 1:  # every query sees every valid key
+            q_segments.append((f"seq{i}", ql))
+            rows.append(len(q_segments) - 1), cols.append(c), kinds.append(False)
+            continue
+        if u <= -ql:  # no query reaches a key
+            q_segments.append((f"seq{i}", ql))
+            continue
+        q_cell = min(ql, kl - u)
+        kv_lengths[c] = q_cell + u
+        q_segments.append((f"seq{i}", q_cell))
+        rows.append(len(q_segments) - 1), cols.append(c), kinds.append(True)
+        if ql > q_cell:
+            q_segments.append((f"seq{i}_rest", ql - q_cell))
+            rows.append(len(q_segments) - 1), cols.append(c), kinds.append(False)
+    row, col = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    kind = np.asarray(kinds, dtype=bool)
+    runs = AllowRuns(len(q_segments), len(kv_segments), row, col, col + 1, kind if kind.any() else None)
+    padded = any(length != size for (_, size), length in zip(kv_segments, kv_lengths))
+    return ZorroMask(
+        q_segments,
+        runs,
+        kv_segments=kv_segments,
+        kv_lengths=torch.tensor([kv_lengths]) if padded else None,
+        window=None if lo is None else (-lo, -1),
+    )
+
+
+def _check_band_per_block(bias, q_lens, k_starts, k_lens, k_total, lo, hi, align: str) -> None:
+    """Raise unless the row-wide window's lower edge (``key - query >= Nk - Nq + lo``) selects, inside every block,
+    the keys the bias's lower edge (aligned ``align``) selects; the upper edges are causal cells, exact anyway."""
+    if lo is None:
+        return
+    for i, ql, kl, d, e in _offsets(q_lens, k_starts, k_lens, k_total, align):
+        u = None if hi is None else e + hi  # the upper edge, a causal cell: the same on both sides
+        if d == e or ql == 0 or kl == 0:
+            continue
+        (a1, b1), (a2, b2) = (_row_intervals(ql, kl, off + lo, u) for off in (d, e))
+        if not (torch.equal(a1, a2) and torch.equal(b1, b2)):
+            raise ValueError(
+                f"{type(bias).__name__}: block {i} ({ql} queries, {kl} keys) has its local band's lower edge "
+                f"(window left {-lo}) aligned {align} at offset {e} inside the block, but a ZorroMask's window is one "
+                f"band for the whole row (key - query >= {lo} + Nk - Nq), which puts it at offset {d}: not "
+                f"expressible (each block's upper edge can be its own causal cell, its lower edge cannot)"
+            )
 
 
 def from_xformers(bias, *, shape: Optional[tuple[int, int]] = None) -> ZorroMask:
