@@ -702,3 +702,22 @@ def test_docs_integrations_hugging_face_example_runs(zt, zorro_masks):
     finally:
         zt.register()
     assert any(getattr(m, "mask", m).has_causal_cells for m in zorro_masks) and fallback_counts() == {}
+
+
+def test_a_renamed_closure_variable_is_a_fallback_reason_not_a_crash(monkeypatch):
+    """The mask interface reads transformers' mask functions' closures; a release that renames a closure variable must
+    give a fallback reason naming it (counted, FallbackError under strict), not a KeyError from inside the model."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    from zorro_kernels.integrations import transformers as zt
+
+    def overlay(width):
+        def inner(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx > q_idx - width
+
+        return inner
+
+    renamed = overlay(3)
+    monkeypatch.setattr(zt, "_SLIDING_OVERLAY_CODE", renamed.__code__)
+    reading, why = zt._read(and_masks(causal_mask_function, renamed))
+    assert reading is None and "no closure variable 'sliding_window'" in why

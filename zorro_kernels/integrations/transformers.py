@@ -260,8 +260,14 @@ _PACKED_CODE = _code(packed_sequence_mask_function(None))
 _BLOCKWISE_CODE = _code(blockwise_overlay(None))
 
 
-def _closure(fn) -> dict:
-    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+def _free(fn, name: str):
+    """The value of ``fn``'s closure variable ``name``. These are transformers' internals: a release that renames one
+    makes the mask unreadable (a counted fallback naming it), never a crash."""
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    try:
+        return cells[name].cell_contents
+    except (KeyError, ValueError) as e:  # ValueError: an empty cell
+        raise _Unreadable(f"{_describe(fn)} has no closure variable {name!r}") from e
 
 
 class _Reading:
@@ -291,23 +297,23 @@ def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
             raise _Unreadable("both causal and bidirectional")
         reading.causal = causal
     elif code is _AND_MASKS_CODE and not in_or:
-        for part in _closure(fn)["mask_functions"]:
+        for part in _free(fn, "mask_functions"):
             _read_into(reading, part)
     elif code is _SLIDING_OVERLAY_CODE and not in_or:
-        w = _closure(fn)["sliding_window"]
+        w = _free(fn, "sliding_window")
         if not isinstance(w, int) or w < 1 or reading.window not in (None, w):
             raise _Unreadable(f"sliding window {w!r}")
         reading.window = w
     elif code is _PACKED_CODE and not in_or:
-        reading.packed = _closure(fn)["packed_sequence_mask"]
+        reading.packed = _free(fn, "packed_sequence_mask")
     elif code is _REMAP_CODE:
         # positions restart per packed sequence and count up by one inside it (that is how transformers finds the
         # sequences), so inside a sequence the remapped rule is the rule on token indices; the packed term (checked
         # by the caller) removes every pair across sequences
         reading.remapped = True
-        _read_into(reading, _closure(fn)["mask_function"], in_or=in_or)
+        _read_into(reading, _free(fn, "mask_function"), in_or=in_or)
     elif code is _OR_MASKS_CODE and not in_or:
-        parts = _closure(fn)["mask_functions"]
+        parts = _free(fn, "mask_functions")
         if len(parts) != 2 or _code(parts[1]) is not _BLOCKWISE_CODE or reading.blocks is not None:
             raise _Unreadable("an OR of mask functions other than causal OR blocks")
         inner = _Reading()
@@ -315,7 +321,7 @@ def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
         if inner.causal is not True or inner.window is not None or inner.packed is not None:
             raise _Unreadable("bidirectional blocks OR-ed to something other than the causal rule")
         reading.causal, reading.remapped = True, reading.remapped or inner.remapped
-        reading.blocks = _closure(parts[1])["block_sequence_ids"]
+        reading.blocks = _free(parts[1], "block_sequence_ids")
     else:
         raise _Unreadable(_describe(fn))
 
