@@ -33,6 +33,15 @@ def pytest_report_header(config):
     return [f"torch {torch.__version__}, CUDA device: {cuda}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
 
 
+@pytest.fixture
+def strict(zt):
+    """``register(strict=True)`` for one test (a fallback to sdpa raises ``FallbackError``); ``zt`` is the requesting
+    module's fixture for the transformers integration."""
+    zt.register(strict=True)
+    yield
+    zt.register(strict=False)
+
+
 @pytest.fixture(scope="module")
 def fresh_clone(tmp_path_factory):
     """A copy of what a fresh clone holds (tracked and new, not ignored, files) with ``.venv`` pointing at the

@@ -115,6 +115,15 @@ def small_triton_tiles():
         yield
 
 
+@pytest.fixture(autouse=True)
+def no_stale_fallbacks():
+    """Autouse where imported: each test starts with zero integration fallbacks counted, so its own count is exact."""
+    from zorro_kernels.integrations import reset_fallback_counts
+
+    reset_fallback_counts()
+    yield
+
+
 @contextlib.contextmanager
 def deterministic(on: bool = True):
     """``torch.use_deterministic_algorithms(on)`` for a block: on, the Triton backward runs its atomic-free kernels;

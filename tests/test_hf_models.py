@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from zorro_kernels import ZorroMask
-from zorro_kernels.integrations import fallback_counts, reset_fallback_counts
+from zorro_kernels.integrations import fallback_counts
 from zorro_kernels.testing import assert_within_policy
+
+from .helpers import no_stale_fallbacks  # noqa: F401 (an autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 F32 = torch.float32
@@ -39,19 +41,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_fallbacks():
-    reset_fallback_counts()
-    yield
-
-
-@pytest.fixture
-def strict(zt):
-    zt.register(strict=True)
-    yield
-    zt.register(strict=False)
 
 
 @pytest.fixture

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from zorro_kernels import ZorroMask
-from zorro_kernels.integrations import FallbackError, fallback_counts, reset_fallback_counts
+from zorro_kernels.integrations import FallbackError, fallback_counts
 from zorro_kernels.testing import FLOOR, assert_within_policy
+
+from .helpers import no_stale_fallbacks  # noqa: F401 (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 F32 = torch.float32
@@ -32,12 +34,6 @@ def _require(module: str):
         return importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
         pytest.skip(f"{module} does not import here: {type(e).__name__}: {e}")
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_fallbacks():
-    reset_fallback_counts()
-    yield
 
 
 @pytest.fixture
@@ -142,13 +138,6 @@ def test_minilm_padded_batch_equals_sdpa(minilm, zt, zorro_calls):
     assert_within_policy("padded batch", got, same, ref, F32)
     assert len(calls) == minilm.layers and fallback_counts() == {}
     assert calls[0].kv_lengths.flatten().tolist() == batch["attention_mask"].sum(1).tolist()
-
-
-@pytest.fixture
-def strict(zt):
-    zt.register(strict=True)
-    yield
-    zt.register(strict=False)
 
 
 def test_minilm_left_padding_runs_on_zorro(minilm, zt, zorro_calls, strict):
