@@ -724,3 +724,36 @@ def test_gpu_compile_fullgraph():
     out.float().sum().backward()
     ref = model(x.detach())
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)  # compiled projections may round differently
+
+
+def _gemma3_like(text=((100, 300, 200, 150, 274), (20, 500, 64, 400, 40)), image=256) -> ZorroMask:
+    """Causal text runs around 4 bidirectional images, the images at other positions in each sample (the layout of
+    benchmarks/cpu_costs.py's gemma3 row: 1024 text + 4 x 256 image tokens per sample with the defaults)."""
+    names = [n for i in range(5) for n in ([f"t{i}", f"img{i}"] if i < 4 else [f"t{i}"])]
+    sizes = [[s for i in range(5) for s in ([t[i], image] if i < 4 else [t[i]])] for t in text]
+    return ZorroMask.causal_with_blocks(
+        list(zip(names, sizes[0])), ["img*"], sample_sizes=torch.tensor(sizes, dtype=torch.int64)
+    )
+
+
+def _check_new_layouts(device, dtypes, big=True):
+    """Issue 20's layouts on the Triton kernels: rule cells (causal per segment pair, bottom-right), per-sample segment
+    sizes, packed causal cross-attention with unequal counts, against the fp64 oracle, forward and gradients."""
+    from zorro_kernels.testing import cell_masks, per_sample_masks
+
+    masks = {**cell_masks(), **{f"per_sample_{k}": m for k, m in per_sample_masks().items()}}
+    masks["gemma3_like"] = _gemma3_like() if big else _gemma3_like(((3, 9, 1, 0, 7), (1, 0, 12, 5, 2)), 5)
+    for name, mask in masks.items():
+        for dtype in dtypes:
+            q, k, v = generate_qkv(mask, heads=4, kv_heads=2, head_dim=64, dtype=dtype, device=device)
+            try:
+                check_against_oracle(triton_attn, q, k, v, mask)
+            except AssertionError as e:
+                raise AssertionError(f"{name} {dtype}: {e}") from None
+
+
+@gpu
+def test_gpu_cells_and_per_sample_sizes():
+    # in the default tier these run in the interpreter on small tiles (tests/test_cells.py, test_sample_sizes.py);
+    # here the compiled kernels at their own tile sizes, half types included, and the Gemma-3-like row at full size
+    _check_new_layouts("cuda", GPU_DTYPES + [torch.float32])
