@@ -763,7 +763,9 @@ def _straddle_cpu_backward(go, q, k, v, out, lse, mask, scale):
 
 
 def _all_finite(*ts) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    # a finite sum has no NaN or Inf term (NaN and Inf propagate through any sum): one reduction pass, no bool
+    # tensor; only a sum that overflows needs the element-wise check
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in ts)
 
 
 def _causal_cpu_forward(q, k, v, scale):
@@ -812,26 +814,28 @@ def _prefix_causal_cpu_forward(q, k, v, prefix: int, scale):
     o1, l1 = _fwd_cpu(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
     o2, l2 = _causal_cpu_forward(q, k[:, :, prefix:], v[:, :, prefix:], scale)
     lse = torch.logaddexp(l1, l2)
-    w1, w2 = torch.exp(l1 - lse)[..., None], torch.exp(l2 - lse)[..., None]
-    return (o1 * w1 + o2 * w2).to(q.dtype), lse
+    out = torch.mul(o1, torch.exp(l1 - lse)[..., None])  # in lse's precision: rounded to q's dtype once, below
+    return out.addcmul_(o2, torch.exp(l2 - lse)[..., None]).to(q.dtype), lse
 
 
 def _prefix_causal_cpu_backward(go, q, k, v, out, lse, prefix: int, scale):
     """Backward of :func:`_prefix_causal_cpu_forward`: each part's flash backward from the step's total ``out`` and
-    ``lse`` (the softmax of a row over both parts), dq summed."""
+    ``lse`` (the softmax of a row over both parts), dq summed; dK and dV as the two parts' pieces along the keys
+    (written by :func:`_write_keys` without a concatenated copy)."""
+    go, out, lse = go.contiguous(), out.contiguous(), lse.contiguous()
     g_q, g_k, g_v = _bwd_cpu(
-        go.contiguous(),
+        go,
         q,
         k[:, :, :prefix],
         v[:, :, :prefix],
-        out.contiguous(),
-        lse.contiguous(),
+        out,
+        lse,
         0.0,
         False,
         scale=scale,
     )
     c_q, c_k, c_v = _causal_cpu_backward(go, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, scale)
-    return g_q + c_q, torch.cat([g_k, c_k], 2), torch.cat([g_v, c_v], 2)
+    return g_q.add_(c_q), (g_k, c_k), (g_v, c_v)
 
 
 def _take(ranges: Ranges, n: int) -> Ranges:
@@ -881,6 +885,32 @@ def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
     return x if batch is None else x.index_select(0, batch)
 
 
+def _batch_slice(batch: Optional[torch.Tensor]) -> Optional[slice]:
+    """The samples ``batch`` (None: all) as a slice when they are consecutive, else None: a pattern of consecutive
+    samples (one sample, per-sample layouts) reads its inputs and writes its outputs in place instead of gathering
+    copies and scattering them back."""
+    if batch is None:
+        return slice(None)
+    b = batch.tolist()
+    return slice(b[0], b[-1] + 1) if b and b[-1] - b[0] == len(b) - 1 else None
+
+
+def _write_keys(dst: torch.Tensor, writes: tuple, parts: tuple) -> None:
+    """A step's dK or dV into ``dst (B, H, Nk, D)`` by its :attr:`Step.k_writes`, the gradient given as ``parts``:
+    consecutive pieces along the gathered keys (dim 2; one piece for most steps)."""
+    for s, e, o, acc in writes:
+        pos = 0
+        for g in parts:
+            a, b = max(o, pos), min(o + e - s, pos + g.shape[2])
+            if a < b:
+                d, src = dst[:, :, s + a - o : s + b - o], g[:, :, a - pos : b - pos]
+                if acc:
+                    d.add_(src)
+                else:
+                    d.copy_(src)
+            pos += g.shape[2]
+
+
 def _steps(pat: Pattern, bias) -> tuple[Step, ...]:
     """The pattern's steps as the CPU path runs them: a bias is read per block, so causal steps are expanded."""
     if bias is None or not any(st.causal for st in pat.steps):
@@ -900,10 +930,13 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
     out = q.new_empty(b, h, nq, d)
     lse = q.new_empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     for pat in plan.patterns:
-        qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+        view = _batch_slice(pat.batch)
+        if view is not None:
+            qb, kb, vb, ob, lb = q[view], k[view], v[view], out[view], lse[view]
+        else:
+            qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+            ob, lb = qb.new_empty(qb.shape), lse.new_empty(qb.shape[:3])
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
-        ob = out if pat.batch is None else qb.new_empty(qb.shape)
-        lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
         for st in _steps(pat, bias):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             qi, ki = st.index or (None, None)
@@ -926,7 +959,7 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
             _scatter(lb, st.q_ranges, _unfold(l, h), qi)
         _zero(ob, pat.q_uncovered)
         _zero(lb, pat.q_uncovered)
-        if pat.batch is not None:
+        if view is None:
             out[pat.batch] = ob
             lse[pat.batch] = lb
     return out, lse
@@ -940,11 +973,14 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
     h, hkv = q.shape[1], k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for pat in plan.patterns:
-        qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
+        view = _batch_slice(pat.batch)
+        if view is not None:
+            qb, kb, vb, ob, lb, gb = (x[view] for x in (q, k, v, out, lse, grad_out))
+            dqb, dkb, dvb = dq[view], dk[view], dv[view]
+        else:
+            qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
+            dqb, dkb, dvb = torch.empty_like(qb), torch.empty_like(kb), torch.empty_like(vb)
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
-        dqb = dq if pat.batch is None else torch.empty_like(qb)
-        dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
-        dvb = dv if pat.batch is None else torch.empty_like(dkb)
         for st in _steps(pat, bias):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             qi, ki = st.index or (None, None)
@@ -985,20 +1021,16 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                     )
             _scatter(dqb, st.q_ranges, _unfold(g_q, h), qi)
             for g, dst in ((g_k, dkb), (g_v, dvb)):
-                g = _unfold(g, h)
+                parts = [_unfold(x, h) for x in (g if isinstance(g, tuple) else (g,))]
                 if hkv != h:  # GQA: the query heads of a group all read one kv head
-                    g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+                    parts = [x.unflatten(1, (hkv, h // hkv)).sum(2) for x in parts]
                 if ki is not None:  # a bucket: keys no other step reads
-                    dst.index_copy_(2, ki.to(dst.device), g)
+                    dst.index_copy_(2, ki.to(dst.device), parts[0])
                     continue
-                for s, e, o, acc in st.k_writes:
-                    if acc:
-                        dst[:, :, s:e] += g[:, :, o : o + e - s]
-                    else:
-                        dst[:, :, s:e] = g[:, :, o : o + e - s]
+                _write_keys(dst, st.k_writes, parts)
         for t, ranges in ((dqb, pat.q_uncovered), (dkb, pat.k_uncovered), (dvb, pat.k_uncovered)):
             _zero(t, ranges)
-        if pat.batch is not None:
+        if view is None:
             dq[pat.batch] = dqb
             dk[pat.batch] = dkb
             dv[pat.batch] = dvb
