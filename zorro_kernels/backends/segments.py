@@ -73,8 +73,9 @@ class Step(NamedTuple):
     # are copied in (index_copy_)
     index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     # causal steps of one block only: the first `prefix` gathered keys every row sees (a causal rule cell after full
-    # ones, Gemma 3's text); the rest is the causal square. Two flash calls, one plain and one causal, merged by
-    # log-sum-exp
+    # ones, Gemma 3's text); the other S keys are a causal square on the step's last S rows (rows before those see
+    # the prefix only: an image's rows joined to the text after it). Two flash calls, one plain on every row and
+    # one causal on the square, merged by log-sum-exp
     prefix: int = 0
 
 
@@ -158,6 +159,32 @@ def _fuse_runs(steps: list[Step]) -> list[Step]:
             out.append(steps[i])
             j = i + 1
         i = j
+    return out
+
+
+def _join_leading_rows(steps: list[Step]) -> list[Step]:
+    """Fold each plain single-range step into the prefix step right after it when its keys are that step's prefix
+    keys (Gemma 3: an image's rows see every key before its end, the next text run's prefix): one plain flash call
+    over both row groups instead of two calls of fewer rows (ATen's CPU kernel is faster per pair on more rows), the
+    causal square left on the text rows. ``steps`` sorted by query start."""
+    out: list[Step] = []
+    for st in steps:
+        prev = out[-1] if out else None
+        if (
+            st.prefix
+            and prev is not None
+            and prev.mask is None
+            and not prev.causal
+            and prev.blocks == 1
+            and prev.index is None
+            and len(prev.q_ranges) == 1
+            and prev.q_ranges[0][1] == st.q_ranges[0][0]
+            and sum(e - s for s, e in st.k_ranges) - st.prefix == st.q_ranges[0][1] - st.q_ranges[0][0]
+            and prev.k_ranges == _take(st.k_ranges, st.prefix)
+        ):
+            out[-1] = st._replace(q_ranges=((prev.q_ranges[0][0], st.q_ranges[0][1]),))
+        else:
+            out.append(st)
     return out
 
 
@@ -461,7 +488,7 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
             for a, b, c, d, z in zip(qs.tolist(), qe.tolist(), ks.tolist(), ke.tolist(), causal.tolist())
         ]
         loose.sort(key=lambda st: st.q_ranges[0][0])
-        return _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
+        return _schedule_key_writes(_fuse_runs(_join_leading_rows(loose))), q_cov, k_cov
     lq, lk = qe - qs, ke - ks
     key = np.where(alone, (lq * (lk.max(initial=0) + 1) + lk) * 2 + causal, -1)
     # members of a bucket adjacent in (key, query start) order
@@ -501,7 +528,7 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
         q_r, k_r = BlockRanges(qs_o[a:b], lq_o[a]), BlockRanges(ks_o[a:b], lk_o[a])  # equal blocks, no tuples
         out.append(Step(q_r, k_r, m, causal=cz, index=index))
     loose.sort(key=lambda st: st.q_ranges[0][0])
-    return out + _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
+    return out + _schedule_key_writes(_fuse_runs(_join_leading_rows(loose))), q_cov, k_cov
 
 
 def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
@@ -809,33 +836,35 @@ def _causal_cpu_backward(go, q, k, v, out, lse, scale):
 
 def _prefix_causal_cpu_forward(q, k, v, prefix: int, scale):
     """A causal step with a prefix (:attr:`Step.prefix`): the prefix keys every row sees in one plain flash call,
-    the causal square in one causal call (NaN-safe, :func:`_causal_cpu_forward`), merged by log-sum-exp. Every row
-    sees at least its diagonal key, so both log-sum-exps are finite for finite inputs."""
+    the causal square (the last S keys, on the last S rows) in one causal call (NaN-safe,
+    :func:`_causal_cpu_forward`), merged by log-sum-exp on those rows. Every square row sees at least its diagonal
+    key, so both log-sum-exps are finite for finite inputs."""
+    lead = q.shape[2] - (k.shape[2] - prefix)  # rows that see the prefix only
     o1, l1 = _fwd_cpu(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
-    o2, l2 = _causal_cpu_forward(q, k[:, :, prefix:], v[:, :, prefix:], scale)
-    lse = torch.logaddexp(l1, l2)
-    out = torch.mul(o1, torch.exp(l1 - lse)[..., None])  # in lse's precision: rounded to q's dtype once, below
-    return out.addcmul_(o2, torch.exp(l2 - lse)[..., None]).to(q.dtype), lse
+    o2, l2 = _causal_cpu_forward(q[:, :, lead:], k[:, :, prefix:], v[:, :, prefix:], scale)
+    l1s = l1[:, :, lead:]
+    lse = torch.logaddexp(l1s, l2)
+    out = torch.mul(o1[:, :, lead:], torch.exp(l1s - lse)[..., None])  # in lse's precision: rounded to q's once
+    out.addcmul_(o2, torch.exp(l2 - lse)[..., None])
+    if lead == 0:
+        return out.to(q.dtype), lse
+    o1[:, :, lead:] = out  # o1 and l1 are the kernel's fresh outputs: written in place
+    l1[:, :, lead:] = lse
+    return o1, l1
 
 
 def _prefix_causal_cpu_backward(go, q, k, v, out, lse, prefix: int, scale):
     """Backward of :func:`_prefix_causal_cpu_forward`: each part's flash backward from the step's total ``out`` and
     ``lse`` (the softmax of a row over both parts), dq summed; dK and dV as the two parts' pieces along the keys
     (written by :func:`_write_keys` without a concatenated copy)."""
+    lead = q.shape[2] - (k.shape[2] - prefix)
     go, out, lse = go.contiguous(), out.contiguous(), lse.contiguous()
-    g_q, g_k, g_v = _bwd_cpu(
-        go,
-        q,
-        k[:, :, :prefix],
-        v[:, :, :prefix],
-        out,
-        lse,
-        0.0,
-        False,
-        scale=scale,
+    g_q, g_k, g_v = _bwd_cpu(go, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, 0.0, False, scale=scale)
+    c_q, c_k, c_v = _causal_cpu_backward(
+        go[:, :, lead:], q[:, :, lead:], k[:, :, prefix:], v[:, :, prefix:], out[:, :, lead:], lse[:, :, lead:], scale
     )
-    c_q, c_k, c_v = _causal_cpu_backward(go, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, scale)
-    return g_q.add_(c_q), (g_k, c_k), (g_v, c_v)
+    g_q[:, :, lead:] += c_q
+    return g_q, (g_k, c_k), (g_v, c_v)
 
 
 def _take(ranges: Ranges, n: int) -> Ranges:
@@ -854,13 +883,14 @@ def _expand(st: Step) -> list[Step]:
     as the plan does for any band): for the paths that select per row (other devices, a bias)."""
     if st.index is None and not st.causal:
         return [st]
-    if st.prefix:  # row q0 + l sees the prefix and the square's keys 0 .. l
+    if st.prefix:  # row q0 + lead + l sees the prefix and the square's keys 0 .. l; rows before, the prefix
         (q0, q1), out = st.q_ranges[0], []
+        sq0 = q1 - (sum(e - s for s, e in st.k_ranges) - st.prefix)  # the square's first row
         for a, b in _chunks((q0, q1), BAND_ROWS):
-            rows = torch.arange(a - q0, b - q0)[:, None]
-            cols = torch.arange(st.prefix + b - q0)[None, :]
-            m = cols - st.prefix <= rows
-            out.append(Step(((a, b),), _take(st.k_ranges, st.prefix + b - q0), 1, None if m.all() else m))
+            rows = torch.arange(a - sq0, b - sq0)[:, None]
+            cols = torch.arange(st.prefix + max(b - sq0, 0))[None, :]
+            m = (cols < st.prefix) | (cols - st.prefix <= rows)
+            out.append(Step(((a, b),), _take(st.k_ranges, cols.shape[1]), 1, None if m.all() else m))
         return out
     if st.index is not None:
         members = list(zip(st.q_ranges, st.k_ranges))
