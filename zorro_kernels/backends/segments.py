@@ -53,6 +53,9 @@ Ranges = tuple[tuple[int, int], ...]
 # selections of straddling_attention (a chunk's keys that only some of its rows see number < 2 * BAND_ROWS)
 BAND_ROWS = 64
 _I64 = np.iinfo(np.int64)  # built once: np.iinfo costs microseconds a call, a plan's fixed cost
+# up to this many ranges a plan's range arithmetic runs in Python: each numpy call costs about a microsecond, more
+# than a Python loop over a few elements
+_FEW = 32
 
 
 class Step(NamedTuple):
@@ -533,6 +536,8 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
 
 def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
     """Rows of ``[0, n)`` covered by none of the ranges ``[starts, ends)``."""
+    if len(starts) <= _FEW:  # a few ranges: Python's loop beats numpy's per-call costs
+        return _complement(tuple(zip(starts.tolist(), ends.tolist())), n)
     keep = ends > starts
     starts, ends = starts[keep], ends[keep]
     order = np.argsort(starts, kind="stable")
