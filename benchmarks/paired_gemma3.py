@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import statistics
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cpu_costs import inputs
+from benchmarks.measure import import_commit
 
 TEXT = ([100, 300, 200, 150, 274], [20, 500, 64, 400, 40])  # per sample: text runs around 4 images of 256
 
@@ -47,17 +44,6 @@ def gemma3_mask(pkg):
     return pkg.ZorroMask.causal_with_blocks(
         list(zip(names, sizes[0])), ["img*"], sample_sizes=torch.tensor(sizes, dtype=torch.int64)
     )
-
-
-def import_commit(commit: str, into: Path):
-    """The commit's ``zorro_kernels`` as the package ``zorro_base``."""
-    root = Path(__file__).resolve().parent.parent
-    tar = subprocess.run(["git", "-C", str(root), "archive", commit, "zorro_kernels"], capture_output=True, check=True)
-    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as t:
-        t.extractall(into)  # our own repository's files
-    (into / "zorro_kernels").rename(into / "zorro_base")
-    sys.path.insert(0, str(into))
-    return importlib.import_module("zorro_base")
 
 
 def build(old, new) -> None:
