@@ -7,10 +7,18 @@
 - :func:`peak_memory` — bytes allocated above the starting point during one call (CUDA allocator stats; on CPU the
   profiler's allocation events, since the CPU allocator keeps no peak).
 - :func:`sync` — what a timed call must end with on an asynchronous device.
+- :func:`import_commit` — an older commit's ``zorro_kernels`` importable beside the working tree's (before/after runs
+  in one process).
 """
 
 from __future__ import annotations
 
+import importlib
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -19,7 +27,7 @@ from zorro_kernels.testing import policy_violation
 
 from .layouts import Layout
 
-__all__ = ["make_inputs", "Reference", "peak_memory", "sync", "run_once"]
+__all__ = ["make_inputs", "Reference", "peak_memory", "sync", "run_once", "import_commit"]
 
 # Above this many query rows the oracle uses a row subset (its cost and memory grow with rows x keys).
 FULL_ORACLE_ROWS = 2048
@@ -160,3 +168,16 @@ def peak_memory(call: Callable[[], object], device: torch.device) -> Optional[in
         cur += nbytes
         peak = max(peak, cur)
     return peak
+
+
+def import_commit(commit: str, into: Path):
+    """``commit``'s ``zorro_kernels`` (taken with ``git archive`` into the folder ``into``) imported as the package
+    ``zorro_base``: its imports are relative, so it runs beside the working tree's ``zorro_kernels``. Call its backends
+    directly rather than ``zorro_attention``: both packages would register the same ``zorro::`` custom ops."""
+    root = Path(__file__).resolve().parent.parent
+    tar = subprocess.run(["git", "-C", str(root), "archive", commit, "zorro_kernels"], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as t:
+        t.extractall(into)  # our own repository's files
+    (into / "zorro_kernels").rename(into / "zorro_base")
+    sys.path.insert(0, str(into))
+    return importlib.import_module("zorro_base")

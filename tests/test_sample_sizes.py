@@ -44,6 +44,47 @@ def test_each_sample_has_its_own_layout():
     assert m.attended().tolist() == d.sum((1, 2)).tolist()
 
 
+def _sample_masks():
+    cross = ZorroMask.from_segments(  # query lengths without key lengths: the sample's keys stay unpadded
+        [("new", 2)],
+        {"new": {"t0": "full", "img": "full", "new_k": "causal"}},
+        kv_segments=[("t0", 4), ("img", 6), ("new_k", 2)],
+        kv_sample_sizes=torch.tensor([[4, 6, 2], [8, 2, 2]]),
+        lengths=torch.tensor([[2], [1]]),
+    )
+    return {**per_sample_masks(), "cross_q_lengths": cross}
+
+
+@pytest.mark.parametrize("name", list(_sample_masks()))
+def test_sample_is_the_mask_of_that_samples_layout(name):
+    # mask.sample(b) is assembled without the constructor (planning builds one per distinct sample): it must equal
+    # the mask the constructor builds from sample b's sizes and lengths
+    m = _sample_masks()[name]
+    for b in range(m.batch_size):
+        got = m.sample(b)
+        qs = m.sample_sizes[b] if m.sample_sizes is not None else torch.tensor(m.q_sizes)
+        ks = m.kv_sample_sizes[b] if m.kv_sample_sizes is not None else torch.tensor(m.kv_sizes)
+        want = ZorroMask(
+            list(zip(m.q_names, qs.tolist())),
+            m.allow,
+            kv_segments=None if m.is_self else list(zip(m.kv_names, ks.tolist())),
+            lengths=None if m.lengths is None else m.lengths[b : b + 1],
+            kv_lengths=None if m.is_self or m.kv_lengths is None else m.kv_lengths[b : b + 1],
+            causal=m.causal,
+            window=m.window,
+            causal_cells=m.causal_cells,
+        )
+        assert (got.q_sizes, got.kv_sizes, got.batch_size, got.per_sample) == (
+            want.q_sizes,
+            want.kv_sizes,
+            want.batch_size,
+            False,
+        )
+        for a, c in ((got.lengths, want.lengths), (got.kv_lengths, want.kv_lengths)):
+            assert (a is None and c is None) or torch.equal(a, c)
+        assert torch.equal(got.to_dense(), want.to_dense()) and repr(got) == repr(want)
+
+
 def test_prefix_lm_per_sample_prompts():
     m = ZorroMask.prefix_lm([3, 5], [4, 2])
     i, j = torch.arange(7)[:, None], torch.arange(7)[None]

@@ -409,17 +409,26 @@ def _dense_causal(mask: "ZorroMask") -> torch.Tensor:
 def _sample_view(mask: "ZorroMask", b: int) -> "ZorroMask":
     if not 0 <= b < (mask.batch_size or 1):
         raise IndexError(f"sample {b} out of range for a mask of {mask.batch_size or 1} samples")
-    qs = mask.q_sizes if mask._sample_sizes is None else mask._sample_sizes[b].tolist()
-    ks = mask.kv_sizes if mask._kv_sample_sizes is None else mask._kv_sample_sizes[b].tolist()
-    return ZorroMask(
-        list(zip(mask.q_names, qs)),
-        mask._runs,
-        kv_segments=None if mask.is_self else list(zip(mask.kv_names, ks)),
-        lengths=None if mask._lengths is None else mask._lengths[b : b + 1],
-        kv_lengths=None if mask.is_self or mask._kv_lengths is None else mask._kv_lengths[b : b + 1],
-        causal=mask.causal,
-        window=mask.window,
+    qs = mask.q_sizes if mask._sample_sizes is None else tuple(mask._sample_sizes[b].tolist())
+    ks = mask.kv_sizes if mask._kv_sample_sizes is None else tuple(mask._kv_sample_sizes[b].tolist())
+    # assembled from the mask's own checked fields, without the constructor's checks: the sample's sizes and lengths
+    # were checked with the mask (a per-sample plan builds one view per distinct sample, on every new mask)
+    view = object.__new__(ZorroMask)
+    fields = dict(vars(mask))
+    fields.update(
+        q_sizes=qs,
+        kv_sizes=qs if mask.is_self else ks,
+        _sample_sizes=None,
+        _kv_sample_sizes=None,
+        _lengths=None if mask._lengths is None else mask._lengths[b : b + 1],
+        _cache={},
     )
+    if mask._kv_lengths is not None:
+        fields["_kv_lengths"] = fields["_lengths"] if mask.is_self else mask._kv_lengths[b : b + 1]
+    if len(mask.q_sizes) * len(mask.kv_sizes) <= _DENSE_ALLOW_CELLS:  # as the constructor keeps it
+        fields["_cache"][(_dense_allow,)] = mask._allow
+    vars(view).update(fields)
+    return view
 
 
 def causal_offsets_agree(d: int, e: int, q: int, valid: int) -> bool:

@@ -53,6 +53,9 @@ Ranges = tuple[tuple[int, int], ...]
 # selections of straddling_attention (a chunk's keys that only some of its rows see number < 2 * BAND_ROWS)
 BAND_ROWS = 64
 _I64 = np.iinfo(np.int64)  # built once: np.iinfo costs microseconds a call, a plan's fixed cost
+# up to this many ranges a plan's range arithmetic runs in Python: each numpy call costs about a microsecond, more
+# than a Python loop over a few elements
+_FEW = 32
 
 
 class Step(NamedTuple):
@@ -73,8 +76,9 @@ class Step(NamedTuple):
     # are copied in (index_copy_)
     index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     # causal steps of one block only: the first `prefix` gathered keys every row sees (a causal rule cell after full
-    # ones, Gemma 3's text); the rest is the causal square. Two flash calls, one plain and one causal, merged by
-    # log-sum-exp
+    # ones, Gemma 3's text); the other S keys are a causal square on the step's last S rows (rows before those see
+    # the prefix only: an image's rows joined to the text after it). Two flash calls, one plain on every row and
+    # one causal on the square, merged by log-sum-exp
     prefix: int = 0
 
 
@@ -158,6 +162,32 @@ def _fuse_runs(steps: list[Step]) -> list[Step]:
             out.append(steps[i])
             j = i + 1
         i = j
+    return out
+
+
+def _join_leading_rows(steps: list[Step]) -> list[Step]:
+    """Fold each plain single-range step into the prefix step right after it when its keys are that step's prefix
+    keys (Gemma 3: an image's rows see every key before its end, the next text run's prefix): one plain flash call
+    over both row groups instead of two calls of fewer rows (ATen's CPU kernel is faster per pair on more rows), the
+    causal square left on the text rows. ``steps`` sorted by query start."""
+    out: list[Step] = []
+    for st in steps:
+        prev = out[-1] if out else None
+        if (
+            st.prefix
+            and prev is not None
+            and prev.mask is None
+            and not prev.causal
+            and prev.blocks == 1
+            and prev.index is None
+            and len(prev.q_ranges) == 1
+            and prev.q_ranges[0][1] == st.q_ranges[0][0]
+            and sum(e - s for s, e in st.k_ranges) - st.prefix == st.q_ranges[0][1] - st.q_ranges[0][0]
+            and prev.k_ranges == _take(st.k_ranges, st.prefix)
+        ):
+            out[-1] = st._replace(q_ranges=((prev.q_ranges[0][0], st.q_ranges[0][1]),))
+        else:
+            out.append(st)
     return out
 
 
@@ -461,7 +491,7 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
             for a, b, c, d, z in zip(qs.tolist(), qe.tolist(), ks.tolist(), ke.tolist(), causal.tolist())
         ]
         loose.sort(key=lambda st: st.q_ranges[0][0])
-        return _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
+        return _schedule_key_writes(_fuse_runs(_join_leading_rows(loose))), q_cov, k_cov
     lq, lk = qe - qs, ke - ks
     key = np.where(alone, (lq * (lk.max(initial=0) + 1) + lk) * 2 + causal, -1)
     # members of a bucket adjacent in (key, query start) order
@@ -501,11 +531,13 @@ def _bucket(steps: list[Step], qs, qe, ks, ke, causal) -> tuple[list[Step], np.n
         q_r, k_r = BlockRanges(qs_o[a:b], lq_o[a]), BlockRanges(ks_o[a:b], lk_o[a])  # equal blocks, no tuples
         out.append(Step(q_r, k_r, m, causal=cz, index=index))
     loose.sort(key=lambda st: st.q_ranges[0][0])
-    return out + _schedule_key_writes(_fuse_runs(loose)), q_cov, k_cov
+    return out + _schedule_key_writes(_fuse_runs(_join_leading_rows(loose))), q_cov, k_cov
 
 
 def _complement_np(starts: np.ndarray, ends: np.ndarray, n: int) -> Ranges:
     """Rows of ``[0, n)`` covered by none of the ranges ``[starts, ends)``."""
+    if len(starts) <= _FEW:  # a few ranges: Python's loop beats numpy's per-call costs
+        return _complement(tuple(zip(starts.tolist(), ends.tolist())), n)
     keep = ends > starts
     starts, ends = starts[keep], ends[keep]
     order = np.argsort(starts, kind="stable")
@@ -763,7 +795,9 @@ def _straddle_cpu_backward(go, q, k, v, out, lse, mask, scale):
 
 
 def _all_finite(*ts) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    # a finite sum has no NaN or Inf term (NaN and Inf propagate through any sum): one reduction pass, no bool
+    # tensor; only a sum that overflows needs the element-wise check
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in ts)
 
 
 def _causal_cpu_forward(q, k, v, scale):
@@ -807,31 +841,35 @@ def _causal_cpu_backward(go, q, k, v, out, lse, scale):
 
 def _prefix_causal_cpu_forward(q, k, v, prefix: int, scale):
     """A causal step with a prefix (:attr:`Step.prefix`): the prefix keys every row sees in one plain flash call,
-    the causal square in one causal call (NaN-safe, :func:`_causal_cpu_forward`), merged by log-sum-exp. Every row
-    sees at least its diagonal key, so both log-sum-exps are finite for finite inputs."""
+    the causal square (the last S keys, on the last S rows) in one causal call (NaN-safe,
+    :func:`_causal_cpu_forward`), merged by log-sum-exp on those rows. Every square row sees at least its diagonal
+    key, so both log-sum-exps are finite for finite inputs."""
+    lead = q.shape[2] - (k.shape[2] - prefix)  # rows that see the prefix only
     o1, l1 = _fwd_cpu(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
-    o2, l2 = _causal_cpu_forward(q, k[:, :, prefix:], v[:, :, prefix:], scale)
-    lse = torch.logaddexp(l1, l2)
-    w1, w2 = torch.exp(l1 - lse)[..., None], torch.exp(l2 - lse)[..., None]
-    return (o1 * w1 + o2 * w2).to(q.dtype), lse
+    o2, l2 = _causal_cpu_forward(q[:, :, lead:], k[:, :, prefix:], v[:, :, prefix:], scale)
+    l1s = l1[:, :, lead:]
+    lse = torch.logaddexp(l1s, l2)
+    out = torch.mul(o1[:, :, lead:], torch.exp(l1s - lse)[..., None])  # in lse's precision: rounded to q's once
+    out.addcmul_(o2, torch.exp(l2 - lse)[..., None])
+    if lead == 0:
+        return out.to(q.dtype), lse
+    o1[:, :, lead:] = out  # o1 and l1 are the kernel's fresh outputs: written in place
+    l1[:, :, lead:] = lse
+    return o1, l1
 
 
 def _prefix_causal_cpu_backward(go, q, k, v, out, lse, prefix: int, scale):
     """Backward of :func:`_prefix_causal_cpu_forward`: each part's flash backward from the step's total ``out`` and
-    ``lse`` (the softmax of a row over both parts), dq summed."""
-    g_q, g_k, g_v = _bwd_cpu(
-        go.contiguous(),
-        q,
-        k[:, :, :prefix],
-        v[:, :, :prefix],
-        out.contiguous(),
-        lse.contiguous(),
-        0.0,
-        False,
-        scale=scale,
+    ``lse`` (the softmax of a row over both parts), dq summed; dK and dV as the two parts' pieces along the keys
+    (written by :func:`_write_keys` without a concatenated copy)."""
+    lead = q.shape[2] - (k.shape[2] - prefix)
+    go, out, lse = go.contiguous(), out.contiguous(), lse.contiguous()
+    g_q, g_k, g_v = _bwd_cpu(go, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, 0.0, False, scale=scale)
+    c_q, c_k, c_v = _causal_cpu_backward(
+        go[:, :, lead:], q[:, :, lead:], k[:, :, prefix:], v[:, :, prefix:], out[:, :, lead:], lse[:, :, lead:], scale
     )
-    c_q, c_k, c_v = _causal_cpu_backward(go, q, k[:, :, prefix:], v[:, :, prefix:], out, lse, scale)
-    return g_q + c_q, torch.cat([g_k, c_k], 2), torch.cat([g_v, c_v], 2)
+    g_q[:, :, lead:] += c_q
+    return g_q, (g_k, c_k), (g_v, c_v)
 
 
 def _take(ranges: Ranges, n: int) -> Ranges:
@@ -850,13 +888,14 @@ def _expand(st: Step) -> list[Step]:
     as the plan does for any band): for the paths that select per row (other devices, a bias)."""
     if st.index is None and not st.causal:
         return [st]
-    if st.prefix:  # row q0 + l sees the prefix and the square's keys 0 .. l
+    if st.prefix:  # row q0 + lead + l sees the prefix and the square's keys 0 .. l; rows before, the prefix
         (q0, q1), out = st.q_ranges[0], []
+        sq0 = q1 - (sum(e - s for s, e in st.k_ranges) - st.prefix)  # the square's first row
         for a, b in _chunks((q0, q1), BAND_ROWS):
-            rows = torch.arange(a - q0, b - q0)[:, None]
-            cols = torch.arange(st.prefix + b - q0)[None, :]
-            m = cols - st.prefix <= rows
-            out.append(Step(((a, b),), _take(st.k_ranges, st.prefix + b - q0), 1, None if m.all() else m))
+            rows = torch.arange(a - sq0, b - sq0)[:, None]
+            cols = torch.arange(st.prefix + max(b - sq0, 0))[None, :]
+            m = (cols < st.prefix) | (cols - st.prefix <= rows)
+            out.append(Step(((a, b),), _take(st.k_ranges, cols.shape[1]), 1, None if m.all() else m))
         return out
     if st.index is not None:
         members = list(zip(st.q_ranges, st.k_ranges))
@@ -881,6 +920,32 @@ def _select(x: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
     return x if batch is None else x.index_select(0, batch)
 
 
+def _batch_slice(batch: Optional[torch.Tensor]) -> Optional[slice]:
+    """The samples ``batch`` (None: all) as a slice when they are consecutive, else None: a pattern of consecutive
+    samples (one sample, per-sample layouts) reads its inputs and writes its outputs in place instead of gathering
+    copies and scattering them back."""
+    if batch is None:
+        return slice(None)
+    b = batch.tolist()
+    return slice(b[0], b[-1] + 1) if b and b[-1] - b[0] == len(b) - 1 else None
+
+
+def _write_keys(dst: torch.Tensor, writes: tuple, parts: tuple) -> None:
+    """A step's dK or dV into ``dst (B, H, Nk, D)`` by its :attr:`Step.k_writes`, the gradient given as ``parts``:
+    consecutive pieces along the gathered keys (dim 2; one piece for most steps)."""
+    for s, e, o, acc in writes:
+        pos = 0
+        for g in parts:
+            a, b = max(o, pos), min(o + e - s, pos + g.shape[2])
+            if a < b:
+                d, src = dst[:, :, s + a - o : s + b - o], g[:, :, a - pos : b - pos]
+                if acc:
+                    d.add_(src)
+                else:
+                    d.copy_(src)
+            pos += g.shape[2]
+
+
 def _steps(pat: Pattern, bias) -> tuple[Step, ...]:
     """The pattern's steps as the CPU path runs them: a bias is read per block, so causal steps are expanded."""
     if bias is None or not any(st.causal for st in pat.steps):
@@ -900,10 +965,13 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
     out = q.new_empty(b, h, nq, d)
     lse = q.new_empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     for pat in plan.patterns:
-        qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+        view = _batch_slice(pat.batch)
+        if view is not None:
+            qb, kb, vb, ob, lb = q[view], k[view], v[view], out[view], lse[view]
+        else:
+            qb, kb, vb = (_select(x, pat.batch) for x in (q, k, v))
+            ob, lb = qb.new_empty(qb.shape), lse.new_empty(qb.shape[:3])
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
-        ob = out if pat.batch is None else qb.new_empty(qb.shape)
-        lb = lse if pat.batch is None else lse.new_empty(qb.shape[:3])
         for st in _steps(pat, bias):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             qi, ki = st.index or (None, None)
@@ -926,7 +994,7 @@ def cpu_forward(q, k, v, plan: Plan, scale: float, bias=None) -> tuple[torch.Ten
             _scatter(lb, st.q_ranges, _unfold(l, h), qi)
         _zero(ob, pat.q_uncovered)
         _zero(lb, pat.q_uncovered)
-        if pat.batch is not None:
+        if view is None:
             out[pat.batch] = ob
             lse[pat.batch] = lb
     return out, lse
@@ -940,11 +1008,14 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
     h, hkv = q.shape[1], k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for pat in plan.patterns:
-        qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
+        view = _batch_slice(pat.batch)
+        if view is not None:
+            qb, kb, vb, ob, lb, gb = (x[view] for x in (q, k, v, out, lse, grad_out))
+            dqb, dkb, dvb = dq[view], dk[view], dv[view]
+        else:
+            qb, kb, vb, ob, lb, gb = (_select(x, pat.batch) for x in (q, k, v, out, lse, grad_out))
+            dqb, dkb, dvb = torch.empty_like(qb), torch.empty_like(kb), torch.empty_like(vb)
         kb, vb = expand_kv_heads(kb, h), expand_kv_heads(vb, h)
-        dqb = dq if pat.batch is None else torch.empty_like(qb)
-        dkb = dk if pat.batch is None else qb.new_empty(qb.shape[0], hkv, *kb.shape[2:])
-        dvb = dv if pat.batch is None else torch.empty_like(dkb)
         for st in _steps(pat, bias):
             sb = _step_bias(st, bias, pat.batch, h, q.dtype)
             qi, ki = st.index or (None, None)
@@ -985,20 +1056,16 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                     )
             _scatter(dqb, st.q_ranges, _unfold(g_q, h), qi)
             for g, dst in ((g_k, dkb), (g_v, dvb)):
-                g = _unfold(g, h)
+                parts = [_unfold(x, h) for x in (g if isinstance(g, tuple) else (g,))]
                 if hkv != h:  # GQA: the query heads of a group all read one kv head
-                    g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+                    parts = [x.unflatten(1, (hkv, h // hkv)).sum(2) for x in parts]
                 if ki is not None:  # a bucket: keys no other step reads
-                    dst.index_copy_(2, ki.to(dst.device), g)
+                    dst.index_copy_(2, ki.to(dst.device), parts[0])
                     continue
-                for s, e, o, acc in st.k_writes:
-                    if acc:
-                        dst[:, :, s:e] += g[:, :, o : o + e - s]
-                    else:
-                        dst[:, :, s:e] = g[:, :, o : o + e - s]
+                _write_keys(dst, st.k_writes, parts)
         for t, ranges in ((dqb, pat.q_uncovered), (dkb, pat.k_uncovered), (dvb, pat.k_uncovered)):
             _zero(t, ranges)
-        if pat.batch is not None:
+        if view is None:
             dq[pat.batch] = dqb
             dk[pat.batch] = dkb
             dv[pat.batch] = dvb
