@@ -3,11 +3,12 @@
 On CPU a problem of tens of tokens costs less as one computation over the whole matrix than as one fused attention
 call per group of segments (the segment path). The forward is ATen's CPU flash kernel with an additive ``-inf`` mask
 (cached per mask and dtype), the backward that kernel's backward, each called once, as one masked SDPA call would.
-The keys are padded with masked zero rows to a multiple of 16: those kernels run each row's scale, mask and
-exponential in 16-lane vectors and take a scalar path for a key count that leaves a remainder (at 14 keys a forward
-costs about three times the padded 16 keys' forward; BENCHMARKS.md). Not for a scale above 1: the backward recomputes
-the scaled scores with another matrix product than the forward's, and a scale past 1 magnifies their difference in
-rounding into the recomputed probabilities; unpadded, the call is exactly one masked SDPA call, rounding included.
+For the forward the keys are padded with masked zero rows to a multiple of 16: those kernels run each row's scale,
+mask and exponential in 16-lane vectors and take a scalar path for a key count that leaves a remainder (at 14 keys
+the forward kernel costs about three times the padded 16 keys'; BENCHMARKS.md). Not for a scale above 1: the backward
+recomputes the scaled scores with another matrix product than the forward's, and a scale past 1 magnifies their
+difference in rounding into the recomputed probabilities; unpadded, the call is exactly one masked SDPA call, rounding
+included.
 
 Masked means never read: a masked key contributes exactly 0 while it is finite (``exp(-inf) = 0``, ``0 * finite =
 0``), but a NaN/Inf anywhere reaches the results it may not reach through ``NaN + -inf`` or ``0 * Inf``. So the results
@@ -96,15 +97,15 @@ def _flash_mask(mask, dtype, device, p: int):
 
 
 def _flash_forward(q, k, v, mask, scale):
-    """``(out, lse, k, v)``, with ``k, v (B, Hkv, P, D)`` padded as the kernel read them."""
     h, p = q.shape[1], _kernel_keys(k.shape[2], scale)
     k, v = _pad_keys(k, p), _pad_keys(v, p)
-    kh, vh = (k, v) if k.shape[1] == h else (expand_kv_heads(k, h), expand_kv_heads(v, h))
+    if k.shape[1] != h:
+        k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
     attn, dead = mask.derived(_flash_mask, q.dtype, _CPU, p)
-    out, lse = _fwd_flash(q, kh, vh, 0.0, False, attn_mask=attn, scale=scale)
+    out, lse = _fwd_flash(q, k, v, 0.0, False, attn_mask=attn, scale=scale)
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
-    return out, lse, k, v
+    return out, lse
 
 
 def _zero_bad_rows(x):
@@ -126,21 +127,15 @@ def _clean_keys(k, v, blocked, h):
 
 def dense_forward(q, k, v, mask, scale: float, bias=None):
     """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)``; validated CPU inputs."""
-    return _forward(q, k, v, mask, scale)[:2]
-
-
-def _forward(q, k, v, mask, scale: float):
-    """``(out, lse, k, v)``: :func:`dense_forward`'s pair, and the inputs' keys and values padded to ``P`` (what the
-    backward reads: padding them once serves both directions)."""
-    out, lse, kp, vp = _flash_forward(q, k, v, mask, scale)
+    out, lse = _flash_forward(q, k, v, mask, scale)
     if _finite(out):
-        return out, lse if lse.dtype == torch.float32 else lse.float(), kp, vp
+        return out, lse if lse.dtype == torch.float32 else lse.float()
     # a non-finite input was read: zero the bad keys, then make NaN only the rows that may see them (a bad query row
     # spoils only its own output)
     blocked, _ = mask.derived(_blocked, q.device)
     k, v, _, hit = _clean_keys(k, v, blocked, q.shape[1])
-    out, lse = _flash_forward(q, k, v, mask, scale)[:2]
-    return out.masked_fill(hit[..., None], float("nan")), lse.float(), kp, vp
+    out, lse = _flash_forward(q, k, v, mask, scale)
+    return out.masked_fill(hit[..., None], float("nan")), lse.float()
 
 
 def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
@@ -150,29 +145,22 @@ def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
     q, dO or key would reach every gradient through 0 * NaN. The kernel runs once on the inputs as they are; when a
     gradient comes out non-finite (checked with one sum each), every bad token row is zeroed and the kernel runs again,
     and NaN is put back exactly where the rule lets it go: the dq of the rows that are bad or see a bad key, the dk/dv
-    of the keys such rows may attend and of bad keys some row may attend."""
-    p = _kernel_keys(k.shape[2], scale)
-    return _backward(dout, q, _pad_keys(k, p), _pad_keys(v, p), out, lse, mask, scale)
+    of the keys such rows may attend and of bad keys some row may attend.
 
-
-def _backward(dout, q, k, v, out, lse, mask, scale: float):
-    """:func:`dense_backward` with ``k, v (B, Hkv, P, D)`` padded; ``dk, dv`` come back ``(B, Hkv, Nk, D)``."""
+    The keys are not padded here: at tens of keys the padded backward kernel costs what the unpadded one does, and its
+    ``dk, dv`` would come back as views of the padded gradients, which autograd handles slower than whole tensors."""
     attn, dead = mask.derived(_flash_mask, q.dtype, _CPU, k.shape[2])
     if dead is not None:
         dout = dout.masked_fill(dead, 0.0)
-    dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, attn, scale)
-    nk = mask.num_kv
+    grads = _flash_backward(dout, q, k, v, out, lse, attn, scale)
     # dq alone tells: every way a non-finite number reaches a gradient it may not reach passes through a NaN/Inf
     # dS = P (dP - D) of some pair (NaN P from a bad score; 0 times a bad dP or D from a bad value or upstream row;
     # a bad q row's scores), and dq_i sums row i's dS times the keys; a masked pair's 0 times a bad key makes NaN there
     # too. So a finite dq means dk and dv read nothing they may not.
-    if _finite(dq):
-        return dq, dk.narrow(2, 0, nk), dv.narrow(2, 0, nk)
-    return _careful_backward(dout, q, k.narrow(2, 0, nk), v.narrow(2, 0, nk), out, lse, mask, scale)
+    return grads if _finite(grads[0]) else _careful_backward(dout, q, k, v, out, lse, mask, scale)
 
 
 def _flash_backward(dout, q, k, v, out, lse, attn, scale):
-    """``(dq, dk, dv)`` for ``k, v (B, Hkv, P, D)`` padded; ``dk, dv`` are padded too."""
     h, hkv = q.shape[1], k.shape[1]
     if hkv != h:
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
@@ -195,11 +183,7 @@ def _careful_backward(dout, q, k, v, out, lse, mask, scale):
     out = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0.0)
     lse = lse.masked_fill(rows | ~live, 0.0)  # finite: a poisoned row's or dead row's exp() must not be NaN
     keys = (~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2))  # (B, H, Nk)
-    nk = k.shape[2]
-    p = _kernel_keys(nk, scale)
-    attn = mask.derived(_additive, q.dtype, _CPU, p)
-    dq, dk, dv = _flash_backward(dout, q, _pad_keys(k, p), _pad_keys(v, p), out, lse, attn, scale)
-    dk, dv = dk.narrow(2, 0, nk), dv.narrow(2, 0, nk)
+    dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, mask.derived(_additive, q.dtype, _CPU, k.shape[2]), scale)
     if hkv != h:
         keys = keys.unflatten(1, (hkv, h // hkv)).any(2)
     nan = float("nan")
@@ -213,7 +197,7 @@ class _Dense(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        out, lse, k, v = _forward(q, k, v, mask, scale)
+        out, lse = dense_forward(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale = mask, scale
         return out
@@ -225,7 +209,7 @@ class _Dense(torch.autograd.Function):
                 "zorro_attention: the dense backend's backward cannot be differentiated (double backward, "
                 "create_graph=True); use backend='reference' for higher-order gradients"
             )
-        return (*_backward(dout, *ctx.saved_tensors, ctx.mask, ctx.scale), None, None)
+        return (*dense_backward(dout, *ctx.saved_tensors, ctx.mask, ctx.scale), None, None)
 
 
 def dense_attention(q, k, v, mask, scale: float, bias=None):
