@@ -71,9 +71,8 @@ def _pad_keys(x, p: int):
 
 @functools.lru_cache(maxsize=64)
 def _zero_rows(b: int, h: int, n: int, d: int, dtype) -> torch.Tensor:
-    # one zero block per shape, only ever read (cat copies it); a normal tensor even when first built in inference mode
-    with torch.inference_mode(False):
-        return torch.zeros(b, h, n, d, dtype=dtype)
+    # one zero block per shape, only ever read (cat copies it): a fresh one per call costs ~0.7 us of a ~20 us call
+    return torch.zeros(b, h, n, d, dtype=dtype)
 
 
 def _total(t):
