@@ -357,8 +357,10 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
     dq, dk, dv = grads
     dkb, dvb = (dk, dv) if batch is None else (k.new_empty(len(batch), hkv, *k.shape[2:]) for _ in range(2))
     for st in bucket.steps:
-        # copies where they are filled below; else views where the batch is whole (contiguous for the kernel)
-        go, og, lg = (_take(x, st.q_ranges, batch, not clean).contiguous() for x in (grad_out, out, lse))
+        # copies where they are filled below; else views where the batch is whole: the kernel reads rows by their
+        # strides and needs only the last dim contiguous, as in the whole tensors (copies cost a large share of
+        # the kernel at small sizes; BENCHMARKS.md)
+        go, og, lg = (_take(x, st.q_ranges, batch, not clean) for x in (grad_out, out, lse))
         qg = _take(q, st.q_ranges, batch, not clean)
         # a dead row has lse = +inf (_fill_dead): its weights exp(s - lse) are exactly 0, so with finite inputs it
         # adds exactly 0 to every gradient; with a non-finite one its q, dO and out are zero-filled too (and any
@@ -421,7 +423,7 @@ def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_backward(grad_out, q, k, v, out, lse, mask.derived(build_plan), scale, bias)
-    grad_out = grad_out.contiguous()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     for clean in (True, False):
         grads = cpu_backward(grad_out, q, k, v, out, lse, rp.exact, scale)  # dK/dV accumulate: from scratch
         for bucket in rp.buckets:
