@@ -4,11 +4,10 @@ On CPU a problem of tens of tokens costs less as one computation over the whole 
 call per group of segments (the segment path). The forward is ATen's CPU flash kernel with an additive ``-inf`` mask
 (cached per mask and dtype), the backward that kernel's backward, each called once, as one masked SDPA call would.
 For the forward the keys are padded with masked zero rows to a multiple of 16: those kernels run each row's scale,
-mask and exponential in 16-lane vectors and take a scalar path for a key count that leaves a remainder (at 14 keys
-the forward kernel costs about three times the padded 16 keys'; BENCHMARKS.md). Not for a scale above 1: the backward
-recomputes the scaled scores with another matrix product than the forward's, and a scale past 1 magnifies their
-difference in rounding into the recomputed probabilities; unpadded, the call is exactly one masked SDPA call, rounding
-included.
+mask and exponential in 16-lane vectors and take a scalar path for a key count that leaves a remainder, several
+times slower at tens of keys (BENCHMARKS.md, tiny problems). Not for a scale above 1: the backward recomputes the
+scaled scores with another matrix product than the forward's, and a scale past 1 magnifies their difference in
+rounding into the recomputed probabilities; unpadded, the call is exactly one masked SDPA call, rounding included.
 
 Masked means never read: a masked key contributes exactly 0 while it is finite (``exp(-inf) = 0``, ``0 * finite =
 0``), but a NaN/Inf anywhere reaches the results it may not reach through ``NaN + -inf`` or ``0 * Inf``. So the results
@@ -71,7 +70,7 @@ def _pad_keys(x, p: int):
 
 @functools.lru_cache(maxsize=64)
 def _zero_rows(b: int, h: int, n: int, d: int, dtype) -> torch.Tensor:
-    # one zero block per shape, only ever read (cat copies it): a fresh one per call costs ~0.7 us of a ~20 us call
+    # one zero block per shape, only ever read (cat copies it): allocating one per call shows on a tiny call
     return torch.zeros(b, h, n, d, dtype=dtype)
 
 
