@@ -101,23 +101,29 @@ def test_a_bucket_with_nothing_to_see():
     check_against_oracle(segments, q, k, v, mask)
 
 
-def test_huge_finite_padding_takes_the_careful_path(monkeypatch):
-    """A padding key of 1e30 with finite inputs: its score would overflow float32 to inf, and inf + -inf = NaN, so
-    the hidden keys are zero-filled as for NaN (the output and gradients equal those with zero padding)."""
+@pytest.mark.parametrize("huge", ["qk", "v"])
+def test_huge_finite_padding_takes_the_careful_path(monkeypatch, huge):
+    """Padding of huge finite values with finite inputs: a padding key of 1e30 makes its score overflow float32 to
+    inf (forward), a padding value of 3e38 makes ``dO . v`` overflow (backward only: its zero weight keeps the
+    forward finite), and inf + -inf or 0 * inf is NaN; the hidden keys are then zero-filled as for NaN (the output
+    and gradients equal those with zero padding)."""
     _force(monkeypatch, "split")
     mask = _zorro_batch(8, seed=2)
     q, k, v = generate_qkv(mask, batch=8, head_dim=8, dtype=torch.float32)
     pad = ~torch.cat([torch.arange(n)[None] < mask.lengths[:, i : i + 1] for i, n in enumerate(mask.q_sizes)], 1)
-    k_zero = k.masked_fill(pad[:, None, :, None], 0)
-    q_huge, k_huge = (t.masked_fill(pad[:, None, :, None], 1e30) for t in (q, k))
+    hide = pad[:, None, :, None]
+    if huge == "qk":
+        big, zero = [q.masked_fill(hide, 1e30), k.masked_fill(hide, 1e30), v], [q, k.masked_fill(hide, 0), v]
+    else:
+        big, zero = [q, k, v.masked_fill(hide, 3e38)], [q, k, v.masked_fill(hide, 0)]
 
-    def run(qq, kk):
-        qq, kk, vv = (t.clone().requires_grad_() for t in (qq, kk, v))
+    def run(qq, kk, vv):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (qq, kk, vv))
         out = segments(qq, kk, vv, mask)
         return [out.detach(), *torch.autograd.grad(out, (qq, kk, vv), torch.ones_like(out))]
 
-    for a, b in zip(run(q_huge, k_huge), run(q, k_zero)):
-        live = ~pad[:, None, :, None].expand_as(a)
+    for a, b in zip(run(*big), run(*zero)):
+        live = ~hide.expand_as(a)
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a[live], b[live])
 

@@ -3,6 +3,11 @@
 On CPU a problem of tens of tokens costs less as one computation over the whole matrix than as one fused attention
 call per group of segments (the segment path). The forward is ATen's CPU flash kernel with an additive ``-inf`` mask
 (cached per mask and dtype), the backward that kernel's backward, each called once, as one masked SDPA call would.
+For the forward the keys are padded with masked zero rows to a multiple of 16: those kernels run each row's scale,
+mask and exponential in 16-lane vectors and take a scalar path for a key count that leaves a remainder, several
+times slower at tens of keys (BENCHMARKS.md, tiny problems). Not for a scale above 1: the backward recomputes the
+scaled scores with another matrix product than the forward's, and a scale past 1 magnifies their difference in
+rounding into the recomputed probabilities; unpadded, the call is exactly one masked SDPA call, rounding included.
 
 Masked means never read: a masked key contributes exactly 0 while it is finite (``exp(-inf) = 0``, ``0 * finite =
 0``), but a NaN/Inf anywhere reaches the results it may not reach through ``NaN + -inf`` or ``0 * Inf``. So the results
@@ -15,6 +20,7 @@ zero gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +35,12 @@ __all__ = ["dense_forward", "dense_backward", "dense_attention"]
 _fwd_flash = torch._scaled_dot_product_flash_attention_for_cpu
 _bwd_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 _CPU = torch.device("cpu")  # the backend's only device (it declares so): no device object built per call
+_KEY_MULTIPLE = 16  # fp32 lanes of an AVX-512 vector (two AVX2 vectors): the flash kernels' fast key count
+
+
+def _kernel_keys(n: int, scale: float) -> int:
+    """How many keys the kernels see for ``n``: padded up to a multiple of 16, except for a scale above 1."""
+    return -(-n // _KEY_MULTIPLE) * _KEY_MULTIPLE if scale <= 1.0 else n
 
 
 def _blocked(mask, device):
@@ -40,10 +52,26 @@ def _blocked(mask, device):
     return (~dense).to(device), (dead.to(device) if bool(dead.any()) else None)
 
 
-def _additive(mask, dtype, device):
-    """The mask as ATen's CPU flash kernels take it: ``(Bm, 1, Nq, Nk)`` of ``dtype``, 0 or -inf."""
+def _additive(mask, dtype, device, p: int):
+    """The mask as ATen's CPU flash kernels take it for ``P >= Nk`` keys: ``(Bm, 1, Nq, P)`` of ``dtype``, 0 or -inf;
+    the padding keys past ``Nk`` are masked for every row."""
     blocked, _ = mask.derived(_blocked, device)
-    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, float("-inf"))
+    bm, _, nq, nk = blocked.shape
+    attn = torch.full((bm, 1, nq, p), float("-inf"), dtype=dtype, device=device)
+    attn[..., :nk].masked_fill_(~blocked, 0.0)
+    return attn
+
+
+def _pad_keys(x, p: int):
+    """``x (B, H, Nk, D)`` with zero rows appended to ``(B, H, P, D)`` (the padding keys: finite, and masked)."""
+    b, h, n, d = x.shape
+    return x if p == n else torch.cat((x, _zero_rows(b, h, p - n, d, x.dtype)), 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_rows(b: int, h: int, n: int, d: int, dtype) -> torch.Tensor:
+    # one zero block per shape, only ever read (cat copies it): allocating one per call shows on a tiny call
+    return torch.zeros(b, h, n, d, dtype=dtype)
 
 
 def _total(t):
@@ -61,16 +89,17 @@ def _finite(*ts) -> bool:
     return math.isfinite(total.item())
 
 
-def _flash_mask(mask, dtype, device):
-    """``(additive mask, dead rows or None)``, the two things every call needs, under one cache lookup."""
-    return mask.derived(_additive, dtype, device), mask.derived(_blocked, device)[1]
+def _flash_mask(mask, dtype, device, p: int):
+    """``(additive mask for P keys, dead rows or None)``, the two things every call needs, under one cache lookup."""
+    return mask.derived(_additive, dtype, device, p), mask.derived(_blocked, device)[1]
 
 
 def _flash_forward(q, k, v, mask, scale):
-    h = q.shape[1]
+    h, p = q.shape[1], _kernel_keys(k.shape[2], scale)
+    k, v = _pad_keys(k, p), _pad_keys(v, p)
     if k.shape[1] != h:
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
-    attn, dead = mask.derived(_flash_mask, q.dtype, _CPU)
+    attn, dead = mask.derived(_flash_mask, q.dtype, _CPU, p)
     out, lse = _fwd_flash(q, k, v, 0.0, False, attn_mask=attn, scale=scale)
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
@@ -114,8 +143,11 @@ def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
     q, dO or key would reach every gradient through 0 * NaN. The kernel runs once on the inputs as they are; when a
     gradient comes out non-finite (checked with one sum each), every bad token row is zeroed and the kernel runs again,
     and NaN is put back exactly where the rule lets it go: the dq of the rows that are bad or see a bad key, the dk/dv
-    of the keys such rows may attend and of bad keys some row may attend."""
-    attn, dead = mask.derived(_flash_mask, q.dtype, _CPU)
+    of the keys such rows may attend and of bad keys some row may attend.
+
+    The keys are not padded here: at tens of keys the padded backward kernel costs what the unpadded one does, and its
+    ``dk, dv`` would come back as views of the padded gradients, which autograd handles slower than whole tensors."""
+    attn, dead = mask.derived(_flash_mask, q.dtype, _CPU, k.shape[2])
     if dead is not None:
         dout = dout.masked_fill(dead, 0.0)
     grads = _flash_backward(dout, q, k, v, out, lse, attn, scale)
@@ -149,7 +181,7 @@ def _careful_backward(dout, q, k, v, out, lse, mask, scale):
     out = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0.0)
     lse = lse.masked_fill(rows | ~live, 0.0)  # finite: a poisoned row's or dead row's exp() must not be NaN
     keys = (~blocked & rows[..., None]).any(-2) | (bad_keys & (~blocked).any(-2))  # (B, H, Nk)
-    dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, mask.derived(_additive, q.dtype, _CPU), scale)
+    dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, mask.derived(_additive, q.dtype, _CPU, k.shape[2]), scale)
     if hkv != h:
         keys = keys.unflatten(1, (hkv, h // hkv)).any(2)
     nan = float("nan")
@@ -175,8 +207,7 @@ class _Dense(torch.autograd.Function):
                 "zorro_attention: the dense backend's backward cannot be differentiated (double backward, "
                 "create_graph=True); use backend='reference' for higher-order gradients"
             )
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*dense_backward(dout, q, k, v, out, lse, ctx.mask, ctx.scale), None, None)
+        return (*dense_backward(dout, *ctx.saved_tensors, ctx.mask, ctx.scale), None, None)
 
 
 def dense_attention(q, k, v, mask, scale: float, bias=None):

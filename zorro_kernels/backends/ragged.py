@@ -278,22 +278,11 @@ def _key_bias(hidden: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None, None, :]
 
 
-def _amax(t: torch.Tensor) -> float:
-    """``max |t|`` (NaN if any): one aminmax pass (``vector_norm(t, inf)`` is ten times slower on CPU)."""
-    lo, hi = torch.aminmax(t)
-    return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
-
-
-def _clean(q, k, v, scale: float, grad_out=None, out=None) -> bool:
-    """Whether the hidden keys may be left as they are (their ``-inf`` bias gives them exactly zero weight and zero
-    gradients): every input finite, and no score ``q . k`` (nor ``dO . v`` backward) can overflow float32, the
-    kernels' score type, whatever a padding token holds. Else the careful path zero-fills what it hides."""
-    d = q.shape[-1]
-    a = [_amax(t) for t in (q, k, v) + (() if grad_out is None else (grad_out, out))]
-    if not all(math.isfinite(x) for x in a):
-        return False
-    bound = torch.finfo(torch.float32).max / 4
-    return a[0] * a[1] * d * abs(scale) < bound and (grad_out is None or a[3] * a[2] * d < bound)
+def _finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf: one sum and one read-back (IEEE arithmetic cannot lose a NaN or an Inf, and a
+    finite sum that overflows only costs the careful recompute)."""
+    total = t.sum() if t.dtype in (torch.float32, torch.float64) else t.sum(dtype=torch.float32)
+    return math.isfinite(total.item())
 
 
 def _take(x: torch.Tensor, ranges, batch: Optional[torch.Tensor], copy: bool = False) -> torch.Tensor:
@@ -368,8 +357,10 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
     dq, dk, dv = grads
     dkb, dvb = (dk, dv) if batch is None else (k.new_empty(len(batch), hkv, *k.shape[2:]) for _ in range(2))
     for st in bucket.steps:
-        # copies where they are filled below; else views where the batch is whole (contiguous for the kernel)
-        go, og, lg = (_take(x, st.q_ranges, batch, not clean).contiguous() for x in (grad_out, out, lse))
+        # copies where they are filled below; else views where the batch is whole: the kernel reads rows by their
+        # strides and needs only the last dim contiguous, as in the whole tensors (copies cost a large share of
+        # the kernel at small sizes; BENCHMARKS.md)
+        go, og, lg = (_take(x, st.q_ranges, batch, not clean) for x in (grad_out, out, lse))
         qg = _take(q, st.q_ranges, batch, not clean)
         # a dead row has lse = +inf (_fill_dead): its weights exp(s - lse) are exactly 0, so with finite inputs it
         # adds exactly 0 to every gradient; with a non-finite one its q, dO and out are zero-filled too (and any
@@ -405,28 +396,40 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
 
 
 def cpu_forward_mask(q, k, v, mask, scale: float, bias=None):
-    """:func:`.segments.cpu_forward` of ``mask``'s plan, with buckets where ``mask`` has a ragged plan and no bias."""
+    """:func:`.segments.cpu_forward` of ``mask``'s plan, with buckets where ``mask`` has a ragged plan and no bias.
+
+    The buckets run first as they are, the hidden keys left in place: while everything they read is finite, their
+    ``-inf`` bias gives them exactly zero weight. Anything non-finite read (or a score that overflows) makes some
+    output NaN, so a finite output is the careful path's bit for bit; else the buckets are redone carefully (hidden
+    keys zero-filled)."""
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_forward(q, k, v, mask.derived(build_plan), scale, bias)
     out, lse = cpu_forward(q, k, v, rp.exact, scale)  # allocates for the whole batch, fills the exact patterns
-    clean = _clean(q, k, v, scale)
-    for bucket in rp.buckets:
-        _bucket_forward(q, k, v, bucket, scale, out, lse, clean)
+    for clean in (True, False):
+        for bucket in rp.buckets:  # each bucket rewrites every row it covers
+            _bucket_forward(q, k, v, bucket, scale, out, lse, clean)
+        if clean and _finite(out):
+            break
     _fill_dead(out, lse, rp.dead)
     return out, lse
 
 
 def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None):
-    """:func:`.segments.cpu_backward` matching :func:`cpu_forward_mask`."""
+    """:func:`.segments.cpu_backward` matching :func:`cpu_forward_mask`, checked the same way: a finite dq means no
+    gradient read anything non-finite it may not (every such path passes through a NaN/Inf ``dS`` of some pair, which
+    dq sums: a hidden key's or dead row's zero weight times a NaN is NaN), so the buckets' dK/dV are the careful path's
+    too; else everything is redone with the hidden keys, dead rows and their gradients zero-filled."""
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_backward(grad_out, q, k, v, out, lse, mask.derived(build_plan), scale, bias)
-    grad_out = grad_out.contiguous()
-    grads = cpu_backward(grad_out, q, k, v, out, lse, rp.exact, scale)
-    clean = _clean(q, k, v, scale, grad_out, out)
-    for bucket in rp.buckets:
-        _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean)
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    for clean in (True, False):
+        grads = cpu_backward(grad_out, q, k, v, out, lse, rp.exact, scale)  # dK/dV accumulate: from scratch
+        for bucket in rp.buckets:
+            _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean)
+        if clean and _finite(grads[0]):
+            break
     return grads
 
 
