@@ -96,19 +96,28 @@ def assert_greedy_match(pair, new_tokens: int = 6, **inputs) -> torch.Tensor:
 def assert_gradients_match(pair, **inputs) -> None:
     """One training step (loss.backward on ``inputs``, which carry labels) on both: every parameter gradient finite
     and equal to the twin's."""
-    grads = []
-    for model in (pair.same, pair.zorro):
-        model.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        model.zero_grad(set_to_none=True)
-    bad = [n for n, g in grads[1].items() if not torch.isfinite(g).all()]
+    want = _gradients(pair.same, lambda: pair.same(**inputs).loss.backward())
+    assert_same_gradients(_gradients(pair.zorro, lambda: pair.zorro(**inputs).loss.backward()), want)
+
+
+def _gradients(model, step) -> dict:
+    """The parameter gradients ``step()`` leaves on ``model`` (which starts and ends without any)."""
+    model.zero_grad(set_to_none=True)
+    step()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_same_gradients(got: dict, want: dict) -> None:
+    """Every gradient in ``got`` finite, and the same parameters as in ``want`` with equal gradients."""
+    bad = [n for n, g in got.items() if not torch.isfinite(g).all()]
     assert not bad, f"{len(bad)} non-finite parameter gradients: {bad[:4]}"
-    assert grads[0].keys() == grads[1].keys() and grads[1]
-    for n, g in grads[1].items():
+    assert want.keys() == got.keys() and got
+    for n, g in got.items():
         # atol scaled by the gradient's size: Gemma 3's zero-initialised image projection gets gradients near 1e9
-        scale = max(1.0, grads[0][n].abs().max().item())
-        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+        scale = max(1.0, want[n].abs().max().item())
+        torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 def _left_padding(lengths, n: int) -> torch.Tensor:
@@ -157,6 +166,29 @@ def test_mask_interface_reads_transformers_compositions(zt, case):
     per_sample = case.get("position_ids", torch.zeros(1)).unique(dim=0).shape[0] > 1
     assert (got.sample_sizes is not None) == per_sample  # one mask, each sample's boundaries its own
     assert torch.equal(_dense(got, batch), want[:, 0])
+
+
+def test_attention_reads_an_unread_layout_once(zt, zorro_masks, monkeypatch):
+    """Under torch.compile a call with zorro_mask= gets the packed layout from the mask interface unread (reading it
+    is a graph break, which fullgraph=True forbids); an attention call without zorro_mask= reads it itself, once for
+    every layer, and runs on zorro with it."""
+    args = []
+    read = zt._layout_from_model
+
+    def spy(*a):
+        args.append(a)
+        return read(*a)
+
+    monkeypatch.setattr(zt, "_layout_from_model", spy)
+    _build_mask("zorro", 16, position_ids=_restarts([5, 7, 4]))
+    unread = zt._Unread("packed", args[0], {})
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    layer = SimpleNamespace(is_causal=True)
+    got = [zt.zorro_attention_forward(layer, q, k, v, unread)[0] for _ in range(2)]
+    assert len(args) == 2  # read once, by the first call
+    assert [m.q_sizes for m in zorro_masks] == [(5, 7, 4)] * 2
+    want = zt.zorro_attention_forward(layer, q, k, v, ZorroMask.packed([5, 7, 4], causal=True))[0]
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
 
 
 def _dense(layout, batch: int) -> torch.Tensor:
@@ -638,6 +670,56 @@ def test_llama_compiled_shows_zorro_ops_in_the_profiler(llama, zt, strict):
     with torch.no_grad():
         same, ref = llama.same(**inputs).logits, llama.ref64(**inputs).logits
     assert_within_policy("compiled logits", logits.detach()[real], same[real], ref[real], F32)
+    assert fallback_counts() == {}
+
+
+@pytest.mark.parametrize("rows", [[[5, 7, 4], [9, 7]], [[16], [16]]], ids=["packed", "one sequence per row"])
+def test_position_ids_compiled_training_runs_on_zorro(llama, zt, strict, rows):
+    """torch.compile (graph breaks allowed) of a Llama training step on position_ids without an attention_mask,
+    strict: transformers treats every such batch as packed there, with the boundaries as tensor values; the first
+    attention call reads them at a graph break, and the zorro:: ops run forward and backward, for packed rows and for
+    rows that each hold one sequence alike. Logits and parameter gradients equal sdpa's."""
+    position_ids = _restarts(*rows)
+    ids = torch.randint(1, llama.cfg.vocab_size, position_ids.shape)
+    inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
+    labels = ids.masked_fill(position_ids == 0, -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(llama.zorro, backend="aot_eager")
+    out = []
+
+    def step():
+        out.append(compiled(**inputs, labels=labels))
+        out[0].loss.backward()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = _gradients(llama.zorro, step)
+    ops = {e.key for e in prof.key_averages()}
+    assert {"zorro::attention_fwd", "zorro::attention_bwd"} <= ops, sorted(k for k in ops if "zorro" in k)
+    with torch.no_grad():
+        same, ref = llama.same(**inputs).logits, llama.ref64(**inputs).logits
+    assert_within_policy("compiled logits", out[0].logits.detach(), same, ref, F32)
+    assert_same_gradients(got, _gradients(llama.same, lambda: llama.same(**inputs, labels=labels).loss.backward()))
+    assert fallback_counts() == {}
+
+
+def test_position_ids_under_fullgraph_are_refused_naming_the_alternative(llama, zt, strict):
+    """torch.compile(fullgraph=True) forbids the graph break that reads packed sequences: dynamo's error quotes our
+    reason and the alternatives. The first alternative named, zorro_mask=, runs on zorro under fullgraph=True (no
+    attention call reads the boundaries then) and equals sdpa."""
+    lens = [5, 7, 4]
+    position_ids = _restarts(lens)
+    ids = torch.randint(1, llama.cfg.vocab_size, position_ids.shape)
+    inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(llama.zorro, fullgraph=True, backend="aot_eager")
+    why = r"zorro reads packed sequences from position_ids at a graph break .* pass zorro_mask=ZorroMask.packed"
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=why), torch.no_grad():
+        compiled(**inputs)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = compiled(**inputs, zorro_mask=ZorroMask.packed(lens, causal=True)).logits
+        same, ref = llama.same(**inputs).logits, llama.ref64(**inputs).logits
+    assert_within_policy("fullgraph with zorro_mask", got, same, ref, F32)
     assert fallback_counts() == {}
 
 

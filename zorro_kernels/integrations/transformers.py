@@ -37,6 +37,10 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
     - grouped-query attention (``num_key_value_heads < num_attention_heads``) without copying K/V;
     - models under ``torch.compile`` (no graph break around attention: zorro_attention runs behind its custom ops;
       the padding mask's values cannot be read while tracing, so padding always goes in as the key bias there);
+      a layout held in tensor values (packed sequences' boundaries: transformers treats every ``position_ids``
+      without an ``attention_mask`` as packed there; image blocks' positions) is read eagerly at one graph break per
+      mask, which ``fullgraph=True`` refuses with an error naming the alternatives (``zorro_mask=``, which needs no
+      break, or an ``attention_mask``);
     - any model call with ``zorro_mask=`` (eager or compiled). A model on another implementation ("sdpa", flash,
       flex) raises ValueError when given ``zorro_mask=`` after :func:`register`, instead of ignoring it.
 
@@ -45,9 +49,7 @@ What falls back to transformers' own "sdpa" function, counted in
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
     - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
       ``or_mask_function``/``and_mask_function`` overlays;
-    - packed sequences under ``torch.compile`` (their boundaries are tensor values a trace cannot read: pass
-      ``zorro_mask=``), blocks with a cache offset or together with packing. Blocks under ``torch.compile`` are
-      read at a graph break instead (eagerly), which ``fullgraph=True`` refuses;
+    - blocks with a cache offset or together with packing;
     - static caches (their key window is not bottom-right aligned);
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
@@ -111,6 +113,7 @@ _INTEGRATION = "transformers"
 _REASON_ATTR = "_zorro_fallback_reason"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _strict = False
+_zorro_mask_in_call = False  # set by _note_zorro_mask
 
 
 def register(*, strict: bool = False) -> None:
@@ -174,22 +177,36 @@ def _refusing_models_off_the_interface(get_correct):
                 f'not call transformers\' attention interface (it supports neither "sdpa" nor attention backends) '
                 f'and would run their own attention on zorro\'s masks; load it with attn_implementation="eager"'
             )
-        return get_correct(self, requested_attention, *args, **kwargs)
+        chosen = get_correct(self, requested_attention, *args, **kwargs)
+        if requested_attention == NAME:
+            for model in self.modules():
+                if isinstance(model, PreTrainedModel) and not getattr(model, "_zorro_noting", False):
+                    model.register_forward_pre_hook(_note_zorro_mask, with_kwargs=True)
+                    model._zorro_noting = True
+        return chosen
 
     checked._zorro_guard = True
     return checked
 
 
+def _note_zorro_mask(module, args, kwargs) -> None:
+    """Forward pre-hook of the models set to "zorro": whether this call carries ``zorro_mask=``, for the mask
+    interface under torch.compile (see :class:`_Unread`). Only a hint: the attention function stays correct either
+    way."""
+    global _zorro_mask_in_call
+    _zorro_mask_in_call = kwargs.get("zorro_mask") is not None
+
+
 def _passing_zorro_masks(preprocess):
-    """transformers' mask preprocessing, letting a built ZorroMask, :class:`ZorroLayout` or :class:`ZorroGroups`
-    through unchanged as it lets a 4-D tensor or a BlockMask through. A composite model (PaliGemma) builds the mask
-    once and hands it to its inner language model, which calls ``create_causal_mask`` again with it as
-    ``attention_mask``; transformers only knows its own mask types there and reads ``attention_mask.ndim``."""
+    """transformers' mask preprocessing, letting a built ZorroMask, :class:`ZorroLayout`, :class:`ZorroGroups` or
+    :class:`_Unread` through unchanged as it lets a 4-D tensor or a BlockMask through. A composite model (PaliGemma)
+    builds the mask once and hands it to its inner language model, which calls ``create_causal_mask`` again with it
+    as ``attention_mask``; transformers only knows its own mask types there and reads ``attention_mask.ndim``."""
 
     @functools.wraps(preprocess)
     def passing(*args, **kwargs):
         mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[2] if len(args) > 2 else None)
-        if isinstance(mask, (ZorroMask, ZorroLayout, ZorroGroups)):
+        if isinstance(mask, (ZorroMask, ZorroLayout, ZorroGroups, _Unread)):
             return True, mask, None, None, None, None, None  # transformers' own early exit for a ready-made mask
         return preprocess(*args, **kwargs)
 
@@ -348,16 +365,14 @@ def _run_lengths(ids: torch.Tensor) -> list[int]:
     return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
 
 
-def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional[object], Optional[str]]:
+def _packed_layout(packed: torch.Tensor, causal: bool, window) -> ZorroMask:
     """The packed sequences of ``packed`` (transformers' ``(B, N)`` sequence index per token) as block-diagonal
-    segments (per-sample ``sample_sizes`` where the samples differ), or why not."""
-    if torch.compiler.is_compiling():
-        return None, (
-            "packed sequences found from position_ids cannot be read while tracing (under torch.compile transformers "
-            "treats every position_ids without attention_mask as packed): pass zorro_mask=ZorroMask.packed(...)"
-        )
+    segments (per-sample ``sample_sizes`` where the samples differ). Rows that each hold one sequence (what
+    transformers hands over under torch.compile for plain ``position_ids``) are the plain layout."""
+    if not bool(packed[:, -1].any()):  # the index counts up from 0: a last token in sequence 0 means one sequence
+        return _plain_layout(packed.shape[-1], packed.shape[-1], causal, window)
     if packed.shape[0] == 1 or bool((packed == packed[:1]).all()):
-        return _packed_mask(tuple(_run_lengths(packed[0])), causal, window), None
+        return _packed_mask(tuple(_run_lengths(packed[0])), causal, window)
     # other boundaries per sample: one mask whose sample_sizes place them (zero-size sequences pad the shorter lists)
     rows = [_run_lengths(ids) for ids in packed]
     width = max(len(r) for r in rows)
@@ -368,7 +383,7 @@ def _packed_layout(packed: torch.Tensor, causal: bool, window) -> tuple[Optional
         sizes = torch.tensor(rows, dtype=torch.int64)
         return ZorroMask(segments, AllowRuns.diagonal(width), causal=causal, window=window, sample_sizes=sizes)
 
-    return _cached(("packed", rows, causal, window), build), None
+    return _cached(("packed", rows, causal, window), build)
 
 
 def _cached(key, build) -> ZorroMask:
@@ -455,12 +470,6 @@ def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
     )
 
 
-@torch.compiler.disable
-def _eager_layout(*args):
-    """:func:`_layout_from_model` run outside the trace (dynamo breaks the graph here and runs it eagerly)."""
-    return _layout_from_model(*args)
-
-
 def _layout_from_model(
     batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
 ) -> tuple[Optional[object], Optional[str]]:
@@ -474,17 +483,20 @@ def _layout_from_model(
     window = None if reading.window is None else (reading.window - 1, -1)
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return None, "tensor cache offsets (static cache)"
+    if reading.blocks is not None and (q_offset != kv_offset or q_length != kv_length or reading.packed is not None):
+        return None, (
+            f"bidirectional blocks with a cache offset or packed sequences (q_offset={q_offset}, "
+            f"kv_offset={kv_offset}, Nq={q_length}, Nk={kv_length})"
+        )
+    if reading.packed is not None and (
+        q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length
+    ):
+        return None, f"packed sequences with a cache (Nq={q_length}, Nk={kv_length})"
+    if torch.compiler.is_compiling() and (reading.blocks is not None or reading.packed is not None):
+        # the blocks' positions and the sequences' boundaries are tensor values a trace cannot read
+        return _TENSOR_VALUED, "blocks" if reading.blocks is not None else "packed"
     blocks = None
     if reading.blocks is not None:
-        if q_offset != kv_offset or q_length != kv_length or reading.packed is not None:
-            return None, (
-                f"bidirectional blocks with a cache offset or packed sequences (q_offset={q_offset}, "
-                f"kv_offset={kv_offset}, Nq={q_length}, Nk={kv_length})"
-            )
-        if torch.compiler.is_compiling():
-            # the blocks' positions are tensor values a trace cannot read: build the layout eagerly, at a graph
-            # break (torch.compile(fullgraph=True) refuses it)
-            return _eager_layout(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
         blocks = reading.blocks[:, kv_offset : kv_offset + kv_length]
         if not bool((blocks >= 0).any()):
             blocks = None  # no block in these keys (PaliGemma's generate without token_type_ids): plain causal
@@ -500,11 +512,7 @@ def _layout_from_model(
     if blocks is not None:
         layout = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, window)
     elif reading.packed is not None:
-        if q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length:
-            return None, f"packed sequences with a cache (Nq={q_length}, Nk={kv_length})"
-        layout, reason = _packed_layout(reading.packed, causal, window)
-        if layout is None:
-            return None, reason
+        layout = _packed_layout(reading.packed, causal, window)
     else:
         layout = _plain_layout(q_length, kv_length, causal, window)
     if attention_mask is None:
@@ -530,6 +538,71 @@ def _layout_from_model(
     return ZorroLayout(layout, bias), None
 
 
+_TENSOR_VALUED = object()  # _layout_from_model's layout when it must read tensor values while tracing
+
+
+class _Unread:
+    """A layout that lies in tensor values (packed sequences' boundaries, blocks' positions; ``kind`` says which),
+    which a trace cannot read: the mask interface's arguments (``args`` as :func:`_layout_from_model` takes them,
+    ``kwargs`` the rest of ``sdpa_mask``'s), read eagerly at a graph break (:data:`_AT_GRAPH_BREAK`) and kept in
+    ``read`` (a layout, or the fallback's dense mask). Under torch.compile the mask interface reads it at once, or,
+    when the model call carries ``zorro_mask=`` (which replaces it in every attention call), hands it over unread: an
+    attention call without ``zorro_mask=`` reads it then, and with it no graph break is needed (``fullgraph=True``)."""
+
+    def __init__(self, kind: str, args: tuple, kwargs: dict):
+        self.kind, self.args, self.kwargs = kind, args, kwargs
+        self.done, self.read = False, None
+
+
+def _read_now(unread: _Unread):
+    if not unread.done:
+        layout, reason = _layout_from_model(*unread.args)
+        unread.read = layout if layout is not None else _dense(unread.args, unread.kwargs, reason)
+        unread.done = True
+    return unread.read
+
+
+# _read_now outside the trace (dynamo breaks the graph at the call and runs it eagerly). fullgraph=True forbids that
+# break: dynamo's error then quotes these reasons.
+_AT_GRAPH_BREAK = {
+    "packed": torch.compiler.disable(
+        _read_now,
+        reason=(
+            "zorro reads packed sequences from position_ids at a graph break (under torch.compile transformers treats "
+            "every position_ids without an attention_mask as packed, and their boundaries are tensor values a trace "
+            "cannot read), which fullgraph=True forbids: pass zorro_mask=ZorroMask.packed(...) for packed rows, or an "
+            "attention_mask for rows holding one sequence each, or compile without fullgraph=True"
+        ),
+    ),
+    "blocks": torch.compiler.disable(
+        _read_now,
+        reason=(
+            "zorro reads bidirectional blocks (image positions, token_type_ids) at a graph break (they are tensor "
+            "values a trace cannot read), which fullgraph=True forbids: pass zorro_mask= with the layout (e.g. "
+            "ZorroMask.causal_with_blocks(...)), or compile without fullgraph=True"
+        ),
+    ),
+}
+
+
+def _dense(args: tuple, kwargs: dict, reason: str):
+    """``sdpa_mask``'s mask for :func:`_layout_from_model`'s ``args``, carrying why zorro could not express it."""
+    batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask = args
+    dense = sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+    if dense is not None:
+        setattr(dense, _REASON_ATTR, reason)
+    return dense
+
+
 def zorro_mask_interface(
     batch_size: int,
     q_length: int,
@@ -548,28 +621,21 @@ def zorro_mask_interface(
     Returns:
         A :class:`~zorro_kernels.ZorroMask` over ``q_length`` queries and ``kv_length`` keys when the requested mask
         is expressible as one (plain causal/bidirectional or a causal sliding window, keys ending at the last query;
-        right padding as lengths), a :class:`ZorroLayout` (that mask plus a key bias) for other padding; otherwise
-        exactly what ``sdpa_mask`` returns (a bool ``(batch_size, 1, q_length, kv_length)`` tensor or None), which
+        right padding as lengths), a :class:`ZorroLayout` (that mask plus a key bias) for other padding, an
+        :class:`_Unread` layout under torch.compile when the call carries ``zorro_mask=``; otherwise exactly what
+        ``sdpa_mask`` returns (a bool ``(batch_size, 1, q_length, kv_length)`` tensor or None), which
         the attention function then runs through "sdpa" and records as a fallback.
     """
-    layout, reason = _layout_from_model(
-        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
-    )
+    args = (batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+    layout, reason = _layout_from_model(*args)
+    if layout is _TENSOR_VALUED:
+        unread = _Unread(reason, args, kwargs)
+        # read now, at one graph break before the layers (a break inside them splits the model into graphs per
+        # layer), unless the call carries zorro_mask=: then no attention call reads it and fullgraph=True still works
+        return unread if _zorro_mask_in_call else _AT_GRAPH_BREAK[reason](unread)
     if layout is not None:
         return layout
-    dense = sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        mask_function=mask_function,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
-    if dense is not None:
-        setattr(dense, _REASON_ATTR, reason)
-    return dense
+    return _dense(args, kwargs, reason)
 
 
 # ------------------------------------------------------------------------------------------------------ attention
@@ -647,6 +713,10 @@ def zorro_attention_forward(
     """
     reason, parts = None, None  # parts: [(sample rows or None for all, ZorroMask, key bias or None)]
     zorro_mask = kwargs.pop("zorro_mask", None)
+    if zorro_mask is None and isinstance(attention_mask, _Unread):
+        attention_mask = (
+            attention_mask.read if attention_mask.done else _AT_GRAPH_BREAK[attention_mask.kind](attention_mask)
+        )
     if zorro_mask is not None:
         parts = [(None, _check_zorro_mask(zorro_mask, module, query, key), None)]
     elif isinstance(attention_mask, ZorroMask):
