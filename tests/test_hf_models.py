@@ -278,6 +278,43 @@ def test_mask_interface_reads_image_blocks(zt, types, pads):
         assert (getattr(got, "mask", got).sample_sizes is not None) == (len(set(map(tuple, types))) > 1)
 
 
+def test_mask_interface_reads_image_blocks_with_a_cache_offset(zt):
+    """Image blocks whose queries are only the last keys (a chunk of a prefill over a cache: q_offset > 0, kv_offset
+    > 0 for a sliding cache), on 60 seeded random layouts (up to two images per sample, cut anywhere by the chunk),
+    with a window of 4 on a third of them and left padding on a fifth: a cross-attention rule-cell mask equal to the
+    dense mask sdpa gets, never a fallback."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        causal_mask_function,
+        or_masks,
+        sdpa_mask,
+        sliding_window_overlay,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch = 20, 2
+    for case in range(60):
+        types = torch.zeros(batch, n, dtype=torch.long)
+        for b in range(batch):
+            for _ in range(int(torch.randint(0, 3, (), generator=gen))):
+                start = int(torch.randint(0, n - 3, (), generator=gen))
+                types[b, start : start + int(torch.randint(1, 5, (), generator=gen))] = 1
+        kv_offset = int(torch.randint(0, 6, (), generator=gen)) if case % 2 else 0
+        kv_length = int(torch.randint(4, n - kv_offset + 1, (), generator=gen))
+        q_length = int(torch.randint(1, kv_length + 1, (), generator=gen))
+        fn = or_masks(causal_mask_function, blockwise_overlay(_image_blocks(types)))
+        if case % 3 == 0:
+            fn = and_masks(fn, sliding_window_overlay(4))
+        pads = None if case % 5 else (torch.arange(n)[None] >= torch.tensor([0, 2])[:, None])
+        args = dict(batch_size=batch, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset, mask_function=fn)
+        args.update(q_offset=kv_offset + kv_length - q_length, attention_mask=pads)
+        got = zt.zorro_mask_interface(**args)
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        want = sdpa_mask(**args, allow_is_causal_skip=False)
+        assert torch.equal(_dense(got, batch), want[:, 0]), (case, types.tolist(), q_length, kv_length, kv_offset)
+
+
 # ============================================================================================ PaliGemma
 @pytest.fixture(scope="module")
 def paligemma(zt):
@@ -474,6 +511,40 @@ def test_gemma3_images_run_on_zorro(gemma3, zt, zorro_masks, strict):
     assert tokens.shape[1] == 12 + 6
     labels = inputs["input_ids"].masked_fill(inputs["token_type_ids"].bool() | (inputs["attention_mask"] == 0), -100)
     assert_gradients_match(gemma3, **inputs, labels=labels)
+    assert fallback_counts() == {}
+
+
+def test_gemma3_chunked_prefill_over_images_runs_on_zorro(gemma3, zt, zorro_masks, strict):
+    """A prefill in chunks over a DynamicCache whose boundaries cut images (token_type_ids up to each chunk's end, as
+    generate's prefill_chunk_size passes them): each chunk's queries are the last keys, the images' runs cut to them;
+    rule cells aligned bottom-right per pair express it (was a fallback: blocks with a cache offset). Logits equal
+    sdpa's chunk by chunk, left padding and the sliding layer included."""
+    from transformers import DynamicCache
+
+    inputs = _gemma3_batch(gemma3, 12, starts=[3, 5, 0], pads=[0, 2, 3])  # images at 3-6, 7-10, 3-6
+    types, pads = inputs["token_type_ids"], inputs["attention_mask"]
+    embeds = gemma3.same.get_input_embeddings()(inputs["input_ids"]).detach()
+    chunks = [(0, 5), (5, 9), (9, 12)]
+    logits = {}
+    for name in ("zorro", "same", "ref64"):
+        model = getattr(gemma3, name)
+        cache = DynamicCache(config=model.config.get_text_config())
+        x = embeds.double() if name == "ref64" else embeds
+        with torch.no_grad():
+            logits[name] = [
+                model(
+                    inputs_embeds=x[:, s:e],
+                    token_type_ids=types[:, :e],
+                    attention_mask=pads[:, :e],
+                    past_key_values=cache,
+                ).logits
+                for s, e in chunks
+            ]
+    for (s, e), got, same, ref in zip(chunks, logits["zorro"], logits["same"], logits["ref64"]):
+        real = pads[:, s:e].bool()
+        assert_within_policy(f"chunk {s}-{e}", got[real], same[real], ref[real], F32)
+    cross = [m for m in zorro_masks if m.has_causal_cells and m.num_q < m.num_kv]
+    assert len(cross) == 2 * gemma3.layers  # the second and third chunks, on both layers
     assert fallback_counts() == {}
 
 

@@ -29,7 +29,8 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
       differently: per-sample ``sample_sizes``);
     - bidirectional blocks in a causal mask (``block_sequence_ids``: Gemma 3 and Gemma 4 images, PaliGemma's
       prefix), alone or AND a sliding window: rule cells (``ZorroMask.causal_with_blocks``) with per-sample
-      ``sample_sizes``; the mask functions are read from their closures, never evaluated on ``N x N`` pairs;
+      ``sample_sizes``; the mask functions are read from their closures, never evaluated on ``N x N`` pairs; with a
+      cache offset (a chunked prefill cutting images) as cross-attention cells over the runs cut to the queries;
     - a mask built once by a composite model (PaliGemma) and handed to its inner language model: it passes through
       transformers' mask preprocessing as a 4-D mask or BlockMask does;
     - ready-made 4-D masks passed to the model: a float mask (ALiBi, T5-style biases) goes in as ``bias=``, a bool
@@ -49,7 +50,7 @@ What falls back to transformers' own "sdpa" function, counted in
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
     - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
       ``or_mask_function``/``and_mask_function`` overlays;
-    - blocks with a cache offset or together with packing;
+    - blocks together with packing; a block id on several runs of a sample with a cache offset;
     - static caches (their key window is not bottom-right aligned);
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
@@ -405,10 +406,12 @@ def _by_sample(keys: list, build, device) -> object:
     return ZorroGroups([(torch.tensor(bs, device=device), build(key), None) for key, bs in rows.items()], len(keys))
 
 
-def _blocks_layout(blocks: torch.Tensor, window) -> object:
+def _blocks_layout(blocks: torch.Tensor, window, num_q: int) -> Optional[object]:
     """transformers' causal mask OR ``blockwise_overlay(block_sequence_ids)`` (key j visible to query i iff ``j <= i``
     or both carry the same id >= 0) as rule cells: each run of equal ids is a segment; a segment sees every earlier
-    one, itself whole when a block and causally when text (id -1).
+    one, itself whole when a block and causally when text (id -1). ``blocks (B, Nk)`` are the keys' ids; the
+    ``num_q`` queries are the last keys (a chunk of a prefill over a cache when fewer): the query segments are the
+    same runs cut to the queries, and a text cell's diagonal, aligned bottom-right per pair, ends with the run.
 
     Every sample is laid out as text, block, text, ..., text (a zero-size text segment between two adjacent blocks,
     zero-size pairs after a sample's last block up to the batch's most blocks), so the batch is one mask whose
@@ -420,6 +423,8 @@ def _blocks_layout(blocks: torch.Tensor, window) -> object:
         values, counts = torch.unique_consecutive(ids, return_counts=True)
         runs.append((tuple(values.tolist()), tuple(counts.tolist())))
     if any(len({v for v in ids if v >= 0}) != sum(v >= 0 for v in ids) for ids, _ in runs):
+        if num_q != blocks.shape[-1]:
+            return None
         return _by_sample(
             runs, lambda key: _cached(("blocks", key, window), lambda: _blocks_mask(*key, window)), blocks.device
         )
@@ -434,14 +439,34 @@ def _blocks_layout(blocks: torch.Tensor, window) -> object:
         rows.append(sizes)
     width = max(len(r) for r in rows)
     rows = tuple(tuple(r + [0] * (width - len(r))) for r in rows)
-    return _cached(("blocks", rows, window), lambda: _text_and_blocks(rows, window))
+    if num_q == blocks.shape[-1]:
+        return _cached(("blocks", rows, window), lambda: _text_and_blocks(rows, window))
+    first = blocks.shape[-1] - num_q  # the first query's key index
+    q_rows = []
+    for r in rows:
+        ends = torch.tensor(r).cumsum(0)
+        q_rows.append(tuple((ends.clamp(min=first) - (ends - torch.tensor(r)).clamp(min=first)).tolist()))
+    q_rows = tuple(q_rows)
+    return _cached(("blocks", rows, window, q_rows), lambda: _text_and_blocks(rows, window, q_rows))
 
 
-def _text_and_blocks(rows: tuple, window) -> ZorroMask:
+def _text_and_blocks(rows: tuple, window, q_rows: Optional[tuple] = None) -> ZorroMask:
+    """Causal text and bidirectional blocks over the per-sample ``rows`` of segment sizes (text, block, ..., text);
+    ``q_rows``: the query segments' sizes when the queries are only the last keys (cross-attention, same cells)."""
     names = [f"text{i // 2}" if i % 2 == 0 else f"block{i // 2}" for i in range(len(rows[0]))]
-    per_sample = None if len(set(rows)) == 1 else torch.tensor(rows, dtype=torch.int64)
-    return ZorroMask.causal_with_blocks(
+    per_sample = None if len(set(rows)) == 1 and len(set(q_rows or ((),))) == 1 else torch.tensor(rows)
+    keys = ZorroMask.causal_with_blocks(
         list(zip(names, rows[0])), names[1::2] or [], window=window, sample_sizes=per_sample
+    )
+    if q_rows is None:
+        return keys
+    return ZorroMask(
+        list(zip(names, q_rows[0])),
+        keys._runs,
+        kv_segments=list(zip(names, rows[0])),
+        window=window,
+        sample_sizes=None if per_sample is None else torch.tensor(q_rows),
+        kv_sample_sizes=per_sample,
     )
 
 
@@ -483,11 +508,8 @@ def _layout_from_model(
     window = None if reading.window is None else (reading.window - 1, -1)
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return None, "tensor cache offsets (static cache)"
-    if reading.blocks is not None and (q_offset != kv_offset or q_length != kv_length or reading.packed is not None):
-        return None, (
-            f"bidirectional blocks with a cache offset or packed sequences (q_offset={q_offset}, "
-            f"kv_offset={kv_offset}, Nq={q_length}, Nk={kv_length})"
-        )
+    if reading.blocks is not None and reading.packed is not None:
+        return None, "bidirectional blocks together with packed sequences"
     if reading.packed is not None and (
         q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length
     ):
@@ -510,7 +532,12 @@ def _layout_from_model(
     if q_length == 0 or kv_length == 0:
         return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
     if blocks is not None:
-        layout = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, window)
+        layout = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, window, q_length)
+        if layout is None:
+            return None, (
+                f"a block id on several runs with a cache offset (q_offset={q_offset}, kv_offset={kv_offset}, "
+                f"Nq={q_length}, Nk={kv_length})"
+            )
     elif reading.packed is not None:
         layout = _packed_layout(reading.packed, causal, window)
     else:
