@@ -794,6 +794,71 @@ def test_position_ids_under_fullgraph_are_refused_naming_the_alternative(llama, 
     assert fallback_counts() == {}
 
 
+@pytest.mark.parametrize(
+    "nq, held, pads",
+    [(1, 5, None), (4, 0, None), (3, 7, [0, 2]), (1, 15, None), (1, 4, [0, 3])],
+    ids=["decode", "prefill", "chunk-left-padded", "last-slot", "decode-left-padded"],
+)
+@pytest.mark.parametrize("tensor", [True, False], ids=["tensor-offset", "int-offset"])
+def test_mask_interface_reads_static_caches(zt, nq, held, pads, tensor):
+    """A static cache's mask (16 slots, ``held`` filled before ``nq`` queries; key j visible to query i iff j <= i +
+    held, top-left aligned; the offset a tensor, as StaticCache gives it, or an int, as for its prefill): the filled
+    slots as kv_lengths and a causal cell, equal to sdpa's dense mask (was a fallback: tensor offsets, keys not
+    aligned at the last query)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    batch, n = 2, 16
+    pad = None if pads is None else (torch.arange(held + nq)[None] >= torch.tensor(pads)[:, None])
+    args = dict(batch_size=batch, q_length=nq, kv_length=n, kv_offset=0, mask_function=causal_mask_function)
+    args.update(q_offset=torch.tensor(held) if tensor else held, attention_mask=pad)
+    got = zt.zorro_mask_interface(**args)
+    assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+    if held + nq < n:  # the empty slots are never visited (with all slots filled an int offset is plain causal)
+        assert getattr(got, "mask", got).kv_lengths.tolist() == [[held + nq]] * batch
+    assert torch.equal(_dense(got, batch), sdpa_mask(**args, allow_is_causal_skip=False)[:, 0])
+
+
+@pytest.mark.parametrize("name, lengths", [("llama", [7, 4]), ("mistral", [2, 1])])
+def test_static_cache_generate_runs_on_zorro(request, zt, zorro_masks, strict, name, lengths):
+    """Batched, left-padded greedy generate with cache_implementation="static", strict: the prefill (an int offset,
+    keys past the last query) and every decoding step (a tensor offset) run on zorro, the prefill over the cache's
+    filled slots (kv_lengths); tokens equal sdpa's. Mistral (a window of 3 on every layer, a sliding static cache)
+    with a 2-token prompt: the prefill's cache is not yet full, its 3 slots past the prompt's 2 keys."""
+    pair = request.getfixturevalue(name)
+    n = max(lengths)
+    ids = torch.randint(1, pair.cfg.vocab_size, (2, n))
+    tokens = assert_greedy_match(
+        pair, input_ids=ids, attention_mask=_left_padding(lengths, n), cache_implementation="static"
+    )
+    assert tokens.shape[1] == n + 6
+    calls = [getattr(m, "mask", m) for m in zorro_masks[:: pair.layers]]
+    assert [m.num_q for m in calls] == [n, 1, 1, 1, 1, 1]
+    assert calls[0].kv_lengths.tolist() == [[n], [n]]  # the filled slots of the prefill, the others never visited
+    assert fallback_counts() == {}
+
+
+def test_static_cache_compiled_decoding_shows_zorro_ops_in_the_profiler(llama, zt, strict):
+    """torch.compile(fullgraph=True) of a decoding step on a StaticCache, strict: its offset is a tensor, read by no
+    one; the step sees the filled slots through a key bias and runs the zorro:: op. Logits equal sdpa's."""
+    from transformers import StaticCache
+
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 6))
+    torch._dynamo.reset()
+    logits = {}
+    for name in ("zorro", "same", "ref64"):
+        model = getattr(llama, name)
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        step = torch.compile(model, fullgraph=True, backend="aot_eager") if name == "zorro" else model
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(ids[:, :5], cache=cache)
+            logits[name] = step(ids[:, 5:], cache=cache).logits
+        if name == "zorro":
+            ops = {e.key for e in prof.key_averages()}
+            assert "zorro::attention_fwd" in ops, sorted(k for k in ops if "zorro" in k)
+    assert_within_policy("compiled step", logits["zorro"], logits["same"], logits["ref64"], F32)
+    assert fallback_counts() == {}
+
+
 # ============================================================================================ refused
 def test_git_is_refused_at_set_attn_implementation(zt):
     """GIT's text layers are hard-wired to an eager attention class that added our boolean fallback mask to the scores

@@ -20,6 +20,8 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
     - bidirectional attention (encoders, cross-attention) and causal attention, including decoding with a
       DynamicCache (the key window ends at the last query: bottom-right alignment, which is what zorro's
       ``causal=True`` means);
+    - static caches (keys past the last query): eagerly the filled slots as ``kv_lengths`` with a causal cell;
+      a compiled decoding step (tensor offset) as a key bias on the slots past the offset;
     - any padding: right padding as per-sample ``kv_lengths`` (padded keys are never visited), left padding (what
       batched ``generate`` uses) and holes as a key bias of ``-inf`` on the padded keys (``bias=``, ``(B, 1, 1, Nk)``);
     - sliding-window layers (Mistral, Qwen2, Gemma: transformers' ``sliding_window_causal_mask_function``) as
@@ -51,7 +53,8 @@ What falls back to transformers' own "sdpa" function, counted in
     - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
       ``or_mask_function``/``and_mask_function`` overlays;
     - blocks together with packing; a block id on several runs of a sample with a cache offset;
-    - static caches (their key window is not bottom-right aligned);
+    - static caches under torch.compile with more than one query (a prefill), or with blocks, packing or a window
+      hiding filled slots;
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
       honoured.
@@ -495,6 +498,60 @@ def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
     )
 
 
+def _static_cache_layout(
+    reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask
+) -> tuple[Optional[object], Optional[str]]:
+    """A static cache's causal mask: the ``kv_length`` slots of a fixed-size cache, of which the first ``q_offset``
+    (the tokens cached before these queries: an int, or a 0-d tensor, which keeps traces free of graph breaks) plus
+    the queries hold keys; key j visible to query i iff ``j <= i + q_offset``, top-left aligned. An int offset, or
+    a tensor one read eagerly: the filled slots as ``kv_lengths`` (the empty ones never visited) and a causal cell,
+    whose diagonal aligns bottom-right inside the filled keys. A tensor offset while tracing: a decoding step (one
+    query) sees the slots up to ``q_offset``, a key bias, no value read; a longer chunk would need a mask per query,
+    so it falls back. Padding goes in as the key bias either way. A sliding window (a sliding layer's static cache
+    before it fills: its keys in slots from 0) is kept only where it hides none of the filled slots."""
+    what = "a static cache"
+    if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
+        return None, f"{what} with a key offset (kv_offset={kv_offset}): a sliding static cache"
+    if not reading.causal or reading.blocks is not None or reading.packed is not None:
+        return None, f"{what} with a mask other than causal or a causal sliding window"
+    if attention_mask is not None and attention_mask.ndim != 2:
+        return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
+    keys = None
+    if attention_mask is not None:
+        keys = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length].bool().expand(batch_size, -1)
+    if torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor):
+        if reading.window is not None:
+            return None, f"{what} under torch.compile with a sliding window"
+        if q_length != 1:
+            return None, f"{what} under torch.compile with Nq={q_length} > 1 (each query sees its own key range)"
+        seen = torch.arange(kv_length, device=q_offset.device) <= q_offset
+        seen = seen[None].expand(batch_size, -1) if keys is None else seen[None] & keys.to(seen.device)
+        bias = torch.zeros(seen.shape, dtype=torch.float32, device=seen.device).masked_fill(~seen, float("-inf"))
+        return ZorroLayout(_plain_layout(q_length, kv_length, False), bias[:, None, None, :]), None
+    filled = int(q_offset) + q_length
+    if filled > kv_length:
+        return None, f"{what} holding {filled} tokens in {kv_length} slots"
+    if reading.window is not None and filled > reading.window:
+        # a sliding layer's cache becomes bottom-right aligned once full; before, its window hides no filled slot
+        return None, f"{what} whose window of {reading.window} hides some of its {filled} filled slots"
+    key = ("static", batch_size, q_length, kv_length, filled)
+    allow = torch.ones(1, 1, dtype=torch.bool)
+    layout = _cached(
+        key,
+        lambda: ZorroMask(
+            [("tokens", q_length)],
+            allow,
+            kv_segments=[("tokens", kv_length)],
+            kv_lengths=torch.full((batch_size, 1), filled),
+            causal_cells=allow,
+        ),
+    )
+    if keys is None or (not torch.compiler.is_compiling() and bool(keys[:, :filled].all())):
+        return layout, None
+    bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
+    return ZorroLayout(layout, bias[:, None, None, :]), None
+
+
 def _layout_from_model(
     batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
 ) -> tuple[Optional[object], Optional[str]]:
@@ -507,7 +564,7 @@ def _layout_from_model(
     # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
     window = None if reading.window is None else (reading.window - 1, -1)
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-        return None, "tensor cache offsets (static cache)"
+        return _static_cache_layout(reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
     if reading.blocks is not None and reading.packed is not None:
         return None, "bidirectional blocks together with packed sequences"
     if reading.packed is not None and (
@@ -525,6 +582,8 @@ def _layout_from_model(
     # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
     # zorro's causal is j <= i + (Nk - Nq), so the two agree exactly when these offsets match
     if causal and q_offset - kv_offset != kv_length - q_length:
+        if kv_offset == 0 and q_offset + q_length < kv_length:  # keys past the last query: a static cache's slots
+            return _static_cache_layout(reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
         return None, (
             f"causal mask not aligned at the last key (q_offset={q_offset}, kv_offset={kv_offset}, "
             f"Nq={q_length}, Nk={kv_length}): a static cache"
