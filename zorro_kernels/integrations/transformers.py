@@ -685,6 +685,8 @@ def _dense(args: tuple, kwargs: dict, reason: str):
         **kwargs,
     )
     if dense is not None:
+        # generate makes a compileable cache's masks contiguous, which copies an expanded mask and drops the reason
+        dense = dense.contiguous()
         setattr(dense, _REASON_ATTR, reason)
     return dense
 
