@@ -315,6 +315,46 @@ def test_mask_interface_reads_image_blocks_with_a_cache_offset(zt):
         assert torch.equal(_dense(got, batch), want[:, 0]), (case, types.tolist(), q_length, kv_length, kv_offset)
 
 
+def test_mask_interface_reads_image_blocks_in_a_static_cache(zt):
+    """Image blocks over a static cache's 20 slots (``held`` filled before ``nq`` queries, the offset an int or a
+    tensor), on 60 seeded random layouts with a window as long as the cache on a third and left padding on a
+    quarter: rule cells whose last key segment carries the empty slots, never visited, equal to sdpa's dense mask.
+    Block ids on empty slots (token_type_ids longer than the filled tokens) would let queries see them: refused."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        causal_mask_function,
+        or_masks,
+        sdpa_mask,
+        sliding_window_overlay,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch = 20, 2
+    for case in range(61):
+        held, nq = int(torch.randint(0, 10, (), generator=gen)), int(torch.randint(1, 8, (), generator=gen))
+        types = torch.zeros(batch, n, dtype=torch.long)
+        for b in range(batch):
+            for _ in range(int(torch.randint(0, 3, (), generator=gen))):
+                start = int(torch.randint(0, held + nq, (), generator=gen))
+                types[b, start : start + int(torch.randint(1, 5, (), generator=gen))] = 1
+        types[:, held + nq :] = 0
+        if case == 60:  # an image running past the filled tokens
+            types[0, held + nq - 1 : held + nq + 1] = 1
+        fn = or_masks(causal_mask_function, blockwise_overlay(_image_blocks(types)))
+        if case % 3 == 0:
+            fn = and_masks(fn, sliding_window_overlay(n))
+        pads = None if case % 4 else (torch.arange(held + nq)[None] >= torch.tensor([0, 2])[:, None])
+        args = dict(batch_size=batch, q_length=nq, kv_length=n, kv_offset=0, mask_function=fn, attention_mask=pads)
+        args.update(q_offset=held if case % 2 else torch.tensor(held), allow_is_causal_skip=False)
+        got = zt.zorro_mask_interface(**args)
+        if case == 60:
+            assert "empty slots carry block ids" in got._zorro_fallback_reason
+            continue
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        assert torch.equal(_dense(got, batch), sdpa_mask(**args)[:, 0]), (case, types.tolist(), held, nq)
+
+
 # ============================================================================================ PaliGemma
 @pytest.fixture(scope="module")
 def paligemma(zt):
@@ -545,6 +585,19 @@ def test_gemma3_chunked_prefill_over_images_runs_on_zorro(gemma3, zt, zorro_mask
         assert_within_policy(f"chunk {s}-{e}", got[real], same[real], ref[real], F32)
     cross = [m for m in zorro_masks if m.has_causal_cells and m.num_q < m.num_kv]
     assert len(cross) == 2 * gemma3.layers  # the second and third chunks, on both layers
+    assert fallback_counts() == {}
+
+
+def test_gemma3_static_cache_generate_with_images_runs_on_zorro(gemma3, zt, zorro_masks, strict):
+    """Batched, left-padded greedy generate with images and cache_implementation="static", strict: the prefill's
+    keys are the cache's slots, past the prompt's tokens (the full layer; the sliding layer's 4 slots fill), so its
+    rule cells carry the empty slots as never-visited keys at the end of the last text segment. Tokens equal sdpa's
+    (was a fallback: blocks with a static cache)."""
+    inputs = _gemma3_batch(gemma3, 12, starts=[3, 5, 0], pads=[0, 2, 3])
+    tokens = assert_greedy_match(gemma3, **inputs, cache_implementation="static")
+    assert tokens.shape[1] == 12 + 6
+    prefill = [getattr(m, "mask", m) for m in zorro_masks if getattr(m, "mask", m).has_causal_cells]
+    assert any(m.num_kv > m.num_q and m.kv_lengths is not None for m in prefill)  # the full layer's empty slots
     assert fallback_counts() == {}
 
 

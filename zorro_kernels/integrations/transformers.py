@@ -20,7 +20,8 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
     - bidirectional attention (encoders, cross-attention) and causal attention, including decoding with a
       DynamicCache (the key window ends at the last query: bottom-right alignment, which is what zorro's
       ``causal=True`` means);
-    - static caches (keys past the last query): eagerly the filled slots as ``kv_lengths`` with a causal cell;
+    - static caches (keys past the last query): eagerly the filled slots as ``kv_lengths`` with a causal cell (or
+      image blocks' cells);
       a compiled decoding step (tensor offset) as a key bias on the slots past the offset;
     - any padding: right padding as per-sample ``kv_lengths`` (padded keys are never visited), left padding (what
       batched ``generate`` uses) and holes as a key bias of ``-inf`` on the padded keys (``bias=``, ``(B, 1, 1, Nk)``);
@@ -53,8 +54,8 @@ What falls back to transformers' own "sdpa" function, counted in
     - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
       ``or_mask_function``/``and_mask_function`` overlays;
     - blocks together with packing; a block id on several runs of a sample with a cache offset;
-    - static caches under torch.compile with more than one query (a prefill), or with blocks, packing or a window
-      hiding filled slots;
+    - static caches under torch.compile with more than one query (a prefill), or with packing, a window hiding
+      filled slots or block ids on empty slots;
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
       honoured.
@@ -508,20 +509,22 @@ def _static_cache_layout(
     whose diagonal aligns bottom-right inside the filled keys. A tensor offset while tracing: a decoding step (one
     query) sees the slots up to ``q_offset``, a key bias, no value read; a longer chunk would need a mask per query,
     so it falls back. Padding goes in as the key bias either way. A sliding window (a sliding layer's static cache
-    before it fills: its keys in slots from 0) is kept only where it hides none of the filled slots."""
+    before it fills: its keys in slots from 0) is taken only where it hides none of the filled slots (then it is
+    dropped). Image blocks (eagerly): their rule cells over the filled slots, the empty ones appended to the last
+    text segment (:func:`_with_empty_slots`)."""
     what = "a static cache"
     if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
         return None, f"{what} with a key offset (kv_offset={kv_offset}): a sliding static cache"
-    if not reading.causal or reading.blocks is not None or reading.packed is not None:
-        return None, f"{what} with a mask other than causal or a causal sliding window"
+    if not reading.causal or reading.packed is not None:
+        return None, f"{what} with a mask other than causal (with a window or blocks)"
     if attention_mask is not None and attention_mask.ndim != 2:
         return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
     keys = None
     if attention_mask is not None:
         keys = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length].bool().expand(batch_size, -1)
     if torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor):
-        if reading.window is not None:
-            return None, f"{what} under torch.compile with a sliding window"
+        if reading.window is not None or reading.blocks is not None:
+            return None, f"{what} under torch.compile with a sliding window or blocks"
         if q_length != 1:
             return None, f"{what} under torch.compile with Nq={q_length} > 1 (each query sees its own key range)"
         seen = torch.arange(kv_length, device=q_offset.device) <= q_offset
@@ -534,22 +537,51 @@ def _static_cache_layout(
     if reading.window is not None and filled > reading.window:
         # a sliding layer's cache becomes bottom-right aligned once full; before, its window hides no filled slot
         return None, f"{what} whose window of {reading.window} hides some of its {filled} filled slots"
-    key = ("static", batch_size, q_length, kv_length, filled)
-    allow = torch.ones(1, 1, dtype=torch.bool)
-    layout = _cached(
-        key,
-        lambda: ZorroMask(
-            [("tokens", q_length)],
-            allow,
-            kv_segments=[("tokens", kv_length)],
-            kv_lengths=torch.full((batch_size, 1), filled),
-            causal_cells=allow,
-        ),
-    )
+    blocks = None if reading.blocks is None else reading.blocks[:, :filled]
+    if reading.blocks is not None and bool((reading.blocks[:, filled:kv_length] >= 0).any()):
+        return None, f"{what} whose empty slots carry block ids (token_type_ids past the {filled} filled tokens)"
+    if blocks is not None and bool((blocks >= 0).any()):
+        inner = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, None, q_length)
+        if not isinstance(inner, ZorroMask):
+            return None, f"{what} with a block id on several runs"
+        layout = _with_empty_slots(inner, kv_length - filled, batch_size)
+    else:
+        key = ("static", batch_size, q_length, kv_length, filled)
+        allow = torch.ones(1, 1, dtype=torch.bool)
+        layout = _cached(
+            key,
+            lambda: ZorroMask(
+                [("tokens", q_length)],
+                allow,
+                kv_segments=[("tokens", kv_length)],
+                kv_lengths=torch.full((batch_size, 1), filled),
+                causal_cells=allow,
+            ),
+        )
     if keys is None or (not torch.compiler.is_compiling() and bool(keys[:, :filled].all())):
         return layout, None
     bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
     return ZorroLayout(layout, bias[:, None, None, :]), None
+
+
+def _with_empty_slots(mask: ZorroMask, empty: int, batch_size: int) -> ZorroMask:
+    """``mask`` (no window) with ``empty`` keys appended to its last key segment and never visited (``kv_lengths``):
+    a static cache's slots past the filled ones. Its causal cells align inside the valid keys, so nothing else
+    changes."""
+    kv_sizes = [*mask.kv_sizes[:-1], mask.kv_sizes[-1] + empty]
+    per_sample = mask.kv_sample_sizes
+    valid = torch.tensor([mask.kv_sizes]).repeat(batch_size, 1) if per_sample is None else per_sample.clone()
+    if per_sample is not None:
+        per_sample = per_sample.clone()
+        per_sample[:, -1] += empty
+    return ZorroMask(
+        list(zip(mask.q_names, mask.q_sizes)),
+        mask._runs,
+        kv_segments=list(zip(mask.kv_names, kv_sizes)),
+        kv_lengths=valid,
+        sample_sizes=mask.sample_sizes,
+        kv_sample_sizes=per_sample,
+    )
 
 
 def _layout_from_model(
