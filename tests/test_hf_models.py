@@ -871,6 +871,26 @@ def test_mask_interface_reads_static_caches(zt, nq, held, pads, tensor):
     assert torch.equal(_dense(got, batch), sdpa_mask(**args, allow_is_causal_skip=False)[:, 0])
 
 
+@pytest.mark.parametrize("tensor", [True, False], ids=["tensor-offset", "int-offset"])
+def test_mask_interface_reads_static_cache_windows(zt, tensor):
+    """A sliding window of 4 over a static cache's 16 slots: a decoding step whose window hides filled slots as a key
+    bias (no value read), a prefill the window does not cut without it, equal to sdpa's dense mask; a chunk of
+    several queries the window cuts falls back, naming it."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask, sliding_window_overlay
+
+    batch, n = 2, 16
+    fn = and_masks(causal_mask_function, sliding_window_overlay(4))
+    for nq, held, runs in [(1, 9, True), (2, 1, True), (3, 5, False)]:
+        args = dict(batch_size=batch, q_length=nq, kv_length=n, kv_offset=0, mask_function=fn, attention_mask=None)
+        args.update(q_offset=torch.tensor(held) if tensor else held, allow_is_causal_skip=False)
+        got = zt.zorro_mask_interface(**args)
+        if not runs:
+            assert "window of 4 hides some of its 8 filled slots" in got._zorro_fallback_reason
+            continue
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        assert torch.equal(_dense(got, batch), sdpa_mask(**args)[:, 0]), (nq, held)
+
+
 @pytest.mark.parametrize("name, lengths", [("llama", [7, 4]), ("mistral", [2, 1])])
 def test_static_cache_generate_runs_on_zorro(request, zt, zorro_masks, strict, name, lengths):
     """Batched, left-padded greedy generate with cache_implementation="static", strict: the prefill (an int offset,
@@ -909,6 +929,48 @@ def test_static_cache_compiled_decoding_shows_zorro_ops_in_the_profiler(llama, z
             ops = {e.key for e in prof.key_averages()}
             assert "zorro::attention_fwd" in ops, sorted(k for k in ops if "zorro" in k)
     assert_within_policy("compiled step", logits["zorro"], logits["same"], logits["ref64"], F32)
+    assert fallback_counts() == {}
+
+
+@pytest.mark.full  # the graph break around a StaticCache compiles for ~6 s on a 2-core machine
+def test_static_cache_compiled_prefill_reads_its_offset_at_a_graph_break(llama, zt, strict):
+    """torch.compile (graph breaks allowed) of a 3-token chunk into a StaticCache holding 2, strict: each query sees
+    its own key range, so the tensor offset is read at a graph break and the chunk runs the zorro:: op over the
+    filled slots; logits equal sdpa's."""
+    from transformers import StaticCache
+
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 5))
+    logits = {}
+    torch._dynamo.reset()
+    for name in ("zorro", "same", "ref64"):
+        model = getattr(llama, name)
+        run = torch.compile(model, backend="aot_eager") if name == "zorro" else model
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            model(ids[:, :2], cache=cache)  # the cache now holds 2: the next chunk's offset is a tensor
+            logits[name] = run(ids[:, 2:], cache=cache).logits
+        if name == "zorro":
+            ops = {e.key for e in prof.key_averages()}
+            assert "zorro::attention_fwd" in ops, sorted(k for k in ops if "zorro" in k)
+    assert_within_policy("compiled chunk", logits["zorro"], logits["same"], logits["ref64"], F32)
+    assert fallback_counts() == {}
+
+
+def test_static_cache_compiled_prefill_under_fullgraph_is_refused_naming_the_alternatives(llama, zt, strict):
+    """Under torch.compile(fullgraph=True) a chunk of several queries into a StaticCache would need its tensor offset
+    read at a graph break: dynamo's error quotes our reason and the alternatives (compiled decoding steps need no
+    break: test_static_cache_compiled_decoding_shows_zorro_ops_in_the_profiler)."""
+    from transformers import StaticCache
+
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 5))
+    torch._dynamo.reset()
+    full = torch.compile(llama.zorro, fullgraph=True, backend="aot_eager")
+    cache = StaticCache(config=llama.zorro.config, max_cache_len=16)
+    why = r"zorro reads a static cache's offset at a graph break .* compile only the decoding steps"
+    with torch.no_grad():
+        llama.zorro(ids[:, :2], cache=cache)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=why):
+            full(ids[:, 2:], cache=cache)
     assert fallback_counts() == {}
 
 

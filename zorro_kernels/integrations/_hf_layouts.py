@@ -31,6 +31,7 @@ from ..tilemap import AllowRuns
 
 _LAYOUTS: dict = {}
 _MAX_LAYOUTS = 64
+_TENSOR_VALUED = object()  # _layout_from_model's layout when it must read tensor values while tracing
 
 
 def _plain_layout(nq: int, nk: int, causal: bool, window: Optional[tuple[int, int]] = None) -> ZorroMask:
@@ -313,14 +314,18 @@ def _static_cache_layout(
 ) -> tuple[Optional[object], Optional[str]]:
     """A static cache's causal mask: the ``kv_length`` slots of a fixed-size cache, of which the first ``q_offset``
     (the tokens cached before these queries: an int, or a 0-d tensor, which keeps traces free of graph breaks) plus
-    the queries hold keys; key j visible to query i iff ``j <= i + q_offset``, top-left aligned. An int offset, or
-    a tensor one read eagerly: the filled slots as ``kv_lengths`` (the empty ones never visited) and a causal cell,
-    whose diagonal aligns bottom-right inside the filled keys. A tensor offset while tracing: a decoding step (one
-    query) sees the slots up to ``q_offset``, a key bias, no value read; a longer chunk would need a mask per query,
-    so it falls back. Padding goes in as the key bias either way. A sliding window (a sliding layer's static cache
-    before it fills: its keys in slots from 0) is taken only where it hides none of the filled slots (then it is
-    dropped). Image blocks (eagerly): their rule cells over the filled slots, the empty ones appended to the last
-    text segment (:func:`_with_empty_slots`)."""
+    the queries hold keys; key j visible to query i iff ``j <= i + q_offset`` (and ``j > i + q_offset - W`` with a
+    sliding window W), top-left aligned.
+
+    - An int offset, or a tensor one read eagerly: the filled slots as ``kv_lengths`` (the empty ones never visited)
+      and a causal cell, whose diagonal aligns bottom-right inside the filled keys; image blocks as their rule cells
+      over the filled slots, the empty ones appended to the last text segment (:func:`_with_empty_slots`). A window
+      is dropped where it hides none of the filled slots (a sliding layer's static cache before it fills).
+    - One query (a decoding step) without blocks, traced or with a window that hides filled slots: the slots it sees
+      as a key bias, no value read.
+    - Traced, several queries or blocks: ``_TENSOR_VALUED`` (the caller reads the offset at a graph break).
+
+    Padding goes in as the key bias throughout."""
     what = "a static cache"
     if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
         return None, f"{what} with a key offset (kv_offset={kv_offset}): a sliding static cache"
@@ -331,12 +336,15 @@ def _static_cache_layout(
     keys = None
     if attention_mask is not None:
         keys = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length].bool().expand(batch_size, -1)
-    if torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor):
-        if reading.window is not None or reading.blocks is not None:
-            return None, f"{what} under torch.compile with a sliding window or blocks"
-        if q_length != 1:
-            return None, f"{what} under torch.compile with Nq={q_length} > 1 (each query sees its own key range)"
-        seen = torch.arange(kv_length, device=q_offset.device) <= q_offset
+    traced = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
+    if traced and (q_length != 1 or reading.blocks is not None):
+        return _TENSOR_VALUED, "static"  # each query its own key range: read the offset at a graph break
+    if traced or (q_length == 1 and reading.window is not None and int(q_offset) + 1 > reading.window):
+        # one query: the slots it sees (up to q_offset, inside the window) as a key bias, no value read
+        slot = torch.arange(kv_length, device=torch.as_tensor(q_offset).device)
+        seen = slot <= q_offset
+        if reading.window is not None:
+            seen = seen & (slot > q_offset - reading.window)
         seen = seen[None].expand(batch_size, -1) if keys is None else seen[None] & keys.to(seen.device)
         bias = torch.zeros(seen.shape, dtype=torch.float32, device=seen.device).masked_fill(~seen, float("-inf"))
         return ZorroLayout(_plain_layout(q_length, kv_length, False), bias[:, None, None, :]), None
@@ -463,6 +471,3 @@ def _layout_from_model(
     if isinstance(layout, ZorroGroups):
         return ZorroGroups([(rows, m, bias[rows]) for rows, m, _ in layout.groups], layout.batch_size), None
     return ZorroLayout(layout, bias), None
-
-
-_TENSOR_VALUED = object()  # _layout_from_model's layout when it must read tensor values while tracing

@@ -22,8 +22,8 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
       DynamicCache (the key window ends at the last query: bottom-right alignment, which is what zorro's
       ``causal=True`` means);
     - static caches (keys past the last query): eagerly the filled slots as ``kv_lengths`` with a causal cell (or
-      image blocks' cells);
-      a compiled decoding step (tensor offset) as a key bias on the slots past the offset;
+      image blocks' cells); a decoding step compiled (tensor offset) or under a window as a key bias on the slots it
+      sees; a compiled chunk of several queries reads the offset at a graph break (``fullgraph=True`` refuses it);
     - any padding: right padding as per-sample ``kv_lengths`` (padded keys are never visited), left padding (what
       batched ``generate`` uses) and holes as a key bias of ``-inf`` on the padded keys (``bias=``, ``(B, 1, 1, Nk)``);
     - sliding-window layers (Mistral, Qwen2, Gemma: transformers' ``sliding_window_causal_mask_function``) as
@@ -55,8 +55,8 @@ What falls back to transformers' own "sdpa" function, counted in
     - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
       ``or_mask_function``/``and_mask_function`` overlays;
     - blocks together with packing; a block id on several runs of a sample with a cache offset;
-    - static caches under torch.compile with more than one query (a prefill), or with packing, a window hiding
-      filled slots or block ids on empty slots;
+    - static caches with packing, a chunk of several queries whose window hides filled slots, or block ids on
+      empty slots;
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
       honoured.
@@ -241,6 +241,15 @@ _AT_GRAPH_BREAK = {
             "every position_ids without an attention_mask as packed, and their boundaries are tensor values a trace "
             "cannot read), which fullgraph=True forbids: pass zorro_mask=ZorroMask.packed(...) for packed rows, or an "
             "attention_mask for rows holding one sequence each, or compile without fullgraph=True"
+        ),
+    ),
+    "static": torch.compiler.disable(
+        _read_now,
+        reason=(
+            "zorro reads a static cache's offset at a graph break when several queries (a prefill) or image blocks "
+            "attend its slots (the offset is a tensor a trace cannot read, and each query sees its own key range), "
+            "which fullgraph=True forbids: compile only the decoding steps (one query, no break), pass zorro_mask=, "
+            "or compile without fullgraph=True"
         ),
     ),
     "blocks": torch.compiler.disable(
