@@ -125,6 +125,7 @@ def main(argv=None) -> None:
         get_block_sequence_ids_for_mask,
     )
 
+    from zorro_kernels.integrations import _hf_layouts
     from zorro_kernels.integrations import transformers as zt
 
     zt.register(strict=True)
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     embeds = torch.zeros(2, inputs["input_ids"].shape[1], 8)
 
     def masks(model):
-        zt._LAYOUTS.clear()  # the integration caches layouts across calls; measure the build
+        _hf_layouts._LAYOUTS.clear()  # the integration caches layouts across calls; measure the build
         return create_masks_for_vision_model(
             config=model.config.get_text_config(),
             inputs_embeds=embeds,

@@ -96,19 +96,28 @@ def assert_greedy_match(pair, new_tokens: int = 6, **inputs) -> torch.Tensor:
 def assert_gradients_match(pair, **inputs) -> None:
     """One training step (loss.backward on ``inputs``, which carry labels) on both: every parameter gradient finite
     and equal to the twin's."""
-    grads = []
-    for model in (pair.same, pair.zorro):
-        model.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        model.zero_grad(set_to_none=True)
-    bad = [n for n, g in grads[1].items() if not torch.isfinite(g).all()]
+    want = _gradients(pair.same, lambda: pair.same(**inputs).loss.backward())
+    assert_same_gradients(_gradients(pair.zorro, lambda: pair.zorro(**inputs).loss.backward()), want)
+
+
+def _gradients(model, step) -> dict:
+    """The parameter gradients ``step()`` leaves on ``model`` (which starts and ends without any)."""
+    model.zero_grad(set_to_none=True)
+    step()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_same_gradients(got: dict, want: dict) -> None:
+    """Every gradient in ``got`` finite, and the same parameters as in ``want`` with equal gradients."""
+    bad = [n for n, g in got.items() if not torch.isfinite(g).all()]
     assert not bad, f"{len(bad)} non-finite parameter gradients: {bad[:4]}"
-    assert grads[0].keys() == grads[1].keys() and grads[1]
-    for n, g in grads[1].items():
+    assert want.keys() == got.keys() and got
+    for n, g in got.items():
         # atol scaled by the gradient's size: Gemma 3's zero-initialised image projection gets gradients near 1e9
-        scale = max(1.0, grads[0][n].abs().max().item())
-        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+        scale = max(1.0, want[n].abs().max().item())
+        torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 def _left_padding(lengths, n: int) -> torch.Tensor:
@@ -157,6 +166,29 @@ def test_mask_interface_reads_transformers_compositions(zt, case):
     per_sample = case.get("position_ids", torch.zeros(1)).unique(dim=0).shape[0] > 1
     assert (got.sample_sizes is not None) == per_sample  # one mask, each sample's boundaries its own
     assert torch.equal(_dense(got, batch), want[:, 0])
+
+
+def test_attention_reads_an_unread_layout_once(zt, zorro_masks, monkeypatch):
+    """Under torch.compile a call with zorro_mask= gets the packed layout from the mask interface unread (reading it
+    is a graph break, which fullgraph=True forbids); an attention call without zorro_mask= reads it itself, once for
+    every layer, and runs on zorro with it."""
+    args = []
+    read = zt._layout_from_model
+
+    def spy(*a):
+        args.append(a)
+        return read(*a)
+
+    monkeypatch.setattr(zt, "_layout_from_model", spy)
+    _build_mask("zorro", 16, position_ids=_restarts([5, 7, 4]))
+    unread = zt._Unread("packed", args[0], {})
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    layer = SimpleNamespace(is_causal=True)
+    got = [zt.zorro_attention_forward(layer, q, k, v, unread)[0] for _ in range(2)]
+    assert len(args) == 2  # read once, by the first call
+    assert [m.q_sizes for m in zorro_masks] == [(5, 7, 4)] * 2
+    want = zt.zorro_attention_forward(layer, q, k, v, ZorroMask.packed([5, 7, 4], causal=True))[0]
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
 
 
 def _dense(layout, batch: int) -> torch.Tensor:
@@ -244,6 +276,83 @@ def test_mask_interface_reads_image_blocks(zt, types, pads):
         assert torch.equal(_dense(got, batch), want[:, 0]), kind
         # one mask: per-sample sizes where the images sit differently; padding is a key bias
         assert (getattr(got, "mask", got).sample_sizes is not None) == (len(set(map(tuple, types))) > 1)
+
+
+def test_mask_interface_reads_image_blocks_with_a_cache_offset(zt):
+    """Image blocks whose queries are only the last keys (a chunk of a prefill over a cache: q_offset > 0, kv_offset
+    > 0 for a sliding cache), on 60 seeded random layouts (up to two images per sample, cut anywhere by the chunk),
+    with a window of 4 on a third of them and left padding on a fifth: a cross-attention rule-cell mask equal to the
+    dense mask sdpa gets, never a fallback."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        causal_mask_function,
+        or_masks,
+        sdpa_mask,
+        sliding_window_overlay,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch = 20, 2
+    for case in range(60):
+        types = torch.zeros(batch, n, dtype=torch.long)
+        for b in range(batch):
+            for _ in range(int(torch.randint(0, 3, (), generator=gen))):
+                start = int(torch.randint(0, n - 3, (), generator=gen))
+                types[b, start : start + int(torch.randint(1, 5, (), generator=gen))] = 1
+        kv_offset = int(torch.randint(0, 6, (), generator=gen)) if case % 2 else 0
+        kv_length = int(torch.randint(4, n - kv_offset + 1, (), generator=gen))
+        q_length = int(torch.randint(1, kv_length + 1, (), generator=gen))
+        fn = or_masks(causal_mask_function, blockwise_overlay(_image_blocks(types)))
+        if case % 3 == 0:
+            fn = and_masks(fn, sliding_window_overlay(4))
+        pads = None if case % 5 else (torch.arange(n)[None] >= torch.tensor([0, 2])[:, None])
+        args = dict(batch_size=batch, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset, mask_function=fn)
+        args.update(q_offset=kv_offset + kv_length - q_length, attention_mask=pads)
+        got = zt.zorro_mask_interface(**args)
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        want = sdpa_mask(**args, allow_is_causal_skip=False)
+        assert torch.equal(_dense(got, batch), want[:, 0]), (case, types.tolist(), q_length, kv_length, kv_offset)
+
+
+def test_mask_interface_reads_image_blocks_in_a_static_cache(zt):
+    """Image blocks over a static cache's 20 slots (``held`` filled before ``nq`` queries, the offset an int or a
+    tensor), on 60 seeded random layouts with a window as long as the cache on a third and left padding on a
+    quarter: rule cells whose last key segment carries the empty slots, never visited, equal to sdpa's dense mask.
+    Block ids on empty slots (token_type_ids longer than the filled tokens) would let queries see them: refused."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        causal_mask_function,
+        or_masks,
+        sdpa_mask,
+        sliding_window_overlay,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch = 20, 2
+    for case in range(61):
+        held, nq = int(torch.randint(0, 10, (), generator=gen)), int(torch.randint(1, 8, (), generator=gen))
+        types = torch.zeros(batch, n, dtype=torch.long)
+        for b in range(batch):
+            for _ in range(int(torch.randint(0, 3, (), generator=gen))):
+                start = int(torch.randint(0, held + nq, (), generator=gen))
+                types[b, start : start + int(torch.randint(1, 5, (), generator=gen))] = 1
+        types[:, held + nq :] = 0
+        if case == 60:  # an image running past the filled tokens
+            types[0, held + nq - 1 : held + nq + 1] = 1
+        fn = or_masks(causal_mask_function, blockwise_overlay(_image_blocks(types)))
+        if case % 3 == 0:
+            fn = and_masks(fn, sliding_window_overlay(n))
+        pads = None if case % 4 else (torch.arange(held + nq)[None] >= torch.tensor([0, 2])[:, None])
+        args = dict(batch_size=batch, q_length=nq, kv_length=n, kv_offset=0, mask_function=fn, attention_mask=pads)
+        args.update(q_offset=held if case % 2 else torch.tensor(held), allow_is_causal_skip=False)
+        got = zt.zorro_mask_interface(**args)
+        if case == 60:
+            assert "empty slots carry block ids" in got._zorro_fallback_reason
+            continue
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        assert torch.equal(_dense(got, batch), sdpa_mask(**args)[:, 0]), (case, types.tolist(), held, nq)
 
 
 # ============================================================================================ PaliGemma
@@ -445,6 +554,53 @@ def test_gemma3_images_run_on_zorro(gemma3, zt, zorro_masks, strict):
     assert fallback_counts() == {}
 
 
+def test_gemma3_chunked_prefill_over_images_runs_on_zorro(gemma3, zt, zorro_masks, strict):
+    """A prefill in chunks over a DynamicCache whose boundaries cut images (token_type_ids up to each chunk's end, as
+    generate's prefill_chunk_size passes them): each chunk's queries are the last keys, the images' runs cut to them;
+    rule cells aligned bottom-right per pair express it (was a fallback: blocks with a cache offset). Logits equal
+    sdpa's chunk by chunk, left padding and the sliding layer included."""
+    from transformers import DynamicCache
+
+    inputs = _gemma3_batch(gemma3, 12, starts=[3, 5, 0], pads=[0, 2, 3])  # images at 3-6, 7-10, 3-6
+    types, pads = inputs["token_type_ids"], inputs["attention_mask"]
+    embeds = gemma3.same.get_input_embeddings()(inputs["input_ids"]).detach()
+    chunks = [(0, 5), (5, 9), (9, 12)]
+    logits = {}
+    for name in ("zorro", "same", "ref64"):
+        model = getattr(gemma3, name)
+        cache = DynamicCache(config=model.config.get_text_config())
+        x = embeds.double() if name == "ref64" else embeds
+        with torch.no_grad():
+            logits[name] = [
+                model(
+                    inputs_embeds=x[:, s:e],
+                    token_type_ids=types[:, :e],
+                    attention_mask=pads[:, :e],
+                    past_key_values=cache,
+                ).logits
+                for s, e in chunks
+            ]
+    for (s, e), got, same, ref in zip(chunks, logits["zorro"], logits["same"], logits["ref64"]):
+        real = pads[:, s:e].bool()
+        assert_within_policy(f"chunk {s}-{e}", got[real], same[real], ref[real], F32)
+    cross = [m for m in zorro_masks if m.has_causal_cells and m.num_q < m.num_kv]
+    assert len(cross) == 2 * gemma3.layers  # the second and third chunks, on both layers
+    assert fallback_counts() == {}
+
+
+def test_gemma3_static_cache_generate_with_images_runs_on_zorro(gemma3, zt, zorro_masks, strict):
+    """Batched, left-padded greedy generate with images and cache_implementation="static", strict: the prefill's
+    keys are the cache's slots, past the prompt's tokens (the full layer; the sliding layer's 4 slots fill), so its
+    rule cells carry the empty slots as never-visited keys at the end of the last text segment. Tokens equal sdpa's
+    (was a fallback: blocks with a static cache)."""
+    inputs = _gemma3_batch(gemma3, 12, starts=[3, 5, 0], pads=[0, 2, 3])
+    tokens = assert_greedy_match(gemma3, **inputs, cache_implementation="static")
+    assert tokens.shape[1] == 12 + 6
+    prefill = [getattr(m, "mask", m) for m in zorro_masks if getattr(m, "mask", m).has_causal_cells]
+    assert any(m.num_kv > m.num_q and m.kv_lengths is not None for m in prefill)  # the full layer's empty slots
+    assert fallback_counts() == {}
+
+
 @pytest.mark.full  # compiling Gemma 3 forward and backward: tens of seconds
 def test_gemma3_images_compiled_run_on_zorro(gemma3, zt, strict):
     """torch.compile (graph breaks allowed) of Gemma 3 with images, strict: the image positions are tensor values, so
@@ -641,6 +797,183 @@ def test_llama_compiled_shows_zorro_ops_in_the_profiler(llama, zt, strict):
     assert fallback_counts() == {}
 
 
+@pytest.mark.parametrize("rows", [[[5, 7, 4], [9, 7]], [[16], [16]]], ids=["packed", "one sequence per row"])
+def test_position_ids_compiled_training_runs_on_zorro(llama, zt, strict, rows):
+    """torch.compile (graph breaks allowed) of a Llama training step on position_ids without an attention_mask,
+    strict: transformers treats every such batch as packed there, with the boundaries as tensor values; the first
+    attention call reads them at a graph break, and the zorro:: ops run forward and backward, for packed rows and for
+    rows that each hold one sequence alike. Logits and parameter gradients equal sdpa's."""
+    position_ids = _restarts(*rows)
+    ids = torch.randint(1, llama.cfg.vocab_size, position_ids.shape)
+    inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
+    labels = ids.masked_fill(position_ids == 0, -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(llama.zorro, backend="aot_eager")
+    out = []
+
+    def step():
+        out.append(compiled(**inputs, labels=labels))
+        out[0].loss.backward()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = _gradients(llama.zorro, step)
+    ops = {e.key for e in prof.key_averages()}
+    assert {"zorro::attention_fwd", "zorro::attention_bwd"} <= ops, sorted(k for k in ops if "zorro" in k)
+    with torch.no_grad():
+        same, ref = llama.same(**inputs).logits, llama.ref64(**inputs).logits
+    assert_within_policy("compiled logits", out[0].logits.detach(), same, ref, F32)
+    assert_same_gradients(got, _gradients(llama.same, lambda: llama.same(**inputs, labels=labels).loss.backward()))
+    assert fallback_counts() == {}
+
+
+def test_position_ids_under_fullgraph_are_refused_naming_the_alternative(llama, zt, strict):
+    """torch.compile(fullgraph=True) forbids the graph break that reads packed sequences: dynamo's error quotes our
+    reason and the alternatives. The first alternative named, zorro_mask=, runs on zorro under fullgraph=True (no
+    attention call reads the boundaries then) and equals sdpa."""
+    lens = [5, 7, 4]
+    position_ids = _restarts(lens)
+    ids = torch.randint(1, llama.cfg.vocab_size, position_ids.shape)
+    inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(llama.zorro, fullgraph=True, backend="aot_eager")
+    why = r"zorro reads packed sequences from position_ids at a graph break .* pass zorro_mask=ZorroMask.packed"
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=why), torch.no_grad():
+        compiled(**inputs)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = compiled(**inputs, zorro_mask=ZorroMask.packed(lens, causal=True)).logits
+        same, ref = llama.same(**inputs).logits, llama.ref64(**inputs).logits
+    assert_within_policy("fullgraph with zorro_mask", got, same, ref, F32)
+    assert fallback_counts() == {}
+
+
+@pytest.mark.parametrize(
+    "nq, held, pads",
+    [(1, 5, None), (4, 0, None), (3, 7, [0, 2]), (1, 15, None), (1, 4, [0, 3])],
+    ids=["decode", "prefill", "chunk-left-padded", "last-slot", "decode-left-padded"],
+)
+@pytest.mark.parametrize("tensor", [True, False], ids=["tensor-offset", "int-offset"])
+def test_mask_interface_reads_static_caches(zt, nq, held, pads, tensor):
+    """A static cache's mask (16 slots, ``held`` filled before ``nq`` queries; key j visible to query i iff j <= i +
+    held, top-left aligned; the offset a tensor, as StaticCache gives it, or an int, as for its prefill): the filled
+    slots as kv_lengths and a causal cell, equal to sdpa's dense mask (was a fallback: tensor offsets, keys not
+    aligned at the last query)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    batch, n = 2, 16
+    pad = None if pads is None else (torch.arange(held + nq)[None] >= torch.tensor(pads)[:, None])
+    args = dict(batch_size=batch, q_length=nq, kv_length=n, kv_offset=0, mask_function=causal_mask_function)
+    args.update(q_offset=torch.tensor(held) if tensor else held, attention_mask=pad)
+    got = zt.zorro_mask_interface(**args)
+    assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+    if held + nq < n:  # the empty slots are never visited (with all slots filled an int offset is plain causal)
+        assert getattr(got, "mask", got).kv_lengths.tolist() == [[held + nq]] * batch
+    assert torch.equal(_dense(got, batch), sdpa_mask(**args, allow_is_causal_skip=False)[:, 0])
+
+
+@pytest.mark.parametrize("tensor", [True, False], ids=["tensor-offset", "int-offset"])
+def test_mask_interface_reads_static_cache_windows(zt, tensor):
+    """A sliding window of 4 over a static cache's 16 slots: a decoding step whose window hides filled slots as a key
+    bias (no value read), a prefill the window does not cut without it, equal to sdpa's dense mask; a chunk of
+    several queries the window cuts falls back, naming it."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask, sliding_window_overlay
+
+    batch, n = 2, 16
+    fn = and_masks(causal_mask_function, sliding_window_overlay(4))
+    for nq, held, runs in [(1, 9, True), (2, 1, True), (3, 5, False)]:
+        args = dict(batch_size=batch, q_length=nq, kv_length=n, kv_offset=0, mask_function=fn, attention_mask=None)
+        args.update(q_offset=torch.tensor(held) if tensor else held, allow_is_causal_skip=False)
+        got = zt.zorro_mask_interface(**args)
+        if not runs:
+            assert "window of 4 hides some of its 8 filled slots" in got._zorro_fallback_reason
+            continue
+        assert not isinstance(got, torch.Tensor), got._zorro_fallback_reason
+        assert torch.equal(_dense(got, batch), sdpa_mask(**args)[:, 0]), (nq, held)
+
+
+@pytest.mark.parametrize("name, lengths", [("llama", [7, 4]), ("mistral", [2, 1])])
+def test_static_cache_generate_runs_on_zorro(request, zt, zorro_masks, strict, name, lengths):
+    """Batched, left-padded greedy generate with cache_implementation="static", strict: the prefill (an int offset,
+    keys past the last query) and every decoding step (a tensor offset) run on zorro, the prefill over the cache's
+    filled slots (kv_lengths); tokens equal sdpa's. Mistral (a window of 3 on every layer, a sliding static cache)
+    with a 2-token prompt: the prefill's cache is not yet full, its 3 slots past the prompt's 2 keys."""
+    pair = request.getfixturevalue(name)
+    n = max(lengths)
+    ids = torch.randint(1, pair.cfg.vocab_size, (2, n))
+    tokens = assert_greedy_match(
+        pair, input_ids=ids, attention_mask=_left_padding(lengths, n), cache_implementation="static"
+    )
+    assert tokens.shape[1] == n + 6
+    calls = [getattr(m, "mask", m) for m in zorro_masks[:: pair.layers]]
+    assert [m.num_q for m in calls] == [n, 1, 1, 1, 1, 1]
+    assert calls[0].kv_lengths.tolist() == [[n], [n]]  # the filled slots of the prefill, the others never visited
+    assert fallback_counts() == {}
+
+
+def test_static_cache_compiled_decoding_shows_zorro_ops_in_the_profiler(llama, zt, strict):
+    """torch.compile(fullgraph=True) of a decoding step on a StaticCache, strict: its offset is a tensor, read by no
+    one; the step sees the filled slots through a key bias and runs the zorro:: op. Logits equal sdpa's."""
+    from transformers import StaticCache
+
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 6))
+    torch._dynamo.reset()
+    logits = {}
+    for name in ("zorro", "same", "ref64"):
+        model = getattr(llama, name)
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        step = torch.compile(model, fullgraph=True, backend="aot_eager") if name == "zorro" else model
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(ids[:, :5], cache=cache)
+            logits[name] = step(ids[:, 5:], cache=cache).logits
+        if name == "zorro":
+            ops = {e.key for e in prof.key_averages()}
+            assert "zorro::attention_fwd" in ops, sorted(k for k in ops if "zorro" in k)
+    assert_within_policy("compiled step", logits["zorro"], logits["same"], logits["ref64"], F32)
+    assert fallback_counts() == {}
+
+
+@pytest.mark.full  # the graph break around a StaticCache compiles for ~6 s on a 2-core machine
+def test_static_cache_compiled_prefill_reads_its_offset_at_a_graph_break(llama, zt, strict):
+    """torch.compile (graph breaks allowed) of a 3-token chunk into a StaticCache holding 2, strict: each query sees
+    its own key range, so the tensor offset is read at a graph break and the chunk runs the zorro:: op over the
+    filled slots; logits equal sdpa's."""
+    from transformers import StaticCache
+
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 5))
+    logits = {}
+    torch._dynamo.reset()
+    for name in ("zorro", "same", "ref64"):
+        model = getattr(llama, name)
+        run = torch.compile(model, backend="aot_eager") if name == "zorro" else model
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            model(ids[:, :2], cache=cache)  # the cache now holds 2: the next chunk's offset is a tensor
+            logits[name] = run(ids[:, 2:], cache=cache).logits
+        if name == "zorro":
+            ops = {e.key for e in prof.key_averages()}
+            assert "zorro::attention_fwd" in ops, sorted(k for k in ops if "zorro" in k)
+    assert_within_policy("compiled chunk", logits["zorro"], logits["same"], logits["ref64"], F32)
+    assert fallback_counts() == {}
+
+
+def test_static_cache_compiled_prefill_under_fullgraph_is_refused_naming_the_alternatives(llama, zt, strict):
+    """Under torch.compile(fullgraph=True) a chunk of several queries into a StaticCache would need its tensor offset
+    read at a graph break: dynamo's error quotes our reason and the alternatives (compiled decoding steps need no
+    break: test_static_cache_compiled_decoding_shows_zorro_ops_in_the_profiler)."""
+    from transformers import StaticCache
+
+    ids = torch.randint(1, llama.cfg.vocab_size, (2, 5))
+    torch._dynamo.reset()
+    full = torch.compile(llama.zorro, fullgraph=True, backend="aot_eager")
+    cache = StaticCache(config=llama.zorro.config, max_cache_len=16)
+    why = r"zorro reads a static cache's offset at a graph break .* compile only the decoding steps"
+    with torch.no_grad():
+        llama.zorro(ids[:, :2], cache=cache)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=why):
+            full(ids[:, 2:], cache=cache)
+    assert fallback_counts() == {}
+
+
 # ============================================================================================ refused
 def test_git_is_refused_at_set_attn_implementation(zt):
     """GIT's text layers are hard-wired to an eager attention class that added our boolean fallback mask to the scores
@@ -698,7 +1031,7 @@ def test_a_renamed_closure_variable_is_a_fallback_reason_not_a_crash(monkeypatch
     give a fallback reason naming it (counted, FallbackError under strict), not a KeyError from inside the model."""
     from transformers.masking_utils import and_masks, causal_mask_function
 
-    from zorro_kernels.integrations import transformers as zt
+    from zorro_kernels.integrations import _hf_layouts
 
     def overlay(width):
         def inner(batch_idx, head_idx, q_idx, kv_idx):
@@ -707,6 +1040,6 @@ def test_a_renamed_closure_variable_is_a_fallback_reason_not_a_crash(monkeypatch
         return inner
 
     renamed = overlay(3)
-    monkeypatch.setattr(zt, "_SLIDING_OVERLAY_CODE", renamed.__code__)
-    reading, why = zt._read(and_masks(causal_mask_function, renamed))
+    monkeypatch.setattr(_hf_layouts, "_SLIDING_OVERLAY_CODE", renamed.__code__)
+    reading, why = _hf_layouts._read(and_masks(causal_mask_function, renamed))
     assert reading is None and "no closure variable 'sliding_window'" in why

@@ -1,0 +1,473 @@
+"""The masks Hugging Face transformers composes, read as :class:`~zorro_kernels.ZorroMask` layouts.
+
+transformers' ``create_causal_mask`` and friends hand a mask interface a *mask function* composed from their own
+parts (causal, bidirectional, sliding window, packed sequences found from ``position_ids``, bidirectional blocks such
+as images) plus sizes, cache offsets and the 2-D padding mask. :func:`_layout_from_model` reads that composition from
+the functions' closures (never evaluating it on ``N x N`` pairs) and builds the equal layout: a ZorroMask, a
+:class:`ZorroLayout` (a mask plus a key bias) or :class:`ZorroGroups` (one mask per group of samples), or says why
+it cannot. :mod:`zorro_kernels.integrations.transformers` (the mask interface and the attention function) is the only
+user; it imports transformers first and refuses versions this module cannot read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.masking_utils import (
+    and_masks,
+    bidirectional_mask_function,
+    blockwise_overlay,
+    causal_mask_function,
+    or_masks,
+    packed_sequence_mask_function,
+    prepare_padding_mask,
+    remap_positions_for_packed_sequence,
+    sliding_window_overlay,
+)
+
+from ..mask import ZorroMask
+from ..tilemap import AllowRuns
+
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 64
+_TENSOR_VALUED = object()  # _layout_from_model's layout when it must read tensor values while tracing
+
+
+def _plain_layout(nq: int, nk: int, causal: bool, window: Optional[tuple[int, int]] = None) -> ZorroMask:
+    """One segment, every query sees every key (causal: bottom-right aligned; ``window``: a sliding window). Cached
+    (a plain dict, which torch.compile traces, unlike ``functools.lru_cache``): its tile maps and CPU plan are then
+    built once per shape for the whole model, not once per layer and call."""
+    key = (nq, nk, causal, window)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        allow = torch.ones(1, 1, dtype=torch.bool)
+        kv = None if nq == nk else [("tokens", nk)]
+        _LAYOUTS[key] = ZorroMask([("tokens", nq)], allow, kv_segments=kv, causal=causal, window=window)
+    return _LAYOUTS[key]
+
+
+def _padded_layout(nq: int, nk: int, causal: bool, window, kv_lengths: torch.Tensor) -> ZorroMask:
+    # Cross-attention form even for self-attention: only the keys carry lengths, so padded query rows attend the valid
+    # keys exactly as they do under SDPA (a self-attention mask with lengths would zero them).
+    allow = torch.ones(1, 1, dtype=torch.bool)
+    return ZorroMask(
+        [("tokens", nq)], allow, kv_segments=[("tokens", nk)], kv_lengths=kv_lengths, causal=causal, window=window
+    )
+
+
+class ZorroLayout:
+    """What the mask interface hands the attention function when padding is not a suffix (left padding, holes) or
+    cannot be read (tracing): the layout plus a key bias, ``bias (B, 1, 1, Nk)`` fp32, ``-inf`` on padded keys."""
+
+    def __init__(self, mask: ZorroMask, bias: torch.Tensor):
+        self.mask, self.bias = mask, bias
+
+
+class ZorroGroups:
+    """What the mask interface hands the attention function when the samples of a batch have different layouts
+    (packed sequences with other boundaries per sample): ``groups``, a list of ``(rows, mask, bias)`` — the sample
+    indices (int64, on the tensors' device) sharing one ZorroMask, and that group's key bias or None. The attention
+    function makes one zorro_attention call per group; nothing is ``N x N``."""
+
+    def __init__(self, groups: list, batch_size: int):
+        self.groups, self.batch_size = groups, batch_size
+
+
+def _describe(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return name.replace(".<locals>", "")
+
+
+def _code(fn):
+    return getattr(fn, "__code__", None)
+
+
+_AND_MASKS_CODE = _code(and_masks(causal_mask_function))
+_OR_MASKS_CODE = _code(or_masks(causal_mask_function))
+_SLIDING_OVERLAY_CODE = _code(sliding_window_overlay(1))
+_REMAP_CODE = _code(remap_positions_for_packed_sequence(causal_mask_function, None))
+_PACKED_CODE = _code(packed_sequence_mask_function(None))
+_BLOCKWISE_CODE = _code(blockwise_overlay(None))
+
+
+def _free(fn, name: str):
+    """The value of ``fn``'s closure variable ``name``. These are transformers' internals: a release that renames one
+    makes the mask unreadable (a counted fallback naming it), never a crash."""
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    try:
+        return cells[name].cell_contents
+    except (KeyError, ValueError) as e:  # ValueError: an empty cell
+        raise _Unreadable(f"{_describe(fn)} has no closure variable {name!r}") from e
+
+
+class _Reading:
+    """What a mask function composed by transformers' ``create_*_mask`` says, read from its closures (no N x N
+    evaluation): an AND of a base rule (``causal``), an optional sliding ``window`` W (key j visible to query i iff
+    ``i - W < j``), optional packed sequences (``packed``: transformers' ``(B, N)`` sequence index per token, found
+    from restarting ``position_ids``) and optional bidirectional blocks OR-ed to the causal rule (``blocks``:
+    ``block_sequence_ids``, ``(B, >= Nk)``, -1 outside blocks: Gemma 3/4 images, PaliGemma's prefix)."""
+
+    def __init__(self):
+        self.causal: Optional[bool] = None
+        self.window: Optional[int] = None
+        self.packed: Optional[torch.Tensor] = None
+        self.blocks: Optional[torch.Tensor] = None
+        self.remapped = False  # a part runs on positions remapped per packed sequence
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
+    code = _code(fn)
+    if fn is causal_mask_function or fn is bidirectional_mask_function:
+        causal = fn is causal_mask_function
+        if reading.causal is not None and reading.causal != causal:
+            raise _Unreadable("both causal and bidirectional")
+        reading.causal = causal
+    elif code is _AND_MASKS_CODE and not in_or:
+        for part in _free(fn, "mask_functions"):
+            _read_into(reading, part)
+    elif code is _SLIDING_OVERLAY_CODE and not in_or:
+        w = _free(fn, "sliding_window")
+        if not isinstance(w, int) or w < 1 or reading.window not in (None, w):
+            raise _Unreadable(f"sliding window {w!r}")
+        reading.window = w
+    elif code is _PACKED_CODE and not in_or:
+        reading.packed = _free(fn, "packed_sequence_mask")
+    elif code is _REMAP_CODE:
+        # positions restart per packed sequence and count up by one inside it (that is how transformers finds the
+        # sequences), so inside a sequence the remapped rule is the rule on token indices; the packed term (checked
+        # by the caller) removes every pair across sequences
+        reading.remapped = True
+        _read_into(reading, _free(fn, "mask_function"), in_or=in_or)
+    elif code is _OR_MASKS_CODE and not in_or:
+        parts = _free(fn, "mask_functions")
+        if len(parts) != 2 or _code(parts[1]) is not _BLOCKWISE_CODE or reading.blocks is not None:
+            raise _Unreadable("an OR of mask functions other than causal OR blocks")
+        inner = _Reading()
+        _read_into(inner, parts[0], in_or=True)
+        if inner.causal is not True or inner.window is not None or inner.packed is not None:
+            raise _Unreadable("bidirectional blocks OR-ed to something other than the causal rule")
+        reading.causal, reading.remapped = True, reading.remapped or inner.remapped
+        reading.blocks = _free(parts[1], "block_sequence_ids")
+    else:
+        raise _Unreadable(_describe(fn))
+
+
+def _read(mask_function) -> tuple[Optional[_Reading], Optional[str]]:
+    reading = _Reading()
+    try:
+        _read_into(reading, mask_function)
+        if reading.causal is None:
+            raise _Unreadable("no causal or bidirectional rule")
+        if reading.window is not None and not reading.causal:
+            raise _Unreadable("a sliding window on bidirectional attention")
+        if reading.remapped and reading.packed is None:
+            raise _Unreadable("positions remapped without packed sequences")
+    except _Unreadable as e:
+        return None, (
+            f"the model's mask is not plain causal/bidirectional, a causal sliding window, packed sequences or "
+            f"bidirectional blocks in a causal mask ({_describe(mask_function)}: {e})"
+        )
+    return reading, None
+
+
+def _run_lengths(ids: torch.Tensor) -> list[int]:
+    return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+
+
+def _packed_layout(packed: torch.Tensor, causal: bool, window) -> ZorroMask:
+    """The packed sequences of ``packed`` (transformers' ``(B, N)`` sequence index per token) as block-diagonal
+    segments (per-sample ``sample_sizes`` where the samples differ). Rows that each hold one sequence (what
+    transformers hands over under torch.compile for plain ``position_ids``) are the plain layout."""
+    if not bool(packed[:, -1].any()):  # the index counts up from 0: a last token in sequence 0 means one sequence
+        return _plain_layout(packed.shape[-1], packed.shape[-1], causal, window)
+    if packed.shape[0] == 1 or bool((packed == packed[:1]).all()):
+        return _packed_mask(tuple(_run_lengths(packed[0])), causal, window)
+    # other boundaries per sample: one mask whose sample_sizes place them (zero-size sequences pad the shorter lists)
+    rows = [_run_lengths(ids) for ids in packed]
+    width = max(len(r) for r in rows)
+    rows = tuple(tuple(r + [0] * (width - len(r))) for r in rows)
+
+    def build():
+        segments = [(f"seq{i}", n) for i, n in enumerate(rows[0])]
+        sizes = torch.tensor(rows, dtype=torch.int64)
+        return ZorroMask(segments, AllowRuns.diagonal(width), causal=causal, window=window, sample_sizes=sizes)
+
+    return _cached(("packed", rows, causal, window), build)
+
+
+def _cached(key, build) -> ZorroMask:
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = build()
+    return _LAYOUTS[key]
+
+
+def _by_sample(keys: list, build, device) -> object:
+    """One layout for the batch when every sample's ``key`` agrees, else :class:`ZorroGroups` (one per distinct key);
+    ``build(key)`` makes the ZorroMask of a key."""
+    rows: dict = {}
+    for b, key in enumerate(keys):
+        rows.setdefault(key, []).append(b)
+    if len(rows) == 1:
+        return build(keys[0])
+    return ZorroGroups([(torch.tensor(bs, device=device), build(key), None) for key, bs in rows.items()], len(keys))
+
+
+def _blocks_layout(blocks: torch.Tensor, window, num_q: int) -> Optional[object]:
+    """transformers' causal mask OR ``blockwise_overlay(block_sequence_ids)`` (key j visible to query i iff ``j <= i``
+    or both carry the same id >= 0) as rule cells: each run of equal ids is a segment; a segment sees every earlier
+    one, itself whole when a block and causally when text (id -1). ``blocks (B, Nk)`` are the keys' ids; the
+    ``num_q`` queries are the last keys (a chunk of a prefill over a cache when fewer): the query segments are the
+    same runs cut to the queries, and a text cell's diagonal, aligned bottom-right per pair, ends with the run.
+
+    Every sample is laid out as text, block, text, ..., text (a zero-size text segment between two adjacent blocks,
+    zero-size pairs after a sample's last block up to the batch's most blocks), so the batch is one mask whose
+    ``sample_sizes`` place each sample's images. A block id on several runs of a sample (PaliGemma's prefix ids
+    after an answer: those runs see each other both ways) takes a table of its own per distinct layout
+    (:class:`ZorroGroups`)."""
+    runs = []
+    for ids in blocks.cpu():
+        values, counts = torch.unique_consecutive(ids, return_counts=True)
+        runs.append((tuple(values.tolist()), tuple(counts.tolist())))
+    if any(len({v for v in ids if v >= 0}) != sum(v >= 0 for v in ids) for ids, _ in runs):
+        if num_q != blocks.shape[-1]:
+            return None
+        return _by_sample(
+            runs, lambda key: _cached(("blocks", key, window), lambda: _blocks_mask(*key, window)), blocks.device
+        )
+    rows = []
+    for ids, counts in runs:
+        sizes = [0]  # text, block, text, ...: the last slot is always text
+        for v, c in zip(ids, counts):
+            if v < 0:
+                sizes[-1] += c
+            else:
+                sizes += [c, 0]
+        rows.append(sizes)
+    width = max(len(r) for r in rows)
+    rows = tuple(tuple(r + [0] * (width - len(r))) for r in rows)
+    if num_q == blocks.shape[-1]:
+        return _cached(("blocks", rows, window), lambda: _text_and_blocks(rows, window))
+    first = blocks.shape[-1] - num_q  # the first query's key index
+    q_rows = []
+    for r in rows:
+        ends = torch.tensor(r).cumsum(0)
+        q_rows.append(tuple((ends.clamp(min=first) - (ends - torch.tensor(r)).clamp(min=first)).tolist()))
+    q_rows = tuple(q_rows)
+    return _cached(("blocks", rows, window, q_rows), lambda: _text_and_blocks(rows, window, q_rows))
+
+
+def _text_and_blocks(rows: tuple, window, q_rows: Optional[tuple] = None) -> ZorroMask:
+    """Causal text and bidirectional blocks over the per-sample ``rows`` of segment sizes (text, block, ..., text);
+    ``q_rows``: the query segments' sizes when the queries are only the last keys (cross-attention, same cells)."""
+    names = [f"text{i // 2}" if i % 2 == 0 else f"block{i // 2}" for i in range(len(rows[0]))]
+    per_sample = None if len(set(rows)) == 1 and len(set(q_rows or ((),))) == 1 else torch.tensor(rows)
+    keys = ZorroMask.causal_with_blocks(
+        list(zip(names, rows[0])), names[1::2] or [], window=window, sample_sizes=per_sample
+    )
+    if q_rows is None:
+        return keys
+    return ZorroMask(
+        list(zip(names, q_rows[0])),
+        keys._runs,
+        kv_segments=list(zip(names, rows[0])),
+        window=window,
+        sample_sizes=None if per_sample is None else torch.tensor(q_rows),
+        kv_sample_sizes=per_sample,
+    )
+
+
+def _blocks_mask(ids: tuple, sizes: tuple, window) -> ZorroMask:
+    names = [f"{'text' if v < 0 else 'block'}{i}" for i, v in enumerate(ids)]
+    segments = list(zip(names, sizes))
+    blocks = [n for n, v in zip(names, ids) if v >= 0]
+    in_blocks = [v for v in ids if v >= 0]
+    if len(set(in_blocks)) == len(in_blocks):  # every block one run (Gemma 3/4 images, PaliGemma's prefix)
+        return ZorroMask.causal_with_blocks(segments, blocks, window=window)
+    # a block id on several runs (PaliGemma's prefix ids after an answer): those runs see each other both ways
+    v = torch.tensor(ids)
+    n = len(ids)
+    idx = torch.arange(n)
+    same_block = (v[:, None] == v[None, :]) & (v[:, None] >= 0)
+    allow = (idx[None, :] <= idx[:, None]) | same_block
+    cells = torch.eye(n, dtype=torch.bool) & (v < 0)[:, None]
+    return ZorroMask(segments, allow, causal_cells=cells, window=window)
+
+
+def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
+    segments = [(f"seq{i}", n) for i, n in enumerate(lens)]
+    return _cached(
+        ("packed", lens, causal, window),
+        lambda: ZorroMask(segments, AllowRuns.diagonal(len(lens)), causal=causal, window=window),
+    )
+
+
+def _static_cache_layout(
+    reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask
+) -> tuple[Optional[object], Optional[str]]:
+    """A static cache's causal mask: the ``kv_length`` slots of a fixed-size cache, of which the first ``q_offset``
+    (the tokens cached before these queries: an int, or a 0-d tensor, which keeps traces free of graph breaks) plus
+    the queries hold keys; key j visible to query i iff ``j <= i + q_offset`` (and ``j > i + q_offset - W`` with a
+    sliding window W), top-left aligned.
+
+    - An int offset, or a tensor one read eagerly: the filled slots as ``kv_lengths`` (the empty ones never visited)
+      and a causal cell, whose diagonal aligns bottom-right inside the filled keys; image blocks as their rule cells
+      over the filled slots, the empty ones appended to the last text segment (:func:`_with_empty_slots`). A window
+      is dropped where it hides none of the filled slots (a sliding layer's static cache before it fills).
+    - One query (a decoding step) without blocks, traced or with a window that hides filled slots: the slots it sees
+      as a key bias, no value read.
+    - Traced, several queries or blocks: ``_TENSOR_VALUED`` (the caller reads the offset at a graph break).
+
+    Padding goes in as the key bias throughout."""
+    what = "a static cache"
+    if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
+        return None, f"{what} with a key offset (kv_offset={kv_offset}): a sliding static cache"
+    if not reading.causal or reading.packed is not None:
+        return None, f"{what} with a mask other than causal (with a window or blocks)"
+    if attention_mask is not None and attention_mask.ndim != 2:
+        return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
+    keys = None
+    if attention_mask is not None:
+        keys = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length].bool().expand(batch_size, -1)
+    traced = torch.compiler.is_compiling() and isinstance(q_offset, torch.Tensor)
+    if traced and (q_length != 1 or reading.blocks is not None):
+        return _TENSOR_VALUED, "static"  # each query its own key range: read the offset at a graph break
+    if traced or (q_length == 1 and reading.window is not None and int(q_offset) + 1 > reading.window):
+        # one query: the slots it sees (up to q_offset, inside the window) as a key bias, no value read
+        slot = torch.arange(kv_length, device=torch.as_tensor(q_offset).device)
+        seen = slot <= q_offset
+        if reading.window is not None:
+            seen = seen & (slot > q_offset - reading.window)
+        seen = seen[None].expand(batch_size, -1) if keys is None else seen[None] & keys.to(seen.device)
+        bias = torch.zeros(seen.shape, dtype=torch.float32, device=seen.device).masked_fill(~seen, float("-inf"))
+        return ZorroLayout(_plain_layout(q_length, kv_length, False), bias[:, None, None, :]), None
+    filled = int(q_offset) + q_length
+    if filled > kv_length:
+        return None, f"{what} holding {filled} tokens in {kv_length} slots"
+    if reading.window is not None and filled > reading.window:
+        # a sliding layer's cache becomes bottom-right aligned once full; before, its window hides no filled slot
+        return None, f"{what} whose window of {reading.window} hides some of its {filled} filled slots"
+    blocks = None if reading.blocks is None else reading.blocks[:, :filled]
+    if reading.blocks is not None and bool((reading.blocks[:, filled:kv_length] >= 0).any()):
+        return None, f"{what} whose empty slots carry block ids (token_type_ids past the {filled} filled tokens)"
+    if blocks is not None and bool((blocks >= 0).any()):
+        inner = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, None, q_length)
+        if not isinstance(inner, ZorroMask):
+            return None, f"{what} with a block id on several runs"
+        layout = _with_empty_slots(inner, kv_length - filled, batch_size)
+    else:
+        key = ("static", batch_size, q_length, kv_length, filled)
+        allow = torch.ones(1, 1, dtype=torch.bool)
+        layout = _cached(
+            key,
+            lambda: ZorroMask(
+                [("tokens", q_length)],
+                allow,
+                kv_segments=[("tokens", kv_length)],
+                kv_lengths=torch.full((batch_size, 1), filled),
+                causal_cells=allow,
+            ),
+        )
+    if keys is None or (not torch.compiler.is_compiling() and bool(keys[:, :filled].all())):
+        return layout, None
+    bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
+    return ZorroLayout(layout, bias[:, None, None, :]), None
+
+
+def _with_empty_slots(mask: ZorroMask, empty: int, batch_size: int) -> ZorroMask:
+    """``mask`` (no window) with ``empty`` keys appended to its last key segment and never visited (``kv_lengths``):
+    a static cache's slots past the filled ones. Its causal cells align inside the valid keys, so nothing else
+    changes."""
+    kv_sizes = [*mask.kv_sizes[:-1], mask.kv_sizes[-1] + empty]
+    per_sample = mask.kv_sample_sizes
+    valid = torch.tensor([mask.kv_sizes]).repeat(batch_size, 1) if per_sample is None else per_sample.clone()
+    if per_sample is not None:
+        per_sample = per_sample.clone()
+        per_sample[:, -1] += empty
+    return ZorroMask(
+        list(zip(mask.q_names, mask.q_sizes)),
+        mask._runs,
+        kv_segments=list(zip(mask.kv_names, kv_sizes)),
+        kv_lengths=valid,
+        sample_sizes=mask.sample_sizes,
+        kv_sample_sizes=per_sample,
+    )
+
+
+def _layout_from_model(
+    batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
+) -> tuple[Optional[object], Optional[str]]:
+    """The ZorroMask (or :class:`ZorroLayout`) equal to what ``sdpa_mask`` would build from these arguments, or
+    ``(None, why not)``."""
+    reading, reason = _read(mask_function)
+    if reading is None:
+        return None, reason
+    causal = reading.causal
+    # i - W < j (positions) is zorro's j >= i + off - (W - 1) once the offsets are aligned (checked below)
+    window = None if reading.window is None else (reading.window - 1, -1)
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return _static_cache_layout(reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
+    if reading.blocks is not None and reading.packed is not None:
+        return None, "bidirectional blocks together with packed sequences"
+    if reading.packed is not None and (
+        q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length
+    ):
+        return None, f"packed sequences with a cache (Nq={q_length}, Nk={kv_length})"
+    if torch.compiler.is_compiling() and (reading.blocks is not None or reading.packed is not None):
+        # the blocks' positions and the sequences' boundaries are tensor values a trace cannot read
+        return _TENSOR_VALUED, "blocks" if reading.blocks is not None else "packed"
+    blocks = None
+    if reading.blocks is not None:
+        blocks = reading.blocks[:, kv_offset : kv_offset + kv_length]
+        if not bool((blocks >= 0).any()):
+            blocks = None  # no block in these keys (PaliGemma's generate without token_type_ids): plain causal
+    # causal_mask_function: key (j + kv_offset) visible to query (i + q_offset) iff j <= i + q_offset - kv_offset;
+    # zorro's causal is j <= i + (Nk - Nq), so the two agree exactly when these offsets match
+    if causal and q_offset - kv_offset != kv_length - q_length:
+        if kv_offset == 0 and q_offset + q_length < kv_length:  # keys past the last query: a static cache's slots
+            return _static_cache_layout(reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
+        return None, (
+            f"causal mask not aligned at the last key (q_offset={q_offset}, kv_offset={kv_offset}, "
+            f"Nq={q_length}, Nk={kv_length}): a static cache"
+        )
+    if q_length == 0 or kv_length == 0:
+        return None, f"empty attention (Nq={q_length}, Nk={kv_length})"
+    if blocks is not None:
+        layout = _blocks_layout(blocks.expand(batch_size, -1) if blocks.shape[0] == 1 else blocks, window, q_length)
+        if layout is None:
+            return None, (
+                f"a block id on several runs with a cache offset (q_offset={q_offset}, kv_offset={kv_offset}, "
+                f"Nq={q_length}, Nk={kv_length})"
+            )
+    elif reading.packed is not None:
+        layout = _packed_layout(reading.packed, causal, window)
+    else:
+        layout = _plain_layout(q_length, kv_length, causal, window)
+    if attention_mask is None:
+        return layout, None
+    if attention_mask.ndim != 2:
+        return None, f"a {attention_mask.ndim}-D attention_mask given to the mask interface"
+    keys = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length].bool()
+    if keys.shape[0] != batch_size:
+        keys = keys.expand(batch_size, -1)
+    if not torch.compiler.is_compiling():
+        lengths = keys.sum(-1)
+        if bool((lengths == kv_length).all()):
+            return layout, None
+        right = torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None])
+        if right and reading.packed is None and blocks is None:
+            # right padding: padded keys are never visited
+            return _padded_layout(q_length, kv_length, causal, window, lengths[:, None].cpu()), None
+    # left padding, holes, or values that cannot be read while tracing: -inf on the padded keys
+    bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
+    bias = bias[:, None, None, :]
+    if isinstance(layout, ZorroGroups):
+        return ZorroGroups([(rows, m, bias[rows]) for rows, m, _ in layout.groups], layout.batch_size), None
+    return ZorroLayout(layout, bias), None
