@@ -164,3 +164,62 @@ def test_the_grouping_pads_less_than_one_bucket_at_the_issue_size():
     )
     assert padded <= 1.15 * exact, (padded, exact)
     assert np.isclose(exact, float(mask.attended().sum()))
+
+
+@pytest.mark.parametrize("rows", [0, 10**6], ids=["flash-only", "matmul-every-step"])
+@pytest.mark.parametrize("layout", ["zorro", "cross"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (3, 1)], ids=["mha", "gqa", "mqa"])
+def test_few_row_backward_matches_the_oracle_and_keeps_nan_out(monkeypatch, rows, layout, heads):
+    """The batched-matmul backward of few-row steps (``FEW_ROWS``) forced onto every step of a whole-batch and a split
+    plan, or onto none: fp64 oracle (dead rows exactly 0 with zero gradients, empty segments, odd lengths, GQA whose
+    key gradients sum over the group), dK/dV writes merged or not (the cross layout's keys skip a segment), and NaN
+    poison on every key a row may not attend and on some rows' queries (with and without their dO): the protected rows
+    and gradients stay bit for bit."""
+    monkeypatch.setattr(ragged, "FEW_ROWS", rows)
+    calls = []
+    real = ragged._matmul_backward
+    monkeypatch.setattr(ragged, "_matmul_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for how, b in (("whole", 7), ("split", 8)):
+        _force(monkeypatch, how)
+        mask = _zorro_batch(b, sizes=(3, 5, 2), seed=3) if layout == "zorro" else _cross_batch(b, seed=3)
+        q, k, v = generate_qkv(mask, batch=b, heads=heads[0], kv_heads=heads[1], head_dim=5, dtype=torch.float64)
+        check_against_oracle(segments, q, k, v, mask)
+        gen = torch.Generator().manual_seed(4)
+        pq = torch.rand(b, mask.num_q, generator=gen) < 0.3
+        pk, pq, pg = poison_everything_unseen(mask, b, pq)
+        check_isolation(segments, q, k, v, mask, pk, pq, pg)
+        # queries alone (a dead row's NaN query, its dO and every key finite, must not reach dK through its zero
+        # weights)
+        check_isolation(segments, q, k, v, mask, torch.zeros_like(pk), pq, torch.zeros_like(pg))
+    assert bool(calls) == bool(rows)
+
+
+def test_merged_key_writes():
+    """A step's dK/dV writes, adjacent in dk and in the step's keys, become one accumulating write after the parts
+    written first are zeroed; writes that are not adjacent stay apart."""
+    writes = ((0, 96, 0, True), (96, 100, 96, False))
+    assert ragged._merged_writes(writes, None) == [(96, 100, None, None), (0, 100, 0, True)]
+    assert ragged._merged_writes(((0, 4, 0, False), (9, 12, 4, True)), None) == [(0, 4, 0, False), (9, 12, 4, True)]
+    assert ragged._merged_writes(((5, 9, 0, False), (9, 12, 4, False)), None) == [
+        (5, 9, None, None),
+        (9, 12, None, None),
+        (5, 12, 0, True),
+    ]
+
+
+@pytest.mark.parametrize("rows", [0, 10**6], ids=["flash-only", "matmul-every-step"])
+def test_a_dead_rows_nan_query_reaches_no_key_gradient(monkeypatch, rows):
+    """A sample with no audio: its audio rows are padding and every key of their step is hidden. NaN in those rows'
+    queries alone (dO and every key finite) must leave every gradient finite: the clean pass's scores keep the NaN
+    (the ``-inf`` bias is added, not selected), so the results check sees it and the careful pass zero-fills it."""
+    monkeypatch.setattr(ragged, "FEW_ROWS", rows)
+    _force(monkeypatch, "whole")
+    mask = ZorroMask.zorro(audio=3, video=5, fusion=2, lengths=torch.tensor([[3, 5, 2], [1, 2, 0], [0, 4, 1]]))
+    q, k, v = generate_qkv(mask, batch=3, heads=2, head_dim=4, dtype=torch.float64)
+    q = q.clone()
+    q[2, :, 0:3] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = segments(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()

@@ -51,6 +51,12 @@ STEP_COST_PAIRS = 3000
 COPY_PAIRS = 8
 # at most this many runs of equal-work patterns are considered as bucket edges (the grouping is quadratic in them)
 MAX_EDGES = 64
+# A bucket step with at most this many query rows (per query head) runs its backward as batched matmuls
+# (:func:`_matmul_backward`): ATen's CPU flash backward zeroes and writes dK/dV for every key of the step in its own
+# layout, to be added into dk/dv after, which costs far more than the few rows' attention (the fusion step at the
+# demo's size, 4 rows x 100 keys, B=256, H=4, D=32: 15.6 ms against 11.1; at 32 rows x 32 keys the flash kernel wins,
+# 10.4 ms against 15.0; BENCHMARKS.md).
+FEW_ROWS = 8
 
 
 class PaddedStep(NamedTuple):
@@ -351,6 +357,104 @@ def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool
             t[:, :, s:e].fill_(0) if batch is None else t[:, :, s:e].index_fill_(0, batch, 0)
 
 
+def _mats(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t (B, H, R, D)`` as the view ``(B * H, R, D)`` (rows may be strided; the last dim is contiguous), or None
+    where its batch and head strides do not merge (then no view exists)."""
+    b, h, r, d = t.shape
+    if t.stride(3) != 1 and d > 1:
+        return None
+    if h == 1:
+        return t.as_strided((b, r, d), (t.stride(0), t.stride(2), 1))
+    if b > 1 and t.stride(0) != h * t.stride(1):
+        return None
+    return t.as_strided((b * h, r, d), (t.stride(1), t.stride(2), 1))
+
+
+def _few_rows(st: PaddedStep, q, dk, dv) -> bool:
+    """Whether step ``st`` runs its backward as batched matmuls (see ``FEW_ROWS``): few rows, a dtype whose matmuls
+    accumulate at full precision (half types go to the flash kernel, which accumulates in float32), and key
+    gradient buffers that are one batch of matrices (else the gradients could not be added into them in place)."""
+    rows = sum(e - s for s, e in st.q_ranges)
+    return (
+        rows <= FEW_ROWS
+        and q.dtype in (torch.float32, torch.float64)
+        and _mats(dk) is not None
+        and _mats(dv) is not None
+    )
+
+
+def _matmul_backward(go, qg, og, lg, k, v, st: PaddedStep, batch, scale: float, dst, clean: bool) -> torch.Tensor:
+    """The flash backward of one bucket step for its few rows, as batched matmuls in the inputs' dtype; dK/dV
+    are added straight into ``dst = (dk, dv)`` (per ``st.k_writes``), dq rows ``(m, H, n, D)`` are returned.
+
+    ``go, qg, og (m, H, n, D)``, ``lg (m, H, n)``: the step's rows (dead ones zero-filled on the careful path);
+    ``k, v (B, Hkv, Nk, D)``. The query heads of a GQA group read one kv head, so their rows stack over it
+    ``(m, Hkv, G * n, D)`` and the key gradients sum over the group inside the matmul. Scores get the ``-inf`` key
+    bias added (not selected: a NaN score stays NaN, so the results check of :func:`cpu_backward_mask` sees
+    whatever a hidden key or dead row read); weights ``exp(s - lse)`` are exactly 0 for hidden keys and dead rows
+    (lse = +inf). The careful path computes the same sums and then selects the keys with no gradient from the step
+    back to what ``dst`` held (or 0), so a finite clean result equals the careful one bit for bit."""
+    m, h, n, d = qg.shape
+    hkv = k.shape[1]
+    grp = h // hkv
+    kg, vg, bias = _keys(k, v, st, batch, hkv, clean)
+    c = kg.shape[2]
+
+    def rows(t):  # (m, H, n, X) -> (m * Hkv, G * n, X)
+        t = t.reshape(m, hkv, grp * n, t.shape[-1])
+        return _mats(t) if _mats(t) is not None else _mats(t.contiguous())
+
+    q3, g3 = rows(qg), rows(go)
+    k3, v3 = (x if x is not None else _mats(t.contiguous()) for x, t in ((_mats(kg), kg), (_mats(vg), vg)))
+    s = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)  # (m * Hkv, G * n, C)
+    if bias is not None:
+        s.view(m, hkv, grp * n, c).add_(bias)
+    p = s.sub_(rows(lg[..., None].to(s.dtype))).exp_()
+    di = rows((go * og).sum(-1, keepdim=True))
+    ds = torch.bmm(g3, v3.transpose(1, 2)).sub_(di).mul_(p)  # dS = P * (dO V^T - rowsum(dO * O))
+    g_q = torch.bmm(ds, k3).mul_(scale).view(m, hkv, grp, n, d).reshape(m, h, n, d)
+    span0 = None if st.span is None else st.span[0]
+    no_grad = st.no_grad_keys if st.span is None else st.span_no_grad
+    writes = _merged_writes(st.k_writes, span0)
+    for weights, right, alpha, buf in ((p, g3, 1.0, dst[1]), (ds, q3, scale, dst[0])):
+        for s0, e0, o, acc in writes:
+            if acc is None:  # written first here, merged into an accumulating write: starts from 0
+                buf[:, :, s0:e0].zero_()
+                continue
+            out3 = _mats(buf[:, :, s0:e0])
+            left = weights.transpose(1, 2)[:, o : o + e0 - s0]
+            careful = not clean and no_grad is not None
+            if out3.is_contiguous() and not careful:  # in place: ATen loops matrix by matrix into a strided one
+                out3.baddbmm_(left, right, beta=1 if acc else 0, alpha=alpha)
+                continue
+            new = torch.baddbmm(out3, left, right, beta=1 if acc else 0, alpha=alpha)
+            if careful:
+                keep = no_grad[:, None, o : o + e0 - s0, None].expand(m, hkv, e0 - s0, 1).reshape(m * hkv, -1, 1)
+                new = torch.where(keep, out3 if acc else torch.zeros((), dtype=new.dtype), new)
+            out3.copy_(new)
+    return g_q
+
+
+def _merged_writes(k_writes, span0: Optional[int]) -> list:
+    """``st.k_writes`` as ``(start, stop, offset, acc)`` with adjacent writes (in dK/dV and in the step's keys)
+    merged into one accumulating write, so that a step whose keys are a whole ``dk`` adds into it as one contiguous
+    batch of matrices; the parts merged that were written first (not accumulated) come first with ``acc=None``:
+    they are zeroed before the adds."""
+    out, zero = [], []
+    for s0, e0, o, acc in sorted(k_writes):
+        o = o if span0 is None else s0 - span0
+        if out and out[-1][1] == s0 and out[-1][2] + (out[-1][1] - out[-1][0]) == o:
+            ps, _, po, pacc = out[-1]
+            if not pacc:
+                zero.append((ps, s0, None, None))
+            if not acc:
+                zero.append((s0, e0, None, None))
+            out[-1] = (ps, e0, po, True)
+        else:
+            out.append((s0, e0, o, acc))
+    return zero + out
+
+
 def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, grads, clean: bool) -> None:
     h, hkv = q.shape[1], k.shape[1]
     batch = None if bucket.whole else bucket.batch
@@ -368,6 +472,12 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
         if not clean:
             for t in (go, qg, og):
                 _fill_rows(t, st.dead, 0.0)
+        if _few_rows(st, q, dkb, dvb):
+            g_q = _matmul_backward(go, qg, og, lg, k, v, st, batch, scale, (dkb, dvb), clean)
+            if not clean:
+                _fill_rows(g_q, st.dead, 0.0)
+            _put(dq, st.q_ranges, batch, g_q)
+            continue
         kg, vg, bias = _keys(k, v, st, batch, h, clean)
         g_q, g_k, g_v = _bwd_cpu(go, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale)
         if not clean:
