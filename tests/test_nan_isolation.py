@@ -69,3 +69,23 @@ def test_every_row_alone(backend, name):
     for _ in range(3):
         rows = torch.rand(b, mask.num_q, generator=gen) < 0.3
         check_isolation(attn_fn(backend), q, k, v, mask, *poison_everything_unseen(mask, b, rows))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("n", [17, 64, 113])
+def test_a_plain_steps_nan_row_stays_out_of_its_neighbours_dq(dtype, n):
+    # ATen's CPU flash backward in bf16 (AMX, e.g. Sapphire Rapids) let a NaN query or upstream-gradient row reach the
+    # next row's dq: a plain step's gradients were trusted as row-independent (found by test_fuzz_full's draw of a
+    # 1-token dead segment before a 17-token one)
+    mask = ZorroMask([("dead", 1), ("x", n)], torch.tensor([[False, False], [False, True]]))
+    q, k, v = generate_qkv(mask, batch=2, heads=2, kv_heads=1, head_dim=16, dtype=dtype)
+    rows = torch.zeros(2, mask.num_q, dtype=torch.bool)
+    rows[:, 1::2] = True  # every other row clean: each poisoned row has clean neighbours
+    check_isolation(
+        lambda *a, **kw: zorro_attention(*a, **kw, backend="segments"),
+        q,
+        k,
+        v,
+        mask,
+        *poison_everything_unseen(mask, 2, rows),
+    )

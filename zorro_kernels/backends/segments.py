@@ -777,17 +777,7 @@ def _straddle_cpu_backward(go, q, k, v, out, lse, mask, scale):
     dk.index_copy_(2, rest, dk.index_select(2, rest).masked_fill(keys[..., None], nan))
     dv.index_copy_(2, rest, dv.index_select(2, rest).masked_fill(keys[..., None], nan))
     if every.numel():
-        g_q, g_k, g_v = _bwd_cpu(
-            go.contiguous(),
-            q,
-            k.index_select(2, every),
-            v.index_select(2, every),
-            out.contiguous(),
-            lse.contiguous(),
-            0.0,
-            False,
-            scale=scale,
-        )
+        g_q, g_k, g_v = _plain_cpu_backward(go, q, k.index_select(2, every), v.index_select(2, every), out, lse, scale)
         dq = dq + g_q
         dk.index_copy_(2, every, g_k)
         dv.index_copy_(2, every, g_v)
@@ -798,6 +788,40 @@ def _all_finite(*ts) -> bool:
     # a finite sum has no NaN or Inf term (NaN and Inf propagate through any sum): one reduction pass, no bool
     # tensor; only a sum that overflows needs the element-wise check
     return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in ts)
+
+
+def _plain_cpu_backward(go, q, k, v, out, lse, scale, bias=None):
+    """Backward of a plain step: every row sees every key of the step but those ``bias`` sets to -inf. ATen's CPU
+    flash backward does not keep a non-finite row to itself: with AMX (bf16 on Sapphire Rapids) a NaN query or
+    upstream-gradient row reaches its neighbour row's dq. So when a gradient comes out non-finite (one sum each), the
+    step is recomputed with the bad token rows zeroed and NaN put back where the isolation rule lets it go: the dq of
+    the rows that are bad or attend a bad key, the dk/dv of the keys such a row attends and of bad keys some row
+    attends."""
+    go, out, lse = go.contiguous(), out.contiguous(), lse.contiguous()
+    grads = _bwd_cpu(go, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    if _all_finite(*grads):
+        return grads
+    q_z, bad_q = _zero_bad_rows(q)
+    go_z, bad_go = _zero_bad_rows(go)
+    k_z, bad_k = _zero_bad_rows(k)
+    v_z, bad_v = _zero_bad_rows(v)
+    bad_kv = bad_k | bad_v  # (B, H, C)
+    if bias is None:
+        sees = torch.ones(1, dtype=torch.bool).expand(*q.shape[:-1], k.shape[-2])
+    else:
+        sees = (bias != float("-inf")).expand(*q.shape[:-1], k.shape[-2])
+    live = sees.any(-1)
+    rows = (bad_q | bad_go | ~torch.isfinite(out).all(-1) | (sees & bad_kv[..., None, :]).any(-1)) & live
+    keys = (sees & rows[..., None]).any(-2) | (bad_kv & sees.any(-2))
+    out_z = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0)
+    lse_z = lse.masked_fill(rows, 0)
+    dq, dk, dv = _bwd_cpu(go_z, q_z, k_z, v_z, out_z, lse_z, 0.0, False, attn_mask=bias, scale=scale)
+    nan = float("nan")
+    return (
+        dq.masked_fill(rows[..., None], nan),
+        dk.masked_fill(keys[..., None], nan),
+        dv.masked_fill(keys[..., None], nan),
+    )
 
 
 def _causal_cpu_forward(q, k, v, scale):
@@ -864,7 +888,7 @@ def _prefix_causal_cpu_backward(go, q, k, v, out, lse, prefix: int, scale):
     (written by :func:`_write_keys` without a concatenated copy)."""
     lead = q.shape[2] - (k.shape[2] - prefix)
     go, out, lse = go.contiguous(), out.contiguous(), lse.contiguous()
-    g_q, g_k, g_v = _bwd_cpu(go, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, 0.0, False, scale=scale)
+    g_q, g_k, g_v = _plain_cpu_backward(go, q, k[:, :, :prefix], v[:, :, :prefix], out, lse, scale)
     c_q, c_k, c_v = _causal_cpu_backward(
         go[:, :, lead:], q[:, :, lead:], k[:, :, prefix:], v[:, :, prefix:], out[:, :, lead:], lse[:, :, lead:], scale
     )
@@ -1034,15 +1058,13 @@ def cpu_backward(grad_out, q, k, v, out, lse, plan: Plan, scale: float, bias=Non
                     go, *args, _gather(ob, st.q_ranges, st.blocks, qi), _gather(lb, st.q_ranges, st.blocks, qi), scale
                 )
             elif st.mask is None:
-                g_q, g_k, g_v = _bwd_cpu(
-                    go.contiguous(),
+                g_q, g_k, g_v = _plain_cpu_backward(
+                    go,
                     *args,
                     _gather(ob, st.q_ranges, st.blocks, qi),
-                    _gather(lb, st.q_ranges, st.blocks, qi).contiguous(),
-                    0.0,
-                    False,
-                    attn_mask=sb,
-                    scale=scale,
+                    _gather(lb, st.q_ranges, st.blocks, qi),
+                    scale,
+                    sb,
                 )
             elif sb is None:
                 g_q, g_k, g_v = _straddle_cpu_backward(
