@@ -806,13 +806,14 @@ def _plain_cpu_backward(go, q, k, v, out, lse, scale, bias=None):
     k_z, bad_k = _zero_bad_rows(k)
     v_z, bad_v = _zero_bad_rows(v)
     bad_kv = bad_k | bad_v  # (B, H, C)
-    if bias is None:
-        sees = torch.ones(1, dtype=torch.bool).expand(*q.shape[:-1], k.shape[-2])
+    bad_rows = bad_q | bad_go | ~torch.isfinite(out).all(-1)  # (B, H, R)
+    if bias is None:  # every row sees every key: no (R, C) table needed
+        rows = bad_rows | bad_kv.any(-1, keepdim=True)
+        keys = bad_kv | rows.any(-1, keepdim=True)
     else:
-        sees = (bias != float("-inf")).expand(*q.shape[:-1], k.shape[-2])
-    live = sees.any(-1)
-    rows = (bad_q | bad_go | ~torch.isfinite(out).all(-1) | (sees & bad_kv[..., None, :]).any(-1)) & live
-    keys = (sees & rows[..., None]).any(-2) | (bad_kv & sees.any(-2))
+        sees = bias != float("-inf")  # broadcasts against (B, H, R, C)
+        rows = (bad_rows | (sees & bad_kv[..., None, :]).any(-1)) & sees.any(-1)
+        keys = (sees & rows[..., None]).any(-2) | (bad_kv & sees.any(-2))
     out_z = out.masked_fill(rows[..., None] | ~torch.isfinite(out), 0)
     lse_z = lse.masked_fill(rows, 0)
     dq, dk, dv = _bwd_cpu(go_z, q_z, k_z, v_z, out_z, lse_z, 0.0, False, attn_mask=bias, scale=scale)
