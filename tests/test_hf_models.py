@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -971,6 +972,178 @@ def test_static_cache_compiled_prefill_under_fullgraph_is_refused_naming_the_alt
         llama.zorro(ids[:, :2], cache=cache)
         with pytest.raises(torch._dynamo.exc.Unsupported, match=why):
             full(ids[:, 2:], cache=cache)
+    assert fallback_counts() == {}
+
+
+# ============================================================================================ local and chunked layers
+def _pads(kind: str, batch: int, n: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """A ``(batch, n)`` 2-D padding mask: none, right, left, or holes (random tokens off, the first kept)."""
+    if kind == "none":
+        return None
+    counts = torch.randint(0, n // 2 + 1, (batch,), generator=gen)
+    idx = torch.arange(n)[None]
+    if kind == "right":
+        return (idx < n - counts[:, None]).long()
+    if kind == "left":
+        return (idx >= counts[:, None]).long()
+    holes = (torch.rand(batch, n, generator=gen) < 0.3) & (idx > 0)
+    return (~holes).long()
+
+
+def test_mask_interface_reads_bidirectional_sliding_windows(zt):
+    """transformers' bidirectional sliding window (key j visible to query i iff ``|i - j| <= W``, inclusive:
+    ModernBERT's local layers) on 80 seeded random cases (W from 0 to past the sequence, self- and cross-attention
+    sizes with offsets, no/right/left/hole padding): ``window=(W, W)`` shifted by the offsets, equal to the dense
+    mask sdpa gets (was a fallback: an unknown overlay); a fallback only where offsets move the band off zorro's
+    aligned diagonal, which no encoder does. Packed sequences (position_ids restarting) with a
+    window: block-diagonal segments with that window."""
+    from transformers import ModernBertConfig
+    from transformers.masking_utils import (
+        create_bidirectional_sliding_window_mask,
+        sdpa_mask,
+        sliding_window_bidirectional_mask_function,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    batch = 2
+    for case in range(80):
+        w = int(torch.randint(0, 14, (), generator=gen))
+        kv_length = int(torch.randint(1, 13, (), generator=gen))
+        q_length = kv_length if case % 2 else int(torch.randint(1, kv_length + 1, (), generator=gen))
+        kv_offset = 0 if case % 3 else int(torch.randint(0, 4, (), generator=gen))
+        shift = int(torch.randint(-2, 3, (), generator=gen)) if case % 4 == 0 else 0
+        q_offset = max(0, kv_offset + kv_length - q_length + shift) if q_length != kv_length or shift else kv_offset
+        pads = _pads(["none", "right", "left", "holes"][case % 4], batch, kv_offset + kv_length, gen)
+        args = dict(batch_size=batch, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset)
+        args.update(mask_function=sliding_window_bidirectional_mask_function(w), attention_mask=pads)
+        got = zt.zorro_mask_interface(**args)
+        if abs(q_offset - kv_offset - (kv_length - q_length)) > w:  # zorro's windows hold its aligned diagonal
+            assert "excludes the aligned diagonal" in got._zorro_fallback_reason
+            continue
+        assert not isinstance(got, torch.Tensor), (case, got._zorro_fallback_reason)
+        want = sdpa_mask(**args, allow_is_causal_skip=False)
+        assert torch.equal(_dense(got, batch), want[:, 0]), (case, w, q_length, kv_length, q_offset, kv_offset)
+    masks = {}
+    for impl in ("zorro", "sdpa"):
+        cfg = ModernBertConfig(attn_implementation=impl, local_attention=4)  # sliding_window = 2
+        kw = dict(config=cfg, inputs_embeds=torch.zeros(1, 16, 8), attention_mask=None)
+        masks[impl] = create_bidirectional_sliding_window_mask(**kw, position_ids=_restarts([5, 7, 4]))
+    assert masks["zorro"].q_sizes == (5, 7, 4) and masks["zorro"].window == (2, 2)
+    assert torch.equal(_dense(masks["zorro"], 1), masks["sdpa"][:, 0])
+
+
+def test_mask_interface_reads_chunked_attention(zt):
+    """transformers' chunked causal mask (Llama 4: causal AND the same chunk of C positions, counted from each
+    sample's first real token) on 80 seeded random cases: C from 1 to 7, a prefill without a cache, chunks of a
+    prefill and decoding steps over a cache (keys from ``kv_offset``, as its sliding cache hands them), no/right/left/
+    hole padding: one segment per chunk (per-sample sizes where the left paddings differ) with the row-wide causal
+    rule, equal to the dense mask sdpa gets, never a fallback (was one: an unknown overlay)."""
+    from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask
+
+    gen = torch.Generator().manual_seed(0)
+    batch = 3
+    for case in range(80):
+        size = int(torch.randint(1, 8, (), generator=gen))
+        kv_offset = 0 if case % 3 == 0 else int(torch.randint(0, 6, (), generator=gen))
+        kv_length = int(torch.randint(1, 15, (), generator=gen))
+        q_length = int(torch.randint(1, kv_length + 1, (), generator=gen))  # a chunk of a prefill over a cache
+        q_length = kv_length if case % 3 == 0 else 1 if case % 2 else q_length  # a prefill, a decoding step
+        pads = _pads(["none", "right", "left", "holes", "left"][case % 5], batch, kv_offset + kv_length, gen)
+        left = torch.zeros(batch, dtype=torch.long) if pads is None else (pads.cumsum(-1) == 0).sum(-1)
+        args = dict(batch_size=batch, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset, attention_mask=pads)
+        args.update(q_offset=kv_offset + kv_length - q_length, mask_function=chunked_causal_mask_function(size, left))
+        got = zt.zorro_mask_interface(**args)
+        assert not isinstance(got, torch.Tensor), (case, got._zorro_fallback_reason)
+        want = sdpa_mask(**args, allow_is_causal_skip=False)
+        assert torch.equal(_dense(got, batch), want[:, 0]), (case, size, q_length, kv_length, kv_offset, left)
+
+
+@pytest.fixture(scope="module")
+def modernbert(zt):
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    cfg = ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        global_attn_every_n_layers=3,  # layer 0 global, layers 1 and 2 local
+        local_attention=4,  # a bidirectional window of 2 each side
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    return _pair(ModernBertForMaskedLM, cfg)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_modernbert_local_layers_run_on_zorro(modernbert, zt, zorro_masks, strict, padding):
+    """ModernBERT (a global layer, two local layers of a bidirectional window of 2 each side), padded, strict: every
+    layer on zorro (the local ones with ``window=(2, 2)``); logits and a training step's gradients equal sdpa's."""
+    ids = torch.randint(3, 64, (2, 12))
+    lengths = [12, 8]
+    mask = _left_padding(lengths, 12) if padding == "left" else _left_padding(lengths, 12).flip(-1)
+    inputs = dict(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask)
+    assert_logits_match(modernbert, **inputs)
+    assert [getattr(m, "window", None) for m in zorro_masks] == [None, (2, 2), (2, 2)]
+    assert_gradients_match(modernbert, **inputs, labels=ids.masked_fill(mask == 0, -100))
+    assert fallback_counts() == {}
+
+
+@pytest.fixture(scope="module")
+def llama4(zt):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    cfg = Llama4TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        intermediate_size_mlp=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        attention_chunk_size=4,
+        no_rope_layer_interval=2,  # layer 0 chunked (with RoPE), layer 1 full (without)
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        max_position_embeddings=64,
+    )
+    pair = _pair(Llama4ForCausalLM, cfg)
+    assert pair.same.config.layer_types == ["chunked_attention", "full_attention"]
+    return pair
+
+
+def test_llama4_chunked_layers_run_on_zorro(llama4, zt, zorro_masks, strict):
+    """Llama 4 text (chunks of 4 on its chunked layer), batched and left padded, strict: the prefill (one segment per
+    chunk, counted from each sample's first real token), a prefill in two chunks over a DynamicCache, and greedy
+    decoding over its sliding cache (the last 3 keys and the query, cut into chunks; dynamic, and static: its
+    chunked layers' static sliding cache hands over int offsets) all run on zorro; logits, tokens and a training
+    step's gradients equal sdpa's."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(1, 64, (2, 11))
+    mask = _left_padding([11, 8], 11)
+    assert_logits_match(llama4, input_ids=ids, attention_mask=mask)
+    chunked = zorro_masks[0]  # sample 1's 3 padded tokens (hidden by a key bias) before its chunks
+    assert chunked.causal and chunked.sample_sizes.tolist() == [[4, 4, 3], [3, 4, 4]]
+    got = {}
+    for name in ("zorro", "same", "ref64"):
+        cache = DynamicCache(config=llama4.cfg)
+        with torch.no_grad():
+            getattr(llama4, name)(ids[:, :6], attention_mask=mask[:, :6], cache=cache)
+            got[name] = getattr(llama4, name)(ids[:, 6:], attention_mask=mask, cache=cache).logits
+    real = mask[:, 6:].bool()
+    assert_within_policy("second chunk", got["zorro"][real], got["same"][real], got["ref64"][real], F32)
+    assert_greedy_match(llama4, input_ids=ids, attention_mask=mask)
+    assert_greedy_match(llama4, input_ids=ids, attention_mask=mask, cache_implementation="static")
+    labels = ids.masked_fill(mask == 0, -100)
+    assert_gradients_match(llama4, input_ids=ids, attention_mask=mask, labels=labels)
     assert fallback_counts() == {}
 
 

@@ -513,7 +513,7 @@ def test_mask_interface_hands_back_sdpa_masks_it_cannot_express(zt):
     from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask
 
     cases = {
-        "not plain causal/bidirectional, a causal sliding window": dict(
+        "not plain causal/bidirectional, a causal or bidirectional sliding window": dict(
             q_length=6, kv_length=6, mask_function=and_masks(causal_mask_function, lambda b, h, q, kv: kv != 2)
         ),
         "not aligned at the last key": dict(

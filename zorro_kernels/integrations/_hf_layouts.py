@@ -19,10 +19,12 @@ from transformers.masking_utils import (
     bidirectional_mask_function,
     blockwise_overlay,
     causal_mask_function,
+    chunked_overlay,
     or_masks,
     packed_sequence_mask_function,
     prepare_padding_mask,
     remap_positions_for_packed_sequence,
+    sliding_window_bidirectional_overlay,
     sliding_window_overlay,
 )
 
@@ -87,6 +89,8 @@ def _code(fn):
 _AND_MASKS_CODE = _code(and_masks(causal_mask_function))
 _OR_MASKS_CODE = _code(or_masks(causal_mask_function))
 _SLIDING_OVERLAY_CODE = _code(sliding_window_overlay(1))
+_BIDIRECTIONAL_SLIDING_CODE = _code(sliding_window_bidirectional_overlay(1))
+_CHUNKED_CODE = _code(chunked_overlay(1, None))
 _REMAP_CODE = _code(remap_positions_for_packed_sequence(causal_mask_function, None))
 _PACKED_CODE = _code(packed_sequence_mask_function(None))
 _BLOCKWISE_CODE = _code(blockwise_overlay(None))
@@ -107,11 +111,17 @@ class _Reading:
     evaluation): an AND of a base rule (``causal``), an optional sliding ``window`` W (key j visible to query i iff
     ``i - W < j``), optional packed sequences (``packed``: transformers' ``(B, N)`` sequence index per token, found
     from restarting ``position_ids``) and optional bidirectional blocks OR-ed to the causal rule (``blocks``:
-    ``block_sequence_ids``, ``(B, >= Nk)``, -1 outside blocks: Gemma 3/4 images, PaliGemma's prefix)."""
+    ``block_sequence_ids``, ``(B, >= Nk)``, -1 outside blocks: Gemma 3/4 images, PaliGemma's prefix). On
+    bidirectional attention instead of ``window``: ``bidirectional_window`` W (key j visible to query i iff
+    ``|i - j| <= W``: ModernBERT's local layers). On causal attention: ``chunk``, ``(C, left_padding)`` (key j visible
+    to query i iff both lie in the same chunk of C positions counted from each sample's first real token,
+    ``left_padding (B,)``: Llama 4's chunked layers)."""
 
     def __init__(self):
         self.causal: Optional[bool] = None
         self.window: Optional[int] = None
+        self.bidirectional_window: Optional[int] = None
+        self.chunk: Optional[tuple[int, torch.Tensor]] = None
         self.packed: Optional[torch.Tensor] = None
         self.blocks: Optional[torch.Tensor] = None
         self.remapped = False  # a part runs on positions remapped per packed sequence
@@ -136,6 +146,18 @@ def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
         if not isinstance(w, int) or w < 1 or reading.window not in (None, w):
             raise _Unreadable(f"sliding window {w!r}")
         reading.window = w
+    elif code is _BIDIRECTIONAL_SLIDING_CODE and not in_or:
+        w = _free(fn, "sliding_window")
+        if not isinstance(w, int) or w < 0 or reading.bidirectional_window not in (None, w):
+            raise _Unreadable(f"bidirectional sliding window {w!r}")
+        reading.bidirectional_window = w
+    elif code is _CHUNKED_CODE and not in_or:
+        size, left_padding = _free(fn, "chunk_size"), _free(fn, "left_padding")
+        if not isinstance(size, int) or size < 1 or reading.chunk is not None:
+            raise _Unreadable(f"chunks of {size!r}")
+        if not isinstance(left_padding, torch.Tensor) or left_padding.ndim != 1:
+            raise _Unreadable(f"chunk left padding {left_padding!r}")
+        reading.chunk = (size, left_padding)
     elif code is _PACKED_CODE and not in_or:
         reading.packed = _free(fn, "packed_sequence_mask")
     elif code is _REMAP_CODE:
@@ -166,12 +188,20 @@ def _read(mask_function) -> tuple[Optional[_Reading], Optional[str]]:
             raise _Unreadable("no causal or bidirectional rule")
         if reading.window is not None and not reading.causal:
             raise _Unreadable("a sliding window on bidirectional attention")
+        if reading.bidirectional_window is not None and reading.causal:
+            raise _Unreadable("a bidirectional sliding window on causal attention")
+        if reading.chunk is not None and not reading.causal:
+            raise _Unreadable("chunks on bidirectional attention")
+        if reading.chunk is not None and (
+            reading.window is not None or reading.blocks is not None or reading.packed is not None
+        ):
+            raise _Unreadable("chunks together with a sliding window, blocks or packed sequences")
         if reading.remapped and reading.packed is None:
             raise _Unreadable("positions remapped without packed sequences")
     except _Unreadable as e:
         return None, (
-            f"the model's mask is not plain causal/bidirectional, a causal sliding window, packed sequences or "
-            f"bidirectional blocks in a causal mask ({_describe(mask_function)}: {e})"
+            f"the model's mask is not plain causal/bidirectional, a causal or bidirectional sliding window, causal "
+            f"chunks, packed sequences or bidirectional blocks in a causal mask ({_describe(mask_function)}: {e})"
         )
     return reading, None
 
@@ -309,6 +339,61 @@ def _packed_mask(lens: tuple, causal: bool, window) -> ZorroMask:
     )
 
 
+def _bidirectional_window(w: int, nq: int, nk: int, shift: int):
+    """transformers' bidirectional window (key j visible to query i iff ``|(i + q_offset) - (j + kv_offset)| <= w``,
+    ``shift = q_offset - kv_offset``) as zorro's ``window=(left, right)`` on ``d = j - i - (Nk - Nq)``: ``j - i`` lies
+    in ``[shift - w, shift + w]``, so ``left = w - t`` and ``right = w + t`` with ``t = shift - (Nk - Nq)`` (0 for
+    self-attention without a cache: ``(w, w)``). A side reaching past every pair (``d`` spans ``[-(Nk - 1), Nq -
+    1]``) is unbounded (-1), both: None. False when the band lies wholly on one side of zorro's diagonal (a side
+    negative), which zorro's window cannot express."""
+    t = shift - (nk - nq)
+    left, right = w - t, w + t
+    if left < 0 or right < 0:
+        return False
+    left, right = (-1 if left >= nk - 1 else left), (-1 if right >= nq - 1 else right)
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def _chunked_layout(size: int, left_padding: torch.Tensor, batch_size: int, nq: int, nk: int, kv_offset: int):
+    """transformers' chunked causal mask (Llama 4: key at position p visible to the query at position r iff ``p <=
+    r`` and ``(p - pad) // size == (r - pad) // size``, ``pad = left_padding[b]`` the sample's leading padding) over
+    keys at positions ``kv_offset ..`` and the queries at the last ``nq`` of them (the caller checked the alignment):
+    one segment per chunk on each side, each query chunk seeing its key chunk (a block diagonal), and the row-wide
+    causal rule, which is causality by position because both sides end at the same position. A sample's padding
+    is one more leading segment (its keys are hidden by the padding bias, so its grouping does not matter). The
+    chunks as cut by the keys' and the queries' ranges are per-sample sizes where the paddings differ; costs
+    ``O(B * Nk)``, nothing ``Nq x Nk``."""
+    pad = left_padding.detach().to("cpu", torch.int64).expand(batch_size)[:, None]
+    pos = torch.arange(kv_offset, kv_offset + nk)[None]
+    seg = torch.where(pos < pad, 0, 1 + torch.div(pos - pad, size, rounding_mode="floor"))  # (B, Nk) chunk index
+    seg = seg - seg[:, :1]  # counted from each sample's first key
+    width = int(seg.max()) + 1
+    kv_rows = torch.zeros(batch_size, width, dtype=torch.int64).scatter_add_(1, seg, torch.ones_like(seg))
+    q_rows = torch.zeros(batch_size, width, dtype=torch.int64).scatter_add_(
+        1, seg[:, nk - nq :], torch.ones_like(seg[:, nk - nq :])
+    )
+    keep = kv_rows.any(0)  # drop chunks no sample has (a chunk with queries always has keys)
+    kv_rows, q_rows = tuple(map(tuple, kv_rows[:, keep].tolist())), tuple(map(tuple, q_rows[:, keep].tolist()))
+    return _cached(("chunked", kv_rows, q_rows), lambda: _chunks_mask(kv_rows, q_rows))
+
+
+def _chunks_mask(kv_rows: tuple, q_rows: tuple) -> ZorroMask:
+    names = [f"chunk{i}" for i in range(len(kv_rows[0]))]
+    runs = AllowRuns.diagonal(len(names))
+    per_sample = len(set(kv_rows)) > 1 or len(set(q_rows)) > 1
+    if kv_rows == q_rows:  # self-attention (a prefill without a cache)
+        sizes = torch.tensor(kv_rows) if per_sample else None
+        return ZorroMask(list(zip(names, kv_rows[0])), runs, causal=True, sample_sizes=sizes)
+    return ZorroMask(
+        list(zip(names, q_rows[0])),
+        runs,
+        kv_segments=list(zip(names, kv_rows[0])),
+        causal=True,
+        sample_sizes=torch.tensor(q_rows) if per_sample else None,
+        kv_sample_sizes=torch.tensor(kv_rows) if per_sample else None,
+    )
+
+
 def _static_cache_layout(
     reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask
 ) -> tuple[Optional[object], Optional[str]]:
@@ -329,6 +414,8 @@ def _static_cache_layout(
     what = "a static cache"
     if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
         return None, f"{what} with a key offset (kv_offset={kv_offset}): a sliding static cache"
+    if reading.chunk is not None:
+        return None, f"{what} with chunked attention (Llama 4's chunked layers)"
     if not reading.causal or reading.packed is not None:
         return None, f"{what} with a mask other than causal (with a window or blocks)"
     if attention_mask is not None and attention_mask.ndim != 2:
@@ -414,15 +501,26 @@ def _layout_from_model(
     window = None if reading.window is None else (reading.window - 1, -1)
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return _static_cache_layout(reading, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask)
+    if reading.bidirectional_window is not None:
+        window = _bidirectional_window(reading.bidirectional_window, q_length, kv_length, q_offset - kv_offset)
+        if window is False:
+            return None, (
+                f"a bidirectional window of {reading.bidirectional_window} that excludes the aligned diagonal "
+                f"(q_offset={q_offset}, kv_offset={kv_offset}, Nq={q_length}, Nk={kv_length})"
+            )
     if reading.blocks is not None and reading.packed is not None:
         return None, "bidirectional blocks together with packed sequences"
     if reading.packed is not None and (
         q_offset != 0 or kv_offset != 0 or q_length != kv_length or reading.packed.shape[-1] != q_length
     ):
         return None, f"packed sequences with a cache (Nq={q_length}, Nk={kv_length})"
-    if torch.compiler.is_compiling() and (reading.blocks is not None or reading.packed is not None):
-        # the blocks' positions and the sequences' boundaries are tensor values a trace cannot read
-        return _TENSOR_VALUED, "blocks" if reading.blocks is not None else "packed"
+    if torch.compiler.is_compiling() and (
+        reading.blocks is not None or reading.packed is not None or reading.chunk is not None
+    ):
+        # the blocks' positions, the sequences' boundaries and the chunks' left padding are tensor values a trace
+        # cannot read
+        kind = "blocks" if reading.blocks is not None else "packed" if reading.packed is not None else "chunked"
+        return _TENSOR_VALUED, kind
     blocks = None
     if reading.blocks is not None:
         blocks = reading.blocks[:, kv_offset : kv_offset + kv_length]
@@ -448,6 +546,8 @@ def _layout_from_model(
             )
     elif reading.packed is not None:
         layout = _packed_layout(reading.packed, causal, window)
+    elif reading.chunk is not None:
+        layout = _chunked_layout(*reading.chunk, batch_size, q_length, kv_length, kv_offset)
     else:
         layout = _plain_layout(q_length, kv_length, causal, window)
     if attention_mask is None:
@@ -462,7 +562,7 @@ def _layout_from_model(
         if bool((lengths == kv_length).all()):
             return layout, None
         right = torch.equal(keys, torch.arange(kv_length, device=keys.device)[None] < lengths[:, None])
-        if right and reading.packed is None and blocks is None:
+        if right and reading.packed is None and blocks is None and reading.chunk is None:
             # right padding: padded keys are never visited
             return _padded_layout(q_length, kv_length, causal, window, lengths[:, None].cpu()), None
     # left padding, holes, or values that cannot be read while tracing: -inf on the padded keys

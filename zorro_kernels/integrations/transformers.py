@@ -28,6 +28,11 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
       batched ``generate`` uses) and holes as a key bias of ``-inf`` on the padded keys (``bias=``, ``(B, 1, 1, Nk)``);
     - sliding-window layers (Mistral, Qwen2, Gemma: transformers' ``sliding_window_causal_mask_function``) as
       ``ZorroMask(window=(W - 1, -1), causal=True)``, with or without a sliding cache;
+    - bidirectional sliding windows (ModernBERT's local layers: ``sliding_window_bidirectional_mask_function``, key
+      j visible to query i iff ``|i - j| <= W``) as ``window=(W, W)``, packed or padded;
+    - chunked causal layers (Llama 4: ``chunked_causal_mask_function``, the same chunk of C positions counted from
+      each sample's first real token) as one segment per chunk with the row-wide ``causal`` rule, in a prefill, a
+      prefill in chunks and decoding over the layers' sliding cache (per-sample sizes where left paddings differ);
     - sequences packed by restarting ``position_ids`` (``DataCollatorWithFlattening``), which transformers composes
       as causal on remapped positions AND the same packed sequence: block-diagonal causal segments (rows packed
       differently: per-sample ``sample_sizes``);
@@ -52,11 +57,11 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
 What falls back to transformers' own "sdpa" function, counted in
 :func:`zorro_kernels.integrations.fallback_counts` under ``"transformers: <reason>"`` (or raises
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
-    - masks composed from other parts: chunked layers, bidirectional sliding windows, custom
-      ``or_mask_function``/``and_mask_function`` overlays;
+    - masks composed from other parts: custom ``or_mask_function``/``and_mask_function`` overlays, chunks with a
+      window, blocks or packing; a bidirectional window that misses the aligned diagonal (offsets shifting it);
     - blocks together with packing; a block id on several runs of a sample with a cache offset;
-    - static caches with packing, a chunk of several queries whose window hides filled slots, or block ids on
-      empty slots;
+    - static caches with packing, a chunk of several queries whose window hides filled slots, block ids on
+      empty slots, or chunked layers with a tensor offset;
     - attention dropout in training mode (``dropout > 0``), logit ``softcap``, attention sinks, a value head dim
       different from the query's. With a layout known these run SDPA on its dense form, so the layout is still
       honoured.
@@ -250,6 +255,14 @@ _AT_GRAPH_BREAK = {
             "attend its slots (the offset is a tensor a trace cannot read, and each query sees its own key range), "
             "which fullgraph=True forbids: compile only the decoding steps (one query, no break), pass zorro_mask=, "
             "or compile without fullgraph=True"
+        ),
+    ),
+    "chunked": torch.compiler.disable(
+        _read_now,
+        reason=(
+            "zorro reads chunked attention's chunks (Llama 4) at a graph break (they start after each sample's left "
+            "padding, a tensor value a trace cannot read), which fullgraph=True forbids: pass zorro_mask= with the "
+            "chunks as segments, or compile without fullgraph=True"
         ),
     ),
     "blocks": torch.compiler.disable(
