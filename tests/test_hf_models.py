@@ -1147,6 +1147,32 @@ def test_llama4_chunked_layers_run_on_zorro(llama4, zt, zorro_masks, strict):
     assert fallback_counts() == {}
 
 
+@pytest.mark.full  # compiling the tiny Llama 4 twice: ~20 s on the 2-core machine
+def test_llama4_chunked_layers_compiled_read_their_chunks_at_a_graph_break(llama4, zt, strict):
+    """torch.compile (graph breaks allowed) of Llama 4 text on a left-padded batch, strict: the chunks start after
+    each sample's left padding, a tensor value, read at one graph break; the zorro:: op runs and the logits equal
+    sdpa's. fullgraph=True forbids that break: dynamo's error quotes our reason and the alternatives."""
+    ids = torch.randint(1, 64, (2, 11))
+    inputs = dict(input_ids=ids, attention_mask=_left_padding([11, 8], 11), use_cache=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(llama4.zorro, backend="aot_eager")
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = compiled(**inputs).logits
+    ops = {e.key for e in prof.key_averages()}
+    assert "zorro::attention_fwd" in ops, sorted(k for k in ops if "zorro" in k)
+    with torch.no_grad():
+        same, ref = llama4.same(**inputs).logits, llama4.ref64(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert_within_policy("compiled logits", got[real], same[real], ref[real], F32)
+    torch._dynamo.reset()
+    full = torch.compile(llama4.zorro, fullgraph=True, backend="aot_eager")
+    why = r"zorro reads chunked attention's chunks \(Llama 4\) at a graph break .* pass zorro_mask="
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=why), torch.no_grad():
+        full(**inputs)
+    torch._dynamo.reset()
+    assert fallback_counts() == {}
+
+
 # ============================================================================================ refused
 def test_git_is_refused_at_set_attn_implementation(zt):
     """GIT's text layers are hard-wired to an eager attention class that added our boolean fallback mask to the scores
