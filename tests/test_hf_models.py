@@ -1032,6 +1032,76 @@ def test_mask_interface_reads_bidirectional_sliding_windows(zt):
     assert torch.equal(_dense(masks["zorro"], 1), masks["sdpa"][:, 0])
 
 
+def test_mask_interface_reads_gemma3_text_bidirectional_overlays(zt):
+    """Gemma 3's text-only ``use_bidirectional_attention`` (EmbeddingGemma) ORs overlays defined in its own module
+    onto transformers' masks: on its sliding layers ``|i - j| < W`` onto the causal window W (so ``|i - j| <= W -
+    1``), on its full layers an always-true lambda onto causal. Recognised by their bytecode (the module's own
+    functions, not transformers'), on 60 seeded cases (W from 1 to 8, no/right/left/hole padding): a bidirectional
+    window ``(W - 1, W - 1)``, equal to the dense mask sdpa gets (was a fallback: an unknown OR). The exclusive
+    window OR-ed to plain causal (no causal window: a one-sided band) and an unknown lambda still fall back."""
+    from transformers.masking_utils import (
+        causal_mask_function,
+        or_masks,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+    )
+    from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_overlay
+
+    gen = torch.Generator().manual_seed(0)
+    batch = 2
+    for case in range(60):
+        w = int(torch.randint(1, 9, (), generator=gen))
+        n = int(torch.randint(1, 15, (), generator=gen))
+        pads = _pads(["none", "right", "left", "holes"][case % 4], batch, n, gen)
+        fn = or_masks(sliding_window_causal_mask_function(w), _bidirectional_window_overlay(w))
+        args = dict(batch_size=batch, q_length=n, kv_length=n, mask_function=fn, attention_mask=pads)
+        args.update(allow_is_causal_skip=False)
+        got = zt.zorro_mask_interface(**args)
+        assert not isinstance(got, torch.Tensor), (case, got._zorro_fallback_reason)
+        assert torch.equal(_dense(got, batch), sdpa_mask(**args)[:, 0]), (case, w, n)
+    for other in [
+        or_masks(causal_mask_function, _bidirectional_window_overlay(3)),
+        or_masks(causal_mask_function, lambda *args: torch.tensor(False, dtype=torch.bool)),
+    ]:
+        args = dict(batch_size=1, q_length=6, kv_length=6, mask_function=other, allow_is_causal_skip=False)
+        assert "OR" in zt.zorro_mask_interface(**args)._zorro_fallback_reason
+
+
+@pytest.fixture(scope="module")
+def gemma3_bidirectional(zt):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=5,  # made (5 // 2) + 1 = 3 by use_bidirectional_attention: |i - j| < 3 both ways
+        layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention=True,  # EmbeddingGemma's text model
+        max_position_embeddings=64,
+    )
+    return _pair(Gemma3ForCausalLM, cfg)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_gemma3_text_bidirectional_attention_runs_on_zorro(gemma3_bidirectional, zt, zorro_masks, strict, padding):
+    """Gemma 3 text with use_bidirectional_attention (a sliding window of 3 after its config halves it, so ``|i - j|
+    <= 2``, and a full layer), padded, strict: both layers on zorro (``window=(2, 2)`` and plain bidirectional);
+    logits and a training step's gradients equal sdpa's."""
+    ids = torch.randint(1, 64, (2, 11))
+    mask = _left_padding([11, 7], 11)
+    mask = mask if padding == "left" else mask.flip(-1)
+    assert_logits_match(gemma3_bidirectional, input_ids=ids, attention_mask=mask)
+    assert [(m.causal, m.window) for m in zorro_masks] == [(False, (2, 2)), (False, None)]
+    labels = ids.masked_fill(mask == 0, -100)
+    assert_gradients_match(gemma3_bidirectional, input_ids=ids, attention_mask=mask, labels=labels)
+    assert fallback_counts() == {}
+
+
 def test_mask_interface_reads_chunked_attention(zt):
     """transformers' chunked causal mask (Llama 4: causal AND the same chunk of C positions, counted from each
     sample's first real token) on 80 seeded random cases: C from 1 to 7, a prefill without a cache, chunks of a

@@ -96,6 +96,44 @@ _PACKED_CODE = _code(packed_sequence_mask_function(None))
 _BLOCKWISE_CODE = _code(blockwise_overlay(None))
 
 
+def _always_true():
+    return lambda *args: torch.tensor(True, dtype=torch.bool)
+
+
+def _exclusive_bidirectional_window(sliding_window: int):
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        """A docstring, as Gemma 3's has (constants are compared past this slot)."""
+        return abs(q_idx - kv_idx) < sliding_window
+
+    return inner_mask
+
+
+# Overlays models define in their own modules (Gemma 3's text-only use_bidirectional_attention; Step3p7 copies
+# them), so no identity check finds them: recognised by running the same bytecode as these twins (_runs_as)
+_ALWAYS_TRUE_CODE = _code(_always_true())
+_CODE_FLAGS = 0xFFFF  # a code object's own flags; the compiler's __future__ ones (annotations here) sit above
+_EXCLUSIVE_WINDOW_CODE = _code(_exclusive_bidirectional_window(1))
+
+
+def _runs_as(fn, reference) -> bool:
+    """Whether ``fn`` computes what the function of code ``reference`` does: the same bytecode, names, constants
+    (past the docstring slot), closure variables and flags (``__future__`` ones aside), with ``torch`` and ``abs``
+    not shadowed in its module."""
+    code = _code(fn)
+    if code is None:
+        return False
+    same = (
+        code.co_code == reference.co_code
+        and code.co_names == reference.co_names
+        and code.co_consts[1:] == reference.co_consts[1:]
+        and code.co_freevars == reference.co_freevars
+        and code.co_argcount == reference.co_argcount
+        and code.co_flags & _CODE_FLAGS == reference.co_flags & _CODE_FLAGS
+    )
+    env = getattr(fn, "__globals__", {})
+    return same and env.get("torch", torch) is torch and env.get("abs", abs) is abs
+
+
 def _free(fn, name: str):
     """The value of ``fn``'s closure variable ``name``. These are transformers' internals: a release that renames one
     makes the mask unreadable (a counted fallback naming it), never a crash."""
@@ -166,6 +204,8 @@ def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
         # by the caller) removes every pair across sequences
         reading.remapped = True
         _read_into(reading, _free(fn, "mask_function"), in_or=in_or)
+    elif code is _OR_MASKS_CODE and not in_or and _read_bidirectional_or(reading, _free(fn, "mask_functions")):
+        pass
     elif code is _OR_MASKS_CODE and not in_or:
         parts = _free(fn, "mask_functions")
         if len(parts) != 2 or _code(parts[1]) is not _BLOCKWISE_CODE or reading.blocks is not None:
@@ -178,6 +218,31 @@ def _read_into(reading: _Reading, fn, *, in_or: bool = False) -> None:
         reading.blocks = _free(parts[1], "block_sequence_ids")
     else:
         raise _Unreadable(_describe(fn))
+
+
+def _read_bidirectional_or(reading: _Reading, parts) -> bool:
+    """Reads Gemma 3's text-only ``use_bidirectional_attention`` overlays into ``reading``, or returns False (not
+    theirs). Full layers: anything OR always true, i.e. bidirectional. Sliding layers: ``(causal AND i - W < j) OR
+    |i - j| < W'`` with ``W <= W'``, i.e. ``|i - j| <= W' - 1``: transformers' bidirectional window ``W' - 1``."""
+    if len(parts) != 2:
+        return False
+    if _runs_as(parts[1], _ALWAYS_TRUE_CODE):
+        _read_into(reading, bidirectional_mask_function)
+        return True
+    if not _runs_as(parts[1], _EXCLUSIVE_WINDOW_CODE):
+        return False
+    w = _free(parts[1], "sliding_window")
+    inner = _Reading()  # the OR's first part alone, an AND of its own parts
+    _read_into(inner, parts[0])
+    plain = inner.packed is None and inner.blocks is None and inner.chunk is None and not inner.remapped
+    narrower = inner.causal is True and inner.window is not None and inner.window <= w
+    if not isinstance(w, int) or w < 1 or not plain or not narrower:
+        raise _Unreadable(f"a window of {w!r} both ways OR-ed to something other than a narrower causal window")
+    _read_into(reading, bidirectional_mask_function)
+    if reading.bidirectional_window not in (None, w - 1):
+        raise _Unreadable(f"bidirectional sliding windows {reading.bidirectional_window} and {w - 1}")
+    reading.bidirectional_window = w - 1
+    return True
 
 
 def _read(mask_function) -> tuple[Optional[_Reading], Optional[str]]:

@@ -29,7 +29,9 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
     - sliding-window layers (Mistral, Qwen2, Gemma: transformers' ``sliding_window_causal_mask_function``) as
       ``ZorroMask(window=(W - 1, -1), causal=True)``, with or without a sliding cache;
     - bidirectional sliding windows (ModernBERT's local layers: ``sliding_window_bidirectional_mask_function``, key
-      j visible to query i iff ``|i - j| <= W``) as ``window=(W, W)``, packed or padded;
+      j visible to query i iff ``|i - j| <= W``) as ``window=(W, W)``, packed or padded; Gemma 3 text's
+      ``use_bidirectional_attention`` overlays (its own functions, recognised by their bytecode) as bidirectional
+      attention and a bidirectional window;
     - chunked causal layers (Llama 4: ``chunked_causal_mask_function``, the same chunk of C positions counted from
       each sample's first real token) as one segment per chunk with the row-wide ``causal`` rule, in a prefill, a
       prefill in chunks and decoding over the layers' sliding cache (per-sample sizes where left paddings differ);
