@@ -1128,6 +1128,30 @@ def test_mask_interface_reads_chunked_attention(zt):
         assert torch.equal(_dense(got, batch), want[:, 0]), (case, size, q_length, kv_length, kv_offset, left)
 
 
+@pytest.mark.parametrize(
+    "lens", [[[5, 7, 4]], [[5, 7, 4], [5, 7, 4]], [[3, 13], [16], [9, 7]]], ids=["packed", "batch", "per-sample"]
+)
+def test_mask_interface_reads_chunked_attention_over_packed_sequences(zt, lens):
+    """Llama 4's chunked mask over sequences packed by restarting position_ids (chunks of 4 on the positions
+    remapped per sequence, so each sequence is cut from its own start) as built by transformers'
+    create_chunked_causal_mask: block-diagonal causal segments, one per chunk of each sequence (per-sample sizes
+    where rows differ), equal to the dense mask sdpa gets (was a fallback)."""
+    from transformers import Llama4TextConfig
+    from transformers.masking_utils import create_chunked_causal_mask
+
+    position_ids = _restarts(*lens)
+    batch, n = position_ids.shape
+    masks = {}
+    for impl in ("zorro", "sdpa"):
+        cfg = Llama4TextConfig(attn_implementation=impl, attention_chunk_size=4)
+        kw = dict(config=cfg, inputs_embeds=torch.zeros(batch, n, 8), attention_mask=None, cache=None)
+        masks[impl] = create_chunked_causal_mask(**kw, position_ids=position_ids, allow_is_causal_skip=False)
+    got = masks["zorro"]
+    assert isinstance(got, ZorroMask), getattr(got, "_zorro_fallback_reason", type(got))
+    assert got.causal and (got.sample_sizes is not None) == (len(set(map(tuple, lens))) > 1)
+    assert torch.equal(_dense(got, batch), masks["sdpa"][:, 0])
+
+
 @pytest.fixture(scope="module")
 def modernbert(zt):
     from transformers import ModernBertConfig, ModernBertForMaskedLM
@@ -1214,6 +1238,23 @@ def test_llama4_chunked_layers_run_on_zorro(llama4, zt, zorro_masks, strict):
     assert_greedy_match(llama4, input_ids=ids, attention_mask=mask, cache_implementation="static")
     labels = ids.masked_fill(mask == 0, -100)
     assert_gradients_match(llama4, input_ids=ids, attention_mask=mask, labels=labels)
+    assert fallback_counts() == {}
+
+
+def test_llama4_packed_sequences_run_on_zorro(llama4, zt, zorro_masks, strict):
+    """Llama 4 text on a DataCollatorWithFlattening batch (sequences of 5, 7 and 4 in one row), strict: its chunked
+    layer as causal segments, one per chunk of 4 of each sequence, its full layer per sequence; logits equal sdpa's
+    and each sequence run alone, gradients equal sdpa's."""
+    lens = [5, 7, 4]
+    batch = _flattened(llama4.cfg.vocab_size, lens)
+    got = assert_logits_match(llama4, **{k: v for k, v in batch.items() if k != "labels"})
+    assert [m.q_sizes for m in zorro_masks] == [(4, 1, 4, 3, 4), (5, 7, 4)]
+    with torch.no_grad():
+        for start, n in zip(torch.tensor([0, *lens]).cumsum(0).tolist(), lens):
+            alone = batch["input_ids"][:, start : start + n]
+            want, ref = llama4.same(alone, use_cache=False).logits, llama4.ref64(alone, use_cache=False).logits
+            assert_within_policy(f"sequence at {start} alone", got[:, start : start + n], want, ref, F32)
+    assert_gradients_match(llama4, **batch)
     assert fallback_counts() == {}
 
 

@@ -257,10 +257,8 @@ def _read(mask_function) -> tuple[Optional[_Reading], Optional[str]]:
             raise _Unreadable("a bidirectional sliding window on causal attention")
         if reading.chunk is not None and not reading.causal:
             raise _Unreadable("chunks on bidirectional attention")
-        if reading.chunk is not None and (
-            reading.window is not None or reading.blocks is not None or reading.packed is not None
-        ):
-            raise _Unreadable("chunks together with a sliding window, blocks or packed sequences")
+        if reading.chunk is not None and (reading.window is not None or reading.blocks is not None):
+            raise _Unreadable("chunks together with a sliding window or blocks")
         if reading.remapped and reading.packed is None:
             raise _Unreadable("positions remapped without packed sequences")
     except _Unreadable as e:
@@ -275,16 +273,25 @@ def _run_lengths(ids: torch.Tensor) -> list[int]:
     return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
 
 
-def _packed_layout(packed: torch.Tensor, causal: bool, window) -> ZorroMask:
+def _packed_layout(packed: torch.Tensor, causal: bool, window, chunk: Optional[int] = None) -> ZorroMask:
     """The packed sequences of ``packed`` (transformers' ``(B, N)`` sequence index per token) as block-diagonal
     segments (per-sample ``sample_sizes`` where the samples differ). Rows that each hold one sequence (what
-    transformers hands over under torch.compile for plain ``position_ids``) are the plain layout."""
-    if not bool(packed[:, -1].any()):  # the index counts up from 0: a last token in sequence 0 means one sequence
-        return _plain_layout(packed.shape[-1], packed.shape[-1], causal, window)
+    transformers hands over under torch.compile for plain ``position_ids``) are the plain layout. ``chunk``: chunked
+    attention of that many positions on the positions remapped per sequence (Llama 4 packed), so each sequence is
+    cut into chunks from its start, each chunk a segment of its own."""
+    if chunk is None and not bool(packed[:, -1].any()):  # the index counts up from 0: a last token in sequence 0
+        return _plain_layout(packed.shape[-1], packed.shape[-1], causal, window)  # means one sequence
+
+    def runs(ids: torch.Tensor) -> list[int]:
+        lens = _run_lengths(ids)
+        if chunk is None:
+            return lens
+        return [c for n in lens for c in [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])]
+
     if packed.shape[0] == 1 or bool((packed == packed[:1]).all()):
-        return _packed_mask(tuple(_run_lengths(packed[0])), causal, window)
+        return _packed_mask(tuple(runs(packed[0])), causal, window)
     # other boundaries per sample: one mask whose sample_sizes place them (zero-size sequences pad the shorter lists)
-    rows = [_run_lengths(ids) for ids in packed]
+    rows = [runs(ids) for ids in packed]
     width = max(len(r) for r in rows)
     rows = tuple(tuple(r + [0] * (width - len(r))) for r in rows)
 
@@ -610,7 +617,9 @@ def _layout_from_model(
                 f"Nq={q_length}, Nk={kv_length})"
             )
     elif reading.packed is not None:
-        layout = _packed_layout(reading.packed, causal, window)
+        if reading.chunk is not None and bool(reading.chunk[1].any()):
+            return None, "chunked attention over packed sequences with left padding"
+        layout = _packed_layout(reading.packed, causal, window, None if reading.chunk is None else reading.chunk[0])
     elif reading.chunk is not None:
         layout = _chunked_layout(*reading.chunk, batch_size, q_length, kv_length, kv_offset)
     else:

@@ -35,6 +35,7 @@ What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; d
     - chunked causal layers (Llama 4: ``chunked_causal_mask_function``, the same chunk of C positions counted from
       each sample's first real token) as one segment per chunk with the row-wide ``causal`` rule, in a prefill, a
       prefill in chunks and decoding over the layers' sliding cache (per-sample sizes where left paddings differ);
+      packed by ``position_ids``, one causal segment per chunk of each sequence;
     - sequences packed by restarting ``position_ids`` (``DataCollatorWithFlattening``), which transformers composes
       as causal on remapped positions AND the same packed sequence: block-diagonal causal segments (rows packed
       differently: per-sample ``sample_sizes``);
@@ -60,7 +61,7 @@ What falls back to transformers' own "sdpa" function, counted in
 :func:`zorro_kernels.integrations.fallback_counts` under ``"transformers: <reason>"`` (or raises
 :class:`~zorro_kernels.integrations.FallbackError` after ``register(strict=True)``):
     - masks composed from other parts: custom ``or_mask_function``/``and_mask_function`` overlays, chunks with a
-      window, blocks or packing; a bidirectional window that misses the aligned diagonal (offsets shifting it);
+      window or blocks; a bidirectional window that misses the aligned diagonal (offsets shifting it);
     - blocks together with packing; a block id on several runs of a sample with a cache offset;
     - static caches with packing, a chunk of several queries whose window hides filled slots, block ids on
       empty slots, or chunked layers with a tensor offset;
