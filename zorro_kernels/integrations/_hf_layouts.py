@@ -11,6 +11,7 @@ user; it imports transformers first and refuses versions this module cannot read
 
 from __future__ import annotations
 
+import dis
 from typing import Optional
 
 import torch
@@ -102,7 +103,7 @@ def _always_true():
 
 def _exclusive_bidirectional_window(sliding_window: int):
     def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
-        """A docstring, as Gemma 3's has (constants are compared past this slot)."""
+        """A docstring as Gemma 3's has: where a Python gives docstrings a constant slot, the indices agree."""
         return abs(q_idx - kv_idx) < sliding_window
 
     return inner_mask
@@ -115,17 +116,22 @@ _CODE_FLAGS = 0xFFFF  # a code object's own flags; the compiler's __future__ one
 _EXCLUSIVE_WINDOW_CODE = _code(_exclusive_bidirectional_window(1))
 
 
+def _loaded_constants(code) -> list:
+    """The constants ``code``'s instructions load, in order (a docstring, never loaded, is left out)."""
+    return [code.co_consts[ins.arg] for ins in dis.get_instructions(code) if ins.opcode in dis.hasconst]
+
+
 def _runs_as(fn, reference) -> bool:
-    """Whether ``fn`` computes what the function of code ``reference`` does: the same bytecode, names, constants
-    (past the docstring slot), closure variables and flags (``__future__`` ones aside), with ``torch`` and ``abs``
-    not shadowed in its module."""
+    """Whether ``fn`` computes what the function of code ``reference`` does: the same bytecode, names, loaded
+    constants, closure variables and flags (``__future__`` ones aside), with ``torch`` and ``abs`` not shadowed in
+    its module."""
     code = _code(fn)
     if code is None:
         return False
     same = (
         code.co_code == reference.co_code
         and code.co_names == reference.co_names
-        and code.co_consts[1:] == reference.co_consts[1:]
+        and _loaded_constants(code) == _loaded_constants(reference)
         and code.co_freevars == reference.co_freevars
         and code.co_argcount == reference.co_argcount
         and code.co_flags & _CODE_FLAGS == reference.co_flags & _CODE_FLAGS
