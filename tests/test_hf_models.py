@@ -1341,7 +1341,7 @@ def test_a_renamed_closure_variable_is_a_fallback_reason_not_a_crash(monkeypatch
     give a fallback reason naming it (counted, FallbackError under strict), not a KeyError from inside the model."""
     from transformers.masking_utils import and_masks, causal_mask_function
 
-    from zorro_kernels.integrations import _hf_layouts
+    from zorro_kernels.integrations import _hf_reading
 
     def overlay(width):
         def inner(batch_idx, head_idx, q_idx, kv_idx):
@@ -1350,6 +1350,6 @@ def test_a_renamed_closure_variable_is_a_fallback_reason_not_a_crash(monkeypatch
         return inner
 
     renamed = overlay(3)
-    monkeypatch.setattr(_hf_layouts, "_SLIDING_OVERLAY_CODE", renamed.__code__)
-    reading, why = _hf_layouts._read(and_masks(causal_mask_function, renamed))
+    monkeypatch.setattr(_hf_reading, "_SLIDING_OVERLAY_CODE", renamed.__code__)
+    reading, why = _hf_reading._read(and_masks(causal_mask_function, renamed))
     assert reading is None and "no closure variable 'sliding_window'" in why

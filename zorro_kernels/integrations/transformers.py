@@ -11,11 +11,11 @@ BERT encoders, Llama/Mistral decoders, Gemma 3 and Gemma 4 image+text, PaliGemma
     out = model(input_ids, attention_mask=attention_mask)                 # same result as "sdpa"
     out = model(packed_ids, position_ids=pos, zorro_mask=ZorroMask.packed([7, 5, 9]))   # every layer on this layout
 
-Two registrations make this work. The *mask interface* turns the mask a model asks for (causal or bidirectional, a
-2-D padding ``attention_mask``, cache offsets) into a :class:`~zorro_kernels.ZorroMask` when one can express it (the
-reading of transformers' composed masks lives in ``_hf_layouts``); the *attention function* runs zorro_attention on
-that mask, or on the ``zorro_mask=`` keyword of the model call, which replaces the model's own mask in every
-attention call (padding included: give it ``lengths`` if you pad).
+Two registrations make this work. The *mask interface* turns the mask a model asks for (causal or bidirectional, a 2-D
+padding ``attention_mask``, cache offsets) into a :class:`~zorro_kernels.ZorroMask` when one can express it (the reading
+of transformers' composed masks lives in ``_hf_reading``, the layouts built from it in ``_hf_layouts``); the *attention
+function* runs zorro_attention on that mask, or on the ``zorro_mask=`` keyword of the model call, which replaces the
+model's own mask in every attention call (padding included: give it ``lengths`` if you pad).
 
 What runs on zorro_attention (and equals "sdpa" up to floating-point rounding; docs/integrations.md has the table):
     - bidirectional attention (encoders, cross-attention) and causal attention, including decoding with a
