@@ -63,7 +63,7 @@ FEW_ROWS = 8
 # same dynamic programme as the buckets, this as the per-piece cost) so each piece runs at its longest sample's
 # length: the pairs saved outweigh gathering the piece's rows and keys and scattering its results (forward and
 # backward; BENCHMARKS.md).
-PIECE_COST_PAIRS = 3000
+PIECE_COST_PAIRS = 12000
 
 
 class PaddedStep(NamedTuple):
@@ -430,7 +430,9 @@ def _fill_dead(out: torch.Tensor, lse: torch.Tensor, dead: tuple[torch.Tensor, t
     lse.view(-1).index_fill_(0, rows, float("inf"))
 
 
-def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool) -> None:
+def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool, keep: Optional[dict] = None) -> None:
+    """``keep``: where given, each piece's gathered ``(q rows, keys, values, bias)`` by ``id(piece)``, for the
+    backward's clean pass (:func:`_piece_backward`)."""
     batch = None if bucket.whole else bucket.batch
     for st in bucket.steps:
         for piece in st.pieces or (Piece(batch, st, (), ()),):
@@ -438,7 +440,10 @@ def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool
                 continue
             ps = piece.step
             kg, vg, bias = _keys(k, v, ps, piece.batch, q.shape[1], clean)
-            o, l = _fwd_cpu(_take(q, ps.q_ranges, piece.batch), kg, vg, 0.0, False, attn_mask=bias, scale=scale)
+            qg = _take(q, ps.q_ranges, piece.batch)
+            o, l = _fwd_cpu(qg, kg, vg, 0.0, False, attn_mask=bias, scale=scale)
+            if keep is not None and st.pieces:
+                keep[id(piece)] = (qg, kg, vg, bias)
             # dead rows too, and a piece's rows past its cut are dead: selected to 0 once all buckets ran
             # (_fill_dead)
             _put(out, ps.q_ranges, piece.batch, o)
@@ -546,12 +551,13 @@ def _merged_writes(k_writes, span0: Optional[int]) -> list:
     return zero + out
 
 
-def _flash_backward(go, qg, og, lg, k, v, st: PaddedStep, batch, scale: float, clean: bool):
+def _flash_backward(go, qg, og, lg, k, v, st: PaddedStep, batch, scale: float, clean: bool, keys=None):
     """The flash backward of one bucket step on its gathered rows ``(m, H, n, D)`` (dead ones zero-filled on the
     careful path): ``(dq rows, dK, dV)``, dK/dV ``(m, Hkv, C, D)`` over the step's keys (its span where it has one),
-    summed over each GQA group, those with no gradient from the step selected to 0 on the careful path."""
+    summed over each GQA group, those with no gradient from the step selected to 0 on the careful path. ``keys``:
+    the step's ``(keys, values, bias)`` as the forward gathered them, or None."""
     h, hkv = qg.shape[1], k.shape[1]
-    kg, vg, bias = _keys(k, v, st, batch, h, clean)
+    kg, vg, bias = keys if keys is not None else _keys(k, v, st, batch, h, clean)
     g_q, g_k, g_v = _bwd_cpu(go, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale)
     if not clean:
         _fill_rows(g_q, st.dead, 0.0)
@@ -566,18 +572,21 @@ def _flash_backward(go, qg, og, lg, k, v, st: PaddedStep, batch, scale: float, c
     return g_q, *grads
 
 
-def _piece_backward(grad_out, q, k, v, out, lse, piece: Piece, scale: float, grads, clean: bool) -> None:
+def _piece_backward(grad_out, q, k, v, out, lse, piece: Piece, scale: float, grads, clean: bool, kept=None) -> None:
     """One piece of a whole-batch step's backward (see :class:`Piece`): its samples' rows and keys gathered up to
     the cut, dq and the first writes of dK/dV copied in by sample, later writes added; what lies past the cut is 0
-    (rows: padding, their lse +inf; keys: hidden from every row of those samples)."""
+    (rows: padding, their lse +inf; keys: hidden from every row of those samples). ``kept``: the clean pass's
+    query rows, keys, values and bias as the forward gathered them (:func:`_bucket_forward`), or None."""
     dq, dk, dv = grads
     st, batch = piece.step, piece.batch
     if st is not None:
-        go, og, lg, qg = (_take(x, st.q_ranges, batch) for x in (grad_out, out, lse, q))
+        go, og, lg = (_take(x, st.q_ranges, batch) for x in (grad_out, out, lse))
+        qg = _take(q, st.q_ranges, batch) if kept is None else kept[0]
         if not clean:
             for t in (go, qg, og):
                 _fill_rows(t, st.dead, 0.0)
-        g_q, g_k, g_v = _flash_backward(go, qg, og, lg, k, v, st, batch, scale, clean)
+        keys = None if kept is None else kept[1:]
+        g_q, g_k, g_v = _flash_backward(go, qg, og, lg, k, v, st, batch, scale, clean, keys)
         _put(dq, st.q_ranges, batch, g_q)
         for g, dst in ((g_k, dk), (g_v, dv)):
             for s, e, o, acc in st.k_writes:
@@ -590,7 +599,9 @@ def _piece_backward(grad_out, q, k, v, out, lse, piece: Piece, scale: float, gra
             dst[:, :, s:e].index_fill_(0, batch, 0)
 
 
-def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, grads, clean: bool) -> None:
+def _bucket_backward(
+    grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, grads, clean: bool, kept: Optional[dict] = None
+) -> None:
     hkv = k.shape[1]
     batch = None if bucket.whole else bucket.batch
     dq, dk, dv = grads
@@ -598,7 +609,8 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
     for st in bucket.steps:
         if st.pieces:  # a whole batch's step: dK/dV written into dk/dv themselves (dkb is dk)
             for piece in st.pieces:
-                _piece_backward(grad_out, q, k, v, out, lse, piece, scale, grads, clean)
+                got = None if kept is None or not clean else kept.get(id(piece))
+                _piece_backward(grad_out, q, k, v, out, lse, piece, scale, grads, clean, got)
             continue
         # copies where they are filled below; else views where the batch is whole: the kernel reads rows by their
         # strides and needs only the last dim contiguous, as in the whole tensors (copies cost a large share of
@@ -636,31 +648,36 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
         dv.index_copy_(0, batch, dvb)
 
 
-def cpu_forward_mask(q, k, v, mask, scale: float, bias=None):
+def cpu_forward_mask(q, k, v, mask, scale: float, bias=None, keep: Optional[dict] = None):
     """:func:`.segments.cpu_forward` of ``mask``'s plan, with buckets where ``mask`` has a ragged plan and no bias.
 
     The buckets run first as they are, the hidden keys left in place: while everything they read is finite, their
     ``-inf`` bias gives them exactly zero weight. Anything non-finite read (or a score that overflows) makes some
     live row's output NaN (dead rows are selected to 0 before the check), so a finite output is the careful path's
-    bit for bit; else the buckets are redone carefully (hidden keys zero-filled)."""
+    bit for bit; else the buckets are redone carefully (hidden keys zero-filled). ``keep``: a dict to fill with the
+    clean pass's gathered pieces for :func:`cpu_backward_mask` (left empty where the careful pass ran)."""
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_forward(q, k, v, mask.derived(build_plan), scale, bias)
     out, lse = cpu_forward(q, k, v, rp.exact, scale)  # allocates for the whole batch, fills the exact patterns
     for clean in (True, False):
         for bucket in rp.buckets:  # each bucket rewrites every live row it covers
-            _bucket_forward(q, k, v, bucket, scale, out, lse, clean)
+            _bucket_forward(q, k, v, bucket, scale, out, lse, clean, keep if clean else None)
         _fill_dead(out, lse, rp.dead)  # before the check: a piece leaves the rows past its cut unwritten
         if clean and _finite(out):
             break
+        if keep is not None:
+            keep.clear()
     return out, lse
 
 
-def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None):
+def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None, kept: Optional[dict] = None):
     """:func:`.segments.cpu_backward` matching :func:`cpu_forward_mask`, checked the same way: a finite dq means no
     gradient read anything non-finite it may not (every such path passes through a NaN/Inf ``dS`` of some pair, which
     dq sums: a hidden key's or dead row's zero weight times a NaN is NaN), so the buckets' dK/dV are the careful path's
-    too; else everything is redone with the hidden keys, dead rows and their gradients zero-filled."""
+    too; else everything is redone with the hidden keys, dead rows and their gradients zero-filled. ``kept``: the
+    forward's gathered pieces (``keep`` of :func:`cpu_forward_mask`), read instead of gathering again on the clean
+    pass."""
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_backward(grad_out, q, k, v, out, lse, mask.derived(build_plan), scale, bias)
@@ -668,7 +685,7 @@ def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None
     for clean in (True, False):
         grads = cpu_backward(grad_out, q, k, v, out, lse, rp.exact, scale)  # dK/dV accumulate: from scratch
         for bucket in rp.buckets:
-            _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean)
+            _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean, kept)
         if clean and _finite(grads[0]):
             break
     return grads
@@ -679,9 +696,12 @@ class _RaggedAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float):
-        out, lse = cpu_forward_mask(q, k, v, mask, scale)
+        # the pieces' gathered rows and keys are kept for the backward (about half of q, k and v at the demo's size:
+        # the backward then gathers only dO, out and lse per piece)
+        keep = {} if any(ctx.needs_input_grad[:3]) else None
+        out, lse = cpu_forward_mask(q, k, v, mask, scale, keep=keep)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale = mask, scale
+        ctx.mask, ctx.scale, ctx.kept = mask, scale, keep
         return out
 
     @staticmethod
@@ -691,7 +711,9 @@ class _RaggedAttentionCPU(torch.autograd.Function):
                 "zorro_attention: the segments backend's CPU backward cannot be differentiated (double "
                 "backward, create_graph=True); use backend='reference' for higher-order gradients"
             )
-        return (*cpu_backward_mask(grad_out, *ctx.saved_tensors, ctx.mask, ctx.scale), None, None)
+        grads = cpu_backward_mask(grad_out, *ctx.saved_tensors, ctx.mask, ctx.scale, kept=ctx.kept)
+        ctx.kept = None
+        return (*grads, None, None)
 
 
 def ragged_attention(q, k, v, mask, scale: float, bias=None) -> torch.Tensor:
