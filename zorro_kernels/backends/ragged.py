@@ -52,6 +52,9 @@ STEP_COST_PAIRS = 3000
 COPY_PAIRS = 8
 # at most this many runs of equal-work patterns are considered as bucket edges (the grouping is quadratic in them)
 MAX_EDGES = 64
+# the same for a step's pieces: one length per sample, so fewer atoms cut as well, and the plan (built per mask, a
+# new one per batch in training) stays a few ms
+PIECE_EDGES = 16
 # A bucket step with at most this many query rows (per query head) runs its backward as batched matmuls
 # (:func:`_matmul_backward`): ATen's CPU flash backward zeroes and writes dK/dV for every key of the step in its own
 # layout, to be added into dk/dv after, which costs far more than the few rows' attention (the fusion step at the
@@ -126,12 +129,14 @@ def _work(runs, lq: np.ndarray, lk: np.ndarray, copied: bool = False) -> np.ndar
     return work + COPY_PAIRS * (lq.sum(1) + 2 * keys.sum(1)) if copied else work
 
 
-def _cuts(work: np.ndarray, count: np.ndarray, lq, lk, runs, step_cost: int) -> Optional[list[tuple[int, int]]]:
+def _cuts(
+    work: np.ndarray, count: np.ndarray, lq, lk, runs, step_cost: int, max_edges: int = MAX_EDGES
+) -> Optional[list[tuple[int, int]]]:
     """Contiguous groups of the patterns (sorted by work, largest first) minimising the padded work of each group
-    plus its copies plus ``step_cost`` per group: a dynamic programme over at most ``MAX_EDGES`` atoms (runs of
+    plus its copies plus ``step_cost`` per group: a dynamic programme over at most ``max_edges`` atoms (runs of
     patterns). None when one bucket of the whole batch, which copies nothing, costs less."""
     p = len(work)
-    edges = np.unique(np.linspace(0, p, min(p, MAX_EDGES) + 1).round().astype(np.int64))
+    edges = np.unique(np.linspace(0, p, min(p, max_edges) + 1).round().astype(np.int64))
     n = len(edges) - 1
     # the elementwise maximum and the sample count of every atom range [i, j)
     lq_atom = np.stack([lq[edges[a] : edges[a + 1]].max(0) for a in range(n)])
@@ -258,7 +263,7 @@ def _pieces(st, valid_q: torch.Tensor, valid_k: torch.Tensor) -> tuple:
 
 def _piece_groups(work, count, lq, lk, runs) -> Optional[list[tuple[int, int]]]:
     """:func:`_cuts` of a step's length patterns (sorted by work, largest first) with the per-piece cost."""
-    return _cuts(work, count, lq, lk, runs, PIECE_COST_PAIRS)
+    return _cuts(work, count, lq, lk, runs, PIECE_COST_PAIRS, PIECE_EDGES)
 
 
 class _OneCell(NamedTuple):
