@@ -12,6 +12,12 @@ lengths once, batched over its samples, each sample's padding hidden inside the 
 - query rows a sample does not have (or whose keys in the step are all padding) are zero-filled before the backward
   and their results selected to 0, and so are the key gradients of a sample none of whose rows attends the step.
 
+Inside a bucket of the whole batch (small samples: one bucket wins, read as views), a step of one query and one key
+segment (audio x audio, video x video) still pays for every sample's padding up to the longest sample; such a step
+runs in *pieces*: its samples grouped by their own lengths in that step, each piece gathered up to its longest
+sample and run as one call, the rows and keys past that cut never read (padding for those samples: their outputs
+and dq set to 0, and their dK/dV where this step is the first to write them).
+
 This is exact under the mask's semantics: a sample's mask is the bucket's mask with its own padding removed from the
 query and the key side, and every row of a plain step sees every key of the step. Buckets of one pattern, and
 buckets whose plan has steps other than plain ones (band edges, causal blocks, fused runs), run the exact per-pattern
