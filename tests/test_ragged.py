@@ -129,9 +129,9 @@ def test_huge_finite_padding_takes_the_careful_path(monkeypatch, huge):
 
 
 def test_a_ragged_batch_is_a_few_batched_calls():
-    """B=256 at the demo's size: one plan pattern per sample, but the CPU path makes as many calls as the batch
-    without lengths (one bucket, 3 steps); at the issue's size (160/784/8) buckets of similar samples."""
-    for sizes, most in (((32, 64, 4), 3), ((160, 784, 8), 256)):
+    """B=256 at the demo's size: one plan pattern per sample, but the CPU path makes a few dozen calls (one bucket of
+    3 steps, two of them in pieces of similar lengths); at the issue's size (160/784/8) buckets of similar samples."""
+    for sizes, most in (((32, 64, 4), 40), ((160, 784, 8), 256)):
         mask = _zorro_batch(256, sizes)
         patterns = len(build_plan(mask).patterns)
         assert patterns > 200
@@ -223,3 +223,99 @@ def test_a_dead_rows_nan_query_reaches_no_key_gradient(monkeypatch, rows):
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     for t in (out, *grads):
         assert torch.isfinite(t).all()
+
+
+def _force_pieces(monkeypatch, how: str) -> None:
+    """One whole-batch bucket, its one-segment steps cut into pieces ``each`` (every lengths pair its own piece) or
+    ``halves`` (two)."""
+    _force(monkeypatch, "whole")
+    if how == "each":
+        monkeypatch.setattr(ragged, "_piece_groups", lambda work, *a: [(i, i + 1) for i in range(len(work))])
+    else:
+        monkeypatch.setattr(
+            ragged, "_piece_groups", lambda work, *a: [(0, len(work) // 2), (len(work) // 2, len(work))]
+        )
+
+
+def _pieces_of(mask) -> list[int]:
+    (bucket,) = mask.derived(ragged.ragged_plan).buckets
+    return [len(st.pieces) for st in bucket.steps]
+
+
+@pytest.mark.parametrize("how", ["each", "halves"])
+@pytest.mark.parametrize(
+    "dtype,heads",
+    [(torch.float64, (4, 4)), (torch.float32, (4, 2)), (torch.float16, (4, 2)), (torch.bfloat16, (4, 4))],
+    ids=["fp64-mha", "fp32-gqa", "fp16-gqa", "bf16-mha"],
+)
+def test_pieces_match_the_oracle(monkeypatch, how, dtype, heads):
+    """A whole-batch step of one query and one key segment (audio x audio, video x video) cut into pieces of samples
+    by their own lengths, each run at its longest sample's lengths (odd ones, empty segments: rows and keys past a
+    piece's cut are never read, their dq / dK / dV exactly 0): output and every gradient against the fp64 oracle."""
+    _force_pieces(monkeypatch, how)
+    mask = _zorro_batch(11, sizes=(9, 13, 2), seed=5)
+    audio, video, fusion = _pieces_of(mask)
+    assert fusion == 0 and (audio == video == 2 if how == "halves" else min(audio, video) > 2)
+    q, k, v = generate_qkv(mask, batch=11, heads=heads[0], kv_heads=heads[1], head_dim=8, dtype=dtype)
+    check_against_oracle(segments, q, k, v, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(segments(q, k, v, mask), check_against_oracle(segments, q, k, v, mask, grad=False))
+
+
+@pytest.mark.parametrize("how", ["each", "halves"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[1])
+def test_pieces_keep_nan_where_it_may_not_go(monkeypatch, how, dtype):
+    """NaN on every key some rows may not attend (a sample's padding past and inside its piece's cut), on the other
+    rows' queries and upstream gradients (with and without the keys): the protected rows and the gradients of what
+    they attend stay bit for bit; and a dead row's NaN query alone reaches no gradient."""
+    _force_pieces(monkeypatch, how)
+    mask = _zorro_batch(10, sizes=(13, 11, 2), seed=6)
+    assert min(_pieces_of(mask)[:2]) >= 2
+    q, k, v = generate_qkv(mask, batch=10, heads=4, kv_heads=2, head_dim=8, dtype=dtype)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        pk, pq, pg = poison_everything_unseen(mask, 10, torch.rand(10, mask.num_q, generator=gen) < 0.3)
+        check_isolation(segments, q, k, v, mask, pk, pq, pg)
+        check_isolation(segments, q, k, v, mask, torch.zeros_like(pk), pq, torch.zeros_like(pg))
+    pad = ~torch.cat([torch.arange(n)[None] < mask.lengths[:, i : i + 1] for i, n in enumerate(mask.q_sizes)], 1)
+    qn = q.masked_fill(pad[:, None, :, None], float("nan")).requires_grad_()
+    kk, vv = (t.detach().requires_grad_() for t in (k, v))
+    out = segments(qn, kk, vv, mask)
+    for t in (out, *torch.autograd.grad(out, (qn, kk, vv), torch.ones_like(out))):
+        assert torch.isfinite(t).all()
+
+
+def test_the_demo_batch_runs_in_pieces_of_similar_lengths():
+    """At the demo's size (32/64/4, B=256) the audio and video steps run in pieces whose padded work is within 1.5x
+    of the exact work (one piece of the whole batch: about 3x); the fusion step, whose keys are no prefix, whole."""
+    mask = _zorro_batch(256, (32, 64, 4))
+    (bucket,) = mask.derived(ragged.ragged_plan).buckets
+    lengths = mask.lengths
+    for st, seg in zip(bucket.steps[:2], (0, 1)):
+        assert len(st.pieces) > 2
+        exact = int((lengths[:, seg] ** 2).sum())
+        padded = sum(len(p.batch) * (p.step.q_ranges[0][1] - p.step.q_ranges[0][0]) ** 2 for p in st.pieces if p.step)
+        assert padded <= 1.5 * exact, (padded, exact)
+    assert bucket.steps[2].pieces == ()
+
+
+@pytest.mark.parametrize("how", ["each", "halves"])
+def test_pieces_of_cross_attention_with_empty_keys(monkeypatch, how):
+    """Cross-attention, every query row valid and the keys' lengths random (some 0): a sample whose keys in a step
+    are all padding has its rows dead there (0, zero dq) and joins no piece's kernel; fp64 oracle with GQA, and NaN
+    on every key some rows may not attend."""
+    _force_pieces(monkeypatch, how)
+    gen = torch.Generator().manual_seed(8)
+    kv_lengths = torch.stack([torch.randint(0, n + 1, (9,), generator=gen) for n in (7, 11)], 1)
+    kv_lengths[0] = 0
+    mask = ZorroMask.from_segments(
+        [("a", 10), ("v", 12)],
+        {"a": ["ka"], "v": ["kv"]},
+        kv_segments=[("ka", 7), ("kv", 11)],
+        kv_lengths=kv_lengths,
+    )
+    assert min(_pieces_of(mask)) >= 2
+    q, k, v = generate_qkv(mask, batch=9, heads=4, kv_heads=2, head_dim=8, dtype=torch.float64)
+    check_against_oracle(segments, q, k, v, mask)
+    pk, pq, pg = poison_everything_unseen(mask, 9, torch.rand(9, mask.num_q, generator=gen) < 0.3)
+    check_isolation(segments, q, k, v, mask, pk, pq, pg)

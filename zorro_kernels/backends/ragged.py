@@ -12,6 +12,12 @@ lengths once, batched over its samples, each sample's padding hidden inside the 
 - query rows a sample does not have (or whose keys in the step are all padding) are zero-filled before the backward
   and their results selected to 0, and so are the key gradients of a sample none of whose rows attends the step.
 
+Inside a bucket of the whole batch (small samples: one bucket wins, read as views), a step of one query and one key
+segment (audio x audio, video x video) still pays for every sample's padding up to the longest sample; such a step
+runs in *pieces*: its samples grouped by their own lengths in that step, each piece gathered up to its longest
+sample and run as one call, the rows and keys past that cut never read (padding for those samples: their outputs
+and dq set to 0, and their dK/dV where this step is the first to write them).
+
 This is exact under the mask's semantics: a sample's mask is the bucket's mask with its own padding removed from the
 query and the key side, and every row of a plain step sees every key of the step. Buckets of one pattern, and
 buckets whose plan has steps other than plain ones (band edges, causal blocks, fused runs), run the exact per-pattern
@@ -30,6 +36,7 @@ from ..reference import expand_kv_heads
 from .segments import (
     Pattern,
     Plan,
+    Step,
     _bwd_cpu,
     _complement_np,
     _fwd_cpu,
@@ -51,12 +58,21 @@ STEP_COST_PAIRS = 3000
 COPY_PAIRS = 8
 # at most this many runs of equal-work patterns are considered as bucket edges (the grouping is quadratic in them)
 MAX_EDGES = 64
+# the same for a step's pieces: one length per sample, so fewer atoms cut as well, and the plan (built per mask, a
+# new one per batch in training) stays a few ms
+PIECE_EDGES = 16
 # A bucket step with at most this many query rows (per query head) runs its backward as batched matmuls
 # (:func:`_matmul_backward`): ATen's CPU flash backward zeroes and writes dK/dV for every key of the step in its own
 # layout, to be added into dk/dv after, which costs far more than the few rows' attention (the fusion step at the
 # demo's size, 4 rows x 100 keys, B=256, H=4, D=32: 15.6 ms against 11.1; at 32 rows x 32 keys the flash kernel wins,
 # 10.4 ms against 15.0; BENCHMARKS.md).
 FEW_ROWS = 8
+# A whole-batch bucket's step whose rows and keys are one segment each (valid tokens a prefix per sample: audio x
+# audio, video x video) runs in *pieces*: its samples sorted by their own lengths and cut (the
+# same dynamic programme as the buckets, this as the per-piece cost) so each piece runs at its longest sample's
+# length: the pairs saved outweigh gathering the piece's rows and keys and scattering its results (forward and
+# backward; BENCHMARKS.md).
+PIECE_COST_PAIRS = 12000
 
 
 class PaddedStep(NamedTuple):
@@ -79,6 +95,20 @@ class PaddedStep(NamedTuple):
     span: Optional[tuple[int, int]]
     span_hidden: Optional[torch.Tensor]
     span_no_grad: Optional[torch.Tensor]
+    # the step's pieces (see ``PIECE_COST_PAIRS``), or () where it runs whole
+    pieces: tuple = ()
+
+
+class Piece(NamedTuple):
+    """Some samples of a whole-batch bucket's step, grouped by their lengths: ``step`` is the
+    step cut to their longest rows and keys (None where none of them attends anything), over the samples ``batch``
+    (gathered); ``q_rest``/``k_rest``: the step's rows past the cut (dq 0) and the keys past it that the step writes
+    first (dK/dV 0) for those samples."""
+
+    batch: torch.Tensor
+    step: Optional[PaddedStep]
+    q_rest: tuple
+    k_rest: tuple
 
 
 class Bucket(NamedTuple):
@@ -105,12 +135,14 @@ def _work(runs, lq: np.ndarray, lk: np.ndarray, copied: bool = False) -> np.ndar
     return work + COPY_PAIRS * (lq.sum(1) + 2 * keys.sum(1)) if copied else work
 
 
-def _cuts(work: np.ndarray, count: np.ndarray, lq, lk, runs, step_cost: int) -> Optional[list[tuple[int, int]]]:
+def _cuts(
+    work: np.ndarray, count: np.ndarray, lq, lk, runs, step_cost: int, max_edges: int = MAX_EDGES
+) -> Optional[list[tuple[int, int]]]:
     """Contiguous groups of the patterns (sorted by work, largest first) minimising the padded work of each group
-    plus its copies plus ``step_cost`` per group: a dynamic programme over at most ``MAX_EDGES`` atoms (runs of
+    plus its copies plus ``step_cost`` per group: a dynamic programme over at most ``max_edges`` atoms (runs of
     patterns). None when one bucket of the whole batch, which copies nothing, costs less."""
     p = len(work)
-    edges = np.unique(np.linspace(0, p, min(p, MAX_EDGES) + 1).round().astype(np.int64))
+    edges = np.unique(np.linspace(0, p, min(p, max_edges) + 1).round().astype(np.int64))
     n = len(edges) - 1
     # the elementwise maximum and the sample count of every atom range [i, j)
     lq_atom = np.stack([lq[edges[a] : edges[a + 1]].max(0) for a in range(n)])
@@ -171,34 +203,96 @@ def _span(st, valid_k: torch.Tensor):
     return (s0, s1), ~(valid_k[:, s0:s1] & seen)
 
 
+def _padded_step(st, valid_q: torch.Tensor, valid_k: torch.Tensor) -> PaddedStep:
+    """Step ``st`` over samples whose valid tokens are ``valid_q (m, Nq)``, ``valid_k (m, Nk)``."""
+    vk = _cols(valid_k, st.k_ranges)
+    vq = _cols(valid_q, st.q_ranges)
+    seen = vk.any(1, keepdim=True)
+    live = vq & seen  # a row whose keys in its step are all padding sees nothing
+    attends = live.any(1, keepdim=True)
+    span, span_hidden = _span(st, valid_k)
+    span_no_grad = None if span is None else span_hidden | ~attends
+    return PaddedStep(
+        st.q_ranges,
+        st.k_ranges,
+        st.k_writes,
+        None if bool(vk.all()) else ~vk,
+        None if bool((vk & attends).all()) else ~(vk & attends),
+        _runs_of(~live),
+        span,
+        span_hidden,
+        span_no_grad,
+    )
+
+
+def _prefix_lengths(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per row of bool ``x (m, R)``, its count of True where they are a prefix; None where some row's are not."""
+    n = x.sum(1)
+    return n if torch.equal(x, torch.arange(x.shape[1]) < n[:, None]) else None
+
+
+def _pieces(st, valid_q: torch.Tensor, valid_k: torch.Tensor) -> tuple:
+    """The pieces of a whole-batch step (see ``PIECE_COST_PAIRS``), or () where it runs whole: steps
+    of one query and one key range whose valid tokens are prefixes, cut where that pays."""
+    if len(st.q_ranges) != 1 or len(st.k_ranges) != 1 or sum(e - s for s, e in st.q_ranges) <= FEW_ROWS:
+        return ()
+    r, c = _prefix_lengths(_cols(valid_q, st.q_ranges)), _prefix_lengths(_cols(valid_k, st.k_ranges))
+    if r is None or c is None:
+        return ()
+    none = (r == 0) | (c == 0)  # nothing attended: no rows, no keys to compute
+    r, c = r.masked_fill(none, 0), c.masked_fill(none, 0)
+    uniq, inverse, count = torch.unique(torch.stack([r, c], 1), dim=0, return_inverse=True, return_counts=True)
+    u, count = uniq.numpy(), count.numpy()
+    runs = _OneCell(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))
+    order = np.argsort(-(u[:, 0] * u[:, 1]), kind="stable")
+    groups = _piece_groups(u[order, 0] * u[order, 1], count[order], u[order, :1], u[order, 1:], runs)
+    if groups is None:
+        return ()
+    (qs, qe), (ks, _) = st.q_ranges[0], st.k_ranges[0]
+    by_pattern = torch.argsort(inverse, stable=True).split(torch.from_numpy(count).tolist())
+    out = []
+    for a, b in groups:
+        members = order[a:b]
+        batch = torch.cat([by_pattern[x] for x in members.tolist()]).sort().values
+        rows, keys = (int(u[members, i].max()) for i in (0, 1))
+        cut = Step(
+            ((qs, qs + rows),),
+            ((ks, ks + keys),),
+            k_writes=tuple((s0, min(e0, ks + keys), o, acc) for s0, e0, o, acc in st.k_writes if s0 < ks + keys),
+        )
+        step = None if rows == 0 else _padded_step(cut, valid_q.index_select(0, batch), valid_k.index_select(0, batch))
+        k_rest = tuple((max(s0, ks + keys), e0) for s0, e0, _, acc in st.k_writes if not acc and e0 > ks + keys)
+        q_rest = ((qs + rows, qe),) if qs + rows < qe else ()
+        out.append(Piece(batch, step, q_rest, k_rest))
+    return tuple(out)
+
+
+def _piece_groups(work, count, lq, lk, runs) -> Optional[list[tuple[int, int]]]:
+    """:func:`_cuts` of a step's length patterns (sorted by work, largest first) with the per-piece cost."""
+    return _cuts(work, count, lq, lk, runs, PIECE_COST_PAIRS, PIECE_EDGES)
+
+
+class _OneCell(NamedTuple):
+    """The ``runs`` of one query segment seeing one key segment, for :func:`_work` over a step's own lengths."""
+
+    row: np.ndarray
+    c0: np.ndarray
+    c1: np.ndarray
+
+
 def _padded_bucket(batch, steps, q_unc, k_unc, valid_q: torch.Tensor, valid_k: torch.Tensor, whole: bool) -> Bucket:
     """The bucket of samples ``batch`` running ``steps`` (the plan of their largest lengths); ``valid_q (m, Nq)``,
     ``valid_k (m, Nk)``: their valid tokens."""
     out, dead_b, dead_r = [], [], []
     for st in steps:
-        vk = _cols(valid_k, st.k_ranges)
-        vq = _cols(valid_q, st.q_ranges)
-        seen = vk.any(1, keepdim=True)
-        live = vq & seen  # a row whose keys in its step are all padding sees nothing
-        attends = live.any(1, keepdim=True)
-        span, span_hidden = _span(st, valid_k)
-        span_no_grad = None if span is None else span_hidden | ~attends
-        b, r = (~live).nonzero().unbind(1)
+        ps = _padded_step(st, valid_q, valid_k)
+        if whole:
+            ps = ps._replace(pieces=_pieces(st, valid_q, valid_k))
+        dead = ~_cols(valid_q, st.q_ranges) | ~_cols(valid_k, st.k_ranges).any(1, keepdim=True)
+        b, r = dead.nonzero().unbind(1)
         dead_b.append(batch[b])
         dead_r.append(torch.cat([torch.arange(s, e) for s, e in st.q_ranges])[r])
-        out.append(
-            PaddedStep(
-                st.q_ranges,
-                st.k_ranges,
-                st.k_writes,
-                None if bool(vk.all()) else ~vk,
-                None if bool((vk & attends).all()) else ~(vk & attends),
-                _runs_of(~live),
-                span,
-                span_hidden,
-                span_no_grad,
-            )
-        )
+        out.append(ps)
     none = [torch.zeros(0, dtype=torch.int64)]  # a bucket with no step (no row sees anything): no dead row either
     return Bucket(batch, tuple(out), q_unc, k_unc, (torch.cat(dead_b or none), torch.cat(dead_r or none)), whole)
 
@@ -272,11 +366,13 @@ def ragged_plan(mask) -> Optional[RaggedPlan]:
 
 
 def ragged_calls(mask) -> Optional[int]:
-    """The number of kernel calls the CPU path makes for ``mask`` with buckets, or None where it uses none."""
+    """The number of kernel calls the CPU path makes for ``mask``'s forward with buckets (a step in pieces: one per
+    piece that attends anything), or None where it uses none."""
     rp = mask.derived(ragged_plan)
     if rp is None:
         return None
-    return sum(len(p.steps) for p in rp.exact.patterns) + sum(len(b.steps) for b in rp.buckets)
+    pieces = sum(sum(p.step is not None for p in st.pieces) if st.pieces else 1 for b in rp.buckets for st in b.steps)
+    return sum(len(p.steps) for p in rp.exact.patterns) + pieces
 
 
 def _key_bias(hidden: torch.Tensor, dtype) -> torch.Tensor:
@@ -345,13 +441,24 @@ def _fill_dead(out: torch.Tensor, lse: torch.Tensor, dead: tuple[torch.Tensor, t
     lse.view(-1).index_fill_(0, rows, float("inf"))
 
 
-def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool) -> None:
+def _bucket_forward(q, k, v, bucket: Bucket, scale: float, out, lse, clean: bool, keep: Optional[dict] = None) -> None:
+    """``keep``: where given, each piece's gathered ``(q rows, keys, values, bias)`` by ``id(piece)``, for the
+    backward's clean pass (:func:`_piece_backward`)."""
     batch = None if bucket.whole else bucket.batch
     for st in bucket.steps:
-        kg, vg, bias = _keys(k, v, st, batch, q.shape[1], clean)
-        o, l = _fwd_cpu(_take(q, st.q_ranges, batch), kg, vg, 0.0, False, attn_mask=bias, scale=scale)
-        _put(out, st.q_ranges, batch, o)  # dead rows too: selected to 0 once all buckets ran (_fill_dead)
-        _put(lse, st.q_ranges, batch, l)
+        for piece in st.pieces or (Piece(batch, st, (), ()),):
+            if piece.step is None:  # every row of its samples dead (_fill_dead)
+                continue
+            ps = piece.step
+            kg, vg, bias = _keys(k, v, ps, piece.batch, q.shape[1], clean)
+            qg = _take(q, ps.q_ranges, piece.batch)
+            o, l = _fwd_cpu(qg, kg, vg, 0.0, False, attn_mask=bias, scale=scale)
+            if keep is not None and st.pieces:
+                keep[id(piece)] = (qg, kg, vg, bias)
+            # dead rows too, and a piece's rows past its cut are dead: selected to 0 once all buckets ran
+            # (_fill_dead)
+            _put(out, ps.q_ranges, piece.batch, o)
+            _put(lse, ps.q_ranges, piece.batch, l)
     for s, e in bucket.q_uncovered:
         for t in (out, lse):
             t[:, :, s:e].fill_(0) if batch is None else t[:, :, s:e].index_fill_(0, batch, 0)
@@ -455,12 +562,67 @@ def _merged_writes(k_writes, span0: Optional[int]) -> list:
     return zero + out
 
 
-def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, grads, clean: bool) -> None:
-    h, hkv = q.shape[1], k.shape[1]
+def _flash_backward(go, qg, og, lg, k, v, st: PaddedStep, batch, scale: float, clean: bool, keys=None):
+    """The flash backward of one bucket step on its gathered rows ``(m, H, n, D)`` (dead ones zero-filled on the
+    careful path): ``(dq rows, dK, dV)``, dK/dV ``(m, Hkv, C, D)`` over the step's keys (its span where it has one),
+    summed over each GQA group, those with no gradient from the step selected to 0 on the careful path. ``keys``:
+    the step's ``(keys, values, bias)`` as the forward gathered them, or None."""
+    h, hkv = qg.shape[1], k.shape[1]
+    kg, vg, bias = keys if keys is not None else _keys(k, v, st, batch, h, clean)
+    g_q, g_k, g_v = _bwd_cpu(go, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale)
+    if not clean:
+        _fill_rows(g_q, st.dead, 0.0)
+    no_grad = st.no_grad_keys if st.span is None else st.span_no_grad
+    grads = []
+    for g in (g_k, g_v):
+        if not clean and no_grad is not None:
+            g = g.masked_fill(no_grad[:, None, :, None], 0)
+        if hkv != h:  # GQA: the query heads of a group all read one kv head
+            g = g.unflatten(1, (hkv, h // hkv)).sum(2)
+        grads.append(g)
+    return g_q, *grads
+
+
+def _piece_backward(grad_out, q, k, v, out, lse, piece: Piece, scale: float, grads, clean: bool, kept=None) -> None:
+    """One piece of a whole-batch step's backward (see :class:`Piece`): its samples' rows and keys gathered up to
+    the cut, dq and the first writes of dK/dV copied in by sample, later writes added; what lies past the cut is 0
+    (rows: padding, their lse +inf; keys: hidden from every row of those samples). ``kept``: the clean pass's
+    query rows, keys, values and bias as the forward gathered them (:func:`_bucket_forward`), or None."""
+    dq, dk, dv = grads
+    st, batch = piece.step, piece.batch
+    if st is not None:
+        go, og, lg = (_take(x, st.q_ranges, batch) for x in (grad_out, out, lse))
+        qg = _take(q, st.q_ranges, batch) if kept is None else kept[0]
+        if not clean:
+            for t in (go, qg, og):
+                _fill_rows(t, st.dead, 0.0)
+        keys = None if kept is None else kept[1:]
+        g_q, g_k, g_v = _flash_backward(go, qg, og, lg, k, v, st, batch, scale, clean, keys)
+        _put(dq, st.q_ranges, batch, g_q)
+        for g, dst in ((g_k, dk), (g_v, dv)):
+            for s, e, o, acc in st.k_writes:
+                part = g[:, :, o : o + e - s]
+                dst[:, :, s:e].index_add_(0, batch, part) if acc else dst[:, :, s:e].index_copy_(0, batch, part)
+    for s, e in piece.q_rest:
+        dq[:, :, s:e].index_fill_(0, batch, 0)
+    for s, e in piece.k_rest:
+        for dst in (dk, dv):
+            dst[:, :, s:e].index_fill_(0, batch, 0)
+
+
+def _bucket_backward(
+    grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, grads, clean: bool, kept: Optional[dict] = None
+) -> None:
+    hkv = k.shape[1]
     batch = None if bucket.whole else bucket.batch
     dq, dk, dv = grads
     dkb, dvb = (dk, dv) if batch is None else (k.new_empty(len(batch), hkv, *k.shape[2:]) for _ in range(2))
     for st in bucket.steps:
+        if st.pieces:  # a whole batch's step: dK/dV written into dk/dv themselves (dkb is dk)
+            for piece in st.pieces:
+                got = None if kept is None or not clean else kept.get(id(piece))
+                _piece_backward(grad_out, q, k, v, out, lse, piece, scale, grads, clean, got)
+            continue
         # copies where they are filled below; else views where the batch is whole: the kernel reads rows by their
         # strides and needs only the last dim contiguous, as in the whole tensors (copies cost a large share of
         # the kernel at small sizes; BENCHMARKS.md)
@@ -478,18 +640,10 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
                 _fill_rows(g_q, st.dead, 0.0)
             _put(dq, st.q_ranges, batch, g_q)
             continue
-        kg, vg, bias = _keys(k, v, st, batch, h, clean)
-        g_q, g_k, g_v = _bwd_cpu(go, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale)
-        if not clean:
-            _fill_rows(g_q, st.dead, 0.0)
+        g_q, g_k, g_v = _flash_backward(go, qg, og, lg, k, v, st, batch, scale, clean)
         _put(dq, st.q_ranges, batch, g_q)
         span0 = None if st.span is None else st.span[0]
-        no_grad = st.no_grad_keys if st.span is None else st.span_no_grad
         for g, dst in ((g_k, dkb), (g_v, dvb)):
-            if not clean and no_grad is not None:
-                g = g.masked_fill(no_grad[:, None, :, None], 0)
-            if hkv != h:  # GQA: the query heads of a group all read one kv head
-                g = g.unflatten(1, (hkv, h // hkv)).sum(2)
             for s, e, o, acc in st.k_writes:
                 o = o if span0 is None else s - span0
                 if acc:
@@ -505,31 +659,36 @@ def _bucket_backward(grad_out, q, k, v, out, lse, bucket: Bucket, scale: float, 
         dv.index_copy_(0, batch, dvb)
 
 
-def cpu_forward_mask(q, k, v, mask, scale: float, bias=None):
+def cpu_forward_mask(q, k, v, mask, scale: float, bias=None, keep: Optional[dict] = None):
     """:func:`.segments.cpu_forward` of ``mask``'s plan, with buckets where ``mask`` has a ragged plan and no bias.
 
     The buckets run first as they are, the hidden keys left in place: while everything they read is finite, their
     ``-inf`` bias gives them exactly zero weight. Anything non-finite read (or a score that overflows) makes some
-    output NaN, so a finite output is the careful path's bit for bit; else the buckets are redone carefully (hidden
-    keys zero-filled)."""
+    live row's output NaN (dead rows are selected to 0 before the check), so a finite output is the careful path's
+    bit for bit; else the buckets are redone carefully (hidden keys zero-filled). ``keep``: a dict to fill with the
+    clean pass's gathered pieces for :func:`cpu_backward_mask` (left empty where the careful pass ran)."""
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_forward(q, k, v, mask.derived(build_plan), scale, bias)
     out, lse = cpu_forward(q, k, v, rp.exact, scale)  # allocates for the whole batch, fills the exact patterns
     for clean in (True, False):
-        for bucket in rp.buckets:  # each bucket rewrites every row it covers
-            _bucket_forward(q, k, v, bucket, scale, out, lse, clean)
+        for bucket in rp.buckets:  # each bucket rewrites every live row it covers
+            _bucket_forward(q, k, v, bucket, scale, out, lse, clean, keep if clean else None)
+        _fill_dead(out, lse, rp.dead)  # before the check: a piece leaves the rows past its cut unwritten
         if clean and _finite(out):
             break
-    _fill_dead(out, lse, rp.dead)
+        if keep is not None:
+            keep.clear()
     return out, lse
 
 
-def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None):
+def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None, kept: Optional[dict] = None):
     """:func:`.segments.cpu_backward` matching :func:`cpu_forward_mask`, checked the same way: a finite dq means no
     gradient read anything non-finite it may not (every such path passes through a NaN/Inf ``dS`` of some pair, which
     dq sums: a hidden key's or dead row's zero weight times a NaN is NaN), so the buckets' dK/dV are the careful path's
-    too; else everything is redone with the hidden keys, dead rows and their gradients zero-filled."""
+    too; else everything is redone with the hidden keys, dead rows and their gradients zero-filled. ``kept``: the
+    forward's gathered pieces (``keep`` of :func:`cpu_forward_mask`), read instead of gathering again on the clean
+    pass."""
     rp = mask.derived(ragged_plan) if bias is None else None
     if rp is None:
         return cpu_backward(grad_out, q, k, v, out, lse, mask.derived(build_plan), scale, bias)
@@ -537,7 +696,7 @@ def cpu_backward_mask(grad_out, q, k, v, out, lse, mask, scale: float, bias=None
     for clean in (True, False):
         grads = cpu_backward(grad_out, q, k, v, out, lse, rp.exact, scale)  # dK/dV accumulate: from scratch
         for bucket in rp.buckets:
-            _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean)
+            _bucket_backward(grad_out, q, k, v, out, lse, bucket, scale, grads, clean, kept)
         if clean and _finite(grads[0]):
             break
     return grads
@@ -548,9 +707,12 @@ class _RaggedAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float):
-        out, lse = cpu_forward_mask(q, k, v, mask, scale)
+        # the pieces' gathered rows and keys are kept for the backward (about half of q, k and v at the demo's size:
+        # the backward then gathers only dO, out and lse per piece)
+        keep = {} if any(ctx.needs_input_grad[:3]) else None
+        out, lse = cpu_forward_mask(q, k, v, mask, scale, keep=keep)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale = mask, scale
+        ctx.mask, ctx.scale, ctx.kept = mask, scale, keep
         return out
 
     @staticmethod
@@ -560,7 +722,9 @@ class _RaggedAttentionCPU(torch.autograd.Function):
                 "zorro_attention: the segments backend's CPU backward cannot be differentiated (double "
                 "backward, create_graph=True); use backend='reference' for higher-order gradients"
             )
-        return (*cpu_backward_mask(grad_out, *ctx.saved_tensors, ctx.mask, ctx.scale), None, None)
+        grads = cpu_backward_mask(grad_out, *ctx.saved_tensors, ctx.mask, ctx.scale, kept=ctx.kept)
+        ctx.kept = None
+        return (*grads, None, None)
 
 
 def ragged_attention(q, k, v, mask, scale: float, bias=None) -> torch.Tensor:
