@@ -62,7 +62,7 @@ def test_cache_key_separates_what_changes_speed(timed, change):
     elif change == "head_dim":
         q, k, v = generate_qkv(mask, heads=2, kv_heads=1)
     elif change == "dtype":
-        q, k, v = (t.half() for t in (q, k, v))  # (dense takes no float64)
+        q, k, v = (t.half() for t in (q, k, v))
     elif change == "grad":
         q, k, v = generate_qkv(mask, heads=2, kv_heads=1, head_dim=16, requires_grad=True)
     elif change == "lengths":
