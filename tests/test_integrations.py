@@ -441,6 +441,38 @@ def test_attention_dropout_runs_sdpa_on_the_layout(zt):
     }
 
 
+def test_a_fallback_compiles_with_fullgraph_and_counts_every_call(zt):
+    """torch.compile(fullgraph=True) of a model whose attention falls back (dropout in training, on a known layout):
+    the count's lock cannot be traced (dynamo refused it: "Unsupported context manager"), nor can a branch on whether
+    a row sees nothing; traced, the count's update is replayed by dynamo after each run of the graph, so every
+    compiled call counts as an eager one does, and the output equals eager's with the same draws."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_dropout=0.5,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="zorro").train()
+    ids = torch.randint(0, 64, (2, 7))
+    inputs = dict(attention_mask=torch.ones_like(ids), use_cache=False)
+    torch.manual_seed(1)
+    want = model(ids, **inputs).logits
+    reason = "transformers: attention dropout p=0.5 in training mode (zorro_attention has no dropout)"
+    assert fallback_counts() == {reason: 2}
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for calls in (1, 2):
+        torch.manual_seed(1)
+        got = compiled(ids, **inputs).logits
+        assert fallback_counts() == {reason: 2 + 2 * calls}
+    torch.testing.assert_close(got, want, rtol=0, atol=FLOOR[F32])
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -443,7 +443,7 @@ def zorro_attention_forward(
         out, _ = sdpa_attention_forward(
             module, q, k, v, safe, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
         )
-        if not bool(live.all()):
+        if torch.compiler.is_compiling() or not bool(live.all()):  # traced: no data-dependent branch
             out = out.masked_fill(~live[:, :, None, None], 0.0)
         return out.transpose(1, 2)  # back to (B, H, Nq, D), as zorro_attention returns it
 
