@@ -202,3 +202,20 @@ def test_numpy_scale_and_empty_batch():
         assert torch.equal(zorro_attention(q, k, v, mask, scale=s), want)
     with pytest.raises(ValueError, match=r"non-zero B.*\(0, 4, 8, 32\)"):
         zorro_attention(q[:0], k[:0], v[:0], mask)
+
+
+def test_dense_takes_float64_with_float64_gradients():
+    """The dense backend runs fp64 (users gradcheck in fp64), within fp64's policy: eagerly, and through the
+    dispatcher's op, which carries an fp32 LSE; its backward recomputes the LSE in fp64 (with the fp32 one dq is
+    ~1e-8 off, far past fp64's floor)."""
+    from zorro_kernels import _ops
+
+    mask = ZorroMask.zorro(audio=3, video=5, fusion=2)
+    q, k, v = generate_qkv(mask, batch=2, heads=2, kv_heads=1, head_dim=16, dtype=torch.float64)
+    assert select_backend(q, k, v, mask) == "dense"
+    check_against_oracle(lambda *a, **kw: zorro_attention(*a, **kw, backend="dense"), q, k, v, mask)
+    check_against_oracle(
+        lambda q, k, v, m, scale=None, bias=None: _ops.attention(q, k, v, m, 0.25, "dense"), q, k, v, mask
+    )
+    small = [t[:1, :, :, :2].clone().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda *t: zorro_attention(*t, mask, backend="dense"), small)

@@ -106,7 +106,7 @@ def _check(backend, problem):
     check_isolation(_attn(backend), q, k, v, mask, *poison_everything_unseen(mask, q.shape[0], rows))
 
 
-_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dense backend takes no float64
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 

@@ -441,6 +441,69 @@ def test_attention_dropout_runs_sdpa_on_the_layout(zt):
     }
 
 
+def test_a_fallback_compiles_with_fullgraph_and_counts_every_call(zt):
+    """torch.compile(fullgraph=True) of a model whose attention falls back (dropout in training, on a known layout):
+    the count's lock cannot be traced (dynamo refused it: "Unsupported context manager"), nor can a branch on whether
+    a row sees nothing; traced, the count's update is replayed by dynamo after each run of the graph, so every
+    compiled call counts as an eager one does, and the output equals eager's with the same draws."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_dropout=0.5,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="zorro").train()
+    ids = torch.randint(0, 64, (2, 7))
+    inputs = dict(attention_mask=torch.ones_like(ids), use_cache=False)
+    torch.manual_seed(1)
+    want = model(ids, **inputs).logits
+    reason = "transformers: attention dropout p=0.5 in training mode (zorro_attention has no dropout)"
+    assert fallback_counts() == {reason: 2}
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for calls in (1, 2):
+        torch.manual_seed(1)
+        got = compiled(ids, **inputs).logits
+        assert fallback_counts() == {reason: 2 + 2 * calls}
+    torch.testing.assert_close(got, want, rtol=0, atol=FLOOR[F32])
+
+
+def test_logit_softcapping_falls_back_to_eager_attention(zt):
+    """Gemma 2's logit softcapping: zorro has none and transformers' sdpa raises on it, so the fallback runs the eager
+    softcapped attention on the layout (counted), equal to the model on "eager" at the real tokens, left padding
+    (dead rows) included, eagerly and under torch.compile(fullgraph=True)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        attn_logit_softcapping=50.0,
+        sliding_window=4,
+    )
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    zorro = copy.deepcopy(eager)
+    zorro.set_attn_implementation("zorro")
+    ids = torch.randint(0, 64, (2, 7))
+    inputs = dict(attention_mask=torch.tensor([[1] * 7, [0, 0] + [1] * 5]), use_cache=False)
+    real = inputs["attention_mask"].bool()
+    want = _logits(eager, ids, **inputs)[real]
+    torch.testing.assert_close(_logits(zorro, ids, **inputs)[real], want, rtol=0, atol=FLOOR[F32])
+    compiled = torch.compile(zorro, fullgraph=True, backend="eager")
+    torch.testing.assert_close(_logits(compiled, ids, **inputs)[real], want, rtol=0, atol=FLOOR[F32])
+    assert fallback_counts() == {"transformers: attention logit softcapping": 4}
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -134,10 +134,15 @@ def test_windows_against_the_oracle_many():
         check_against_oracle(attn_fn("segments"), *generate_qkv(mask, heads=h, kv_heads=hkv, head_dim=16), mask, seed=i)
 
 
-def test_every_backend_takes_windows_and_auto_picks_segments_on_cpu():
+def test_every_backend_takes_windows_and_auto_picks_by_cost_on_cpu():
+    """auto on CPU: a small window on dense (the segment path's steps across the window's edges are masked products:
+    5-30x dense's time from 14 to 600 tokens, BENCHMARKS.md), a large one on the segment path (dense's N x N mask)."""
+    big = ZorroMask.from_segments([("x", 2048)], {"x": "*"}, window=(4, 4))
+    q = torch.empty(1, 1, 2048, 8)
+    assert select_backend(q, q, q, big) == "segments"
     mask = ZorroMask.from_segments([("x", 40)], {"x": "*"}, window=(4, 4))
     q, k, v = generate_qkv(mask)
-    assert select_backend(q, k, v, mask) == "segments"
+    assert select_backend(q, k, v, mask) == "dense"
     want = zorro_attention(q, k, v, mask, backend="reference")
     for backend in ["segments", "dense"] + ([] if triton_unavailable() else ["triton"]):
         torch.testing.assert_close(zorro_attention(q, k, v, mask, backend=backend), want, rtol=1e-5, atol=1e-5)

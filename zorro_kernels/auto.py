@@ -26,20 +26,30 @@ forced ``backend="triton"`` raises ``KernelFailure`` naming the shapes and the f
 an untimed choice (timing off, or a rule's device) is not rerouted: the forward that saved its state has already run.
 
 **CPU — a cost rule.** ``dense`` (one masked flash-attention call over the whole ``Nq x Nk`` matrix,
-:mod:`zorro_kernels.backends.dense`) only where it can win: the segment path makes more than one call, the
-additive mask it keeps stays small, and the work it wastes on masked pairs costs less than the segment path's extra
-calls::
+:mod:`zorro_kernels.backends.dense`) where its extra work costs less than the segment path's overheads, and never
+past ``DENSE_MAX_CELLS`` of additive mask. Both sides in multiply-adds of the CPU flash kernel, from the segment
+path's plan (O(segments), nothing ``N x N``)::
 
-    segment-path calls >= 2  and  Bm * Nq * Nk <= DENSE_MAX_CELLS  and
-    B * H * D * (Nq * Nk - mean attended pairs per sample) <= CPU_WORK_PER_CALL * (segment-path calls - 1)
+    Bm * Nq * Nk <= DENSE_MAX_CELLS  and
+    B * H * D * (DENSE_PAIR_WORK * Nq * Nk - mean attended pairs per sample)
+        <= g * (CPU_WORK_PER_CALL * (segment-path calls + CPU_FIXED_CALLS)
+                + CPU_COPY_WORK * B * H * D * (query and key rows the steps gather; 0 for one call)
+                + CPU_STRADDLE_WORK * B * H * (cells of the steps across a window edge or causal diagonal))
 
-(``Bm`` = B with per-sample lengths, else 1). A layout the segment path runs in one call — a mask that hides nothing,
-one segment, one packed sequence — is one *unmasked* call there, so the dense backend's mask costs ``N x N``
-memory and work for nothing, at any size. ``CPU_WORK_PER_CALL`` is one CPU flash-attention call's fixed cost expressed
-as multiply-adds, from where the segment path and one masked SDPA call break even on the tiny Zorro layout
-(``benchmarks/cpu_tiny.py``); ``benchmarks/cpu_auto_rule.py`` measures the masks that hide nothing at 1, 2k and 16k
-tokens (the measurements and their machine: BENCHMARKS.md). Under ``torch.compile`` the plan is not built while
-tracing: the rule counts every pair as masked and one call per query segment (it picks ``dense`` less often).
+(``Bm`` = B with per-sample lengths, else 1; ``g`` = 2 for forward+backward, 1 for a forward: the segment path's
+backward makes its calls and gathers again, the dense one is one more masked call). The left side is the work the
+dense call does on masked pairs (its masked kernel is a little slower per pair than the unmasked one:
+``DENSE_PAIR_WORK``); the right side is what the segment path pays besides its attended pairs: a fixed cost per call
+and per forward (Python, plan lookup, the NaN checks), gathering and scattering its steps' rows, and the masked
+products of a step that straddles a window edge (elementwise passes over ``(B, H, rows, keys)``, ~300 flash
+multiply-adds a cell). So a tiny problem goes to ``dense`` even when nothing is masked (one unmasked call on the
+segment path costs ~2x the dense call at 1-14 tokens), sliding windows go to ``dense`` up to the cell bound, and
+large or block-sparse problems to ``segments``. The constants are fitted to ``python -m benchmarks.cpu_auto_rule
+--sweep`` (full, Zorro, packed, sliding-window and Swin layouts at 1 to 2k tokens, dense against segments, forward
+and forward+backward; BENCHMARKS.md, "Where the code's constants come from"): below the cell bound the pick was the
+faster backend or within 10% of it in every cell measured but three (at most 1.25x slower). Under
+``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per query
+segment (it picks ``dense`` less often).
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ import torch
 from . import _ops
 from ._checks import check_backend_name, check_inputs
 from .backends import BACKENDS
-from .backends.ragged import ragged_calls
+from .backends.ragged import ragged_plan
 from .backends.segments import build_plan
 from .bias import bias_tensor
 
@@ -67,6 +77,10 @@ __all__ = [
     "clear_cache",
     "PRIORITY",
     "CPU_WORK_PER_CALL",
+    "CPU_FIXED_CALLS",
+    "CPU_COPY_WORK",
+    "CPU_STRADDLE_WORK",
+    "DENSE_PAIR_WORK",
     "DENSE_MAX_CELLS",
     "CUDA_GRAD_MAX_TOKENS",
 ]
@@ -74,7 +88,11 @@ __all__ = [
 # candidates per device type, in the order ties are broken
 PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
 # both from measurements (BENCHMARKS.md, "Where the code's constants come from"); the module docstring says why
-CPU_WORK_PER_CALL = 600_000
+CPU_WORK_PER_CALL = 400_000  # one segment-path call's fixed cost, in flash multiply-adds
+CPU_FIXED_CALLS = 1  # the segment path's fixed cost per forward (and backward) beyond its calls, in calls
+CPU_COPY_WORK = 20  # per element of a gathered query or key row (gather, scatter, their autograd)
+CPU_STRADDLE_WORK = 300  # per (sample, head, cell) of a straddling step's element mask
+DENSE_PAIR_WORK = 1.03  # the masked dense kernel's work per pair, against the unmasked kernel's
 DENSE_MAX_CELLS = 1 << 20  # the dense backend's cached additive mask: at most this many (sample map, query, key) cells
 CUDA_GRAD_MAX_TOKENS = 7500
 _REPS = 5
@@ -136,11 +154,27 @@ def wants_grad(q, k, v, bias=None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------ rules
-def _plan_calls(mask) -> int:
-    """How many attention calls the segment path makes for this mask (over every length pattern; a ragged batch's
-    buckets on CPU, without building the per-pattern plan it does not run)."""
-    calls = ragged_calls(mask)
-    return calls if calls is not None else sum(len(p.steps) for p in mask.derived(build_plan).patterns)
+def _plan_steps(mask) -> list:
+    """The segment path's steps on CPU for this mask (over every length pattern; a ragged batch's buckets where it
+    uses them, without building the per-pattern plan it does not run)."""
+    rp = mask.derived(ragged_plan)
+    if rp is not None:
+        return [st for p in rp.exact.patterns for st in p.steps] + [st for b in rp.buckets for st in b.steps]
+    return [st for p in mask.derived(build_plan).patterns for st in p.steps]
+
+
+def _rows(ranges) -> int:
+    return sum(e - s for s, e in ranges)
+
+
+def _plan_costs(mask) -> tuple[int, int, int]:
+    """``(calls, moved, straddled)`` of the segment path on CPU: its attention calls; the query and key rows its
+    steps gather and scatter (0 for one call: it reads the inputs as they are); the cells of the element masks of
+    steps across a window edge or causal diagonal (masked products, not a flash call)."""
+    steps = _plan_steps(mask)
+    moved = sum(_rows(st.q_ranges) + _rows(st.k_ranges) for st in steps) if len(steps) > 1 else 0
+    straddled = sum(m.numel() * st.blocks for st in steps if (m := getattr(st, "mask", None)) is not None)
+    return len(steps), moved, straddled
 
 
 def _mean_attended(mask) -> float:
@@ -148,17 +182,24 @@ def _mean_attended(mask) -> float:
     return float(a.sum()) / a.numel()
 
 
-def _cpu_rule(q, k, mask) -> str:
+def _cpu_rule(q, k, mask, grad: bool = False) -> str:
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    if torch.compiler.is_compiling():  # no plan while tracing: every pair counted as masked, a call per segment
-        wasted, calls = nq * nk, len(mask.q_sizes)
-    else:
-        wasted, calls = nq * nk - mask.derived(_mean_attended), mask.derived(_plan_calls)
-    cells = (mask.batch_size or 1) * nq * nk
-    if calls < 2 or cells > DENSE_MAX_CELLS:
+    if (mask.batch_size or 1) * nq * nk > DENSE_MAX_CELLS:
         return "segments"
-    return "dense" if b * h * d * wasted <= CPU_WORK_PER_CALL * (calls - 1) else "segments"
+    if torch.compiler.is_compiling():  # no plan while tracing: every pair counted as masked, a call per segment
+        attended, (calls, moved, straddled) = 0.0, (len(mask.q_sizes), 0, 0)
+    else:
+        attended, (calls, moved, straddled) = mask.derived(_mean_attended), mask.derived(_plan_costs)
+    dense = b * h * d * (DENSE_PAIR_WORK * nq * nk - attended)
+    segments = (
+        CPU_WORK_PER_CALL * (calls + CPU_FIXED_CALLS)
+        + CPU_COPY_WORK * b * h * d * moved
+        + CPU_STRADDLE_WORK * b * h * straddled
+    )
+    if grad:  # the backward makes the same calls and gathers again; the dense backward, one more masked call
+        segments *= 2
+    return "dense" if dense <= segments else "segments"
 
 
 def _cuda_rule(q, k, grad: bool) -> str:
@@ -169,7 +210,7 @@ def _cuda_rule(q, k, grad: bool) -> str:
 
 def static_choice(q, k, mask, grad: bool) -> str:
     """The rule's backend (which may still refuse the input; see :func:`_choose`)."""
-    return _cuda_rule(q, k, grad) if q.device.type == "cuda" else _cpu_rule(q, k, mask)
+    return _cuda_rule(q, k, grad) if q.device.type == "cuda" else _cpu_rule(q, k, mask, grad)
 
 
 # ------------------------------------------------------------------------------------------------------ timing

@@ -236,10 +236,9 @@ register_backend(
         dense_forward,
         dense_backward,
         devices=("cpu",),
-        # no float64: the fp32 LSE the dispatcher carries costs its backward ~1e-8 (the segment path takes fp64); the
-        # ``eager`` form is its own forward/backward pair, not SDPA's autograd: that backward multiplies a NaN upstream
-        # gradient by the masked P = 0 and so reaches keys the row may not attend, which dense_backward prevents
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        # every dtype (fp64: an fp64 LSE for the backward, see dense_backward); the ``eager`` form is its own
+        # forward/backward pair, not SDPA's autograd: that backward multiplies a NaN upstream gradient by the masked
+        # P = 0 and so reaches keys the row may not attend, which dense_backward prevents
         window=True,
         eager=dense_attention,
     )

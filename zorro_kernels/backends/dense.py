@@ -123,17 +123,23 @@ def _clean_keys(k, v, blocked, h):
     return k, v, bad, (~blocked & bad[:, :, None, :]).any(-1)
 
 
-def dense_forward(q, k, v, mask, scale: float, bias=None):
-    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)``; validated CPU inputs."""
+def _forward(q, k, v, mask, scale: float):
+    """``(out (B, H, Nq, D), lse (B, H, Nq))``, the LSE as the kernel gives it (fp64 for fp64 inputs, else fp32)."""
     out, lse = _flash_forward(q, k, v, mask, scale)
     if _finite(out):
-        return out, lse if lse.dtype == torch.float32 else lse.float()
+        return out, lse
     # a non-finite input was read: zero the bad keys, then make NaN only the rows that may see them (a bad query row
     # spoils only its own output)
     blocked, _ = mask.derived(_blocked, q.device)
     k, v, _, hit = _clean_keys(k, v, blocked, q.shape[1])
     out, lse = _flash_forward(q, k, v, mask, scale)
-    return out.masked_fill(hit[..., None], float("nan")), lse.float()
+    return out.masked_fill(hit[..., None], float("nan")), lse
+
+
+def dense_forward(q, k, v, mask, scale: float, bias=None):
+    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)``; validated CPU inputs (the LSE the dispatcher carries)."""
+    out, lse = _forward(q, k, v, mask, scale)
+    return out, lse if lse.dtype == torch.float32 else lse.float()
 
 
 def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
@@ -146,7 +152,13 @@ def dense_backward(dout, q, k, v, out, lse, mask, scale: float, bias=None):
     of the keys such rows may attend and of bad keys some row may attend.
 
     The keys are not padded here: at tens of keys the padded backward kernel costs what the unpadded one does, and its
-    ``dk, dv`` would come back as views of the padded gradients, which autograd handles slower than whole tensors."""
+    ``dk, dv`` would come back as views of the padded gradients, which autograd handles slower than whole tensors.
+
+    For fp64 inputs ``lse`` must be fp64: the backward recomputes the probabilities as ``exp(s - lse)``, and an fp32
+    LSE puts them ~1e-8 off, far outside fp64's tolerance. The backend's autograd Function saves the kernel's fp64 LSE;
+    the dispatcher's op carries fp32, so then the LSE is recomputed here (one more forward, fp64 only)."""
+    if q.dtype == torch.float64 and lse.dtype != torch.float64:
+        lse = _forward(q, k, v, mask, scale)[1]
     attn, dead = mask.derived(_flash_mask, q.dtype, _CPU, k.shape[2])
     if dead is not None:
         dout = dout.masked_fill(dead, 0.0)
@@ -162,8 +174,6 @@ def _flash_backward(dout, q, k, v, out, lse, attn, scale):
     h, hkv = q.shape[1], k.shape[1]
     if hkv != h:
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
-    if q.dtype == torch.float64:
-        lse = lse.double()
     dq, dk, dv = _bwd_flash(dout, q, k, v, out, lse, 0.0, False, attn_mask=attn, scale=scale)
     if hkv != h:  # GQA: the query heads of a group all read one kv head
         dk, dv = (g.unflatten(1, (hkv, h // hkv)).sum(2) for g in (dk, dv))
@@ -195,7 +205,7 @@ class _Dense(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        out, lse = dense_forward(q, k, v, mask, scale)
+        out, lse = _forward(q, k, v, mask, scale)  # the kernel's LSE: fp64 for fp64 inputs (see dense_backward)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale = mask, scale
         return out

@@ -11,6 +11,8 @@ import logging
 import threading
 from collections import Counter
 
+import torch
+
 __all__ = ["FallbackError", "record_fallback", "fallback_counts", "reset_fallback_counts"]
 
 logger = logging.getLogger("zorro_kernels.integrations")
@@ -28,6 +30,11 @@ def record_fallback(integration: str, reason: str, *, strict: bool = False) -> N
     if strict:
         raise FallbackError(f"zorro {integration} integration (strict): cannot run on zorro_attention: {reason}")
     key = f"{integration}: {reason}"
+    if torch.compiler.is_compiling():
+        # a lock cannot be traced (fullgraph=True refuses it); dynamo replays this update of a global after each run
+        # of the compiled graph, so a compiled model counts every call as eager does
+        _COUNTS[key] += 1
+        return
     with _LOCK:
         _COUNTS[key] += 1
     logger.debug("fallback to the library's attention: %s", key)

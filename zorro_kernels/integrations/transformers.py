@@ -447,7 +447,7 @@ def zorro_attention_forward(
 
     record_fallback(_INTEGRATION, reason, strict=_strict)
     if parts is None:
-        return sdpa_attention_forward(
+        return _library_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
 
@@ -456,14 +456,37 @@ def zorro_attention_forward(
         safe, live = dense_for_fallback(mask, q.device)
         if bias is not None:  # the bias on the visible pairs; rows left with only -inf come out of SDPA as 0
             safe = torch.where(safe, bias.to(q.dtype), float("-inf"))
-        out, _ = sdpa_attention_forward(
-            module, q, k, v, safe, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
-        )
-        if not bool(live.all()):
+        out, _ = _library_attention(module, q, k, v, safe, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+        if torch.compiler.is_compiling() or not bool(live.all()):  # traced: no data-dependent branch
             out = out.masked_fill(~live[:, :, None, None], 0.0)
         return out.transpose(1, 2)  # back to (B, H, Nq, D), as zorro_attention returns it
 
     return _by_parts(parts, query, key, value, sdpa_on_layout).transpose(1, 2).contiguous(), None
+
+
+def _library_attention(module, query, key, value, mask, *, dropout, scaling, is_causal, **kwargs):
+    """transformers' own attention for a fallback: ``sdpa_attention_forward``, except with logit softcapping, which
+    sdpa refuses (raises): then the eager computation the softcapping models (Gemma 2) use, ``softmax(tanh(s / c) *
+    c + mask)``, a row with no key left 0 (as sdpa gives it). ``query (B, H, Nq, D)``, ``key, value (B, Hkv, Nk,
+    D)``; ``mask``: bool (True = may attend) or an additive float mask broadcastable to ``(B, H, Nq, Nk)``, or None.
+    Returns ``(out (B, Nq, H, D), None)``."""
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scaling / softcap) * softcap
+    if mask is None and is_causal:
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    dead = torch.isneginf(scores).all(-1, keepdim=True)  # a row with no key left: 0, as sdpa gives it
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1, dtype=torch.float32).masked_fill(dead, 0.0)
+    probs = probs.to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def _by_parts(parts, query, key, value, attend) -> torch.Tensor:
