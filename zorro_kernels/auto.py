@@ -33,11 +33,13 @@ path's plan (O(segments), nothing ``N x N``)::
     Bm * Nq * Nk <= DENSE_MAX_CELLS  and
     B * H * D * (DENSE_PAIR_WORK * Nq * Nk - mean attended pairs per sample)
         <= g * (CPU_WORK_PER_CALL * (segment-path calls + CPU_FIXED_CALLS)
-                + CPU_COPY_WORK * B * H * D * (query and key rows the steps gather; 0 for one call)
+                + CPU_COPY_WORK * B * H * D * (query and key rows the steps copy; 0 for one call)
                 + CPU_STRADDLE_WORK * B * H * (cells of the steps across a window edge or causal diagonal))
 
-(``Bm`` = B with per-sample lengths, else 1; ``g`` = 2 for forward+backward, 1 for a forward: the segment path's
-backward makes its calls and gathers again, the dense one is one more masked call). The left side is the work the
+(a forward copies the output rows of every step, and the query and key rows only of steps it cannot read as
+views: several ranges, a gather index, diagonal blocks, a ragged bucket; ``Bm`` = B with per-sample lengths, else 1;
+``g`` = 2 for forward+backward, 1 for a forward: the segment path's backward makes its calls and copies everything
+again, the dense one is one more masked call). The left side is the work the
 dense call does on masked pairs (its masked kernel is a little slower per pair than the unmasked one:
 ``DENSE_PAIR_WORK``); the right side is what the segment path pays besides its attended pairs: a fixed cost per call
 and per forward (Python, plan lookup, the NaN checks), gathering and scattering its steps' rows, and the masked
@@ -66,7 +68,7 @@ from . import _ops
 from ._checks import check_backend_name, check_inputs
 from .backends import BACKENDS
 from .backends.ragged import ragged_plan
-from .backends.segments import build_plan
+from .backends.segments import Step, build_plan
 from .bias import bias_tensor
 
 __all__ = [
@@ -167,14 +169,27 @@ def _rows(ranges) -> int:
     return sum(e - s for s, e in ranges)
 
 
-def _plan_costs(mask) -> tuple[int, int, int]:
-    """``(calls, moved, straddled)`` of the segment path on CPU: its attention calls; the query and key rows its
-    steps gather and scatter (0 for one call: it reads the inputs as they are); the cells of the element masks of
-    steps across a window edge or causal diagonal (masked products, not a flash call)."""
+def _reads_a_view(st) -> bool:
+    """Whether the forward reads the step's rows and keys as views of the inputs (one range each, no gather index,
+    no diagonal blocks folded into heads, no bucket of the batch) rather than copying them."""
+    return (
+        isinstance(st, Step) and len(st.q_ranges) == 1 and len(st.k_ranges) == 1 and st.index is None and st.blocks == 1
+    )
+
+
+def _plan_costs(mask) -> tuple[int, int, int, int]:
+    """``(calls, moved, moved_fwd, straddled)`` of the segment path on CPU: its attention calls; the query and key
+    rows its steps gather and scatter, forward and backward (0 for one call: it reads the inputs as they are); those
+    of the forward alone, which reads a one-range step as views and copies only its output rows; the cells of the
+    element masks of steps across a window edge or causal diagonal (masked products, not a flash call)."""
     steps = _plan_steps(mask)
-    moved = sum(_rows(st.q_ranges) + _rows(st.k_ranges) for st in steps) if len(steps) > 1 else 0
+    if len(steps) < 2:
+        moved = moved_fwd = 0
+    else:
+        moved = sum(_rows(st.q_ranges) + _rows(st.k_ranges) for st in steps)
+        moved_fwd = sum(_rows(st.q_ranges) + (0 if _reads_a_view(st) else _rows(st.k_ranges)) for st in steps)
     straddled = sum(m.numel() * st.blocks for st in steps if (m := getattr(st, "mask", None)) is not None)
-    return len(steps), moved, straddled
+    return len(steps), moved, moved_fwd, straddled
 
 
 def _mean_attended(mask) -> float:
@@ -188,13 +203,13 @@ def _cpu_rule(q, k, mask, grad: bool = False) -> str:
     if (mask.batch_size or 1) * nq * nk > DENSE_MAX_CELLS:
         return "segments"
     if torch.compiler.is_compiling():  # no plan while tracing: every pair counted as masked, a call per segment
-        attended, (calls, moved, straddled) = 0.0, (len(mask.q_sizes), 0, 0)
+        attended, (calls, moved, moved_fwd, straddled) = 0.0, (len(mask.q_sizes), 0, 0, 0)
     else:
-        attended, (calls, moved, straddled) = mask.derived(_mean_attended), mask.derived(_plan_costs)
+        attended, (calls, moved, moved_fwd, straddled) = mask.derived(_mean_attended), mask.derived(_plan_costs)
     dense = b * h * d * (DENSE_PAIR_WORK * nq * nk - attended)
     segments = (
         CPU_WORK_PER_CALL * (calls + CPU_FIXED_CALLS)
-        + CPU_COPY_WORK * b * h * d * moved
+        + CPU_COPY_WORK * b * h * d * (moved if grad else moved_fwd)
         + CPU_STRADDLE_WORK * b * h * straddled
     )
     if grad:  # the backward makes the same calls and gathers again; the dense backward, one more masked call
