@@ -725,3 +725,31 @@ def test_a_run_killed_while_saving_resumes_to_the_same_weights(tmp_path, monkeyp
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
     assert not [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_without_optim_lr_trains_at_its_presets_lr_and_records_it(tmp_path, monkeypatch):
+    """``optim.lr`` unset: the preset's learning rate where it names one (``zorro_swin_tiny`` collapses at the
+    default 1e-3 and learns at 1e-4: docs/models.md), else 1e-3; an explicit ``optim.lr`` wins; config.yaml records
+    the number, so a resume that sets none continues at it."""
+    from zorro_models.models import registry
+
+    assert registry.preset_lr("zorro_swin_tiny") == 1e-4 and registry.preset_lr("zorro_vit_tiny") is None
+    preset = registry._preset("zorro_vit_tiny")
+    monkeypatch.setitem(registry._REGISTRY, "vit_slow", preset._replace(name="vit_slow", lr=2e-4))
+
+    def lr_of(trainer):
+        return trainer.optimizer.param_groups[0]["initial_lr"]
+
+    default = Trainer(tiny_config(tmp_path, "default", "train.steps=0"))
+    assert lr_of(default) == 1e-3
+    default.close()
+    run = Trainer(tiny_config(tmp_path, "preset", "model.name=vit_slow", "train.steps=2"))
+    assert lr_of(run) == 2e-4
+    run.fit()
+    assert "lr: 0.0002" in (tmp_path / "preset" / "config.yaml").read_text()
+    resumed = Trainer(tiny_config(tmp_path, "preset", "model.name=vit_slow", "train.steps=3", "train.resume=true"))
+    assert lr_of(resumed) == 2e-4 and "optim.lr" not in resumed.resume_changes
+    resumed.close()
+    explicit = Trainer(tiny_config(tmp_path, "explicit", "model.name=vit_slow", "optim.lr=5e-4", "train.steps=0"))
+    assert lr_of(explicit) == 5e-4
+    explicit.close()

@@ -52,7 +52,7 @@ import torch
 import yaml
 
 from ..models.registry import model_config
-from ..training.build import build_model
+from ..training.build import build_model, with_resolved_lr
 from ..training.checkpoint import latest_checkpoint, stored_config
 from ..training.config import Config, config_to_yaml, from_dict, load_config, machine_threads
 from ..training.evaluate import REGIMES, evaluate_run
@@ -159,7 +159,7 @@ def grid_cells(grid: dict) -> list[Cell]:
 def _fingerprint(cfg: Config) -> dict:
     """What a run's numbers depend on: its config without the execution-only settings, plus :data:`PROTOCOL`; plain
     values (lists, not tuples), so it compares equal to itself read back from JSON."""
-    d = yaml.safe_load(config_to_yaml(cfg))
+    d = yaml.safe_load(config_to_yaml(with_resolved_lr(cfg)))  # the learning rate the run trains at, as recorded
     for section, keys in _EXECUTION_ONLY.items():
         for k in keys:
             d[section].pop(k, None)

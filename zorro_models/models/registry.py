@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch.nn as nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_config", "model_keywords", "Preset"]
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_config",
+    "model_keywords",
+    "preset_lr",
+    "Preset",
+]
 
 
 class Preset(NamedTuple):
@@ -15,14 +23,24 @@ class Preset(NamedTuple):
     cls: Callable[..., nn.Module]
     kwargs: dict
     description: str
+    # the AdamW learning rate the preset trains at when the run names none (``optim.lr``); None: the config's default
+    lr: Optional[float] = None
 
 
 _REGISTRY: dict[str, Preset] = {}
 
 
-def register_model(name: str, cls: Callable[..., nn.Module], description: str = "", **kwargs) -> None:
-    """Register preset ``name``: ``cls(**kwargs)``. Re-registering a name replaces it."""
-    _REGISTRY[name] = Preset(name, cls, dict(kwargs), description)
+def register_model(
+    name: str, cls: Callable[..., nn.Module], description: str = "", *, lr: Optional[float] = None, **kwargs
+) -> None:
+    """Register preset ``name``: ``cls(**kwargs)``; ``lr``: the learning rate it trains at when the run sets no
+    ``optim.lr`` (None: the config's default). Re-registering a name replaces it."""
+    _REGISTRY[name] = Preset(name, cls, dict(kwargs), description, lr)
+
+
+def preset_lr(name: str) -> Optional[float]:
+    """The learning rate preset ``name`` trains at when the run sets none, or None (the config's default)."""
+    return _preset(name).lr
 
 
 def list_models(pattern: str = "") -> list[str]:

@@ -445,7 +445,10 @@ register_model(
     "zorro_swin_tiny",
     ZorroSwin,
     "Swin-T widths (96, depths 2-2-6-2, heads 3-6-12-24) on small inputs: 64x128 spectrogram "
-    "(4x4 patches, 8x8 windows), 4x64x64 video (2x4x4 tubelets, 2x4x4 windows)",
+    "(4x4 patches, 8x8 windows), 4x64x64 video (2x4x4 tubelets, 2x4x4 windows); trains at lr 1e-4",
+    # Swin's recipe scaled to the batch (5e-4 per 512 clips); at 1e-3 its embeddings collapse to a constant within
+    # 10 steps, at 1e-4 every probe beats the untrained model's after 200 steps of 64 clips (docs/models.md)
+    lr=1e-4,
     img_size=64,
     num_frames=4,
     video_patch=(2, 4, 4),

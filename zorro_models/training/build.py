@@ -8,6 +8,7 @@ read from the model; and a stored run loaded back (:func:`load_run`).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import AVPreprocessor, ClipDataset, SyntheticAVConfig, SyntheticAVDataset, collate
 from ..data.audio import LogMelSpectrogram
-from ..models.registry import create_model
+from ..models.registry import create_model, preset_lr
 from .checkpoint import (
     MANIFEST,
     STATE,
@@ -28,11 +29,12 @@ from .checkpoint import (
     load_weights,
     stored_config,
 )
-from .config import Config, apply_overrides, data_workers, from_dict
+from .config import DEFAULT_LR, Config, apply_overrides, data_workers, from_dict
 from .tasks import TASKS, ContrastiveTask, SupervisedTask
 
 __all__ = [
     "build_model",
+    "with_resolved_lr",
     "build_task",
     "build_preprocessor",
     "build_dataset",
@@ -53,6 +55,15 @@ def build_model(cfg: Config) -> nn.Module:
     if "mask" in cfg.model.kwargs:
         raise ValueError(f"set the mask with model.mask={cfg.model.kwargs['mask']}, not in model.kwargs")
     return create_model(cfg.model.name, mask=cfg.model.mask, **cfg.model.kwargs)
+
+
+def with_resolved_lr(cfg: Config) -> Config:
+    """``cfg`` with ``optim.lr`` a number: as set, else the model preset's learning rate, else ``DEFAULT_LR`` (a copy;
+    ``cfg`` is not changed)."""
+    if cfg.optim.lr is not None:
+        return cfg
+    lr = preset_lr(cfg.model.name)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=DEFAULT_LR if lr is None else lr))
 
 
 def build_task(cfg: Config, model: Optional[nn.Module] = None, dataset: Optional[Dataset] = None) -> nn.Module:

@@ -28,6 +28,7 @@ __all__ = [
     "SyntheticConfig",
     "DataConfig",
     "OptimConfig",
+    "DEFAULT_LR",
     "TrainConfig",
     "ProbeConfig",
     "Config",
@@ -113,12 +114,18 @@ class DataConfig:
     video_std: float = 0.225
 
 
+#: the learning rate of a run that sets no ``optim.lr``, for a preset that names none
+DEFAULT_LR = 1e-3
+
+
 @dataclass
 class OptimConfig:
     """AdamW, linear warm-up to ``lr`` over ``warmup_steps`` then cosine decay to ``lr * min_lr_ratio`` at the last
-    step; gradient-norm clipping (``clip_grad_norm <= 0`` disables it)."""
+    step; gradient-norm clipping (``clip_grad_norm <= 0`` disables it). ``lr`` None (the default): the model preset's
+    learning rate where it names one (``zorro_swin_tiny``: 1e-4), else ``DEFAULT_LR``; the run's ``config.yaml``
+    records the number used."""
 
-    lr: float = 1e-3
+    lr: Optional[float] = None
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 20

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import collate
 from ..utils.reporting import MetricsLogger, plot_training_curves, read_metrics
-from .build import build_dataset, build_model, build_preprocessor, build_task, eval_loader
+from .build import build_dataset, build_model, build_preprocessor, build_task, eval_loader, with_resolved_lr
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -223,7 +223,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, env: Optional[DistEnv] = None):
-        self.cfg = cfg
+        # the learning rate as a number before anything compares or records the config (a resume's check, config.yaml)
+        self.cfg = cfg = with_resolved_lr(cfg)
         t = cfg.train
         if t.task not in ("contrastive", "supervised"):
             raise ValueError(f"train.task must be 'contrastive' or 'supervised', got {t.task!r}")
