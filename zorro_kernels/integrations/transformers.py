@@ -87,6 +87,7 @@ import torch
 
 from ..attention import zorro_attention
 from ..mask import ZorroMask
+from ..reference import expand_kv_heads
 from ._fallback import dense_for_fallback, record_fallback
 
 try:
@@ -475,8 +476,7 @@ def _library_attention(module, query, key, value, mask, *, dropout, scaling, is_
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    key, value = expand_kv_heads(key, query.shape[1]), expand_kv_heads(value, query.shape[1])
     scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scaling / softcap) * softcap
     if mask is None and is_causal:
         mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
