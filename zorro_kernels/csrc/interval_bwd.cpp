@@ -44,6 +44,9 @@ constexpr int kChunkKeys = 128;
 // many keys of it: rows of one segment (equal intervals) or a causal run (one more key per row) share a block, while a
 // jump to a different segment's keys starts a new one, so a block's GEMMs seldom cover keys most of its rows skip.
 constexpr int kJoinSlack = 16;
+// Key ranges of a block's union closer than this are visited as one range: a few masked keys cost less than the extra
+// GEMM calls of separate chunks when blocks are small (a fusion row seeing three short segments).
+constexpr int kBridgeGap = 32;
 
 struct Chunk {
   int k0, k1;      // keys [k0, k1)
@@ -110,7 +113,14 @@ Ranges merged(const Ranges& u, const RowIntervals& row) {
 
 void close_block(Plan& plan, int r0, int r1, const Ranges& keys, const int32_t* lo, const int32_t* hi, int R) {
   Block blk{r0, r1, static_cast<int64_t>(plan.chunks.size()), 0};
+  Ranges bridged;
   for (auto& range : keys) {
+    if (!bridged.empty() && range.first - bridged.back().second <= kBridgeGap)
+      bridged.back().second = range.second;
+    else
+      bridged.push_back(range);
+  }
+  for (auto& range : bridged) {
     for (int k0 = range.first; k0 < range.second; k0 += kChunkKeys) {
       const int k1 = std::min(range.second, k0 + kChunkKeys);
       int a = -1, b = -1;
