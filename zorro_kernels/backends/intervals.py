@@ -1,0 +1,209 @@
+"""The intervals backend: a compiled CPU flash kernel over each row's key intervals (``zorro_kernels/csrc``).
+
+Every ZorroMask row attends a few runs of consecutive keys: the allowed key segments' valid tokens, cut by a causal
+cell's diagonal and the row-wide causal/window band. :func:`mask_intervals` writes them as ``lo, hi`` int32
+``(B, Nq, R)`` (row i of sample b attends key j iff ``lo[b, i, r] <= j < hi[b, i, r]`` for some r), and the kernels
+(``torch.ops.zorro_cpu.interval_fwd`` / ``interval_bwd``, built on first use by :mod:`._cpp`) run flash attention
+over rows in blocks, skipping key chunks no row attends and masking only the chunks some row attends in part.
+
+Masked means never read: the kernels select ``-inf`` (P = 0, dS = 0) outside a row's intervals, so a finite value
+there never contributes; a non-finite q, k, v or upstream gradient routes that call to the segment path's CPU
+kernels, which isolate NaN/Inf exactly (one sum per tensor decides). Rows that attend nothing are exactly 0 with zero
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _cpp
+from .ragged import cpu_backward_mask, cpu_forward_mask
+
+__all__ = [
+    "interval_attention_reference",
+    "mask_intervals",
+    "forward",
+    "backward",
+    "extra_reasons",
+    "DESCRIPTION",
+    "MAX_INTERVALS",
+]
+
+DESCRIPTION = "compiled CPU flash kernel over each row's key intervals, built on first use (ZORRO_CPU_KERNEL=0: off)"
+MAX_INTERVALS = 64  # intervals per row the kernels take; more (a row seeing many scattered segments) is refused
+_MAX_CELLS = 1 << 26  # (rows x cells) the builder fills before merging; past it the layout is refused unbuilt
+
+
+def interval_attention_reference(q, k, v, lo, hi, scale: float):
+    """The kernels' semantics in plain PyTorch: ``(out, lse)`` with a dense ``(B, Nq, Nk)`` mask built from ``lo``,
+    ``hi`` (slow; the oracle of the kernel tests). Differentiable, any float dtype (run it in fp64 for a reference).
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq a multiple of Hkv; lo, hi: int (B, Nq, R). A row with no keys
+    gives out 0 and lse ``-inf``, and zero gradients."""
+    nk = k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    j = torch.arange(nk, device=q.device)
+    allowed = ((lo[..., None] <= j) & (j < hi[..., None])).any(2)[:, None]  # (B, 1, Nq, Nk)
+    scores = torch.where(allowed, (q @ k.transpose(-1, -2)) * scale, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    live = allowed.any(-1, keepdim=True)
+    # a dead row's scores are all -inf: softmax would give NaN, so it is selected to 0 (its gradient then is too)
+    p = torch.where(live, torch.softmax(torch.where(live, scores, 0.0), -1), 0.0)
+    return p @ v, lse
+
+
+# ---------------------------------------------------------------------------------------------------- builder
+def _cell_table(mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cell_c, cell_causal)`` of shape ``(Sq, R0)``: the key segments each query segment may see, in key order
+    (-1 pads), and whether each cell is causal. Linear in the rule table's allowed cells."""
+    runs = mask._runs
+    a, c = (torch.from_numpy(x) for x in runs.pairs())
+    causal = torch.from_numpy(runs.lookup(a.numpy(), c.numpy(), causal=True))
+    sq = len(mask.q_sizes)
+    counts = torch.bincount(a, minlength=sq)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(a.numel()) - first[a]
+    cell_c = torch.full((sq, width), -1, dtype=torch.int64)
+    cell_causal = torch.zeros((sq, width), dtype=torch.bool)
+    cell_c[a, slot] = c
+    cell_causal[a, slot] = causal
+    return cell_c, cell_causal
+
+
+def _starts(sizes: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(sizes, 1) - sizes
+
+
+def _merge(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joins each row's touching intervals (sorted, disjoint, empty ones anywhere) so a row attending consecutive
+    segments has one interval, and drops the padding: ``(lo, hi)`` with the fewest columns that hold them."""
+    empty = lo >= hi
+    # end of the row's non-empty intervals before each one; an empty interval becomes that point, which joins the
+    # group before it and widens nothing
+    ends = torch.where(empty, 0, hi)
+    prev = torch.cummax(torch.cat((torch.zeros_like(ends[..., :1]), ends[..., :-1]), -1), -1).values
+    lo = torch.where(empty, prev, lo)
+    hi = torch.where(empty, prev, hi)
+    starts = lo > prev  # a gap before it: a new interval
+    starts[..., 0] = True
+    group = torch.cumsum(starts.to(torch.int64), -1) - 1
+    width = int(group.max()) + 1 if group.numel() else 1
+    shape = (*lo.shape[:-1], width)
+    new_lo = torch.zeros(shape, dtype=lo.dtype).scatter_reduce(-1, group, lo, "amin", include_self=False)
+    new_hi = torch.zeros(shape, dtype=hi.dtype).scatter_reduce(-1, group, hi, "amax", include_self=False)
+    return new_lo, new_hi
+
+
+def _build_intervals(mask) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(lo, hi)`` int32 ``(Bm, Nq, R)`` for ``mask`` (Bm = 1 when every sample has the same layout), or None when
+    the layout needs more than :data:`MAX_INTERVALS` per row. Tensor ops over ``(Bm, Nq, cells)``, no loop over rows."""
+    cell_c, cell_causal = _cell_table(mask)
+    ql = mask._q_lengths_or_sizes()  # (Bm, Sq) valid tokens
+    kl = mask._kv_lengths_or_sizes()
+    bm = max(ql.shape[0], kl.shape[0])
+    ql, kl = ql.expand(bm, -1), kl.expand(bm, -1)
+    q_sizes = mask._sample_sizes if mask._sample_sizes is not None else torch.tensor(mask.q_sizes)[None]
+    k_sizes = mask._kv_sample_sizes if mask._kv_sample_sizes is not None else torch.tensor(mask.kv_sizes)[None]
+    q_sizes, k_sizes = q_sizes.expand(bm, -1), k_sizes.expand(bm, -1)
+    nq, nk = mask.num_q, mask.num_kv
+    if bm * nq * cell_c.shape[1] > _MAX_CELLS:
+        return None
+    i = torch.arange(nq)[None].expand(bm, -1)
+    seg = torch.searchsorted(torch.cumsum(q_sizes, 1).contiguous(), i.contiguous(), right=True)  # (Bm, Nq)
+    il = i - _starts(q_sizes).gather(1, seg)
+    q_valid = ql.gather(1, seg)  # (Bm, Nq): the row's segment's valid tokens
+    cells = cell_c[seg]  # (Bm, Nq, R0)
+    present = (cells >= 0) & (il < q_valid)[..., None]
+    flat = cells.clamp(min=0).reshape(bm, -1)
+    k0 = _starts(k_sizes).gather(1, flat).view_as(cells)
+    kv = kl.gather(1, flat).view_as(cells)
+    seen = kv  # keys of the cell the row sees: all, or up to the cell's bottom-right diagonal
+    if mask.has_causal_cells:
+        seen = torch.where(cell_causal[seg], (il - q_valid)[..., None] + kv + 1, kv).clamp(0)
+    lo, hi = k0, k0 + torch.minimum(seen, kv)
+    band_lo, band_hi = mask.band()  # on d = j - i - (Nk - Nq)
+    row = (i + (nk - nq))[..., None]
+    if band_lo is not None:
+        lo = torch.maximum(lo, row + band_lo)
+    if band_hi is not None:
+        hi = torch.minimum(hi, row + band_hi + 1)
+    lo, hi = lo.clamp(0, nk), hi.clamp(0, nk)
+    hi = torch.where(present & (lo < hi), hi, lo)
+    lo, hi = _merge(lo, hi)
+    if lo.shape[-1] > MAX_INTERVALS:
+        return None
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def _batched_intervals(mask, batch: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    built = mask.derived(_build_intervals)
+    if built is None:
+        return None
+    lo, hi = built
+    return lo.expand(batch, -1, -1).contiguous(), hi.expand(batch, -1, -1).contiguous()
+
+
+def mask_intervals(mask, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` int32 ``(batch, Nq, R)``: the keys each row of ``mask`` attends as sorted disjoint intervals
+    (see the module docstring). Cached on the mask. Raises ValueError for a layout of more than
+    :data:`MAX_INTERVALS` intervals per row."""
+    built = mask.derived(_batched_intervals, int(batch))
+    if built is None:
+        raise ValueError(f"the mask needs more than {MAX_INTERVALS} key intervals per row")
+    return built
+
+
+# ---------------------------------------------------------------------------------------------------- backend
+def extra_reasons(q, k, v, mask) -> list:
+    reason = _cpp.unavailable_reason() if q.device.type == "cpu" else None
+    if reason is not None:
+        return [reason]
+    if mask.derived(_build_intervals) is None:
+        return [f"the layout needs more than {MAX_INTERVALS} key intervals per row"]
+    return []
+
+
+def _finite(*tensors) -> bool:
+    # one sum per tensor: NaN and Inf survive a sum (an overflow to Inf only routes a finite call the exact way too)
+    return bool(torch.stack([t.sum(dtype=t.dtype) for t in tensors]).isfinite().all())
+
+
+def forward(q, k, v, mask, scale: float):
+    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)`` on validated CPU inputs."""
+    if not _finite(q, k, v):  # the kernel's precondition; the segment path isolates NaN/Inf exactly
+        out, lse = cpu_forward_mask(q, k, v, mask, scale)
+        return out, lse.float()
+    lo, hi = mask_intervals(mask, q.shape[0])
+    out, lse = torch.ops.zorro_cpu.interval_fwd(q, k, v, lo, hi, float(scale))
+    return out, lse.float()
+
+
+def backward(dout, q, k, v, out, lse, mask, scale: float):
+    """``(dq, dk, dv)`` from :func:`forward`'s ``out`` and ``lse``."""
+    if not _finite(dout, q, k, v):
+        return cpu_backward_mask(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse, mask, scale)
+    lo, hi = mask_intervals(mask, q.shape[0])
+    if q.dtype == torch.float64 and lse.dtype != torch.float64:
+        # the probabilities are recomputed as exp(s - lse): an fp32 LSE would cost fp64 gradients 7 digits
+        lse = torch.ops.zorro_cpu.interval_fwd(q, k, v, lo, hi, float(scale))[1]
+    if _cpp.has_op("interval_bwd"):
+        lse = lse.to(q.dtype).contiguous()
+        return tuple(torch.ops.zorro_cpu.interval_bwd(dout, q, k, v, out, lse, lo, hi, float(scale)))
+    return _temporary_recompute_backward(dout, q, k, v, lo, hi, scale)
+
+
+def _temporary_recompute_backward(dout, q, k, v, lo, hi, scale: float):
+    """Autograd through :func:`interval_attention_reference`: only until ``interval_bwd`` is in the library."""
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out, _ = interval_attention_reference(*leaves, lo, hi, scale)
+        return torch.autograd.grad(out, leaves, dout)
+
+
+def default_scale(q) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
