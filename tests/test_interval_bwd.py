@@ -1,6 +1,6 @@
 """The compiled backward kernel ``torch.ops.zorro_cpu.interval_bwd`` (zorro_kernels/csrc/interval_bwd.cpp).
 
-Its dq, dk, dv against autograd through a dense fp64 reference of the interval semantics, under the project's rule
+Its dq, dk, dv against autograd through ``interval_attention_reference`` in fp64, under the project's rule
 (kernel error <= 2x torch's same-precision error + floor); rows with no keys and keys nobody attends get exactly 0;
 finite garbage in keys a row may not attend changes nothing it must not. The fast tier covers each feature once; the
 ``full`` tier sweeps random shapes, interval counts and head groupings.
@@ -11,31 +11,24 @@ import random
 import pytest
 import torch
 
+from zorro_kernels.backends import _cpp
+from zorro_kernels.backends.intervals import interval_attention_reference as reference
 from zorro_kernels.testing import assert_within_policy
 
-from ._interval_kernel import interval_bwd, unavailable_reason
-
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+pytestmark = pytest.mark.skipif(_cpp.unavailable_reason() is not None, reason=str(_cpp.unavailable_reason()))
 
 DTYPES = (torch.float32, torch.float64)
 
 
 def dense_mask(lo: torch.Tensor, hi: torch.Tensor, nk: int) -> torch.Tensor:
-    """(B, Nq, Nk) bool: row i of sample b attends key j iff lo[b, i, r] <= j < hi[b, i, r] for some r."""
+    """(B, Nq, Nk) bool: row i of sample b attends key j iff lo[b, i, r] <= j < hi[b, i, r] for some r (which rows
+    and keys must get exact zeros)."""
     j = torch.arange(nk)
     return ((lo[..., None] <= j) & (j < hi[..., None])).any(-2)
 
 
-def reference(q, k, v, lo, hi, scale):
-    """(out, lse) of attention over the intervals, dense, in the inputs' dtype; autograd gives the reference grads.
-    Masked scores are selected out (``where``), so they never reach a gradient; rows with no keys give 0 and -inf."""
-    mask = dense_mask(lo, hi, k.shape[2])[:, None]
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = torch.where(mask, (q @ k.transpose(-1, -2)) * scale, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.where(mask, torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None]), 0)
-    return p @ v, lse
+def interval_bwd(dout, q, k, v, out, lse, lo, hi, scale):
+    return torch.ops.zorro_cpu.interval_bwd(dout, q, k, v, out, lse, lo, hi, scale)
 
 
 def random_intervals(gen: torch.Generator, b: int, nq: int, nk: int, r: int):
