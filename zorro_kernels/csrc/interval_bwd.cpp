@@ -296,6 +296,11 @@ template <typename T>
 void backward_task(const Problem<T>& pb, const Plan& plan, int64_t b, int64_t hk, std::vector<T>& di_all,
                    std::vector<T>& sbuf, std::vector<T>& pbuf) {
   const int64_t group = pb.Hq / pb.Hkv, D = pb.D;
+  // the task's output slices (contiguous) start at 0 here, by the thread that accumulates into them, not in a separate
+  // pass over freshly allocated memory
+  std::fill(pb.dk.at(b, hk, 0), pb.dk.at(b, hk, pb.Nk), T(0));
+  std::fill(pb.dv.at(b, hk, 0), pb.dv.at(b, hk, pb.Nk), T(0));
+  std::fill(pb.dq.at(b, hk * group, 0), pb.dq.at(b, hk * group + group, 0), T(0));
   // Di = rowsum(dO * O) for every row of the group's heads
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
@@ -389,10 +394,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_bwd(const at::Tensor& do
               "interval_bwd: lo ", lo.sizes(), " and hi ", hi.sizes(), " must both be (", B, ", ", Nq, ", R >= 1)");
   for (const at::Tensor* t : {&q, &k, &v, &out, &dout, &lse, &lo, &hi})
     TORCH_CHECK(t->device().is_cpu(), "interval_bwd: every tensor must be on the CPU, got ", t->device());
-  auto dq = at::zeros({B, Hq, Nq, D}, q.options());
-  auto dk = at::zeros({B, Hkv, Nk, D}, k.options());
-  auto dv = at::zeros({B, Hkv, Nk, D}, k.options());
-  if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
+  // empty: every (sample, kv head) task zero-fills its own slices first
+  auto dq = at::empty({B, Hq, Nq, D}, q.options());
+  auto dk = at::empty({B, Hkv, Nk, D}, k.options());
+  auto dv = at::empty({B, Hkv, Nk, D}, k.options());
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   auto lo_c = lo.contiguous(), hi_c = hi.contiguous();
   const int64_t lo_min = lo_c.min().item<int64_t>(), hi_max = hi_c.max().item<int64_t>();
   const int64_t hi_min = hi_c.min().item<int64_t>();
