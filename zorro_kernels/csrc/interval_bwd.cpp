@@ -77,16 +77,6 @@ struct RowIntervals {
     return s;
   }
   bool empty() const { return count() == 0; }
-  bool covers(int a, int b) const {
-    for (int r = 0; r < R; ++r)
-      if (lo[r] <= a && hi[r] >= b) return true;
-    return false;
-  }
-  bool touches(int a, int b) const {
-    for (int r = 0; r < R; ++r)
-      if (lo[r] < hi[r] && lo[r] < b && hi[r] > a) return true;
-    return false;
-  }
 };
 
 int64_t measure(const Ranges& u) {
@@ -120,31 +110,34 @@ void close_block(Plan& plan, int r0, int r1, const Ranges& keys, const int32_t* 
     else
       bridged.push_back(range);
   }
-  for (auto& range : bridged) {
-    for (int k0 = range.first; k0 < range.second; k0 += kChunkKeys) {
-      const int k1 = std::min(range.second, k0 + kChunkKeys);
-      int a = -1, b = -1;
-      bool full = true;
-      for (int i = r0; i < r1; ++i) {
-        RowIntervals row{lo + int64_t(i) * R, hi + int64_t(i) * R, R};
-        if (!row.touches(k0, k1)) continue;
-        if (a < 0) {
-          // rows before the first toucher are skipped, rows between touchers are not: they must count as partial
-          a = i;
-        } else if (b < i) {
-          full = false;  // an untouching row sits inside [a, i)
-        }
-        b = i + 1;
-        full = full && row.covers(k0, k1);
-      }
-      if (a >= 0) plan.chunks.push_back(Chunk{k0, k1, a, b, full});
+  std::vector<Chunk> chunks;
+  for (auto& range : bridged)
+    for (int k0 = range.first; k0 < range.second; k0 += kChunkKeys)
+      chunks.push_back(Chunk{k0, std::min(range.second, k0 + kChunkKeys), -1, -1, true});
+  // Each row walks its (sorted) intervals and the (sorted) chunks together: O(chunks + R) per row.
+  for (int i = r0; i < r1; ++i) {
+    const int32_t* l = lo + int64_t(i) * R;
+    const int32_t* h = hi + int64_t(i) * R;
+    int r = 0;
+    for (Chunk& c : chunks) {
+      while (r < R && (l[r] >= h[r] || h[r] <= c.k0)) ++r;  // skip empty intervals and those ending before the chunk
+      if (r == R) break;
+      if (l[r] >= c.k1) continue;  // the row's next interval starts after this chunk
+      if (c.r0 < 0)
+        c.r0 = i;
+      else if (c.r1 < i)
+        c.full = false;  // rows between the chunk's first and last touching rows that skip it: partial
+      c.r1 = i + 1;
+      c.full = c.full && l[r] <= c.k0 && h[r] >= c.k1;
     }
   }
+  for (const Chunk& c : chunks)
+    if (c.r0 >= 0) plan.chunks.push_back(c);
   blk.chunk1 = static_cast<int64_t>(plan.chunks.size());
   if (blk.chunk1 > blk.chunk0) plan.blocks.push_back(blk);
 }
 
-// Row blocks and key chunks of one sample; linear in Nq * R (times the small union sizes).
+// Row blocks and key chunks of one sample: linear in rows x (R + chunks per block); lo/hi sorted per row (the spec).
 Plan build_plan(const int32_t* lo, const int32_t* hi, int Nq, int R) {
   Plan plan;
   Ranges keys;
