@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "available", "unavailable_reason", "has_op", "build_seconds", "CSRC", "ENV"]
+__all__ = ["load", "loaded", "available", "unavailable_reason", "has_op", "build_seconds", "CSRC", "ENV"]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ENV = "ZORRO_CPU_KERNEL"
@@ -79,6 +79,8 @@ def load() -> bool:
     """Builds (if needed) and loads the kernels; True when ``torch.ops.zorro_cpu`` has them. Never raises."""
     if _disabled():
         return False
+    if "ok" in _state:  # loaded (or failed) before: no lock, so torch.compile traces this
+        return _state["ok"]
     with _lock:
         if "ok" in _state:
             return _state["ok"]
@@ -119,6 +121,11 @@ def unavailable_reason() -> Optional[str]:
     if load():
         return None
     return f"the CPU kernel did not build: {_state['reason']}; set {ENV}=0 to skip it"
+
+
+def loaded() -> Optional[bool]:
+    """What :func:`load` found in this process (True / False), None before its first call; builds nothing."""
+    return None if _disabled() else _state.get("ok")
 
 
 def has_op(name: str) -> bool:

@@ -7,20 +7,18 @@ cell's diagonal and the row-wide causal/window band. :func:`mask_intervals` writ
 over rows in blocks, skipping key chunks no row attends and masking only the chunks some row attends in part.
 
 Masked means never read: the kernels select ``-inf`` (P = 0, dS = 0) outside a row's intervals, so a finite value
-there never contributes; a non-finite q, k, v or upstream gradient routes that call to the segment path's CPU
-kernels, which isolate NaN/Inf exactly (one sum per tensor decides). Rows that attend nothing are exactly 0 with zero
-gradients.
+there never contributes. A non-finite q, k, v or upstream gradient shows in the output or dq (one sum each decides);
+that call is then redone with the bad token rows zeroed and NaN put back exactly where the isolation rule lets it go,
+so clean rows come out bit for bit as from clean inputs. Rows that attend nothing are exactly 0 with zero gradients.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from . import _cpp
-from .ragged import cpu_backward_mask, cpu_forward_mask
 
 __all__ = [
     "interval_attention_reference",
@@ -160,50 +158,131 @@ def mask_intervals(mask, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- backend
 def extra_reasons(q, k, v, mask) -> list:
+    if torch.compiler.is_compiling():
+        # nothing is built or planned while tracing (the op plans inside, on the real mask): the kernels must have
+        # loaded in an eager call before, e.g. the first call or ``zorro_kernels.backends._cpp.load()``
+        if _cpp.loaded():
+            return []
+        return [
+            _cpp.unavailable_reason()
+            if _cpp.loaded() is False
+            else "the CPU kernel is not loaded yet in this "
+            "process (it builds on the first eager call, or zorro_kernels.backends._cpp.load())"
+        ]
     reason = _cpp.unavailable_reason() if q.device.type == "cpu" else None
     if reason is not None:
         return [reason]
+    if not (_cpp.has_op("interval_fwd") and _cpp.has_op("interval_bwd")):
+        return ["the CPU kernel library lacks zorro_cpu.interval_fwd or interval_bwd"]
     if mask.derived(_build_intervals) is None:
         return [f"the layout needs more than {MAX_INTERVALS} key intervals per row"]
     return []
 
 
-def _finite(*tensors) -> bool:
-    # one sum per tensor: NaN and Inf survive a sum (an overflow to Inf only routes a finite call the exact way too)
-    return bool(torch.stack([t.sum(dtype=t.dtype) for t in tensors]).isfinite().all())
+def _finite(t: torch.Tensor) -> bool:
+    # one sum: NaN and Inf survive it (an overflow to Inf only sends a finite call down the careful path, still exact)
+    return bool(t.sum(dtype=t.dtype).isfinite())
+
+
+def _dead_rows(mask, batch: int) -> Optional[torch.Tensor]:
+    """bool ``(B, 1, Nq, 1)``: the rows that attend nothing, or None when every row attends some key."""
+    lo, hi = mask_intervals(mask, batch)
+    dead = (lo >= hi).all(-1)
+    return dead[:, None, :, None] if bool(dead.any()) else None
+
+
+def _zero_bad_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x with its non-finite token rows zeroed, bad (B, H, N) bool)``."""
+    bad = ~torch.isfinite(x).all(-1)
+    return x.masked_fill(bad[..., None], 0.0), bad
+
+
+def _rows_hitting(lo, hi, bad_keys: torch.Tensor) -> torch.Tensor:
+    """bool ``(B, H, Nq)``: the rows whose intervals hold a key marked in ``bad_keys (B, H, Nk)``."""
+    b, h = bad_keys.shape[:2]
+    count = torch.nn.functional.pad(torch.cumsum(bad_keys.to(torch.int32), -1), (1, 0))  # (B, H, Nk + 1)
+    nq, r = lo.shape[1:]
+
+    def at(x):
+        return count.gather(-1, x.reshape(b, 1, nq * r).expand(b, h, -1).long()).view(b, h, nq, r)
+
+    return ((at(hi) - at(lo)) * (lo < hi)[:, None].to(torch.int32)).sum(-1) > 0
+
+
+def _keys_hit_by(lo, hi, rows: torch.Tensor, nk: int) -> torch.Tensor:
+    """bool ``(B, H, Nk)``: the keys some row marked in ``rows (B, H, Nq)`` attends."""
+    b, h = rows.shape[:2]
+    w = (rows[..., None] & (lo < hi)[:, None]).to(torch.int32).reshape(b, h, -1)  # (B, H, Nq * R)
+    diff = torch.zeros(b, h, nk + 1, dtype=torch.int32)
+    diff.scatter_add_(-1, lo.reshape(b, 1, -1).expand(b, h, -1).long(), w)
+    diff.scatter_add_(-1, hi.reshape(b, 1, -1).expand(b, h, -1).long(), -w)
+    return torch.cumsum(diff, -1)[..., :nk] > 0
+
+
+def _clean_keys(k, v, lo, hi, group: int):
+    """Non-finite key tokens zeroed, so the kernels' GEMMs multiply finite numbers by the masked pairs' 0: ``(k, v,
+    bad_keys (B, Hkv, Nk), hit (B, Hq, Nq))``, ``hit`` the rows that may attend a bad key (the caller poisons them)."""
+    k, bad_k = _zero_bad_rows(k)
+    v, bad_v = _zero_bad_rows(v)
+    bad = bad_k | bad_v
+    return k, v, bad, _rows_hitting(lo, hi, bad).repeat_interleave(group, 1)
 
 
 def forward(q, k, v, mask, scale: float):
-    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)`` on validated CPU inputs."""
-    if not _finite(q, k, v):  # the kernel's precondition; the segment path isolates NaN/Inf exactly
-        out, lse = cpu_forward_mask(q, k, v, mask, scale)
-        return out, lse.float()
+    """``(out (B, H, Nq, D), lse (B, H, Nq) fp32)`` on validated CPU inputs.
+
+    The kernel runs on the inputs as they are. A masked score is selected away whatever it is, but a masked value
+    row meets its P = 0 in a GEMM, so a non-finite value (or a bad query row, in its own output) shows in the output:
+    then the bad key tokens are zeroed, the kernel runs again, and NaN goes to exactly the rows that may attend them.
+    A bad query row spoils only its own output (the GEMMs keep rows apart); rows that attend nothing stay 0."""
     lo, hi = mask_intervals(mask, q.shape[0])
     out, lse = torch.ops.zorro_cpu.interval_fwd(q, k, v, lo, hi, float(scale))
+    if not _finite(out):
+        k, v, _, hit = _clean_keys(k, v, lo, hi, q.shape[1] // k.shape[1])
+        out, lse = torch.ops.zorro_cpu.interval_fwd(q, k, v, lo, hi, float(scale))
+        out = out.masked_fill(hit[..., None], float("nan"))
     return out, lse.float()
 
 
 def backward(dout, q, k, v, out, lse, mask, scale: float):
-    """``(dq, dk, dv)`` from :func:`forward`'s ``out`` and ``lse``."""
-    if not _finite(dout, q, k, v):
-        return cpu_backward_mask(dout, q, k, v, out, lse.double() if q.dtype == torch.float64 else lse, mask, scale)
+    """``(dq, dk, dv)`` from :func:`forward`'s ``out`` and ``lse``.
+
+    Checked as the dense backend's: every way a non-finite number reaches a gradient it may not passes through a
+    non-finite ``dS`` of some pair or a masked pair's 0 times a bad key, both summed into dq; so a finite dq means dk
+    and dv read nothing they may not (the upstream gradient of rows that attend nothing is zeroed first: their P = 0
+    would carry it into dV). Else :func:`_careful_backward`."""
     lo, hi = mask_intervals(mask, q.shape[0])
     if q.dtype == torch.float64 and lse.dtype != torch.float64:
         # the probabilities are recomputed as exp(s - lse): an fp32 LSE would cost fp64 gradients 7 digits
         lse = torch.ops.zorro_cpu.interval_fwd(q, k, v, lo, hi, float(scale))[1]
-    if _cpp.has_op("interval_bwd"):
-        lse = lse.to(q.dtype).contiguous()
-        return tuple(torch.ops.zorro_cpu.interval_bwd(dout, q, k, v, out, lse, lo, hi, float(scale)))
-    return _temporary_recompute_backward(dout, q, k, v, lo, hi, scale)
+    dead = mask.derived(_dead_rows, q.shape[0])
+    if dead is not None:
+        dout = dout.masked_fill(dead, 0.0)
+    grads = _kernel_backward(dout, q, k, v, out, lse, lo, hi, scale)
+    return grads if _finite(grads[0]) else _careful_backward(dout, q, k, v, lo, hi, scale)
 
 
-def _temporary_recompute_backward(dout, q, k, v, lo, hi, scale: float):
-    """Autograd through :func:`interval_attention_reference`: only until ``interval_bwd`` is in the library."""
-    with torch.enable_grad():
-        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-        out, _ = interval_attention_reference(*leaves, lo, hi, scale)
-        return torch.autograd.grad(out, leaves, dout)
+def _kernel_backward(dout, q, k, v, out, lse, lo, hi, scale: float):
+    lse = lse.to(q.dtype).contiguous()
+    return tuple(torch.ops.zorro_cpu.interval_bwd(dout, q, k, v, out, lse, lo, hi, float(scale)))
 
 
-def default_scale(q) -> float:
-    return 1.0 / math.sqrt(q.shape[-1])
+def _careful_backward(dout, q, k, v, lo, hi, scale: float):
+    """The backward with every bad token row zeroed (and the forward redone on them), NaN put back exactly where the
+    rule lets it go: the dq of rows that are bad or may attend a bad key, the dk/dv of the keys such rows may attend
+    and of bad keys some row may attend."""
+    group = q.shape[1] // k.shape[1]
+    k, v, bad_keys, hit = _clean_keys(k, v, lo, hi, group)
+    q, bad_q = _zero_bad_rows(q)
+    dout, bad_do = _zero_bad_rows(dout)
+    live = (lo < hi).any(-1)[:, None]  # (B, 1, Nq)
+    rows = (bad_q | bad_do | hit) & live
+    dout = dout.masked_fill(rows[..., None], 0.0)
+    out, lse = torch.ops.zorro_cpu.interval_fwd(q, k, v, lo, hi, float(scale))
+    dq, dk, dv = _kernel_backward(dout, q, k, v, out, lse, lo, hi, scale)
+    kv_rows = rows.unflatten(1, (k.shape[1], group)).any(2)
+    nk = k.shape[2]
+    keys = _keys_hit_by(lo, hi, kv_rows, nk) | (bad_keys & _keys_hit_by(lo, hi, live.expand_as(kv_rows), nk))
+    nan = float("nan")
+    dq = dq.masked_fill(rows[..., None], nan)
+    return dq, dk.masked_fill(keys[..., None], nan), dv.masked_fill(keys[..., None], nan)

@@ -106,7 +106,7 @@ inline vfloat vexp_nonpos(vfloat x) {
 inline float exp_nonpos(float x) { return vexp_nonpos(vsplat(x))[0]; }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
-// Largest element of s[0, n).
+// Largest element of s[0, n), ignoring NaN (-inf when all are -inf or NaN: the caller tells those apart).
 inline float row_max(const float* s, int64_t n) {
   vfloat acc = vsplat(-std::numeric_limits<float>::infinity());
   int64_t j = 0;

@@ -80,7 +80,11 @@ void block_forward(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, i
       if (!full) mask_row(s, iv, blk.r0 + i, c0, w);
       const T mnew = std::max(m[i], row_max(s, w));
       if (mnew == -std::numeric_limits<T>::infinity()) {
-        std::fill(s, s + w, T(0));  // nothing attended yet: P = 0, O stays 0
+        // nothing attended yet (P = 0, O stays 0), unless a score is NaN (a NaN query row): the row must come out
+        // NaN, not look empty, so its sum is poisoned
+        for (int64_t j = 0; j < w; ++j)
+          if (s[j] != -std::numeric_limits<T>::infinity()) l[i] = std::numeric_limits<T>::quiet_NaN();
+        std::fill(s, s + w, T(0));
         continue;
       }
       const T sum = exp_sum(s, w, mnew);
@@ -99,7 +103,7 @@ void block_forward(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, i
   for (int64_t i = 0; i < rows; ++i) {
     T* o = out + (blk.r0 + i) * D;
     const T* oi = O + i * D;
-    if (first || l[i] == T(0)) {
+    if (first || l[i] == T(0)) {  // no key attended (l is NaN, not 0, for a poisoned row)
       std::fill(o, o + D, T(0));
       lse[blk.r0 + i] = -std::numeric_limits<A>::infinity();
       continue;
