@@ -44,6 +44,9 @@ constexpr int kChunkKeys = 128;
 // many keys of it: rows of one segment (equal intervals) or a causal run (one more key per row) share a block, while a
 // jump to a different segment's keys starts a new one, so a block's GEMMs seldom cover keys most of its rows skip.
 constexpr int kJoinSlack = 16;
+// Key ranges of a block's union closer than this are visited as one range: a few masked keys cost less than the extra
+// GEMM calls of separate chunks when blocks are small (a fusion row seeing three short segments).
+constexpr int kBridgeGap = 32;
 
 struct Chunk {
   int k0, k1;      // keys [k0, k1)
@@ -74,16 +77,6 @@ struct RowIntervals {
     return s;
   }
   bool empty() const { return count() == 0; }
-  bool covers(int a, int b) const {
-    for (int r = 0; r < R; ++r)
-      if (lo[r] <= a && hi[r] >= b) return true;
-    return false;
-  }
-  bool touches(int a, int b) const {
-    for (int r = 0; r < R; ++r)
-      if (lo[r] < hi[r] && lo[r] < b && hi[r] > a) return true;
-    return false;
-  }
 };
 
 int64_t measure(const Ranges& u) {
@@ -110,31 +103,41 @@ Ranges merged(const Ranges& u, const RowIntervals& row) {
 
 void close_block(Plan& plan, int r0, int r1, const Ranges& keys, const int32_t* lo, const int32_t* hi, int R) {
   Block blk{r0, r1, static_cast<int64_t>(plan.chunks.size()), 0};
+  Ranges bridged;
   for (auto& range : keys) {
-    for (int k0 = range.first; k0 < range.second; k0 += kChunkKeys) {
-      const int k1 = std::min(range.second, k0 + kChunkKeys);
-      int a = -1, b = -1;
-      bool full = true;
-      for (int i = r0; i < r1; ++i) {
-        RowIntervals row{lo + int64_t(i) * R, hi + int64_t(i) * R, R};
-        if (!row.touches(k0, k1)) continue;
-        if (a < 0) {
-          // rows before the first toucher are skipped, rows between touchers are not: they must count as partial
-          a = i;
-        } else if (b < i) {
-          full = false;  // an untouching row sits inside [a, i)
-        }
-        b = i + 1;
-        full = full && row.covers(k0, k1);
-      }
-      if (a >= 0) plan.chunks.push_back(Chunk{k0, k1, a, b, full});
+    if (!bridged.empty() && range.first - bridged.back().second <= kBridgeGap)
+      bridged.back().second = range.second;
+    else
+      bridged.push_back(range);
+  }
+  std::vector<Chunk> chunks;
+  for (auto& range : bridged)
+    for (int k0 = range.first; k0 < range.second; k0 += kChunkKeys)
+      chunks.push_back(Chunk{k0, std::min(range.second, k0 + kChunkKeys), -1, -1, true});
+  // Each row walks its (sorted) intervals and the (sorted) chunks together: O(chunks + R) per row.
+  for (int i = r0; i < r1; ++i) {
+    const int32_t* l = lo + int64_t(i) * R;
+    const int32_t* h = hi + int64_t(i) * R;
+    int r = 0;
+    for (Chunk& c : chunks) {
+      while (r < R && (l[r] >= h[r] || h[r] <= c.k0)) ++r;  // skip empty intervals and those ending before the chunk
+      if (r == R) break;
+      if (l[r] >= c.k1) continue;  // the row's next interval starts after this chunk
+      if (c.r0 < 0)
+        c.r0 = i;
+      else if (c.r1 < i)
+        c.full = false;  // rows between the chunk's first and last touching rows that skip it: partial
+      c.r1 = i + 1;
+      c.full = c.full && l[r] <= c.k0 && h[r] >= c.k1;
     }
   }
+  for (const Chunk& c : chunks)
+    if (c.r0 >= 0) plan.chunks.push_back(c);
   blk.chunk1 = static_cast<int64_t>(plan.chunks.size());
   if (blk.chunk1 > blk.chunk0) plan.blocks.push_back(blk);
 }
 
-// Row blocks and key chunks of one sample; linear in Nq * R (times the small union sizes).
+// Row blocks and key chunks of one sample: linear in rows x (R + chunks per block); lo/hi sorted per row (the spec).
 Plan build_plan(const int32_t* lo, const int32_t* hi, int Nq, int R) {
   Plan plan;
   Ranges keys;
@@ -286,6 +289,11 @@ template <typename T>
 void backward_task(const Problem<T>& pb, const Plan& plan, int64_t b, int64_t hk, std::vector<T>& di_all,
                    std::vector<T>& sbuf, std::vector<T>& pbuf) {
   const int64_t group = pb.Hq / pb.Hkv, D = pb.D;
+  // the task's output slices (contiguous) start at 0 here, by the thread that accumulates into them, not in a separate
+  // pass over freshly allocated memory
+  std::fill(pb.dk.at(b, hk, 0), pb.dk.at(b, hk, pb.Nk), T(0));
+  std::fill(pb.dv.at(b, hk, 0), pb.dv.at(b, hk, pb.Nk), T(0));
+  std::fill(pb.dq.at(b, hk * group, 0), pb.dq.at(b, hk * group + group, 0), T(0));
   // Di = rowsum(dO * O) for every row of the group's heads
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
@@ -379,10 +387,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_bwd(const at::Tensor& do
               "interval_bwd: lo ", lo.sizes(), " and hi ", hi.sizes(), " must both be (", B, ", ", Nq, ", R >= 1)");
   for (const at::Tensor* t : {&q, &k, &v, &out, &dout, &lse, &lo, &hi})
     TORCH_CHECK(t->device().is_cpu(), "interval_bwd: every tensor must be on the CPU, got ", t->device());
-  auto dq = at::zeros({B, Hq, Nq, D}, q.options());
-  auto dk = at::zeros({B, Hkv, Nk, D}, k.options());
-  auto dv = at::zeros({B, Hkv, Nk, D}, k.options());
-  if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
+  // empty: every (sample, kv head) task zero-fills its own slices first
+  auto dq = at::empty({B, Hq, Nq, D}, q.options());
+  auto dk = at::empty({B, Hkv, Nk, D}, k.options());
+  auto dv = at::empty({B, Hkv, Nk, D}, k.options());
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   auto lo_c = lo.contiguous(), hi_c = hi.contiguous();
   const int64_t lo_min = lo_c.min().item<int64_t>(), hi_max = hi_c.max().item<int64_t>();
   const int64_t hi_min = hi_c.min().item<int64_t>();
