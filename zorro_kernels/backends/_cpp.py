@@ -14,6 +14,7 @@ skips the kernels altogether.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -71,6 +72,18 @@ def _first_error_line(text: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
+def _import_cpp_extension():
+    # importing it on a CPU-only machine logs "No CUDA runtime is found": nothing a user of the CPU kernels needs
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _disabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
 
@@ -86,7 +99,7 @@ def load() -> bool:
             return _state["ok"]
         start = time.perf_counter()
         try:
-            from torch.utils import cpp_extension
+            cpp_extension = _import_cpp_extension()
 
             sources = _sources()
             if not sources:
