@@ -143,6 +143,18 @@ def test_strided_bnhd_inputs(dtype):
     check(*draw(gen, 2, 4, 2, 97, 113, 16), lo, hi, dtype, layout=bnhd)
 
 
+def test_broadcast_upstream_gradient():
+    """The upstream gradient of ``out.sum()`` is one value expanded (every stride 0): the same grads as dense ones."""
+    gen = torch.Generator().manual_seed(6)
+    lo, hi = random_intervals(gen, 2, 33, 40, 2)
+    q, k, v, _ = (t.float() for t in draw(gen, 2, 2, 1, 33, 40, 16))
+    out, lse = reference(q, k, v, lo, hi, 0.25)
+    ones = torch.ones(()).expand_as(q)
+    got = interval_bwd(ones, q, k, v, out, lse, lo, hi, 0.25)
+    want = interval_bwd(ones.contiguous(), q, k, v, out, lse, lo, hi, 0.25)
+    assert all(torch.equal(g, w) for g, w in zip(got, want)), "an expanded dout gives other gradients"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_finite_garbage_stays_out(dtype):
     """Huge finite keys/values that no row attends (their scores and dP overflow to inf) change no row's dq and no
