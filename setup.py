@@ -21,6 +21,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["zorro_kernels", "zorro_kernels.*", "zorro_models", "zorro_models.*"]),
+    # the CPU kernels compile on first use (zorro_kernels/backends/_cpp.py): their sources ship with the package
+    package_data={"zorro_kernels": ["csrc/*.cpp", "csrc/*.h"]},
     # torch is a floor, never a pin: users bring their own build (CPU, CUDA 12/13, ROCm).
     # PyYAML: the `zorro` command reads its configs with it, and the command must start on the base install.
     install_requires=["torch>=2.5", "einops>=0.7", "numpy>=1.24", "pyyaml>=6"],

@@ -1,4 +1,4 @@
-"""Where ``auto``'s CPU rule should send a mask: ``dense`` against ``segments``, side by side.
+"""Where ``auto``'s CPU rule should send a mask: ``dense``, ``segments`` and ``intervals``, side by side.
 
     python -m benchmarks.cpu_auto_rule                 # masks that hide nothing: N = 1, 2048, 16384; B=1, H=4, D=64
     python -m benchmarks.cpu_auto_rule 1 64 512        # other token counts
@@ -9,7 +9,8 @@
 block of ``zorro_swin``'s layout) masks at about 1, 14, 84, 150, 292, 600 and 2k tokens (Swin: 14, 84, 292, 2052,
 16392), one thread, the two backends called in turn in a shuffled order (paired; minimum over up to 1.5 s of calls),
 forward under ``no_grad`` and forward+backward (``.sum().backward()``); ``d/s`` is dense's time over the segment
-path's (below 1: dense faster), and ``auto`` the rule's pick. Past 4096 tokens only the segment path runs (the dense
+path's (below 1: dense faster), ``i/s`` the compiled interval kernel's (where it builds), and ``auto`` the rule's
+pick. Past 4096 tokens only the segment path runs (the dense
 mask alone is GBs) and ``auto`` must say ``segments``.
 
 For three layouts that mask nothing but padding-free rows — ``ZorroMask.full`` (Zorro segments, every pair allowed),
@@ -30,6 +31,7 @@ import torch
 
 from benchmarks.measure import peak_memory
 from zorro_kernels import ZorroMask, explain, zorro_attention
+from zorro_kernels.backends import _cpp
 from zorro_models.models.swin import swin_block_layout
 
 
@@ -103,6 +105,11 @@ def paired_ms(fns: dict, budget_s: float) -> dict:
     return {name: min(ts) * 1e3 for name, ts in times.items()}
 
 
+def _backends() -> tuple:
+    """dense and segments, and the compiled interval kernel where it builds here."""
+    return ("dense", "segments") + (("intervals",) if _cpp.load() else ())
+
+
 def sweep(sizes: list[int], shape: tuple[int, int, int]) -> None:
     b, h, d = shape
     print(f"B={b} H={h} D={d}, torch threads {torch.get_num_threads()}; ms, paired minimum")
@@ -114,8 +121,10 @@ def sweep(sizes: list[int], shape: tuple[int, int, int]) -> None:
             row = f"N={mask.num_q:6d} {name:7s}"
             if mask.num_q > 4096:
                 with torch.no_grad():
-                    t = paired_ms({"s": lambda: zorro_attention(q, k, v, mask, backend="segments")}, 0)["s"]
-                print(f"{row} fwd segments {t:9.1f} (dense not run) | auto {picks[0]} / {picks[1]}", flush=True)
+                    fns = {bk: lambda bk=bk: zorro_attention(q, k, v, mask, backend=bk) for bk in _backends()[1:]}
+                    t = paired_ms(fns, 0)
+                times = " ".join(f"{bk} {ms:9.1f}" for bk, ms in t.items())
+                print(f"{row} fwd {times} (dense not run) | auto {picks[0]} / {picks[1]}", flush=True)
                 continue
             for label, args, grad in (("fwd", (q, k, v), False), ("f+b", (qg, kg, vg), True)):
 
@@ -125,8 +134,10 @@ def sweep(sizes: list[int], shape: tuple[int, int, int]) -> None:
                         if grad:
                             out.sum().backward()
 
-                t = paired_ms({bk: lambda bk=bk: call(bk) for bk in ("dense", "segments")}, 1.5)
+                t = paired_ms({bk: lambda bk=bk: call(bk) for bk in _backends()}, 1.5)
                 row += f" | {label} d {t['dense']:8.3f} s {t['segments']:8.3f} d/s {t['dense'] / t['segments']:5.2f}"
+                if "intervals" in t:
+                    row += f" i {t['intervals']:8.3f} i/s {t['intervals'] / t['segments']:5.2f}"
             print(f"{row} | auto {picks[0]} / {picks[1]}", flush=True)
 
 

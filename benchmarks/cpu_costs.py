@@ -20,6 +20,9 @@
   (per-sample segment sizes, causal text cells, bidirectional images; B=2, H=8, D=64): zorro against SDPA with the
   dense mask and against the ideal (one unmasked SDPA call x the attended fraction), and the mask + plan build time.
 
+``gemma3``, ``ragged`` and ``ragged-demo`` also time zorro forced onto the segment path (``zorro-segments``) and onto
+the compiled interval kernel (``zorro-intervals``, where it builds here).
+
 One thread (``--threads N`` for more). Each figure is the minimum over a few calls after a warm-up of the process's
 CPU time (``time.process_time``: on a shared, loaded machine wall-clock time mostly measures the other tenants), with
 the median wall-clock time beside it; the rounds of one row alternate between its peers, so a load change hits them
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 
 from benchmarks.measure import peak_memory
 from zorro_kernels import ZorroMask, zorro_attention
+from zorro_kernels.backends import _cpp
 from zorro_kernels.backends.ragged import ragged_calls, ragged_plan
 from zorro_kernels.backends.segments import build_plan, segment_attention
 
@@ -84,6 +88,12 @@ def report(title: str, times: dict, base: str) -> None:
         f"{name} {t * 1e3:8.1f} ms (wall {w * 1e3:.0f}) {t / z:5.2f}x" for name, (t, w) in times.items() if name != base
     ]
     print(f"{title:44s} " + " | ".join(parts), flush=True)
+
+
+def forced_backends(mask) -> dict:
+    """zorro on the segment path and on the compiled interval kernel (where it builds here), by name."""
+    names = ("segments", "intervals") if _cpp.load() else ("segments",)
+    return {f"zorro-{n}": lambda q, k, v, n=n: zorro_attention(q, k, v, mask, backend=n) for n in names}
 
 
 def block_diag(lens, causal: bool) -> torch.Tensor:
@@ -197,6 +207,7 @@ def ragged_rows(b: int, a_n: int, v_n: int, f_n: int, rounds: int) -> None:
         "sdpa-masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=safe).masked_fill(~live, 0),
         # the segment path with one plan pattern per distinct lengths row (what zorro ran before buckets)
         "per-pattern": lambda q, k, v: segment_attention(q, k, v, mask, q.shape[-1] ** -0.5),
+        **forced_backends(mask),
     }
     x = inputs(b, 4, mask.num_q, 32)
     pats = len(build_plan(mask).patterns)
@@ -285,6 +296,7 @@ def section_gemma3():
     fns = {
         "zorro": lambda q, k, v: zorro_attention(q, k, v, mask),
         "sdpa-masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+        **forced_backends(mask),
     }
     nomask = {"sdpa-nomask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
     x = inputs(2, 8, mask.num_q, 64)

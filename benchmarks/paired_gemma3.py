@@ -12,7 +12,8 @@ D=64, fp32.
 
 Figures: build = best wall and CPU time of 300 rounds (mask, and mask + ``build_plan``); attention = minimum CPU time
 (``time.process_time``) over the rounds after a warm-up, beside SDPA without a mask (ideal = that x the attended
-fraction) and SDPA with the dense bool mask. The peers' order flips each round (always first, the same mask code timed
+fraction), SDPA with the dense bool mask and the working tree's compiled interval kernel (``backend="intervals"``,
+where it builds). The peers' order flips each round (always first, the same mask code timed
 15% slower). Each version's output is checked against the dense-mask SDPA first.
 """
 
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 
 from benchmarks.cpu_costs import inputs
 from benchmarks.measure import import_commit
+from zorro_kernels import zorro_attention
+from zorro_kernels.backends import _cpp
 
 TEXT = ([100, 300, 200, 150, 274], [20, 500, 64, 400, 40])  # per sample: text runs around 4 images of 256
 
@@ -87,6 +90,8 @@ def attention(old, new, rounds: int) -> None:
         "sdpa-nomask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         "sdpa-masked": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
     }
+    if _cpp.load():  # the compiled interval kernel (the working tree's only), where it builds here
+        fns["intervals"] = lambda q, k, v: zorro_attention(q, k, v, m_new, scale=scale, backend="intervals")
     for backward in (False, True):
 
         def call(fn):
@@ -99,7 +104,7 @@ def attention(old, new, rounds: int) -> None:
             return out.detach()
 
         outs = {n: call(f) for n, f in fns.items()}  # warm-up and check
-        for n in ("before", "after"):
+        for n in [x for x in ("before", "after", "intervals") if x in outs]:
             err = (outs[n] - outs["sdpa-masked"]).abs().max().item()
             assert err < 1e-4, f"{n} disagrees with SDPA + dense mask: max error {err}"
         times: dict = {n: [] for n in fns}
@@ -117,6 +122,13 @@ def attention(old, new, rounds: int) -> None:
             f"{ideal * 1e3:.1f} ms (SDPA no mask {best['sdpa-nomask'] * 1e3:.1f} ms x {frac:.3f})",
             flush=True,
         )
+        if "intervals" in best:
+            b = best["intervals"]
+            print(
+                f"{'':7s} intervals {b * 1e3:.1f} ms ({ideal / b:.3f} of ideal; {best['after'] / b:.2f}x after, "
+                f"{best['sdpa-masked'] / b:.2f}x SDPA + dense mask)",
+                flush=True,
+            )
 
 
 def main(argv=None) -> None:

@@ -43,4 +43,9 @@ kill "$heartbeat" 2>/dev/null || true
 say "installing xformers (mask classes only, --no-deps)"
 pip install --progress-bar off --no-deps xformers 2>&1 | quiet_satisfied
 .venv/bin/python -c "import torch, zorro_kernels; print('zorro', zorro_kernels.__version__, '| torch', torch.__version__)"
+# The compiled CPU kernel (backend "intervals") builds on first use; build it here once so no test or run pays it.
+.venv/bin/python -c "
+from zorro_kernels.backends import _cpp
+ok = _cpp.load()
+print('[bootstrap] CPU kernel:', f'built/loaded in {_cpp.build_seconds():.1f} s' if ok else _cpp.unavailable_reason())"
 say "done: use .venv/bin/python and .venv/bin/zorro (or: source .venv/bin/activate)"

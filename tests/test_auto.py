@@ -31,6 +31,13 @@ def timed(monkeypatch):
     return calls, times
 
 
+@pytest.fixture
+def without_kernel(monkeypatch):
+    """The CPU rule as fitted between dense and segments: the compiled interval kernel switched off
+    (ZORRO_CPU_KERNEL=0), as where it does not build; its own picks: test_cpu_rule_with_the_interval_kernel."""
+    monkeypatch.setenv("ZORRO_CPU_KERNEL", "0")
+
+
 def test_measured_choice_is_the_fastest_and_timed_once_per_key(timed):
     calls, times = timed
     mask = ZorroMask.zorro(audio=6, video=10, fusion=2)
@@ -123,7 +130,7 @@ def test_static_cuda_rule_follows_the_h200_measurements():
     assert auto._cuda_rule(q, k, grad=True) == "segments"  # fwd+bwd at 16k: segments 5.34 vs 6.98 ms
 
 
-def test_cpu_rule_dense_for_tiny_problems_segments_beyond():
+def test_cpu_rule_dense_for_tiny_problems_segments_beyond(without_kernel):
     tiny = ZorroMask.zorro(audio=4, video=8, fusion=2)
     q, k, v = (torch.randn(8, 2, 14, 16) for _ in range(3))
     assert select_backend(q, k, v, tiny) == "dense"
@@ -153,7 +160,7 @@ def test_cpu_rule_dense_for_tiny_problems_segments_beyond():
     assert select_backend(q, k, v, ragged) == select_backend(q, k, v, ragged.with_lengths(None)) == "segments"
 
 
-def test_cpu_rule_counts_no_forward_copies_for_steps_read_as_views():
+def test_cpu_rule_counts_no_forward_copies_for_steps_read_as_views(without_kernel):
     """The bug: the rule charged the forward for copying every step's query and key rows, but a one-range step reads
     them as views of the inputs (only its output rows are copied). At the demo's size, a batch of 256 without
     lengths, the forward went to dense at 32.4 ms against the segment path's 21.8 (1 thread, 2026-12-07); the
@@ -164,12 +171,45 @@ def test_cpu_rule_counts_no_forward_copies_for_steps_read_as_views():
     assert select_backend(q, k, v, mask, grad=True) == "dense"
 
 
-def test_explain_lists_every_candidate_and_its_reasons():
+def test_cpu_rule_with_the_interval_kernel():
+    """Where the kernel builds, the rule weighs it against the dense/segments pick (benchmarks/cpu_auto_rule.py
+    --sweep and benchmarks/cpu_costs.py, 1 thread, load 4-5, 2026-12-07; BENCHMARKS.md)."""
+    if BACKENDS["intervals"].not_supported_reasons(*(torch.zeros(1, 1, 1, 8),) * 3, ZorroMask.packed([1])):
+        pytest.skip("the compiled CPU kernel is not available here")
+    # tiny: dense (14 tokens, Zorro: 0.030 against the kernel's 0.038 ms forward, 0.19 against 0.23 f+b)
+    tiny = ZorroMask.zorro(audio=2, video=10, fusion=2)
+    q = torch.empty(1, 4, 14, 64)
+    assert select_backend(q, q, q, tiny) == "dense"
+    # a sliding window at 292 tokens: the kernel (0.73 ms against dense 1.24 and segments 4.76 forward)
+    window = ZorroMask.from_segments([("x", 292)], {"x": "*"}, window=(36, 36))
+    q = torch.empty(1, 4, 292, 64)
+    assert select_backend(q, q, q, window) == "intervals"
+    # a large unmasked forward: the segment path's one plain flash call (N=2052: 69.7 against 74.3 ms); its
+    # forward+backward: the kernel (271.5 against 303.4 ms)
+    full = ZorroMask.full(audio=342, video=1708, fusion=2)
+    q = torch.empty(1, 4, 2052, 64)
+    assert select_backend(q, q, q, full, grad=False) == "segments"
+    assert select_backend(q, q, q, full, grad=True) == "intervals"
+    # issue 20's Gemma-3 row: the kernel (0.90 of ideal forward against the segment path's 0.78)
+    text = [[100, 300, 200, 150, 274], [20, 500, 64, 400, 40]]
+    sizes = torch.tensor([[x for i in range(5) for x in ([t[i], 256] if i < 4 else [t[i]])] for t in text])
+    names = [n for i in range(5) for n in ([f"t{i}", f"img{i}"] if i < 4 else [f"t{i}"])]
+    gemma = ZorroMask.causal_with_blocks(list(zip(names, sizes[0].tolist())), ["img*"], sample_sizes=sizes)
+    q = torch.empty(2, 8, 2048, 64)
+    assert select_backend(q, q, q, gemma, grad=False) == select_backend(q, q, q, gemma, grad=True) == "intervals"
+
+
+def test_explain_lists_every_candidate_and_its_reasons(without_kernel):
     mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
     q, k, v = (torch.randn(1, 2, 14, 16) for _ in range(3))
     e = explain(q, k, v, mask)
-    assert e.chosen == "dense" and e.how == "rule" and set(e.reasons) == {"dense", "segments"}
-    assert str(e).splitlines() == ["zorro_attention backend: dense (rule)", "  dense: takes it", "  segments: takes it"]
+    assert e.chosen == "dense" and e.how == "rule" and set(e.reasons) == {"dense", "intervals", "segments"}
+    assert str(e).splitlines() == [
+        "zorro_attention backend: dense (rule)",
+        "  dense: takes it",
+        "  intervals: refuses: the CPU kernel is disabled (ZORRO_CPU_KERNEL=0)",
+        "  segments: takes it",
+    ]
     e = explain(q.double(), k.double(), v.double(), mask, backend="triton")
     assert e.how == "forced, but it refuses" and any("float64" in r for r in e.reasons["triton"])
     with pytest.raises(ValueError, match="unknown backend"):
@@ -302,7 +342,7 @@ def test_a_candidate_failing_while_timed_is_dropped_with_one_warning(measured_cp
     assert auto._failed == {} and auto._measured == {}
 
 
-def test_a_candidate_failing_when_run_is_dropped_and_the_next_runs(monkeypatch):
+def test_a_candidate_failing_when_run_is_dropped_and_the_next_runs(monkeypatch, without_kernel):
     """Not timed (the CPU rule picks dense for a tiny problem): the failure comes when auto runs it."""
     monkeypatch.setattr(auto, "_failed", {})
     raised = _failing(monkeypatch, "dense", "launch failed")

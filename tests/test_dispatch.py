@@ -48,13 +48,14 @@ def test_every_backend_is_a_forward_backward_pair_with_declared_support():
     for b in BACKENDS.values():
         assert callable(b.forward) and callable(b.backward), b.name
         assert isinstance(b.deterministic, bool) and isinstance(b.bias, bool), b.name
-    # score biases (bias=) and sliding windows: every backend but the tiny-problem dense one takes a bias; all take
-    # windows
+    # score biases (bias=) and sliding windows: every backend but the tiny-problem dense one and the compiled interval
+    # kernel takes a bias; all take windows
     assert {n: b.bias for n, b in BACKENDS.items()} == {
         "reference": True,
         "segments": True,
         "triton": True,
         "dense": False,
+        "intervals": False,
     }
     assert all(b.window for b in BACKENDS.values())
 

@@ -8,8 +8,9 @@ lengths on either side, cross-attention, causal, a sliding window), GQA head cou
    gradients) leaves those rows' outputs, their dq and the dk/dv of keys only clean rows read bit-for-bit unchanged
    (``tests/isolation.py``).
 
-Default tier: a small derandomized slice (seconds). ``-m full``: 10,000 layouts (5,000 per CPU backend;
-``ZORRO_FUZZ_EXAMPLES`` sets the count per backend), and a slice of the Triton backend in its CPU interpreter.
+Default tier: a small derandomized slice (seconds). ``-m full``: 10,000 layouts (5,000 per CPU backend, a fifth of
+that for the dense and intervals backends; ``ZORRO_FUZZ_EXAMPLES`` sets the count per backend), and a slice of the
+Triton backend in its CPU interpreter.
 """
 
 from __future__ import annotations
@@ -136,6 +137,22 @@ def test_fuzz_full(backend, problem):
 @given(problem=problems(dtypes=_DENSE_DTYPES))
 def test_fuzz_full_dense(problem):
     _check("dense", problem)
+
+
+_INTERVAL_DTYPES = (torch.float64, torch.float32)  # the compiled CPU kernel's dtypes
+
+
+@settings(max_examples=8, derandomize=True, **_COMMON)
+@given(problem=problems(dtypes=_INTERVAL_DTYPES))
+def test_fuzz_fast_intervals(problem):
+    _check("intervals", problem)
+
+
+@pytest.mark.full
+@settings(max_examples=int(os.environ.get("ZORRO_FUZZ_EXAMPLES", 5000)) // 5, **_COMMON)
+@given(problem=problems(dtypes=_INTERVAL_DTYPES))
+def test_fuzz_full_intervals(problem):
+    _check("intervals", problem)
 
 
 def _triton_reasons():

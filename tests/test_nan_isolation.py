@@ -8,7 +8,7 @@ from zorro_kernels.testing import generate_qkv, named_masks
 
 from .isolation import check_isolation, poison_everything_unseen
 
-BACKENDS = ["reference", "segments", "dense", "auto"]  # auto: dense for these tiny layouts on CPU
+BACKENDS = ["reference", "segments", "dense", "intervals", "auto"]  # auto: dense for these tiny layouts on CPU
 
 
 def attn_fn(backend):

@@ -52,6 +52,22 @@ and forward+backward; BENCHMARKS.md, "Where the code's constants come from"): be
 faster backend or within 10% of it in every cell measured but three (at most 1.25x slower). Under
 ``torch.compile`` the plan is not built while tracing: the rule counts every pair as masked and one call per query
 segment (it picks ``dense`` less often).
+
+Where the compiled interval kernel builds (:mod:`zorro_kernels.backends.intervals`), the rule then weighs it against
+that pick, all three in flash multiply-adds with the attended pairs included::
+
+    intervals = B * H * D * INTERVAL_[GRAD_]PAIR_WORK * mean attended pairs per sample + INTERVAL_[GRAD_]CALL_WORK
+    dense     = B * H * D * DENSE_PAIR_WORK * Nq * Nk
+    segments  = B * H * D * (mean attended pairs per sample + SEGMENTS_CAUSAL_PAIR_WORK * those in causal calls)
+                + (the segment path's work above)
+
+and takes ``intervals`` when it costs less than the pick. The kernel skips what a row does not attend at about the
+unmasked flash kernel's speed per pair, so it wins wherever something is masked and the problem is past tens of
+tokens; ``dense`` keeps tiny problems (its fixed cost is lower, its backward especially) and ``segments`` large
+unmasked forwards (one plain flash call, a few percent faster per pair; the kernel's backward is faster than
+ATen's). Fitted to the same sweep with the kernel beside (BENCHMARKS.md). Not while ``torch.compile`` traces (its
+cost needs the attended pairs): the rule is then as above. Where the kernel does not build, or
+``ZORRO_CPU_KERNEL=0``, the rule is exactly as above.
 """
 
 from __future__ import annotations
@@ -84,11 +100,16 @@ __all__ = [
     "CPU_STRADDLE_WORK",
     "DENSE_PAIR_WORK",
     "DENSE_MAX_CELLS",
+    "INTERVAL_PAIR_WORK",
+    "INTERVAL_GRAD_PAIR_WORK",
+    "INTERVAL_CALL_WORK",
+    "INTERVAL_GRAD_CALL_WORK",
+    "SEGMENTS_CAUSAL_PAIR_WORK",
     "CUDA_GRAD_MAX_TOKENS",
 ]
 
 # candidates per device type, in the order ties are broken
-PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "segments")}
+PRIORITY = {"cuda": ("triton", "segments"), "cpu": ("dense", "intervals", "segments")}
 # both from measurements (BENCHMARKS.md, "Where the code's constants come from"); the module docstring says why
 CPU_WORK_PER_CALL = 400_000  # one segment-path call's fixed cost, in flash multiply-adds
 CPU_FIXED_CALLS = 1  # the segment path's fixed cost per forward (and backward) beyond its calls, in calls
@@ -96,6 +117,13 @@ CPU_COPY_WORK = 20  # per element of a gathered query or key row (gather, scatte
 CPU_STRADDLE_WORK = 300  # per (sample, head, cell) of a straddling step's element mask
 DENSE_PAIR_WORK = 1.03  # the masked dense kernel's work per pair, against the unmasked kernel's
 DENSE_MAX_CELLS = 1 << 20  # the dense backend's cached additive mask: at most this many (sample map, query, key) cells
+INTERVAL_PAIR_WORK = 1.05  # the compiled interval kernel's work per attended pair (its tiles' masked pairs included)
+INTERVAL_GRAD_PAIR_WORK = (
+    0.92  # the same forward+backward, against ATen's flash forward+backward (its backward is faster)
+)
+INTERVAL_CALL_WORK = 90_000  # its fixed cost per forward beyond the dense call's, in flash multiply-adds
+INTERVAL_GRAD_CALL_WORK = 700_000  # the same per forward+backward
+SEGMENTS_CAUSAL_PAIR_WORK = 1.3  # what ATen's causal flash calls cost the segment path beyond an attended pair's work
 CUDA_GRAD_MAX_TOKENS = 7500
 _REPS = 5
 
@@ -192,29 +220,58 @@ def _plan_costs(mask) -> tuple[int, int, int, int]:
     return len(steps), moved, moved_fwd, straddled
 
 
+def _mean_causal_pairs(mask) -> float:
+    """Mean attended pairs per sample inside the segment path's causal flash calls (their squares below the diagonal),
+    which ATen's CPU kernel runs at 0.36-0.44 of its plain calls' rate per pair (BENCHMARKS.md, Gemma-3 bounds)."""
+    rp = mask.derived(ragged_plan)
+    patterns = rp.exact.patterns if rp is not None else mask.derived(build_plan).patterns
+    n = mask.batch_size or 1
+    total = 0.0
+    for p in patterns:
+        share = 1.0 if p.batch is None else len(p.batch) / n
+        for st in p.steps:
+            if isinstance(st, Step) and st.causal:
+                side = _rows(st.k_ranges) // st.blocks - st.prefix
+                total += share * st.blocks * side * (side + 1) / 2
+    return total
+
+
 def _mean_attended(mask) -> float:
     a = mask.attended()
     return float(a.sum()) / a.numel()
 
 
-def _cpu_rule(q, k, mask, grad: bool = False) -> str:
+def _cpu_rule(q, k, mask, grad: bool = False, candidates: tuple = ("dense", "segments")) -> str:
+    """The CPU pick among ``candidates`` (the backends that take the input; see the module docstring)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    if (mask.batch_size or 1) * nq * nk > DENSE_MAX_CELLS:
-        return "segments"
     if torch.compiler.is_compiling():  # no plan while tracing: every pair counted as masked, a call per segment
         attended, (calls, moved, moved_fwd, straddled) = 0.0, (len(mask.q_sizes), 0, 0, 0)
     else:
         attended, (calls, moved, moved_fwd, straddled) = mask.derived(_mean_attended), mask.derived(_plan_costs)
-    dense = b * h * d * (DENSE_PAIR_WORK * nq * nk - attended)
-    segments = (
+    segments = (  # the segment path's work beside its attended pairs
         CPU_WORK_PER_CALL * (calls + CPU_FIXED_CALLS)
         + CPU_COPY_WORK * b * h * d * (moved if grad else moved_fwd)
         + CPU_STRADDLE_WORK * b * h * straddled
     )
     if grad:  # the backward makes the same calls and gathers again; the dense backward, one more masked call
         segments *= 2
-    return "dense" if dense <= segments else "segments"
+    # each backend's work in flash multiply-adds, the attended pairs included
+    costs = {"segments": b * h * d * attended + segments}
+    if (mask.batch_size or 1) * nq * nk <= DENSE_MAX_CELLS:
+        costs["dense"] = b * h * d * DENSE_PAIR_WORK * nq * nk
+    # dense against segments as without the kernel (dense on a tie), then the kernel where it costs less
+    pick = "dense" if "dense" in costs and costs["dense"] <= costs["segments"] else "segments"
+    if "intervals" not in candidates or torch.compiler.is_compiling():  # its cost needs the attended pairs
+        return pick
+    if grad:
+        pair, fixed = INTERVAL_GRAD_PAIR_WORK, INTERVAL_GRAD_CALL_WORK
+    else:
+        pair, fixed = INTERVAL_PAIR_WORK, INTERVAL_CALL_WORK
+    costs["intervals"] = b * h * d * pair * attended + fixed
+    # the segment path's causal calls, slow per pair (weighed here only: the dense/segments pick stays as fitted)
+    costs["segments"] += b * h * d * SEGMENTS_CAUSAL_PAIR_WORK * mask.derived(_mean_causal_pairs)
+    return "intervals" if costs["intervals"] < costs[pick] else pick
 
 
 def _cuda_rule(q, k, grad: bool) -> str:
@@ -223,9 +280,15 @@ def _cuda_rule(q, k, grad: bool) -> str:
     return "segments"
 
 
-def static_choice(q, k, mask, grad: bool) -> str:
-    """The rule's backend (which may still refuse the input; see :func:`_choose`)."""
-    return _cuda_rule(q, k, grad) if q.device.type == "cuda" else _cpu_rule(q, k, mask, grad)
+def static_choice(q, k, mask, grad: bool, candidates: Optional[tuple] = None) -> str:
+    """The rule's backend (which may still refuse the input; see :func:`_choose`). ``candidates``: the backends that
+    take the input (by default those of ``PRIORITY`` that do not refuse it)."""
+    if q.device.type == "cuda":
+        return _cuda_rule(q, k, grad)
+    if candidates is None:
+        names = PRIORITY.get(q.device.type, ())
+        candidates = tuple(n for n in names if n in BACKENDS and not BACKENDS[n].not_supported_reasons(q, k, k, mask))
+    return _cpu_rule(q, k, mask, grad, candidates)
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -382,7 +445,7 @@ def _choose(q, k, v, mask, scale: float, grad: bool, bias=None, *, measure: bool
                 best = min(ok, key=lambda n: times[n])
                 how = "measured" if len(ok) > 1 else "only candidate"
                 return Explanation(best, how, reasons, dict(times), key, failed=failed)
-    rule = static_choice(q, k, mask, grad)
+    rule = static_choice(q, k, mask, grad, tuple(ok))
     chosen = rule if rule in ok else ok[0]
     return Explanation(chosen, "rule", reasons, dict(_measured.get(key, {})), key, note, failed)
 

@@ -25,6 +25,7 @@ import torch
 
 from ..bias import bias_tensor, with_tensor
 from ..reference import reference_attention
+from . import intervals as _intervals  # compiles nothing on import: the CPU kernels build on first use
 from . import triton as _triton  # imports no Triton: kernels load on first use
 from .dense import dense_attention, dense_backward, dense_forward
 from .ragged import cpu_backward_mask, cpu_forward_mask, ragged_attention
@@ -241,5 +242,20 @@ register_backend(
         # P = 0 and so reaches keys the row may not attend, which dense_backward prevents
         window=True,
         eager=dense_attention,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------- intervals
+register_backend(
+    Backend(
+        "intervals",
+        _intervals.DESCRIPTION,
+        _intervals.forward,
+        _intervals.backward,
+        devices=("cpu",),
+        dtypes=(torch.float32, torch.float64),
+        window=True,
+        extra_reasons=_intervals.extra_reasons,
     )
 )
