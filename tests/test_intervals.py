@@ -216,3 +216,14 @@ def test_the_switch_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv("ZORRO_CPU_KERNEL", "0")
     assert not _cpp.load()
     assert _cpp.unavailable_reason() == "the CPU kernel is disabled (ZORRO_CPU_KERNEL=0)"
+
+
+@needs_kernel
+def test_an_interval_past_the_keys_is_an_error_not_a_read():
+    q = torch.zeros(1, 1, 2, 8)
+    lo = torch.tensor([[[0], [5]]], dtype=torch.int32)
+    hi = torch.tensor([[[3], [9]]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"lo, hi must lie in \[0, Nk=8\]; got the interval \[5, 9\)"):
+        torch.ops.zorro_cpu.interval_fwd(q, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), lo, hi, 1.0)
+    hi[0, 1, 0] = 3  # empty (lo >= hi): never read, so any values
+    torch.ops.zorro_cpu.interval_fwd(q, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), lo, hi, 1.0)

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,8 +113,15 @@ def load() -> bool:
             if not sources:
                 raise RuntimeError(f"no sources in {CSRC}")
             flags = _flags()
+            name = _name(sources, flags)
+            built = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+            if not built.exists():  # a cold build takes tens of seconds: say so once, not silently
+                print(
+                    f"zorro: building the CPU kernel {name} once (about 30 s; ZORRO_CPU_KERNEL=0 skips it)",
+                    file=sys.stderr,
+                )
             cpp_extension.load(
-                name=_name(sources, flags),
+                name=name,
                 sources=sources,
                 extra_cflags=flags,
                 extra_ldflags=_openmp_flags(),

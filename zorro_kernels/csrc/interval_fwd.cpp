@@ -51,9 +51,9 @@ struct Workspace {
 };
 
 // One (b, h, block): rows [blk.r0, blk.r1) of q against keys [blk.k0, blk.k1) of k, v.
-template <typename T, typename A>
+template <typename T>
 void block_forward(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, int64_t D, T scale,
-                   const RowIntervals& iv, const RowBlock& blk, T* out, A* lse, Workspace& ws) {
+                   const RowIntervals& iv, const RowBlock& blk, T* out, T* lse, Workspace& ws) {
   const int64_t rows = blk.r1 - blk.r0;
   T* buf = ws.get<T>(rows * kChunk + rows * D + 2 * rows);
   T* S = buf;
@@ -105,12 +105,12 @@ void block_forward(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, i
     const T* oi = O + i * D;
     if (first || l[i] == T(0)) {  // no key attended (l is NaN, not 0, for a poisoned row)
       std::fill(o, o + D, T(0));
-      lse[blk.r0 + i] = -std::numeric_limits<A>::infinity();
+      lse[blk.r0 + i] = -std::numeric_limits<T>::infinity();
       continue;
     }
     const T inv = T(1) / l[i];
     for (int64_t d = 0; d < D; ++d) o[d] = oi[d] * inv;
-    lse[blk.r0 + i] = static_cast<A>(m[i] + std::log(l[i]));
+    lse[blk.r0 + i] = m[i] + std::log(l[i]);
   }
 }
 
@@ -140,7 +140,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t h = (item - start[b]) / nb, j = (item - start[b]) % nb;
       const int64_t hk = h / group;
       RowIntervals iv{lo.data_ptr<int32_t>() + b * Nq * R, hi.data_ptr<int32_t>() + b * Nq * R, R};
-      block_forward<T, T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + hk * k.stride(1),
+      block_forward<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + hk * k.stride(1),
                           k.stride(2), vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), D, static_cast<T>(scale),
                           iv, blocks[b][j], op + (b * Hq + h) * Nq * D, lp + (b * Hq + h) * Nq, ws);
     }
@@ -150,6 +150,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor> interval_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& lo, const at::Tensor& hi, double scale) {
   check_intervals(q, k, v, lo, hi);
+  // the GEMMs read keys [lo, hi) unchecked: an interval past the keys must be an error, not an out-of-bounds read
+  const int32_t* lp = lo.data_ptr<int32_t>();
+  const int32_t* hp = hi.data_ptr<int32_t>();
+  for (int64_t i = 0, n = lo.numel(); i < n; ++i)
+    TORCH_CHECK(lp[i] >= hp[i] || (lp[i] >= 0 && hp[i] <= k.size(2)), "lo, hi must lie in [0, Nk=", k.size(2),
+                "]; got the interval [", lp[i], ", ", hp[i], ") at flat index ", i);
   // Rows that no block visits (no keys) keep these: out exactly 0, lse -inf.
   at::Tensor out = at::zeros({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   at::Tensor lse = at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(), q.options());
