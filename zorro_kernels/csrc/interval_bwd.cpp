@@ -20,7 +20,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -173,7 +172,8 @@ Plan build_plan(const int32_t* lo, const int32_t* hi, int Nq, int R) {
 }
 
 // exp for the softmax recompute, written so the compiler vectorises the loops that call it: 2^n * p(r) with
-// r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (about 1 ulp). Arguments below -87 give exactly 0.
+// r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (the Cephes expf coefficients). Arguments below -87
+// give exactly 0; P = exp(s - lse) <= 1, so the clamp at 88 never bites.
 inline float exp_approx(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, without a rounding instruction
