@@ -92,6 +92,22 @@ def test_matches_reference(dtype, b, hq, hkv, nq, nk, d, r):
     check(*draw(gen, b, hq, hkv, nq, nk, d), lo, hi, dtype)
 
 
+@pytest.mark.parametrize("threads, hq", [(2, 4), (3, 3), (4, 2)])
+def test_more_threads_than_tasks(threads, hq):
+    """One sample, one kv head (one task, run inline, its BLAS held to one thread) under several threads: the same
+    grads under the rule, dead rows and unread keys still exactly 0."""
+    gen = torch.Generator().manual_seed(7)
+    lo, hi = random_intervals(gen, 1, 97, 113, 2)
+    x = draw(gen, 1, hq, 1, 97, 113, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in DTYPES:
+            check(*x, lo, hi, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_causal_and_full(dtype):
     """One interval per row: a causal square (diagonal chunks partial, the rest full) and every key for every row."""
