@@ -10,7 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+# MKL picks its code path per call by data alignment and CPU unless told to be reproducible, so two runs of the same
+# product can differ in the last bit (measured on an AMD EPYC: a clean and a NaN-poisoned run of the segment path's
+# fp64 backward gave dq 0.026958659466761875 vs ...82 in rows the poison never reaches). The isolation checks compare
+# those entries bit for bit, so MKL runs in its strict reproducible mode here; set before torch's first BLAS call.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
