@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import _cpp
@@ -55,22 +56,45 @@ def interval_attention_reference(q, k, v, lo, hi, scale: float):
 
 
 # ---------------------------------------------------------------------------------------------------- builder
-def _cell_table(mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _cell_table(mask) -> tuple[np.ndarray, np.ndarray]:
     """``(cell_c, cell_causal)`` of shape ``(Sq, R0)``: the key segments each query segment may see, in key order
-    (-1 pads), and whether each cell is causal. Linear in the rule table's allowed cells."""
+    (-1 pads), and whether each cell is causal. Linear in the rule table's allowed cells. numpy: these tables are a
+    few cells, where each torch call would cost more than its work."""
     runs = mask._runs
-    a, c = (torch.from_numpy(x) for x in runs.pairs())
-    causal = torch.from_numpy(runs.lookup(a.numpy(), c.numpy(), causal=True))
+    a, c = runs.pairs()
+    causal = runs.lookup(a, c, causal=True)
     sq = len(mask.q_sizes)
-    counts = torch.bincount(a, minlength=sq)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(a.numel()) - first[a]
-    cell_c = torch.full((sq, width), -1, dtype=torch.int64)
-    cell_causal = torch.zeros((sq, width), dtype=torch.bool)
+    counts = np.bincount(a, minlength=sq)
+    width = max(int(counts.max()) if counts.size else 0, 1)
+    slot = np.arange(a.size) - (np.cumsum(counts) - counts)[a]
+    cell_c = np.full((sq, width), -1, dtype=np.int64)
+    cell_causal = np.zeros((sq, width), dtype=bool)
     cell_c[a, slot] = c
     cell_causal[a, slot] = causal
     return cell_c, cell_causal
+
+
+def _merge_np(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_merge` in numpy, for the per-segment tables."""
+    empty = lo >= hi
+    ends = np.where(empty, 0, hi)
+    prev = np.maximum.accumulate(np.concatenate((np.zeros_like(ends[..., :1]), ends[..., :-1]), -1), -1)
+    lo, hi = np.where(empty, prev, lo), np.where(empty, prev, hi)
+    starts = lo > prev
+    starts[..., 0] = True
+    group = np.cumsum(starts, -1) - 1
+    width = int(group.max()) + 1 if group.size else 1
+    # sorted and disjoint, empty ones turned into the point before them: a group's start holds its lo and its last
+    # member its hi (hi never decreases along a row), one of each per group, so plain assignment places them
+    last = np.ones_like(starts)
+    last[..., :-1] = starts[..., 1:]
+    new_lo = np.zeros((*lo.shape[:-1], width), dtype=lo.dtype)
+    new_hi = np.zeros_like(new_lo)
+    lead = np.nonzero(starts)
+    new_lo[(*lead[:-1], group[lead])] = lo[lead]
+    tail = np.nonzero(last)
+    new_hi[(*tail[:-1], group[tail])] = hi[tail]
+    return new_lo, new_hi
 
 
 def _starts(sizes: torch.Tensor) -> torch.Tensor:
@@ -80,6 +104,14 @@ def _starts(sizes: torch.Tensor) -> torch.Tensor:
 def _merge(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Joins each row's touching intervals (sorted, disjoint, empty ones anywhere) so a row attending consecutive
     segments has one interval, and drops the padding: ``(lo, hi)`` with the fewest columns that hold them."""
+    if lo.shape[-1] == 1:
+        return lo, hi
+    if lo.shape[-1] == 2:  # the common row shape (a prefix and a causal part): a few element-wise ops, no scatter
+        e0, e1 = lo[..., 0] >= hi[..., 0], lo[..., 1] >= hi[..., 1]
+        if bool((e0 | e1 | (lo[..., 1] <= hi[..., 0])).all()):  # every row one interval (or none)
+            one_lo = torch.where(e0, lo[..., 1], lo[..., 0])
+            one_hi = torch.where(e1, torch.where(e0, lo[..., 1], hi[..., 0]), hi[..., 1])
+            return one_lo[..., None], one_hi[..., None]
     empty = lo >= hi
     # end of the row's non-empty intervals before each one; an empty interval becomes that point, which joins the
     # group before it and widens nothing
@@ -97,10 +129,43 @@ def _merge(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return new_lo, new_hi
 
 
+def _segment_slots(mask, kl: np.ndarray, k_sizes: np.ndarray):
+    """Per sample and query segment, the key intervals its rows share, as slots ``(lo, hi, causal, kv)`` each
+    ``(Bm, Sq, R)`` in key order: the full cells' keys (touching ones joined here, once per segment, so the row-level
+    work has a few columns, not one per cell) and each causal cell's keys, whose end each row sets from its position
+    (``hi`` there is the cell's last key + 1; ``kv`` its valid keys). ``kl``, ``k_sizes``: ``(Bm, Sk)``."""
+    cell_c, cell_causal = _cell_table(mask)  # (Sq, R0)
+    bm = kl.shape[0]
+    present = cell_c >= 0
+    flat = np.maximum(cell_c, 0)
+    k0 = (np.cumsum(k_sizes, 1) - k_sizes)[:, flat]  # (Bm, Sq, R0)
+    kv = kl[:, flat]
+    full = present & ~cell_causal
+    flo, fhi = _merge_np(k0, np.where(full, k0 + kv, k0))
+    causal = present & cell_causal
+    rc = int(causal.sum(1).max()) if causal.any() else 0
+    if rc == 0:
+        return flo, fhi, None, None
+    # the causal cells first, in key order (a stable sort on "not causal"), cut to the most any segment has
+    order = np.argsort(~causal, axis=1, kind="stable")[:, :rc]
+    c_ok = np.broadcast_to(np.take_along_axis(causal, order, 1), (bm, *order.shape))
+    index = np.broadcast_to(order, (bm, *order.shape))
+    c_lo = np.take_along_axis(k0, index, 2)
+    c_kv = np.where(c_ok, np.take_along_axis(kv, index, 2), 0)
+    lo = np.concatenate((flo, c_lo), -1)
+    hi = np.concatenate((fhi, c_lo + c_kv), -1)
+    is_causal = np.concatenate((np.zeros(flo.shape, dtype=bool), c_ok), -1)
+    kv_all = np.concatenate((fhi - flo, c_kv), -1)
+    # key order for the row-level merge: empty slots last (they may sit anywhere, but the non-empty ones must be
+    # sorted); cells are disjoint key segments, so sorting by start is sorting by position
+    perm = np.argsort(np.where(lo < hi, lo, np.iinfo(np.int64).max), axis=-1, kind="stable")
+    return tuple(np.take_along_axis(x, perm, -1) for x in (lo, hi, is_causal, kv_all))
+
+
 def _build_intervals(mask) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(lo, hi)`` int32 ``(Bm, Nq, R)`` for ``mask`` (Bm = 1 when every sample has the same layout), or None when
-    the layout needs more than :data:`MAX_INTERVALS` per row. Tensor ops over ``(Bm, Nq, cells)``, no loop over rows."""
-    cell_c, cell_causal = _cell_table(mask)
+    the layout needs more than :data:`MAX_INTERVALS` per row. Tensor ops over ``(Bm, Sq, cells)`` per segment, then
+    over ``(Bm, Nq, slots)`` per row with the slots a segment's rows share, no loop over rows."""
     ql = mask._q_lengths_or_sizes()  # (Bm, Sq) valid tokens
     kl = mask._kv_lengths_or_sizes()
     bm = max(ql.shape[0], kl.shape[0])
@@ -109,32 +174,34 @@ def _build_intervals(mask) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     k_sizes = mask._kv_sample_sizes if mask._kv_sample_sizes is not None else torch.tensor(mask.kv_sizes)[None]
     q_sizes, k_sizes = q_sizes.expand(bm, -1), k_sizes.expand(bm, -1)
     nq, nk = mask.num_q, mask.num_kv
-    if bm * nq * cell_c.shape[1] > _MAX_CELLS:
+    slots = _segment_slots(mask, kl.numpy(), k_sizes.numpy())
+    s_lo, s_hi, s_causal, s_kv = (None if x is None else torch.from_numpy(np.ascontiguousarray(x)) for x in slots)
+    width = s_lo.shape[-1]
+    if bm * nq * width > _MAX_CELLS:
         return None
     i = torch.arange(nq)[None].expand(bm, -1)
     # each row's segment: the segment ids repeated by each sample's sizes (searchsorted and int64 clamp cost 10x more)
     seg = torch.repeat_interleave(torch.arange(q_sizes.shape[1]).repeat(bm), q_sizes.reshape(-1)).view(bm, nq)
     il = i - _starts(q_sizes).gather(1, seg)
     q_valid = ql.gather(1, seg)  # (Bm, Nq): the row's segment's valid tokens
-    cells = cell_c[seg]  # (Bm, Nq, R0)
-    present = (cells >= 0) & (il < q_valid)[..., None]
+    index = seg[..., None].expand(-1, -1, width)
+    lo, hi = s_lo.gather(1, index), s_hi.gather(1, index)  # (Bm, Nq, R)
     zero = torch.zeros((), dtype=torch.int64)
-    flat = torch.maximum(cells, zero).reshape(bm, -1)
-    k0 = _starts(k_sizes).gather(1, flat).view_as(cells)
-    kv = kl.gather(1, flat).view_as(cells)
-    seen = kv  # keys of the cell the row sees: all, or up to the cell's bottom-right diagonal
-    if mask.has_causal_cells:
-        seen = torch.maximum(torch.where(cell_causal[seg], (il - q_valid)[..., None] + kv + 1, kv), zero)
-    lo, hi = k0, k0 + torch.minimum(seen, kv)
+    if s_causal is not None:
+        # a causal cell's keys up to its bottom-right diagonal: row il of q_valid sees kv - q_valid + il + 1 of them
+        kv = s_kv.gather(1, index)
+        seen = torch.clamp((il - q_valid)[..., None] + kv + 1, min=0)
+        hi = torch.where(s_causal.gather(1, index), lo + torch.minimum(seen, kv), hi)
     band_lo, band_hi = mask.band()  # on d = j - i - (Nk - Nq)
     row = (i + (nk - nq))[..., None]
     if band_lo is not None:
         lo = torch.maximum(lo, row + band_lo)
     if band_hi is not None:
         hi = torch.minimum(hi, row + band_hi + 1)
-    top = torch.tensor(nk, dtype=torch.int64)
-    lo, hi = torch.minimum(torch.maximum(lo, zero), top), torch.minimum(torch.maximum(hi, zero), top)
-    hi = torch.where(present & (lo < hi), hi, lo)
+    if band_lo is not None or band_hi is not None:  # segment bounds lie in [0, Nk] already; a band may leave it
+        top = torch.tensor(nk, dtype=torch.int64)
+        lo, hi = torch.minimum(torch.maximum(lo, zero), top), torch.minimum(torch.maximum(hi, zero), top)
+    hi = torch.where((il < q_valid)[..., None] & (lo < hi), hi, lo)
     lo, hi = _merge(lo, hi)
     if lo.shape[-1] > MAX_INTERVALS:
         return None
