@@ -199,6 +199,49 @@ def test_cpu_rule_with_the_interval_kernel():
     assert select_backend(q, q, q, gemma, grad=False) == select_backend(q, q, q, gemma, grad=True) == "intervals"
 
 
+def test_cpu_rule_picks_the_kernel_without_a_segment_plan_where_nothing_can_beat_it(monkeypatch):
+    """Where the kernel's cost is under the least the others can cost, the rule picks it from the attended pairs its
+    intervals count, without building the segment plan (issue 20: a fresh Gemma-3 mask under 1 ms of construction);
+    elsewhere, and wherever it answers at all, the pick is the full rule's."""
+    if BACKENDS["intervals"].not_supported_reasons(*(torch.zeros(1, 1, 1, 8),) * 3, ZorroMask.packed([1])):
+        pytest.skip("the compiled CPU kernel is not available here")
+    from zorro_kernels.backends.segments import build_plan
+
+    text = [[100, 300, 200, 150, 274], [20, 500, 64, 400, 40]]
+    sizes = torch.tensor([[x for i in range(5) for x in ([t[i], 256] if i < 4 else [t[i]])] for t in text])
+    names = [n for i in range(5) for n in ([f"t{i}", f"img{i}"] if i < 4 else [f"t{i}"])]
+    gemma = ZorroMask.causal_with_blocks(list(zip(names, sizes[0].tolist())), ["img*"], sample_sizes=sizes)
+    q = torch.empty(2, 8, 2048, 64)
+    candidates = ("dense", "segments", "intervals")
+    assert auto._cpu_rule(q, q, gemma, grad=True, candidates=candidates) == "intervals"
+    assert not any(key[0] is build_plan for key in gemma._cache), "the segment plan was built"
+
+    def full_rule(qq, mask, grad):
+        with monkeypatch.context() as m:
+            m.setattr(auto, "_interval_mean_attended", lambda mask: None)
+            return auto._cpu_rule(qq, qq, mask, grad=grad, candidates=candidates)
+
+    layouts = [
+        ZorroMask.zorro(audio=2, video=10, fusion=2),
+        ZorroMask.zorro(audio=40, video=80, fusion=4),
+        ZorroMask.full(audio=342, video=1708, fusion=2),
+        ZorroMask.packed([30, 50, 70, 142]),
+        ZorroMask.from_segments([("x", 292)], {"x": "*"}, window=(36, 36)),
+        ZorroMask.from_segments([("x", 600)], {"x": "*"}, causal=True),
+    ]
+    for mask in layouts:
+        for b, h, d in ((1, 4, 64), (8, 2, 16), (256, 4, 32)):
+            qq = torch.empty(b, h, mask.num_q, d)
+            for grad in (False, True):
+                assert auto._cpu_rule(qq, qq, mask, grad=grad, candidates=candidates) == full_rule(qq, mask, grad), (
+                    mask,
+                    b,
+                    h,
+                    d,
+                    grad,
+                )
+
+
 def test_explain_lists_every_candidate_and_its_reasons(without_kernel):
     mask = ZorroMask.zorro(audio=4, video=8, fusion=2)
     q, k, v = (torch.randn(1, 2, 14, 16) for _ in range(3))

@@ -24,6 +24,7 @@ from . import _cpp
 __all__ = [
     "interval_attention_reference",
     "mask_intervals",
+    "mean_attended",
     "forward",
     "backward",
     "extra_reasons",
@@ -206,6 +207,16 @@ def _build_intervals(mask) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     if lo.shape[-1] > MAX_INTERVALS:
         return None
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def mean_attended(mask) -> Optional[float]:
+    """Attended (query, key) pairs per sample, averaged over the samples, counted from the mask's cached intervals
+    (``mask.attended()``'s mean, without its segment arithmetic); None when the layout has too many intervals."""
+    built = mask.derived(_build_intervals)
+    if built is None:
+        return None
+    lo, hi = built
+    return float((hi - lo).sum(dtype=torch.int64)) / lo.shape[0]
 
 
 def _batched_intervals(mask, batch: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
