@@ -25,7 +25,8 @@ setup(
     package_data={"zorro_kernels": ["csrc/*.cpp", "csrc/*.h"]},
     # torch is a floor, never a pin: users bring their own build (CPU, CUDA 12/13, ROCm).
     # PyYAML: the `zorro` command reads its configs with it, and the command must start on the base install.
-    install_requires=["torch>=2.5", "einops>=0.7", "numpy>=1.24", "pyyaml>=6"],
+    # ninja: the compiled CPU kernel (backend "intervals") builds with it on first use (a C++ compiler too).
+    install_requires=["torch>=2.5", "einops>=0.7", "numpy>=1.24", "pyyaml>=6", "ninja"],
     extras_require={
         "triton": ["triton>=3.1"],
         "models": ["safetensors>=0.4", "tqdm>=4.60", "matplotlib>=3.7", "av>=12"],
