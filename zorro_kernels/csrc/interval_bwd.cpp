@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "interval_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,19 +26,12 @@
 #include <utility>
 #include <vector>
 
-// Fortran BLAS, exported by libtorch_cpu (MKL on x86 builds): the same GEMMs ATen's own CPU attention uses.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha, const float* a,
-            const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-// MKL's per-thread thread count, its C entry point (mkl.h maps mkl_set_num_threads_local to it; the lowercase symbol is
-// the Fortran one, taking a pointer). Weak: absent from builds without MKL, then nothing to do.
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
-}
-
 namespace {
+
+using zorro_cpu::gemm_ab;
+using zorro_cpu::gemm_abt;
+using zorro_cpu::gemm_atb;
+using zorro_cpu::SequentialBlas;
 
 // Rows per block and keys per chunk: a block's GEMMs are (<= kBlockRows) x (<= kChunkKeys) x D. Larger tiles amortise
 // the BLAS call overhead; smaller ones compute fewer masked pairs on a causal diagonal.
@@ -207,28 +202,6 @@ inline void ds_span(const T* dp, T* p, int a, int b, T scale, T di) {
   for (int j = a; j < b; ++j) p[j] = scale * p[j] * (dp[j] - di);
 }
 
-// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through column-major BLAS (C^T = B^T A^T).
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-                      const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-template <typename T>
-inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-                    int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
-  blas_gemm(&ctb, &cta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
-}
-
 // A (rows, D) slice of a (B, H, N, D) tensor with the last dim contiguous; ld is the row stride.
 template <typename T>
 struct Rows {
@@ -324,30 +297,17 @@ void backward_task(const Problem<T>& pb, const Plan& plan, int64_t b, int64_t hk
         const T* dob = pb.dout.at(b, h, c.r0);
         T* dqb = pb.dq.at(b, h, c.r0);
         const T* di = di_all.data() + g * pb.Nq;
-        gemm_rm<T>(false, true, m, n, D, T(1), qb, pb.q.ld, kc, pb.k.ld, T(0), sbuf.data(), kChunkKeys);
+        gemm_abt<T>(m, n, D, T(1), qb, pb.q.ld, kc, pb.k.ld, T(0), sbuf.data(), kChunkKeys);
         softmax_grad_tile(pb, c, b, h, sbuf.data(), pbuf.data(), di, false);
-        gemm_rm<T>(true, false, n, D, m, T(1), pbuf.data(), kChunkKeys, dob, pb.dout.ld, T(1), dvc, pb.dv.ld);
-        gemm_rm<T>(false, true, m, n, D, T(1), dob, pb.dout.ld, vc, pb.v.ld, T(0), sbuf.data(), kChunkKeys);
+        gemm_atb<T>(n, D, m, T(1), pbuf.data(), kChunkKeys, dob, pb.dout.ld, T(1), dvc, pb.dv.ld);
+        gemm_abt<T>(m, n, D, T(1), dob, pb.dout.ld, vc, pb.v.ld, T(0), sbuf.data(), kChunkKeys);
         softmax_grad_tile(pb, c, b, h, sbuf.data(), pbuf.data(), di, true);
-        gemm_rm<T>(false, false, m, D, n, T(1), pbuf.data(), kChunkKeys, kc, pb.k.ld, T(1), dqb, pb.dq.ld);
-        gemm_rm<T>(true, false, n, D, m, T(1), pbuf.data(), kChunkKeys, qb, pb.q.ld, T(1), dkc, pb.dk.ld);
+        gemm_ab<T>(m, D, n, T(1), pbuf.data(), kChunkKeys, kc, pb.k.ld, T(1), dqb, pb.dq.ld);
+        gemm_atb<T>(n, D, m, T(1), pbuf.data(), kChunkKeys, qb, pb.q.ld, T(1), dkc, pb.dk.ld);
       }
     }
   }
 }
-
-// Every GEMM here is one tile of one task: the parallelism is ours (over tasks). MKL called outside an OpenMP parallel
-// region (a single task runs inline) would thread each small GEMM itself: one sample, one kv head, 2 threads, causal
-// N=2048: 852 ms with MKL threading, 117 ms sequential.
-struct SequentialBlas {
-  int previous = 0;
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  }
-};
 
 template <typename T>
 void run_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

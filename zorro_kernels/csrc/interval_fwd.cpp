@@ -119,6 +119,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& hi, double scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), R = lo.size(2);
   const int64_t group = Hq / Hkv;
+  SequentialBlas sequential;
   std::vector<std::vector<RowBlock>> blocks(B);
   std::vector<int64_t> start(B + 1, 0);  // work items of sample b: [start[b], start[b+1]), head-major
   for (int64_t b = 0; b < B; ++b) {
