@@ -242,10 +242,19 @@ def _mean_attended(mask) -> float:
     return float(a.sum()) / a.numel()
 
 
+def _interval_work(b: int, h: int, d: int, attended: float, grad: bool) -> float:
+    """The compiled interval kernel's work in flash multiply-adds: its attended pairs plus a fixed cost."""
+    if grad:
+        return b * h * d * INTERVAL_GRAD_PAIR_WORK * attended + INTERVAL_GRAD_CALL_WORK
+    return b * h * d * INTERVAL_PAIR_WORK * attended + INTERVAL_CALL_WORK
+
+
 def _cpu_rule(q, k, mask, grad: bool = False, candidates: tuple = ("dense", "segments")) -> str:
     """The CPU pick among ``candidates`` (the backends that take the input; see the module docstring)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
+    # the dense backend's work, None past the cells it caches a mask for
+    dense = b * h * d * DENSE_PAIR_WORK * nq * nk if (mask.batch_size or 1) * nq * nk <= DENSE_MAX_CELLS else None
     if "intervals" in candidates and not torch.compiler.is_compiling():
         # The kernel's cost needs only the attended pairs, which its own (cached) intervals count. Where it is below
         # the least the others can cost (dense's work; the segment path's pairs plus its fixed cost, with no call or
@@ -253,13 +262,10 @@ def _cpu_rule(q, k, mask, grad: bool = False, candidates: tuple = ("dense", "seg
         # mask pays for its intervals alone (the Gemma-3 row: mask + intervals 0.76 ms, with the plan 1.6 ms).
         attended = _interval_mean_attended(mask)
         if attended is not None:
-            pair, fixed = (
-                (INTERVAL_GRAD_PAIR_WORK, INTERVAL_GRAD_CALL_WORK) if grad else (INTERVAL_PAIR_WORK, INTERVAL_CALL_WORK)
-            )
             floor = b * h * d * attended + CPU_WORK_PER_CALL * CPU_FIXED_CALLS * (2 if grad else 1)
-            if (mask.batch_size or 1) * nq * nk <= DENSE_MAX_CELLS:
-                floor = min(floor, b * h * d * DENSE_PAIR_WORK * nq * nk)
-            if b * h * d * pair * attended + fixed < floor:
+            if dense is not None:
+                floor = min(floor, dense)
+            if _interval_work(b, h, d, attended, grad) < floor:
                 return "intervals"
     if torch.compiler.is_compiling():  # no plan while tracing: every pair counted as masked, a call per segment
         attended, (calls, moved, moved_fwd, straddled) = 0.0, (len(mask.q_sizes), 0, 0, 0)
@@ -274,17 +280,13 @@ def _cpu_rule(q, k, mask, grad: bool = False, candidates: tuple = ("dense", "seg
         segments *= 2
     # each backend's work in flash multiply-adds, the attended pairs included
     costs = {"segments": b * h * d * attended + segments}
-    if (mask.batch_size or 1) * nq * nk <= DENSE_MAX_CELLS:
-        costs["dense"] = b * h * d * DENSE_PAIR_WORK * nq * nk
+    if dense is not None:
+        costs["dense"] = dense
     # dense against segments as without the kernel (dense on a tie), then the kernel where it costs less
     pick = "dense" if "dense" in costs and costs["dense"] <= costs["segments"] else "segments"
     if "intervals" not in candidates or torch.compiler.is_compiling():  # its cost needs the attended pairs
         return pick
-    if grad:
-        pair, fixed = INTERVAL_GRAD_PAIR_WORK, INTERVAL_GRAD_CALL_WORK
-    else:
-        pair, fixed = INTERVAL_PAIR_WORK, INTERVAL_CALL_WORK
-    costs["intervals"] = b * h * d * pair * attended + fixed
+    costs["intervals"] = _interval_work(b, h, d, attended, grad)
     # the segment path's causal calls, slow per pair (weighed here only: the dense/segments pick stays as fitted)
     costs["segments"] += b * h * d * SEGMENTS_CAUSAL_PAIR_WORK * mask.derived(_mean_causal_pairs)
     return "intervals" if costs["intervals"] < costs[pick] else pick

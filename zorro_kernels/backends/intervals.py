@@ -76,7 +76,9 @@ def _cell_table(mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _merge_np(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_merge` in numpy, for the per-segment tables."""
+    """:func:`_merge` in numpy, for the per-segment tables: a few cells, where torch's per-call cost is the cost (the
+    Gemma-3 row's intervals 0.80 ms against 0.93 with :func:`_merge` here). The per-row tables keep :func:`_merge`,
+    whose scatters beat numpy's fancy indexing there (ragged demo 4.2 against 6.6 ms)."""
     empty = lo >= hi
     ends = np.where(empty, 0, hi)
     prev = np.maximum.accumulate(np.concatenate((np.zeros_like(ends[..., :1]), ends[..., :-1]), -1), -1)
